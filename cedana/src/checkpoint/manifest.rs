@@ -1,0 +1,109 @@
+//! The manifest: our own record of a checkpoint, written last (a checkpoint without one is incomplete).
+
+use std::path::PathBuf;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use super::digest::FileDigest;
+use crate::codec::Compression;
+use crate::criu::options::CriuOptions;
+use crate::criu::stats::DumpStats;
+
+/// Version of the checkpoint layout this build writes; it reads this version only.
+pub const FORMAT_VERSION: u32 = 1;
+/// File name of the manifest inside a checkpoint.
+pub const MANIFEST_NAME: &str = "manifest.json";
+
+/// What was checkpointed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointKind {
+    Process,
+    Runc,
+    Containerd,
+}
+
+impl std::fmt::Display for CheckpointKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            CheckpointKind::Process => "process",
+            CheckpointKind::Runc => "runc",
+            CheckpointKind::Containerd => "containerd",
+        })
+    }
+}
+
+/// The dumped process tree, as seen at dump time.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// PID of the root of the tree.
+    pub pid: i32,
+    /// Every PID of the tree (CRIU restores them all with the same numbers).
+    pub pids: Vec<i32>,
+    pub cmdline: Vec<String>,
+    pub comm: String,
+    pub exe: String,
+    pub cwd: String,
+    /// Standard streams of the root that were pipes, restored onto the restoring caller's own stdio.
+    #[serde(default)]
+    pub stdio_pipes: Vec<StdioPipe>,
+}
+
+/// One standard stream (0, 1 or 2) of the dumped root that was a pipe.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StdioPipe {
+    pub fd: i32,
+    /// CRIU's name of the resource, e.g. `pipe:[12345]`.
+    pub resource: String,
+}
+
+/// A container around the dumped tree (runc and containerd checkpoints).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ContainerInfo {
+    pub id: String,
+    #[serde(default)]
+    pub bundle: Option<PathBuf>,
+    #[serde(default)]
+    pub root: Option<PathBuf>,
+    /// The OCI config.json of the container, if it was saved.
+    #[serde(default)]
+    pub config: Option<serde_json::Value>,
+}
+
+/// Everything we know about a checkpoint.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub kind: CheckpointKind,
+    pub created_at: DateTime<Utc>,
+    pub hostname: String,
+    pub cedana_version: String,
+    pub criu_version: String,
+    pub compression: Compression,
+    pub process: ProcessInfo,
+    #[serde(default)]
+    pub container: Option<ContainerInfo>,
+    /// Options the dump used that a restore must repeat (applied at restore without the user asking).
+    pub criu_options: CriuOptions,
+    /// CRIU's own dump statistics.
+    #[serde(default)]
+    pub stats: Option<DumpStats>,
+    /// Checksum algorithm of `files`.
+    pub checksum: String,
+    /// Every file of the checkpoint but the manifest, with size and checksum.
+    pub files: Vec<FileDigest>,
+}
+
+impl Manifest {
+    /// Total size of the image files.
+    pub fn images_size(&self) -> u64 {
+        self.files.iter().map(|f| f.size).sum()
+    }
+
+    /// Serialize as pretty JSON.
+    pub fn to_json(&self) -> Vec<u8> {
+        // Serializing plain data structs with string keys cannot fail.
+        serde_json::to_vec_pretty(self).unwrap_or_default()
+    }
+}

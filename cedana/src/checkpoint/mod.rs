@@ -1,0 +1,55 @@
+//! Our checkpoint format: CRIU's images plus a manifest, as a folder or a (compressed) tar archive.
+//!
+//! Layout: the image files at the top level (and, for containers, a few files of ours), then `manifest.json`
+//! last. A checkpoint is written under a temporary name and renamed into place when complete; a restore
+//! verifies every file's checksum against the manifest before anything is restored.
+
+pub mod digest;
+pub mod manifest;
+pub mod reader;
+pub mod writer;
+
+pub use digest::FileDigest;
+pub use manifest::{CheckpointKind, ContainerInfo, Manifest, ProcessInfo, StdioPipe, FORMAT_VERSION, MANIFEST_NAME};
+pub use reader::{read_manifest, OpenedCheckpoint};
+pub use writer::CheckpointWriter;
+
+use std::path::PathBuf;
+
+use crate::codec::CodecError;
+
+/// Errors reading or writing a checkpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Codec(#[from] CodecError),
+    #[error("{path} already exists: choose another --name or remove it")]
+    Exists { path: PathBuf },
+    #[error("no checkpoint at {path}: check the path")]
+    NotFound { path: PathBuf },
+    #[error("{path} is incomplete: it has no manifest (the dump that wrote it did not finish, or the file was cut short)")]
+    Incomplete { path: PathBuf },
+    #[error("{path} is corrupt: {detail}; it was not restored")]
+    Corrupt { path: PathBuf, detail: String },
+    #[error("{path} uses checkpoint format {found}, this cedana reads format {expected}: use a matching cedana version")]
+    Version { path: PathBuf, found: u32, expected: u32 },
+}
+
+impl CheckpointError {
+    pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CheckpointError {
+        let path = path.into();
+        move |source| CheckpointError::Io { path, source }
+    }
+}
+
+/// Files CRIU may add to an images folder at restore time; they are not part of the checkpoint.
+pub(crate) const RESTORE_BYPRODUCTS: [&str; 2] = ["stats-restore", "restore.log"];
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,245 @@
+//! Reading a checkpoint: detect the format, extract, and verify every checksum before anyone restores it.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::path::{Component, Path, PathBuf};
+
+use super::digest::{self, FileDigest, HashingWriter};
+use super::manifest::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
+use super::writer::copy_large;
+use super::{CheckpointError, RESTORE_BYPRODUCTS};
+use crate::codec::{self, Compression};
+
+/// Largest manifest we accept (a corrupt size field must not make us allocate gigabytes).
+const MAX_MANIFEST: u64 = 64 << 20;
+
+/// A verified checkpoint, ready for CRIU: its images are in `images_dir`.
+pub struct OpenedCheckpoint {
+    pub path: PathBuf,
+    pub compression: Compression,
+    pub manifest: Manifest,
+    /// The folder holding the verified images (the checkpoint itself for `none`, else an extraction).
+    pub images_dir: PathBuf,
+    /// Keeps an extraction alive; deleted on drop.
+    _extracted: Option<tempfile::TempDir>,
+}
+
+impl OpenedCheckpoint {
+    /// Open and verify the checkpoint at `path`. Archives are extracted under `scratch`; nothing is
+    /// returned unless every file matches the manifest.
+    pub fn open(path: &Path, scratch: &Path, progress: &dyn Fn(u64)) -> Result<Self, CheckpointError> {
+        if path.symlink_metadata().is_err() {
+            return Err(CheckpointError::NotFound { path: path.to_path_buf() });
+        }
+        let compression = Compression::detect_path(path)?;
+        if !compression.is_archive() {
+            let manifest = verify_folder(path, progress)?;
+            return Ok(Self {
+                path: path.to_path_buf(),
+                compression,
+                manifest,
+                images_dir: path.to_path_buf(),
+                _extracted: None,
+            });
+        }
+        std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
+        let dir = tempfile::Builder::new()
+            .prefix(".cedana-restore-")
+            .tempdir_in(scratch)
+            .map_err(CheckpointError::io(scratch))?;
+        let (manifest, digests) = walk_archive(path, compression, Some(dir.path()), progress)?;
+        let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: path.to_path_buf() })?;
+        check_version(path, &manifest)?;
+        compare(path, &manifest, &digests)?;
+        Ok(Self { path: path.to_path_buf(), compression, manifest, images_dir: dir.path().to_path_buf(), _extracted: Some(dir) })
+    }
+}
+
+/// Read the manifest of a checkpoint; with `verify`, also check every file against it.
+pub fn read_manifest(path: &Path, verify: bool) -> Result<Manifest, CheckpointError> {
+    if path.symlink_metadata().is_err() {
+        return Err(CheckpointError::NotFound { path: path.to_path_buf() });
+    }
+    let compression = Compression::detect_path(path)?;
+    if !compression.is_archive() {
+        return if verify { verify_folder(path, &|_| {}) } else { load_folder_manifest(path) };
+    }
+    let (manifest, digests) = walk_archive(path, compression, None, &|_| {})?;
+    let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: path.to_path_buf() })?;
+    check_version(path, &manifest)?;
+    if verify {
+        compare(path, &manifest, &digests)?;
+    }
+    Ok(manifest)
+}
+
+fn load_folder_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
+    let mpath = path.join(MANIFEST_NAME);
+    let bytes = match std::fs::read(&mpath) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Err(CheckpointError::Incomplete { path: path.to_path_buf() })
+        }
+        Err(e) => return Err(CheckpointError::Io { path: mpath, source: e }),
+    };
+    let manifest = parse_manifest(path, &bytes)?;
+    check_version(path, &manifest)?;
+    Ok(manifest)
+}
+
+fn verify_folder(path: &Path, progress: &dyn Fn(u64)) -> Result<Manifest, CheckpointError> {
+    let manifest = load_folder_manifest(path)?;
+    let mut digests = Vec::with_capacity(manifest.files.len());
+    for expected in &manifest.files {
+        let rel = safe_relative(path, &expected.name)?;
+        let file = path.join(rel);
+        let d = match digest::digest_file(&file, &expected.name) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(corrupt(path, format!("file {} listed in the manifest is missing", expected.name)))
+            }
+            Err(e) => return Err(CheckpointError::Io { path: file, source: e }),
+        };
+        progress(d.size);
+        digests.push(d);
+    }
+    let mut present = Vec::new();
+    list_names(path, "", &mut present).map_err(CheckpointError::io(path))?;
+    for name in present {
+        let known = name == MANIFEST_NAME || RESTORE_BYPRODUCTS.contains(&name.as_str());
+        if !known && !manifest.files.iter().any(|f| f.name == name) {
+            return Err(corrupt(path, format!("unexpected file {name} not listed in the manifest")));
+        }
+    }
+    compare(path, &manifest, &digests)?;
+    Ok(manifest)
+}
+
+/// Stream through an archive, optionally extracting into `dest`, hashing every file.
+fn walk_archive(
+    path: &Path,
+    compression: Compression,
+    dest: Option<&Path>,
+    progress: &dyn Fn(u64),
+) -> Result<(Option<Manifest>, Vec<FileDigest>), CheckpointError> {
+    let file = File::open(path).map_err(CheckpointError::io(path))?;
+    let decoder = codec::decoder(compression, file)?;
+    let mut archive = tar::Archive::new(decoder);
+    let damaged = |e: io::Error| corrupt(path, format!("cannot read the {compression} archive ({e}); it is truncated or damaged"));
+    let mut manifest = None;
+    let mut digests = Vec::new();
+    for entry in archive.entries().map_err(damaged)? {
+        let mut entry = entry.map_err(damaged)?;
+        let name = entry.path().map_err(damaged)?.to_string_lossy().into_owned();
+        let rel = safe_relative(path, &name)?;
+        match entry.header().entry_type() {
+            tar::EntryType::Directory => continue,
+            tar::EntryType::Regular | tar::EntryType::Continuous => {}
+            other => return Err(corrupt(path, format!("entry {name} has unsupported type {other:?}"))),
+        }
+        if manifest.is_some() {
+            return Err(corrupt(path, format!("entry {name} follows the manifest")));
+        }
+        if name == MANIFEST_NAME {
+            if entry.size() > MAX_MANIFEST {
+                return Err(corrupt(path, "the manifest is implausibly large".into()));
+            }
+            let mut bytes = Vec::new();
+            entry.read_to_end(&mut bytes).map_err(damaged)?;
+            manifest = Some(parse_manifest(path, &bytes)?);
+            continue;
+        }
+        let digest = match dest {
+            Some(dest) => {
+                let out_path = dest.join(&rel);
+                if let Some(parent) = out_path.parent() {
+                    std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
+                }
+                let out = File::create(&out_path).map_err(CheckpointError::io(&out_path))?;
+                let mut w = HashingWriter::new(out);
+                copy_large(&mut entry, &mut w).map_err(damaged)?;
+                w.hasher().finish(name.as_str())
+            }
+            None => {
+                let mut w = HashingWriter::new(io::sink());
+                copy_large(&mut entry, &mut w).map_err(damaged)?;
+                w.hasher().finish(name.as_str())
+            }
+        };
+        progress(digest.size);
+        digests.push(digest);
+    }
+    // Drain the rest of the stream so trailing garbage or a bad final checksum is noticed.
+    let mut rest = archive.into_inner();
+    io::copy(&mut rest, &mut io::sink()).map_err(damaged)?;
+    Ok((manifest, digests))
+}
+
+fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, CheckpointError> {
+    #[derive(serde::Deserialize)]
+    struct Versioned {
+        format_version: u32,
+    }
+    let v: Versioned =
+        serde_json::from_slice(bytes).map_err(|e| corrupt(path, format!("the manifest is not valid JSON ({e})")))?;
+    if v.format_version != FORMAT_VERSION {
+        return Err(CheckpointError::Version { path: path.to_path_buf(), found: v.format_version, expected: FORMAT_VERSION });
+    }
+    serde_json::from_slice(bytes).map_err(|e| corrupt(path, format!("the manifest is malformed ({e})")))
+}
+
+fn check_version(path: &Path, manifest: &Manifest) -> Result<(), CheckpointError> {
+    if manifest.format_version != FORMAT_VERSION {
+        return Err(CheckpointError::Version { path: path.to_path_buf(), found: manifest.format_version, expected: FORMAT_VERSION });
+    }
+    Ok(())
+}
+
+/// Every file of the manifest must be present with the same size and checksum, and nothing else.
+fn compare(path: &Path, manifest: &Manifest, found: &[FileDigest]) -> Result<(), CheckpointError> {
+    let found: BTreeMap<&str, &FileDigest> = found.iter().map(|d| (d.name.as_str(), d)).collect();
+    for expected in &manifest.files {
+        match found.get(expected.name.as_str()) {
+            None => return Err(corrupt(path, format!("file {} listed in the manifest is missing", expected.name))),
+            Some(d) if d.size != expected.size => {
+                return Err(corrupt(path, format!("file {} has {} bytes, the manifest says {}", expected.name, d.size, expected.size)))
+            }
+            Some(d) if d.xxh3 != expected.xxh3 => {
+                return Err(corrupt(path, format!("checksum mismatch in {}", expected.name)))
+            }
+            Some(_) => {}
+        }
+    }
+    if let Some(extra) = found.keys().find(|n| !manifest.files.iter().any(|f| f.name == **n)) {
+        return Err(corrupt(path, format!("unexpected file {extra} not listed in the manifest")));
+    }
+    Ok(())
+}
+
+/// Accept only plain relative paths (no `..`, no absolute paths, no empty names).
+fn safe_relative(path: &Path, name: &str) -> Result<PathBuf, CheckpointError> {
+    let p = Path::new(name);
+    let ok = !name.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if !ok {
+        return Err(corrupt(path, format!("entry {name:?} would escape the checkpoint folder")));
+    }
+    Ok(p.to_path_buf())
+}
+
+fn corrupt(path: &Path, detail: String) -> CheckpointError {
+    CheckpointError::Corrupt { path: path.to_path_buf(), detail }
+}
+
+fn list_names(dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        if entry.file_type()?.is_dir() {
+            list_names(&entry.path(), &format!("{name}/"), out)?;
+        } else {
+            out.push(name);
+        }
+    }
+    Ok(())
+}

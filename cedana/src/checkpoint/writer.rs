@@ -1,0 +1,237 @@
+//! Writing a checkpoint: images in, manifest last, then an atomic rename to the final name.
+
+use std::fs::File;
+use std::io::{self, BufReader, BufWriter, Read, Write};
+use std::path::{Path, PathBuf};
+
+use super::digest::{self, FileDigest, HashingReader};
+use super::manifest::{Manifest, MANIFEST_NAME};
+use super::CheckpointError;
+use crate::codec::{self, Compression, Encoder};
+
+type ArchiveSink = tar::Builder<Box<dyn Encoder<BufWriter<File>>>>;
+
+const IO_BUFFER: usize = 1 << 20;
+
+/// A checkpoint being written. Until [`CheckpointWriter::commit`] it lives under a hidden temporary name;
+/// dropping an uncommitted writer deletes it, so a checkpoint is either complete or absent.
+pub struct CheckpointWriter {
+    final_path: PathBuf,
+    temp_path: PathBuf,
+    compression: Compression,
+    archive: Option<ArchiveSink>,
+    files: Vec<FileDigest>,
+    committed: bool,
+}
+
+impl CheckpointWriter {
+    /// The path of checkpoint `name` in `dir` for this compression (`DIR/NAME.tar.zst`, or `DIR/NAME`).
+    pub fn path_for(dir: &Path, name: &str, compression: Compression) -> PathBuf {
+        match compression.extension() {
+            Some(ext) => dir.join(format!("{name}.{ext}")),
+            None => dir.join(name),
+        }
+    }
+
+    /// Start writing a checkpoint that will appear at `final_path` once committed.
+    pub fn create(final_path: PathBuf, compression: Compression) -> Result<Self, CheckpointError> {
+        if final_path.symlink_metadata().is_ok() {
+            return Err(CheckpointError::Exists { path: final_path });
+        }
+        let parent = final_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+        std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
+        let file_name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let temp_path = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
+        let archive = if compression.is_archive() {
+            let file = File::create(&temp_path).map_err(CheckpointError::io(&temp_path))?;
+            let enc = codec::encoder(compression, BufWriter::with_capacity(4 * IO_BUFFER, file))?;
+            let mut builder = tar::Builder::new(enc);
+            builder.mode(tar::HeaderMode::Deterministic);
+            Some(builder)
+        } else {
+            std::fs::create_dir(&temp_path).map_err(CheckpointError::io(&temp_path))?;
+            None
+        };
+        Ok(Self { final_path, temp_path, compression, archive, files: Vec::new(), committed: false })
+    }
+
+    /// For a folder checkpoint (`none`), the folder CRIU should write into, so images are not copied.
+    pub fn in_place_dir(&self) -> Option<&Path> {
+        self.archive.is_none().then_some(self.temp_path.as_path())
+    }
+
+    /// Where the finished checkpoint will be.
+    pub fn final_path(&self) -> &Path {
+        &self.final_path
+    }
+
+    /// The files added so far.
+    pub fn files(&self) -> &[FileDigest] {
+        &self.files
+    }
+
+    /// Add every regular file under `src` (recursively, sorted), hashing as it goes.
+    /// `progress` receives the number of bytes processed after each chunk.
+    pub fn add_tree(&mut self, src: &Path, progress: &dyn Fn(u64)) -> Result<(), CheckpointError> {
+        let mut names = Vec::new();
+        list_files(src, "", &mut names)?;
+        for name in names {
+            if name == MANIFEST_NAME {
+                continue;
+            }
+            if crate::interrupt::requested() {
+                return Err(CheckpointError::Io { path: src.join(&name), source: io::Error::other("interrupted by a signal") });
+            }
+            self.add_file(&src.join(&name), &name, progress)?;
+        }
+        Ok(())
+    }
+
+    /// Add one file from disk under `name`.
+    pub fn add_file(&mut self, path: &Path, name: &str, progress: &dyn Fn(u64)) -> Result<(), CheckpointError> {
+        let in_place = self.in_place_dir().map(|d| path.starts_with(d)).unwrap_or(false);
+        let digest = if in_place {
+            let digest = digest::digest_file(path, name).map_err(CheckpointError::io(path))?;
+            progress(digest.size);
+            digest
+        } else {
+            let file = File::open(path).map_err(CheckpointError::io(path))?;
+            let size = file.metadata().map_err(CheckpointError::io(path))?.len();
+            let mut reader = BufReader::with_capacity(IO_BUFFER, HashingReader::new(ProgressReader { inner: file, progress }));
+            self.write_entry(name, size, &mut reader)?;
+            reader.get_ref().hasher().finish(name)
+        };
+        self.files.push(digest);
+        Ok(())
+    }
+
+    /// Add a file from memory.
+    pub fn add_bytes(&mut self, name: &str, bytes: &[u8]) -> Result<(), CheckpointError> {
+        let mut reader = HashingReader::new(bytes);
+        self.write_entry(name, bytes.len() as u64, &mut reader)?;
+        self.files.push(reader.hasher().finish(name));
+        Ok(())
+    }
+
+    fn write_entry(&mut self, name: &str, size: u64, reader: &mut dyn Read) -> Result<(), CheckpointError> {
+        match &mut self.archive {
+            Some(builder) => {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(size);
+                header.set_mode(0o600);
+                header.set_entry_type(tar::EntryType::Regular);
+                builder.append_data(&mut header, name, reader).map_err(CheckpointError::io(&self.temp_path))
+            }
+            None => {
+                let dest = self.temp_path.join(name);
+                if let Some(parent) = dest.parent() {
+                    std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
+                }
+                let mut out = File::create(&dest).map_err(CheckpointError::io(&dest))?;
+                copy_large(reader, &mut out).map_err(CheckpointError::io(&dest))?;
+                Ok(())
+            }
+        }
+    }
+
+    /// Write the manifest (with the file list filled in) last, finish the stream and move the checkpoint
+    /// to its final name. Returns the final path.
+    pub fn commit(mut self, manifest: &mut Manifest) -> Result<PathBuf, CheckpointError> {
+        manifest.files = self.files.clone();
+        manifest.compression = self.compression;
+        let json = manifest.to_json();
+        match self.archive.take() {
+            Some(mut builder) => {
+                let mut header = tar::Header::new_gnu();
+                header.set_size(json.len() as u64);
+                header.set_mode(0o600);
+                builder
+                    .append_data(&mut header, MANIFEST_NAME, &json[..])
+                    .map_err(CheckpointError::io(&self.temp_path))?;
+                let enc = builder.into_inner().map_err(CheckpointError::io(&self.temp_path))?;
+                let mut out = enc.finish().map_err(CheckpointError::io(&self.temp_path))?;
+                out.flush().map_err(CheckpointError::io(&self.temp_path))?;
+            }
+            None => {
+                let path = self.temp_path.join(MANIFEST_NAME);
+                std::fs::write(&path, &json).map_err(CheckpointError::io(&path))?;
+            }
+        }
+        if self.final_path.symlink_metadata().is_ok() {
+            return Err(CheckpointError::Exists { path: self.final_path.clone() });
+        }
+        std::fs::rename(&self.temp_path, &self.final_path).map_err(CheckpointError::io(&self.final_path))?;
+        self.committed = true;
+        Ok(self.final_path.clone())
+    }
+}
+
+impl Drop for CheckpointWriter {
+    fn drop(&mut self) {
+        if self.committed {
+            return;
+        }
+        drop(self.archive.take());
+        let res = if self.temp_path.is_dir() {
+            std::fs::remove_dir_all(&self.temp_path)
+        } else {
+            std::fs::remove_file(&self.temp_path)
+        };
+        if let Err(err) = res {
+            if err.kind() != io::ErrorKind::NotFound {
+                tracing::warn!(path = %self.temp_path.display(), %err, "could not remove an unfinished checkpoint");
+            }
+        }
+    }
+}
+
+struct ProgressReader<'a, R> {
+    inner: R,
+    progress: &'a dyn Fn(u64),
+}
+
+impl<R: Read> Read for ProgressReader<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if crate::interrupt::requested() {
+            return Err(io::Error::other("interrupted by a signal"));
+        }
+        let n = self.inner.read(buf)?;
+        (self.progress)(n as u64);
+        Ok(n)
+    }
+}
+
+/// Copy with a large buffer (std's 8 KiB buffer costs a lot of syscalls on gigabytes of pages).
+pub(crate) fn copy_large(reader: &mut dyn Read, writer: &mut dyn Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; IO_BUFFER];
+    let mut total = 0;
+    loop {
+        let n = match reader.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        writer.write_all(&buf[..n])?;
+        total += n as u64;
+    }
+}
+
+/// Regular files under `dir`, relative, `/`-separated, sorted.
+fn list_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), CheckpointError> {
+    let mut entries: Vec<_> = std::fs::read_dir(dir)
+        .map_err(CheckpointError::io(dir))?
+        .collect::<Result<_, _>>()
+        .map_err(CheckpointError::io(dir))?;
+    entries.sort_by_key(|e| e.file_name());
+    for entry in entries {
+        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+        let kind = entry.file_type().map_err(CheckpointError::io(entry.path()))?;
+        if kind.is_dir() {
+            list_files(&entry.path(), &format!("{name}/"), out)?;
+        } else if kind.is_file() {
+            out.push(name);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,116 @@
+//! `cedana dump ...`
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use cedana::codec::Compression;
+use cedana::config::Config;
+use cedana::engine::{self, DumpRequest, DumpTarget};
+use indicatif::HumanBytes;
+
+use super::{ms, CriuFlags};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DumpCommand {
+    /// Checkpoint a process tree by PID.
+    Process(ProcessArgs),
+}
+
+/// Flags of every dump.
+#[derive(clap::Args, Debug)]
+pub struct CommonDumpArgs {
+    /// Parent folder of the checkpoint (default: the configured one, or /tmp).
+    #[arg(long, short = 'd')]
+    pub dir: Option<PathBuf>,
+    /// Name of the checkpoint (default: dump-<type>-<id>-<time>).
+    #[arg(long)]
+    pub name: Option<String>,
+    /// none | tar | gzip | lz4 | zlib | zstd (default: the configured one, or tar).
+    #[arg(long, value_parser = parse_compression)]
+    pub compression: Option<Compression>,
+    /// Leave the process running after the checkpoint.
+    #[arg(long)]
+    pub leave_running: bool,
+    /// Skip in-flight TCP connections.
+    #[arg(long)]
+    pub skip_in_flight: bool,
+    /// Checkpoint opened-but-deleted files through link remaps.
+    #[arg(long)]
+    pub link_remap: bool,
+    #[command(flatten)]
+    pub criu: CriuFlags,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ProcessArgs {
+    /// PID of the root of the tree to checkpoint.
+    pub pid: i32,
+    #[command(flatten)]
+    pub common: CommonDumpArgs,
+}
+
+fn parse_compression(s: &str) -> Result<Compression, String> {
+    s.parse().map_err(|e: cedana::codec::CodecError| e.to_string())
+}
+
+impl CommonDumpArgs {
+    fn request(&self, config: &Config, target: DumpTarget) -> anyhow::Result<DumpRequest> {
+        let mut options = self.criu.to_options()?;
+        options.skip_in_flight = self.skip_in_flight;
+        options.link_remap = self.link_remap;
+        let dir = self.dir.clone().unwrap_or_else(|| config.checkpoint_dir());
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating checkpoint folder {}", dir.display()))?;
+        Ok(DumpRequest {
+            target,
+            dir,
+            name: self.name.clone(),
+            compression: self.compression.unwrap_or_else(|| config.compression()),
+            leave_running: self.leave_running,
+            options,
+        })
+    }
+}
+
+pub fn run(config: &Config, cmd: DumpCommand) -> anyhow::Result<i32> {
+    let req = match &cmd {
+        DumpCommand::Process(a) => a.common.request(config, DumpTarget::Process { pid: a.pid })?,
+    };
+    let bar = cedana::progress::Bar::for_terminal();
+    let out = engine::dump::dump(config, &req, &bar)?;
+    print_summary(&out);
+    Ok(0)
+}
+
+fn print_summary(out: &engine::DumpOutcome) {
+    let m = &out.manifest;
+    println!("Dumped PID {} ({}) to {}", m.process.pid, m.process.comm, out.path.display());
+    println!(
+        "  size      {} ({}, images {})",
+        HumanBytes(out.size),
+        m.compression,
+        HumanBytes(m.images_size())
+    );
+    if let Some(s) = &m.stats {
+        let us = |v: u64| ms(std::time::Duration::from_micros(v));
+        println!(
+            "  frozen    {} (freezing {}, memdump {}, memwrite {})",
+            us(s.frozen_time_us),
+            us(s.freezing_time_us),
+            us(s.memdump_time_us),
+            us(s.memwrite_time_us)
+        );
+        println!("  pages     {} written, {} scanned", s.pages_written, s.pages_scanned);
+    }
+    println!(
+        "  time      {} (criu {}, packaging {})",
+        ms(out.total_time),
+        ms(out.criu_time),
+        ms(out.package_time)
+    );
+    if !out.detected.is_empty() {
+        println!("  detected  {}", out.detected.join(" "));
+    }
+    if !m.criu_options.tcp_established && m.process.pids.len() > 1 {
+        println!("  tree      {} processes", m.process.pids.len());
+    }
+}

@@ -1,0 +1,96 @@
+//! `cedana restore ...`
+
+use std::path::PathBuf;
+
+use cedana::checkpoint::CheckpointKind;
+use cedana::config::Config;
+use cedana::engine::{self, RestoreRequest, RestoreStdio};
+
+use super::{ms, CriuFlags};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum RestoreCommand {
+    /// Restore a process checkpoint.
+    Process(ProcessArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ProcessArgs {
+    /// The checkpoint: a file (any compression, detected by content) or a folder.
+    #[arg(long, short = 'p')]
+    pub path: PathBuf,
+    /// Restore as a child of this command (no daemon): wait for it, pass its stdio through, and exit with
+    /// its exit code.
+    #[arg(long)]
+    pub no_server: bool,
+    /// Return as soon as the process is restored, leaving it running in the background.
+    #[arg(long, conflicts_with = "attach_output")]
+    pub detach: bool,
+    /// Write the restored PID to this file.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// For detached restores: where standard streams that were pipes go (default /dev/null).
+    #[arg(long = "log", value_name = "FILE", id = "attach_output")]
+    pub log: Option<PathBuf>,
+    /// Restore connected TCP sockets closed.
+    #[arg(long)]
+    pub tcp_close: bool,
+    /// CRIU --inherit-fd mappings, e.g. fd[1]:pipe:[1234] (repeatable).
+    #[arg(long, value_name = "MAP")]
+    pub inherit_fd: Vec<String>,
+    #[command(flatten)]
+    pub criu: CriuFlags,
+}
+
+pub fn run(config: &Config, cmd: RestoreCommand) -> anyhow::Result<i32> {
+    let RestoreCommand::Process(a) = cmd;
+    let attached = a.no_server && !a.detach;
+    let mut options = a.criu.to_options()?;
+    options.tcp_close = a.tcp_close;
+    options.inherit_fd = a.inherit_fd.clone();
+    let stdio = if attached {
+        RestoreStdio::Inherit
+    } else {
+        a.log.clone().map(RestoreStdio::File).unwrap_or(RestoreStdio::Null)
+    };
+    let req = RestoreRequest {
+        path: a.path.clone(),
+        kind: CheckpointKind::Process,
+        options,
+        adopt: attached,
+        stdio,
+        pid_file: a.pid_file.clone(),
+    };
+    if attached {
+        cedana::interrupt::install()?;
+    }
+    let bar = cedana::progress::Bar::for_terminal();
+    let out = engine::restore::restore(config, &req, &bar)?;
+    if !attached {
+        println!(
+            "Restored PID {} ({}) from {} (verify {}, criu {})",
+            out.pid,
+            out.manifest.process.comm,
+            a.path.display(),
+            ms(out.verify_time),
+            ms(out.criu_time)
+        );
+        return Ok(0);
+    }
+    tracing::info!(pid = out.pid, "restored; waiting for it to exit");
+    forward_signals(out.pid);
+    Ok(engine::wait_for_exit(out.pid)?)
+}
+
+/// Pass SIGINT/SIGTERM/SIGHUP received by this command on to the restored process.
+fn forward_signals(pid: i32) {
+    use signal_hook::consts::{SIGHUP, SIGINT, SIGTERM};
+    let Ok(mut signals) = signal_hook::iterator::Signals::new([SIGINT, SIGTERM, SIGHUP]) else { return };
+    let _ = std::thread::Builder::new().name("forward-signals".into()).spawn(move || {
+        for sig in signals.forever() {
+            if let Ok(sig) = nix::sys::signal::Signal::try_from(sig) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
+            }
+        }
+    });
+}

@@ -1,0 +1,232 @@
+//! Compression of checkpoint archives: `none | tar | gzip | lz4 | zlib | zstd`.
+//!
+//! Every compressed format wraps a tar stream. The format of an existing checkpoint is always detected from
+//! its content (magic bytes), never from its file name.
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::str::FromStr;
+
+/// Errors of the codec layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CodecError {
+    #[error("unknown compression {0:?}: use one of none, tar, gzip, lz4, zlib, zstd")]
+    Unknown(String),
+    #[error("{path}: not a checkpoint archive (no tar, gzip, lz4, zlib or zstd signature found)")]
+    Unrecognized { path: String },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("setting up the {codec} codec: {source}")]
+    Setup {
+        codec: Compression,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How a checkpoint is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Compression {
+    /// A plain folder of CRIU images plus our manifest.
+    None,
+    /// One uncompressed tar file.
+    Tar,
+    Gzip,
+    Lz4,
+    Zlib,
+    Zstd,
+}
+
+/// Every supported value, in the order the CLI lists them.
+pub const ALL: [Compression; 6] = [
+    Compression::None,
+    Compression::Tar,
+    Compression::Gzip,
+    Compression::Lz4,
+    Compression::Zlib,
+    Compression::Zstd,
+];
+
+impl Compression {
+    /// The name used on the command line and in manifests.
+    pub fn name(self) -> &'static str {
+        match self {
+            Compression::None => "none",
+            Compression::Tar => "tar",
+            Compression::Gzip => "gzip",
+            Compression::Lz4 => "lz4",
+            Compression::Zlib => "zlib",
+            Compression::Zstd => "zstd",
+        }
+    }
+
+    /// File name suffix of a checkpoint in this format (`None` for a folder).
+    pub fn extension(self) -> Option<&'static str> {
+        match self {
+            Compression::None => None,
+            Compression::Tar => Some("tar"),
+            Compression::Gzip => Some("tar.gz"),
+            Compression::Lz4 => Some("tar.lz4"),
+            Compression::Zlib => Some("tar.zlib"),
+            Compression::Zstd => Some("tar.zst"),
+        }
+    }
+
+    /// Whether the checkpoint is a single archive file (everything but `none`).
+    pub fn is_archive(self) -> bool {
+        self != Compression::None
+    }
+
+    /// Detect the format from the first bytes of a file (at least 512 bytes read, when the file has them).
+    pub fn detect_bytes(head: &[u8]) -> Option<Compression> {
+        if head.starts_with(&[0x28, 0xB5, 0x2F, 0xFD]) {
+            return Some(Compression::Zstd);
+        }
+        if head.starts_with(&[0x1F, 0x8B]) {
+            return Some(Compression::Gzip);
+        }
+        if head.starts_with(&[0x04, 0x22, 0x4D, 0x18]) {
+            return Some(Compression::Lz4);
+        }
+        if head.len() >= 2 {
+            let (cmf, flg) = (head[0], head[1]);
+            let deflate_with_small_window = cmf & 0x0F == 8 && cmf >> 4 <= 7;
+            if deflate_with_small_window && (u16::from(cmf) << 8 | u16::from(flg)) % 31 == 0 {
+                return Some(Compression::Zlib);
+            }
+        }
+        if head.len() >= 262 && &head[257..262] == b"ustar" {
+            return Some(Compression::Tar);
+        }
+        None
+    }
+
+    /// Detect the format of a checkpoint at `path`: a folder is `none`, a file is detected by content.
+    pub fn detect_path(path: &Path) -> Result<Compression, CodecError> {
+        let io_err = |source| CodecError::Io { path: path.display().to_string(), source };
+        let meta = std::fs::metadata(path).map_err(io_err)?;
+        if meta.is_dir() {
+            return Ok(Compression::None);
+        }
+        let mut file = std::fs::File::open(path).map_err(io_err)?;
+        let mut head = Vec::with_capacity(512);
+        (&mut file).take(512).read_to_end(&mut head).map_err(io_err)?;
+        Compression::detect_bytes(&head).ok_or_else(|| CodecError::Unrecognized { path: path.display().to_string() })
+    }
+}
+
+impl fmt::Display for Compression {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl FromStr for Compression {
+    type Err = CodecError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ALL.iter()
+            .copied()
+            .find(|c| c.name().eq_ignore_ascii_case(s.trim()))
+            .ok_or_else(|| CodecError::Unknown(s.to_string()))
+    }
+}
+
+/// A compressing writer that must be finished to flush its trailer; `finish` hands back the inner writer.
+pub trait Encoder<W: Write>: Write + Send {
+    /// Flush all buffered data and the format's trailer, and return the inner writer.
+    fn finish(self: Box<Self>) -> io::Result<W>;
+}
+
+struct Plain<W>(W);
+
+impl<W: Write + Send> Write for Plain<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+impl<W: Write + Send> Encoder<W> for Plain<W> {
+    fn finish(mut self: Box<Self>) -> io::Result<W> {
+        self.0.flush()?;
+        Ok(self.0)
+    }
+}
+
+impl<W: Write + Send> Encoder<W> for flate2::write::GzEncoder<W> {
+    fn finish(self: Box<Self>) -> io::Result<W> {
+        flate2::write::GzEncoder::finish(*self)
+    }
+}
+impl<W: Write + Send> Encoder<W> for flate2::write::ZlibEncoder<W> {
+    fn finish(self: Box<Self>) -> io::Result<W> {
+        flate2::write::ZlibEncoder::finish(*self)
+    }
+}
+impl<W: Write + Send> Encoder<W> for lz4_flex::frame::FrameEncoder<W> {
+    fn finish(self: Box<Self>) -> io::Result<W> {
+        lz4_flex::frame::FrameEncoder::finish(*self).map_err(io::Error::other)
+    }
+}
+impl<W: Write + Send> Encoder<W> for zstd::stream::write::Encoder<'static, W> {
+    fn finish(self: Box<Self>) -> io::Result<W> {
+        zstd::stream::write::Encoder::finish(*self)
+    }
+}
+
+/// Compression levels: chosen for speed, since a checkpoint sits on the critical path of a migration.
+const ZSTD_LEVEL: i32 = 1;
+const DEFLATE_LEVEL: u32 = 1;
+
+/// Wrap `w` in the encoder of `c` (`none` and `tar` pass bytes through). zstd compresses on all cores.
+pub fn encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dyn Encoder<W>>, CodecError> {
+    let setup = |source| CodecError::Setup { codec: c, source };
+    Ok(match c {
+        Compression::None | Compression::Tar => Box::new(Plain(w)),
+        Compression::Gzip => Box::new(flate2::write::GzEncoder::new(w, flate2::Compression::new(DEFLATE_LEVEL))),
+        Compression::Zlib => Box::new(flate2::write::ZlibEncoder::new(w, flate2::Compression::new(DEFLATE_LEVEL))),
+        Compression::Lz4 => {
+            let info = lz4_flex::frame::FrameInfo::new()
+                .block_size(lz4_flex::frame::BlockSize::Max4MB)
+                .content_checksum(true);
+            Box::new(lz4_flex::frame::FrameEncoder::with_frame_info(info, w))
+        }
+        Compression::Zstd => {
+            let mut enc = zstd::stream::write::Encoder::new(w, ZSTD_LEVEL).map_err(setup)?;
+            enc.include_checksum(true).map_err(setup)?;
+            enc.multithread(worker_threads()).map_err(setup)?;
+            Box::new(enc)
+        }
+    })
+}
+
+/// Wrap `r` in the decoder of `c`. Concatenated frames/members are read through.
+pub fn decoder<R: Read + Send + 'static>(c: Compression, r: R) -> Result<Box<dyn Read + Send>, CodecError> {
+    let setup = |source| CodecError::Setup { codec: c, source };
+    Ok(match c {
+        Compression::None | Compression::Tar => Box::new(r),
+        Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 20, r))),
+        Compression::Zlib => Box::new(flate2::read::ZlibDecoder::new(io::BufReader::with_capacity(1 << 20, r))),
+        Compression::Lz4 => Box::new(lz4_flex::frame::FrameDecoder::new(io::BufReader::with_capacity(1 << 20, r))),
+        Compression::Zstd => {
+            let mut dec = zstd::stream::read::Decoder::new(r).map_err(setup)?;
+            dec.window_log_max(31).map_err(setup)?;
+            Box::new(dec)
+        }
+    })
+}
+
+/// Number of compression workers: every core the process may run on.
+pub fn worker_threads() -> u32 {
+    std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,138 @@
+//! Configuration: a TOML file, overridden by `CEDANA_*` environment variables.
+//!
+//! ```toml
+//! [criu]
+//! binary_path = "/usr/local/sbin/criu"
+//! [checkpoint]
+//! dir = "/var/lib/cedana/checkpoints"   # default parent folder of dumps
+//! compression = "zstd"                  # default --compression
+//! scratch_dir = "/var/tmp"              # where archives are extracted for restore
+//! ```
+//! The file is `$CEDANA_CONFIG`, else `/etc/cedana/config.toml` when it exists.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::codec::Compression;
+
+/// Errors loading the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("reading config {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("config {path} is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("environment variable {var}: {message}")]
+    Env { var: &'static str, message: String },
+}
+
+/// Settings of the `[criu]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CriuConfig {
+    pub binary_path: Option<PathBuf>,
+}
+
+/// Settings of the `[checkpoint]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointConfig {
+    pub dir: Option<PathBuf>,
+    pub compression: Option<Compression>,
+    pub scratch_dir: Option<PathBuf>,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub criu: CriuConfig,
+    #[serde(default)]
+    pub checkpoint: CheckpointConfig,
+}
+
+/// Default compression when neither flag nor config names one (Cedana's default).
+pub const DEFAULT_COMPRESSION: Compression = Compression::Tar;
+
+impl Config {
+    /// Load from the config file (if any) and the environment.
+    pub fn load() -> Result<Self, ConfigError> {
+        let path = std::env::var_os("CEDANA_CONFIG").map(PathBuf::from).or_else(|| {
+            let p = PathBuf::from("/etc/cedana/config.toml");
+            p.exists().then_some(p)
+        });
+        let mut cfg = match path {
+            Some(p) => Self::from_file(&p)?,
+            None => Config::default(),
+        };
+        cfg.apply_env()?;
+        Ok(cfg)
+    }
+
+    /// Parse one TOML file.
+    pub fn from_file(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
+    }
+
+    fn apply_env(&mut self) -> Result<(), ConfigError> {
+        if let Some(v) = std::env::var_os("CEDANA_CRIU_BINARY_PATH") {
+            self.criu.binary_path = Some(v.into());
+        }
+        if let Some(v) = std::env::var_os("CEDANA_CHECKPOINT_DIR") {
+            self.checkpoint.dir = Some(v.into());
+        }
+        if let Some(v) = std::env::var_os("CEDANA_SCRATCH_DIR") {
+            self.checkpoint.scratch_dir = Some(v.into());
+        }
+        if let Ok(v) = std::env::var("CEDANA_CHECKPOINT_COMPRESSION") {
+            let c = v
+                .parse()
+                .map_err(|e: crate::codec::CodecError| ConfigError::Env { var: "CEDANA_CHECKPOINT_COMPRESSION", message: e.to_string() })?;
+            self.checkpoint.compression = Some(c);
+        }
+        Ok(())
+    }
+
+    /// Parent folder for new checkpoints.
+    pub fn checkpoint_dir(&self) -> PathBuf {
+        self.checkpoint.dir.clone().unwrap_or_else(|| PathBuf::from("/tmp"))
+    }
+
+    /// Compression for new checkpoints.
+    pub fn compression(&self) -> Compression {
+        self.checkpoint.compression.unwrap_or(DEFAULT_COMPRESSION)
+    }
+
+    /// Where archives are extracted before a restore.
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.checkpoint.scratch_dir.clone().unwrap_or_else(std::env::temp_dir)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_a_file_and_refuses_unknown_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[criu]\nbinary_path = \"/x/criu\"\n[checkpoint]\ncompression = \"zstd\"\n").unwrap();
+        let c = Config::from_file(&p).unwrap();
+        assert_eq!(c.criu.binary_path.as_deref(), Some(Path::new("/x/criu")));
+        assert_eq!(c.compression(), Compression::Zstd);
+        std::fs::write(&p, "[criu]\nbinary = \"/x\"\n").unwrap();
+        let err = Config::from_file(&p).unwrap_err().to_string();
+        assert!(err.contains("binary"), "{err}");
+    }
+
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.checkpoint_dir(), PathBuf::from("/tmp"));
+        assert_eq!(c.compression(), Compression::Tar);
+    }
+}

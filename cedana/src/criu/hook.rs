@@ -1,0 +1,125 @@
+//! CRIU action-script hooks, answered by the running engine.
+//!
+//! CRIU runs its `--action-script` with no arguments and `CRTOOLS_SCRIPT_ACTION` set. We point it at our own
+//! executable with [`HOOK_SOCKET_ENV`] set; every binary of the project calls [`run_if_invoked`] first thing,
+//! which then acts as a client: it forwards the action over a unix socket to the engine that started CRIU and
+//! exits with its verdict. A dead engine means a failed hook, so CRIU resumes the dumped tasks (fail safe).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::time::Duration;
+
+/// Environment variable naming the engine's hook socket.
+pub const HOOK_SOCKET_ENV: &str = "CEDANA_CRIU_HOOK_SOCKET";
+
+/// If this process was started by CRIU as an action script, answer it and exit. Call first in `main`.
+pub fn run_if_invoked() {
+    let (Some(action), Some(socket)) = (std::env::var_os("CRTOOLS_SCRIPT_ACTION"), std::env::var_os(HOOK_SOCKET_ENV))
+    else {
+        return;
+    };
+    let action = action.to_string_lossy().into_owned();
+    let code = match ask(Path::new(&socket), &action) {
+        Ok(true) => 0,
+        Ok(false) => 1,
+        Err(err) => {
+            eprintln!("cedana: CRIU hook {action}: cannot reach the engine ({err}); failing the hook");
+            1
+        }
+    };
+    std::process::exit(code);
+}
+
+fn ask(socket: &Path, action: &str) -> std::io::Result<bool> {
+    let mut stream = UnixStream::connect(socket)?;
+    let pid = std::env::var("CRTOOLS_INIT_PID").unwrap_or_default();
+    writeln!(stream, "{action} {pid}")?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    Ok(reply.trim() == "ok")
+}
+
+/// One hook call from CRIU, waiting for a verdict.
+pub struct HookCall {
+    /// CRIU's action name (`post-dump`, `post-restore`, ...).
+    pub action: String,
+    /// `CRTOOLS_INIT_PID`, when CRIU set it.
+    pub pid: Option<i32>,
+    stream: UnixStream,
+}
+
+impl HookCall {
+    /// Let CRIU go on (`true`) or fail the action (`false`).
+    pub fn reply(mut self, ok: bool) {
+        let _ = self.stream.write_all(if ok { b"ok\n" } else { b"fail\n" });
+    }
+}
+
+/// The engine's end: a socket that receives hook calls on a channel.
+pub struct HookServer {
+    path: PathBuf,
+    calls: mpsc::Receiver<HookCall>,
+}
+
+impl HookServer {
+    /// Listen on `dir/hook.sock`.
+    pub fn bind(dir: &Path) -> std::io::Result<Self> {
+        let path = dir.join("hook.sock");
+        let listener = UnixListener::bind(&path)?;
+        let (tx, calls) = mpsc::channel();
+        std::thread::Builder::new().name("criu-hooks".into()).spawn(move || {
+            for stream in listener.incoming().flatten() {
+                let mut line = String::new();
+                let Ok(reader_stream) = stream.try_clone() else { continue };
+                if BufReader::new(reader_stream).read_line(&mut line).is_err() {
+                    continue;
+                }
+                let mut parts = line.split_whitespace();
+                let action = parts.next().unwrap_or_default().to_string();
+                let pid = parts.next().and_then(|p| p.parse().ok());
+                if tx.send(HookCall { action, pid, stream }).is_err() {
+                    break;
+                }
+            }
+        })?;
+        Ok(Self { path, calls })
+    }
+
+    /// The socket path, for [`HOOK_SOCKET_ENV`].
+    pub fn socket_path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Wait up to `timeout` for the next hook call.
+    pub fn next(&self, timeout: Duration) -> Option<HookCall> {
+        self.calls.recv_timeout(timeout).ok()
+    }
+}
+
+impl Drop for HookServer {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_round_trips_and_a_dead_server_fails_the_hook() {
+        let dir = tempfile::tempdir().unwrap();
+        let server = HookServer::bind(dir.path()).unwrap();
+        let sock = server.socket_path().to_path_buf();
+        let client = std::thread::spawn(move || ask(&sock, "post-dump"));
+        let call = server.next(Duration::from_secs(5)).expect("a hook call");
+        assert_eq!(call.action, "post-dump");
+        call.reply(false);
+        assert!(!client.join().unwrap().unwrap());
+        let sock = server.socket_path().to_path_buf();
+        drop(server);
+        assert!(ask(&sock, "post-dump").is_err());
+    }
+}

@@ -1,0 +1,289 @@
+//! The CRIU driver: finds the binary, checks its version, runs dump/restore with our action-script hooks,
+//! and turns failures into errors that quote CRIU's log and name the fix.
+
+pub mod hook;
+pub mod log;
+pub mod options;
+pub mod stats;
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use options::CriuOptions;
+
+/// Oldest CRIU that works on the kernels we target (older ones fail on the 6.13+ vDSO layout or on sockets).
+pub const MIN_VERSION: (u32, u32) = (4, 2);
+
+/// Errors of the CRIU driver.
+#[derive(Debug, thiserror::Error)]
+pub enum CriuError {
+    #[error("CRIU not found (looked for {tried}): run scripts/setup.sh, or set CEDANA_CRIU_BINARY_PATH or criu.binary_path in the config")]
+    NotFound { tried: String },
+    #[error("running {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{binary} --version printed {output:?}, which is not a CRIU version")]
+    BadVersion { binary: PathBuf, output: String },
+    #[error("CRIU {found} at {binary} is too old: cedana needs CRIU >= {}.{} on this kernel; run scripts/setup.sh", MIN_VERSION.0, MIN_VERSION.1)]
+    TooOld { binary: PathBuf, found: String },
+    #[error("criu {action} failed ({status}){}{}\n  full log: {}", render_errors(.errors), render_hint(.hint), .log.display())]
+    Failed { action: &'static str, status: String, errors: Vec<String>, hint: Option<String>, log: PathBuf },
+    #[error("setting up CRIU hooks in {dir}: {source}")]
+    Hook {
+        dir: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+fn render_errors(errors: &[String]) -> String {
+    let tail: Vec<&String> = errors.iter().rev().take(6).collect::<Vec<_>>().into_iter().rev().collect();
+    tail.iter().map(|e| format!("\n  {e}")).collect()
+}
+
+fn render_hint(hint: &Option<String>) -> String {
+    hint.as_ref().map(|h| format!("\n  hint: {h}")).unwrap_or_default()
+}
+
+/// A CRIU binary.
+#[derive(Debug, Clone)]
+pub struct Criu {
+    binary: PathBuf,
+}
+
+/// What to dump.
+pub struct DumpCall<'a> {
+    pub pid: i32,
+    pub images_dir: &'a Path,
+    /// Private folder for CRIU's log, stats and our hook socket.
+    pub work_dir: &'a Path,
+    pub options: &'a CriuOptions,
+    pub leave_running: bool,
+}
+
+/// What to restore. The restore is always detached (`-d`); the caller adopts the tree if it wants to wait.
+pub struct RestoreCall<'a> {
+    pub images_dir: &'a Path,
+    pub work_dir: &'a Path,
+    pub options: &'a CriuOptions,
+    /// CRIU's (and so the inherited) stdio: the caller's own when `None`, else this file on all three.
+    pub stdio: Option<std::fs::File>,
+}
+
+impl Criu {
+    /// Use `configured` if given, else `criu` from PATH or the places scripts/setup.sh installs to.
+    pub fn locate(configured: Option<&Path>) -> Result<Self, CriuError> {
+        if let Some(path) = configured {
+            return if path.is_file() {
+                Ok(Self { binary: path.to_path_buf() })
+            } else {
+                Err(CriuError::NotFound { tried: path.display().to_string() })
+            };
+        }
+        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+            .map(|p| std::env::split_paths(&p).map(|d| d.join("criu")).collect())
+            .unwrap_or_default();
+        candidates.extend(["/usr/local/sbin/criu", "/opt/cedana/criu/criu", "/usr/sbin/criu"].map(PathBuf::from));
+        candidates
+            .iter()
+            .find(|p| p.is_file())
+            .map(|p| Self { binary: p.clone() })
+            .ok_or_else(|| CriuError::NotFound { tried: "criu on PATH, /usr/local/sbin/criu, /opt/cedana/criu/criu".into() })
+    }
+
+    /// The binary this driver runs.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    /// `criu --version`, e.g. `4.2.1`.
+    pub fn version(&self) -> Result<String, CriuError> {
+        let out = Command::new(&self.binary)
+            .arg("--version")
+            .output()
+            .map_err(|source| CriuError::Spawn { binary: self.binary.clone(), source })?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.lines()
+            .find_map(|l| l.strip_prefix("Version:").map(|v| v.trim().to_string()))
+            .filter(|v| parse_version(v).is_some())
+            .ok_or_else(|| CriuError::BadVersion { binary: self.binary.clone(), output: text.trim().to_string() })
+    }
+
+    /// The version, refusing CRIU older than [`MIN_VERSION`].
+    pub fn supported_version(&self) -> Result<String, CriuError> {
+        let v = self.version()?;
+        match parse_version(&v) {
+            Some(found) if found >= MIN_VERSION => Ok(v),
+            _ => Err(CriuError::TooOld { binary: self.binary.clone(), found: v }),
+        }
+    }
+
+    /// Run `criu check`: whether it passed, and what it printed.
+    pub fn check(&self) -> Result<(bool, String), CriuError> {
+        let out = Command::new(&self.binary)
+            .arg("check")
+            .output()
+            .map_err(|source| CriuError::Spawn { binary: self.binary.clone(), source })?;
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        Ok((out.status.success() && text.contains("Looks good"), text.trim().to_string()))
+    }
+
+    /// Dump a process tree. `on_hook(action)` answers CRIU's action scripts; returning `false` at
+    /// `post-dump` makes CRIU resume the tree and fail the dump.
+    pub fn dump(&self, call: &DumpCall<'_>, on_hook: &mut dyn FnMut(&str) -> bool) -> Result<(), CriuError> {
+        let mut args: Vec<String> = vec![
+            "dump".into(),
+            "-t".into(),
+            call.pid.to_string(),
+            "-D".into(),
+            call.images_dir.display().to_string(),
+        ];
+        if call.leave_running {
+            args.push("--leave-running".into());
+        }
+        args.extend(call.options.dump_args());
+        let null = || std::fs::File::options().read(true).write(true).open("/dev/null");
+        let stdio = (0..3)
+            .map(|_| null())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| CriuError::Spawn { binary: self.binary.clone(), source })?;
+        self.run("dump", args, call.work_dir, Some(stdio), on_hook)
+    }
+
+    /// Restore a tree detached; returns the PID of its root.
+    pub fn restore(&self, call: &RestoreCall<'_>, on_hook: &mut dyn FnMut(&str) -> bool) -> Result<i32, CriuError> {
+        let pidfile = call.work_dir.join("restore.pid");
+        let mut args: Vec<String> = vec![
+            "restore".into(),
+            "-D".into(),
+            call.images_dir.display().to_string(),
+            "-d".into(),
+            "--pidfile".into(),
+            pidfile.display().to_string(),
+        ];
+        args.extend(call.options.restore_args());
+        let stdio = match &call.stdio {
+            None => None,
+            Some(f) => Some(
+                (0..3)
+                    .map(|_| f.try_clone())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| CriuError::Spawn { binary: self.binary.clone(), source })?,
+            ),
+        };
+        self.run("restore", args, call.work_dir, stdio, on_hook)?;
+        let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        text.trim().parse().map_err(|_| CriuError::Failed {
+            action: "restore",
+            status: "no PID reported".into(),
+            errors: vec![format!("CRIU wrote no PID to {}", pidfile.display())],
+            hint: None,
+            log: call.work_dir.join("restore.log"),
+        })
+    }
+
+    fn run(
+        &self,
+        action: &'static str,
+        mut args: Vec<String>,
+        work_dir: &Path,
+        stdio: Option<Vec<std::fs::File>>,
+        on_hook: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(), CriuError> {
+        let hooks = hook::HookServer::bind(work_dir).map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
+        let me = std::env::current_exe().map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
+        let log = work_dir.join(format!("{action}.log"));
+        args.extend([
+            "--work-dir".into(),
+            work_dir.display().to_string(),
+            "-o".into(),
+            log.display().to_string(),
+            "-v4".into(),
+            "--action-script".into(),
+            me.display().to_string(),
+        ]);
+        tracing::debug!(binary = %self.binary.display(), ?args, "running criu");
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(&args).env(hook::HOOK_SOCKET_ENV, hooks.socket_path());
+        if let Some(mut files) = stdio {
+            if let (Some(err), Some(out), Some(inp)) = (files.pop(), files.pop(), files.pop()) {
+                cmd.stdin(Stdio::from(inp)).stdout(Stdio::from(out)).stderr(Stdio::from(err));
+            }
+        }
+        // Own process group: a Ctrl-C on the terminal must not kill CRIU while it holds the tree frozen;
+        // the engine decides at the next hook instead.
+        cmd.process_group(0);
+        let mut child = cmd.spawn().map_err(|source| CriuError::Spawn { binary: self.binary.clone(), source })?;
+        let status = loop {
+            if let Some(call) = hooks.next(Duration::from_millis(10)) {
+                let ok = on_hook(&call.action);
+                call.reply(ok);
+            }
+            match child.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) => {}
+                Err(source) => return Err(CriuError::Spawn { binary: self.binary.clone(), source }),
+            }
+        };
+        if status.success() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Err(CriuError::Failed { action, status: describe(status), errors: log::error_lines(&text), hint: log::hint(&text), log })
+    }
+}
+
+fn describe(status: ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "unknown status".into(),
+    }
+}
+
+/// `4.2.1` → `(4, 2)`.
+pub fn parse_version(v: &str) -> Option<(u32, u32)> {
+    let mut parts = v.trim().split('.');
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next().map(|m| m.chars().take_while(|c| c.is_ascii_digit()).collect::<String>());
+    Some((major, minor.and_then(|m| m.parse().ok()).unwrap_or(0)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_parse_and_compare() {
+        assert_eq!(parse_version("4.2.1"), Some((4, 2)));
+        assert_eq!(parse_version("3.17"), Some((3, 17)));
+        assert_eq!(parse_version("4"), Some((4, 0)));
+        assert!(parse_version("4.1.1").unwrap() < MIN_VERSION);
+        assert_eq!(parse_version("abc"), None);
+    }
+
+    #[test]
+    fn a_missing_configured_binary_is_named() {
+        let err = Criu::locate(Some(Path::new("/nonexistent/criu"))).unwrap_err().to_string();
+        assert!(err.contains("/nonexistent/criu") && err.contains("setup.sh"), "{err}");
+    }
+
+    #[test]
+    fn failures_render_errors_hint_and_log() {
+        let e = CriuError::Failed {
+            action: "dump",
+            status: "exit code 1".into(),
+            errors: vec!["Error (x): boom".into()],
+            hint: Some("add --tcp-established".into()),
+            log: PathBuf::from("/tmp/w/dump.log"),
+        };
+        let s = e.to_string();
+        assert!(s.contains("boom") && s.contains("hint: add --tcp-established") && s.contains("/tmp/w/dump.log"), "{s}");
+    }
+}

@@ -1,0 +1,275 @@
+//! Dump: CRIU writes images, we package them while CRIU holds the tree frozen, and only a complete
+//! checkpoint lets CRIU kill the tree. Any failure or interruption fails CRIU's post-dump hook, so the tree
+//! resumes running and nothing is left under the checkpoint's name.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::checkpoint::{CheckpointKind, CheckpointWriter, ContainerInfo, Manifest, ProcessInfo, FORMAT_VERSION};
+use crate::codec::Compression;
+use crate::config::Config;
+use crate::criu::options::CriuOptions;
+use crate::criu::{self, Criu, DumpCall};
+use crate::engine::EngineError;
+use crate::progress::Progress;
+use crate::{interrupt, procfs};
+
+/// What to checkpoint.
+#[derive(Debug, Clone)]
+pub enum DumpTarget {
+    /// A process tree by the PID of its root.
+    Process { pid: i32 },
+}
+
+/// A dump, as data.
+#[derive(Debug, Clone)]
+pub struct DumpRequest {
+    pub target: DumpTarget,
+    /// Parent folder of the checkpoint.
+    pub dir: PathBuf,
+    /// Checkpoint name (without extension); derived from the target and time if absent.
+    pub name: Option<String>,
+    pub compression: Compression,
+    pub leave_running: bool,
+    pub options: CriuOptions,
+}
+
+/// A finished dump.
+#[derive(Debug, Clone)]
+pub struct DumpOutcome {
+    pub path: PathBuf,
+    pub manifest: Manifest,
+    /// Size of the checkpoint on disk.
+    pub size: u64,
+    pub criu_time: Duration,
+    pub package_time: Duration,
+    pub total_time: Duration,
+    /// Options we turned on ourselves after inspecting the process.
+    pub detected: Vec<&'static str>,
+}
+
+/// Default checkpoint name: `dump-<kind>-<id>-<unix time>`.
+pub fn default_name(kind: CheckpointKind, id: &str) -> String {
+    format!("dump-{kind}-{id}-{}", chrono::Utc::now().timestamp())
+}
+
+fn check_name(name: &str) -> Result<(), EngineError> {
+    let bad = |reason| Err(EngineError::BadName { name: name.to_string(), reason });
+    if name.is_empty() {
+        return bad("it is empty");
+    }
+    if name.contains('/') || name.contains('\0') {
+        return bad("it must not contain '/' (use --dir for the folder)");
+    }
+    if name.starts_with('.') {
+        return bad("it must not start with '.'");
+    }
+    Ok(())
+}
+
+/// Checkpoint what `req` names.
+pub fn dump(cfg: &Config, req: &DumpRequest, progress: &dyn Progress) -> Result<DumpOutcome, EngineError> {
+    match req.target {
+        DumpTarget::Process { pid } => dump_process(cfg, req, pid, progress),
+    }
+}
+
+fn dump_process(cfg: &Config, req: &DumpRequest, pid: i32, progress: &dyn Progress) -> Result<DumpOutcome, EngineError> {
+    let started = Instant::now();
+    let root = procfs::check_dumpable(pid)?;
+    let info = procfs::describe(pid)?;
+    let mut options = req.options.clone();
+    let mut detected = Vec::new();
+    if !options.shell_job && procfs::needs_shell_job(&root, &info.pids) {
+        tracing::info!(pid, sid = root.sid, pgid = root.pgid, "session or group leader outside the tree: using --shell-job");
+        options.shell_job = true;
+        detected.push("--shell-job");
+    }
+    if !options.tcp_established {
+        let conns = procfs::established_tcp(&info.pids);
+        if !conns.is_empty() {
+            return Err(EngineError::NeedsTcpEstablished { pid, conns: conns.join(", ") });
+        }
+    }
+    let criu = Criu::locate(cfg.criu.binary_path.as_deref())?;
+    let criu_version = criu.supported_version()?;
+    let name = req.name.clone().unwrap_or_else(|| default_name(CheckpointKind::Process, &pid.to_string()));
+    check_name(&name)?;
+    let images = ImagesToPackage { kind: CheckpointKind::Process, process: info, container: None, criu_version };
+    let mut outcome = run_dump(&criu, req, &name, &options, images, progress, |criu, call, hook| criu.dump(call, hook))?;
+    outcome.detected = detected;
+    outcome.total_time = started.elapsed();
+    Ok(outcome)
+}
+
+/// What a dump records besides the images.
+pub(crate) struct ImagesToPackage {
+    pub kind: CheckpointKind,
+    pub process: ProcessInfo,
+    pub container: Option<ContainerInfo>,
+    pub criu_version: String,
+}
+
+/// The common dump path: create the writer, run `run_criu` with the packaging hook, write the manifest.
+pub(crate) fn run_dump(
+    criu: &Criu,
+    req: &DumpRequest,
+    name: &str,
+    options: &CriuOptions,
+    images: ImagesToPackage,
+    progress: &dyn Progress,
+    run_criu: impl FnOnce(&Criu, &DumpCall<'_>, &mut dyn FnMut(&str) -> bool) -> Result<(), criu::CriuError>,
+) -> Result<DumpOutcome, EngineError> {
+    let final_path = CheckpointWriter::path_for(&req.dir, name, req.compression);
+    let mut writer = CheckpointWriter::create(final_path, req.compression)?;
+    let staging = match writer.in_place_dir() {
+        Some(_) => None,
+        None => Some(
+            tempfile::Builder::new()
+                .prefix(".cedana-images-")
+                .tempdir_in(&req.dir)
+                .map_err(EngineError::io(format!("creating a staging folder in {}", req.dir.display())))?,
+        ),
+    };
+    let images_dir: PathBuf = match (&staging, writer.in_place_dir()) {
+        (Some(s), _) => s.path().to_path_buf(),
+        (None, Some(d)) => d.to_path_buf(),
+        (None, None) => unreachable!("a writer without an archive writes in place"),
+    };
+    let work = tempfile::Builder::new().prefix("cedana-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?;
+    let criu_start = Instant::now();
+    let mut package_time = Duration::ZERO;
+    let mut packaged = false;
+    let mut package_err = None;
+    let mut interrupted = false;
+    let call = DumpCall {
+        pid: images.process.pid,
+        images_dir: &images_dir,
+        work_dir: work.path(),
+        options,
+        leave_running: req.leave_running,
+    };
+    progress.phase("dumping", None);
+    let result = {
+        let mut hook = |action: &str| -> bool {
+            if action != "post-dump" {
+                return true;
+            }
+            if interrupt::requested() {
+                interrupted = true;
+                return false;
+            }
+            if req.leave_running {
+                return true;
+            }
+            let t = Instant::now();
+            let res = package(&mut writer, &images_dir, progress);
+            package_time = t.elapsed();
+            match res {
+                Ok(()) => {
+                    packaged = true;
+                    true
+                }
+                Err(e) => {
+                    interrupted = interrupt::requested();
+                    package_err = Some(e);
+                    false
+                }
+            }
+        };
+        run_criu(criu, &call, &mut hook)
+    };
+    let criu_time = criu_start.elapsed().saturating_sub(package_time);
+    if let Err(err) = result {
+        progress.finish();
+        if interrupted {
+            return Err(EngineError::Interrupted);
+        }
+        if let Some(source) = package_err {
+            return Err(EngineError::Package { source });
+        }
+        let kept = work.keep();
+        tracing::error!(log = %kept.display(), "criu dump failed; its log was kept");
+        return Err(err.into());
+    }
+    if !packaged {
+        let t = Instant::now();
+        package(&mut writer, &images_dir, progress).map_err(|source| {
+            if interrupt::requested() {
+                EngineError::Interrupted
+            } else {
+                EngineError::Package { source }
+            }
+        })?;
+        package_time = t.elapsed();
+    }
+    progress.finish();
+    let stats = match criu::stats::read_dump_stats(work.path()) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::warn!(error = %e, "no CRIU dump statistics");
+            None
+        }
+    };
+    let mut manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        kind: images.kind,
+        created_at: chrono::Utc::now(),
+        hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
+        cedana_version: env!("CARGO_PKG_VERSION").to_string(),
+        criu_version: images.criu_version,
+        compression: req.compression,
+        process: images.process,
+        container: images.container,
+        criu_options: options.recorded_for_restore(),
+        stats,
+        checksum: crate::checkpoint::digest::ALGORITHM.to_string(),
+        files: Vec::new(),
+    };
+    let path = writer.commit(&mut manifest)?;
+    let size = disk_size(&path);
+    Ok(DumpOutcome { path, manifest, size, criu_time, package_time, total_time: Duration::ZERO, detected: Vec::new() })
+}
+
+fn package(writer: &mut CheckpointWriter, images_dir: &Path, progress: &dyn Progress) -> Result<(), crate::checkpoint::CheckpointError> {
+    let total = dir_size(images_dir);
+    progress.phase("packaging", Some(total));
+    writer.add_tree(images_dir, &|n| progress.advance(n))
+}
+
+fn dir_size(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| match e.file_type() {
+                    Ok(t) if t.is_dir() => dir_size(&e.path()),
+                    _ => e.metadata().map(|m| m.len()).unwrap_or(0),
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Size of a checkpoint file or folder.
+pub fn disk_size(path: &Path) -> u64 {
+    match std::fs::metadata(path) {
+        Ok(m) if m.is_dir() => dir_size(path),
+        Ok(m) => m.len(),
+        Err(_) => 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_checked() {
+        assert!(check_name("ok-name").is_ok());
+        assert!(check_name("").is_err());
+        assert!(check_name("a/b").is_err());
+        assert!(check_name(".hidden").is_err());
+        let n = default_name(CheckpointKind::Process, "42");
+        assert!(n.starts_with("dump-process-42-"), "{n}");
+    }
+}

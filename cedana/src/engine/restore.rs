@@ -1,0 +1,156 @@
+//! Restore: verify the whole checkpoint first, make sure its PIDs are free, then let CRIU restore it with the
+//! options the dump recorded.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use crate::checkpoint::{CheckpointKind, Manifest, OpenedCheckpoint};
+use crate::config::Config;
+use crate::criu::options::CriuOptions;
+use crate::criu::{Criu, RestoreCall};
+use crate::engine::EngineError;
+use crate::procfs;
+use crate::progress::Progress;
+
+/// Where the standard streams of the restored tree go, when they were pipes at dump time (the other end of
+/// those pipes is gone).
+#[derive(Debug, Clone)]
+pub enum RestoreStdio {
+    /// Onto the caller's own stdin/stdout/stderr (attached restores).
+    Inherit,
+    /// Onto a file, appended (detached restores).
+    File(PathBuf),
+    /// Onto /dev/null.
+    Null,
+}
+
+/// A restore, as data.
+#[derive(Debug, Clone)]
+pub struct RestoreRequest {
+    pub path: PathBuf,
+    pub kind: CheckpointKind,
+    /// Options on top of what the dump recorded.
+    pub options: CriuOptions,
+    /// Become the parent of the restored tree (the caller then waits with [`wait_for_exit`]).
+    pub adopt: bool,
+    pub stdio: RestoreStdio,
+    pub pid_file: Option<PathBuf>,
+}
+
+/// A finished restore.
+#[derive(Debug, Clone)]
+pub struct RestoreOutcome {
+    pub pid: i32,
+    pub manifest: Manifest,
+    pub verify_time: Duration,
+    pub criu_time: Duration,
+}
+
+/// How long to wait for a PID of the checkpoint held by a zombie that its parent has not reaped yet.
+const ZOMBIE_GRACE: Duration = Duration::from_secs(5);
+
+/// Verify and restore the checkpoint `req` names.
+pub fn restore(cfg: &Config, req: &RestoreRequest, progress: &dyn Progress) -> Result<RestoreOutcome, EngineError> {
+    let criu = Criu::locate(cfg.criu.binary_path.as_deref())?;
+    criu.supported_version()?;
+    let started = Instant::now();
+    let total = crate::engine::dump::disk_size(&req.path);
+    progress.phase("verifying", Some(total));
+    let opened = OpenedCheckpoint::open(&req.path, &cfg.scratch_dir(), &|n| progress.advance(n));
+    progress.finish();
+    let opened = opened?;
+    let verify_time = started.elapsed();
+    if opened.manifest.kind != req.kind {
+        return Err(EngineError::WrongKind { path: req.path.clone(), found: opened.manifest.kind });
+    }
+    wait_until_free(&opened.manifest.process.pids)?;
+
+    let mut user = req.options.clone();
+    let stdio_file = match &req.stdio {
+        RestoreStdio::Inherit => None,
+        RestoreStdio::File(p) => Some(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(EngineError::io(format!("opening {}", p.display())))?,
+        ),
+        RestoreStdio::Null => Some(File::options().read(true).write(true).open("/dev/null").map_err(EngineError::io("opening /dev/null"))?),
+    };
+    for pipe in &opened.manifest.process.stdio_pipes {
+        user.inherit_fd.push(format!("fd[{}]:{}", pipe.fd, pipe.resource));
+    }
+    let options = opened.manifest.criu_options.merged_with(&user);
+    if req.adopt {
+        become_subreaper()?;
+    }
+    let work = tempfile::Builder::new().prefix("cedana-restore-").tempdir().map_err(EngineError::io("creating a work folder"))?;
+    let call = RestoreCall { images_dir: &opened.images_dir, work_dir: work.path(), options: &options, stdio: stdio_file };
+    let criu_start = Instant::now();
+    let pid = match criu.restore(&call, &mut |_| true) {
+        Ok(pid) => pid,
+        Err(e) => {
+            let kept = work.keep();
+            tracing::error!(log = %kept.display(), "criu restore failed; its log was kept");
+            return Err(e.into());
+        }
+    };
+    let criu_time = criu_start.elapsed();
+    if let Some(pf) = &req.pid_file {
+        std::fs::write(pf, format!("{pid}\n")).map_err(EngineError::io(format!("writing {}", pf.display())))?;
+    }
+    Ok(RestoreOutcome { pid, manifest: opened.manifest.clone(), verify_time, criu_time })
+}
+
+/// Fail if a PID of the checkpoint belongs to a live process; give zombies a moment to be reaped.
+fn wait_until_free(pids: &[i32]) -> Result<(), EngineError> {
+    let deadline = Instant::now() + ZOMBIE_GRACE;
+    for &pid in pids {
+        loop {
+            match procfs::stat(pid) {
+                Err(_) => break,
+                Ok(st) if st.state == 'Z' || st.state == 'X' => {
+                    if Instant::now() > deadline {
+                        return Err(EngineError::PidInUse { pid, comm: format!("{} (a zombie its parent {} has not reaped)", st.comm, st.ppid) });
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Ok(st) => return Err(EngineError::PidInUse { pid, comm: st.comm }),
+            }
+        }
+    }
+    Ok(())
+}
+
+fn become_subreaper() -> Result<(), EngineError> {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integer arguments and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        return Err(EngineError::Io { what: "becoming the parent of the restored tree".into(), source: std::io::Error::last_os_error() });
+    }
+    Ok(())
+}
+
+/// Wait for an adopted restored tree's root to exit, reaping any other orphan on the way, and return its
+/// exit code (128 + signal when killed, as shells report it). Signals in `forward` are passed on to it.
+pub fn wait_for_exit(pid: i32) -> Result<i32, EngineError> {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    use nix::unistd::Pid;
+    loop {
+        match waitpid(Pid::from_raw(-1), None) {
+            Ok(WaitStatus::Exited(p, code)) if p.as_raw() == pid => return Ok(code),
+            Ok(WaitStatus::Signaled(p, sig, _)) if p.as_raw() == pid => return Ok(128 + sig as i32),
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(EngineError::Io { what: format!("waiting for restored PID {pid}"), source: std::io::Error::from(e) })
+            }
+        }
+    }
+}
+
+/// Whether `path` looks like a checkpoint (for friendlier CLI errors).
+pub fn exists(path: &Path) -> bool {
+    path.symlink_metadata().is_ok()
+}

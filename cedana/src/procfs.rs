@@ -1,0 +1,244 @@
+//! What /proc says about a process tree, before we hand it to CRIU.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+
+use crate::checkpoint::{ProcessInfo, StdioPipe};
+
+/// Errors inspecting a process.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcError {
+    #[error("no such process: PID {0} (check the PID with `ps`)")]
+    NoSuchProcess(i32),
+    #[error("PID {pid} cannot be checkpointed: {reason}")]
+    Refused { pid: i32, reason: String },
+    #[error("reading /proc/{pid}: {source}")]
+    Io {
+        pid: i32,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The fields of /proc/PID/stat we use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Stat {
+    pub pid: i32,
+    pub comm: String,
+    pub state: char,
+    pub ppid: i32,
+    pub pgid: i32,
+    pub sid: i32,
+    pub flags: u64,
+}
+
+/// Parse /proc/PID/stat (the comm field may hold spaces and parentheses).
+pub fn parse_stat(text: &str) -> Option<Stat> {
+    let open = text.find('(')?;
+    let close = text.rfind(')')?;
+    let pid = text[..open].trim().parse().ok()?;
+    let comm = text[open + 1..close].to_string();
+    let rest: Vec<&str> = text[close + 1..].split_whitespace().collect();
+    Some(Stat {
+        pid,
+        comm,
+        state: rest.first()?.chars().next()?,
+        ppid: rest.get(1)?.parse().ok()?,
+        pgid: rest.get(2)?.parse().ok()?,
+        sid: rest.get(3)?.parse().ok()?,
+        flags: rest.get(6)?.parse().ok()?,
+    })
+}
+
+const PF_KTHREAD: u64 = 0x0020_0000;
+
+/// Read /proc/PID/stat.
+pub fn stat(pid: i32) -> Result<Stat, ProcError> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => ProcError::NoSuchProcess(pid),
+        _ => ProcError::Io { pid, source: e },
+    })?;
+    parse_stat(&text).ok_or(ProcError::Io { pid, source: std::io::Error::other("unparseable stat") })
+}
+
+/// Whether `pid` exists and is not a zombie.
+pub fn is_live(pid: i32) -> Option<Stat> {
+    stat(pid).ok().filter(|s| s.state != 'Z' && s.state != 'X')
+}
+
+/// Every PID of the tree rooted at `pid`, root first (threads excluded).
+pub fn tree_pids(pid: i32) -> Vec<i32> {
+    let mut out = vec![pid];
+    let mut i = 0;
+    while i < out.len() {
+        let p = out[i];
+        if let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let children = std::fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                out.extend(children.split_whitespace().filter_map(|c| c.parse::<i32>().ok()));
+            }
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Refuse PIDs that must never be dumped: init, kernel threads, ourselves and our ancestors.
+pub fn check_dumpable(pid: i32) -> Result<Stat, ProcError> {
+    if pid <= 0 {
+        return Err(ProcError::Refused { pid, reason: "not a valid PID".into() });
+    }
+    let st = stat(pid)?;
+    let refuse = |reason: &str| Err(ProcError::Refused { pid, reason: reason.into() });
+    if st.state == 'Z' {
+        return refuse("it is a zombie (it has exited and waits for its parent to reap it)");
+    }
+    if pid == 1 {
+        return refuse("it is the init process of this machine");
+    }
+    if st.flags & PF_KTHREAD != 0 {
+        return refuse("it is a kernel thread");
+    }
+    let mut ancestor = std::process::id() as i32;
+    while ancestor > 1 {
+        if ancestor == pid {
+            return refuse("it is cedana itself or one of its parents (the shell running cedana); dump another process");
+        }
+        ancestor = match stat(ancestor) {
+            Ok(s) => s.ppid,
+            Err(_) => break,
+        };
+    }
+    Ok(st)
+}
+
+/// Describe a tree for the manifest.
+pub fn describe(pid: i32) -> Result<ProcessInfo, ProcError> {
+    let st = stat(pid)?;
+    let io = |source| ProcError::Io { pid, source };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map_err(io)?;
+    let cmdline = cmdline
+        .split(|b| *b == 0)
+        .filter(|a| !a.is_empty())
+        .map(|a| String::from_utf8_lossy(a).into_owned())
+        .collect();
+    let link = |name: &str| {
+        std::fs::read_link(format!("/proc/{pid}/{name}")).map(|p| p.display().to_string()).unwrap_or_default()
+    };
+    let stdio_pipes = (0..3)
+        .filter_map(|fd| {
+            let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
+            let target = target.to_string_lossy().into_owned();
+            target.starts_with("pipe:[").then_some(StdioPipe { fd, resource: target })
+        })
+        .collect();
+    Ok(ProcessInfo {
+        pid,
+        pids: tree_pids(pid),
+        cmdline,
+        comm: st.comm,
+        exe: link("exe"),
+        cwd: link("cwd"),
+        stdio_pipes,
+    })
+}
+
+/// Whether the tree needs CRIU's `--shell-job`: its session or process group leader is outside it.
+pub fn needs_shell_job(root: &Stat, pids: &[i32]) -> bool {
+    !pids.contains(&root.sid) || !pids.contains(&root.pgid)
+}
+
+/// Established TCP connections held by the tree, as `local -> remote` strings.
+pub fn established_tcp(pids: &[i32]) -> Vec<String> {
+    let mut inodes = HashSet::new();
+    for pid in pids {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for fd in fds.flatten() {
+            if let Ok(target) = std::fs::read_link(fd.path()) {
+                let t = target.to_string_lossy();
+                if let Some(ino) = t.strip_prefix("socket:[").and_then(|s| s.strip_suffix(']')) {
+                    inodes.insert(ino.to_string());
+                }
+            }
+        }
+    }
+    if inodes.is_empty() {
+        return Vec::new();
+    }
+    let mut found = Vec::new();
+    for pid in pids {
+        for table in ["tcp", "tcp6"] {
+            let path = PathBuf::from(format!("/proc/{pid}/net/{table}"));
+            let text = std::fs::read_to_string(path).unwrap_or_default();
+            for line in text.lines().skip(1) {
+                let cols: Vec<&str> = line.split_whitespace().collect();
+                if cols.len() > 9 && cols[3] == "01" && inodes.contains(cols[9]) {
+                    let conn = format!("{} -> {}", decode_addr(cols[1]), decode_addr(cols[2]));
+                    if !found.contains(&conn) {
+                        found.push(conn);
+                    }
+                }
+            }
+        }
+        if !found.is_empty() {
+            break;
+        }
+    }
+    found
+}
+
+/// `0100007F:1F90` → `127.0.0.1:8080` (IPv6 addresses are shown as hex).
+fn decode_addr(s: &str) -> String {
+    let Some((ip, port)) = s.split_once(':') else { return s.to_string() };
+    let port = u16::from_str_radix(port, 16).unwrap_or(0);
+    if ip.len() == 8 {
+        if let Ok(v) = u32::from_str_radix(ip, 16) {
+            return format!("{}:{port}", std::net::Ipv4Addr::from(v.swap_bytes()));
+        }
+    }
+    format!("[{ip}]:{port}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_parses_odd_comm_names() {
+        let s = parse_stat("42 (my (odd) prog) S 1 42 40 0 -1 4194560 0 0").unwrap();
+        assert_eq!(s.comm, "my (odd) prog");
+        assert_eq!((s.pid, s.ppid, s.pgid, s.sid, s.state), (42, 1, 42, 40, 'S'));
+        assert_eq!(s.flags, 4194560);
+        assert!(parse_stat("garbage").is_none());
+    }
+
+    #[test]
+    fn shell_job_is_needed_when_leaders_are_outside() {
+        let st = parse_stat("42 (x) S 1 42 42 0 -1 0 0 0").unwrap();
+        assert!(!needs_shell_job(&st, &[42, 43]));
+        let st = parse_stat("42 (x) S 1 42 7 0 -1 0 0 0").unwrap();
+        assert!(needs_shell_job(&st, &[42, 43]));
+    }
+
+    #[test]
+    fn refuses_ourselves_init_and_missing() {
+        let me = std::process::id() as i32;
+        assert!(matches!(check_dumpable(me), Err(ProcError::Refused { .. })));
+        assert!(matches!(check_dumpable(1), Err(ProcError::Refused { .. })));
+        assert!(matches!(check_dumpable(i32::MAX - 1), Err(ProcError::NoSuchProcess(_))));
+    }
+
+    #[test]
+    fn addresses_decode() {
+        assert_eq!(decode_addr("0100007F:1F90"), "127.0.0.1:8080");
+    }
+
+    #[test]
+    fn describes_our_own_tree() {
+        let me = std::process::id() as i32;
+        let info = describe(me).unwrap();
+        assert_eq!(info.pid, me);
+        assert_eq!(info.pids[0], me);
+        assert!(!info.cmdline.is_empty() && !info.cwd.is_empty());
+    }
+}

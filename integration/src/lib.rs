@@ -1,0 +1,1 @@
+//! Helpers for tests against the real stack (placeholder until the harness lands).

@@ -1,0 +1,351 @@
+#!/usr/bin/env bash
+# Sets up everything cedana-rs needs on a Debian 12 (bookworm) machine. Idempotent: a run with
+# everything present takes well under a second or two.
+#
+#   1. Debian packages from the system's own apt sources (bookworm): container engines, compressors,
+#      tools used by tests and benchmarks.
+#   2. CRIU >= 4.2 in a private prefix (default /opt/cedana/criu, env CEDANA_CRIU_PREFIX), taken from
+#      Debian's `forky` suite through a private apt configuration, so that the system's apt state,
+#      glibc and compiler runtime stay untouched. bookworm's criu 3.17 fails on this kernel
+#      ("vdso: Unexpected rt vDSO area bounds") and trixie's 4.1.1 cannot dump sockets; see
+#      FIELD-NOTES "CRIU: use 4.2 or newer". The binary is linked as /usr/local/sbin/criu so that
+#      runc and containerd find it on PATH.
+#   3. A summary, and `criu check`.
+#
+# Environment:
+#   CEDANA_CRIU_PREFIX   where CRIU goes (default /opt/cedana/criu)
+#   CEDANA_CRIU_SUITE    Debian suite to take CRIU from (default forky)
+#   CEDANA_DEBIAN_MIRROR Debian archive URL (default: read from the system's apt sources,
+#                        falling back to http://deb.debian.org/debian)
+#   CEDANA_CRIU_FORCE=1  rebuild the CRIU prefix even if a good one is present
+set -euo pipefail
+
+START_NS=$(date +%s%N)
+PREFIX=${CEDANA_CRIU_PREFIX:-/opt/cedana/criu}
+PREFIX=${PREFIX%/}
+CRIU_SUITE=${CEDANA_CRIU_SUITE:-forky}
+CRIU_MIN_VERSION=4.2
+CRIU_LINK=/usr/local/sbin/criu
+
+APT_PACKAGES=(
+  iptables runc containerd docker.io busybox-static patchelf zstd gzip lz4 procps iproute2
+  python3 hyperfine gcc
+)
+
+log() { printf '[setup] %s\n' "$*" >&2; }
+die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
+
+[[ $(id -u) -eq 0 ]] || die "must run as root"
+[[ $PREFIX == /* ]] || die "CEDANA_CRIU_PREFIX must be an absolute path (got '$PREFIX')"
+
+# Serialize concurrent runs (e.g. two test jobs calling setup at once).
+LOCK_DIR=/run/lock
+[[ -d $LOCK_DIR && -w $LOCK_DIR ]] || LOCK_DIR=/tmp
+exec 9>"$LOCK_DIR/cedana-setup.lock"
+flock 9
+
+# Cleanup actions registered by the steps below, run on every exit.
+CLEANUP=()
+cleanup() {
+  local i
+  for ((i = ${#CLEANUP[@]} - 1; i >= 0; i--)); do eval "${CLEANUP[i]}" || true; done
+}
+trap cleanup EXIT
+
+# ---------------------------------------------------------------------------------------------
+# 1. Debian packages
+# ---------------------------------------------------------------------------------------------
+pkg_installed() {
+  [[ $(dpkg-query -W -f='${Status}' "$1" 2>/dev/null || true) == "install ok installed" ]]
+}
+
+install_apt_packages() {
+  local missing=() p
+  for p in "${APT_PACKAGES[@]}"; do
+    pkg_installed "$p" || missing+=("$p")
+  done
+  if ((${#missing[@]} == 0)); then
+    log "Debian packages: all ${#APT_PACKAGES[@]} present"
+    return
+  fi
+  log "Debian packages: installing ${missing[*]}"
+  # Never let a package's maintainer script start a service (docker.io, containerd): PID 1 is not
+  # systemd here, and the tests start the daemons themselves with private state. Keep an existing
+  # policy-rc.d (e.g. Docker-built images ship one); only remove the one we created.
+  if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+    printf '#!/bin/sh\n# temporary, created by cedana-rs scripts/setup.sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    CLEANUP+=("rm -f /usr/sbin/policy-rc.d")
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -q || log "warning: apt-get update reported errors; trying the install anyway"
+  apt-get install -y -q --no-install-recommends "${missing[@]}"
+  for p in "${missing[@]}"; do
+    pkg_installed "$p" || die "package $p is still not installed"
+  done
+  if [[ -n ${CLEANUP[*]-} && ${CLEANUP[-1]} == "rm -f /usr/sbin/policy-rc.d" ]]; then
+    rm -f /usr/sbin/policy-rc.d
+    unset 'CLEANUP[-1]'
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+# 2. CRIU >= 4.2 in a private prefix
+# ---------------------------------------------------------------------------------------------
+
+# Prints the version reported by `$1 --version` (empty if it does not run).
+criu_version() {
+  local out
+  out=$("$@" --version 2>/dev/null) || return 0
+  awk '/^Version:/ { print $2; exit }' <<<"$out"
+}
+
+version_ok() { [[ -n $1 ]] && dpkg --compare-versions "$1" ge "$CRIU_MIN_VERSION"; }
+
+# The Debian archive URL this machine uses: the first enabled apt source whose URL is a plain
+# Debian archive (path ending in /debian), from one-line .list files and deb822 .sources files.
+# Arg: a scratch file for the candidate list.
+debian_mirror() {
+  if [[ -n ${CEDANA_DEBIAN_MIRROR:-} ]]; then
+    echo "${CEDANA_DEBIAN_MIRROR%/}"
+    return
+  fi
+  local files=() f uri
+  [[ -f /etc/apt/sources.list ]] && files+=(/etc/apt/sources.list)
+  for f in /etc/apt/sources.list.d/*.list /etc/apt/sources.list.d/*.sources; do
+    [[ -f $f ]] && files+=("$f")
+  done
+  for f in "${files[@]}"; do
+    if [[ $f == *.sources ]]; then
+      # deb822: stanzas separated by blank lines; skip stanzas with "Enabled: no".
+      awk '
+        function flush() { if (!disabled) for (i = 1; i <= n; i++) print u[i]; n = 0; disabled = 0 }
+        /^[ \t]*#/ { next }
+        /^[ \t]*$/ { flush(); next }
+        tolower($1) == "enabled:" && tolower($2) == "no" { disabled = 1 }
+        tolower($1) == "uris:" { for (j = 2; j <= NF; j++) u[++n] = $j }
+        END { flush() }
+      ' "$f"
+    else
+      # one-line format: deb [options] URI suite components
+      awk '
+        /^[ \t]*deb[ \t]/ {
+          i = 2
+          if ($i ~ /^\[/) { while (i <= NF && $i !~ /\]$/) i++; i++ }
+          print $i
+        }
+      ' "$f"
+    fi
+  done >"$1"
+  while read -r uri; do
+    uri=${uri%/}
+    if [[ $uri =~ ^(https?|ftp)://[^/]+(/.*)?/debian$ ]]; then
+      echo "$uri"
+      return
+    fi
+  done <"$1"
+  echo "http://deb.debian.org/debian"
+}
+
+# Lists what `$1` loads, via its own dynamic loader (what ldd does, but with the right ld.so).
+# Args: loader binary; prints the list, fails on "not found".
+list_libs() {
+  local loader=$1 bin=$2 out
+  out=$("$loader" --list "$bin" 2>&1) || { printf '%s\n' "$out" >&2; return 1; }
+  printf '%s\n' "$out"
+}
+
+# Checks that everything `bin` loads comes from `libdir` (and nothing is missing).
+check_libs_confined() {
+  local loader=$1 bin=$2 libdir=$3 out bad
+  out=$(list_libs "$loader" "$bin") || return 1
+  bad=$(awk -v d="$libdir/" '
+    /not found/ { print; next }
+    /=>/ { if (index($3, d) != 1) print; next }
+    $1 ~ /^\// { if (index($1, d) != 1) print }
+  ' <<<"$out")
+  if [[ -n $bad ]]; then
+    log "libraries resolved outside $libdir:"
+    printf '%s\n' "$bad" >&2
+    return 1
+  fi
+}
+
+install_criu() {
+  local v
+  v=$(criu_version "$PREFIX/criu")
+  if [[ ${CEDANA_CRIU_FORCE:-0} != 1 ]] && version_ok "$v" \
+    && check_libs_confined "$PREFIX/lib/$(cat "$PREFIX/.interp" 2>/dev/null || echo none)" \
+      "$PREFIX/criu" "$PREFIX/lib" 2>/dev/null; then
+    log "CRIU: $PREFIX/criu $v present"
+    return
+  fi
+  [[ -n $v ]] && log "CRIU: $PREFIX/criu reports '$v', rebuilding"
+  command -v patchelf >/dev/null || die "patchelf is missing"
+
+  local arch mirror keyring scratch staging new old interp deb n
+  scratch=$(mktemp -d /var/tmp/cedana-criu.XXXXXX)
+  CLEANUP+=("rm -rf '$scratch'")
+  arch=$(dpkg --print-architecture)
+  mirror=$(debian_mirror "$scratch/uris")
+  keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+  [[ -r $keyring ]] || die "$keyring is missing (package debian-archive-keyring)"
+  log "CRIU: fetching criu from $mirror $CRIU_SUITE ($arch) with a private apt configuration"
+  chmod 755 "$scratch" # apt downloads as the _apt user, which must reach partial/
+  mkdir -p "$scratch"/{apt.conf.d,sources.list.d,preferences.d,lists/partial,cache/archives/partial,staging}
+  : >"$scratch/status"
+  # The suite is signed by the Debian archive keys (bookworm's debian-archive-keyring has the
+  # bookworm and trixie archive keys, which sign forky as of 2025); signatures are checked.
+  printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$mirror" "$CRIU_SUITE" >"$scratch/sources.list"
+  # A configuration of its own: the system's apt.conf.d is not read (its update hooks, AppStream
+  # index targets and so on would touch or slow the system). Only the system's download settings
+  # (Acquire::*: proxies, timeouts, TLS, Check-Valid-Until, ...) are carried over, minus index
+  # targets and languages. The empty dpkg status makes apt resolve criu's whole dependency
+  # closure and download all of it.
+  {
+    apt-config dump 2>/dev/null \
+      | grep -E '^Acquire::' \
+      | grep -vE '^Acquire::(IndexTargets|Languages|Changelogs|CompressionTypes|cdrom)(::| )' \
+      | grep -v ' "";$' || true
+    cat <<EOF
+Dir::Etc::Main "/dev/null";
+Dir::Etc::Parts "$scratch/apt.conf.d";
+Dir::Etc::SourceList "$scratch/sources.list";
+Dir::Etc::SourceParts "$scratch/sources.list.d";
+Dir::Etc::Preferences "$scratch/preferences";
+Dir::Etc::PreferencesParts "$scratch/preferences.d";
+Dir::State "$scratch";
+Dir::State::Lists "$scratch/lists";
+Dir::State::status "$scratch/status";
+Dir::State::extended_states "$scratch/extended_states";
+Dir::Cache "$scratch/cache";
+Dir::Log "$scratch";
+APT::Architecture "$arch";
+APT::Architectures { "$arch"; };
+APT::Install-Recommends "false";
+APT::Install-Suggests "false";
+Acquire::Languages "none";
+EOF
+  } >"$scratch/apt.conf"
+
+  (
+    export APT_CONFIG=$scratch/apt.conf DEBIAN_FRONTEND=noninteractive
+    apt-get update -q && apt-get install -y -q --download-only --no-install-recommends criu
+  ) >"$scratch/apt.log" 2>&1 || { cat "$scratch/apt.log" >&2; die "private apt could not fetch criu"; }
+
+  n=0
+  for deb in "$scratch"/cache/archives/*.deb; do
+    [[ -f $deb ]] || continue
+    dpkg-deb -x "$deb" "$scratch/staging"
+    n=$((n + 1))
+  done
+  ((n > 0)) || die "no packages were downloaded"
+  log "CRIU: unpacked $n packages ($(du -sh "$scratch/cache/archives" | cut -f1)): $(
+    cd "$scratch/cache/archives" && ls -- *.deb | sed 's/_.*//' | tr '\n' ' '
+  )"
+
+  local src_criu
+  src_criu=$scratch/staging/usr/sbin/criu
+  [[ -f $src_criu ]] || die "criu binary not found in the unpacked packages"
+  interp=$(basename "$(patchelf --print-interpreter "$src_criu")")
+
+  new=$PREFIX.new
+  old=$PREFIX.old
+  rm -rf "$new" "$old"
+  mkdir -p "$new/lib"
+  CLEANUP+=("rm -rf '$new'")
+
+  # Shared libraries: the files directly in the library dirs (not plugin subdirs such as gconv/),
+  # flattened into PREFIX/lib. Symlinks are re-created by basename (some are absolute, e.g.
+  # /lib64/ld-linux-x86-64.so.2, and must not resolve to the system's files).
+  local triplet f t changed
+  triplet=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)
+  local libdirs=()
+  for d in lib lib64 usr/lib usr/lib64 "lib/$triplet" "usr/lib/$triplet"; do
+    [[ -d $scratch/staging/$d ]] && libdirs+=("$scratch/staging/$d")
+  done
+  find "${libdirs[@]}" -maxdepth 1 -type f \( -name '*.so' -o -name '*.so.*' \) \
+    -exec cp -p -t "$new/lib" {} +
+  changed=1
+  while ((changed)); do
+    changed=0
+    while IFS= read -r f; do
+      [[ -e $new/lib/${f##*/} || -L $new/lib/${f##*/} ]] && continue
+      t=$(basename "$(readlink "$f")")
+      if [[ -e $new/lib/$t ]]; then
+        ln -s "$t" "$new/lib/${f##*/}"
+        changed=1
+      fi
+    done < <(find "${libdirs[@]}" -maxdepth 1 -type l \( -name '*.so' -o -name '*.so.*' \))
+  done
+  [[ -f $new/lib/$interp ]] || die "dynamic loader $interp not found in the unpacked packages"
+  echo "$interp" >"$new/.interp"
+  # Record what went in, for the curious.
+  (cd "$scratch/cache/archives" && ls -- *.deb) >"$new/PACKAGES"
+
+  cp -p "$src_criu" "$new/criu"
+  # First patch for PREFIX.new and verify there; then patch for the final PREFIX, swap, verify
+  # again, and roll back if that fails. --force-rpath: a DT_RUNPATH would not be used for the
+  # libraries' own dependencies (criu then misses libunistring.so.5).
+  patchelf --set-interpreter "$new/lib/$interp" --force-rpath --set-rpath "$new/lib" "$new/criu"
+  v=$(criu_version "$new/criu")
+  version_ok "$v" || die "$new/criu reports version '$v', need >= $CRIU_MIN_VERSION"
+  check_libs_confined "$new/lib/$interp" "$new/criu" "$new/lib" || die "$new/criu is not self-contained"
+
+  patchelf --set-interpreter "$PREFIX/lib/$interp" --force-rpath --set-rpath "$PREFIX/lib" "$new/criu"
+  mkdir -p "$(dirname "$PREFIX")"
+  if [[ -e $PREFIX ]]; then mv -T "$PREFIX" "$old"; fi
+  mv -T "$new" "$PREFIX"
+  v=$(criu_version "$PREFIX/criu")
+  if ! version_ok "$v" || ! check_libs_confined "$PREFIX/lib/$interp" "$PREFIX/criu" "$PREFIX/lib"; then
+    log "CRIU: the installed copy fails, rolling back"
+    rm -rf "$PREFIX"
+    [[ -e $old ]] && mv -T "$old" "$PREFIX"
+    die "$PREFIX/criu does not work after the swap"
+  fi
+  rm -rf "$old"
+  log "CRIU: installed $PREFIX/criu $v"
+}
+
+# runc (`criu swrk`) and containerd look criu up on PATH.
+link_criu() {
+  if [[ $(readlink "$CRIU_LINK" 2>/dev/null || true) != "$PREFIX/criu" ]]; then
+    mkdir -p "$(dirname "$CRIU_LINK")"
+    ln -sfn "$PREFIX/criu" "$CRIU_LINK.tmp.$$"
+    mv -Tf "$CRIU_LINK.tmp.$$" "$CRIU_LINK"
+    log "CRIU: linked $CRIU_LINK -> $PREFIX/criu"
+  fi
+  # /usr/local/sbin comes first in Debian's default PATH; say so if something else would win.
+  local std_path=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin found
+  for path in "$std_path" "$PATH"; do
+    found=$(PATH=$path command -v criu || true)
+    if [[ $found != "$CRIU_LINK" ]]; then
+      log "warning: with PATH=$path, 'criu' resolves to '${found:-nothing}', not $CRIU_LINK"
+    fi
+  done
+  if [[ -e /usr/sbin/criu ]]; then
+    log "note: /usr/sbin/criu ($(criu_version /usr/sbin/criu || true)) exists and is shadowed by $CRIU_LINK"
+  fi
+}
+
+# ---------------------------------------------------------------------------------------------
+install_apt_packages
+install_criu
+link_criu
+
+# ---------------------------------------------------------------------------------------------
+# 3. Summary
+# ---------------------------------------------------------------------------------------------
+CRIU_V=$("$PREFIX/criu" --version) || die "$PREFIX/criu --version failed"
+first_line() { "$@" 2>&1 | head -n1 || true; }
+echo "---- cedana-rs setup summary ----"
+echo "criu:       $CRIU_LINK -> $PREFIX/criu, $(awk '/^Version:/ {print $2}' <<<"$CRIU_V")"
+echo "runc:       $(first_line runc --version)"
+echo "containerd: $(first_line containerd --version)"
+echo "dockerd:    $(first_line dockerd --version)"
+echo "criu check:"
+if CHECK_OUT=$("$PREFIX/criu" check 2>&1); then rc=0; else rc=$?; fi
+printf '%s\n' "$CHECK_OUT" | sed 's/^/  /'
+((rc == 0)) || echo "  (criu check exited with status $rc)"
+END_NS=$(date +%s%N)
+printf 'setup finished in %d.%03d s\n' $(((END_NS - START_NS) / 1000000000)) $((((END_NS - START_NS) / 1000000) % 1000))
