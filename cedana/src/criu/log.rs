@@ -9,14 +9,16 @@ pub fn error_lines(log: &str) -> Vec<String> {
         .collect()
 }
 
-/// A hint for a failed CRIU run, from the patterns of its log.
+/// A hint for a failed CRIU run, from the patterns of its error lines.
 pub fn hint(log: &str) -> Option<String> {
+    let errors = error_lines(log).join("\n");
     const HINTS: &[(&str, &str)] = &[
         ("Connected TCP socket", "the process has established TCP connections: add --tcp-established"),
         ("External socket is used", "the process is connected to a unix socket outside the tree: add --ext-unix-sk"),
         ("Can't dump half of stream unix connection", "the process is connected to a unix socket outside the tree: add --ext-unix-sk"),
         ("Some file locks are hold", "the process holds file locks: add --file-locks"),
         ("is outside of its pid namespace", "the process belongs to a shell's session: add --shell-job"),
+        ("has bad size", "a file the process had open changed size since the dump (see the error above); CRIU restores only onto the same file, so put it back as it was at dump time"),
         ("Can't fork for", "a PID of the checkpoint is in use on this machine: stop the process using it, then restore again"),
         ("Unexpected rt vDSO area bounds", "this CRIU is too old for the running kernel: run scripts/setup.sh to install CRIU >= 4.2"),
         ("Can't get 1:16 opt", "this CRIU cannot dump sockets on this kernel: run scripts/setup.sh to install CRIU >= 4.2"),
@@ -26,7 +28,7 @@ pub fn hint(log: &str) -> Option<String> {
         ("Can't dump ghost file", "the process keeps a large deleted file open: raise the limit with --criu-opts '--ghost-limit SIZE'"),
         ("Operation not permitted", "CRIU was denied access: run as root, and note that a process of another user cannot be dumped on machines without CAP_SYS_RESOURCE"),
     ];
-    HINTS.iter().find(|(pat, _)| log.contains(pat)).map(|(_, h)| (*h).to_string())
+    HINTS.iter().find(|(pat, _)| errors.contains(pat)).map(|(_, h)| (*h).to_string())
 }
 
 #[cfg(test)]
@@ -42,5 +44,7 @@ mod tests {
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(hint(log).unwrap().contains("--tcp-established"));
         assert_eq!(hint("all good"), None);
+        let only_rlimit = "(00.1) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n";
+        assert_eq!(hint(only_rlimit), None, "the harmless rlimit line must not produce a permission hint");
     }
 }

@@ -1,0 +1,266 @@
+//! The runc driver: runs the real `runc` binary for the container operations the engine needs (state, pause,
+//! resume, checkpoint, restore, kill, delete) and turns its failures into errors quoting runc's own message.
+
+mod locate;
+
+pub use locate::{locate, RUNC_BINARY_ENV};
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use serde::Deserialize;
+
+/// Default state folder of runc (`--root`).
+pub const DEFAULT_ROOT: &str = "/run/runc";
+
+/// Errors of the runc driver.
+#[derive(Debug, thiserror::Error)]
+pub enum RuncError {
+    #[error("runc not found (looked for {tried}): install runc (scripts/setup.sh does), or set {RUNC_BINARY_ENV}")]
+    NotFound { tried: String },
+    #[error("{binary} resolves to cedana-runc itself ({resolved}): point {RUNC_BINARY_ENV} at the real runc")]
+    Recursion { binary: PathBuf, resolved: PathBuf },
+    #[error("running {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no container {id:?} under runc root {root}: check the id with `runc --root {root} list`")]
+    NoSuchContainer { id: String, root: PathBuf },
+    #[error("container {id:?} already exists under runc root {root}: choose another id, or delete it first")]
+    Exists { id: String, root: PathBuf },
+    #[error("container {id:?} is {status}: {what} needs a running or paused container")]
+    NotRunning { id: String, status: String, what: &'static str },
+    #[error("runc {command} {id} failed ({status}): {message}")]
+    Failed { command: String, id: String, status: String, message: String },
+    #[error("runc state {id} printed output that is not a container state ({detail})")]
+    BadState { id: String, detail: String },
+}
+
+/// The state of a container, as `runc state` prints it (the fields we use).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ContainerState {
+    pub id: String,
+    pub pid: i32,
+    pub status: String,
+    pub bundle: PathBuf,
+    #[serde(default)]
+    pub rootfs: PathBuf,
+    #[serde(default)]
+    pub annotations: Option<std::collections::BTreeMap<String, String>>,
+}
+
+/// Flags of `runc restore` besides the image path and id.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreFlags {
+    pub bundle: PathBuf,
+    pub work_path: Option<PathBuf>,
+    pub detach: bool,
+    pub pid_file: Option<PathBuf>,
+    pub console_socket: Option<PathBuf>,
+    /// Any other restore flags, verbatim (e.g. `--tcp-established`, `--no-subreaper`).
+    pub extra: Vec<OsString>,
+}
+
+/// A runc binary plus the global flags every command gets (`--root`, `--criu`, `--log`, ...).
+#[derive(Debug, Clone)]
+pub struct Runc {
+    binary: PathBuf,
+    root: PathBuf,
+    global: Vec<OsString>,
+}
+
+impl Runc {
+    /// Drive `binary` with state under `root` (runc's default when `None`).
+    pub fn new(binary: PathBuf, root: Option<PathBuf>) -> Self {
+        Self { binary, root: root.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT)), global: Vec::new() }
+    }
+
+    /// Locate runc (see [`locate`]) with state under `root`.
+    pub fn locate(root: Option<PathBuf>) -> Result<Self, RuncError> {
+        Ok(Self::new(locate()?, root))
+    }
+
+    /// Add global flags other than `--root` (e.g. `--criu PATH`, `--log FILE --log-format json`).
+    pub fn with_global(mut self, flags: impl IntoIterator<Item = OsString>) -> Self {
+        self.global.extend(flags);
+        self
+    }
+
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A command for `runc GLOBAL... ARGS...`.
+    pub fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.arg("--root").arg(&self.root).args(&self.global);
+        cmd
+    }
+
+    /// `runc state ID`; [`RuncError::NoSuchContainer`] when runc does not know it.
+    pub fn state(&self, id: &str) -> Result<ContainerState, RuncError> {
+        let out = self.output("state", id, self.command().args(["state", id]))?;
+        serde_json::from_slice(&out.stdout).map_err(|e| RuncError::BadState { id: id.into(), detail: e.to_string() })
+    }
+
+    /// Whether a container `id` exists (in any state).
+    pub fn exists(&self, id: &str) -> Result<bool, RuncError> {
+        match self.state(id) {
+            Ok(_) => Ok(true),
+            Err(RuncError::NoSuchContainer { .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    pub fn pause(&self, id: &str) -> Result<(), RuncError> {
+        self.output("pause", id, self.command().args(["pause", id])).map(drop)
+    }
+
+    pub fn resume(&self, id: &str) -> Result<(), RuncError> {
+        self.output("resume", id, self.command().args(["resume", id])).map(drop)
+    }
+
+    /// `runc kill ID SIGNAL`.
+    pub fn kill(&self, id: &str, signal: &str) -> Result<(), RuncError> {
+        self.output("kill", id, self.command().args(["kill", id, signal])).map(drop)
+    }
+
+    /// `runc delete [--force] ID`.
+    pub fn delete(&self, id: &str, force: bool) -> Result<(), RuncError> {
+        let mut cmd = self.command();
+        cmd.arg("delete");
+        if force {
+            cmd.arg("--force");
+        }
+        self.output("delete", id, cmd.arg(id)).map(drop)
+    }
+
+    /// `runc checkpoint --image-path IMAGES --work-path WORK FLAGS... ID`.
+    pub fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString]) -> Result<(), RuncError> {
+        let mut cmd = self.command();
+        cmd.arg("checkpoint").arg("--image-path").arg(images).arg("--work-path").arg(work).args(flags).arg(id);
+        self.output("checkpoint", id, &mut cmd).map(drop)
+    }
+
+    /// `runc restore --image-path IMAGES ... ID`. The caller's stdio is the restored container's (for pipes
+    /// that were external at dump) and runc's; with `detach` this returns once the container runs, else
+    /// when it exits. Returns runc's exit code when runc itself ran.
+    pub fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError> {
+        let mut cmd = self.command();
+        cmd.arg("restore").arg("--image-path").arg(images).arg("--bundle").arg(&flags.bundle);
+        if let Some(w) = &flags.work_path {
+            cmd.arg("--work-path").arg(w);
+        }
+        if flags.detach {
+            cmd.arg("--detach");
+        }
+        if let Some(p) = &flags.pid_file {
+            cmd.arg("--pid-file").arg(p);
+        }
+        if let Some(s) = &flags.console_socket {
+            cmd.arg("--console-socket").arg(s);
+        }
+        cmd.args(&flags.extra).arg(id);
+        tracing::debug!(?cmd, "running runc restore");
+        let status = cmd.status().map_err(|source| RuncError::Spawn { binary: self.binary.clone(), source })?;
+        match status.code() {
+            Some(0) => Ok(0),
+            Some(code) if !flags.detach => Ok(code),
+            _ => Err(RuncError::Failed {
+                command: "restore".into(),
+                id: id.into(),
+                status: describe(status),
+                message: "see the messages runc printed above (or its --log)".into(),
+            }),
+        }
+    }
+
+    /// Run `cmd` (a runc command on container `id`) to completion, capturing its output.
+    fn output(&self, command: &str, id: &str, cmd: &mut Command) -> Result<Output, RuncError> {
+        tracing::debug!(?cmd, "running runc");
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|source| RuncError::Spawn { binary: self.binary.clone(), source })?;
+        if out.status.success() {
+            return Ok(out);
+        }
+        let message = error_message(&String::from_utf8_lossy(&out.stderr));
+        if message.contains("does not exist") || message.contains("container not found") {
+            return Err(RuncError::NoSuchContainer { id: id.into(), root: self.root.clone() });
+        }
+        Err(RuncError::Failed { command: command.into(), id: id.into(), status: describe(out.status), message })
+    }
+}
+
+fn describe(status: std::process::ExitStatus) -> String {
+    use std::os::unix::process::ExitStatusExt;
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit code {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        _ => "unknown status".into(),
+    }
+}
+
+/// runc's error from its stderr: the `msg` of a logrus text line (`time=... level=error msg="..."`), else
+/// the last non-empty line.
+pub fn error_message(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().map(str::trim).filter(|l| !l.is_empty()).collect();
+    let logrus = lines.iter().rev().find_map(|l| {
+        if !l.contains("level=error") {
+            return None;
+        }
+        let start = l.find("msg=")? + 4;
+        Some(unquote_go(&l[start..]))
+    });
+    logrus.or_else(|| lines.last().map(|l| l.to_string())).unwrap_or_else(|| "no error message".into())
+}
+
+/// Undo Go's `%q` quoting of a logrus field (`"a \"b\"\n"` → `a "b"` + newline); unquoted values as is.
+fn unquote_go(s: &str) -> String {
+    let Some(body) = s.strip_prefix('"') else { return s.split_whitespace().next().unwrap_or_default().to_string() };
+    let mut out = String::new();
+    let mut chars = body.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => break,
+            '\\' => match chars.next() {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some(other) => out.push(other),
+                None => break,
+            },
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_messages_come_from_logrus_lines_or_the_last_line() {
+        let text = "time=\"2026-01-01T00:00:00Z\" level=error msg=\"criu failed: type NOTIFY errno 0\\nlog file: /w/dump.log\"\n";
+        assert_eq!(error_message(text), "criu failed: type NOTIFY errno 0\nlog file: /w/dump.log");
+        assert_eq!(error_message("container does not exist\n\n"), "container does not exist");
+        assert_eq!(error_message(""), "no error message");
+    }
+
+    #[test]
+    fn state_json_parses() {
+        let s: ContainerState = serde_json::from_str(
+            r#"{"ociVersion":"1.0.2-dev","id":"c1","pid":42,"status":"paused","bundle":"/b","rootfs":"/b/rootfs","created":"x","owner":""}"#,
+        )
+        .unwrap();
+        assert_eq!((s.id.as_str(), s.pid, s.status.as_str()), ("c1", 42, "paused"));
+    }
+}
