@@ -75,6 +75,8 @@ pub fn run(config: &Config, cmd: DumpCommand) -> anyhow::Result<i32> {
     let req = match &cmd {
         DumpCommand::Process(a) => a.common.request(config, DumpTarget::Process { pid: a.pid })?,
     };
+    // A signal cancels the dump at the next safe point; CRIU then resumes the process.
+    cedana::interrupt::install()?;
     let bar = cedana::progress::Bar::for_terminal();
     let out = engine::dump::dump(config, &req, &bar)?;
     print_summary(&out);

@@ -1,0 +1,192 @@
+//! Bad input and failures: clear errors, a workload that keeps running, and no checkpoint that looks
+//! complete when it is not.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use cedana_integration::workload::Workload;
+use cedana_integration::*;
+use nix::sys::signal::Signal;
+
+fn entries(dir: &std::path::Path) -> Vec<String> {
+    let mut v: Vec<String> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn missing_and_forbidden_pids_are_refused() {
+    require_root();
+    let err = cedana_err(&["dump", "process", "999999"]);
+    assert!(err.contains("no such process: PID 999999"), "{err}");
+    let err = cedana_err(&["dump", "process", "1"]);
+    assert!(err.contains("init process"), "{err}");
+    let err = cedana_err(&["dump", "process", "2"]);
+    assert!(err.contains("kernel thread"), "{err}");
+}
+
+#[test]
+fn unknown_compression_is_refused_with_the_valid_names() {
+    let err = cedana_err(&["dump", "process", "1", "--compression", "bzip2"]);
+    assert!(err.contains("bzip2") && err.contains("zstd"), "{err}");
+}
+
+#[test]
+fn missing_checkpoint_is_named() {
+    require_root();
+    let err = cedana_err(&["restore", "process", "--path", "/nonexistent/ckpt.tar.zst"]);
+    assert!(err.contains("no checkpoint at /nonexistent/ckpt.tar.zst"), "{err}");
+}
+
+/// Dump a counter into `dir` and return the checkpoint path and the (now free) PID.
+fn dumped_counter(dir: &std::path::Path, compression: &str) -> (std::path::PathBuf, i32) {
+    let mut w = Workload::start(&workload_bin("counter"), &[], dir);
+    w.wait_lines(3);
+    let out = cedana_ok(&[
+        "dump", "process", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--name", "c", "--compression", compression,
+    ]);
+    let path = out.lines().next().and_then(|l| l.rsplit(" to ").next()).unwrap().into();
+    w.reap();
+    (path, w.pid)
+}
+
+#[test]
+fn truncated_checkpoints_are_refused_before_anything_is_restored() {
+    require_root();
+    for c in ["zstd", "gzip", "tar"] {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, pid) = dumped_counter(dir.path(), c);
+        let bytes = std::fs::read(&path).unwrap();
+        std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
+        let err = cedana_err(&["restore", "process", "--path", path.to_str().unwrap()]);
+        assert!(err.contains("corrupt") || err.contains("incomplete"), "{c}: {err}");
+        assert!(!alive(pid), "{c}: nothing may be restored from a truncated checkpoint");
+    }
+}
+
+#[test]
+fn corrupted_checkpoints_are_refused_by_checksum() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pid) = dumped_counter(dir.path(), "tar");
+    let mut bytes = std::fs::read(&path).unwrap();
+    // Flip a byte inside the largest image's data (the pages), not in tar headers.
+    let at = bytes.windows(4).position(|w| w == b"ELF\x02").map(|p| p + 64).unwrap_or(bytes.len() / 2);
+    bytes[at] ^= 0xFF;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = cedana_err(&["restore", "process", "--path", path.to_str().unwrap()]);
+    assert!(err.contains("checksum mismatch") || err.contains("corrupt"), "{err}");
+    assert!(!alive(pid));
+    let err = cedana_err(&["checkpoint", "inspect", "--verify", path.to_str().unwrap()]);
+    assert!(err.contains("corrupt"), "{err}");
+}
+
+#[test]
+fn a_folder_without_manifest_is_incomplete() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pid) = dumped_counter(dir.path(), "none");
+    std::fs::remove_file(path.join("manifest.json")).unwrap();
+    let err = cedana_err(&["restore", "process", "--path", path.to_str().unwrap()]);
+    assert!(err.contains("incomplete"), "{err}");
+    assert!(!alive(pid));
+}
+
+#[test]
+fn an_interrupted_dump_leaves_the_process_running_and_nothing_behind() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let w = Workload::start(&workload_bin("memory"), &["512"], work.path());
+    let before = w.wait_lines(1)[0].clone();
+    // gzip of 512 MiB takes seconds: interrupt it while the images are being written.
+    let mut child = Command::new(bin("cedana"))
+        .args(["dump", "process", &w.pid.to_string(), "--dir", dir.path().to_str().unwrap(), "--compression", "gzip"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "an interrupted dump must fail");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    assert!(alive(w.pid), "the process must survive an interrupted dump");
+    let state = std::fs::read_to_string(format!("/proc/{}/stat", w.pid)).unwrap();
+    assert!(!state.contains(") T "), "the process must not be left stopped: {state}");
+    w.signal(Signal::SIGUSR1);
+    assert_eq!(w.wait_lines(2)[1], before, "the process still has its memory and keeps working");
+    assert!(entries(dir.path()).is_empty(), "no checkpoint and no partial file: {:?}", entries(dir.path()));
+}
+
+#[test]
+fn a_full_disk_fails_the_dump_and_keeps_the_process() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("small");
+    std::fs::create_dir(&mnt).unwrap();
+    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"]).arg(&mnt).status().unwrap();
+    assert!(ok.success(), "mounting a small tmpfs");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let work = tempfile::tempdir().unwrap();
+    let w = Workload::start(&workload_bin("memory"), &["64"], work.path());
+    let before = w.wait_lines(1)[0].clone();
+    for c in ["none", "zstd", "tar"] {
+        let err = cedana_err(&["dump", "process", &w.pid.to_string(), "--dir", mnt.to_str().unwrap(), "--compression", c]);
+        assert!(err.to_lowercase().contains("space") || err.contains("failed"), "{c}: {err}");
+        assert!(alive(w.pid), "{c}: the process must keep running");
+        assert!(entries(&mnt).is_empty(), "{c}: nothing may be left on the full disk: {:?}", entries(&mnt));
+    }
+    w.signal(Signal::SIGUSR1);
+    assert_eq!(w.wait_lines(2)[1], before);
+}
+
+#[test]
+fn a_criu_failure_quotes_its_log_and_keeps_the_process() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let w = Workload::start(&workload_bin("counter"), &[], dir.path());
+    w.wait_lines(3);
+    let err = cedana_err(&[
+        "dump", "process", &w.pid.to_string(), "--dir", dir.path().to_str().unwrap(), "--criu-opts", "--no-such-criu-option",
+    ]);
+    assert!(err.contains("criu dump failed") && err.contains("full log:"), "{err}");
+    assert!(alive(w.pid));
+    let n = w.lines().len();
+    w.wait_lines(n + 2);
+}
+
+#[test]
+fn check_reports_criu() {
+    require_root();
+    let out = cedana_ok(&["check"]);
+    assert!(out.contains("CRIU        4."), "{out}");
+    assert!(out.contains("criu check  ok"), "{out}");
+    let out = Command::new(bin("cedana")).arg("check").env("CEDANA_CRIU_BINARY_PATH", "/nonexistent/criu").output().unwrap();
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("/nonexistent/criu") && text.contains("setup.sh"), "{text}");
+}
+
+#[test]
+fn inspect_prints_the_manifest() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pid) = dumped_counter(dir.path(), "zstd");
+    let out = cedana_ok(&["checkpoint", "inspect", path.to_str().unwrap()]);
+    assert!(out.contains("Kind         process") && out.contains(&format!("PID {pid}")), "{out}");
+    assert!(out.contains("pages-1.img"), "{out}");
+    let json: serde_json::Value = serde_json::from_str(&cedana_ok(&["checkpoint", "inspect", "--json", path.to_str().unwrap()])).unwrap();
+    assert_eq!(json["process"]["pid"], pid);
+    assert_eq!(json["compression"], "zstd");
+    assert!(json["stats"]["pages_written"].as_u64().unwrap() > 0);
+    assert!(json["files"].as_array().unwrap().iter().all(|f| f["xxh3"].as_str().unwrap().len() == 32));
+}
