@@ -66,6 +66,36 @@ pub fn is_live(pid: i32) -> Option<Stat> {
     stat(pid).ok().filter(|s| s.state != 'Z' && s.state != 'X')
 }
 
+/// A process that keeps one of the wanted PIDs taken.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PidUser {
+    /// The wanted PID.
+    pub pid: i32,
+    /// The process holding it (itself, or a process whose group or session it is).
+    pub holder: i32,
+    pub comm: String,
+    pub zombie: bool,
+}
+
+/// Processes that keep any of `pids` taken, live ones first. A PID cannot be reused while it names a
+/// process, or the process group or session of any process (zombies included).
+pub fn pid_users(pids: &[i32]) -> Vec<PidUser> {
+    let mut users = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else { return users };
+    for entry in dir.flatten() {
+        let Some(holder) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+        let Ok(st) = stat(holder) else { continue };
+        for &pid in pids {
+            if st.pid == pid || st.pgid == pid || st.sid == pid {
+                let zombie = st.state == 'Z' || st.state == 'X';
+                users.push(PidUser { pid, holder, comm: st.comm.clone(), zombie });
+            }
+        }
+    }
+    users.sort_by_key(|u| u.zombie);
+    users
+}
+
 /// Every PID of the tree rooted at `pid`, root first (threads excluded).
 pub fn tree_pids(pid: i32) -> Vec<i32> {
     let mut out = vec![pid];
@@ -226,6 +256,14 @@ mod tests {
         assert!(matches!(check_dumpable(me), Err(ProcError::Refused { .. })));
         assert!(matches!(check_dumpable(1), Err(ProcError::Refused { .. })));
         assert!(matches!(check_dumpable(i32::MAX - 1), Err(ProcError::NoSuchProcess(_))));
+    }
+
+    #[test]
+    fn our_own_pid_is_in_use() {
+        let me = std::process::id() as i32;
+        let users = pid_users(&[me]);
+        assert!(users.iter().any(|u| u.holder == me && !u.zombie), "{users:?}");
+        assert!(pid_users(&[i32::MAX - 7]).is_empty());
     }
 
     #[test]

@@ -103,24 +103,29 @@ pub fn restore(cfg: &Config, req: &RestoreRequest, progress: &dyn Progress) -> R
     Ok(RestoreOutcome { pid, manifest: opened.manifest.clone(), verify_time, criu_time })
 }
 
-/// Fail if a PID of the checkpoint belongs to a live process; give zombies a moment to be reaped.
+/// Fail if a PID of the checkpoint is taken by a live process; give zombies a moment to be reaped.
+/// A PID stays taken while any process, even a zombie, still uses it as its process group or session.
 fn wait_until_free(pids: &[i32]) -> Result<(), EngineError> {
     let deadline = Instant::now() + ZOMBIE_GRACE;
-    for &pid in pids {
-        loop {
-            match procfs::stat(pid) {
-                Err(_) => break,
-                Ok(st) if st.state == 'Z' || st.state == 'X' => {
-                    if Instant::now() > deadline {
-                        return Err(EngineError::PidInUse { pid, comm: format!("{} (a zombie its parent {} has not reaped)", st.comm, st.ppid) });
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-                Ok(st) => return Err(EngineError::PidInUse { pid, comm: st.comm }),
+    loop {
+        match procfs::pid_users(pids).into_iter().next() {
+            None => return Ok(()),
+            Some(user) if user.zombie && Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+            Some(user) => {
+                let how = match (user.holder == user.pid, user.zombie) {
+                    (true, false) => user.comm,
+                    (true, true) => format!("{} (a zombie that its parent has not reaped)", user.comm),
+                    (false, zombie) => format!(
+                        "{} (PID {}{}, which uses it as its process group or session)",
+                        user.comm,
+                        user.holder,
+                        if zombie { ", a zombie that its parent has not reaped" } else { "" }
+                    ),
+                };
+                return Err(EngineError::PidInUse { pid: user.pid, comm: how });
             }
         }
     }
-    Ok(())
 }
 
 fn become_subreaper() -> Result<(), EngineError> {
