@@ -6,6 +6,7 @@
 //! - [`checkpoint`]: our format (manifest, checksums, atomic writes, verified extraction);
 //! - [`codec`]: none | tar | gzip | lz4 | zlib | zstd, detected by content;
 //! - [`procfs`]: what /proc says about a tree before we dump it;
+//! - [`runc`]: the runc driver (runc containers are checkpointed through the real runc);
 //! - [`config`], [`progress`], [`interrupt`]: settings, terminal progress, cancellation.
 
 pub mod checkpoint;
@@ -16,3 +17,4 @@ pub mod engine;
 pub mod interrupt;
 pub mod procfs;
 pub mod progress;
+pub mod runc;

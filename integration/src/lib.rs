@@ -1,6 +1,9 @@
 //! Helpers for tests against the real stack: locating the built binaries, compiling the C workloads,
 //! starting them the way CRIU needs (own session, only stdio open), and reading their output.
 
+pub mod engines;
+pub mod images;
+pub mod lines;
 pub mod workload;
 
 use std::path::{Path, PathBuf};

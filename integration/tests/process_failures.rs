@@ -27,6 +27,38 @@ fn missing_and_forbidden_pids_are_refused() {
 }
 
 #[test]
+fn another_users_process_fails_cleanly_and_keeps_running() {
+    require_root();
+    use std::os::unix::process::CommandExt;
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: setsid runs between fork and exec and is async-signal-safe.
+    let mut child = unsafe {
+        Command::new(workload_bin("counter"))
+            .uid(65534)
+            .gid(65534)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from))
+            .spawn()
+            .unwrap()
+    };
+    let pid = child.id() as i32;
+    std::thread::sleep(Duration::from_millis(100));
+    // Root without CAP_SYS_RESOURCE (as on these machines) cannot dump another user's process; where it
+    // can, the dump must succeed. Either way the outcome is clean.
+    let out = cedana(&["dump", "process", &pid.to_string(), "--dir", dir.path().to_str().unwrap(), "--leave-running"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() {
+        assert!(stderr.contains("criu dump failed") && stderr.contains("full log:"), "{stderr}");
+        assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
+    }
+    assert!(alive(pid), "the process must keep running: {stderr}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+#[test]
 fn unknown_compression_is_refused_with_the_valid_names() {
     let err = cedana_err(&["dump", "process", "1", "--compression", "bzip2"]);
     assert!(err.contains("bzip2") && err.contains("zstd"), "{err}");

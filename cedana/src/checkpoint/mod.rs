@@ -7,6 +7,7 @@
 pub mod digest;
 pub mod manifest;
 pub mod reader;
+pub mod tail;
 pub mod writer;
 
 pub use digest::FileDigest;

@@ -193,6 +193,9 @@ fn check_version(path: &Path, manifest: &Manifest) -> Result<(), CheckpointError
     if manifest.format_version != FORMAT_VERSION {
         return Err(CheckpointError::Version { path: path.to_path_buf(), found: manifest.format_version, expected: FORMAT_VERSION });
     }
+    if manifest.checksum != super::digest::ALGORITHM {
+        return Err(corrupt(path, format!("unknown checksum algorithm {:?}", manifest.checksum)));
+    }
     Ok(())
 }
 

@@ -87,6 +87,11 @@ impl CheckpointWriter {
         Ok(())
     }
 
+    /// Record digests computed elsewhere for files already in the in-place folder (see [`super::tail`]).
+    pub fn add_in_place_digests(&mut self, digests: Vec<FileDigest>) {
+        self.files.extend(digests);
+    }
+
     /// Add one file from disk under `name`.
     pub fn add_file(&mut self, path: &Path, name: &str, progress: &dyn Fn(u64)) -> Result<(), CheckpointError> {
         let in_place = self.in_place_dir().map(|d| path.starts_with(d)).unwrap_or(false);

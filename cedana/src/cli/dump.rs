@@ -14,6 +14,8 @@ use super::{ms, CriuFlags};
 pub enum DumpCommand {
     /// Checkpoint a process tree by PID.
     Process(ProcessArgs),
+    /// Checkpoint a runc container (also Docker's) by id.
+    Runc(super::runc::DumpArgs),
 }
 
 /// Flags of every dump.
@@ -54,7 +56,7 @@ fn parse_compression(s: &str) -> Result<Compression, String> {
 }
 
 impl CommonDumpArgs {
-    fn request(&self, config: &Config, target: DumpTarget) -> anyhow::Result<DumpRequest> {
+    pub(super) fn request(&self, config: &Config, target: DumpTarget) -> anyhow::Result<DumpRequest> {
         let mut options = self.criu.to_options()?;
         options.skip_in_flight = self.skip_in_flight;
         options.link_remap = self.link_remap;
@@ -74,6 +76,7 @@ impl CommonDumpArgs {
 pub fn run(config: &Config, cmd: DumpCommand) -> anyhow::Result<i32> {
     let req = match &cmd {
         DumpCommand::Process(a) => a.common.request(config, DumpTarget::Process { pid: a.pid })?,
+        DumpCommand::Runc(a) => super::runc::dump(config, a)?,
     };
     // A signal cancels the dump at the next safe point; CRIU then resumes the process.
     cedana::interrupt::install()?;
@@ -85,7 +88,10 @@ pub fn run(config: &Config, cmd: DumpCommand) -> anyhow::Result<i32> {
 
 fn print_summary(out: &engine::DumpOutcome) {
     let m = &out.manifest;
-    println!("Dumped PID {} ({}) to {}", m.process.pid, m.process.comm, out.path.display());
+    match &m.container {
+        Some(c) => println!("Dumped container {} (PID {}, {}) to {}", c.id, m.process.pid, m.process.comm, out.path.display()),
+        None => println!("Dumped PID {} ({}) to {}", m.process.pid, m.process.comm, out.path.display()),
+    }
     println!(
         "  size      {} ({}, images {})",
         HumanBytes(out.size),

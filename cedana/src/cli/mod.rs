@@ -4,6 +4,7 @@ mod check;
 mod dump;
 mod inspect;
 mod restore;
+mod runc;
 
 use clap::{Parser, Subcommand};
 

@@ -12,6 +12,8 @@ use super::{ms, CriuFlags};
 pub enum RestoreCommand {
     /// Restore a process checkpoint.
     Process(ProcessArgs),
+    /// Restore a runc checkpoint as a new runc container.
+    Runc(super::runc::RestoreArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -43,7 +45,10 @@ pub struct ProcessArgs {
 }
 
 pub fn run(config: &Config, cmd: RestoreCommand) -> anyhow::Result<i32> {
-    let RestoreCommand::Process(a) = cmd;
+    let a = match cmd {
+        RestoreCommand::Process(a) => a,
+        RestoreCommand::Runc(a) => return super::runc::restore(config, a),
+    };
     let attached = a.no_server && !a.detach;
     let mut options = a.criu.to_options()?;
     options.tcp_close = a.tcp_close;

@@ -5,7 +5,8 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::{CheckpointKind, CheckpointWriter, ContainerInfo, Manifest, ProcessInfo, FORMAT_VERSION};
+use crate::checkpoint::tail::TailHasher;
+use crate::checkpoint::{CheckpointKind, CheckpointWriter, MANIFEST_NAME, ContainerInfo, Manifest, ProcessInfo, FORMAT_VERSION};
 use crate::codec::Compression;
 use crate::config::Config;
 use crate::criu::options::CriuOptions;
@@ -19,6 +20,8 @@ use crate::{interrupt, procfs};
 pub enum DumpTarget {
     /// A process tree by the PID of its root.
     Process { pid: i32 },
+    /// A runc container (checkpointed through the real runc, see [`crate::engine::runc`]).
+    Runc(crate::engine::runc::RuncTarget),
 }
 
 /// A dump, as data.
@@ -53,7 +56,7 @@ pub fn default_name(kind: CheckpointKind, id: &str) -> String {
     format!("dump-{kind}-{id}-{}", chrono::Utc::now().timestamp())
 }
 
-fn check_name(name: &str) -> Result<(), EngineError> {
+pub(crate) fn check_name(name: &str) -> Result<(), EngineError> {
     let bad = |reason| Err(EngineError::BadName { name: name.to_string(), reason });
     if name.is_empty() {
         return bad("it is empty");
@@ -71,6 +74,7 @@ fn check_name(name: &str) -> Result<(), EngineError> {
 pub fn dump(cfg: &Config, req: &DumpRequest, progress: &dyn Progress) -> Result<DumpOutcome, EngineError> {
     match req.target {
         DumpTarget::Process { pid } => dump_process(cfg, req, pid, progress),
+        DumpTarget::Runc(ref target) => crate::engine::runc::dump(cfg, req, target, progress),
     }
 }
 
@@ -137,6 +141,11 @@ pub(crate) fn run_dump(
         (None, None) => unreachable!("a writer without an archive writes in place"),
     };
     let work = tempfile::Builder::new().prefix("cedana-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?;
+    // A folder checkpoint is hashed while CRIU writes it, on the core CRIU leaves idle.
+    let mut tail = match writer.in_place_dir() {
+        Some(dir) => Some(TailHasher::start(dir).map_err(EngineError::io("following the images as CRIU writes them"))?),
+        None => None,
+    };
     let criu_start = Instant::now();
     let mut package_time = Duration::ZERO;
     let mut packaged = false;
@@ -163,7 +172,7 @@ pub(crate) fn run_dump(
                 return true;
             }
             let t = Instant::now();
-            let res = package(&mut writer, &images_dir, progress);
+            let res = package_images(&mut writer, &images_dir, &mut tail, progress);
             package_time = t.elapsed();
             match res {
                 Ok(()) => {
@@ -194,7 +203,7 @@ pub(crate) fn run_dump(
     }
     if !packaged {
         let t = Instant::now();
-        package(&mut writer, &images_dir, progress).map_err(|source| {
+        package_images(&mut writer, &images_dir, &mut tail, progress).map_err(|source| {
             if interrupt::requested() {
                 EngineError::Interrupted
             } else {
@@ -211,27 +220,37 @@ pub(crate) fn run_dump(
             None
         }
     };
-    let mut manifest = Manifest {
+    let mut manifest = new_manifest(images, req.compression, options, stats);
+    let path = writer.commit(&mut manifest)?;
+    let size = disk_size(&path);
+    Ok(DumpOutcome { path, manifest, size, criu_time, package_time, total_time: Duration::ZERO, detected: Vec::new() })
+}
+
+/// The manifest of a new checkpoint (its file list is filled in by [`CheckpointWriter::commit`]).
+pub(crate) fn new_manifest(
+    images: ImagesToPackage,
+    compression: Compression,
+    options: &CriuOptions,
+    stats: Option<criu::stats::DumpStats>,
+) -> Manifest {
+    Manifest {
         format_version: FORMAT_VERSION,
         kind: images.kind,
         created_at: chrono::Utc::now(),
         hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
         cedana_version: env!("CARGO_PKG_VERSION").to_string(),
         criu_version: images.criu_version,
-        compression: req.compression,
+        compression,
         process: images.process,
         container: images.container,
         criu_options: options.recorded_for_restore(),
         stats,
         checksum: crate::checkpoint::digest::ALGORITHM.to_string(),
         files: Vec::new(),
-    };
-    let path = writer.commit(&mut manifest)?;
-    let size = disk_size(&path);
-    Ok(DumpOutcome { path, manifest, size, criu_time, package_time, total_time: Duration::ZERO, detected: Vec::new() })
+    }
 }
 
-fn package(writer: &mut CheckpointWriter, images_dir: &Path, progress: &dyn Progress) -> Result<(), crate::checkpoint::CheckpointError> {
+pub(crate) fn package(writer: &mut CheckpointWriter, images_dir: &Path, progress: &dyn Progress) -> Result<(), crate::checkpoint::CheckpointError> {
     let total = dir_size(images_dir);
     progress.phase("packaging", Some(total));
     writer.add_tree(images_dir, &|n| progress.advance(n))
@@ -248,6 +267,24 @@ fn dir_size(dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Package CRIU's images: finish the digests of a folder followed while CRIU wrote it, or write the
+/// archive.
+fn package_images(
+    writer: &mut CheckpointWriter,
+    images_dir: &Path,
+    tail: &mut Option<TailHasher>,
+    progress: &dyn Progress,
+) -> Result<(), crate::checkpoint::CheckpointError> {
+    match tail.take() {
+        Some(t) => {
+            let digests = t.finish(&[MANIFEST_NAME]).map_err(crate::checkpoint::CheckpointError::io(images_dir))?;
+            writer.add_in_place_digests(digests);
+            Ok(())
+        }
+        None => package(writer, images_dir, progress),
+    }
 }
 
 /// Size of a checkpoint file or folder.

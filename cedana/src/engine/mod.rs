@@ -3,15 +3,18 @@
 
 pub mod dump;
 pub mod restore;
+pub mod runc;
 
 use std::path::PathBuf;
 
 use crate::checkpoint::{CheckpointError, CheckpointKind};
 use crate::criu::CriuError;
 use crate::procfs::ProcError;
+use crate::runc::RuncError;
 
 pub use dump::{DumpOutcome, DumpRequest, DumpTarget};
 pub use restore::{wait_for_exit, RestoreOutcome, RestoreRequest, RestoreStdio};
+pub use runc::{RuncRestoreOutcome, RuncRestoreRequest, RuncTarget};
 
 /// Errors of a dump or restore.
 #[derive(Debug, thiserror::Error)]
@@ -22,6 +25,15 @@ pub enum EngineError {
     Criu(#[from] CriuError),
     #[error(transparent)]
     Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Runc(#[from] RuncError),
+    #[error("{cause}\n  and resuming container {id} afterwards failed ({resume}): it is still paused; resume it with `runc --root {root} resume {id}`")]
+    LeftPaused {
+        id: String,
+        root: PathBuf,
+        cause: Box<EngineError>,
+        resume: RuncError,
+    },
     #[error("PID {pid} holds established TCP connections ({conns}): dump with --tcp-established (the restore then needs the same addresses), or close them first")]
     NeedsTcpEstablished { pid: i32, conns: String },
     #[error("invalid checkpoint name {name:?}: {reason}")]
@@ -33,7 +45,7 @@ pub enum EngineError {
         #[source]
         source: CheckpointError,
     },
-    #[error("cannot restore: PID {pid} is in use by {comm:?}; CRIU restores processes under their original PIDs. \
+    #[error("cannot restore: PID {pid} is in use by {comm}; CRIU restores processes under their original PIDs. \
              If the original is still running (dumped with --leave-running), stop it first")]
     PidInUse { pid: i32, comm: String },
     #[error("{path} holds a {found} checkpoint: restore it with `cedana restore {found}`")]

@@ -35,6 +35,10 @@ pub enum RuncError {
     NotRunning { id: String, status: String, what: &'static str },
     #[error("runc {command} {id} failed ({status}): {message}")]
     Failed { command: String, id: String, status: String, message: String },
+    #[error("runc checkpoint has no equivalent of {option}: drop it for runc containers")]
+    Unsupported { option: String },
+    #[error("bundle {bundle} is not a folder: pass --bundle with the container's bundle (config.json and rootfs)")]
+    NoBundle { bundle: PathBuf },
     #[error("runc state {id} printed output that is not a container state ({detail})")]
     BadState { id: String, detail: String },
 }
