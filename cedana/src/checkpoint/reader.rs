@@ -9,6 +9,7 @@ use super::digest::{self, FileDigest, HashingWriter};
 use super::manifest::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
 use super::writer::copy_large;
 use super::{CheckpointError, RESTORE_BYPRODUCTS};
+use crate::codec::pipeline::ReadAhead;
 use crate::codec::{self, Compression};
 
 /// Largest manifest we accept (a corrupt size field must not make us allocate gigabytes).
@@ -124,7 +125,7 @@ fn walk_archive(
     progress: &dyn Fn(u64),
 ) -> Result<(Option<Manifest>, Vec<FileDigest>), CheckpointError> {
     let file = File::open(path).map_err(CheckpointError::io(path))?;
-    let decoder = codec::decoder(compression, file)?;
+    let decoder = ReadAhead::new(codec::decoder(compression, file)?).map_err(CheckpointError::io(path))?;
     let mut archive = tar::Archive::new(decoder);
     let damaged = |e: io::Error| corrupt(path, format!("cannot read the {compression} archive ({e}); it is truncated or damaged"));
     let mut manifest = None;

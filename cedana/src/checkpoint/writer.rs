@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use super::digest::{self, FileDigest, HashingReader};
 use super::manifest::{Manifest, MANIFEST_NAME};
 use super::CheckpointError;
+use crate::codec::pipeline::WriteBehind;
 use crate::codec::{self, Compression, Encoder};
 
 type ArchiveSink = tar::Builder<Box<dyn Encoder<BufWriter<File>>>>;
@@ -45,6 +46,8 @@ impl CheckpointWriter {
         let archive = if compression.is_archive() {
             let file = File::create(&temp_path).map_err(CheckpointError::io(&temp_path))?;
             let enc = codec::encoder(compression, BufWriter::with_capacity(4 * IO_BUFFER, file))?;
+            let enc: Box<dyn Encoder<BufWriter<File>>> =
+                Box::new(WriteBehind::new(enc).map_err(CheckpointError::io(&temp_path))?);
             let mut builder = tar::Builder::new(enc);
             builder.mode(tar::HeaderMode::Deterministic);
             Some(builder)

@@ -3,6 +3,8 @@
 //! Every compressed format wraps a tar stream. The format of an existing checkpoint is always detected from
 //! its content (magic bytes), never from its file name.
 
+pub mod pipeline;
+
 use std::fmt;
 use std::io::{self, Read, Write};
 use std::path::Path;

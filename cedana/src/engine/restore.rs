@@ -92,7 +92,7 @@ pub fn restore(cfg: &Config, req: &RestoreRequest, progress: &dyn Progress) -> R
         Ok(pid) => pid,
         Err(e) => {
             let kept = work.keep();
-            tracing::error!(log = %kept.display(), "criu restore failed; its log was kept");
+            tracing::info!(log = %kept.display(), "criu restore failed; its log was kept");
             return Err(e.into());
         }
     };
