@@ -198,7 +198,7 @@ pub(crate) fn run_dump(
             return Err(EngineError::Package { source });
         }
         let kept = work.keep();
-        tracing::error!(log = %kept.display(), "criu dump failed; its log was kept");
+        tracing::info!(log = %kept.display(), "criu dump failed; its log was kept");
         return Err(err.into());
     }
     if !packaged {
