@@ -8,6 +8,18 @@ use std::time::Duration;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
+/// `program`, ready to start in a session of its own with stdin and stderr on /dev/null (set stdout).
+pub fn session_command(program: &Path) -> Command {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(program);
+    cmd.stdin(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: setsid is async-signal-safe and runs in the child between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
+    }
+    cmd
+}
+
 /// A running test workload.
 pub struct Workload {
     child: Option<Child>,

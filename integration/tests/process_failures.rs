@@ -4,7 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cedana_integration::workload::Workload;
+use cedana_integration::workload::{session_command, Workload};
 use cedana_integration::*;
 use nix::sys::signal::Signal;
 
@@ -31,18 +31,7 @@ fn another_users_process_fails_cleanly_and_keeps_running() {
     require_root();
     use std::os::unix::process::CommandExt;
     let dir = tempfile::tempdir().unwrap();
-    // SAFETY: setsid runs between fork and exec and is async-signal-safe.
-    let mut child = unsafe {
-        Command::new(workload_bin("counter"))
-            .uid(65534)
-            .gid(65534)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from))
-            .spawn()
-            .unwrap()
-    };
+    let mut child = session_command(&workload_bin("counter")).uid(65534).gid(65534).stdout(Stdio::null()).spawn().unwrap();
     let pid = child.id() as i32;
     std::thread::sleep(Duration::from_millis(100));
     // Root without CAP_SYS_RESOURCE (as on these machines) cannot dump another user's process; where it
@@ -133,7 +122,7 @@ fn an_interrupted_dump_leaves_the_process_running_and_nothing_behind() {
     let w = Workload::start(&workload_bin("memory"), &["512"], work.path());
     let before = w.wait_lines(1)[0].clone();
     // gzip of 512 MiB takes seconds: interrupt it while the images are being written.
-    let mut child = Command::new(bin("cedana"))
+    let child = Command::new(bin("cedana"))
         .args(["dump", "process", &w.pid.to_string(), "--dir", dir.path().to_str().unwrap(), "--compression", "gzip"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

@@ -2,11 +2,10 @@
 //! dump, restored, and must continue from where it was (its state, not just its liveness).
 
 use std::io::{BufRead, BufReader};
-use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use cedana_integration::workload::Workload;
+use cedana_integration::workload::{session_command, Workload};
 use cedana_integration::*;
 use nix::sys::signal::Signal;
 
@@ -186,16 +185,7 @@ fn leave_running_keeps_the_process_and_restore_refuses_its_pid() {
 fn no_server_restore_passes_stdio_through_and_returns_the_exit_code() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = unsafe {
-        Command::new(workload_bin("counter"))
-            .args(["100", "7"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from))
-            .spawn()
-            .unwrap()
-    };
+    let mut child = session_command(&workload_bin("counter")).args(["100", "7"]).stdout(Stdio::piped()).spawn().unwrap();
     let pid = child.id().to_string();
     let mut reader = BufReader::new(child.stdout.take().unwrap());
     let mut seen = Vec::new();
@@ -225,15 +215,7 @@ fn no_server_restore_passes_stdio_through_and_returns_the_exit_code() {
 fn pid_file_and_log_of_a_detached_restore() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let mut child = unsafe {
-        Command::new(workload_bin("counter"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from))
-            .spawn()
-            .unwrap()
-    };
+    let mut child = session_command(&workload_bin("counter")).stdout(Stdio::piped()).spawn().unwrap();
     let pid = child.id() as i32;
     std::thread::sleep(Duration::from_millis(200));
     let d = dir.path().to_str().unwrap();
