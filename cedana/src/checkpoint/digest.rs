@@ -133,7 +133,7 @@ pub fn digest_file(path: &Path, name: &str) -> io::Result<FileDigest> {
     // by someone else would fault (SIGBUS) rather than corrupt memory.
     let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
     let _ = map.advise(memmap2::Advice::Sequential);
-    let n_chunks = (map.len() + CHUNK - 1) / CHUNK;
+    let n_chunks = map.len().div_ceil(CHUNK);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(n_chunks);
     let mut chunks = vec![0u128; n_chunks];
     std::thread::scope(|scope| {

@@ -26,13 +26,13 @@ pub struct ProcessArgs {
     #[arg(long)]
     pub no_server: bool,
     /// Return as soon as the process is restored, leaving it running in the background.
-    #[arg(long, conflicts_with = "attach_output")]
+    #[arg(long)]
     pub detach: bool,
     /// Write the restored PID to this file.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
     /// For detached restores: where standard streams that were pipes go (default /dev/null).
-    #[arg(long = "log", value_name = "FILE", id = "attach_output")]
+    #[arg(long = "log", value_name = "FILE")]
     pub log: Option<PathBuf>,
     /// Restore connected TCP sockets closed.
     #[arg(long)]
