@@ -120,3 +120,138 @@ pub fn wait_child(child: &mut Child, timeout: Duration) -> std::process::ExitSta
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The Docker client of Debian's docker.io (another `docker` may come first on PATH).
+pub fn docker_client() -> PathBuf {
+    let debian = PathBuf::from("/usr/bin/docker");
+    if debian.is_file() {
+        debian
+    } else {
+        PathBuf::from("docker")
+    }
+}
+
+/// A private dockerd (experimental, no networking set-up, its own containerd), all state under one folder.
+/// Dropping it removes its containers and stops it by PID.
+pub struct Dockerd {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    pub exec_root: PathBuf,
+    pub data_root: PathBuf,
+    cgroup_parent: String,
+    child: Child,
+}
+
+impl Dockerd {
+    /// Start dockerd with state under `dir` and the extra `runtimes` (name, binary); waits until it answers.
+    pub fn start(dir: &Path, runtimes: &[(&str, &Path)]) -> Dockerd {
+        std::fs::create_dir_all(dir).expect("dockerd folder");
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let cgroup_parent = format!("/cedana-test-docker-{}-{n}", std::process::id());
+        let (socket, exec_root, data_root) = (dir.join("docker.sock"), dir.join("exec"), dir.join("data"));
+        let log = std::fs::File::create(dir.join("dockerd.log")).expect("dockerd log");
+        let mut cmd = Command::new("dockerd");
+        cmd.arg("--data-root")
+            .arg(&data_root)
+            .arg("--exec-root")
+            .arg(&exec_root)
+            .arg("--pidfile")
+            .arg(dir.join("docker.pid"))
+            .arg("-H")
+            .arg(format!("unix://{}", socket.display()))
+            .args(["--experimental", "--bridge=none", "--iptables=false", "--ip6tables=false", "--ip-masq=false"])
+            .arg(format!("--cgroup-parent={cgroup_parent}"))
+            .args(["--storage-driver", "overlay2", "--shutdown-timeout", "2"]);
+        for (name, path) in runtimes {
+            cmd.arg("--add-runtime").arg(format!("{name}={}", path.display()));
+        }
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("dockerd must be installed (scripts/setup.sh)");
+        let d = Dockerd { dir: dir.to_path_buf(), socket, exec_root, data_root, cgroup_parent, child };
+        crate::wait_for("dockerd to answer", Duration::from_secs(60), || d.docker(&["version"]).status.success().then_some(()));
+        d
+    }
+
+    /// `docker ARGS` against this daemon.
+    pub fn docker(&self, args: &[&str]) -> Output {
+        Command::new(docker_client())
+            .arg("-H")
+            .arg(format!("unix://{}", self.socket.display()))
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run docker")
+    }
+
+    /// `docker ARGS`, which must succeed; returns stdout, trimmed.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.docker(args);
+        assert!(
+            out.status.success(),
+            "docker {args:?} failed ({}): {}{}\n(dockerd log: {})",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.dir.join("dockerd.log").display()
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    }
+
+    /// runc's state folder for this daemon's containers (every runtime of Docker 20.10 uses it).
+    pub fn runc_root(&self) -> PathBuf {
+        self.exec_root.join("runtime-runc").join("moby")
+    }
+
+    /// `docker import` a rootfs folder as image `tag`.
+    pub fn import(&self, rootfs: &Path, tag: &str) {
+        let tar = crate::images::rootfs_tar(rootfs, &self.dir.join("rootfs.tar"));
+        self.ok(&["import", tar.to_str().expect("utf-8 path"), tag]);
+    }
+
+    /// The numbers of `docker logs NAME` (the counter's output).
+    pub fn log_numbers(&self, name: &str) -> Vec<u64> {
+        let out = self.docker(&["logs", name]);
+        crate::lines::numbers(&String::from_utf8_lossy(&out.stdout).lines().map(str::to_string).collect::<Vec<_>>())
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        let ids = self.docker(&["ps", "-aq"]);
+        for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
+            let _ = self.docker(&["rm", "-f", id]);
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        // Empty cgroups left under our private parent (best effort: zombies may still hold some).
+        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+            for c in controllers.flatten() {
+                remove_empty_tree(&c.path().join(self.cgroup_parent.trim_start_matches('/')));
+            }
+        }
+    }
+}
+
+fn remove_empty_tree(dir: &Path) {
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            if e.file_type().map(|t| t.is_dir()).unwrap_or(false) {
+                remove_empty_tree(&e.path());
+            }
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+}

@@ -27,7 +27,7 @@ pub enum RuncError {
         #[source]
         source: std::io::Error,
     },
-    #[error("no container {id:?} under runc root {root}: check the id with `runc --root {root} list`")]
+    #[error("container does not exist: no container {id:?} under runc root {root}; check the id with `runc --root {root} list`")]
     NoSuchContainer { id: String, root: PathBuf },
     #[error("container {id:?} already exists under runc root {root}: choose another id, or delete it first")]
     Exists { id: String, root: PathBuf },
@@ -74,12 +74,14 @@ pub struct Runc {
     binary: PathBuf,
     root: PathBuf,
     global: Vec<OsString>,
+    /// `--log FILE --log-format F`: for the commands that change the container, not for queries.
+    log: Vec<OsString>,
 }
 
 impl Runc {
     /// Drive `binary` with state under `root` (runc's default when `None`).
     pub fn new(binary: PathBuf, root: Option<PathBuf>) -> Self {
-        Self { binary, root: root.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT)), global: Vec::new() }
+        Self { binary, root: root.unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT)), global: Vec::new(), log: Vec::new() }
     }
 
     /// Locate runc (see [`locate`]) with state under `root`.
@@ -93,6 +95,13 @@ impl Runc {
         self
     }
 
+    /// Log runc's messages of checkpoint, restore, pause, resume, kill and delete into `file` (runc's
+    /// `--log`, `--log-format`); `runc state` probes are not logged (an absent container is no error).
+    pub fn with_log(mut self, file: &Path, format: &str) -> Self {
+        self.log = vec!["--log".into(), file.into(), "--log-format".into(), format.into()];
+        self
+    }
+
     pub fn binary(&self) -> &Path {
         &self.binary
     }
@@ -103,6 +112,13 @@ impl Runc {
 
     /// A command for `runc GLOBAL... ARGS...`.
     pub fn command(&self) -> Command {
+        let mut cmd = self.query();
+        cmd.args(&self.log);
+        cmd
+    }
+
+    /// A command without the log flags.
+    fn query(&self) -> Command {
         let mut cmd = Command::new(&self.binary);
         cmd.arg("--root").arg(&self.root).args(&self.global);
         cmd
@@ -110,7 +126,7 @@ impl Runc {
 
     /// `runc state ID`; [`RuncError::NoSuchContainer`] when runc does not know it.
     pub fn state(&self, id: &str) -> Result<ContainerState, RuncError> {
-        let out = self.output("state", id, self.command().args(["state", id]))?;
+        let out = self.output("state", id, self.query().args(["state", id]))?;
         serde_json::from_slice(&out.stdout).map_err(|e| RuncError::BadState { id: id.into(), detail: e.to_string() })
     }
 

@@ -1,0 +1,161 @@
+//! `restore` of our checkpoints, and restore at create: a bundle whose config.json carries the annotation
+//! `io.cedana.restore=<checkpoint>` (or `CEDANA_RESTORE=<checkpoint>` in its process env) is restored by
+//! `create`/`run` instead of started fresh. `start` of such a container then succeeds without doing anything
+//! (a marker `ROOT/ID/cedana.json` records it), as containerd and dockerd call `create` then `start`.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+
+use cedana::checkpoint::MANIFEST_NAME;
+use cedana::config::Config;
+use cedana::engine::{self, RuncRestoreRequest};
+use cedana::progress::Silent;
+use cedana::runc::{RestoreFlags, DEFAULT_ROOT};
+
+use crate::args::{CommandArgs, Invocation};
+use crate::checkpoint::CHECKPOINT_NAME;
+use crate::log::RuncLog;
+use crate::{runc_for, WrapperError};
+
+/// Annotation naming a checkpoint to restore at create.
+pub const RESTORE_ANNOTATION: &str = "io.cedana.restore";
+/// Process environment variable naming a checkpoint to restore at create (Docker cannot set annotations).
+pub const RESTORE_ENV: &str = "CEDANA_RESTORE";
+/// Marker of a container restored at create, in its runc state folder.
+const MARKER: &str = "cedana.json";
+
+/// Our checkpoint at `path`: a checkpoint file, a checkpoint folder, or a folder holding one that
+/// cedana-runc wrote (an image path). `None` for anything else (e.g. plain CRIU images).
+pub fn find_checkpoint(path: &Path) -> Option<PathBuf> {
+    let meta = path.metadata().ok()?;
+    if meta.is_file() || path.join(MANIFEST_NAME).is_file() {
+        return Some(path.to_path_buf());
+    }
+    let entries = std::fs::read_dir(path).ok()?;
+    entries
+        .flatten()
+        .find(|e| e.file_name().to_string_lossy().starts_with(CHECKPOINT_NAME))
+        .map(|e| e.path())
+}
+
+fn absolute(cwd: &Path, p: Option<&str>) -> PathBuf {
+    p.map(|p| cwd.join(p)).unwrap_or_else(|| cwd.to_path_buf())
+}
+
+/// `restore` of our checkpoint; `None` when `--image-path` holds none (runc then restores it itself).
+pub fn restore(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Result<Option<i32>, WrapperError> {
+    let cwd = std::env::current_dir().map_err(WrapperError::io("reading the current folder"))?;
+    let image_path = cwd.join(a.value("image-path").unwrap_or("checkpoint"));
+    let (Some(checkpoint), [id]) = (find_checkpoint(&image_path), a.positionals.as_slice()) else { return Ok(None) };
+    let handled = ["image-path", "work-path", "bundle", "detach", "pid-file", "console-socket"];
+    let flags = RestoreFlags {
+        bundle: absolute(&cwd, a.value("bundle")),
+        work_path: a.value("work-path").map(|w| cwd.join(w)),
+        detach: a.on("detach"),
+        pid_file: a.value("pid-file").map(|p| cwd.join(p)),
+        console_socket: a.value("console-socket").map(|p| cwd.join(p)),
+        extra: a.tokens_without(&handled),
+    };
+    run_restore(cfg, inv, id, &checkpoint, flags, log).map(Some)
+}
+
+/// `create` or `run` of a bundle that asks for a restore; `None` when it does not ask for one.
+pub fn create(cfg: &Config, inv: &Invocation, a: &CommandArgs, run: bool, log: &RuncLog) -> Result<Option<i32>, WrapperError> {
+    let cwd = std::env::current_dir().map_err(WrapperError::io("reading the current folder"))?;
+    let bundle = absolute(&cwd, a.value("bundle"));
+    let [id] = a.positionals.as_slice() else { return Ok(None) };
+    let Some((how, requested)) = requested_restore(&bundle) else { return Ok(None) };
+    let requested = cwd.join(requested);
+    let checkpoint = find_checkpoint(&requested).ok_or_else(|| WrapperError::NoCheckpoint { how, path: requested.clone() })?;
+    let mut extra: Vec<OsString> = Vec::new();
+    for flag in ["no-pivot", "no-subreaper"] {
+        if a.on(flag) {
+            extra.push(format!("--{flag}").into());
+        }
+    }
+    let flags = RestoreFlags {
+        bundle,
+        work_path: None,
+        detach: !run || a.on("detach"),
+        pid_file: a.value("pid-file").map(|p| cwd.join(p)),
+        console_socket: a.value("console-socket").map(|p| cwd.join(p)),
+        extra,
+    };
+    let code = run_restore(cfg, inv, id, &checkpoint, flags, log)?;
+    if !run {
+        let marker = root(inv).join(id).join(MARKER);
+        let record = serde_json::json!({ "restored_from": checkpoint, "started": false });
+        std::fs::write(&marker, record.to_string()).map_err(WrapperError::io(format!("writing {}", marker.display())))?;
+    }
+    Ok(Some(code))
+}
+
+/// `start` of a container restored at create: it already runs, so succeed (once). `false` otherwise.
+pub fn start(inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> bool {
+    let [id] = a.positionals.as_slice() else { return false };
+    let marker = root(inv).join(id).join(MARKER);
+    if std::fs::remove_file(&marker).is_err() {
+        return false;
+    }
+    log.info(&format!("cedana: {id} was restored at create and runs already; start does nothing"));
+    true
+}
+
+fn root(inv: &Invocation) -> PathBuf {
+    inv.globals.root.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT))
+}
+
+/// The checkpoint a bundle asks for, and how it asked.
+fn requested_restore(bundle: &Path) -> Option<(&'static str, String)> {
+    let config: serde_json::Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
+    if let Some(p) = config["annotations"][RESTORE_ANNOTATION].as_str().filter(|p| !p.is_empty()) {
+        return Some(("the annotation io.cedana.restore", p.to_string()));
+    }
+    config["process"]["env"].as_array()?.iter().filter_map(|e| e.as_str()).find_map(|e| {
+        let p = e.strip_prefix(RESTORE_ENV)?.strip_prefix('=')?;
+        (!p.is_empty()).then(|| ("the environment variable CEDANA_RESTORE", p.to_string()))
+    })
+}
+
+fn run_restore(cfg: &Config, inv: &Invocation, id: &str, checkpoint: &Path, flags: RestoreFlags, log: &RuncLog) -> Result<i32, WrapperError> {
+    let req = RuncRestoreRequest { path: checkpoint.to_path_buf(), id: id.to_string(), runc: runc_for(inv)?, flags };
+    let out = engine::runc::restore(cfg, &req, &Silent)?;
+    log.info(&format!(
+        "cedana: restored {id} from {} (checkpoint of {}) in {} ms: verify {} ms, runc restore {} ms",
+        checkpoint.display(),
+        out.manifest.container.as_ref().map(|c| c.id.as_str()).unwrap_or("?"),
+        (out.verify_time + out.restore_time).as_millis(),
+        out.verify_time.as_millis(),
+        out.restore_time.as_millis()
+    ));
+    Ok(out.exit_code)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_restore_is_asked_by_annotation_or_env() {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |v: serde_json::Value| std::fs::write(dir.path().join("config.json"), v.to_string()).unwrap();
+        write(serde_json::json!({"annotations": {"io.cedana.restore": "/cp.tar"}, "process": {"env": ["PATH=/bin"]}}));
+        assert_eq!(requested_restore(dir.path()).unwrap().1, "/cp.tar");
+        write(serde_json::json!({"process": {"env": ["PATH=/bin", "CEDANA_RESTORE=/d/cp"]}}));
+        assert_eq!(requested_restore(dir.path()).unwrap().1, "/d/cp");
+        write(serde_json::json!({"process": {"env": ["CEDANA_RESTORE_X=1", "CEDANA_RESTORE="]}}));
+        assert!(requested_restore(dir.path()).is_none());
+    }
+
+    #[test]
+    fn checkpoints_are_found_in_image_paths() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(find_checkpoint(dir.path()), None);
+        std::fs::write(dir.path().join("pages-1.img"), "x").unwrap();
+        assert_eq!(find_checkpoint(dir.path()), None, "plain CRIU images are not ours");
+        std::fs::write(dir.path().join("cedana-checkpoint.tar.zst"), "x").unwrap();
+        assert_eq!(find_checkpoint(dir.path()), Some(dir.path().join("cedana-checkpoint.tar.zst")));
+        assert_eq!(find_checkpoint(&dir.path().join("pages-1.img")), Some(dir.path().join("pages-1.img")));
+        assert_eq!(find_checkpoint(&dir.path().join("missing")), None);
+    }
+}
