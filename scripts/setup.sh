@@ -29,7 +29,7 @@ CRIU_LINK=/usr/local/sbin/criu
 
 APT_PACKAGES=(
   iptables runc containerd docker.io busybox-static patchelf zstd gzip lz4 procps iproute2
-  python3 hyperfine gcc
+  python3 hyperfine gcc libc6-dev
 )
 
 log() { printf '[setup] %s\n' "$*" >&2; }
