@@ -255,3 +255,144 @@ fn remove_empty_tree(dir: &Path) {
     }
     let _ = std::fs::remove_dir(dir);
 }
+
+/// A private containerd (its own root, state, sockets and config; the CRI plugin off), with one namespace of
+/// its own for the test's containers. Dropping it kills and deletes that namespace's tasks and containers,
+/// stops containerd by PID, and removes the namespace's empty cgroups.
+pub struct Containerd {
+    pub dir: PathBuf,
+    pub socket: PathBuf,
+    /// The ctr namespace (`ctr -n`); containers get the cgroup `/NAMESPACE/ID`.
+    pub namespace: String,
+    child: Child,
+}
+
+impl Containerd {
+    /// Start containerd with everything under `dir`; waits until it answers.
+    pub fn start(dir: &Path) -> Containerd {
+        std::fs::create_dir_all(dir).expect("containerd folder");
+        static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let namespace = format!("cedana-test-{}-{n}", std::process::id());
+        let socket = dir.join("containerd.sock");
+        let config = format!(
+            "version = 2\nroot = {:?}\nstate = {:?}\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = {:?}\n[ttrpc]\n  address = {:?}\n[debug]\n  address = \"\"\n\
+             [plugins.\"io.containerd.internal.v1.opt\"]\n  path = {:?}\n",
+            dir.join("root"),
+            dir.join("state"),
+            socket,
+            dir.join("containerd.sock.ttrpc"),
+            dir.join("opt"),
+        );
+        let config_path = dir.join("config.toml");
+        std::fs::write(&config_path, config).expect("containerd config");
+        let log = std::fs::File::create(dir.join("containerd.log")).expect("containerd log");
+        let child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("containerd must be installed (scripts/setup.sh)");
+        let c = Containerd { dir: dir.to_path_buf(), socket, namespace, child };
+        crate::wait_for("containerd to answer", Duration::from_secs(60), || c.ctr(&["version"]).status.success().then_some(()));
+        c
+    }
+
+    /// `ctr -a SOCKET -n NAMESPACE ARGS`, not yet run.
+    pub fn ctr_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("ctr");
+        c.arg("-a").arg(&self.socket).arg("-n").arg(&self.namespace).args(args);
+        c
+    }
+
+    /// `ctr ARGS` against this daemon, run to completion.
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        self.ctr_cmd(args).stdin(Stdio::null()).output().expect("run ctr")
+    }
+
+    /// `ctr ARGS`, which must succeed; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.ctr(args);
+        assert!(
+            out.status.success(),
+            "ctr {args:?} failed ({}): {}{}\n(containerd log: {})",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.dir.join("containerd.log").display()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// The tasks of our namespace: (id, status) from `ctr task ls`.
+    pub fn tasks(&self) -> Vec<(String, String)> {
+        let out = self.ctr(&["task", "ls"]);
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .skip(1)
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.len() >= 3).then(|| (f[0].to_string(), f[2].to_string()))
+            })
+            .collect()
+    }
+
+    /// The status of task `id` (`RUNNING`, `STOPPED`, `PAUSED`, ...), or `None` when there is none.
+    pub fn task_status(&self, id: &str) -> Option<String> {
+        self.tasks().into_iter().find(|(t, _)| t == id).map(|(_, s)| s)
+    }
+
+    /// Kill (SIGKILL) and delete task `id` and delete its container (best effort: never panics).
+    pub fn remove(&self, id: &str) {
+        if let Some(status) = self.task_status(id) {
+            if status == "PAUSED" {
+                let _ = self.ctr(&["task", "resume", id]);
+            }
+            let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+            let deadline = std::time::Instant::now() + Duration::from_secs(20);
+            while matches!(self.task_status(id).as_deref(), Some("RUNNING" | "PAUSED" | "PAUSING")) && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = self.ctr(&["task", "rm", "-f", id]);
+        }
+        let _ = self.ctr(&["container", "rm", id]);
+    }
+
+    /// `ctr image import` an OCI image-layout tarball of `rootfs` as image `name` (a full reference).
+    pub fn import(&self, rootfs: &Path, name: &str) {
+        let tar = crate::images::oci_image_tar(rootfs, &self.dir.join("image-build"), name);
+        self.ok(&["image", "import", tar.to_str().expect("utf-8 path")]);
+    }
+}
+
+impl Drop for Containerd {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            for (id, _) in self.tasks() {
+                self.remove(&id);
+            }
+            let containers = self.ctr(&["container", "ls", "-q"]);
+            for id in String::from_utf8_lossy(&containers.stdout).split_whitespace() {
+                let _ = self.ctr(&["container", "rm", id]);
+            }
+        }
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+            for c in controllers.flatten() {
+                remove_empty_tree(&c.path().join(&self.namespace));
+            }
+        }
+    }
+}
