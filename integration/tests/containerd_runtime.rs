@@ -310,6 +310,7 @@ fn restore_errors_reach_ctr_users_and_leave_nothing_behind() {
     eprintln!("ctr said: {err}");
     assert!(!out.status.success(), "a restore into a rootfs without the checkpoint's files must fail");
     assert!(err.contains("OCI runtime create failed: cedana-runc: "), "ctr shows our message: {err}");
+    assert!(err.contains("CRIU: Error (") && err.contains("bin/busybox"), "ctr shows CRIU's cause: {err}");
     assert_nothing_left(&s, "bad-rootfs");
 }
 

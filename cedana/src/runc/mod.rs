@@ -173,7 +173,25 @@ impl Runc {
     /// that were external at dump) and runc's; with `detach` this returns once the container runs, else
     /// when it exits. Returns runc's exit code when runc itself ran.
     pub fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError> {
-        let mut cmd = self.command();
+        // runc's stderr is the container's: read its error back from the log instead (the caller's --log,
+        // or a private one).
+        let private_log = match self.log_file() {
+            Some(_) => None,
+            None => Some(tempfile::NamedTempFile::new().map_err(|source| RuncError::Spawn { binary: self.binary.clone(), source })?),
+        };
+        let (log_path, log_start) = match (&private_log, self.log_file()) {
+            (Some(tmp), _) => (tmp.path().to_path_buf(), 0),
+            (None, Some(p)) => (p.to_path_buf(), std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)),
+            (None, None) => unreachable!("a private log exists whenever the caller gave none"),
+        };
+        let mut cmd = match &private_log {
+            Some(tmp) => {
+                let mut c = self.query();
+                c.arg("--log").arg(tmp.path()).args(["--log-format", "json"]);
+                c
+            }
+            None => self.command(),
+        };
         cmd.arg("restore").arg("--image-path").arg(images).arg("--bundle").arg(&flags.bundle);
         if let Some(w) = &flags.work_path {
             cmd.arg("--work-path").arg(w);
@@ -197,9 +215,18 @@ impl Runc {
                 command: "restore".into(),
                 id: id.into(),
                 status: describe(status),
-                message: "see the messages runc printed above (or its --log)".into(),
+                message: with_criu_errors(
+                    last_logged_error(&log_path, log_start)
+                        .unwrap_or_else(|| format!("runc gave no reason; see {}", log_path.display())),
+                    &flags.work_path.clone().unwrap_or_else(|| images.to_path_buf()).join("restore.log"),
+                ),
             }),
         }
+    }
+
+    /// The `--log FILE` given to runc, if any.
+    fn log_file(&self) -> Option<&Path> {
+        self.log.get(1).map(Path::new)
     }
 
     /// Run `cmd` (a runc command on container `id`) to completion, capturing its output.
@@ -218,6 +245,38 @@ impl Runc {
         }
         Err(RuncError::Failed { command: command.into(), id: id.into(), status: describe(out.status), message })
     }
+}
+
+/// The last error runc logged in `path` after byte `start`, from JSON lines (`{"level":"error","msg":..}`)
+/// or logrus text lines.
+fn last_logged_error(path: &Path, start: u64) -> Option<String> {
+    let bytes = std::fs::read(path).ok()?;
+    let text = String::from_utf8_lossy(bytes.get(start as usize..)?);
+    let json = text.lines().rev().find_map(|l| {
+        let v: serde_json::Value = serde_json::from_str(l).ok()?;
+        (v.get("level")?.as_str()? == "error").then(|| v.get("msg")?.as_str().map(str::to_string))?
+    });
+    json.or_else(|| text.lines().any(|l| l.contains("level=error")).then(|| error_message(&text)))
+}
+
+/// Append CRIU's own error lines (and a hint) from its log, which runc's message only points at.
+fn with_criu_errors(message: String, criu_log: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(criu_log) else { return message };
+    // CRIU's first errors name the cause; the last ones only say that it failed.
+    let causes: Vec<String> = crate::criu::log::error_lines(&text)
+        .into_iter()
+        .filter(|l| !l.contains("FAILED"))
+        .take(2)
+        .map(|l| l.find("Error (").map(|i| l[i..].to_string()).unwrap_or(l))
+        .collect();
+    let mut out = message;
+    if !causes.is_empty() {
+        out.push_str(&format!("; CRIU: {}", causes.join(" / ")));
+    }
+    if let Some(h) = crate::criu::log::hint(&text) {
+        out.push_str(&format!("; hint: {h}"));
+    }
+    out
 }
 
 fn describe(status: std::process::ExitStatus) -> String {
@@ -266,6 +325,19 @@ fn unquote_go(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restore_errors_are_read_back_from_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.json");
+        std::fs::write(&log, "{\"level\":\"error\",\"msg\":\"old failure\"}\n").unwrap();
+        let start = std::fs::metadata(&log).unwrap().len();
+        let mut text = std::fs::read_to_string(&log).unwrap();
+        text.push_str("{\"level\":\"info\",\"msg\":\"restoring\"}\n{\"level\":\"error\",\"msg\":\"criu failed: type RESTORE errno 0\"}\n");
+        std::fs::write(&log, text).unwrap();
+        assert_eq!(last_logged_error(&log, start).as_deref(), Some("criu failed: type RESTORE errno 0"));
+        assert_eq!(last_logged_error(&log, std::fs::metadata(&log).unwrap().len()), None);
+    }
 
     #[test]
     fn error_messages_come_from_logrus_lines_or_the_last_line() {
