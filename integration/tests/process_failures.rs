@@ -104,6 +104,31 @@ fn corrupted_checkpoints_are_refused_by_checksum() {
 }
 
 #[test]
+fn a_corrupted_folder_is_refused_before_criu_restores_anything() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let (path, pid) = dumped_counter(dir.path(), "none");
+    let pages = std::fs::read_dir(&path)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("pages-"))
+        .expect("a pages image");
+    let mut bytes = std::fs::read(&pages).unwrap();
+    bytes[100] ^= 0x01;
+    std::fs::write(&pages, &bytes).unwrap();
+    let err = cedana_err(&["restore", "process", "--path", path.to_str().unwrap()]);
+    assert!(err.contains("checksum mismatch"), "{err}");
+    assert!(!alive(pid), "nothing may be restored from a corrupted folder");
+    // Put the byte back: the same folder restores.
+    bytes[100] ^= 0x01;
+    std::fs::write(&pages, &bytes).unwrap();
+    cedana_ok(&["restore", "process", "--path", path.to_str().unwrap()]);
+    assert!(alive(pid));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), Signal::SIGKILL).ok();
+}
+
+#[test]
 fn a_folder_without_manifest_is_incomplete() {
     require_root();
     let dir = tempfile::tempdir().unwrap();

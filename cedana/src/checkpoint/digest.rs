@@ -128,11 +128,18 @@ pub fn digest_file(path: &Path, name: &str) -> io::Result<FileDigest> {
     if len == 0 {
         return Ok(Hasher::new().finish(name));
     }
+    if len <= CHUNK as u64 {
+        // One chunk: no mapping, no threads.
+        let mut data = Vec::with_capacity(len as usize);
+        (&file).read_to_end(&mut data)?;
+        return Ok(combine(name.to_string(), data.len() as u64, &[xxh3_128(&data)]));
+    }
     // SAFETY: the mapping is read-only and private to this call; checkpoint files are not modified while
     // they are hashed (CRIU has closed them, or they are a finished checkpoint). A concurrent truncation
     // by someone else would fault (SIGBUS) rather than corrupt memory.
-    let map = unsafe { memmap2::MmapOptions::new().populate().map(&file)? };
-    let _ = map.advise(memmap2::Advice::Sequential);
+    let map = unsafe { memmap2::MmapOptions::new().map(&file)? };
+    // Each thread faults in its own share of the pages; populating up front would do it on one core.
+    let _ = map.advise(memmap2::Advice::WillNeed);
     let n_chunks = map.len().div_ceil(CHUNK);
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(n_chunks);
     let mut chunks = vec![0u128; n_chunks];

@@ -12,7 +12,7 @@ pub mod writer;
 
 pub use digest::FileDigest;
 pub use manifest::{CheckpointKind, ContainerInfo, Manifest, ProcessInfo, StdioPipe, FORMAT_VERSION, MANIFEST_NAME};
-pub use reader::{read_manifest, OpenedCheckpoint};
+pub use reader::{read_manifest, OpenedCheckpoint, PendingVerification};
 pub use writer::CheckpointWriter;
 
 use std::path::PathBuf;

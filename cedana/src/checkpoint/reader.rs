@@ -57,6 +57,53 @@ impl OpenedCheckpoint {
     }
 }
 
+/// The checksum verification of a folder checkpoint, running on a thread of its own.
+pub struct PendingVerification {
+    handle: std::thread::JoinHandle<Result<Manifest, CheckpointError>>,
+    expected: Manifest,
+    path: PathBuf,
+}
+
+impl PendingVerification {
+    /// Wait for the verdict: every file matches the manifest the restore was planned with.
+    pub fn wait(self) -> Result<(), CheckpointError> {
+        let verified = self
+            .handle
+            .join()
+            .map_err(|_| corrupt(&self.path, "the verification thread panicked".into()))??;
+        if verified != self.expected {
+            return Err(corrupt(&self.path, "the manifest changed while the checkpoint was being verified".into()));
+        }
+        Ok(())
+    }
+}
+
+impl OpenedCheckpoint {
+    /// Open a folder checkpoint and start verifying it in the background, so the verification overlaps
+    /// CRIU's own start-up. The caller must hold CRIU before it restores anything (its `pre-restore` hook)
+    /// until [`PendingVerification::wait`] succeeds.
+    pub fn open_folder_verifying(path: &Path) -> Result<(Self, PendingVerification), CheckpointError> {
+        if path.symlink_metadata().is_err() {
+            return Err(CheckpointError::NotFound { path: path.to_path_buf() });
+        }
+        let manifest = load_folder_manifest(path)?;
+        let thread_path = path.to_path_buf();
+        let handle = std::thread::Builder::new()
+            .name("verify".into())
+            .spawn(move || verify_folder(&thread_path, &|_| {}))
+            .map_err(CheckpointError::io(path))?;
+        let pending = PendingVerification { handle, expected: manifest.clone(), path: path.to_path_buf() };
+        let opened = Self {
+            path: path.to_path_buf(),
+            compression: Compression::None,
+            manifest,
+            images_dir: path.to_path_buf(),
+            _extracted: None,
+        };
+        Ok((opened, pending))
+    }
+}
+
 /// Read the manifest of a checkpoint; with `verify`, also check every file against it.
 pub fn read_manifest(path: &Path, verify: bool) -> Result<Manifest, CheckpointError> {
     if path.symlink_metadata().is_err() {

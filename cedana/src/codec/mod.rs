@@ -3,6 +3,7 @@
 //! Every compressed format wraps a tar stream. The format of an existing checkpoint is always detected from
 //! its content (magic bytes), never from its file name.
 
+pub mod parallel_gzip;
 pub mod pipeline;
 
 use std::fmt;
@@ -162,11 +163,6 @@ impl<W: Write + Send> Encoder<W> for Plain<W> {
     }
 }
 
-impl<W: Write + Send> Encoder<W> for flate2::write::GzEncoder<W> {
-    fn finish(self: Box<Self>) -> io::Result<W> {
-        flate2::write::GzEncoder::finish(*self)
-    }
-}
 impl<W: Write + Send> Encoder<W> for flate2::write::ZlibEncoder<W> {
     fn finish(self: Box<Self>) -> io::Result<W> {
         flate2::write::ZlibEncoder::finish(*self)
@@ -187,12 +183,15 @@ impl<W: Write + Send> Encoder<W> for zstd::stream::write::Encoder<'static, W> {
 const ZSTD_LEVEL: i32 = 1;
 const DEFLATE_LEVEL: u32 = 1;
 
-/// Wrap `w` in the encoder of `c` (`none` and `tar` pass bytes through). zstd compresses on all cores.
+/// Wrap `w` in the encoder of `c` (`none` and `tar` pass bytes through). zstd and gzip compress on all
+/// cores.
 pub fn encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dyn Encoder<W>>, CodecError> {
     let setup = |source| CodecError::Setup { codec: c, source };
     Ok(match c {
         Compression::None | Compression::Tar => Box::new(Plain(w)),
-        Compression::Gzip => Box::new(flate2::write::GzEncoder::new(w, flate2::Compression::new(DEFLATE_LEVEL))),
+        Compression::Gzip => {
+            Box::new(parallel_gzip::ParallelGzip::new(w, DEFLATE_LEVEL, worker_threads() as usize).map_err(setup)?)
+        }
         Compression::Zlib => Box::new(flate2::write::ZlibEncoder::new(w, flate2::Compression::new(DEFLATE_LEVEL))),
         Compression::Lz4 => {
             let info = lz4_flex::frame::FrameInfo::new()

@@ -60,7 +60,8 @@ impl HookCall {
 /// The engine's end: a socket that receives hook calls on a channel.
 pub struct HookServer {
     path: PathBuf,
-    calls: mpsc::Receiver<HookCall>,
+    calls: mpsc::Receiver<Option<HookCall>>,
+    wake: mpsc::Sender<Option<HookCall>>,
 }
 
 impl HookServer {
@@ -69,6 +70,7 @@ impl HookServer {
         let path = dir.join("hook.sock");
         let listener = UnixListener::bind(&path)?;
         let (tx, calls) = mpsc::channel();
+        let wake = tx.clone();
         std::thread::Builder::new().name("criu-hooks".into()).spawn(move || {
             for stream in listener.incoming().flatten() {
                 let mut line = String::new();
@@ -79,12 +81,12 @@ impl HookServer {
                 let mut parts = line.split_whitespace();
                 let action = parts.next().unwrap_or_default().to_string();
                 let pid = parts.next().and_then(|p| p.parse().ok());
-                if tx.send(HookCall { action, pid, stream }).is_err() {
+                if tx.send(Some(HookCall { action, pid, stream })).is_err() {
                     break;
                 }
             }
         })?;
-        Ok(Self { path, calls })
+        Ok(Self { path, calls, wake })
     }
 
     /// The socket path, for [`HOOK_SOCKET_ENV`].
@@ -92,9 +94,19 @@ impl HookServer {
         &self.path
     }
 
-    /// Wait up to `timeout` for the next hook call.
+    /// Run `wait` (which blocks until the CRIU process exits) on a thread, then wake up [`Self::next`].
+    pub fn on_exit(&self, wait: impl FnOnce() + Send + 'static) -> std::io::Result<()> {
+        let wake = self.wake.clone();
+        std::thread::Builder::new().name("criu-wait".into()).spawn(move || {
+            wait();
+            let _ = wake.send(None);
+        })?;
+        Ok(())
+    }
+
+    /// Wait up to `timeout` for the next hook call; `None` on timeout or when woken by [`Self::on_exit`].
     pub fn next(&self, timeout: Duration) -> Option<HookCall> {
-        self.calls.recv_timeout(timeout).ok()
+        self.calls.recv_timeout(timeout).ok().flatten()
     }
 }
 

@@ -114,13 +114,37 @@ impl Criu {
             .ok_or_else(|| CriuError::BadVersion { binary: self.binary.clone(), output: text.trim().to_string() })
     }
 
-    /// The version, refusing CRIU older than [`MIN_VERSION`].
+    /// The version, refusing CRIU older than [`MIN_VERSION`]. Remembered per binary (path, size and
+    /// modification time) in the temporary folder, so dumps and restores do not pay for a `criu --version`.
     pub fn supported_version(&self) -> Result<String, CriuError> {
-        let v = self.version()?;
+        let cache = self.version_cache_path();
+        let cached = cache.as_ref().and_then(|p| std::fs::read_to_string(p).ok()).filter(|v| parse_version(v).is_some());
+        let v = match cached {
+            Some(v) => v,
+            None => {
+                let v = self.version()?;
+                if let Some(p) = &cache {
+                    let tmp = p.with_extension(format!("tmp{}", std::process::id()));
+                    if std::fs::write(&tmp, &v).is_ok() {
+                        let _ = std::fs::rename(&tmp, p);
+                    }
+                }
+                v
+            }
+        };
         match parse_version(&v) {
             Some(found) if found >= MIN_VERSION => Ok(v),
             _ => Err(CriuError::TooOld { binary: self.binary.clone(), found: v }),
         }
+    }
+
+    fn version_cache_path(&self) -> Option<PathBuf> {
+        use std::hash::{Hash, Hasher};
+        use std::os::unix::fs::MetadataExt;
+        let meta = std::fs::metadata(&self.binary).ok()?;
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        (&self.binary, meta.len(), meta.mtime(), meta.mtime_nsec(), meta.ino()).hash(&mut h);
+        Some(std::env::temp_dir().join(format!(".cedana-criu-version-{:016x}", h.finish())))
     }
 
     /// Run `criu check`: whether it passed, and what it printed.
@@ -219,15 +243,24 @@ impl Criu {
         // the engine decides at the next hook instead.
         cmd.process_group(0);
         let mut child = cmd.spawn().map_err(|source| CriuError::Spawn { binary: self.binary.clone(), source })?;
+        let (exited_tx, exited) = std::sync::mpsc::channel();
+        // Without a waiter thread nobody would notice CRIU's exit; dropping the hook server then fails any
+        // later hook, so CRIU resumes the tree.
+        hooks
+            .on_exit(move || {
+                let _ = exited_tx.send(child.wait());
+            })
+            .map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
         let status = loop {
-            if let Some(call) = hooks.next(Duration::from_millis(10)) {
+            if let Some(call) = hooks.next(Duration::from_secs(1)) {
                 let ok = on_hook(&call.action);
                 call.reply(ok);
+                continue;
             }
-            match child.try_wait() {
-                Ok(Some(status)) => break status,
-                Ok(None) => {}
-                Err(source) => return Err(CriuError::Spawn { binary: self.binary.clone(), source }),
+            match exited.try_recv() {
+                Ok(Ok(status)) => break status,
+                Ok(Err(source)) => return Err(CriuError::Spawn { binary: self.binary.clone(), source }),
+                Err(_) => {}
             }
         };
         if status.success() {

@@ -55,12 +55,20 @@ pub fn restore(cfg: &Config, req: &RestoreRequest, progress: &dyn Progress) -> R
     let criu = Criu::locate(cfg.criu.binary_path.as_deref())?;
     criu.supported_version()?;
     let started = Instant::now();
-    let total = crate::engine::dump::disk_size(&req.path);
-    progress.phase("verifying", Some(total));
-    let opened = OpenedCheckpoint::open(&req.path, &cfg.scratch_dir(), &|n| progress.advance(n));
-    progress.finish();
-    let opened = opened?;
-    let verify_time = started.elapsed();
+    // A folder is verified while CRIU starts up (CRIU is held at its pre-restore hook, before it restores
+    // anything, until every checksum matched); an archive is verified as it is extracted.
+    let folder = std::fs::metadata(&req.path).map(|m| m.is_dir()).unwrap_or(false);
+    let (opened, mut pending) = if folder {
+        let (opened, pending) = OpenedCheckpoint::open_folder_verifying(&req.path)?;
+        (opened, Some(pending))
+    } else {
+        let total = crate::engine::dump::disk_size(&req.path);
+        progress.phase("verifying", Some(total));
+        let opened = OpenedCheckpoint::open(&req.path, &cfg.scratch_dir(), &|n| progress.advance(n));
+        progress.finish();
+        (opened?, None)
+    };
+    let mut verify_time = started.elapsed();
     if opened.manifest.kind != req.kind {
         return Err(EngineError::WrongKind { path: req.path.clone(), found: opened.manifest.kind });
     }
@@ -88,7 +96,24 @@ pub fn restore(cfg: &Config, req: &RestoreRequest, progress: &dyn Progress) -> R
     let work = tempfile::Builder::new().prefix("cedana-restore-").tempdir().map_err(EngineError::io("creating a work folder"))?;
     let call = RestoreCall { images_dir: &opened.images_dir, work_dir: work.path(), options: &options, stdio: stdio_file };
     let criu_start = Instant::now();
-    let pid = match criu.restore(&call, &mut |_| true) {
+    let mut verdict = Ok(());
+    let mut gate = |action: &str| -> bool {
+        if action != "pre-restore" {
+            return true;
+        }
+        let Some(p) = pending.take() else { return true };
+        let waited = Instant::now();
+        verdict = p.wait();
+        verify_time += waited.elapsed();
+        verdict.is_ok()
+    };
+    let restored = criu.restore(&call, &mut gate);
+    // CRIU may have stopped before its pre-restore hook: a failed verification is still the cause to report.
+    if let Some(p) = pending.take() {
+        verdict = p.wait();
+    }
+    verdict?;
+    let pid = match restored {
         Ok(pid) => pid,
         Err(e) => {
             let kept = work.keep();
