@@ -32,7 +32,7 @@ pub enum EngineError {
         id: String,
         root: PathBuf,
         cause: Box<EngineError>,
-        resume: RuncError,
+        resume: Box<RuncError>,
     },
     #[error("PID {pid} holds established TCP connections ({conns}): dump with --tcp-established (the restore then needs the same addresses), or close them first")]
     NeedsTcpEstablished { pid: i32, conns: String },

@@ -170,7 +170,7 @@ fn resume_after(runc: &Runc, id: &str, was_paused: bool, cause: EngineError) -> 
             tracing::warn!(id, "dump failed; the container was resumed");
             cause
         }
-        Err(resume) => EngineError::LeftPaused { id: id.into(), root: runc.root().to_path_buf(), cause: Box::new(cause), resume },
+        Err(resume) => EngineError::LeftPaused { id: id.into(), root: runc.root().to_path_buf(), cause: Box::new(cause), resume: Box::new(resume) },
     }
 }
 
