@@ -226,22 +226,9 @@ impl Drop for Dockerd {
         for id in String::from_utf8_lossy(&ids.stdout).split_whitespace() {
             let _ = self.docker(&["rm", "-f", id]);
         }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        stop_daemon(&mut self.child);
         // Empty cgroups left under our private parent (best effort: zombies may still hold some).
-        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
-            for c in controllers.flatten() {
-                remove_empty_tree(&c.path().join(self.cgroup_parent.trim_start_matches('/')));
-            }
-        }
+        remove_empty_cgroups(self.cgroup_parent.trim_start_matches('/'));
     }
 }
 
@@ -379,20 +366,30 @@ impl Drop for Containerd {
                 let _ = self.ctr(&["container", "rm", id]);
             }
         }
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        while matches!(self.child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-        if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
-            for c in controllers.flatten() {
-                remove_empty_tree(&c.path().join(&self.namespace));
-            }
+        stop_daemon(&mut self.child);
+        remove_empty_cgroups(&self.namespace);
+    }
+}
+
+/// Stop a daemon we started: SIGTERM by its PID, up to 30 s to exit, then SIGKILL.
+fn stop_daemon(child: &mut std::process::Child) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if matches!(child.try_wait(), Ok(None)) {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+/// Remove the empty cgroups under `relative` in every controller (cgroup v1), best effort.
+fn remove_empty_cgroups(relative: &str) {
+    if let Ok(controllers) = std::fs::read_dir("/sys/fs/cgroup") {
+        for c in controllers.flatten() {
+            remove_empty_tree(&c.path().join(relative));
         }
     }
 }

@@ -114,6 +114,25 @@ pub(crate) struct ImagesToPackage {
     pub criu_version: String,
 }
 
+/// A checkpoint writer for `req`, and the folder CRIU should write its images into: the checkpoint folder
+/// itself for `none`, else a hidden staging folder beside the checkpoint (deleted when dropped).
+pub(crate) fn open_writer(
+    req: &DumpRequest,
+    name: &str,
+) -> Result<(CheckpointWriter, Option<tempfile::TempDir>, PathBuf), EngineError> {
+    let writer = CheckpointWriter::create(CheckpointWriter::path_for(&req.dir, name, req.compression), req.compression)?;
+    if let Some(dir) = writer.in_place_dir() {
+        let dir = dir.to_path_buf();
+        return Ok((writer, None, dir));
+    }
+    let staging = tempfile::Builder::new()
+        .prefix(".cedana-images-")
+        .tempdir_in(&req.dir)
+        .map_err(EngineError::io(format!("creating a staging folder in {}", req.dir.display())))?;
+    let dir = staging.path().to_path_buf();
+    Ok((writer, Some(staging), dir))
+}
+
 /// The common dump path: create the writer, run `run_criu` with the packaging hook, write the manifest.
 pub(crate) fn run_dump(
     criu: &Criu,
@@ -124,22 +143,7 @@ pub(crate) fn run_dump(
     progress: &dyn Progress,
     run_criu: impl FnOnce(&Criu, &DumpCall<'_>, &mut dyn FnMut(&str) -> bool) -> Result<(), criu::CriuError>,
 ) -> Result<DumpOutcome, EngineError> {
-    let final_path = CheckpointWriter::path_for(&req.dir, name, req.compression);
-    let mut writer = CheckpointWriter::create(final_path, req.compression)?;
-    let staging = match writer.in_place_dir() {
-        Some(_) => None,
-        None => Some(
-            tempfile::Builder::new()
-                .prefix(".cedana-images-")
-                .tempdir_in(&req.dir)
-                .map_err(EngineError::io(format!("creating a staging folder in {}", req.dir.display())))?,
-        ),
-    };
-    let images_dir: PathBuf = match (&staging, writer.in_place_dir()) {
-        (Some(s), _) => s.path().to_path_buf(),
-        (None, Some(d)) => d.to_path_buf(),
-        (None, None) => unreachable!("a writer without an archive writes in place"),
-    };
+    let (mut writer, _staging, images_dir) = open_writer(req, name)?;
     let work = tempfile::Builder::new().prefix("cedana-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?;
     // A folder checkpoint is hashed while CRIU writes it, on the core CRIU leaves idle.
     let mut tail = match writer.in_place_dir() {

@@ -12,11 +12,11 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::{CheckpointKind, CheckpointWriter, ContainerInfo, Manifest, OpenedCheckpoint};
+use crate::checkpoint::{CheckpointKind, ContainerInfo, Manifest, OpenedCheckpoint};
 use crate::config::Config;
 use crate::criu::options::CriuOptions;
 use crate::criu::Criu;
-use crate::engine::dump::{check_name, default_name, disk_size, new_manifest, package, DumpOutcome, DumpRequest, ImagesToPackage};
+use crate::engine::dump::{check_name, default_name, disk_size, new_manifest, open_writer, package, DumpOutcome, DumpRequest, ImagesToPackage};
 use crate::engine::EngineError;
 use crate::progress::Progress;
 use crate::runc::{RestoreFlags, Runc, RuncError};
@@ -81,22 +81,7 @@ pub fn dump(cfg: &Config, req: &DumpRequest, target: &RuncTarget, progress: &dyn
     })?;
     let name = req.name.clone().unwrap_or_else(|| default_name(CheckpointKind::Runc, id));
     check_name(&name)?;
-    let mut writer = CheckpointWriter::create(CheckpointWriter::path_for(&req.dir, &name, req.compression), req.compression)?;
-    let staging = match writer.in_place_dir() {
-        Some(_) => None,
-        None => Some(
-            tempfile::Builder::new()
-                .prefix(".cedana-images-")
-                .tempdir_in(&req.dir)
-                .map_err(EngineError::io(format!("creating a staging folder in {}", req.dir.display())))?,
-        ),
-    };
-    let images_dir = match (&staging, writer.in_place_dir()) {
-        (Some(s), _) => s.path().to_path_buf(),
-        (None, Some(d)) => d.to_path_buf(),
-        // `staging` is only None when the writer writes in place.
-        (None, None) => unreachable!("a writer without an archive writes in place"),
-    };
+    let (mut writer, _staging, images_dir) = open_writer(req, &name)?;
     let temp_work = match &target.work_path {
         Some(_) => None,
         None => Some(tempfile::Builder::new().prefix("cedana-runc-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?),
