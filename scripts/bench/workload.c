@@ -1,0 +1,92 @@
+/* Benchmark workload for scripts/bench-process.sh.
+ *
+ *   workload MIB PIDFILE [SUMFILE]
+ *
+ * Holds MIB MiB of anonymous memory: the first half pseudo-random (incompressible), the second half one
+ * paragraph of text repeated (compresses to almost nothing). Every page is written, then the process writes
+ * its PID to PIDFILE (atomically: the file appearing means "ready") and sleeps in a loop.
+ * On SIGUSR1 it recomputes a checksum of the whole buffer and writes "<expected> <actual>" to SUMFILE, so the
+ * benchmark can prove that restored copies kept their memory. All fds above 2 are closed first: CRIU dumps
+ * every open fd, and the shell that starts us may leak some.
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+static volatile sig_atomic_t want_sum;
+
+static void on_usr1(int sig) { (void)sig; want_sum = 1; }
+
+static uint64_t checksum(const uint64_t *p, size_t words) {
+    uint64_t h = 0x9E3779B97F4A7C15ull;
+    for (size_t i = 0; i < words; i++) h = (h ^ p[i]) * 0x100000001B3ull + (h >> 29);
+    return h;
+}
+
+static void close_extra_fds(void) {
+    int keep[64], n = 0;
+    DIR *d = opendir("/proc/self/fd");
+    if (!d) return;
+    struct dirent *e;
+    while ((e = readdir(d)) && n < 64) {
+        int fd = atoi(e->d_name);
+        if (fd > 2 && fd != dirfd(d)) keep[n++] = fd;
+    }
+    closedir(d);
+    for (int i = 0; i < n; i++) close(keep[i]);
+}
+
+static int write_atomically(const char *path, const char *text) {
+    char tmp[4096];
+    snprintf(tmp, sizeof tmp, "%s.tmp", path);
+    FILE *f = fopen(tmp, "w");
+    if (!f) return -1;
+    fputs(text, f);
+    if (fclose(f) != 0) return -1;
+    return rename(tmp, path);
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s MIB PIDFILE [SUMFILE]\n", argv[0]);
+        return 2;
+    }
+    close_extra_fds();
+    size_t size = (size_t)atol(argv[1]) << 20, half = size / 2;
+    uint64_t *buf = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (buf == MAP_FAILED) { perror("mmap"); return 1; }
+    uint64_t s = 0x2545F4914F6CDD1Dull; /* fixed seed: every run holds the same bytes */
+    for (size_t i = 0; i < half / 8; i++) {
+        s ^= s >> 12; s ^= s << 25; s ^= s >> 27;
+        buf[i] = s * 0x2545F4914F6CDD1Dull;
+    }
+    static const char para[] =
+        "Checkpoint and restore: CRIU freezes the tree, dumps its memory pages and kernel state into images, "
+        "and later rebuilds the same processes with the same PIDs from those images.\n";
+    char *text = (char *)buf + half;
+    for (size_t off = 0; off < size - half; off += sizeof para - 1) {
+        size_t n = size - half - off < sizeof para - 1 ? size - half - off : sizeof para - 1;
+        memcpy(text + off, para, n);
+    }
+    uint64_t expected = checksum(buf, size / 8);
+    signal(SIGUSR1, on_usr1);
+    char line[64];
+    snprintf(line, sizeof line, "%d\n", getpid());
+    if (write_atomically(argv[2], line) != 0) { perror(argv[2]); return 1; }
+    for (;;) {
+        sleep(1);
+        if (want_sum && argc > 3) {
+            want_sum = 0;
+            char out[96];
+            snprintf(out, sizeof out, "%016llx %016llx\n", (unsigned long long)expected,
+                     (unsigned long long)checksum(buf, size / 8));
+            write_atomically(argv[3], out);
+        }
+    }
+}
