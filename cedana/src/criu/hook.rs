@@ -62,6 +62,7 @@ pub struct HookServer {
     path: PathBuf,
     calls: mpsc::Receiver<Option<HookCall>>,
     wake: mpsc::Sender<Option<HookCall>>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl HookServer {
@@ -71,8 +72,13 @@ impl HookServer {
         let listener = UnixListener::bind(&path)?;
         let (tx, calls) = mpsc::channel();
         let wake = tx.clone();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let stopped = std::sync::Arc::clone(&stop);
         std::thread::Builder::new().name("criu-hooks".into()).spawn(move || {
             for stream in listener.incoming().flatten() {
+                if stopped.load(std::sync::atomic::Ordering::SeqCst) {
+                    break;
+                }
                 let mut line = String::new();
                 let Ok(reader_stream) = stream.try_clone() else { continue };
                 if BufReader::new(reader_stream).read_line(&mut line).is_err() {
@@ -86,7 +92,7 @@ impl HookServer {
                 }
             }
         })?;
-        Ok(Self { path, calls, wake })
+        Ok(Self { path, calls, wake, stop })
     }
 
     /// The socket path, for [`HOOK_SOCKET_ENV`].
@@ -112,6 +118,9 @@ impl HookServer {
 
 impl Drop for HookServer {
     fn drop(&mut self) {
+        // Wake the accept loop so its thread ends (a long-lived caller must not collect threads).
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = UnixStream::connect(&self.path);
         let _ = std::fs::remove_file(&self.path);
     }
 }
