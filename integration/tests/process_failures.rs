@@ -146,14 +146,20 @@ fn an_interrupted_dump_leaves_the_process_running_and_nothing_behind() {
     let work = tempfile::tempdir().unwrap();
     let w = Workload::start(&workload_bin("memory"), &["512"], work.path());
     let before = w.wait_lines(1)[0].clone();
-    // gzip of 512 MiB takes seconds: interrupt it while the images are being written.
+    // Interrupt while the archive is being written (the process is frozen by CRIU then), which we see as
+    // the hidden partial archive growing.
     let child = Command::new(bin("cedana"))
         .args(["dump", "process", &w.pid.to_string(), "--dir", dir.path().to_str().unwrap(), "--compression", "gzip"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    std::thread::sleep(Duration::from_millis(1500));
+    wait_for("the archive to be written", Duration::from_secs(30), || {
+        std::fs::read_dir(dir.path()).unwrap().flatten().find(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.contains(".partial-") && e.metadata().map(|m| m.len() > 4 << 20).unwrap_or(false)
+        })
+    });
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
     let out = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -165,6 +171,31 @@ fn an_interrupted_dump_leaves_the_process_running_and_nothing_behind() {
     w.signal(Signal::SIGUSR1);
     assert_eq!(w.wait_lines(2)[1], before, "the process still has its memory and keeps working");
     assert!(entries(dir.path()).is_empty(), "no checkpoint and no partial file: {:?}", entries(dir.path()));
+}
+
+#[test]
+fn an_interrupt_while_criu_dumps_resumes_the_process() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    let w = Workload::start(&workload_bin("memory"), &["512"], work.path());
+    let before = w.wait_lines(1)[0].clone();
+    let child = Command::new(bin("cedana"))
+        .args(["dump", "process", &w.pid.to_string(), "--dir", dir.path().to_str().unwrap(), "--compression", "none"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // CRIU needs a few hundred milliseconds for 512 MiB: the signal arrives while it holds the process.
+    std::thread::sleep(Duration::from_millis(120));
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), Signal::SIGINT).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && stderr.contains("interrupted"), "{stderr}");
+    assert!(alive(w.pid), "the process must survive");
+    w.signal(Signal::SIGUSR1);
+    assert_eq!(w.wait_lines(2)[1], before);
+    assert!(entries(dir.path()).is_empty(), "{:?}", entries(dir.path()));
 }
 
 #[test]
