@@ -129,6 +129,15 @@ pub fn check_dumpable(pid: i32) -> Result<Stat, ProcError> {
     if st.flags & PF_KTHREAD != 0 {
         return refuse("it is a kernel thread");
     }
+    let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
+    if let (Some(theirs), Some(ours)) = (ns(&pid.to_string()), ns("self")) {
+        if theirs != ours {
+            return refuse(
+                "it runs in another PID namespace (a container?): checkpoint the container instead, e.g. \
+                 `cedana dump runc ID` for a runc or Docker container",
+            );
+        }
+    }
     let mut ancestor = std::process::id() as i32;
     while ancestor > 1 {
         if ancestor == pid {

@@ -48,6 +48,27 @@ fn another_users_process_fails_cleanly_and_keeps_running() {
 }
 
 #[test]
+fn a_process_in_another_pid_namespace_is_sent_to_the_container_commands() {
+    require_root();
+    let mut unshare = Command::new("unshare")
+        .args(["--pid", "--fork", "sleep", "100"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let child = wait_for("the process in the new PID namespace", Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(format!("/proc/{}/task/{}/children", unshare.id(), unshare.id())).ok()?;
+        text.split_whitespace().next().and_then(|p| p.parse::<i32>().ok())
+    });
+    let err = cedana_err(&["dump", "process", &child.to_string()]);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child), Signal::SIGKILL).ok();
+    unshare.kill().ok();
+    unshare.wait().ok();
+    assert!(err.contains("another PID namespace") && err.contains("cedana dump runc"), "{err}");
+}
+
+#[test]
 fn unknown_compression_is_refused_with_the_valid_names() {
     let err = cedana_err(&["dump", "process", "1", "--compression", "bzip2"]);
     assert!(err.contains("bzip2") && err.contains("zstd"), "{err}");
