@@ -69,6 +69,17 @@ fn a_process_in_another_pid_namespace_is_sent_to_the_container_commands() {
 }
 
 #[test]
+fn non_root_users_are_told_to_use_sudo() {
+    require_root();
+    use std::os::unix::process::CommandExt;
+    for cmd in [&["dump", "process", "1"][..], &["restore", "process", "--path", "/tmp/x"][..]] {
+        let out = Command::new(bin("cedana")).args(cmd).uid(65534).gid(65534).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("needs root") && err.contains("sudo"), "{cmd:?}: {err}");
+    }
+}
+
+#[test]
 fn unknown_compression_is_refused_with_the_valid_names() {
     let err = cedana_err(&["dump", "process", "1", "--compression", "bzip2"]);
     assert!(err.contains("bzip2") && err.contains("zstd"), "{err}");

@@ -39,10 +39,24 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let config = cedana::config::Config::load()?;
     match cli.command {
         Command::Check(args) => check::run(&config, args),
-        Command::Dump(cmd) => dump::run(&config, cmd),
-        Command::Restore(cmd) => restore::run(&config, cmd),
+        Command::Dump(cmd) => {
+            require_root("dump")?;
+            dump::run(&config, cmd)
+        }
+        Command::Restore(cmd) => {
+            require_root("restore")?;
+            restore::run(&config, cmd)
+        }
         Command::Checkpoint(cmd) => inspect::run(cmd),
     }
+}
+
+/// CRIU needs root: say so before anything else fails in a less obvious way.
+fn require_root(what: &str) -> anyhow::Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        anyhow::bail!("cedana {what} needs root (CRIU does): run it with sudo");
+    }
+    Ok(())
 }
 
 /// Flags shared by dump and restore that map onto CRIU options.
