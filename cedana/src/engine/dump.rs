@@ -145,11 +145,7 @@ pub(crate) fn run_dump(
 ) -> Result<DumpOutcome, EngineError> {
     let (mut writer, _staging, images_dir) = open_writer(req, name)?;
     let work = tempfile::Builder::new().prefix("cedana-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?;
-    // A folder checkpoint is hashed while CRIU writes it, on the core CRIU leaves idle.
-    let mut tail = match writer.in_place_dir() {
-        Some(dir) => Some(TailHasher::start(dir).map_err(EngineError::io("following the images as CRIU writes them"))?),
-        None => None,
-    };
+    let mut tail = follow_in_place(&writer)?;
     let criu_start = Instant::now();
     let mut package_time = Duration::ZERO;
     let mut packaged = false;
@@ -273,9 +269,17 @@ fn dir_size(dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// A folder checkpoint is hashed while CRIU writes it, on the core CRIU leaves idle.
+pub(crate) fn follow_in_place(writer: &CheckpointWriter) -> Result<Option<TailHasher>, EngineError> {
+    match writer.in_place_dir() {
+        Some(dir) => Ok(Some(TailHasher::start(dir).map_err(EngineError::io("following the images as CRIU writes them"))?)),
+        None => Ok(None),
+    }
+}
+
 /// Package CRIU's images: finish the digests of a folder followed while CRIU wrote it, or write the
 /// archive.
-fn package_images(
+pub(crate) fn package_images(
     writer: &mut CheckpointWriter,
     images_dir: &Path,
     tail: &mut Option<TailHasher>,

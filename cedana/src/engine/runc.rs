@@ -1,9 +1,10 @@
 //! Dump and restore of runc containers, through the real runc.
 //!
-//! Dump: the container is paused (unless it already was), `runc checkpoint --leave-running` writes CRIU's
-//! images into a staging folder, and we package them with the bundle's config.json into our format. Only
-//! then is the container deleted (or, with leave-running, resumed). Any failure resumes it, so a dump never
-//! loses or freezes a container without saying so. A container restored from such a checkpoint comes back
+//! Dump: the container is paused (unless it already was, or the dump leaves it running anyway),
+//! `runc checkpoint --leave-running` writes CRIU's images into a staging folder (a folder checkpoint is
+//! hashed as they land), and we package them with the bundle's config.json into our format. Only then is
+//! the container deleted. Any failure resumes it, so a dump never loses or freezes a container without
+//! saying so. A container restored from such a checkpoint comes back
 //! running (measured with runc 1.1.5 on cgroup v1); [`restore`] resumes it should it come back paused.
 //!
 //! Restore: verify and extract the checkpoint, then `runc restore` it under a new id.
@@ -16,7 +17,10 @@ use crate::checkpoint::{CheckpointKind, ContainerInfo, Manifest, OpenedCheckpoin
 use crate::config::Config;
 use crate::criu::options::CriuOptions;
 use crate::criu::Criu;
-use crate::engine::dump::{check_name, default_name, disk_size, new_manifest, open_writer, package, DumpOutcome, DumpRequest, ImagesToPackage};
+use crate::engine::dump::{
+    check_name, default_name, disk_size, follow_in_place, new_manifest, open_writer, package_images, DumpOutcome, DumpRequest,
+    ImagesToPackage,
+};
 use crate::engine::EngineError;
 use crate::progress::Progress;
 use crate::runc::{RestoreFlags, Runc, RuncError};
@@ -90,12 +94,16 @@ pub fn dump(cfg: &Config, req: &DumpRequest, target: &RuncTarget, progress: &dyn
     std::fs::create_dir_all(&work).map_err(EngineError::io(format!("creating {}", work.display())))?;
 
     let was_paused = state.status == "paused";
-    if !was_paused {
+    // A pause keeps the container from running past the checkpoint when we end it afterwards. A
+    // --leave-running dump lets it go on anyway, so it is not paused (two runc calls fewer).
+    let we_paused = !was_paused && !req.leave_running;
+    if we_paused {
         runc.pause(id)?;
     }
     tracing::info!(id, pid = state.pid, was_paused, images = %images_dir.display(), "checkpointing runc container");
     let criu_start = Instant::now();
     progress.phase("dumping", None);
+    let mut tail = follow_in_place(&writer)?;
     let checkpointed = runc.checkpoint(id, &images_dir, &work, &flags).map_err(EngineError::from);
     let criu_time = criu_start.elapsed();
     let package_start = Instant::now();
@@ -103,7 +111,7 @@ pub fn dump(cfg: &Config, req: &DumpRequest, target: &RuncTarget, progress: &dyn
         if interrupt::requested() {
             return Err(EngineError::Interrupted);
         }
-        package(&mut writer, &images_dir, progress).map_err(|source| EngineError::Package { source })?;
+        package_images(&mut writer, &images_dir, &mut tail, progress).map_err(|source| EngineError::Package { source })?;
         writer.add_bytes(CONFIG_FILE, &config_bytes).map_err(|source| EngineError::Package { source })?;
         Ok(())
     });
@@ -115,7 +123,7 @@ pub fn dump(cfg: &Config, req: &DumpRequest, target: &RuncTarget, progress: &dyn
                 tracing::error!(log = %kept.display(), "runc checkpoint failed; its work folder was kept");
             }
         }
-        return Err(resume_after(runc, id, was_paused, cause));
+        return Err(resume_after(runc, id, we_paused, cause));
     }
     let package_time = package_start.elapsed();
     let stats = crate::criu::stats::read_dump_stats(&work)
@@ -131,13 +139,9 @@ pub fn dump(cfg: &Config, req: &DumpRequest, target: &RuncTarget, progress: &dyn
     let mut manifest = new_manifest(images, req.compression, &req.options, stats);
     let path = match writer.commit(&mut manifest) {
         Ok(p) => p,
-        Err(source) => return Err(resume_after(runc, id, was_paused, EngineError::Package { source })),
+        Err(source) => return Err(resume_after(runc, id, we_paused, EngineError::Package { source })),
     };
-    if req.leave_running {
-        if !was_paused {
-            runc.resume(id)?;
-        }
-    } else {
+    if !req.leave_running {
         // The checkpoint is complete: end the container as `runc checkpoint` would (it destroys it).
         runc.delete(id, true)?;
     }
@@ -146,8 +150,8 @@ pub fn dump(cfg: &Config, req: &DumpRequest, target: &RuncTarget, progress: &dyn
 }
 
 /// After a failed dump: resume the container if we paused it; say so if that fails too.
-fn resume_after(runc: &Runc, id: &str, was_paused: bool, cause: EngineError) -> EngineError {
-    if was_paused {
+fn resume_after(runc: &Runc, id: &str, we_paused: bool, cause: EngineError) -> EngineError {
+    if !we_paused {
         return cause;
     }
     match runc.resume(id) {
