@@ -7,6 +7,8 @@
 //! dir = "/var/lib/cedana/checkpoints"   # default parent folder of dumps
 //! compression = "zstd"                  # default --compression
 //! scratch_dir = "/var/tmp"              # where archives are extracted for restore
+//! [hooks]
+//! command = "/usr/local/lib/cedana/hook" # run before/after every dump and restore
 //! ```
 //! The file is `$CEDANA_CONFIG`, else `/etc/cedana/config.toml` when it exists.
 
@@ -43,6 +45,14 @@ pub struct CheckpointConfig {
     pub scratch_dir: Option<PathBuf>,
 }
 
+/// Settings of the `[hooks]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HooksConfig {
+    /// A command run before and after every dump and restore (see `engine::hooks`).
+    pub command: Option<PathBuf>,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -51,6 +61,8 @@ pub struct Config {
     pub criu: CriuConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub hooks: HooksConfig,
 }
 
 /// Default compression when neither flag nor config names one (Cedana's default).
@@ -84,6 +96,9 @@ impl Config {
         if let Some(v) = std::env::var_os("CEDANA_CHECKPOINT_DIR") {
             self.checkpoint.dir = Some(v.into());
         }
+        if let Some(v) = std::env::var_os("CEDANA_HOOK_COMMAND") {
+            self.hooks.command = Some(v.into());
+        }
         if let Some(v) = std::env::var_os("CEDANA_SCRATCH_DIR") {
             self.checkpoint.scratch_dir = Some(v.into());
         }
@@ -104,6 +119,14 @@ impl Config {
     /// Compression for new checkpoints.
     pub fn compression(&self) -> Compression {
         self.checkpoint.compression.unwrap_or(DEFAULT_COMPRESSION)
+    }
+
+    /// The hooks dumps and restores run around CRIU.
+    pub fn hooks(&self) -> Box<dyn crate::engine::hooks::Hooks> {
+        match &self.hooks.command {
+            Some(cmd) => Box::new(crate::engine::hooks::CommandHooks::new(cmd)),
+            None => Box::new(crate::engine::hooks::NoHooks),
+        }
     }
 
     /// Where archives are extracted before a restore.

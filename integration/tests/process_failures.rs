@@ -299,3 +299,53 @@ fn inspect_prints_the_manifest() {
     assert!(json["stats"]["pages_written"].as_u64().unwrap() > 0);
     assert!(json["files"].as_array().unwrap().iter().all(|f| f["xxh3"].as_str().unwrap().len() == 32));
 }
+
+#[test]
+fn hooks_run_around_dump_and_restore_and_a_failing_one_stops_it() {
+    require_root();
+    let dir = tempfile::tempdir().unwrap();
+    let hook = dir.path().join("hook.sh");
+    let calls = dir.path().join("calls");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$CEDANA_HOOK $CEDANA_PID $CEDANA_SUCCEEDED $(basename \"$CEDANA_CHECKPOINT\")\" >> {}\n\
+             [ -z \"$REFUSE\" ] || [ \"$CEDANA_HOOK\" != \"$REFUSE\" ]\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let mut w = Workload::start(&workload_bin("counter"), &[], dir.path());
+    w.wait_lines(3);
+    let pid = w.pid.to_string();
+    let d = dir.path().to_str().unwrap();
+    let run = |args: &[&str], refuse: &str| {
+        Command::new(bin("cedana")).args(args).env("CEDANA_HOOK_COMMAND", &hook).env("REFUSE", refuse).output().unwrap()
+    };
+    // A refusing before-dump hook stops the dump before anything is frozen.
+    let out = run(&["dump", "process", &pid, "--dir", d, "--name", "h"], "before-dump");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("before-dump hook failed"));
+    assert!(alive(w.pid) && entries(dir.path()).iter().all(|e| !e.starts_with("h.")));
+    let out = run(&["dump", "process", &pid, "--dir", d, "--name", "h"], "");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    w.reap();
+    // A refusing before-restore hook stops the restore before CRIU restores anything.
+    let out = run(&["restore", "process", "--path", dir.path().join("h.tar").to_str().unwrap()], "before-restore");
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("before-restore hook failed"));
+    assert!(!alive(w.pid));
+    let out = run(&["restore", "process", "--path", dir.path().join("h.tar").to_str().unwrap()], "");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(alive(w.pid));
+    let log = std::fs::read_to_string(&calls).unwrap();
+    let expected = [
+        format!("before-dump {pid}  h.tar"),
+        format!("before-dump {pid}  h.tar"),
+        format!("after-dump {pid} true h.tar"),
+        "before-restore 0  h.tar".to_string(),
+        "after-restore 0 false h.tar".to_string(),
+        "before-restore 0  h.tar".to_string(),
+        format!("after-restore {pid} true h.tar"),
+    ];
+    assert_eq!(log.lines().collect::<Vec<_>>(), expected, "{log}");
+}

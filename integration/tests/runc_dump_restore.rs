@@ -220,3 +220,64 @@ fn a_failed_checkpoint_resumes_the_container_and_writes_nothing() {
     let left: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
     assert!(left.is_empty(), "no partial checkpoint may be left: {left:?}");
 }
+
+#[test]
+fn hooks_run_around_container_dumps_and_restores() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let runc = RuncRoot::new(tmp.path(), "runc");
+    let bundle = Bundle::counter(&tmp.path().join("bundle"));
+    let cid = id("hooks");
+    let out = runc.run_detached(&bundle.dir, &cid);
+    out.wait_for(3, T);
+    let hook = tmp.path().join("hook.sh");
+    let calls = tmp.path().join("calls");
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\necho \"$CEDANA_HOOK $CEDANA_KIND $CEDANA_CONTAINER_ID $CEDANA_SUCCEEDED\" >> {}\n\
+             [ -z \"$REFUSE\" ] || [ \"$CEDANA_HOOK\" != \"$REFUSE\" ]\n",
+            calls.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let dir = tmp.path().join("cp");
+    let root = runc.root.to_str().unwrap();
+    let dump = |refuse: &str| {
+        Command::new(bin("cedana"))
+            .args(["dump", "runc", &cid, "--root", root, "--dir", dir.to_str().unwrap(), "--name", "cp"])
+            .env("CEDANA_HOOK_COMMAND", &hook)
+            .env("REFUSE", refuse)
+            .output()
+            .unwrap()
+    };
+    let refused = dump("before-dump");
+    assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("before-dump hook failed"));
+    assert_eq!(runc.status(&cid).as_deref(), Some("running"), "a refused dump leaves the container running, not paused");
+    assert!(dump("").status.success());
+    let new_id = id("hooks-restored");
+    runc.track(&new_id);
+    let restored = Command::new(bin("cedana"))
+        .args(["restore", "runc", "--detach", "--id", &new_id, "--root", root, "--bundle"])
+        .arg(&bundle.dir)
+        .arg("--path")
+        .arg(dir.join("cp.tar"))
+        .env("CEDANA_HOOK_COMMAND", &hook)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .unwrap();
+    assert!(restored.success());
+    let log = std::fs::read_to_string(&calls).unwrap();
+    let expected = [
+        format!("before-dump runc {cid} "),
+        format!("before-dump runc {cid} "),
+        format!("after-dump runc {cid} true"),
+        format!("before-restore runc {new_id} "),
+        format!("after-restore runc {new_id} true"),
+    ];
+    assert_eq!(log.lines().collect::<Vec<_>>(), expected, "{log}");
+    runc.ok(&["delete", "--force", &new_id]);
+}

@@ -11,6 +11,7 @@ use crate::codec::Compression;
 use crate::config::Config;
 use crate::criu::options::CriuOptions;
 use crate::criu::{self, Criu, DumpCall};
+use crate::engine::hooks::{self, HookContext, HookPoint};
 use crate::engine::EngineError;
 use crate::progress::Progress;
 use crate::{interrupt, procfs};
@@ -100,7 +101,19 @@ fn dump_process(cfg: &Config, req: &DumpRequest, pid: i32, progress: &dyn Progre
     let name = req.name.clone().unwrap_or_else(|| default_name(CheckpointKind::Process, &pid.to_string()));
     check_name(&name)?;
     let images = ImagesToPackage { kind: CheckpointKind::Process, process: info, container: None, criu_version };
-    let mut outcome = run_dump(&criu, req, &name, &options, images, progress, |criu, call, hook| criu.dump(call, hook))?;
+    let hooks = cfg.hooks();
+    let mut ctx = HookContext {
+        kind: CheckpointKind::Process,
+        pid,
+        container_id: None,
+        checkpoint: CheckpointWriter::path_for(&req.dir, &name, req.compression),
+        succeeded: None,
+    };
+    hooks.run(HookPoint::BeforeDump, &ctx)?;
+    let result = run_dump(&criu, req, &name, &options, images, progress, |criu, call, hook| criu.dump(call, hook));
+    ctx.succeeded = Some(result.is_ok());
+    hooks::report(hooks.as_ref(), HookPoint::AfterDump, &ctx);
+    let mut outcome = result?;
     outcome.detected = detected;
     outcome.total_time = started.elapsed();
     Ok(outcome)

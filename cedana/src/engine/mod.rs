@@ -2,6 +2,7 @@
 //! request, call [`dump::dump`] or [`restore::restore`], and render the outcome.
 
 pub mod dump;
+pub mod hooks;
 pub mod restore;
 pub mod runc;
 
@@ -27,6 +28,8 @@ pub enum EngineError {
     Checkpoint(#[from] CheckpointError),
     #[error(transparent)]
     Runc(#[from] RuncError),
+    #[error(transparent)]
+    Hook(#[from] hooks::HookError),
     #[error("{cause}\n  and resuming container {id} afterwards failed ({resume}): it is still paused; resume it with `runc --root {root} resume {id}`")]
     LeftPaused {
         id: String,

@@ -9,6 +9,7 @@ use crate::checkpoint::{CheckpointKind, Manifest, OpenedCheckpoint};
 use crate::config::Config;
 use crate::criu::options::CriuOptions;
 use crate::criu::{Criu, RestoreCall};
+use crate::engine::hooks::{self, HookContext, HookPoint};
 use crate::engine::EngineError;
 use crate::procfs;
 use crate::progress::Progress;
@@ -96,22 +97,31 @@ pub fn restore(cfg: &Config, req: &RestoreRequest, progress: &dyn Progress) -> R
     let work = tempfile::Builder::new().prefix("cedana-restore-").tempdir().map_err(EngineError::io("creating a work folder"))?;
     let call = RestoreCall { images_dir: &opened.images_dir, work_dir: work.path(), options: &options, stdio: stdio_file };
     let criu_start = Instant::now();
-    let mut verdict = Ok(());
+    let hooks = cfg.hooks();
+    let mut ctx = HookContext { kind: req.kind, pid: 0, container_id: None, checkpoint: req.path.clone(), succeeded: None };
+    let mut verdict: Result<(), EngineError> = Ok(());
     let mut gate = |action: &str| -> bool {
         if action != "pre-restore" {
             return true;
         }
-        let Some(p) = pending.take() else { return true };
-        let waited = Instant::now();
-        verdict = p.wait();
-        verify_time += waited.elapsed();
+        if let Some(p) = pending.take() {
+            let waited = Instant::now();
+            verdict = p.wait().map_err(EngineError::from);
+            verify_time += waited.elapsed();
+        }
+        if verdict.is_ok() {
+            verdict = hooks.run(HookPoint::BeforeRestore, &ctx).map_err(EngineError::from);
+        }
         verdict.is_ok()
     };
     let restored = criu.restore(&call, &mut gate);
     // CRIU may have stopped before its pre-restore hook: a failed verification is still the cause to report.
     if let Some(p) = pending.take() {
-        verdict = p.wait();
+        verdict = p.wait().map_err(EngineError::from);
     }
+    ctx.pid = *restored.as_ref().unwrap_or(&0);
+    ctx.succeeded = Some(verdict.is_ok() && restored.is_ok());
+    hooks::report(hooks.as_ref(), HookPoint::AfterRestore, &ctx);
     verdict?;
     let pid = match restored {
         Ok(pid) => pid,

@@ -21,6 +21,7 @@ use crate::engine::dump::{
     check_name, default_name, disk_size, follow_in_place, new_manifest, open_writer, package_images, DumpOutcome, DumpRequest,
     ImagesToPackage,
 };
+use crate::engine::hooks::{self, HookContext, HookPoint, Hooks};
 use crate::engine::EngineError;
 use crate::progress::Progress;
 use crate::runc::{RestoreFlags, Runc, RuncError};
@@ -64,6 +65,24 @@ pub struct RuncRestoreOutcome {
 
 /// Checkpoint the container `target` names into our format (called through [`crate::engine::dump::dump`]).
 pub fn dump(cfg: &Config, req: &DumpRequest, target: &RuncTarget, progress: &dyn Progress) -> Result<DumpOutcome, EngineError> {
+    let hooks = cfg.hooks();
+    let mut ctx = None;
+    let result = dump_container(cfg, req, target, progress, hooks.as_ref(), &mut ctx);
+    if let Some(mut ctx) = ctx {
+        ctx.succeeded = Some(result.is_ok());
+        hooks::report(hooks.as_ref(), HookPoint::AfterDump, &ctx);
+    }
+    result
+}
+
+fn dump_container(
+    cfg: &Config,
+    req: &DumpRequest,
+    target: &RuncTarget,
+    progress: &dyn Progress,
+    hooks: &dyn Hooks,
+    hook_ctx: &mut Option<HookContext>,
+) -> Result<DumpOutcome, EngineError> {
     let started = Instant::now();
     let runc = &target.runc;
     let id = target.id.as_str();
@@ -93,6 +112,15 @@ pub fn dump(cfg: &Config, req: &DumpRequest, target: &RuncTarget, progress: &dyn
     let work = target.work_path.clone().unwrap_or_else(|| temp_work.as_ref().map(|t| t.path().to_path_buf()).unwrap_or_default());
     std::fs::create_dir_all(&work).map_err(EngineError::io(format!("creating {}", work.display())))?;
 
+    let ctx = HookContext {
+        kind: CheckpointKind::Runc,
+        pid: state.pid,
+        container_id: Some(id.to_string()),
+        checkpoint: writer.final_path().to_path_buf(),
+        succeeded: None,
+    };
+    hooks.run(HookPoint::BeforeDump, &ctx)?;
+    *hook_ctx = Some(ctx);
     let was_paused = state.status == "paused";
     // A pause keeps the container from running past the checkpoint when we end it afterwards. A
     // --leave-running dump lets it go on anyway, so it is not paused (two runc calls fewer).
@@ -219,7 +247,22 @@ pub fn restore(cfg: &Config, req: &RuncRestoreRequest, progress: &dyn Progress) 
     }
     let restore_start = Instant::now();
     tracing::info!(id = %req.id, images = %opened.images_dir.display(), bundle = %flags.bundle.display(), "restoring runc container");
-    let exit_code = match req.runc.restore(&req.id, &opened.images_dir, &flags) {
+    let hooks = cfg.hooks();
+    let mut ctx = HookContext {
+        kind: CheckpointKind::Runc,
+        pid: 0,
+        container_id: Some(req.id.clone()),
+        checkpoint: req.path.clone(),
+        succeeded: None,
+    };
+    hooks.run(HookPoint::BeforeRestore, &ctx)?;
+    let restored = req.runc.restore(&req.id, &opened.images_dir, &flags);
+    if cfg.hooks.command.is_some() {
+        ctx.pid = req.runc.state(&req.id).map(|s| s.pid).unwrap_or(0);
+    }
+    ctx.succeeded = Some(restored.is_ok());
+    hooks::report(hooks.as_ref(), HookPoint::AfterRestore, &ctx);
+    let exit_code = match restored {
         Ok(code) => code,
         Err(e) => {
             let kept = temp_work.keep();
