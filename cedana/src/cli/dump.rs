@@ -118,7 +118,7 @@ fn print_summary(out: &engine::DumpOutcome) {
     if !out.detected.is_empty() {
         println!("  detected  {}", out.detected.join(" "));
     }
-    if !m.criu_options.tcp_established && m.process.pids.len() > 1 {
+    if m.process.pids.len() > 1 {
         println!("  tree      {} processes", m.process.pids.len());
     }
 }
