@@ -7,8 +7,10 @@
 //! - [`codec`]: none | tar | gzip | lz4 | zlib | zstd, detected by content;
 //! - [`procfs`]: what /proc says about a tree before we dump it;
 //! - [`runc`]: the runc driver (runc containers are checkpointed through the real runc);
-//! - [`config`], [`progress`], [`interrupt`]: settings, terminal progress, cancellation.
+//! - [`config`], [`progress`], [`interrupt`], [`binary`]: settings, terminal progress, cancellation,
+//!   locating external programs.
 
+pub mod binary;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;

@@ -61,9 +61,11 @@ pub fn stat(pid: i32) -> Result<Stat, ProcError> {
     parse_stat(&text).ok_or(ProcError::Io { pid, source: std::io::Error::other("unparseable stat") })
 }
 
-/// Whether `pid` exists and is not a zombie.
-pub fn is_live(pid: i32) -> Option<Stat> {
-    stat(pid).ok().filter(|s| s.state != 'Z' && s.state != 'X')
+impl Stat {
+    /// Exited but not reaped yet (zombie), or being torn down.
+    pub fn is_zombie(&self) -> bool {
+        self.state == 'Z' || self.state == 'X'
+    }
 }
 
 /// A process that keeps one of the wanted PIDs taken.
@@ -87,8 +89,7 @@ pub fn pid_users(pids: &[i32]) -> Vec<PidUser> {
         let Ok(st) = stat(holder) else { continue };
         for &pid in pids {
             if st.pid == pid || st.pgid == pid || st.sid == pid {
-                let zombie = st.state == 'Z' || st.state == 'X';
-                users.push(PidUser { pid, holder, comm: st.comm.clone(), zombie });
+                users.push(PidUser { pid, holder, comm: st.comm.clone(), zombie: st.is_zombie() });
             }
         }
     }
@@ -120,7 +121,7 @@ pub fn check_dumpable(pid: i32) -> Result<Stat, ProcError> {
     }
     let st = stat(pid)?;
     let refuse = |reason: &str| Err(ProcError::Refused { pid, reason: reason.into() });
-    if st.state == 'Z' {
+    if st.is_zombie() {
         return refuse("it is a zombie (it has exited and waits for its parent to reap it)");
     }
     if pid == 1 {

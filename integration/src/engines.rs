@@ -50,16 +50,7 @@ impl RuncRoot {
 
     /// Run a command that must succeed; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.run(args);
-        assert!(
-            out.status.success(),
-            "{} {args:?} failed ({}): {}{}",
-            self.binary.display(),
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        crate::success_stdout(&format!("{} {args:?}", self.binary.display()), &self.run(args))
     }
 
     /// Remember `id` for deletion on drop (for containers created by other commands, e.g. a restore).
@@ -190,16 +181,8 @@ impl Dockerd {
 
     /// `docker ARGS`, which must succeed; returns stdout, trimmed.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.docker(args);
-        assert!(
-            out.status.success(),
-            "docker {args:?} failed ({}): {}{}\n(dockerd log: {})",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.dir.join("dockerd.log").display()
-        );
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
+        let what = format!("docker {args:?} (dockerd log: {})", self.dir.join("dockerd.log").display());
+        crate::success_stdout(&what, &self.docker(args)).trim().to_string()
     }
 
     /// runc's state folder for this daemon's containers (every runtime of Docker 20.10 uses it).
@@ -302,16 +285,8 @@ impl Containerd {
 
     /// `ctr ARGS`, which must succeed; returns stdout.
     pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.ctr(args);
-        assert!(
-            out.status.success(),
-            "ctr {args:?} failed ({}): {}{}\n(containerd log: {})",
-            out.status,
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-            self.dir.join("containerd.log").display()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
+        let what = format!("ctr {args:?} (containerd log: {})", self.dir.join("containerd.log").display());
+        crate::success_stdout(&what, &self.ctr(args))
     }
 
     /// The tasks of our namespace: (id, status) from `ctr task ls`.

@@ -64,10 +64,14 @@ pub fn cedana(args: &[&str]) -> Output {
 
 /// Like [`cedana`], but the command must succeed; returns stdout.
 pub fn cedana_ok(args: &[&str]) -> String {
-    let out = cedana(args);
+    success_stdout(&format!("cedana {args:?}"), &cedana(args))
+}
+
+/// The stdout of a command that must have succeeded; otherwise panics with `what` and both outputs.
+pub fn success_stdout(what: &str, out: &Output) -> String {
     assert!(
         out.status.success(),
-        "cedana {args:?} failed ({}):\nstdout: {}\nstderr: {}",
+        "{what} failed ({}):\nstdout: {}\nstderr: {}",
         out.status,
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)

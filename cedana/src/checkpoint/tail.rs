@@ -13,6 +13,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use super::digest::{self, FileDigest, Hasher};
+use super::writer::list_files;
 
 const PIECE: usize = 4 << 20;
 
@@ -47,16 +48,15 @@ impl TailHasher {
             Some(Ok(f)) => f,
             _ => HashMap::new(),
         };
-        let mut names = Vec::new();
-        list(&self.dir, "", &mut names)?;
-        names.sort();
+        let names = list_files(&self.dir)?;
+        let mut buf = vec![0u8; PIECE];
         let mut out = Vec::with_capacity(names.len());
         for name in names.into_iter().filter(|n| !skip.contains(&n.as_str())) {
             let path = self.dir.join(&name);
             let meta = std::fs::metadata(&path)?;
             match followed.remove(&name) {
                 Some(mut f) if f.ino == meta.ino() && f.offset <= meta.len() => {
-                    catch_up(&mut f)?;
+                    read_until(&mut f, meta.len(), &mut buf)?;
                     out.push(f.hasher.finish(name));
                 }
                 _ => out.push(digest::digest_file(&path, &name)?),
@@ -77,6 +77,7 @@ impl Drop for TailHasher {
 
 fn follow(dir: &Path, stop: &AtomicBool) -> HashMap<String, Followed> {
     let mut files: HashMap<String, Followed> = HashMap::new();
+    let mut buf = vec![0u8; PIECE];
     while !stop.load(Ordering::SeqCst) {
         let mut progressed = false;
         if let Ok(rd) = std::fs::read_dir(dir) {
@@ -97,7 +98,7 @@ fn follow(dir: &Path, stop: &AtomicBool) -> HashMap<String, Followed> {
                 if let Some(f) = files.get_mut(&name) {
                     if f.offset < meta.len() {
                         // Hash only up to the size seen now; the rest is for a later round.
-                        if read_until(f, meta.len()).is_err() {
+                        if read_until(f, meta.len(), &mut buf).is_err() {
                             files.remove(&name);
                         } else {
                             progressed = true;
@@ -116,8 +117,7 @@ fn follow(dir: &Path, stop: &AtomicBool) -> HashMap<String, Followed> {
     files
 }
 
-fn read_until(f: &mut Followed, end: u64) -> io::Result<()> {
-    let mut buf = vec![0u8; PIECE];
+fn read_until(f: &mut Followed, end: u64, buf: &mut [u8]) -> io::Result<()> {
     while f.offset < end {
         let want = ((end - f.offset) as usize).min(PIECE);
         let n = f.file.read_at(&mut buf[..want], f.offset)?;
@@ -126,25 +126,6 @@ fn read_until(f: &mut Followed, end: u64) -> io::Result<()> {
         }
         f.hasher.update(&buf[..n]);
         f.offset += n as u64;
-    }
-    Ok(())
-}
-
-fn catch_up(f: &mut Followed) -> io::Result<()> {
-    let end = f.file.metadata()?.len();
-    read_until(f, end)
-}
-
-fn list(dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
-    for entry in std::fs::read_dir(dir)? {
-        let entry = entry?;
-        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
-        let kind = entry.file_type()?;
-        if kind.is_dir() {
-            list(&entry.path(), &format!("{name}/"), out)?;
-        } else if kind.is_file() {
-            out.push(name);
-        }
     }
     Ok(())
 }

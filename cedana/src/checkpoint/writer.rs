@@ -76,9 +76,7 @@ impl CheckpointWriter {
     /// Add every regular file under `src` (recursively, sorted), hashing as it goes.
     /// `progress` receives the number of bytes processed after each chunk.
     pub fn add_tree(&mut self, src: &Path, progress: &dyn Fn(u64)) -> Result<(), CheckpointError> {
-        let mut names = Vec::new();
-        list_files(src, "", &mut names)?;
-        for name in names {
+        for name in list_files(src).map_err(CheckpointError::io(src))? {
             if name == MANIFEST_NAME {
                 continue;
             }
@@ -226,20 +224,22 @@ pub(crate) fn copy_large(reader: &mut dyn Read, writer: &mut dyn Write) -> io::R
 }
 
 /// Regular files under `dir`, relative, `/`-separated, sorted.
-fn list_files(dir: &Path, prefix: &str, out: &mut Vec<String>) -> Result<(), CheckpointError> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(CheckpointError::io(dir))?
-        .collect::<Result<_, _>>()
-        .map_err(CheckpointError::io(dir))?;
-    entries.sort_by_key(|e| e.file_name());
-    for entry in entries {
-        let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
-        let kind = entry.file_type().map_err(CheckpointError::io(entry.path()))?;
-        if kind.is_dir() {
-            list_files(&entry.path(), &format!("{name}/"), out)?;
-        } else if kind.is_file() {
-            out.push(name);
+pub(crate) fn list_files(dir: &Path) -> io::Result<Vec<String>> {
+    fn walk(dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
+        let mut entries: Vec<_> = std::fs::read_dir(dir)?.collect::<Result<_, _>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for entry in entries {
+            let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
+            let kind = entry.file_type()?;
+            if kind.is_dir() {
+                walk(&entry.path(), &format!("{name}/"), out)?;
+            } else if kind.is_file() {
+                out.push(name);
+            }
         }
+        Ok(())
     }
-    Ok(())
+    let mut out = Vec::new();
+    walk(dir, "", &mut out)?;
+    Ok(out)
 }

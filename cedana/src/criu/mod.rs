@@ -8,7 +8,7 @@ pub mod stats;
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use options::CriuOptions;
@@ -85,11 +85,7 @@ impl Criu {
                 Err(CriuError::NotFound { tried: path.display().to_string() })
             };
         }
-        let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-            .map(|p| std::env::split_paths(&p).map(|d| d.join("criu")).collect())
-            .unwrap_or_default();
-        candidates.extend(["/usr/local/sbin/criu", "/opt/cedana/criu/criu", "/usr/sbin/criu"].map(PathBuf::from));
-        candidates
+        crate::binary::candidates("criu", &["/usr/local/sbin/criu", "/opt/cedana/criu/criu", "/usr/sbin/criu"])
             .iter()
             .find(|p| p.is_file())
             .map(|p| Self { binary: p.clone() })
@@ -267,16 +263,7 @@ impl Criu {
             return Ok(());
         }
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        Err(CriuError::Failed { action, status: describe(status), errors: log::error_lines(&text), hint: log::hint(&text), log })
-    }
-}
-
-fn describe(status: ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(sig)) => format!("killed by signal {sig}"),
-        _ => "unknown status".into(),
+        Err(CriuError::Failed { action, status: crate::binary::describe_status(status), errors: log::error_lines(&text), hint: log::hint(&text), log })
     }
 }
 

@@ -110,7 +110,7 @@ fn dump_process(cfg: &Config, req: &DumpRequest, pid: i32, progress: &dyn Progre
         succeeded: None,
     };
     hooks.run(HookPoint::BeforeDump, &ctx)?;
-    let result = run_dump(&criu, req, &name, &options, images, progress, |criu, call, hook| criu.dump(call, hook));
+    let result = run_dump(&criu, req, &name, &options, images, progress);
     ctx.succeeded = Some(result.is_ok());
     hooks::report(hooks.as_ref(), HookPoint::AfterDump, &ctx);
     let mut outcome = result?;
@@ -146,15 +146,14 @@ pub(crate) fn open_writer(
     Ok((writer, Some(staging), dir))
 }
 
-/// The common dump path: create the writer, run `run_criu` with the packaging hook, write the manifest.
-pub(crate) fn run_dump(
+/// Create the writer, run CRIU with the packaging hook, write the manifest.
+fn run_dump(
     criu: &Criu,
     req: &DumpRequest,
     name: &str,
     options: &CriuOptions,
     images: ImagesToPackage,
     progress: &dyn Progress,
-    run_criu: impl FnOnce(&Criu, &DumpCall<'_>, &mut dyn FnMut(&str) -> bool) -> Result<(), criu::CriuError>,
 ) -> Result<DumpOutcome, EngineError> {
     let (mut writer, _staging, images_dir) = open_writer(req, name)?;
     let work = tempfile::Builder::new().prefix("cedana-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?;
@@ -199,7 +198,7 @@ pub(crate) fn run_dump(
                 }
             }
         };
-        run_criu(criu, &call, &mut hook)
+        criu.dump(&call, &mut hook)
     };
     let criu_time = criu_start.elapsed().saturating_sub(package_time);
     if let Err(err) = result {
@@ -263,7 +262,7 @@ pub(crate) fn new_manifest(
     }
 }
 
-pub(crate) fn package(writer: &mut CheckpointWriter, images_dir: &Path, progress: &dyn Progress) -> Result<(), crate::checkpoint::CheckpointError> {
+fn package(writer: &mut CheckpointWriter, images_dir: &Path, progress: &dyn Progress) -> Result<(), crate::checkpoint::CheckpointError> {
     let total = dir_size(images_dir);
     progress.phase("packaging", Some(total));
     writer.add_tree(images_dir, &|n| progress.advance(n))

@@ -59,6 +59,11 @@ pub struct HookError {
 /// Work run around CRIU. `before_*` may refuse; `after_*` only report (the outcome is already decided).
 pub trait Hooks: Send + Sync {
     fn run(&self, point: HookPoint, ctx: &HookContext) -> Result<(), HookError>;
+
+    /// Whether there is anything to run (callers skip gathering context only hooks would read).
+    fn active(&self) -> bool {
+        true
+    }
 }
 
 /// No hooks.
@@ -67,6 +72,9 @@ pub struct NoHooks;
 impl Hooks for NoHooks {
     fn run(&self, _: HookPoint, _: &HookContext) -> Result<(), HookError> {
         Ok(())
+    }
+    fn active(&self) -> bool {
+        false
     }
 }
 

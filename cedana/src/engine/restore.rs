@@ -2,7 +2,7 @@
 //! options the dump recorded.
 
 use std::fs::File;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::{CheckpointKind, Manifest, OpenedCheckpoint};
@@ -173,7 +173,7 @@ fn become_subreaper() -> Result<(), EngineError> {
 }
 
 /// Wait for an adopted restored tree's root to exit, reaping any other orphan on the way, and return its
-/// exit code (128 + signal when killed, as shells report it). Signals in `forward` are passed on to it.
+/// exit code (128 + signal when killed, as shells report it).
 pub fn wait_for_exit(pid: i32) -> Result<i32, EngineError> {
     use nix::sys::wait::{waitpid, WaitStatus};
     use nix::unistd::Pid;
@@ -188,9 +188,4 @@ pub fn wait_for_exit(pid: i32) -> Result<i32, EngineError> {
             }
         }
     }
-}
-
-/// Whether `path` looks like a checkpoint (for friendlier CLI errors).
-pub fn exists(path: &Path) -> bool {
-    path.symlink_metadata().is_ok()
 }

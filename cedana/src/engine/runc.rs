@@ -257,7 +257,7 @@ pub fn restore(cfg: &Config, req: &RuncRestoreRequest, progress: &dyn Progress) 
     };
     hooks.run(HookPoint::BeforeRestore, &ctx)?;
     let restored = req.runc.restore(&req.id, &opened.images_dir, &flags);
-    if cfg.hooks.command.is_some() {
+    if hooks.active() {
         ctx.pid = req.runc.state(&req.id).map(|s| s.pid).unwrap_or(0);
     }
     ctx.succeeded = Some(restored.is_ok());

@@ -20,11 +20,7 @@ pub fn locate() -> Result<PathBuf, RuncError> {
         }
         return Ok(resolved);
     }
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("runc")).collect())
-        .unwrap_or_default();
-    candidates.extend(FALLBACKS.iter().map(PathBuf::from));
-    candidates
+    crate::binary::candidates("runc", &FALLBACKS)
         .iter()
         .filter_map(|c| resolve(c))
         .find(|r| !is_self(r, me.as_deref()))

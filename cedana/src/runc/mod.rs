@@ -11,6 +11,8 @@ use std::process::{Command, Output, Stdio};
 
 use serde::Deserialize;
 
+use crate::binary::describe_status;
+
 /// Default state folder of runc (`--root`).
 pub const DEFAULT_ROOT: &str = "/run/runc";
 
@@ -50,10 +52,6 @@ pub struct ContainerState {
     pub pid: i32,
     pub status: String,
     pub bundle: PathBuf,
-    #[serde(default)]
-    pub rootfs: PathBuf,
-    #[serde(default)]
-    pub annotations: Option<std::collections::BTreeMap<String, String>>,
 }
 
 /// Flags of `runc restore` besides the image path and id.
@@ -214,7 +212,7 @@ impl Runc {
             _ => Err(RuncError::Failed {
                 command: "restore".into(),
                 id: id.into(),
-                status: describe(status),
+                status: describe_status(status),
                 message: with_criu_errors(
                     last_logged_error(&log_path, log_start)
                         .unwrap_or_else(|| format!("runc gave no reason; see {}", log_path.display())),
@@ -243,7 +241,7 @@ impl Runc {
         if message.contains("does not exist") || message.contains("container not found") {
             return Err(RuncError::NoSuchContainer { id: id.into(), root: self.root.clone() });
         }
-        Err(RuncError::Failed { command: command.into(), id: id.into(), status: describe(out.status), message })
+        Err(RuncError::Failed { command: command.into(), id: id.into(), status: describe_status(out.status), message })
     }
 }
 
@@ -277,15 +275,6 @@ fn with_criu_errors(message: String, criu_log: &Path) -> String {
         out.push_str(&format!("; hint: {h}"));
     }
     out
-}
-
-fn describe(status: std::process::ExitStatus) -> String {
-    use std::os::unix::process::ExitStatusExt;
-    match (status.code(), status.signal()) {
-        (Some(code), _) => format!("exit code {code}"),
-        (None, Some(sig)) => format!("killed by signal {sig}"),
-        _ => "unknown status".into(),
-    }
 }
 
 /// runc's error from its stderr: the `msg` of a logrus text line (`time=... level=error msg="..."`), else
