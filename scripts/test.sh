@@ -18,7 +18,7 @@ cargo build --workspace --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --locked -- "$@" 2>&1 | tee "$log"
+cargo test --workspace --locked --no-fail-fast -- "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary (cargo prints one result line per binary).

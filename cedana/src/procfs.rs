@@ -114,6 +114,27 @@ pub fn tree_pids(pid: i32) -> Vec<i32> {
     out
 }
 
+/// Why a process cannot be dumped, from its stat line alone.
+fn refusal_from_stat(st: &Stat) -> Option<&'static str> {
+    if st.is_zombie() {
+        return Some("it is a zombie (it has exited and waits for its parent to reap it)");
+    }
+    if st.pid == 1 {
+        return Some("it is the init process of this machine");
+    }
+    if st.flags & PF_KTHREAD != 0 {
+        return Some("it is a kernel thread");
+    }
+    if st.sid == 0 {
+        // CRIU cannot record (or recreate) a session it cannot see.
+        return Some(
+            "it has no session (session 0: started by an init or agent that never called setsid), which CRIU \
+             cannot checkpoint; start the program in a session of its own, e.g. `setsid PROGRAM`",
+        );
+    }
+    None
+}
+
 /// Refuse PIDs that must never be dumped: init, kernel threads, ourselves and our ancestors.
 pub fn check_dumpable(pid: i32) -> Result<Stat, ProcError> {
     if pid <= 0 {
@@ -121,14 +142,8 @@ pub fn check_dumpable(pid: i32) -> Result<Stat, ProcError> {
     }
     let st = stat(pid)?;
     let refuse = |reason: &str| Err(ProcError::Refused { pid, reason: reason.into() });
-    if st.is_zombie() {
-        return refuse("it is a zombie (it has exited and waits for its parent to reap it)");
-    }
-    if pid == 1 {
-        return refuse("it is the init process of this machine");
-    }
-    if st.flags & PF_KTHREAD != 0 {
-        return refuse("it is a kernel thread");
+    if let Some(reason) = refusal_from_stat(&st) {
+        return refuse(reason);
     }
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
     if let (Some(theirs), Some(ours)) = (ns(&pid.to_string()), ns("self")) {
@@ -258,6 +273,18 @@ mod tests {
         assert!(!needs_shell_job(&st, &[42, 43]));
         let st = parse_stat("42 (x) S 1 42 7 0 -1 0 0 0").unwrap();
         assert!(needs_shell_job(&st, &[42, 43]));
+    }
+
+    #[test]
+    fn refuses_zombies_kernel_threads_and_session_zero() {
+        let ok = parse_stat("42 (x) S 1 42 42 0 -1 0 0 0").unwrap();
+        assert_eq!(refusal_from_stat(&ok), None);
+        let zombie = parse_stat("42 (x) Z 1 42 42 0 -1 0 0 0").unwrap();
+        assert!(refusal_from_stat(&zombie).unwrap().contains("zombie"));
+        let kthread = parse_stat(&format!("42 (kworker) S 2 0 0 0 -1 {PF_KTHREAD} 0 0")).unwrap();
+        assert!(refusal_from_stat(&kthread).unwrap().contains("kernel thread"));
+        let no_session = parse_stat("42 (x) S 9 42 0 0 -1 0 0 0").unwrap();
+        assert!(refusal_from_stat(&no_session).unwrap().contains("setsid"));
     }
 
     #[test]

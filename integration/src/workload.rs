@@ -31,30 +31,38 @@ pub struct Workload {
 impl Workload {
     /// Start `program ARGS` in its own session with output to `dir/NAME.log`.
     pub fn start(program: &Path, args: &[&str], dir: &Path) -> Workload {
-        Self::start_with(program, args, dir, true)
-    }
-
-    /// Start it, in a new session or (`setsid = false`) in the test's own session, as a shell would.
-    pub fn start_with(program: &Path, args: &[&str], dir: &Path, setsid: bool) -> Workload {
         let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let log = dir.join(format!("{name}.log"));
         let file = std::fs::File::create(&log).expect("create workload log");
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .stdin(Stdio::null())
+        let mut cmd = session_command(program);
+        cmd.args(args).stdout(file.try_clone().expect("dup log")).stderr(file).current_dir(dir);
+        let child = cmd.spawn().expect("start workload");
+        let pid = child.id() as i32;
+        Workload { child: Some(child), pid, log, own_group: true }
+    }
+
+    /// Start it as a job of a shell that leads a session of its own (`setsid sh -c 'PROGRAM &; wait'`): the
+    /// workload's session and group leader is outside its tree, as for a job started from a terminal, whatever
+    /// session the test itself runs in.
+    pub fn start_as_shell_job(program: &Path, args: &[&str], dir: &Path) -> Workload {
+        let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+        let log = dir.join(format!("{name}.log"));
+        let pid_file = dir.join(format!("{name}.job-pid"));
+        let file = std::fs::File::create(&log).expect("create workload log");
+        let mut cmd = session_command(Path::new("/bin/sh"));
+        cmd.arg("-c")
+            .arg(r#"pid_file=$1; shift; "$@" & echo $! > "$pid_file.tmp"; mv "$pid_file.tmp" "$pid_file"; wait"#)
+            .arg("sh")
+            .arg(&pid_file)
+            .arg(program)
+            .args(args)
             .stdout(file.try_clone().expect("dup log"))
             .stderr(file)
             .current_dir(dir);
-        if setsid {
-            use std::os::unix::process::CommandExt;
-            // SAFETY: setsid is async-signal-safe and runs in the child between fork and exec.
-            unsafe {
-                cmd.pre_exec(|| nix::unistd::setsid().map(|_| ()).map_err(std::io::Error::from));
-            }
-        }
-        let child = cmd.spawn().expect("start workload");
-        let pid = child.id() as i32;
-        Workload { child: Some(child), pid, log, own_group: setsid }
+        let child = cmd.spawn().expect("start the job's shell");
+        let text = crate::wait_for("the job's PID", Duration::from_secs(10), || std::fs::read_to_string(&pid_file).ok());
+        let pid = text.trim().parse().expect("the shell wrote a PID");
+        Workload { child: Some(child), pid, log, own_group: false }
     }
 
     /// The log so far.

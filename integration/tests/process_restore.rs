@@ -138,8 +138,7 @@ fn established_tcp_connection_needs_the_flag_and_then_survives() {
 fn shell_jobs_are_detected() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    // Not its own session: its session leader is outside the tree, as for a job started from a shell.
-    let mut w = Workload::start_with(&workload_bin("counter"), &[], dir.path(), false);
+    let mut w = Workload::start_as_shell_job(&workload_bin("counter"), &[], dir.path());
     w.wait_lines(3);
     let pid = w.pid.to_string();
     let out = cedana_ok(&["dump", "process", &pid, "--dir", dir.path().to_str().unwrap(), "--name", "job"]);
