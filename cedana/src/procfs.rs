@@ -142,9 +142,6 @@ pub fn check_dumpable(pid: i32) -> Result<Stat, ProcError> {
     }
     let st = stat(pid)?;
     let refuse = |reason: &str| Err(ProcError::Refused { pid, reason: reason.into() });
-    if let Some(reason) = refusal_from_stat(&st) {
-        return refuse(reason);
-    }
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
     if let (Some(theirs), Some(ours)) = (ns(&pid.to_string()), ns("self")) {
         if theirs != ours {
@@ -153,6 +150,9 @@ pub fn check_dumpable(pid: i32) -> Result<Stat, ProcError> {
                  `cedana dump runc ID` for a runc or Docker container",
             );
         }
+    }
+    if let Some(reason) = refusal_from_stat(&st) {
+        return refuse(reason);
     }
     let mut ancestor = std::process::id() as i32;
     while ancestor > 1 {
