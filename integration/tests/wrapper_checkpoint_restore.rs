@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use cedana_integration::console::ConsoleSocket;
 use cedana_integration::engines::{piped, RuncRoot};
 use cedana_integration::images::{Bundle, RESTORE_ANNOTATION};
 use cedana_integration::lines::{numbers, Lines};
@@ -182,4 +183,88 @@ fn errors_are_written_in_the_callers_log_format() {
     let out = runc.run(&["checkpoint", "--image-path", tmp.path().join("i").to_str().unwrap(), "no-such-ctr"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("time=\"") && err.contains(" level=error msg=\"cedana-runc: container does not exist: no container"), "{err}");
+}
+
+#[test]
+fn a_terminal_container_is_restored_onto_the_new_console_socket() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let runc = RuncRoot::new(tmp.path(), bin("cedana-runc"));
+    let bundle = Bundle::counter(&tmp.path().join("bundle"));
+    bundle.edit_config(|c| c["process"]["terminal"] = true.into());
+    let console = ConsoleSocket::bind(&tmp.path().join("console.sock"));
+    let cid = id("tty");
+    runc.track(&cid);
+    runc.ok(&["run", "-d", "--console-socket", console.path.to_str().unwrap(), "--bundle", bundle.dir.to_str().unwrap(), &cid]);
+    let out = console.receive(T);
+    out.wait_numbers(5, T);
+
+    let log = tmp.path().join("log.json");
+    let images = tmp.path().join("images");
+    let (status, _) = wrapper(&runc, &log, &["checkpoint", "--image-path", images.to_str().unwrap(), &cid]);
+    assert!(status.success(), "{:?}", log_lines(&log));
+    let last = *numbers(&out.wait_closed(T)).last().unwrap();
+
+    let console = ConsoleSocket::bind(&tmp.path().join("console2.sock"));
+    let copy = id("tty-restored");
+    runc.track(&copy);
+    let (status, _) = wrapper(
+        &runc,
+        &log,
+        &["restore", "--image-path", images.to_str().unwrap(), "--detach", "--console-socket", console.path.to_str().unwrap(), "--bundle", bundle.dir.to_str().unwrap(), &copy],
+    );
+    assert!(status.success(), "{:?}", log_lines(&log));
+    let after = console.receive(T);
+    assert_eq!(after.wait_numbers(2, T)[..2], [last + 1, last + 2], "the counter goes on, on the new terminal");
+    assert_eq!(runc.status(&copy).as_deref(), Some("running"));
+}
+
+/// A pre-dump, then a dump on top of it (`--parent-path`): plain CRIU images that runc writes and restores.
+/// Where the kernel cannot track dirty memory (these VMs: no CONFIG_MEM_SOFT_DIRTY), the pre-dump is refused
+/// up front with the reason, and the container keeps running.
+#[test]
+fn pre_dump_and_a_dump_on_its_parent_or_a_clear_refusal_without_memory_tracking() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let runc = RuncRoot::new(tmp.path(), bin("cedana-runc"));
+    let bundle = Bundle::counter(&tmp.path().join("bundle"));
+    let cid = id("pre");
+    let out = runc.run_detached(&bundle.dir, &cid);
+    out.wait_for(3, T);
+    let log = tmp.path().join("log.json");
+    let pre = tmp.path().join("pre");
+    let tracking = std::process::Command::new("criu").args(["check", "--feature", "mem_dirty_track"]).output().unwrap().status.success();
+    let (status, _) = wrapper(&runc, &log, &["checkpoint", "--pre-dump", "--image-path", pre.to_str().unwrap(), &cid]);
+    if !tracking {
+        assert_eq!(status.code(), Some(1));
+        let last = log_lines(&log).pop().expect("an error line");
+        let msg = last["msg"].as_str().unwrap();
+        assert!(msg.contains("memory dirty tracking") && msg.contains("without --pre-dump"), "{msg}");
+        assert_eq!(runc.status(&cid).as_deref(), Some("running"));
+        let n = out.snapshot().len();
+        out.wait_for(n + 2, T);
+        return;
+    }
+    assert!(status.success(), "{:?}", log_lines(&log));
+    assert_eq!(runc.status(&cid).as_deref(), Some("running"), "a pre-dump leaves the container running");
+    let n = out.snapshot().len();
+    out.wait_for(n + 3, T);
+
+    let last_dump = tmp.path().join("final");
+    let (status, _) = wrapper(&runc, &log, &["checkpoint", "--parent-path", "../pre", "--image-path", last_dump.to_str().unwrap(), &cid]);
+    assert!(status.success(), "{:?}", log_lines(&log));
+    assert_eq!(std::fs::read_link(last_dump.join("parent")).unwrap(), Path::new("../pre"), "CRIU links the pre-dump");
+    assert!(find_file(&last_dump, "cedana-checkpoint").is_none(), "iterative dumps stay CRIU images for runc");
+    let last = *numbers(&out.wait_closed(T)).last().unwrap();
+
+    let copy = id("pre-restored");
+    runc.track(&copy);
+    let mut cmd = runc.cmd(&["restore", "-d", "--image-path", last_dump.to_str().unwrap(), "--bundle", bundle.dir.to_str().unwrap(), &copy]);
+    let after = piped(&mut cmd);
+    assert!(cmd.status().unwrap().success(), "{:?}", after.snapshot());
+    assert_eq!(after.wait_numbers(2, T)[..2], [last + 1, last + 2]);
+}
+
+fn find_file(dir: &Path, prefix: &str) -> Option<std::path::PathBuf> {
+    std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
 }

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use cedana::codec::Compression;
 use cedana::config::Config;
+use cedana::criu::Criu;
 use cedana::engine::{self, DumpRequest, DumpTarget, RuncTarget};
 use cedana::progress::Silent;
 
@@ -26,6 +27,20 @@ const RUNC_ONLY: [&str; 5] = ["pre-dump", "lazy-pages", "page-server", "parent-p
 /// Whether we handle this `checkpoint` (one id, and a plain full dump).
 pub fn handles(a: &CommandArgs) -> bool {
     a.positionals.len() == 1 && !RUNC_ONLY.iter().any(|f| a.flags.iter().any(|(n, _)| n == f))
+}
+
+/// Refuse a `--pre-dump` up front, with the reason, when the kernel cannot track dirty memory (runc would
+/// only say "CRIU is missing features"). Any doubt (no CRIU found) is left to runc.
+pub fn check_pre_dump(cfg: &Config, inv: &Invocation, a: &CommandArgs) -> Result<(), WrapperError> {
+    if !a.on("pre-dump") {
+        return Ok(());
+    }
+    let from_flag = inv.globals.forward.iter().find_map(|t| t.to_str()?.strip_prefix("--criu=").map(PathBuf::from));
+    let Ok(criu) = Criu::locate(from_flag.as_deref().or(cfg.criu.binary_path.as_deref())) else { return Ok(()) };
+    match criu.has_feature("mem_dirty_track") {
+        Ok(false) => Err(WrapperError::NoDirtyTracking),
+        _ => Ok(()),
+    }
 }
 
 /// Checkpoint container `a.positionals[0]`.

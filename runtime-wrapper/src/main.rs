@@ -31,6 +31,8 @@ pub enum WrapperError {
     Config(#[from] cedana::config::ConfigError),
     #[error("{how} names {path}, which holds no cedana checkpoint: give a checkpoint file or folder of `cedana dump runc`, or a `docker checkpoint` folder written by cedana-runc")]
     NoCheckpoint { how: &'static str, path: PathBuf },
+    #[error("a pre-dump needs the kernel's memory dirty tracking, which this machine lacks (no CONFIG_MEM_SOFT_DIRTY: `criu check --feature mem_dirty_track` fails); take a full checkpoint instead (without --pre-dump). The container was not touched")]
+    NoDirtyTracking,
     #[error("cannot run the real runc {binary}: {source}")]
     Exec {
         binary: PathBuf,
@@ -86,7 +88,11 @@ fn dispatch(inv: Option<&Invocation>, raw: &[OsString], log: &RuncLog) -> Result
     match inv.command.as_deref() {
         Some("checkpoint") => match args::CHECKPOINT.parse(&inv.args) {
             Some(a) if checkpoint::handles(&a) => checkpoint::run(&cfg()?, inv, &a, log),
-            _ => passthrough(raw),
+            Some(a) => {
+                checkpoint::check_pre_dump(&cfg()?, inv, &a)?;
+                passthrough(raw)
+            }
+            None => passthrough(raw),
         },
         Some("restore") => match args::RESTORE.parse(&inv.args) {
             Some(a) => restore::restore(&cfg()?, inv, &a, log)?.map_or_else(|| passthrough(raw), Ok),

@@ -153,6 +153,17 @@ impl Criu {
         Ok((out.status.success() && text.contains("Looks good"), text.trim().to_string()))
     }
 
+    /// Whether `criu check --feature NAME` passes (e.g. `mem_dirty_track`, which pre-dumps need).
+    pub fn has_feature(&self, name: &str) -> Result<bool, CriuError> {
+        let status = Command::new(&self.binary)
+            .args(["check", "--feature", name])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map_err(|source| CriuError::Spawn { binary: self.binary.clone(), source })?;
+        Ok(status.success())
+    }
+
     /// Dump a process tree. `on_hook(action)` answers CRIU's action scripts; returning `false` at
     /// `post-dump` makes CRIU resume the tree and fail the dump.
     pub fn dump(&self, call: &DumpCall<'_>, on_hook: &mut dyn FnMut(&str) -> bool) -> Result<(), CriuError> {
