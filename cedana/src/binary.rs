@@ -6,9 +6,8 @@ use std::process::ExitStatus;
 
 /// `name` in every PATH folder, in order, then the `fallbacks` (absolute paths); existence is not checked.
 pub fn candidates(name: &str, fallbacks: &[&str]) -> Vec<PathBuf> {
-    let mut out: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect())
-        .unwrap_or_default();
+    let mut out: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join(name)).collect()).unwrap_or_default();
     out.extend(fallbacks.iter().map(PathBuf::from));
     out
 }

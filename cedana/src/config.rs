@@ -103,9 +103,10 @@ impl Config {
             self.checkpoint.scratch_dir = Some(v.into());
         }
         if let Ok(v) = std::env::var("CEDANA_CHECKPOINT_COMPRESSION") {
-            let c = v
-                .parse()
-                .map_err(|e: crate::codec::CodecError| ConfigError::Env { var: "CEDANA_CHECKPOINT_COMPRESSION", message: e.to_string() })?;
+            let c = v.parse().map_err(|e: crate::codec::CodecError| ConfigError::Env {
+                var: "CEDANA_CHECKPOINT_COMPRESSION",
+                message: e.to_string(),
+            })?;
             self.checkpoint.compression = Some(c);
         }
         Ok(())

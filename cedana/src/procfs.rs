@@ -172,14 +172,9 @@ pub fn describe(pid: i32) -> Result<ProcessInfo, ProcError> {
     let st = stat(pid)?;
     let io = |source| ProcError::Io { pid, source };
     let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).map_err(io)?;
-    let cmdline = cmdline
-        .split(|b| *b == 0)
-        .filter(|a| !a.is_empty())
-        .map(|a| String::from_utf8_lossy(a).into_owned())
-        .collect();
-    let link = |name: &str| {
-        std::fs::read_link(format!("/proc/{pid}/{name}")).map(|p| p.display().to_string()).unwrap_or_default()
-    };
+    let cmdline = cmdline.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+    let link =
+        |name: &str| std::fs::read_link(format!("/proc/{pid}/{name}")).map(|p| p.display().to_string()).unwrap_or_default();
     let stdio_pipes = (0..3)
         .filter_map(|fd| {
             let target = std::fs::read_link(format!("/proc/{pid}/fd/{fd}")).ok()?;
@@ -187,15 +182,7 @@ pub fn describe(pid: i32) -> Result<ProcessInfo, ProcError> {
             target.starts_with("pipe:[").then_some(StdioPipe { fd, resource: target })
         })
         .collect();
-    Ok(ProcessInfo {
-        pid,
-        pids: tree_pids(pid),
-        cmdline,
-        comm: st.comm,
-        exe: link("exe"),
-        cwd: link("cwd"),
-        stdio_pipes,
-    })
+    Ok(ProcessInfo { pid, pids: tree_pids(pid), cmdline, comm: st.comm, exe: link("exe"), cwd: link("cwd"), stdio_pipes })
 }
 
 /// Whether the tree needs CRIU's `--shell-job`: its session or process group leader is outside it.

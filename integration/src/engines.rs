@@ -315,7 +315,9 @@ impl Containerd {
             }
             let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
             let deadline = std::time::Instant::now() + Duration::from_secs(20);
-            while matches!(self.task_status(id).as_deref(), Some("RUNNING" | "PAUSED" | "PAUSING")) && std::time::Instant::now() < deadline {
+            while matches!(self.task_status(id).as_deref(), Some("RUNNING" | "PAUSED" | "PAUSING"))
+                && std::time::Instant::now() < deadline
+            {
                 std::thread::sleep(Duration::from_millis(50));
             }
             let _ = self.ctr(&["task", "rm", "-f", id]);

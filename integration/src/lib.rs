@@ -83,11 +83,7 @@ pub fn success_stdout(what: &str, out: &Output) -> String {
 /// Like [`cedana`], but the command must fail; returns stderr.
 pub fn cedana_err(args: &[&str]) -> String {
     let out = cedana(args);
-    assert!(
-        !out.status.success(),
-        "cedana {args:?} should have failed:\nstdout: {}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    assert!(!out.status.success(), "cedana {args:?} should have failed:\nstdout: {}", String::from_utf8_lossy(&out.stdout));
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 

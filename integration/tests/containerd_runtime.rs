@@ -113,7 +113,8 @@ fn inspect(path: &Path) -> serde_json::Value {
 
 /// The file names in `dir`, sorted.
 fn names(dir: &Path) -> Vec<String> {
-    let mut n: Vec<String> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    let mut n: Vec<String> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     n.sort();
     n
 }
@@ -160,7 +161,16 @@ fn ctr_checkpoint_to_an_image_path_writes_ours_and_the_annotation_restores_it() 
 
     let images = s.dir.join("images");
     let work = s.dir.join("work");
-    s.d.ok(&["task", "checkpoint", "--exit", "--image-path", images.to_str().unwrap(), "--work-path", work.to_str().unwrap(), id]);
+    s.d.ok(&[
+        "task",
+        "checkpoint",
+        "--exit",
+        "--image-path",
+        images.to_str().unwrap(),
+        "--work-path",
+        work.to_str().unwrap(),
+        id,
+    ]);
     wait_for("the checkpointed task to stop", T, || (s.d.task_status(id).as_deref() == Some("STOPPED")).then_some(()));
     let runc_log = std::fs::read_to_string(s.bundle_dir(id).join("log.json")).unwrap();
     assert!(runc_log.contains("cedana: checkpointed"), "the shim's runc is cedana-runc: {runc_log}");
@@ -203,7 +213,10 @@ fn ctr_checkpoint_to_an_image_path_writes_ours_and_the_annotation_restores_it() 
 /// The digest of the blob of `media_type` in the checkpoint image `reference`.
 fn checkpoint_blob(d: &Containerd, reference: &str, media_type: &str) -> String {
     let images = d.ok(&["image", "ls"]);
-    let line = images.lines().find(|l| l.split_whitespace().next() == Some(reference)).unwrap_or_else(|| panic!("{reference} in {images}"));
+    let line = images
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(reference))
+        .unwrap_or_else(|| panic!("{reference} in {images}"));
     let index_digest = line.split_whitespace().nth(2).unwrap();
     let index: serde_json::Value = serde_json::from_str(&d.ok(&["content", "get", index_digest])).unwrap();
     let manifests = index["manifests"].as_array().unwrap();
@@ -260,7 +273,10 @@ fn ctr_container_checkpoint_and_restore_live_continue_the_counter() {
     assert_consecutive(&got, "attached to the restored task");
     printed.extend(&got);
     let first = printed[0];
-    assert!(first >= before && first <= after + 1, "the restored counter starts at {first}: checkpointed between {before} and {after}");
+    assert!(
+        first >= before && first <= after + 1,
+        "the restored counter starts at {first}: checkpointed between {before} and {after}"
+    );
     let ps = s.d.ok(&["task", "exec", "--exec-id", "e1", copy, "/bin/ps"]);
     assert!(ps.contains("while true"), "{ps}");
     s.d.remove(copy);
@@ -290,7 +306,10 @@ fn restore_errors_reach_ctr_users_and_leave_nothing_behind() {
     let err = String::from_utf8_lossy(&out.stderr);
     eprintln!("ctr said: {err}");
     assert!(!out.status.success(), "ctr run must fail");
-    assert!(err.contains("OCI runtime create failed: cedana-runc: ") && err.contains(junk.to_str().unwrap()), "ctr shows our message: {err}");
+    assert!(
+        err.contains("OCI runtime create failed: cedana-runc: ") && err.contains(junk.to_str().unwrap()),
+        "ctr shows our message: {err}"
+    );
     assert_nothing_left(&s, "bad-file");
 
     // A real checkpoint whose restore fails inside runc/CRIU (the new rootfs is empty: the process's
@@ -322,7 +341,19 @@ fn dumped_finite_counter(runc: &RuncRoot, tmp: &Path, name: &str) -> (PathBuf, u
     let out = runc.run_detached(&bundle.dir, &cid);
     out.wait_for(5, T);
     let dir = tmp.join(format!("cp-{name}"));
-    cedana_ok(&["dump", "runc", &cid, "--root", runc.root.to_str().unwrap(), "--dir", dir.to_str().unwrap(), "--name", "cp", "--compression", "lz4"]);
+    cedana_ok(&[
+        "dump",
+        "runc",
+        &cid,
+        "--root",
+        runc.root.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+        "--name",
+        "cp",
+        "--compression",
+        "lz4",
+    ]);
     let before = numbers(&out.wait_closed(T));
     assert_consecutive(&before, "before the dump");
     (dir.join("cp.tar.lz4"), *before.last().unwrap())
@@ -338,11 +369,16 @@ fn cedana_restore_runc_attached_streams_the_output_and_returns_the_exit_code() {
     let copy = format!("ced-ctr-attached-copy-{}", std::process::id());
     runc.track(&copy);
     let mut cmd = Command::new(bin("cedana"));
-    cmd.args(["restore", "runc", "--id", &copy, "--path"]).arg(&cp).arg("--bundle").arg(&bundle.dir).arg("--root").arg(&runc.root);
+    cmd.args(["restore", "runc", "--id", &copy, "--path"])
+        .arg(&cp)
+        .arg("--bundle")
+        .arg(&bundle.dir)
+        .arg("--root")
+        .arg(&runc.root);
     let out = piped(&mut cmd);
     let mut child = cmd.spawn().unwrap();
     drop(cmd); // it holds the pipe's write end
-    // While attached, the container runs and its output flows.
+               // While attached, the container runs and its output flows.
     let early = out.wait_numbers(2, T);
     assert_continues(early[0], last, "attached restore");
     assert_eq!(runc.status(&copy).as_deref(), Some("running"));

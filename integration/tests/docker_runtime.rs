@@ -88,7 +88,8 @@ fn docker_checkpoint_then_start_from_it_continues_the_counter() {
 
     // Docker stored our checkpoint format, verifiable by cedana.
     let stored = checkpoint_dir(&d, &id, "cp1").join("cedana-checkpoint.tar.zst");
-    let m: serde_json::Value = serde_json::from_str(&cedana_ok(&["checkpoint", "inspect", "--json", "--verify", stored.to_str().unwrap()])).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&cedana_ok(&["checkpoint", "inspect", "--json", "--verify", stored.to_str().unwrap()])).unwrap();
     assert_eq!((m["kind"].as_str(), m["compression"].as_str()), (Some("runc"), Some("zstd")));
     assert_eq!(m["container"]["id"], id.as_str());
 
@@ -121,7 +122,8 @@ fn docker_run_with_cedana_restore_env_restores_at_create() {
     d.ok(&["stop", "-t", "1", "copy"]);
 
     // A checkpoint that is not there: docker run fails with our message.
-    let out = d.docker(&["run", "-d", "--runtime", "cedana", "--name", "bad", "-e", "CEDANA_RESTORE=/nonexistent/cp", IMAGE, "true"]);
+    let out =
+        d.docker(&["run", "-d", "--runtime", "cedana", "--name", "bad", "-e", "CEDANA_RESTORE=/nonexistent/cp", IMAGE, "true"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("holds no cedana checkpoint"), "{err}");
 }
@@ -136,12 +138,26 @@ fn cedana_dump_runc_of_a_docker_container_restores_as_a_runc_container() {
     let last = *d.log_numbers("plain").last().unwrap();
     let root = d.runc_root();
     let dir = tmp.path().join("cps");
-    cedana_ok(&["dump", "runc", &id, "--root", root.to_str().unwrap(), "--dir", dir.to_str().unwrap(), "--name", "d", "--leave-running", "--compression", "lz4"]);
+    cedana_ok(&[
+        "dump",
+        "runc",
+        &id,
+        "--root",
+        root.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+        "--name",
+        "d",
+        "--leave-running",
+        "--compression",
+        "lz4",
+    ]);
     assert_eq!(d.ok(&["inspect", "-f", "{{.State.Status}}", "plain"]), "paused", "a paused container stays paused");
     let cp = dir.join("d.tar.lz4");
 
     // A bundle from the recorded config.json, in a cgroup of its own (the original still holds Docker's).
-    let m: serde_json::Value = serde_json::from_str(&cedana_ok(&["checkpoint", "inspect", "--json", cp.to_str().unwrap()])).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&cedana_ok(&["checkpoint", "inspect", "--json", cp.to_str().unwrap()])).unwrap();
     let mut config = m["container"]["config"].clone();
     config["linux"]["cgroupsPath"] = format!("/cedana-test-copy-{}", std::process::id()).into();
     let bundle = tmp.path().join("bundle");

@@ -97,7 +97,15 @@ fn dumped_counter(dir: &std::path::Path, compression: &str) -> (std::path::PathB
     let mut w = Workload::start(&workload_bin("counter"), &[], dir);
     w.wait_lines(3);
     let out = cedana_ok(&[
-        "dump", "process", &w.pid.to_string(), "--dir", dir.to_str().unwrap(), "--name", "c", "--compression", compression,
+        "dump",
+        "process",
+        &w.pid.to_string(),
+        "--dir",
+        dir.to_str().unwrap(),
+        "--name",
+        "c",
+        "--compression",
+        compression,
     ]);
     let path = out.lines().next().and_then(|l| l.rsplit(" to ").next()).unwrap().into();
     w.reap();
@@ -252,7 +260,13 @@ fn a_criu_failure_quotes_its_log_and_keeps_the_process() {
     let w = Workload::start(&workload_bin("counter"), &[], dir.path());
     w.wait_lines(3);
     let err = cedana_err(&[
-        "dump", "process", &w.pid.to_string(), "--dir", dir.path().to_str().unwrap(), "--criu-opts", "--no-such-criu-option",
+        "dump",
+        "process",
+        &w.pid.to_string(),
+        "--dir",
+        dir.path().to_str().unwrap(),
+        "--criu-opts",
+        "--no-such-criu-option",
     ]);
     assert!(err.contains("criu dump failed") && err.contains("full log:"), "{err}");
     assert!(alive(w.pid));
@@ -280,7 +294,8 @@ fn inspect_prints_the_manifest() {
     let out = cedana_ok(&["checkpoint", "inspect", path.to_str().unwrap()]);
     assert!(out.contains("Kind         process") && out.contains(&format!("PID {pid}")), "{out}");
     assert!(out.contains("pages-1.img"), "{out}");
-    let json: serde_json::Value = serde_json::from_str(&cedana_ok(&["checkpoint", "inspect", "--json", path.to_str().unwrap()])).unwrap();
+    let json: serde_json::Value =
+        serde_json::from_str(&cedana_ok(&["checkpoint", "inspect", "--json", path.to_str().unwrap()])).unwrap();
     assert_eq!(json["process"]["pid"], pid);
     assert_eq!(json["compression"], "zstd");
     assert!(json["stats"]["pages_written"].as_u64().unwrap() > 0);

@@ -54,11 +54,8 @@ fn counter_continues_after_restore_with_every_compression() {
         assert_consecutive(&numbers(&lines, 0), &format!("counter after a {c} restore"));
     }
     // No temporary files are left next to the checkpoints.
-    let hidden: Vec<_> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with('.'))
-        .collect();
+    let hidden: Vec<_> =
+        std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().starts_with('.')).collect();
     assert!(hidden.is_empty(), "left-over temporary files: {hidden:?}");
 }
 
@@ -223,7 +220,16 @@ fn pid_file_and_log_of_a_detached_restore() {
     let pid_file = dir.path().join("restored.pid");
     let log = dir.path().join("restored.log");
     let ckpt = dir.path().join("pf");
-    cedana_ok(&["restore", "process", "--path", ckpt.to_str().unwrap(), "--pid-file", pid_file.to_str().unwrap(), "--log", log.to_str().unwrap()]);
+    cedana_ok(&[
+        "restore",
+        "process",
+        "--path",
+        ckpt.to_str().unwrap(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "--log",
+        log.to_str().unwrap(),
+    ]);
     assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), pid.to_string());
     let lines = wait_for("output in the restore log", Duration::from_secs(10), || {
         let t = std::fs::read_to_string(&log).unwrap_or_default();

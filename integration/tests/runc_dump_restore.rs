@@ -79,7 +79,8 @@ fn leave_running_keeps_the_original_and_the_copy_runs_beside_it() {
     out.wait_for(3, T);
     let dir = tmp.path().join("cp");
     let root = runc.root.to_str().unwrap();
-    let summary = cedana_ok(&["dump", "runc", &cid, "--root", root, "--dir", dir.to_str().unwrap(), "--leave-running", "--name", "cp"]);
+    let summary =
+        cedana_ok(&["dump", "runc", &cid, "--root", root, "--dir", dir.to_str().unwrap(), "--leave-running", "--name", "cp"]);
     assert!(summary.contains(&format!("Dumped container {cid}")), "{summary}");
     // Not left paused: it still counts.
     assert_eq!(runc.status(&cid).as_deref(), Some("running"));
@@ -94,7 +95,9 @@ fn leave_running_keeps_the_original_and_the_copy_runs_beside_it() {
     assert_eq!(runc.status(&copy).as_deref(), Some("running"));
 
     // A checkpoint records what restore needs: the container's id, bundle and config.
-    let m: serde_json::Value = serde_json::from_str(&cedana_ok(&["checkpoint", "inspect", "--json", "--verify", dir.join("cp.tar").to_str().unwrap()])).unwrap();
+    let m: serde_json::Value =
+        serde_json::from_str(&cedana_ok(&["checkpoint", "inspect", "--json", "--verify", dir.join("cp.tar").to_str().unwrap()]))
+            .unwrap();
     assert_eq!(m["kind"], "runc");
     assert_eq!(m["container"]["id"], cid.as_str());
     assert_eq!(m["container"]["bundle"], bundle.dir.to_str().unwrap());
@@ -114,7 +117,20 @@ fn a_paused_container_stays_paused_and_a_bundle_without_config_gets_the_checkpoi
     runc.ok(&["pause", &cid]);
     let dir = tmp.path().join("cp");
     let root = runc.root.to_str().unwrap();
-    cedana_ok(&["dump", "runc", &cid, "--root", root, "--dir", dir.to_str().unwrap(), "--leave-running", "--name", "p", "--compression", "zstd"]);
+    cedana_ok(&[
+        "dump",
+        "runc",
+        &cid,
+        "--root",
+        root,
+        "--dir",
+        dir.to_str().unwrap(),
+        "--leave-running",
+        "--name",
+        "p",
+        "--compression",
+        "zstd",
+    ]);
     assert_eq!(runc.status(&cid).as_deref(), Some("paused"));
     let frozen = numbers(&out.snapshot());
     std::thread::sleep(Duration::from_millis(500));
@@ -143,7 +159,19 @@ fn a_256_mib_container_keeps_its_memory_checksum() {
     let sum = out.wait_line("the memory checksum", Duration::from_secs(60), |l| l.starts_with("sum "));
     let dir = tmp.path().join("cp");
     let root = runc.root.to_str().unwrap();
-    let summary = cedana_ok(&["dump", "runc", &cid, "--root", root, "--dir", dir.to_str().unwrap(), "--compression", "lz4", "--name", "mem"]);
+    let summary = cedana_ok(&[
+        "dump",
+        "runc",
+        &cid,
+        "--root",
+        root,
+        "--dir",
+        dir.to_str().unwrap(),
+        "--compression",
+        "lz4",
+        "--name",
+        "mem",
+    ]);
     assert!(summary.contains("images 25"), "about 256 MiB of images expected: {summary}");
     out.wait_closed(T);
 
@@ -173,15 +201,51 @@ fn errors_name_the_problem() {
     let cp = dir.join("e.tar");
 
     // Restoring under the id of a live container.
-    let out = cedana(&["restore", "runc", "--path", cp.to_str().unwrap(), "--id", &cid, "--bundle", bundle.dir.to_str().unwrap(), "--root", root, "--detach"]);
+    let out = cedana(&[
+        "restore",
+        "runc",
+        "--path",
+        cp.to_str().unwrap(),
+        "--id",
+        &cid,
+        "--bundle",
+        bundle.dir.to_str().unwrap(),
+        "--root",
+        root,
+        "--detach",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("already exists"), "{err}");
     assert_eq!(runc.status(&cid).as_deref(), Some("running"), "the live container is untouched");
 
     // A bundle that is not there; a checkpoint that is not there; a checkpoint name taken.
-    let out = cedana(&["restore", "runc", "--path", cp.to_str().unwrap(), "--id", "x1", "--bundle", "/nonexistent/b", "--root", root, "--detach"]);
+    let out = cedana(&[
+        "restore",
+        "runc",
+        "--path",
+        cp.to_str().unwrap(),
+        "--id",
+        "x1",
+        "--bundle",
+        "/nonexistent/b",
+        "--root",
+        root,
+        "--detach",
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("bundle /nonexistent/b is not a folder"), "{out:?}");
-    let out = cedana(&["restore", "runc", "--path", "/nonexistent.tar", "--id", "x2", "--bundle", bundle.dir.to_str().unwrap(), "--root", root, "--detach"]);
+    let out = cedana(&[
+        "restore",
+        "runc",
+        "--path",
+        "/nonexistent.tar",
+        "--id",
+        "x2",
+        "--bundle",
+        bundle.dir.to_str().unwrap(),
+        "--root",
+        root,
+        "--detach",
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no checkpoint at /nonexistent.tar"), "{out:?}");
     let out = cedana(&["dump", "runc", &cid, "--root", root, "--dir", dir.to_str().unwrap(), "--leave-running", "--name", "e"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"), "{out:?}");
@@ -207,9 +271,21 @@ fn a_failed_checkpoint_resumes_the_container_and_writes_nothing() {
         .status()
         .unwrap();
     assert!(status.success());
-    cedana_integration::wait_for("output", T, || (std::fs::read_to_string(&log).unwrap_or_default().lines().count() > 2).then_some(()));
+    cedana_integration::wait_for("output", T, || {
+        (std::fs::read_to_string(&log).unwrap_or_default().lines().count() > 2).then_some(())
+    });
     let dir = tmp.path().join("cp");
-    let out = cedana(&["dump", "runc", &cid, "--root", runc.root.to_str().unwrap(), "--dir", dir.to_str().unwrap(), "--compression", "zstd"]);
+    let out = cedana(&[
+        "dump",
+        "runc",
+        &cid,
+        "--root",
+        runc.root.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+        "--compression",
+        "zstd",
+    ]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("runc checkpoint") && err.contains("criu failed"), "{err}");
     assert_eq!(runc.status(&cid).as_deref(), Some("running"), "the container must be resumed");

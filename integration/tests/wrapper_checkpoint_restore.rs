@@ -49,14 +49,21 @@ fn checkpoint_and_restore_in_go_runc_form_continue_the_counter() {
 
     let images = tmp.path().join("images");
     let work = tmp.path().join("work");
-    let (status, _) = wrapper(&runc, &log, &["checkpoint", "--image-path", images.to_str().unwrap(), "--work-path", work.to_str().unwrap(), &cid]);
+    let (status, _) = wrapper(
+        &runc,
+        &log,
+        &["checkpoint", "--image-path", images.to_str().unwrap(), "--work-path", work.to_str().unwrap(), &cid],
+    );
     assert!(status.success(), "{:?}", log_lines(&log));
     let last = *numbers(&out.wait_closed(T)).last().unwrap();
     assert_eq!(runc.status(&cid), None, "checkpoint without --leave-running ends the container, as runc does");
     let written = images.join("cedana-checkpoint.tar.zst");
     assert!(written.is_file(), "zstd by default");
     let lines = log_lines(&log);
-    assert!(lines.iter().any(|l| l["level"] == "info" && l["msg"].as_str().unwrap().contains("cedana: checkpointed")), "{lines:?}");
+    assert!(
+        lines.iter().any(|l| l["level"] == "info" && l["msg"].as_str().unwrap().contains("cedana: checkpointed")),
+        "{lines:?}"
+    );
     assert!(work.join("dump.log").is_file(), "CRIU's log goes to the work path");
 
     let copy = id("cp-restored");
@@ -65,7 +72,20 @@ fn checkpoint_and_restore_in_go_runc_form_continue_the_counter() {
     let (status, after) = wrapper(
         &runc,
         &log,
-        &["restore", "--image-path", images.to_str().unwrap(), "--work-path", tmp.path().join("work2").to_str().unwrap(), "--detach", "--pid-file", pid_file.to_str().unwrap(), "-no-subreaper", "--bundle", bundle.dir.to_str().unwrap(), &copy],
+        &[
+            "restore",
+            "--image-path",
+            images.to_str().unwrap(),
+            "--work-path",
+            tmp.path().join("work2").to_str().unwrap(),
+            "--detach",
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            "-no-subreaper",
+            "--bundle",
+            bundle.dir.to_str().unwrap(),
+            &copy,
+        ],
     );
     assert!(status.success(), "{:?} {:?}", log_lines(&log), after.snapshot());
     assert_eq!(after.wait_numbers(2, T)[..2], [last + 1, last + 2]);
@@ -113,7 +133,8 @@ fn plain_criu_images_are_restored_by_runc_itself() {
     let wrapped = RuncRoot::new(tmp.path(), bin("cedana-runc"));
     let copy = id("plain-restored");
     wrapped.track(&copy);
-    let mut cmd = wrapped.cmd(&["restore", "-d", "--image-path", images.to_str().unwrap(), "-b", bundle.dir.to_str().unwrap(), &copy]);
+    let mut cmd =
+        wrapped.cmd(&["restore", "-d", "--image-path", images.to_str().unwrap(), "-b", bundle.dir.to_str().unwrap(), &copy]);
     let after = piped(&mut cmd);
     assert!(cmd.status().unwrap().success(), "{:?}", after.snapshot());
     assert_eq!(after.wait_numbers(1, T)[0], last + 1);
@@ -129,7 +150,19 @@ fn an_annotated_bundle_is_restored_at_create_and_start_does_nothing() {
     let out = runc.run_detached(&bundle.dir, &cid);
     out.wait_for(5, T);
     let dir = tmp.path().join("cps");
-    cedana_ok(&["dump", "runc", &cid, "--root", runc.root.to_str().unwrap(), "--dir", dir.to_str().unwrap(), "--name", "a", "--compression", "gzip"]);
+    cedana_ok(&[
+        "dump",
+        "runc",
+        &cid,
+        "--root",
+        runc.root.to_str().unwrap(),
+        "--dir",
+        dir.to_str().unwrap(),
+        "--name",
+        "a",
+        "--compression",
+        "gzip",
+    ]);
     let last = *numbers(&out.wait_closed(T)).last().unwrap();
 
     let restored = Bundle::counter(&tmp.path().join("restored"));
@@ -139,7 +172,11 @@ fn an_annotated_bundle_is_restored_at_create_and_start_does_nothing() {
     let copy = id("at-create");
     runc.track(&copy);
     let pid_file = tmp.path().join("pid");
-    let (status, after) = wrapper(&runc, &log, &["create", "--bundle", restored.dir.to_str().unwrap(), "--pid-file", pid_file.to_str().unwrap(), &copy]);
+    let (status, after) = wrapper(
+        &runc,
+        &log,
+        &["create", "--bundle", restored.dir.to_str().unwrap(), "--pid-file", pid_file.to_str().unwrap(), &copy],
+    );
     assert!(status.success(), "{:?} {:?}", log_lines(&log), after.snapshot());
     let state = runc.state(&copy).unwrap();
     assert_eq!(std::fs::read_to_string(&pid_file).unwrap().trim(), state["pid"].to_string());
@@ -171,10 +208,14 @@ fn errors_are_written_in_the_callers_log_format() {
     let last = log_lines(&log).pop().expect("an error line");
     assert_eq!(last["level"], "error");
     let msg = last["msg"].as_str().unwrap();
-    assert!(msg.contains("the annotation io.cedana.restore names /nonexistent/checkpoint.tar, which holds no cedana checkpoint"), "{msg}");
+    assert!(
+        msg.contains("the annotation io.cedana.restore names /nonexistent/checkpoint.tar, which holds no cedana checkpoint"),
+        "{msg}"
+    );
     assert!(out.wait_closed(T).iter().any(|l| l == msg), "the message is on stderr too, as runc prints it");
 
-    let (status, _) = wrapper(&runc, &log, &["checkpoint", "--image-path", tmp.path().join("i").to_str().unwrap(), "no-such-ctr"]);
+    let (status, _) =
+        wrapper(&runc, &log, &["checkpoint", "--image-path", tmp.path().join("i").to_str().unwrap(), "no-such-ctr"]);
     assert_eq!(status.code(), Some(1));
     let last = log_lines(&log).pop().unwrap();
     assert!(last["msg"].as_str().unwrap().contains("no container \"no-such-ctr\""), "{last}");
@@ -182,7 +223,10 @@ fn errors_are_written_in_the_callers_log_format() {
     // Without --log, a logrus text line on stderr, as runc writes it.
     let out = runc.run(&["checkpoint", "--image-path", tmp.path().join("i").to_str().unwrap(), "no-such-ctr"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.starts_with("time=\"") && err.contains(" level=error msg=\"cedana-runc: container does not exist: no container"), "{err}");
+    assert!(
+        err.starts_with("time=\"") && err.contains(" level=error msg=\"cedana-runc: container does not exist: no container"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -211,7 +255,17 @@ fn a_terminal_container_is_restored_onto_the_new_console_socket() {
     let (status, _) = wrapper(
         &runc,
         &log,
-        &["restore", "--image-path", images.to_str().unwrap(), "--detach", "--console-socket", console.path.to_str().unwrap(), "--bundle", bundle.dir.to_str().unwrap(), &copy],
+        &[
+            "restore",
+            "--image-path",
+            images.to_str().unwrap(),
+            "--detach",
+            "--console-socket",
+            console.path.to_str().unwrap(),
+            "--bundle",
+            bundle.dir.to_str().unwrap(),
+            &copy,
+        ],
     );
     assert!(status.success(), "{:?}", log_lines(&log));
     let after = console.receive(T);
@@ -233,7 +287,8 @@ fn pre_dump_and_a_dump_on_its_parent_or_a_clear_refusal_without_memory_tracking(
     out.wait_for(3, T);
     let log = tmp.path().join("log.json");
     let pre = tmp.path().join("pre");
-    let tracking = std::process::Command::new("criu").args(["check", "--feature", "mem_dirty_track"]).output().unwrap().status.success();
+    let tracking =
+        std::process::Command::new("criu").args(["check", "--feature", "mem_dirty_track"]).output().unwrap().status.success();
     let (status, _) = wrapper(&runc, &log, &["checkpoint", "--pre-dump", "--image-path", pre.to_str().unwrap(), &cid]);
     if !tracking {
         assert_eq!(status.code(), Some(1));
@@ -251,7 +306,8 @@ fn pre_dump_and_a_dump_on_its_parent_or_a_clear_refusal_without_memory_tracking(
     out.wait_for(n + 3, T);
 
     let last_dump = tmp.path().join("final");
-    let (status, _) = wrapper(&runc, &log, &["checkpoint", "--parent-path", "../pre", "--image-path", last_dump.to_str().unwrap(), &cid]);
+    let (status, _) =
+        wrapper(&runc, &log, &["checkpoint", "--parent-path", "../pre", "--image-path", last_dump.to_str().unwrap(), &cid]);
     assert!(status.success(), "{:?}", log_lines(&log));
     assert_eq!(std::fs::read_link(last_dump.join("parent")).unwrap(), Path::new("../pre"), "CRIU links the pre-dump");
     assert!(find_file(&last_dump, "cedana-checkpoint").is_none(), "iterative dumps stay CRIU images for runc");
@@ -259,12 +315,24 @@ fn pre_dump_and_a_dump_on_its_parent_or_a_clear_refusal_without_memory_tracking(
 
     let copy = id("pre-restored");
     runc.track(&copy);
-    let mut cmd = runc.cmd(&["restore", "-d", "--image-path", last_dump.to_str().unwrap(), "--bundle", bundle.dir.to_str().unwrap(), &copy]);
+    let mut cmd = runc.cmd(&[
+        "restore",
+        "-d",
+        "--image-path",
+        last_dump.to_str().unwrap(),
+        "--bundle",
+        bundle.dir.to_str().unwrap(),
+        &copy,
+    ]);
     let after = piped(&mut cmd);
     assert!(cmd.status().unwrap().success(), "{:?}", after.snapshot());
     assert_eq!(after.wait_numbers(2, T)[..2], [last + 1, last + 2]);
 }
 
 fn find_file(dir: &Path, prefix: &str) -> Option<std::path::PathBuf> {
-    std::fs::read_dir(dir).ok()?.flatten().map(|e| e.path()).find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
+    std::fs::read_dir(dir)
+        .ok()?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(prefix)))
 }

@@ -63,7 +63,11 @@ fn mask_json(v: &mut serde_json::Value) {
 fn normalise_stdout(step: &str, text: &str) -> String {
     if step.starts_with("ps") {
         // ps pads its columns to the width of the PIDs.
-        return mask_numbers(text).lines().map(|l| l.split_whitespace().collect::<Vec<_>>().join(" ")).collect::<Vec<_>>().join("\n");
+        return mask_numbers(text)
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .collect::<Vec<_>>()
+            .join("\n");
     }
     if let Ok(mut v) = serde_json::from_str::<serde_json::Value>(text) {
         mask_json(&mut v);
@@ -127,7 +131,13 @@ fn lifecycle(binary: PathBuf, tmp: &Path, bundle: &Path, id: &str) -> Vec<Record
     let mut create = l.cmd(&["create", "--bundle", bundle.to_str().unwrap(), id]);
     let output = piped(&mut create);
     let status = create.status().expect("create");
-    l.records.push(Record { step: "create".into(), code: status.code(), stdout: String::new(), stderr: String::new(), log: l.take_log() });
+    l.records.push(Record {
+        step: "create".into(),
+        code: status.code(),
+        stdout: String::new(),
+        stderr: String::new(),
+        log: l.take_log(),
+    });
     l.step("state created", &["state", id]);
     l.step("start", &["start", id]);
     output.wait_for(1, Duration::from_secs(10));
@@ -151,7 +161,13 @@ fn lifecycle(binary: PathBuf, tmp: &Path, bundle: &Path, id: &str) -> Vec<Record
     });
     l.step("state stopped", &["state", id]);
     l.step("delete", &["delete", id]);
-    l.records.push(Record { step: "container output".into(), code: None, stdout: output.snapshot().join("\n"), stderr: String::new(), log: Vec::new() });
+    l.records.push(Record {
+        step: "container output".into(),
+        code: None,
+        stdout: output.snapshot().join("\n"),
+        stderr: String::new(),
+        log: Vec::new(),
+    });
 
     // Failing commands.
     l.step("state of a missing container", &["state", "no-such-container"]);
@@ -160,9 +176,15 @@ fn lifecycle(binary: PathBuf, tmp: &Path, bundle: &Path, id: &str) -> Vec<Record
     l.step("delete of a missing container", &["delete", "no-such-container"]);
     l.step("pause of a missing container", &["pause", "no-such-container"]);
     l.step("create from a missing bundle", &["create", "--bundle", "/nonexistent/bundle", "x1"]);
-    l.step("checkpoint of a missing container", &["checkpoint", "--image-path", tmp.join("i").to_str().unwrap(), "no-such-container"]);
+    l.step(
+        "checkpoint of a missing container",
+        &["checkpoint", "--image-path", tmp.join("i").to_str().unwrap(), "no-such-container"],
+    );
     l.step("checkpoint with an unknown flag", &["checkpoint", "--bogus", "no-such-container"]);
-    l.step("restore from missing images", &["restore", "--image-path", "/nonexistent/images", "--bundle", bundle.to_str().unwrap(), "x2"]);
+    l.step(
+        "restore from missing images",
+        &["restore", "--image-path", "/nonexistent/images", "--bundle", bundle.to_str().unwrap(), "x2"],
+    );
     l.step("unknown command", &["frobnicate"]);
     l.step("unknown global flag", &["--bogus", "list"]);
     l.records
@@ -203,7 +225,11 @@ fn runc_and_cedana_runc_behave_the_same() {
             assert_eq!((e.code, &e.stdout), (g.code, &g_stdout), "step {:?}", e.step);
             assert!(g_stderr.contains(&e.stderr), "step {:?}: {g_stderr:?} must contain runc's {:?}", e.step, e.stderr);
             let (Some(el), Some(gl)) = (e_log.last(), g_log.last()) else { panic!("step {:?}: no log line", e.step) };
-            assert!(gl.starts_with("error: cedana-runc: ") && gl.contains(el.trim_start_matches("error: ")), "step {:?}: {gl:?} vs {el:?}", e.step);
+            assert!(
+                gl.starts_with("error: cedana-runc: ") && gl.contains(el.trim_start_matches("error: ")),
+                "step {:?}: {gl:?} vs {el:?}",
+                e.step
+            );
         } else {
             assert_eq!((e.code, &e.stdout, &e.stderr), (g.code, &g_stdout, &g_stderr), "step {:?}", e.step);
             assert_eq!(e_log, g_log, "json log of step {:?}", e.step);

@@ -180,7 +180,16 @@ impl Spec {
 /// `runc checkpoint` (1.1).
 pub const CHECKPOINT: Spec = Spec {
     values: &["image-path", "work-path", "parent-path", "status-fd", "page-server", "manage-cgroups-mode", "empty-ns"],
-    bools: &["leave-running", "tcp-established", "ext-unix-sk", "shell-job", "lazy-pages", "file-locks", "pre-dump", "auto-dedup"],
+    bools: &[
+        "leave-running",
+        "tcp-established",
+        "ext-unix-sk",
+        "shell-job",
+        "lazy-pages",
+        "file-locks",
+        "pre-dump",
+        "auto-dedup",
+    ],
     aliases: &[],
 };
 
@@ -197,7 +206,17 @@ pub const RESTORE: Spec = Spec {
         "lsm-profile",
         "lsm-mount-context",
     ],
-    bools: &["tcp-established", "ext-unix-sk", "shell-job", "file-locks", "detach", "no-subreaper", "no-pivot", "auto-dedup", "lazy-pages"],
+    bools: &[
+        "tcp-established",
+        "ext-unix-sk",
+        "shell-job",
+        "file-locks",
+        "detach",
+        "no-subreaper",
+        "no-pivot",
+        "auto-dedup",
+        "lazy-pages",
+    ],
     aliases: &[("b", "bundle"), ("d", "detach")],
 };
 
@@ -228,7 +247,8 @@ mod tests {
 
     #[test]
     fn globals_in_every_spelling() {
-        let inv = parse(&v("--root /r -log /l.json --log-format=json -systemd-cgroup --criu /c checkpoint --leave-running x")).unwrap();
+        let inv =
+            parse(&v("--root /r -log /l.json --log-format=json -systemd-cgroup --criu /c checkpoint --leave-running x")).unwrap();
         assert_eq!(inv.globals.root, Some("/r".into()));
         assert_eq!(inv.globals.log, Some("/l.json".into()));
         assert_eq!(inv.globals.log_format, LogFormat::Json);
@@ -250,13 +270,18 @@ mod tests {
     #[test]
     fn command_flags_in_go_runc_style() {
         let a = RESTORE
-            .parse(&v("--image-path /i --work-path /w --detach --pid-file /p -no-subreaper --bundle /b id1 --tcp-established=false"))
+            .parse(&v(
+                "--image-path /i --work-path /w --detach --pid-file /p -no-subreaper --bundle /b id1 --tcp-established=false",
+            ))
             .unwrap();
         assert_eq!(a.value("image-path"), Some("/i"));
         assert_eq!(a.value("bundle"), Some("/b"));
         assert!(a.on("detach") && a.on("no-subreaper") && !a.on("tcp-established"));
         assert_eq!(a.positionals, ["id1"]);
-        assert_eq!(a.tokens_without(&["image-path", "bundle", "pid-file", "work-path", "detach"]), ["--no-subreaper", "--tcp-established=false"]);
+        assert_eq!(
+            a.tokens_without(&["image-path", "bundle", "pid-file", "work-path", "detach"]),
+            ["--no-subreaper", "--tcp-established=false"]
+        );
         let c = CREATE.parse(&v("-b /b -pid-file=/p c1")).unwrap();
         assert_eq!((c.value("bundle"), c.value("pid-file")), (Some("/b"), Some("/p")));
         assert!(CREATE.parse(&v("--bogus c1")).is_none());

@@ -60,7 +60,8 @@ pub fn run(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Re
     };
     let mapped = ["image-path", "work-path", "leave-running", "tcp-established", "ext-unix-sk", "shell-job", "file-locks"];
     let extra_flags: Vec<OsString> = a.tokens_without(&mapped);
-    let target = RuncTarget { id: id.clone(), runc: runc_for(inv)?, work_path: a.value("work-path").map(|w| cwd.join(w)), extra_flags };
+    let target =
+        RuncTarget { id: id.clone(), runc: runc_for(inv)?, work_path: a.value("work-path").map(|w| cwd.join(w)), extra_flags };
     let compression = cfg.checkpoint.compression.unwrap_or(DEFAULT_COMPRESSION);
     let req = DumpRequest {
         target: DumpTarget::Runc(target),

@@ -106,7 +106,8 @@ mod tests {
         log.info("one");
         log.line("error", "two");
         let text = std::fs::read_to_string(dir.path().join("log.json")).unwrap();
-        let levels: Vec<String> = text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["level"].to_string()).collect();
+        let levels: Vec<String> =
+            text.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["level"].to_string()).collect();
         assert_eq!(levels, ["\"info\"", "\"error\""]);
     }
 }

@@ -70,7 +70,10 @@ fn main() {
     let raw: Vec<OsString> = std::env::args_os().skip(1).collect();
     let argv: Vec<String> = raw.iter().map(|a| a.to_string_lossy().into_owned()).collect();
     let inv = args::parse(&argv);
-    let log = inv.as_ref().map(|i| RuncLog { file: i.globals.log.clone(), format: i.globals.log_format, debug: i.globals.debug }).unwrap_or_default();
+    let log = inv
+        .as_ref()
+        .map(|i| RuncLog { file: i.globals.log.clone(), format: i.globals.log_format, debug: i.globals.debug })
+        .unwrap_or_default();
     let code = match dispatch(inv.as_ref(), &raw, &log) {
         Ok(code) => code,
         Err(err) => {

@@ -32,10 +32,7 @@ pub fn find_checkpoint(path: &Path) -> Option<PathBuf> {
         return Some(path.to_path_buf());
     }
     let entries = std::fs::read_dir(path).ok()?;
-    entries
-        .flatten()
-        .find(|e| e.file_name().to_string_lossy().starts_with(CHECKPOINT_NAME))
-        .map(|e| e.path())
+    entries.flatten().find(|e| e.file_name().to_string_lossy().starts_with(CHECKPOINT_NAME)).map(|e| e.path())
 }
 
 fn absolute(cwd: &Path, p: Option<&str>) -> PathBuf {
@@ -117,7 +114,14 @@ fn requested_restore(bundle: &Path) -> Option<(&'static str, String)> {
     })
 }
 
-fn run_restore(cfg: &Config, inv: &Invocation, id: &str, checkpoint: &Path, flags: RestoreFlags, log: &RuncLog) -> Result<i32, WrapperError> {
+fn run_restore(
+    cfg: &Config,
+    inv: &Invocation,
+    id: &str,
+    checkpoint: &Path,
+    flags: RestoreFlags,
+    log: &RuncLog,
+) -> Result<i32, WrapperError> {
     let req = RuncRestoreRequest { path: checkpoint.to_path_buf(), id: id.to_string(), runc: runc_for(inv)?, flags };
     let out = engine::runc::restore(cfg, &req, &Silent)?;
     log.info(&format!(

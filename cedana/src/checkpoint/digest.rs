@@ -198,9 +198,17 @@ mod tests {
     #[test]
     fn one_flipped_bit_changes_the_digest() {
         let mut data = vec![0u8; 4096];
-        let a = { let mut h = Hasher::new(); h.update(&data); h.finish("x") };
+        let a = {
+            let mut h = Hasher::new();
+            h.update(&data);
+            h.finish("x")
+        };
         data[4000] ^= 1;
-        let b = { let mut h = Hasher::new(); h.update(&data); h.finish("x") };
+        let b = {
+            let mut h = Hasher::new();
+            h.update(&data);
+            h.finish("x")
+        };
         assert_ne!(a.xxh3, b.xxh3);
     }
 }

@@ -45,10 +45,8 @@ impl OpenedCheckpoint {
             });
         }
         std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
-        let dir = tempfile::Builder::new()
-            .prefix(".cedana-restore-")
-            .tempdir_in(scratch)
-            .map_err(CheckpointError::io(scratch))?;
+        let dir =
+            tempfile::Builder::new().prefix(".cedana-restore-").tempdir_in(scratch).map_err(CheckpointError::io(scratch))?;
         let (manifest, digests) = walk_archive(path, compression, Some(dir.path()), progress)?;
         let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: path.to_path_buf() })?;
         check_version(path, &manifest)?;
@@ -67,10 +65,7 @@ pub struct PendingVerification {
 impl PendingVerification {
     /// Wait for the verdict: every file matches the manifest the restore was planned with.
     pub fn wait(self) -> Result<(), CheckpointError> {
-        let verified = self
-            .handle
-            .join()
-            .map_err(|_| corrupt(&self.path, "the verification thread panicked".into()))??;
+        let verified = self.handle.join().map_err(|_| corrupt(&self.path, "the verification thread panicked".into()))??;
         if verified != self.expected {
             return Err(corrupt(&self.path, "the manifest changed while the checkpoint was being verified".into()));
         }
@@ -126,9 +121,7 @@ fn load_folder_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
     let mpath = path.join(MANIFEST_NAME);
     let bytes = match std::fs::read(&mpath) {
         Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Err(CheckpointError::Incomplete { path: path.to_path_buf() })
-        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Err(CheckpointError::Incomplete { path: path.to_path_buf() }),
         Err(e) => return Err(CheckpointError::Io { path: mpath, source: e }),
     };
     let manifest = parse_manifest(path, &bytes)?;
@@ -174,7 +167,8 @@ fn walk_archive(
     let file = File::open(path).map_err(CheckpointError::io(path))?;
     let decoder = ReadAhead::new(codec::decoder(compression, file)?).map_err(CheckpointError::io(path))?;
     let mut archive = tar::Archive::new(decoder);
-    let damaged = |e: io::Error| corrupt(path, format!("cannot read the {compression} archive ({e}); it is truncated or damaged"));
+    let damaged =
+        |e: io::Error| corrupt(path, format!("cannot read the {compression} archive ({e}); it is truncated or damaged"));
     let mut manifest = None;
     let mut digests = Vec::new();
     for entry in archive.entries().map_err(damaged)? {
@@ -239,7 +233,11 @@ fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, CheckpointError
 
 fn check_version(path: &Path, manifest: &Manifest) -> Result<(), CheckpointError> {
     if manifest.format_version != FORMAT_VERSION {
-        return Err(CheckpointError::Version { path: path.to_path_buf(), found: manifest.format_version, expected: FORMAT_VERSION });
+        return Err(CheckpointError::Version {
+            path: path.to_path_buf(),
+            found: manifest.format_version,
+            expected: FORMAT_VERSION,
+        });
     }
     if manifest.checksum != super::digest::ALGORITHM {
         return Err(corrupt(path, format!("unknown checksum algorithm {:?}", manifest.checksum)));
@@ -254,11 +252,12 @@ fn compare(path: &Path, manifest: &Manifest, found: &[FileDigest]) -> Result<(),
         match found.get(expected.name.as_str()) {
             None => return Err(corrupt(path, format!("file {} listed in the manifest is missing", expected.name))),
             Some(d) if d.size != expected.size => {
-                return Err(corrupt(path, format!("file {} has {} bytes, the manifest says {}", expected.name, d.size, expected.size)))
+                return Err(corrupt(
+                    path,
+                    format!("file {} has {} bytes, the manifest says {}", expected.name, d.size, expected.size),
+                ))
             }
-            Some(d) if d.xxh3 != expected.xxh3 => {
-                return Err(corrupt(path, format!("checksum mismatch in {}", expected.name)))
-            }
+            Some(d) if d.xxh3 != expected.xxh3 => return Err(corrupt(path, format!("checksum mismatch in {}", expected.name))),
             Some(_) => {}
         }
     }

@@ -151,9 +151,7 @@ impl CheckpointWriter {
                 let mut header = tar::Header::new_gnu();
                 header.set_size(json.len() as u64);
                 header.set_mode(0o600);
-                builder
-                    .append_data(&mut header, MANIFEST_NAME, &json[..])
-                    .map_err(CheckpointError::io(&self.temp_path))?;
+                builder.append_data(&mut header, MANIFEST_NAME, &json[..]).map_err(CheckpointError::io(&self.temp_path))?;
                 let enc = builder.into_inner().map_err(CheckpointError::io(&self.temp_path))?;
                 let mut out = enc.finish().map_err(CheckpointError::io(&self.temp_path))?;
                 out.flush().map_err(CheckpointError::io(&self.temp_path))?;

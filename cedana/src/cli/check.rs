@@ -33,10 +33,21 @@ pub fn run(config: &Config, _args: CheckArgs) -> anyhow::Result<i32> {
     let tracking = criu.has_feature("mem_dirty_track")?;
     println!(
         "mem tracking {}",
-        if tracking { "ok (pre-dumps and incremental checkpoints)" } else { "off: this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY), so pre-dumps are not possible; full checkpoints work" }
+        if tracking {
+            "ok (pre-dumps and incremental checkpoints)"
+        } else {
+            "off: this kernel has no soft-dirty tracking (CONFIG_MEM_SOFT_DIRTY), so pre-dumps are not possible; full checkpoints work"
+        }
     );
     let iptables = ["/usr/sbin/iptables-restore", "/sbin/iptables-restore"].iter().any(|p| std::path::Path::new(p).exists());
-    println!("iptables    {}", if iptables { "ok (network locking for --tcp-established and containers)" } else { "missing: install iptables (scripts/setup.sh does)" });
+    println!(
+        "iptables    {}",
+        if iptables {
+            "ok (network locking for --tcp-established and containers)"
+        } else {
+            "missing: install iptables (scripts/setup.sh does)"
+        }
+    );
     if nix::unistd::geteuid().is_root() {
         println!("privileges  root");
     } else {

@@ -92,12 +92,7 @@ fn print_summary(out: &engine::DumpOutcome) {
         Some(c) => println!("Dumped container {} (PID {}, {}) to {}", c.id, m.process.pid, m.process.comm, out.path.display()),
         None => println!("Dumped PID {} ({}) to {}", m.process.pid, m.process.comm, out.path.display()),
     }
-    println!(
-        "  size      {} ({}, images {})",
-        HumanBytes(out.size),
-        m.compression,
-        HumanBytes(m.images_size())
-    );
+    println!("  size      {} ({}, images {})", HumanBytes(out.size), m.compression, HumanBytes(m.images_size()));
     if let Some(s) = &m.stats {
         let us = |v: u64| ms(std::time::Duration::from_micros(v));
         println!(
@@ -109,12 +104,7 @@ fn print_summary(out: &engine::DumpOutcome) {
         );
         println!("  pages     {} written, {} scanned", s.pages_written, s.pages_scanned);
     }
-    println!(
-        "  time      {} (criu {}, packaging {})",
-        ms(out.total_time),
-        ms(out.criu_time),
-        ms(out.package_time)
-    );
+    println!("  time      {} (criu {}, packaging {})", ms(out.total_time), ms(out.criu_time), ms(out.package_time));
     if !out.detected.is_empty() {
         println!("  detected  {}", out.detected.join(" "));
     }

@@ -35,7 +35,13 @@ pub fn run(cmd: CheckpointCommand) -> anyhow::Result<i32> {
     println!("Kind         {}", m.kind);
     println!("Created      {} on {}", m.created_at.to_rfc3339(), m.hostname);
     println!("Format       v{} ({}), cedana {}, CRIU {}", m.format_version, m.compression, m.cedana_version, m.criu_version);
-    println!("Process      PID {} ({}), {} process(es): {:?}", m.process.pid, m.process.comm, m.process.pids.len(), m.process.pids);
+    println!(
+        "Process      PID {} ({}), {} process(es): {:?}",
+        m.process.pid,
+        m.process.comm,
+        m.process.pids.len(),
+        m.process.pids
+    );
     println!("Command      {}", shell_words::join(&m.process.cmdline));
     println!("Cwd          {}", m.process.cwd);
     if let Some(c) = &m.container {

@@ -53,11 +53,8 @@ pub fn run(config: &Config, cmd: RestoreCommand) -> anyhow::Result<i32> {
     let mut options = a.criu.to_options()?;
     options.tcp_close = a.tcp_close;
     options.inherit_fd = a.inherit_fd.clone();
-    let stdio = if attached {
-        RestoreStdio::Inherit
-    } else {
-        a.log.clone().map(RestoreStdio::File).unwrap_or(RestoreStdio::Null)
-    };
+    let stdio =
+        if attached { RestoreStdio::Inherit } else { a.log.clone().map(RestoreStdio::File).unwrap_or(RestoreStdio::Null) };
     let req = RestoreRequest {
         path: a.path.clone(),
         kind: CheckpointKind::Process,

@@ -47,14 +47,8 @@ pub enum Compression {
 }
 
 /// Every supported value, in the order the CLI lists them.
-pub const ALL: [Compression; 6] = [
-    Compression::None,
-    Compression::Tar,
-    Compression::Gzip,
-    Compression::Lz4,
-    Compression::Zlib,
-    Compression::Zstd,
-];
+pub const ALL: [Compression; 6] =
+    [Compression::None, Compression::Tar, Compression::Gzip, Compression::Lz4, Compression::Zlib, Compression::Zstd];
 
 impl Compression {
     /// The name used on the command line and in manifests.
@@ -133,10 +127,7 @@ impl fmt::Display for Compression {
 impl FromStr for Compression {
     type Err = CodecError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        ALL.iter()
-            .copied()
-            .find(|c| c.name().eq_ignore_ascii_case(s.trim()))
-            .ok_or_else(|| CodecError::Unknown(s.to_string()))
+        ALL.iter().copied().find(|c| c.name().eq_ignore_ascii_case(s.trim())).ok_or_else(|| CodecError::Unknown(s.to_string()))
     }
 }
 
@@ -194,9 +185,7 @@ pub fn encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dy
         }
         Compression::Zlib => Box::new(flate2::write::ZlibEncoder::new(w, flate2::Compression::new(DEFLATE_LEVEL))),
         Compression::Lz4 => {
-            let info = lz4_flex::frame::FrameInfo::new()
-                .block_size(lz4_flex::frame::BlockSize::Max4MB)
-                .content_checksum(true);
+            let info = lz4_flex::frame::FrameInfo::new().block_size(lz4_flex::frame::BlockSize::Max4MB).content_checksum(true);
             Box::new(lz4_flex::frame::FrameEncoder::with_frame_info(info, w))
         }
         Compression::Zstd => {

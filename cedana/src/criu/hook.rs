@@ -16,8 +16,7 @@ pub const HOOK_SOCKET_ENV: &str = "CEDANA_CRIU_HOOK_SOCKET";
 
 /// If this process was started by CRIU as an action script, answer it and exit. Call first in `main`.
 pub fn run_if_invoked() {
-    let (Some(action), Some(socket)) = (std::env::var_os("CRTOOLS_SCRIPT_ACTION"), std::env::var_os(HOOK_SOCKET_ENV))
-    else {
+    let (Some(action), Some(socket)) = (std::env::var_os("CRTOOLS_SCRIPT_ACTION"), std::env::var_os(HOOK_SOCKET_ENV)) else {
         return;
     };
     let action = action.to_string_lossy().into_owned();

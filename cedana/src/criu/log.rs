@@ -44,7 +44,8 @@ mod tests {
         assert_eq!(errs.len(), 2, "{errs:?}");
         assert!(hint(log).unwrap().contains("--tcp-established"));
         assert_eq!(hint("all good"), None);
-        let only_rlimit = "(00.1) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n";
+        let only_rlimit =
+            "(00.1) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n";
         assert_eq!(hint(only_rlimit), None, "the harmless rlimit line must not produce a permission hint");
     }
 }

@@ -167,13 +167,8 @@ impl Criu {
     /// Dump a process tree. `on_hook(action)` answers CRIU's action scripts; returning `false` at
     /// `post-dump` makes CRIU resume the tree and fail the dump.
     pub fn dump(&self, call: &DumpCall<'_>, on_hook: &mut dyn FnMut(&str) -> bool) -> Result<(), CriuError> {
-        let mut args: Vec<String> = vec![
-            "dump".into(),
-            "-t".into(),
-            call.pid.to_string(),
-            "-D".into(),
-            call.images_dir.display().to_string(),
-        ];
+        let mut args: Vec<String> =
+            vec!["dump".into(), "-t".into(), call.pid.to_string(), "-D".into(), call.images_dir.display().to_string()];
         if call.leave_running {
             args.push("--leave-running".into());
         }
@@ -274,7 +269,13 @@ impl Criu {
             return Ok(());
         }
         let text = std::fs::read_to_string(&log).unwrap_or_default();
-        Err(CriuError::Failed { action, status: crate::binary::describe_status(status), errors: log::error_lines(&text), hint: log::hint(&text), log })
+        Err(CriuError::Failed {
+            action,
+            status: crate::binary::describe_status(status),
+            errors: log::error_lines(&text),
+            hint: log::hint(&text),
+            log,
+        })
     }
 }
 

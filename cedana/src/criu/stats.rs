@@ -110,7 +110,16 @@ mod tests {
     #[test]
     fn decodes_a_dump_entry() {
         let e = StatsEntry {
-            dump: Some(DumpStatsEntry { freezing_time: 10, frozen_time: 2000, memdump_time: 300, memwrite_time: 400, pages_scanned: 5, pages_skipped_parent: 0, pages_written: 4, pages_lazy: 0 }),
+            dump: Some(DumpStatsEntry {
+                freezing_time: 10,
+                frozen_time: 2000,
+                memdump_time: 300,
+                memwrite_time: 400,
+                pages_scanned: 5,
+                pages_skipped_parent: 0,
+                pages_written: 4,
+                pages_lazy: 0,
+            }),
         };
         let s = decode_dump_stats(&image(&e)).unwrap();
         assert_eq!(s.frozen_time_us, 2000);

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::tail::TailHasher;
-use crate::checkpoint::{CheckpointKind, CheckpointWriter, MANIFEST_NAME, ContainerInfo, Manifest, ProcessInfo, FORMAT_VERSION};
+use crate::checkpoint::{CheckpointKind, CheckpointWriter, ContainerInfo, Manifest, ProcessInfo, FORMAT_VERSION, MANIFEST_NAME};
 use crate::codec::Compression;
 use crate::config::Config;
 use crate::criu::options::CriuOptions;
@@ -262,7 +262,11 @@ pub(crate) fn new_manifest(
     }
 }
 
-fn package(writer: &mut CheckpointWriter, images_dir: &Path, progress: &dyn Progress) -> Result<(), crate::checkpoint::CheckpointError> {
+fn package(
+    writer: &mut CheckpointWriter,
+    images_dir: &Path,
+    progress: &dyn Progress,
+) -> Result<(), crate::checkpoint::CheckpointError> {
     let total = dir_size(images_dir);
     progress.phase("packaging", Some(total));
     writer.add_tree(images_dir, &|n| progress.advance(n))

@@ -31,12 +31,7 @@ pub enum EngineError {
     #[error(transparent)]
     Hook(#[from] hooks::HookError),
     #[error("{cause}\n  and resuming container {id} afterwards failed ({resume}): it is still paused; resume it with `runc --root {root} resume {id}`")]
-    LeftPaused {
-        id: String,
-        root: PathBuf,
-        cause: Box<EngineError>,
-        resume: Box<RuncError>,
-    },
+    LeftPaused { id: String, root: PathBuf, cause: Box<EngineError>, resume: Box<RuncError> },
     #[error("PID {pid} holds established TCP connections ({conns}): dump with --tcp-established (the restore then needs the same addresses), or close them first")]
     NeedsTcpEstablished { pid: i32, conns: String },
     #[error("invalid checkpoint name {name:?}: {reason}")]
@@ -48,8 +43,10 @@ pub enum EngineError {
         #[source]
         source: CheckpointError,
     },
-    #[error("cannot restore: PID {pid} is in use by {comm}; CRIU restores processes under their original PIDs. \
-             If the original is still running (dumped with --leave-running), stop it first")]
+    #[error(
+        "cannot restore: PID {pid} is in use by {comm}; CRIU restores processes under their original PIDs. \
+             If the original is still running (dumped with --leave-running), stop it first"
+    )]
     PidInUse { pid: i32, comm: String },
     #[error("{path} holds a {found} checkpoint: restore it with `cedana restore {found}`")]
     WrongKind { path: PathBuf, found: CheckpointKind },

@@ -85,7 +85,9 @@ pub fn restore(cfg: &Config, req: &RestoreRequest, progress: &dyn Progress) -> R
                 .open(p)
                 .map_err(EngineError::io(format!("opening {}", p.display())))?,
         ),
-        RestoreStdio::Null => Some(File::options().read(true).write(true).open("/dev/null").map_err(EngineError::io("opening /dev/null"))?),
+        RestoreStdio::Null => {
+            Some(File::options().read(true).write(true).open("/dev/null").map_err(EngineError::io("opening /dev/null"))?)
+        }
     };
     for pipe in &opened.manifest.process.stdio_pipes {
         user.inherit_fd.push(format!("fd[{}]:{}", pipe.fd, pipe.resource));
@@ -167,7 +169,10 @@ fn become_subreaper() -> Result<(), EngineError> {
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integer arguments and touches no memory of ours.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
     if rc != 0 {
-        return Err(EngineError::Io { what: "becoming the parent of the restored tree".into(), source: std::io::Error::last_os_error() });
+        return Err(EngineError::Io {
+            what: "becoming the parent of the restored tree".into(),
+            source: std::io::Error::last_os_error(),
+        });
     }
     Ok(())
 }

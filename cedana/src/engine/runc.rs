@@ -98,16 +98,16 @@ fn dump_container(
     let process = procfs::describe(state.pid)?;
     let config_path = state.bundle.join("config.json");
     let config_bytes = std::fs::read(&config_path).map_err(EngineError::io(format!("reading {}", config_path.display())))?;
-    let config: serde_json::Value = serde_json::from_slice(&config_bytes).map_err(|e| EngineError::Io {
-        what: format!("parsing {}", config_path.display()),
-        source: std::io::Error::other(e),
-    })?;
+    let config: serde_json::Value = serde_json::from_slice(&config_bytes)
+        .map_err(|e| EngineError::Io { what: format!("parsing {}", config_path.display()), source: std::io::Error::other(e) })?;
     let name = req.name.clone().unwrap_or_else(|| default_name(CheckpointKind::Runc, id));
     check_name(&name)?;
     let (mut writer, _staging, images_dir) = open_writer(req, &name)?;
     let temp_work = match &target.work_path {
         Some(_) => None,
-        None => Some(tempfile::Builder::new().prefix("cedana-runc-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?),
+        None => Some(
+            tempfile::Builder::new().prefix("cedana-runc-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?,
+        ),
     };
     let work = target.work_path.clone().unwrap_or_else(|| temp_work.as_ref().map(|t| t.path().to_path_buf()).unwrap_or_default());
     std::fs::create_dir_all(&work).map_err(EngineError::io(format!("creating {}", work.display())))?;
@@ -154,9 +154,8 @@ fn dump_container(
         return Err(resume_after(runc, id, we_paused, cause));
     }
     let package_time = package_start.elapsed();
-    let stats = crate::criu::stats::read_dump_stats(&work)
-        .map_err(|e| tracing::warn!(error = %e, "no CRIU dump statistics"))
-        .ok();
+    let stats =
+        crate::criu::stats::read_dump_stats(&work).map_err(|e| tracing::warn!(error = %e, "no CRIU dump statistics")).ok();
     let container = ContainerInfo {
         id: id.to_string(),
         bundle: Some(state.bundle.clone()),
@@ -187,7 +186,12 @@ fn resume_after(runc: &Runc, id: &str, we_paused: bool, cause: EngineError) -> E
             tracing::warn!(id, "dump failed; the container was resumed");
             cause
         }
-        Err(resume) => EngineError::LeftPaused { id: id.into(), root: runc.root().to_path_buf(), cause: Box::new(cause), resume: Box::new(resume) },
+        Err(resume) => EngineError::LeftPaused {
+            id: id.into(),
+            root: runc.root().to_path_buf(),
+            cause: Box::new(cause),
+            resume: Box::new(resume),
+        },
     }
 }
 
@@ -241,7 +245,8 @@ pub fn restore(cfg: &Config, req: &RuncRestoreRequest, progress: &dyn Progress) 
     let mut recorded = runc_flags(&opened.manifest.criu_options);
     recorded.retain(|f| !flags.extra.contains(f));
     flags.extra.extend(recorded);
-    let temp_work = tempfile::Builder::new().prefix("cedana-runc-restore-").tempdir().map_err(EngineError::io("creating a work folder"))?;
+    let temp_work =
+        tempfile::Builder::new().prefix("cedana-runc-restore-").tempdir().map_err(EngineError::io("creating a work folder"))?;
     if flags.work_path.is_none() {
         flags.work_path = Some(temp_work.path().to_path_buf());
     }

@@ -14,7 +14,8 @@ const FALLBACKS: [&str; 4] = ["/usr/sbin/runc", "/usr/bin/runc", "/usr/local/sbi
 pub fn locate() -> Result<PathBuf, RuncError> {
     let me = std::env::current_exe().ok().and_then(|p| p.canonicalize().ok());
     if let Some(path) = std::env::var_os(RUNC_BINARY_ENV).filter(|v| !v.is_empty()).map(PathBuf::from) {
-        let resolved = resolve(&path).ok_or_else(|| RuncError::NotFound { tried: format!("{RUNC_BINARY_ENV}={}", path.display()) })?;
+        let resolved =
+            resolve(&path).ok_or_else(|| RuncError::NotFound { tried: format!("{RUNC_BINARY_ENV}={}", path.display()) })?;
         if is_self(&resolved, me.as_deref()) {
             return Err(RuncError::Recursion { binary: path, resolved });
         }

@@ -175,7 +175,9 @@ impl Runc {
         // or a private one).
         let private_log = match self.log_file() {
             Some(_) => None,
-            None => Some(tempfile::NamedTempFile::new().map_err(|source| RuncError::Spawn { binary: self.binary.clone(), source })?),
+            None => {
+                Some(tempfile::NamedTempFile::new().map_err(|source| RuncError::Spawn { binary: self.binary.clone(), source })?)
+            }
         };
         let (log_path, log_start) = match (&private_log, self.log_file()) {
             (Some(tmp), _) => (tmp.path().to_path_buf(), 0),
@@ -230,10 +232,7 @@ impl Runc {
     /// Run `cmd` (a runc command on container `id`) to completion, capturing its output.
     fn output(&self, command: &str, id: &str, cmd: &mut Command) -> Result<Output, RuncError> {
         tracing::debug!(?cmd, "running runc");
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .map_err(|source| RuncError::Spawn { binary: self.binary.clone(), source })?;
+        let out = cmd.stdin(Stdio::null()).output().map_err(|source| RuncError::Spawn { binary: self.binary.clone(), source })?;
         if out.status.success() {
             return Ok(out);
         }
@@ -322,7 +321,9 @@ mod tests {
         std::fs::write(&log, "{\"level\":\"error\",\"msg\":\"old failure\"}\n").unwrap();
         let start = std::fs::metadata(&log).unwrap().len();
         let mut text = std::fs::read_to_string(&log).unwrap();
-        text.push_str("{\"level\":\"info\",\"msg\":\"restoring\"}\n{\"level\":\"error\",\"msg\":\"criu failed: type RESTORE errno 0\"}\n");
+        text.push_str(
+            "{\"level\":\"info\",\"msg\":\"restoring\"}\n{\"level\":\"error\",\"msg\":\"criu failed: type RESTORE errno 0\"}\n",
+        );
         std::fs::write(&log, text).unwrap();
         assert_eq!(last_logged_error(&log, start).as_deref(), Some("criu failed: type RESTORE errno 0"));
         assert_eq!(last_logged_error(&log, std::fs::metadata(&log).unwrap().len()), None);
