@@ -357,3 +357,42 @@ fn hooks_run_around_container_dumps_and_restores() {
     assert_eq!(log.lines().collect::<Vec<_>>(), expected, "{log}");
     runc.ok(&["delete", "--force", &new_id]);
 }
+
+#[test]
+fn an_interrupted_container_dump_resumes_it_and_leaves_nothing() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let runc = RuncRoot::new(tmp.path(), "runc");
+    let bundle = Bundle::busybox(&tmp.path().join("bundle"), &["/bin/memory", "256"]);
+    cedana_integration::images::add_static_workload(&bundle.rootfs(), "memory");
+    let cid = id("interrupted");
+    let out = runc.run_detached(&bundle.dir, &cid);
+    let sum = out.wait_line("the memory checksum", Duration::from_secs(60), |l| l.starts_with("sum "));
+    let dir = tmp.path().join("cp");
+    let child = Command::new(bin("cedana"))
+        .args(["dump", "runc", &cid, "--root", runc.root.to_str().unwrap(), "--dir", dir.to_str().unwrap(), "--compression", "gzip"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupt while the archive is being written (the container is paused then).
+    cedana_integration::wait_for("the archive to be written", Duration::from_secs(30), || {
+        std::fs::read_dir(&dir).ok()?.flatten().find(|e| {
+            e.file_name().to_string_lossy().contains(".partial-") && e.metadata().map(|m| m.len() > 4 << 20).unwrap_or(false)
+        })
+    });
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
+    let result = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && stderr.contains("interrupted"), "{stderr}");
+    assert_eq!(runc.status(&cid).as_deref(), Some("running"), "resumed, not left paused");
+    let left: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
+    assert!(left.is_empty(), "no checkpoint and no partial file: {left:?}");
+    runc.ok(&["kill", &cid, "USR1"]);
+    let n = out.snapshot().iter().filter(|l| l.starts_with("sum ")).count();
+    let again = cedana_integration::wait_for("the checksum after the interrupted dump", Duration::from_secs(60), || {
+        let sums: Vec<String> = out.snapshot().into_iter().filter(|l| l.starts_with("sum ")).collect();
+        (sums.len() > n).then(|| sums[n].clone())
+    });
+    assert_eq!(again, sum, "the container keeps its memory and works on");
+}
