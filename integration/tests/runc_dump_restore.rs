@@ -370,7 +370,17 @@ fn an_interrupted_container_dump_resumes_it_and_leaves_nothing() {
     let sum = out.wait_line("the memory checksum", Duration::from_secs(60), |l| l.starts_with("sum "));
     let dir = tmp.path().join("cp");
     let child = Command::new(bin("cedana"))
-        .args(["dump", "runc", &cid, "--root", runc.root.to_str().unwrap(), "--dir", dir.to_str().unwrap(), "--compression", "gzip"])
+        .args([
+            "dump",
+            "runc",
+            &cid,
+            "--root",
+            runc.root.to_str().unwrap(),
+            "--dir",
+            dir.to_str().unwrap(),
+            "--compression",
+            "gzip",
+        ])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()

@@ -3,7 +3,7 @@
 //! Every compressed format wraps a tar stream. The format of an existing checkpoint is always detected from
 //! its content (magic bytes), never from its file name.
 
-pub mod parallel_gzip;
+pub mod parallel;
 pub mod pipeline;
 
 use std::fmt;
@@ -159,11 +159,6 @@ impl<W: Write + Send> Encoder<W> for flate2::write::ZlibEncoder<W> {
         flate2::write::ZlibEncoder::finish(*self)
     }
 }
-impl<W: Write + Send> Encoder<W> for lz4_flex::frame::FrameEncoder<W> {
-    fn finish(self: Box<Self>) -> io::Result<W> {
-        lz4_flex::frame::FrameEncoder::finish(*self).map_err(io::Error::other)
-    }
-}
 impl<W: Write + Send> Encoder<W> for zstd::stream::write::Encoder<'static, W> {
     fn finish(self: Box<Self>) -> io::Result<W> {
         zstd::stream::write::Encoder::finish(*self)
@@ -174,19 +169,18 @@ impl<W: Write + Send> Encoder<W> for zstd::stream::write::Encoder<'static, W> {
 const ZSTD_LEVEL: i32 = 1;
 const DEFLATE_LEVEL: u32 = 1;
 
-/// Wrap `w` in the encoder of `c` (`none` and `tar` pass bytes through). zstd and gzip compress on all
+/// Wrap `w` in the encoder of `c` (`none` and `tar` pass bytes through). zstd, gzip and lz4 compress on all
 /// cores.
 pub fn encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dyn Encoder<W>>, CodecError> {
     let setup = |source| CodecError::Setup { codec: c, source };
     Ok(match c {
         Compression::None | Compression::Tar => Box::new(Plain(w)),
         Compression::Gzip => {
-            Box::new(parallel_gzip::ParallelGzip::new(w, DEFLATE_LEVEL, worker_threads() as usize).map_err(setup)?)
+            Box::new(parallel::ParallelBlocks::new(w, "gzip", parallel::gzip_member, worker_threads() as usize).map_err(setup)?)
         }
         Compression::Zlib => Box::new(flate2::write::ZlibEncoder::new(w, flate2::Compression::new(DEFLATE_LEVEL))),
         Compression::Lz4 => {
-            let info = lz4_flex::frame::FrameInfo::new().block_size(lz4_flex::frame::BlockSize::Max4MB).content_checksum(true);
-            Box::new(lz4_flex::frame::FrameEncoder::with_frame_info(info, w))
+            Box::new(parallel::ParallelBlocks::new(w, "lz4", parallel::lz4_frame, worker_threads() as usize).map_err(setup)?)
         }
         Compression::Zstd => {
             let mut enc = zstd::stream::write::Encoder::new(w, ZSTD_LEVEL).map_err(setup)?;
@@ -204,13 +198,28 @@ pub fn decoder<R: Read + Send + 'static>(c: Compression, r: R) -> Result<Box<dyn
         Compression::None | Compression::Tar => Box::new(r),
         Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(io::BufReader::with_capacity(1 << 20, r))),
         Compression::Zlib => Box::new(flate2::read::ZlibDecoder::new(io::BufReader::with_capacity(1 << 20, r))),
-        Compression::Lz4 => Box::new(lz4_flex::frame::FrameDecoder::new(io::BufReader::with_capacity(1 << 20, r))),
+        Compression::Lz4 => Box::new(Lz4Frames(lz4_flex::frame::FrameDecoder::new(io::BufReader::with_capacity(1 << 20, r)))),
         Compression::Zstd => {
             let mut dec = zstd::stream::read::Decoder::new(r).map_err(setup)?;
             dec.window_log_max(31).map_err(setup)?;
             Box::new(dec)
         }
     })
+}
+
+/// lz4 frames one after another (lz4_flex's decoder reports end of file at the end of each frame).
+struct Lz4Frames<R: io::BufRead>(lz4_flex::frame::FrameDecoder<R>);
+
+impl<R: io::BufRead> Read for Lz4Frames<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let n = self.0.read(buf)?;
+            // A frame ended: go on with the next one, if there is more input.
+            if n > 0 || buf.is_empty() || self.0.get_mut().fill_buf()?.is_empty() {
+                return Ok(n);
+            }
+        }
+    }
 }
 
 /// Number of compression workers: every core the process may run on.
