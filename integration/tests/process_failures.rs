@@ -225,30 +225,46 @@ fn an_interrupt_while_criu_dumps_resumes_the_process() {
     interrupt_dump("none", |_| std::thread::sleep(Duration::from_millis(120)));
 }
 
+/// A tmpfs of `size` at `dir/NAME`, unmounted on drop.
+struct SmallDisk(std::path::PathBuf);
+
+impl SmallDisk {
+    fn mount(dir: &std::path::Path, name: &str, size: &str) -> SmallDisk {
+        let mnt = dir.join(name);
+        std::fs::create_dir(&mnt).unwrap();
+        let ok = Command::new("mount").args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"]).arg(&mnt).status().unwrap();
+        assert!(ok.success(), "mounting a {size} tmpfs");
+        SmallDisk(mnt)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 #[test]
 fn a_full_disk_fails_the_dump_and_keeps_the_process() {
     require_root();
     let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("small");
-    std::fs::create_dir(&mnt).unwrap();
-    let ok = Command::new("mount").args(["-t", "tmpfs", "-o", "size=8m", "tmpfs"]).arg(&mnt).status().unwrap();
-    assert!(ok.success(), "mounting a small tmpfs");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg(&self.0).status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    // Room for the commit reserve but not for 64 MiB of random pages: the dump fails while writing.
+    let disk = SmallDisk::mount(dir.path(), "small", "40m");
     let work = tempfile::tempdir().unwrap();
     let w = Workload::start(&workload_bin("memory"), &["64"], work.path());
     let before = w.wait_lines(1)[0].clone();
     for c in ["none", "zstd", "tar"] {
-        let err = cedana_err(&["dump", "process", &w.pid.to_string(), "--dir", mnt.to_str().unwrap(), "--compression", c]);
+        let err = cedana_err(&["dump", "process", &w.pid.to_string(), "--dir", disk.0.to_str().unwrap(), "--compression", c]);
         assert!(err.to_lowercase().contains("space") || err.contains("failed"), "{c}: {err}");
+        assert!(!err.contains("is full (not even"), "{c}: the reserve fits, the images do not: {err}");
         assert!(alive(w.pid), "{c}: the process must keep running");
-        assert!(entries(&mnt).is_empty(), "{c}: nothing may be left on the full disk: {:?}", entries(&mnt));
+        assert!(entries(&disk.0).is_empty(), "{c}: nothing may be left on the full disk: {:?}", entries(&disk.0));
     }
+    // A disk without even the commit reserve is refused before CRIU runs.
+    let tiny = SmallDisk::mount(dir.path(), "tiny", "8m");
+    let err = cedana_err(&["dump", "process", &w.pid.to_string(), "--dir", tiny.0.to_str().unwrap()]);
+    assert!(err.contains("is full") && err.contains("choose another --dir"), "{err}");
+    assert!(entries(&tiny.0).is_empty(), "{:?}", entries(&tiny.0));
     w.signal(Signal::SIGUSR1);
     assert_eq!(w.wait_lines(2)[1], before);
 }

@@ -30,6 +30,8 @@ pub enum CheckpointError {
     },
     #[error(transparent)]
     Codec(#[from] CodecError),
+    #[error("{dir} is full (not even the {} MiB a checkpoint holds back for its last writes fit): free space there or choose another --dir", writer::COMMIT_RESERVE >> 20)]
+    NoSpace { dir: PathBuf },
     #[error("{path} already exists: choose another --name or remove it")]
     Exists { path: PathBuf },
     #[error("no checkpoint at {path}: check the path")]

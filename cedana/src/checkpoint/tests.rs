@@ -211,3 +211,47 @@ fn missing_and_unrecognised_paths_are_named() {
     let err = read_manifest(&junk, false).err().unwrap();
     assert!(err.to_string().contains("not a checkpoint archive"), "{err}");
 }
+
+fn names(dir: &Path) -> Vec<String> {
+    let mut n: Vec<String> =
+        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    n.sort();
+    n
+}
+
+#[test]
+fn space_for_the_commit_is_held_while_writing_and_released_after() {
+    for c in [Compression::None, Compression::Zstd] {
+        let dir = tempfile::tempdir().unwrap();
+        let w = CheckpointWriter::create(CheckpointWriter::path_for(dir.path(), "cp", c), c).unwrap();
+        let reserve = names(dir.path()).into_iter().find(|n| n.contains(".reserve-")).expect("a reserve file");
+        assert_eq!(std::fs::metadata(dir.path().join(&reserve)).unwrap().len(), writer::COMMIT_RESERVE, "{c}");
+        w.commit(&mut manifest()).unwrap();
+        assert_eq!(names(dir.path()), [CheckpointWriter::path_for(Path::new(""), "cp", c).display().to_string()], "{c}");
+        let w = CheckpointWriter::create(CheckpointWriter::path_for(dir.path(), "dropped", c), c).unwrap();
+        drop(w);
+        assert_eq!(names(dir.path()).len(), 1, "a dropped writer leaves nothing, reserve included ({c})");
+    }
+}
+
+#[test]
+fn a_commit_that_fails_after_the_point_of_no_return_keeps_what_was_written() {
+    for keep in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        images(&src);
+        let path = CheckpointWriter::path_for(dir.path(), "cp", Compression::None);
+        let mut w = CheckpointWriter::create(path.clone(), Compression::None).unwrap();
+        w.add_tree(&src, &|_| {}).unwrap();
+        let temp = w.temp_path().to_path_buf();
+        if keep {
+            w.keep_if_unfinished();
+        }
+        // Someone takes the final name meanwhile: the commit fails.
+        std::fs::write(&path, b"in the way").unwrap();
+        let err = w.commit(&mut manifest()).err().unwrap();
+        assert!(matches!(err, CheckpointError::Exists { .. }), "{err}");
+        assert_eq!(temp.join("pages-1.img").is_file(), keep, "images kept only after keep_if_unfinished");
+        assert!(!names(dir.path()).iter().any(|n| n.contains(".reserve-")));
+    }
+}

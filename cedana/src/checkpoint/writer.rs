@@ -14,15 +14,23 @@ type ArchiveSink = tar::Builder<Box<dyn Encoder<BufWriter<File>>>>;
 
 const IO_BUFFER: usize = 1 << 20;
 
+/// Disk space held back while a checkpoint is written and released for [`CheckpointWriter::commit`]: the
+/// manifest and the codec's buffered tail (zstd's in-flight jobs, the output buffer) then still fit on a disk
+/// that the images filled, once the dumped process may already be gone.
+pub const COMMIT_RESERVE: u64 = 16 << 20;
+
 /// A checkpoint being written. Until [`CheckpointWriter::commit`] it lives under a hidden temporary name;
-/// dropping an uncommitted writer deletes it, so a checkpoint is either complete or absent.
+/// dropping an uncommitted writer deletes it, so a checkpoint is either complete or absent (unless
+/// [`CheckpointWriter::keep_if_unfinished`] was called: then what was written stays for the user).
 pub struct CheckpointWriter {
     final_path: PathBuf,
     temp_path: PathBuf,
+    reserve: Option<PathBuf>,
     compression: Compression,
     archive: Option<ArchiveSink>,
     files: Vec<FileDigest>,
     committed: bool,
+    keep: bool,
 }
 
 impl CheckpointWriter {
@@ -43,24 +51,38 @@ impl CheckpointWriter {
         std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
         let file_name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
         let temp_path = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
-        let archive = if compression.is_archive() {
-            let file = File::create(&temp_path).map_err(CheckpointError::io(&temp_path))?;
+        let reserve = reserve_space(&parent.join(format!(".{file_name}.reserve-{}", std::process::id())))?;
+        // From here on, dropping the writer cleans up whatever was created.
+        let mut writer =
+            Self { final_path, temp_path, reserve, compression, archive: None, files: Vec::new(), committed: false, keep: false };
+        let temp = writer.temp_path.clone();
+        if compression.is_archive() {
+            let file = File::create(&temp).map_err(CheckpointError::io(&temp))?;
             let enc = codec::encoder(compression, BufWriter::with_capacity(4 * IO_BUFFER, file))?;
-            let enc: Box<dyn Encoder<BufWriter<File>>> =
-                Box::new(WriteBehind::new(enc).map_err(CheckpointError::io(&temp_path))?);
+            let enc: Box<dyn Encoder<BufWriter<File>>> = Box::new(WriteBehind::new(enc).map_err(CheckpointError::io(&temp))?);
             let mut builder = tar::Builder::new(enc);
             builder.mode(tar::HeaderMode::Deterministic);
-            Some(builder)
+            writer.archive = Some(builder);
         } else {
-            std::fs::create_dir(&temp_path).map_err(CheckpointError::io(&temp_path))?;
-            None
-        };
-        Ok(Self { final_path, temp_path, compression, archive, files: Vec::new(), committed: false })
+            std::fs::create_dir(&temp).map_err(CheckpointError::io(&temp))?;
+        }
+        Ok(writer)
     }
 
     /// For a folder checkpoint (`none`), the folder CRIU should write into, so images are not copied.
     pub fn in_place_dir(&self) -> Option<&Path> {
         self.archive.is_none().then_some(self.temp_path.as_path())
+    }
+
+    /// The hidden name the checkpoint is written under until it is committed.
+    pub fn temp_path(&self) -> &Path {
+        &self.temp_path
+    }
+
+    /// From now on, do not delete what was written if the checkpoint cannot be finished: call it once the
+    /// dumped process is gone, so its images are never thrown away.
+    pub fn keep_if_unfinished(&mut self) {
+        self.keep = true;
     }
 
     /// Where the finished checkpoint will be.
@@ -143,6 +165,7 @@ impl CheckpointWriter {
     /// Write the manifest (with the file list filled in) last, finish the stream and move the checkpoint
     /// to its final name. Returns the final path.
     pub fn commit(mut self, manifest: &mut Manifest) -> Result<PathBuf, CheckpointError> {
+        self.release_reserve();
         manifest.files = self.files.clone();
         manifest.compression = self.compression;
         let json = manifest.to_json();
@@ -170,12 +193,49 @@ impl CheckpointWriter {
     }
 }
 
+impl CheckpointWriter {
+    fn release_reserve(&mut self) {
+        if let Some(path) = self.reserve.take() {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+}
+
+/// Hold [`COMMIT_RESERVE`] bytes at `path`. `None` where the filesystem cannot preallocate; an error (before
+/// anything is dumped) when the disk has not even that much room.
+fn reserve_space(path: &Path) -> Result<Option<PathBuf>, CheckpointError> {
+    use std::os::fd::AsRawFd;
+    let file = File::create(path).map_err(CheckpointError::io(path))?;
+    // SAFETY: posix_fallocate on a descriptor we own, with a valid length.
+    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, COMMIT_RESERVE as libc::off_t) };
+    match rc {
+        0 => Ok(Some(path.to_path_buf())),
+        libc::EOPNOTSUPP | libc::EINVAL => {
+            let _ = std::fs::remove_file(path);
+            Ok(None)
+        }
+        errno => {
+            let _ = std::fs::remove_file(path);
+            if errno == libc::ENOSPC {
+                let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+                return Err(CheckpointError::NoSpace { dir });
+            }
+            Err(CheckpointError::Io { path: path.to_path_buf(), source: io::Error::from_raw_os_error(errno) })
+        }
+    }
+}
+
 impl Drop for CheckpointWriter {
     fn drop(&mut self) {
+        self.release_reserve();
         if self.committed {
             return;
         }
         drop(self.archive.take());
+        if self.keep {
+            tracing::warn!(path = %self.temp_path.display(), "unfinished checkpoint kept: the dumped process is gone");
+            return;
+        }
         let res = if self.temp_path.is_dir() {
             std::fs::remove_dir_all(&self.temp_path)
         } else {

@@ -213,6 +213,10 @@ fn run_dump(
         tracing::info!(log = %kept.display(), "criu dump failed; its log was kept");
         return Err(err.into());
     }
+    if !req.leave_running {
+        // CRIU has let the tree die: from here on, a failure must not throw its images away.
+        writer.keep_if_unfinished();
+    }
     if !packaged {
         let t = Instant::now();
         package_images(&mut writer, &images_dir, &mut tail, progress).map_err(|source| {
@@ -232,8 +236,16 @@ fn run_dump(
             None
         }
     };
+    let pid = images.process.pid;
     let mut manifest = new_manifest(images, req.compression, options, stats);
-    let path = writer.commit(&mut manifest)?;
+    let kept = writer.temp_path().to_path_buf();
+    let path = writer.commit(&mut manifest).map_err(|source| {
+        if req.leave_running {
+            EngineError::from(source)
+        } else {
+            EngineError::Unfinished { pid, kept, source }
+        }
+    })?;
     let size = disk_size(&path);
     Ok(DumpOutcome { path, manifest, size, criu_time, package_time, total_time: Duration::ZERO, detected: Vec::new() })
 }

@@ -38,6 +38,16 @@ pub enum EngineError {
     BadName { name: String, reason: &'static str },
     #[error("interrupted: the dump was cancelled, the process was left running and no checkpoint was written")]
     Interrupted,
+    #[error(
+        "CRIU checkpointed PID {pid} and the process is gone, but finishing the checkpoint failed: {source}. \
+         Nothing was deleted: CRIU's images are kept at {kept} (for a folder, `criu restore -D {kept}` restores them)"
+    )]
+    Unfinished {
+        pid: i32,
+        kept: std::path::PathBuf,
+        #[source]
+        source: crate::checkpoint::CheckpointError,
+    },
     #[error("writing the checkpoint failed: {source}; the process was left running and nothing was written")]
     Package {
         #[source]
