@@ -58,6 +58,19 @@ impl RuncRoot {
         self.ids.lock().unwrap_or_else(|e| e.into_inner()).push(id.to_string());
     }
 
+    /// `cedana dump runc ID --root ROOT --dir DIR EXTRA`, not yet run.
+    pub fn cedana_dump(&self, id: &str, dir: &Path, extra: &[&str]) -> Command {
+        let mut c = crate::cedana_cmd(&["dump", "runc", id, "--root"]);
+        c.arg(&self.root).arg("--dir").arg(dir).args(extra);
+        c
+    }
+
+    /// [`RuncRoot::cedana_dump`], which must succeed; returns its stdout (the summary).
+    pub fn cedana_dump_ok(&self, id: &str, dir: &Path, extra: &[&str]) -> String {
+        let out = self.cedana_dump(id, dir, extra).output().expect("run cedana");
+        crate::success_stdout(&format!("cedana dump runc {id} {extra:?}"), &out)
+    }
+
     /// `run -d` container `id` from `bundle`, its stdout and stderr into a pipe whose lines are returned.
     pub fn run_detached(&self, bundle: &Path, id: &str) -> Lines {
         self.track(id);

@@ -58,9 +58,16 @@ pub fn workload_bin(name: &str) -> PathBuf {
     out
 }
 
+/// A command `cedana ARGS` (info-level logs on stderr), not yet run.
+pub fn cedana_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(bin("cedana"));
+    c.args(args).env("CEDANA_LOG_LEVEL", "info");
+    c
+}
+
 /// Run `cedana ARGS` and capture its output.
 pub fn cedana(args: &[&str]) -> Output {
-    Command::new(bin("cedana")).args(args).env("CEDANA_LOG_LEVEL", "info").output().expect("run cedana")
+    cedana_cmd(args).output().expect("run cedana")
 }
 
 /// Like [`cedana`], but the command must succeed; returns stdout.
@@ -105,4 +112,23 @@ pub fn alive(pid: i32) -> bool {
         Ok(s) => s.rsplit_once(')').map(|(_, rest)| !rest.trim_start().starts_with(['Z', 'X'])).unwrap_or(false),
         Err(_) => false,
     }
+}
+
+/// The names in `dir`, sorted (none when it does not exist).
+pub fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Wait until a dump writes its checkpoint under the hidden temporary name in `dir` and it holds more than
+/// `bytes` (the archive is being written, CRIU holding the workload frozen).
+pub fn wait_for_partial_checkpoint(dir: &Path, bytes: u64) {
+    wait_for("the archive to be written", Duration::from_secs(30), || {
+        std::fs::read_dir(dir).ok()?.flatten().find(|e| {
+            e.file_name().to_string_lossy().contains(".partial-") && e.metadata().map(|m| m.len() > bytes).unwrap_or(false)
+        })
+    });
 }

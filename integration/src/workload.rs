@@ -20,6 +20,14 @@ pub fn session_command(program: &Path) -> Command {
     cmd
 }
 
+/// The workload's log, `dir/NAME.log`, created empty.
+fn log_file(program: &Path, dir: &Path) -> (PathBuf, std::fs::File) {
+    let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let log = dir.join(format!("{name}.log"));
+    let file = std::fs::File::create(&log).expect("create workload log");
+    (log, file)
+}
+
 /// A running test workload.
 pub struct Workload {
     child: Option<Child>,
@@ -31,9 +39,7 @@ pub struct Workload {
 impl Workload {
     /// Start `program ARGS` in its own session with output to `dir/NAME.log`.
     pub fn start(program: &Path, args: &[&str], dir: &Path) -> Workload {
-        let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let log = dir.join(format!("{name}.log"));
-        let file = std::fs::File::create(&log).expect("create workload log");
+        let (log, file) = log_file(program, dir);
         let mut cmd = session_command(program);
         cmd.args(args).stdout(file.try_clone().expect("dup log")).stderr(file).current_dir(dir);
         let child = cmd.spawn().expect("start workload");
@@ -45,10 +51,8 @@ impl Workload {
     /// workload's session and group leader is outside its tree, as for a job started from a terminal, whatever
     /// session the test itself runs in.
     pub fn start_as_shell_job(program: &Path, args: &[&str], dir: &Path) -> Workload {
-        let name = program.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let log = dir.join(format!("{name}.log"));
-        let pid_file = dir.join(format!("{name}.job-pid"));
-        let file = std::fs::File::create(&log).expect("create workload log");
+        let (log, file) = log_file(program, dir);
+        let pid_file = log.with_extension("job-pid");
         let mut cmd = session_command(Path::new("/bin/sh"));
         cmd.arg("-c")
             .arg(r#"pid_file=$1; shift; "$@" & echo $! > "$pid_file.tmp"; mv "$pid_file.tmp" "$pid_file"; wait"#)

@@ -341,19 +341,7 @@ fn dumped_finite_counter(runc: &RuncRoot, tmp: &Path, name: &str) -> (PathBuf, u
     let out = runc.run_detached(&bundle.dir, &cid);
     out.wait_for(5, T);
     let dir = tmp.join(format!("cp-{name}"));
-    cedana_ok(&[
-        "dump",
-        "runc",
-        &cid,
-        "--root",
-        runc.root.to_str().unwrap(),
-        "--dir",
-        dir.to_str().unwrap(),
-        "--name",
-        "cp",
-        "--compression",
-        "lz4",
-    ]);
+    runc.cedana_dump_ok(&cid, &dir, &["--name", "cp", "--compression", "lz4"]);
     let before = numbers(&out.wait_closed(T));
     assert_consecutive(&before, "before the dump");
     (dir.join("cp.tar.lz4"), *before.last().unwrap())

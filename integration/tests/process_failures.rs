@@ -8,13 +8,6 @@ use cedana_integration::workload::{session_command, Workload};
 use cedana_integration::*;
 use nix::sys::signal::Signal;
 
-fn entries(dir: &std::path::Path) -> Vec<String> {
-    let mut v: Vec<String> =
-        std::fs::read_dir(dir).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn missing_and_forbidden_pids_are_refused() {
     require_root();
@@ -209,14 +202,7 @@ fn interrupt_dump(compression: &str, when: impl Fn(&std::path::Path)) {
 #[test]
 fn an_interrupted_dump_leaves_the_process_running_and_nothing_behind() {
     // While the archive is being written (CRIU holds the process frozen then): the partial file grows.
-    interrupt_dump("gzip", |dir| {
-        wait_for("the archive to be written", Duration::from_secs(30), || {
-            std::fs::read_dir(dir).unwrap().flatten().find(|e| {
-                let name = e.file_name().to_string_lossy().into_owned();
-                name.contains(".partial-") && e.metadata().map(|m| m.len() > 4 << 20).unwrap_or(false)
-            })
-        });
-    });
+    interrupt_dump("gzip", |dir| wait_for_partial_checkpoint(dir, 4 << 20));
 }
 
 #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use cedana_integration::engines::{piped, RuncRoot};
 use cedana_integration::images::Bundle;
 use cedana_integration::lines::{numbers, Lines};
-use cedana_integration::{bin, cedana, cedana_ok, require_root};
+use cedana_integration::{bin, cedana, cedana_ok, entries, require_root, wait_for_partial_checkpoint};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -32,6 +32,17 @@ fn restore(runc: &RuncRoot, checkpoint: &Path, new_id: &str, bundle: &Path) -> L
     lines
 }
 
+/// A container holding 256 MiB with a known checksum (`/bin/memory 256`): its bundle, id, output and the
+/// checksum line it printed.
+fn memory_container(runc: &RuncRoot, tmp: &Path, name: &str) -> (Bundle, String, Lines, String) {
+    let bundle = Bundle::busybox(&tmp.join(format!("bundle-{name}")), &["/bin/memory", "256"]);
+    cedana_integration::images::add_static_workload(&bundle.rootfs(), "memory");
+    let cid = id(name);
+    let out = runc.run_detached(&bundle.dir, &cid);
+    let sum = out.wait_line("the memory checksum", Duration::from_secs(60), |l| l.starts_with("sum "));
+    (bundle, cid, out, sum)
+}
+
 /// The only checkpoint file in `dir`.
 fn only_file(dir: &Path) -> std::path::PathBuf {
     let entries: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().map(|e| e.path()).collect();
@@ -50,8 +61,7 @@ fn the_counter_continues_where_it_was_with_every_compression() {
         let out = runc.run_detached(&bundle.dir, &cid);
         out.wait_for(5, T);
         let dir = tmp.path().join(format!("cp-{compression}"));
-        let root = runc.root.to_str().unwrap();
-        cedana_ok(&["dump", "runc", &cid, "--root", root, "--dir", dir.to_str().unwrap(), "--compression", compression]);
+        runc.cedana_dump_ok(&cid, &dir, &["--compression", compression]);
         // The dump ends the container (as `runc checkpoint` does): its pipe closes and runc forgets it.
         let before = numbers(&out.wait_closed(T));
         assert_eq!(runc.status(&cid), None, "{compression}: the dumped container must be gone");
@@ -78,9 +88,7 @@ fn leave_running_keeps_the_original_and_the_copy_runs_beside_it() {
     let out = runc.run_detached(&bundle.dir, &cid);
     out.wait_for(3, T);
     let dir = tmp.path().join("cp");
-    let root = runc.root.to_str().unwrap();
-    let summary =
-        cedana_ok(&["dump", "runc", &cid, "--root", root, "--dir", dir.to_str().unwrap(), "--leave-running", "--name", "cp"]);
+    let summary = runc.cedana_dump_ok(&cid, &dir, &["--leave-running", "--name", "cp"]);
     assert!(summary.contains(&format!("Dumped container {cid}")), "{summary}");
     // Not left paused: it still counts.
     assert_eq!(runc.status(&cid).as_deref(), Some("running"));
@@ -116,21 +124,7 @@ fn a_paused_container_stays_paused_and_a_bundle_without_config_gets_the_checkpoi
     out.wait_for(3, T);
     runc.ok(&["pause", &cid]);
     let dir = tmp.path().join("cp");
-    let root = runc.root.to_str().unwrap();
-    cedana_ok(&[
-        "dump",
-        "runc",
-        &cid,
-        "--root",
-        root,
-        "--dir",
-        dir.to_str().unwrap(),
-        "--leave-running",
-        "--name",
-        "p",
-        "--compression",
-        "zstd",
-    ]);
+    runc.cedana_dump_ok(&cid, &dir, &["--leave-running", "--name", "p", "--compression", "zstd"]);
     assert_eq!(runc.status(&cid).as_deref(), Some("paused"));
     let frozen = numbers(&out.snapshot());
     std::thread::sleep(Duration::from_millis(500));
@@ -152,26 +146,9 @@ fn a_256_mib_container_keeps_its_memory_checksum() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let runc = RuncRoot::new(tmp.path(), "runc");
-    let bundle = Bundle::busybox(&tmp.path().join("bundle"), &["/bin/memory", "256"]);
-    cedana_integration::images::add_static_workload(&bundle.rootfs(), "memory");
-    let cid = id("memory");
-    let out = runc.run_detached(&bundle.dir, &cid);
-    let sum = out.wait_line("the memory checksum", Duration::from_secs(60), |l| l.starts_with("sum "));
+    let (bundle, cid, out, sum) = memory_container(&runc, tmp.path(), "memory");
     let dir = tmp.path().join("cp");
-    let root = runc.root.to_str().unwrap();
-    let summary = cedana_ok(&[
-        "dump",
-        "runc",
-        &cid,
-        "--root",
-        root,
-        "--dir",
-        dir.to_str().unwrap(),
-        "--compression",
-        "lz4",
-        "--name",
-        "mem",
-    ]);
+    let summary = runc.cedana_dump_ok(&cid, &dir, &["--compression", "lz4", "--name", "mem"]);
     assert!(summary.contains("images 25"), "about 256 MiB of images expected: {summary}");
     out.wait_closed(T);
 
@@ -190,14 +167,14 @@ fn errors_name_the_problem() {
     let root = runc.root.to_str().unwrap();
     let dir = tmp.path().join("cp");
 
-    let out = cedana(&["dump", "runc", "no-such-container", "--root", root, "--dir", dir.to_str().unwrap()]);
+    let out = runc.cedana_dump("no-such-container", &dir, &[]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no container \"no-such-container\""), "{err}");
 
     let bundle = Bundle::counter(&tmp.path().join("bundle"));
     let cid = id("errors");
     runc.run_detached(&bundle.dir, &cid).wait_for(2, T);
-    cedana_ok(&["dump", "runc", &cid, "--root", root, "--dir", dir.to_str().unwrap(), "--leave-running", "--name", "e"]);
+    runc.cedana_dump_ok(&cid, &dir, &["--leave-running", "--name", "e"]);
     let cp = dir.join("e.tar");
 
     // Restoring under the id of a live container.
@@ -247,7 +224,7 @@ fn errors_name_the_problem() {
         "--detach",
     ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("no checkpoint at /nonexistent.tar"), "{out:?}");
-    let out = cedana(&["dump", "runc", &cid, "--root", root, "--dir", dir.to_str().unwrap(), "--leave-running", "--name", "e"]);
+    let out = runc.cedana_dump(&cid, &dir, &["--leave-running", "--name", "e"]).output().unwrap();
     assert!(String::from_utf8_lossy(&out.stderr).contains("already exists"), "{out:?}");
     assert_eq!(runc.status(&cid).as_deref(), Some("running"), "a refused dump leaves the container running");
 }
@@ -275,17 +252,7 @@ fn a_failed_checkpoint_resumes_the_container_and_writes_nothing() {
         (std::fs::read_to_string(&log).unwrap_or_default().lines().count() > 2).then_some(())
     });
     let dir = tmp.path().join("cp");
-    let out = cedana(&[
-        "dump",
-        "runc",
-        &cid,
-        "--root",
-        runc.root.to_str().unwrap(),
-        "--dir",
-        dir.to_str().unwrap(),
-        "--compression",
-        "zstd",
-    ]);
+    let out = runc.cedana_dump(&cid, &dir, &["--compression", "zstd"]).output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("runc checkpoint") && err.contains("criu failed"), "{err}");
     assert_eq!(runc.status(&cid).as_deref(), Some("running"), "the container must be resumed");
@@ -293,8 +260,7 @@ fn a_failed_checkpoint_resumes_the_container_and_writes_nothing() {
     cedana_integration::wait_for("the resumed container to count on", T, || {
         (std::fs::read_to_string(&log).unwrap_or_default().lines().count() > n + 2).then_some(())
     });
-    let left: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-    assert!(left.is_empty(), "no partial checkpoint may be left: {left:?}");
+    assert!(entries(&dir).is_empty(), "no partial checkpoint may be left: {:?}", entries(&dir));
 }
 
 #[test]
@@ -321,12 +287,7 @@ fn hooks_run_around_container_dumps_and_restores() {
     let dir = tmp.path().join("cp");
     let root = runc.root.to_str().unwrap();
     let dump = |refuse: &str| {
-        Command::new(bin("cedana"))
-            .args(["dump", "runc", &cid, "--root", root, "--dir", dir.to_str().unwrap(), "--name", "cp"])
-            .env("CEDANA_HOOK_COMMAND", &hook)
-            .env("REFUSE", refuse)
-            .output()
-            .unwrap()
+        runc.cedana_dump(&cid, &dir, &["--name", "cp"]).env("CEDANA_HOOK_COMMAND", &hook).env("REFUSE", refuse).output().unwrap()
     };
     let refused = dump("before-dump");
     assert!(!refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("before-dump hook failed"));
@@ -363,41 +324,22 @@ fn an_interrupted_container_dump_resumes_it_and_leaves_nothing() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let runc = RuncRoot::new(tmp.path(), "runc");
-    let bundle = Bundle::busybox(&tmp.path().join("bundle"), &["/bin/memory", "256"]);
-    cedana_integration::images::add_static_workload(&bundle.rootfs(), "memory");
-    let cid = id("interrupted");
-    let out = runc.run_detached(&bundle.dir, &cid);
-    let sum = out.wait_line("the memory checksum", Duration::from_secs(60), |l| l.starts_with("sum "));
+    let (_, cid, out, sum) = memory_container(&runc, tmp.path(), "interrupted");
     let dir = tmp.path().join("cp");
-    let child = Command::new(bin("cedana"))
-        .args([
-            "dump",
-            "runc",
-            &cid,
-            "--root",
-            runc.root.to_str().unwrap(),
-            "--dir",
-            dir.to_str().unwrap(),
-            "--compression",
-            "gzip",
-        ])
+    let child = runc
+        .cedana_dump(&cid, &dir, &["--compression", "gzip"])
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     // Interrupt while the archive is being written (the container is paused then).
-    cedana_integration::wait_for("the archive to be written", Duration::from_secs(30), || {
-        std::fs::read_dir(&dir).ok()?.flatten().find(|e| {
-            e.file_name().to_string_lossy().contains(".partial-") && e.metadata().map(|m| m.len() > 4 << 20).unwrap_or(false)
-        })
-    });
+    wait_for_partial_checkpoint(&dir, 4 << 20);
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT).unwrap();
     let result = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&result.stderr);
     assert!(!result.status.success() && stderr.contains("interrupted"), "{stderr}");
     assert_eq!(runc.status(&cid).as_deref(), Some("running"), "resumed, not left paused");
-    let left: Vec<_> = std::fs::read_dir(&dir).map(|d| d.flatten().map(|e| e.path()).collect()).unwrap_or_default();
-    assert!(left.is_empty(), "no checkpoint and no partial file: {left:?}");
+    assert!(entries(&dir).is_empty(), "no checkpoint and no partial file: {:?}", entries(&dir));
     runc.ok(&["kill", &cid, "USR1"]);
     let n = out.snapshot().iter().filter(|l| l.starts_with("sum ")).count();
     let again = cedana_integration::wait_for("the checksum after the interrupted dump", Duration::from_secs(60), || {

@@ -10,7 +10,7 @@ use cedana_integration::console::ConsoleSocket;
 use cedana_integration::engines::{piped, RuncRoot};
 use cedana_integration::images::{Bundle, RESTORE_ANNOTATION};
 use cedana_integration::lines::{numbers, Lines};
-use cedana_integration::{bin, cedana_ok, require_root};
+use cedana_integration::{bin, require_root};
 
 const T: Duration = Duration::from_secs(20);
 
@@ -150,19 +150,7 @@ fn an_annotated_bundle_is_restored_at_create_and_start_does_nothing() {
     let out = runc.run_detached(&bundle.dir, &cid);
     out.wait_for(5, T);
     let dir = tmp.path().join("cps");
-    cedana_ok(&[
-        "dump",
-        "runc",
-        &cid,
-        "--root",
-        runc.root.to_str().unwrap(),
-        "--dir",
-        dir.to_str().unwrap(),
-        "--name",
-        "a",
-        "--compression",
-        "gzip",
-    ]);
+    runc.cedana_dump_ok(&cid, &dir, &["--name", "a", "--compression", "gzip"]);
     let last = *numbers(&out.wait_closed(T)).last().unwrap();
 
     let restored = Bundle::counter(&tmp.path().join("restored"));

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use super::digest::{self, FileDigest, HashingReader};
 use super::manifest::{Manifest, MANIFEST_NAME};
 use super::CheckpointError;
-use crate::codec::pipeline::WriteBehind;
 use crate::codec::{self, Compression, Encoder};
 
 type ArchiveSink = tar::Builder<Box<dyn Encoder<BufWriter<File>>>>;
@@ -59,7 +58,6 @@ impl CheckpointWriter {
         if compression.is_archive() {
             let file = File::create(&temp).map_err(CheckpointError::io(&temp))?;
             let enc = codec::encoder(compression, BufWriter::with_capacity(4 * IO_BUFFER, file))?;
-            let enc: Box<dyn Encoder<BufWriter<File>>> = Box::new(WriteBehind::new(enc).map_err(CheckpointError::io(&temp))?);
             let mut builder = tar::Builder::new(enc);
             builder.mode(tar::HeaderMode::Deterministic);
             writer.archive = Some(builder);

@@ -169,26 +169,29 @@ impl<W: Write + Send> Encoder<W> for zstd::stream::write::Encoder<'static, W> {
 const ZSTD_LEVEL: i32 = 1;
 const DEFLATE_LEVEL: u32 = 1;
 
-/// Wrap `w` in the encoder of `c` (`none` and `tar` pass bytes through). zstd, gzip and lz4 compress on all
-/// cores.
+/// Wrap `w` in the encoder of `c` (`none` and `tar` pass bytes through). The encoder works off the caller's
+/// thread: zstd, gzip and lz4 compress on all cores, and the others (and zstd's input side) run behind a
+/// [`pipeline::WriteBehind`] thread, so the caller (tar, hashing, file reads) overlaps the codec.
 pub fn encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dyn Encoder<W>>, CodecError> {
     let setup = |source| CodecError::Setup { codec: c, source };
-    Ok(match c {
-        Compression::None | Compression::Tar => Box::new(Plain(w)),
+    let threads = worker_threads() as usize;
+    let behind = |enc: Box<dyn Encoder<W>>| -> Result<Box<dyn Encoder<W>>, CodecError> {
+        Ok(Box::new(pipeline::WriteBehind::new(enc).map_err(setup)?))
+    };
+    match c {
+        Compression::None | Compression::Tar => behind(Box::new(Plain(w))),
         Compression::Gzip => {
-            Box::new(parallel::ParallelBlocks::new(w, "gzip", parallel::gzip_member, worker_threads() as usize).map_err(setup)?)
+            Ok(Box::new(parallel::ParallelBlocks::new(w, "gzip", parallel::gzip_member, threads).map_err(setup)?))
         }
-        Compression::Zlib => Box::new(flate2::write::ZlibEncoder::new(w, flate2::Compression::new(DEFLATE_LEVEL))),
-        Compression::Lz4 => {
-            Box::new(parallel::ParallelBlocks::new(w, "lz4", parallel::lz4_frame, worker_threads() as usize).map_err(setup)?)
-        }
+        Compression::Lz4 => Ok(Box::new(parallel::ParallelBlocks::new(w, "lz4", parallel::lz4_frame, threads).map_err(setup)?)),
+        Compression::Zlib => behind(Box::new(flate2::write::ZlibEncoder::new(w, flate2::Compression::new(DEFLATE_LEVEL)))),
         Compression::Zstd => {
             let mut enc = zstd::stream::write::Encoder::new(w, ZSTD_LEVEL).map_err(setup)?;
             enc.include_checksum(true).map_err(setup)?;
             enc.multithread(worker_threads()).map_err(setup)?;
-            Box::new(enc)
+            behind(Box::new(enc))
         }
-    })
+    }
 }
 
 /// Wrap `r` in the decoder of `c`. Concatenated frames/members are read through.
