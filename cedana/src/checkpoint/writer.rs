@@ -11,6 +11,16 @@ use crate::codec::{self, Compression, Encoder};
 
 type ArchiveSink = tar::Builder<Box<dyn Encoder<BufWriter<File>>>>;
 
+/// An archive being written: first any entries written before their size was known (each a series of
+/// independent units, see [`codec::units`]), then a tar stream through one encoder.
+enum Archive {
+    /// The file itself, with the zero bytes that still pad the last entry to a tar block.
+    Units { out: BufWriter<File>, pad: usize },
+    Tar(ArchiveSink),
+    /// Between the two, or after a failure.
+    Broken,
+}
+
 const IO_BUFFER: usize = 1 << 20;
 
 /// Disk space held back while a checkpoint is written and released for [`CheckpointWriter::commit`]: the
@@ -26,10 +36,11 @@ pub struct CheckpointWriter {
     temp_path: PathBuf,
     reserve: Option<PathBuf>,
     compression: Compression,
-    archive: Option<ArchiveSink>,
+    archive: Option<Archive>,
     files: Vec<FileDigest>,
     committed: bool,
     keep: bool,
+    release_sources: bool,
 }
 
 impl CheckpointWriter {
@@ -52,15 +63,21 @@ impl CheckpointWriter {
         let temp_path = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
         let reserve = reserve_space(&parent.join(format!(".{file_name}.reserve-{}", std::process::id())))?;
         // From here on, dropping the writer cleans up whatever was created.
-        let mut writer =
-            Self { final_path, temp_path, reserve, compression, archive: None, files: Vec::new(), committed: false, keep: false };
+        let mut writer = Self {
+            final_path,
+            temp_path,
+            reserve,
+            compression,
+            archive: None,
+            files: Vec::new(),
+            committed: false,
+            keep: false,
+            release_sources: false,
+        };
         let temp = writer.temp_path.clone();
         if compression.is_archive() {
             let file = File::create(&temp).map_err(CheckpointError::io(&temp))?;
-            let enc = codec::encoder(compression, BufWriter::with_capacity(4 * IO_BUFFER, file))?;
-            let mut builder = tar::Builder::new(enc);
-            builder.mode(tar::HeaderMode::Deterministic);
-            writer.archive = Some(builder);
+            writer.archive = Some(Archive::Units { out: BufWriter::with_capacity(4 * IO_BUFFER, file), pad: 0 });
         } else {
             std::fs::create_dir(&temp).map_err(CheckpointError::io(&temp))?;
         }
@@ -83,6 +100,14 @@ impl CheckpointWriter {
         self.keep = true;
     }
 
+    /// Free each source file's disk (and page cache) as soon as it has been read into an archive, so the
+    /// archive reuses the memory the images held instead of memory the system has not touched lately (on a
+    /// VM, several times slower to fill). Only for sources that are not needed if writing fails: images of a
+    /// process that is still alive.
+    pub fn release_sources_while_reading(&mut self) {
+        self.release_sources = true;
+    }
+
     /// Where the finished checkpoint will be.
     pub fn final_path(&self) -> &Path {
         &self.final_path
@@ -93,11 +118,12 @@ impl CheckpointWriter {
         &self.files
     }
 
-    /// Add every regular file under `src` (recursively, sorted), hashing as it goes.
+    /// Add every regular file under `src` (recursively, sorted) not added yet, hashing as it goes.
     /// `progress` receives the number of bytes processed after each chunk.
     pub fn add_tree(&mut self, src: &Path, progress: &dyn Fn(u64)) -> Result<(), CheckpointError> {
         for name in list_files(src).map_err(CheckpointError::io(src))? {
-            if name == MANIFEST_NAME {
+            // The manifest comes last, and entries already streamed in (see add_unsized) are not repeated.
+            if name == MANIFEST_NAME || self.files.iter().any(|f| f.name == name) {
                 continue;
             }
             if crate::interrupt::requested() {
@@ -123,7 +149,8 @@ impl CheckpointWriter {
         } else {
             let file = File::open(path).map_err(CheckpointError::io(path))?;
             let size = file.metadata().map_err(CheckpointError::io(path))?.len();
-            let mut reader = BufReader::with_capacity(IO_BUFFER, HashingReader::new(ProgressReader { inner: file, progress }));
+            let source = ReleasingReader::new(file, self.release_sources);
+            let mut reader = BufReader::with_capacity(IO_BUFFER, HashingReader::new(ProgressReader { inner: source, progress }));
             self.write_entry(name, size, &mut reader)?;
             reader.get_ref().hasher().finish(name)
         };
@@ -140,15 +167,16 @@ impl CheckpointWriter {
     }
 
     fn write_entry(&mut self, name: &str, size: u64, reader: &mut dyn Read) -> Result<(), CheckpointError> {
-        match &mut self.archive {
-            Some(builder) => {
+        match self.archive.is_some() {
+            true => {
+                let builder = self.tar()?;
                 let mut header = tar::Header::new_gnu();
                 header.set_size(size);
                 header.set_mode(0o600);
                 header.set_entry_type(tar::EntryType::Regular);
                 builder.append_data(&mut header, name, reader).map_err(CheckpointError::io(&self.temp_path))
             }
-            None => {
+            false => {
                 let dest = self.temp_path.join(name);
                 if let Some(parent) = dest.parent() {
                     std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
@@ -167,17 +195,21 @@ impl CheckpointWriter {
         manifest.files = self.files.clone();
         manifest.compression = self.compression;
         let json = manifest.to_json();
-        match self.archive.take() {
-            Some(mut builder) => {
+        match self.archive.is_some() {
+            true => {
+                let builder = self.tar()?;
                 let mut header = tar::Header::new_gnu();
                 header.set_size(json.len() as u64);
                 header.set_mode(0o600);
                 builder.append_data(&mut header, MANIFEST_NAME, &json[..]).map_err(CheckpointError::io(&self.temp_path))?;
+                let Some(Archive::Tar(builder)) = self.archive.take() else {
+                    unreachable!("tar() leaves a tar stream in place or fails")
+                };
                 let enc = builder.into_inner().map_err(CheckpointError::io(&self.temp_path))?;
                 let mut out = enc.finish().map_err(CheckpointError::io(&self.temp_path))?;
                 out.flush().map_err(CheckpointError::io(&self.temp_path))?;
             }
-            None => {
+            false => {
                 let path = self.temp_path.join(MANIFEST_NAME);
                 std::fs::write(&path, &json).map_err(CheckpointError::io(&path))?;
             }
@@ -192,6 +224,73 @@ impl CheckpointWriter {
 }
 
 impl CheckpointWriter {
+    /// The archive's tar stream, started (after any entries written as units) on first use.
+    fn tar(&mut self) -> Result<&mut ArchiveSink, CheckpointError> {
+        let temp = self.temp_path.clone();
+        if let Some(Archive::Units { .. }) = self.archive {
+            let Some(Archive::Units { out, pad }) = self.archive.replace(Archive::Broken) else {
+                unreachable!("matched just above")
+            };
+            let mut enc = codec::encoder(self.compression, out)?;
+            // The last entry written as units still owes its padding to a whole tar block.
+            enc.write_all(&[0u8; 512][..pad]).map_err(CheckpointError::io(&temp))?;
+            let mut builder = tar::Builder::new(enc);
+            builder.mode(tar::HeaderMode::Deterministic);
+            self.archive = Some(Archive::Tar(builder));
+        }
+        match &mut self.archive {
+            Some(Archive::Tar(builder)) => Ok(builder),
+            _ => Err(CheckpointError::Io { path: temp, source: io::Error::other("the archive was left unusable by an earlier error") }),
+        }
+    }
+
+    /// Whether entries can still be written before their size is known ([`Self::add_unsized`]).
+    pub fn accepts_unsized(&self) -> bool {
+        matches!(self.archive, Some(Archive::Units { .. })) && codec::units::supports_late_headers(self.compression)
+    }
+
+    /// Add an entry whose size is unknown until `reader` ends (a file still being written), without
+    /// buffering it: its data is compressed as it comes, and its tar header goes into a slot reserved in
+    /// front of it. Only before any other entry (see [`Self::accepts_unsized`]).
+    pub fn add_unsized(&mut self, name: &str, reader: &mut dyn Read) -> Result<(), CheckpointError> {
+        use std::io::Seek;
+        use std::os::unix::fs::FileExt;
+        let temp = self.temp_path.clone();
+        if !self.accepts_unsized() {
+            return Err(CheckpointError::Io { path: temp, source: io::Error::other("unsized entries must come first") });
+        }
+        let Some(Archive::Units { mut out, pad }) = self.archive.replace(Archive::Broken) else {
+            unreachable!("accepts_unsized checked the state")
+        };
+        let c = self.compression;
+        let slot = codec::units::header_slot(c);
+        let unit = |content: &[u8], size| {
+            codec::units::stored_unit(c, content, size)
+                .ok_or_else(|| CheckpointError::Io { path: temp.clone(), source: io::Error::other("no room for a tar header") })
+        };
+        if pad > 0 {
+            out.write_all(&unit(&[0u8; 512][..pad], None)?).map_err(CheckpointError::io(&temp))?;
+        }
+        let at = out.stream_position().map_err(CheckpointError::io(&temp))?;
+        // A placeholder of the slot's size (overwritten below), so the data lands after it.
+        out.write_all(&unit(&[0u8; 512], Some(slot))?).map_err(CheckpointError::io(&temp))?;
+        let mut enc = codec::encoder(c, out)?;
+        let mut hashing = HashingReader::new(reader);
+        let size = copy_large(&mut hashing, &mut enc).map_err(CheckpointError::io(&temp))?;
+        let mut out = enc.finish().map_err(CheckpointError::io(&temp))?;
+        out.flush().map_err(CheckpointError::io(&temp))?;
+        let mut header = tar::Header::new_gnu();
+        header.set_path(name).map_err(CheckpointError::io(&temp))?;
+        header.set_size(size);
+        header.set_mode(0o600);
+        header.set_entry_type(tar::EntryType::Regular);
+        header.set_cksum();
+        out.get_ref().write_all_at(&unit(header.as_bytes(), Some(slot))?, at).map_err(CheckpointError::io(&temp))?;
+        self.files.push(hashing.hasher().finish(name));
+        self.archive = Some(Archive::Units { out, pad: (512 - (size % 512) as usize) % 512 });
+        Ok(())
+    }
+
     fn release_reserve(&mut self) {
         if let Some(path) = self.reserve.take() {
             let _ = std::fs::remove_file(path);
@@ -259,6 +358,49 @@ impl<R: Read> Read for ProgressReader<'_, R> {
         }
         let n = self.inner.read(buf)?;
         (self.progress)(n as u64);
+        Ok(n)
+    }
+}
+
+/// Release (punch out) what has been read of a file every this many bytes.
+const RELEASE_EVERY: u64 = 8 << 20;
+
+/// A file reader that, when asked to, punches out of the file what it has read so far, freeing its blocks
+/// and page cache. Filesystems without hole punching just keep the data.
+struct ReleasingReader {
+    file: File,
+    release: bool,
+    read_to: u64,
+    released_to: u64,
+}
+
+impl ReleasingReader {
+    fn new(file: File, release: bool) -> Self {
+        Self { file, release, read_to: 0, released_to: 0 }
+    }
+
+    fn release_read(&mut self) {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        let len = self.read_to - self.released_to;
+        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        let (Ok(offset), Ok(len)) = (i64::try_from(self.released_to), i64::try_from(len)) else { return };
+        match fallocate(&self.file, flags, offset, len) {
+            Ok(()) => self.released_to = self.read_to,
+            Err(errno) => {
+                tracing::debug!(%errno, "cannot punch holes here; sources are kept until the end");
+                self.release = false;
+            }
+        }
+    }
+}
+
+impl Read for ReleasingReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read(buf)?;
+        self.read_to += n as u64;
+        if self.release && (self.read_to - self.released_to >= RELEASE_EVERY || (n == 0 && self.read_to > self.released_to)) {
+            self.release_read();
+        }
         Ok(n)
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod parallel;
 pub mod pipeline;
+pub mod units;
 
 use std::fmt;
 use std::io::{self, Read, Write};

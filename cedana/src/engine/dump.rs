@@ -184,7 +184,7 @@ fn run_dump(
                 return true;
             }
             let t = Instant::now();
-            let res = package_images(&mut writer, &images_dir, &mut tail, progress);
+            let res = package_images(&mut writer, &images_dir, &mut tail, progress, Release::ProcessAlive);
             package_time = t.elapsed();
             match res {
                 Ok(()) => {
@@ -219,7 +219,8 @@ fn run_dump(
     }
     if !packaged {
         let t = Instant::now();
-        package_images(&mut writer, &images_dir, &mut tail, progress).map_err(|source| {
+        let release = if req.leave_running { Release::ProcessAlive } else { Release::Keep };
+        package_images(&mut writer, &images_dir, &mut tail, progress, release).map_err(|source| {
             if interrupt::requested() {
                 EngineError::Interrupted
             } else {
@@ -305,6 +306,15 @@ pub(crate) fn follow_in_place(writer: &CheckpointWriter) -> Result<Option<TailHa
     }
 }
 
+/// Whether staged images may be freed as they are packaged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Release {
+    /// The dumped process is still alive (a failure resumes it): free each image once it is in the archive.
+    ProcessAlive,
+    /// The process may be gone: the images must survive a failure.
+    Keep,
+}
+
 /// Package CRIU's images: finish the digests of a folder followed while CRIU wrote it, or write the
 /// archive.
 pub(crate) fn package_images(
@@ -312,7 +322,11 @@ pub(crate) fn package_images(
     images_dir: &Path,
     tail: &mut Option<TailHasher>,
     progress: &dyn Progress,
+    release: Release,
 ) -> Result<(), crate::checkpoint::CheckpointError> {
+    if release == Release::ProcessAlive {
+        writer.release_sources_while_reading();
+    }
     match tail.take() {
         Some(t) => {
             let digests = t.finish(&[MANIFEST_NAME]).map_err(crate::checkpoint::CheckpointError::io(images_dir))?;

@@ -19,7 +19,7 @@ use crate::criu::options::CriuOptions;
 use crate::criu::Criu;
 use crate::engine::dump::{
     check_name, default_name, disk_size, follow_in_place, new_manifest, open_writer, package_images, DumpOutcome, DumpRequest,
-    ImagesToPackage,
+    ImagesToPackage, Release,
 };
 use crate::engine::hooks::{self, HookContext, HookPoint, Hooks};
 use crate::engine::EngineError;
@@ -139,7 +139,9 @@ fn dump_container(
         if interrupt::requested() {
             return Err(EngineError::Interrupted);
         }
-        package_images(&mut writer, &images_dir, &mut tail, progress).map_err(|source| EngineError::Package { source })?;
+        // The container is paused or left running until the checkpoint is committed.
+        package_images(&mut writer, &images_dir, &mut tail, progress, Release::ProcessAlive)
+            .map_err(|source| EngineError::Package { source })?;
         writer.add_bytes(CONFIG_FILE, &config_bytes).map_err(|source| EngineError::Package { source })?;
         Ok(())
     });
