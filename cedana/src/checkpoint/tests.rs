@@ -6,7 +6,7 @@ use super::*;
 use crate::codec::{Compression, ALL};
 use crate::criu::options::CriuOptions;
 
-fn manifest() -> Manifest {
+pub(crate) fn manifest() -> Manifest {
     Manifest {
         format_version: FORMAT_VERSION,
         kind: CheckpointKind::Process,

@@ -15,7 +15,10 @@ type ArchiveSink = tar::Builder<Box<dyn Encoder<BufWriter<File>>>>;
 /// independent units, see [`codec::units`]), then a tar stream through one encoder.
 enum Archive {
     /// The file itself, with the zero bytes that still pad the last entry to a tar block.
-    Units { out: BufWriter<File>, pad: usize },
+    Units {
+        out: BufWriter<File>,
+        pad: usize,
+    },
     Tar(ArchiveSink),
     /// Between the two, or after a failure.
     Broken,
@@ -147,9 +150,8 @@ impl CheckpointWriter {
             progress(digest.size);
             digest
         } else {
-            let file = File::open(path).map_err(CheckpointError::io(path))?;
-            let size = file.metadata().map_err(CheckpointError::io(path))?.len();
-            let source = ReleasingReader::new(file, self.release_sources);
+            let source = ReleasingReader::open(path, self.release_sources).map_err(CheckpointError::io(path))?;
+            let size = source.file.metadata().map_err(CheckpointError::io(path))?.len();
             let mut reader = BufReader::with_capacity(IO_BUFFER, HashingReader::new(ProgressReader { inner: source, progress }));
             self.write_entry(name, size, &mut reader)?;
             reader.get_ref().hasher().finish(name)
@@ -240,7 +242,10 @@ impl CheckpointWriter {
         }
         match &mut self.archive {
             Some(Archive::Tar(builder)) => Ok(builder),
-            _ => Err(CheckpointError::Io { path: temp, source: io::Error::other("the archive was left unusable by an earlier error") }),
+            _ => Err(CheckpointError::Io {
+                path: temp,
+                source: io::Error::other("the archive was left unusable by an earlier error"),
+            }),
         }
     }
 
@@ -367,16 +372,18 @@ const RELEASE_EVERY: u64 = 8 << 20;
 
 /// A file reader that, when asked to, punches out of the file what it has read so far, freeing its blocks
 /// and page cache. Filesystems without hole punching just keep the data.
-struct ReleasingReader {
-    file: File,
+pub(crate) struct ReleasingReader {
+    pub(crate) file: File,
     release: bool,
     read_to: u64,
     released_to: u64,
 }
 
 impl ReleasingReader {
-    fn new(file: File, release: bool) -> Self {
-        Self { file, release, read_to: 0, released_to: 0 }
+    /// Open `path` for reading (and, to release, writing: punching a hole needs it).
+    pub(crate) fn open(path: &Path, release: bool) -> io::Result<Self> {
+        let file = std::fs::OpenOptions::new().read(true).write(release).open(path)?;
+        Ok(Self { file, release, read_to: 0, released_to: 0 })
     }
 
     fn release_read(&mut self) {

@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::checkpoint::live::Packing;
 use crate::checkpoint::tail::TailHasher;
 use crate::checkpoint::{CheckpointKind, CheckpointWriter, ContainerInfo, Manifest, ProcessInfo, FORMAT_VERSION, MANIFEST_NAME};
 use crate::codec::Compression;
@@ -155,9 +156,11 @@ fn run_dump(
     images: ImagesToPackage,
     progress: &dyn Progress,
 ) -> Result<DumpOutcome, EngineError> {
-    let (mut writer, _staging, images_dir) = open_writer(req, name)?;
+    let (writer, _staging, images_dir) = open_writer(req, name)?;
     let work = tempfile::Builder::new().prefix("cedana-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?;
     let mut tail = follow_in_place(&writer)?;
+    // Page images go into an archive while CRIU writes them.
+    let mut packing = Packing::start(writer, &images_dir);
     let criu_start = Instant::now();
     let mut package_time = Duration::ZERO;
     let mut packaged = false;
@@ -184,7 +187,9 @@ fn run_dump(
                 return true;
             }
             let t = Instant::now();
-            let res = package_images(&mut writer, &images_dir, &mut tail, progress, Release::ProcessAlive);
+            let res = packing
+                .writer()
+                .and_then(|writer| package_images(writer, &images_dir, &mut tail, progress, Release::ProcessAlive));
             package_time = t.elapsed();
             match res {
                 Ok(()) => {
@@ -213,6 +218,9 @@ fn run_dump(
         tracing::info!(log = %kept.display(), "criu dump failed; its log was kept");
         return Err(err.into());
     }
+    let not_interrupted =
+        |source| if interrupt::requested() { EngineError::Interrupted } else { EngineError::Package { source } };
+    let mut writer = packing.into_writer().map_err(not_interrupted)?;
     if !req.leave_running {
         // CRIU has let the tree die: from here on, a failure must not throw its images away.
         writer.keep_if_unfinished();
@@ -220,13 +228,7 @@ fn run_dump(
     if !packaged {
         let t = Instant::now();
         let release = if req.leave_running { Release::ProcessAlive } else { Release::Keep };
-        package_images(&mut writer, &images_dir, &mut tail, progress, release).map_err(|source| {
-            if interrupt::requested() {
-                EngineError::Interrupted
-            } else {
-                EngineError::Package { source }
-            }
-        })?;
+        package_images(&mut writer, &images_dir, &mut tail, progress, release).map_err(not_interrupted)?;
         package_time = t.elapsed();
     }
     progress.finish();
@@ -280,7 +282,9 @@ fn package(
     images_dir: &Path,
     progress: &dyn Progress,
 ) -> Result<(), crate::checkpoint::CheckpointError> {
-    let total = dir_size(images_dir);
+    // Page images packed while CRIU ran are not counted again.
+    let packed: u64 = writer.files().iter().map(|f| f.size).sum();
+    let total = dir_size(images_dir).saturating_sub(packed);
     progress.phase("packaging", Some(total));
     writer.add_tree(images_dir, &|n| progress.advance(n))
 }

@@ -13,6 +13,7 @@ use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use crate::checkpoint::live::Packing;
 use crate::checkpoint::{CheckpointKind, ContainerInfo, Manifest, OpenedCheckpoint};
 use crate::config::Config;
 use crate::criu::options::CriuOptions;
@@ -102,7 +103,7 @@ fn dump_container(
         .map_err(|e| EngineError::Io { what: format!("parsing {}", config_path.display()), source: std::io::Error::other(e) })?;
     let name = req.name.clone().unwrap_or_else(|| default_name(CheckpointKind::Runc, id));
     check_name(&name)?;
-    let (mut writer, _staging, images_dir) = open_writer(req, &name)?;
+    let (writer, _staging, images_dir) = open_writer(req, &name)?;
     let temp_work = match &target.work_path {
         Some(_) => None,
         None => Some(
@@ -132,6 +133,8 @@ fn dump_container(
     let criu_start = Instant::now();
     progress.phase("dumping", None);
     let mut tail = follow_in_place(&writer)?;
+    // Page images go into an archive while CRIU writes them.
+    let mut packing = Packing::start(writer, &images_dir);
     let checkpointed = runc.checkpoint(id, &images_dir, &work, &flags).map_err(EngineError::from);
     let criu_time = criu_start.elapsed();
     let package_start = Instant::now();
@@ -140,7 +143,8 @@ fn dump_container(
             return Err(EngineError::Interrupted);
         }
         // The container is paused or left running until the checkpoint is committed.
-        package_images(&mut writer, &images_dir, &mut tail, progress, Release::ProcessAlive)
+        let writer = packing.writer().map_err(|source| EngineError::Package { source })?;
+        package_images(writer, &images_dir, &mut tail, progress, Release::ProcessAlive)
             .map_err(|source| EngineError::Package { source })?;
         writer.add_bytes(CONFIG_FILE, &config_bytes).map_err(|source| EngineError::Package { source })?;
         Ok(())
@@ -166,7 +170,8 @@ fn dump_container(
     };
     let images = ImagesToPackage { kind: CheckpointKind::Runc, process, container: Some(container), criu_version };
     let mut manifest = new_manifest(images, req.compression, &req.options, stats);
-    let path = match writer.commit(&mut manifest) {
+    let committed = packing.into_writer().and_then(|writer| writer.commit(&mut manifest));
+    let path = match committed {
         Ok(p) => p,
         Err(source) => return Err(resume_after(runc, id, we_paused, EngineError::Package { source })),
     };
