@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use super::digest::{self, FileDigest, Hasher};
 use super::writer::list_files;
@@ -83,6 +83,7 @@ impl Drop for TailHasher {
 fn follow(dir: &Path, stop: &AtomicBool) -> HashMap<String, Followed> {
     let mut files: HashMap<String, Followed> = HashMap::new();
     let mut buf = vec![0u8; PIECE];
+    let spin = std::thread::available_parallelism().map(|n| n.get() >= 2).unwrap_or(false);
     while !stop.load(Ordering::SeqCst) {
         let mut progressed = false;
         if let Ok(rd) = std::fs::read_dir(dir) {
@@ -117,10 +118,26 @@ fn follow(dir: &Path, stop: &AtomicBool) -> HashMap<String, Followed> {
             }
         }
         if !progressed {
-            std::thread::sleep(Duration::from_millis(2));
+            wait_for_more(spin);
         }
     }
     files
+}
+
+/// Wait for CRIU's next write. With a core to spare, poll (yielding to anything runnable) rather than sleep:
+/// on a VM an idle vCPU halts, and waking it costs CRIU's cross-CPU work more than the poll costs. Raw
+/// `criu dump` of 1 GiB here: 0.48 s (median of 8) with the other vCPU idle, 0.43 s with it busy; cedana
+/// `--compression none` went from 0.51 s (sleeping 2 ms) to 0.45 s (polling). The poll lasts only while
+/// CRIU dumps, when the dumped tree is frozen and leaves its CPU time unused.
+fn wait_for_more(spin: bool) {
+    if spin {
+        let until = Instant::now() + Duration::from_millis(1);
+        while Instant::now() < until {
+            std::thread::yield_now();
+        }
+    } else {
+        std::thread::sleep(Duration::from_millis(2));
+    }
 }
 
 fn read_until(f: &mut Followed, end: u64, buf: &mut [u8]) -> io::Result<()> {
