@@ -1,7 +1,7 @@
 //! Our checkpoint format: CRIU's images plus a manifest, as a folder or a (compressed) tar archive.
 //!
 //! Layout: the image files at the top level (and, for containers, a few files of ours), then `manifest.json`
-//! last. A checkpoint is written under a temporary name and renamed into place when complete; a restore
+//! last. In an archive, page images packed while CRIU wrote them come first (see [`live`]). A checkpoint is written under a temporary name and renamed into place when complete; a restore
 //! verifies every file's checksum against the manifest before anything is restored.
 
 pub mod digest;
