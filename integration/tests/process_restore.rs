@@ -239,3 +239,45 @@ fn pid_file_and_log_of_a_detached_restore() {
     assert!(first > 1, "the restored counter continues instead of restarting: {first}");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), Signal::SIGKILL).ok();
 }
+
+/// Archives are plain tar streams for the formats' own tools, page images first (packed while CRIU wrote
+/// them, their headers filled in afterwards), and raw CRIU restores what the tools extract.
+#[test]
+fn archives_extract_with_standard_tools_and_restore_with_raw_criu() {
+    require_root();
+    let criu = ["/usr/local/sbin/criu", "/opt/cedana/criu/criu"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("CRIU (run scripts/setup.sh)");
+    let dir = tempfile::tempdir().unwrap();
+    let mut w = Workload::start(&workload_bin("memory"), &["64"], dir.path());
+    let sum = w.wait_lines(1)[0].clone();
+    let mut printed = 1;
+    for (c, tool) in [("zstd", "zstd -dc"), ("lz4", "lz4 -dc"), ("gzip", "gzip -dc"), ("tar", "cat")] {
+        let pid = w.pid.to_string();
+        let out = cedana_ok(&["dump", "process", &pid, "--dir", dir.path().to_str().unwrap(), "--name", c, "--compression", c]);
+        let path = out.lines().next().and_then(|l| l.rsplit(" to ").next()).expect("checkpoint path").to_string();
+        w.reap();
+        wait_for("the dumped PID to be free", Duration::from_secs(20), || {
+            (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+        });
+        let sh = |script: String| {
+            let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+            assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let listing = sh(format!("{tool} < '{path}' | tar -tf -"));
+        let names: Vec<&str> = listing.lines().collect();
+        assert!(names[0].starts_with("pages-") && names[0].ends_with(".img"), "{c}: {names:?}");
+        assert_eq!(names.last(), Some(&"manifest.json"), "{c}");
+        let x = dir.path().join(format!("extracted-{c}"));
+        std::fs::create_dir(&x).unwrap();
+        sh(format!("{tool} < '{path}' | tar -xf - -C '{}'", x.display()));
+        let restored =
+            Command::new(criu).arg("restore").arg("-d").arg("-D").arg(&x).args(["-o", "restore.log"]).status().unwrap();
+        assert!(restored.success(), "{c}: raw criu restore failed, see {}", x.join("restore.log").display());
+        w.signal(Signal::SIGUSR1);
+        printed += 1;
+        assert_eq!(w.wait_lines(printed)[printed - 1], sum, "{c}: memory after a raw CRIU restore");
+    }
+}
