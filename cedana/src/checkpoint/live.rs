@@ -18,7 +18,7 @@ use std::time::Duration;
 use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
-use super::writer::ReleasingReader;
+use super::release::ReleasingReader;
 use super::{CheckpointError, CheckpointWriter};
 
 /// How long a reader waits for news of the folder before it looks at its flags again.

@@ -8,6 +8,7 @@ pub mod digest;
 pub mod live;
 pub mod manifest;
 pub mod reader;
+pub mod release;
 pub mod tail;
 pub mod writer;
 

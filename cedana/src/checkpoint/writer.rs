@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 
 use super::digest::{self, FileDigest, HashingReader};
 use super::manifest::{Manifest, MANIFEST_NAME};
+use super::release::ReleasingReader;
 use super::CheckpointError;
 use crate::codec::{self, Compression, Encoder};
 
@@ -363,51 +364,6 @@ impl<R: Read> Read for ProgressReader<'_, R> {
         }
         let n = self.inner.read(buf)?;
         (self.progress)(n as u64);
-        Ok(n)
-    }
-}
-
-/// Release (punch out) what has been read of a file every this many bytes.
-const RELEASE_EVERY: u64 = 8 << 20;
-
-/// A file reader that, when asked to, punches out of the file what it has read so far, freeing its blocks
-/// and page cache. Filesystems without hole punching just keep the data.
-pub(crate) struct ReleasingReader {
-    pub(crate) file: File,
-    release: bool,
-    read_to: u64,
-    released_to: u64,
-}
-
-impl ReleasingReader {
-    /// Open `path` for reading (and, to release, writing: punching a hole needs it).
-    pub(crate) fn open(path: &Path, release: bool) -> io::Result<Self> {
-        let file = std::fs::OpenOptions::new().read(true).write(release).open(path)?;
-        Ok(Self { file, release, read_to: 0, released_to: 0 })
-    }
-
-    fn release_read(&mut self) {
-        use nix::fcntl::{fallocate, FallocateFlags};
-        let len = self.read_to - self.released_to;
-        let flags = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
-        let (Ok(offset), Ok(len)) = (i64::try_from(self.released_to), i64::try_from(len)) else { return };
-        match fallocate(&self.file, flags, offset, len) {
-            Ok(()) => self.released_to = self.read_to,
-            Err(errno) => {
-                tracing::debug!(%errno, "cannot punch holes here; sources are kept until the end");
-                self.release = false;
-            }
-        }
-    }
-}
-
-impl Read for ReleasingReader {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read(buf)?;
-        self.read_to += n as u64;
-        if self.release && (self.read_to - self.released_to >= RELEASE_EVERY || (n == 0 && self.read_to > self.released_to)) {
-            self.release_read();
-        }
         Ok(n)
     }
 }
