@@ -2,6 +2,9 @@
 
 use std::io::IsTerminal;
 
+/// Advances the current phase from another thread.
+pub type Advancer = Box<dyn Fn(u64) + Send + Sync>;
+
 /// Receives progress of the engine's long phases.
 pub trait Progress: Sync {
     /// A new phase; `total` bytes if known.
@@ -10,6 +13,10 @@ pub trait Progress: Sync {
     fn advance(&self, bytes: u64);
     /// The operation ended.
     fn finish(&self);
+    /// A handle that advances the current phase from a thread of its own (none when nothing is shown).
+    fn advancer(&self) -> Option<Advancer> {
+        None
+    }
 }
 
 /// Reports nothing.
@@ -69,5 +76,9 @@ impl Progress for Bar {
         if let Some(bar) = &self.bar {
             bar.finish_and_clear();
         }
+    }
+    fn advancer(&self) -> Option<Advancer> {
+        let bar = self.bar.clone()?;
+        Some(Box::new(move |n| bar.inc(n)))
     }
 }

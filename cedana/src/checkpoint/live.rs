@@ -20,6 +20,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use super::release::ReleasingReader;
 use super::{CheckpointError, CheckpointWriter};
+use crate::progress::Advancer;
 
 /// How long a reader waits for news of the folder before it looks at its flags again.
 const WAIT: Duration = Duration::from_millis(20);
@@ -39,9 +40,14 @@ pub struct LivePacker {
 }
 
 impl LivePacker {
-    /// Start following `dir` (before CRIU writes anything there). `writer` must accept unsized entries.
-    /// On failure the writer comes back with the error, to be used the ordinary way.
-    pub fn start(writer: CheckpointWriter, dir: &Path) -> Result<Self, Box<(CheckpointWriter, io::Error)>> {
+    /// Start following `dir` (before CRIU writes anything there). `writer` must accept unsized entries;
+    /// `advance` hears of every byte packed. On failure the writer comes back with the error, to be used the
+    /// ordinary way.
+    pub fn start(
+        writer: CheckpointWriter,
+        dir: &Path,
+        advance: Option<Advancer>,
+    ) -> Result<Self, Box<(CheckpointWriter, io::Error)>> {
         let watch = match Watch::new(dir) {
             Ok(w) => w,
             Err(e) => return Err(Box::new((writer, e))),
@@ -51,7 +57,7 @@ impl LivePacker {
         // The writer goes over a channel once the thread runs, so a failed spawn still has it to give back.
         let (hand_over, receive) = std::sync::mpsc::sync_channel::<CheckpointWriter>(1);
         let spawned = std::thread::Builder::new().name("live-pack".into()).spawn(move || match receive.recv() {
-            Ok(writer) => pack(writer, watch, &shared),
+            Ok(writer) => pack(writer, watch, &shared, advance.as_deref()),
             Err(_) => Err(CheckpointError::Io { path: PathBuf::new(), source: io::Error::other("no writer was handed over") }),
         });
         match spawned {
@@ -95,11 +101,11 @@ pub enum Packing {
 
 impl Packing {
     /// Pack page images live where the writer can (an archive of a format with units), else not.
-    pub fn start(writer: CheckpointWriter, images_dir: &Path) -> Self {
+    pub fn start(writer: CheckpointWriter, images_dir: &Path, advance: Option<Advancer>) -> Self {
         if !writer.accepts_unsized() {
             return Packing::Ready(writer);
         }
-        match LivePacker::start(writer, images_dir) {
+        match LivePacker::start(writer, images_dir, advance) {
             Ok(p) => Packing::Live(p),
             Err(failed) => {
                 let (writer, e) = *failed;
@@ -134,13 +140,23 @@ impl Packing {
     }
 }
 
-fn pack(mut writer: CheckpointWriter, mut watch: Watch, flags: &Flags) -> Result<CheckpointWriter, CheckpointError> {
+fn pack(
+    mut writer: CheckpointWriter,
+    mut watch: Watch,
+    flags: &Flags,
+    advance: Option<&(dyn Fn(u64) + Send + Sync)>,
+) -> Result<CheckpointWriter, CheckpointError> {
     let io_err = |dir: &Path, source| CheckpointError::Io { path: dir.to_path_buf(), source };
     loop {
         if let Some(name) = watch.queue.pop_front() {
             let path = watch.dir.join(&name);
-            let inner = ReleasingReader::open(&path, true).map_err(CheckpointError::io(&path))?;
-            let mut reader = GrowingFile { inner, name: name.clone(), watch: &mut watch, flags };
+            let inner = match ReleasingReader::open(&path, true) {
+                Ok(r) => r,
+                // Created and removed again by CRIU: not part of the checkpoint.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) => return Err(CheckpointError::Io { path, source: e }),
+            };
+            let mut reader = GrowingFile { inner, name: name.clone(), watch: &mut watch, flags, advance };
             writer.add_unsized(&name, &mut reader)?;
             tracing::debug!(name, "page image packed while CRIU ran");
             continue;
@@ -218,6 +234,7 @@ struct GrowingFile<'a> {
     name: String,
     watch: &'a mut Watch,
     flags: &'a Flags,
+    advance: Option<&'a (dyn Fn(u64) + Send + Sync)>,
 }
 
 impl Read for GrowingFile<'_> {
@@ -229,6 +246,9 @@ impl Read for GrowingFile<'_> {
             // Seen closed before the read: then the read sees everything CRIU wrote.
             let complete = self.watch.closed.contains(&self.name) || self.flags.criu_done.load(Ordering::SeqCst);
             let n = self.inner.read(buf)?;
+            if let Some(advance) = self.advance.filter(|_| n > 0) {
+                advance(n as u64);
+            }
             if n > 0 || complete {
                 return Ok(n);
             }
@@ -252,7 +272,12 @@ mod tests {
         std::fs::create_dir(&images).unwrap();
         let path = CheckpointWriter::path_for(dir.path(), "ckpt", Compression::Zstd);
         let writer = CheckpointWriter::create(path, Compression::Zstd).unwrap();
-        let mut packing = Packing::start(writer, &images);
+        let packed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let counter = Arc::clone(&packed);
+        let advance: Advancer = Box::new(move |n| {
+            counter.fetch_add(n, Ordering::SeqCst);
+        });
+        let mut packing = Packing::start(writer, &images, Some(advance));
         assert!(matches!(packing, Packing::Live(_)));
         // Two page images written in bursts, as CRIU would, and a small image.
         let mut want = Vec::new();
@@ -270,6 +295,7 @@ mod tests {
         std::fs::write(images.join("core-1.img"), b"core").unwrap();
         let writer = packing.writer().unwrap();
         assert_eq!(writer.files().len(), 2, "both page images were streamed");
+        assert_eq!(packed.load(Ordering::SeqCst), 2 * 20 * 100_000, "progress heard of every byte");
         // Packed bytes were punched out of the staged files (they read back as zeros now).
         assert!(std::fs::read(images.join("pages-1.img")).unwrap().iter().all(|b| *b == 0));
         // The rest goes in as usual, page images are not added twice.
@@ -290,7 +316,7 @@ mod tests {
         std::fs::create_dir(&images).unwrap();
         let path = CheckpointWriter::path_for(dir.path(), "ckpt", Compression::Lz4);
         let writer = CheckpointWriter::create(path, Compression::Lz4).unwrap();
-        let packing = Packing::start(writer, &images);
+        let packing = Packing::start(writer, &images, None);
         // A page image CRIU never closes (it failed mid-way).
         let mut open = File::create(images.join("pages-1.img")).unwrap();
         open.write_all(&vec![1u8; 1 << 20]).unwrap();

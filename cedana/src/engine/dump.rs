@@ -160,7 +160,7 @@ fn run_dump(
     let work = tempfile::Builder::new().prefix("cedana-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?;
     let mut tail = follow_in_place(&writer)?;
     // Page images go into an archive while CRIU writes them.
-    let mut packing = Packing::start(writer, &images_dir);
+    let mut packing = Packing::start(writer, &images_dir, progress.advancer());
     let criu_start = Instant::now();
     let mut package_time = Duration::ZERO;
     let mut packaged = false;

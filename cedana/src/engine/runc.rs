@@ -134,7 +134,7 @@ fn dump_container(
     progress.phase("dumping", None);
     let mut tail = follow_in_place(&writer)?;
     // Page images go into an archive while CRIU writes them.
-    let mut packing = Packing::start(writer, &images_dir);
+    let mut packing = Packing::start(writer, &images_dir, progress.advancer());
     let checkpointed = runc.checkpoint(id, &images_dir, &work, &flags).map_err(EngineError::from);
     let criu_time = criu_start.elapsed();
     let package_start = Instant::now();
