@@ -83,7 +83,8 @@ impl Drop for TailHasher {
 fn follow(dir: &Path, stop: &AtomicBool) -> HashMap<String, Followed> {
     let mut files: HashMap<String, Followed> = HashMap::new();
     let mut buf = vec![0u8; PIECE];
-    let spin = std::thread::available_parallelism().map(|n| n.get() >= 2).unwrap_or(false);
+    let spare_core = std::thread::available_parallelism().map(|n| n.get() >= 2).unwrap_or(false);
+    let mut last_growth = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         let mut progressed = false;
         if let Ok(rd) = std::fs::read_dir(dir) {
@@ -117,12 +118,18 @@ fn follow(dir: &Path, stop: &AtomicBool) -> HashMap<String, Followed> {
                 }
             }
         }
-        if !progressed {
-            wait_for_more(spin);
+        if progressed {
+            last_growth = Instant::now();
+        } else {
+            // A CRIU that has written nothing for a while is not worth a busy core.
+            wait_for_more(spare_core && last_growth.elapsed() < SPIN_FOR);
         }
     }
     files
 }
+
+/// How long after the last growth the hasher keeps polling rather than sleeping.
+const SPIN_FOR: Duration = Duration::from_secs(1);
 
 /// Wait for CRIU's next write. With a core to spare, poll (yielding to anything runnable) rather than sleep:
 /// on a VM an idle vCPU halts, and waking it costs CRIU's cross-CPU work more than the poll costs. Raw
