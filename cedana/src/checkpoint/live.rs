@@ -58,7 +58,7 @@ impl LivePacker {
         let (hand_over, receive) = std::sync::mpsc::sync_channel::<CheckpointWriter>(1);
         let spawned = std::thread::Builder::new().name("live-pack".into()).spawn(move || match receive.recv() {
             Ok(writer) => pack(writer, watch, &shared, advance.as_deref()),
-            Err(_) => Err(CheckpointError::Io { path: PathBuf::new(), source: io::Error::other("no writer was handed over") }),
+            Err(_) => Err(CheckpointError::LivePacking("no writer was handed over")),
         });
         match spawned {
             Ok(handle) => {
@@ -77,7 +77,7 @@ impl LivePacker {
         self.flags.criu_done.store(true, Ordering::SeqCst);
         match self.handle.take().map(JoinHandle::join) {
             Some(Ok(res)) => res,
-            _ => Err(CheckpointError::Io { path: PathBuf::new(), source: io::Error::other("the live packer thread panicked") }),
+            _ => Err(CheckpointError::LivePacking("the packing thread panicked")),
         }
     }
 }
@@ -123,10 +123,7 @@ impl Packing {
         }
         match self {
             Packing::Ready(w) => Ok(w),
-            _ => Err(CheckpointError::Io {
-                path: PathBuf::new(),
-                source: io::Error::other("the checkpoint writer failed earlier"),
-            }),
+            _ => Err(CheckpointError::LivePacking("the checkpoint writer failed earlier")),
         }
     }
 

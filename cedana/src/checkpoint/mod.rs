@@ -42,6 +42,8 @@ pub enum CheckpointError {
     Incomplete { path: PathBuf },
     #[error("{path} is corrupt: {detail}; it was not restored")]
     Corrupt { path: PathBuf, detail: String },
+    #[error("packing page images while CRIU wrote them: {0}")]
+    LivePacking(&'static str),
     #[error("{path} uses checkpoint format {found}, this cedana reads format {expected}: use a matching cedana version")]
     Version { path: PathBuf, found: u32, expected: u32 },
 }
