@@ -128,6 +128,13 @@ def table(path):
             foreign = f"{max(f):.2f}" if f else "–"
         print(f"| {label} {fmt(xs)}| {cpu} | {foreign} | {ratio} | {target} |")
 
+    def paired(mode, ced_key, base_keys):
+        """Median of per-round ratios (cedana / baseline of the same round): immune to drift between rounds."""
+        ced = {r: v for r, v in data.get((mode, ced_key), {}).items() if r != 0}
+        bases = [data.get((mode, k), {}) for k in base_keys]
+        ratios = [ced[r] / sum(b[r] for b in bases) for r in ced if all(r in b for b in bases)]
+        return med(ratios)
+
     def verdict(r, limit):
         return f"≤ {limit:.2f}: {'PASS' if r <= limit else 'FAIL'}"
 
@@ -193,16 +200,22 @@ def table(path):
                 warm.append(f"{label} {'/'.join(f'{x:.2f}' for x in w)}")
         if warm:
             print(f"Warm-up round (fresh guest memory, not counted): {', '.join(warm)} s.")
-        summary.append((mode, rd, rr, lim, cz / raw_size))
+        if mode == "none":
+            pd, pr = paired(mode, "ced.dump.wall", ["raw.dump.wall"]), paired(mode, "ced.restore.wall", ["raw.restore.wall"])
+        else:
+            pd = paired(mode, "ced.dump.wall", ["raw.dump.wall", "codec.c.wall"])
+            pr = paired(mode, "ced.restore.wall", ["codec.d.wall", "raw.restore.wall"])
+        summary.append((mode, rd, rr, lim, cz / raw_size, pd, pr))
 
     print("\n### Summary\n")
+    print("Ratios of medians; in brackets the median of per-round paired ratios.\n")
     print("| mode | dump ratio | target | restore ratio | target | size vs raw images |")
     print("| --- | ---: | --- | ---: | --- | ---: |")
-    for mode, rd, rr, lim, sz in summary:
+    for mode, rd, rr, lim, sz, pd, pr in summary:
         base = "criu" if mode == "none" else "criu + codec"
         t_d = verdict(rd, lim[0]) if lim[0] else "(none)"
         t_r = verdict(rr, lim[1]) if lim[1] else "(none)"
-        print(f"| {mode} (cedana / {base}) | {rd:.2f} | {t_d} | {rr:.2f} | {t_r} | {sz:.3f} |")
+        print(f"| {mode} (cedana / {base}) | {rd:.2f} ({pd:.2f}) | {t_d} | {rr:.2f} ({pr:.2f}) | {t_r} | {sz:.3f} |")
 
     disturbed = []
     for (mode, metric), d in data.items():
