@@ -162,8 +162,8 @@ def table(path):
         rd = med(ced_d) / med(base_d)
         lim = TARGETS.get(mode, (None, None))
         row("**`cedana dump`**", ced_d, mode, "ced.dump", f"**{rd:.2f}**", verdict(rd, lim[0]) if lim[0] else "")
-        row("&nbsp;&nbsp;cedana: criu part", vals(mode, "ced.dump.criu"))
-        row("&nbsp;&nbsp;cedana: packaging (in post-dump hook)", vals(mode, "ced.dump.packaging"))
+        row("&nbsp;&nbsp;cedana: criu part (page images packed beside it)", vals(mode, "ced.dump.criu"))
+        row("&nbsp;&nbsp;cedana: packaging left after CRIU (in post-dump hook)", vals(mode, "ced.dump.packaging"))
         row("&nbsp;&nbsp;cedana: other (wall − criu − packaging)",
             [w - c - p for w, c, p in zip(ced_d, vals(mode, "ced.dump.criu"), vals(mode, "ced.dump.packaging"))])
         row("CRIU frozen time: raw", vals(mode, "raw.dump.frozen"))
