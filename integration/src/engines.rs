@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use crate::images::Bundle;
 use crate::lines::Lines;
 
 /// A pipe whose write end becomes a child's stdout and stderr (close-on-exec everywhere else).
@@ -80,6 +81,14 @@ impl RuncRoot {
         let status = cmd.status().expect("runc run");
         assert!(status.success(), "run -d {id} failed: {:?}", lines.snapshot());
         lines
+    }
+
+    /// Run the busybox counter (bundle at `dir/bundle`) detached as `id`, and wait for its first `lines` lines.
+    pub fn run_counter(&self, dir: &Path, id: &str, lines: usize, timeout: Duration) -> (Bundle, Lines) {
+        let bundle = Bundle::counter(&dir.join("bundle"));
+        let out = self.run_detached(&bundle.dir, id);
+        out.wait_for(lines, timeout);
+        (bundle, out)
     }
 
     /// `state ID` as JSON, or `None` when the container does not exist.

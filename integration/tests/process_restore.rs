@@ -253,6 +253,11 @@ fn archives_extract_with_standard_tools_and_restore_with_raw_criu() {
     let mut w = Workload::start(&workload_bin("memory"), &["64"], dir.path());
     let sum = w.wait_lines(1)[0].clone();
     let mut printed = 1;
+    let sh = |script: String| {
+        let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
+        assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
     for (c, tool) in [("zstd", "zstd -dc"), ("lz4", "lz4 -dc"), ("gzip", "gzip -dc"), ("tar", "cat")] {
         let pid = w.pid.to_string();
         let out = cedana_ok(&["dump", "process", &pid, "--dir", dir.path().to_str().unwrap(), "--name", c, "--compression", c]);
@@ -261,11 +266,6 @@ fn archives_extract_with_standard_tools_and_restore_with_raw_criu() {
         wait_for("the dumped PID to be free", Duration::from_secs(20), || {
             (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
         });
-        let sh = |script: String| {
-            let out = Command::new("sh").arg("-c").arg(&script).output().unwrap();
-            assert!(out.status.success(), "{script}: {}", String::from_utf8_lossy(&out.stderr));
-            String::from_utf8_lossy(&out.stdout).into_owned()
-        };
         let listing = sh(format!("{tool} < '{path}' | tar -tf -"));
         let names: Vec<&str> = listing.lines().collect();
         assert!(names[0].starts_with("pages-") && names[0].ends_with(".img"), "{c}: {names:?}");

@@ -83,10 +83,8 @@ fn leave_running_keeps_the_original_and_the_copy_runs_beside_it() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let runc = RuncRoot::new(tmp.path(), "runc");
-    let bundle = Bundle::counter(&tmp.path().join("bundle"));
     let cid = id("leave");
-    let out = runc.run_detached(&bundle.dir, &cid);
-    out.wait_for(3, T);
+    let (bundle, out) = runc.run_counter(tmp.path(), &cid, 3, T);
     let dir = tmp.path().join("cp");
     let summary = runc.cedana_dump_ok(&cid, &dir, &["--leave-running", "--name", "cp"]);
     assert!(summary.contains(&format!("Dumped container {cid}")), "{summary}");
@@ -118,10 +116,8 @@ fn a_paused_container_stays_paused_and_a_bundle_without_config_gets_the_checkpoi
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let runc = RuncRoot::new(tmp.path(), "runc");
-    let bundle = Bundle::counter(&tmp.path().join("bundle"));
     let cid = id("paused");
-    let out = runc.run_detached(&bundle.dir, &cid);
-    out.wait_for(3, T);
+    let (_, out) = runc.run_counter(tmp.path(), &cid, 3, T);
     runc.ok(&["pause", &cid]);
     let dir = tmp.path().join("cp");
     runc.cedana_dump_ok(&cid, &dir, &["--leave-running", "--name", "p", "--compression", "zstd"]);
@@ -171,9 +167,8 @@ fn errors_name_the_problem() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("no container \"no-such-container\""), "{err}");
 
-    let bundle = Bundle::counter(&tmp.path().join("bundle"));
     let cid = id("errors");
-    runc.run_detached(&bundle.dir, &cid).wait_for(2, T);
+    let (bundle, _) = runc.run_counter(tmp.path(), &cid, 2, T);
     runc.cedana_dump_ok(&cid, &dir, &["--leave-running", "--name", "e"]);
     let cp = dir.join("e.tar");
 
@@ -268,10 +263,8 @@ fn hooks_run_around_container_dumps_and_restores() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let runc = RuncRoot::new(tmp.path(), "runc");
-    let bundle = Bundle::counter(&tmp.path().join("bundle"));
     let cid = id("hooks");
-    let out = runc.run_detached(&bundle.dir, &cid);
-    out.wait_for(3, T);
+    let (bundle, _) = runc.run_counter(tmp.path(), &cid, 3, T);
     let hook = tmp.path().join("hook.sh");
     let calls = tmp.path().join("calls");
     std::fs::write(

@@ -41,11 +41,9 @@ fn checkpoint_and_restore_in_go_runc_form_continue_the_counter() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let runc = RuncRoot::new(tmp.path(), bin("cedana-runc"));
-    let bundle = Bundle::counter(&tmp.path().join("bundle"));
     let log = tmp.path().join("log.json");
     let cid = id("cp");
-    let out = runc.run_detached(&bundle.dir, &cid);
-    out.wait_for(5, T);
+    let (bundle, out) = runc.run_counter(tmp.path(), &cid, 5, T);
 
     let images = tmp.path().join("images");
     let work = tmp.path().join("work");
@@ -99,10 +97,8 @@ fn leave_running_and_the_configured_compression() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let runc = RuncRoot::new(tmp.path(), bin("cedana-runc"));
-    let bundle = Bundle::counter(&tmp.path().join("bundle"));
     let cid = id("lr");
-    let out = runc.run_detached(&bundle.dir, &cid);
-    out.wait_for(3, T);
+    let (_, out) = runc.run_counter(tmp.path(), &cid, 3, T);
     let images = tmp.path().join("images");
     let status = runc
         .cmd(&["checkpoint", "--leave-running", "--image-path", images.to_str().unwrap(), &cid])
@@ -121,10 +117,8 @@ fn plain_criu_images_are_restored_by_runc_itself() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let runc = RuncRoot::new(tmp.path(), "runc");
-    let bundle = Bundle::counter(&tmp.path().join("bundle"));
     let cid = id("plain");
-    let out = runc.run_detached(&bundle.dir, &cid);
-    out.wait_for(3, T);
+    let (bundle, out) = runc.run_counter(tmp.path(), &cid, 3, T);
     let images = tmp.path().join("images");
     runc.ok(&["checkpoint", "--image-path", images.to_str().unwrap(), &cid]);
     let last = *numbers(&out.wait_closed(T)).last().unwrap();
@@ -145,10 +139,8 @@ fn an_annotated_bundle_is_restored_at_create_and_start_does_nothing() {
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let runc = RuncRoot::new(tmp.path(), bin("cedana-runc"));
-    let bundle = Bundle::counter(&tmp.path().join("bundle"));
     let cid = id("orig");
-    let out = runc.run_detached(&bundle.dir, &cid);
-    out.wait_for(5, T);
+    let (_, out) = runc.run_counter(tmp.path(), &cid, 5, T);
     let dir = tmp.path().join("cps");
     runc.cedana_dump_ok(&cid, &dir, &["--name", "a", "--compression", "gzip"]);
     let last = *numbers(&out.wait_closed(T)).last().unwrap();
@@ -269,10 +261,8 @@ fn pre_dump_and_a_dump_on_its_parent_or_a_clear_refusal_without_memory_tracking(
     require_root();
     let tmp = tempfile::tempdir().unwrap();
     let runc = RuncRoot::new(tmp.path(), bin("cedana-runc"));
-    let bundle = Bundle::counter(&tmp.path().join("bundle"));
     let cid = id("pre");
-    let out = runc.run_detached(&bundle.dir, &cid);
-    out.wait_for(3, T);
+    let (bundle, out) = runc.run_counter(tmp.path(), &cid, 3, T);
     let log = tmp.path().join("log.json");
     let pre = tmp.path().join("pre");
     let tracking =

@@ -19,7 +19,7 @@ use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
 use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use super::release::ReleasingReader;
-use super::{CheckpointError, CheckpointWriter};
+use super::{is_page_image, CheckpointError, CheckpointWriter};
 use crate::progress::Advancer;
 
 /// How long a reader waits for news of the folder before it looks at its flags again.
@@ -177,10 +177,6 @@ struct Watch {
     closed: HashSet<String>,
 }
 
-fn is_page_image(name: &str) -> bool {
-    name.starts_with("pages-") && name.ends_with(".img")
-}
-
 impl Watch {
     fn new(dir: &Path) -> io::Result<Self> {
         let inotify = Inotify::init(InitFlags::IN_NONBLOCK | InitFlags::IN_CLOEXEC)?;
@@ -262,13 +258,18 @@ mod tests {
     use super::*;
     use crate::codec::Compression;
 
-    #[test]
-    fn page_images_written_while_followed_end_up_whole_in_the_archive() {
+    /// A scratch folder with an empty `images` folder, and a writer of an archive in `c` beside it.
+    fn staging(c: Compression) -> (tempfile::TempDir, PathBuf, CheckpointWriter) {
         let dir = tempfile::tempdir().unwrap();
         let images = dir.path().join("images");
         std::fs::create_dir(&images).unwrap();
-        let path = CheckpointWriter::path_for(dir.path(), "ckpt", Compression::Zstd);
-        let writer = CheckpointWriter::create(path, Compression::Zstd).unwrap();
+        let writer = CheckpointWriter::create(CheckpointWriter::path_for(dir.path(), "ckpt", c), c).unwrap();
+        (dir, images, writer)
+    }
+
+    #[test]
+    fn page_images_written_while_followed_end_up_whole_in_the_archive() {
+        let (dir, images, writer) = staging(Compression::Zstd);
         let packed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let counter = Arc::clone(&packed);
         let advance: Advancer = Box::new(move |n| {
@@ -308,11 +309,7 @@ mod tests {
 
     #[test]
     fn a_stopped_packer_leaves_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let images = dir.path().join("images");
-        std::fs::create_dir(&images).unwrap();
-        let path = CheckpointWriter::path_for(dir.path(), "ckpt", Compression::Lz4);
-        let writer = CheckpointWriter::create(path, Compression::Lz4).unwrap();
+        let (dir, images, writer) = staging(Compression::Lz4);
         let packing = Packing::start(writer, &images, None);
         // A page image CRIU never closes (it failed mid-way).
         let mut open = File::create(images.join("pages-1.img")).unwrap();

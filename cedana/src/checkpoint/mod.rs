@@ -55,6 +55,12 @@ impl CheckpointError {
     }
 }
 
+/// Whether `name` is one of CRIU's page images (`pages-N.img`): nearly all of a checkpoint's bytes, written once,
+/// front to back.
+pub(crate) fn is_page_image(name: &str) -> bool {
+    name.starts_with("pages-") && name.ends_with(".img")
+}
+
 /// Files CRIU may add to an images folder at restore time; they are not part of the checkpoint.
 pub(crate) const RESTORE_BYPRODUCTS: [&str; 2] = ["stats-restore", "restore.log"];
 

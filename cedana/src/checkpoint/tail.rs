@@ -23,7 +23,7 @@ const PAGE: u64 = 4096;
 struct Followed {
     ino: u64,
     offset: u64,
-    /// A page image (`pages-*.img`), which CRIU only ever appends to: safe to map.
+    /// A page image, which CRIU only ever appends to: safe to map.
     mappable: bool,
     hasher: Hasher,
     file: File,
@@ -100,7 +100,7 @@ fn follow(dir: &Path, stop: &AtomicBool) -> HashMap<String, Followed> {
                 }
                 if !files.contains_key(&name) {
                     let Ok(file) = File::open(entry.path()) else { continue };
-                    let mappable = name.starts_with("pages-") && name.ends_with(".img");
+                    let mappable = super::is_page_image(&name);
                     files.insert(name.clone(), Followed { ino: meta.ino(), offset: 0, mappable, hasher: Hasher::new(), file });
                 }
                 if let Some(f) = files.get_mut(&name) {

@@ -170,25 +170,21 @@ impl CheckpointWriter {
     }
 
     fn write_entry(&mut self, name: &str, size: u64, reader: &mut dyn Read) -> Result<(), CheckpointError> {
-        match self.archive.is_some() {
-            true => {
-                let builder = self.tar()?;
-                let mut header = tar::Header::new_gnu();
-                header.set_size(size);
-                header.set_mode(0o600);
-                header.set_entry_type(tar::EntryType::Regular);
-                builder.append_data(&mut header, name, reader).map_err(CheckpointError::io(&self.temp_path))
+        if self.archive.is_none() {
+            let dest = self.temp_path.join(name);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
             }
-            false => {
-                let dest = self.temp_path.join(name);
-                if let Some(parent) = dest.parent() {
-                    std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
-                }
-                let mut out = File::create(&dest).map_err(CheckpointError::io(&dest))?;
-                copy_large(reader, &mut out).map_err(CheckpointError::io(&dest))?;
-                Ok(())
-            }
+            let mut out = File::create(&dest).map_err(CheckpointError::io(&dest))?;
+            copy_large(reader, &mut out).map_err(CheckpointError::io(&dest))?;
+            return Ok(());
         }
+        let temp = self.temp_path.clone();
+        let mut header = tar::Header::new_gnu();
+        header.set_size(size);
+        header.set_mode(0o600);
+        header.set_entry_type(tar::EntryType::Regular);
+        self.tar()?.append_data(&mut header, name, reader).map_err(CheckpointError::io(&temp))
     }
 
     /// Write the manifest (with the file list filled in) last, finish the stream and move the checkpoint
@@ -198,24 +194,21 @@ impl CheckpointWriter {
         manifest.files = self.files.clone();
         manifest.compression = self.compression;
         let json = manifest.to_json();
-        match self.archive.is_some() {
-            true => {
-                let builder = self.tar()?;
-                let mut header = tar::Header::new_gnu();
-                header.set_size(json.len() as u64);
-                header.set_mode(0o600);
-                builder.append_data(&mut header, MANIFEST_NAME, &json[..]).map_err(CheckpointError::io(&self.temp_path))?;
-                let Some(Archive::Tar(builder)) = self.archive.take() else {
-                    unreachable!("tar() leaves a tar stream in place or fails")
-                };
-                let enc = builder.into_inner().map_err(CheckpointError::io(&self.temp_path))?;
-                let mut out = enc.finish().map_err(CheckpointError::io(&self.temp_path))?;
-                out.flush().map_err(CheckpointError::io(&self.temp_path))?;
-            }
-            false => {
-                let path = self.temp_path.join(MANIFEST_NAME);
-                std::fs::write(&path, &json).map_err(CheckpointError::io(&path))?;
-            }
+        if self.archive.is_some() {
+            let temp = self.temp_path.clone();
+            let mut header = tar::Header::new_gnu();
+            header.set_size(json.len() as u64);
+            header.set_mode(0o600);
+            self.tar()?.append_data(&mut header, MANIFEST_NAME, &json[..]).map_err(CheckpointError::io(&temp))?;
+            let Some(Archive::Tar(builder)) = self.archive.take() else {
+                unreachable!("tar() leaves a tar stream in place or fails")
+            };
+            let enc = builder.into_inner().map_err(CheckpointError::io(&temp))?;
+            let mut out = enc.finish().map_err(CheckpointError::io(&temp))?;
+            out.flush().map_err(CheckpointError::io(&temp))?;
+        } else {
+            let path = self.temp_path.join(MANIFEST_NAME);
+            std::fs::write(&path, &json).map_err(CheckpointError::io(&path))?;
         }
         if self.final_path.symlink_metadata().is_ok() {
             return Err(CheckpointError::Exists { path: self.final_path.clone() });

@@ -218,9 +218,10 @@ fn run_dump(
         tracing::info!(log = %kept.display(), "criu dump failed; its log was kept");
         return Err(err.into());
     }
-    let not_interrupted =
+    // A packaging failure, unless a signal is what stopped it.
+    let package_failure =
         |source| if interrupt::requested() { EngineError::Interrupted } else { EngineError::Package { source } };
-    let mut writer = packing.into_writer().map_err(not_interrupted)?;
+    let mut writer = packing.into_writer().map_err(package_failure)?;
     if !req.leave_running {
         // CRIU has let the tree die: from here on, a failure must not throw its images away.
         writer.keep_if_unfinished();
@@ -228,7 +229,7 @@ fn run_dump(
     if !packaged {
         let t = Instant::now();
         let release = if req.leave_running { Release::ProcessAlive } else { Release::Keep };
-        package_images(&mut writer, &images_dir, &mut tail, progress, release).map_err(not_interrupted)?;
+        package_images(&mut writer, &images_dir, &mut tail, progress, release).map_err(package_failure)?;
         package_time = t.elapsed();
     }
     progress.finish();
