@@ -26,10 +26,19 @@
 #   CEDANA=target/release/cedana   NO_BUILD=1 skips `cargo build --release -p cedana`. The binary is copied
 #                       into BENCH_DIR first, so a rebuild by someone else during the run changes nothing.
 #
+#   RESTORE_PAIRS=4     for --compression none: restore pairs per round on the same checkpoint (below)
+#
 # Every round, for every mode, alternating which side goes first:
 #   raw:    criu dump -t PID -D RAW; [codec alone: tar -cf - -C RAW . | zstd -1 -T0 > F; rm RAW;
 #           zstd -d -T0 < F | tar -xf - -C X]; criu restore -d -D RAW|X
 #   cedana: cedana dump process PID --compression MODE; cedana restore process --path P
+# For `none`, the restore comparison is then made on one and the same checkpoint (cedana's folder holds plain
+# CRIU images beside its manifest): RESTORE_PAIRS times, kill the workload, `criu restore -d -D P`, kill it,
+# `cedana restore process --path P` (alternating which goes first). Both sides then start from the same page
+# cache and the same just-freed memory, so the pair measures our overhead and nothing else; each side's
+# restore right after its own dump is still timed and reported, as "after its own dump": there a restore
+# lands in memory the dump has just churned (1 GiB of new page cache, 1 GiB freed), whose cost on this VM
+# swings by up to 2x from one run to the next, for both tools alike.
 # CRIU restores the workload under its old PID, so the same process goes round and round. Outputs are deleted
 # after each restore. Before every restore we wait until the dumped PID has been reaped; the whole script runs
 # under a child subreaper (scripts/bench/reaper.c) so that takes no time (PID 1 here reaps only every ~1.5 s).
@@ -47,6 +56,7 @@ GAP=${GAP:-0}
 RETRIES=${RETRIES:-2}
 QUIET_WAIT=${QUIET_WAIT:-300}
 RAW_CRIU_VERBOSITY=${RAW_CRIU_VERBOSITY:-4}
+RESTORE_PAIRS=${RESTORE_PAIRS:-4}
 CEDANA=${CEDANA:-$ROOT/target/release/cedana}
 
 die() { echo "bench-process: $*" >&2; exit 1; }
@@ -211,7 +221,7 @@ raw_pair() { # ROUND MODE
         dir=$WORK/raw-extracted
     fi
     wait_gone
-    timed "$r" "$m" raw.restore "$CRIU" restore -d -D "$dir" -o "$LOGS/restore.log" -v"$RAW_CRIU_VERBOSITY" </dev/null
+    timed "$r" "$m" "$(restore_key raw "$r" "$m")" "$CRIU" restore -d -D "$dir" -o "$LOGS/restore.log" -v"$RAW_CRIU_VERBOSITY" </dev/null
     check_alive "raw restore ($m, round $r)"
     rm -rf "$img" "$WORK/raw-extracted"
 }
@@ -224,10 +234,40 @@ ced_pair() { # ROUND MODE
     [ -e "$path" ] || die "cedana dump printed no checkpoint path: $(cat "$WORK/last.out")"
     record "$r" "$m" ced.size "$(size_of "$path")"
     wait_gone
-    timed "$r" "$m" ced.restore "$CEDANA" restore process --path "$path" </dev/null
-    python3 "$HERE/bench/summarize.py" --cedana-restore "$WORK/last.out" | while read -r k v; do record "$r" "$m" "ced.restore.$k" "$v"; done
+    ced_restore "$r" "$m" "$(restore_key ced "$r" "$m")" "$path"
+    if [ "$(restore_key ced "$r" "$m")" = ced.restore ]; then rm -rf "$path"; else KEPT=$path; fi
+}
+
+# restore_key SIDE ROUND MODE: the metric of a restore right after its own dump (`none` with restore pairs:
+# reported apart, the restore comparison being made by restore_pairs).
+restore_key() {
+    if [ "$3" = none ] && ((RESTORE_PAIRS > 0 && $2 > 0)); then echo "$1.restore.afterdump"; else echo "$1.restore"; fi
+}
+
+ced_restore() { # ROUND MODE KEY PATH
+    timed "$1" "$2" "$3" "$CEDANA" restore process --path "$4" </dev/null
+    python3 "$HERE/bench/summarize.py" --cedana-restore "$WORK/last.out" | while read -r k v; do record "$1" "$2" "$3.$k" "$v"; done
     grep -q "^Restored PID $WPID " "$WORK/last.out" || die "cedana restore: unexpected output: $(cat "$WORK/last.out")"
-    check_alive "cedana restore ($m, round $r)"
+    check_alive "cedana restore ($2, round $1)"
+}
+
+# restore_pairs ROUND PATH: raw CRIU and cedana restore the same `none` checkpoint by turns. Pair k of round r
+# is recorded under round r*100+k. The workload is left running, restored.
+restore_pairs() {
+    local r=$1 path=$2 k key side
+    for ((k = 1; k <= RESTORE_PAIRS; k++)); do
+        key=$((r * 100 + k))
+        for side in $( (((r + k) % 2)) && echo "raw ced" || echo "ced raw"); do
+            kill -KILL "$WPID"
+            wait_gone
+            if [ "$side" = raw ]; then
+                timed "$key" none raw.restore "$CRIU" restore -d -D "$path" -o "$LOGS/restore.log" -v"$RAW_CRIU_VERBOSITY" </dev/null
+                check_alive "raw restore (restore pair $k, round $r)"
+            else
+                ced_restore "$key" none ced.restore "$path"
+            fi
+        done
+    done
     rm -rf "$path"
 }
 
@@ -240,7 +280,7 @@ dirty=$(cd "$ROOT" && git status --porcelain --untracked-files=no -- cedana 2>/d
 {
     echo "# $(date -u +%FT%TZ)  $(uname -r)  $(nproc) cores  criu $("$CRIU" --version | sed -n 's/^Version: //p')"
     echo "# cedana: $CEDANA_BENCH_SOURCE built $(date -u -r "$CEDANA_BENCH_SOURCE" +%FT%TZ), git $rev$( ((dirty > 0)) && echo " + $dirty modified files under cedana/"), sha256 $(sha256sum "$CEDANA" | cut -c1-12)"
-    echo "# rounds=$ROUNDS warmup=$WARMUP modes='$MODES' size=${SIZE_MIB}MiB gap=${GAP}s retries=$RETRIES raw-criu -v$RAW_CRIU_VERBOSITY dir=$WORK"
+    echo "# rounds=$ROUNDS warmup=$WARMUP modes='$MODES' size=${SIZE_MIB}MiB gap=${GAP}s retries=$RETRIES restore-pairs=$RESTORE_PAIRS raw-criu -v$RAW_CRIU_VERBOSITY dir=$WORK"
     echo "# load at start: $(cat /proc/loadavg)"
 } | tee "$WORK/header.txt" >&2
 
@@ -261,6 +301,7 @@ for ((n = 0; n < total; n++)); do
             wait_quiet
             : >"$PAIR"
             DISTURBED=0
+            KEPT=
             if ((n % 2 == 0)); then
                 raw_pair "$r" "$m"
                 ced_pair "$r" "$m"
@@ -268,6 +309,7 @@ for ((n = 0; n < total; n++)); do
                 ced_pair "$r" "$m"
                 raw_pair "$r" "$m"
             fi
+            if [ -n "$KEPT" ]; then restore_pairs "$r" "$KEPT"; fi
             if ((DISTURBED == 0 || r == 0)); then break; fi
             awk -v a="$attempt" '{print $0 "\tattempt " a}' "$PAIR" >>"$WORK/disturbed.tsv"
             if ((attempt >= RETRIES)); then

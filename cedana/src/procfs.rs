@@ -54,11 +54,22 @@ const PF_KTHREAD: u64 = 0x0020_0000;
 
 /// Read /proc/PID/stat.
 pub fn stat(pid: i32) -> Result<Stat, ProcError> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_err(|e| match e.kind() {
+    stat_into(pid, &mut String::with_capacity(STAT_BUF))
+}
+
+/// Room for a whole stat line, so that it is read in one system call (a line is a few hundred bytes; an
+/// empty `String` would first be probed with a 32-byte read and then grown).
+const STAT_BUF: usize = 4096;
+
+/// [`stat`], reading through `buf` (cleared first): a scan of every process reuses one buffer.
+fn stat_into(pid: i32, buf: &mut String) -> Result<Stat, ProcError> {
+    use std::io::Read;
+    buf.clear();
+    std::fs::File::open(format!("/proc/{pid}/stat")).and_then(|mut f| f.read_to_string(buf)).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => ProcError::NoSuchProcess(pid),
         _ => ProcError::Io { pid, source: e },
     })?;
-    parse_stat(&text).ok_or(ProcError::Io { pid, source: std::io::Error::other("unparseable stat") })
+    parse_stat(buf).ok_or(ProcError::Io { pid, source: std::io::Error::other("unparseable stat") })
 }
 
 impl Stat {
@@ -84,9 +95,10 @@ pub struct PidUser {
 pub fn pid_users(pids: &[i32]) -> Vec<PidUser> {
     let mut users = Vec::new();
     let Ok(dir) = std::fs::read_dir("/proc") else { return users };
+    let mut buf = String::with_capacity(STAT_BUF);
     for entry in dir.flatten() {
         let Some(holder) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
-        let Ok(st) = stat(holder) else { continue };
+        let Ok(st) = stat_into(holder, &mut buf) else { continue };
         for &pid in pids {
             if st.pid == pid || st.pgid == pid || st.sid == pid {
                 users.push(PidUser { pid, holder, comm: st.comm.clone(), zombie: st.is_zombie() });

@@ -7,8 +7,10 @@ use std::path::Path;
 
 use twox_hash::XxHash3_128 as Xxh3;
 
+use super::digest_job::{all_cores, DigestJob};
+
 /// XXH3-128 of `data` in one go (AVX2 when the CPU has it, chosen at run time).
-fn xxh3_128(data: &[u8]) -> u128 {
+pub(crate) fn xxh3_128(data: &[u8]) -> u128 {
     Xxh3::oneshot(data)
 }
 
@@ -65,7 +67,8 @@ impl Hasher {
     }
 }
 
-fn combine(name: String, len: u64, chunks: &[u128]) -> FileDigest {
+/// The digest of a file of `len` bytes from the hashes of its chunks, in order.
+pub(crate) fn combine(name: String, len: u64, chunks: &[u128]) -> FileDigest {
     let mut all = Xxh3::new();
     for c in chunks {
         all.write(&c.to_le_bytes());
@@ -139,29 +142,9 @@ pub fn digest_file(path: &Path, name: &str) -> io::Result<FileDigest> {
         (&file).read_to_end(&mut data)?;
         return Ok(combine(name.to_string(), data.len() as u64, &[xxh3_128(&data)]));
     }
-    // SAFETY: the mapping is read-only and private to this call; checkpoint files are not modified while
-    // they are hashed (CRIU has closed them, or they are a finished checkpoint). A concurrent truncation
-    // by someone else would fault (SIGBUS) rather than corrupt memory.
-    let map = unsafe { memmap2::MmapOptions::new().map(&file)? };
-    // Each thread faults in its own share of the pages; populating up front would do it on one core.
-    let _ = map.advise(memmap2::Advice::WillNeed);
-    let n_chunks = map.len().div_ceil(CHUNK);
-    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(n_chunks);
-    let mut chunks = vec![0u128; n_chunks];
-    std::thread::scope(|scope| {
-        for (t, slots) in chunks.chunks_mut(n_chunks.div_ceil(threads)).enumerate() {
-            let map = &map;
-            let first = t * n_chunks.div_ceil(threads);
-            scope.spawn(move || {
-                for (i, slot) in slots.iter_mut().enumerate() {
-                    let start = (first + i) * CHUNK;
-                    let end = (start + CHUNK).min(map.len());
-                    *slot = xxh3_128(&map[start..end]);
-                }
-            });
-        }
-    });
-    Ok(combine(name.to_string(), len, &chunks))
+    let job = DigestJob::open([(name.to_string(), path.to_path_buf())]).map_err(|(_, e)| e)?;
+    job.run(all_cores(), &|_| {});
+    job.digests().pop().ok_or_else(|| io::Error::other("no digest for a file that was hashed"))
 }
 
 #[cfg(test)]

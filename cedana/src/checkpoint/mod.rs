@@ -5,6 +5,7 @@
 //! verifies every file's checksum against the manifest before anything is restored.
 
 pub mod digest;
+pub mod digest_job;
 pub mod live;
 pub mod manifest;
 pub mod reader;

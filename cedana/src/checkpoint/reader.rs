@@ -4,8 +4,10 @@ use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::{self, Read};
 use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
 
-use super::digest::{self, FileDigest, HashingWriter};
+use super::digest::{FileDigest, HashingWriter};
+use super::digest_job::{all_cores, DigestJob};
 use super::manifest::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
 use super::writer::copy_large;
 use super::{CheckpointError, RESTORE_BYPRODUCTS};
@@ -55,39 +57,44 @@ impl OpenedCheckpoint {
     }
 }
 
-/// The checksum verification of a folder checkpoint, running on a thread of its own.
+/// The checksum verification of a folder checkpoint, under way on worker threads.
 pub struct PendingVerification {
-    handle: std::thread::JoinHandle<Result<Manifest, CheckpointError>>,
-    expected: Manifest,
+    job: Arc<DigestJob>,
+    workers: Vec<std::thread::JoinHandle<()>>,
+    manifest: Manifest,
     path: PathBuf,
 }
 
 impl PendingVerification {
-    /// Wait for the verdict: every file matches the manifest the restore was planned with.
+    /// Help hash what is left, then give the verdict: every file matches the manifest.
     pub fn wait(self) -> Result<(), CheckpointError> {
-        let verified = self.handle.join().map_err(|_| corrupt(&self.path, "the verification thread panicked".into()))??;
-        if verified != self.expected {
-            return Err(corrupt(&self.path, "the manifest changed while the checkpoint was being verified".into()));
+        self.job.work();
+        for worker in self.workers {
+            worker.join().map_err(|_| corrupt(&self.path, "a verification thread panicked".into()))?;
         }
-        Ok(())
+        compare(&self.path, &self.manifest, &self.job.digests())
     }
 }
 
 impl OpenedCheckpoint {
     /// Open a folder checkpoint and start verifying it in the background, so the verification overlaps
-    /// CRIU's own start-up. The caller must hold CRIU before it restores anything (its `pre-restore` hook)
-    /// until [`PendingVerification::wait`] succeeds.
+    /// CRIU's own start-up: one core fewer than the machine has hashes meanwhile (CRIU keeps one), and
+    /// [`PendingVerification::wait`] joins in. The caller must hold CRIU before it restores anything (its
+    /// `pre-restore` hook) until `wait` succeeds. Missing or unexpected files are refused here already.
     pub fn open_folder_verifying(path: &Path) -> Result<(Self, PendingVerification), CheckpointError> {
         if path.symlink_metadata().is_err() {
             return Err(CheckpointError::NotFound { path: path.to_path_buf() });
         }
         let manifest = load_folder_manifest(path)?;
-        let thread_path = path.to_path_buf();
-        let handle = std::thread::Builder::new()
-            .name("verify".into())
-            .spawn(move || verify_folder(&thread_path, &|_| {}))
+        let job = Arc::new(folder_job(path, &manifest)?);
+        let workers = (0..all_cores().saturating_sub(1).max(1))
+            .map(|_| {
+                let job = Arc::clone(&job);
+                std::thread::Builder::new().name("verify".into()).spawn(move || job.work())
+            })
+            .collect::<Result<Vec<_>, _>>()
             .map_err(CheckpointError::io(path))?;
-        let pending = PendingVerification { handle, expected: manifest.clone(), path: path.to_path_buf() };
+        let pending = PendingVerification { job, workers, manifest: manifest.clone(), path: path.to_path_buf() };
         let opened = Self {
             path: path.to_path_buf(),
             compression: Compression::None,
@@ -131,20 +138,15 @@ fn load_folder_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
 
 fn verify_folder(path: &Path, progress: &dyn Fn(u64)) -> Result<Manifest, CheckpointError> {
     let manifest = load_folder_manifest(path)?;
-    let mut digests = Vec::with_capacity(manifest.files.len());
-    for expected in &manifest.files {
-        let rel = safe_relative(path, &expected.name)?;
-        let file = path.join(rel);
-        let d = match digest::digest_file(&file, &expected.name) {
-            Ok(d) => d,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return Err(corrupt(path, format!("file {} listed in the manifest is missing", expected.name)))
-            }
-            Err(e) => return Err(CheckpointError::Io { path: file, source: e }),
-        };
-        progress(d.size);
-        digests.push(d);
-    }
+    let job = folder_job(path, &manifest)?;
+    job.run(all_cores(), progress);
+    compare(path, &manifest, &job.digests())?;
+    Ok(manifest)
+}
+
+/// The hashing of every file the manifest lists, opened; a missing file, or one the manifest does not list,
+/// is refused at once.
+fn folder_job(path: &Path, manifest: &Manifest) -> Result<DigestJob, CheckpointError> {
     let mut present = Vec::new();
     list_names(path, "", &mut present).map_err(CheckpointError::io(path))?;
     for name in present {
@@ -153,8 +155,15 @@ fn verify_folder(path: &Path, progress: &dyn Fn(u64)) -> Result<Manifest, Checkp
             return Err(corrupt(path, format!("unexpected file {name} not listed in the manifest")));
         }
     }
-    compare(path, &manifest, &digests)?;
-    Ok(manifest)
+    let files = manifest
+        .files
+        .iter()
+        .map(|f| Ok((f.name.clone(), path.join(safe_relative(path, &f.name)?))))
+        .collect::<Result<Vec<_>, CheckpointError>>()?;
+    DigestJob::open(files.clone()).map_err(|(i, e)| match e.kind() {
+        io::ErrorKind::NotFound => corrupt(path, format!("file {} listed in the manifest is missing", files[i].0)),
+        _ => CheckpointError::Io { path: files[i].1.clone(), source: e },
+    })
 }
 
 /// Stream through an archive, optionally extracting into `dest`, hashing every file.

@@ -44,7 +44,9 @@ pub struct RestoreRequest {
 pub struct RestoreOutcome {
     pub pid: i32,
     pub manifest: Manifest,
+    /// Time spent verifying that the restore waited for (a folder is mostly verified while CRIU starts up).
     pub verify_time: Duration,
+    /// CRIU's own time, without its wait for the verification.
     pub criu_time: Duration,
 }
 
@@ -70,6 +72,7 @@ pub fn restore(cfg: &Config, req: &RestoreRequest, progress: &dyn Progress) -> R
         (opened?, None)
     };
     let mut verify_time = started.elapsed();
+    let mut gate_wait = Duration::ZERO;
     if opened.manifest.kind != req.kind {
         return Err(EngineError::WrongKind { path: req.path.clone(), found: opened.manifest.kind });
     }
@@ -109,7 +112,7 @@ pub fn restore(cfg: &Config, req: &RestoreRequest, progress: &dyn Progress) -> R
         if let Some(p) = pending.take() {
             let waited = Instant::now();
             verdict = p.wait().map_err(EngineError::from);
-            verify_time += waited.elapsed();
+            gate_wait = waited.elapsed();
         }
         if verdict.is_ok() {
             verdict = hooks.run(HookPoint::BeforeRestore, &ctx).map_err(EngineError::from);
@@ -133,7 +136,8 @@ pub fn restore(cfg: &Config, req: &RestoreRequest, progress: &dyn Progress) -> R
             return Err(e.into());
         }
     };
-    let criu_time = criu_start.elapsed();
+    let criu_time = criu_start.elapsed().saturating_sub(gate_wait);
+    verify_time += gate_wait;
     if let Some(pf) = &req.pid_file {
         std::fs::write(pf, format!("{pid}\n")).map_err(EngineError::io(format!("writing {}", pf.display())))?;
     }
