@@ -156,6 +156,18 @@ fn a_corrupted_folder_is_refused_before_criu_restores_anything() {
     // Put the byte back: the same folder restores.
     bytes[100] ^= 0x01;
     std::fs::write(&pages, &bytes).unwrap();
+    // A missing image, or one the manifest does not list, is refused before CRIU even starts.
+    let core = path.join(format!("core-{pid}.img"));
+    let saved = std::fs::read(&core).unwrap();
+    std::fs::remove_file(&core).unwrap();
+    let err = cedana_err(&["restore", "process", "--path", path.to_str().unwrap()]);
+    assert!(err.contains(&format!("core-{pid}.img listed in the manifest is missing")), "{err}");
+    std::fs::write(&core, &saved).unwrap();
+    std::fs::write(path.join("stray.img"), b"x").unwrap();
+    let err = cedana_err(&["restore", "process", "--path", path.to_str().unwrap()]);
+    assert!(err.contains("unexpected file stray.img"), "{err}");
+    assert!(!alive(pid), "nothing may be restored from an incomplete folder");
+    std::fs::remove_file(path.join("stray.img")).unwrap();
     cedana_ok(&["restore", "process", "--path", path.to_str().unwrap()]);
     assert!(alive(pid));
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(-pid), Signal::SIGKILL).ok();
