@@ -7,7 +7,7 @@ use std::path::Path;
 
 use twox_hash::XxHash3_128 as Xxh3;
 
-use super::digest_job::{all_cores, DigestJob};
+use super::digest_job::DigestJob;
 
 /// XXH3-128 of `data` in one go (AVX2 when the CPU has it, chosen at run time).
 pub(crate) fn xxh3_128(data: &[u8]) -> u128 {
@@ -131,19 +131,8 @@ impl<W: Write> Write for HashingWriter<W> {
 
 /// Hash a whole file in place, on every core (the chunks are independent).
 pub fn digest_file(path: &Path, name: &str) -> io::Result<FileDigest> {
-    let file = std::fs::File::open(path)?;
-    let len = file.metadata()?.len();
-    if len == 0 {
-        return Ok(Hasher::new().finish(name));
-    }
-    if len <= CHUNK as u64 {
-        // One chunk: no mapping, no threads.
-        let mut data = Vec::with_capacity(len as usize);
-        (&file).read_to_end(&mut data)?;
-        return Ok(combine(name.to_string(), data.len() as u64, &[xxh3_128(&data)]));
-    }
     let job = DigestJob::open([(name.to_string(), path.to_path_buf())]).map_err(|(_, e)| e)?;
-    job.run(all_cores(), &|_| {});
+    job.run(crate::codec::worker_threads() as usize, &|_| {});
     job.digests().pop().ok_or_else(|| io::Error::other("no digest for a file that was hashed"))
 }
 

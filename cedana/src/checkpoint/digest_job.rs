@@ -108,11 +108,6 @@ impl DigestJob {
     }
 }
 
-/// Every core the process may use.
-pub fn all_cores() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,7 +7,7 @@ use std::path::{Component, Path, PathBuf};
 use std::sync::Arc;
 
 use super::digest::{FileDigest, HashingWriter};
-use super::digest_job::{all_cores, DigestJob};
+use super::digest_job::DigestJob;
 use super::manifest::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
 use super::writer::copy_large;
 use super::{CheckpointError, RESTORE_BYPRODUCTS};
@@ -87,7 +87,7 @@ impl OpenedCheckpoint {
         }
         let manifest = load_folder_manifest(path)?;
         let job = Arc::new(folder_job(path, &manifest)?);
-        let workers = (0..all_cores().saturating_sub(1).max(1))
+        let workers = (0..(codec::worker_threads() as usize).saturating_sub(1).max(1))
             .map(|_| {
                 let job = Arc::clone(&job);
                 std::thread::Builder::new().name("verify".into()).spawn(move || job.work())
@@ -139,7 +139,7 @@ fn load_folder_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
 fn verify_folder(path: &Path, progress: &dyn Fn(u64)) -> Result<Manifest, CheckpointError> {
     let manifest = load_folder_manifest(path)?;
     let job = folder_job(path, &manifest)?;
-    job.run(all_cores(), progress);
+    job.run(codec::worker_threads() as usize, progress);
     compare(path, &manifest, &job.digests())?;
     Ok(manifest)
 }

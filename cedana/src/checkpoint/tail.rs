@@ -83,7 +83,7 @@ impl Drop for TailHasher {
 fn follow(dir: &Path, stop: &AtomicBool) -> HashMap<String, Followed> {
     let mut files: HashMap<String, Followed> = HashMap::new();
     let mut buf = vec![0u8; PIECE];
-    let spare_core = std::thread::available_parallelism().map(|n| n.get() >= 2).unwrap_or(false);
+    let spare_core = crate::codec::worker_threads() >= 2;
     let mut last_growth = Instant::now();
     while !stop.load(Ordering::SeqCst) {
         let mut progressed = false;

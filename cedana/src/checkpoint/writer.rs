@@ -180,11 +180,7 @@ impl CheckpointWriter {
             return Ok(());
         }
         let temp = self.temp_path.clone();
-        let mut header = tar::Header::new_gnu();
-        header.set_size(size);
-        header.set_mode(0o600);
-        header.set_entry_type(tar::EntryType::Regular);
-        self.tar()?.append_data(&mut header, name, reader).map_err(CheckpointError::io(&temp))
+        self.tar()?.append_data(&mut entry_header(size), name, reader).map_err(CheckpointError::io(&temp))
     }
 
     /// Write the manifest (with the file list filled in) last, finish the stream and move the checkpoint
@@ -196,9 +192,7 @@ impl CheckpointWriter {
         let json = manifest.to_json();
         if self.archive.is_some() {
             let temp = self.temp_path.clone();
-            let mut header = tar::Header::new_gnu();
-            header.set_size(json.len() as u64);
-            header.set_mode(0o600);
+            let mut header = entry_header(json.len() as u64);
             self.tar()?.append_data(&mut header, MANIFEST_NAME, &json[..]).map_err(CheckpointError::io(&temp))?;
             let Some(Archive::Tar(builder)) = self.archive.take() else {
                 unreachable!("tar() leaves a tar stream in place or fails")
@@ -278,11 +272,8 @@ impl CheckpointWriter {
         let size = copy_large(&mut hashing, &mut enc).map_err(CheckpointError::io(&temp))?;
         let mut out = enc.finish().map_err(CheckpointError::io(&temp))?;
         out.flush().map_err(CheckpointError::io(&temp))?;
-        let mut header = tar::Header::new_gnu();
+        let mut header = entry_header(size);
         header.set_path(name).map_err(CheckpointError::io(&temp))?;
-        header.set_size(size);
-        header.set_mode(0o600);
-        header.set_entry_type(tar::EntryType::Regular);
         header.set_cksum();
         out.get_ref().write_all_at(&unit(header.as_bytes(), Some(slot))?, at).map_err(CheckpointError::io(&temp))?;
         self.files.push(hashing.hasher().finish(name));
@@ -295,6 +286,16 @@ impl CheckpointWriter {
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// The tar header of a regular file of `size` bytes, readable by its owner only (the path and checksum are set
+/// when it is written).
+fn entry_header(size: u64) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_size(size);
+    header.set_mode(0o600);
+    header.set_entry_type(tar::EntryType::Regular);
+    header
 }
 
 /// Hold [`COMMIT_RESERVE`] bytes at `path`. `None` where the filesystem cannot preallocate; an error (before

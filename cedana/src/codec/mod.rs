@@ -226,7 +226,7 @@ impl<R: io::BufRead> Read for Lz4Frames<R> {
     }
 }
 
-/// Number of compression workers: every core the process may run on.
+/// Number of worker threads for parallel work (compression, hashing): every core the process may run on.
 pub fn worker_threads() -> u32 {
     std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
 }
