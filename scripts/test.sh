@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The whole test suite: installs what it needs (scripts/setup.sh, idempotent), builds the workspace, then
-# runs every unit test and every integration test against the real CRIU, runc, containerd and dockerd.
+# The whole test suite: installs what it needs (scripts/setup.sh, idempotent), checks formatting and clippy,
+# builds the workspace, then runs every unit test and every integration test against the real CRIU, runc,
+# containerd and dockerd.
 # Needs root (CRIU, mounts, container engines). Extra arguments go to `cargo test` (e.g. a test name).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -13,6 +14,9 @@ fi
 bash scripts/setup.sh
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$HOME/.cargo/bin:$PATH
 
+# Lint gates: formatting and clippy (warnings are errors).
+cargo fmt --all --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
 # The integration tests run the built binaries, so build them first.
 cargo build --workspace --locked
 log=$(mktemp)

@@ -3,6 +3,7 @@
 //! ```toml
 //! [criu]
 //! binary_path = "/usr/local/sbin/criu"
+//! driver = "swrk"                       # or "cli"
 //! [checkpoint]
 //! dir = "/var/lib/cedana/checkpoints"   # default parent folder of dumps
 //! compression = "zstd"                  # default --compression
@@ -34,7 +35,33 @@ pub enum ConfigError {
 #[serde(deny_unknown_fields)]
 pub struct CriuConfig {
     pub binary_path: Option<PathBuf>,
+    /// How CRIU is driven: `swrk` (its RPC protocol) or `cli` (its command line with action scripts).
+    pub driver: Option<CriuDriverKind>,
 }
+
+/// How the engine drives CRIU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CriuDriverKind {
+    /// `criu swrk`: CRIU's RPC protocol over a socket pair, notifications answered in-process.
+    Swrk,
+    /// `criu dump/restore` commands whose action script is the calling executable.
+    Cli,
+}
+
+impl std::str::FromStr for CriuDriverKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "swrk" | "rpc" => Ok(CriuDriverKind::Swrk),
+            "cli" => Ok(CriuDriverKind::Cli),
+            other => Err(format!("unknown CRIU driver {other:?}: use swrk or cli")),
+        }
+    }
+}
+
+/// The CRIU driver when the configuration names none.
+pub const DEFAULT_CRIU_DRIVER: CriuDriverKind = CriuDriverKind::Cli;
 
 /// Settings of the `[checkpoint]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
@@ -93,6 +120,9 @@ impl Config {
         if let Some(v) = std::env::var_os("CEDANA_CRIU_BINARY_PATH") {
             self.criu.binary_path = Some(v.into());
         }
+        if let Ok(v) = std::env::var("CEDANA_CRIU_DRIVER") {
+            self.criu.driver = Some(v.parse().map_err(|message| ConfigError::Env { var: "CEDANA_CRIU_DRIVER", message })?);
+        }
         if let Some(v) = std::env::var_os("CEDANA_CHECKPOINT_DIR") {
             self.checkpoint.dir = Some(v.into());
         }
@@ -122,12 +152,9 @@ impl Config {
         self.checkpoint.compression.unwrap_or(DEFAULT_COMPRESSION)
     }
 
-    /// The hooks dumps and restores run around CRIU.
-    pub fn hooks(&self) -> Box<dyn crate::engine::hooks::Hooks> {
-        match &self.hooks.command {
-            Some(cmd) => Box::new(crate::engine::hooks::CommandHooks::new(cmd)),
-            None => Box::new(crate::engine::hooks::NoHooks),
-        }
+    /// How CRIU is driven.
+    pub fn criu_driver(&self) -> CriuDriverKind {
+        self.criu.driver.unwrap_or(DEFAULT_CRIU_DRIVER)
     }
 
     /// Where archives are extracted before a restore.

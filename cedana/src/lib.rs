@@ -1,22 +1,29 @@
 //! cedana: checkpoint/restore of Linux processes and containers on top of CRIU.
 //!
-//! The library is the engine every front end shares (the `cedana` CLI, `cedana-runc`, the containerd shim):
-//! - [`engine`]: dump and restore, the only code that drives a checkpoint end to end;
-//! - [`criu`]: the CRIU driver (options, hooks, logs, statistics);
-//! - [`checkpoint`]: our format (manifest, checksums, atomic writes, verified extraction);
+//! The library is the engine every front end shares (the `cedana` CLI, `cedana-runc`, the containerd shim,
+//! the daemon). A front end builds one [`engine::Engine`], turns its input into a request, and renders the
+//! outcome:
+//! - [`engine`]: the dump and restore pipelines, targets (process, runc), destinations and sources, the
+//!   per-operation context, hooks, errors with kinds;
+//! - [`criu`]: the CRIU drivers (`criu swrk` RPC, or the command line with action scripts), options, logs,
+//!   statistics;
+//! - [`checkpoint`]: our format (manifest, checksums, archive writer over any sink, verified reader);
 //! - [`codec`]: none | tar | gzip | lz4 | zlib | zstd, detected by content;
+//! - [`runc`]: the container runtime client (the real runc);
 //! - [`procfs`]: what /proc says about a tree before we dump it;
-//! - [`runc`]: the runc driver (runc containers are checkpointed through the real runc);
-//! - [`config`], [`progress`], [`interrupt`], [`binary`]: settings, terminal progress, cancellation,
-//!   locating external programs.
+//! - [`config`], [`cancel`], [`progress`], [`error`], [`binary`]: settings, cancellation tokens, progress
+//!   reporting, error kinds, locating external programs.
+//!
+//! Argument parsing, tables and progress bars belong to the binaries (the `cli` feature).
 
 pub mod binary;
+pub mod cancel;
 pub mod checkpoint;
 pub mod codec;
 pub mod config;
 pub mod criu;
 pub mod engine;
-pub mod interrupt;
+pub mod error;
 pub mod procfs;
 pub mod progress;
 pub mod runc;

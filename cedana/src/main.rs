@@ -14,7 +14,7 @@ fn main() {
     match cli::run(cli) {
         Ok(code) => std::process::exit(code),
         Err(err) => {
-            eprintln!("Error: {err:#}");
+            eprintln!("Error: {}", cli::advice::render(&err));
             std::process::exit(1);
         }
     }

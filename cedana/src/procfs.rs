@@ -12,12 +12,28 @@ pub enum ProcError {
     NoSuchProcess(i32),
     #[error("PID {pid} cannot be checkpointed: {reason}")]
     Refused { pid: i32, reason: String },
+    #[error(
+        "PID {pid} cannot be checkpointed: it runs in another PID namespace (a container?): checkpoint the container instead"
+    )]
+    OtherPidNamespace { pid: i32 },
     #[error("reading /proc/{pid}: {source}")]
     Io {
         pid: i32,
         #[source]
         source: std::io::Error,
     },
+}
+
+impl ProcError {
+    /// The class of this error, for wire protocols.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            ProcError::NoSuchProcess(_) => K::NotFound,
+            ProcError::Refused { .. } | ProcError::OtherPidNamespace { .. } => K::FailedPrecondition,
+            ProcError::Io { source, .. } => K::of_io(source),
+        }
+    }
 }
 
 /// The fields of /proc/PID/stat we use.
@@ -157,10 +173,7 @@ pub fn check_dumpable(pid: i32) -> Result<Stat, ProcError> {
     let ns = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/pid")).ok();
     if let (Some(theirs), Some(ours)) = (ns(&pid.to_string()), ns("self")) {
         if theirs != ours {
-            return refuse(
-                "it runs in another PID namespace (a container?): checkpoint the container instead, e.g. \
-                 `cedana dump runc ID` for a runc or Docker container",
-            );
+            return Err(ProcError::OtherPidNamespace { pid });
         }
     }
     if let Some(reason) = refusal_from_stat(&st) {

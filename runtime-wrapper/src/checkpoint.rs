@@ -7,8 +7,7 @@ use std::path::PathBuf;
 use cedana::codec::Compression;
 use cedana::config::Config;
 use cedana::criu::Criu;
-use cedana::engine::{self, DumpRequest, DumpTarget, RuncTarget};
-use cedana::progress::Silent;
+use cedana::engine::{Destination, DumpRequest, Engine, OpContext, RuncSpec, TargetSpec};
 
 use crate::args::{CommandArgs, Invocation};
 use crate::log::RuncLog;
@@ -60,18 +59,24 @@ pub fn run(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Re
     };
     let mapped = ["image-path", "work-path", "leave-running", "tcp-established", "ext-unix-sk", "shell-job", "file-locks"];
     let extra_flags: Vec<OsString> = a.tokens_without(&mapped);
-    let target =
-        RuncTarget { id: id.clone(), runc: runc_for(inv)?, work_path: a.value("work-path").map(|w| cwd.join(w)), extra_flags };
+    let spec = RuncSpec {
+        id: id.clone(),
+        runtime: Some(std::sync::Arc::new(runc_for(inv)?)),
+        root: None,
+        work_path: a.value("work-path").map(|w| cwd.join(w)),
+        extra_flags,
+    };
     let compression = cfg.checkpoint.compression.unwrap_or(DEFAULT_COMPRESSION);
+    let engine = Engine::new(cfg.clone())?;
     let req = DumpRequest {
-        target: DumpTarget::Runc(target),
-        dir: image_path,
+        target: TargetSpec::Runc(spec),
+        destination: Destination::dir(image_path),
         name: Some(CHECKPOINT_NAME.to_string()),
         compression,
         leave_running: a.on("leave-running"),
         options,
     };
-    let out = engine::dump::dump(cfg, &req, &Silent)?;
+    let out = engine.dump(req, &OpContext::new())?;
     log.info(&format!(
         "cedana: checkpointed {id} to {} ({compression}, {} bytes, images {} bytes) in {} ms: runc checkpoint {} ms, packaging {} ms",
         out.path.display(),

@@ -6,10 +6,10 @@
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
+use cedana::checkpoint::CheckpointKind;
 use cedana::checkpoint::MANIFEST_NAME;
 use cedana::config::Config;
-use cedana::engine::{self, RuncRestoreRequest};
-use cedana::progress::Silent;
+use cedana::engine::{ContainerRestore, Engine, OpContext, RestoreRequest, Source};
 use cedana::runc::{RestoreFlags, DEFAULT_ROOT};
 
 use crate::args::{CommandArgs, Invocation};
@@ -122,17 +122,23 @@ fn run_restore(
     flags: RestoreFlags,
     log: &RuncLog,
 ) -> Result<i32, WrapperError> {
-    let req = RuncRestoreRequest { path: checkpoint.to_path_buf(), id: id.to_string(), runc: runc_for(inv)?, flags };
-    let out = engine::runc::restore(cfg, &req, &Silent)?;
+    let runtime = std::sync::Arc::new(runc_for(inv)?);
+    let container = ContainerRestore { id: id.to_string(), runtime: Some(runtime), root: None, flags };
+    let req = RestoreRequest {
+        only: Some(CheckpointKind::Runc),
+        container: Some(container),
+        ..RestoreRequest::new(Source::Path(checkpoint.to_path_buf()))
+    };
+    let out = Engine::new(cfg.clone())?.restore(req, &OpContext::new())?;
     log.info(&format!(
         "cedana: restored {id} from {} (checkpoint of {}) in {} ms: verify {} ms, runc restore {} ms",
         checkpoint.display(),
         out.manifest.container.as_ref().map(|c| c.id.as_str()).unwrap_or("?"),
-        (out.verify_time + out.restore_time).as_millis(),
+        (out.verify_time + out.criu_time).as_millis(),
         out.verify_time.as_millis(),
-        out.restore_time.as_millis()
+        out.criu_time.as_millis()
     ));
-    Ok(out.exit_code)
+    Ok(out.exit_code.unwrap_or(0))
 }
 
 #[cfg(test)]

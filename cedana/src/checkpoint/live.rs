@@ -20,6 +20,7 @@ use nix::sys::inotify::{AddWatchFlags, InitFlags, Inotify};
 
 use super::release::ReleasingReader;
 use super::{is_page_image, CheckpointError, CheckpointWriter};
+use crate::cancel::Cancel;
 use crate::progress::Advancer;
 
 /// How long a reader waits for news of the folder before it looks at its flags again.
@@ -41,8 +42,8 @@ pub struct LivePacker {
 
 impl LivePacker {
     /// Start following `dir` (before CRIU writes anything there). `writer` must accept unsized entries;
-    /// `advance` hears of every byte packed. On failure the writer comes back with the error, to be used the
-    /// ordinary way.
+    /// `advance` hears of every byte packed. The packer stops once the writer's [`CheckpointWriter::cancel`]
+    /// token is cancelled. On failure the writer comes back with the error, to be used the ordinary way.
     pub fn start(
         writer: CheckpointWriter,
         dir: &Path,
@@ -100,7 +101,8 @@ pub enum Packing {
 }
 
 impl Packing {
-    /// Pack page images live where the writer can (an archive of a format with units), else not.
+    /// Pack page images live where the writer can (an archive of a format with units, to a seekable sink:
+    /// see [`CheckpointWriter::accepts_unsized`]), else not: they then go in after CRIU is done.
     pub fn start(writer: CheckpointWriter, images_dir: &Path, advance: Option<Advancer>) -> Self {
         if !writer.accepts_unsized() {
             return Packing::Ready(writer);
@@ -144,6 +146,8 @@ fn pack(
     advance: Option<&(dyn Fn(u64) + Send + Sync)>,
 ) -> Result<CheckpointWriter, CheckpointError> {
     let io_err = |dir: &Path, source| CheckpointError::Io { path: dir.to_path_buf(), source };
+    // The writer's token, shared with whoever cancels the operation.
+    let cancel = writer.cancel().clone();
     loop {
         if let Some(name) = watch.queue.pop_front() {
             let path = watch.dir.join(&name);
@@ -153,7 +157,7 @@ fn pack(
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(CheckpointError::Io { path, source: e }),
             };
-            let mut reader = GrowingFile { inner, name: name.clone(), watch: &mut watch, flags, advance };
+            let mut reader = GrowingFile { inner, name: name.clone(), watch: &mut watch, flags, cancel: &cancel, advance };
             writer.add_unsized(&name, &mut reader)?;
             tracing::debug!(name, "page image packed while CRIU ran");
             continue;
@@ -163,8 +167,11 @@ fn pack(
         if watch.queue.is_empty() && done {
             return Ok(writer);
         }
-        if flags.stop.load(Ordering::SeqCst) || crate::interrupt::requested() {
+        if flags.stop.load(Ordering::SeqCst) {
             return Err(io_err(&watch.dir, io::Error::other("stopped")));
+        }
+        if cancel.is_cancelled() {
+            return Err(io_err(&watch.dir, io::Error::other("cancelled")));
         }
     }
 }
@@ -227,14 +234,18 @@ struct GrowingFile<'a> {
     name: String,
     watch: &'a mut Watch,
     flags: &'a Flags,
+    cancel: &'a Cancel,
     advance: Option<&'a (dyn Fn(u64) + Send + Sync)>,
 }
 
 impl Read for GrowingFile<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
-            if self.flags.stop.load(Ordering::SeqCst) || crate::interrupt::requested() {
-                return Err(io::Error::other("interrupted"));
+            if self.flags.stop.load(Ordering::SeqCst) {
+                return Err(io::Error::other("stopped"));
+            }
+            if self.cancel.is_cancelled() {
+                return Err(io::Error::other("cancelled"));
             }
             // Seen closed before the read: then the read sees everything CRIU wrote.
             let complete = self.watch.closed.contains(&self.name) || self.flags.criu_done.load(Ordering::SeqCst);

@@ -10,12 +10,14 @@ pub mod live;
 pub mod manifest;
 pub mod reader;
 pub mod release;
+pub mod sink;
 pub mod tail;
 pub mod writer;
 
 pub use digest::FileDigest;
 pub use manifest::{CheckpointKind, ContainerInfo, Manifest, ProcessInfo, StdioPipe, FORMAT_VERSION, MANIFEST_NAME};
 pub use reader::{read_manifest, OpenedCheckpoint, PendingVerification};
+pub use sink::{ArchiveSink, LocalFile, Stream, Unfinished};
 pub use writer::CheckpointWriter;
 
 use std::path::PathBuf;
@@ -33,9 +35,9 @@ pub enum CheckpointError {
     },
     #[error(transparent)]
     Codec(#[from] CodecError),
-    #[error("{dir} is full (not even the {} MiB a checkpoint holds back for its last writes fit): free space there or choose another --dir", writer::COMMIT_RESERVE >> 20)]
+    #[error("{dir} is full (not even the {} MiB a checkpoint holds back for its last writes fit)", writer::COMMIT_RESERVE >> 20)]
     NoSpace { dir: PathBuf },
-    #[error("{path} already exists: choose another --name or remove it")]
+    #[error("{path} already exists")]
     Exists { path: PathBuf },
     #[error("no checkpoint at {path}: check the path")]
     NotFound { path: PathBuf },
@@ -50,6 +52,22 @@ pub enum CheckpointError {
 }
 
 impl CheckpointError {
+    /// The class of this error, for wire protocols.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            CheckpointError::Io { source, .. } => K::of_io(source),
+            CheckpointError::Codec(e) => e.kind(),
+            CheckpointError::NoSpace { .. } => K::ResourceExhausted,
+            CheckpointError::Exists { .. } => K::AlreadyExists,
+            CheckpointError::NotFound { .. } => K::NotFound,
+            CheckpointError::Incomplete { .. } | CheckpointError::Corrupt { .. } | CheckpointError::Version { .. } => {
+                K::FailedPrecondition
+            }
+            CheckpointError::LivePacking(_) => K::Internal,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>) -> impl FnOnce(std::io::Error) -> CheckpointError {
         let path = path.into();
         move |source| CheckpointError::Io { path, source }
@@ -65,5 +83,7 @@ pub(crate) fn is_page_image(name: &str) -> bool {
 /// Files CRIU may add to an images folder at restore time; they are not part of the checkpoint.
 pub(crate) const RESTORE_BYPRODUCTS: [&str; 2] = ["stats-restore", "restore.log"];
 
+#[cfg(test)]
+mod sink_tests;
 #[cfg(test)]
 mod tests;

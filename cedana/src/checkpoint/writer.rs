@@ -1,28 +1,40 @@
-//! Writing a checkpoint: images in, manifest last, then an atomic rename to the final name.
+//! Writing a checkpoint: images in, manifest last, then the checkpoint is made visible at once (a folder, or an
+//! archive's [`ArchiveSink`]: for a local file, an atomic rename to the final name).
 
 use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::digest::{self, FileDigest, HashingReader};
 use super::manifest::{Manifest, MANIFEST_NAME};
 use super::release::ReleasingReader;
+use super::sink::{self, ArchiveSink, DiskReserve, LocalFile, Unfinished};
 use super::CheckpointError;
+use crate::cancel::Cancel;
 use crate::codec::{self, Compression, Encoder};
 
-type ArchiveSink = tar::Builder<Box<dyn Encoder<BufWriter<File>>>>;
+type TarStream = tar::Builder<Box<dyn Encoder<BufWriter<SinkWriter>>>>;
 
-/// An archive being written: first any entries written before their size was known (each a series of
+/// An archive's byte stream: first any entries written before their size was known (each a series of
 /// independent units, see [`codec::units`]), then a tar stream through one encoder.
-enum Archive {
-    /// The file itself, with the zero bytes that still pad the last entry to a tar block.
+enum Encoding {
+    /// The sink itself, with the zero bytes that still pad the last entry to a tar block.
     Units {
-        out: BufWriter<File>,
+        out: BufWriter<SinkWriter>,
         pad: usize,
     },
-    Tar(ArchiveSink),
+    Tar(TarStream),
     /// Between the two, or after a failure.
     Broken,
+}
+
+/// What a checkpoint is written to.
+enum Target {
+    /// A folder (`none`) under the hidden temporary name, renamed into place by the commit.
+    Folder { reserve: Option<DiskReserve> },
+    /// An archive, through a sink that the writer alone finishes or aborts.
+    Archive { sink: SharedSink, encoding: Encoding, seekable: bool },
 }
 
 const IO_BUFFER: usize = 1 << 20;
@@ -32,19 +44,31 @@ const IO_BUFFER: usize = 1 << 20;
 /// that the images filled, once the dumped process may already be gone.
 pub const COMMIT_RESERVE: u64 = 16 << 20;
 
-/// A checkpoint being written. Until [`CheckpointWriter::commit`] it lives under a hidden temporary name;
-/// dropping an uncommitted writer deletes it, so a checkpoint is either complete or absent (unless
-/// [`CheckpointWriter::keep_if_unfinished`] was called: then what was written stays for the user).
+/// A checkpoint being written. Until [`CheckpointWriter::commit`] it is not visible under its final name (a
+/// local one lives under a hidden temporary name); dropping an uncommitted writer deletes what was written, so
+/// a checkpoint is either complete or absent (unless [`CheckpointWriter::keep_if_unfinished`] was called: then
+/// what was written stays for the user).
 pub struct CheckpointWriter {
     final_path: PathBuf,
     temp_path: PathBuf,
-    reserve: Option<PathBuf>,
     compression: Compression,
-    archive: Option<Archive>,
+    target: Target,
     files: Vec<FileDigest>,
     committed: bool,
     keep: bool,
     release_sources: bool,
+    cancel: Cancel,
+}
+
+impl std::fmt::Debug for CheckpointWriter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CheckpointWriter")
+            .field("final_path", &self.final_path)
+            .field("temp_path", &self.temp_path)
+            .field("compression", &self.compression)
+            .field("files", &self.files.len())
+            .finish_non_exhaustive()
+    }
 }
 
 impl CheckpointWriter {
@@ -56,44 +80,68 @@ impl CheckpointWriter {
         }
     }
 
-    /// Start writing a checkpoint that will appear at `final_path` once committed.
+    /// Start writing a checkpoint that will appear at `final_path` once committed: an archive in a
+    /// [`LocalFile`], or for `none` a folder.
     pub fn create(final_path: PathBuf, compression: Compression) -> Result<Self, CheckpointError> {
-        if final_path.symlink_metadata().is_ok() {
-            return Err(CheckpointError::Exists { path: final_path });
+        if compression.is_archive() {
+            return Self::to_sink(Box::new(LocalFile::create(final_path)?), compression);
         }
-        let parent = final_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
-        std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
-        let file_name = final_path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        let temp_path = parent.join(format!(".{file_name}.partial-{}", std::process::id()));
-        let reserve = reserve_space(&parent.join(format!(".{file_name}.reserve-{}", std::process::id())))?;
+        let (temp_path, reserve) = sink::hidden_place(&final_path)?;
         // From here on, dropping the writer cleans up whatever was created.
-        let mut writer = Self {
+        let writer = Self::new(final_path, temp_path, compression, Target::Folder { reserve });
+        std::fs::create_dir(&writer.temp_path).map_err(CheckpointError::io(&writer.temp_path))?;
+        Ok(writer)
+    }
+
+    /// Start writing an archive in `compression` to `sink`, which the commit finishes (dropping the writer
+    /// aborts it). A folder checkpoint (`none`) has no byte stream and is refused.
+    pub fn to_sink(sink: Box<dyn ArchiveSink>, compression: Compression) -> Result<Self, CheckpointError> {
+        let final_path = sink.location().to_path_buf();
+        if !compression.is_archive() {
+            sink.abort(false);
+            let why = "a folder checkpoint (compression none) cannot go to an archive sink: use tar, gzip, lz4, zlib or zstd";
+            return Err(CheckpointError::Io { path: final_path, source: io::Error::new(io::ErrorKind::InvalidInput, why) });
+        }
+        let temp_path = sink.temp_location().to_path_buf();
+        let seekable = sink.seekable().is_some();
+        let sink = SharedSink(Arc::new(Mutex::new(Some(sink))));
+        let out = BufWriter::with_capacity(4 * IO_BUFFER, SinkWriter { sink: sink.clone(), written: 0 });
+        let target = Target::Archive { sink, encoding: Encoding::Units { out, pad: 0 }, seekable };
+        Ok(Self::new(final_path, temp_path, compression, target))
+    }
+
+    fn new(final_path: PathBuf, temp_path: PathBuf, compression: Compression, target: Target) -> Self {
+        Self {
             final_path,
             temp_path,
-            reserve,
             compression,
-            archive: None,
+            target,
             files: Vec::new(),
             committed: false,
             keep: false,
             release_sources: false,
-        };
-        let temp = writer.temp_path.clone();
-        if compression.is_archive() {
-            let file = File::create(&temp).map_err(CheckpointError::io(&temp))?;
-            writer.archive = Some(Archive::Units { out: BufWriter::with_capacity(4 * IO_BUFFER, file), pad: 0 });
-        } else {
-            std::fs::create_dir(&temp).map_err(CheckpointError::io(&temp))?;
+            cancel: Cancel::new(),
         }
-        Ok(writer)
+    }
+
+    /// Stop at the next file or chunk once `cancel` is cancelled (with an I/O error "cancelled"); the live
+    /// packer (see [`super::live`]) follows the same token.
+    pub fn set_cancel(&mut self, cancel: Cancel) {
+        self.cancel = cancel;
+    }
+
+    /// The token this writer stops on.
+    pub fn cancel(&self) -> &Cancel {
+        &self.cancel
     }
 
     /// For a folder checkpoint (`none`), the folder CRIU should write into, so images are not copied.
     pub fn in_place_dir(&self) -> Option<&Path> {
-        self.archive.is_none().then_some(self.temp_path.as_path())
+        matches!(self.target, Target::Folder { .. }).then_some(self.temp_path.as_path())
     }
 
-    /// The hidden name the checkpoint is written under until it is committed.
+    /// Where the checkpoint is written until it is committed: a hidden name beside the final one (for a sink
+    /// that is not a local file, its location).
     pub fn temp_path(&self) -> &Path {
         &self.temp_path
     }
@@ -112,7 +160,7 @@ impl CheckpointWriter {
         self.release_sources = true;
     }
 
-    /// Where the finished checkpoint will be.
+    /// Where the finished checkpoint will be (for a sink that is not a local file, its location).
     pub fn final_path(&self) -> &Path {
         &self.final_path
     }
@@ -130,8 +178,8 @@ impl CheckpointWriter {
             if name == MANIFEST_NAME || self.files.iter().any(|f| f.name == name) {
                 continue;
             }
-            if crate::interrupt::requested() {
-                return Err(CheckpointError::Io { path: src.join(&name), source: io::Error::other("interrupted by a signal") });
+            if self.cancel.is_cancelled() {
+                return Err(CheckpointError::Io { path: src.join(&name), source: cancelled() });
             }
             self.add_file(&src.join(&name), &name, progress)?;
         }
@@ -153,7 +201,9 @@ impl CheckpointWriter {
         } else {
             let source = ReleasingReader::open(path, self.release_sources).map_err(CheckpointError::io(path))?;
             let size = source.file.metadata().map_err(CheckpointError::io(path))?.len();
-            let mut reader = BufReader::with_capacity(IO_BUFFER, HashingReader::new(ProgressReader { inner: source, progress }));
+            let cancel = self.cancel.clone();
+            let checked = ProgressReader { inner: source, progress, cancel: &cancel };
+            let mut reader = BufReader::with_capacity(IO_BUFFER, HashingReader::new(checked));
             self.write_entry(name, size, &mut reader)?;
             reader.get_ref().hasher().finish(name)
         };
@@ -170,7 +220,7 @@ impl CheckpointWriter {
     }
 
     fn write_entry(&mut self, name: &str, size: u64, reader: &mut dyn Read) -> Result<(), CheckpointError> {
-        if self.archive.is_none() {
+        if let Target::Folder { .. } = self.target {
             let dest = self.temp_path.join(name);
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
@@ -179,111 +229,141 @@ impl CheckpointWriter {
             copy_large(reader, &mut out).map_err(CheckpointError::io(&dest))?;
             return Ok(());
         }
-        let temp = self.temp_path.clone();
-        self.tar()?.append_data(&mut entry_header(size), name, reader).map_err(CheckpointError::io(&temp))
+        let res = self.tar()?.append_data(&mut entry_header(size), name, reader);
+        res.map_err(|source| CheckpointError::Io { path: self.temp_path.clone(), source })
     }
 
-    /// Write the manifest (with the file list filled in) last, finish the stream and move the checkpoint
-    /// to its final name. Returns the final path.
+    /// Write the manifest (with the file list filled in) last, finish the stream and make the checkpoint
+    /// visible under its final name (for an archive, [`ArchiveSink::finish`]). Returns where it is.
     pub fn commit(mut self, manifest: &mut Manifest) -> Result<PathBuf, CheckpointError> {
         self.release_reserve();
         manifest.files = self.files.clone();
         manifest.compression = self.compression;
         let json = manifest.to_json();
-        if self.archive.is_some() {
-            let temp = self.temp_path.clone();
-            let mut header = entry_header(json.len() as u64);
-            self.tar()?.append_data(&mut header, MANIFEST_NAME, &json[..]).map_err(CheckpointError::io(&temp))?;
-            let Some(Archive::Tar(builder)) = self.archive.take() else {
-                unreachable!("tar() leaves a tar stream in place or fails")
-            };
-            let enc = builder.into_inner().map_err(CheckpointError::io(&temp))?;
-            let mut out = enc.finish().map_err(CheckpointError::io(&temp))?;
-            out.flush().map_err(CheckpointError::io(&temp))?;
-        } else {
+        if let Target::Folder { .. } = self.target {
             let path = self.temp_path.join(MANIFEST_NAME);
             std::fs::write(&path, &json).map_err(CheckpointError::io(&path))?;
+            if self.final_path.symlink_metadata().is_ok() {
+                return Err(CheckpointError::Exists { path: self.final_path.clone() });
+            }
+            std::fs::rename(&self.temp_path, &self.final_path).map_err(CheckpointError::io(&self.final_path))?;
+            self.committed = true;
+            return Ok(self.final_path.clone());
         }
-        if self.final_path.symlink_metadata().is_ok() {
-            return Err(CheckpointError::Exists { path: self.final_path.clone() });
+        let res = self.tar()?.append_data(&mut entry_header(json.len() as u64), MANIFEST_NAME, &json[..]);
+        res.map_err(CheckpointError::io(&self.temp_path))?;
+        let temp = self.temp_path.as_path();
+        let io_err = |source| CheckpointError::Io { path: temp.to_path_buf(), source };
+        let Target::Archive { sink, encoding, .. } = &mut self.target else { return Err(io_err(not_an_archive())) };
+        let Encoding::Tar(builder) = std::mem::replace(encoding, Encoding::Broken) else {
+            return Err(io_err(unusable()));
+        };
+        let mut out = builder.into_inner().and_then(|enc| enc.finish()).map_err(io_err)?;
+        out.flush().map_err(io_err)?;
+        drop(out);
+        let Some(unfinished) = sink.take() else { return Err(io_err(abandoned())) };
+        match unfinished.finish() {
+            Ok(path) => {
+                self.committed = true;
+                Ok(path)
+            }
+            Err(Unfinished { sink: back, error }) => {
+                // Dropping the writer aborts it (or keeps it, see keep_if_unfinished).
+                sink.put_back(back);
+                Err(error)
+            }
         }
-        std::fs::rename(&self.temp_path, &self.final_path).map_err(CheckpointError::io(&self.final_path))?;
-        self.committed = true;
-        Ok(self.final_path.clone())
     }
 }
 
 impl CheckpointWriter {
     /// The archive's tar stream, started (after any entries written as units) on first use.
-    fn tar(&mut self) -> Result<&mut ArchiveSink, CheckpointError> {
-        let temp = self.temp_path.clone();
-        if let Some(Archive::Units { .. }) = self.archive {
-            let Some(Archive::Units { out, pad }) = self.archive.replace(Archive::Broken) else {
-                unreachable!("matched just above")
-            };
-            let mut enc = codec::encoder(self.compression, out)?;
-            // The last entry written as units still owes its padding to a whole tar block.
-            enc.write_all(&[0u8; 512][..pad]).map_err(CheckpointError::io(&temp))?;
-            let mut builder = tar::Builder::new(enc);
-            builder.mode(tar::HeaderMode::Deterministic);
-            self.archive = Some(Archive::Tar(builder));
+    fn tar(&mut self) -> Result<&mut TarStream, CheckpointError> {
+        let temp = self.temp_path.as_path();
+        let io_err = |source| CheckpointError::Io { path: temp.to_path_buf(), source };
+        let Target::Archive { encoding, .. } = &mut self.target else { return Err(io_err(not_an_archive())) };
+        if matches!(encoding, Encoding::Units { .. }) {
+            if let Encoding::Units { out, pad } = std::mem::replace(encoding, Encoding::Broken) {
+                let mut enc = codec::encoder(self.compression, out)?;
+                // The last entry written as units still owes its padding to a whole tar block.
+                enc.write_all(&[0u8; 512][..pad]).map_err(io_err)?;
+                let mut builder = tar::Builder::new(enc);
+                builder.mode(tar::HeaderMode::Deterministic);
+                *encoding = Encoding::Tar(builder);
+            }
         }
-        match &mut self.archive {
-            Some(Archive::Tar(builder)) => Ok(builder),
-            _ => Err(CheckpointError::Io {
-                path: temp,
-                source: io::Error::other("the archive was left unusable by an earlier error"),
-            }),
+        match encoding {
+            Encoding::Tar(builder) => Ok(builder),
+            _ => Err(io_err(unusable())),
         }
     }
 
-    /// Whether entries can still be written before their size is known ([`Self::add_unsized`]).
+    /// Whether entries can still be written before their size is known ([`Self::add_unsized`]): only into an
+    /// archive whose sink is seekable, in a format with units, before any other entry.
     pub fn accepts_unsized(&self) -> bool {
-        matches!(self.archive, Some(Archive::Units { .. })) && codec::units::supports_late_headers(self.compression)
+        matches!(self.target, Target::Archive { encoding: Encoding::Units { .. }, seekable: true, .. })
+            && codec::units::supports_late_headers(self.compression)
     }
 
     /// Add an entry whose size is unknown until `reader` ends (a file still being written), without
     /// buffering it: its data is compressed as it comes, and its tar header goes into a slot reserved in
-    /// front of it. Only before any other entry (see [`Self::accepts_unsized`]).
+    /// front of it, written in place once the size is known. Only where [`Self::accepts_unsized`].
     pub fn add_unsized(&mut self, name: &str, reader: &mut dyn Read) -> Result<(), CheckpointError> {
-        use std::io::Seek;
         use std::os::unix::fs::FileExt;
-        let temp = self.temp_path.clone();
+        let temp = self.temp_path.as_path();
+        let io_err = |source| CheckpointError::Io { path: temp.to_path_buf(), source };
         if !self.accepts_unsized() {
-            return Err(CheckpointError::Io { path: temp, source: io::Error::other("unsized entries must come first") });
+            let why = match self.target {
+                Target::Archive { seekable: false, .. } => {
+                    "an entry of unknown size needs a seekable sink (a local file): add it once its size is known"
+                }
+                _ => "unsized entries must come first, in a tar, gzip, lz4 or zstd archive",
+            };
+            return Err(io_err(io::Error::other(why)));
         }
-        let Some(Archive::Units { mut out, pad }) = self.archive.replace(Archive::Broken) else {
-            unreachable!("accepts_unsized checked the state")
+        let Target::Archive { sink, encoding, .. } = &mut self.target else { return Err(io_err(not_an_archive())) };
+        let Encoding::Units { mut out, pad } = std::mem::replace(encoding, Encoding::Broken) else {
+            return Err(io_err(unusable()));
         };
         let c = self.compression;
         let slot = codec::units::header_slot(c);
         let unit = |content: &[u8], size| {
-            codec::units::stored_unit(c, content, size)
-                .ok_or_else(|| CheckpointError::Io { path: temp.clone(), source: io::Error::other("no room for a tar header") })
+            codec::units::stored_unit(c, content, size).ok_or_else(|| io_err(io::Error::other("no room for a tar header")))
         };
         if pad > 0 {
-            out.write_all(&unit(&[0u8; 512][..pad], None)?).map_err(CheckpointError::io(&temp))?;
+            out.write_all(&unit(&[0u8; 512][..pad], None)?).map_err(io_err)?;
         }
-        let at = out.stream_position().map_err(CheckpointError::io(&temp))?;
+        // Where the slot starts: what reached the sink, and what is still buffered in front of it.
+        let at = out.get_ref().written + out.buffer().len() as u64;
         // A placeholder of the slot's size (overwritten below), so the data lands after it.
-        out.write_all(&unit(&[0u8; 512], Some(slot))?).map_err(CheckpointError::io(&temp))?;
+        out.write_all(&unit(&[0u8; 512], Some(slot))?).map_err(io_err)?;
         let mut enc = codec::encoder(c, out)?;
-        let mut hashing = HashingReader::new(reader);
-        let size = copy_large(&mut hashing, &mut enc).map_err(CheckpointError::io(&temp))?;
-        let mut out = enc.finish().map_err(CheckpointError::io(&temp))?;
-        out.flush().map_err(CheckpointError::io(&temp))?;
+        let mut hashing = HashingReader::new(ProgressReader { inner: reader, progress: &|_| {}, cancel: &self.cancel });
+        let size = copy_large(&mut hashing, &mut enc).map_err(io_err)?;
+        let mut out = enc.finish().map_err(io_err)?;
+        // The placeholder must have reached the file before it is overwritten.
+        out.flush().map_err(io_err)?;
         let mut header = entry_header(size);
-        header.set_path(name).map_err(CheckpointError::io(&temp))?;
+        header.set_path(name).map_err(io_err)?;
         header.set_cksum();
-        out.get_ref().write_all_at(&unit(header.as_bytes(), Some(slot))?, at).map_err(CheckpointError::io(&temp))?;
+        let patch = unit(header.as_bytes(), Some(slot))?;
+        match sink.lock().as_ref().and_then(|s| s.seekable()) {
+            Some(file) => file.write_all_at(&patch, at).map_err(io_err)?,
+            None => return Err(io_err(abandoned())),
+        }
         self.files.push(hashing.hasher().finish(name));
-        self.archive = Some(Archive::Units { out, pad: (512 - (size % 512) as usize) % 512 });
+        *encoding = Encoding::Units { out, pad: (512 - (size % 512) as usize) % 512 };
         Ok(())
     }
 
     fn release_reserve(&mut self) {
-        if let Some(path) = self.reserve.take() {
-            let _ = std::fs::remove_file(path);
+        match &mut self.target {
+            Target::Folder { reserve } => *reserve = None,
+            Target::Archive { sink, .. } => {
+                if let Some(s) = sink.lock().as_mut() {
+                    s.release_reserve();
+                }
+            }
         }
     }
 }
@@ -298,63 +378,127 @@ fn entry_header(size: u64) -> tar::Header {
     header
 }
 
-/// Hold [`COMMIT_RESERVE`] bytes at `path`. `None` where the filesystem cannot preallocate; an error (before
-/// anything is dumped) when the disk has not even that much room.
-fn reserve_space(path: &Path) -> Result<Option<PathBuf>, CheckpointError> {
-    use std::os::fd::AsRawFd;
-    let file = File::create(path).map_err(CheckpointError::io(path))?;
-    // SAFETY: posix_fallocate on a descriptor we own, with a valid length.
-    let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, COMMIT_RESERVE as libc::off_t) };
-    match rc {
-        0 => Ok(Some(path.to_path_buf())),
-        libc::EOPNOTSUPP | libc::EINVAL => {
-            let _ = std::fs::remove_file(path);
-            Ok(None)
-        }
-        errno => {
-            let _ = std::fs::remove_file(path);
-            if errno == libc::ENOSPC {
-                let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-                return Err(CheckpointError::NoSpace { dir });
-            }
-            Err(CheckpointError::Io { path: path.to_path_buf(), source: io::Error::from_raw_os_error(errno) })
-        }
-    }
-}
-
 impl Drop for CheckpointWriter {
     fn drop(&mut self) {
-        self.release_reserve();
         if self.committed {
             return;
         }
-        drop(self.archive.take());
-        if self.keep {
-            tracing::warn!(path = %self.temp_path.display(), "unfinished checkpoint kept: the dumped process is gone");
-            return;
-        }
-        let res = if self.temp_path.is_dir() {
-            std::fs::remove_dir_all(&self.temp_path)
-        } else {
-            std::fs::remove_file(&self.temp_path)
-        };
-        if let Err(err) = res {
-            if err.kind() != io::ErrorKind::NotFound {
-                tracing::warn!(path = %self.temp_path.display(), %err, "could not remove an unfinished checkpoint");
+        match &mut self.target {
+            Target::Folder { reserve } => {
+                *reserve = None;
+                if self.keep {
+                    tracing::warn!(path = %self.temp_path.display(), "unfinished checkpoint kept: the dumped process is gone");
+                    return;
+                }
+                if let Err(err) = std::fs::remove_dir_all(&self.temp_path) {
+                    if err.kind() != io::ErrorKind::NotFound {
+                        tracing::warn!(path = %self.temp_path.display(), %err, "could not remove an unfinished checkpoint");
+                    }
+                }
+            }
+            Target::Archive { sink, encoding, .. } => {
+                let encoding = std::mem::replace(encoding, Encoding::Broken);
+                // To keep it, let what was written reach the sink first; else the sink goes first, so that
+                // nothing more reaches it (an encoder thread still at work fails at its next write).
+                let rest = if self.keep {
+                    drain(encoding);
+                    None
+                } else {
+                    Some(encoding)
+                };
+                if let Some(s) = sink.take() {
+                    s.abort(self.keep);
+                }
+                drop(rest);
             }
         }
     }
 }
 
+/// Push everything an abandoned archive stream holds to its sink (the encoder's buffers, the output buffer).
+fn drain(encoding: Encoding) {
+    let out = match encoding {
+        Encoding::Units { out, .. } => Some(out),
+        Encoding::Tar(builder) => builder.into_inner().and_then(|enc| enc.finish()).ok(),
+        Encoding::Broken => None,
+    };
+    if let Some(mut out) = out {
+        let _ = out.flush();
+    }
+}
+
+/// The writer's hold on its archive sink, shared with the [`SinkWriter`] the encoder writes to (from
+/// whichever thread): the writer alone takes the sink out, to finish or abort it, and an encoder left behind
+/// by an error then fails at its next write.
+#[derive(Clone)]
+struct SharedSink(Arc<Mutex<Option<Box<dyn ArchiveSink>>>>);
+
+impl SharedSink {
+    fn lock(&self) -> MutexGuard<'_, Option<Box<dyn ArchiveSink>>> {
+        // A panic in another writing thread leaves the sink no worse than a failed write does.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn take(&self) -> Option<Box<dyn ArchiveSink>> {
+        self.lock().take()
+    }
+
+    fn put_back(&self, sink: Box<dyn ArchiveSink>) {
+        *self.lock() = Some(sink);
+    }
+}
+
+/// The sink as the encoder sees it: writes go straight through (behind the writer's buffer), counted.
+struct SinkWriter {
+    sink: SharedSink,
+    /// Bytes that reached the sink: the position of the next one.
+    written: u64,
+}
+
+impl Write for SinkWriter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.sink.lock().as_mut().ok_or_else(abandoned)?.write(buf)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        self.sink.lock().as_mut().ok_or_else(abandoned)?.write_all(buf)?;
+        self.written += buf.len() as u64;
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.sink.lock().as_mut().ok_or_else(abandoned)?.flush()
+    }
+}
+
+/// The error of an operation stopped by its [`Cancel`] token.
+fn cancelled() -> io::Error {
+    io::Error::other("cancelled")
+}
+
+fn abandoned() -> io::Error {
+    io::Error::new(io::ErrorKind::BrokenPipe, "the archive's sink was already finished or abandoned")
+}
+
+fn unusable() -> io::Error {
+    io::Error::other("the archive was left unusable by an earlier error")
+}
+
+fn not_an_archive() -> io::Error {
+    io::Error::other("a folder checkpoint has no archive stream")
+}
+
+/// A source read into the checkpoint: reports progress, and stops once the operation is cancelled.
 struct ProgressReader<'a, R> {
     inner: R,
     progress: &'a dyn Fn(u64),
+    cancel: &'a Cancel,
 }
 
 impl<R: Read> Read for ProgressReader<'_, R> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        if crate::interrupt::requested() {
-            return Err(io::Error::other("interrupted by a signal"));
+        if self.cancel.is_cancelled() {
+            return Err(cancelled());
         }
         let n = self.inner.read(buf)?;
         (self.progress)(n as u64);

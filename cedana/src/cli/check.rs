@@ -11,7 +11,7 @@ pub fn run(config: &Config, _args: CheckArgs) -> anyhow::Result<i32> {
         Ok(c) => c,
         Err(e) => {
             println!("CRIU        missing");
-            println!("  {e}");
+            println!("  {e}: {}", super::advice::CRIU_INSTALL);
             return Ok(1);
         }
     };
@@ -20,7 +20,7 @@ pub fn run(config: &Config, _args: CheckArgs) -> anyhow::Result<i32> {
         Ok(v) => v,
         Err(e) => {
             println!("CRIU        unusable");
-            println!("  {e}");
+            println!("  {e}: {}", super::advice::CRIU_INSTALL);
             return Ok(1);
         }
     };

@@ -1,11 +1,7 @@
 //! `cedana dump ...`
 
-use std::path::PathBuf;
-
-use anyhow::Context;
 use cedana::codec::Compression;
-use cedana::config::Config;
-use cedana::engine::{self, DumpRequest, DumpTarget};
+use cedana::engine::{self, Destination, DumpRequest, Engine, TargetSpec};
 use indicatif::HumanBytes;
 
 use super::{ms, CriuFlags};
@@ -23,22 +19,13 @@ pub enum DumpCommand {
 pub struct CommonDumpArgs {
     /// Parent folder of the checkpoint (default: the configured one, or /tmp).
     #[arg(long, short = 'd')]
-    pub dir: Option<PathBuf>,
+    pub dir: Option<String>,
     /// Name of the checkpoint (default: dump-<type>-<id>-<time>).
     #[arg(long)]
     pub name: Option<String>,
     /// none | tar | gzip | lz4 | zlib | zstd (default: the configured one, or tar).
     #[arg(long, value_parser = parse_compression)]
     pub compression: Option<Compression>,
-    /// Leave the process running after the checkpoint.
-    #[arg(long)]
-    pub leave_running: bool,
-    /// Skip in-flight TCP connections.
-    #[arg(long)]
-    pub skip_in_flight: bool,
-    /// Checkpoint opened-but-deleted files through link remaps.
-    #[arg(long)]
-    pub link_remap: bool,
     #[command(flatten)]
     pub criu: CriuFlags,
 }
@@ -56,32 +43,31 @@ fn parse_compression(s: &str) -> Result<Compression, String> {
 }
 
 impl CommonDumpArgs {
-    pub(super) fn request(&self, config: &Config, target: DumpTarget) -> anyhow::Result<DumpRequest> {
-        let mut options = self.criu.to_options()?;
-        options.skip_in_flight = self.skip_in_flight;
-        options.link_remap = self.link_remap;
-        let dir = self.dir.clone().unwrap_or_else(|| config.checkpoint_dir());
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating checkpoint folder {}", dir.display()))?;
+    pub(super) fn request(&self, engine: &Engine, target: TargetSpec) -> anyhow::Result<DumpRequest> {
+        let config = engine.config();
+        let destination = match &self.dir {
+            Some(d) => Destination::parse(d),
+            None => Destination::dir(config.checkpoint_dir()),
+        };
         Ok(DumpRequest {
             target,
-            dir,
+            destination,
             name: self.name.clone(),
             compression: self.compression.unwrap_or_else(|| config.compression()),
-            leave_running: self.leave_running,
-            options,
+            leave_running: self.criu.leave_running,
+            options: self.criu.to_options()?,
         })
     }
 }
 
-pub fn run(config: &Config, cmd: DumpCommand) -> anyhow::Result<i32> {
+pub fn run(engine: &Engine, cmd: DumpCommand) -> anyhow::Result<i32> {
     let req = match &cmd {
-        DumpCommand::Process(a) => a.common.request(config, DumpTarget::Process { pid: a.pid })?,
-        DumpCommand::Runc(a) => super::runc::dump(config, a)?,
+        DumpCommand::Process(a) => a.common.request(engine, TargetSpec::Process { pid: a.pid })?,
+        DumpCommand::Runc(a) => super::runc::dump(engine, a)?,
     };
     // A signal cancels the dump at the next safe point; CRIU then resumes the process.
-    cedana::interrupt::install()?;
-    let bar = cedana::progress::Bar::for_terminal();
-    let out = engine::dump::dump(config, &req, &bar)?;
+    let ctx = super::op_context(true)?;
+    let out = engine.dump(req, &ctx)?;
     print_summary(&out);
     Ok(0)
 }

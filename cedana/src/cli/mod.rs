@@ -1,11 +1,15 @@
 //! The `cedana` command line: parses flags into engine requests and renders the results.
 
+pub mod advice;
 mod check;
 mod dump;
 mod inspect;
+mod progress;
 mod restore;
 mod runc;
 
+use cedana::cancel::Cancel;
+use cedana::engine::{Engine, OpContext};
 use clap::{Parser, Subcommand};
 
 /// Checkpoint/restore for Linux processes and containers, built on CRIU.
@@ -41,14 +45,29 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Check(args) => check::run(&config, args),
         Command::Dump(cmd) => {
             require_root("dump")?;
-            dump::run(&config, cmd)
+            let engine = Engine::new(config)?;
+            dump::run(&engine, cmd)
         }
         Command::Restore(cmd) => {
             require_root("restore")?;
-            restore::run(&config, cmd)
+            let engine = Engine::new(config)?;
+            restore::run(&engine, cmd)
         }
         Command::Checkpoint(cmd) => inspect::run(cmd),
     }
+}
+
+/// The context of one operation: a progress bar on a terminal, and, when `cancel_on_signal`, SIGINT,
+/// SIGTERM and SIGHUP cancel it at the next safe point (CRIU then resumes a frozen tree) instead of killing
+/// this process.
+fn op_context(cancel_on_signal: bool) -> anyhow::Result<OpContext> {
+    let cancel = Cancel::new();
+    if cancel_on_signal {
+        for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM, signal_hook::consts::SIGHUP] {
+            signal_hook::flag::register(sig, cancel.flag())?;
+        }
+    }
+    Ok(OpContext::new().with_cancel(cancel).with_progress(std::sync::Arc::new(progress::Bar::for_terminal())))
 }
 
 /// CRIU needs root: say so before anything else fails in a less obvious way.
@@ -59,12 +78,22 @@ fn require_root(what: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Flags shared by dump and restore that map onto CRIU options.
+/// CRIU options, taken by dump and restore alike (as `criu` does: an option that only matters at dump is
+/// accepted and ignored by a restore).
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct CriuFlags {
+    /// Leave the process running after the checkpoint (dump only).
+    #[arg(long)]
+    pub leave_running: bool,
     /// Checkpoint/restore established TCP connections.
     #[arg(long)]
     pub tcp_established: bool,
+    /// Do not checkpoint established TCP connections' state (dump); restore them closed (restore).
+    #[arg(long)]
+    pub tcp_close: bool,
+    /// Skip in-flight TCP connections (dump only).
+    #[arg(long)]
+    pub skip_in_flight: bool,
     /// Checkpoint/restore file locks.
     #[arg(long)]
     pub file_locks: bool,
@@ -74,6 +103,24 @@ pub struct CriuFlags {
     /// Allow connections to unix sockets outside the tree.
     #[arg(long)]
     pub ext_unix_sk: bool,
+    /// Checkpoint opened-but-deleted files through link remaps (dump only).
+    #[arg(long)]
+    pub link_remap: bool,
+    /// Dump devices through any path that reaches them (dump only).
+    #[arg(long)]
+    pub evasive_devices: bool,
+    /// Largest deleted file kept in the checkpoint, e.g. 10M (dump only).
+    #[arg(long, value_name = "SIZE")]
+    pub ghost_limit: Option<String>,
+    /// Seconds to wait for the tree to freeze (dump only).
+    #[arg(long, value_name = "SECONDS")]
+    pub timeout: Option<u32>,
+    /// How to lock the network: iptables, nftables or skip.
+    #[arg(long, value_name = "METHOD")]
+    pub network_lock: Option<String>,
+    /// Cgroup handling: none, props, soft, full, strict or ignore.
+    #[arg(long, value_name = "MODE")]
+    pub manage_cgroups: Option<String>,
     /// External resources, as CRIU's --external (repeatable).
     #[arg(long, value_name = "RES")]
     pub external: Vec<String>,
@@ -90,12 +137,20 @@ impl CriuFlags {
         };
         Ok(cedana::criu::options::CriuOptions {
             tcp_established: self.tcp_established,
+            tcp_close: self.tcp_close,
+            skip_in_flight: self.skip_in_flight,
             file_locks: self.file_locks,
             shell_job: self.shell_job,
             ext_unix_sk: self.ext_unix_sk,
+            link_remap: self.link_remap,
             external: self.external.clone(),
+            inherit_fd: Vec::new(),
             extra,
-            ..Default::default()
+            ghost_limit: self.ghost_limit.clone(),
+            network_lock: self.network_lock.clone(),
+            manage_cgroups: self.manage_cgroups.clone(),
+            timeout: self.timeout,
+            evasive_devices: self.evasive_devices,
         })
     }
 }

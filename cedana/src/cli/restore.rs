@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use cedana::checkpoint::CheckpointKind;
-use cedana::config::Config;
-use cedana::engine::{self, RestoreRequest, RestoreStdio};
+use cedana::engine::{self, Engine, ProcessRestoreOptions, RestoreRequest, RestoreStdio, Source};
 
 use super::{ms, CriuFlags};
 
@@ -20,7 +19,7 @@ pub enum RestoreCommand {
 pub struct ProcessArgs {
     /// The checkpoint: a file (any compression, detected by content) or a folder.
     #[arg(long, short = 'p')]
-    pub path: PathBuf,
+    pub path: String,
     /// Restore as a child of this command (no daemon): wait for it, pass its stdio through, and exit with
     /// its exit code.
     #[arg(long)]
@@ -34,9 +33,6 @@ pub struct ProcessArgs {
     /// For detached restores: where standard streams that were pipes go (default /dev/null).
     #[arg(long = "log", value_name = "FILE")]
     pub log: Option<PathBuf>,
-    /// Restore connected TCP sockets closed.
-    #[arg(long)]
-    pub tcp_close: bool,
     /// CRIU --inherit-fd mappings, e.g. fd[1]:pipe:[1234] (repeatable).
     #[arg(long, value_name = "MAP")]
     pub inherit_fd: Vec<String>,
@@ -44,36 +40,31 @@ pub struct ProcessArgs {
     pub criu: CriuFlags,
 }
 
-pub fn run(config: &Config, cmd: RestoreCommand) -> anyhow::Result<i32> {
+pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
     let a = match cmd {
         RestoreCommand::Process(a) => a,
-        RestoreCommand::Runc(a) => return super::runc::restore(config, a),
+        RestoreCommand::Runc(a) => return super::runc::restore(engine, a),
     };
     let attached = a.no_server && !a.detach;
     let mut options = a.criu.to_options()?;
-    options.tcp_close = a.tcp_close;
     options.inherit_fd = a.inherit_fd.clone();
     let stdio =
         if attached { RestoreStdio::Inherit } else { a.log.clone().map(RestoreStdio::File).unwrap_or(RestoreStdio::Null) };
     let req = RestoreRequest {
-        path: a.path.clone(),
-        kind: CheckpointKind::Process,
+        only: Some(CheckpointKind::Process),
         options,
-        adopt: attached,
-        stdio,
-        pid_file: a.pid_file.clone(),
+        process: ProcessRestoreOptions { as_child: attached, stdio, pid_file: a.pid_file.clone() },
+        ..RestoreRequest::new(Source::parse(&a.path))
     };
-    if attached {
-        cedana::interrupt::install()?;
-    }
-    let bar = cedana::progress::Bar::for_terminal();
-    let out = engine::restore::restore(config, &req, &bar)?;
+    // An attached restore is cancelled by a signal until the tree runs; afterwards signals are forwarded.
+    let ctx = super::op_context(attached)?;
+    let out = engine.restore(req, &ctx)?;
     if !attached {
         println!(
             "Restored PID {} ({}) from {} (verify {}, criu {})",
             out.pid,
             out.manifest.process.comm,
-            a.path.display(),
+            a.path,
             ms(out.verify_time),
             ms(out.criu_time)
         );

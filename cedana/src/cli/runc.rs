@@ -2,9 +2,9 @@
 
 use std::path::PathBuf;
 
-use cedana::config::Config;
-use cedana::engine::{self, DumpTarget, RuncRestoreRequest, RuncTarget};
-use cedana::runc::{RestoreFlags, Runc};
+use cedana::checkpoint::CheckpointKind;
+use cedana::engine::{self, ContainerRestore, Engine, RestoreRequest, RuncSpec, Source, TargetSpec};
+use cedana::runc::RestoreFlags;
 
 use super::dump::CommonDumpArgs;
 use super::ms;
@@ -32,7 +32,7 @@ pub struct DumpArgs {
 pub struct RestoreArgs {
     /// The checkpoint (a `cedana dump runc` output, or one cedana-runc wrote for `docker checkpoint`).
     #[arg(long, short = 'p')]
-    pub path: PathBuf,
+    pub path: String,
     /// Id of the restored container (must not exist yet).
     #[arg(long)]
     pub id: String,
@@ -51,46 +51,46 @@ pub struct RestoreArgs {
     /// Pass the pseudoterminal master of a terminal container to this AF_UNIX socket.
     #[arg(long)]
     pub console_socket: Option<PathBuf>,
-    /// Restore established TCP connections (recorded at dump; needed only for checkpoints of other tools).
-    #[arg(long)]
-    pub tcp_established: bool,
+    #[command(flatten)]
+    pub criu: super::CriuFlags,
 }
 
 /// `cedana dump runc`.
-pub fn dump(config: &Config, a: &DumpArgs) -> anyhow::Result<engine::DumpRequest> {
-    let runc = Runc::locate(Some(a.root.root.clone()))?;
-    let target = RuncTarget { id: a.id.clone(), runc, work_path: None, extra_flags: Vec::new() };
-    a.common.request(config, DumpTarget::Runc(target))
+pub fn dump(engine: &Engine, a: &DumpArgs) -> anyhow::Result<engine::DumpRequest> {
+    let spec =
+        RuncSpec { id: a.id.clone(), runtime: None, root: Some(a.root.root.clone()), work_path: None, extra_flags: Vec::new() };
+    a.common.request(engine, TargetSpec::Runc(spec))
 }
 
 /// `cedana restore runc`.
-pub fn restore(config: &Config, a: RestoreArgs) -> anyhow::Result<i32> {
-    let runc = Runc::locate(Some(a.root.root.clone()))?;
-    let mut extra = Vec::new();
-    if a.tcp_established {
-        extra.push("--tcp-established".into());
-    }
+pub fn restore(engine: &Engine, a: RestoreArgs) -> anyhow::Result<i32> {
     let flags = RestoreFlags {
         bundle: std::path::absolute(&a.bundle)?,
         work_path: None,
         detach: a.detach,
         pid_file: a.pid_file.clone(),
         console_socket: a.console_socket.clone(),
-        extra,
+        extra: Vec::new(),
     };
-    let req = RuncRestoreRequest { path: a.path.clone(), id: a.id.clone(), runc, flags };
-    let bar = cedana::progress::Bar::for_terminal();
-    let out = engine::runc::restore(config, &req, &bar)?;
+    let container = ContainerRestore { id: a.id.clone(), runtime: None, root: Some(a.root.root.clone()), flags };
+    let req = RestoreRequest {
+        only: Some(CheckpointKind::Runc),
+        options: a.criu.to_options()?,
+        container: Some(container),
+        ..RestoreRequest::new(Source::parse(&a.path))
+    };
+    let ctx = super::op_context(false)?;
+    let out = engine.restore(req, &ctx)?;
     if a.detach {
         // stderr: the restored container writes to our stdout.
         let from = out.manifest.container.as_ref().map(|c| c.id.as_str()).unwrap_or("?");
         eprintln!(
             "Restored container {} (checkpoint of {from}) from {} (verify {}, runc restore {})",
             a.id,
-            a.path.display(),
+            a.path,
             ms(out.verify_time),
-            ms(out.restore_time)
+            ms(out.criu_time)
         );
     }
-    Ok(out.exit_code)
+    Ok(out.exit_code.unwrap_or(0))
 }

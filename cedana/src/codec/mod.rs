@@ -33,6 +33,19 @@ pub enum CodecError {
     },
 }
 
+impl CodecError {
+    /// The class of this error, for wire protocols.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            CodecError::Unknown(_) => K::InvalidArgument,
+            CodecError::Unrecognized { .. } => K::FailedPrecondition,
+            CodecError::Io { source, .. } => K::of_io(source),
+            CodecError::Setup { .. } => K::Internal,
+        }
+    }
+}
+
 /// How a checkpoint is stored.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]

@@ -1,15 +1,16 @@
 //! The CRIU driver: finds the binary, checks its version, runs dump/restore with our action-script hooks,
 //! and turns failures into errors that quote CRIU's log and name the fix.
 
+pub mod cli;
 pub mod hook;
 pub mod log;
 pub mod options;
+pub mod rpc;
 pub mod stats;
+pub mod swrk;
 
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::Duration;
 
 use options::CriuOptions;
 
@@ -19,7 +20,7 @@ pub const MIN_VERSION: (u32, u32) = (4, 2);
 /// Errors of the CRIU driver.
 #[derive(Debug, thiserror::Error)]
 pub enum CriuError {
-    #[error("CRIU not found (looked for {tried}): run scripts/setup.sh, or set CEDANA_CRIU_BINARY_PATH or criu.binary_path in the config")]
+    #[error("CRIU not found (looked for {tried})")]
     NotFound { tried: String },
     #[error("running {binary}: {source}")]
     Spawn {
@@ -29,7 +30,7 @@ pub enum CriuError {
     },
     #[error("{binary} --version printed {output:?}, which is not a CRIU version")]
     BadVersion { binary: PathBuf, output: String },
-    #[error("CRIU {found} at {binary} is too old: cedana needs CRIU >= {}.{} on this kernel; run scripts/setup.sh", MIN_VERSION.0, MIN_VERSION.1)]
+    #[error("CRIU {found} at {binary} is too old: cedana needs CRIU >= {}.{} on this kernel", MIN_VERSION.0, MIN_VERSION.1)]
     TooOld { binary: PathBuf, found: String },
     #[error("criu {action} failed ({status}){}{}\n  full log: {}", render_errors(.errors), render_hint(.hint), .log.display())]
     Failed { action: &'static str, status: String, errors: Vec<String>, hint: Option<String>, log: PathBuf },
@@ -39,6 +40,18 @@ pub enum CriuError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl CriuError {
+    /// The class of this error, for wire protocols.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            CriuError::NotFound { .. } | CriuError::Spawn { .. } | CriuError::BadVersion { .. } => K::Unavailable,
+            CriuError::TooOld { .. } => K::FailedPrecondition,
+            CriuError::Failed { .. } | CriuError::Hook { .. } => K::Internal,
+        }
+    }
 }
 
 fn render_errors(errors: &[String]) -> String {
@@ -66,13 +79,33 @@ pub struct DumpCall<'a> {
     pub leave_running: bool,
 }
 
-/// What to restore. The restore is always detached (`-d`); the caller adopts the tree if it wants to wait.
+/// What to restore. The restore is always detached from CRIU: the driver returns once the tree runs.
 pub struct RestoreCall<'a> {
     pub images_dir: &'a Path,
     pub work_dir: &'a Path,
     pub options: &'a CriuOptions,
     /// CRIU's (and so the inherited) stdio: the caller's own when `None`, else this file on all three.
     pub stdio: Option<std::fs::File>,
+    /// Make the restored root a child of the calling process, so that it can be waited for by its PID
+    /// (`waitpid(pid)`); otherwise it is left to whoever reaps orphans.
+    pub as_child: bool,
+}
+
+/// Drives CRIU for the engine. One driver serves many operations at once (a daemon, a shim): nothing in it
+/// may depend on the calling executable or on process-wide state.
+///
+/// `on_notify(name)` is called at each of CRIU's notification points (the names of its action scripts:
+/// `pre-dump`, `post-dump`, `network-lock`, `pre-restore`, `post-restore`, `pre-resume`, ...) while CRIU waits
+/// for the answer; `false` fails that step. A failed `post-dump` makes CRIU resume the dumped tree (unless
+/// it was left running anyway) and fail the dump; a failed `pre-restore` stops a restore before anything is
+/// restored.
+pub trait CriuDriver: Send + Sync {
+    /// The binary driven.
+    fn criu(&self) -> &Criu;
+    /// Dump a process tree into `call.images_dir`.
+    fn dump(&self, call: &DumpCall<'_>, on_notify: &mut dyn FnMut(&str) -> bool) -> Result<(), CriuError>;
+    /// Restore a tree from `call.images_dir`; returns the PID of its root.
+    fn restore(&self, call: &RestoreCall<'_>, on_notify: &mut dyn FnMut(&str) -> bool) -> Result<i32, CriuError>;
 }
 
 impl Criu {
@@ -163,120 +196,6 @@ impl Criu {
             .map_err(|source| CriuError::Spawn { binary: self.binary.clone(), source })?;
         Ok(status.success())
     }
-
-    /// Dump a process tree. `on_hook(action)` answers CRIU's action scripts; returning `false` at
-    /// `post-dump` makes CRIU resume the tree and fail the dump.
-    pub fn dump(&self, call: &DumpCall<'_>, on_hook: &mut dyn FnMut(&str) -> bool) -> Result<(), CriuError> {
-        let mut args: Vec<String> =
-            vec!["dump".into(), "-t".into(), call.pid.to_string(), "-D".into(), call.images_dir.display().to_string()];
-        if call.leave_running {
-            args.push("--leave-running".into());
-        }
-        args.extend(call.options.dump_args());
-        let null = || std::fs::File::options().read(true).write(true).open("/dev/null");
-        let stdio = (0..3)
-            .map(|_| null())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|source| CriuError::Spawn { binary: self.binary.clone(), source })?;
-        self.run("dump", args, call.work_dir, Some(stdio), on_hook)
-    }
-
-    /// Restore a tree detached; returns the PID of its root.
-    pub fn restore(&self, call: &RestoreCall<'_>, on_hook: &mut dyn FnMut(&str) -> bool) -> Result<i32, CriuError> {
-        let pidfile = call.work_dir.join("restore.pid");
-        let mut args: Vec<String> = vec![
-            "restore".into(),
-            "-D".into(),
-            call.images_dir.display().to_string(),
-            "-d".into(),
-            "--pidfile".into(),
-            pidfile.display().to_string(),
-        ];
-        args.extend(call.options.restore_args());
-        let stdio = match &call.stdio {
-            None => None,
-            Some(f) => Some(
-                (0..3)
-                    .map(|_| f.try_clone())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|source| CriuError::Spawn { binary: self.binary.clone(), source })?,
-            ),
-        };
-        self.run("restore", args, call.work_dir, stdio, on_hook)?;
-        let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
-        text.trim().parse().map_err(|_| CriuError::Failed {
-            action: "restore",
-            status: "no PID reported".into(),
-            errors: vec![format!("CRIU wrote no PID to {}", pidfile.display())],
-            hint: None,
-            log: call.work_dir.join("restore.log"),
-        })
-    }
-
-    fn run(
-        &self,
-        action: &'static str,
-        mut args: Vec<String>,
-        work_dir: &Path,
-        stdio: Option<Vec<std::fs::File>>,
-        on_hook: &mut dyn FnMut(&str) -> bool,
-    ) -> Result<(), CriuError> {
-        let hooks = hook::HookServer::bind(work_dir).map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
-        let me = std::env::current_exe().map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
-        let log = work_dir.join(format!("{action}.log"));
-        args.extend([
-            "--work-dir".into(),
-            work_dir.display().to_string(),
-            "-o".into(),
-            log.display().to_string(),
-            "-v4".into(),
-            "--action-script".into(),
-            me.display().to_string(),
-        ]);
-        tracing::debug!(binary = %self.binary.display(), ?args, "running criu");
-        let mut cmd = Command::new(&self.binary);
-        cmd.args(&args).env(hook::HOOK_SOCKET_ENV, hooks.socket_path());
-        if let Some(mut files) = stdio {
-            if let (Some(err), Some(out), Some(inp)) = (files.pop(), files.pop(), files.pop()) {
-                cmd.stdin(Stdio::from(inp)).stdout(Stdio::from(out)).stderr(Stdio::from(err));
-            }
-        }
-        // Own process group: a Ctrl-C on the terminal must not kill CRIU while it holds the tree frozen;
-        // the engine decides at the next hook instead.
-        cmd.process_group(0);
-        let mut child = cmd.spawn().map_err(|source| CriuError::Spawn { binary: self.binary.clone(), source })?;
-        let (exited_tx, exited) = std::sync::mpsc::channel();
-        // Without a waiter thread nobody would notice CRIU's exit; dropping the hook server then fails any
-        // later hook, so CRIU resumes the tree.
-        hooks
-            .on_exit(move || {
-                let _ = exited_tx.send(child.wait());
-            })
-            .map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
-        let status = loop {
-            if let Some(call) = hooks.next(Duration::from_secs(1)) {
-                let ok = on_hook(&call.action);
-                call.reply(ok);
-                continue;
-            }
-            match exited.try_recv() {
-                Ok(Ok(status)) => break status,
-                Ok(Err(source)) => return Err(CriuError::Spawn { binary: self.binary.clone(), source }),
-                Err(_) => {}
-            }
-        };
-        if status.success() {
-            return Ok(());
-        }
-        let text = std::fs::read_to_string(&log).unwrap_or_default();
-        Err(CriuError::Failed {
-            action,
-            status: crate::binary::describe_status(status),
-            errors: log::error_lines(&text),
-            hint: log::hint(&text),
-            log,
-        })
-    }
 }
 
 /// `4.2.1` → `(4, 2)`.
@@ -303,7 +222,7 @@ mod tests {
     #[test]
     fn a_missing_configured_binary_is_named() {
         let err = Criu::locate(Some(Path::new("/nonexistent/criu"))).unwrap_err().to_string();
-        assert!(err.contains("/nonexistent/criu") && err.contains("setup.sh"), "{err}");
+        assert!(err.contains("/nonexistent/criu"), "{err}");
     }
 
     #[test]

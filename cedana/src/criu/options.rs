@@ -24,6 +24,16 @@ pub struct CriuOptions {
     pub external: Vec<String>,
     /// `--inherit-fd` mappings, verbatim (restore only, e.g. `fd[1]:pipe:[1234]`).
     pub inherit_fd: Vec<String>,
+    /// Largest deleted file kept as a ghost image, as CRIU's `--ghost-limit` takes it (dump only).
+    pub ghost_limit: Option<String>,
+    /// How CRIU locks the network: `iptables`, `nftables` or `skip`.
+    pub network_lock: Option<String>,
+    /// CRIU's `--manage-cgroups` mode: `none`, `props`, `soft`, `full`, `strict` or `ignore`.
+    pub manage_cgroups: Option<String>,
+    /// Seconds CRIU waits for the tree to freeze (dump only).
+    pub timeout: Option<u32>,
+    /// Dump devices that cannot be found by their path through any of their paths (dump only).
+    pub evasive_devices: bool,
     /// Any other CRIU arguments, passed through unchanged (never recorded for restore).
     pub extra: Vec<String>,
 }
@@ -38,6 +48,10 @@ impl CriuOptions {
         flag(&mut args, self.shell_job, "--shell-job");
         flag(&mut args, self.ext_unix_sk, "--ext-unix-sk");
         flag(&mut args, self.link_remap, "--link-remap");
+        flag(&mut args, self.evasive_devices, "--evasive-devices");
+        value(&mut args, "--ghost-limit", &self.ghost_limit);
+        value(&mut args, "--timeout", &self.timeout.map(|t| t.to_string()));
+        self.both_args(&mut args);
         for e in &self.external {
             args.push("--external".into());
             args.push(e.clone());
@@ -54,6 +68,7 @@ impl CriuOptions {
         flag(&mut args, self.file_locks, "--file-locks");
         flag(&mut args, self.shell_job, "--shell-job");
         flag(&mut args, self.ext_unix_sk, "--ext-unix-sk");
+        self.both_args(&mut args);
         for e in &self.external {
             args.push("--external".into());
             args.push(e.clone());
@@ -66,6 +81,14 @@ impl CriuOptions {
         args
     }
 
+    /// Arguments that dump and restore take alike.
+    fn both_args(&self, args: &mut Vec<String>) {
+        value(args, "--network-lock", &self.network_lock);
+        if let Some(mode) = &self.manage_cgroups {
+            args.push(format!("--manage-cgroups={mode}"));
+        }
+    }
+
     /// The part of a dump's options that a restore of it must repeat.
     pub fn recorded_for_restore(&self) -> CriuOptions {
         CriuOptions {
@@ -74,6 +97,8 @@ impl CriuOptions {
             shell_job: self.shell_job,
             ext_unix_sk: self.ext_unix_sk,
             external: self.external.clone(),
+            network_lock: self.network_lock.clone(),
+            manage_cgroups: self.manage_cgroups.clone(),
             ..CriuOptions::default()
         }
     }
@@ -93,7 +118,19 @@ impl CriuOptions {
             external,
             inherit_fd: user.inherit_fd.clone(),
             extra: user.extra.clone(),
+            ghost_limit: None,
+            network_lock: user.network_lock.clone().or_else(|| self.network_lock.clone()),
+            manage_cgroups: user.manage_cgroups.clone().or_else(|| self.manage_cgroups.clone()),
+            timeout: None,
+            evasive_devices: false,
         }
+    }
+}
+
+fn value(args: &mut Vec<String>, name: &str, v: &Option<String>) {
+    if let Some(v) = v {
+        args.push(name.to_string());
+        args.push(v.clone());
     }
 }
 
@@ -138,6 +175,20 @@ mod tests {
         let m = rec.merged_with(&user);
         assert!(m.file_locks && m.tcp_close);
         assert_eq!(m.restore_args(), ["--tcp-close", "--file-locks", "--inherit-fd", "fd[1]:pipe:[9]"]);
+    }
+
+    #[test]
+    fn valued_options_reach_dump_and_restore_as_criu_spells_them() {
+        let o = CriuOptions {
+            ghost_limit: Some("10M".into()),
+            network_lock: Some("skip".into()),
+            manage_cgroups: Some("soft".into()),
+            timeout: Some(5),
+            ..Default::default()
+        };
+        assert_eq!(o.dump_args(), ["--ghost-limit", "10M", "--timeout", "5", "--network-lock", "skip", "--manage-cgroups=soft"]);
+        let restore = o.recorded_for_restore().merged_with(&CriuOptions::default());
+        assert_eq!(restore.restore_args(), ["--network-lock", "skip", "--manage-cgroups=soft"]);
     }
 
     #[test]

@@ -1,37 +1,32 @@
-//! Dump: CRIU writes images, we package them while CRIU holds the tree frozen, and only a complete
-//! checkpoint lets CRIU kill the tree. Any failure or interruption fails CRIU's post-dump hook, so the tree
-//! resumes running and nothing is left under the checkpoint's name.
+//! The dump pipeline, the same for every target: prepare the target, run the `before-dump` hooks, open the
+//! destination, let the target run CRIU while page images stream into the archive, package the rest at the
+//! moment every image is written and the workload is still frozen, write the manifest last, finish the
+//! destination (atomic rename), finish the target, run the `after-dump` hooks.
+//!
+//! Any failure or cancellation before the checkpoint is complete rolls back: the workload runs, unfrozen
+//! (CRIU resumes a tree whose `post-dump` step failed; a runc target resumes its container), and nothing is
+//! left under the checkpoint's name. Once CRIU has let a tree die, its images are never thrown away.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::live::Packing;
 use crate::checkpoint::tail::TailHasher;
-use crate::checkpoint::{CheckpointKind, CheckpointWriter, ContainerInfo, Manifest, ProcessInfo, FORMAT_VERSION, MANIFEST_NAME};
+use crate::checkpoint::{CheckpointError, CheckpointKind, CheckpointWriter, Manifest, FORMAT_VERSION, MANIFEST_NAME};
 use crate::codec::Compression;
-use crate::config::Config;
 use crate::criu::options::CriuOptions;
-use crate::criu::{self, Criu, DumpCall};
-use crate::engine::hooks::{self, HookContext, HookPoint};
-use crate::engine::EngineError;
-use crate::progress::Progress;
-use crate::{interrupt, procfs};
-
-/// What to checkpoint.
-#[derive(Debug, Clone)]
-pub enum DumpTarget {
-    /// A process tree by the PID of its root.
-    Process { pid: i32 },
-    /// A runc container (checkpointed through the real runc, see [`crate::engine::runc`]).
-    Runc(crate::engine::runc::RuncTarget),
-}
+use crate::engine::context::OpContext;
+use crate::engine::hooks::{HookContext, HookPoint};
+use crate::engine::location::{unsupported_url, Destination};
+use crate::engine::target::{self, CheckpointCall, DumpTarget, Prepared, TargetSpec};
+use crate::engine::{Engine, EngineError};
 
 /// A dump, as data.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct DumpRequest {
-    pub target: DumpTarget,
-    /// Parent folder of the checkpoint.
-    pub dir: PathBuf,
+    pub target: TargetSpec,
+    /// Where the checkpoint goes.
+    pub destination: Destination,
     /// Checkpoint name (without extension); derived from the target and time if absent.
     pub name: Option<String>,
     pub compression: Compression,
@@ -42,14 +37,15 @@ pub struct DumpRequest {
 /// A finished dump.
 #[derive(Debug, Clone)]
 pub struct DumpOutcome {
+    /// Where the checkpoint is.
     pub path: PathBuf,
     pub manifest: Manifest,
-    /// Size of the checkpoint on disk.
+    /// Size of the checkpoint on disk (0 when written to a caller's writer).
     pub size: u64,
     pub criu_time: Duration,
     pub package_time: Duration,
     pub total_time: Duration,
-    /// Options we turned on ourselves after inspecting the process.
+    /// Options turned on after inspecting the workload.
     pub detected: Vec<&'static str>,
 }
 
@@ -64,7 +60,7 @@ pub(crate) fn check_name(name: &str) -> Result<(), EngineError> {
         return bad("it is empty");
     }
     if name.contains('/') || name.contains('\0') {
-        return bad("it must not contain '/' (use --dir for the folder)");
+        return bad("it must not contain '/' (the folder is given separately)");
     }
     if name.starts_with('.') {
         return bad("it must not start with '.'");
@@ -72,220 +68,236 @@ pub(crate) fn check_name(name: &str) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Checkpoint what `req` names.
-pub fn dump(cfg: &Config, req: &DumpRequest, progress: &dyn Progress) -> Result<DumpOutcome, EngineError> {
-    match req.target {
-        DumpTarget::Process { pid } => dump_process(cfg, req, pid, progress),
-        DumpTarget::Runc(ref target) => crate::engine::runc::dump(cfg, req, target, progress),
-    }
-}
-
-fn dump_process(cfg: &Config, req: &DumpRequest, pid: i32, progress: &dyn Progress) -> Result<DumpOutcome, EngineError> {
+/// Run the dump `req` describes.
+pub(crate) fn run(engine: &Engine, req: DumpRequest, ctx: &OpContext) -> Result<DumpOutcome, EngineError> {
     let started = Instant::now();
-    let root = procfs::check_dumpable(pid)?;
-    let info = procfs::describe(pid)?;
-    let mut options = req.options.clone();
-    let mut detected = Vec::new();
-    if !options.shell_job && procfs::needs_shell_job(&root, &info.pids) {
-        tracing::info!(pid, sid = root.sid, pgid = root.pgid, "session or group leader outside the tree: using --shell-job");
-        options.shell_job = true;
-        detected.push("--shell-job");
-    }
-    if !options.tcp_established {
-        let conns = procfs::established_tcp(&info.pids);
-        if !conns.is_empty() {
-            return Err(EngineError::NeedsTcpEstablished { pid, conns: conns.join(", ") });
-        }
-    }
-    let criu = Criu::locate(cfg.criu.binary_path.as_deref())?;
-    let criu_version = criu.supported_version()?;
-    let name = req.name.clone().unwrap_or_else(|| default_name(CheckpointKind::Process, &pid.to_string()));
+    let mut target = target::dump_target(&req.target);
+    let prepared = target.prepare(engine, &req.options)?;
+    let name = req.name.clone().unwrap_or_else(|| default_name(prepared.kind, &prepared.id));
     check_name(&name)?;
-    let images = ImagesToPackage { kind: CheckpointKind::Process, process: info, container: None, criu_version };
-    let hooks = cfg.hooks();
-    let mut ctx = HookContext {
-        kind: CheckpointKind::Process,
-        pid,
-        container_id: None,
-        checkpoint: CheckpointWriter::path_for(&req.dir, &name, req.compression),
+    let (writer, staging, images_dir) = open_writer(engine, &req, &name)?;
+    let mut hook_ctx = HookContext {
+        kind: prepared.kind,
+        pid: prepared.process.pid,
+        container_id: prepared.container_id.clone(),
+        checkpoint: writer.final_path().to_path_buf(),
         succeeded: None,
     };
-    hooks.run(HookPoint::BeforeDump, &ctx)?;
-    let result = run_dump(&criu, req, &name, &options, images, progress);
-    ctx.succeeded = Some(result.is_ok());
-    hooks::report(hooks.as_ref(), HookPoint::AfterDump, &ctx);
+    let hooks = engine.hooks();
+    let passed = hooks.before(HookPoint::BeforeDump, &hook_ctx)?;
+    let result = checkpoint(engine, &req, ctx, target.as_mut(), &prepared, writer, &images_dir);
+    drop(staging);
+    hook_ctx.succeeded = Some(result.is_ok());
+    hooks.after(HookPoint::AfterDump, &hook_ctx, passed);
     let mut outcome = result?;
-    outcome.detected = detected;
+    outcome.detected = prepared.detected;
     outcome.total_time = started.elapsed();
+    ctx.record("total", outcome.total_time);
     Ok(outcome)
 }
 
-/// What a dump records besides the images.
-pub(crate) struct ImagesToPackage {
-    pub kind: CheckpointKind,
-    pub process: ProcessInfo,
-    pub container: Option<ContainerInfo>,
-    pub criu_version: String,
-}
-
-/// A checkpoint writer for `req`, and the folder CRIU should write its images into: the checkpoint folder
-/// itself for `none`, else a hidden staging folder beside the checkpoint (deleted when dropped).
-pub(crate) fn open_writer(
+/// A checkpoint writer for `req`, the staging folder (if any) and the folder CRIU writes its images into:
+/// the checkpoint folder itself for `none`, else a hidden staging folder beside the checkpoint (or in the
+/// scratch folder for a caller's writer), deleted when dropped.
+fn open_writer(
+    engine: &Engine,
     req: &DumpRequest,
     name: &str,
 ) -> Result<(CheckpointWriter, Option<tempfile::TempDir>, PathBuf), EngineError> {
-    let writer = CheckpointWriter::create(CheckpointWriter::path_for(&req.dir, name, req.compression), req.compression)?;
+    let (writer, staging_parent) = match &req.destination {
+        Destination::Dir(dir) => {
+            std::fs::create_dir_all(dir).map_err(EngineError::io(format!("creating checkpoint folder {}", dir.display())))?;
+            let path = CheckpointWriter::path_for(dir, name, req.compression);
+            (CheckpointWriter::create(path, req.compression)?, dir.clone())
+        }
+        Destination::Url(url) => return Err(unsupported_url(url)),
+        Destination::Sink(slot) => {
+            let sink = slot.lock().ok().and_then(|mut s| s.take()).ok_or_else(|| EngineError::Io {
+                what: "writing the checkpoint".into(),
+                source: std::io::Error::other("the destination's writer was already used"),
+            })?;
+            let scratch = engine.scratch_dir();
+            std::fs::create_dir_all(&scratch).map_err(EngineError::io(format!("creating {}", scratch.display())))?;
+            (CheckpointWriter::to_sink(sink, req.compression)?, scratch)
+        }
+    };
     if let Some(dir) = writer.in_place_dir() {
         let dir = dir.to_path_buf();
         return Ok((writer, None, dir));
     }
     let staging = tempfile::Builder::new()
         .prefix(".cedana-images-")
-        .tempdir_in(&req.dir)
-        .map_err(EngineError::io(format!("creating a staging folder in {}", req.dir.display())))?;
+        .tempdir_in(&staging_parent)
+        .map_err(EngineError::io(format!("creating a staging folder in {}", staging_parent.display())))?;
     let dir = staging.path().to_path_buf();
     Ok((writer, Some(staging), dir))
 }
 
-/// Create the writer, run CRIU with the packaging hook, write the manifest.
-fn run_dump(
-    criu: &Criu,
+/// What the packaging step, run at CRIU's `post-dump`, found.
+#[derive(Default)]
+struct Packaged {
+    done: bool,
+    cancelled: bool,
+    error: Option<CheckpointError>,
+    time: Duration,
+}
+
+/// From CRIU to a committed checkpoint and a finished target; rolls the target back on any failure.
+fn checkpoint(
+    engine: &Engine,
     req: &DumpRequest,
-    name: &str,
-    options: &CriuOptions,
-    images: ImagesToPackage,
-    progress: &dyn Progress,
+    ctx: &OpContext,
+    target: &mut dyn DumpTarget,
+    prepared: &Prepared,
+    mut writer: CheckpointWriter,
+    images_dir: &Path,
 ) -> Result<DumpOutcome, EngineError> {
-    let (writer, _staging, images_dir) = open_writer(req, name)?;
-    let work = tempfile::Builder::new().prefix("cedana-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?;
-    let mut tail = follow_in_place(&writer)?;
-    // Page images go into an archive while CRIU writes them.
-    let mut packing = Packing::start(writer, &images_dir, progress.advancer());
-    let criu_start = Instant::now();
-    let mut package_time = Duration::ZERO;
-    let mut packaged = false;
-    let mut package_err = None;
-    let mut interrupted = false;
-    let call = DumpCall {
-        pid: images.process.pid,
-        images_dir: &images_dir,
-        work_dir: work.path(),
-        options,
-        leave_running: req.leave_running,
+    writer.set_cancel(ctx.cancel().clone());
+    let temp_work = match &prepared.work_path {
+        Some(_) => None,
+        None => {
+            Some(tempfile::Builder::new().prefix("cedana-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?)
+        }
     };
+    let work = match (&prepared.work_path, &temp_work) {
+        (Some(p), _) => p.clone(),
+        (None, Some(t)) => t.path().to_path_buf(),
+        (None, None) => unreachable!("a temporary work folder exists whenever the caller gave none"),
+    };
+    std::fs::create_dir_all(&work).map_err(EngineError::io(format!("creating {}", work.display())))?;
+    let mut tail = follow_in_place(&writer)?;
+    let progress = ctx.progress();
+    // Page images go into an archive while CRIU writes them.
+    let mut packing = Packing::start(writer, images_dir, progress.advancer());
+    let survives = target.survives_criu(req.leave_running);
+    let mut state = Packaged::default();
+    let call = CheckpointCall { images_dir, work_dir: &work, options: &prepared.options, leave_running: req.leave_running };
     progress.phase("dumping", None);
+    let criu_start = Instant::now();
     let result = {
-        let mut hook = |action: &str| -> bool {
-            if action != "post-dump" {
-                return true;
-            }
-            if interrupt::requested() {
-                interrupted = true;
+        let mut frozen = || -> bool {
+            if ctx.is_cancelled() {
+                state.cancelled = true;
                 return false;
             }
             if req.leave_running {
                 return true;
             }
             let t = Instant::now();
-            let res = packing
-                .writer()
-                .and_then(|writer| package_images(writer, &images_dir, &mut tail, progress, Release::ProcessAlive));
-            package_time = t.elapsed();
+            let res = packing.writer().and_then(|w| package_images(w, images_dir, &mut tail, ctx, Release::WorkloadAlive));
+            state.time = t.elapsed();
             match res {
                 Ok(()) => {
-                    packaged = true;
+                    state.done = true;
                     true
                 }
                 Err(e) => {
-                    interrupted = interrupt::requested();
-                    package_err = Some(e);
+                    state.cancelled = ctx.is_cancelled();
+                    state.error = Some(e);
                     false
                 }
             }
         };
-        criu.dump(&call, &mut hook)
+        target.checkpoint(engine, &call, &mut frozen)
     };
-    let criu_time = criu_start.elapsed().saturating_sub(package_time);
+    let criu_time = criu_start.elapsed().saturating_sub(state.time);
+    ctx.record("criu", criu_time);
     if let Err(err) = result {
         progress.finish();
-        if interrupted {
-            return Err(EngineError::Interrupted);
-        }
-        if let Some(source) = package_err {
-            return Err(EngineError::Package { source });
-        }
-        let kept = work.keep();
-        tracing::info!(log = %kept.display(), "criu dump failed; its log was kept");
-        return Err(err.into());
+        let err = if state.cancelled {
+            EngineError::Interrupted
+        } else if let Some(source) = state.error.take() {
+            EngineError::Package { source }
+        } else {
+            if let Some(t) = temp_work {
+                let kept = t.keep();
+                tracing::info!(log = %kept.display(), "the checkpoint failed in CRIU; its work folder was kept");
+            }
+            err
+        };
+        return Err(target.roll_back(err));
     }
-    // A packaging failure, unless a signal is what stopped it.
-    let package_failure =
-        |source| if interrupt::requested() { EngineError::Interrupted } else { EngineError::Package { source } };
-    let mut writer = packing.into_writer().map_err(package_failure)?;
-    if !req.leave_running {
-        // CRIU has let the tree die: from here on, a failure must not throw its images away.
-        writer.keep_if_unfinished();
-    }
-    if !packaged {
+    // A packaging failure, unless cancellation is what stopped it.
+    let package_failure = |source| if ctx.is_cancelled() { EngineError::Interrupted } else { EngineError::Package { source } };
+    let committed = (|| {
+        let mut writer = packing.into_writer().map_err(package_failure)?;
+        if !survives {
+            // CRIU has let the tree die: from here on, a failure must not throw its images away.
+            writer.keep_if_unfinished();
+        }
+        let mut package_time = state.time;
+        if !state.done {
+            let t = Instant::now();
+            let release = if survives { Release::WorkloadAlive } else { Release::Keep };
+            package_images(&mut writer, images_dir, &mut tail, ctx, release).map_err(package_failure)?;
+            package_time += t.elapsed();
+        }
+        for (name, bytes) in &prepared.extra_files {
+            writer.add_bytes(name, bytes).map_err(package_failure)?;
+        }
+        progress.finish();
+        let stats = match crate::criu::stats::read_dump_stats(&work) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::warn!(error = %e, "no CRIU dump statistics");
+                None
+            }
+        };
+        let mut manifest = new_manifest(engine, prepared, req.compression, stats);
+        let kept = writer.temp_path().to_path_buf();
         let t = Instant::now();
-        let release = if req.leave_running { Release::ProcessAlive } else { Release::Keep };
-        package_images(&mut writer, &images_dir, &mut tail, progress, release).map_err(package_failure)?;
-        package_time = t.elapsed();
-    }
-    progress.finish();
-    let stats = match criu::stats::read_dump_stats(work.path()) {
-        Ok(s) => Some(s),
+        let path = writer.commit(&mut manifest).map_err(|source| {
+            if survives {
+                EngineError::Package { source }
+            } else {
+                EngineError::Unfinished { pid: prepared.process.pid, kept, source }
+            }
+        })?;
+        package_time += t.elapsed();
+        Ok((path, manifest, package_time))
+    })();
+    let (path, manifest, package_time) = match committed {
+        Ok(c) => c,
         Err(e) => {
-            tracing::warn!(error = %e, "no CRIU dump statistics");
-            None
+            progress.finish();
+            return Err(if survives { target.roll_back(e) } else { e });
         }
     };
-    let pid = images.process.pid;
-    let mut manifest = new_manifest(images, req.compression, options, stats);
-    let kept = writer.temp_path().to_path_buf();
-    let path = writer.commit(&mut manifest).map_err(|source| {
-        if req.leave_running {
-            EngineError::from(source)
-        } else {
-            EngineError::Unfinished { pid, kept, source }
-        }
-    })?;
+    ctx.record("package", package_time);
+    target.finish(req.leave_running)?;
     let size = disk_size(&path);
     Ok(DumpOutcome { path, manifest, size, criu_time, package_time, total_time: Duration::ZERO, detected: Vec::new() })
 }
 
 /// The manifest of a new checkpoint (its file list is filled in by [`CheckpointWriter::commit`]).
-pub(crate) fn new_manifest(
-    images: ImagesToPackage,
+fn new_manifest(
+    engine: &Engine,
+    prepared: &Prepared,
     compression: Compression,
-    options: &CriuOptions,
-    stats: Option<criu::stats::DumpStats>,
+    stats: Option<crate::criu::stats::DumpStats>,
 ) -> Manifest {
     Manifest {
         format_version: FORMAT_VERSION,
-        kind: images.kind,
+        kind: prepared.kind,
         created_at: chrono::Utc::now(),
         hostname: nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_default(),
         cedana_version: env!("CARGO_PKG_VERSION").to_string(),
-        criu_version: images.criu_version,
+        criu_version: engine.criu_version().to_string(),
         compression,
-        process: images.process,
-        container: images.container,
-        criu_options: options.recorded_for_restore(),
+        process: prepared.process.clone(),
+        container: prepared.container.clone(),
+        criu_options: prepared.options.recorded_for_restore(),
         stats,
         checksum: crate::checkpoint::digest::ALGORITHM.to_string(),
         files: Vec::new(),
     }
 }
 
-fn package(
-    writer: &mut CheckpointWriter,
-    images_dir: &Path,
-    progress: &dyn Progress,
-) -> Result<(), crate::checkpoint::CheckpointError> {
+fn package(writer: &mut CheckpointWriter, images_dir: &Path, ctx: &OpContext) -> Result<(), CheckpointError> {
     // Page images packed while CRIU ran are not counted again.
     let packed: u64 = writer.files().iter().map(|f| f.size).sum();
     let total = dir_size(images_dir).saturating_sub(packed);
+    let progress = ctx.progress();
     progress.phase("packaging", Some(total));
     writer.add_tree(images_dir, &|n| progress.advance(n))
 }
@@ -304,7 +316,7 @@ fn dir_size(dir: &Path) -> u64 {
 }
 
 /// A folder checkpoint is hashed while CRIU writes it, on the core CRIU leaves idle.
-pub(crate) fn follow_in_place(writer: &CheckpointWriter) -> Result<Option<TailHasher>, EngineError> {
+fn follow_in_place(writer: &CheckpointWriter) -> Result<Option<TailHasher>, EngineError> {
     match writer.in_place_dir() {
         Some(dir) => Ok(Some(TailHasher::start(dir).map_err(EngineError::io("following the images as CRIU writes them"))?)),
         None => Ok(None),
@@ -313,32 +325,32 @@ pub(crate) fn follow_in_place(writer: &CheckpointWriter) -> Result<Option<TailHa
 
 /// Whether staged images may be freed as they are packaged.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Release {
-    /// The dumped process is still alive (a failure resumes it): free each image once it is in the archive.
-    ProcessAlive,
-    /// The process may be gone: the images must survive a failure.
+enum Release {
+    /// The workload is still alive (a failure gives it back): free each image once it is in the archive.
+    WorkloadAlive,
+    /// The workload may be gone: the images must survive a failure.
     Keep,
 }
 
 /// Package CRIU's images: finish the digests of a folder followed while CRIU wrote it, or write the
 /// archive.
-pub(crate) fn package_images(
+fn package_images(
     writer: &mut CheckpointWriter,
     images_dir: &Path,
     tail: &mut Option<TailHasher>,
-    progress: &dyn Progress,
+    ctx: &OpContext,
     release: Release,
-) -> Result<(), crate::checkpoint::CheckpointError> {
-    if release == Release::ProcessAlive {
+) -> Result<(), CheckpointError> {
+    if release == Release::WorkloadAlive {
         writer.release_sources_while_reading();
     }
     match tail.take() {
         Some(t) => {
-            let digests = t.finish(&[MANIFEST_NAME]).map_err(crate::checkpoint::CheckpointError::io(images_dir))?;
+            let digests = t.finish(&[MANIFEST_NAME]).map_err(CheckpointError::io(images_dir))?;
             writer.add_in_place_digests(digests);
             Ok(())
         }
-        None => package(writer, images_dir, progress),
+        None => package(writer, images_dir, ctx),
     }
 }
 

@@ -1,76 +1,165 @@
-//! The engine: the only code that checkpoints or restores. Front ends (CLI, runtime wrapper, shim) build a
-//! request, call [`dump::dump`] or [`restore::restore`], and render the outcome.
+//! The engine: the only code that checkpoints or restores. A front end (the CLI, the daemon, the shim,
+//! `cedana-runc`) builds one [`Engine`] per process, turns its own input into a [`DumpRequest`] or
+//! [`RestoreRequest`], calls [`Engine::dump`] / [`Engine::restore`] with an [`OpContext`] of its own, and
+//! renders the outcome or the error (whose [`EngineError::kind`] maps onto its wire codes).
+//!
+//! - [`dump`], [`restore`]: the two pipelines, the same for every target;
+//! - [`target`]: process and runc (what a workload is, how it is frozen, finished or rolled back);
+//! - [`location`]: destinations and sources (a folder, a file, a caller's writer; object stores to come);
+//! - [`context`]: cancellation, progress and timings of one operation;
+//! - [`hooks`]: work run before and after CRIU (a user command; GPU support to come);
+//! - [`error`]: errors with their kinds.
 
+pub mod context;
 pub mod dump;
+pub mod error;
 pub mod hooks;
+pub mod location;
 pub mod restore;
-pub mod runc;
+pub mod target;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
-use crate::checkpoint::{CheckpointError, CheckpointKind};
-use crate::criu::CriuError;
-use crate::procfs::ProcError;
-use crate::runc::RuncError;
+use crate::config::{Config, CriuDriverKind};
+use crate::criu::cli::CliDriver;
+use crate::criu::swrk::SwrkDriver;
+use crate::criu::{Criu, CriuDriver};
+use crate::runc::{ContainerRuntime, Runc, RuncError};
 
-pub use dump::{DumpOutcome, DumpRequest, DumpTarget};
-pub use restore::{wait_for_exit, RestoreOutcome, RestoreRequest, RestoreStdio};
-pub use runc::{RuncRestoreOutcome, RuncRestoreRequest, RuncTarget};
+pub use context::{OpContext, Timing};
+pub use dump::{DumpOutcome, DumpRequest};
+pub use error::EngineError;
+pub use hooks::{Hook, HookContext, HookPoint, Hooks};
+pub use location::{Destination, Source};
+pub use restore::{wait_for_exit, ProcessRestoreOptions, RestoreOutcome, RestoreRequest, RestoreStdio};
+pub use target::runc::{ContainerRestore, RuncSpec};
+pub use target::TargetSpec;
 
-/// Errors of a dump or restore.
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error(transparent)]
-    Process(#[from] ProcError),
-    #[error(transparent)]
-    Criu(#[from] CriuError),
-    #[error(transparent)]
-    Checkpoint(#[from] CheckpointError),
-    #[error(transparent)]
-    Runc(#[from] RuncError),
-    #[error(transparent)]
-    Hook(#[from] hooks::HookError),
-    #[error("{cause}\n  and resuming container {id} afterwards failed ({resume}): it is still paused; resume it with `runc --root {root} resume {id}`")]
-    LeftPaused { id: String, root: PathBuf, cause: Box<EngineError>, resume: Box<RuncError> },
-    #[error("PID {pid} holds established TCP connections ({conns}): dump with --tcp-established (the restore then needs the same addresses), or close them first")]
-    NeedsTcpEstablished { pid: i32, conns: String },
-    #[error("invalid checkpoint name {name:?}: {reason}")]
-    BadName { name: String, reason: &'static str },
-    #[error("interrupted: the dump was cancelled, the process was left running and no checkpoint was written")]
-    Interrupted,
-    #[error(
-        "CRIU checkpointed PID {pid} and the process is gone, but finishing the checkpoint failed: {source}. \
-         Nothing was deleted: CRIU's images are kept at {kept} (for a folder, `criu restore -D {kept}` restores them)"
-    )]
-    Unfinished {
-        pid: i32,
-        kept: std::path::PathBuf,
-        #[source]
-        source: crate::checkpoint::CheckpointError,
-    },
-    #[error("writing the checkpoint failed: {source}; the process was left running and nothing was written")]
-    Package {
-        #[source]
-        source: CheckpointError,
-    },
-    #[error(
-        "cannot restore: PID {pid} is in use by {comm}; CRIU restores processes under their original PIDs. \
-             If the original is still running (dumped with --leave-running), stop it first"
-    )]
-    PidInUse { pid: i32, comm: String },
-    #[error("{path} holds a {found} checkpoint: restore it with `cedana restore {found}`")]
-    WrongKind { path: PathBuf, found: CheckpointKind },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+/// Makes the container runtime client for a state folder (`--root`; the runtime's default when `None`).
+pub type RuntimeFactory = dyn Fn(Option<&Path>) -> Result<Arc<dyn ContainerRuntime>, RuncError> + Send + Sync;
+
+/// The engine: CRIU driver, container runtime client, hooks, scratch space and configuration, set up once.
+/// Cheap to clone and share between threads; any number of operations may run on it at once.
+#[derive(Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
 }
 
-impl EngineError {
-    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
-        let what = what.into();
-        move |source| EngineError::Io { what, source }
+struct Inner {
+    config: Config,
+    criu: Arc<dyn CriuDriver>,
+    criu_version: String,
+    runtimes: Arc<RuntimeFactory>,
+    hooks: Hooks,
+    scratch: PathBuf,
+}
+
+impl Engine {
+    /// Set up an engine from the configuration: locate CRIU and check its version, pick the CRIU driver,
+    /// and build the hooks it names.
+    pub fn new(config: Config) -> Result<Self, EngineError> {
+        let criu = Criu::locate(config.criu.binary_path.as_deref())?;
+        let version = criu.supported_version()?;
+        let driver: Arc<dyn CriuDriver> = match config.criu_driver() {
+            CriuDriverKind::Cli => Arc::new(CliDriver::new(criu)),
+            CriuDriverKind::Swrk => Arc::new(SwrkDriver::new(criu)),
+        };
+        Ok(Self::builder(config, driver, version).build())
+    }
+
+    /// An engine from parts (tests give fakes of the CRIU driver and the runtime).
+    pub fn builder(config: Config, criu: Arc<dyn CriuDriver>, criu_version: String) -> EngineBuilder {
+        let mut hooks = Hooks::default();
+        if let Some(cmd) = &config.hooks.command {
+            hooks.push(Arc::new(hooks::CommandHook::new(cmd)));
+        }
+        let scratch = config.scratch_dir();
+        EngineBuilder {
+            inner: Inner {
+                config,
+                criu,
+                criu_version,
+                runtimes: Arc::new(|root: Option<&Path>| {
+                    Ok(Arc::new(Runc::locate(root.map(Path::to_path_buf))?) as Arc<dyn ContainerRuntime>)
+                }),
+                hooks,
+                scratch,
+            },
+        }
+    }
+
+    /// Checkpoint what `req` names.
+    pub fn dump(&self, req: DumpRequest, ctx: &OpContext) -> Result<DumpOutcome, EngineError> {
+        dump::run(self, req, ctx)
+    }
+
+    /// Verify and restore the checkpoint `req` names.
+    pub fn restore(&self, req: RestoreRequest, ctx: &OpContext) -> Result<RestoreOutcome, EngineError> {
+        restore::run(self, req, ctx)
+    }
+
+    /// The configuration the engine was built from.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The CRIU driver.
+    pub fn criu(&self) -> &dyn CriuDriver {
+        self.inner.criu.as_ref()
+    }
+
+    /// The version of the CRIU driven.
+    pub fn criu_version(&self) -> &str {
+        &self.inner.criu_version
+    }
+
+    /// The container runtime client for state folder `root`.
+    pub fn runtime(&self, root: Option<&Path>) -> Result<Arc<dyn ContainerRuntime>, EngineError> {
+        Ok((self.inner.runtimes)(root)?)
+    }
+
+    /// The hooks run around CRIU.
+    pub fn hooks(&self) -> &Hooks {
+        &self.inner.hooks
+    }
+
+    /// Where archives are extracted and staged.
+    pub fn scratch_dir(&self) -> PathBuf {
+        self.inner.scratch.clone()
     }
 }
+
+/// Builds an [`Engine`] from parts.
+pub struct EngineBuilder {
+    inner: Inner,
+}
+
+impl EngineBuilder {
+    /// Use `factory` to make container runtime clients.
+    pub fn runtimes(mut self, factory: Arc<RuntimeFactory>) -> Self {
+        self.inner.runtimes = factory;
+        self
+    }
+
+    /// Add a hook after those the configuration names.
+    pub fn hook(mut self, hook: Arc<dyn Hook>) -> Self {
+        self.inner.hooks.push(hook);
+        self
+    }
+
+    /// Stage and extract under `dir`.
+    pub fn scratch(mut self, dir: PathBuf) -> Self {
+        self.inner.scratch = dir;
+        self
+    }
+
+    pub fn build(self) -> Engine {
+        Engine { inner: Arc::new(self.inner) }
+    }
+}
+
+#[cfg(test)]
+mod fakes;
+#[cfg(test)]
+mod tests;

@@ -19,7 +19,7 @@ pub const DEFAULT_ROOT: &str = "/run/runc";
 /// Errors of the runc driver.
 #[derive(Debug, thiserror::Error)]
 pub enum RuncError {
-    #[error("runc not found (looked for {tried}): install runc (scripts/setup.sh does), or set {RUNC_BINARY_ENV}")]
+    #[error("runc not found (looked for {tried}): install runc, or set {RUNC_BINARY_ENV}")]
     NotFound { tried: String },
     #[error("{binary} resolves to cedana-runc itself ({resolved}): point {RUNC_BINARY_ENV} at the real runc")]
     Recursion { binary: PathBuf, resolved: PathBuf },
@@ -39,10 +39,25 @@ pub enum RuncError {
     Failed { command: String, id: String, status: String, message: String },
     #[error("runc checkpoint has no equivalent of {option}: drop it for runc containers")]
     Unsupported { option: String },
-    #[error("bundle {bundle} is not a folder: pass --bundle with the container's bundle (config.json and rootfs)")]
+    #[error("bundle {bundle} is not a folder (a bundle holds the container's config.json and rootfs)")]
     NoBundle { bundle: PathBuf },
     #[error("runc state {id} printed output that is not a container state ({detail})")]
     BadState { id: String, detail: String },
+}
+
+impl RuncError {
+    /// The class of this error, for wire protocols.
+    pub fn kind(&self) -> crate::error::ErrorKind {
+        use crate::error::ErrorKind as K;
+        match self {
+            RuncError::NotFound { .. } | RuncError::Spawn { .. } => K::Unavailable,
+            RuncError::Recursion { .. } | RuncError::Unsupported { .. } | RuncError::NoBundle { .. } => K::InvalidArgument,
+            RuncError::NoSuchContainer { .. } => K::NotFound,
+            RuncError::Exists { .. } => K::AlreadyExists,
+            RuncError::NotRunning { .. } => K::FailedPrecondition,
+            RuncError::Failed { .. } | RuncError::BadState { .. } => K::Internal,
+        }
+    }
 }
 
 /// The state of a container, as `runc state` prints it (the fields we use).
@@ -64,6 +79,54 @@ pub struct RestoreFlags {
     pub console_socket: Option<PathBuf>,
     /// Any other restore flags, verbatim (e.g. `--tcp-established`, `--no-subreaper`).
     pub extra: Vec<OsString>,
+}
+
+/// The container runtime the engine drives (runc, or anything that speaks its command line): the seam unit
+/// tests replace with a fake. Implemented by [`Runc`].
+pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
+    /// The runtime's state folder (`--root`).
+    fn root(&self) -> &Path;
+    /// `state ID`.
+    fn state(&self, id: &str) -> Result<ContainerState, RuncError>;
+    /// Whether container `id` exists.
+    fn exists(&self, id: &str) -> Result<bool, RuncError>;
+    /// `pause ID`.
+    fn pause(&self, id: &str) -> Result<(), RuncError>;
+    /// `resume ID`.
+    fn resume(&self, id: &str) -> Result<(), RuncError>;
+    /// `delete [--force] ID`.
+    fn delete(&self, id: &str, force: bool) -> Result<(), RuncError>;
+    /// `checkpoint --image-path IMAGES --work-path WORK FLAGS... ID`.
+    fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString]) -> Result<(), RuncError>;
+    /// `restore --image-path IMAGES ... ID`; runc's exit code.
+    fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError>;
+}
+
+impl ContainerRuntime for Runc {
+    fn root(&self) -> &Path {
+        Runc::root(self)
+    }
+    fn state(&self, id: &str) -> Result<ContainerState, RuncError> {
+        Runc::state(self, id)
+    }
+    fn exists(&self, id: &str) -> Result<bool, RuncError> {
+        Runc::exists(self, id)
+    }
+    fn pause(&self, id: &str) -> Result<(), RuncError> {
+        Runc::pause(self, id)
+    }
+    fn resume(&self, id: &str) -> Result<(), RuncError> {
+        Runc::resume(self, id)
+    }
+    fn delete(&self, id: &str, force: bool) -> Result<(), RuncError> {
+        Runc::delete(self, id, force)
+    }
+    fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString]) -> Result<(), RuncError> {
+        Runc::checkpoint(self, id, images, work, flags)
+    }
+    fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError> {
+        Runc::restore(self, id, images, flags)
+    }
 }
 
 /// A runc binary plus the global flags every command gets (`--root`, `--criu`, `--log`, ...).

@@ -1,0 +1,67 @@
+//! What to do about an error, in terms of this CLI's flags and the project's scripts. The library's messages
+//! say what happened; the advice the CLI adds says which flag or script fixes it.
+
+use cedana::checkpoint::CheckpointError;
+use cedana::criu::CriuError;
+use cedana::engine::EngineError;
+use cedana::procfs::ProcError;
+use cedana::runc::RuncError;
+
+/// How to get a CRIU that works.
+pub const CRIU_INSTALL: &str =
+    "run scripts/setup.sh (it installs CRIU >= 4.2), or set CEDANA_CRIU_BINARY_PATH or criu.binary_path in the config";
+
+/// The error, followed by advice where there is some.
+pub fn render(err: &anyhow::Error) -> String {
+    let text = format!("{err:#}");
+    match err.downcast_ref::<EngineError>().and_then(advice) {
+        Some(a) => format!("{text}\n  hint: {a}"),
+        None => text,
+    }
+}
+
+fn advice(e: &EngineError) -> Option<String> {
+    Some(match e {
+        EngineError::Checkpoint(c) | EngineError::Package { source: c } | EngineError::Unfinished { source: c, .. } => {
+            checkpoint_advice(c)?
+        }
+        EngineError::Criu(CriuError::NotFound { .. } | CriuError::TooOld { .. }) => CRIU_INSTALL.into(),
+        EngineError::NeedsTcpEstablished { .. } => {
+            "dump with --tcp-established (the restore then needs the same addresses), or close them first".into()
+        }
+        EngineError::WrongKind { found, .. } => format!("restore it with `cedana restore {found}`"),
+        EngineError::BadName { .. } => "give the folder with --dir and the name with --name".into(),
+        EngineError::Process(ProcError::OtherPidNamespace { .. }) => {
+            "checkpoint the container instead, e.g. `cedana dump runc ID` for a runc or Docker container".into()
+        }
+        EngineError::Runc(RuncError::NoBundle { .. }) => "pass --bundle with the container's bundle".into(),
+        EngineError::Runc(RuncError::NotFound { .. }) => "scripts/setup.sh installs runc".into(),
+        EngineError::Runc(RuncError::Unsupported { .. }) => "drop that flag for runc containers".into(),
+        EngineError::PidInUse { .. } => "the original was perhaps dumped with --leave-running: stop it first".into(),
+        EngineError::MissingTarget { .. } => "use `cedana restore runc --id ID --bundle DIR`".into(),
+        _ => return None,
+    })
+}
+
+fn checkpoint_advice(e: &CheckpointError) -> Option<String> {
+    Some(match e {
+        CheckpointError::NoSpace { .. } => "free space there or choose another --dir".into(),
+        CheckpointError::Exists { .. } => "choose another --name or remove it".into(),
+        CheckpointError::NotFound { .. } => "check the --path".into(),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advice_names_the_flag() {
+        let full = EngineError::Checkpoint(CheckpointError::NoSpace { dir: "/d".into() });
+        let text = render(&anyhow::Error::new(full));
+        assert!(text.contains("/d is full") && text.contains("choose another --dir"), "{text}");
+        let plain = render(&anyhow::anyhow!("boom"));
+        assert_eq!(plain, "boom");
+    }
+}

@@ -1,0 +1,165 @@
+//! The CRIU driver that runs the `criu` command line, with action scripts answered over a socket (see
+//! [`super::hook`]). Its action script is the calling executable, so every binary using it must call
+//! [`super::hook::run_if_invoked`] first in `main`.
+
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::{hook, log, Criu, CriuDriver, CriuError, DumpCall, RestoreCall};
+
+/// Runs `criu dump` / `criu restore` as commands.
+#[derive(Debug, Clone)]
+pub struct CliDriver {
+    criu: Criu,
+}
+
+impl CliDriver {
+    pub fn new(criu: Criu) -> Self {
+        Self { criu }
+    }
+}
+
+impl CriuDriver for CliDriver {
+    fn criu(&self) -> &Criu {
+        &self.criu
+    }
+
+    fn dump(&self, call: &DumpCall<'_>, on_notify: &mut dyn FnMut(&str) -> bool) -> Result<(), CriuError> {
+        self.dump_tree(call, on_notify)
+    }
+
+    fn restore(&self, call: &RestoreCall<'_>, on_notify: &mut dyn FnMut(&str) -> bool) -> Result<i32, CriuError> {
+        if call.as_child {
+            // `criu restore -d` leaves the tree to the nearest subreaper once CRIU exits.
+            become_subreaper().map_err(|source| CriuError::Spawn { binary: self.criu.binary.clone(), source })?;
+        }
+        self.restore_tree(call, on_notify)
+    }
+}
+
+fn become_subreaper() -> std::io::Result<()> {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integer arguments and touches no memory of ours.
+    let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl CliDriver {
+    /// Dump a process tree. `on_hook(action)` answers CRIU's action scripts; returning `false` at
+    /// `post-dump` makes CRIU resume the tree and fail the dump.
+    fn dump_tree(&self, call: &DumpCall<'_>, on_hook: &mut dyn FnMut(&str) -> bool) -> Result<(), CriuError> {
+        let mut args: Vec<String> =
+            vec!["dump".into(), "-t".into(), call.pid.to_string(), "-D".into(), call.images_dir.display().to_string()];
+        if call.leave_running {
+            args.push("--leave-running".into());
+        }
+        args.extend(call.options.dump_args());
+        let null = || std::fs::File::options().read(true).write(true).open("/dev/null");
+        let stdio = (0..3)
+            .map(|_| null())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| CriuError::Spawn { binary: self.criu.binary.clone(), source })?;
+        self.run("dump", args, call.work_dir, Some(stdio), on_hook)
+    }
+
+    /// Restore a tree detached; returns the PID of its root.
+    fn restore_tree(&self, call: &RestoreCall<'_>, on_hook: &mut dyn FnMut(&str) -> bool) -> Result<i32, CriuError> {
+        let pidfile = call.work_dir.join("restore.pid");
+        let mut args: Vec<String> = vec![
+            "restore".into(),
+            "-D".into(),
+            call.images_dir.display().to_string(),
+            "-d".into(),
+            "--pidfile".into(),
+            pidfile.display().to_string(),
+        ];
+        args.extend(call.options.restore_args());
+        let stdio = match &call.stdio {
+            None => None,
+            Some(f) => Some(
+                (0..3)
+                    .map(|_| f.try_clone())
+                    .collect::<Result<Vec<_>, _>>()
+                    .map_err(|source| CriuError::Spawn { binary: self.criu.binary.clone(), source })?,
+            ),
+        };
+        self.run("restore", args, call.work_dir, stdio, on_hook)?;
+        let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
+        text.trim().parse().map_err(|_| CriuError::Failed {
+            action: "restore",
+            status: "no PID reported".into(),
+            errors: vec![format!("CRIU wrote no PID to {}", pidfile.display())],
+            hint: None,
+            log: call.work_dir.join("restore.log"),
+        })
+    }
+
+    fn run(
+        &self,
+        action: &'static str,
+        mut args: Vec<String>,
+        work_dir: &Path,
+        stdio: Option<Vec<std::fs::File>>,
+        on_hook: &mut dyn FnMut(&str) -> bool,
+    ) -> Result<(), CriuError> {
+        let hooks = hook::HookServer::bind(work_dir).map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
+        let me = std::env::current_exe().map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
+        let log = work_dir.join(format!("{action}.log"));
+        args.extend([
+            "--work-dir".into(),
+            work_dir.display().to_string(),
+            "-o".into(),
+            log.display().to_string(),
+            "-v4".into(),
+            "--action-script".into(),
+            me.display().to_string(),
+        ]);
+        tracing::debug!(binary = %self.criu.binary.display(), ?args, "running criu");
+        let mut cmd = Command::new(&self.criu.binary);
+        cmd.args(&args).env(hook::HOOK_SOCKET_ENV, hooks.socket_path());
+        if let Some(mut files) = stdio {
+            if let (Some(err), Some(out), Some(inp)) = (files.pop(), files.pop(), files.pop()) {
+                cmd.stdin(Stdio::from(inp)).stdout(Stdio::from(out)).stderr(Stdio::from(err));
+            }
+        }
+        // Own process group: a Ctrl-C on the terminal must not kill CRIU while it holds the tree frozen;
+        // the engine decides at the next hook instead.
+        cmd.process_group(0);
+        let mut child = cmd.spawn().map_err(|source| CriuError::Spawn { binary: self.criu.binary.clone(), source })?;
+        let (exited_tx, exited) = std::sync::mpsc::channel();
+        // Without a waiter thread nobody would notice CRIU's exit; dropping the hook server then fails any
+        // later hook, so CRIU resumes the tree.
+        hooks
+            .on_exit(move || {
+                let _ = exited_tx.send(child.wait());
+            })
+            .map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
+        let status = loop {
+            if let Some(call) = hooks.next(Duration::from_secs(1)) {
+                let ok = on_hook(&call.action);
+                call.reply(ok);
+                continue;
+            }
+            match exited.try_recv() {
+                Ok(Ok(status)) => break status,
+                Ok(Err(source)) => return Err(CriuError::Spawn { binary: self.criu.binary.clone(), source }),
+                Err(_) => {}
+            }
+        };
+        if status.success() {
+            return Ok(());
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        Err(CriuError::Failed {
+            action,
+            status: crate::binary::describe_status(status),
+            errors: log::error_lines(&text),
+            hint: log::hint(&text),
+            log,
+        })
+    }
+}

@@ -1,0 +1,307 @@
+//! A runc container, checkpointed through the runtime (`runc checkpoint`), which runs CRIU itself.
+//!
+//! Dump: the container is paused (unless it already was, or the dump leaves it running anyway), the runtime
+//! writes CRIU's images with `--leave-running`, and the pipeline packages them with the bundle's config.json.
+//! Only once the checkpoint is complete is the container deleted; any failure resumes it, so a dump never
+//! loses or freezes a container without saying so. A container restored from such a checkpoint comes back
+//! running (measured with runc 1.1.5 on cgroup v1); a detached restore resumes it should it come back paused.
+//!
+//! Restore: the verified images go to `runc restore` under a new id.
+
+use std::ffi::OsString;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::{CheckpointCall, DumpTarget, Prepared, RestoreTarget, Restored};
+use crate::checkpoint::{CheckpointKind, ContainerInfo, OpenedCheckpoint};
+use crate::criu::options::CriuOptions;
+use crate::engine::context::OpContext;
+use crate::engine::restore::{Gate, RestoreRequest};
+use crate::engine::{Engine, EngineError};
+use crate::procfs;
+use crate::runc::{ContainerRuntime, RestoreFlags, RuncError};
+
+/// Name of the bundle's config.json inside our checkpoint.
+pub const CONFIG_FILE: &str = "container/config.json";
+
+/// A runc container to checkpoint.
+#[derive(Debug, Clone)]
+pub struct RuncSpec {
+    pub id: String,
+    /// The runtime to drive (with its `--root` and other global flags); the engine's runc under `root`
+    /// when `None`.
+    pub runtime: Option<Arc<dyn ContainerRuntime>>,
+    /// The runtime's state folder, when `runtime` is `None` (runc's default when `None` too).
+    pub root: Option<PathBuf>,
+    /// CRIU's work folder (log, stats); a temporary one when `None`, kept if the dump fails.
+    pub work_path: Option<PathBuf>,
+    /// Further `runc checkpoint` flags, verbatim (e.g. `--manage-cgroups-mode full` from cedana-runc).
+    pub extra_flags: Vec<OsString>,
+}
+
+/// What a restore of a container needs besides the checkpoint.
+#[derive(Debug, Clone)]
+pub struct ContainerRestore {
+    /// The new container's id.
+    pub id: String,
+    /// As in [`RuncSpec`].
+    pub runtime: Option<Arc<dyn ContainerRuntime>>,
+    pub root: Option<PathBuf>,
+    /// Bundle, pid file, console socket, detach, and extra `runc restore` flags. When the bundle has no
+    /// config.json, the checkpoint's is written there.
+    pub flags: RestoreFlags,
+}
+
+fn runtime_for(
+    engine: &Engine,
+    given: &Option<Arc<dyn ContainerRuntime>>,
+    root: &Option<PathBuf>,
+) -> Result<Arc<dyn ContainerRuntime>, EngineError> {
+    match given {
+        Some(rt) => Ok(Arc::clone(rt)),
+        None => engine.runtime(root.as_deref()),
+    }
+}
+
+/// Dump target: one container.
+pub(crate) struct RuncTarget {
+    spec: RuncSpec,
+    runtime: Option<Arc<dyn ContainerRuntime>>,
+    was_paused: bool,
+    we_paused: bool,
+}
+
+impl RuncTarget {
+    pub fn new(spec: RuncSpec) -> Self {
+        Self { spec, runtime: None, was_paused: false, we_paused: false }
+    }
+
+    fn rt(&self) -> Result<&Arc<dyn ContainerRuntime>, EngineError> {
+        self.runtime.as_ref().ok_or_else(|| EngineError::Io {
+            what: "checkpointing a container".into(),
+            source: std::io::Error::other("the target was not prepared"),
+        })
+    }
+}
+
+impl DumpTarget for RuncTarget {
+    fn prepare(&mut self, engine: &Engine, options: &CriuOptions) -> Result<Prepared, EngineError> {
+        let runtime = runtime_for(engine, &self.spec.runtime, &self.spec.root)?;
+        let id = self.spec.id.as_str();
+        let state = runtime.state(id)?;
+        if state.status != "running" && state.status != "paused" {
+            return Err(RuncError::NotRunning { id: id.into(), status: state.status, what: "a checkpoint" }.into());
+        }
+        checkpoint_flags(options)?;
+        self.was_paused = state.status == "paused";
+        let process = procfs::describe(state.pid)?;
+        let config_path = state.bundle.join("config.json");
+        let config_bytes = std::fs::read(&config_path).map_err(EngineError::io(format!("reading {}", config_path.display())))?;
+        let config: serde_json::Value = serde_json::from_slice(&config_bytes).map_err(|e| EngineError::Io {
+            what: format!("parsing {}", config_path.display()),
+            source: std::io::Error::other(e),
+        })?;
+        let container = ContainerInfo {
+            id: id.to_string(),
+            bundle: Some(state.bundle.clone()),
+            root: Some(runtime.root().to_path_buf()),
+            config: Some(config),
+        };
+        self.runtime = Some(runtime);
+        Ok(Prepared {
+            kind: CheckpointKind::Runc,
+            id: id.to_string(),
+            container_id: Some(id.to_string()),
+            process,
+            container: Some(container),
+            options: options.clone(),
+            detected: Vec::new(),
+            extra_files: vec![(CONFIG_FILE.to_string(), config_bytes)],
+            work_path: self.spec.work_path.clone(),
+        })
+    }
+
+    fn survives_criu(&self, _leave_running: bool) -> bool {
+        // Always checkpointed with --leave-running: we end it ourselves once the checkpoint is written.
+        true
+    }
+
+    fn checkpoint(
+        &mut self,
+        _engine: &Engine,
+        call: &CheckpointCall<'_>,
+        frozen: &mut dyn FnMut() -> bool,
+    ) -> Result<(), EngineError> {
+        let runtime = Arc::clone(self.rt()?);
+        let id = self.spec.id.clone();
+        let mut flags = vec![OsString::from("--leave-running")];
+        flags.extend(checkpoint_flags(call.options)?);
+        flags.extend(self.spec.extra_flags.iter().cloned());
+        // A pause keeps the container from running past the checkpoint when we end it afterwards. A dump
+        // that leaves it running lets it go on anyway, so it is not paused (two runtime calls fewer).
+        self.we_paused = !self.was_paused && !call.leave_running;
+        if self.we_paused {
+            runtime.pause(&id)?;
+        }
+        tracing::info!(id, was_paused = self.was_paused, images = %call.images_dir.display(), "checkpointing runc container");
+        runtime.checkpoint(&id, call.images_dir, call.work_dir, &flags)?;
+        if frozen() {
+            Ok(())
+        } else {
+            // The pipeline knows why it refused; this only stops the dump.
+            Err(EngineError::Interrupted)
+        }
+    }
+
+    fn finish(&mut self, leave_running: bool) -> Result<(), EngineError> {
+        if !leave_running {
+            // The checkpoint is complete: end the container as `runc checkpoint` would (it destroys it).
+            self.rt()?.delete(&self.spec.id, true)?;
+        }
+        Ok(())
+    }
+
+    fn roll_back(&mut self, cause: EngineError) -> EngineError {
+        let (Some(runtime), true) = (self.runtime.as_ref(), self.we_paused) else { return cause };
+        let id = self.spec.id.as_str();
+        match runtime.resume(id) {
+            Ok(()) => {
+                self.we_paused = false;
+                tracing::warn!(id, "dump failed; the container was resumed");
+                cause
+            }
+            Err(resume) => EngineError::LeftPaused {
+                id: id.into(),
+                root: runtime.root().to_path_buf(),
+                cause: Box::new(cause),
+                resume: Box::new(resume),
+            },
+        }
+    }
+}
+
+/// `runc checkpoint` flags for the CRIU options of a dump (runc 1.1 has no flag for the others).
+fn checkpoint_flags(o: &CriuOptions) -> Result<Vec<OsString>, RuncError> {
+    let unsupported = [
+        (!o.external.is_empty(), "--external"),
+        (o.skip_in_flight, "--skip-in-flight"),
+        (o.link_remap, "--link-remap"),
+        (o.tcp_close, "--tcp-close"),
+        (!o.extra.is_empty(), "--criu-opts"),
+    ];
+    if let Some((_, option)) = unsupported.iter().find(|(on, _)| *on) {
+        return Err(RuncError::Unsupported { option: option.to_string() });
+    }
+    Ok(runc_flags(o))
+}
+
+/// The runc flags (shared by checkpoint and restore) for CRIU options.
+fn runc_flags(o: &CriuOptions) -> Vec<OsString> {
+    [
+        (o.tcp_established, "--tcp-established"),
+        (o.ext_unix_sk, "--ext-unix-sk"),
+        (o.shell_job, "--shell-job"),
+        (o.file_locks, "--file-locks"),
+    ]
+    .iter()
+    .filter(|(on, _)| *on)
+    .map(|(_, f)| OsString::from(f))
+    .collect()
+}
+
+/// Restore target for runc checkpoints.
+pub(crate) struct RuncRestore;
+
+fn container_of(req: &RestoreRequest) -> Result<&ContainerRestore, EngineError> {
+    req.container.as_ref().ok_or(EngineError::MissingTarget { kind: CheckpointKind::Runc, what: "a container id and a bundle" })
+}
+
+impl RestoreTarget for RuncRestore {
+    fn precheck(&self, engine: &Engine, req: &RestoreRequest) -> Result<(), EngineError> {
+        let c = container_of(req)?;
+        let runtime = runtime_for(engine, &c.runtime, &c.root)?;
+        if runtime.exists(&c.id)? {
+            return Err(RuncError::Exists { id: c.id.clone(), root: runtime.root().to_path_buf() }.into());
+        }
+        if !c.flags.bundle.is_dir() {
+            return Err(RuncError::NoBundle { bundle: c.flags.bundle.clone() }.into());
+        }
+        Ok(())
+    }
+
+    fn restore(
+        &self,
+        engine: &Engine,
+        _ctx: &OpContext,
+        req: &RestoreRequest,
+        opened: &OpenedCheckpoint,
+        gate: &mut Gate<'_>,
+    ) -> Result<Restored, EngineError> {
+        let c = container_of(req)?;
+        let runtime = runtime_for(engine, &c.runtime, &c.root)?;
+        // runc runs CRIU itself and answers no hooks of ours: the gate is passed before it starts.
+        if !gate.pass() {
+            return Err(EngineError::RestoreCancelled);
+        }
+        write_config_if_missing(&c.flags.bundle, &opened.images_dir)?;
+        let mut flags = c.flags.clone();
+        let mut recorded = runc_flags(&opened.manifest.criu_options.merged_with(&req.options));
+        recorded.retain(|f| !flags.extra.contains(f));
+        flags.extra.extend(recorded);
+        let temp_work = tempfile::Builder::new()
+            .prefix("cedana-runc-restore-")
+            .tempdir()
+            .map_err(EngineError::io("creating a work folder"))?;
+        if flags.work_path.is_none() {
+            flags.work_path = Some(temp_work.path().to_path_buf());
+        }
+        let started = Instant::now();
+        tracing::info!(id = %c.id, images = %opened.images_dir.display(), bundle = %flags.bundle.display(), "restoring runc container");
+        let exit_code = match runtime.restore(&c.id, &opened.images_dir, &flags) {
+            Ok(code) => code,
+            Err(e) => {
+                let kept = temp_work.keep();
+                tracing::error!(work = %kept.display(), "runc restore failed; its work folder was kept");
+                return Err(e.into());
+            }
+        };
+        let criu_time = started.elapsed();
+        let mut pid = 0;
+        if flags.detach {
+            if let Ok(state) = runtime.state(&c.id) {
+                pid = state.pid;
+                if state.status == "paused" {
+                    tracing::info!(id = %c.id, "the container came back paused: resuming it");
+                    runtime.resume(&c.id)?;
+                }
+            }
+        }
+        Ok(Restored { pid, exit_code: Some(exit_code), criu_time })
+    }
+}
+
+/// A bundle without config.json gets the one saved in the checkpoint.
+fn write_config_if_missing(bundle: &Path, images_dir: &Path) -> Result<(), EngineError> {
+    let dest = bundle.join("config.json");
+    if dest.exists() {
+        return Ok(());
+    }
+    let src = images_dir.join(CONFIG_FILE);
+    tracing::info!(bundle = %bundle.display(), "the bundle has no config.json: using the checkpoint's");
+    std::fs::copy(&src, &dest).map(drop).map_err(EngineError::io(format!("copying {} to {}", src.display(), dest.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn criu_options_map_to_runc_flags_or_are_refused() {
+        let o = CriuOptions { tcp_established: true, file_locks: true, ..Default::default() };
+        assert_eq!(checkpoint_flags(&o).unwrap(), ["--tcp-established", "--file-locks"]);
+        let o = CriuOptions { external: vec!["mnt[/a]:a".into()], ..Default::default() };
+        let err = checkpoint_flags(&o).unwrap_err().to_string();
+        assert!(err.contains("--external"), "{err}");
+    }
+}
