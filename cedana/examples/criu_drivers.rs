@@ -86,12 +86,6 @@ fn work_dir(images: &Path) -> PathBuf {
 fn main() {
     // CRIU runs this binary as the CLI driver's action script.
     cedana::criu::hook::run_if_invoked();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     if let Err(e) = run() {
         eprintln!("criu_drivers: {e}");
         std::process::exit(1);

@@ -34,6 +34,8 @@ pub enum CriuError {
     TooOld { binary: PathBuf, found: String },
     #[error("criu {action} failed ({status}){}{}\n  full log: {}", render_errors(.errors), render_hint(.hint), .log.display())]
     Failed { action: &'static str, status: String, errors: Vec<String>, hint: Option<String>, log: PathBuf },
+    #[error("CRIU option refused: {message}")]
+    BadOption { message: String },
     #[error("setting up CRIU hooks in {dir}: {source}")]
     Hook {
         dir: PathBuf,
@@ -49,6 +51,7 @@ impl CriuError {
         match self {
             CriuError::NotFound { .. } | CriuError::Spawn { .. } | CriuError::BadVersion { .. } => K::Unavailable,
             CriuError::TooOld { .. } => K::FailedPrecondition,
+            CriuError::BadOption { .. } => K::InvalidArgument,
             CriuError::Failed { .. } | CriuError::Hook { .. } => K::Internal,
         }
     }

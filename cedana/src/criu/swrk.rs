@@ -226,7 +226,7 @@ impl SwrkDriver {
 
     /// Options the RPC form cannot carry (refused before CRIU starts).
     fn invalid(&self, message: String) -> CriuError {
-        self.spawn_error(io::Error::new(io::ErrorKind::InvalidInput, message))
+        CriuError::BadOption { message }
     }
 
     fn open_dirs(&self, images: &Path, work: &Path) -> Result<Dirs, CriuError> {

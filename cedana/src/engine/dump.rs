@@ -172,6 +172,10 @@ fn checkpoint(
     let survives = target.survives_criu(req.leave_running);
     let mut state = Packaged::default();
     let call = CheckpointCall { images_dir, work_dir: &work, options: &prepared.options, leave_running: req.leave_running };
+    if ctx.is_cancelled() {
+        // Nothing is frozen yet: stop before CRIU runs.
+        return Err(EngineError::Interrupted);
+    }
     progress.phase("dumping", None);
     let criu_start = Instant::now();
     let result = {
@@ -202,24 +206,10 @@ fn checkpoint(
     };
     let criu_time = criu_start.elapsed().saturating_sub(state.time);
     ctx.record("criu", criu_time);
-    if let Err(err) = result {
-        progress.finish();
-        let err = if state.cancelled {
-            EngineError::Interrupted
-        } else if let Some(source) = state.error.take() {
-            EngineError::Package { source }
-        } else {
-            if let Some(t) = temp_work {
-                let kept = t.keep();
-                tracing::info!(log = %kept.display(), "the checkpoint failed in CRIU; its work folder was kept");
-            }
-            err
-        };
-        return Err(target.roll_back(err));
-    }
     // A packaging failure, unless cancellation is what stopped it.
     let package_failure = |source| if ctx.is_cancelled() { EngineError::Interrupted } else { EngineError::Package { source } };
-    let committed = (|| {
+    let packaged_at_post_dump = state.done;
+    let commit = || {
         let mut writer = packing.into_writer().map_err(package_failure)?;
         if !survives {
             // CRIU has let the tree die: from here on, a failure must not throw its images away.
@@ -255,8 +245,38 @@ fn checkpoint(
         })?;
         package_time += t.elapsed();
         Ok((path, manifest, package_time))
-    })();
-    let (path, manifest, package_time) = match committed {
+    };
+    if let Err(err) = result {
+        progress.finish();
+        if packaged_at_post_dump && !survives && !state.cancelled {
+            // CRIU failed after it had written every image and been told to go on: it may have ended the
+            // tree already. The images are complete, so the checkpoint is completed and kept, never deleted.
+            tracing::error!(error = %err, "CRIU failed after post-dump; completing the checkpoint anyway");
+            let outcome = commit();
+            if let Some(t) = temp_work {
+                // Kept outside the macro: tracing skips its arguments when the level is off.
+                let kept = t.keep();
+                tracing::info!(log = %kept.display(), "CRIU's work folder was kept");
+            }
+            return Err(match outcome {
+                Ok((kept, _, _)) => EngineError::CriuFailedAfterDump { pid: prepared.process.pid, kept, cause: Box::new(err) },
+                Err(e) => e,
+            });
+        }
+        let err = if state.cancelled {
+            EngineError::Interrupted
+        } else if let Some(source) = state.error.take() {
+            EngineError::Package { source }
+        } else {
+            if let Some(t) = temp_work {
+                let kept = t.keep();
+                tracing::info!(log = %kept.display(), "the checkpoint failed in CRIU; its work folder was kept");
+            }
+            err
+        };
+        return Err(target.roll_back(err));
+    }
+    let (path, manifest, package_time) = match commit() {
         Ok(c) => c,
         Err(e) => {
             progress.finish();

@@ -44,6 +44,11 @@ pub enum EngineError {
         #[source]
         source: CheckpointError,
     },
+    #[error(
+        "CRIU failed after it had written the checkpoint of PID {pid}, and may have ended the process ({cause}). \
+         The checkpoint was completed and kept at {kept}: restore it if the process is gone"
+    )]
+    CriuFailedAfterDump { pid: i32, kept: PathBuf, cause: Box<EngineError> },
     #[error("writing the checkpoint failed: {source}; the workload was left running and nothing was written")]
     Package {
         #[source]
@@ -82,7 +87,9 @@ impl EngineError {
             EngineError::Checkpoint(e) => e.kind(),
             EngineError::Runc(e) => e.kind(),
             EngineError::Hook(_) => ErrorKind::FailedPrecondition,
-            EngineError::LeftPaused { .. } | EngineError::Unfinished { .. } => ErrorKind::Internal,
+            EngineError::LeftPaused { .. } | EngineError::Unfinished { .. } | EngineError::CriuFailedAfterDump { .. } => {
+                ErrorKind::Internal
+            }
             EngineError::NeedsTcpEstablished { .. } | EngineError::PidInUse { .. } => ErrorKind::FailedPrecondition,
             EngineError::BadName { .. } | EngineError::WrongKind { .. } | EngineError::MissingTarget { .. } => {
                 ErrorKind::InvalidArgument

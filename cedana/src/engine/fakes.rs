@@ -223,6 +223,7 @@ pub struct FakeCriu {
     criu: Criu,
     events: Events,
     fail_before_images: bool,
+    fail_after_post_dump: bool,
     between: Option<Between>,
     restored: Mutex<Vec<Child>>,
     work_dirs: Mutex<Vec<PathBuf>>,
@@ -234,6 +235,7 @@ impl FakeCriu {
             criu: Criu::locate(Some(Path::new("/bin/true"))).expect("/bin/true exists"),
             events,
             fail_before_images: false,
+            fail_after_post_dump: false,
             between: None,
             restored: Mutex::new(Vec::new()),
             work_dirs: Mutex::new(Vec::new()),
@@ -243,6 +245,13 @@ impl FakeCriu {
     /// Fail every dump after freezing, before any image is written (the tree is resumed).
     pub fn failing_before_images(mut self) -> Self {
         self.fail_before_images = true;
+        self
+    }
+
+    /// Once `post-dump` agreed and the tree was killed, fail anyway: what a driver reports when CRIU's final
+    /// reply is lost (`criu swrk` crashing or killed after it ended the tree).
+    pub fn failing_after_post_dump(mut self) -> Self {
+        self.fail_after_post_dump = true;
         self
     }
 
@@ -324,6 +333,10 @@ impl CriuDriver for FakeCriu {
         } else {
             let _ = signal(pid, Signal::SIGKILL);
             self.log(format!("criu killed {pid}"));
+            if self.fail_after_post_dump {
+                self.log(format!("criu failed {pid} after post-dump"));
+                return Err(self.failed("dump", call.work_dir, "criu swrk ended without a reply (killed by SIGKILL)"));
+            }
         }
         Ok(())
     }

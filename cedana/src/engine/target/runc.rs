@@ -140,9 +140,9 @@ impl DumpTarget for RuncTarget {
         flags.extend(self.spec.extra_flags.iter().cloned());
         // A pause keeps the container from running past the checkpoint when we end it afterwards. A dump
         // that leaves it running lets it go on anyway, so it is not paused (two runtime calls fewer).
-        self.we_paused = !self.was_paused && !call.leave_running;
-        if self.we_paused {
+        if !self.was_paused && !call.leave_running {
             runtime.pause(&id)?;
+            self.we_paused = true;
         }
         tracing::info!(id, was_paused = self.was_paused, images = %call.images_dir.display(), "checkpointing runc container");
         runtime.checkpoint(&id, call.images_dir, call.work_dir, &flags)?;
