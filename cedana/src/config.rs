@@ -85,10 +85,26 @@ pub struct HooksConfig {
     pub command: Option<PathBuf>,
 }
 
+/// Settings of the `[db]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DbConfig {
+    /// The daemon's job store (SQLite).
+    pub path: Option<PathBuf>,
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
+    /// The daemon's address: a Unix socket path (default /run/cedana.sock).
+    pub address: Option<String>,
+    /// `unix` (the default) or `tcp` (then `address` is HOST:PORT).
+    pub protocol: Option<String>,
+    /// Log level of the daemon and the CLI (error, warn, info, debug, trace).
+    pub log_level: Option<String>,
+    #[serde(default)]
+    pub db: DbConfig,
     #[serde(default)]
     pub criu: CriuConfig,
     #[serde(default)]
@@ -97,13 +113,24 @@ pub struct Config {
     pub hooks: HooksConfig,
 }
 
+/// The daemon's socket when the configuration names none.
+pub const DEFAULT_ADDRESS: &str = "/run/cedana.sock";
+/// The job store when the configuration names none.
+pub const DEFAULT_DB_PATH: &str = "/var/lib/cedana/cedana.db";
+
 /// Default compression when neither flag nor config names one (Cedana's default).
 pub const DEFAULT_COMPRESSION: Compression = Compression::Tar;
 
 impl Config {
     /// Load from the config file (if any) and the environment.
     pub fn load() -> Result<Self, ConfigError> {
-        let path = std::env::var_os("CEDANA_CONFIG").map(PathBuf::from).or_else(|| {
+        Self::load_from(None)
+    }
+
+    /// Load from `file` (else `$CEDANA_CONFIG`, else /etc/cedana/config.toml when it exists) and the
+    /// environment.
+    pub fn load_from(file: Option<&Path>) -> Result<Self, ConfigError> {
+        let path = file.map(Path::to_path_buf).or_else(|| std::env::var_os("CEDANA_CONFIG").map(PathBuf::from)).or_else(|| {
             let p = PathBuf::from("/etc/cedana/config.toml");
             p.exists().then_some(p)
         });
@@ -124,6 +151,18 @@ impl Config {
     fn apply_env(&mut self) -> Result<(), ConfigError> {
         if let Some(v) = std::env::var_os("CEDANA_CRIU_BINARY_PATH") {
             self.criu.binary_path = Some(v.into());
+        }
+        if let Ok(v) = std::env::var("CEDANA_ADDRESS") {
+            self.address = Some(v);
+        }
+        if let Ok(v) = std::env::var("CEDANA_PROTOCOL") {
+            self.protocol = Some(v);
+        }
+        if let Ok(v) = std::env::var("CEDANA_LOG_LEVEL") {
+            self.log_level = Some(v);
+        }
+        if let Some(v) = std::env::var_os("CEDANA_DB_PATH") {
+            self.db.path = Some(v.into());
         }
         if let Ok(v) = std::env::var("CEDANA_CRIU_DRIVER") {
             self.criu.driver = Some(v.parse().map_err(|message| ConfigError::Env { var: "CEDANA_CRIU_DRIVER", message })?);
@@ -155,6 +194,16 @@ impl Config {
     /// Compression for new checkpoints.
     pub fn compression(&self) -> Compression {
         self.checkpoint.compression.unwrap_or(DEFAULT_COMPRESSION)
+    }
+
+    /// The daemon's Unix socket.
+    pub fn address(&self) -> PathBuf {
+        self.address.clone().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS))
+    }
+
+    /// The daemon's job store.
+    pub fn db_path(&self) -> PathBuf {
+        self.db.path.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_DB_PATH))
     }
 
     /// How CRIU is driven.

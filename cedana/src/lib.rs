@@ -24,6 +24,8 @@ pub mod config;
 pub mod criu;
 pub mod engine;
 pub mod error;
+#[cfg(feature = "jobs")]
+pub mod jobs;
 pub mod procfs;
 pub mod progress;
 pub mod runc;

@@ -12,6 +12,45 @@ pub enum DumpCommand {
     Process(ProcessArgs),
     /// Checkpoint a runc container (also Docker's) by id.
     Runc(super::runc::DumpArgs),
+    /// Checkpoint a managed job (through the daemon).
+    Job(JobArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    /// The job's id.
+    pub jid: String,
+    #[command(flatten)]
+    pub common: CommonDumpArgs,
+}
+
+/// `cedana dump job JID`: the daemon checkpoints the job and records the checkpoint.
+pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
+    use cedana_protos::v1 as pb;
+    let options = a.common.criu.to_options()?;
+    let req = pb::DumpRequest {
+        target: Some(pb::dump_request::Target::Jid(a.jid.clone())),
+        dir: match &a.common.dir {
+            Some(d) if !d.contains("://") => std::path::absolute(d)?.display().to_string(),
+            Some(d) => d.clone(),
+            None => String::new(),
+        },
+        name: a.common.name.clone().unwrap_or_default(),
+        compression: a.common.compression.map(|c| c.to_string()).unwrap_or_default(),
+        criu: Some(crate::daemon::convert::criu_to_pb(&options, a.common.criu.leave_running)),
+        runtime_root: String::new(),
+    };
+    let out = super::jobs::with_daemon(config, async |c| c.dump(req).await.map(|r| r.into_inner()))?;
+    println!(
+        "Dumped job {} (PID {}, {}) in {}, size {}: {}",
+        a.jid,
+        out.pid,
+        out.comm,
+        ms(std::time::Duration::from_micros(out.total_time_us)),
+        super::jobs::human_size(out.size),
+        out.path
+    );
+    Ok(0)
 }
 
 /// Flags of every dump.
@@ -61,9 +100,10 @@ impl CommonDumpArgs {
 }
 
 pub fn run(engine: &Engine, cmd: DumpCommand) -> anyhow::Result<i32> {
-    let req = match &cmd {
+    let req = match cmd {
         DumpCommand::Process(a) => a.common.request(engine, TargetSpec::Process { pid: a.pid })?,
-        DumpCommand::Runc(a) => super::runc::dump(engine, a)?,
+        DumpCommand::Runc(a) => super::runc::dump(engine, &a)?,
+        DumpCommand::Job(a) => return job(engine.config(), a),
     };
     // A signal cancels the dump at the next safe point; CRIU then resumes the process.
     let ctx = super::op_context(true)?;

@@ -4,6 +4,7 @@ pub mod advice;
 mod check;
 mod dump;
 mod inspect;
+pub mod jobs;
 mod progress;
 mod restore;
 mod runc;
@@ -19,6 +20,9 @@ pub struct Cli {
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, global = true, default_value = "warn", env = "CEDANA_LOG_LEVEL")]
     pub log_level: String,
+    /// Configuration file (default: $CEDANA_CONFIG, else /etc/cedana/config.toml when it exists).
+    #[arg(long, global = true, value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -36,13 +40,29 @@ pub enum Command {
     /// Work with checkpoint files.
     #[command(subcommand)]
     Checkpoint(inspect::CheckpointCommand),
+    /// Run or check the daemon.
+    #[command(subcommand)]
+    Daemon(jobs::DaemonCommand),
+    /// Start a managed job (through the daemon).
+    #[command(subcommand, alias = "exec")]
+    Run(jobs::RunCommand),
+    /// Adopt a running process as a managed job (through the daemon).
+    #[command(subcommand)]
+    Manage(jobs::ManageCommand),
+    /// List managed jobs (as `cedana job list`).
+    Ps,
+    /// Managed jobs.
+    #[command(subcommand)]
+    Job(jobs::JobCommand),
 }
 
 /// Run the parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
-    let config = cedana::config::Config::load()?;
+    let config = cedana::config::Config::load_from(cli.config.as_deref())?;
     match cli.command {
         Command::Check(args) => check::run(&config, args),
+        Command::Dump(dump::DumpCommand::Job(a)) => dump::job(&config, a),
+        Command::Restore(restore::RestoreCommand::Job(a)) => restore::job(&config, a),
         Command::Dump(cmd) => {
             require_root("dump")?;
             let engine = Engine::new(config)?;
@@ -54,6 +74,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
             restore::run(&engine, cmd)
         }
         Command::Checkpoint(cmd) => inspect::run(cmd),
+        Command::Daemon(cmd) => jobs::daemon(config, cmd),
+        Command::Run(cmd) => jobs::run(&config, cmd),
+        Command::Manage(cmd) => jobs::manage(&config, cmd),
+        Command::Ps => jobs::job(&config, jobs::JobCommand::List),
+        Command::Job(cmd) => jobs::job(&config, cmd),
     }
 }
 
@@ -71,7 +96,7 @@ fn op_context(cancel_on_signal: bool) -> anyhow::Result<OpContext> {
 }
 
 /// CRIU needs root: say so before anything else fails in a less obvious way.
-fn require_root(what: &str) -> anyhow::Result<()> {
+pub(crate) fn require_root(what: &str) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("cedana {what} needs root (CRIU does): run it with sudo");
     }

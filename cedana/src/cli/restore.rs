@@ -13,6 +13,36 @@ pub enum RestoreCommand {
     Process(ProcessArgs),
     /// Restore a runc checkpoint as a new runc container.
     Runc(super::runc::RestoreArgs),
+    /// Restore a managed job from its latest checkpoint (through the daemon).
+    Job(JobArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct JobArgs {
+    /// The job's id.
+    pub jid: String,
+    #[command(flatten)]
+    pub criu: CriuFlags,
+}
+
+/// `cedana restore job JID`: the daemon restores the job's latest checkpoint as the same job.
+pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
+    use cedana_protos::v1 as pb;
+    let options = a.criu.to_options()?;
+    let req = pb::RestoreRequest {
+        source: Some(pb::restore_request::Source::Jid(a.jid.clone())),
+        criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
+        ..Default::default()
+    };
+    let out = super::jobs::with_daemon(config, async |c| c.restore(req).await.map(|r| r.into_inner()))?;
+    println!(
+        "Restored job {} as PID {} (verify {}, criu {})",
+        a.jid,
+        out.pid,
+        ms(std::time::Duration::from_micros(out.verify_time_us)),
+        ms(std::time::Duration::from_micros(out.criu_time_us))
+    );
+    Ok(0)
 }
 
 #[derive(clap::Args, Debug)]
@@ -44,6 +74,7 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
     let a = match cmd {
         RestoreCommand::Process(a) => a,
         RestoreCommand::Runc(a) => return super::runc::restore(engine, a),
+        RestoreCommand::Job(a) => return job(engine.config(), a),
     };
     let attached = a.no_server && !a.detach;
     let mut options = a.criu.to_options()?;

@@ -25,7 +25,7 @@ pub fn hint(log: &str) -> Option<String> {
         ("Locking network failed", "CRIU needs iptables-restore to lock the network: install iptables"),
         ("Can't lookup mount", "a file of the process lives on a mount CRIU cannot see: add --external for it, or redirect the output"),
         ("Unable to open link remap", "the process keeps a deleted file open: add --link-remap"),
-        ("Can't dump ghost file", "the process keeps a large deleted file open: raise the limit with --criu-opts '--ghost-limit SIZE'"),
+        ("Can't dump ghost file", "the process keeps a large deleted file open: raise CRIU's --ghost-limit"),
         ("Operation not permitted", "CRIU was denied access: run as root, and note that a process of another user cannot be dumped on machines without CAP_SYS_RESOURCE"),
     ];
     HINTS.iter().find(|(pat, _)| errors.contains(pat)).map(|(_, h)| (*h).to_string())

@@ -1,0 +1,272 @@
+//! The commands served by the daemon: `run`, `manage`, `ps` / `job ...`, `dump job`, `restore job`, and
+//! `daemon start|check`.
+
+use std::path::PathBuf;
+
+use cedana::config::Config;
+use cedana_protos::v1 as pb;
+use comfy_table::{presets::NOTHING, Table};
+
+use crate::daemon;
+
+#[derive(clap::Subcommand, Debug)]
+pub enum DaemonCommand {
+    /// Run the daemon in the foreground (as root; stop it with SIGTERM or Ctrl+C: managed jobs keep running).
+    Start {
+        /// Unix socket to listen on (default: `address` from the config, or /run/cedana.sock).
+        #[arg(long)]
+        address: Option<PathBuf>,
+    },
+    /// Print the daemon's health (CRIU, database, storage, GPU); non-zero exit when something is wrong.
+    Check,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum RunCommand {
+    /// Start a program as a managed job: cedana run process [--jid ID] -- PROGRAM ARGS...
+    Process(RunArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunArgs {
+    /// Job id (default: a memorable random one).
+    #[arg(long)]
+    pub jid: Option<String>,
+    /// Keep the job's stdin/stdout/stderr on pipes the daemon holds, so clients can attach later.
+    #[arg(long)]
+    pub attachable: bool,
+    /// Output file (default /var/log/cedana-output-<JID>.log).
+    #[arg(long = "out", value_name = "LOG")]
+    pub out: Option<PathBuf>,
+    /// Write the job's PID to this file.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// The program and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ManageCommand {
+    /// Adopt a running process as a managed job.
+    Process {
+        pid: i32,
+        /// Job id (default: a memorable random one).
+        #[arg(long)]
+        jid: Option<String>,
+    },
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum JobCommand {
+    /// List managed jobs (as `cedana ps`).
+    List,
+    /// Everything the daemon knows about one job.
+    Inspect { jid: String },
+    /// Send a signal to a job (SIGKILL unless --signal).
+    Kill {
+        jid: String,
+        #[arg(long, default_value_t = 9)]
+        signal: i32,
+    },
+    /// Forget a job that is not running (its checkpoints stay on disk).
+    Delete { jid: String },
+    /// The checkpoints of a job, newest first.
+    Checkpoints { jid: String },
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+}
+
+/// Run `f` against the daemon of this configuration.
+pub fn with_daemon<T>(
+    config: &Config,
+    f: impl AsyncFnOnce(&mut pb::daemon_client::DaemonClient<tonic::transport::Channel>) -> Result<T, tonic::Status>,
+) -> anyhow::Result<T> {
+    let socket = config.address();
+    runtime()?.block_on(async {
+        let mut client = daemon::connect(&socket).await?;
+        f(&mut client).await.map_err(status_error)
+    })
+}
+
+/// A status from the daemon as an error for the user.
+fn status_error(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{} ({})", s.message(), daemon::convert::kind_of(s.code()))
+}
+
+pub fn daemon(config: Config, cmd: DaemonCommand) -> anyhow::Result<i32> {
+    match cmd {
+        DaemonCommand::Start { address } => {
+            super::require_root("daemon start")?;
+            daemon::start(config, address)
+        }
+        DaemonCommand::Check => {
+            let health = with_daemon(&config, async |c| c.check(pb::CheckRequest {}).await.map(|r| r.into_inner()))?;
+            let mut table = Table::new();
+            table.load_style(NOTHING);
+            table.set_header(["COMPONENT", "STATUS", "DETAIL"]);
+            for c in &health.components {
+                table.add_row([c.name.as_str(), if c.ok { "ok" } else { "FAILED" }, c.detail.as_str()]);
+            }
+            println!("{table}");
+            Ok(if health.components.iter().all(|c| c.ok) { 0 } else { 1 })
+        }
+    }
+}
+
+pub fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<i32> {
+    let RunCommand::Process(a) = cmd;
+    let cwd = std::env::current_dir()?.display().to_string();
+    let req = pb::RunRequest {
+        jid: a.jid.clone().unwrap_or_default(),
+        r#type: pb::JobType::Process as i32,
+        args: a.args.clone(),
+        attachable: a.attachable,
+        log: a.out.as_ref().map(|p| std::path::absolute(p).map(|p| p.display().to_string())).transpose()?.unwrap_or_default(),
+        cwd,
+        env: Vec::new(),
+    };
+    let job = with_daemon(config, async |c| c.run(req).await.map(|r| r.into_inner()))?;
+    if let Some(pf) = &a.pid_file {
+        std::fs::write(pf, format!("{}\n", job.pid))?;
+    }
+    println!("{} {}", job.jid, job.pid);
+    Ok(0)
+}
+
+pub fn manage(config: &Config, cmd: ManageCommand) -> anyhow::Result<i32> {
+    let ManageCommand::Process { pid, jid } = cmd;
+    let req = pb::ManageRequest { r#type: pb::JobType::Process as i32, jid: jid.unwrap_or_default(), pid, ..Default::default() };
+    let job = with_daemon(config, async |c| c.manage(req).await.map(|r| r.into_inner()))?;
+    println!("{} {}", job.jid, job.pid);
+    Ok(0)
+}
+
+pub fn job(config: &Config, cmd: JobCommand) -> anyhow::Result<i32> {
+    match cmd {
+        JobCommand::List => {
+            let list = with_daemon(config, async |c| c.list(pb::ListRequest {}).await.map(|r| r.into_inner()))?;
+            print!("{}", jobs_table(&list.jobs, chrono::Utc::now().timestamp()));
+        }
+        JobCommand::Inspect { jid } => {
+            let job = with_daemon(config, async |c| c.inspect(pb::JobRef { jid }).await.map(|r| r.into_inner()))?;
+            println!("{job:#?}");
+        }
+        JobCommand::Kill { jid, signal } => {
+            let job = with_daemon(config, async |c| c.kill(pb::KillRequest { jid, signal }).await.map(|r| r.into_inner()))?;
+            println!("Sent signal {signal} to job {} (PID {})", job.jid, job.pid);
+        }
+        JobCommand::Delete { jid } => {
+            let job = with_daemon(config, async |c| c.delete(pb::JobRef { jid }).await.map(|r| r.into_inner()))?;
+            println!("Deleted job {}", job.jid);
+        }
+        JobCommand::Checkpoints { jid } => {
+            let list = with_daemon(config, async |c| c.checkpoints(pb::JobRef { jid }).await.map(|r| r.into_inner()))?;
+            let mut table = Table::new();
+            table.load_style(NOTHING);
+            table.set_header(["ID", "TIME", "SIZE", "PATH"]);
+            for cp in &list.checkpoints {
+                let time = chrono::DateTime::from_timestamp(cp.time, 0).map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string());
+                table.add_row([cp.id.clone(), time.unwrap_or_default(), human_size(cp.size), cp.path.clone()]);
+            }
+            println!("{table}");
+        }
+    }
+    Ok(0)
+}
+
+/// `cedana ps`: JOB TYPE PID STATUS GPU CHECKPOINT SIZE LOG, as Cedana prints it.
+pub fn jobs_table(jobs: &[pb::Job], now: i64) -> String {
+    let mut table = Table::new();
+    table.load_style(NOTHING);
+    table.set_header(["JOB", "TYPE", "PID", "STATUS", "GPU", "CHECKPOINT", "SIZE", "LOG"]);
+    for j in jobs {
+        let kind = match j.r#type() {
+            pb::JobType::Process | pb::JobType::Unspecified => "process",
+            pb::JobType::Runc => "runc",
+            pb::JobType::Containerd => "containerd",
+        };
+        let (when, size) = match &j.latest_checkpoint {
+            Some(cp) => (ago(now - cp.time), human_size(cp.size)),
+            None => (String::new(), String::new()),
+        };
+        let log = if j.attachable { "[Attachable]".to_string() } else { j.log.clone() };
+        table.add_row([
+            j.jid.clone(),
+            kind.to_string(),
+            j.pid.to_string(),
+            j.status.clone(),
+            if j.gpu { "yes" } else { "no" }.to_string(),
+            when,
+            size,
+            log,
+        ]);
+    }
+    format!("{table}\n")
+}
+
+/// `3 seconds ago`, `5 minutes ago`, ...
+pub fn ago(secs: i64) -> String {
+    let secs = secs.max(0);
+    let (n, unit) = match secs {
+        0..60 => (secs, "second"),
+        60..3600 => (secs / 60, "minute"),
+        3600..86400 => (secs / 3600, "hour"),
+        _ => (secs / 86400, "day"),
+    };
+    format!("{n} {unit}{} ago", if n == 1 { "" } else { "s" })
+}
+
+/// `610 KiB`, `1.2 GiB`: whole numbers below 10 units get one decimal.
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || value >= 10.0 {
+        format!("{value:.0} {}", UNITS[unit])
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn times_and_sizes_read_as_cedana_prints_them() {
+        assert_eq!(ago(3), "3 seconds ago");
+        assert_eq!(ago(61), "1 minute ago");
+        assert_eq!(ago(7200), "2 hours ago");
+        assert_eq!(human_size(610 * 1024), "610 KiB");
+        assert_eq!(human_size(1288490189), "1.2 GiB");
+        assert_eq!(human_size(12), "12 B");
+    }
+
+    #[test]
+    fn the_table_has_cedanas_columns() {
+        let job = pb::Job {
+            jid: "famous_hopper7".into(),
+            r#type: pb::JobType::Process as i32,
+            pid: 32675,
+            status: "halted".into(),
+            latest_checkpoint: Some(pb::Checkpoint { time: 100, size: 610 * 1024, ..Default::default() }),
+            attachable: true,
+            ..Default::default()
+        };
+        let text = jobs_table(&[job], 103);
+        let mut lines = text.lines();
+        let header: Vec<&str> = lines.next().unwrap().split_whitespace().collect();
+        assert_eq!(header, ["JOB", "TYPE", "PID", "STATUS", "GPU", "CHECKPOINT", "SIZE", "LOG"]);
+        let row = lines.next().unwrap();
+        for field in ["famous_hopper7", "process", "32675", "halted", "no", "3 seconds ago", "610 KiB", "[Attachable]"] {
+            assert!(row.contains(field), "{field} in {row}");
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! Compiles proto/ into Rust with protox (a pure-Rust protobuf compiler, so no protoc is needed) and
+//! tonic-prost-build. The file descriptor set is also written to OUT_DIR for gRPC server reflection.
+
+use std::path::PathBuf;
+
+use protox::prost::Message as _;
+
+const PROTO_ROOT: &str = "proto";
+const PROTOS: &[&str] = &["proto/cedana/daemon/v1/daemon.proto"];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    println!("cargo:rerun-if-changed={PROTO_ROOT}");
+    for proto in PROTOS {
+        println!("cargo:rerun-if-changed={proto}");
+    }
+
+    let fds = protox::compile(PROTOS, [PROTO_ROOT])?;
+    let out_dir = PathBuf::from(std::env::var_os("OUT_DIR").ok_or("OUT_DIR is not set")?);
+
+    // tonic-prost-build only writes `file_descriptor_set_path` when it runs protoc itself, so the
+    // descriptors protox produced are written here (read by `tonic::include_file_descriptor_set!`).
+    std::fs::write(out_dir.join("cedana_descriptor.bin"), fds.encode_to_vec())?;
+
+    tonic_prost_build::configure().compile_fds(fds)?;
+    Ok(())
+}
