@@ -151,14 +151,14 @@ fn run() -> Result<(), String> {
                     let work = work_dir(dir);
                     std::fs::create_dir_all(&work).map_err(|e| format!("{}: {e}", work.display()))?;
                     let stdio = match stdio_path {
-                        Some(p) => Some(
+                        Some(p) => cedana::criu::CriuStdio::All(
                             std::fs::File::options()
                                 .append(true)
                                 .create(true)
                                 .open(p)
                                 .map_err(|e| format!("{}: {e}", p.display()))?,
                         ),
-                        None => None,
+                        None => cedana::criu::CriuStdio::Caller,
                     };
                     let call = RestoreCall { images_dir: dir, work_dir: &work, options, stdio, as_child };
                     let mut notify = answer;

@@ -35,6 +35,9 @@ pub struct RunArgs {
     /// Keep the job's stdin/stdout/stderr on pipes the daemon holds, so clients can attach later.
     #[arg(long)]
     pub attachable: bool,
+    /// Start it attachable and attach to it now (Ctrl+C detaches; the job keeps running).
+    #[arg(long)]
+    pub attach: bool,
     /// Output file (default /var/log/cedana-output-<JID>.log).
     #[arg(long = "out", value_name = "LOG")]
     pub out: Option<PathBuf>,
@@ -73,6 +76,8 @@ pub enum JobCommand {
     Delete { jid: String },
     /// The checkpoints of a job, newest first.
     Checkpoints { jid: String },
+    /// Attach to an attachable job's stdin/stdout/stderr (Ctrl+C detaches; the job keeps running).
+    Attach { jid: String },
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -123,7 +128,7 @@ pub fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<i32> {
         jid: a.jid.clone().unwrap_or_default(),
         r#type: pb::JobType::Process as i32,
         args: a.args.clone(),
-        attachable: a.attachable,
+        attachable: a.attachable || a.attach,
         log: a.out.as_ref().map(|p| std::path::absolute(p).map(|p| p.display().to_string())).transpose()?.unwrap_or_default(),
         cwd,
         env: Vec::new(),
@@ -131,6 +136,9 @@ pub fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<i32> {
     let job = with_daemon(config, async |c| c.run(req).await.map(|r| r.into_inner()))?;
     if let Some(pf) = &a.pid_file {
         std::fs::write(pf, format!("{}\n", job.pid))?;
+    }
+    if a.attach {
+        return super::attach::attach_job(config, &job.jid);
     }
     println!("{} {}", job.jid, job.pid);
     Ok(0)
@@ -162,6 +170,7 @@ pub fn job(config: &Config, cmd: JobCommand) -> anyhow::Result<i32> {
             let job = with_daemon(config, async |c| c.delete(pb::JobRef { jid }).await.map(|r| r.into_inner()))?;
             println!("Deleted job {}", job.jid);
         }
+        JobCommand::Attach { jid } => return super::attach::attach_job(config, &jid),
         JobCommand::Checkpoints { jid } => {
             let list = with_daemon(config, async |c| c.checkpoints(pb::JobRef { jid }).await.map(|r| r.into_inner()))?;
             let mut table = Table::new();

@@ -1,8 +1,11 @@
 //! The `cedana` command line: parses flags into engine requests and renders the results.
 
 pub mod advice;
+mod attach;
 mod check;
+mod config;
 mod dump;
+mod features;
 mod inspect;
 pub mod jobs;
 mod progress;
@@ -54,6 +57,13 @@ pub enum Command {
     /// Managed jobs.
     #[command(subcommand)]
     Job(jobs::JobCommand),
+    /// Attach to the attachable job whose process has this PID.
+    Attach { pid: i32 },
+    /// The configuration.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+    /// Which commands support which types (process, job, runc, containerd) and GPUs.
+    Features,
 }
 
 /// Run the parsed command; returns the process exit code.
@@ -79,6 +89,9 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Manage(cmd) => jobs::manage(&config, cmd),
         Command::Ps => jobs::job(&config, jobs::JobCommand::List),
         Command::Job(cmd) => jobs::job(&config, cmd),
+        Command::Attach { pid } => attach::attach_pid(&config, pid),
+        Command::Config(cmd) => config::run(&config, cli.config.as_deref(), cmd),
+        Command::Features => features::run(),
     }
 }
 

@@ -21,6 +21,9 @@ pub enum RestoreCommand {
 pub struct JobArgs {
     /// The job's id.
     pub jid: String,
+    /// Attach to the restored job (it is restored attachable).
+    #[arg(long)]
+    pub attach: bool,
     #[command(flatten)]
     pub criu: CriuFlags,
 }
@@ -32,9 +35,13 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
     let req = pb::RestoreRequest {
         source: Some(pb::restore_request::Source::Jid(a.jid.clone())),
         criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
+        attachable: a.attach,
         ..Default::default()
     };
     let out = super::jobs::with_daemon(config, async |c| c.restore(req).await.map(|r| r.into_inner()))?;
+    if a.attach {
+        return super::attach::attach_job(config, &a.jid);
+    }
     println!(
         "Restored job {} as PID {} (verify {}, criu {})",
         a.jid,

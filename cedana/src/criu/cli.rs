@@ -78,15 +78,7 @@ impl CliDriver {
             pidfile.display().to_string(),
         ];
         args.extend(call.options.restore_args());
-        let stdio = match &call.stdio {
-            None => None,
-            Some(f) => Some(
-                (0..3)
-                    .map(|_| f.try_clone())
-                    .collect::<Result<Vec<_>, _>>()
-                    .map_err(|source| CriuError::Spawn { binary: self.criu.binary.clone(), source })?,
-            ),
-        };
+        let stdio = call.stdio.files().map_err(|source| CriuError::Spawn { binary: self.criu.binary.clone(), source })?;
         self.run("restore", args, call.work_dir, stdio, on_hook)?;
         let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
         text.trim().parse().map_err(|_| CriuError::Failed {

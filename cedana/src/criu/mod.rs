@@ -87,11 +87,33 @@ pub struct RestoreCall<'a> {
     pub images_dir: &'a Path,
     pub work_dir: &'a Path,
     pub options: &'a CriuOptions,
-    /// CRIU's (and so the inherited) stdio: the caller's own when `None`, else this file on all three.
-    pub stdio: Option<std::fs::File>,
+    /// CRIU's standard streams (and so those the restored tree inherits through `inherit_fd`).
+    pub stdio: CriuStdio,
     /// Make the restored root a child of the calling process, so that it can be waited for by its PID
     /// (`waitpid(pid)`); otherwise it is left to whoever reaps orphans.
     pub as_child: bool,
+}
+
+/// The standard streams a CRIU child gets.
+#[derive(Debug)]
+pub enum CriuStdio {
+    /// The caller's own.
+    Caller,
+    /// One file on all three.
+    All(std::fs::File),
+    /// One each: stdin, stdout, stderr.
+    Each([std::fs::File; 3]),
+}
+
+impl CriuStdio {
+    /// Three files for the child's fds 0, 1, 2 (duplicates), or `None` for the caller's own.
+    pub fn files(&self) -> std::io::Result<Option<Vec<std::fs::File>>> {
+        match self {
+            CriuStdio::Caller => Ok(None),
+            CriuStdio::All(f) => (0..3).map(|_| f.try_clone()).collect::<Result<Vec<_>, _>>().map(Some),
+            CriuStdio::Each(files) => files.iter().map(|f| f.try_clone()).collect::<Result<Vec<_>, _>>().map(Some),
+        }
+    }
 }
 
 /// Drives CRIU for the engine. One driver serves many operations at once (a daemon, a shim): nothing in it

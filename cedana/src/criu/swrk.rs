@@ -71,10 +71,7 @@ impl CriuDriver for SwrkDriver {
         let dirs = self.open_dirs(call.images_dir, call.work_dir)?;
         let mut opts = opts;
         self.complete(&mut opts, &dirs, "restore", call.work_dir, &call.options.extra)?;
-        let stdio = match &call.stdio {
-            None => None,
-            Some(f) => Some((0..3).map(|_| f.try_clone()).collect::<Result<Vec<_>, _>>().map_err(|e| self.spawn_error(e))?),
-        };
+        let stdio = call.stdio.files().map_err(|e| self.spawn_error(e))?;
         let resp = self.run("restore", CriuReqType::Restore, opts, &dirs, call.work_dir, stdio, passed, on_notify)?;
         match resp.restore.map(|r| r.pid) {
             Some(pid) if pid > 0 => Ok(pid),

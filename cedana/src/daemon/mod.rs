@@ -3,6 +3,7 @@
 //! a child subreaper (restored trees are its children). SIGTERM or SIGINT stops it cleanly; managed jobs run
 //! in sessions of their own and keep running; a restarted daemon finds them again in the store.
 
+pub mod attach;
 pub mod convert;
 pub mod service;
 

@@ -30,7 +30,7 @@ pub struct Service {
     pub log_dir: PathBuf,
 }
 
-type Reply<T> = Result<Response<T>, Status>;
+pub(crate) type Reply<T> = Result<Response<T>, Status>;
 
 fn err<E: std::fmt::Display>(kind: ErrorKind) -> impl FnOnce(E) -> Status {
     move |e| status(kind, e)
@@ -233,7 +233,17 @@ impl Service {
             }
             None => return Err(status(ErrorKind::InvalidArgument, "nothing to restore: give a path or a job id")),
         };
-        let stdio = if req.log.is_empty() { RestoreStdio::Null } else { RestoreStdio::File(PathBuf::from(&req.log)) };
+        // An attachable job gets new pipes whose far ends the supervisor holds, so clients can attach again.
+        let attachable = job.as_ref().is_some_and(|j| j.attachable) || req.attachable;
+        let pipes = match attachable {
+            true => Some(self.supervisor.prepare_restore_pipes(job.as_ref().and_then(|j| j.log.as_deref())).map_err(lib_err!())?),
+            false => None,
+        };
+        let (stdio, handle) = match pipes {
+            Some(p) => (RestoreStdio::Fds(std::sync::Arc::new([p.stdin, p.stdout, p.stderr])), Some(p.handle)),
+            None if req.log.is_empty() => (RestoreStdio::Null, None),
+            None => (RestoreStdio::File(PathBuf::from(&req.log)), None),
+        };
         let pid_file = (!req.pid_file.is_empty()).then(|| PathBuf::from(&req.pid_file));
         let rreq = RestoreRequest {
             only: Some(CheckpointKind::Process),
@@ -244,8 +254,13 @@ impl Service {
         };
         // The scope also covers the restored root until the supervisor has adopted it.
         let scope = self.supervisor.fork_scope();
+        // The request (and with it our copies of the child's ends of the pipes) is dropped once CRIU is done.
         let out = self.engine.restore(rreq, &OpContext::new()).map_err(|e| status(e.kind(), &e))?;
-        self.supervisor.adopt_child(out.pid).map_err(lib_err!())?;
+        match handle {
+            Some(h) => self.supervisor.attach_restored(h, out.pid, true),
+            None => self.supervisor.adopt_child(out.pid),
+        }
+        .map_err(lib_err!())?;
         drop(scope);
         let job = match job {
             Some(mut job) => {
@@ -304,102 +319,101 @@ impl Service {
     }
 }
 
+impl Service {
+    /// Answer a call with `f` on tokio's blocking pool.
+    async fn answer<Q: Send + 'static, T: Send + 'static>(
+        &self,
+        request: Request<Q>,
+        f: fn(&Service, Q) -> Result<T, Status>,
+    ) -> Reply<T> {
+        let s = self.clone();
+        let req = request.into_inner();
+        blocking(move || f(&s, req)).await.map(Response::new)
+    }
+
+    fn list(&self, _req: pb::ListRequest) -> Result<pb::JobList, Status> {
+        let jobs = self.store.list().map_err(lib_err!())?;
+        let latest = self.store.latest_checkpoints().map_err(lib_err!())?;
+        Ok(pb::JobList { jobs: jobs.iter().map(|j| job_to_pb(j, latest.get(&j.jid))).collect() })
+    }
+
+    fn inspect(&self, req: pb::JobRef) -> Result<pb::Job, Status> {
+        self.get_job(&req.jid).and_then(|j| self.job_reply(&j))
+    }
+
+    fn kill(&self, req: pb::KillRequest) -> Result<pb::Job, Status> {
+        let job = self.get_job(&req.jid)?;
+        if job.state != JobState::Running {
+            return Err(status(ErrorKind::FailedPrecondition, format!("job {} is {}, not running", job.jid, job.state)));
+        }
+        let sig = if req.signal == 0 { libc::SIGKILL } else { req.signal };
+        self.supervisor.signal(job.pid, sig).map_err(lib_err!())?;
+        self.job_reply(&job)
+    }
+
+    fn delete(&self, req: pb::JobRef) -> Result<pb::Job, Status> {
+        let job = self.get_job(&req.jid)?;
+        if job.state == JobState::Running && cedana::procfs::stat(job.pid).is_ok() {
+            return Err(status(ErrorKind::FailedPrecondition, format!("job {} is running: kill it first", job.jid)));
+        }
+        let reply = self.job_reply(&job)?;
+        self.store.delete(&job.jid).map_err(lib_err!())?;
+        Ok(reply)
+    }
+
+    fn checkpoints(&self, req: pb::JobRef) -> Result<pb::CheckpointList, Status> {
+        self.get_job(&req.jid)?;
+        let list = self.store.checkpoints(&req.jid).map_err(lib_err!())?;
+        Ok(pb::CheckpointList { checkpoints: list.iter().map(checkpoint_to_pb).collect() })
+    }
+}
+
 #[tonic::async_trait]
 impl pb::daemon_server::Daemon for Service {
     async fn run(&self, request: Request<pb::RunRequest>) -> Reply<pb::Job> {
-        let s = self.clone();
-        let req = request.into_inner();
-        blocking(move || s.run(req)).await.map(Response::new)
+        self.answer(request, Service::run).await
     }
 
     async fn manage(&self, request: Request<pb::ManageRequest>) -> Reply<pb::Job> {
-        let s = self.clone();
-        let req = request.into_inner();
-        blocking(move || s.manage(req)).await.map(Response::new)
+        self.answer(request, Service::manage).await
     }
 
-    async fn list(&self, _request: Request<pb::ListRequest>) -> Reply<pb::JobList> {
-        let s = self.clone();
-        blocking(move || {
-            let jobs = s.store.list().map_err(lib_err!())?;
-            let latest = s.store.latest_checkpoints().map_err(lib_err!())?;
-            Ok(pb::JobList { jobs: jobs.iter().map(|j| job_to_pb(j, latest.get(&j.jid))).collect() })
-        })
-        .await
-        .map(Response::new)
+    async fn list(&self, request: Request<pb::ListRequest>) -> Reply<pb::JobList> {
+        self.answer(request, Service::list).await
     }
 
     async fn inspect(&self, request: Request<pb::JobRef>) -> Reply<pb::Job> {
-        let s = self.clone();
-        let jid = request.into_inner().jid;
-        blocking(move || s.get_job(&jid).and_then(|j| s.job_reply(&j))).await.map(Response::new)
+        self.answer(request, Service::inspect).await
     }
 
     async fn kill(&self, request: Request<pb::KillRequest>) -> Reply<pb::Job> {
-        let s = self.clone();
-        let req = request.into_inner();
-        blocking(move || {
-            let job = s.get_job(&req.jid)?;
-            if job.state != JobState::Running {
-                return Err(status(ErrorKind::FailedPrecondition, format!("job {} is {}, not running", job.jid, job.state)));
-            }
-            let sig = if req.signal == 0 { libc::SIGKILL } else { req.signal };
-            s.supervisor.signal(job.pid, sig).map_err(lib_err!())?;
-            s.job_reply(&job)
-        })
-        .await
-        .map(Response::new)
+        self.answer(request, Service::kill).await
     }
 
     async fn delete(&self, request: Request<pb::JobRef>) -> Reply<pb::Job> {
-        let s = self.clone();
-        let jid = request.into_inner().jid;
-        blocking(move || {
-            let job = s.get_job(&jid)?;
-            if job.state == JobState::Running && cedana::procfs::stat(job.pid).is_ok() {
-                return Err(status(ErrorKind::FailedPrecondition, format!("job {jid} is running: kill it first")));
-            }
-            let reply = s.job_reply(&job)?;
-            s.store.delete(&jid).map_err(lib_err!())?;
-            Ok(reply)
-        })
-        .await
-        .map(Response::new)
+        self.answer(request, Service::delete).await
     }
 
     async fn checkpoints(&self, request: Request<pb::JobRef>) -> Reply<pb::CheckpointList> {
-        let s = self.clone();
-        let jid = request.into_inner().jid;
-        blocking(move || {
-            s.get_job(&jid)?;
-            let list = s.store.checkpoints(&jid).map_err(lib_err!())?;
-            Ok(pb::CheckpointList { checkpoints: list.iter().map(checkpoint_to_pb).collect() })
-        })
-        .await
-        .map(Response::new)
+        self.answer(request, Service::checkpoints).await
     }
 
     async fn dump(&self, request: Request<pb::DumpRequest>) -> Reply<pb::DumpResponse> {
-        let s = self.clone();
-        let req = request.into_inner();
-        blocking(move || s.dump(req)).await.map(Response::new)
+        self.answer(request, Service::dump).await
     }
 
     async fn restore(&self, request: Request<pb::RestoreRequest>) -> Reply<pb::RestoreResponse> {
-        let s = self.clone();
-        let req = request.into_inner();
-        blocking(move || s.restore(req)).await.map(Response::new)
+        self.answer(request, Service::restore).await
     }
 
-    type AttachStream = std::pin::Pin<Box<dyn tokio_stream::Stream<Item = Result<pb::AttachOutput, Status>> + Send>>;
+    type AttachStream = super::attach::AttachStream;
 
-    async fn attach(&self, _request: Request<tonic::Streaming<pb::AttachInput>>) -> Reply<Self::AttachStream> {
-        Err(status(ErrorKind::Unimplemented, "attaching to jobs is not built yet"))
+    async fn attach(&self, request: Request<tonic::Streaming<pb::AttachInput>>) -> Reply<Self::AttachStream> {
+        super::attach::serve(self.clone(), request).await
     }
 
-    async fn check(&self, _request: Request<pb::CheckRequest>) -> Reply<pb::CheckResponse> {
-        let s = self.clone();
-        blocking(move || Ok(s.check())).await.map(Response::new)
+    async fn check(&self, request: Request<pb::CheckRequest>) -> Reply<pb::CheckResponse> {
+        self.answer(request, |s, _| Ok(s.check())).await
     }
 }
 

@@ -24,6 +24,8 @@ pub enum RestoreStdio {
     File(PathBuf),
     /// Onto /dev/null.
     Null,
+    /// Onto these: stdin, stdout, stderr (e.g. pipes a daemon holds for an attachable job).
+    Fds(std::sync::Arc<[std::os::fd::OwnedFd; 3]>),
 }
 
 /// What a restore of a process tree needs besides the checkpoint.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use super::{CheckpointCall, DumpTarget, Prepared, RestoreTarget, Restored};
 use crate::checkpoint::{CheckpointKind, OpenedCheckpoint};
 use crate::criu::options::CriuOptions;
-use crate::criu::{DumpCall, RestoreCall};
+use crate::criu::{CriuStdio, DumpCall, RestoreCall};
 use crate::engine::context::OpContext;
 use crate::engine::restore::{Gate, RestoreRequest, RestoreStdio};
 use crate::engine::{Engine, EngineError};
@@ -111,17 +111,21 @@ impl RestoreTarget for ProcessRestore {
         wait_until_free(&opened.manifest.process.pids, ctx)?;
         let process = &req.process;
         let mut user = req.options.clone();
-        let stdio_file = match &process.stdio {
-            RestoreStdio::Inherit => None,
-            RestoreStdio::File(p) => Some(
+        let stdio = match &process.stdio {
+            RestoreStdio::Inherit => CriuStdio::Caller,
+            RestoreStdio::File(p) => CriuStdio::All(
                 std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
                     .open(p)
                     .map_err(EngineError::io(format!("opening {}", p.display())))?,
             ),
-            RestoreStdio::Null => {
-                Some(File::options().read(true).write(true).open("/dev/null").map_err(EngineError::io("opening /dev/null"))?)
+            RestoreStdio::Null => CriuStdio::All(
+                File::options().read(true).write(true).open("/dev/null").map_err(EngineError::io("opening /dev/null"))?,
+            ),
+            RestoreStdio::Fds(fds) => {
+                let dup = |i: usize| fds[i].try_clone().map(File::from).map_err(EngineError::io("duplicating the stdio given"));
+                CriuStdio::Each([dup(0)?, dup(1)?, dup(2)?])
             }
         };
         for pipe in &opened.manifest.process.stdio_pipes {
@@ -134,7 +138,7 @@ impl RestoreTarget for ProcessRestore {
             images_dir: &opened.images_dir,
             work_dir: work.path(),
             options: &options,
-            stdio: stdio_file,
+            stdio,
             as_child: process.as_child,
         };
         let started = Instant::now();
