@@ -1,6 +1,11 @@
 //! Configuration: a TOML file, overridden by `CEDANA_*` environment variables.
 //!
 //! ```toml
+//! address = "/run/cedana.sock"          # the daemon's Unix socket
+//! protocol = "unix"
+//! log_level = "warn"
+//! [db]
+//! path = "/var/lib/cedana/cedana.db"    # the daemon's job store
 //! [criu]
 //! binary_path = "/usr/local/sbin/criu"
 //! driver = "swrk"                       # or "cli"
@@ -11,7 +16,12 @@
 //! [hooks]
 //! command = "/usr/local/lib/cedana/hook" # run before/after every dump and restore
 //! ```
-//! The file is `$CEDANA_CONFIG`, else `/etc/cedana/config.toml` when it exists.
+//! The file is `--config FILE`, else `$CEDANA_CONFIG`, else `/etc/cedana/config.toml` when it exists.
+//!
+//! Every key can be overridden by `CEDANA_<KEY>`, the dotted key in capitals with dots as underscores
+//! (`checkpoint.scratch_dir` is `CEDANA_CHECKPOINT_SCRATCH_DIR`); the older `CEDANA_SCRATCH_DIR` and
+//! `CEDANA_HOOK_COMMAND` still work. [`Config::load_with_sources`] also says where each value came from
+//! (`cedana config show`).
 
 use std::path::{Path, PathBuf};
 
@@ -47,6 +57,22 @@ pub enum CriuDriverKind {
     Swrk,
     /// `criu dump/restore` commands whose action script is the calling executable.
     Cli,
+}
+
+impl CriuDriverKind {
+    /// The name used in the configuration.
+    pub fn name(self) -> &'static str {
+        match self {
+            CriuDriverKind::Swrk => "swrk",
+            CriuDriverKind::Cli => "cli",
+        }
+    }
+}
+
+impl std::fmt::Display for CriuDriverKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
 }
 
 impl std::str::FromStr for CriuDriverKind {
@@ -121,6 +147,176 @@ pub const DEFAULT_DB_PATH: &str = "/var/lib/cedana/cedana.db";
 /// Default compression when neither flag nor config names one (Cedana's default).
 pub const DEFAULT_COMPRESSION: Compression = Compression::Tar;
 
+/// The environment variable naming the config file.
+pub const CONFIG_ENV: &str = "CEDANA_CONFIG";
+/// The config file read when neither `--config` nor `$CEDANA_CONFIG` names one (only when it exists).
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/cedana/config.toml";
+/// The daemon's protocol when the configuration names none.
+pub const DEFAULT_PROTOCOL: &str = "unix";
+/// The log level when neither the configuration nor `--log-level` names one (the CLI flag's default).
+pub const DEFAULT_LOG_LEVEL: &str = "warn";
+
+/// Where one configuration value came from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(tag = "source", rename_all = "lowercase")]
+pub enum Source {
+    /// Nothing set it: the built-in default applies.
+    Default,
+    /// The config file.
+    File { path: PathBuf },
+    /// An environment variable.
+    Env { var: &'static str },
+}
+
+impl std::fmt::Display for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::File { path } => write!(f, "file {}", path.display()),
+            Source::Env { var } => write!(f, "env {var}"),
+        }
+    }
+}
+
+/// How the config file was chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileChoice {
+    /// The `--config` flag (`Config::load_from(Some(..))`).
+    Flag,
+    /// `$CEDANA_CONFIG`.
+    Env,
+    /// [`DEFAULT_CONFIG_PATH`], which exists.
+    DefaultPath,
+}
+
+impl std::fmt::Display for FileChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            FileChoice::Flag => f.write_str("flag --config"),
+            FileChoice::Env => write!(f, "env {CONFIG_ENV}"),
+            FileChoice::DefaultPath => f.write_str("default path"),
+        }
+    }
+}
+
+impl serde::Serialize for FileChoice {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The config file that was read.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ConfigFile {
+    pub path: PathBuf,
+    pub chosen_by: FileChoice,
+}
+
+/// Where each key of a loaded [`Config`] came from (see [`Config::load_with_sources`]).
+#[derive(Debug, Clone, Default)]
+pub struct Sources {
+    /// The config file read, if any.
+    pub file: Option<ConfigFile>,
+    by_key: std::collections::BTreeMap<&'static str, Source>,
+}
+
+impl Sources {
+    /// The source of `key` (a dotted name such as `checkpoint.dir`); `Default` for keys nothing set.
+    pub fn get(&self, key: &str) -> Source {
+        self.by_key.get(key).cloned().unwrap_or(Source::Default)
+    }
+}
+
+/// One key of the effective configuration, as `cedana config show` prints it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct Setting {
+    /// The dotted key, e.g. `checkpoint.compression`.
+    pub key: &'static str,
+    /// The value used: the configured one, else the default (`None`: nothing, e.g. no hook command, or no
+    /// CRIU binary found).
+    pub value: Option<String>,
+    #[serde(flatten)]
+    pub source: Source,
+    /// The environment variable that overrides it (`CEDANA_<KEY>`, dots as underscores).
+    pub env: &'static str,
+}
+
+/// A value that can be read from an environment variable.
+trait FromEnv: Sized {
+    fn from_env(v: std::ffi::OsString) -> Result<Self, String>;
+}
+
+impl FromEnv for PathBuf {
+    fn from_env(v: std::ffi::OsString) -> Result<Self, String> {
+        Ok(v.into())
+    }
+}
+
+impl FromEnv for String {
+    fn from_env(v: std::ffi::OsString) -> Result<Self, String> {
+        v.into_string().map_err(|v| format!("{v:?} is not valid UTF-8"))
+    }
+}
+
+impl FromEnv for Compression {
+    fn from_env(v: std::ffi::OsString) -> Result<Self, String> {
+        String::from_env(v)?.parse().map_err(|e: crate::codec::CodecError| e.to_string())
+    }
+}
+
+impl FromEnv for CriuDriverKind {
+    fn from_env(v: std::ffi::OsString) -> Result<Self, String> {
+        String::from_env(v)?.parse()
+    }
+}
+
+/// One configuration key: its dotted name, its environment variables, and how to set, test and show it.
+struct Key {
+    name: &'static str,
+    /// `CEDANA_<KEY>` (dots as underscores) first, then older names still honoured; the first one set wins.
+    env: &'static [&'static str],
+    set: fn(&mut Config, std::ffi::OsString) -> Result<(), String>,
+    is_set: fn(&Config) -> bool,
+    /// The value used (the configured one, else the default).
+    value: fn(&Config) -> Option<String>,
+}
+
+/// `key!("dotted.name", ["CEDANA_DOTTED_NAME", "CEDANA_OLD_NAME"], field.path, |c| effective value)`.
+macro_rules! key {
+    ($name:literal, [$($env:literal),+], $($field:ident).+, $value:expr) => {
+        Key {
+            name: $name,
+            env: &[$($env),+],
+            set: |c, v| {
+                c.$($field).+ = Some(FromEnv::from_env(v)?);
+                Ok(())
+            },
+            is_set: |c| c.$($field).+.is_some(),
+            value: $value,
+        }
+    };
+}
+
+/// A value for [`Setting::value`].
+fn shown(v: impl std::fmt::Display) -> Option<String> {
+    Some(v.to_string())
+}
+
+/// Every key, in the order `cedana config show` prints them. Adding a key: its field above, one line here.
+#[rustfmt::skip]
+const KEYS: &[Key] = &[
+    key!("address", ["CEDANA_ADDRESS"], address, |c| shown(c.address().display())),
+    key!("protocol", ["CEDANA_PROTOCOL"], protocol, |c| shown(c.protocol())),
+    key!("log_level", ["CEDANA_LOG_LEVEL"], log_level, |c| shown(c.log_level())),
+    key!("db.path", ["CEDANA_DB_PATH"], db.path, |c| shown(c.db_path().display())),
+    key!("criu.binary_path", ["CEDANA_CRIU_BINARY_PATH"], criu.binary_path, |c| c.criu_binary().map(|p| p.display().to_string())),
+    key!("criu.driver", ["CEDANA_CRIU_DRIVER"], criu.driver, |c| shown(c.criu_driver())),
+    key!("checkpoint.dir", ["CEDANA_CHECKPOINT_DIR"], checkpoint.dir, |c| shown(c.checkpoint_dir().display())),
+    key!("checkpoint.compression", ["CEDANA_CHECKPOINT_COMPRESSION"], checkpoint.compression, |c| shown(c.compression())),
+    key!("checkpoint.scratch_dir", ["CEDANA_CHECKPOINT_SCRATCH_DIR", "CEDANA_SCRATCH_DIR"], checkpoint.scratch_dir, |c| shown(c.scratch_dir().display())),
+    key!("hooks.command", ["CEDANA_HOOKS_COMMAND", "CEDANA_HOOK_COMMAND"], hooks.command, |c| c.hooks.command.as_ref().map(|p| p.display().to_string())),
+];
+
 impl Config {
     /// Load from the config file (if any) and the environment.
     pub fn load() -> Result<Self, ConfigError> {
@@ -130,16 +326,57 @@ impl Config {
     /// Load from `file` (else `$CEDANA_CONFIG`, else /etc/cedana/config.toml when it exists) and the
     /// environment.
     pub fn load_from(file: Option<&Path>) -> Result<Self, ConfigError> {
-        let path = file.map(Path::to_path_buf).or_else(|| std::env::var_os("CEDANA_CONFIG").map(PathBuf::from)).or_else(|| {
-            let p = PathBuf::from("/etc/cedana/config.toml");
-            p.exists().then_some(p)
-        });
-        let mut cfg = match path {
-            Some(p) => Self::from_file(&p)?,
+        Self::load_with_sources(file).map(|(cfg, _)| cfg)
+    }
+
+    /// As [`Config::load_from`], and where each key's value came from: the file, an environment variable
+    /// (`CEDANA_<KEY>`, dots as underscores, or an older name), or nothing (the default).
+    pub fn load_with_sources(file: Option<&Path>) -> Result<(Self, Sources), ConfigError> {
+        Self::load_with_env(file, &|var| std::env::var_os(var))
+    }
+
+    /// As [`Config::load_with_sources`], with the environment read through `env`.
+    fn load_with_env(
+        file: Option<&Path>,
+        env: &dyn Fn(&str) -> Option<std::ffi::OsString>,
+    ) -> Result<(Self, Sources), ConfigError> {
+        let chosen = match file {
+            Some(p) => Some(ConfigFile { path: p.to_path_buf(), chosen_by: FileChoice::Flag }),
+            None => match env(CONFIG_ENV) {
+                Some(p) => Some(ConfigFile { path: p.into(), chosen_by: FileChoice::Env }),
+                None => {
+                    let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+                    p.exists().then_some(ConfigFile { path: p, chosen_by: FileChoice::DefaultPath })
+                }
+            },
+        };
+        let mut sources = Sources { file: chosen, ..Default::default() };
+        let mut cfg = match &sources.file {
+            Some(f) => Self::from_file(&f.path)?,
             None => Config::default(),
         };
-        cfg.apply_env()?;
-        Ok(cfg)
+        for key in KEYS {
+            if let Some(f) = &sources.file {
+                if (key.is_set)(&cfg) {
+                    sources.by_key.insert(key.name, Source::File { path: f.path.clone() });
+                }
+            }
+            if let Some((var, value)) = key.env.iter().find_map(|var| env(var).map(|v| (*var, v))) {
+                (key.set)(&mut cfg, value).map_err(|message| ConfigError::Env { var, message })?;
+                sources.by_key.insert(key.name, Source::Env { var });
+            }
+        }
+        Ok((cfg, sources))
+    }
+
+    /// Every key with the value used and where it came from, in a stable order.
+    pub fn describe(&self, sources: &Sources) -> Vec<Setting> {
+        KEYS.iter().map(|k| Setting { key: k.name, value: (k.value)(self), source: sources.get(k.name), env: k.env[0] }).collect()
+    }
+
+    /// The dotted names of every key, in the order [`Config::describe`] lists them.
+    pub fn keys() -> impl Iterator<Item = &'static str> {
+        KEYS.iter().map(|k| k.name)
     }
 
     /// Parse one TOML file.
@@ -148,42 +385,23 @@ impl Config {
         toml::from_str(&text).map_err(|e| ConfigError::Parse { path: path.into(), message: e.to_string() })
     }
 
-    fn apply_env(&mut self) -> Result<(), ConfigError> {
-        if let Some(v) = std::env::var_os("CEDANA_CRIU_BINARY_PATH") {
-            self.criu.binary_path = Some(v.into());
+    /// The daemon's protocol (`protocol`, else [`DEFAULT_PROTOCOL`]).
+    pub fn protocol(&self) -> &str {
+        self.protocol.as_deref().unwrap_or(DEFAULT_PROTOCOL)
+    }
+
+    /// The CRIU binary used: `criu.binary_path`, else the one [`crate::criu::Criu::locate`] finds (`None`:
+    /// none found).
+    fn criu_binary(&self) -> Option<PathBuf> {
+        match &self.criu.binary_path {
+            Some(p) => Some(p.clone()),
+            None => crate::criu::Criu::locate(None).ok().map(|criu| criu.binary().to_path_buf()),
         }
-        if let Ok(v) = std::env::var("CEDANA_ADDRESS") {
-            self.address = Some(v);
-        }
-        if let Ok(v) = std::env::var("CEDANA_PROTOCOL") {
-            self.protocol = Some(v);
-        }
-        if let Ok(v) = std::env::var("CEDANA_LOG_LEVEL") {
-            self.log_level = Some(v);
-        }
-        if let Some(v) = std::env::var_os("CEDANA_DB_PATH") {
-            self.db.path = Some(v.into());
-        }
-        if let Ok(v) = std::env::var("CEDANA_CRIU_DRIVER") {
-            self.criu.driver = Some(v.parse().map_err(|message| ConfigError::Env { var: "CEDANA_CRIU_DRIVER", message })?);
-        }
-        if let Some(v) = std::env::var_os("CEDANA_CHECKPOINT_DIR") {
-            self.checkpoint.dir = Some(v.into());
-        }
-        if let Some(v) = std::env::var_os("CEDANA_HOOK_COMMAND") {
-            self.hooks.command = Some(v.into());
-        }
-        if let Some(v) = std::env::var_os("CEDANA_SCRATCH_DIR") {
-            self.checkpoint.scratch_dir = Some(v.into());
-        }
-        if let Ok(v) = std::env::var("CEDANA_CHECKPOINT_COMPRESSION") {
-            let c = v.parse().map_err(|e: crate::codec::CodecError| ConfigError::Env {
-                var: "CEDANA_CHECKPOINT_COMPRESSION",
-                message: e.to_string(),
-            })?;
-            self.checkpoint.compression = Some(c);
-        }
-        Ok(())
+    }
+
+    /// The log level (`log_level`, else [`DEFAULT_LOG_LEVEL`]).
+    pub fn log_level(&self) -> &str {
+        self.log_level.as_deref().unwrap_or(DEFAULT_LOG_LEVEL)
     }
 
     /// Parent folder for new checkpoints.
@@ -239,5 +457,109 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.checkpoint_dir(), PathBuf::from("/tmp"));
         assert_eq!(c.compression(), Compression::Tar);
+    }
+
+    fn env_of(vars: &[(&str, &str)]) -> impl Fn(&str) -> Option<std::ffi::OsString> {
+        let vars: std::collections::HashMap<String, String> = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        move |k| vars.get(k).map(Into::into)
+    }
+
+    #[test]
+    fn every_key_has_its_cedana_env_name_first() {
+        for key in KEYS {
+            assert_eq!(key.env[0], format!("CEDANA_{}", key.name.to_uppercase().replace('.', "_")), "{}", key.name);
+        }
+        let names: Vec<_> = Config::keys().collect();
+        assert_eq!(
+            names,
+            [
+                "address",
+                "protocol",
+                "log_level",
+                "db.path",
+                "criu.binary_path",
+                "criu.driver",
+                "checkpoint.dir",
+                "checkpoint.compression",
+                "checkpoint.scratch_dir",
+                "hooks.command"
+            ]
+        );
+    }
+
+    #[test]
+    fn sources_say_file_env_or_default() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "address = \"/x/s.sock\"\n[checkpoint]\ncompression = \"zstd\"\ndir = \"/from/file\"\n").unwrap();
+        let env = env_of(&[("CEDANA_CHECKPOINT_DIR", "/from/env"), ("CEDANA_CONFIG", "/ignored/when/flag/given")]);
+        let (c, sources) = Config::load_with_env(Some(&p), &env).unwrap();
+        assert_eq!(sources.file, Some(ConfigFile { path: p.clone(), chosen_by: FileChoice::Flag }));
+        assert_eq!(c.checkpoint_dir(), PathBuf::from("/from/env"));
+        assert_eq!(sources.get("checkpoint.dir"), Source::Env { var: "CEDANA_CHECKPOINT_DIR" });
+        assert_eq!(sources.get("address"), Source::File { path: p.clone() });
+        assert_eq!(sources.get("db.path"), Source::Default);
+        let rows = c.describe(&sources);
+        let row = |k: &str| rows.iter().find(|r| r.key == k).unwrap().clone();
+        assert_eq!(row("checkpoint.compression").value.as_deref(), Some("zstd"));
+        assert_eq!(row("checkpoint.compression").source.to_string(), format!("file {}", p.display()));
+        assert_eq!(row("checkpoint.dir").source.to_string(), "env CEDANA_CHECKPOINT_DIR");
+        assert_eq!(row("db.path").value.as_deref(), Some(DEFAULT_DB_PATH));
+        assert_eq!(row("db.path").source.to_string(), "default");
+        assert_eq!(row("criu.driver").value.as_deref(), Some("swrk"));
+        assert_eq!(row("protocol").value.as_deref(), Some("unix"));
+        assert_eq!(row("hooks.command").value, None);
+        assert_eq!(row("hooks.command").env, "CEDANA_HOOKS_COMMAND");
+        let json = serde_json::to_value(row("checkpoint.dir")).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({"key": "checkpoint.dir", "value": "/from/env", "source": "env",
+                "var": "CEDANA_CHECKPOINT_DIR", "env": "CEDANA_CHECKPOINT_DIR"})
+        );
+
+        // $CEDANA_CONFIG names the file when no flag does.
+        let env = env_of(&[("CEDANA_CONFIG", p.to_str().unwrap())]);
+        let (_, sources) = Config::load_with_env(None, &env).unwrap();
+        assert_eq!(sources.file.unwrap().chosen_by, FileChoice::Env);
+    }
+
+    #[test]
+    fn new_and_old_env_names_both_work_and_the_new_one_wins() {
+        let (c, s) =
+            Config::load_with_env(None, &env_of(&[("CEDANA_SCRATCH_DIR", "/old"), ("CEDANA_HOOK_COMMAND", "/h")])).unwrap();
+        assert_eq!(c.scratch_dir(), PathBuf::from("/old"));
+        assert_eq!(s.get("checkpoint.scratch_dir"), Source::Env { var: "CEDANA_SCRATCH_DIR" });
+        assert_eq!(c.hooks.command.as_deref(), Some(Path::new("/h")));
+        let env = env_of(&[
+            ("CEDANA_SCRATCH_DIR", "/old"),
+            ("CEDANA_CHECKPOINT_SCRATCH_DIR", "/new"),
+            ("CEDANA_HOOKS_COMMAND", "/h2"),
+            ("CEDANA_CRIU_DRIVER", "cli"),
+            ("CEDANA_CRIU_BINARY_PATH", "/c/criu"),
+        ]);
+        let (c, s) = Config::load_with_env(None, &env).unwrap();
+        assert_eq!(c.scratch_dir(), PathBuf::from("/new"));
+        assert_eq!(s.get("checkpoint.scratch_dir"), Source::Env { var: "CEDANA_CHECKPOINT_SCRATCH_DIR" });
+        assert_eq!(c.hooks.command.as_deref(), Some(Path::new("/h2")));
+        assert_eq!(c.criu_driver(), CriuDriverKind::Cli);
+        assert_eq!(c.criu.binary_path.as_deref(), Some(Path::new("/c/criu")));
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_or_file_and_the_valid_values() {
+        let err = Config::load_with_env(None, &env_of(&[("CEDANA_CHECKPOINT_COMPRESSION", "brotli")])).unwrap_err().to_string();
+        assert!(err.contains("CEDANA_CHECKPOINT_COMPRESSION") && err.contains("brotli"), "{err}");
+        assert!(err.contains("none, tar, gzip, lz4, zlib, zstd"), "{err}");
+        let err = Config::load_with_env(None, &env_of(&[("CEDANA_CRIU_DRIVER", "fast")])).unwrap_err().to_string();
+        assert!(err.contains("CEDANA_CRIU_DRIVER") && err.contains("swrk or cli"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[checkpoint]\ncompression = \"brotli\"\n").unwrap();
+        let err = Config::load_with_env(Some(&p), &env_of(&[])).unwrap_err().to_string();
+        assert!(err.contains(&p.display().to_string()) && err.contains("brotli") && err.contains("zstd"), "{err}");
+        std::fs::write(&p, "[criu]\ndriver = \"fast\"\n").unwrap();
+        let err = Config::load_with_env(Some(&p), &env_of(&[])).unwrap_err().to_string();
+        assert!(err.contains(&p.display().to_string()) && err.contains("swrk") && err.contains("cli"), "{err}");
     }
 }

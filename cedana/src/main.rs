@@ -9,8 +9,13 @@ fn main() {
     // CRIU runs this binary as its action script during dumps and restores.
     cedana::criu::hook::run_if_invoked();
     let cli = cli::Cli::parse();
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&cli.log_level));
+    // The flag, else the configuration (its file or CEDANA_LOG_LEVEL), else warn; RUST_LOG overrides all.
+    let level = cli.log_level.clone().unwrap_or_else(|| match cedana::config::Config::load_from(cli.config.as_deref()) {
+        Ok(c) => c.log_level().to_string(),
+        Err(_) => cedana::config::DEFAULT_LOG_LEVEL.to_string(),
+    });
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&level));
     tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_target(false).init();
     match cli::run(cli) {
         Ok(code) => std::process::exit(code),

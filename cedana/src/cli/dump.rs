@@ -1,14 +1,24 @@
 //! `cedana dump ...`
+//!
+//! `dump process` asks the daemon when one answers on the configured socket (it then dumps, as root, with
+//! its configuration's defaults), and dumps in this process otherwise or with `--no-server`. The probe
+//! costs one `stat` when there is no socket, and never prints anything.
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use cedana::checkpoint::manifest::Manifest;
 use cedana::codec::Compression;
-use cedana::engine::{self, Destination, DumpRequest, Engine, TargetSpec};
+use cedana::engine::{self, Destination, DumpRequest, Engine, EngineError, TargetSpec};
+use cedana::error::ErrorKind;
+use cedana_protos::v1 as pb;
 use indicatif::HumanBytes;
 
 use super::{ms, CriuFlags};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum DumpCommand {
-    /// Checkpoint a process tree by PID.
+    /// Checkpoint a process tree by PID (through the daemon when it runs, unless --no-server).
     Process(ProcessArgs),
     /// Checkpoint a runc container (also Docker's) by id.
     Runc(super::runc::DumpArgs),
@@ -26,15 +36,10 @@ pub struct JobArgs {
 
 /// `cedana dump job JID`: the daemon checkpoints the job and records the checkpoint.
 pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
-    use cedana_protos::v1 as pb;
     let options = a.common.criu.to_options()?;
     let req = pb::DumpRequest {
         target: Some(pb::dump_request::Target::Jid(a.jid.clone())),
-        dir: match &a.common.dir {
-            Some(d) if !d.contains("://") => std::path::absolute(d)?.display().to_string(),
-            Some(d) => d.clone(),
-            None => String::new(),
-        },
+        dir: absolute_location(a.common.dir.as_deref())?,
         name: a.common.name.clone().unwrap_or_default(),
         compression: a.common.compression.map(|c| c.to_string()).unwrap_or_default(),
         criu: Some(crate::daemon::convert::criu_to_pb(&options, a.common.criu.leave_running)),
@@ -73,6 +78,9 @@ pub struct CommonDumpArgs {
 pub struct ProcessArgs {
     /// PID of the root of the tree to checkpoint.
     pub pid: i32,
+    /// Dump in this command even when the daemon runs (the result is the same checkpoint).
+    #[arg(long)]
+    pub no_server: bool,
     #[command(flatten)]
     pub common: CommonDumpArgs,
 }
@@ -101,40 +109,324 @@ impl CommonDumpArgs {
 
 pub fn run(engine: &Engine, cmd: DumpCommand) -> anyhow::Result<i32> {
     let req = match cmd {
-        DumpCommand::Process(a) => a.common.request(engine, TargetSpec::Process { pid: a.pid })?,
+        DumpCommand::Process(a) => {
+            if !a.no_server {
+                if let Some(daemon) = Daemon::probe(engine.config()) {
+                    return process_via_daemon(daemon, &a);
+                }
+            }
+            a.common.request(engine, TargetSpec::Process { pid: a.pid })?
+        }
         DumpCommand::Runc(a) => super::runc::dump(engine, &a)?,
         DumpCommand::Job(a) => return job(engine.config(), a),
     };
     // A signal cancels the dump at the next safe point; CRIU then resumes the process.
     let ctx = super::op_context(true)?;
     let out = engine.dump(req, &ctx)?;
-    print_summary(&out);
+    print_summary(&Summary::of_outcome(&out));
     Ok(0)
 }
 
-fn print_summary(out: &engine::DumpOutcome) {
-    let m = &out.manifest;
-    match &m.container {
-        Some(c) => println!("Dumped container {} (PID {}, {}) to {}", c.id, m.process.pid, m.process.comm, out.path.display()),
-        None => println!("Dumped PID {} ({}) to {}", m.process.pid, m.process.comm, out.path.display()),
+/// `cedana dump process PID` answered by the daemon: the same request, with paths made absolute (the
+/// daemon does not share our working folder), and the same summary.
+fn process_via_daemon(mut daemon: Daemon, a: &ProcessArgs) -> anyhow::Result<i32> {
+    let options = a.common.criu.to_options()?;
+    let req = pb::DumpRequest {
+        target: Some(pb::dump_request::Target::Pid(a.pid)),
+        dir: absolute_location(a.common.dir.as_deref())?,
+        name: a.common.name.clone().unwrap_or_default(),
+        compression: a.common.compression.map(|c| c.to_string()).unwrap_or_default(),
+        criu: Some(crate::daemon::convert::criu_to_pb(&options, a.common.criu.leave_running)),
+        runtime_root: String::new(),
+    };
+    tracing::info!(pid = a.pid, socket = %daemon.socket.display(), "dumping through the daemon");
+    let out = daemon.call(async |c| c.dump(req).await.map(|r| r.into_inner())).map_err(daemon_error)?;
+    print_summary(&Summary::of_response(&out, a.common.compression));
+    Ok(0)
+}
+
+/// A path the user gave, made absolute against our working folder; URLs (`s3://...`) and "none" are kept.
+pub(super) fn absolute_location(given: Option<&str>) -> anyhow::Result<String> {
+    Ok(match given {
+        Some(d) if !d.contains("://") => std::path::absolute(d)?.display().to_string(),
+        Some(d) => d.to_string(),
+        None => String::new(),
+    })
+}
+
+/// How long the probe waits for a daemon whose socket exists to answer a health check (a live daemon answers
+/// in about a millisecond).
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// The daemon of this configuration, connected.
+pub(super) struct Daemon {
+    runtime: tokio::runtime::Runtime,
+    client: pb::daemon_client::DaemonClient<tonic::transport::Channel>,
+    pub(super) socket: PathBuf,
+}
+
+/// Why the probe found no daemon to ask.
+enum Absent {
+    /// Nobody listens (a socket left by a daemon that died): quietly work without it.
+    Refused(tonic::transport::Error),
+    /// Something listens but does not answer, or answers that it does not serve.
+    NotAnswering(String),
+}
+
+impl Daemon {
+    /// The daemon answering on the configured socket, or `None` when there is none: no socket file (one
+    /// `stat`, nothing printed), nobody listening (refused at once, nothing printed), or no healthy answer
+    /// within [`PROBE_TIMEOUT`] (a warning; the command then works without the daemon).
+    pub(super) fn probe(config: &cedana::config::Config) -> Option<Daemon> {
+        use std::os::unix::fs::FileTypeExt;
+        let socket = config.address();
+        if !std::fs::metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
+            return None;
+        }
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
+        let answered = runtime.block_on(async {
+            match tokio::time::timeout(PROBE_TIMEOUT, Self::healthy(&socket)).await {
+                Ok(answer) => answer,
+                Err(_) => Err(Absent::NotAnswering(format!("no answer within {PROBE_TIMEOUT:?}"))),
+            }
+        });
+        match answered {
+            Ok(channel) => Some(Daemon { runtime, client: pb::daemon_client::DaemonClient::new(channel), socket }),
+            Err(Absent::Refused(e)) => {
+                tracing::debug!(socket = %socket.display(), error = %e, "no daemon listens: working without it");
+                None
+            }
+            Err(Absent::NotAnswering(why)) => {
+                tracing::warn!(socket = %socket.display(), "the daemon does not answer ({why}): working without it");
+                None
+            }
+        }
     }
-    println!("  size      {} ({}, images {})", HumanBytes(out.size), m.compression, HumanBytes(m.images_size()));
-    if let Some(s) = &m.stats {
-        let us = |v: u64| ms(std::time::Duration::from_micros(v));
+
+    /// Connect to `socket` and ask the standard health service whether the daemon's API is served.
+    async fn healthy(socket: &Path) -> Result<tonic::transport::Channel, Absent> {
+        use tonic::server::NamedService;
+        use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
+        let endpoint = cedana_protos::uds_endpoint().connect_timeout(PROBE_TIMEOUT);
+        let channel = cedana_protos::connect_uds_with(endpoint, socket).await.map_err(Absent::Refused)?;
+        let service = <pb::daemon_server::DaemonServer<crate::daemon::service::Service> as NamedService>::NAME;
+        let answer = HealthClient::new(channel.clone())
+            .check(HealthCheckRequest { service: service.to_string() })
+            .await
+            .map_err(|s| Absent::NotAnswering(format!("health check: {}", s.message())))?;
+        match answer.into_inner().status() {
+            ServingStatus::Serving => Ok(channel),
+            other => Err(Absent::NotAnswering(format!("{service} is {}", other.as_str_name()))),
+        }
+    }
+
+    /// One call to the daemon.
+    pub(super) fn call<T>(
+        &mut self,
+        f: impl AsyncFnOnce(&mut pb::daemon_client::DaemonClient<tonic::transport::Channel>) -> Result<T, tonic::Status>,
+    ) -> Result<T, tonic::Status> {
+        self.runtime.block_on(f(&mut self.client))
+    }
+}
+
+/// A status from the daemon as an error for the user: the daemon's message and the kind, and the advice the
+/// CLI gives for the same error of a local dump or restore, recognised by kind and message.
+pub(super) fn daemon_error(s: tonic::Status) -> anyhow::Error {
+    let kind = crate::daemon::convert::kind_of(s.code());
+    let message = s.message();
+    match advice_like(kind, message) {
+        Some(hint) => anyhow::anyhow!("{message} ({kind})\n  hint: {hint}"),
+        None => anyhow::anyhow!("{message} ({kind})"),
+    }
+}
+
+/// The advice for the library error the daemon's message stands for (one of the same variant: the advice
+/// depends on the variant, not on its fields).
+fn advice_like(kind: ErrorKind, message: &str) -> Option<String> {
+    use cedana::checkpoint::{manifest::CheckpointKind, CheckpointError};
+    use cedana::criu::CriuError;
+    use cedana::procfs::ProcError;
+    let path = PathBuf::new;
+    let like = match kind {
+        ErrorKind::FailedPrecondition if message.contains("another PID namespace") => {
+            EngineError::Process(ProcError::OtherPidNamespace { pid: 0 })
+        }
+        ErrorKind::FailedPrecondition if message.contains("established TCP connections") => {
+            EngineError::NeedsTcpEstablished { pid: 0, conns: String::new() }
+        }
+        ErrorKind::FailedPrecondition if message.contains("restores processes under their original PIDs") => {
+            EngineError::PidInUse { pid: 0, comm: String::new() }
+        }
+        ErrorKind::FailedPrecondition if message.contains("is too old") => {
+            EngineError::Criu(CriuError::TooOld { binary: path(), found: String::new() })
+        }
+        ErrorKind::Unavailable if message.contains("CRIU not found") => {
+            EngineError::Criu(CriuError::NotFound { tried: String::new() })
+        }
+        ErrorKind::InvalidArgument if message.starts_with("invalid checkpoint name") => {
+            EngineError::BadName { name: String::new(), reason: "" }
+        }
+        ErrorKind::InvalidArgument if message.contains(" checkpoint, not a ") => {
+            let found = [CheckpointKind::Runc, CheckpointKind::Containerd, CheckpointKind::Process]
+                .into_iter()
+                .find(|k| message.contains(&format!(" holds a {k} checkpoint")))?;
+            EngineError::WrongKind { path: path(), found, wanted: CheckpointKind::Process }
+        }
+        ErrorKind::ResourceExhausted if message.contains(" is full") => {
+            EngineError::Checkpoint(CheckpointError::NoSpace { dir: path() })
+        }
+        ErrorKind::AlreadyExists if message.contains(" already exists") => {
+            EngineError::Checkpoint(CheckpointError::Exists { path: path() })
+        }
+        ErrorKind::NotFound if message.contains("no checkpoint at ") => {
+            EngineError::Checkpoint(CheckpointError::NotFound { path: path() })
+        }
+        _ => return None,
+    };
+    let text = super::advice::render(&anyhow::Error::new(like));
+    text.rsplit_once("\n  hint: ").map(|(_, hint)| hint.to_string())
+}
+
+/// What a dump's summary shows; a dump through the daemon knows less (no CRIU statistics, no detected
+/// options) unless the manifest can be read cheaply.
+struct Summary<'a> {
+    pid: i32,
+    comm: &'a str,
+    container: Option<&'a str>,
+    path: String,
+    size: u64,
+    compression: Option<Compression>,
+    manifest: Option<std::borrow::Cow<'a, Manifest>>,
+    total: Duration,
+    criu: Duration,
+    package: Duration,
+    detected: &'a [&'static str],
+}
+
+/// Largest archive whose manifest the summary of a dump through the daemon reads back (the manifest is the
+/// archive's last entry: reading it means reading the whole archive).
+const SUMMARY_READ_LIMIT: u64 = 16 << 20;
+
+impl<'a> Summary<'a> {
+    fn of_outcome(out: &'a engine::DumpOutcome) -> Summary<'a> {
+        let m = &out.manifest;
+        Summary {
+            pid: m.process.pid,
+            comm: &m.process.comm,
+            container: m.container.as_ref().map(|c| c.id.as_str()),
+            path: out.path.display().to_string(),
+            size: out.size,
+            compression: Some(m.compression),
+            manifest: Some(std::borrow::Cow::Borrowed(m)),
+            total: out.total_time,
+            criu: out.criu_time,
+            package: out.package_time,
+            detected: &out.detected,
+        }
+    }
+
+    fn of_response(out: &'a pb::DumpResponse, asked: Option<Compression>) -> Summary<'a> {
+        let path = Path::new(&out.path);
+        let compression = asked.or_else(|| Compression::detect_path(path).ok());
+        let cheap = path.is_dir() || out.size <= SUMMARY_READ_LIMIT;
+        let manifest: Option<std::borrow::Cow<'a, Manifest>> = match cheap && path.exists() {
+            true => cedana::checkpoint::read_manifest(path, false).ok().map(std::borrow::Cow::Owned),
+            false => None,
+        };
+        Summary {
+            pid: out.pid,
+            comm: &out.comm,
+            container: None,
+            path: out.path.clone(),
+            size: out.size,
+            compression: manifest.as_ref().map(|m| m.compression).or(compression),
+            manifest,
+            total: Duration::from_micros(out.total_time_us),
+            criu: Duration::from_micros(out.criu_time_us),
+            package: Duration::from_micros(out.package_time_us),
+            detected: &[],
+        }
+    }
+}
+
+fn print_summary(s: &Summary<'_>) {
+    match s.container {
+        Some(id) => println!("Dumped container {id} (PID {}, {}) to {}", s.pid, s.comm, s.path),
+        None => println!("Dumped PID {} ({}) to {}", s.pid, s.comm, s.path),
+    }
+    let m = s.manifest.as_deref();
+    match (s.compression, m) {
+        (Some(c), Some(m)) => println!("  size      {} ({c}, images {})", HumanBytes(s.size), HumanBytes(m.images_size())),
+        (Some(c), None) => println!("  size      {} ({c})", HumanBytes(s.size)),
+        (None, _) => println!("  size      {}", HumanBytes(s.size)),
+    }
+    if let Some(st) = m.and_then(|m| m.stats.as_ref()) {
+        let us = |v: u64| ms(Duration::from_micros(v));
         println!(
             "  frozen    {} (freezing {}, memdump {}, memwrite {})",
-            us(s.frozen_time_us),
-            us(s.freezing_time_us),
-            us(s.memdump_time_us),
-            us(s.memwrite_time_us)
+            us(st.frozen_time_us),
+            us(st.freezing_time_us),
+            us(st.memdump_time_us),
+            us(st.memwrite_time_us)
         );
-        println!("  pages     {} written, {} scanned", s.pages_written, s.pages_scanned);
+        println!("  pages     {} written, {} scanned", st.pages_written, st.pages_scanned);
     }
-    println!("  time      {} (criu {}, packaging {})", ms(out.total_time), ms(out.criu_time), ms(out.package_time));
-    if !out.detected.is_empty() {
-        println!("  detected  {}", out.detected.join(" "));
+    println!("  time      {} (criu {}, packaging {})", ms(s.total), ms(s.criu), ms(s.package));
+    if !s.detected.is_empty() {
+        println!("  detected  {}", s.detected.join(" "));
     }
-    if m.process.pids.len() > 1 {
+    if let Some(m) = m.filter(|m| m.process.pids.len() > 1) {
         println!("  tree      {} processes", m.process.pids.len());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_daemon_error_keeps_its_message_and_kind_and_gets_the_local_advice() {
+        let e = daemon_error(tonic::Status::already_exists("/tmp/x.tar already exists"));
+        let text = super::super::advice::render(&e);
+        assert!(text.starts_with("/tmp/x.tar already exists (already exists)\n  hint: "), "{text}");
+        assert!(text.contains("choose another --name"), "{text}");
+        let e = daemon_error(tonic::Status::failed_precondition(
+            "PID 5 cannot be checkpointed: it runs in another PID namespace (a container?): checkpoint the container instead",
+        ));
+        assert!(format!("{e:#}").contains("cedana dump runc"), "{e:#}");
+        let e = daemon_error(tonic::Status::invalid_argument("/c.tar holds a runc checkpoint, not a process one"));
+        assert!(format!("{e:#}").contains("cedana restore runc"), "{e:#}");
+        let e = daemon_error(tonic::Status::not_found("no checkpoint at /nope: check the path"));
+        assert!(format!("{e:#}").contains("check the --path"), "{e:#}");
+        let e = daemon_error(tonic::Status::internal("criu dump failed"));
+        assert_eq!(format!("{e:#}"), "criu dump failed (internal)");
+    }
+
+    #[test]
+    fn the_probe_is_quick_and_quiet_without_a_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let config =
+            cedana::config::Config { address: Some(dir.path().join("none.sock").display().to_string()), ..Default::default() };
+        let t = std::time::Instant::now();
+        assert!(Daemon::probe(&config).is_none());
+        // A socket file nobody listens on is refused at once.
+        let listener = std::os::unix::net::UnixListener::bind(dir.path().join("dead.sock")).unwrap();
+        drop(listener);
+        let config =
+            cedana::config::Config { address: Some(dir.path().join("dead.sock").display().to_string()), ..Default::default() };
+        assert!(Daemon::probe(&config).is_none());
+        assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn a_listener_that_does_not_answer_is_not_taken_for_a_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("mute.sock");
+        // Connections are queued by the kernel but never served.
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        let config = cedana::config::Config { address: Some(socket.display().to_string()), ..Default::default() };
+        let t = std::time::Instant::now();
+        assert!(Daemon::probe(&config).is_none());
+        assert!(t.elapsed() < PROBE_TIMEOUT + Duration::from_millis(500), "{:?}", t.elapsed());
     }
 }

@@ -1,5 +1,184 @@
 //! `cedana features`: which commands support which types, computed from what is built in.
+//!
+//! Each cell is looked up in the CLI itself (its clap definition: the subcommands and flags it routes), not
+//! written by hand: `dump × containerd` turns to yes the day `cedana dump containerd` exists. The one thing
+//! clap cannot tell is whether a routed command is still a stub; for attaching, the cell reads the source of
+//! `cli/attach.rs` (compiled in) and says no while its function still bails "not built yet".
+
+use clap::CommandFactory;
+use comfy_table::{presets::NOTHING, Table};
+
+/// The columns: what a command acts on.
+pub const TYPES: [&str; 4] = ["process", "job", "runc", "containerd"];
+
+/// One cell of the matrix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Support {
+    Yes,
+    No,
+    /// The row does not apply to the column (`run job`: a job is what `run` creates).
+    NotApplicable,
+}
+
+impl Support {
+    fn of(b: bool) -> Self {
+        if b {
+            Support::Yes
+        } else {
+            Support::No
+        }
+    }
+
+    fn text(self) -> &'static str {
+        match self {
+            Support::Yes => "yes",
+            Support::No => "no",
+            Support::NotApplicable => "-",
+        }
+    }
+}
+
+/// A row: its name and how each cell is computed from the CLI's definition.
+struct Feature {
+    name: &'static str,
+    cell: fn(&Cli, &str) -> Support,
+}
+
+/// The CLI as built: its clap definition.
+struct Cli(clap::Command);
+
+impl Cli {
+    fn built() -> Self {
+        Cli(super::Cli::command())
+    }
+
+    /// `cedana PATH...`, e.g. `["dump", "process"]`, when it is routed.
+    fn command(&self, path: &[&str]) -> Option<&clap::Command> {
+        path.iter().try_fold(&self.0, |cmd, name| cmd.find_subcommand(name))
+    }
+
+    fn has(&self, path: &[&str]) -> bool {
+        self.command(path).is_some()
+    }
+
+    /// `cedana PATH... --flag` is accepted.
+    fn has_flag(&self, path: &[&str], flag: &str) -> bool {
+        self.command(path).is_some_and(|c| c.get_arguments().any(|a| a.get_long() == Some(flag)))
+    }
+}
+
+/// The source of `cli/attach.rs`, to tell a stub from an implementation.
+const ATTACH_SOURCE: &str = include_str!("attach.rs");
+
+/// Whether function `name` of `source` is implemented: its body (up to the next item) does not bail with
+/// "not built yet". `false` also when there is no such function.
+fn implemented(source: &str, name: &str) -> bool {
+    let Some(start) = source.find(&format!("fn {name}(")) else { return false };
+    let rest = &source[start..];
+    let end = ["\npub fn ", "\nfn ", "\npub(crate) fn ", "\nasync fn ", "\n#[cfg(test)]"]
+        .iter()
+        .filter_map(|next| rest[1..].find(next).map(|i| i + 1))
+        .min()
+        .unwrap_or(rest.len());
+    !rest[..end].contains("not built yet")
+}
+
+/// Whether `cedana job attach` (and `--attach` on run/restore) really attaches.
+fn attach_built() -> bool {
+    implemented(ATTACH_SOURCE, "attach_job")
+}
+
+/// The rows, in the order printed. `job` means managed jobs through the daemon (`cedana dump job JID`).
+const FEATURES: &[Feature] = &[
+    Feature { name: "dump", cell: |cli, ty| Support::of(cli.has(&["dump", ty])) },
+    Feature { name: "restore", cell: |cli, ty| Support::of(cli.has(&["restore", ty])) },
+    Feature { name: "run", cell: |cli, ty| not_for_jobs(ty, || cli.has(&["run", ty])) },
+    Feature { name: "manage", cell: |cli, ty| not_for_jobs(ty, || cli.has(&["manage", ty])) },
+    Feature {
+        name: "manage --upcoming",
+        cell: |cli, ty| not_for_jobs(ty, || cli.has_flag(&["manage"], "upcoming") || cli.has_flag(&["manage", ty], "upcoming")),
+    },
+    Feature {
+        name: "attach",
+        cell: |cli, ty| {
+            let routed = match ty {
+                "job" => cli.has(&["job", "attach"]),
+                _ => cli.has_flag(&["run", ty], "attach"),
+            };
+            Support::of(routed && attach_built())
+        },
+    },
+    Feature {
+        name: "GPU",
+        cell: |cli, ty| {
+            let path: &[&str] = if ty == "job" { &["run", "process"] } else { &["run", ty] };
+            Support::of(cli.has_flag(path, "gpu-enabled") || cli.has_flag(&["dump", ty], "gpu"))
+        },
+    },
+];
+
+fn not_for_jobs(ty: &str, routed: impl FnOnce() -> bool) -> Support {
+    if ty == "job" {
+        Support::NotApplicable
+    } else {
+        Support::of(routed())
+    }
+}
+
+/// The matrix: one row per feature, one cell per entry of [`TYPES`].
+pub fn matrix() -> Vec<(&'static str, Vec<Support>)> {
+    let cli = Cli::built();
+    FEATURES.iter().map(|f| (f.name, TYPES.iter().map(|ty| (f.cell)(&cli, ty)).collect())).collect()
+}
+
+fn table() -> String {
+    let mut table = Table::new();
+    table.load_style(NOTHING);
+    table.set_header(std::iter::once("FEATURE").chain(TYPES));
+    for (name, cells) in matrix() {
+        table.add_row(std::iter::once(name).chain(cells.iter().map(|c| c.text())));
+    }
+    format!("{table}\n")
+}
 
 pub fn run() -> anyhow::Result<i32> {
-    anyhow::bail!("features is not built yet")
+    super::config::print_out(&format!("{}job: managed jobs through the daemon (process jobs); -: does not apply\n", table()))?;
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(feature: &str, ty: &str) -> Support {
+        let col = TYPES.iter().position(|t| *t == ty).unwrap();
+        matrix().into_iter().find(|(n, _)| *n == feature).unwrap().1[col]
+    }
+
+    #[test]
+    fn the_table_has_the_types_as_columns_and_reads_the_cli() {
+        let text = table();
+        let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
+        assert_eq!(header, ["FEATURE", "process", "job", "runc", "containerd"]);
+        assert_eq!(cell("dump", "process"), Support::Yes);
+        assert_eq!(cell("dump", "containerd"), Support::No);
+        assert_eq!(cell("dump", "job"), Support::Yes);
+        assert_eq!(cell("restore", "runc"), Support::Yes);
+        assert_eq!(cell("run", "process"), Support::Yes);
+        assert_eq!(cell("run", "job"), Support::NotApplicable);
+        assert_eq!(cell("manage", "process"), Support::Yes);
+        assert_eq!(cell("manage --upcoming", "process"), Support::No);
+        assert_eq!(cell("GPU", "process"), Support::No);
+        assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["dump", "yes", "yes", "yes", "no"]), "{text}");
+    }
+
+    #[test]
+    fn a_stub_is_not_a_feature() {
+        let src = "pub fn a() -> R {\n    bail!(\"a is not built yet\")\n}\n\npub fn b() -> R {\n    Ok(0)\n}\n";
+        assert!(!implemented(src, "a"));
+        assert!(implemented(src, "b"));
+        assert!(!implemented(src, "c"));
+        // The function the attach cells look for exists (a rename would silently turn them to no).
+        assert!(ATTACH_SOURCE.contains("fn attach_job("));
+    }
 }

@@ -20,9 +20,9 @@ use clap::{Parser, Subcommand};
 #[derive(Parser, Debug)]
 #[command(name = "cedana", version, about, propagate_version = true)]
 pub struct Cli {
-    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
-    #[arg(long, global = true, default_value = "warn", env = "CEDANA_LOG_LEVEL")]
-    pub log_level: String,
+    /// Log level (error, warn, info, debug, trace); default: `log_level` in the config, or warn.
+    #[arg(long, global = true)]
+    pub log_level: Option<String>,
     /// Configuration file (default: $CEDANA_CONFIG, else /etc/cedana/config.toml when it exists).
     #[arg(long, global = true, value_name = "FILE")]
     pub config: Option<std::path::PathBuf>,

@@ -1,4 +1,8 @@
 //! `cedana restore ...`
+//!
+//! `restore process` asks the daemon when one answers on the configured socket (the restored tree is then
+//! the daemon's child, reaped by it), and restores in this process otherwise. `--no-server` always restores
+//! here, attached to this command unless `--detach`.
 
 use std::path::PathBuf;
 
@@ -9,7 +13,7 @@ use super::{ms, CriuFlags};
 
 #[derive(clap::Subcommand, Debug)]
 pub enum RestoreCommand {
-    /// Restore a process checkpoint.
+    /// Restore a process checkpoint (through the daemon when it runs, unless --no-server).
     Process(ProcessArgs),
     /// Restore a runc checkpoint as a new runc container.
     Runc(super::runc::RestoreArgs),
@@ -57,8 +61,8 @@ pub struct ProcessArgs {
     /// The checkpoint: a file (any compression, detected by content) or a folder.
     #[arg(long, short = 'p')]
     pub path: String,
-    /// Restore as a child of this command (no daemon): wait for it, pass its stdio through, and exit with
-    /// its exit code.
+    /// Restore as a child of this command, without the daemon even when it runs: wait for it, pass its
+    /// stdio through, and exit with its exit code.
     #[arg(long)]
     pub no_server: bool,
     /// Return as soon as the process is restored, leaving it running in the background.
@@ -70,7 +74,8 @@ pub struct ProcessArgs {
     /// For detached restores: where standard streams that were pipes go (default /dev/null).
     #[arg(long = "log", value_name = "FILE")]
     pub log: Option<PathBuf>,
-    /// CRIU --inherit-fd mappings, e.g. fd[1]:pipe:[1234] (repeatable).
+    /// CRIU --inherit-fd mappings, e.g. fd[1]:pipe:[1234] (repeatable). The fds are this command's, so
+    /// such a restore always runs here, never in the daemon.
     #[arg(long, value_name = "MAP")]
     pub inherit_fd: Vec<String>,
     #[command(flatten)]
@@ -83,6 +88,11 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
         RestoreCommand::Runc(a) => return super::runc::restore(engine, a),
         RestoreCommand::Job(a) => return job(engine.config(), a),
     };
+    if !a.no_server && a.inherit_fd.is_empty() {
+        if let Some(daemon) = super::dump::Daemon::probe(engine.config()) {
+            return process_via_daemon(daemon, &a);
+        }
+    }
     let attached = a.no_server && !a.detach;
     let mut options = a.criu.to_options()?;
     options.inherit_fd = a.inherit_fd.clone();
@@ -111,6 +121,34 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
     tracing::info!(pid = out.pid, "restored; waiting for it to exit");
     forward_signals(out.pid);
     Ok(engine::wait_for_exit(out.pid)?)
+}
+
+/// `cedana restore process --path P` answered by the daemon: the same request with paths made absolute
+/// (the daemon does not share our working folder), and the same summary line.
+fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs) -> anyhow::Result<i32> {
+    use cedana_protos::v1 as pb;
+    let absolute = |p: &PathBuf| std::path::absolute(p).map(|p| p.display().to_string());
+    let options = a.criu.to_options()?;
+    let req = pb::RestoreRequest {
+        source: Some(pb::restore_request::Source::Path(super::dump::absolute_location(Some(&a.path))?)),
+        criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
+        attachable: false,
+        log: a.log.as_ref().map(absolute).transpose()?.unwrap_or_default(),
+        pid_file: a.pid_file.as_ref().map(absolute).transpose()?.unwrap_or_default(),
+    };
+    tracing::info!(path = %a.path, socket = %daemon.socket.display(), "restoring through the daemon");
+    let out = daemon.call(async |c| c.restore(req).await.map(|r| r.into_inner())).map_err(super::dump::daemon_error)?;
+    // The response has no command name: the restored process has the checkpoint's, which /proc shows.
+    let comm = std::fs::read_to_string(format!("/proc/{}/comm", out.pid));
+    println!(
+        "Restored PID {} ({}) from {} (verify {}, criu {})",
+        out.pid,
+        comm.as_deref().map(str::trim_end).unwrap_or("exited"),
+        a.path,
+        ms(std::time::Duration::from_micros(out.verify_time_us)),
+        ms(std::time::Duration::from_micros(out.criu_time_us))
+    );
+    Ok(0)
 }
 
 /// Pass SIGINT/SIGTERM/SIGHUP received by this command on to the restored process.

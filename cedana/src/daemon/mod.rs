@@ -33,25 +33,29 @@ pub fn start(config: Config, address: Option<PathBuf>) -> anyhow::Result<i32> {
     let engine = Engine::new(config)?;
     let (events_tx, events) = std::sync::mpsc::channel();
     let supervisor = Supervisor::new(events_tx)?;
-    readopt(&store, &supervisor);
+    let serials = service::Serials::default();
+    readopt(&store, &supervisor, &serials);
     {
-        let store = store.clone();
-        std::thread::Builder::new().name("job-exits".into()).spawn(move || service::follow_exits(store, events))?;
+        let (store, serials) = (store.clone(), serials.clone());
+        std::thread::Builder::new().name("job-exits".into()).spawn(move || service::follow_exits(store, serials, events))?;
     }
-    let service = service::Service { engine, store, supervisor, log_dir: PathBuf::from(service::LOG_DIR) };
+    let service = service::Service { engine, store, supervisor, log_dir: PathBuf::from(service::LOG_DIR), serials };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     runtime.block_on(serve(service, &socket))?;
     Ok(0)
 }
 
 /// Jobs the store says run: watch those still alive, mark the others lost.
-fn readopt(store: &JobStore, supervisor: &Supervisor) {
+fn readopt(store: &JobStore, supervisor: &Supervisor, serials: &service::Serials) {
     let Ok(jobs) = store.list() else { return };
     for job in jobs.into_iter().filter(|j| j.state == JobState::Running) {
         let alive = cedana::procfs::stat(job.pid).map(|s| !s.is_zombie()).unwrap_or(false);
-        if alive && supervisor.watch(job.pid).is_ok() {
-            tracing::info!(jid = %job.jid, pid = job.pid, "re-adopted a running job");
-            continue;
+        if alive {
+            if let Ok(serial) = supervisor.watch(job.pid) {
+                service::track(serials, job.pid, serial);
+                tracing::info!(jid = %job.jid, pid = job.pid, "re-adopted a running job");
+                continue;
+            }
         }
         tracing::info!(jid = %job.jid, pid = job.pid, "a job's process is gone: marking it lost");
         let _ = store.set_state(&job.jid, JobState::Lost, None);

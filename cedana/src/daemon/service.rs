@@ -6,8 +6,8 @@ use std::path::PathBuf;
 
 use cedana::checkpoint::CheckpointKind;
 use cedana::engine::{
-    dump::default_name, Destination, DumpRequest, Engine, OpContext, ProcessRestoreOptions, RestoreRequest, RestoreStdio, Source,
-    TargetSpec,
+    dump::{default_name, free_name},
+    Destination, DumpRequest, Engine, OpContext, ProcessRestoreOptions, RestoreRequest, RestoreStdio, Source, TargetSpec,
 };
 use cedana::error::ErrorKind;
 use cedana::jobs::model::{CheckpointRecord, Job, JobKind, JobState};
@@ -28,6 +28,19 @@ pub struct Service {
     pub store: JobStore,
     pub supervisor: Supervisor,
     pub log_dir: PathBuf,
+    /// The supervisor's serial of each job's current process, by PID: an exit event of an earlier process
+    /// under the same PID (the original of a restored job) is not taken for the current one's.
+    pub serials: Serials,
+}
+
+/// PID -> serial of the process the daemon currently supervises under it.
+pub type Serials = std::sync::Arc<std::sync::Mutex<std::collections::HashMap<i32, u64>>>;
+
+/// Record that `pid` is now supervised as `serial`.
+pub fn track(serials: &Serials, pid: i32, serial: u64) {
+    if let Ok(mut map) = serials.lock() {
+        map.insert(pid, serial);
+    }
 }
 
 pub(crate) type Reply<T> = Result<Response<T>, Status>;
@@ -88,6 +101,7 @@ impl Service {
         let env = req.env.iter().filter_map(|e| e.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
         let spec = SpawnSpec { args: req.args.clone(), cwd: cwd.clone(), env, clear_env: false, output };
         let spawned = self.supervisor.spawn(&spec).map_err(lib_err!())?;
+        track(&self.serials, spawned.pid, spawned.serial);
         let job = Job {
             jid,
             kind: JobKind::Process,
@@ -140,7 +154,8 @@ impl Service {
             restored_from: None,
         };
         self.store.insert(&job).map_err(lib_err!())?;
-        self.supervisor.watch(pid).map_err(lib_err!())?;
+        let serial = self.supervisor.watch(pid).map_err(lib_err!())?;
+        track(&self.serials, pid, serial);
         self.job_reply(&job)
     }
 
@@ -172,7 +187,10 @@ impl Service {
             }
             None => return Err(status(ErrorKind::InvalidArgument, "nothing to dump: give a PID or a job id")),
         };
-        let name = name.or_else(|| job.as_ref().map(|j| default_name(CheckpointKind::Process, &j.jid)));
+        let name = name.or_else(|| {
+            job.as_ref().map(|j| free_name(&destination, &default_name(CheckpointKind::Process, &j.jid), compression))
+        });
+        tracing::info!(target = ?target, job = ?job.as_ref().map(|j| &j.jid), "dump requested");
         let dreq = DumpRequest { target, destination, name, compression, leave_running, options };
         // The job is marked before CRIU ends it, so its exit is not taken for a crash.
         if let (Some(job), false) = (&job, leave_running) {
@@ -252,15 +270,17 @@ impl Service {
             process: ProcessRestoreOptions { as_child: true, stdio, pid_file },
             ..RestoreRequest::new(Source::parse(&path))
         };
+        tracing::info!(path = %path, job = ?job.as_ref().map(|j| &j.jid), "restore requested");
         // The scope also covers the restored root until the supervisor has adopted it.
         let scope = self.supervisor.fork_scope();
         // The request (and with it our copies of the child's ends of the pipes) is dropped once CRIU is done.
         let out = self.engine.restore(rreq, &OpContext::new()).map_err(|e| status(e.kind(), &e))?;
-        match handle {
+        let serial = match handle {
             Some(h) => self.supervisor.attach_restored(h, out.pid, true),
             None => self.supervisor.adopt_child(out.pid),
         }
         .map_err(lib_err!())?;
+        track(&self.serials, out.pid, serial);
         drop(scope);
         let job = match job {
             Some(mut job) => {
@@ -268,6 +288,8 @@ impl Service {
                 job.state = JobState::Running;
                 job.exit_code = None;
                 job.restored_from = Some(path);
+                // Restored with new pipes the supervisor holds: clients can attach from now on.
+                job.attachable |= attachable;
                 self.store.update(&job).map_err(lib_err!())?;
                 Some(self.job_reply(&job)?)
             }
@@ -358,6 +380,8 @@ impl Service {
         }
         let reply = self.job_reply(&job)?;
         self.store.delete(&job.jid).map_err(lib_err!())?;
+        // Its output hub (for attachable jobs) goes with it, so a later process with the same PID gets none.
+        self.supervisor.release(job.pid);
         Ok(reply)
     }
 
@@ -419,9 +443,18 @@ impl pb::daemon_server::Daemon for Service {
 
 /// Keeps the store in step with what the supervisor sees: a job that exits by itself is `exited` (with its
 /// code); one a dump ended stays `halted`.
-pub fn follow_exits(store: JobStore, events: std::sync::mpsc::Receiver<cedana::jobs::supervisor::JobEvent>) {
+pub fn follow_exits(store: JobStore, serials: Serials, events: std::sync::mpsc::Receiver<cedana::jobs::supervisor::JobEvent>) {
     for event in events {
-        let cedana::jobs::supervisor::JobEvent::Exited { pid, status, .. } = event;
+        let cedana::jobs::supervisor::JobEvent::Exited { pid, status, serial } = event;
+        let current = serials.lock().ok().and_then(|mut m| match m.get(&pid) {
+            Some(s) if *s == serial => m.remove(&pid),
+            Some(_) => None,
+            None => Some(serial),
+        });
+        if current.is_none() {
+            tracing::debug!(pid, serial, "exit of an earlier process under a supervised PID: ignored");
+            continue;
+        }
         let Ok(Some(job)) = store.find_by_pid(pid) else { continue };
         let (state, code) = match status {
             Some(s) => (JobState::Exited, s.code().or_else(|| s.signal().map(|sig| 128 + sig))),

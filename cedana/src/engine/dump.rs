@@ -54,6 +54,17 @@ pub fn default_name(kind: CheckpointKind, id: &str) -> String {
     format!("dump-{kind}-{id}-{}", chrono::Utc::now().timestamp())
 }
 
+/// `base`, or `base-2`, `base-3`, ... when a checkpoint of that name exists already in a local destination
+/// (default names carry the time in seconds: two dumps of one workload within a second must not collide).
+pub fn free_name(destination: &Destination, base: &str, compression: Compression) -> String {
+    let Some(dir) = destination.local_dir() else { return base.to_string() };
+    let taken = |n: &str| CheckpointWriter::path_for(dir, n, compression).symlink_metadata().is_ok();
+    if !taken(base) {
+        return base.to_string();
+    }
+    (2..).map(|i| format!("{base}-{i}")).find(|n| !taken(n)).unwrap_or_else(|| base.to_string())
+}
+
 pub(crate) fn check_name(name: &str) -> Result<(), EngineError> {
     let bad = |reason| Err(EngineError::BadName { name: name.to_string(), reason });
     if name.is_empty() {
@@ -73,7 +84,10 @@ pub(crate) fn run(engine: &Engine, req: DumpRequest, ctx: &OpContext) -> Result<
     let started = Instant::now();
     let mut target = target::dump_target(&req.target);
     let prepared = target.prepare(engine, &req.options)?;
-    let name = req.name.clone().unwrap_or_else(|| default_name(prepared.kind, &prepared.id));
+    let name = match &req.name {
+        Some(n) => n.clone(),
+        None => free_name(&req.destination, &default_name(prepared.kind, &prepared.id), req.compression),
+    };
     check_name(&name)?;
     let (writer, staging, images_dir) = open_writer(engine, &req, &name)?;
     let mut hook_ctx = HookContext {
@@ -386,6 +400,17 @@ pub fn disk_size(path: &Path) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn default_names_do_not_collide() {
+        let dir = tempfile::tempdir().unwrap();
+        let dest = Destination::dir(dir.path());
+        assert_eq!(free_name(&dest, "d", Compression::Tar), "d");
+        std::fs::write(dir.path().join("d.tar"), "").unwrap();
+        std::fs::write(dir.path().join("d-2.tar"), "").unwrap();
+        assert_eq!(free_name(&dest, "d", Compression::Tar), "d-3");
+        assert_eq!(free_name(&dest, "d", Compression::None), "d", "a folder of that name does not exist");
+    }
 
     #[test]
     fn names_are_checked() {

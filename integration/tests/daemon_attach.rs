@@ -1,0 +1,379 @@
+//! Attaching to managed jobs through the daemon: `run process --attach` (stdin in, stdout and stderr out,
+//! the exit code back), `job attach JID` and `attach PID` (Ctrl+C detaches, the job keeps running, a new
+//! client gets the recent output and then live output; several clients at once), and the quick start with
+//! attach: run attached, detach, dump, `restore job --attach`, and the output goes on without a gap or a
+//! repeat. Each test runs its own daemon on a private socket, database and checkpoint folder.
+
+use std::io::Write;
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::Duration;
+
+use cedana_integration::lines::{numbers, Lines};
+use cedana_integration::{alive, bin, require_root, wait_for, workload_bin};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+/// A daemon on private state in a temporary folder.
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let mut cmd = Command::new(bin("cedana"));
+        cmd.args(["daemon", "start"]).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        let mut d = Daemon { dir, child: None };
+        d.env(&mut cmd, "info");
+        d.child = Some(cmd.spawn().unwrap());
+        let socket = d.dir.path().join("cedana.sock");
+        wait_for("the daemon's socket", WAIT, || std::os::unix::net::UnixStream::connect(&socket).ok().map(drop));
+        d
+    }
+
+    fn env(&self, cmd: &mut Command, level: &str) {
+        cmd.env("CEDANA_ADDRESS", self.dir.path().join("cedana.sock"))
+            .env("CEDANA_DB_PATH", self.dir.path().join("jobs.db"))
+            .env("CEDANA_CHECKPOINT_DIR", self.dir.path().join("checkpoints"))
+            .env("CEDANA_LOG_LEVEL", level);
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    fn stop(&mut self) {
+        let mut child = self.child.take().unwrap();
+        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
+        let status = wait_for("the daemon to stop", WAIT, || child.try_wait().unwrap());
+        assert!(status.success(), "the daemon exits cleanly on SIGTERM: {status}; log:\n{}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// `cedana ARGS`, not yet run (warnings only on its stderr: an attached client's stderr is the job's).
+    fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("cedana"));
+        cmd.args(args);
+        self.env(&mut cmd, "warn");
+        cmd
+    }
+
+    fn cedana(&self, args: &[&str]) -> Output {
+        self.command(args).stdin(Stdio::null()).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cedana(args);
+        assert!(
+            out.status.success(),
+            "cedana {args:?} failed: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn err(&self, args: &[&str]) -> String {
+        let out = self.cedana(args);
+        assert!(!out.status.success(), "cedana {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// `ps`, as rows of fields.
+    fn ps(&self) -> Vec<Vec<String>> {
+        self.ok(&["ps"]).lines().skip(1).map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
+    }
+
+    fn row(&self, jid: &str) -> Vec<String> {
+        self.ps().into_iter().find(|r| r[0] == jid).unwrap_or_else(|| panic!("job {jid} in ps: {:?}", self.ps()))
+    }
+
+    /// A client (`cedana ARGS`) in the background: its stdin a pipe we hold open, its stdout read line by
+    /// line, its stderr collected.
+    fn client(&self, args: &[&str]) -> Client {
+        let mut child = self.command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let stdout = Lines::read(child.stdout.take().unwrap());
+        let stderr = Lines::read(child.stderr.take().unwrap());
+        Client { child, stdout, stderr }
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// An attach client running in the background.
+struct Client {
+    child: Child,
+    stdout: Lines,
+    stderr: Lines,
+}
+
+impl Client {
+    /// Type `text` into the client's stdin.
+    fn type_in(&mut self, text: &str) {
+        let stdin = self.child.stdin.as_mut().expect("the client's stdin is open");
+        stdin.write_all(text.as_bytes()).unwrap();
+        stdin.flush().unwrap();
+    }
+
+    /// End of file on the client's stdin.
+    fn close_stdin(&mut self) {
+        self.child.stdin.take();
+    }
+
+    /// Ctrl+C, as a terminal would send it.
+    fn interrupt(&self) {
+        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT).unwrap();
+    }
+
+    fn wait(&mut self) -> ExitStatus {
+        let child = &mut self.child;
+        wait_for("the attach client to exit", WAIT, || child.try_wait().unwrap())
+    }
+
+    /// Ctrl+C; the client must detach and exit 0 saying so.
+    fn detach(&mut self, jid: &str) {
+        self.interrupt();
+        let status = self.wait();
+        let stderr = self.stderr.wait_closed(WAIT).join("\n");
+        assert!(status.success(), "Ctrl+C detaches with exit code 0: {status}; stderr: {stderr}");
+        assert!(stderr.contains(&format!("detached from {jid} (it keeps running)")), "{stderr}");
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn consecutive(v: &[u64]) -> bool {
+    v.windows(2).all(|w| w[1] == w[0] + 1)
+}
+
+fn pid_of(run_output: &str) -> i32 {
+    run_output.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn run_attached_passes_stdin_in_and_output_and_exit_code_out() {
+    let d = Daemon::start();
+    let mut child = d
+        .command(&[
+            "run",
+            "process",
+            "--attach",
+            "--jid",
+            "reader",
+            "--",
+            "sh",
+            "-c",
+            "read x; echo got:$x; echo err >&2; exit 3",
+        ])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child.stdin.take().unwrap().write_all(b"hello\n").unwrap();
+    let stdout = Lines::read(child.stdout.take().unwrap());
+    let stderr = Lines::read(child.stderr.take().unwrap());
+    let status = wait_for("the attached run to end", WAIT, || child.try_wait().unwrap());
+    let (out, err) = (stdout.wait_closed(WAIT), stderr.wait_closed(WAIT));
+    assert_eq!(status.code(), Some(3), "the job's exit code is ours; stdout {out:?}, stderr {err:?}\n{}", d.log());
+    assert_eq!(out, ["got:hello"], "stdin went in, stdout came out");
+    assert_eq!(err, ["err"], "stderr came out on our stderr");
+    wait_for("the job to be recorded as exited", WAIT, || (d.row("reader")[3] == "exited").then_some(()));
+    // Attaching to the exited job gives its recent output and exit code again.
+    let out = d.cedana(&["job", "attach", "reader"]);
+    assert_eq!(out.status.code(), Some(3), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "got:hello\n");
+}
+
+#[test]
+fn clients_attach_detach_and_attach_again_while_the_job_runs() {
+    let d = Daemon::start();
+    let script = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.05; done";
+    let out = d.ok(&["run", "process", "--attachable", "--jid", "loop", "--", "sh", "-c", script]);
+    assert!(out.starts_with("loop "), "{out}");
+    let pid = pid_of(&out);
+    assert_eq!(d.row("loop").last().unwrap(), "[Attachable]");
+
+    let mut first = d.client(&["job", "attach", "loop"]);
+    let seen = first.stdout.wait_numbers(10, WAIT);
+    assert!(consecutive(&seen) && seen[0] == 0, "the output from the start (replay), in order: {seen:?}");
+    first.detach("loop");
+    let last_seen = *numbers(&first.stdout.snapshot()).last().unwrap();
+    assert!(alive(pid), "detaching leaves the job running");
+    assert_ne!(d.row("loop")[3], "exited");
+
+    // Again, and by PID at the same time: both get the recent output, then live output.
+    let mut again = d.client(&["job", "attach", "loop"]);
+    let mut by_pid = d.client(&["attach", &pid.to_string()]);
+    for client in [&again, &by_pid] {
+        let v = wait_for("live output after the replay", WAIT, || {
+            let v = numbers(&client.stdout.snapshot());
+            (v.last().is_some_and(|&n| n > last_seen + 5)).then_some(v)
+        });
+        assert_eq!(v[0], 0, "the replay holds the output from the start: {:?}", &v[..5]);
+        assert!(consecutive(&v), "replay then live output, without a gap or a repeat: {v:?}");
+    }
+    again.detach("loop");
+    by_pid.detach("loop");
+    assert!(alive(pid), "the job runs on after its clients detached");
+    wait_for("the daemon to notice the three detaches", WAIT, || (d.log().matches("client detached").count() >= 3).then_some(()));
+
+    // The job ending ends a client attached to it, with its exit code (128 + SIGTERM).
+    let mut attached = d.client(&["attach", &pid.to_string()]);
+    attached.stdout.wait_numbers(1, WAIT);
+    d.ok(&["job", "kill", "loop", "--signal", "15"]);
+    assert_eq!(attached.wait().code(), Some(128 + 15));
+    wait_for("the job to be recorded as exited", WAIT, || (d.row("loop")[3] == "exited").then_some(()));
+}
+
+#[test]
+fn two_clients_share_the_jobs_stdin_and_output() {
+    let d = Daemon::start();
+    let out = d.ok(&["run", "process", "--attachable", "--jid", "cat", "--", "cat"]);
+    let pid = pid_of(&out);
+    let mut a = d.client(&["job", "attach", "cat"]);
+    let mut b = d.client(&["attach", &pid.to_string()]);
+    a.type_in("from a\n");
+    b.type_in("from b\n");
+    for client in [&a, &b] {
+        client.stdout.wait_for(2, WAIT);
+    }
+    assert_eq!(a.stdout.snapshot(), b.stdout.snapshot(), "both see all the output");
+    let mut lines = a.stdout.snapshot();
+    lines.sort();
+    assert_eq!(lines, ["from a", "from b"]);
+    // End of file on one client's stdin closes the job's stdin: cat ends, and both clients with it.
+    a.close_stdin();
+    assert_eq!(a.wait().code(), Some(0));
+    assert_eq!(b.wait().code(), Some(0));
+    wait_for("the job to be recorded as exited", WAIT, || (d.row("cat")[3] == "exited").then_some(()));
+}
+
+#[test]
+fn a_stopping_daemon_ends_its_attached_clients() {
+    let mut d = Daemon::start();
+    let pid = pid_of(&d.ok(&["run", "process", "--attachable", "--jid", "quiet", "--", "sleep", "60"]));
+    let mut client = d.client(&["job", "attach", "quiet"]);
+    wait_for("the client to be attached", WAIT, || d.log().contains("client attached").then_some(()));
+    // An open attach call does not hold up the daemon's shutdown.
+    d.stop();
+    let status = client.wait();
+    let said = client.stderr.wait_closed(WAIT).join("\n");
+    assert_eq!(status.code(), Some(1), "{said}");
+    assert!(said.contains("lost the connection to the daemon") && said.contains("shutting down"), "{said}");
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+}
+
+#[test]
+fn attaching_to_what_cannot_be_attached_to_says_why() {
+    let d = Daemon::start();
+    let err = d.err(&["job", "attach", "nope"]);
+    assert!(err.contains("there is no job nope") && err.contains("cedana ps"), "{err}");
+    let log = d.dir.path().join("plain.log");
+    let out = d.ok(&["run", "process", "--jid", "plain", "--out", log.to_str().unwrap(), "--", "sleep", "60"]);
+    let pid = pid_of(&out);
+    let err = d.err(&["job", "attach", "plain"]);
+    assert!(err.contains("not attachable") && err.contains(log.to_str().unwrap()) && err.contains("--attach"), "{err}");
+    let err = d.err(&["attach", &pid.to_string()]);
+    assert!(err.contains("job plain") && err.contains("not attachable"), "{err}");
+    let err = d.err(&["attach", "999999999"]);
+    assert!(err.contains("no managed job has PID 999999999"), "{err}");
+    d.ok(&["job", "kill", "plain"]);
+    wait_for("the job to end", WAIT, || (!alive(pid)).then_some(()));
+}
+
+#[test]
+fn quick_start_attached_detach_dump_and_restore_attached_goes_on() {
+    let d = Daemon::start();
+    let log = d.dir.path().join("counter.log");
+    let counter = workload_bin("counter");
+    let mut run = d.client(&[
+        "run",
+        "process",
+        "--attach",
+        "--jid",
+        "counter1",
+        "--out",
+        log.to_str().unwrap(),
+        "--",
+        counter.to_str().unwrap(),
+    ]);
+    let seen = run.stdout.wait_numbers(10, WAIT);
+    assert!(consecutive(&seen) && seen[0] == 1, "{seen:?}");
+    run.detach("counter1");
+    let pid: i32 = d.row("counter1")[2].parse().unwrap();
+    assert!(alive(pid));
+
+    // A client still attached when the job is checkpointed is told how to go on.
+    let mut watcher = d.client(&["job", "attach", "counter1"]);
+    watcher.stdout.wait_numbers(seen.len() + 5, WAIT);
+    let dumped = d.ok(&["dump", "job", "counter1"]);
+    assert!(dumped.contains("dump-process-counter1-"), "{dumped}");
+    let status = watcher.wait();
+    let said = watcher.stderr.wait_closed(WAIT).join("\n");
+    assert!(status.success(), "{status}: {said}");
+    assert!(said.contains("was checkpointed") && said.contains("cedana restore job counter1 --attach"), "{said}");
+    assert_eq!(d.row("counter1")[3], "halted");
+    wait_for("the dumped job to be gone", WAIT, || (!alive(pid)).then_some(()));
+    let err = d.err(&["job", "attach", "counter1"]);
+    assert!(err.contains("halted") && err.contains("restore job counter1 --attach"), "{err}");
+    let logged = numbers_in(&log);
+    assert!(consecutive(&logged) && logged[0] == 1, "the log holds the output until the dump: {logged:?}");
+    let before = *logged.last().unwrap();
+
+    let mut restored = d.client(&["restore", "job", "counter1", "--attach"]);
+    let after = wait_for("output of the restored job", WAIT, || {
+        let v = numbers(&restored.stdout.snapshot());
+        (v.len() >= 10).then_some(v)
+    });
+    assert_eq!(
+        after[0],
+        before + 1,
+        "the restored job goes on where the checkpoint stopped ({before}): {after:?}\nstderr: {:?}\ndaemon log:\n{}",
+        restored.stderr.snapshot(),
+        d.log()
+    );
+    assert!(consecutive(&after), "{after:?}");
+    let all = numbers_in(&log);
+    assert!(consecutive(&all), "the log goes on without a gap or a repeat: {all:?}");
+    let row = d.row("counter1");
+    assert!(row[3] == "sleep" || row[3] == "running", "the restored job runs: {row:?}");
+    let new_pid: i32 = row[2].parse().unwrap();
+    restored.detach("counter1");
+    assert!(alive(new_pid), "detaching from the restored job leaves it running");
+
+    // It can be attached to again, by PID too.
+    let mut by_pid = d.client(&["attach", &new_pid.to_string()]);
+    let last = *after.last().unwrap();
+    let v = wait_for("live output of the restored job", WAIT, || {
+        let v = numbers(&by_pid.stdout.snapshot());
+        (v.last().is_some_and(|&n| n > last + 5)).then_some(v)
+    });
+    assert!(consecutive(&v), "{v:?}");
+    by_pid.detach("counter1");
+    d.ok(&["job", "kill", "counter1"]);
+    wait_for("the job's exit to be recorded", WAIT, || (d.row("counter1")[3] == "exited").then_some(()));
+}
+
+/// Numbers printed by a job, one per line, in its log.
+fn numbers_in(log: &Path) -> Vec<u64> {
+    std::fs::read_to_string(log).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
