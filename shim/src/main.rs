@@ -1,10 +1,8 @@
-//! `containerd-shim-cedana-v2`: not implemented yet. It refuses to start with a clear message so that a
-//! RuntimeClass pointing at it fails loudly instead of hanging containerd.
+//! `containerd-shim-cedana-v2`: see the library's documentation.
 
-fn main() {
-    eprintln!(
-        "containerd-shim-cedana-v2: this shim is not implemented yet; use `--runtime io.containerd.runc.v2` \
-         with BinaryName set to cedana-runc for checkpoint/restore through containerd"
-    );
-    std::process::exit(1);
+use containerd_shim_cedana_v2::shim::{config, CedanaShim, RUNTIME_NAME};
+
+#[tokio::main]
+async fn main() {
+    containerd_shim::asynchronous::run::<CedanaShim>(RUNTIME_NAME, Some(config())).await;
 }

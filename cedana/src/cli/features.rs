@@ -142,7 +142,10 @@ fn table() -> String {
 }
 
 pub fn run() -> anyhow::Result<i32> {
-    super::config::print_out(&format!("{}job: managed jobs through the daemon (process jobs); -: does not apply\n", table()))?;
+    super::config::print_out(&format!(
+        "{}job: managed jobs through the daemon (process and runc jobs); -: does not apply\n",
+        table()
+    ))?;
     Ok(0)
 }
 
@@ -167,7 +170,8 @@ mod tests {
         assert_eq!(cell("run", "process"), Support::Yes);
         assert_eq!(cell("run", "job"), Support::NotApplicable);
         assert_eq!(cell("manage", "process"), Support::Yes);
-        assert_eq!(cell("manage --upcoming", "process"), Support::No);
+        assert_eq!(cell("manage --upcoming", "process"), Support::Yes);
+        assert_eq!(cell("manage --upcoming", "containerd"), Support::No);
         assert_eq!(cell("GPU", "process"), Support::No);
         assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["dump", "yes", "yes", "yes", "no"]), "{text}");
     }

@@ -25,6 +25,49 @@ pub enum DaemonCommand {
 pub enum RunCommand {
     /// Start a program as a managed job: cedana run process [--jid ID] -- PROGRAM ARGS...
     Process(RunArgs),
+    /// Create and start a runc container as a managed job: cedana run runc --bundle DIR [--id ID] [--root R].
+    /// The daemon runs `runc run --detach`; the job's PID is the container's init.
+    Runc(RunRuncArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunRuncArgs {
+    /// The bundle: a folder holding the container's config.json and rootfs.
+    #[arg(long, short = 'b')]
+    pub bundle: PathBuf,
+    /// Container id (default: the job id).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// runc's state folder (`runc --root`).
+    #[arg(long, default_value = cedana::runc::DEFAULT_ROOT)]
+    pub root: PathBuf,
+    /// Job id (default: a memorable random one).
+    #[arg(long)]
+    pub jid: Option<String>,
+    /// Accepted for runc's sake: a managed container always runs detached (the daemon keeps it).
+    #[arg(long, short = 'd')]
+    pub detach: bool,
+    /// Give the container pipes for stdin/stdout/stderr that the daemon holds, so clients can attach (its
+    /// output also goes to the log). Without this or --out they are /dev/null and no output is kept; with
+    /// pipes the container needs the daemon that holds them (it cannot hand them over across a restart).
+    #[arg(long)]
+    pub attachable: bool,
+    /// Start it attachable and attach to it now (Ctrl+C detaches; the container keeps running).
+    #[arg(long)]
+    pub attach: bool,
+    /// Keep the container's output in LOG (through pipes the daemon holds, as with --attachable; the log of
+    /// an attachable container defaults to /var/log/cedana-output-<JID>.log).
+    #[arg(long = "out", value_name = "LOG")]
+    pub out: Option<PathBuf>,
+    /// Write the container's init PID to this file.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// runc run --no-pivot (a rootfs on ramfs).
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// runc run --no-new-keyring.
+    #[arg(long)]
+    pub no_new_keyring: bool,
 }
 
 #[derive(clap::Args, Debug)]
@@ -49,14 +92,51 @@ pub struct RunArgs {
     pub args: Vec<String>,
 }
 
+/// `cedana manage TYPE ...`, or `cedana manage --upcoming TYPE ...` to wait for the workload to appear
+/// (`--upcoming` is a flag-named subcommand holding the same types; `--upcoming` after the type works too).
 #[derive(clap::Subcommand, Debug)]
 pub enum ManageCommand {
-    /// Adopt a running process as a managed job.
+    #[command(flatten)]
+    Running(ManageTarget),
+    /// Wait until a process or container appears, then adopt it: cedana manage --upcoming runc ID, or
+    /// cedana manage --upcoming process --name COMM (blocks; Ctrl+C stops waiting).
+    #[command(name = "upcoming", long_flag = "upcoming", subcommand)]
+    Upcoming(ManageTarget),
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ManageTarget {
+    /// Adopt a running process as a managed job: by PID, or by command name (--name).
     Process {
-        pid: i32,
+        /// The process's PID.
+        #[arg(required_unless_present = "name", conflicts_with = "name")]
+        pid: Option<i32>,
+        /// Adopt a process by its command name: the name /proc/PID/comm shows (the executable's file name,
+        /// at most 15 characters), not its full command line or arguments. The first process of that name
+        /// (lowest PID) that is not a job yet is adopted; with --upcoming, the command waits for one.
+        #[arg(long, value_name = "COMM")]
+        name: Option<String>,
         /// Job id (default: a memorable random one).
         #[arg(long)]
         jid: Option<String>,
+        /// Wait until a process of that command name (--name) appears (blocks; Ctrl+C stops waiting).
+        #[arg(long)]
+        upcoming: bool,
+    },
+    /// Adopt a running runc container as a managed job (its init is the job's PID); with --upcoming, wait
+    /// until it exists and runs.
+    Runc {
+        /// Id of the container (as `runc list` shows it).
+        id: String,
+        /// runc's state folder (`runc --root`).
+        #[arg(long, default_value = cedana::runc::DEFAULT_ROOT)]
+        root: PathBuf,
+        /// Job id (default: a memorable random one).
+        #[arg(long)]
+        jid: Option<String>,
+        /// Wait until the container exists and runs (blocks; Ctrl+C stops waiting).
+        #[arg(long)]
+        upcoming: bool,
     },
 }
 
@@ -122,31 +202,82 @@ pub fn daemon(config: Config, cmd: DaemonCommand) -> anyhow::Result<i32> {
 }
 
 pub fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<i32> {
-    let RunCommand::Process(a) = cmd;
-    let cwd = std::env::current_dir()?.display().to_string();
-    let req = pb::RunRequest {
-        jid: a.jid.clone().unwrap_or_default(),
-        r#type: pb::JobType::Process as i32,
-        args: a.args.clone(),
-        attachable: a.attachable || a.attach,
-        log: a.out.as_ref().map(|p| std::path::absolute(p).map(|p| p.display().to_string())).transpose()?.unwrap_or_default(),
-        cwd,
-        env: Vec::new(),
+    let (req, pid_file, attach) = match cmd {
+        RunCommand::Process(a) => {
+            let req = pb::RunRequest {
+                jid: a.jid.clone().unwrap_or_default(),
+                r#type: pb::JobType::Process as i32,
+                args: a.args.clone(),
+                attachable: a.attachable || a.attach,
+                log: absolute_string(a.out.as_deref())?,
+                cwd: std::env::current_dir()?.display().to_string(),
+                ..Default::default()
+            };
+            (req, a.pid_file, a.attach)
+        }
+        RunCommand::Runc(a) => {
+            let flags = [(a.no_pivot, "--no-pivot"), (a.no_new_keyring, "--no-new-keyring")];
+            let req = pb::RunRequest {
+                jid: a.jid.clone().unwrap_or_default(),
+                r#type: pb::JobType::Runc as i32,
+                args: flags.iter().filter(|(on, _)| *on).map(|(_, f)| f.to_string()).collect(),
+                attachable: a.attachable || a.attach,
+                log: absolute_string(a.out.as_deref())?,
+                bundle: absolute_string(Some(&a.bundle))?,
+                container_id: a.id.clone().unwrap_or_default(),
+                runtime_root: absolute_string(Some(&a.root))?,
+                ..Default::default()
+            };
+            (req, a.pid_file, a.attach)
+        }
     };
     let job = with_daemon(config, async |c| c.run(req).await.map(|r| r.into_inner()))?;
-    if let Some(pf) = &a.pid_file {
+    if let Some(pf) = &pid_file {
         std::fs::write(pf, format!("{}\n", job.pid))?;
     }
-    if a.attach {
+    if attach {
         return super::attach::attach_job(config, &job.jid);
     }
     println!("{} {}", job.jid, job.pid);
     Ok(0)
 }
 
+/// A path as the daemon needs it (absolute: it has a working directory of its own), or "" for none.
+fn absolute_string(p: Option<&std::path::Path>) -> anyhow::Result<String> {
+    Ok(p.map(std::path::absolute).transpose()?.map(|p| p.display().to_string()).unwrap_or_default())
+}
+
 pub fn manage(config: &Config, cmd: ManageCommand) -> anyhow::Result<i32> {
-    let ManageCommand::Process { pid, jid } = cmd;
-    let req = pb::ManageRequest { r#type: pb::JobType::Process as i32, jid: jid.unwrap_or_default(), pid, ..Default::default() };
+    let (waits, target) = match cmd {
+        ManageCommand::Running(t) => (false, t),
+        ManageCommand::Upcoming(t) => (true, t),
+    };
+    let req = match target {
+        ManageTarget::Process { pid, name, jid, upcoming } => {
+            let upcoming = upcoming || waits;
+            if upcoming && name.is_none() {
+                anyhow::bail!(
+                    "an upcoming process is waited for by its command name: cedana manage --upcoming process --name COMM"
+                );
+            }
+            pb::ManageRequest {
+                r#type: pb::JobType::Process as i32,
+                jid: jid.unwrap_or_default(),
+                pid: pid.unwrap_or_default(),
+                name: name.unwrap_or_default(),
+                upcoming,
+                ..Default::default()
+            }
+        }
+        ManageTarget::Runc { id, root, jid, upcoming } => pb::ManageRequest {
+            r#type: pb::JobType::Runc as i32,
+            jid: jid.unwrap_or_default(),
+            container_id: id,
+            runtime_root: absolute_string(Some(&root))?,
+            upcoming: upcoming || waits,
+            ..Default::default()
+        },
+    };
     let job = with_daemon(config, async |c| c.manage(req).await.map(|r| r.into_inner()))?;
     println!("{} {}", job.jid, job.pid);
     Ok(0)
@@ -256,6 +387,32 @@ mod tests {
         assert_eq!(human_size(610 * 1024), "610 KiB");
         assert_eq!(human_size(1288490189), "1.2 GiB");
         assert_eq!(human_size(12), "12 B");
+    }
+
+    fn manage_of(args: &[&str]) -> ManageCommand {
+        use clap::Parser;
+        match crate::cli::Cli::try_parse_from(args).unwrap().command {
+            crate::cli::Command::Manage(m) => m,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn upcoming_is_accepted_before_and_after_the_type() {
+        let m = manage_of(&["cedana", "manage", "--upcoming", "runc", "c1", "--root", "/r"]);
+        assert!(matches!(m, ManageCommand::Upcoming(ManageTarget::Runc { ref id, upcoming: false, .. }) if id == "c1"), "{m:?}");
+        let m = manage_of(&["cedana", "manage", "runc", "--upcoming", "c1"]);
+        assert!(matches!(m, ManageCommand::Running(ManageTarget::Runc { upcoming: true, .. })), "{m:?}");
+        let m = manage_of(&["cedana", "manage", "--upcoming", "process", "--name", "nginx"]);
+        assert!(matches!(m, ManageCommand::Upcoming(ManageTarget::Process { pid: None, name: Some(_), .. })), "{m:?}");
+        let m = manage_of(&["cedana", "manage", "process", "42"]);
+        assert!(matches!(m, ManageCommand::Running(ManageTarget::Process { pid: Some(42), name: None, upcoming: false, .. })));
+        use clap::Parser;
+        assert!(
+            crate::cli::Cli::try_parse_from(["cedana", "manage", "process", "42", "--name", "x"]).is_err(),
+            "a PID or a name"
+        );
+        assert!(crate::cli::Cli::try_parse_from(["cedana", "manage", "process"]).is_err(), "a PID or a name is needed");
     }
 
     #[test]

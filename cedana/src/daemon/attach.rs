@@ -124,7 +124,7 @@ fn open(service: &Service, jid: &str) -> Result<(Job, Subscription), Status> {
         return Err(status(
             ErrorKind::FailedPrecondition,
             format!(
-                "job {jid} is not attachable: its output goes to {}; start jobs with `cedana run process --attach` \
+                "job {jid} is not attachable: its output goes to {}; start jobs with `cedana run process|runc --attach` \
                  (or --attachable) to attach to them",
                 log_of(&job)
             ),

@@ -1,0 +1,383 @@
+//! runc containers as managed jobs, against the real runc and CRIU: `run runc` (the daemon creates and starts
+//! the container), `ps`, `dump job` (the container is checkpointed and gone), `restore job` (it counts on
+//! without a gap), kill and delete; `manage runc` of a container started with plain `runc run -d`;
+//! `manage --upcoming runc` and `manage --upcoming process --name`, which wait in a client until the
+//! workload appears (and stop waiting when the client goes away). Each test runs its own daemon on private
+//! state, and containers under a private runc root, with ids of their own (cgroups are named after them).
+//!
+//! The counter containers write their progress to a file inside their rootfs (`/count`), which the test
+//! reads from the host; their stdio is /dev/null (the daemon's default for runc jobs).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use cedana_integration::engines::{wait_child, RuncRoot};
+use cedana_integration::images::Bundle;
+use cedana_integration::workload::session_command;
+use cedana_integration::{alive, bin, require_root, wait_for, workload_bin};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+const T: Duration = Duration::from_secs(20);
+
+/// Counts 0, 1, 2, ... into /count inside the container, every 100 ms.
+const COUNT_TO_FILE: &str = "i=0; while true; do echo $i >> /count; i=$((i+1)); sleep 0.1; done";
+
+/// A daemon on private state in a temporary folder (as in `daemon.rs`).
+struct Daemon {
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+impl Daemon {
+    fn start() -> Daemon {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
+        let mut cmd = Command::new(bin("cedana"));
+        cmd.args(["daemon", "start"]).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
+        let mut d = Daemon { dir, child: None };
+        d.env(&mut cmd);
+        d.child = Some(cmd.spawn().unwrap());
+        let socket = d.socket();
+        wait_for("the daemon's socket", T, || std::os::unix::net::UnixStream::connect(&socket).ok().map(drop));
+        d
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("cedana.sock")
+    }
+
+    fn env(&self, cmd: &mut Command) {
+        cmd.env("CEDANA_ADDRESS", self.socket())
+            .env("CEDANA_DB_PATH", self.dir.path().join("jobs.db"))
+            .env("CEDANA_CHECKPOINT_DIR", self.dir.path().join("checkpoints"))
+            .env("CEDANA_LOG_LEVEL", "info");
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
+    }
+
+    /// `cedana ARGS` against this daemon, not yet run.
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(bin("cedana"));
+        cmd.args(args).stdin(Stdio::null());
+        self.env(&mut cmd);
+        cmd
+    }
+
+    fn cedana(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().unwrap()
+    }
+
+    fn ok(&self, args: &[&str]) -> String {
+        let out = self.cedana(args);
+        assert!(
+            out.status.success(),
+            "cedana {args:?} failed: {}\ndaemon log:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// `ps`, as rows of fields.
+    fn ps(&self) -> Vec<Vec<String>> {
+        self.ok(&["ps"]).lines().skip(1).map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
+    }
+
+    fn row(&self, jid: &str) -> Vec<String> {
+        self.ps().into_iter().find(|r| r[0] == jid).unwrap_or_else(|| panic!("job {jid} in ps: {:?}", self.ps()))
+    }
+
+    fn wait_status(&self, jid: &str, wanted: &[&str]) -> Vec<String> {
+        wait_for(&format!("job {jid} to be {wanted:?}"), T, || {
+            let row = self.row(jid);
+            wanted.contains(&row[3].as_str()).then_some(row)
+        })
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
+            let _ = wait_child(&mut c, Duration::from_secs(30));
+        }
+    }
+}
+
+/// A name unique to this test run (container ids name cgroups, which are shared by every runc root).
+fn unique(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+/// A busybox bundle at `dir` counting into its rootfs's /count.
+fn counting_bundle(dir: &Path) -> Bundle {
+    Bundle::busybox(dir, &["sh", "-c", COUNT_TO_FILE])
+}
+
+/// The numbers the container wrote into /count so far.
+fn counts(bundle: &Bundle) -> Vec<u64> {
+    std::fs::read_to_string(bundle.rootfs().join("count"))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+fn wait_counts(bundle: &Bundle, n: usize) -> Vec<u64> {
+    wait_for(&format!("{n} counts in {}", bundle.rootfs().display()), T, || {
+        let v = counts(bundle);
+        (v.len() >= n).then_some(v)
+    })
+}
+
+/// 0, 1, 2, ... with no gap and no repeat.
+fn from_zero_without_gaps(v: &[u64]) -> bool {
+    v.iter().enumerate().all(|(i, n)| *n == i as u64)
+}
+
+fn runc_pid(runc: &RuncRoot, id: &str) -> i32 {
+    runc.state(id).unwrap_or_else(|| panic!("container {id} exists"))["pid"].as_i64().unwrap() as i32
+}
+
+fn listed(runc: &RuncRoot, id: &str) -> bool {
+    runc.ok(&["list", "-q"]).lines().any(|l| l.trim() == id)
+}
+
+/// The PID a `run` or `manage` printed after the job id.
+fn printed_pid(out: &str, jid: &str) -> i32 {
+    assert!(out.starts_with(&format!("{jid} ")), "{out}");
+    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+#[test]
+fn a_runc_job_runs_is_dumped_and_restored_and_counts_on_without_a_gap() {
+    let d = Daemon::start();
+    let runc = RuncRoot::new(d.dir.path(), "runc");
+    let root = runc.root.to_str().unwrap().to_string();
+    let bundle = counting_bundle(&d.dir.path().join("bundle"));
+    let jid = unique("counting");
+    runc.track(&jid);
+    let started = Instant::now();
+    let out = d.ok(&["run", "runc", "--bundle", bundle.dir.to_str().unwrap(), "--root", &root, "--jid", &jid, "--detach"]);
+    let pid = printed_pid(&out, &jid);
+    eprintln!("run runc: {:?}", started.elapsed());
+    assert_eq!(pid, runc_pid(&runc, &jid), "the job's PID is the container's init; the container id is the job id");
+    assert_eq!(runc.status(&jid).as_deref(), Some("running"));
+    wait_counts(&bundle, 5);
+    let row = d.row(&jid);
+    assert_eq!(row[1], "runc", "{row:?}");
+    assert_eq!(row[2], pid.to_string(), "{row:?}");
+    assert!(["sleep", "running"].contains(&row[3].as_str()), "{row:?}");
+    // runc run --detach left the init to the daemon, a subreaper: it is the daemon's child.
+    let ppid = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .unwrap()
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u32>()
+        .unwrap();
+    assert_eq!(ppid, d.child.as_ref().unwrap().id(), "the container's init is re-parented to the daemon");
+
+    let t = Instant::now();
+    let dumped = d.ok(&["dump", "job", &jid]);
+    eprintln!("dump job: {:?}", t.elapsed());
+    assert!(dumped.contains(&format!("dump-runc-{jid}-")), "the checkpoint is named after the job: {dumped}");
+    let row = d.row(&jid);
+    assert_eq!(row[3], "halted", "{row:?}");
+    assert!(row.join(" ").contains("ago"), "the checkpoint is recorded: {row:?}");
+    assert!(!listed(&runc, &jid), "the dumped container is gone from runc list");
+    wait_for("the dumped init to be gone", T, || (!alive(pid)).then_some(()));
+    let before = counts(&bundle);
+    std::thread::sleep(Duration::from_millis(400));
+    assert_eq!(counts(&bundle), before, "nothing counts while the job is halted");
+
+    let t = Instant::now();
+    let restored = d.ok(&["restore", "job", &jid]);
+    eprintln!("restore job: {:?}", t.elapsed());
+    let new_pid = runc_pid(&runc, &jid);
+    assert!(restored.contains(&format!("as PID {new_pid}")), "{restored}\nrunc state: {:?}", runc.state(&jid));
+    assert_eq!(runc.status(&jid).as_deref(), Some("running"));
+    let row = d.row(&jid);
+    assert!(["sleep", "running"].contains(&row[3].as_str()), "{row:?}");
+    assert_eq!(row[2], new_pid.to_string(), "{row:?}");
+    let after = wait_counts(&bundle, before.len() + 10);
+    assert!(from_zero_without_gaps(&after), "the count goes on where it stopped: {after:?}");
+
+    d.ok(&["job", "kill", &jid]);
+    d.wait_status(&jid, &["exited"]);
+    d.ok(&["job", "delete", &jid]);
+    assert!(d.ps().is_empty(), "{:?}", d.ps());
+    assert!(!listed(&runc, &jid), "deleting the job removes its stopped container");
+}
+
+#[test]
+fn a_runc_job_with_a_log_keeps_logging_through_a_dump_and_restore() {
+    // stdout through pipes the daemon holds (a host file as the container's stdout could not be dumped).
+    let d = Daemon::start();
+    let runc = RuncRoot::new(d.dir.path(), "runc");
+    let bundle = Bundle::counter(&d.dir.path().join("bundle"));
+    let (jid, id) = (unique("logging"), unique("logging-ctr"));
+    runc.track(&id);
+    let log = d.dir.path().join("out.log");
+    let root = runc.root.to_str().unwrap();
+    let bdir = bundle.dir.to_str().unwrap();
+    let out = d.ok(&["run", "runc", "-b", bdir, "--root", root, "--jid", &jid, "--id", &id, "--out", log.to_str().unwrap()]);
+    printed_pid(&out, &jid);
+    assert_eq!(d.row(&jid).last().unwrap(), log.to_str().unwrap(), "the LOG column");
+    let numbers = || -> Vec<u64> {
+        std::fs::read_to_string(&log).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
+    };
+    wait_for("output in the log", T, || (numbers().len() >= 3).then_some(()));
+    d.ok(&["dump", "job", &jid, "--compression", "zstd"]);
+    assert_eq!(d.row(&jid)[3], "halted");
+    let before = numbers().len();
+    d.ok(&["restore", "job", &jid]);
+    let after = wait_for("the restored container to log on", T, || {
+        let v = numbers();
+        (v.len() >= before + 5).then_some(v)
+    });
+    assert!(from_zero_without_gaps(&after), "{after:?}");
+    d.ok(&["job", "kill", &jid]);
+    d.wait_status(&jid, &["exited"]);
+    d.ok(&["job", "delete", &jid]);
+}
+
+#[test]
+fn manage_adopts_a_container_started_with_plain_runc() {
+    let d = Daemon::start();
+    let runc = RuncRoot::new(d.dir.path(), "runc");
+    let bundle = counting_bundle(&d.dir.path().join("bundle"));
+    let id = unique("adopted");
+    runc.track(&id);
+    let st = runc
+        .cmd(&["run", "--detach", "--bundle", bundle.dir.to_str().unwrap(), &id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    wait_counts(&bundle, 3);
+    let jid = "adopted-job";
+    let out = d.ok(&["manage", "runc", &id, "--root", runc.root.to_str().unwrap(), "--jid", jid]);
+    let pid = printed_pid(&out, jid);
+    assert_eq!(pid, runc_pid(&runc, &id));
+    let row = d.row(jid);
+    assert_eq!(&row[1..3], ["runc", &pid.to_string()], "{row:?}");
+    let again = d.cedana(&["manage", "runc", &id, "--root", runc.root.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&again.stderr);
+    assert!(!again.status.success() && err.contains("already") && err.contains(jid), "{err}");
+
+    // An adopted container is dumped and restored like one the daemon started.
+    d.ok(&["dump", "job", jid]);
+    assert_eq!(d.row(jid)[3], "halted");
+    assert!(!listed(&runc, &id));
+    let before = counts(&bundle).len();
+    d.ok(&["restore", "job", jid]);
+    let after = wait_counts(&bundle, before + 5);
+    assert!(from_zero_without_gaps(&after), "{after:?}");
+    d.ok(&["job", "kill", jid]);
+    d.wait_status(jid, &["exited"]);
+    d.ok(&["job", "delete", jid]);
+}
+
+#[test]
+fn manage_upcoming_runc_waits_until_the_container_runs() {
+    let d = Daemon::start();
+    let runc = RuncRoot::new(d.dir.path(), "runc");
+    let bundle = counting_bundle(&d.dir.path().join("bundle"));
+    let id = unique("upcoming");
+    runc.track(&id);
+    let root = runc.root.to_str().unwrap();
+    let jid = "upcoming-job";
+    let mut waiting = d
+        .cmd(&["manage", "--upcoming", "runc", &id, "--root", root, "--jid", jid])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(waiting.try_wait().unwrap().is_none(), "manage --upcoming waits while there is no container");
+    assert!(d.ps().is_empty());
+    // `runc create` first: a created container does not run yet, and is not adopted before it starts.
+    runc.cmd(&["create", "--bundle", bundle.dir.to_str().unwrap(), &id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(waiting.try_wait().unwrap().is_none(), "a created container that does not run yet is not adopted");
+    let started = Instant::now();
+    runc.ok(&["start", &id]);
+    let status = wait_child(&mut waiting, T);
+    eprintln!("adopted {:?} after the container started", started.elapsed());
+    let mut out = String::new();
+    std::io::Read::read_to_string(waiting.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "manage --upcoming: {out} / daemon log:\n{}", d.log());
+    let pid = printed_pid(&out, jid);
+    assert_eq!(pid, runc_pid(&runc, &id));
+    assert_eq!(&d.row(jid)[1..3], ["runc", &pid.to_string()]);
+    wait_counts(&bundle, 3);
+    d.ok(&["job", "kill", jid]);
+    d.wait_status(jid, &["exited"]);
+}
+
+#[test]
+fn a_client_that_stops_waiting_ends_the_wait_in_the_daemon() {
+    let d = Daemon::start();
+    let runc = RuncRoot::new(d.dir.path(), "runc");
+    let mut waiting = d
+        .cmd(&["manage", "--upcoming", "runc", "never-created", "--root", runc.root.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_for("the daemon to wait", T, || d.log().contains("waiting for an upcoming workload").then_some(()));
+    kill(Pid::from_raw(waiting.id() as i32), Signal::SIGINT).unwrap();
+    assert!(!waiting.wait().unwrap().success());
+    wait_for("the daemon to stop waiting", T, || d.log().contains("stopped waiting: the client went away").then_some(()));
+    assert!(d.ps().is_empty());
+}
+
+#[test]
+fn manage_upcoming_process_adopts_the_process_of_that_name() {
+    let d = Daemon::start();
+    // A program whose command name (/proc/PID/comm, the file name) is ours alone.
+    let name = format!("cdw{}", std::process::id() % 1_000_000);
+    let program = d.dir.path().join(&name);
+    std::fs::copy(workload_bin("counter"), &program).unwrap();
+    let jid = "by-name";
+    let mut waiting = d
+        .cmd(&["manage", "--upcoming", "process", "--name", &name, "--jid", jid])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(waiting.try_wait().unwrap().is_none(), "waits while no process has that name");
+    let mut child = session_command(&program).stdout(Stdio::null()).spawn().unwrap();
+    let status = wait_child(&mut waiting, T);
+    let mut out = String::new();
+    std::io::Read::read_to_string(waiting.stdout.as_mut().unwrap(), &mut out).unwrap();
+    assert!(status.success(), "manage --upcoming process: {out} / daemon log:\n{}", d.log());
+    assert_eq!(printed_pid(&out, jid), child.id() as i32);
+    assert_eq!(&d.row(jid)[1..3], ["process", &child.id().to_string()]);
+    // Already a job: a second wait does not take it again.
+    let mut second = d.cmd(&["manage", "--upcoming", "process", "--name", &name]).stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(second.try_wait().unwrap().is_none(), "a process that is a job already is not adopted twice");
+    let _ = second.kill();
+    let _ = second.wait();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    d.wait_status(jid, &["exited"]);
+}

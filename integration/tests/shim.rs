@@ -1,0 +1,106 @@
+//! `containerd-shim-cedana-v2` under a private containerd: `ctr run --runtime io.containerd.cedana.v2`
+//! detached (running, killed, stopped, deleted, no shim left) and attached (output reaches ctr, exit code).
+//! containerd finds the shim on its PATH, which the test extends with the build's target folder.
+//! Build first, then run as root:
+//! `cargo build -p containerd-shim-cedana-v2 -p cedana-runc && cargo test -p cedana-integration --test shim`.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Once;
+use std::time::Duration;
+
+use cedana_integration::engines::Containerd;
+use cedana_integration::images::busybox_rootfs;
+use cedana_integration::{bin, require_root, target_dir, wait_for};
+
+const RUNTIME: &str = "io.containerd.cedana.v2";
+const SHIM: &str = "containerd-shim-cedana-v2";
+const T: Duration = Duration::from_secs(30);
+
+/// Fields drop in order: containerd (which removes its containers) before the temporary folder.
+struct Setup {
+    d: Containerd,
+    rootfs: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
+    require_root();
+    bin(SHIM);
+    static PATH: Once = Once::new();
+    PATH.call_once(|| {
+        // containerd (started below, inheriting our environment) looks the shim up on its PATH.
+        let old = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![target_dir()];
+        dirs.extend(std::env::split_paths(&old));
+        std::env::set_var("PATH", std::env::join_paths(dirs).expect("PATH"));
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Containerd::start(&tmp.path().join("containerd"));
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    Setup { d, rootfs, _tmp: tmp }
+}
+
+/// PIDs of our shim serving task `id` (its command line has `-id ID`).
+fn shim_pids(id: &str) -> Vec<i32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        let is_shim = args.first().is_some_and(|a| a.ends_with(SHIM));
+        if is_shim && args.windows(2).any(|w| w[0] == "-id" && w[1] == id) && cedana_integration::alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+#[test]
+fn detached_container_runs_is_killed_and_deleted_through_the_shim() {
+    let s = setup();
+    let id = "shim-detached";
+    // ctr's `--rootfs` is a switch: the folder is the first argument, after every flag.
+    let mut cmd = s.d.ctr_cmd(&["run", "--runtime", RUNTIME, "--detach", "--rootfs"]);
+    cmd.arg(&s.rootfs).args([id, "/bin/sh", "-c", "echo hello; sleep 1000"]);
+    let out = cmd.stdin(Stdio::null()).output().expect("ctr run");
+    assert!(
+        out.status.success(),
+        "ctr run --detach failed: {}{} (containerd log: {})",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        s.d.dir.join("containerd.log").display()
+    );
+    wait_for("the task to be RUNNING", T, || (s.d.task_status(id).as_deref() == Some("RUNNING")).then_some(()));
+    assert_eq!(shim_pids(id).len(), 1, "one shim serves the task");
+    // The shim drives cedana-runc from beside itself when it was built, else runc.
+    let bundle = s.d.dir.join("state/io.containerd.runtime.v2.task").join(&s.d.namespace).join(id);
+    let used = std::fs::read_to_string(bundle.join("cedana-runtime")).expect("the shim records its runtime");
+    let wrapper = target_dir().join("cedana-runc");
+    let expected = if wrapper.is_file() { wrapper.display().to_string() } else { "runc".to_string() };
+    assert_eq!(used.trim(), expected);
+    let ps = s.d.ok(&["task", "ps", id]);
+    assert!(ps.lines().count() >= 2, "ctr task ps lists the init: {ps}");
+
+    s.d.ok(&["task", "kill", "-s", "SIGKILL", id]);
+    wait_for("the task to be STOPPED", T, || (s.d.task_status(id).as_deref() == Some("STOPPED")).then_some(()));
+    s.d.ok(&["task", "delete", id]);
+    assert_eq!(s.d.task_status(id), None);
+    s.d.ok(&["container", "rm", id]);
+    wait_for("the shim to exit", T, || shim_pids(id).is_empty().then_some(()));
+}
+
+#[test]
+fn attached_run_gets_the_output_and_the_exit_code() {
+    let s = setup();
+    let id = "shim-attached";
+    let mut cmd = s.d.ctr_cmd(&["run", "--rm", "--runtime", RUNTIME, "--rootfs"]);
+    cmd.arg(&s.rootfs).args([id, "/bin/sh", "-c", "echo hello; echo oops >&2; exit 3"]);
+    let out = cmd.stdin(Stdio::null()).output().expect("ctr run");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert_eq!(out.status.code(), Some(3), "exit code of the container; stdout {stdout:?}, stderr {stderr:?}");
+    assert_eq!(stdout.trim(), "hello");
+    assert!(stderr.contains("oops"), "stderr reaches ctr: {stderr:?}");
+    assert_eq!(s.d.task_status(id), None);
+    wait_for("the shim to exit", T, || shim_pids(id).is_empty().then_some(()));
+}

@@ -1,0 +1,95 @@
+//! Errors of the task logic, classified by kind; the ttrpc adapter turns a kind into its code in one place.
+
+use containerd_shim_protos::ttrpc::{self, Code};
+
+/// What went wrong, as a kind the caller can act on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    NotFound,
+    InvalidArgument,
+    FailedPrecondition,
+    AlreadyExists,
+    Unimplemented,
+    Internal,
+}
+
+/// An error of the shim: a kind and a readable message.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct Error {
+    pub kind: Kind,
+    pub message: String,
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl Error {
+    pub fn new(kind: Kind, message: impl Into<String>) -> Error {
+        Error { kind, message: message.into() }
+    }
+    pub fn not_found(message: impl Into<String>) -> Error {
+        Error::new(Kind::NotFound, message)
+    }
+    pub fn invalid(message: impl Into<String>) -> Error {
+        Error::new(Kind::InvalidArgument, message)
+    }
+    pub fn precondition(message: impl Into<String>) -> Error {
+        Error::new(Kind::FailedPrecondition, message)
+    }
+    pub fn unimplemented(message: impl Into<String>) -> Error {
+        Error::new(Kind::Unimplemented, message)
+    }
+    pub fn internal(message: impl Into<String>) -> Error {
+        Error::new(Kind::Internal, message)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Error {
+        let kind = match e.kind() {
+            std::io::ErrorKind::NotFound => Kind::NotFound,
+            std::io::ErrorKind::InvalidInput => Kind::InvalidArgument,
+            _ => Kind::Internal,
+        };
+        Error::new(kind, e.to_string())
+    }
+}
+
+impl Kind {
+    /// The ttrpc (gRPC) code of this kind.
+    pub fn code(self) -> Code {
+        match self {
+            Kind::NotFound => Code::NOT_FOUND,
+            Kind::InvalidArgument => Code::INVALID_ARGUMENT,
+            Kind::FailedPrecondition => Code::FAILED_PRECONDITION,
+            Kind::AlreadyExists => Code::ALREADY_EXISTS,
+            Kind::Unimplemented => Code::UNIMPLEMENTED,
+            Kind::Internal => Code::INTERNAL,
+        }
+    }
+}
+
+impl From<Error> for ttrpc::Error {
+    fn from(e: Error) -> ttrpc::Error {
+        ttrpc::Error::RpcStatus(ttrpc::get_status(e.kind.code(), e.message))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_become_their_codes() {
+        let e: ttrpc::Error = Error::precondition("task is running").into();
+        match e {
+            ttrpc::Error::RpcStatus(s) => {
+                assert_eq!(s.code(), Code::FAILED_PRECONDITION);
+                assert_eq!(s.message(), "task is running");
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(Kind::NotFound.code(), Code::NOT_FOUND);
+        assert_eq!(Kind::Unimplemented.code(), Code::UNIMPLEMENTED);
+    }
+}

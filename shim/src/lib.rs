@@ -1,0 +1,17 @@
+//! `containerd-shim-cedana-v2`: a containerd shim (task API v2) that runs containers through a
+//! runc-compatible runtime (`cedana-runc` by default). Layout:
+//! - [`shim`]: containerd's `start` / `delete` commands and the wiring of the served Task service;
+//! - [`service`]: the ttrpc Task service, a thin adapter over [`task`];
+//! - [`task`]: the task logic and state machine (no ttrpc context; unit-tested with a stub runtime);
+//! - [`runtime`]: the [`runtime::Runtime`] trait and the runc-compatible binary behind it;
+//! - [`reaper`]: exit collection by PID for a subreaper; [`events`]: task events to containerd;
+//! - [`options`]: runtime options from Create requests; [`error`]: error kinds and their ttrpc codes.
+
+pub mod error;
+pub mod events;
+pub mod options;
+pub mod reaper;
+pub mod runtime;
+pub mod service;
+pub mod shim;
+pub mod task;

@@ -1,0 +1,295 @@
+//! The container runtime behind the shim: a [`Runtime`] trait, and [`RuncRuntime`], which drives a
+//! runc-compatible binary (`cedana-runc` by default) with its state root under the shim's state folder.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::error::{Error, Kind, Result};
+use crate::reaper::Reaper;
+
+/// Environment variable naming the runtime binary (when the runtime options name none).
+pub const RUNTIME_ENV: &str = "CEDANA_SHIM_RUNTIME";
+/// The runtime used when nothing else is configured and it is found.
+pub const DEFAULT_RUNTIME: &str = "cedana-runc";
+/// The last resort.
+pub const FALLBACK_RUNTIME: &str = "runc";
+/// File in the bundle recording the runtime binary used, for `shim delete`.
+pub const RUNTIME_RECORD: &str = "cedana-runtime";
+/// The runtime's state root, inside the bundle (which lives in containerd's state folder).
+pub const ROOT_DIR: &str = "runtime-root";
+
+/// What creating a container needs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CreateOpts {
+    pub id: String,
+    pub bundle: PathBuf,
+    /// FIFO paths (or files) for the container's stdio; empty means /dev/null.
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
+    /// The runtime binary named by the runtime options (`BinaryName`), if any.
+    pub binary_name: Option<String>,
+    pub no_pivot_root: bool,
+    pub no_new_keyring: bool,
+}
+
+/// A container's status as the runtime reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RuntimeState {
+    pub status: String,
+    pub pid: i32,
+}
+
+/// A runc-compatible container runtime. Exits of the container's init are reported separately (by the
+/// reaper in the shim, by the stub in tests).
+#[async_trait]
+pub trait Runtime: Send + Sync + 'static {
+    /// Create the container (not started); returns its init PID.
+    async fn create(&self, opts: &CreateOpts) -> Result<i32>;
+    async fn start(&self, id: &str) -> Result<()>;
+    async fn state(&self, id: &str) -> Result<RuntimeState>;
+    async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()>;
+    async fn delete(&self, id: &str, force: bool) -> Result<()>;
+    async fn pids(&self, id: &str) -> Result<Vec<i32>>;
+    /// Checkpoint a container (the next slice).
+    async fn checkpoint(&self, _id: &str, _image_path: &Path) -> Result<()> {
+        Err(Error::unimplemented("checkpoint is not supported by this shim yet"))
+    }
+    /// Restore a container from a checkpoint (the next slice).
+    async fn restore(&self, _opts: &CreateOpts, _image_path: &Path) -> Result<i32> {
+        Err(Error::unimplemented("restore is not supported by this shim yet"))
+    }
+}
+
+/// Find the runtime binary: the options' `BinaryName`, else `$CEDANA_SHIM_RUNTIME`, else `cedana-runc` next
+/// to the shim binary, else `cedana-runc` on PATH, else `runc`.
+pub fn resolve_binary(binary_name: Option<&str>) -> PathBuf {
+    let configured = binary_name
+        .filter(|b| !b.is_empty())
+        .map(str::to_string)
+        .or_else(|| std::env::var(RUNTIME_ENV).ok().filter(|b| !b.is_empty()));
+    if let Some(name) = configured {
+        return lookup(&name).unwrap_or_else(|| PathBuf::from(name));
+    }
+    let beside = std::env::current_exe().ok().and_then(|exe| exe.parent().map(|d| d.join(DEFAULT_RUNTIME)));
+    if let Some(p) = beside.filter(|p| p.is_file()) {
+        return p;
+    }
+    lookup(DEFAULT_RUNTIME).unwrap_or_else(|| PathBuf::from(FALLBACK_RUNTIME))
+}
+
+/// `name` as given when it has a slash, else its first match on PATH.
+fn lookup(name: &str) -> Option<PathBuf> {
+    if name.contains('/') {
+        return Some(PathBuf::from(name));
+    }
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| p.is_file())
+}
+
+/// Drives a runc-compatible binary. One instance per shim; the binary is chosen at create.
+pub struct RuncRuntime {
+    root: PathBuf,
+    reaper: Reaper,
+    binary: std::sync::Mutex<Option<PathBuf>>,
+}
+
+#[derive(Deserialize)]
+struct StateJson {
+    status: String,
+    #[serde(default)]
+    pid: i32,
+}
+
+impl RuncRuntime {
+    /// A runtime with state under `root`, spawning through `reaper`; `binary` is set now or at create.
+    pub fn new(root: PathBuf, reaper: Reaper, binary: Option<PathBuf>) -> RuncRuntime {
+        RuncRuntime { root, reaper, binary: std::sync::Mutex::new(binary) }
+    }
+
+    fn binary(&self) -> PathBuf {
+        let mut b = self.binary.lock().unwrap_or_else(|e| e.into_inner());
+        b.get_or_insert_with(|| resolve_binary(None)).clone()
+    }
+
+    fn command(&self, args: &[&str]) -> tokio::process::Command {
+        let mut cmd = tokio::process::Command::new(self.binary());
+        cmd.arg("--root").arg(&self.root).args(args);
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Run a command to completion; its stdout on success, else an error carrying its stderr.
+    async fn run(&self, mut cmd: tokio::process::Command, what: &str) -> Result<Vec<u8>> {
+        let child = self
+            .reaper
+            .spawn(&mut cmd)
+            .map_err(|e| Error::internal(format!("running {} {what}: {e}", self.binary().display())))?;
+        let pid = child.id();
+        let out = child.wait_with_output().await;
+        self.reaper.release(pid);
+        let out = out.map_err(|e| Error::internal(format!("waiting for {what}: {e}")))?;
+        if out.status.success() {
+            return Ok(out.stdout);
+        }
+        let mut msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
+        if msg.is_empty() {
+            msg = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        }
+        Err(classify(&format!("{} {what} failed ({}): {msg}", self.binary().display(), out.status)))
+    }
+}
+
+/// The kind of a runtime failure, from its message.
+fn classify(msg: &str) -> Error {
+    let lower = msg.to_lowercase();
+    let kind = if lower.contains("does not exist") || lower.contains("not found") || lower.contains("no such") {
+        Kind::NotFound
+    } else if lower.contains("already exists") {
+        Kind::AlreadyExists
+    } else if lower.contains("not running") || lower.contains("is not created") || lower.contains("cannot ") {
+        Kind::FailedPrecondition
+    } else {
+        Kind::Internal
+    };
+    Error::new(kind, msg)
+}
+
+/// Open a stdio path for the container: stdin read-only without waiting for a writer, outputs read-write
+/// (a FIFO opened so never blocks and the container still holds the only writer once we let go).
+fn open_stdio(path: &str, input: bool) -> Result<Stdio> {
+    use std::os::unix::fs::OpenOptionsExt;
+    if path.is_empty() {
+        return Ok(Stdio::null());
+    }
+    let path = path.strip_prefix("file://").unwrap_or(path);
+    let file = if input {
+        let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
+        // Back to blocking reads for the container.
+        let flags = nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_GETFL).map_err(std::io::Error::from)?;
+        let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
+        nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
+        f
+    } else {
+        std::fs::OpenOptions::new().read(true).write(true).open(path)?
+    };
+    Ok(Stdio::from(file))
+}
+
+#[async_trait]
+impl Runtime for RuncRuntime {
+    async fn create(&self, opts: &CreateOpts) -> Result<i32> {
+        let binary = opts.binary_name.as_deref().map(|b| resolve_binary(Some(b))).unwrap_or_else(|| self.binary());
+        *self.binary.lock().unwrap_or_else(|e| e.into_inner()) = Some(binary.clone());
+        let _ = std::fs::write(opts.bundle.join(RUNTIME_RECORD), binary.to_string_lossy().as_bytes());
+        std::fs::create_dir_all(&self.root)?;
+        let pid_file = opts.bundle.join("init.pid");
+        let log = opts.bundle.join("runtime.log");
+        let mut cmd = tokio::process::Command::new(&binary);
+        cmd.arg("--root").arg(&self.root).arg("--log").arg(&log).args(["--log-format", "json", "create", "--bundle"]);
+        cmd.arg(&opts.bundle).arg("--pid-file").arg(&pid_file);
+        if opts.no_pivot_root {
+            cmd.arg("--no-pivot");
+        }
+        if opts.no_new_keyring {
+            cmd.arg("--no-new-keyring");
+        }
+        cmd.arg(&opts.id);
+        cmd.stdin(open_stdio(&opts.stdin, true)?)
+            .stdout(open_stdio(&opts.stdout, false)?)
+            .stderr(open_stdio(&opts.stderr, false)?);
+        let mut child =
+            self.reaper.spawn(&mut cmd).map_err(|e| Error::internal(format!("running {} create: {e}", binary.display())))?;
+        // Our copies of the stdio files go with the command object.
+        drop(cmd);
+        let pid = child.id();
+        let status = child.wait().await;
+        self.reaper.release(pid);
+        let status = status.map_err(|e| Error::internal(format!("waiting for create: {e}")))?;
+        if !status.success() {
+            return Err(classify(&format!("{} create failed ({status}): {}", binary.display(), log_errors(&log))));
+        }
+        let pid: i32 = std::fs::read_to_string(&pid_file)?
+            .trim()
+            .parse()
+            .map_err(|e| Error::internal(format!("reading {}: {e}", pid_file.display())))?;
+        self.reaper.watch(pid);
+        Ok(pid)
+    }
+
+    async fn start(&self, id: &str) -> Result<()> {
+        self.run(self.command(&["start", id]), "start").await.map(drop)
+    }
+
+    async fn state(&self, id: &str) -> Result<RuntimeState> {
+        let out = self.run(self.command(&["state", id]), "state").await?;
+        let s: StateJson = serde_json::from_slice(&out).map_err(|e| Error::internal(format!("runtime state: {e}")))?;
+        Ok(RuntimeState { status: s.status, pid: s.pid })
+    }
+
+    async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        let sig = signal.to_string();
+        let mut args = vec!["kill"];
+        if all {
+            args.push("--all");
+        }
+        args.extend([id, sig.as_str()]);
+        self.run(self.command(&args), "kill").await.map(drop)
+    }
+
+    async fn delete(&self, id: &str, force: bool) -> Result<()> {
+        let args: &[&str] = if force { &["delete", "--force", id] } else { &["delete", id] };
+        self.run(self.command(args), "delete").await.map(drop)
+    }
+
+    async fn pids(&self, id: &str) -> Result<Vec<i32>> {
+        let out = self.run(self.command(&["ps", "--format", "json", id]), "ps").await?;
+        let pids: Option<Vec<i32>> = serde_json::from_slice(&out).map_err(|e| Error::internal(format!("runtime ps: {e}")))?;
+        Ok(pids.unwrap_or_default())
+    }
+}
+
+/// The error lines of a runc JSON log (or its raw text), for messages.
+fn log_errors(log: &Path) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let msgs: Vec<String> = text
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["level"] == "error" || v["level"] == "fatal")
+        .filter_map(|v| v["msg"].as_str().map(str::to_string))
+        .collect();
+    if msgs.is_empty() {
+        text.trim().to_string()
+    } else {
+        msgs.join("; ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn failures_are_classified() {
+        assert_eq!(classify("container \"x\" does not exist").kind, Kind::NotFound);
+        assert_eq!(classify("container with id exists: x already exists").kind, Kind::AlreadyExists);
+        assert_eq!(classify("cannot start a container that has stopped").kind, Kind::FailedPrecondition);
+        assert_eq!(classify("something broke").kind, Kind::Internal);
+    }
+
+    #[test]
+    fn configured_binary_wins() {
+        assert_eq!(resolve_binary(Some("/opt/x/my-runc")), PathBuf::from("/opt/x/my-runc"));
+    }
+
+    #[test]
+    fn log_errors_picks_error_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("log.json");
+        std::fs::write(&log, "{\"level\":\"info\",\"msg\":\"hi\"}\n{\"level\":\"error\",\"msg\":\"boom\"}\n").unwrap();
+        assert_eq!(log_errors(&log), "boom");
+    }
+}

@@ -1,0 +1,341 @@
+//! The task logic: containers' lifecycle and state machine over a [`Runtime`], events through an
+//! [`EventSender`]. It takes no ttrpc context, so it is unit-tested with a stub runtime and a channel.
+//!
+//! States: created --start--> running --exit--> stopped --delete--> gone. Start is allowed only when
+//! created; delete only when created (the init is killed) or stopped; kill of a stopped task is NotFound
+//! ("process already finished"), as with containerd's runc shim. Exec processes are not supported yet: any
+//! request naming an exec id is NotFound, Exec itself is Unimplemented.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use containerd_shim::asynchronous::ExitSignal;
+use containerd_shim_protos::api::{
+    ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest, DeleteResponse, KillRequest, Mount,
+    PidsRequest, PidsResponse, ProcessInfo, ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, Status,
+    WaitRequest, WaitResponse,
+};
+use containerd_shim_protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskIO, TaskStart};
+use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
+use containerd_shim_protos::protobuf::MessageField;
+use tokio::sync::{watch, Mutex};
+
+use crate::error::{Error, Result};
+use crate::events::{Event, EventSender};
+use crate::options::RuntimeOptions;
+use crate::runtime::{CreateOpts, Runtime};
+
+/// How long deleting a created (never started) task waits for its killed init to be reaped.
+const DELETE_CREATED_WAIT: Duration = Duration::from_secs(5);
+
+/// An exit: code and time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exit {
+    pub code: u32,
+    pub at: Timestamp,
+}
+
+/// Mounts rootfs mounts into a bundle and removes them; a seam so the logic runs without privileges.
+pub trait RootfsMounter: Send + Sync + 'static {
+    fn mount(&self, mounts: &[Mount], target: &Path) -> Result<()>;
+    fn unmount(&self, target: &Path) -> Result<()>;
+}
+
+struct TaskEntry {
+    bundle: String,
+    pid: i32,
+    status: Status,
+    stdin: String,
+    stdout: String,
+    stderr: String,
+    /// The rootfs we mounted, to unmount at delete.
+    mounted: Option<PathBuf>,
+    exit: watch::Sender<Option<Exit>>,
+}
+
+/// The tasks of one shim.
+pub struct TaskManager<R: Runtime> {
+    runtime: Arc<R>,
+    events: Arc<dyn EventSender>,
+    mounter: Arc<dyn RootfsMounter>,
+    tasks: Mutex<HashMap<String, TaskEntry>>,
+    exit_signal: Arc<ExitSignal>,
+}
+
+fn not_found(id: &str) -> Error {
+    Error::not_found(format!("task {id} not found"))
+}
+
+/// Exec processes are not supported: a request naming one finds nothing.
+fn no_exec(id: &str, exec_id: &str) -> Result<()> {
+    if exec_id.is_empty() || exec_id == id {
+        Ok(())
+    } else {
+        Err(Error::not_found(format!("process {exec_id} of task {id} not found")))
+    }
+}
+
+fn status_name(s: Status) -> &'static str {
+    match s {
+        Status::CREATED => "created",
+        Status::RUNNING => "running",
+        Status::STOPPED => "stopped",
+        Status::PAUSED => "paused",
+        Status::PAUSING => "pausing",
+        Status::UNKNOWN => "unknown",
+    }
+}
+
+impl<R: Runtime> TaskManager<R> {
+    pub fn new(
+        runtime: Arc<R>,
+        events: Arc<dyn EventSender>,
+        mounter: Arc<dyn RootfsMounter>,
+        exit_signal: Arc<ExitSignal>,
+    ) -> TaskManager<R> {
+        TaskManager { runtime, events, mounter, tasks: Mutex::new(HashMap::new()), exit_signal }
+    }
+
+    pub async fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
+        if req.id.is_empty() {
+            return Err(Error::invalid("a task id is required"));
+        }
+        let mut tasks = self.tasks.lock().await;
+        if tasks.contains_key(&req.id) {
+            return Err(Error::new(crate::error::Kind::AlreadyExists, format!("task {} already exists", req.id)));
+        }
+        if req.terminal {
+            return Err(Error::unimplemented("terminals are not supported by this shim yet"));
+        }
+        if !req.checkpoint.is_empty() {
+            return Err(Error::unimplemented("restoring from a checkpoint is not supported by this shim yet"));
+        }
+        let options = RuntimeOptions::decode(req.options.as_ref())?;
+        let bundle = PathBuf::from(&req.bundle);
+        let mounted = if req.rootfs.is_empty() {
+            None
+        } else {
+            let target = bundle.join("rootfs");
+            self.mounter.mount(&req.rootfs, &target)?;
+            Some(target)
+        };
+        let opts = CreateOpts {
+            id: req.id.clone(),
+            bundle: bundle.clone(),
+            stdin: req.stdin.clone(),
+            stdout: req.stdout.clone(),
+            stderr: req.stderr.clone(),
+            binary_name: options.binary_name.clone(),
+            no_pivot_root: options.no_pivot_root,
+            no_new_keyring: options.no_new_keyring,
+        };
+        let pid = match self.runtime.create(&opts).await {
+            Ok(pid) => pid,
+            Err(e) => {
+                if let Some(target) = &mounted {
+                    let _ = self.mounter.unmount(target);
+                }
+                return Err(e);
+            }
+        };
+        let (exit, _) = watch::channel(None);
+        tasks.insert(
+            req.id.clone(),
+            TaskEntry {
+                bundle: req.bundle.clone(),
+                pid,
+                status: Status::CREATED,
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                mounted,
+                exit,
+            },
+        );
+        self.events.send(Event::Create(TaskCreate {
+            container_id: req.id.clone(),
+            bundle: req.bundle.clone(),
+            rootfs: req.rootfs.clone(),
+            io: MessageField::some(TaskIO {
+                stdin: req.stdin.clone(),
+                stdout: req.stdout.clone(),
+                stderr: req.stderr.clone(),
+                terminal: req.terminal,
+                ..Default::default()
+            }),
+            checkpoint: req.checkpoint.clone(),
+            pid: pid as u32,
+            ..Default::default()
+        }));
+        Ok(CreateTaskResponse { pid: pid as u32, ..Default::default() })
+    }
+
+    pub async fn start(&self, req: StartRequest) -> Result<StartResponse> {
+        no_exec(&req.id, &req.exec_id)?;
+        // The lock is held until the start event is queued, so an exit is always published after it.
+        let mut tasks = self.tasks.lock().await;
+        let task = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
+        if task.status != Status::CREATED {
+            return Err(Error::precondition(format!("task {} cannot be started: it is {}", req.id, status_name(task.status))));
+        }
+        self.runtime.start(&req.id).await?;
+        task.status = Status::RUNNING;
+        self.events.send(Event::Start(TaskStart { container_id: req.id.clone(), pid: task.pid as u32, ..Default::default() }));
+        Ok(StartResponse { pid: task.pid as u32, ..Default::default() })
+    }
+
+    pub async fn state(&self, req: StateRequest) -> Result<StateResponse> {
+        no_exec(&req.id, &req.exec_id)?;
+        let tasks = self.tasks.lock().await;
+        let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+        let exit = task.exit.borrow().clone();
+        Ok(StateResponse {
+            id: req.id.clone(),
+            bundle: task.bundle.clone(),
+            pid: task.pid as u32,
+            status: task.status.into(),
+            stdin: task.stdin.clone(),
+            stdout: task.stdout.clone(),
+            stderr: task.stderr.clone(),
+            terminal: false,
+            exit_status: exit.as_ref().map(|e| e.code).unwrap_or_default(),
+            exited_at: exit.map(|e| e.at).into(),
+            exec_id: req.exec_id.clone(),
+            ..Default::default()
+        })
+    }
+
+    pub async fn wait(&self, req: WaitRequest) -> Result<WaitResponse> {
+        no_exec(&req.id, &req.exec_id)?;
+        let mut rx = {
+            let tasks = self.tasks.lock().await;
+            tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?.exit.subscribe()
+        };
+        let exit = rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| Error::not_found(format!("task {} was deleted", req.id)))?
+            .clone()
+            .expect("waited for an exit");
+        Ok(WaitResponse { exit_status: exit.code, exited_at: MessageField::some(exit.at), ..Default::default() })
+    }
+
+    pub async fn kill(&self, req: KillRequest) -> Result<()> {
+        no_exec(&req.id, &req.exec_id)?;
+        {
+            let tasks = self.tasks.lock().await;
+            let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+            if task.status == Status::STOPPED && !req.all {
+                return Err(Error::not_found(format!("process of task {} already finished", req.id)));
+            }
+        }
+        self.runtime.kill(&req.id, req.signal, req.all).await
+    }
+
+    pub async fn delete(&self, req: DeleteRequest) -> Result<DeleteResponse> {
+        no_exec(&req.id, &req.exec_id)?;
+        let mut rx = {
+            let tasks = self.tasks.lock().await;
+            let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+            match task.status {
+                Status::STOPPED => None,
+                Status::CREATED => Some(task.exit.subscribe()),
+                other => {
+                    return Err(Error::precondition(format!("task {} cannot be deleted: it is {}", req.id, status_name(other))))
+                }
+            }
+        };
+        self.runtime.delete(&req.id, true).await?;
+        if let Some(rx) = rx.as_mut() {
+            // A created task's init was killed by the delete: give the reaper a moment to report it.
+            let _ = tokio::time::timeout(DELETE_CREATED_WAIT, rx.wait_for(Option::is_some)).await;
+        }
+        let mut tasks = self.tasks.lock().await;
+        let task = tasks.remove(&req.id).ok_or_else(|| not_found(&req.id))?;
+        if let Some(target) = &task.mounted {
+            if let Err(e) = self.mounter.unmount(target) {
+                log::warn!("unmounting {}: {e}", target.display());
+            }
+        }
+        let exit = task.exit.borrow().clone().unwrap_or_else(|| Exit { code: 128 + 9, at: Timestamp::now() });
+        self.events.send(Event::Delete(TaskDelete {
+            container_id: req.id.clone(),
+            pid: task.pid as u32,
+            exit_status: exit.code,
+            exited_at: MessageField::some(exit.at.clone()),
+            id: req.id.clone(),
+            ..Default::default()
+        }));
+        Ok(DeleteResponse {
+            pid: task.pid as u32,
+            exit_status: exit.code,
+            exited_at: MessageField::some(exit.at),
+            ..Default::default()
+        })
+    }
+
+    pub async fn pids(&self, req: PidsRequest) -> Result<PidsResponse> {
+        if !self.tasks.lock().await.contains_key(&req.id) {
+            return Err(not_found(&req.id));
+        }
+        let pids = self.runtime.pids(&req.id).await?;
+        Ok(PidsResponse {
+            processes: pids.into_iter().map(|pid| ProcessInfo { pid: pid as u32, ..Default::default() }).collect(),
+            ..Default::default()
+        })
+    }
+
+    pub async fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse> {
+        let tasks = self.tasks.lock().await;
+        let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+        Ok(ConnectResponse {
+            shim_pid: std::process::id(),
+            task_pid: task.pid as u32,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            ..Default::default()
+        })
+    }
+
+    /// Shut the shim down once it holds no task (a request while tasks remain is ignored, as runc's shim does).
+    pub async fn shutdown(&self, _req: ShutdownRequest) -> Result<()> {
+        if self.tasks.lock().await.is_empty() {
+            self.exit_signal.signal();
+        }
+        Ok(())
+    }
+
+    /// The process `pid` exited with `code`: mark its task stopped and publish the exit (once).
+    pub async fn process_exited(&self, pid: i32, code: i32) {
+        let mut tasks = self.tasks.lock().await;
+        let Some((id, task)) = tasks.iter_mut().find(|(_, t)| t.pid == pid && t.status != Status::STOPPED) else {
+            log::debug!("exit of PID {pid} ({code}) belongs to no task");
+            return;
+        };
+        let exit = Exit { code: code as u32, at: Timestamp::now() };
+        task.status = Status::STOPPED;
+        task.exit.send_replace(Some(exit.clone()));
+        self.events.send(Event::Exit(TaskExit {
+            container_id: id.clone(),
+            id: id.clone(),
+            pid: pid as u32,
+            exit_status: exit.code,
+            exited_at: MessageField::some(exit.at),
+            ..Default::default()
+        }));
+    }
+
+    /// Feed exits from a channel (the reaper's, or a stub's) into [`TaskManager::process_exited`].
+    pub fn forward_exits(self: &Arc<Self>, mut exits: tokio::sync::mpsc::UnboundedReceiver<(i32, i32)>) {
+        let me = Arc::clone(self);
+        tokio::spawn(async move {
+            while let Some((pid, code)) = exits.recv().await {
+                me.process_exited(pid, code).await;
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests;

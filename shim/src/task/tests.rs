@@ -1,0 +1,224 @@
+//! The lifecycle through a stub runtime and a channel event sender.
+
+use std::sync::Mutex as StdMutex;
+
+use async_trait::async_trait;
+use containerd_shim_protos::ttrpc::Code;
+use tokio::sync::mpsc;
+
+use super::*;
+use crate::error::Kind;
+use crate::runtime::RuntimeState;
+
+/// A runtime that records calls; `kill` with SIGKILL/SIGTERM makes the init "exit" through the exit channel,
+/// as the reaper would.
+struct StubRuntime {
+    calls: StdMutex<Vec<String>>,
+    exits: mpsc::UnboundedSender<(i32, i32)>,
+    fail_start: bool,
+}
+
+const PID: i32 = 4242;
+
+#[async_trait]
+impl Runtime for StubRuntime {
+    async fn create(&self, opts: &CreateOpts) -> Result<i32> {
+        self.calls.lock().unwrap().push(format!("create {} {}", opts.id, opts.stdout));
+        Ok(PID)
+    }
+    async fn start(&self, id: &str) -> Result<()> {
+        self.calls.lock().unwrap().push(format!("start {id}"));
+        if self.fail_start {
+            return Err(Error::internal("start failed"));
+        }
+        Ok(())
+    }
+    async fn state(&self, _id: &str) -> Result<RuntimeState> {
+        Ok(RuntimeState { status: "running".into(), pid: PID })
+    }
+    async fn kill(&self, id: &str, signal: u32, _all: bool) -> Result<()> {
+        self.calls.lock().unwrap().push(format!("kill {id} {signal}"));
+        if signal == 9 || signal == 15 {
+            let _ = self.exits.send((PID, 128 + signal as i32));
+        }
+        Ok(())
+    }
+    async fn delete(&self, id: &str, force: bool) -> Result<()> {
+        self.calls.lock().unwrap().push(format!("delete {id} {force}"));
+        Ok(())
+    }
+    async fn pids(&self, _id: &str) -> Result<Vec<i32>> {
+        Ok(vec![PID, PID + 1])
+    }
+}
+
+struct NoMounts;
+impl RootfsMounter for NoMounts {
+    fn mount(&self, _mounts: &[Mount], _target: &Path) -> Result<()> {
+        Ok(())
+    }
+    fn unmount(&self, _target: &Path) -> Result<()> {
+        Ok(())
+    }
+}
+
+struct Fixture {
+    m: Arc<TaskManager<StubRuntime>>,
+    runtime: Arc<StubRuntime>,
+    events: mpsc::UnboundedReceiver<Event>,
+    exit_signal: Arc<ExitSignal>,
+}
+
+fn fixture(fail_start: bool) -> Fixture {
+    let (exits_tx, exits_rx) = mpsc::unbounded_channel();
+    let runtime = Arc::new(StubRuntime { calls: Default::default(), exits: exits_tx, fail_start });
+    let (tx, events) = mpsc::unbounded_channel::<Event>();
+    let exit_signal = Arc::new(ExitSignal::default());
+    let m = Arc::new(TaskManager::new(runtime.clone(), Arc::new(tx), Arc::new(NoMounts), exit_signal.clone()));
+    m.forward_exits(exits_rx);
+    Fixture { m, runtime, events, exit_signal }
+}
+
+fn create_req(id: &str) -> CreateTaskRequest {
+    CreateTaskRequest { id: id.into(), bundle: format!("/bundles/{id}"), stdout: "/fifo/out".into(), ..Default::default() }
+}
+
+async fn next_event(events: &mut mpsc::UnboundedReceiver<Event>) -> Event {
+    tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("an event in time").expect("open channel")
+}
+
+fn kind<T: std::fmt::Debug>(r: Result<T>) -> Kind {
+    r.expect_err("an error").kind
+}
+
+#[tokio::test]
+async fn lifecycle_create_start_kill_wait_delete() {
+    let mut f = fixture(false);
+    let created = f.m.create(create_req("c1")).await.unwrap();
+    assert_eq!(created.pid, PID as u32);
+    match next_event(&mut f.events).await {
+        Event::Create(e) => {
+            assert_eq!((e.container_id.as_str(), e.pid, e.bundle.as_str()), ("c1", PID as u32, "/bundles/c1"));
+            assert_eq!(e.io.stdout, "/fifo/out");
+        }
+        other => panic!("expected create, got {other:?}"),
+    }
+    let state = f.m.state(StateRequest { id: "c1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(state.status.enum_value(), Ok(Status::CREATED));
+
+    let started = f.m.start(StartRequest { id: "c1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(started.pid, PID as u32);
+    assert!(matches!(next_event(&mut f.events).await, Event::Start(e) if e.container_id == "c1" && e.pid == PID as u32));
+    let state = f.m.state(StateRequest { id: "c1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(state.status.enum_value(), Ok(Status::RUNNING));
+    assert_eq!(state.pid, PID as u32);
+
+    // Wait blocks until the exit, which the kill causes.
+    let waiter = {
+        let m = f.m.clone();
+        tokio::spawn(async move { m.wait(WaitRequest { id: "c1".into(), ..Default::default() }).await })
+    };
+    let pids = f.m.pids(PidsRequest { id: "c1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(pids.processes.iter().map(|p| p.pid).collect::<Vec<_>>(), vec![PID as u32, PID as u32 + 1]);
+    let conn = f.m.connect(ConnectRequest { id: "c1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!((conn.shim_pid, conn.task_pid), (std::process::id(), PID as u32));
+
+    f.m.kill(KillRequest { id: "c1".into(), signal: 9, ..Default::default() }).await.unwrap();
+    match next_event(&mut f.events).await {
+        Event::Exit(e) => assert_eq!((e.container_id.as_str(), e.pid, e.exit_status), ("c1", PID as u32, 137)),
+        other => panic!("expected exit, got {other:?}"),
+    }
+    let waited = tokio::time::timeout(Duration::from_secs(5), waiter).await.unwrap().unwrap().unwrap();
+    assert_eq!(waited.exit_status, 137);
+    assert!(waited.exited_at.is_some());
+    let state = f.m.state(StateRequest { id: "c1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!((state.status.enum_value(), state.exit_status), (Ok(Status::STOPPED), 137));
+    // A second wait returns at once with the same status.
+    let again = f.m.wait(WaitRequest { id: "c1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(again.exit_status, 137);
+    // Killing a finished process: NotFound, like the runc shim.
+    assert_eq!(kind(f.m.kill(KillRequest { id: "c1".into(), signal: 9, ..Default::default() }).await), Kind::NotFound);
+
+    // Shutdown with a task left does not stop the shim.
+    f.m.shutdown(ShutdownRequest::default()).await.unwrap();
+    assert!(tokio::time::timeout(Duration::from_millis(50), f.exit_signal.wait()).await.is_err());
+
+    let deleted = f.m.delete(DeleteRequest { id: "c1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!((deleted.pid, deleted.exit_status), (PID as u32, 137));
+    assert!(matches!(next_event(&mut f.events).await, Event::Delete(e) if e.container_id == "c1" && e.exit_status == 137));
+    assert_eq!(kind(f.m.state(StateRequest { id: "c1".into(), ..Default::default() }).await), Kind::NotFound);
+
+    f.m.shutdown(ShutdownRequest::default()).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(1), f.exit_signal.wait()).await.expect("shutdown with no task exits");
+    let calls = f.runtime.calls.lock().unwrap().clone();
+    assert_eq!(calls, vec!["create c1 /fifo/out", "start c1", "kill c1 9", "delete c1 true"]);
+}
+
+#[tokio::test]
+async fn illegal_transitions_are_failed_precondition() {
+    let mut f = fixture(false);
+    f.m.create(create_req("c2")).await.unwrap();
+    assert_eq!(kind(f.m.create(create_req("c2")).await), Kind::AlreadyExists);
+    f.m.start(StartRequest { id: "c2".into(), ..Default::default() }).await.unwrap();
+    // Start twice.
+    assert_eq!(kind(f.m.start(StartRequest { id: "c2".into(), ..Default::default() }).await), Kind::FailedPrecondition);
+    // Delete while running.
+    assert_eq!(kind(f.m.delete(DeleteRequest { id: "c2".into(), ..Default::default() }).await), Kind::FailedPrecondition);
+    f.m.kill(KillRequest { id: "c2".into(), signal: 15, ..Default::default() }).await.unwrap();
+    f.m.wait(WaitRequest { id: "c2".into(), ..Default::default() }).await.unwrap();
+    // Start after exit.
+    assert_eq!(kind(f.m.start(StartRequest { id: "c2".into(), ..Default::default() }).await), Kind::FailedPrecondition);
+    let events: Vec<&str> = std::iter::from_fn(|| f.events.try_recv().ok()).map(|e| e.topic()).collect();
+    assert_eq!(events, vec!["/tasks/create", "/tasks/start", "/tasks/exit"]);
+    // The error reaches containerd as FAILED_PRECONDITION.
+    let e: containerd_shim_protos::ttrpc::Error =
+        f.m.start(StartRequest { id: "c2".into(), ..Default::default() }).await.unwrap_err().into();
+    assert!(matches!(e, containerd_shim_protos::ttrpc::Error::RpcStatus(s) if s.code() == Code::FAILED_PRECONDITION));
+}
+
+#[tokio::test]
+async fn unknown_task_and_exec_are_not_found() {
+    let f = fixture(false);
+    assert_eq!(kind(f.m.state(StateRequest { id: "nope".into(), ..Default::default() }).await), Kind::NotFound);
+    assert_eq!(kind(f.m.start(StartRequest { id: "nope".into(), ..Default::default() }).await), Kind::NotFound);
+    assert_eq!(kind(f.m.kill(KillRequest { id: "nope".into(), signal: 9, ..Default::default() }).await), Kind::NotFound);
+    assert_eq!(kind(f.m.wait(WaitRequest { id: "nope".into(), ..Default::default() }).await), Kind::NotFound);
+    assert_eq!(kind(f.m.delete(DeleteRequest { id: "nope".into(), ..Default::default() }).await), Kind::NotFound);
+    assert_eq!(kind(f.m.pids(PidsRequest { id: "nope".into(), ..Default::default() }).await), Kind::NotFound);
+    f.m.create(create_req("c3")).await.unwrap();
+    let exec = |id: &str| StateRequest { id: "c3".into(), exec_id: id.into(), ..Default::default() };
+    assert_eq!(kind(f.m.state(exec("e1")).await), Kind::NotFound);
+    assert_eq!(
+        kind(f.m.kill(KillRequest { id: "c3".into(), exec_id: "e1".into(), signal: 9, ..Default::default() }).await),
+        Kind::NotFound
+    );
+    // Terminals are not supported yet: Unimplemented, never a wrong code.
+    let tty = CreateTaskRequest { terminal: true, ..create_req("c4") };
+    assert_eq!(kind(f.m.create(tty).await), Kind::Unimplemented);
+}
+
+#[tokio::test]
+async fn deleting_a_created_task_kills_it_and_reports_its_exit() {
+    let mut f = fixture(false);
+    f.m.create(create_req("c5")).await.unwrap();
+    let _ = next_event(&mut f.events).await;
+    // The stub's forced delete does not make an exit: the delete reports SIGKILL's status after its wait.
+    let exits = f.runtime.exits.clone();
+    tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let _ = exits.send((PID, 137));
+    });
+    let deleted = f.m.delete(DeleteRequest { id: "c5".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(deleted.exit_status, 137);
+    assert!(matches!(next_event(&mut f.events).await, Event::Exit(_)));
+    assert!(matches!(next_event(&mut f.events).await, Event::Delete(_)));
+}
+
+#[tokio::test]
+async fn failed_start_leaves_the_task_created() {
+    let f = fixture(true);
+    f.m.create(create_req("c6")).await.unwrap();
+    assert_eq!(kind(f.m.start(StartRequest { id: "c6".into(), ..Default::default() }).await), Kind::Internal);
+    let state = f.m.state(StateRequest { id: "c6".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(state.status.enum_value(), Ok(Status::CREATED));
+}
