@@ -2,6 +2,7 @@
 //! starting them the way CRIU needs (own session, only stdio open), and reading their output.
 
 pub mod console;
+pub mod daemon;
 pub mod engines;
 pub mod images;
 pub mod lines;

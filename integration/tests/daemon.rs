@@ -3,137 +3,27 @@
 //! bad input answered with the right error and nothing corrupted. Each test runs its own daemon on a
 //! private socket, database and checkpoint folder, and stops it by PID.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use cedana_integration::daemon::{consecutive, numbers_in, printed_pid, Daemon};
 use cedana_integration::workload::session_command;
 use cedana_integration::{alive, bin, require_root, wait_for, workload_bin};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// A daemon on private state in a temporary folder.
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        require_root();
-        let dir = tempfile::tempdir().unwrap();
-        let mut d = Daemon { dir, child: None };
-        d.spawn();
-        d
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("cedana.sock")
-    }
-
-    fn env(&self, cmd: &mut Command) {
-        cmd.env("CEDANA_ADDRESS", self.socket())
-            .env("CEDANA_DB_PATH", self.dir.path().join("jobs.db"))
-            .env("CEDANA_CHECKPOINT_DIR", self.dir.path().join("checkpoints"))
-            .env("CEDANA_LOG_LEVEL", "info");
-    }
-
-    fn spawn(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("daemon.log")).unwrap();
-        let mut cmd = Command::new(bin("cedana"));
-        cmd.args(["daemon", "start"]).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        self.env(&mut cmd);
-        self.child = Some(cmd.spawn().unwrap());
-        let socket = self.socket();
-        wait_for("the daemon's socket", Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(&socket).ok().map(drop)
-        });
-    }
-
-    /// SIGTERM, and wait for it to exit.
-    fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-            let status = c.wait().unwrap();
-            assert!(status.success(), "the daemon exits cleanly on SIGTERM: {status}; log:\n{}", self.log());
-        }
-    }
-
-    fn restart(&mut self) {
-        self.stop();
-        self.spawn();
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    fn cedana(&self, args: &[&str]) -> Output {
-        let mut cmd = Command::new(bin("cedana"));
-        cmd.args(args);
-        self.env(&mut cmd);
-        cmd.output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cedana(args);
-        assert!(
-            out.status.success(),
-            "cedana {args:?} failed: {}\ndaemon log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn err(&self, args: &[&str]) -> String {
-        let out = self.cedana(args);
-        assert!(!out.status.success(), "cedana {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    /// `ps`, as rows of fields.
-    fn ps(&self) -> Vec<Vec<String>> {
-        self.ok(&["ps"]).lines().skip(1).map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
-    }
-
-    fn row(&self, jid: &str) -> Vec<String> {
-        self.ps().into_iter().find(|r| r[0] == jid).unwrap_or_else(|| panic!("job {jid} in ps: {:?}", self.ps()))
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-/// Numbers printed by a job, one per line.
-fn numbers(log: &Path) -> Vec<u64> {
-    std::fs::read_to_string(log).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
-}
-
 fn wait_for_count(log: &Path, n: usize) -> Vec<u64> {
-    wait_for(&format!("{n} lines in {}", log.display()), Duration::from_secs(20), || {
-        let v = numbers(log);
-        (v.len() >= n).then_some(v)
-    })
-}
-
-fn consecutive(v: &[u64]) -> bool {
-    v.windows(2).all(|w| w[1] == w[0] + 1)
+    cedana_integration::daemon::wait_for_count(log, n, Duration::from_secs(20))
 }
 
 #[test]
 fn quick_start_run_ps_dump_restore_and_the_output_goes_on() {
     let d = Daemon::start();
-    let log = d.dir.path().join("counter.log");
+    let log = d.dir().join("counter.log");
     let counter = workload_bin("counter");
     let out = d.ok(&["run", "process", "--jid", "counter1", "--out", log.to_str().unwrap(), "--", counter.to_str().unwrap()]);
-    let pid: i32 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let pid: i32 = printed_pid(&out);
     assert!(out.starts_with("counter1 "), "{out}");
     wait_for_count(&log, 5);
     let row = d.row("counter1");
@@ -147,7 +37,7 @@ fn quick_start_run_ps_dump_restore_and_the_output_goes_on() {
     assert_eq!(row[3], "halted", "{row:?}");
     assert!(row.join(" ").contains("seconds ago") && row.join(" ").contains("KiB"), "checkpoint time and size: {row:?}");
     wait_for("the dumped job to be gone", Duration::from_secs(10), || (!alive(pid)).then_some(()));
-    let before = numbers(&log).len();
+    let before = numbers_in(&log).len();
 
     let restored = d.ok(&["restore", "job", "counter1"]);
     assert!(restored.contains(&format!("as PID {pid}")), "{restored}");
@@ -168,15 +58,15 @@ fn quick_start_run_ps_dump_restore_and_the_output_goes_on() {
 fn a_restarted_daemon_finds_its_jobs_readopts_the_living_and_marks_the_dead() {
     let mut d = Daemon::start();
     let counter = workload_bin("counter");
-    let (la, lb) = (d.dir.path().join("a.log"), d.dir.path().join("b.log"));
+    let (la, lb) = (d.dir().join("a.log"), d.dir().join("b.log"));
     d.ok(&["run", "process", "--jid", "alive", "--out", la.to_str().unwrap(), "--", counter.to_str().unwrap()]);
     let out = d.ok(&["run", "process", "--jid", "dies", "--out", lb.to_str().unwrap(), "--", counter.to_str().unwrap()]);
-    let dies: i32 = out.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let dies: i32 = printed_pid(&out);
     wait_for_count(&la, 3);
     d.stop();
     // While no daemon runs: one job dies, the other keeps going.
     kill(Pid::from_raw(dies), Signal::SIGKILL).unwrap();
-    let before = numbers(&la).len();
+    let before = numbers_in(&la).len();
     wait_for_count(&la, before + 3);
     d.spawn();
     let alive_row = d.row("alive");
@@ -215,7 +105,7 @@ fn bad_input_gets_the_right_code_and_changes_nothing() {
     assert!(err.contains("not found"), "{err}");
     let err = d.err(&["restore", "job", "nope"]);
     assert!(err.contains("not found"), "{err}");
-    let log = d.dir.path().join("c.log");
+    let log = d.dir().join("c.log");
     let counter = workload_bin("counter");
     d.ok(&["run", "process", "--jid", "c", "--out", log.to_str().unwrap(), "--", counter.to_str().unwrap()]);
     let err = d.err(&["run", "process", "--jid", "c", "--", "/bin/true"]);

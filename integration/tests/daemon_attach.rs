@@ -5,112 +5,29 @@
 //! repeat. Each test runs its own daemon on a private socket, database and checkpoint folder.
 
 use std::io::Write;
-use std::path::Path;
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::process::{Child, ExitStatus, Stdio};
 use std::time::Duration;
 
+use cedana_integration::daemon::{consecutive, numbers_in, printed_pid, Daemon};
 use cedana_integration::lines::{numbers, Lines};
-use cedana_integration::{alive, bin, require_root, wait_for, workload_bin};
+use cedana_integration::{alive, wait_for, workload_bin};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 const WAIT: Duration = Duration::from_secs(20);
 
-/// A daemon on private state in a temporary folder.
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
+/// A daemon for these tests: its clients log warnings only (an attached client's stderr is the job's).
+fn start() -> Daemon {
+    Daemon::start().with_log_level("warn")
 }
 
-impl Daemon {
-    fn start() -> Daemon {
-        require_root();
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let mut cmd = Command::new(bin("cedana"));
-        cmd.args(["daemon", "start"]).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        let mut d = Daemon { dir, child: None };
-        d.env(&mut cmd, "info");
-        d.child = Some(cmd.spawn().unwrap());
-        let socket = d.dir.path().join("cedana.sock");
-        wait_for("the daemon's socket", WAIT, || std::os::unix::net::UnixStream::connect(&socket).ok().map(drop));
-        d
-    }
-
-    fn env(&self, cmd: &mut Command, level: &str) {
-        cmd.env("CEDANA_ADDRESS", self.dir.path().join("cedana.sock"))
-            .env("CEDANA_DB_PATH", self.dir.path().join("jobs.db"))
-            .env("CEDANA_CHECKPOINT_DIR", self.dir.path().join("checkpoints"))
-            .env("CEDANA_LOG_LEVEL", level);
-    }
-
-    /// SIGTERM, and wait for a clean exit.
-    fn stop(&mut self) {
-        let mut child = self.child.take().unwrap();
-        kill(Pid::from_raw(child.id() as i32), Signal::SIGTERM).unwrap();
-        let status = wait_for("the daemon to stop", WAIT, || child.try_wait().unwrap());
-        assert!(status.success(), "the daemon exits cleanly on SIGTERM: {status}; log:\n{}", self.log());
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    /// `cedana ARGS`, not yet run (warnings only on its stderr: an attached client's stderr is the job's).
-    fn command(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin("cedana"));
-        cmd.args(args);
-        self.env(&mut cmd, "warn");
-        cmd
-    }
-
-    fn cedana(&self, args: &[&str]) -> Output {
-        self.command(args).stdin(Stdio::null()).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cedana(args);
-        assert!(
-            out.status.success(),
-            "cedana {args:?} failed: {}\ndaemon log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    fn err(&self, args: &[&str]) -> String {
-        let out = self.cedana(args);
-        assert!(!out.status.success(), "cedana {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
-        String::from_utf8_lossy(&out.stderr).into_owned()
-    }
-
-    /// `ps`, as rows of fields.
-    fn ps(&self) -> Vec<Vec<String>> {
-        self.ok(&["ps"]).lines().skip(1).map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
-    }
-
-    fn row(&self, jid: &str) -> Vec<String> {
-        self.ps().into_iter().find(|r| r[0] == jid).unwrap_or_else(|| panic!("job {jid} in ps: {:?}", self.ps()))
-    }
-
-    /// A client (`cedana ARGS`) in the background: its stdin a pipe we hold open, its stdout read line by
-    /// line, its stderr collected.
-    fn client(&self, args: &[&str]) -> Client {
-        let mut child = self.command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-        let stdout = Lines::read(child.stdout.take().unwrap());
-        let stderr = Lines::read(child.stderr.take().unwrap());
-        Client { child, stdout, stderr }
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// A client (`cedana ARGS`) of `d` in the background: its stdin a pipe we hold open, its stdout read line by
+/// line, its stderr collected.
+fn client(d: &Daemon, args: &[&str]) -> Client {
+    let mut child = d.command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let stdout = Lines::read(child.stdout.take().unwrap());
+    let stderr = Lines::read(child.stderr.take().unwrap());
+    Client { child, stdout, stderr }
 }
 
 /// An attach client running in the background.
@@ -160,17 +77,9 @@ impl Drop for Client {
     }
 }
 
-fn consecutive(v: &[u64]) -> bool {
-    v.windows(2).all(|w| w[1] == w[0] + 1)
-}
-
-fn pid_of(run_output: &str) -> i32 {
-    run_output.split_whitespace().nth(1).unwrap().parse().unwrap()
-}
-
 #[test]
 fn run_attached_passes_stdin_in_and_output_and_exit_code_out() {
-    let d = Daemon::start();
+    let d = start();
     let mut child = d
         .command(&[
             "run",
@@ -205,14 +114,14 @@ fn run_attached_passes_stdin_in_and_output_and_exit_code_out() {
 
 #[test]
 fn clients_attach_detach_and_attach_again_while_the_job_runs() {
-    let d = Daemon::start();
+    let d = start();
     let script = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.05; done";
     let out = d.ok(&["run", "process", "--attachable", "--jid", "loop", "--", "sh", "-c", script]);
     assert!(out.starts_with("loop "), "{out}");
-    let pid = pid_of(&out);
+    let pid = printed_pid(&out);
     assert_eq!(d.row("loop").last().unwrap(), "[Attachable]");
 
-    let mut first = d.client(&["job", "attach", "loop"]);
+    let mut first = client(&d, &["job", "attach", "loop"]);
     let seen = first.stdout.wait_numbers(10, WAIT);
     assert!(consecutive(&seen) && seen[0] == 0, "the output from the start (replay), in order: {seen:?}");
     first.detach("loop");
@@ -221,8 +130,8 @@ fn clients_attach_detach_and_attach_again_while_the_job_runs() {
     assert_ne!(d.row("loop")[3], "exited");
 
     // Again, and by PID at the same time: both get the recent output, then live output.
-    let mut again = d.client(&["job", "attach", "loop"]);
-    let mut by_pid = d.client(&["attach", &pid.to_string()]);
+    let mut again = client(&d, &["job", "attach", "loop"]);
+    let mut by_pid = client(&d, &["attach", &pid.to_string()]);
     for client in [&again, &by_pid] {
         let v = wait_for("live output after the replay", WAIT, || {
             let v = numbers(&client.stdout.snapshot());
@@ -237,7 +146,7 @@ fn clients_attach_detach_and_attach_again_while_the_job_runs() {
     wait_for("the daemon to notice the three detaches", WAIT, || (d.log().matches("client detached").count() >= 3).then_some(()));
 
     // The job ending ends a client attached to it, with its exit code (128 + SIGTERM).
-    let mut attached = d.client(&["attach", &pid.to_string()]);
+    let mut attached = client(&d, &["attach", &pid.to_string()]);
     attached.stdout.wait_numbers(1, WAIT);
     d.ok(&["job", "kill", "loop", "--signal", "15"]);
     assert_eq!(attached.wait().code(), Some(128 + 15));
@@ -246,11 +155,11 @@ fn clients_attach_detach_and_attach_again_while_the_job_runs() {
 
 #[test]
 fn two_clients_share_the_jobs_stdin_and_output() {
-    let d = Daemon::start();
+    let d = start();
     let out = d.ok(&["run", "process", "--attachable", "--jid", "cat", "--", "cat"]);
-    let pid = pid_of(&out);
-    let mut a = d.client(&["job", "attach", "cat"]);
-    let mut b = d.client(&["attach", &pid.to_string()]);
+    let pid = printed_pid(&out);
+    let mut a = client(&d, &["job", "attach", "cat"]);
+    let mut b = client(&d, &["attach", &pid.to_string()]);
     a.type_in("from a\n");
     b.type_in("from b\n");
     for client in [&a, &b] {
@@ -269,9 +178,9 @@ fn two_clients_share_the_jobs_stdin_and_output() {
 
 #[test]
 fn a_stopping_daemon_ends_its_attached_clients() {
-    let mut d = Daemon::start();
-    let pid = pid_of(&d.ok(&["run", "process", "--attachable", "--jid", "quiet", "--", "sleep", "60"]));
-    let mut client = d.client(&["job", "attach", "quiet"]);
+    let mut d = start();
+    let pid = printed_pid(&d.ok(&["run", "process", "--attachable", "--jid", "quiet", "--", "sleep", "60"]));
+    let mut client = client(&d, &["job", "attach", "quiet"]);
     wait_for("the client to be attached", WAIT, || d.log().contains("client attached").then_some(()));
     // An open attach call does not hold up the daemon's shutdown.
     d.stop();
@@ -284,12 +193,12 @@ fn a_stopping_daemon_ends_its_attached_clients() {
 
 #[test]
 fn attaching_to_what_cannot_be_attached_to_says_why() {
-    let d = Daemon::start();
+    let d = start();
     let err = d.err(&["job", "attach", "nope"]);
     assert!(err.contains("there is no job nope") && err.contains("cedana ps"), "{err}");
-    let log = d.dir.path().join("plain.log");
+    let log = d.dir().join("plain.log");
     let out = d.ok(&["run", "process", "--jid", "plain", "--out", log.to_str().unwrap(), "--", "sleep", "60"]);
-    let pid = pid_of(&out);
+    let pid = printed_pid(&out);
     let err = d.err(&["job", "attach", "plain"]);
     assert!(err.contains("not attachable") && err.contains(log.to_str().unwrap()) && err.contains("--attach"), "{err}");
     let err = d.err(&["attach", &pid.to_string()]);
@@ -302,20 +211,13 @@ fn attaching_to_what_cannot_be_attached_to_says_why() {
 
 #[test]
 fn quick_start_attached_detach_dump_and_restore_attached_goes_on() {
-    let d = Daemon::start();
-    let log = d.dir.path().join("counter.log");
+    let d = start();
+    let log = d.dir().join("counter.log");
     let counter = workload_bin("counter");
-    let mut run = d.client(&[
-        "run",
-        "process",
-        "--attach",
-        "--jid",
-        "counter1",
-        "--out",
-        log.to_str().unwrap(),
-        "--",
-        counter.to_str().unwrap(),
-    ]);
+    let mut run = client(
+        &d,
+        &["run", "process", "--attach", "--jid", "counter1", "--out", log.to_str().unwrap(), "--", counter.to_str().unwrap()],
+    );
     let seen = run.stdout.wait_numbers(10, WAIT);
     assert!(consecutive(&seen) && seen[0] == 1, "{seen:?}");
     run.detach("counter1");
@@ -323,7 +225,7 @@ fn quick_start_attached_detach_dump_and_restore_attached_goes_on() {
     assert!(alive(pid));
 
     // A client still attached when the job is checkpointed is told how to go on.
-    let mut watcher = d.client(&["job", "attach", "counter1"]);
+    let mut watcher = client(&d, &["job", "attach", "counter1"]);
     watcher.stdout.wait_numbers(seen.len() + 5, WAIT);
     let dumped = d.ok(&["dump", "job", "counter1"]);
     assert!(dumped.contains("dump-process-counter1-"), "{dumped}");
@@ -339,7 +241,7 @@ fn quick_start_attached_detach_dump_and_restore_attached_goes_on() {
     assert!(consecutive(&logged) && logged[0] == 1, "the log holds the output until the dump: {logged:?}");
     let before = *logged.last().unwrap();
 
-    let mut restored = d.client(&["restore", "job", "counter1", "--attach"]);
+    let mut restored = client(&d, &["restore", "job", "counter1", "--attach"]);
     let after = wait_for("output of the restored job", WAIT, || {
         let v = numbers(&restored.stdout.snapshot());
         (v.len() >= 10).then_some(v)
@@ -361,7 +263,7 @@ fn quick_start_attached_detach_dump_and_restore_attached_goes_on() {
     assert!(alive(new_pid), "detaching from the restored job leaves it running");
 
     // It can be attached to again, by PID too.
-    let mut by_pid = d.client(&["attach", &new_pid.to_string()]);
+    let mut by_pid = client(&d, &["attach", &new_pid.to_string()]);
     let last = *after.last().unwrap();
     let v = wait_for("live output of the restored job", WAIT, || {
         let v = numbers(&by_pid.stdout.snapshot());
@@ -371,9 +273,4 @@ fn quick_start_attached_detach_dump_and_restore_attached_goes_on() {
     by_pid.detach("counter1");
     d.ok(&["job", "kill", "counter1"]);
     wait_for("the job's exit to be recorded", WAIT, || (d.row("counter1")[3] == "exited").then_some(()));
-}
-
-/// Numbers printed by a job, one per line, in its log.
-fn numbers_in(log: &Path) -> Vec<u64> {
-    std::fs::read_to_string(log).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
 }

@@ -6,13 +6,12 @@
 use std::collections::BTreeSet;
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Output, Stdio};
 use std::sync::Barrier;
 use std::time::{Duration, Instant};
 
-use cedana_integration::{alive, bin, require_root, wait_for, workload_bin};
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
+use cedana_integration::daemon::{check_sequence, numbers_in, rows, Daemon};
+use cedana_integration::{alive, wait_for, workload_bin};
 
 /// Jobs run at once.
 const JOBS: usize = 20;
@@ -21,150 +20,94 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// Descriptors the daemon may hold after the load beyond what it held before (see [`fd_slack_reasons`]).
 const FD_SLACK: usize = 4;
 
-/// A daemon on private state in a temporary folder (as in `daemon.rs`).
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        require_root();
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let mut cmd = Command::new(bin("cedana"));
-        cmd.args(["daemon", "start"]).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        let mut d = Daemon { dir, child: None };
-        d.env(&mut cmd);
-        d.child = Some(cmd.spawn().unwrap());
-        let socket = d.socket();
-        wait_for("the daemon's socket", Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(&socket).ok().map(drop)
-        });
-        d
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("cedana.sock")
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("the daemon runs").id() as i32
-    }
-
-    fn env(&self, cmd: &mut Command) {
-        cmd.env("CEDANA_ADDRESS", self.socket())
-            .env("CEDANA_DB_PATH", self.dir.path().join("jobs.db"))
-            .env("CEDANA_CHECKPOINT_DIR", self.dir.path().join("checkpoints"))
-            .env("CEDANA_LOG_LEVEL", "info");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    /// `cedana ARGS` under the watchdog: its output and how long it took, or "deadlock?" with the daemon's
-    /// state when it takes longer than [`CALL_TIMEOUT`] (it is then killed).
-    fn timed(&self, args: &[String]) -> Result<(Output, Duration), String> {
-        let mut cmd = Command::new(bin("cedana"));
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
-        self.env(&mut cmd);
-        let start = Instant::now();
-        let mut child = cmd.spawn().map_err(|e| format!("starting cedana {args:?}: {e}"))?;
-        let drain = |mut r: Box<dyn Read + Send>| {
-            std::thread::spawn(move || {
-                let mut v = Vec::new();
-                let _ = r.read_to_end(&mut v);
-                v
-            })
-        };
-        let stdout = drain(Box::new(child.stdout.take().unwrap()));
-        let stderr = drain(Box::new(child.stderr.take().unwrap()));
-        let status = loop {
-            if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
-                break status;
-            }
-            if start.elapsed() > CALL_TIMEOUT {
-                let threads = self.threads();
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(format!(
-                    "deadlock? `cedana {}` did not finish within {CALL_TIMEOUT:?}\nthe daemon's threads (name: wait channel):\n{threads}\ndaemon log:\n{}",
-                    args.join(" "),
-                    self.log()
-                ));
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        };
-        let out = Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() };
-        Ok((out, start.elapsed()))
-    }
-
-    /// Like [`Daemon::timed`], but the call must succeed: its stdout and time.
-    fn ok(&self, args: &[String]) -> Result<(String, Duration), String> {
-        let (out, took) = self.timed(args)?;
-        if !out.status.success() {
+/// `cedana ARGS` against `d` under the watchdog: its output and how long it took, or "deadlock?" with the
+/// daemon's state when it takes longer than [`CALL_TIMEOUT`] (it is then killed).
+fn timed(d: &Daemon, args: &[String]) -> Result<(Output, Duration), String> {
+    let strs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = d.command(&strs);
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let start = Instant::now();
+    let mut child = cmd.spawn().map_err(|e| format!("starting cedana {args:?}: {e}"))?;
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut v = Vec::new();
+            let _ = r.read_to_end(&mut v);
+            v
+        })
+    };
+    let stdout = drain(Box::new(child.stdout.take().unwrap()));
+    let stderr = drain(Box::new(child.stderr.take().unwrap()));
+    let status = loop {
+        if let Some(status) = child.try_wait().map_err(|e| e.to_string())? {
+            break status;
+        }
+        if start.elapsed() > CALL_TIMEOUT {
+            let threads = threads(d);
+            let _ = child.kill();
+            let _ = child.wait();
             return Err(format!(
-                "cedana {args:?} failed ({}): {}\ndaemon log:\n{}",
-                out.status,
-                String::from_utf8_lossy(&out.stderr),
-                self.log()
+                "deadlock? `cedana {}` did not finish within {CALL_TIMEOUT:?}\nthe daemon's threads (name: wait channel):\n{threads}\ndaemon log:\n{}",
+                args.join(" "),
+                d.log()
             ));
         }
-        Ok((String::from_utf8_lossy(&out.stdout).into_owned(), took))
-    }
-
-    fn ok_now(&self, args: &[&str]) -> String {
-        let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
-        self.ok(&args).unwrap_or_else(|e| panic!("{e}")).0
-    }
-
-    /// `ps`, as rows of fields.
-    fn ps(&self) -> Vec<Vec<String>> {
-        self.ok_now(&["ps"]).lines().skip(1).map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
-    }
-
-    /// Each of the daemon's threads with what it waits in, for a deadlock report.
-    fn threads(&self) -> String {
-        let task = format!("/proc/{}/task", self.pid());
-        let mut out = String::new();
-        for t in std::fs::read_dir(&task).into_iter().flatten().flatten() {
-            let p = t.path();
-            let name = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
-            let wchan = std::fs::read_to_string(p.join("wchan")).unwrap_or_default();
-            out += &format!("  {} {}: {}\n", t.file_name().to_string_lossy(), name.trim(), wchan.trim());
-        }
-        out
-    }
-
-    /// The daemon's open descriptors, each as what it points to.
-    fn fds(&self) -> Vec<String> {
-        let dir = format!("/proc/{}/fd", self.pid());
-        let mut v: Vec<String> = std::fs::read_dir(&dir)
-            .unwrap()
-            .flatten()
-            .map(|e| {
-                let target = std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into());
-                format!("{} -> {target}", e.file_name().to_string_lossy())
-            })
-            .collect();
-        v.sort();
-        v
-    }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    let out = Output { status, stdout: stdout.join().unwrap(), stderr: stderr.join().unwrap() };
+    Ok((out, start.elapsed()))
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+/// Like [`timed`], but the call must succeed: its stdout and time.
+fn timed_ok(d: &Daemon, args: &[String]) -> Result<(String, Duration), String> {
+    let (out, took) = timed(d, args)?;
+    if !out.status.success() {
+        return Err(format!(
+            "cedana {args:?} failed ({}): {}\ndaemon log:\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            d.log()
+        ));
     }
+    Ok((String::from_utf8_lossy(&out.stdout).into_owned(), took))
+}
+
+/// Like [`timed_ok`], panicking on failure: the stdout.
+fn ok_now(d: &Daemon, args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|s| s.to_string()).collect();
+    timed_ok(d, &args).unwrap_or_else(|e| panic!("{e}")).0
+}
+
+/// `ps` under the watchdog, as rows of fields.
+fn ps(d: &Daemon) -> Vec<Vec<String>> {
+    rows(&ok_now(d, &["ps"]))
+}
+
+/// Each of the daemon's threads with what it waits in, for a deadlock report.
+fn threads(d: &Daemon) -> String {
+    let task = format!("/proc/{}/task", d.pid());
+    let mut out = String::new();
+    for t in std::fs::read_dir(&task).into_iter().flatten().flatten() {
+        let p = t.path();
+        let name = std::fs::read_to_string(p.join("comm")).unwrap_or_default();
+        let wchan = std::fs::read_to_string(p.join("wchan")).unwrap_or_default();
+        out += &format!("  {} {}: {}\n", t.file_name().to_string_lossy(), name.trim(), wchan.trim());
+    }
+    out
+}
+
+/// The daemon's open descriptors, each as what it points to.
+fn fds(d: &Daemon) -> Vec<String> {
+    let dir = format!("/proc/{}/fd", d.pid());
+    let mut v: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_else(|_| "?".into());
+            format!("{} -> {target}", e.file_name().to_string_lossy())
+        })
+        .collect();
+    v.sort();
+    v
 }
 
 /// Why the descriptor count may differ by a few after the load (the bound is [`FD_SLACK`]).
@@ -174,24 +117,8 @@ fn fd_slack_reasons() -> &'static str {
      open nothing per call, but a first use may open a descriptor that stays for the daemon's lifetime)"
 }
 
-/// Numbers printed by a job, one per line.
-fn numbers(log: &Path) -> Vec<u64> {
-    std::fs::read_to_string(log).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
-}
-
 fn wait_for_count(log: &Path, n: usize) -> Vec<u64> {
-    wait_for(&format!("{n} lines in {}", log.display()), Duration::from_secs(30), || {
-        let v = numbers(log);
-        (v.len() >= n).then_some(v)
-    })
-}
-
-/// `1, 2, 3, ...` with no gap and no repeat.
-fn check_sequence(v: &[u64], what: &str) {
-    assert_eq!(v.first(), Some(&1), "{what}: the count starts at 1: {v:?}");
-    for (i, w) in v.windows(2).enumerate() {
-        assert_eq!(w[1], w[0] + 1, "{what}: {} follows {} at line {} (gap or repeat)", w[1], w[0], i + 2);
-    }
+    cedana_integration::daemon::wait_for_count(log, n, Duration::from_secs(30))
 }
 
 /// One job of the test.
@@ -214,7 +141,7 @@ fn all_at_once(d: &Daemon, what: &str, args: impl Fn(usize) -> Vec<String> + Syn
                 s.spawn(move || {
                     let a = args(i);
                     barrier.wait();
-                    d.ok(&a)
+                    timed_ok(d, &a)
                 })
             })
             .collect();
@@ -238,12 +165,12 @@ fn all_at_once(d: &Daemon, what: &str, args: impl Fn(usize) -> Vec<String> + Syn
 
 /// The checkpoints of a job, newest first: (id, path).
 fn checkpoints(d: &Daemon, jid: &str) -> Vec<String> {
-    d.ok_now(&["job", "checkpoints", jid]).lines().skip(1).map(|l| l.split_whitespace().last().unwrap().to_string()).collect()
+    ok_now(d, &["job", "checkpoints", jid]).lines().skip(1).map(|l| l.split_whitespace().last().unwrap().to_string()).collect()
 }
 
 /// The manifest of a checkpoint, through `cedana checkpoint inspect --json`.
 fn manifest(d: &Daemon, path: &str) -> serde_json::Value {
-    serde_json::from_str(&d.ok_now(&["checkpoint", "inspect", path, "--json"])).expect("the manifest is JSON")
+    serde_json::from_str(&ok_now(d, &["checkpoint", "inspect", path, "--json"])).expect("the manifest is JSON")
 }
 
 /// Dump every job at once, check each checkpoint is its own, wait for the PIDs to be free, restore every
@@ -254,7 +181,7 @@ fn dump_and_restore_all(d: &Daemon, jobs: &[Job], round: usize) {
     let mut paths = BTreeSet::new();
     for (job, out) in jobs.iter().zip(&dumped) {
         assert!(out.contains(&format!("Dumped job {} (PID {}, counter)", job.jid, job.pid)), "{out}");
-        let rows = d.ps();
+        let rows = ps(d);
         let row = rows.iter().find(|r| r[0] == job.jid).unwrap_or_else(|| panic!("job {} lost: {rows:?}", job.jid));
         assert_eq!((row[2].as_str(), row[3].as_str()), (job.pid.to_string().as_str(), "halted"), "{row:?}");
         let cps = checkpoints(d, &job.jid);
@@ -272,7 +199,7 @@ fn dump_and_restore_all(d: &Daemon, jobs: &[Job], round: usize) {
             (!Path::new(&format!("/proc/{}", job.pid)).exists()).then_some(())
         });
     }
-    let at_dump: Vec<Vec<u64>> = jobs.iter().map(|j| numbers(&j.log)).collect();
+    let at_dump: Vec<Vec<u64>> = jobs.iter().map(|j| numbers_in(&j.log)).collect();
     let (restored, _) =
         all_at_once(d, &format!("round {round}: restore job"), |i| vec!["restore".into(), "job".into(), jobs[i].jid.clone()]);
     for (job, out) in jobs.iter().zip(&restored) {
@@ -284,7 +211,7 @@ fn dump_and_restore_all(d: &Daemon, jobs: &[Job], round: usize) {
         check_sequence(&after, &format!("round {round}, job {}", job.jid));
         assert_eq!(&after[..before.len()], &before[..], "{}: the output before the dump is kept", job.jid);
     }
-    let rows = d.ps();
+    let rows = ps(d);
     for job in jobs {
         let row = rows.iter().find(|r| r[0] == job.jid).unwrap_or_else(|| panic!("job {} lost: {rows:?}", job.jid));
         assert!(
@@ -301,7 +228,7 @@ fn dump_and_restore_all(d: &Daemon, jobs: &[Job], round: usize) {
 fn settled_fds(d: &Daemon, limit: usize) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let fds = d.fds();
+        let fds = fds(d);
         if fds.len() <= limit || Instant::now() > deadline {
             return fds;
         }
@@ -312,10 +239,10 @@ fn settled_fds(d: &Daemon, limit: usize) -> Vec<String> {
 /// The daemon's descriptors at their fewest over half a second (the harness's own probe of the socket may
 /// not have been closed yet).
 fn fewest_fds(d: &Daemon) -> Vec<String> {
-    let mut best = d.fds();
+    let mut best = fds(d);
     for _ in 0..10 {
         std::thread::sleep(Duration::from_millis(50));
-        let now = d.fds();
+        let now = fds(d);
         if now.len() < best.len() {
             best = now;
         }
@@ -358,7 +285,7 @@ fn twenty_jobs_started_dumped_and_restored_at_once_twice() {
 
     // Started from 20 threads at once.
     let (started, _) = all_at_once(&d, "run process", |i| {
-        let log = d.dir.path().join(format!("load-{i:02}.log"));
+        let log = d.dir().join(format!("load-{i:02}.log"));
         ["run", "process", "--jid", &format!("load-{i:02}"), "--out", log.to_str().unwrap(), "--", counter.to_str().unwrap()]
             .iter()
             .map(|s| s.to_string())
@@ -372,12 +299,12 @@ fn twenty_jobs_started_dumped_and_restored_at_once_twice() {
             let jid = f.next().unwrap().to_string();
             assert_eq!(jid, format!("load-{i:02}"), "{out}");
             let pid = f.next().and_then(|p| p.parse().ok()).unwrap_or_else(|| panic!("a PID: {out}"));
-            Job { jid, log: d.dir.path().join(format!("load-{i:02}.log")), pid }
+            Job { jid, log: d.dir().join(format!("load-{i:02}.log")), pid }
         })
         .collect();
     let pids: BTreeSet<i32> = jobs.iter().map(|j| j.pid).collect();
     assert_eq!(pids.len(), JOBS, "every job has a PID of its own");
-    assert_eq!(d.ps().len(), JOBS, "every job is in the store");
+    assert_eq!(ps(&d).len(), JOBS, "every job is in the store");
     for job in &jobs {
         wait_for_count(&job.log, 5);
     }
@@ -398,16 +325,16 @@ fn twenty_jobs_started_dumped_and_restored_at_once_twice() {
 
     // Every job ended and forgotten: back to what the idle daemon held.
     for job in &jobs {
-        d.ok_now(&["job", "kill", &job.jid]);
+        ok_now(&d, &["job", "kill", &job.jid]);
     }
     wait_for("every job's exit to be recorded", Duration::from_secs(20), || {
-        d.ps().iter().all(|r| r[3] == "exited").then_some(())
+        ps(&d).iter().all(|r| r[3] == "exited").then_some(())
     });
     for job in &jobs {
         assert!(!alive(job.pid), "{} was killed", job.jid);
-        d.ok_now(&["job", "delete", &job.jid]);
+        ok_now(&d, &["job", "delete", &job.jid]);
     }
-    assert!(d.ps().is_empty());
+    assert!(ps(&d).is_empty());
     let fds_end = settled_fds(&d, fds_idle.len() + FD_SLACK);
     eprintln!("daemon fds idle, before the first call and at the end: {}", fd_report(&fds_idle, &fds_end));
     assert!(

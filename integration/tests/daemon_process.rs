@@ -7,117 +7,44 @@
 //!   the CLI's child;
 //! - errors from the daemon carry the kind of the gRPC status, e.g. "(not found)".
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use cedana_integration::daemon::{check_sequence, Daemon};
 use cedana_integration::workload::Workload;
 use cedana_integration::{alive, bin, require_root, wait_for, workload_bin};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-/// A daemon on private state in a temporary folder (as in `daemon.rs`), its engine logging at debug level.
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
+/// A daemon whose engine logs at debug level: the engine's debug lines ("running criu swrk ..."), without
+/// the HTTP/2 frames.
+fn start() -> Daemon {
+    Daemon::start_with_env(&[("RUST_LOG", "info,cedana=debug")])
 }
 
-impl Daemon {
-    fn start() -> Daemon {
-        require_root();
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let mut cmd = Command::new(bin("cedana"));
-        cmd.args(["daemon", "start"]).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        let mut d = Daemon { dir, child: None };
-        d.env(&mut cmd);
-        // The engine's debug lines ("running criu swrk ..."), without the HTTP/2 frames.
-        cmd.env("RUST_LOG", "info,cedana=debug");
-        d.child = Some(cmd.spawn().unwrap());
-        let socket = d.socket();
-        wait_for("the daemon's socket", Duration::from_secs(20), || {
-            std::os::unix::net::UnixStream::connect(&socket).ok().map(drop)
-        });
-        d
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("cedana.sock")
-    }
-
-    fn pid(&self) -> i32 {
-        self.child.as_ref().expect("the daemon runs").id() as i32
-    }
-
-    fn env(&self, cmd: &mut Command) {
-        cmd.env("CEDANA_ADDRESS", self.socket())
-            .env("CEDANA_DB_PATH", self.dir.path().join("jobs.db"))
-            .env("CEDANA_CHECKPOINT_DIR", self.dir.path().join("checkpoints"))
-            .env("CEDANA_LOG_LEVEL", "info");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    /// How many times the daemon has run CRIU.
-    fn criu_runs(&self) -> usize {
-        self.log().matches("running criu swrk").count()
-    }
-
-    /// The daemon's (rchar, wchar): bytes it has read and written so far.
-    fn io(&self) -> (u64, u64) {
-        let text = std::fs::read_to_string(format!("/proc/{}/io", self.pid())).unwrap();
-        let field = |name: &str| {
-            text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).expect("a field of /proc/PID/io")
-        };
-        (field("rchar:"), field("wchar:"))
-    }
-
-    /// `cedana ARGS` for this daemon, run in `cwd`.
-    fn cedana_in(&self, cwd: &Path, args: &[&str]) -> Output {
-        let mut cmd = Command::new(bin("cedana"));
-        cmd.args(args).current_dir(cwd);
-        self.env(&mut cmd);
-        cmd.output().unwrap()
-    }
-
-    fn ok_in(&self, cwd: &Path, args: &[&str]) -> String {
-        let out = self.cedana_in(cwd, args);
-        assert!(
-            out.status.success(),
-            "cedana {args:?} failed: {}\ndaemon log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// The error `cedana ARGS` prints (from "Error: " on; the lines before are logs).
-    fn err_in(&self, cwd: &Path, args: &[&str]) -> String {
-        let out = self.cedana_in(cwd, args);
-        assert!(!out.status.success(), "cedana {args:?} should fail: {}", String::from_utf8_lossy(&out.stdout));
-        error_text(&out)
-    }
+/// How many times the daemon has run CRIU.
+fn criu_runs(d: &Daemon) -> usize {
+    d.log().matches("running criu swrk").count()
 }
 
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && matches!(c.try_wait(), Ok(None)) {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// The daemon's (rchar, wchar): bytes it has read and written so far.
+fn io(d: &Daemon) -> (u64, u64) {
+    let text = std::fs::read_to_string(format!("/proc/{}/io", d.pid())).unwrap();
+    let field = |name: &str| {
+        text.lines().find_map(|l| l.strip_prefix(name)).and_then(|v| v.trim().parse().ok()).expect("a field of /proc/PID/io")
+    };
+    (field("rchar:"), field("wchar:"))
 }
 
-fn error_text(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    stderr.find("Error: ").map(|i| stderr[i..].to_string()).unwrap_or_else(|| stderr.into_owned())
+/// The error `cedana ARGS` prints in `cwd` (from "Error: " on; the lines before are logs); it must fail.
+fn err_in(d: &Daemon, cwd: &Path, args: &[&str]) -> String {
+    error_text(&d.err_in(cwd, args))
+}
+
+/// The error in a CLI's stderr: from "Error: " on (the lines before are logs).
+fn error_text(stderr: &str) -> String {
+    stderr.find("Error: ").map(|i| stderr[i..].to_string()).unwrap_or_else(|| stderr.to_string())
 }
 
 fn ppid(pid: i32) -> Option<i32> {
@@ -133,13 +60,6 @@ fn wait_gone(pid: i32) {
 
 fn numbers(lines: &[String]) -> Vec<u64> {
     lines.iter().map(|l| l.trim().parse().unwrap_or_else(|_| panic!("a number: {l:?}"))).collect()
-}
-
-fn check_sequence(v: &[u64], what: &str) {
-    assert_eq!(v.first(), Some(&1), "{what}: the count starts at 1");
-    for (i, w) in v.windows(2).enumerate() {
-        assert_eq!(w[1], w[0] + 1, "{what}: {} follows {} at line {} (gap or repeat)", w[1], w[0], i + 2);
-    }
 }
 
 /// The manifest of a checkpoint, through `cedana checkpoint inspect --json`.
@@ -167,7 +87,7 @@ fn essentials(m: &serde_json::Value) -> serde_json::Value {
 
 #[test]
 fn dump_and_restore_process_go_through_the_running_daemon_and_no_server_does_not() {
-    let d = Daemon::start();
+    let d = start();
     // The CLI runs in a folder of its own and names the checkpoint folder relative to it: the daemon, which
     // runs elsewhere, must get it made absolute.
     let work = tempfile::tempdir().unwrap();
@@ -178,16 +98,16 @@ fn dump_and_restore_process_go_through_the_running_daemon_and_no_server_does_not
 
     // The same process dumped (left running) through the daemon and alone: the same checkpoint.
     let lr = ["--leave-running", "--dir", "lr"];
-    let runs = d.criu_runs();
+    let runs = criu_runs(&d);
     d.ok_in(cwd, &[&["dump", "process", &pid, "--name", "daemon"][..], &lr].concat());
-    assert_eq!(d.criu_runs(), runs + 1, "the daemon ran CRIU:\n{}", d.log());
+    assert_eq!(criu_runs(&d), runs + 1, "the daemon ran CRIU:\n{}", d.log());
     d.ok_in(cwd, &[&["dump", "process", &pid, "--name", "alone", "--no-server"][..], &lr].concat());
-    assert_eq!(d.criu_runs(), runs + 1, "the daemon ran no CRIU for --no-server:\n{}", d.log());
+    assert_eq!(criu_runs(&d), runs + 1, "the daemon ran no CRIU for --no-server:\n{}", d.log());
     assert_eq!(essentials(&manifest(&cwd.join("lr/daemon.tar"))), essentials(&manifest(&cwd.join("lr/alone.tar"))));
     assert!(alive(w.pid));
 
     // Dump through the daemon.
-    let (runs, (_, wrote)) = (d.criu_runs(), d.io());
+    let (runs, (_, wrote)) = (criu_runs(&d), io(&d));
     let t = Instant::now();
     let out = d.ok_in(cwd, &["dump", "process", &pid, "--dir", "rel", "--name", "via-daemon"]);
     let took = t.elapsed();
@@ -197,8 +117,8 @@ fn dump_and_restore_process_go_through_the_running_daemon_and_no_server_does_not
     assert_eq!(lines.next(), Some(format!("Dumped PID {pid} (counter) to {}", via_daemon.display()).as_str()), "{out}");
     assert!(lines.next().is_some_and(|l| l.starts_with("  size      ") && l.contains("(tar, images ")), "{out}");
     assert!(out.contains("\n  time      ") && out.contains("(criu "), "{out}");
-    assert_eq!(d.criu_runs(), runs + 1, "the daemon ran CRIU for the dump:\n{}", d.log());
-    let written = d.io().1 - wrote;
+    assert_eq!(criu_runs(&d), runs + 1, "the daemon ran CRIU for the dump:\n{}", d.log());
+    let written = io(&d).1 - wrote;
     assert!(written >= size, "the daemon wrote the {size}-byte archive (it wrote {written} bytes)");
     eprintln!("dump process through the daemon: {took:.2?}, {size} bytes, the daemon wrote {written} bytes");
     w.reap();
@@ -206,46 +126,45 @@ fn dump_and_restore_process_go_through_the_running_daemon_and_no_server_does_not
     let at_dump = w.lines().len();
 
     // Restore through the daemon: the restored process is the daemon's child.
-    let (runs, (read, _)) = (d.criu_runs(), d.io());
+    let (runs, (read, _)) = (criu_runs(&d), io(&d));
     let t = Instant::now();
     let out = d.ok_in(cwd, &["restore", "process", "--path", "rel/via-daemon.tar"]);
     let took = t.elapsed();
     assert!(out.starts_with(&format!("Restored PID {pid} (counter) from rel/via-daemon.tar (verify ")), "{out}");
-    assert_eq!(d.criu_runs(), runs + 1, "the daemon ran CRIU for the restore:\n{}", d.log());
-    let was_read = d.io().0 - read;
+    assert_eq!(criu_runs(&d), runs + 1, "the daemon ran CRIU for the restore:\n{}", d.log());
+    let was_read = io(&d).0 - read;
     assert!(was_read >= size, "the daemon read the {size}-byte archive (it read {was_read} bytes)");
     assert_eq!(ppid(w.pid), Some(d.pid()), "the daemon restored the process as its child");
     eprintln!("restore process through the daemon: {took:.2?}, the daemon read {was_read} bytes");
     check_sequence(&numbers(&w.wait_lines(at_dump + 10)), "after the restore through the daemon");
 
     // --no-server: the same dump in the CLI; the daemon does nothing (it only reaps its child the dump ends).
-    let (runs, (_, wrote)) = (d.criu_runs(), d.io());
+    let (runs, (_, wrote)) = (criu_runs(&d), io(&d));
     let out = d.ok_in(cwd, &["dump", "process", &pid, "--no-server", "--dir", "rel", "--name", "local"]);
     // Alone, the CLI prints the path as given.
     assert!(out.starts_with(&format!("Dumped PID {pid} (counter) to rel/local.tar\n")), "{out}");
     let local = cwd.join("rel/local.tar");
-    assert_eq!(d.criu_runs(), runs, "the daemon ran no CRIU:\n{}", d.log());
-    let written = d.io().1 - wrote;
+    assert_eq!(criu_runs(&d), runs, "the daemon ran no CRIU:\n{}", d.log());
+    let written = io(&d).1 - wrote;
     let local_size = std::fs::metadata(&local).unwrap().len();
     assert!(written < local_size / 2, "the daemon wrote {written} bytes during a dump it had no part in ({local_size} bytes)");
     wait_gone(w.pid);
     let at_dump = w.lines().len();
 
     // `restore process --no-server` stays local and attached: the restored process is the CLI's child.
-    let runs = d.criu_runs();
-    let mut cmd = Command::new(bin("cedana"));
-    cmd.args(["restore", "process", "--path", "rel/local.tar", "--no-server"])
+    let runs = criu_runs(&d);
+    let mut attached = d
+        .command(&["restore", "process", "--path", "rel/local.tar", "--no-server"])
         .current_dir(cwd)
-        .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    d.env(&mut cmd);
-    let mut attached = cmd.spawn().unwrap();
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let cli = attached.id() as i32;
     wait_for("the restored process under the CLI", Duration::from_secs(20), || {
         (alive(w.pid) && ppid(w.pid) == Some(cli)).then_some(())
     });
-    assert_eq!(d.criu_runs(), runs, "the daemon ran no CRIU for a --no-server restore");
+    assert_eq!(criu_runs(&d), runs, "the daemon ran no CRIU for a --no-server restore");
     check_sequence(&numbers(&w.wait_lines(at_dump + 10)), "after the attached restore");
     kill(Pid::from_raw(w.pid), Signal::SIGKILL).unwrap();
     let status = wait_for("the attached CLI to exit with its process", Duration::from_secs(10), || attached.try_wait().unwrap());
@@ -254,15 +173,15 @@ fn dump_and_restore_process_go_through_the_running_daemon_and_no_server_does_not
 
 #[test]
 fn errors_from_the_daemon_keep_the_message_the_kind_and_the_advice() {
-    let d = Daemon::start();
+    let d = start();
     let work = tempfile::tempdir().unwrap();
     let cwd = work.path();
     // Each error as the daemon reports it and as the CLI does alone: the same text and advice, plus the kind.
     let same = |args: &[&str], kind: &str| {
-        let via = d.err_in(cwd, args);
+        let via = err_in(&d, cwd, args);
         let mut local_args = args.to_vec();
         local_args.push("--no-server");
-        let local = d.err_in(cwd, &local_args);
+        let local = err_in(&d, cwd, &local_args);
         let first = local.lines().next().unwrap();
         assert_eq!(via, local.replacen(first, &format!("{first} ({kind})"), 1), "{args:?}");
         via
@@ -299,7 +218,7 @@ fn without_a_daemon_the_commands_work_alone_quickly_and_quietly() {
         let (alone, took_alone) = run(&["dump", "process", "999999", "--no-server"]);
         assert!(!out.status.success());
         assert_eq!(out.stderr, alone.stderr, "{}: the same error, and nothing else printed", socket.display());
-        let text = error_text(&out);
+        let text = error_text(&String::from_utf8_lossy(&out.stderr));
         assert!(text.starts_with("Error: no such process: PID 999999") && !text.contains("(not found)"), "{text}");
         eprintln!("{}: dump process {took:.2?}, with --no-server {took_alone:.2?}", socket.display());
         assert!(took < Duration::from_secs(2), "{took:?}");

@@ -8,14 +8,15 @@
 //! The counter containers write their progress to a file inside their rootfs (`/count`), which the test
 //! reads from the host; their stdio is /dev/null (the daemon's default for runc jobs).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::path::Path;
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+use cedana_integration::daemon::{numbers_in, wait_for_count, Daemon};
 use cedana_integration::engines::{wait_child, RuncRoot};
 use cedana_integration::images::Bundle;
 use cedana_integration::workload::session_command;
-use cedana_integration::{alive, bin, require_root, wait_for, workload_bin};
+use cedana_integration::{alive, wait_for, workload_bin};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
@@ -23,91 +24,6 @@ const T: Duration = Duration::from_secs(20);
 
 /// Counts 0, 1, 2, ... into /count inside the container, every 100 ms.
 const COUNT_TO_FILE: &str = "i=0; while true; do echo $i >> /count; i=$((i+1)); sleep 0.1; done";
-
-/// A daemon on private state in a temporary folder (as in `daemon.rs`).
-struct Daemon {
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-}
-
-impl Daemon {
-    fn start() -> Daemon {
-        require_root();
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("daemon.log")).unwrap();
-        let mut cmd = Command::new(bin("cedana"));
-        cmd.args(["daemon", "start"]).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
-        let mut d = Daemon { dir, child: None };
-        d.env(&mut cmd);
-        d.child = Some(cmd.spawn().unwrap());
-        let socket = d.socket();
-        wait_for("the daemon's socket", T, || std::os::unix::net::UnixStream::connect(&socket).ok().map(drop));
-        d
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("cedana.sock")
-    }
-
-    fn env(&self, cmd: &mut Command) {
-        cmd.env("CEDANA_ADDRESS", self.socket())
-            .env("CEDANA_DB_PATH", self.dir.path().join("jobs.db"))
-            .env("CEDANA_CHECKPOINT_DIR", self.dir.path().join("checkpoints"))
-            .env("CEDANA_LOG_LEVEL", "info");
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("daemon.log")).unwrap_or_default()
-    }
-
-    /// `cedana ARGS` against this daemon, not yet run.
-    fn cmd(&self, args: &[&str]) -> Command {
-        let mut cmd = Command::new(bin("cedana"));
-        cmd.args(args).stdin(Stdio::null());
-        self.env(&mut cmd);
-        cmd
-    }
-
-    fn cedana(&self, args: &[&str]) -> Output {
-        self.cmd(args).output().unwrap()
-    }
-
-    fn ok(&self, args: &[&str]) -> String {
-        let out = self.cedana(args);
-        assert!(
-            out.status.success(),
-            "cedana {args:?} failed: {}\ndaemon log:\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.log()
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// `ps`, as rows of fields.
-    fn ps(&self) -> Vec<Vec<String>> {
-        self.ok(&["ps"]).lines().skip(1).map(|l| l.split_whitespace().map(str::to_string).collect()).collect()
-    }
-
-    fn row(&self, jid: &str) -> Vec<String> {
-        self.ps().into_iter().find(|r| r[0] == jid).unwrap_or_else(|| panic!("job {jid} in ps: {:?}", self.ps()))
-    }
-
-    fn wait_status(&self, jid: &str, wanted: &[&str]) -> Vec<String> {
-        wait_for(&format!("job {jid} to be {wanted:?}"), T, || {
-            let row = self.row(jid);
-            wanted.contains(&row[3].as_str()).then_some(row)
-        })
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kill(Pid::from_raw(c.id() as i32), Signal::SIGTERM);
-            let _ = wait_child(&mut c, Duration::from_secs(30));
-        }
-    }
-}
 
 /// A name unique to this test run (container ids name cgroups, which are shared by every runc root).
 fn unique(name: &str) -> String {
@@ -121,18 +37,11 @@ fn counting_bundle(dir: &Path) -> Bundle {
 
 /// The numbers the container wrote into /count so far.
 fn counts(bundle: &Bundle) -> Vec<u64> {
-    std::fs::read_to_string(bundle.rootfs().join("count"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    numbers_in(&bundle.rootfs().join("count"))
 }
 
 fn wait_counts(bundle: &Bundle, n: usize) -> Vec<u64> {
-    wait_for(&format!("{n} counts in {}", bundle.rootfs().display()), T, || {
-        let v = counts(bundle);
-        (v.len() >= n).then_some(v)
-    })
+    wait_for_count(&bundle.rootfs().join("count"), n, T)
 }
 
 /// 0, 1, 2, ... with no gap and no repeat.
@@ -151,15 +60,15 @@ fn listed(runc: &RuncRoot, id: &str) -> bool {
 /// The PID a `run` or `manage` printed after the job id.
 fn printed_pid(out: &str, jid: &str) -> i32 {
     assert!(out.starts_with(&format!("{jid} ")), "{out}");
-    out.split_whitespace().nth(1).unwrap().parse().unwrap()
+    cedana_integration::daemon::printed_pid(out)
 }
 
 #[test]
 fn a_runc_job_runs_is_dumped_and_restored_and_counts_on_without_a_gap() {
     let d = Daemon::start();
-    let runc = RuncRoot::new(d.dir.path(), "runc");
+    let runc = RuncRoot::new(d.dir(), "runc");
     let root = runc.root.to_str().unwrap().to_string();
-    let bundle = counting_bundle(&d.dir.path().join("bundle"));
+    let bundle = counting_bundle(&d.dir().join("bundle"));
     let jid = unique("counting");
     runc.track(&jid);
     let started = Instant::now();
@@ -182,9 +91,9 @@ fn a_runc_job_runs_is_dumped_and_restored_and_counts_on_without_a_gap() {
         .split_whitespace()
         .nth(1)
         .unwrap()
-        .parse::<u32>()
+        .parse::<i32>()
         .unwrap();
-    assert_eq!(ppid, d.child.as_ref().unwrap().id(), "the container's init is re-parented to the daemon");
+    assert_eq!(ppid, d.pid(), "the container's init is re-parented to the daemon");
 
     let t = Instant::now();
     let dumped = d.ok(&["dump", "job", &jid]);
@@ -222,19 +131,17 @@ fn a_runc_job_runs_is_dumped_and_restored_and_counts_on_without_a_gap() {
 fn a_runc_job_with_a_log_keeps_logging_through_a_dump_and_restore() {
     // stdout through pipes the daemon holds (a host file as the container's stdout could not be dumped).
     let d = Daemon::start();
-    let runc = RuncRoot::new(d.dir.path(), "runc");
-    let bundle = Bundle::counter(&d.dir.path().join("bundle"));
+    let runc = RuncRoot::new(d.dir(), "runc");
+    let bundle = Bundle::counter(&d.dir().join("bundle"));
     let (jid, id) = (unique("logging"), unique("logging-ctr"));
     runc.track(&id);
-    let log = d.dir.path().join("out.log");
+    let log = d.dir().join("out.log");
     let root = runc.root.to_str().unwrap();
     let bdir = bundle.dir.to_str().unwrap();
     let out = d.ok(&["run", "runc", "-b", bdir, "--root", root, "--jid", &jid, "--id", &id, "--out", log.to_str().unwrap()]);
     printed_pid(&out, &jid);
     assert_eq!(d.row(&jid).last().unwrap(), log.to_str().unwrap(), "the LOG column");
-    let numbers = || -> Vec<u64> {
-        std::fs::read_to_string(&log).unwrap_or_default().lines().filter_map(|l| l.trim().parse().ok()).collect()
-    };
+    let numbers = || numbers_in(&log);
     wait_for("output in the log", T, || (numbers().len() >= 3).then_some(()));
     d.ok(&["dump", "job", &jid, "--compression", "zstd"]);
     assert_eq!(d.row(&jid)[3], "halted");
@@ -253,8 +160,8 @@ fn a_runc_job_with_a_log_keeps_logging_through_a_dump_and_restore() {
 #[test]
 fn manage_adopts_a_container_started_with_plain_runc() {
     let d = Daemon::start();
-    let runc = RuncRoot::new(d.dir.path(), "runc");
-    let bundle = counting_bundle(&d.dir.path().join("bundle"));
+    let runc = RuncRoot::new(d.dir(), "runc");
+    let bundle = counting_bundle(&d.dir().join("bundle"));
     let id = unique("adopted");
     runc.track(&id);
     let st = runc
@@ -292,14 +199,14 @@ fn manage_adopts_a_container_started_with_plain_runc() {
 #[test]
 fn manage_upcoming_runc_waits_until_the_container_runs() {
     let d = Daemon::start();
-    let runc = RuncRoot::new(d.dir.path(), "runc");
-    let bundle = counting_bundle(&d.dir.path().join("bundle"));
+    let runc = RuncRoot::new(d.dir(), "runc");
+    let bundle = counting_bundle(&d.dir().join("bundle"));
     let id = unique("upcoming");
     runc.track(&id);
     let root = runc.root.to_str().unwrap();
     let jid = "upcoming-job";
     let mut waiting = d
-        .cmd(&["manage", "--upcoming", "runc", &id, "--root", root, "--jid", jid])
+        .command(&["manage", "--upcoming", "runc", &id, "--root", root, "--jid", jid])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -334,9 +241,9 @@ fn manage_upcoming_runc_waits_until_the_container_runs() {
 #[test]
 fn a_client_that_stops_waiting_ends_the_wait_in_the_daemon() {
     let d = Daemon::start();
-    let runc = RuncRoot::new(d.dir.path(), "runc");
+    let runc = RuncRoot::new(d.dir(), "runc");
     let mut waiting = d
-        .cmd(&["manage", "--upcoming", "runc", "never-created", "--root", runc.root.to_str().unwrap()])
+        .command(&["manage", "--upcoming", "runc", "never-created", "--root", runc.root.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -353,11 +260,11 @@ fn manage_upcoming_process_adopts_the_process_of_that_name() {
     let d = Daemon::start();
     // A program whose command name (/proc/PID/comm, the file name) is ours alone.
     let name = format!("cdw{}", std::process::id() % 1_000_000);
-    let program = d.dir.path().join(&name);
+    let program = d.dir().join(&name);
     std::fs::copy(workload_bin("counter"), &program).unwrap();
     let jid = "by-name";
     let mut waiting = d
-        .cmd(&["manage", "--upcoming", "process", "--name", &name, "--jid", jid])
+        .command(&["manage", "--upcoming", "process", "--name", &name, "--jid", jid])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -372,7 +279,7 @@ fn manage_upcoming_process_adopts_the_process_of_that_name() {
     assert_eq!(printed_pid(&out, jid), child.id() as i32);
     assert_eq!(&d.row(jid)[1..3], ["process", &child.id().to_string()]);
     // Already a job: a second wait does not take it again.
-    let mut second = d.cmd(&["manage", "--upcoming", "process", "--name", &name]).stdout(Stdio::null()).spawn().unwrap();
+    let mut second = d.command(&["manage", "--upcoming", "process", "--name", &name]).stdout(Stdio::null()).spawn().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     assert!(second.try_wait().unwrap().is_none(), "a process that is a job already is not adopted twice");
     let _ = second.kill();

@@ -104,3 +104,86 @@ fn attached_run_gets_the_output_and_the_exit_code() {
     assert_eq!(s.d.task_status(id), None);
     wait_for("the shim to exit", T, || shim_pids(id).is_empty().then_some(()));
 }
+
+/// The numbers the counter wrote to `/count` in the rootfs of task `pid` (read through /proc).
+fn counts(pid: i32) -> Vec<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/root/count")).unwrap_or_default();
+    text.lines().filter_map(|l| l.trim().parse().ok()).collect()
+}
+
+fn task_pid(d: &Containerd, id: &str) -> i32 {
+    let out = d.ok(&["task", "ls"]);
+    out.lines()
+        .skip(1)
+        .find_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.first() == Some(&id)).then(|| f[1].parse().ok()).flatten()
+        })
+        .unwrap_or_else(|| panic!("task {id} in ctr task ls: {out}"))
+}
+
+/// The checkpoint blobs of the content store, as the files of their tar (the folder the shim wrote).
+fn checkpoint_blob_files(d: &Containerd) -> Vec<Vec<String>> {
+    let ls = d.ok(&["content", "ls"]);
+    let mut found = Vec::new();
+    // `ctr content ls` shows no media types: list every blob that is a tar.
+    for line in ls.lines().skip(1) {
+        let Some(digest) = line.split_whitespace().next() else { continue };
+        let blob = d.ctr(&["content", "get", digest]);
+        let tmp = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(tmp.path(), &blob.stdout).unwrap();
+        let list = std::process::Command::new("tar").arg("-tf").arg(tmp.path()).output().unwrap();
+        if list.status.success() {
+            found.push(String::from_utf8_lossy(&list.stdout).lines().map(str::to_string).collect());
+        }
+    }
+    found
+}
+
+const COUNTER: &str = "i=0; while true; do echo $i >> /count; i=$((i+1)); sleep 0.1; done";
+
+/// Run the counter through our shim from an imported image, then `ctr task checkpoint` and
+/// `ctr container checkpoint --task --rw` it (the client pauses the task, the shim checkpoints through the
+/// runtime into containerd's folder, which containerd stores as a checkpoint blob holding our
+/// `cedana-checkpoint.*`); the task keeps running.
+fn counter_checkpointed(s: &Setup, id: &str) {
+    let image = "docker.io/cedana/busybox-shim-cp:latest";
+    s.d.import(&s.rootfs, image);
+    let out =
+        s.d.ctr_cmd(&["run", "--runtime", RUNTIME, "--detach", "--null-io", image, id, "/bin/sh", "-c", COUNTER])
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr run");
+    assert!(out.status.success(), "ctr run: {}", String::from_utf8_lossy(&out.stderr));
+    wait_for("the task to be RUNNING", T, || (s.d.task_status(id).as_deref() == Some("RUNNING")).then_some(()));
+    let pid = task_pid(&s.d, id);
+    wait_for("the counter to count", T, || (counts(pid).len() >= 5).then_some(()));
+
+    // ctr task checkpoint: ctr 1.6 sends no options for a runtime not named io.containerd.runc.* (so
+    // --image-path and --exit are not passed on); containerd gives its own folder and stores the result.
+    let dir = tempfile::tempdir().unwrap();
+    s.d.ok(&["task", "checkpoint", "--image-path", dir.path().to_str().unwrap(), id]);
+    assert_eq!(s.d.task_status(id).as_deref(), Some("RUNNING"), "the task runs on after the checkpoint");
+    let blobs = checkpoint_blob_files(&s.d);
+    assert!(
+        blobs.iter().any(|files| files.iter().any(|f| f.contains("cedana-checkpoint."))),
+        "a checkpoint blob holding our checkpoint: {blobs:?}"
+    );
+
+    // ctr container checkpoint --task --rw (v2 CheckpointOptions: file locks, no exit, no image path).
+    let reference = "cedana/shim-cp-checkpoint:1";
+    s.d.ok(&["container", "checkpoint", "--task", "--rw", id, reference]);
+    assert_eq!(s.d.task_status(id).as_deref(), Some("RUNNING"), "the task runs on after the checkpoint");
+    let n = counts(pid).len();
+    wait_for("the counter to go on", T, || (counts(pid).len() > n + 3).then_some(()));
+}
+
+#[test]
+fn checkpoint_through_ctr_keeps_the_task_running() {
+    let s = setup();
+    let id = "shim-cp";
+    counter_checkpointed(&s, id);
+    s.d.ok(&["task", "kill", "-s", "SIGKILL", id]);
+    wait_for("the task to be STOPPED", T, || (s.d.task_status(id).as_deref() == Some("STOPPED")).then_some(()));
+    s.d.ok(&["task", "delete", id]);
+}

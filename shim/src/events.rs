@@ -1,7 +1,9 @@
 //! Task events and where they go: containerd's event service in the shim, a channel in tests.
 
 use containerd_shim::asynchronous::publisher::RemotePublisher;
-use containerd_shim_protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskStart};
+use containerd_shim_protos::events::task::{
+    TaskCheckpointed, TaskCreate, TaskDelete, TaskExit, TaskPaused, TaskResumed, TaskStart,
+};
 use containerd_shim_protos::protobuf::MessageDyn;
 use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::context::Context;
@@ -14,6 +16,9 @@ pub enum Event {
     Start(TaskStart),
     Exit(TaskExit),
     Delete(TaskDelete),
+    Paused(TaskPaused),
+    Resumed(TaskResumed),
+    Checkpointed(TaskCheckpointed),
 }
 
 impl Event {
@@ -24,6 +29,9 @@ impl Event {
             Event::Start(_) => topics::TASK_START_EVENT_TOPIC,
             Event::Exit(_) => topics::TASK_EXIT_EVENT_TOPIC,
             Event::Delete(_) => topics::TASK_DELETE_EVENT_TOPIC,
+            Event::Paused(_) => topics::TASK_PAUSED_EVENT_TOPIC,
+            Event::Resumed(_) => topics::TASK_RESUMED_EVENT_TOPIC,
+            Event::Checkpointed(_) => topics::TASK_CHECKPOINTED_EVENT_TOPIC,
         }
     }
 
@@ -33,6 +41,9 @@ impl Event {
             Event::Start(e) => Box::new(e),
             Event::Exit(e) => Box::new(e),
             Event::Delete(e) => Box::new(e),
+            Event::Paused(e) => Box::new(e),
+            Event::Resumed(e) => Box::new(e),
+            Event::Checkpointed(e) => Box::new(e),
         }
     }
 }

@@ -36,6 +36,20 @@ pub struct CreateOpts {
     pub no_new_keyring: bool,
 }
 
+/// What checkpointing a container needs (runc's checkpoint flags).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct CheckpointOpts {
+    pub image_path: PathBuf,
+    pub work_path: Option<PathBuf>,
+    /// Stop the container after the checkpoint (else `--leave-running`).
+    pub exit: bool,
+    pub open_tcp: bool,
+    pub external_unix_sockets: bool,
+    pub terminal: bool,
+    pub file_locks: bool,
+    pub empty_namespaces: Vec<String>,
+}
+
 /// A container's status as the runtime reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RuntimeState {
@@ -54,13 +68,20 @@ pub trait Runtime: Send + Sync + 'static {
     async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()>;
     async fn delete(&self, id: &str, force: bool) -> Result<()>;
     async fn pids(&self, id: &str) -> Result<Vec<i32>>;
-    /// Checkpoint a container (the next slice).
-    async fn checkpoint(&self, _id: &str, _image_path: &Path) -> Result<()> {
-        Err(Error::unimplemented("checkpoint is not supported by this shim yet"))
+    async fn pause(&self, _id: &str) -> Result<()> {
+        Err(Error::unimplemented("pause is not supported by this runtime"))
     }
-    /// Restore a container from a checkpoint (the next slice).
+    async fn resume(&self, _id: &str) -> Result<()> {
+        Err(Error::unimplemented("resume is not supported by this runtime"))
+    }
+    /// Checkpoint a container into `opts.image_path`.
+    async fn checkpoint(&self, _id: &str, _opts: &CheckpointOpts) -> Result<()> {
+        Err(Error::unimplemented("checkpoint is not supported by this runtime"))
+    }
+    /// Restore a container (created from `opts`) from the checkpoint at `image_path`, detached; returns its
+    /// init PID.
     async fn restore(&self, _opts: &CreateOpts, _image_path: &Path) -> Result<i32> {
-        Err(Error::unimplemented("restore is not supported by this shim yet"))
+        Err(Error::unimplemented("restore is not supported by this runtime"))
     }
 }
 
@@ -179,22 +200,29 @@ fn open_stdio(path: &str, input: bool) -> Result<Stdio> {
     Ok(Stdio::from(file))
 }
 
-#[async_trait]
-impl Runtime for RuncRuntime {
-    async fn create(&self, opts: &CreateOpts) -> Result<i32> {
+impl RuncRuntime {
+    /// Create (`restore == None`) or restore (from the image path given) a container with its stdio, wait for
+    /// the runtime command, and watch the init whose PID it wrote.
+    async fn create_or_restore(&self, opts: &CreateOpts, restore: Option<&Path>) -> Result<i32> {
         let binary = opts.binary_name.as_deref().map(|b| resolve_binary(Some(b))).unwrap_or_else(|| self.binary());
         *self.binary.lock().unwrap_or_else(|e| e.into_inner()) = Some(binary.clone());
         let _ = std::fs::write(opts.bundle.join(RUNTIME_RECORD), binary.to_string_lossy().as_bytes());
         std::fs::create_dir_all(&self.root)?;
         let pid_file = opts.bundle.join("init.pid");
+        let _ = std::fs::remove_file(&pid_file);
         let log = opts.bundle.join("runtime.log");
+        let what = if restore.is_some() { "restore" } else { "create" };
         let mut cmd = tokio::process::Command::new(&binary);
-        cmd.arg("--root").arg(&self.root).arg("--log").arg(&log).args(["--log-format", "json", "create", "--bundle"]);
-        cmd.arg(&opts.bundle).arg("--pid-file").arg(&pid_file);
+        cmd.arg("--root").arg(&self.root).arg("--log").arg(&log).args(["--log-format", "json", what]);
+        if let Some(image_path) = restore {
+            cmd.arg("--image-path").arg(image_path).arg("--work-path").arg(opts.bundle.join("criu-restore-work"));
+            cmd.arg("--detach");
+        }
+        cmd.arg("--bundle").arg(&opts.bundle).arg("--pid-file").arg(&pid_file);
         if opts.no_pivot_root {
             cmd.arg("--no-pivot");
         }
-        if opts.no_new_keyring {
+        if opts.no_new_keyring && restore.is_none() {
             cmd.arg("--no-new-keyring");
         }
         cmd.arg(&opts.id);
@@ -202,15 +230,15 @@ impl Runtime for RuncRuntime {
             .stdout(open_stdio(&opts.stdout, false)?)
             .stderr(open_stdio(&opts.stderr, false)?);
         let mut child =
-            self.reaper.spawn(&mut cmd).map_err(|e| Error::internal(format!("running {} create: {e}", binary.display())))?;
+            self.reaper.spawn(&mut cmd).map_err(|e| Error::internal(format!("running {} {what}: {e}", binary.display())))?;
         // Our copies of the stdio files go with the command object.
         drop(cmd);
         let pid = child.id();
         let status = child.wait().await;
         self.reaper.release(pid);
-        let status = status.map_err(|e| Error::internal(format!("waiting for create: {e}")))?;
+        let status = status.map_err(|e| Error::internal(format!("waiting for {what}: {e}")))?;
         if !status.success() {
-            return Err(classify(&format!("{} create failed ({status}): {}", binary.display(), log_errors(&log))));
+            return Err(classify(&format!("{} {what} failed ({status}): {}", binary.display(), log_errors(&log))));
         }
         let pid: i32 = std::fs::read_to_string(&pid_file)?
             .trim()
@@ -218,6 +246,51 @@ impl Runtime for RuncRuntime {
             .map_err(|e| Error::internal(format!("reading {}: {e}", pid_file.display())))?;
         self.reaper.watch(pid);
         Ok(pid)
+    }
+}
+
+#[async_trait]
+impl Runtime for RuncRuntime {
+    async fn create(&self, opts: &CreateOpts) -> Result<i32> {
+        self.create_or_restore(opts, None).await
+    }
+
+    async fn restore(&self, opts: &CreateOpts, image_path: &Path) -> Result<i32> {
+        self.create_or_restore(opts, Some(image_path)).await
+    }
+
+    async fn pause(&self, id: &str) -> Result<()> {
+        self.run(self.command(&["pause", id]), "pause").await.map(drop)
+    }
+
+    async fn resume(&self, id: &str) -> Result<()> {
+        self.run(self.command(&["resume", id]), "resume").await.map(drop)
+    }
+
+    async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
+        std::fs::create_dir_all(&opts.image_path)?;
+        let mut cmd = self.command(&["checkpoint"]);
+        cmd.arg("--image-path").arg(&opts.image_path);
+        if let Some(work) = &opts.work_path {
+            std::fs::create_dir_all(work)?;
+            cmd.arg("--work-path").arg(work);
+        }
+        for (on, flag) in [
+            (!opts.exit, "--leave-running"),
+            (opts.open_tcp, "--tcp-established"),
+            (opts.external_unix_sockets, "--ext-unix-sk"),
+            (opts.terminal, "--shell-job"),
+            (opts.file_locks, "--file-locks"),
+        ] {
+            if on {
+                cmd.arg(flag);
+            }
+        }
+        for ns in &opts.empty_namespaces {
+            cmd.arg("--empty-ns").arg(ns);
+        }
+        cmd.arg(id);
+        self.run(cmd, "checkpoint").await.map(drop)
     }
 
     async fn start(&self, id: &str) -> Result<()> {

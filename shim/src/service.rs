@@ -42,14 +42,17 @@ impl<R: Runtime> Task for TaskService<R> {
     async fn pids(&self, _ctx: &TtrpcContext, req: PidsRequest) -> ttrpc::Result<PidsResponse> {
         Ok(self.manager.pids(req).await?)
     }
-    async fn pause(&self, _ctx: &TtrpcContext, _req: PauseRequest) -> ttrpc::Result<Empty> {
-        unsupported("Pause")
+    async fn pause(&self, _ctx: &TtrpcContext, req: PauseRequest) -> ttrpc::Result<Empty> {
+        self.manager.pause(req).await?;
+        Ok(Empty::new())
     }
-    async fn resume(&self, _ctx: &TtrpcContext, _req: ResumeRequest) -> ttrpc::Result<Empty> {
-        unsupported("Resume")
+    async fn resume(&self, _ctx: &TtrpcContext, req: ResumeRequest) -> ttrpc::Result<Empty> {
+        self.manager.resume(req).await?;
+        Ok(Empty::new())
     }
-    async fn checkpoint(&self, _ctx: &TtrpcContext, _req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
-        unsupported("Checkpoint")
+    async fn checkpoint(&self, _ctx: &TtrpcContext, req: CheckpointTaskRequest) -> ttrpc::Result<Empty> {
+        self.manager.checkpoint(req).await?;
+        Ok(Empty::new())
     }
     async fn kill(&self, _ctx: &TtrpcContext, req: KillRequest) -> ttrpc::Result<Empty> {
         self.manager.kill(req).await?;

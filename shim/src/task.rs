@@ -1,10 +1,14 @@
 //! The task logic: containers' lifecycle and state machine over a [`Runtime`], events through an
 //! [`EventSender`]. It takes no ttrpc context, so it is unit-tested with a stub runtime and a channel.
 //!
-//! States: created --start--> running --exit--> stopped --delete--> gone. Start is allowed only when
-//! created; delete only when created (the init is killed) or stopped; kill of a stopped task is NotFound
-//! ("process already finished"), as with containerd's runc shim. Exec processes are not supported yet: any
-//! request naming an exec id is NotFound, Exec itself is Unimplemented.
+//! States: created --start--> running --exit--> stopped --delete--> gone, and running <--pause/resume-->
+//! paused. Start is allowed only when created; delete only when created (the init is killed) or stopped;
+//! kill of a stopped task is NotFound ("process already finished"), as with containerd's runc shim.
+//! Checkpoint is allowed when running or paused; with the `exit` option the task ends (its exit is reported
+//! by the reaper like any other). A task created with a checkpoint is not created in the runtime: the
+//! restore is recorded at Create and carried out at Start (as the runc shim does), and its PID is the
+//! restored init's. Exec processes are not supported yet: any request naming an exec id is NotFound, Exec
+//! itself is Unimplemented.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -13,19 +17,21 @@ use std::time::Duration;
 
 use containerd_shim::asynchronous::ExitSignal;
 use containerd_shim_protos::api::{
-    ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest, DeleteResponse, KillRequest, Mount,
-    PidsRequest, PidsResponse, ProcessInfo, ShutdownRequest, StartRequest, StartResponse, StateRequest, StateResponse, Status,
-    WaitRequest, WaitResponse,
+    CheckpointTaskRequest, ConnectRequest, ConnectResponse, CreateTaskRequest, CreateTaskResponse, DeleteRequest, DeleteResponse,
+    KillRequest, Mount, PauseRequest, PidsRequest, PidsResponse, ProcessInfo, ResumeRequest, ShutdownRequest, StartRequest,
+    StartResponse, StateRequest, StateResponse, Status, WaitRequest, WaitResponse,
 };
-use containerd_shim_protos::events::task::{TaskCreate, TaskDelete, TaskExit, TaskIO, TaskStart};
+use containerd_shim_protos::events::task::{
+    TaskCheckpointed, TaskCreate, TaskDelete, TaskExit, TaskIO, TaskPaused, TaskResumed, TaskStart,
+};
 use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::MessageField;
 use tokio::sync::{watch, Mutex};
 
 use crate::error::{Error, Result};
 use crate::events::{Event, EventSender};
-use crate::options::RuntimeOptions;
-use crate::runtime::{CreateOpts, Runtime};
+use crate::options::{CheckpointOptions, RuntimeOptions};
+use crate::runtime::{CheckpointOpts, CreateOpts, Runtime};
 
 /// How long deleting a created (never started) task waits for its killed init to be reaped.
 const DELETE_CREATED_WAIT: Duration = Duration::from_secs(5);
@@ -53,6 +59,8 @@ struct TaskEntry {
     /// The rootfs we mounted, to unmount at delete.
     mounted: Option<PathBuf>,
     exit: watch::Sender<Option<Exit>>,
+    /// A restore recorded at Create and carried out at Start: the checkpoint and how to create the container.
+    restore: Option<(PathBuf, CreateOpts)>,
 }
 
 /// The tasks of one shim.
@@ -109,9 +117,6 @@ impl<R: Runtime> TaskManager<R> {
         if req.terminal {
             return Err(Error::unimplemented("terminals are not supported by this shim yet"));
         }
-        if !req.checkpoint.is_empty() {
-            return Err(Error::unimplemented("restoring from a checkpoint is not supported by this shim yet"));
-        }
         let options = RuntimeOptions::decode(req.options.as_ref())?;
         let bundle = PathBuf::from(&req.bundle);
         let mounted = if req.rootfs.is_empty() {
@@ -131,13 +136,30 @@ impl<R: Runtime> TaskManager<R> {
             no_pivot_root: options.no_pivot_root,
             no_new_keyring: options.no_new_keyring,
         };
-        let pid = match self.runtime.create(&opts).await {
-            Ok(pid) => pid,
-            Err(e) => {
+        let restore = if req.checkpoint.is_empty() {
+            None
+        } else {
+            let checkpoint = PathBuf::from(&req.checkpoint);
+            if !checkpoint.exists() {
                 if let Some(target) = &mounted {
                     let _ = self.mounter.unmount(target);
                 }
-                return Err(e);
+                return Err(Error::not_found(format!("checkpoint {} not found", checkpoint.display())));
+            }
+            Some((checkpoint, opts.clone()))
+        };
+        // A restore creates nothing now: the container comes into being at Start.
+        let pid = if restore.is_some() {
+            0
+        } else {
+            match self.runtime.create(&opts).await {
+                Ok(pid) => pid,
+                Err(e) => {
+                    if let Some(target) = &mounted {
+                        let _ = self.mounter.unmount(target);
+                    }
+                    return Err(e);
+                }
             }
         };
         let (exit, _) = watch::channel(None);
@@ -152,6 +174,7 @@ impl<R: Runtime> TaskManager<R> {
                 stderr: req.stderr.clone(),
                 mounted,
                 exit,
+                restore,
             },
         );
         self.events.send(Event::Create(TaskCreate {
@@ -180,7 +203,12 @@ impl<R: Runtime> TaskManager<R> {
         if task.status != Status::CREATED {
             return Err(Error::precondition(format!("task {} cannot be started: it is {}", req.id, status_name(task.status))));
         }
-        self.runtime.start(&req.id).await?;
+        if let Some((checkpoint, opts)) = &task.restore {
+            task.pid = self.runtime.restore(opts, checkpoint).await?;
+            task.restore = None;
+        } else {
+            self.runtime.start(&req.id).await?;
+        }
         task.status = Status::RUNNING;
         self.events.send(Event::Start(TaskStart { container_id: req.id.clone(), pid: task.pid as u32, ..Default::default() }));
         Ok(StartResponse { pid: task.pid as u32, ..Default::default() })
@@ -241,13 +269,20 @@ impl<R: Runtime> TaskManager<R> {
             let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
             match task.status {
                 Status::STOPPED => None,
+                // A pending restore: no container exists in the runtime; the forced delete finds nothing.
+                Status::CREATED if task.restore.is_some() => None,
                 Status::CREATED => Some(task.exit.subscribe()),
                 other => {
                     return Err(Error::precondition(format!("task {} cannot be deleted: it is {}", req.id, status_name(other))))
                 }
             }
         };
-        self.runtime.delete(&req.id, true).await?;
+        match self.runtime.delete(&req.id, true).await {
+            Err(e) if e.kind == crate::error::Kind::NotFound && rx.is_none() => {
+                log::debug!("deleting {}: {e}", req.id)
+            }
+            r => r?,
+        }
         if let Some(rx) = rx.as_mut() {
             // A created task's init was killed by the delete: give the reaper a moment to report it.
             let _ = tokio::time::timeout(DELETE_CREATED_WAIT, rx.wait_for(Option::is_some)).await;
@@ -285,6 +320,69 @@ impl<R: Runtime> TaskManager<R> {
             processes: pids.into_iter().map(|pid| ProcessInfo { pid: pid as u32, ..Default::default() }).collect(),
             ..Default::default()
         })
+    }
+
+    pub async fn pause(&self, req: PauseRequest) -> Result<()> {
+        let mut tasks = self.tasks.lock().await;
+        let task = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
+        if task.status != Status::RUNNING {
+            return Err(Error::precondition(format!("task {} cannot be paused: it is {}", req.id, status_name(task.status))));
+        }
+        self.runtime.pause(&req.id).await?;
+        task.status = Status::PAUSED;
+        self.events.send(Event::Paused(TaskPaused { container_id: req.id.clone(), ..Default::default() }));
+        Ok(())
+    }
+
+    pub async fn resume(&self, req: ResumeRequest) -> Result<()> {
+        let mut tasks = self.tasks.lock().await;
+        let task = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
+        if task.status != Status::PAUSED {
+            return Err(Error::precondition(format!("task {} cannot be resumed: it is {}", req.id, status_name(task.status))));
+        }
+        self.runtime.resume(&req.id).await?;
+        task.status = Status::RUNNING;
+        self.events.send(Event::Resumed(TaskResumed { container_id: req.id.clone(), ..Default::default() }));
+        Ok(())
+    }
+
+    /// Checkpoint a running or paused task into the image path of its options, else the request's path
+    /// (containerd's temporary folder, which it then stores as a checkpoint image).
+    pub async fn checkpoint(&self, req: CheckpointTaskRequest) -> Result<()> {
+        let options = CheckpointOptions::decode(req.options.as_ref())?;
+        let image_path = options.image_path.clone().unwrap_or_else(|| req.path.clone());
+        if image_path.is_empty() {
+            return Err(Error::invalid(format!("checkpoint of task {}: no image path given", req.id)));
+        }
+        {
+            let tasks = self.tasks.lock().await;
+            let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+            if task.status != Status::RUNNING && task.status != Status::PAUSED {
+                return Err(Error::precondition(format!(
+                    "task {} cannot be checkpointed: it is {}",
+                    req.id,
+                    status_name(task.status)
+                )));
+            }
+        }
+        let opts = CheckpointOpts {
+            image_path: PathBuf::from(&image_path),
+            work_path: options.work_path.map(PathBuf::from),
+            exit: options.exit,
+            open_tcp: options.open_tcp,
+            external_unix_sockets: options.external_unix_sockets,
+            terminal: options.terminal,
+            file_locks: options.file_locks,
+            empty_namespaces: options.empty_namespaces,
+        };
+        // The lock is not held over the checkpoint: its exit (with `exit`) must reach the reaper's handler.
+        self.runtime.checkpoint(&req.id, &opts).await?;
+        self.events.send(Event::Checkpointed(TaskCheckpointed {
+            container_id: req.id.clone(),
+            checkpoint: image_path,
+            ..Default::default()
+        }));
+        Ok(())
     }
 
     pub async fn connect(&self, req: ConnectRequest) -> Result<ConnectResponse> {

@@ -50,7 +50,35 @@ impl Runtime for StubRuntime {
     async fn pids(&self, _id: &str) -> Result<Vec<i32>> {
         Ok(vec![PID, PID + 1])
     }
+    async fn pause(&self, id: &str) -> Result<()> {
+        self.calls.lock().unwrap().push(format!("pause {id}"));
+        Ok(())
+    }
+    async fn resume(&self, id: &str) -> Result<()> {
+        self.calls.lock().unwrap().push(format!("resume {id}"));
+        Ok(())
+    }
+    async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
+        let work = opts.work_path.as_ref().map(|w| w.display().to_string()).unwrap_or_default();
+        self.calls.lock().unwrap().push(format!(
+            "checkpoint {id} {} exit={} locks={} work={work}",
+            opts.image_path.display(),
+            opts.exit,
+            opts.file_locks
+        ));
+        if opts.exit {
+            // runc's checkpoint without --leave-running ends the container: its init exits.
+            let _ = self.exits.send((PID, 137));
+        }
+        Ok(())
+    }
+    async fn restore(&self, opts: &CreateOpts, image_path: &Path) -> Result<i32> {
+        self.calls.lock().unwrap().push(format!("restore {} {} {}", opts.id, image_path.display(), opts.stdout));
+        Ok(RESTORED_PID)
+    }
 }
+
+const RESTORED_PID: i32 = 5151;
 
 struct NoMounts;
 impl RootfsMounter for NoMounts {
@@ -221,4 +249,126 @@ async fn failed_start_leaves_the_task_created() {
     assert_eq!(kind(f.m.start(StartRequest { id: "c6".into(), ..Default::default() }).await), Kind::Internal);
     let state = f.m.state(StateRequest { id: "c6".into(), ..Default::default() }).await.unwrap();
     assert_eq!(state.status.enum_value(), Ok(Status::CREATED));
+}
+
+fn checkpoint_req(id: &str, path: &str, options: Option<crate::options::CheckpointOptions>) -> CheckpointTaskRequest {
+    use containerd_shim_protos::protobuf::well_known_types::any::Any;
+    use containerd_shim_protos::protobuf::Message;
+    let options = options.map(|o| {
+        let v2 = containerd_shim_protos::shim::oci::CheckpointOptions {
+            exit: o.exit,
+            file_locks: o.file_locks,
+            image_path: o.image_path.unwrap_or_default(),
+            work_path: o.work_path.unwrap_or_default(),
+            ..Default::default()
+        };
+        Any {
+            type_url: "types.containerd.io/containerd.runc.v1.CheckpointOptions".into(),
+            value: v2.write_to_bytes().unwrap(),
+            ..Default::default()
+        }
+    });
+    CheckpointTaskRequest { id: id.into(), path: path.into(), options: options.into(), ..Default::default() }
+}
+
+fn topics(events: &mut mpsc::UnboundedReceiver<Event>) -> Vec<&'static str> {
+    std::iter::from_fn(|| events.try_recv().ok()).map(|e| e.topic()).collect()
+}
+
+#[tokio::test]
+async fn checkpoint_needs_a_running_or_paused_task() {
+    let mut f = fixture(false);
+    f.m.create(create_req("k1")).await.unwrap();
+    assert_eq!(kind(f.m.checkpoint(checkpoint_req("k1", "/tmp/ctd-x", None)).await), Kind::FailedPrecondition);
+    assert_eq!(kind(f.m.checkpoint(checkpoint_req("nope", "/tmp/ctd-x", None)).await), Kind::NotFound);
+    assert_eq!(kind(f.m.pause(PauseRequest { id: "k1".into(), ..Default::default() }).await), Kind::FailedPrecondition);
+    f.m.start(StartRequest { id: "k1".into(), ..Default::default() }).await.unwrap();
+    // No image path anywhere: invalid.
+    assert_eq!(kind(f.m.checkpoint(checkpoint_req("k1", "", None)).await), Kind::InvalidArgument);
+
+    // Running: the request's path (containerd's folder), left running.
+    f.m.checkpoint(checkpoint_req("k1", "/tmp/ctd-x", None)).await.unwrap();
+    // Paused, as containerd's client pauses before checkpointing: the options' image path wins.
+    f.m.pause(PauseRequest { id: "k1".into(), ..Default::default() }).await.unwrap();
+    let opts = crate::options::CheckpointOptions {
+        image_path: Some("/img".into()),
+        work_path: Some("/work".into()),
+        file_locks: true,
+        ..Default::default()
+    };
+    f.m.checkpoint(checkpoint_req("k1", "/tmp/ctd-y", Some(opts))).await.unwrap();
+    let state = f.m.state(StateRequest { id: "k1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(state.status.enum_value(), Ok(Status::PAUSED));
+    f.m.resume(ResumeRequest { id: "k1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(kind(f.m.resume(ResumeRequest { id: "k1".into(), ..Default::default() }).await), Kind::FailedPrecondition);
+    let state = f.m.state(StateRequest { id: "k1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(state.status.enum_value(), Ok(Status::RUNNING));
+    assert_eq!(
+        topics(&mut f.events),
+        vec!["/tasks/create", "/tasks/start", "/tasks/checkpointed", "/tasks/paused", "/tasks/checkpointed", "/tasks/resumed"]
+    );
+    let calls = f.runtime.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls[2..],
+        [
+            "checkpoint k1 /tmp/ctd-x exit=false locks=false work=",
+            "pause k1",
+            "checkpoint k1 /img exit=false locks=true work=/work",
+            "resume k1"
+        ]
+    );
+}
+
+#[tokio::test]
+async fn checkpoint_with_exit_ends_the_task() {
+    let mut f = fixture(false);
+    f.m.create(create_req("k2")).await.unwrap();
+    f.m.start(StartRequest { id: "k2".into(), ..Default::default() }).await.unwrap();
+    let opts = crate::options::CheckpointOptions { exit: true, ..Default::default() };
+    f.m.checkpoint(checkpoint_req("k2", "/tmp/ctd-z", Some(opts))).await.unwrap();
+    let waited = tokio::time::timeout(Duration::from_secs(5), f.m.wait(WaitRequest { id: "k2".into(), ..Default::default() }))
+        .await
+        .expect("the task ends")
+        .unwrap();
+    assert_eq!(waited.exit_status, 137);
+    let state = f.m.state(StateRequest { id: "k2".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(state.status.enum_value(), Ok(Status::STOPPED));
+    let mut got = topics(&mut f.events);
+    got.sort();
+    assert_eq!(got, vec!["/tasks/checkpointed", "/tasks/create", "/tasks/exit", "/tasks/start"]);
+    // A stopped task cannot be checkpointed, and can be deleted.
+    assert_eq!(kind(f.m.checkpoint(checkpoint_req("k2", "/tmp/ctd-z", None)).await), Kind::FailedPrecondition);
+    f.m.delete(DeleteRequest { id: "k2".into(), ..Default::default() }).await.unwrap();
+}
+
+#[tokio::test]
+async fn restore_is_recorded_at_create_and_done_at_start() {
+    let mut f = fixture(false);
+    let dir = tempfile::tempdir().unwrap();
+    let cp = dir.path().display().to_string();
+    let created = f.m.create(CreateTaskRequest { checkpoint: cp.clone(), ..create_req("r1") }).await.unwrap();
+    assert_eq!(created.pid, 0, "nothing runs before Start");
+    match next_event(&mut f.events).await {
+        Event::Create(e) => assert_eq!(e.checkpoint, cp),
+        other => panic!("expected create, got {other:?}"),
+    }
+    assert!(f.runtime.calls.lock().unwrap().is_empty(), "Create does not touch the runtime");
+    let started = f.m.start(StartRequest { id: "r1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(started.pid, RESTORED_PID as u32);
+    assert!(matches!(next_event(&mut f.events).await, Event::Start(e) if e.pid == RESTORED_PID as u32));
+    let state = f.m.state(StateRequest { id: "r1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!((state.status.enum_value(), state.pid), (Ok(Status::RUNNING), RESTORED_PID as u32));
+    assert_eq!(*f.runtime.calls.lock().unwrap(), vec![format!("restore r1 {cp} /fifo/out")]);
+    // The restored init's exit is the task's.
+    f.runtime.exits.send((RESTORED_PID, 0)).unwrap();
+    let waited = f.m.wait(WaitRequest { id: "r1".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(waited.exit_status, 0);
+
+    // A missing checkpoint fails Create; a pending restore can be deleted without a runtime container.
+    assert_eq!(
+        kind(f.m.create(CreateTaskRequest { checkpoint: "/no/such/cp".into(), ..create_req("r2") }).await),
+        Kind::NotFound
+    );
+    f.m.create(CreateTaskRequest { checkpoint: cp, ..create_req("r3") }).await.unwrap();
+    f.m.delete(DeleteRequest { id: "r3".into(), ..Default::default() }).await.unwrap();
 }
