@@ -135,3 +135,20 @@ fn commands_say_when_the_daemon_is_not_running() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("daemon is not running") && err.contains("cedana daemon start"), "{err}");
 }
+
+#[test]
+fn a_job_with_children_is_restored_right_after_its_dump() {
+    // The shell's `sleep` children die with it at the dump and are re-parented to the daemon as zombies
+    // holding the job's PID as their process group: the daemon must reap them before the restore needs it.
+    let d = Daemon::start();
+    let log = d.dir().join("loop.log");
+    let script = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.05; done";
+    d.ok(&["run", "process", "--jid", "loop", "--out", log.to_str().unwrap(), "--", "/bin/sh", "-c", script]);
+    for round in 0..3 {
+        let before = wait_for_count(&log, 5 * (round + 1)).len();
+        d.ok(&["dump", "job", "loop"]);
+        d.ok(&["restore", "job", "loop"]);
+        let after = wait_for_count(&log, before + 5);
+        assert!(consecutive(&after), "round {round}: {after:?}");
+    }
+}

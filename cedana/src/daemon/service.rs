@@ -439,8 +439,12 @@ impl Service {
             self.store.set_state(&job.jid, JobState::Halted, None).map_err(lib_err!())?;
         }
         // CRIU and runc are children of ours that the engine waits for: keep the orphan sweeper off them.
-        let _scope = self.supervisor.fork_scope();
-        let out = match self.engine.dump(dreq, &OpContext::new().with_cancel(cancel.clone())) {
+        let scope = self.supervisor.fork_scope();
+        let dumped = self.engine.dump(dreq, &OpContext::new().with_cancel(cancel.clone()));
+        drop(scope);
+        // The tree CRIU ended may leave zombies of ours (children of its processes): reap them now.
+        self.supervisor.sweep();
+        let out = match dumped {
             Ok(out) => out,
             Err(e) => {
                 if let (Some(job), false) = (&job, leave_running) {
@@ -536,6 +540,9 @@ impl Service {
             ..RestoreRequest::new(Source::parse(&path))
         };
         tracing::info!(path = %path, job = ?job.as_ref().map(|j| &j.jid), "restore requested");
+        // Reap what the dumped tree left (its children die as zombies of ours once their parent is gone, and
+        // hold the tree's PIDs as process group or session) before a scope shelters new zombies from the sweeper.
+        self.supervisor.sweep();
         // The scope also covers the restored root until the supervisor has adopted it.
         let scope = self.supervisor.fork_scope();
         // The request (and with it our copies of the child's ends of the pipes) is dropped once CRIU is done.
@@ -615,6 +622,8 @@ impl Service {
             ..RestoreRequest::new(Source::parse(&path))
         };
         tracing::info!(path = %path, jid = %job.jid, container = %id, bundle = %bundle.display(), "restore requested");
+        // As for processes: what the dumped container left goes before the scope opens.
+        self.supervisor.sweep();
         // runc, CRIU and then the container's init (re-parented to us) are our children until supervised.
         let scope = self.supervisor.fork_scope();
         // The request, and with it our copies of the container's ends of the pipes, is dropped here.
