@@ -4,7 +4,12 @@
 //! in sessions of their own and keep running; a restarted daemon finds them again in the store.
 
 pub mod attach;
+mod checkpoint;
 pub mod convert;
+mod health;
+mod jobs;
+mod manage;
+mod run;
 pub mod service;
 
 use std::os::unix::fs::PermissionsExt;

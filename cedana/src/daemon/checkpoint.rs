@@ -1,0 +1,380 @@
+//! Dumping and restoring jobs and processes (`dump`, `restore`).
+//!
+//! A runc job is dumped through the engine's runc target (the container is checkpointed and then
+//! deleted), and restored from its latest checkpoint under the same container id, from the bundle the
+//! checkpoint's manifest records.
+
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use cedana::cancel::Cancel;
+use cedana::checkpoint::CheckpointKind;
+use cedana::engine::{
+    dump::{default_name, free_name},
+    ContainerRestore, Destination, DumpRequest, OpContext, ProcessRestoreOptions, RestoreRequest, RestoreStdio, RuncSpec, Source,
+    TargetSpec,
+};
+use cedana::error::ErrorKind;
+use cedana::jobs::model::{CheckpointRecord, Job, JobKind, JobState};
+use cedana::runc::{ContainerRuntime, ContainerState, RestoreFlags, Runc, RuncError};
+use cedana_protos::v1 as pb;
+use tonic::Status;
+
+use super::convert::{checkpoint_to_pb, criu_from_pb, status};
+use super::run::{logged_error, set_stdio};
+use super::service::{lib_err, track, Service};
+
+impl Service {
+    pub(super) fn dump(&self, req: pb::DumpRequest, cancel: &Cancel) -> Result<pb::DumpResponse, Status> {
+        let (options, leave_running) = criu_from_pb(req.criu.as_ref());
+        let config = self.engine.config();
+        let compression = if req.compression.is_empty() {
+            config.compression()
+        } else {
+            req.compression.parse().map_err(|e: cedana::codec::CodecError| status(e.kind(), &e))?
+        };
+        let destination =
+            if req.dir.is_empty() { Destination::dir(config.checkpoint_dir()) } else { Destination::parse(&req.dir) };
+        let name = (!req.name.is_empty()).then(|| req.name.clone());
+        let (target, job) = match req.target {
+            Some(pb::dump_request::Target::Pid(pid)) => (TargetSpec::Process { pid }, None),
+            Some(pb::dump_request::Target::Jid(jid)) => {
+                let job = self.get_job(&jid)?;
+                if job.state != JobState::Running || cedana::procfs::stat(job.pid).is_err() {
+                    return Err(status(
+                        ErrorKind::FailedPrecondition,
+                        format!("job {jid} is {}: only a running job can be dumped", job.state),
+                    ));
+                }
+                (job_target(&job)?, Some(job))
+            }
+            Some(pb::dump_request::Target::RuncId(_)) => {
+                return Err(status(ErrorKind::Unimplemented, "dumping runc containers through the daemon is not built yet"))
+            }
+            None => return Err(status(ErrorKind::InvalidArgument, "nothing to dump: give a PID or a job id")),
+        };
+        let name = name.or_else(|| {
+            job.as_ref().map(|j| free_name(&destination, &default_name(checkpoint_kind(j.kind), &j.jid), compression))
+        });
+        tracing::info!(target = ?target, job = ?job.as_ref().map(|j| &j.jid), "dump requested");
+        let dreq = DumpRequest { target, destination, name, compression, leave_running, options };
+        // The job is marked before CRIU ends it, so its exit is not taken for a crash.
+        if let (Some(job), false) = (&job, leave_running) {
+            self.store.set_state(&job.jid, JobState::Halted, None).map_err(lib_err!())?;
+        }
+        // CRIU and runc are children of ours that the engine waits for: keep the orphan sweeper off them.
+        let scope = self.supervisor.fork_scope();
+        let dumped = self.engine.dump(dreq, &OpContext::new().with_cancel(cancel.clone()));
+        drop(scope);
+        // The tree CRIU ended may leave zombies of ours (children of its processes): reap them now.
+        self.supervisor.sweep();
+        let out = match dumped {
+            Ok(out) => out,
+            Err(e) => {
+                if let (Some(job), false) = (&job, leave_running) {
+                    // The workload is running again (the engine rolled back).
+                    let _ = self.store.set_state(&job.jid, JobState::Running, None);
+                }
+                if cancel.is_cancelled() {
+                    tracing::warn!(job = ?job.as_ref().map(|j| &j.jid), error = %e, "dump cancelled: its client went away; the workload runs on");
+                }
+                return Err(status(e.kind(), &e));
+            }
+        };
+        let checkpoint = match &job {
+            Some(job) => {
+                let record = CheckpointRecord {
+                    id: cedana::jobs::names::checkpoint_id(),
+                    jid: job.jid.clone(),
+                    time: out.manifest.created_at.timestamp(),
+                    size: out.size,
+                    path: out.path.clone(),
+                    compression: out.manifest.compression.to_string(),
+                };
+                self.store.add_checkpoint(&record).map_err(lib_err!())?;
+                tracing::info!(jid = %job.jid, path = %out.path.display(), "job dumped");
+                Some(checkpoint_to_pb(&record))
+            }
+            None => None,
+        };
+        Ok(pb::DumpResponse {
+            path: out.path.display().to_string(),
+            size: out.size,
+            checkpoint,
+            pid: out.manifest.process.pid,
+            comm: out.manifest.process.comm.clone(),
+            criu_time_us: out.criu_time.as_micros() as u64,
+            package_time_us: out.package_time.as_micros() as u64,
+            total_time_us: out.total_time.as_micros() as u64,
+        })
+    }
+
+    pub(super) fn restore(&self, req: pb::RestoreRequest, cancel: &Cancel) -> Result<pb::RestoreResponse, Status> {
+        let (options, _) = criu_from_pb(req.criu.as_ref());
+        let (path, job) = match req.source {
+            Some(pb::restore_request::Source::Path(ref p)) => (p.clone(), None),
+            Some(pb::restore_request::Source::Jid(ref jid)) => {
+                let job = self.get_job(jid)?;
+                if job.state == JobState::Running && cedana::procfs::stat(job.pid).is_ok() {
+                    return Err(status(ErrorKind::FailedPrecondition, format!("job {jid} is running: dump it first")));
+                }
+                let latest = self.store.latest_checkpoint(jid).map_err(lib_err!())?.ok_or_else(|| {
+                    status(ErrorKind::FailedPrecondition, format!("job {jid} has no checkpoint: dump it first"))
+                })?;
+                (latest.path.display().to_string(), Some(job))
+            }
+            None => return Err(status(ErrorKind::InvalidArgument, "nothing to restore: give a path or a job id")),
+        };
+        let ctx = OpContext::new().with_cancel(cancel.clone());
+        let result = match job {
+            Some(job) if job.kind == JobKind::Runc => self.restore_container_job(job, path, options, req.attachable, &ctx),
+            job => self.restore_process(&req, job, path, options, &ctx),
+        };
+        if result.is_err() && cancel.is_cancelled() {
+            tracing::warn!(source = ?req.source, "restore cancelled: its client went away");
+        }
+        result
+    }
+
+    fn restore_process(
+        &self,
+        req: &pb::RestoreRequest,
+        job: Option<Job>,
+        path: String,
+        options: cedana::criu::options::CriuOptions,
+        ctx: &OpContext,
+    ) -> Result<pb::RestoreResponse, Status> {
+        // An attachable job gets new pipes whose far ends the supervisor holds, so clients can attach again.
+        let attachable = job.as_ref().is_some_and(|j| j.attachable) || req.attachable;
+        let pipes = match attachable {
+            true => Some(self.supervisor.prepare_restore_pipes(job.as_ref().and_then(|j| j.log.as_deref())).map_err(lib_err!())?),
+            false => None,
+        };
+        let (stdio, handle) = match pipes {
+            Some(p) => (RestoreStdio::Fds(std::sync::Arc::new([p.stdin, p.stdout, p.stderr])), Some(p.handle)),
+            None if req.log.is_empty() => (RestoreStdio::Null, None),
+            None => (RestoreStdio::File(PathBuf::from(&req.log)), None),
+        };
+        let pid_file = (!req.pid_file.is_empty()).then(|| PathBuf::from(&req.pid_file));
+        let rreq = RestoreRequest {
+            only: Some(CheckpointKind::Process),
+            options,
+            // The daemon is the restored tree's parent: it waits for it by PID and records its exit.
+            process: ProcessRestoreOptions { as_child: true, stdio, pid_file },
+            ..RestoreRequest::new(Source::parse(&path))
+        };
+        tracing::info!(path = %path, job = ?job.as_ref().map(|j| &j.jid), "restore requested");
+        // Reap what the dumped tree left (its children die as zombies of ours once their parent is gone, and
+        // hold the tree's PIDs as process group or session) before a scope shelters new zombies from the sweeper.
+        self.supervisor.sweep();
+        // The scope also covers the restored root until the supervisor has adopted it.
+        let scope = self.supervisor.fork_scope();
+        // The request (and with it our copies of the child's ends of the pipes) is dropped once CRIU is done.
+        let out = self.engine.restore(rreq, ctx).map_err(|e| status(e.kind(), &e))?;
+        let serial = match handle {
+            Some(h) => self.supervisor.attach_restored(h, out.pid, true),
+            None => self.supervisor.adopt_child(out.pid),
+        }
+        .map_err(lib_err!())?;
+        track(&self.serials, out.pid, serial);
+        drop(scope);
+        let job = match job {
+            Some(mut job) => {
+                job.pid = out.pid;
+                job.state = JobState::Running;
+                job.exit_code = None;
+                job.restored_from = Some(path);
+                // Restored with new pipes the supervisor holds: clients can attach from now on.
+                job.attachable |= attachable;
+                self.store.update(&job).map_err(lib_err!())?;
+                Some(self.job_reply(&job)?)
+            }
+            None => None,
+        };
+        Ok(pb::RestoreResponse {
+            pid: out.pid,
+            job,
+            verify_time_us: out.verify_time.as_micros() as u64,
+            criu_time_us: out.criu_time.as_micros() as u64,
+        })
+    }
+
+    /// Restore a runc job from its latest checkpoint (`path`): the same container id and runc root, the
+    /// bundle the checkpoint's manifest records, detached; then supervise the new init.
+    fn restore_container_job(
+        &self,
+        mut job: Job,
+        path: String,
+        options: cedana::criu::options::CriuOptions,
+        attach: bool,
+        ctx: &OpContext,
+    ) -> Result<pb::RestoreResponse, Status> {
+        let manifest = cedana::checkpoint::read_manifest(Path::new(&path), false).map_err(lib_err!())?;
+        let container = manifest.container.as_ref().filter(|_| manifest.kind == CheckpointKind::Runc).ok_or_else(|| {
+            status(
+                ErrorKind::FailedPrecondition,
+                format!("{path} is a {} checkpoint, not one of a runc container", manifest.kind),
+            )
+        })?;
+        let bundle = container.bundle.clone().ok_or_else(|| {
+            status(ErrorKind::FailedPrecondition, format!("checkpoint {path} records no bundle for container {}", container.id))
+        })?;
+        let id = job.container_id.clone().unwrap_or_else(|| container.id.clone());
+        let root = job.runtime_root.clone().or_else(|| container.root.clone());
+        // Streams that were pipes at dump time get new pipes whose far ends the supervisor holds (the log
+        // goes on, clients can attach); any others come back as they were (/dev/null).
+        let piped = job.attachable || job.log.is_some() || attach;
+        let pipes = match piped {
+            true => Some(self.supervisor.prepare_restore_pipes(job.log.as_deref()).map_err(lib_err!())?),
+            false => None,
+        };
+        let (stdio, handle) = match pipes {
+            Some(p) => (Some([p.stdin, p.stdout, p.stderr]), Some(p.handle)),
+            None => (None, None),
+        };
+        let runc = Runc::locate(root.clone()).map_err(lib_err!())?;
+        let runtime: Arc<dyn ContainerRuntime> = Arc::new(JobRunc { runc: runc.clone(), stdio: Mutex::new(stdio) });
+        let rreq = RestoreRequest {
+            only: Some(CheckpointKind::Runc),
+            options,
+            container: Some(ContainerRestore {
+                id: id.clone(),
+                runtime: Some(runtime),
+                root,
+                flags: RestoreFlags { bundle: bundle.clone(), detach: true, ..Default::default() },
+            }),
+            ..RestoreRequest::new(Source::parse(&path))
+        };
+        tracing::info!(path = %path, jid = %job.jid, container = %id, bundle = %bundle.display(), "restore requested");
+        // As for processes: what the dumped container left goes before the scope opens.
+        self.supervisor.sweep();
+        // runc, CRIU and then the container's init (re-parented to us) are our children until supervised.
+        let scope = self.supervisor.fork_scope();
+        // The request, and with it our copies of the container's ends of the pipes, is dropped here.
+        let out = self.engine.restore(rreq, ctx).map_err(|e| status(e.kind(), &e))?;
+        let pid = match out.pid {
+            0 => runc.state(&id).map_err(lib_err!())?.pid,
+            pid => pid,
+        };
+        job.pid = pid;
+        job.state = JobState::Running;
+        job.exit_code = None;
+        job.restored_from = Some(path);
+        job.attachable |= attach;
+        self.store.update(&job).map_err(lib_err!())?;
+        let supervised = self.supervise(pid, handle);
+        drop(scope);
+        self.record_supervision(&job, supervised)?;
+        tracing::info!(jid = %job.jid, pid, container = %id, "runc job restored");
+        Ok(pb::RestoreResponse {
+            pid,
+            job: Some(self.job_reply(&job)?),
+            verify_time_us: out.verify_time.as_micros() as u64,
+            criu_time_us: out.criu_time.as_micros() as u64,
+        })
+    }
+}
+
+/// The engine's target for a running job.
+fn job_target(job: &Job) -> Result<TargetSpec, Status> {
+    match job.kind {
+        JobKind::Process => Ok(TargetSpec::Process { pid: job.pid }),
+        JobKind::Runc => {
+            let id = job
+                .container_id
+                .clone()
+                .ok_or_else(|| status(ErrorKind::FailedPrecondition, format!("runc job {} has no container id", job.jid)))?;
+            Ok(TargetSpec::Runc(RuncSpec {
+                id,
+                runtime: None,
+                root: job.runtime_root.clone(),
+                work_path: None,
+                extra_flags: Vec::new(),
+            }))
+        }
+        JobKind::Containerd => Err(status(ErrorKind::Unimplemented, "containerd jobs cannot be dumped yet")),
+    }
+}
+
+fn checkpoint_kind(kind: JobKind) -> CheckpointKind {
+    match kind {
+        JobKind::Process => CheckpointKind::Process,
+        JobKind::Runc => CheckpointKind::Runc,
+        JobKind::Containerd => CheckpointKind::Containerd,
+    }
+}
+
+/// runc for a runc job's restore: the engine's runc, except that `runc restore` runs with the standard
+/// streams the daemon chose instead of the daemon's own. runc hands its stdin, stdout and stderr to the
+/// restored container in place of the pipes the container had at dump time (CRIU's `--inherit-fd`), so
+/// they must be the job's new pipes, or /dev/null.
+#[derive(Debug)]
+struct JobRunc {
+    runc: Runc,
+    /// Taken by the restore: stdin, stdout, stderr (/dev/null when `None`).
+    stdio: Mutex<Option<[OwnedFd; 3]>>,
+}
+
+impl ContainerRuntime for JobRunc {
+    fn root(&self) -> &Path {
+        self.runc.root()
+    }
+    fn state(&self, id: &str) -> Result<ContainerState, RuncError> {
+        self.runc.state(id)
+    }
+    fn exists(&self, id: &str) -> Result<bool, RuncError> {
+        self.runc.exists(id)
+    }
+    fn pause(&self, id: &str) -> Result<(), RuncError> {
+        self.runc.pause(id)
+    }
+    fn resume(&self, id: &str) -> Result<(), RuncError> {
+        self.runc.resume(id)
+    }
+    fn delete(&self, id: &str, force: bool) -> Result<(), RuncError> {
+        self.runc.delete(id, force)
+    }
+    fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[std::ffi::OsString]) -> Result<(), RuncError> {
+        self.runc.checkpoint(id, images, work, flags)
+    }
+    fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError> {
+        let spawn = |source| RuncError::Spawn { binary: self.runc.binary().to_path_buf(), source };
+        let log = tempfile::NamedTempFile::new().map_err(spawn)?;
+        let mut cmd = self.runc.command();
+        cmd.arg("--log").arg(log.path()).args(["--log-format", "json"]);
+        cmd.arg("restore").arg("--image-path").arg(images).arg("--bundle").arg(&flags.bundle);
+        if let Some(w) = &flags.work_path {
+            cmd.arg("--work-path").arg(w);
+        }
+        if flags.detach {
+            cmd.arg("--detach");
+        }
+        if let Some(p) = &flags.pid_file {
+            cmd.arg("--pid-file").arg(p);
+        }
+        if let Some(s) = &flags.console_socket {
+            cmd.arg("--console-socket").arg(s);
+        }
+        cmd.args(&flags.extra).arg(id);
+        let stdio = self.stdio.lock().ok().and_then(|mut s| s.take());
+        set_stdio(&mut cmd, stdio);
+        tracing::debug!(?cmd, "running runc restore");
+        // Our copies of the container's ends go with `cmd`, once runc has started.
+        let st = cmd.status().map_err(spawn)?;
+        drop(cmd);
+        match st.code() {
+            Some(0) => Ok(0),
+            Some(code) if !flags.detach => Ok(code),
+            _ => Err(RuncError::Failed {
+                command: "restore".into(),
+                id: id.into(),
+                status: cedana::binary::describe_status(st),
+                message: logged_error(
+                    log.path(),
+                    Some(&flags.work_path.clone().unwrap_or_else(|| images.to_path_buf()).join("restore.log")),
+                ),
+            }),
+        }
+    }
+}
