@@ -52,6 +52,7 @@ pub fn restore(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -
         pid_file: a.value("pid-file").map(|p| cwd.join(p)),
         console_socket: a.value("console-socket").map(|p| cwd.join(p)),
         extra: a.tokens_without(&handled),
+        stdio: None,
     };
     run_restore(cfg, inv, id, &checkpoint, flags, log).map(Some)
 }
@@ -77,6 +78,7 @@ pub fn create(cfg: &Config, inv: &Invocation, a: &CommandArgs, run: bool, log: &
         pid_file: a.value("pid-file").map(|p| cwd.join(p)),
         console_socket: a.value("console-socket").map(|p| cwd.join(p)),
         extra,
+        stdio: None,
     };
     let code = run_restore(cfg, inv, id, &checkpoint, flags, log)?;
     if !run {

@@ -71,6 +71,7 @@ pub fn restore(engine: &Engine, a: RestoreArgs) -> anyhow::Result<i32> {
         pid_file: a.pid_file.clone(),
         console_socket: a.console_socket.clone(),
         extra: Vec::new(),
+        stdio: None,
     };
     let container = ContainerRestore { id: a.id.clone(), runtime: None, root: Some(a.root.root.clone()), flags };
     let req = RestoreRequest {

@@ -6,7 +6,7 @@
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use cedana::cancel::Cancel;
 use cedana::checkpoint::CheckpointKind;
@@ -17,12 +17,11 @@ use cedana::engine::{
 };
 use cedana::error::ErrorKind;
 use cedana::jobs::model::{CheckpointRecord, Job, JobKind, JobState};
-use cedana::runc::{ContainerRuntime, ContainerState, RestoreFlags, Runc, RuncError};
+use cedana::runc::{ContainerRuntime, RestoreFlags, Runc};
 use cedana_protos::v1 as pb;
 use tonic::Status;
 
 use super::convert::{checkpoint_to_pb, criu_from_pb, status};
-use super::run::{logged_error, set_stdio};
 use super::service::{lib_err, track, Service};
 
 impl Service {
@@ -230,11 +229,15 @@ impl Service {
             false => None,
         };
         let (stdio, handle) = match pipes {
-            Some(p) => (Some([p.stdin, p.stdout, p.stderr]), Some(p.handle)),
-            None => (None, None),
+            Some(p) => ([p.stdin, p.stdout, p.stderr], Some(p.handle)),
+            None => {
+                let null = || std::fs::File::options().read(true).write(true).open("/dev/null").map(OwnedFd::from);
+                let null = |_| null().map_err(|e| status(ErrorKind::Internal, format!("opening /dev/null: {e}")));
+                ([null(0)?, null(1)?, null(2)?], None)
+            }
         };
         let runc = Runc::locate(root.clone()).map_err(lib_err!())?;
-        let runtime: Arc<dyn ContainerRuntime> = Arc::new(JobRunc { runc: runc.clone(), stdio: Mutex::new(stdio) });
+        let runtime: Arc<dyn ContainerRuntime> = Arc::new(runc.clone());
         let rreq = RestoreRequest {
             only: Some(CheckpointKind::Runc),
             options,
@@ -242,7 +245,7 @@ impl Service {
                 id: id.clone(),
                 runtime: Some(runtime),
                 root,
-                flags: RestoreFlags { bundle: bundle.clone(), detach: true, ..Default::default() },
+                flags: RestoreFlags { bundle: bundle.clone(), detach: true, stdio: Some(Arc::new(stdio)), ..Default::default() },
             }),
             ..RestoreRequest::new(Source::parse(&path))
         };
@@ -302,79 +305,5 @@ fn checkpoint_kind(kind: JobKind) -> CheckpointKind {
         JobKind::Process => CheckpointKind::Process,
         JobKind::Runc => CheckpointKind::Runc,
         JobKind::Containerd => CheckpointKind::Containerd,
-    }
-}
-
-/// runc for a runc job's restore: the engine's runc, except that `runc restore` runs with the standard
-/// streams the daemon chose instead of the daemon's own. runc hands its stdin, stdout and stderr to the
-/// restored container in place of the pipes the container had at dump time (CRIU's `--inherit-fd`), so
-/// they must be the job's new pipes, or /dev/null.
-#[derive(Debug)]
-struct JobRunc {
-    runc: Runc,
-    /// Taken by the restore: stdin, stdout, stderr (/dev/null when `None`).
-    stdio: Mutex<Option<[OwnedFd; 3]>>,
-}
-
-impl ContainerRuntime for JobRunc {
-    fn root(&self) -> &Path {
-        self.runc.root()
-    }
-    fn state(&self, id: &str) -> Result<ContainerState, RuncError> {
-        self.runc.state(id)
-    }
-    fn exists(&self, id: &str) -> Result<bool, RuncError> {
-        self.runc.exists(id)
-    }
-    fn pause(&self, id: &str) -> Result<(), RuncError> {
-        self.runc.pause(id)
-    }
-    fn resume(&self, id: &str) -> Result<(), RuncError> {
-        self.runc.resume(id)
-    }
-    fn delete(&self, id: &str, force: bool) -> Result<(), RuncError> {
-        self.runc.delete(id, force)
-    }
-    fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[std::ffi::OsString]) -> Result<(), RuncError> {
-        self.runc.checkpoint(id, images, work, flags)
-    }
-    fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError> {
-        let spawn = |source| RuncError::Spawn { binary: self.runc.binary().to_path_buf(), source };
-        let log = tempfile::NamedTempFile::new().map_err(spawn)?;
-        let mut cmd = self.runc.command();
-        cmd.arg("--log").arg(log.path()).args(["--log-format", "json"]);
-        cmd.arg("restore").arg("--image-path").arg(images).arg("--bundle").arg(&flags.bundle);
-        if let Some(w) = &flags.work_path {
-            cmd.arg("--work-path").arg(w);
-        }
-        if flags.detach {
-            cmd.arg("--detach");
-        }
-        if let Some(p) = &flags.pid_file {
-            cmd.arg("--pid-file").arg(p);
-        }
-        if let Some(s) = &flags.console_socket {
-            cmd.arg("--console-socket").arg(s);
-        }
-        cmd.args(&flags.extra).arg(id);
-        let stdio = self.stdio.lock().ok().and_then(|mut s| s.take());
-        set_stdio(&mut cmd, stdio);
-        tracing::debug!(?cmd, "running runc restore");
-        // Our copies of the container's ends go with `cmd`, once runc has started.
-        let st = cmd.status().map_err(spawn)?;
-        drop(cmd);
-        match st.code() {
-            Some(0) => Ok(0),
-            Some(code) if !flags.detach => Ok(code),
-            _ => Err(RuncError::Failed {
-                command: "restore".into(),
-                id: id.into(),
-                status: cedana::binary::describe_status(st),
-                message: logged_error(
-                    log.path(),
-                    Some(&flags.work_path.clone().unwrap_or_else(|| images.to_path_buf()).join("restore.log")),
-                ),
-            }),
-        }
     }
 }

@@ -169,7 +169,7 @@ fn check_container_id(id: &str) -> Result<(), Status> {
 }
 
 /// Give `cmd` these standard streams (stdin, stdout, stderr), or /dev/null.
-pub(super) fn set_stdio(cmd: &mut std::process::Command, stdio: Option<[OwnedFd; 3]>) {
+fn set_stdio(cmd: &mut std::process::Command, stdio: Option<[OwnedFd; 3]>) {
     match stdio {
         Some([i, o, e]) => cmd.stdin(Stdio::from(i)).stdout(Stdio::from(o)).stderr(Stdio::from(e)),
         None => cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()),
@@ -199,7 +199,7 @@ fn run_container(runc: &Runc, id: &str, bundle: &Path, flags: &[String], stdio: 
 }
 
 /// The last error runc logged as JSON lines in `log`, with CRIU's first errors from `criu_log`.
-pub(super) fn logged_error(log: &Path, criu_log: Option<&Path>) -> String {
+fn logged_error(log: &Path, criu_log: Option<&Path>) -> String {
     let text = std::fs::read_to_string(log).unwrap_or_default();
     let mut message = text
         .lines()

@@ -79,6 +79,9 @@ pub struct RestoreFlags {
     pub console_socket: Option<PathBuf>,
     /// Any other restore flags, verbatim (e.g. `--tcp-established`, `--no-subreaper`).
     pub extra: Vec<OsString>,
+    /// The restored container's stdin, stdout and stderr (runc hands its own to the container, in place of
+    /// streams that were pipes at dump time); the caller's own when `None`.
+    pub stdio: Option<std::sync::Arc<[std::os::fd::OwnedFd; 3]>>,
 }
 
 /// The container runtime the engine drives (runc, or anything that speaks its command line): the seam unit
@@ -269,8 +272,14 @@ impl Runc {
             cmd.arg("--console-socket").arg(s);
         }
         cmd.args(&flags.extra).arg(id);
+        if let Some(fds) = &flags.stdio {
+            let dup = |i: usize| fds[i].try_clone().map_err(|source| RuncError::Spawn { binary: self.binary.clone(), source });
+            cmd.stdin(dup(0)?).stdout(dup(1)?).stderr(dup(2)?);
+        }
         tracing::debug!(?cmd, "running runc restore");
         let status = cmd.status().map_err(|source| RuncError::Spawn { binary: self.binary.clone(), source })?;
+        // Our copies of the container's ends go with `cmd`, once runc has started.
+        drop(cmd);
         match status.code() {
             Some(0) => Ok(0),
             Some(code) if !flags.detach => Ok(code),
