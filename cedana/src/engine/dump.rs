@@ -18,7 +18,7 @@ use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
 use crate::engine::hooks::{HookContext, HookPoint};
 use crate::engine::location::{unsupported_url, Destination};
-use crate::engine::target::{self, CheckpointCall, DumpTarget, Prepared, TargetSpec};
+use crate::engine::targets::{self, CheckpointCall, DumpTarget, Prepared, TargetSpec};
 use crate::engine::{Engine, EngineError};
 
 /// A dump, as data.
@@ -82,7 +82,7 @@ pub(crate) fn check_name(name: &str) -> Result<(), EngineError> {
 /// Run the dump `req` describes.
 pub(crate) fn run(engine: &Engine, req: DumpRequest, ctx: &OpContext) -> Result<DumpOutcome, EngineError> {
     let started = Instant::now();
-    let mut target = target::dump_target(&req.target);
+    let mut target = targets::dump_target(&req.target);
     let prepared = target.prepare(engine, &req.options)?;
     let name = match &req.name {
         Some(n) => n.clone(),

@@ -4,7 +4,7 @@
 //! renders the outcome or the error (whose [`EngineError::kind`] maps onto its wire codes).
 //!
 //! - [`dump`], [`restore`]: the two pipelines, the same for every target;
-//! - [`target`]: process and runc (what a workload is, how it is frozen, finished or rolled back);
+//! - [`targets`]: process and runc (what a workload is, how it is frozen, finished or rolled back);
 //! - [`location`]: destinations and sources (a folder, a file, a caller's writer; object stores to come);
 //! - [`context`]: cancellation, progress and timings of one operation;
 //! - [`hooks`]: work run before and after CRIU (a user command; GPU support to come);
@@ -16,7 +16,7 @@ pub mod error;
 pub mod hooks;
 pub mod location;
 pub mod restore;
-pub mod target;
+pub mod targets;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -33,8 +33,8 @@ pub use error::EngineError;
 pub use hooks::{Hook, HookContext, HookPoint, Hooks};
 pub use location::{Destination, Source};
 pub use restore::{wait_for_exit, ProcessRestoreOptions, RestoreOutcome, RestoreRequest, RestoreStdio};
-pub use target::runc::{ContainerRestore, RuncSpec};
-pub use target::TargetSpec;
+pub use targets::runc::{ContainerRestore, RuncSpec};
+pub use targets::TargetSpec;
 
 /// Makes the container runtime client for a state folder (`--root`; the runtime's default when `None`).
 pub type RuntimeFactory = dyn Fn(Option<&Path>) -> Result<Arc<dyn ContainerRuntime>, RuncError> + Send + Sync;

@@ -11,7 +11,7 @@ use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
 use crate::engine::hooks::{HookContext, HookPoint, Hooks, Passed};
 use crate::engine::location::Source;
-use crate::engine::target::{self, runc::ContainerRestore};
+use crate::engine::targets::{self, runc::ContainerRestore};
 use crate::engine::{Engine, EngineError};
 
 /// Where the standard streams of the restored tree go, when they were pipes at dump time (the other end of
@@ -133,7 +133,7 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     let path = req.source.local()?.to_path_buf();
     let mut chosen = match req.only {
         Some(kind) => {
-            let t = target::restore_target(kind)?;
+            let t = targets::restore_target(kind)?;
             t.precheck(engine, &req)?;
             Some(t)
         }
@@ -159,7 +159,7 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     let target = match chosen.take() {
         Some(t) => t,
         None => {
-            let t = target::restore_target(kind)?;
+            let t = targets::restore_target(kind)?;
             t.precheck(engine, &req)?;
             t
         }

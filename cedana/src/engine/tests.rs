@@ -561,7 +561,7 @@ fn a_runc_dump_pauses_checkpoints_and_deletes_the_container_after_the_commit() {
         assert_eq!((info.id.as_str(), info.bundle.as_deref()), ("c1", Some(bundle.as_path())));
         assert_eq!(info.config, Some(serde_json::from_str::<serde_json::Value>(CONFIG_JSON).unwrap()));
         let opened = OpenedCheckpoint::open(&out.path, &h.scratch(), &|_| {}).unwrap();
-        assert_eq!(std::fs::read_to_string(opened.images_dir.join(target::runc::CONFIG_FILE)).unwrap(), CONFIG_JSON);
+        assert_eq!(std::fs::read_to_string(opened.images_dir.join(targets::runc::CONFIG_FILE)).unwrap(), CONFIG_JSON);
         assert!(pages_intact(&opened.images_dir, w.pid), "{c}");
         assert_eq!(h.left(), [checkpoint_name(c)]);
     }
