@@ -1,9 +1,7 @@
 //! `cedana features`: which commands support which types, computed from what is built in.
 //!
 //! Each cell is looked up in the CLI itself (its clap definition: the subcommands and flags it routes), not
-//! written by hand: `dump × containerd` turns to yes the day `cedana dump containerd` exists. The one thing
-//! clap cannot tell is whether a routed command is still a stub; for attaching, the cell reads the source of
-//! `cli/attach.rs` (compiled in) and says no while its function still bails "not built yet".
+//! written by hand: `dump × containerd` turns to yes the day `cedana dump containerd` exists.
 
 use clap::CommandFactory;
 use comfy_table::{presets::NOTHING, Table};
@@ -67,27 +65,6 @@ impl Cli {
     }
 }
 
-/// The source of `cli/attach.rs`, to tell a stub from an implementation.
-const ATTACH_SOURCE: &str = include_str!("attach.rs");
-
-/// Whether function `name` of `source` is implemented: its body (up to the next item) does not bail with
-/// "not built yet". `false` also when there is no such function.
-fn implemented(source: &str, name: &str) -> bool {
-    let Some(start) = source.find(&format!("fn {name}(")) else { return false };
-    let rest = &source[start..];
-    let end = ["\npub fn ", "\nfn ", "\npub(crate) fn ", "\nasync fn ", "\n#[cfg(test)]"]
-        .iter()
-        .filter_map(|next| rest[1..].find(next).map(|i| i + 1))
-        .min()
-        .unwrap_or(rest.len());
-    !rest[..end].contains("not built yet")
-}
-
-/// Whether `cedana job attach` (and `--attach` on run/restore) really attaches.
-fn attach_built() -> bool {
-    implemented(ATTACH_SOURCE, "attach_job")
-}
-
 /// The rows, in the order printed. `job` means managed jobs through the daemon (`cedana dump job JID`).
 const FEATURES: &[Feature] = &[
     Feature { name: "dump", cell: |cli, ty| Support::of(cli.has(&["dump", ty])) },
@@ -105,7 +82,7 @@ const FEATURES: &[Feature] = &[
                 "job" => cli.has(&["job", "attach"]),
                 _ => cli.has_flag(&["run", ty], "attach"),
             };
-            Support::of(routed && attach_built())
+            Support::of(routed)
         },
     },
     Feature {
@@ -174,15 +151,5 @@ mod tests {
         assert_eq!(cell("manage --upcoming", "containerd"), Support::No);
         assert_eq!(cell("GPU", "process"), Support::No);
         assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["dump", "yes", "yes", "yes", "no"]), "{text}");
-    }
-
-    #[test]
-    fn a_stub_is_not_a_feature() {
-        let src = "pub fn a() -> R {\n    bail!(\"a is not built yet\")\n}\n\npub fn b() -> R {\n    Ok(0)\n}\n";
-        assert!(!implemented(src, "a"));
-        assert!(implemented(src, "b"));
-        assert!(!implemented(src, "c"));
-        // The function the attach cells look for exists (a rename would silently turn them to no).
-        assert!(ATTACH_SOURCE.contains("fn attach_job("));
     }
 }

@@ -222,6 +222,28 @@ impl std::fmt::Debug for JobStore {
     }
 }
 
+/// The parameters `?1`..`?14` of a job row, in the order of `JOB_COLUMNS` (shared by insert and update).
+macro_rules! job_row {
+    ($job:expr, $args:expr) => {
+        params![
+            $job.jid,
+            $job.kind.as_str(),
+            $job.pid,
+            $job.state.as_str(),
+            $job.exit_code,
+            $args,
+            path_bytes($job.cwd.as_deref()),
+            path_bytes($job.log.as_deref()),
+            $job.attachable,
+            $job.gpu,
+            $job.created_at,
+            $job.container_id,
+            path_bytes($job.runtime_root.as_deref()),
+            $job.restored_from,
+        ]
+    };
+}
+
 impl JobStore {
     /// Opens the store at `path`, creating the file (mode 0600) and its folder if needed and bringing its
     /// schema up to [`SCHEMA_VERSION`]. Waits up to [`DEFAULT_BUSY_TIMEOUT`] for other writers.
@@ -305,24 +327,7 @@ impl JobStore {
         let args = args_to_json(&job.args).map_err(|e| self.err(e))?;
         let sql =
             format!("INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)");
-        let result = conn.prepare_cached(&sql).and_then(|mut st| {
-            st.execute(params![
-                job.jid,
-                job.kind.as_str(),
-                job.pid,
-                job.state.as_str(),
-                job.exit_code,
-                args,
-                path_bytes(job.cwd.as_deref()),
-                path_bytes(job.log.as_deref()),
-                job.attachable,
-                job.gpu,
-                job.created_at,
-                job.container_id,
-                path_bytes(job.runtime_root.as_deref()),
-                job.restored_from,
-            ])
-        });
+        let result = conn.prepare_cached(&sql).and_then(|mut st| st.execute(job_row!(job, args)));
         match result {
             Ok(_) => Ok(()),
             Err(e) if is_unique_violation(&e) => Err(StoreError::JobExists { jid: job.jid.clone() }),
@@ -341,24 +346,7 @@ impl JobStore {
                  attachable = ?9, gpu = ?10, created_at = ?11, container_id = ?12, runtime_root = ?13, \
                  restored_from = ?14 WHERE jid = ?1",
             )
-            .and_then(|mut st| {
-                st.execute(params![
-                    job.jid,
-                    job.kind.as_str(),
-                    job.pid,
-                    job.state.as_str(),
-                    job.exit_code,
-                    args,
-                    path_bytes(job.cwd.as_deref()),
-                    path_bytes(job.log.as_deref()),
-                    job.attachable,
-                    job.gpu,
-                    job.created_at,
-                    job.container_id,
-                    path_bytes(job.runtime_root.as_deref()),
-                    job.restored_from,
-                ])
-            })
+            .and_then(|mut st| st.execute(job_row!(job, args)))
             .map_err(|e| self.err(e))?;
         self.found(changed, &job.jid)
     }
