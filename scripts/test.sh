@@ -22,7 +22,9 @@ cargo build --workspace --locked
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 set +e
-cargo test --workspace --locked --no-fail-fast -- "$@" 2>&1 | tee "$log"
+# A watchdog: a hung test fails the run with its name printed (libtest names tests running over 60 s)
+# instead of eating CI's whole time limit.
+timeout --kill-after=30s "${CEDANA_TEST_TIMEOUT:-40m}" cargo test --workspace --locked --no-fail-fast -- "$@" 2>&1 | tee "$log"
 status=${PIPESTATUS[0]}
 set -e
 # One closing line over every test binary (cargo prints one result line per binary).

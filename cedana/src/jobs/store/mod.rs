@@ -61,6 +61,11 @@ pub use schema::{MIGRATIONS, SCHEMA_VERSION};
 /// How long a writer waits for another one (thread or process) before giving up with [`StoreError::Busy`].
 pub const DEFAULT_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// How long opening waits before it tries again after SQLite answered busy without waiting: when two
+/// connections set a fresh file up at once, the switch to the write-ahead log needs the file to itself, and
+/// SQLite reports busy at once rather than call the busy handler where waiting could deadlock.
+const SETUP_RETRY_PAUSE: Duration = Duration::from_millis(10);
+
 /// The longest busy timeout accepted (SQLite counts it in milliseconds in an `int`); longer ones are cut.
 const MAX_BUSY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 
@@ -270,8 +275,19 @@ impl JobStore {
         // neither truncated nor touched.
         fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).mode(0o600).open(&path).map_err(io(&path))?;
         let flags = OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_NO_MUTEX;
-        let conn = Connection::open_with_flags(&path, flags).map_err(|e| classify(&path, busy_timeout, e))?;
-        Self::setup(conn, path, busy_timeout)
+        let mut conn = Connection::open_with_flags(&path, flags).map_err(|e| classify(&path, busy_timeout, e))?;
+        // Setting up is idempotent (reads, pragmas, migrations that read the version again), so a busy
+        // answer is retried on a new connection until the busy timeout has passed.
+        let deadline = std::time::Instant::now() + busy_timeout.min(MAX_BUSY_TIMEOUT);
+        loop {
+            match Self::setup(conn, path.clone(), busy_timeout) {
+                Err(StoreError::Busy { .. }) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(SETUP_RETRY_PAUSE);
+                    conn = Connection::open_with_flags(&path, flags).map_err(|e| classify(&path, busy_timeout, e))?;
+                }
+                other => return other,
+            }
+        }
     }
 
     /// A private store in memory, empty, for tests.
@@ -287,16 +303,19 @@ impl JobStore {
         let err = |e| classify(&path, busy_timeout, e);
         conn.busy_timeout(busy_timeout).map_err(err)?;
         // Reading the header is the first access to the file: a file that is not a database fails here
-        // (SQLITE_NOTADB) and one from a newer cedana is recognised here, before anything is written.
-        let found: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0)).map_err(err)?;
+        // (SQLITE_NOTADB) and one from a newer cedana is recognised here, before anything is written. The
+        // version and the tables are read in one statement, so from one snapshot: another process may be
+        // migrating the fresh file at this very moment.
+        let (found, tables): (i64, i64) = conn
+            .query_row("SELECT (SELECT user_version FROM pragma_user_version), (SELECT count(*) FROM sqlite_schema)", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .map_err(err)?;
         check_version(&path, found)?;
-        if found == 0 {
-            // A database with tables but no version is someone else's: refuse it before the journal mode
-            // (written in the file's header) changes.
-            let tables: i64 = conn.query_row("SELECT count(*) FROM sqlite_schema", [], |r| r.get(0)).map_err(err)?;
-            if tables > 0 {
-                return Err(StoreError::NotAJobStore { path });
-            }
+        // A database with tables but no version is someone else's: refuse it before the journal mode
+        // (written in the file's header) changes.
+        if found == 0 && tables > 0 {
+            return Err(StoreError::NotAJobStore { path });
         }
         // In memory the journal mode stays "memory".
         let _mode: String = conn.pragma_update_and_check(None, "journal_mode", "WAL", |r| r.get(0)).map_err(err)?;

@@ -300,8 +300,10 @@ fn two_stores_on_one_file_write_at_once() {
             let (path, barrier) = (path.clone(), barrier.clone());
             std::thread::spawn(move || {
                 barrier.wait();
-                let store = JobStore::open(&path).unwrap();
+                let store = JobStore::open(&path);
+                // Past the barrier before unwrapping: a failed open must fail the test, not strand the other thread.
                 barrier.wait();
+                let store = store.unwrap();
                 write_jobs(&store, &format!("s{s}"), 200);
                 store.migrations_applied()
             })
