@@ -7,10 +7,17 @@ use protox::prost::Message as _;
 
 const PROTO_ROOT: &str = "proto";
 const PROTOS: &[&str] = &["proto/cedana/daemon/v1/daemon.proto"];
+/// The subset of containerd's API that cedana calls (client code only).
+const CONTAINERD_PROTOS: &[&str] = &[
+    "proto/containerd/containers.proto",
+    "proto/containerd/tasks.proto",
+    "proto/containerd/snapshots.proto",
+    "proto/containerd/runc_options.proto",
+];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");
-    for proto in PROTOS {
+    for proto in PROTOS.iter().chain(CONTAINERD_PROTOS) {
         println!("cargo:rerun-if-changed={proto}");
     }
 
@@ -22,5 +29,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     std::fs::write(out_dir.join("cedana_descriptor.bin"), fds.encode_to_vec())?;
 
     tonic_prost_build::configure().compile_fds(fds)?;
+
+    let containerd = protox::compile(CONTAINERD_PROTOS, [PROTO_ROOT])?;
+    tonic_prost_build::configure().build_server(false).compile_fds(containerd)?;
     Ok(())
 }

@@ -1,21 +1,40 @@
 #!/usr/bin/env bash
 # The main job end to end: start a workload, checkpoint it into a compressed file, kill it (the dump does),
 # restore it, and show it continuing where it was; then the same through the daemon, as managed job (the
-# seed's quick start: run, ps, dump job, ps, restore job). Needs root. Uses a scratch folder (and a daemon on
-# a private socket in it) that it removes at the end.
+# seed's quick start: run, ps, dump job, ps, restore job); then a container run by containerd through our shim
+# (io.containerd.cedana.v2), checkpointed with `cedana dump containerd` and restored as a new container.
+# Needs root. Uses a scratch folder (and a daemon and a containerd on private sockets in it) that it removes
+# at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 [[ $(id -u) -eq 0 ]] || { echo "scripts/demo.sh needs root (CRIU does): sudo $0" >&2; exit 1; }
 bash scripts/setup.sh >/dev/null
-cargo build --release -p cedana --locked -q
+cargo build --release -p cedana -p cedana-runc -p containerd-shim-cedana-v2 --locked -q
 CEDANA=$PWD/target/release/cedana
+# containerd finds our shim (containerd-shim-cedana-v2), and the shim cedana-runc, on the PATH.
+export PATH=$PWD/target/release:$PATH
 
 DEMO=$(mktemp -d /tmp/cedana-demo.XXXXXX)
 WORKLOAD_PID=
 DAEMON_PID=
 JOB_PID=
+CONTAINERD_PID=
+CTR=()
 cleanup() {
+  if [[ -n $CONTAINERD_PID ]]; then
+    for id in demo-ctr demo-ctr-restored; do
+      "${CTR[@]}" task kill -s SIGKILL "$id" >/dev/null 2>&1 || true
+      for _ in $(seq 50); do
+        "${CTR[@]}" task rm -f "$id" >/dev/null 2>&1 && break
+        "${CTR[@]}" task ls -q 2>/dev/null | grep -qx "$id" || break
+        sleep 0.1
+      done
+      "${CTR[@]}" container rm "$id" >/dev/null 2>&1 || true
+    done
+    kill -TERM "$CONTAINERD_PID" 2>/dev/null && wait "$CONTAINERD_PID" 2>/dev/null || true
+    rmdir /run/containerd/runc/cedana-demo 2>/dev/null || true
+  fi
   [[ -n $WORKLOAD_PID ]] && kill -KILL "$WORKLOAD_PID" 2>/dev/null || true
   [[ -n $JOB_PID ]] && kill -KILL "$JOB_PID" 2>/dev/null || true
   [[ -n $DAEMON_PID ]] && kill -TERM "$DAEMON_PID" 2>/dev/null && wait "$DAEMON_PID" 2>/dev/null || true
@@ -91,3 +110,54 @@ else
   exit 1
 fi
 "$CEDANA" job kill demo-job >/dev/null
+
+# --- a container through containerd and our shim ---------------------------------------------------------
+say "A private containerd (root, state and socket under $DEMO/containerd)"
+C=$DEMO/containerd
+mkdir -p "$C" "$DEMO/rootfs/bin"
+cat >"$C/config.toml" <<EOF
+version = 2
+root = "$C/root"
+state = "$C/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$C/containerd.sock"
+[ttrpc]
+  address = "$C/containerd.sock.ttrpc"
+EOF
+containerd --config "$C/config.toml" >"$C/containerd.log" 2>&1 &
+CONTAINERD_PID=$!
+CTR=(ctr -a "$C/containerd.sock" -n cedana-demo)
+for _ in $(seq 100); do "${CTR[@]}" version >/dev/null 2>&1 && break; sleep 0.1; done
+# A busybox rootfs: /bin/busybox and its applets.
+cp /bin/busybox "$DEMO/rootfs/bin/"
+for a in $(/bin/busybox --list); do [[ $a == busybox ]] || ln -s busybox "$DEMO/rootfs/bin/$a"; done
+mkdir -p "$DEMO/rootfs/"{proc,sys,dev,tmp,etc}
+
+say "ctr run --runtime io.containerd.cedana.v2 --rootfs ... demo-ctr: a counter writing to /count in its rootfs"
+"${CTR[@]}" run --runtime io.containerd.cedana.v2 --detach --null-io --rootfs "$DEMO/rootfs" demo-ctr \
+  /bin/sh -c 'i=0; while true; do i=$((i+1)); echo "container count $i" >> /count; sleep 0.2; done'
+sleep 2
+"${CTR[@]}" task ls
+tail -n 2 "$DEMO/rootfs/count"
+
+say "cedana dump containerd demo-ctr --address $C/containerd.sock --namespace cedana-demo --compression zstd"
+"$CEDANA" dump containerd demo-ctr --address "$C/containerd.sock" --namespace cedana-demo \
+  --dir "$DEMO/checkpoints" --name demo-ctr --compression zstd
+sleep 0.5
+"${CTR[@]}" task ls
+LAST=$(tail -n 1 "$DEMO/rootfs/count")
+echo "Its last line: $LAST"
+
+say "cedana restore containerd --path $DEMO/checkpoints/demo-ctr.tar.zst --id demo-ctr-restored --detach"
+"$CEDANA" restore containerd --path "$DEMO/checkpoints/demo-ctr.tar.zst" --id demo-ctr-restored \
+  --address "$C/containerd.sock" --namespace cedana-demo --detach
+sleep 2
+"${CTR[@]}" task ls
+NEXT=$(grep -A 1 -x "$LAST" "$DEMO/rootfs/count" | sed -n 2p)
+if [[ "$NEXT" == "container count $(( ${LAST#container count } + 1 ))" ]]; then
+  say "The container continued where it was: '$LAST' was followed by '$NEXT'."
+else
+  echo "FAILED: after '$LAST' came '$NEXT'" >&2
+  exit 1
+fi

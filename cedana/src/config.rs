@@ -15,6 +15,8 @@
 //! scratch_dir = "/var/tmp"              # where archives are extracted for restore
 //! [hooks]
 //! command = "/usr/local/lib/cedana/hook" # run before/after every dump and restore
+//! [profiling]
+//! enabled = true                        # print a timings tree after every dump and restore
 //! ```
 //! The file is `--config FILE`, else `$CEDANA_CONFIG`, else `/etc/cedana/config.toml` when it exists.
 //!
@@ -111,6 +113,14 @@ pub struct HooksConfig {
     pub command: Option<PathBuf>,
 }
 
+/// Settings of the `[profiling]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfilingConfig {
+    /// Whether the CLI prints the timings of every dump and restore (default: on).
+    pub enabled: Option<bool>,
+}
+
 /// Settings of the `[db]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -137,6 +147,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub hooks: HooksConfig,
+    #[serde(default)]
+    pub profiling: ProfilingConfig,
 }
 
 /// The daemon's socket when the configuration names none.
@@ -146,6 +158,9 @@ pub const DEFAULT_DB_PATH: &str = "/var/lib/cedana/cedana.db";
 
 /// Default compression when neither flag nor config names one (Cedana's default).
 pub const DEFAULT_COMPRESSION: Compression = Compression::Tar;
+
+/// Whether timings are printed when the configuration does not say (Cedana's default).
+pub const DEFAULT_PROFILING_ENABLED: bool = true;
 
 /// The environment variable naming the config file.
 pub const CONFIG_ENV: &str = "CEDANA_CONFIG";
@@ -258,6 +273,17 @@ impl FromEnv for String {
     }
 }
 
+impl FromEnv for bool {
+    fn from_env(v: std::ffi::OsString) -> Result<Self, String> {
+        let s = String::from_env(v)?;
+        match s.to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => Ok(true),
+            "false" | "0" | "no" | "off" => Ok(false),
+            _ => Err(format!("{s:?} is not a boolean: use true or false")),
+        }
+    }
+}
+
 impl FromEnv for Compression {
     fn from_env(v: std::ffi::OsString) -> Result<Self, String> {
         String::from_env(v)?.parse().map_err(|e: crate::codec::CodecError| e.to_string())
@@ -315,6 +341,7 @@ const KEYS: &[Key] = &[
     key!("checkpoint.compression", ["CEDANA_CHECKPOINT_COMPRESSION"], checkpoint.compression, |c| shown(c.compression())),
     key!("checkpoint.scratch_dir", ["CEDANA_CHECKPOINT_SCRATCH_DIR", "CEDANA_SCRATCH_DIR"], checkpoint.scratch_dir, |c| shown(c.scratch_dir().display())),
     key!("hooks.command", ["CEDANA_HOOKS_COMMAND", "CEDANA_HOOK_COMMAND"], hooks.command, |c| c.hooks.command.as_ref().map(|p| p.display().to_string())),
+    key!("profiling.enabled", ["CEDANA_PROFILING_ENABLED"], profiling.enabled, |c| shown(c.profiling_enabled())),
 ];
 
 impl Config {
@@ -433,6 +460,12 @@ impl Config {
     pub fn scratch_dir(&self) -> PathBuf {
         self.checkpoint.scratch_dir.clone().unwrap_or_else(std::env::temp_dir)
     }
+
+    /// Whether the CLI prints the timings of dumps and restores (`profiling.enabled`, else
+    /// [`DEFAULT_PROFILING_ENABLED`]).
+    pub fn profiling_enabled(&self) -> bool {
+        self.profiling.enabled.unwrap_or(DEFAULT_PROFILING_ENABLED)
+    }
 }
 
 #[cfg(test)]
@@ -482,7 +515,8 @@ mod tests {
                 "checkpoint.dir",
                 "checkpoint.compression",
                 "checkpoint.scratch_dir",
-                "hooks.command"
+                "hooks.command",
+                "profiling.enabled"
             ]
         );
     }
@@ -543,6 +577,35 @@ mod tests {
         assert_eq!(c.hooks.command.as_deref(), Some(Path::new("/h2")));
         assert_eq!(c.criu_driver(), CriuDriverKind::Cli);
         assert_eq!(c.criu.binary_path.as_deref(), Some(Path::new("/c/criu")));
+    }
+
+    #[test]
+    fn profiling_is_on_by_default_and_turned_off_by_the_file_or_the_environment() {
+        let (c, s) = Config::load_with_env(None, &env_of(&[])).unwrap();
+        assert!(c.profiling_enabled());
+        let row = c.describe(&s).into_iter().find(|r| r.key == "profiling.enabled").unwrap();
+        assert_eq!((row.value.as_deref(), row.source, row.env), (Some("true"), Source::Default, "CEDANA_PROFILING_ENABLED"));
+
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "[profiling]\nenabled = false\n").unwrap();
+        let (c, s) = Config::load_with_env(Some(&p), &env_of(&[])).unwrap();
+        assert!(!c.profiling_enabled());
+        assert_eq!(s.get("profiling.enabled"), Source::File { path: p.clone() });
+        let row = c.describe(&s).into_iter().find(|r| r.key == "profiling.enabled").unwrap();
+        assert_eq!(row.value.as_deref(), Some("false"));
+
+        // The environment wins over the file, in any of the usual spellings.
+        for (v, on) in [("true", true), ("TRUE", true), ("1", true), ("on", true), ("false", false), ("0", false), ("no", false)]
+        {
+            let (c, s) = Config::load_with_env(Some(&p), &env_of(&[("CEDANA_PROFILING_ENABLED", v)])).unwrap();
+            assert_eq!(c.profiling_enabled(), on, "{v}");
+            assert_eq!(s.get("profiling.enabled"), Source::Env { var: "CEDANA_PROFILING_ENABLED" });
+        }
+        let err = Config::load_with_env(None, &env_of(&[("CEDANA_PROFILING_ENABLED", "maybe")])).unwrap_err().to_string();
+        assert!(err.contains("CEDANA_PROFILING_ENABLED") && err.contains("maybe") && err.contains("true or false"), "{err}");
+        std::fs::write(&p, "[profiling]\nenabled = \"yes\"\n").unwrap();
+        assert!(Config::load_with_env(Some(&p), &env_of(&[])).is_err(), "the file takes a TOML boolean");
     }
 
     #[test]

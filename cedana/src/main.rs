@@ -1,6 +1,7 @@
 //! The `cedana` binary: the CLI front end of the engine, and the daemon (`cedana daemon start`).
 
 mod cli;
+mod containerd;
 mod daemon;
 
 use clap::Parser;

@@ -329,6 +329,18 @@ impl Containerd {
         self.tasks().into_iter().find(|(t, _)| t == id).map(|(_, s)| s)
     }
 
+    /// The PID of task `id`'s init, from `ctr task ls`; panics when there is no such task.
+    pub fn task_pid(&self, id: &str) -> i32 {
+        let out = self.ok(&["task", "ls"]);
+        out.lines()
+            .skip(1)
+            .find_map(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                (f.first() == Some(&id)).then(|| f[1].parse().ok()).flatten()
+            })
+            .unwrap_or_else(|| panic!("task {id} in ctr task ls: {out}"))
+    }
+
     /// Kill (SIGKILL) and delete task `id` and delete its container (best effort: never panics).
     pub fn remove(&self, id: &str) {
         if let Some(status) = self.task_status(id) {
@@ -354,6 +366,18 @@ impl Containerd {
     }
 }
 
+/// Put the build's target folder first on PATH (once per test process), so that a containerd started
+/// afterwards finds our shim (`containerd-shim-cedana-v2`) there.
+pub fn put_shim_on_path() {
+    static PATH: std::sync::Once = std::sync::Once::new();
+    PATH.call_once(|| {
+        let old = std::env::var_os("PATH").unwrap_or_default();
+        let mut dirs = vec![crate::target_dir()];
+        dirs.extend(std::env::split_paths(&old));
+        std::env::set_var("PATH", std::env::join_paths(dirs).expect("PATH"));
+    });
+}
+
 impl Drop for Containerd {
     fn drop(&mut self) {
         if matches!(self.child.try_wait(), Ok(None)) {
@@ -367,6 +391,8 @@ impl Drop for Containerd {
         }
         stop_daemon(&mut self.child);
         remove_empty_cgroups(&self.namespace);
+        // The shims' runtime state folder of our namespace (the runc shim's default root), empty by now.
+        let _ = std::fs::remove_dir(std::path::Path::new("/run/containerd/runc").join(&self.namespace));
     }
 }
 

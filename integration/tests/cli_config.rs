@@ -81,7 +81,8 @@ fn config_show_names_the_source_of_each_key() {
             "checkpoint.dir",
             "checkpoint.compression",
             "checkpoint.scratch_dir",
-            "hooks.command"
+            "hooks.command",
+            "profiling.enabled"
         ]
     );
 
@@ -133,13 +134,13 @@ fn features_prints_the_matrix() {
     let cells = |feature: &str| -> Vec<String> {
         table.iter().find(|(f, _)| f == feature).unwrap_or_else(|| panic!("no row {feature} in\n{text}")).1.clone()
     };
-    assert_eq!(cells("dump"), ["yes", "yes", "yes", "no"]);
-    assert_eq!(cells("restore"), ["yes", "yes", "yes", "no"]);
+    assert_eq!(cells("dump"), ["yes", "yes", "yes", "yes"]);
+    assert_eq!(cells("restore"), ["yes", "yes", "yes", "yes"]);
     assert_eq!(cells("run"), ["yes", "-", "yes", "no"]);
     // "manage --upcoming" splits into "manage" "--upcoming" ...: the first "manage" row is plain manage.
-    assert_eq!(cells("manage"), ["yes", "-", "yes", "no"]);
+    assert_eq!(cells("manage"), ["yes", "-", "yes", "yes"]);
     let upcoming = text.lines().find(|l| l.trim_start().starts_with("manage --upcoming")).unwrap();
-    assert_eq!(upcoming.split_whitespace().skip(2).collect::<Vec<_>>(), ["yes", "-", "yes", "no"]);
+    assert_eq!(upcoming.split_whitespace().skip(2).collect::<Vec<_>>(), ["yes", "-", "yes", "yes"]);
     assert_eq!(cells("GPU"), ["no", "no", "no", "no"]);
     let attach = cells("attach");
     assert_eq!(attach, ["yes", "yes", "yes", "no"], "{text}");

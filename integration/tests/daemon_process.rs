@@ -116,7 +116,8 @@ fn dump_and_restore_process_go_through_the_running_daemon_and_no_server_does_not
     let mut lines = out.lines();
     assert_eq!(lines.next(), Some(format!("Dumped PID {pid} (counter) to {}", via_daemon.display()).as_str()), "{out}");
     assert!(lines.next().is_some_and(|l| l.starts_with("  size      ") && l.contains("(tar, images ")), "{out}");
-    assert!(out.contains("\n  time      ") && out.contains("(criu "), "{out}");
+    assert!(out.contains("\ntimings\n") && out.contains("\n└─ total "), "{out}");
+    assert_eq!(out.lines().last(), Some(format!("checkpoint  {}", via_daemon.display()).as_str()), "{out}");
     assert_eq!(criu_runs(&d), runs + 1, "the daemon ran CRIU for the dump:\n{}", d.log());
     let written = io(&d).1 - wrote;
     assert!(written >= size, "the daemon wrote the {size}-byte archive (it wrote {written} bytes)");

@@ -231,30 +231,27 @@ fn a_failed_checkpoint_resumes_the_container_and_writes_nothing() {
     let runc = RuncRoot::new(tmp.path(), "runc");
     let bundle = Bundle::counter(&tmp.path().join("bundle"));
     let cid = id("fails");
-    // stdout on a host file: CRIU cannot dump it ("Can't lookup mount"), so runc checkpoint fails.
-    let log = tmp.path().join("host-file.log");
-    let file = std::fs::File::create(&log).unwrap();
+    // stdout on a connected unix socket whose other end is ours: CRIU cannot dump it without
+    // ext-unix-sk, so runc checkpoint fails.
+    let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
     runc.track(&cid);
     let status = runc
         .cmd(&["run", "-d", "--bundle", bundle.dir.to_str().unwrap(), &cid])
         .stdin(std::process::Stdio::null())
-        .stdout(file.try_clone().unwrap())
-        .stderr(file)
+        .stdout(std::os::fd::OwnedFd::from(theirs.try_clone().unwrap()))
+        .stderr(std::os::fd::OwnedFd::from(theirs))
         .status()
         .unwrap();
     assert!(status.success());
-    cedana_integration::wait_for("output", T, || {
-        (std::fs::read_to_string(&log).unwrap_or_default().lines().count() > 2).then_some(())
-    });
+    let out = Lines::read(ours);
+    out.wait_for(3, T);
     let dir = tmp.path().join("cp");
-    let out = runc.cedana_dump(&cid, &dir, &["--compression", "zstd"]).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() && err.contains("runc checkpoint") && err.contains("criu failed"), "{err}");
+    let result = runc.cedana_dump(&cid, &dir, &["--compression", "zstd"]).output().unwrap();
+    let err = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success() && err.contains("runc checkpoint") && err.contains("criu failed"), "{err}");
     assert_eq!(runc.status(&cid).as_deref(), Some("running"), "the container must be resumed");
-    let n = std::fs::read_to_string(&log).unwrap().lines().count();
-    cedana_integration::wait_for("the resumed container to count on", T, || {
-        (std::fs::read_to_string(&log).unwrap_or_default().lines().count() > n + 2).then_some(())
-    });
+    let n = out.snapshot().len();
+    out.wait_for(n + 2, T);
     assert!(entries(&dir).is_empty(), "no partial checkpoint may be left: {:?}", entries(&dir));
 }
 

@@ -6,10 +6,9 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::sync::Once;
 use std::time::Duration;
 
-use cedana_integration::engines::Containerd;
+use cedana_integration::engines::{put_shim_on_path, Containerd};
 use cedana_integration::images::busybox_rootfs;
 use cedana_integration::{bin, require_root, target_dir, wait_for};
 
@@ -27,14 +26,8 @@ struct Setup {
 fn setup() -> Setup {
     require_root();
     bin(SHIM);
-    static PATH: Once = Once::new();
-    PATH.call_once(|| {
-        // containerd (started below, inheriting our environment) looks the shim up on its PATH.
-        let old = std::env::var_os("PATH").unwrap_or_default();
-        let mut dirs = vec![target_dir()];
-        dirs.extend(std::env::split_paths(&old));
-        std::env::set_var("PATH", std::env::join_paths(dirs).expect("PATH"));
-    });
+    // containerd (started below, inheriting our environment) looks the shim up on its PATH.
+    put_shim_on_path();
     let tmp = tempfile::tempdir().unwrap();
     let d = Containerd::start(&tmp.path().join("containerd"));
     let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
@@ -111,17 +104,6 @@ fn counts(pid: i32) -> Vec<u64> {
     text.lines().filter_map(|l| l.trim().parse().ok()).collect()
 }
 
-fn task_pid(d: &Containerd, id: &str) -> i32 {
-    let out = d.ok(&["task", "ls"]);
-    out.lines()
-        .skip(1)
-        .find_map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            (f.first() == Some(&id)).then(|| f[1].parse().ok()).flatten()
-        })
-        .unwrap_or_else(|| panic!("task {id} in ctr task ls: {out}"))
-}
-
 /// The checkpoint blobs of the content store, as the files of their tar (the folder the shim wrote).
 fn checkpoint_blob_files(d: &Containerd) -> Vec<Vec<String>> {
     let ls = d.ok(&["content", "ls"]);
@@ -156,7 +138,7 @@ fn counter_checkpointed(s: &Setup, id: &str) {
             .expect("ctr run");
     assert!(out.status.success(), "ctr run: {}", String::from_utf8_lossy(&out.stderr));
     wait_for("the task to be RUNNING", T, || (s.d.task_status(id).as_deref() == Some("RUNNING")).then_some(()));
-    let pid = task_pid(&s.d, id);
+    let pid = s.d.task_pid(id);
     wait_for("the counter to count", T, || (counts(pid).len() >= 5).then_some(()));
 
     // ctr task checkpoint: ctr 1.6 sends no options for a runtime not named io.containerd.runc.* (so

@@ -132,6 +132,80 @@ fn plain_criu_images_are_restored_by_runc_itself() {
     let after = piped(&mut cmd);
     assert!(cmd.status().unwrap().success(), "{:?}", after.snapshot());
     assert_eq!(after.wait_numbers(1, T)[0], last + 1);
+    // Our copy of the pipe's write end goes, so that it closes with the container.
+    drop(cmd);
+
+    // A checkpoint through cedana-runc into the same image path replaces runc's images with ours.
+    wrapped.ok(&["checkpoint", "--image-path", images.to_str().unwrap(), &copy]);
+    let last = *numbers(&after.wait_closed(T)).last().unwrap();
+    let names: Vec<String> =
+        std::fs::read_dir(&images).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(names.contains(&"cedana-checkpoint.tar.zst".to_string()), "{names:?}");
+    assert!(!names.iter().any(|n| n.ends_with(".img") || n == "descriptors.json"), "runc's images are gone: {names:?}");
+    let again = id("plain-again");
+    wrapped.track(&again);
+    let mut cmd =
+        wrapped.cmd(&["restore", "-d", "--image-path", images.to_str().unwrap(), "-b", bundle.dir.to_str().unwrap(), &again]);
+    let after = piped(&mut cmd);
+    assert!(cmd.status().unwrap().success(), "{:?}", after.snapshot());
+    assert_eq!(after.wait_numbers(1, T)[0], last + 1, "restored from our checkpoint");
+}
+
+/// The names and bytes of the files in `dir`.
+fn snapshot(dir: &Path) -> Vec<(String, Vec<u8>)> {
+    let mut v: Vec<(String, Vec<u8>)> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), std::fs::read(e.path()).unwrap_or_default()))
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn a_failed_second_checkpoint_leaves_the_first_intact_and_restorable() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let runc = RuncRoot::new(tmp.path(), bin("cedana-runc"));
+    let log = tmp.path().join("log.json");
+    let cid = id("keep");
+    let (bundle, out) = runc.run_counter(tmp.path(), &cid, 3, T);
+    let images = tmp.path().join("images");
+    let (status, _) = wrapper(&runc, &log, &["checkpoint", "--image-path", images.to_str().unwrap(), &cid]);
+    assert!(status.success(), "{:?}", log_lines(&log));
+    let last = *numbers(&out.wait_closed(T)).last().unwrap();
+    let first = snapshot(&images);
+
+    let copy = id("keep-copy");
+    runc.track(&copy);
+    let mut cmd =
+        runc.cmd(&["restore", "-d", "--image-path", images.to_str().unwrap(), "-b", bundle.dir.to_str().unwrap(), &copy]);
+    let copy_out = piped(&mut cmd);
+    assert!(cmd.status().unwrap().success(), "{:?}", copy_out.snapshot());
+    copy_out.wait_numbers(2, T);
+    let before = snapshot(&images);
+
+    // runc fails once the container is paused (a bad flag it checks itself), and a container that does not exist.
+    let (status, _) =
+        wrapper(&runc, &log, &["checkpoint", "--manage-cgroups-mode", "bogus", "--image-path", images.to_str().unwrap(), &copy]);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(runc.status(&copy).as_deref(), Some("running"), "the container is resumed");
+    let n = copy_out.snapshot().len();
+    copy_out.wait_for(n + 2, T);
+    let (status, _) = wrapper(&runc, &log, &["checkpoint", "--image-path", images.to_str().unwrap(), "no-such-ctr"]);
+    assert_eq!(status.code(), Some(1));
+    assert_eq!(snapshot(&images), before, "the first checkpoint is exactly as it was, with nothing beside it");
+    assert!(first.iter().all(|f| before.contains(f)), "a restore adds only its logs");
+
+    // And it still restores.
+    runc.ok(&["delete", "--force", &copy]);
+    let again = id("keep-again");
+    runc.track(&again);
+    let mut cmd =
+        runc.cmd(&["restore", "-d", "--image-path", images.to_str().unwrap(), "-b", bundle.dir.to_str().unwrap(), &again]);
+    let after = piped(&mut cmd);
+    assert!(cmd.status().unwrap().success(), "{:?}", after.snapshot());
+    assert_eq!(after.wait_numbers(2, T)[..2], [last + 1, last + 2]);
 }
 
 #[test]

@@ -257,3 +257,66 @@ fn runc_and_cedana_runc_behave_the_same() {
     assert!(Command::new(bin("cedana-runc")).args(["spec", "--bundle"]).arg(wrapped.join("spec")).status().unwrap().success());
     assert_eq!(std::fs::read(plain.join("spec/config.json")).unwrap(), std::fs::read(wrapped.join("spec/config.json")).unwrap());
 }
+
+/// Each step's name and exit code, and per restore the counter's first numbers relative to the last one
+/// before the checkpoint.
+type Cycles = (Vec<(String, Option<i32>)>, Vec<Vec<u64>>);
+
+/// Checkpoint, restore, checkpoint again into the same image path, restore again, through `binary`.
+fn checkpoint_cycles(binary: PathBuf, tmp: &Path, cid: &str) -> Cycles {
+    use cedana_integration::engines::RuncRoot;
+    use cedana_integration::lines::numbers;
+    let t = Duration::from_secs(20);
+    let runc = RuncRoot::new(tmp, binary);
+    let (bundle, mut out) = runc.run_counter(tmp, cid, 3, t);
+    let images = tmp.join("images");
+    let mut steps = Vec::new();
+    let mut continued = Vec::new();
+    let mut current = cid.to_string();
+    for round in 1..=2 {
+        let status = runc.cmd(&["checkpoint", "--image-path", images.to_str().unwrap(), &current]).status().unwrap();
+        steps.push((format!("checkpoint {round}"), status.code()));
+        let last = *numbers(&out.wait_closed(t)).last().expect("output before the checkpoint");
+        let restored = format!("{cid}-r{round}");
+        runc.track(&restored);
+        let mut cmd = runc.cmd(&[
+            "restore",
+            "-d",
+            "--image-path",
+            images.to_str().unwrap(),
+            "--bundle",
+            bundle.dir.to_str().unwrap(),
+            &restored,
+        ]);
+        out = piped(&mut cmd);
+        steps.push((format!("restore {round}"), cmd.status().unwrap().code()));
+        let got = out.wait_numbers(3, t);
+        assert_eq!(got[0], last + 1, "{}: round {round} must continue from {last}: {got:?}", runc.binary.display());
+        continued.push(got[..3].iter().map(|n| n - last).collect());
+        current = restored;
+    }
+    steps.push(("state after the cycles".into(), runc.run(&["state", &current]).status.code()));
+    (steps, continued)
+}
+
+#[test]
+fn a_second_checkpoint_into_the_same_image_path_replaces_the_first_as_with_runc() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, wrapped) = (tmp.path().join("plain"), tmp.path().join("wrapped"));
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::create_dir_all(&wrapped).unwrap();
+    let cid = format!("ced-recheckpoint-{}", std::process::id());
+    let expected = checkpoint_cycles(PathBuf::from("runc"), &plain, &cid);
+    let got = checkpoint_cycles(bin("cedana-runc"), &wrapped, &cid);
+    assert!(expected.0.iter().all(|(_, code)| *code == Some(0)), "runc: {:?}", expected.0);
+    assert_eq!(expected, got, "the same steps, exit codes and continuations");
+    assert_eq!(expected.1, [[1, 2, 3], [1, 2, 3]]);
+    let ours: Vec<String> = std::fs::read_dir(wrapped.join("images"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.ends_with(".log") && !n.starts_with("stats-"))
+        .collect();
+    assert_eq!(ours, ["cedana-checkpoint.tar.zst"], "one checkpoint, nothing left of the first");
+}

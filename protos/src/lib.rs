@@ -10,6 +10,8 @@
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for `tonic-reflection`.
 //! - [`connect_uds`] / [`connect_uds_with`]: a client [`Channel`] over the daemon's Unix socket.
 //!
+//! - [`containerd`]: a client of containerd's own API (containers, tasks, snapshots).
+//!
 //! The server side of the recipe (used by the daemon and by this crate's tests) is tonic's
 //! `Server::builder().add_service(DaemonServer::new(..)).serve_with_incoming(..)` fed by a
 //! `tokio_stream::wrappers::UnixListenerStream` around a bound `tokio::net::UnixListener`.
@@ -18,6 +20,8 @@ use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
+
+pub mod containerd;
 
 /// Version of the daemon API spoken by this build (the proto package is `cedana.daemon.v1`).
 pub const API_VERSION: &str = "v1";

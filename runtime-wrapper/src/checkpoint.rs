@@ -2,7 +2,8 @@
 //! (as `cedana-checkpoint.<ext>`), so that `docker checkpoint create` and containerd store our checkpoint.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
 
 use cedana::codec::Compression;
 use cedana::config::Config;
@@ -42,14 +43,21 @@ pub fn check_pre_dump(cfg: &Config, inv: &Invocation, a: &CommandArgs) -> Result
     }
 }
 
-/// Checkpoint container `a.positionals[0]`.
+/// A path flag's value, as runc reads it: absent or empty means "not given".
+pub fn path_flag(a: &CommandArgs, name: &str) -> Option<PathBuf> {
+    a.value(name).filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
+/// Checkpoint container `a.positionals[0]` into the image path, replacing a checkpoint there (ours, or
+/// runc's plain CRIU images) as runc does, but atomically: the old one stays as it was until the new one is
+/// complete, and a failed checkpoint leaves it untouched.
 pub fn run(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Result<i32, WrapperError> {
     let id = a.positionals[0].clone();
     let cwd = std::env::current_dir().map_err(WrapperError::io("reading the current folder"))?;
-    // runc's default image path is ./checkpoint.
-    let image_path = a.value("image-path").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("checkpoint"));
-    let image_path = cwd.join(image_path);
-    std::fs::create_dir_all(&image_path).map_err(WrapperError::io(format!("creating {}", image_path.display())))?;
+    // runc's default image path is ./checkpoint (also for an empty --image-path). The engine creates it once
+    // the container is found, as runc does (not for a container that does not exist).
+    let image_path = cwd.join(path_flag(a, "image-path").unwrap_or_else(|| PathBuf::from("checkpoint")));
+    let existed = image_path.symlink_metadata().is_ok();
     let options = cedana::criu::options::CriuOptions {
         tcp_established: a.on("tcp-established"),
         ext_unix_sk: a.on("ext-unix-sk"),
@@ -63,20 +71,26 @@ pub fn run(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Re
         id: id.clone(),
         runtime: Some(std::sync::Arc::new(runc_for(inv)?)),
         root: None,
-        work_path: a.value("work-path").map(|w| cwd.join(w)),
+        work_path: path_flag(a, "work-path").map(|w| cwd.join(w)),
         extra_flags,
     };
     let compression = cfg.checkpoint.compression.unwrap_or(DEFAULT_COMPRESSION);
     let engine = Engine::new(cfg.clone())?;
     let req = DumpRequest {
         target: TargetSpec::Runc(spec),
-        destination: Destination::dir(image_path),
+        destination: Destination::dir(&image_path).replacing(),
         name: Some(CHECKPOINT_NAME.to_string()),
         compression,
         leave_running: a.on("leave-running"),
         options,
     };
-    let out = engine.dump(req, &OpContext::new())?;
+    let out = engine.dump(req, &OpContext::new());
+    if !existed && image_path.is_dir() {
+        // runc creates the image path with mode 0600 (os.MkdirAll(imagePath, 0o600)).
+        let _ = std::fs::set_permissions(&image_path, std::fs::Permissions::from_mode(0o600));
+    }
+    let out = out?;
+    remove_replaced(&image_path, &out.path, log);
     log.info(&format!(
         "cedana: checkpointed {id} to {} ({compression}, {} bytes, images {} bytes) in {} ms: runc checkpoint {} ms, packaging {} ms",
         out.path.display(),
@@ -87,4 +101,58 @@ pub fn run(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Re
         out.package_time.as_millis()
     ));
     Ok(0)
+}
+
+/// Once the new checkpoint at `kept` is committed, remove what an earlier checkpoint left in the image path:
+/// runc's plain CRIU images (`*.img`, `descriptors.json`) and our checkpoints under other extensions (a
+/// restore must find only the new one). Failures are logged, not fatal: the new checkpoint is complete.
+fn remove_replaced(image_path: &Path, kept: &Path, log: &RuncLog) {
+    let Ok(entries) = std::fs::read_dir(image_path) else { return };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if path == kept || !is_replaced(&name) {
+            continue;
+        }
+        let res = match entry.file_type() {
+            Ok(t) if t.is_dir() => std::fs::remove_dir_all(&path),
+            _ => std::fs::remove_file(&path),
+        };
+        if let Err(e) = res {
+            log.info(&format!("cedana: could not remove {} of an earlier checkpoint: {e}", path.display()));
+        }
+    }
+}
+
+/// Whether an image path's entry belongs to an earlier checkpoint that a new one replaces.
+fn is_replaced(name: &str) -> bool {
+    name.ends_with(".img") || name == "descriptors.json" || name.starts_with(CHECKPOINT_NAME)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn leftovers_of_earlier_checkpoints_go_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in ["pages-1.img", "inventory.img", "descriptors.json", "cedana-checkpoint.tar.lz4", "dump.log", "other"] {
+            std::fs::write(dir.path().join(f), "x").unwrap();
+        }
+        std::fs::create_dir(dir.path().join("cedana-checkpoint")).unwrap();
+        let kept = dir.path().join("cedana-checkpoint.tar.zst");
+        std::fs::write(&kept, "new").unwrap();
+        remove_replaced(dir.path(), &kept, &RuncLog::default());
+        let mut left: Vec<String> =
+            std::fs::read_dir(dir.path()).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+        left.sort();
+        assert_eq!(left, ["cedana-checkpoint.tar.zst", "dump.log", "other"]);
+    }
+
+    #[test]
+    fn empty_path_flags_are_not_given() {
+        let a = crate::args::CHECKPOINT.parse(&["--image-path=".into(), "--work-path".into(), "w".into(), "c".into()]).unwrap();
+        assert_eq!(path_flag(&a, "image-path"), None);
+        assert_eq!(path_flag(&a, "work-path"), Some(PathBuf::from("w")));
+    }
 }

@@ -13,7 +13,7 @@ use cedana::engine::{ContainerRestore, Engine, OpContext, RestoreRequest, Source
 use cedana::runc::{RestoreFlags, DEFAULT_ROOT};
 
 use crate::args::{CommandArgs, Invocation};
-use crate::checkpoint::CHECKPOINT_NAME;
+use crate::checkpoint::{path_flag, CHECKPOINT_NAME};
 use crate::log::RuncLog;
 use crate::{runc_for, WrapperError};
 
@@ -24,15 +24,24 @@ pub const RESTORE_ENV: &str = "CEDANA_RESTORE";
 /// Marker of a container restored at create, in its runc state folder.
 const MARKER: &str = "cedana.json";
 
+/// CRIU's first image of a dump: plain CRIU images are in a folder that holds it.
+const CRIU_INVENTORY: &str = "inventory.img";
+
 /// Our checkpoint at `path`: a checkpoint file, a checkpoint folder, or a folder holding one that
-/// cedana-runc wrote (an image path). `None` for anything else (e.g. plain CRIU images).
+/// cedana-runc wrote (an image path). `None` for anything else (e.g. plain CRIU images), and for an image
+/// path where runc wrote plain CRIU images after our checkpoint (runc restores the newest, as it would).
 pub fn find_checkpoint(path: &Path) -> Option<PathBuf> {
     let meta = path.metadata().ok()?;
     if meta.is_file() || path.join(MANIFEST_NAME).is_file() {
         return Some(path.to_path_buf());
     }
     let entries = std::fs::read_dir(path).ok()?;
-    entries.flatten().find(|e| e.file_name().to_string_lossy().starts_with(CHECKPOINT_NAME)).map(|e| e.path())
+    let ours = entries.flatten().find(|e| e.file_name().to_string_lossy().starts_with(CHECKPOINT_NAME)).map(|e| e.path())?;
+    let modified = |p: &Path| p.metadata().and_then(|m| m.modified()).ok();
+    match (modified(&path.join(CRIU_INVENTORY)), modified(&ours)) {
+        (Some(plain), Some(mine)) if plain > mine => None,
+        _ => Some(ours),
+    }
 }
 
 fn absolute(cwd: &Path, p: Option<&str>) -> PathBuf {
@@ -42,12 +51,12 @@ fn absolute(cwd: &Path, p: Option<&str>) -> PathBuf {
 /// `restore` of our checkpoint; `None` when `--image-path` holds none (runc then restores it itself).
 pub fn restore(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Result<Option<i32>, WrapperError> {
     let cwd = std::env::current_dir().map_err(WrapperError::io("reading the current folder"))?;
-    let image_path = cwd.join(a.value("image-path").unwrap_or("checkpoint"));
+    let image_path = cwd.join(path_flag(a, "image-path").unwrap_or_else(|| PathBuf::from("checkpoint")));
     let (Some(checkpoint), [id]) = (find_checkpoint(&image_path), a.positionals.as_slice()) else { return Ok(None) };
     let handled = ["image-path", "work-path", "bundle", "detach", "pid-file", "console-socket"];
     let flags = RestoreFlags {
         bundle: absolute(&cwd, a.value("bundle")),
-        work_path: a.value("work-path").map(|w| cwd.join(w)),
+        work_path: path_flag(a, "work-path").map(|w| cwd.join(w)),
         detach: a.on("detach"),
         pid_file: a.value("pid-file").map(|p| cwd.join(p)),
         console_socket: a.value("console-socket").map(|p| cwd.join(p)),
@@ -169,5 +178,12 @@ mod tests {
         assert_eq!(find_checkpoint(dir.path()), Some(dir.path().join("cedana-checkpoint.tar.zst")));
         assert_eq!(find_checkpoint(&dir.path().join("pages-1.img")), Some(dir.path().join("pages-1.img")));
         assert_eq!(find_checkpoint(&dir.path().join("missing")), None);
+        // runc wrote plain images after ours (e.g. a --parent-path dump passed through): those are newer.
+        let later = std::time::SystemTime::now() + std::time::Duration::from_secs(5);
+        let inventory = std::fs::File::create(dir.path().join("inventory.img")).unwrap();
+        inventory.set_modified(later).unwrap();
+        assert_eq!(find_checkpoint(dir.path()), None, "the newer plain images are runc's to restore");
+        inventory.set_modified(std::time::SystemTime::UNIX_EPOCH).unwrap();
+        assert_eq!(find_checkpoint(dir.path()), Some(dir.path().join("cedana-checkpoint.tar.zst")));
     }
 }

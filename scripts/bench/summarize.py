@@ -2,7 +2,7 @@
 """Helpers of scripts/bench-process.sh.
 
   summarize.py --stats IMAGES/stats-dump      CRIU's dump statistics as "key seconds" lines
-  summarize.py --cedana-dump OUT              the timings of `cedana dump` 's summary, same form
+  summarize.py --cedana-dump OUT              the timings tree of `cedana dump`, same form
   summarize.py --cedana-restore OUT           the timings of `cedana restore` 's summary line
   summarize.py --table results.tsv            the report (markdown tables)
 
@@ -67,15 +67,13 @@ def ms_to_s(text):
 
 
 def cedana_dump(path):
-    text = open(path).read()
-    m = re.search(r"frozen\s+([\d.]+) ms \(freezing ([\d.]+) ms, memdump ([\d.]+) ms, memwrite ([\d.]+) ms\)", text)
-    if m:
-        for name, v in zip(("frozen", "freezing", "memdump", "memwrite"), m.groups()):
-            print(name, ms_to_s(v))
-    m = re.search(r"time\s+([\d.]+) ms \(criu ([\d.]+) ms, packaging ([\d.]+) ms\)", text)
-    if m:
-        for name, v in zip(("total", "criu", "packaging"), m.groups()):
-            print(name, ms_to_s(v))
+    """The phases of the timings tree that `cedana dump` prints (lines like "│  └─ frozen   34.3 ms")."""
+    names = {"criu dump": "criu", "packaging": "packaging", "total": "total",
+             "freezing": "freezing", "frozen": "frozen", "memdump": "memdump", "memwrite": "memwrite"}
+    for line in open(path):
+        m = re.match(r"^[\s│├└─]*([a-z][a-z ]*?)\s+([\d.]+) ms$", line.rstrip("\n"))
+        if m and m.group(1) in names:
+            print(names[m.group(1)], ms_to_s(m.group(2)))
 
 
 def cedana_restore(path):

@@ -11,6 +11,9 @@ pub enum Kind {
     AlreadyExists,
     Unimplemented,
     Internal,
+    /// A refusal containerd's runc shim reports as a plain error (code UNKNOWN), e.g. exec in a stopped
+    /// or paused task, or the runtime failing an exec; kept so clients see the same code from both shims.
+    Unknown,
 }
 
 /// An error of the shim: a kind and a readable message.
@@ -42,6 +45,12 @@ impl Error {
     pub fn internal(message: impl Into<String>) -> Error {
         Error::new(Kind::Internal, message)
     }
+    pub fn exists(message: impl Into<String>) -> Error {
+        Error::new(Kind::AlreadyExists, message)
+    }
+    pub fn unknown(message: impl Into<String>) -> Error {
+        Error::new(Kind::Unknown, message)
+    }
 }
 
 impl From<std::io::Error> for Error {
@@ -65,6 +74,7 @@ impl Kind {
             Kind::AlreadyExists => Code::ALREADY_EXISTS,
             Kind::Unimplemented => Code::UNIMPLEMENTED,
             Kind::Internal => Code::INTERNAL,
+            Kind::Unknown => Code::UNKNOWN,
         }
     }
 }
@@ -91,5 +101,6 @@ mod tests {
         }
         assert_eq!(Kind::NotFound.code(), Code::NOT_FOUND);
         assert_eq!(Kind::Unimplemented.code(), Code::UNIMPLEMENTED);
+        assert_eq!(Kind::Unknown.code(), Code::UNKNOWN);
     }
 }

@@ -2,7 +2,8 @@
 
 use containerd_shim::asynchronous::publisher::RemotePublisher;
 use containerd_shim_protos::events::task::{
-    TaskCheckpointed, TaskCreate, TaskDelete, TaskExit, TaskPaused, TaskResumed, TaskStart,
+    TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused, TaskResumed,
+    TaskStart,
 };
 use containerd_shim_protos::protobuf::MessageDyn;
 use containerd_shim_protos::topics;
@@ -19,6 +20,9 @@ pub enum Event {
     Paused(TaskPaused),
     Resumed(TaskResumed),
     Checkpointed(TaskCheckpointed),
+    ExecAdded(TaskExecAdded),
+    ExecStarted(TaskExecStarted),
+    Oom(TaskOOM),
 }
 
 impl Event {
@@ -32,6 +36,9 @@ impl Event {
             Event::Paused(_) => topics::TASK_PAUSED_EVENT_TOPIC,
             Event::Resumed(_) => topics::TASK_RESUMED_EVENT_TOPIC,
             Event::Checkpointed(_) => topics::TASK_CHECKPOINTED_EVENT_TOPIC,
+            Event::ExecAdded(_) => topics::TASK_EXEC_ADDED_EVENT_TOPIC,
+            Event::ExecStarted(_) => topics::TASK_EXEC_STARTED_EVENT_TOPIC,
+            Event::Oom(_) => topics::TASK_OOM_EVENT_TOPIC,
         }
     }
 
@@ -44,6 +51,9 @@ impl Event {
             Event::Paused(e) => Box::new(e),
             Event::Resumed(e) => Box::new(e),
             Event::Checkpointed(e) => Box::new(e),
+            Event::ExecAdded(e) => Box::new(e),
+            Event::ExecStarted(e) => Box::new(e),
+            Event::Oom(e) => Box::new(e),
         }
     }
 }

@@ -5,13 +5,17 @@
 //! - [`task`]: the task logic and state machine (no ttrpc context; unit-tested with a stub runtime);
 //! - [`runtime`]: the [`runtime::Runtime`] trait and the runc-compatible binary behind it;
 //! - [`reaper`]: exit collection by PID for a subreaper; [`events`]: task events to containerd;
-//! - [`options`]: runtime options from Create requests; [`error`]: error kinds and their ttrpc codes.
+//! - [`oom`]: OOM notifications of cgroup v1 memory cgroups, published as TaskOOM;
+//! - [`options`]: runtime options from Create requests; [`error`]: error kinds and their ttrpc codes;
+//! - [`stats`]: the runtime's statistics as containerd's cgroup v1 metrics.
 
 pub mod error;
 pub mod events;
+pub mod oom;
 pub mod options;
 pub mod reaper;
 pub mod runtime;
 pub mod service;
 pub mod shim;
+pub mod stats;
 pub mod task;

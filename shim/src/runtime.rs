@@ -7,6 +7,8 @@ use std::process::Stdio;
 use async_trait::async_trait;
 use serde::Deserialize;
 
+use containerd_shim_protos::cgroups::metrics::Metrics;
+
 use crate::error::{Error, Kind, Result};
 use crate::reaper::Reaper;
 
@@ -18,8 +20,11 @@ pub const DEFAULT_RUNTIME: &str = "cedana-runc";
 pub const FALLBACK_RUNTIME: &str = "runc";
 /// File in the bundle recording the runtime binary used, for `shim delete`.
 pub const RUNTIME_RECORD: &str = "cedana-runtime";
-/// The runtime's state root, inside the bundle (which lives in containerd's state folder).
-pub const ROOT_DIR: &str = "runtime-root";
+/// File in the bundle recording the runtime's state root, for `shim delete`.
+pub const ROOT_RECORD: &str = "cedana-runtime-root";
+/// The runtime's state root when the runtime options name none (the runc shim's default); the task's
+/// namespace is appended, so `cedana dump containerd` finds a container of either shim the same way.
+pub const DEFAULT_ROOT: &str = "/run/containerd/runc";
 
 /// What creating a container needs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -34,6 +39,8 @@ pub struct CreateOpts {
     pub binary_name: Option<String>,
     pub no_pivot_root: bool,
     pub no_new_keyring: bool,
+    /// The runtime's state root named by the runtime options (`Root`), before the namespace is appended.
+    pub root: Option<String>,
 }
 
 /// What checkpointing a container needs (runc's checkpoint flags).
@@ -48,6 +55,20 @@ pub struct CheckpointOpts {
     pub terminal: bool,
     pub file_locks: bool,
     pub empty_namespaces: Vec<String>,
+}
+
+/// What starting an exec process needs.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ExecOpts {
+    pub exec_id: String,
+    /// The container's bundle: the process file, PID file and log of the exec go there.
+    pub bundle: PathBuf,
+    /// The OCI Process to run, as JSON (the spec of containerd's Exec request).
+    pub spec: Vec<u8>,
+    /// FIFO paths (or files) for the process's stdio; empty means /dev/null.
+    pub stdin: String,
+    pub stdout: String,
+    pub stderr: String,
 }
 
 /// A container's status as the runtime reports it.
@@ -83,6 +104,40 @@ pub trait Runtime: Send + Sync + 'static {
     async fn restore(&self, _opts: &CreateOpts, _image_path: &Path) -> Result<i32> {
         Err(Error::unimplemented("restore is not supported by this runtime"))
     }
+    /// Start an additional process in the running container `id`, detached; returns its PID (which the
+    /// runtime watches, so its exit is reported like the init's).
+    async fn exec(&self, _id: &str, _opts: &ExecOpts) -> Result<i32> {
+        Err(Error::unimplemented("exec is not supported by this runtime"))
+    }
+    /// Send `signal` to process `pid` directly (how the runc shim signals exec processes).
+    async fn signal(&self, pid: i32, signal: u32) -> Result<()> {
+        signal_pid(pid, signal)
+    }
+    /// Change the resources of container `id` to the OCI `LinuxResources` given as JSON.
+    async fn update(&self, _id: &str, _resources: &[u8]) -> Result<()> {
+        Err(Error::unimplemented("update is not supported by this runtime"))
+    }
+    /// Statistics of container `id`'s cgroups, as containerd's cgroup v1 metrics.
+    async fn stats(&self, _id: &str) -> Result<Metrics> {
+        Err(Error::unimplemented("stats are not supported by this runtime"))
+    }
+}
+
+/// `kill(pid, signal)`; a process that is gone is NotFound ("process already finished"), as in the runc shim.
+pub fn signal_pid(pid: i32, signal: u32) -> Result<()> {
+    use nix::sys::signal::{kill, Signal};
+    if pid <= 0 {
+        return Err(Error::precondition("process not created"));
+    }
+    let sig = i32::try_from(signal)
+        .ok()
+        .and_then(|s| Signal::try_from(s).ok())
+        .ok_or_else(|| Error::invalid(format!("unsupported signal {signal}")))?;
+    match kill(nix::unistd::Pid::from_raw(pid), sig) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::ESRCH) => Err(Error::not_found(format!("process {pid} already finished"))),
+        Err(e) => Err(Error::internal(format!("signalling process {pid}: {e}"))),
+    }
 }
 
 /// Find the runtime binary: the options' `BinaryName`, else `$CEDANA_SHIM_RUNTIME`, else `cedana-runc` next
@@ -102,6 +157,12 @@ pub fn resolve_binary(binary_name: Option<&str>) -> PathBuf {
     lookup(DEFAULT_RUNTIME).unwrap_or_else(|| PathBuf::from(FALLBACK_RUNTIME))
 }
 
+/// The runtime's state root for tasks of `namespace`: `root` (the runtime options' `Root`) or
+/// [`DEFAULT_ROOT`], with the namespace appended, as containerd's runc shim does.
+pub fn namespace_root(root: Option<&str>, namespace: &str) -> PathBuf {
+    Path::new(root.filter(|r| !r.is_empty()).unwrap_or(DEFAULT_ROOT)).join(namespace)
+}
+
 /// `name` as given when it has a slash, else its first match on PATH.
 fn lookup(name: &str) -> Option<PathBuf> {
     if name.contains('/') {
@@ -113,7 +174,9 @@ fn lookup(name: &str) -> Option<PathBuf> {
 
 /// Drives a runc-compatible binary. One instance per shim; the binary is chosen at create.
 pub struct RuncRuntime {
-    root: PathBuf,
+    /// The state root of the task's namespace (`Root` or [`DEFAULT_ROOT`], then the namespace).
+    root: std::sync::Mutex<PathBuf>,
+    namespace: String,
     reaper: Reaper,
     binary: std::sync::Mutex<Option<PathBuf>>,
 }
@@ -126,9 +189,19 @@ struct StateJson {
 }
 
 impl RuncRuntime {
-    /// A runtime with state under `root`, spawning through `reaper`; `binary` is set now or at create.
-    pub fn new(root: PathBuf, reaper: Reaper, binary: Option<PathBuf>) -> RuncRuntime {
-        RuncRuntime { root, reaper, binary: std::sync::Mutex::new(binary) }
+    /// A runtime for tasks of `namespace`, with state under [`DEFAULT_ROOT`] until the runtime options of
+    /// a Create name another root; spawning through `reaper`; `binary` is set now or at create.
+    pub fn new(namespace: &str, reaper: Reaper, binary: Option<PathBuf>) -> RuncRuntime {
+        RuncRuntime {
+            root: std::sync::Mutex::new(namespace_root(None, namespace)),
+            namespace: namespace.to_string(),
+            reaper,
+            binary: std::sync::Mutex::new(binary),
+        }
+    }
+
+    fn root(&self) -> PathBuf {
+        self.root.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     fn binary(&self) -> PathBuf {
@@ -138,7 +211,7 @@ impl RuncRuntime {
 
     fn command(&self, args: &[&str]) -> tokio::process::Command {
         let mut cmd = tokio::process::Command::new(self.binary());
-        cmd.arg("--root").arg(&self.root).args(args);
+        cmd.arg("--root").arg(self.root()).args(args);
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
         cmd
     }
@@ -201,19 +274,68 @@ fn open_stdio(path: &str, input: bool) -> Result<Stdio> {
 }
 
 impl RuncRuntime {
+    /// `RUNTIME exec --detach --process FILE --pid-file F ID` with the process's stdio; the PID it wrote.
+    async fn exec_process(&self, id: &str, opts: &ExecOpts) -> Result<i32> {
+        let binary = self.binary();
+        let name = format!("exec-{}", opts.exec_id);
+        let process_file = opts.bundle.join(format!("{name}.json"));
+        let pid_file = opts.bundle.join(format!("{name}.pid"));
+        let log = opts.bundle.join(format!("{name}.log"));
+        std::fs::write(&process_file, &opts.spec)?;
+        let _ = std::fs::remove_file(&pid_file);
+        let _ = std::fs::remove_file(&log);
+        let mut cmd = tokio::process::Command::new(&binary);
+        cmd.arg("--root").arg(self.root()).arg("--log").arg(&log).args(["--log-format", "json", "exec", "--detach"]);
+        cmd.arg("--process").arg(&process_file).arg("--pid-file").arg(&pid_file).arg(id);
+        let spawned = (|| -> Result<tokio::process::Child> {
+            cmd.stdin(open_stdio(&opts.stdin, true)?)
+                .stdout(open_stdio(&opts.stdout, false)?)
+                .stderr(open_stdio(&opts.stderr, false)?);
+            self.reaper.spawn(&mut cmd).map_err(|e| Error::internal(format!("running {} exec: {e}", binary.display())))
+        })();
+        // Our copies of the stdio files go with the command object.
+        drop(cmd);
+        let status = match spawned {
+            Ok(mut child) => {
+                let pid = child.id();
+                let status = child.wait().await;
+                self.reaper.release(pid);
+                status.map_err(|e| Error::internal(format!("waiting for exec: {e}")))
+            }
+            Err(e) => Err(e),
+        };
+        let _ = std::fs::remove_file(&process_file);
+        let status = status?;
+        let errors = log_errors(&log);
+        let _ = std::fs::remove_file(&log);
+        if !status.success() {
+            // The runc shim reports this as a plain error: UNKNOWN.
+            return Err(Error::unknown(format!("OCI runtime exec failed ({status}): {errors}")));
+        }
+        let pid: i32 = std::fs::read_to_string(&pid_file)?
+            .trim()
+            .parse()
+            .map_err(|e| Error::internal(format!("reading {}: {e}", pid_file.display())))?;
+        self.reaper.watch(pid);
+        Ok(pid)
+    }
+
     /// Create (`restore == None`) or restore (from the image path given) a container with its stdio, wait for
     /// the runtime command, and watch the init whose PID it wrote.
     async fn create_or_restore(&self, opts: &CreateOpts, restore: Option<&Path>) -> Result<i32> {
         let binary = opts.binary_name.as_deref().map(|b| resolve_binary(Some(b))).unwrap_or_else(|| self.binary());
         *self.binary.lock().unwrap_or_else(|e| e.into_inner()) = Some(binary.clone());
         let _ = std::fs::write(opts.bundle.join(RUNTIME_RECORD), binary.to_string_lossy().as_bytes());
-        std::fs::create_dir_all(&self.root)?;
+        let root = namespace_root(opts.root.as_deref(), &self.namespace);
+        *self.root.lock().unwrap_or_else(|e| e.into_inner()) = root.clone();
+        let _ = std::fs::write(opts.bundle.join(ROOT_RECORD), root.to_string_lossy().as_bytes());
+        std::fs::create_dir_all(&root)?;
         let pid_file = opts.bundle.join("init.pid");
         let _ = std::fs::remove_file(&pid_file);
         let log = opts.bundle.join("runtime.log");
         let what = if restore.is_some() { "restore" } else { "create" };
         let mut cmd = tokio::process::Command::new(&binary);
-        cmd.arg("--root").arg(&self.root).arg("--log").arg(&log).args(["--log-format", "json", what]);
+        cmd.arg("--root").arg(&root).arg("--log").arg(&log).args(["--log-format", "json", what]);
         if let Some(image_path) = restore {
             cmd.arg("--image-path").arg(image_path).arg("--work-path").arg(opts.bundle.join("criu-restore-work"));
             cmd.arg("--detach");
@@ -297,6 +419,43 @@ impl Runtime for RuncRuntime {
         self.run(self.command(&["start", id]), "start").await.map(drop)
     }
 
+    async fn exec(&self, id: &str, opts: &ExecOpts) -> Result<i32> {
+        self.exec_process(id, opts).await
+    }
+
+    async fn update(&self, id: &str, resources: &[u8]) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        let mut cmd = self.command(&["update", "--resources", "-", id]);
+        cmd.stdin(Stdio::piped());
+        let mut child = self
+            .reaper
+            .spawn(&mut cmd)
+            .map_err(|e| Error::internal(format!("running {} update: {e}", self.binary().display())))?;
+        let pid = child.id();
+        if let Some(mut stdin) = child.stdin.take() {
+            if let Err(e) = stdin.write_all(resources).await {
+                log::warn!("writing resources to the runtime's update: {e}");
+            }
+        }
+        let out = child.wait_with_output().await;
+        self.reaper.release(pid);
+        let out = out.map_err(|e| Error::internal(format!("waiting for update: {e}")))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(classify(&format!(
+            "{} update failed ({}): {}",
+            self.binary().display(),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        )))
+    }
+
+    async fn stats(&self, id: &str) -> Result<Metrics> {
+        let out = self.run(self.command(&["events", "--stats", id]), "events --stats").await?;
+        crate::stats::metrics_from_runtime_json(&out)
+    }
+
     async fn state(&self, id: &str) -> Result<RuntimeState> {
         let out = self.run(self.command(&["state", id]), "state").await?;
         let s: StateJson = serde_json::from_slice(&out).map_err(|e| Error::internal(format!("runtime state: {e}")))?;
@@ -351,6 +510,17 @@ mod tests {
         assert_eq!(classify("container with id exists: x already exists").kind, Kind::AlreadyExists);
         assert_eq!(classify("cannot start a container that has stopped").kind, Kind::FailedPrecondition);
         assert_eq!(classify("something broke").kind, Kind::Internal);
+    }
+
+    #[test]
+    fn signalling_a_finished_process_is_not_found() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id() as i32;
+        child.wait().unwrap();
+        // SIGCONT: harmless should the PID have been reused already.
+        assert_eq!(signal_pid(pid, libc::SIGCONT as u32).unwrap_err().kind, Kind::NotFound);
+        assert_eq!(signal_pid(0, 9).unwrap_err().kind, Kind::FailedPrecondition);
+        assert_eq!(signal_pid(std::process::id() as i32, 4096).unwrap_err().kind, Kind::InvalidArgument);
     }
 
     #[test]

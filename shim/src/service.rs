@@ -1,5 +1,5 @@
-//! The ttrpc Task service: a thin adapter from containerd's requests to [`TaskManager`]. Every call the
-//! shim does not support answers UNIMPLEMENTED (the generated defaults would answer NOT_FOUND).
+//! The ttrpc Task service: a thin adapter from containerd's requests to [`TaskManager`], which implements
+//! every call of the task API v2.
 
 use std::sync::Arc;
 
@@ -13,16 +13,12 @@ use containerd_shim_protos::api::{
 use containerd_shim_protos::shim_async::Task;
 use containerd_shim_protos::ttrpc::{self, r#async::TtrpcContext};
 
-use crate::error::Error;
 use crate::runtime::Runtime;
 use crate::task::TaskManager;
 
+/// containerd's Task service over a [`TaskManager`].
 pub struct TaskService<R: Runtime> {
     pub manager: Arc<TaskManager<R>>,
-}
-
-fn unsupported<T>(call: &str) -> ttrpc::Result<T> {
-    Err(Error::unimplemented(format!("{call} is not supported by the cedana shim yet")).into())
 }
 
 #[async_trait]
@@ -58,23 +54,27 @@ impl<R: Runtime> Task for TaskService<R> {
         self.manager.kill(req).await?;
         Ok(Empty::new())
     }
-    async fn exec(&self, _ctx: &TtrpcContext, _req: ExecProcessRequest) -> ttrpc::Result<Empty> {
-        unsupported("Exec")
+    async fn exec(&self, _ctx: &TtrpcContext, req: ExecProcessRequest) -> ttrpc::Result<Empty> {
+        self.manager.exec(req).await?;
+        Ok(Empty::new())
     }
-    async fn resize_pty(&self, _ctx: &TtrpcContext, _req: ResizePtyRequest) -> ttrpc::Result<Empty> {
-        unsupported("ResizePty")
+    async fn resize_pty(&self, _ctx: &TtrpcContext, req: ResizePtyRequest) -> ttrpc::Result<Empty> {
+        self.manager.resize_pty(req).await?;
+        Ok(Empty::new())
     }
-    async fn close_io(&self, _ctx: &TtrpcContext, _req: CloseIORequest) -> ttrpc::Result<Empty> {
-        unsupported("CloseIO")
+    async fn close_io(&self, _ctx: &TtrpcContext, req: CloseIORequest) -> ttrpc::Result<Empty> {
+        self.manager.close_io(req).await?;
+        Ok(Empty::new())
     }
-    async fn update(&self, _ctx: &TtrpcContext, _req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
-        unsupported("Update")
+    async fn update(&self, _ctx: &TtrpcContext, req: UpdateTaskRequest) -> ttrpc::Result<Empty> {
+        self.manager.update(req).await?;
+        Ok(Empty::new())
     }
     async fn wait(&self, _ctx: &TtrpcContext, req: WaitRequest) -> ttrpc::Result<WaitResponse> {
         Ok(self.manager.wait(req).await?)
     }
-    async fn stats(&self, _ctx: &TtrpcContext, _req: StatsRequest) -> ttrpc::Result<StatsResponse> {
-        unsupported("Stats")
+    async fn stats(&self, _ctx: &TtrpcContext, req: StatsRequest) -> ttrpc::Result<StatsResponse> {
+        Ok(self.manager.stats(req).await?)
     }
     async fn connect(&self, _ctx: &TtrpcContext, req: ConnectRequest) -> ttrpc::Result<ConnectResponse> {
         Ok(self.manager.connect(req).await?)

@@ -14,9 +14,10 @@ use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::MessageField;
 
 use crate::error::{Error, Result};
-use crate::events::RemoteEvents;
+use crate::events::{EventSender, RemoteEvents};
+use crate::oom::CgroupV1Oom;
 use crate::reaper::Reaper;
-use crate::runtime::{resolve_binary, RuncRuntime, ROOT_DIR, RUNTIME_RECORD};
+use crate::runtime::{namespace_root, resolve_binary, RuncRuntime, ROOT_RECORD, RUNTIME_RECORD};
 use crate::service::TaskService;
 use crate::task::{RootfsMounter, TaskManager};
 
@@ -79,9 +80,12 @@ impl Shim for CedanaShim {
         let binary = std::fs::read_to_string(self.bundle.join(RUNTIME_RECORD))
             .map(|s| PathBuf::from(s.trim()))
             .unwrap_or_else(|_| resolve_binary(None));
+        let root = std::fs::read_to_string(self.bundle.join(ROOT_RECORD))
+            .map(|s| PathBuf::from(s.trim()))
+            .unwrap_or_else(|_| namespace_root(None, &self.namespace));
         let out = std::process::Command::new(&binary)
             .arg("--root")
-            .arg(self.bundle.join(ROOT_DIR))
+            .arg(root)
             .args(["delete", "--force", &self.id])
             .stdin(std::process::Stdio::null())
             .output();
@@ -100,9 +104,12 @@ impl Shim for CedanaShim {
 
     async fn create_task_service(&self, publisher: RemotePublisher) -> Self::T {
         let (reaper, exits) = Reaper::new();
-        let runtime = RuncRuntime::new(self.bundle.join(ROOT_DIR), reaper.clone(), None);
-        let events = RemoteEvents::new(publisher, self.namespace.clone());
-        let manager = Arc::new(TaskManager::new(Arc::new(runtime), Arc::new(events), Arc::new(SystemMounter), self.exit.clone()));
+        let runtime = RuncRuntime::new(&self.namespace, reaper.clone(), None);
+        let events: Arc<dyn EventSender> = Arc::new(RemoteEvents::new(publisher, self.namespace.clone()));
+        let manager = Arc::new(
+            TaskManager::new(Arc::new(runtime), events.clone(), Arc::new(SystemMounter), self.exit.clone())
+                .with_oom_watcher(Arc::new(CgroupV1Oom::new(events))),
+        );
         manager.forward_exits(exits);
         tokio::spawn(reaper.run());
         TaskService { manager }

@@ -7,8 +7,10 @@
 //! Checkpoint is allowed when running or paused; with the `exit` option the task ends (its exit is reported
 //! by the reaper like any other). A task created with a checkpoint is not created in the runtime: the
 //! restore is recorded at Create and carried out at Start (as the runc shim does), and its PID is the
-//! restored init's. Exec processes are not supported yet: any request naming an exec id is NotFound, Exec
-//! itself is Unimplemented.
+//! restored init's. Exec processes ([`exec`]): requests naming an exec id act on that exec. When the init
+//! exits, every process left in the container is killed first unless the container has a PID namespace of its
+//! own (the kernel kills them then), as the runc shim does. Update and Stats go through the runtime
+//! ([`resources`]).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,7 @@ use tokio::sync::{watch, Mutex};
 
 use crate::error::{Error, Result};
 use crate::events::{Event, EventSender};
+use crate::oom::OomWatcher;
 use crate::options::{CheckpointOptions, RuntimeOptions};
 use crate::runtime::{CheckpointOpts, CreateOpts, Runtime};
 
@@ -61,6 +64,8 @@ struct TaskEntry {
     exit: watch::Sender<Option<Exit>>,
     /// A restore recorded at Create and carried out at Start: the checkpoint and how to create the container.
     restore: Option<(PathBuf, CreateOpts)>,
+    /// Exec processes, by exec id.
+    execs: HashMap<String, exec::ExecEntry>,
 }
 
 /// The tasks of one shim.
@@ -70,19 +75,29 @@ pub struct TaskManager<R: Runtime> {
     mounter: Arc<dyn RootfsMounter>,
     tasks: Mutex<HashMap<String, TaskEntry>>,
     exit_signal: Arc<ExitSignal>,
+    /// Watches started tasks for OOM kills, when set.
+    oom: Option<Arc<dyn OomWatcher>>,
 }
 
 fn not_found(id: &str) -> Error {
     Error::not_found(format!("task {id} not found"))
 }
 
-/// Exec processes are not supported: a request naming one finds nothing.
-fn no_exec(id: &str, exec_id: &str) -> Result<()> {
-    if exec_id.is_empty() || exec_id == id {
-        Ok(())
-    } else {
-        Err(Error::not_found(format!("process {exec_id} of task {id} not found")))
-    }
+/// Whether a request's exec id names the task's init (no exec id, or the task's own id).
+fn is_init(id: &str, exec_id: &str) -> bool {
+    exec_id.is_empty() || exec_id == id
+}
+
+/// Whether the processes left in a container must be killed when its init exits: yes unless its spec gives it
+/// a PID namespace of its own (then the kernel kills them), and yes when the spec cannot be read (the runc
+/// shim's rule).
+pub fn should_kill_all_on_exit(bundle: &Path) -> bool {
+    let Ok(text) = std::fs::read(bundle.join("config.json")) else { return true };
+    let Ok(spec) = serde_json::from_slice::<serde_json::Value>(&text) else { return true };
+    let private_pid_ns = spec["linux"]["namespaces"].as_array().is_some_and(|namespaces| {
+        namespaces.iter().any(|ns| ns["type"] == "pid" && ns["path"].as_str().unwrap_or_default().is_empty())
+    });
+    !private_pid_ns
 }
 
 fn status_name(s: Status) -> &'static str {
@@ -103,7 +118,13 @@ impl<R: Runtime> TaskManager<R> {
         mounter: Arc<dyn RootfsMounter>,
         exit_signal: Arc<ExitSignal>,
     ) -> TaskManager<R> {
-        TaskManager { runtime, events, mounter, tasks: Mutex::new(HashMap::new()), exit_signal }
+        TaskManager { runtime, events, mounter, tasks: Mutex::new(HashMap::new()), exit_signal, oom: None }
+    }
+
+    /// Watch every task started from now on for OOM kills with `oom`.
+    pub fn with_oom_watcher(mut self, oom: Arc<dyn OomWatcher>) -> TaskManager<R> {
+        self.oom = Some(oom);
+        self
     }
 
     pub async fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
@@ -135,6 +156,7 @@ impl<R: Runtime> TaskManager<R> {
             binary_name: options.binary_name.clone(),
             no_pivot_root: options.no_pivot_root,
             no_new_keyring: options.no_new_keyring,
+            root: options.root.clone(),
         };
         let restore = if req.checkpoint.is_empty() {
             None
@@ -175,6 +197,7 @@ impl<R: Runtime> TaskManager<R> {
                 mounted,
                 exit,
                 restore,
+                execs: HashMap::new(),
             },
         );
         self.events.send(Event::Create(TaskCreate {
@@ -196,7 +219,9 @@ impl<R: Runtime> TaskManager<R> {
     }
 
     pub async fn start(&self, req: StartRequest) -> Result<StartResponse> {
-        no_exec(&req.id, &req.exec_id)?;
+        if !is_init(&req.id, &req.exec_id) {
+            return self.start_exec(req).await;
+        }
         // The lock is held until the start event is queued, so an exit is always published after it.
         let mut tasks = self.tasks.lock().await;
         let task = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
@@ -210,12 +235,17 @@ impl<R: Runtime> TaskManager<R> {
             self.runtime.start(&req.id).await?;
         }
         task.status = Status::RUNNING;
+        if let Some(oom) = &self.oom {
+            oom.watch(&req.id, task.pid);
+        }
         self.events.send(Event::Start(TaskStart { container_id: req.id.clone(), pid: task.pid as u32, ..Default::default() }));
         Ok(StartResponse { pid: task.pid as u32, ..Default::default() })
     }
 
     pub async fn state(&self, req: StateRequest) -> Result<StateResponse> {
-        no_exec(&req.id, &req.exec_id)?;
+        if !is_init(&req.id, &req.exec_id) {
+            return self.state_exec(req).await;
+        }
         let tasks = self.tasks.lock().await;
         let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
         let exit = task.exit.borrow().clone();
@@ -236,7 +266,9 @@ impl<R: Runtime> TaskManager<R> {
     }
 
     pub async fn wait(&self, req: WaitRequest) -> Result<WaitResponse> {
-        no_exec(&req.id, &req.exec_id)?;
+        if !is_init(&req.id, &req.exec_id) {
+            return self.wait_exec(req).await;
+        }
         let mut rx = {
             let tasks = self.tasks.lock().await;
             tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?.exit.subscribe()
@@ -246,12 +278,14 @@ impl<R: Runtime> TaskManager<R> {
             .await
             .map_err(|_| Error::not_found(format!("task {} was deleted", req.id)))?
             .clone()
-            .expect("waited for an exit");
+            .ok_or_else(|| Error::internal("an exit was waited for but none is recorded"))?;
         Ok(WaitResponse { exit_status: exit.code, exited_at: MessageField::some(exit.at), ..Default::default() })
     }
 
     pub async fn kill(&self, req: KillRequest) -> Result<()> {
-        no_exec(&req.id, &req.exec_id)?;
+        if !is_init(&req.id, &req.exec_id) {
+            return self.kill_exec(req).await;
+        }
         {
             let tasks = self.tasks.lock().await;
             let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
@@ -263,7 +297,9 @@ impl<R: Runtime> TaskManager<R> {
     }
 
     pub async fn delete(&self, req: DeleteRequest) -> Result<DeleteResponse> {
-        no_exec(&req.id, &req.exec_id)?;
+        if !is_init(&req.id, &req.exec_id) {
+            return self.delete_exec(req).await;
+        }
         let mut rx = {
             let tasks = self.tasks.lock().await;
             let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
@@ -311,15 +347,24 @@ impl<R: Runtime> TaskManager<R> {
         })
     }
 
+    /// The container's processes; an exec's carries its exec id (`ProcessDetails`, as the runc shim's).
     pub async fn pids(&self, req: PidsRequest) -> Result<PidsResponse> {
-        if !self.tasks.lock().await.contains_key(&req.id) {
-            return Err(not_found(&req.id));
-        }
+        let execs: HashMap<u32, String> = {
+            let tasks = self.tasks.lock().await;
+            let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+            task.execs.iter().filter(|(_, e)| e.pid > 0).map(|(id, e)| (e.pid as u32, id.clone())).collect()
+        };
         let pids = self.runtime.pids(&req.id).await?;
-        Ok(PidsResponse {
-            processes: pids.into_iter().map(|pid| ProcessInfo { pid: pid as u32, ..Default::default() }).collect(),
-            ..Default::default()
-        })
+        let mut processes = Vec::with_capacity(pids.len());
+        for pid in pids {
+            let pid = pid as u32;
+            let info = match execs.get(&pid) {
+                Some(exec_id) => MessageField::some(process_details(exec_id)?),
+                None => MessageField::none(),
+            };
+            processes.push(ProcessInfo { pid, info, ..Default::default() });
+        }
+        Ok(PidsResponse { processes, ..Default::default() })
     }
 
     pub async fn pause(&self, req: PauseRequest) -> Result<()> {
@@ -404,14 +449,23 @@ impl<R: Runtime> TaskManager<R> {
         Ok(())
     }
 
-    /// The process `pid` exited with `code`: mark its task stopped and publish the exit (once).
+    /// The process `pid` exited with `code`: mark its task (or exec) stopped and publish the exit (once).
     pub async fn process_exited(&self, pid: i32, code: i32) {
         let mut tasks = self.tasks.lock().await;
+        let exit = Exit { code: code as u32, at: Timestamp::now() };
+        if !tasks.values().any(|t| t.pid == pid && t.status != Status::STOPPED) {
+            self.exec_exited(&mut tasks, pid, exit);
+            return;
+        }
         let Some((id, task)) = tasks.iter_mut().find(|(_, t)| t.pid == pid && t.status != Status::STOPPED) else {
-            log::debug!("exit of PID {pid} ({code}) belongs to no task");
             return;
         };
-        let exit = Exit { code: code as u32, at: Timestamp::now() };
+        // The runc shim kills what is left of the container before it reports the init's exit.
+        if should_kill_all_on_exit(Path::new(&task.bundle)) {
+            if let Err(e) = self.runtime.kill(id, libc::SIGKILL as u32, true).await {
+                log::debug!("killing the processes left in {id}: {e}");
+            }
+        }
         task.status = Status::STOPPED;
         task.exit.send_replace(Some(exit.clone()));
         self.events.send(Event::Exit(TaskExit {
@@ -424,6 +478,27 @@ impl<R: Runtime> TaskManager<R> {
         }));
     }
 
+    /// An exec's exit: mark it stopped and publish a TaskExit carrying its exec id.
+    fn exec_exited(&self, tasks: &mut HashMap<String, TaskEntry>, pid: i32, exit: Exit) {
+        for (id, task) in tasks.iter_mut() {
+            let Some((exec_id, exec)) = task.execs.iter_mut().find(|(_, e)| e.pid == pid && e.status == Status::RUNNING) else {
+                continue;
+            };
+            exec.status = Status::STOPPED;
+            exec.exit.send_replace(Some(exit.clone()));
+            self.events.send(Event::Exit(TaskExit {
+                container_id: id.clone(),
+                id: exec_id.clone(),
+                pid: pid as u32,
+                exit_status: exit.code,
+                exited_at: MessageField::some(exit.at),
+                ..Default::default()
+            }));
+            return;
+        }
+        log::debug!("exit of PID {pid} ({}) belongs to no task", exit.code);
+    }
+
     /// Feed exits from a channel (the reaper's, or a stub's) into [`TaskManager::process_exited`].
     pub fn forward_exits(self: &Arc<Self>, mut exits: tokio::sync::mpsc::UnboundedReceiver<(i32, i32)>) {
         let me = Arc::clone(self);
@@ -434,6 +509,24 @@ impl<R: Runtime> TaskManager<R> {
         });
     }
 }
+
+/// The `ProcessDetails` Any that `ctr task ps` shows for an exec process.
+fn process_details(exec_id: &str) -> Result<containerd_shim_protos::protobuf::well_known_types::any::Any> {
+    use containerd_shim_protos::protobuf::Message;
+    let details = containerd_shim_protos::shim::oci::ProcessDetails { exec_id: exec_id.to_string(), ..Default::default() };
+    let value = details.write_to_bytes().map_err(|e| Error::internal(format!("encoding process details: {e}")))?;
+    Ok(containerd_shim_protos::protobuf::well_known_types::any::Any {
+        type_url: PROCESS_DETAILS_TYPE_URL.to_string(),
+        value,
+        ..Default::default()
+    })
+}
+
+/// The type URL of `ProcessDetails`, as containerd's clients decode it.
+pub const PROCESS_DETAILS_TYPE_URL: &str = "containerd.runc.v1.ProcessDetails";
+
+pub mod exec;
+pub mod resources;
 
 #[cfg(test)]
 mod tests;

@@ -6,6 +6,7 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
 use super::digest::FileDigest;
+use super::external::ExternalFile;
 use crate::codec::Compression;
 use crate::criu::options::CriuOptions;
 use crate::criu::stats::DumpStats;
@@ -69,6 +70,10 @@ pub struct ContainerInfo {
     /// The OCI config.json of the container, if it was saved.
     #[serde(default)]
     pub config: Option<serde_json::Value>,
+    /// Files the container's processes held open outside the container's mounts (e.g. its stdout redirected
+    /// to a file on the host), which a restore reconnects (absent from older checkpoints: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_files: Vec<ExternalFile>,
 }
 
 /// Everything we know about a checkpoint.

@@ -6,6 +6,7 @@
 
 pub mod digest;
 pub mod digest_job;
+pub mod external;
 pub mod live;
 pub mod manifest;
 pub mod reader;
@@ -15,9 +16,10 @@ pub mod tail;
 pub mod writer;
 
 pub use digest::FileDigest;
+pub use external::{ExternalFile, FileRedirect, FileSelector};
 pub use manifest::{CheckpointKind, ContainerInfo, Manifest, ProcessInfo, StdioPipe, FORMAT_VERSION, MANIFEST_NAME};
 pub use reader::{read_manifest, OpenedCheckpoint, PendingVerification};
-pub use sink::{ArchiveSink, LocalFile, Stream, Unfinished};
+pub use sink::{ArchiveSink, Existing, LocalFile, Stream, Unfinished};
 pub use writer::CheckpointWriter;
 
 use std::path::PathBuf;
@@ -47,6 +49,8 @@ pub enum CheckpointError {
     Corrupt { path: PathBuf, detail: String },
     #[error("packing page images while CRIU wrote them: {0}")]
     LivePacking(&'static str),
+    #[error("external file {path}: {detail}")]
+    ExternalFile { path: PathBuf, detail: String },
     #[error("{path} uses checkpoint format {found}, this cedana reads format {expected}: use a matching cedana version")]
     Version { path: PathBuf, found: u32, expected: u32 },
 }
@@ -61,9 +65,10 @@ impl CheckpointError {
             CheckpointError::NoSpace { .. } => K::ResourceExhausted,
             CheckpointError::Exists { .. } => K::AlreadyExists,
             CheckpointError::NotFound { .. } => K::NotFound,
-            CheckpointError::Incomplete { .. } | CheckpointError::Corrupt { .. } | CheckpointError::Version { .. } => {
-                K::FailedPrecondition
-            }
+            CheckpointError::Incomplete { .. }
+            | CheckpointError::Corrupt { .. }
+            | CheckpointError::Version { .. }
+            | CheckpointError::ExternalFile { .. } => K::FailedPrecondition,
             CheckpointError::LivePacking(_) => K::Internal,
         }
     }
@@ -83,6 +88,8 @@ pub(crate) fn is_page_image(name: &str) -> bool {
 /// Files CRIU may add to an images folder at restore time; they are not part of the checkpoint.
 pub(crate) const RESTORE_BYPRODUCTS: [&str; 2] = ["stats-restore", "restore.log"];
 
+#[cfg(test)]
+mod replace_tests;
 #[cfg(test)]
 mod sink_tests;
 #[cfg(test)]

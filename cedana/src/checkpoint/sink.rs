@@ -62,6 +62,17 @@ impl fmt::Debug for Unfinished {
     }
 }
 
+/// What a new checkpoint does about one already at its final name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Existing {
+    /// Refuse (before anything is written, and again at the commit): never overwrite a checkpoint.
+    #[default]
+    Refuse,
+    /// Replace it atomically at the commit: until the new checkpoint is complete the old one stays as it
+    /// was, and a failed checkpoint leaves it untouched.
+    Replace,
+}
+
 /// An archive in a local file: written under a hidden name (`.NAME.partial-PID`) beside the final one, with
 /// [`COMMIT_RESERVE`] bytes of disk held back for the last writes, and renamed into place when finished.
 /// Dropped unfinished (or aborted without `keep`), it deletes what was written. Unbuffered: the checkpoint
@@ -71,6 +82,7 @@ pub struct LocalFile {
     temp_path: PathBuf,
     file: File,
     reserve: Option<DiskReserve>,
+    existing: Existing,
     /// Finished, or aborted with `keep`: nothing to delete.
     settled: bool,
 }
@@ -78,9 +90,20 @@ pub struct LocalFile {
 impl LocalFile {
     /// Start an archive that will appear at `final_path` once finished; refused if something is there.
     pub fn create(final_path: PathBuf) -> Result<Self, CheckpointError> {
-        let (temp_path, reserve) = hidden_place(&final_path)?;
+        Self::create_with(final_path, Existing::Refuse)
+    }
+
+    /// Start an archive that will appear at `final_path` once finished, replacing a file there by an atomic
+    /// rename at [`ArchiveSink::finish`] (the old file stays intact until then).
+    pub fn replacing(final_path: PathBuf) -> Result<Self, CheckpointError> {
+        Self::create_with(final_path, Existing::Replace)
+    }
+
+    /// Start an archive at `final_path`, doing `existing` about a checkpoint already there.
+    pub fn create_with(final_path: PathBuf, existing: Existing) -> Result<Self, CheckpointError> {
+        let (temp_path, reserve) = hidden_place(&final_path, existing)?;
         let file = File::create(&temp_path).map_err(CheckpointError::io(&temp_path))?;
-        Ok(Self { final_path, temp_path, file, reserve, settled: false })
+        Ok(Self { final_path, temp_path, file, reserve, existing, settled: false })
     }
 }
 
@@ -115,11 +138,12 @@ impl ArchiveSink for LocalFile {
 
     fn finish(mut self: Box<Self>) -> Result<PathBuf, Unfinished> {
         self.reserve = None;
-        // A rename would replace what appeared there meanwhile: never overwrite a checkpoint.
-        if self.final_path.symlink_metadata().is_ok() {
+        // A rename would replace what appeared there meanwhile: never overwrite a checkpoint unless asked to.
+        if self.existing == Existing::Refuse && self.final_path.symlink_metadata().is_ok() {
             let error = CheckpointError::Exists { path: self.final_path.clone() };
             return Err(Unfinished { sink: self, error });
         }
+        // rename(2) replaces a file at the final name atomically (a folder there makes it fail, untouched).
         if let Err(source) = std::fs::rename(&self.temp_path, &self.final_path) {
             let error = CheckpointError::Io { path: self.final_path.clone(), source };
             return Err(Unfinished { sink: self, error });
@@ -252,9 +276,10 @@ impl Drop for DiskReserve {
 }
 
 /// The hidden temporary name of a checkpoint that will appear at `final_path` (`.NAME.partial-PID`, beside
-/// it), with the disk reserve held for its last writes. Refused when something is at `final_path` already.
-pub(crate) fn hidden_place(final_path: &Path) -> Result<(PathBuf, Option<DiskReserve>), CheckpointError> {
-    if final_path.symlink_metadata().is_ok() {
+/// it), with the disk reserve held for its last writes. Refused when something is at `final_path` already,
+/// unless it is to be replaced.
+pub(crate) fn hidden_place(final_path: &Path, existing: Existing) -> Result<(PathBuf, Option<DiskReserve>), CheckpointError> {
+    if existing == Existing::Refuse && final_path.symlink_metadata().is_ok() {
         return Err(CheckpointError::Exists { path: final_path.to_path_buf() });
     }
     let parent = final_path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));

@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use super::digest::{self, FileDigest, HashingReader};
 use super::manifest::{Manifest, MANIFEST_NAME};
 use super::release::ReleasingReader;
-use super::sink::{self, ArchiveSink, DiskReserve, LocalFile, Unfinished};
+use super::sink::{self, ArchiveSink, DiskReserve, Existing, LocalFile, Unfinished};
 use super::CheckpointError;
 use crate::cancel::Cancel;
 use crate::codec::{self, Compression, Encoder};
@@ -31,8 +31,9 @@ enum Encoding {
 
 /// What a checkpoint is written to.
 enum Target {
-    /// A folder (`none`) under the hidden temporary name, renamed into place by the commit.
-    Folder { reserve: Option<DiskReserve> },
+    /// A folder (`none`) under the hidden temporary name, renamed into place by the commit (exchanged with
+    /// the checkpoint there, when it is to be replaced).
+    Folder { reserve: Option<DiskReserve>, existing: Existing },
     /// An archive, through a sink that the writer alone finishes or aborts.
     Archive { sink: SharedSink, encoding: Encoding, seekable: bool },
 }
@@ -81,14 +82,26 @@ impl CheckpointWriter {
     }
 
     /// Start writing a checkpoint that will appear at `final_path` once committed: an archive in a
-    /// [`LocalFile`], or for `none` a folder.
+    /// [`LocalFile`], or for `none` a folder. Refused if something is at `final_path` already.
     pub fn create(final_path: PathBuf, compression: Compression) -> Result<Self, CheckpointError> {
+        Self::create_with(final_path, compression, Existing::Refuse)
+    }
+
+    /// Like [`CheckpointWriter::create`], but a checkpoint already at `final_path` is replaced by the commit,
+    /// atomically: an archive by a rename over it, a folder by exchanging the two (then the old one is
+    /// deleted). Until the commit, and after any failure, the old checkpoint stays exactly as it was.
+    pub fn replacing(final_path: PathBuf, compression: Compression) -> Result<Self, CheckpointError> {
+        Self::create_with(final_path, compression, Existing::Replace)
+    }
+
+    /// Start writing a checkpoint at `final_path`, doing `existing` about one already there.
+    pub fn create_with(final_path: PathBuf, compression: Compression, existing: Existing) -> Result<Self, CheckpointError> {
         if compression.is_archive() {
-            return Self::to_sink(Box::new(LocalFile::create(final_path)?), compression);
+            return Self::to_sink(Box::new(LocalFile::create_with(final_path, existing)?), compression);
         }
-        let (temp_path, reserve) = sink::hidden_place(&final_path)?;
+        let (temp_path, reserve) = sink::hidden_place(&final_path, existing)?;
         // From here on, dropping the writer cleans up whatever was created.
-        let writer = Self::new(final_path, temp_path, compression, Target::Folder { reserve });
+        let writer = Self::new(final_path, temp_path, compression, Target::Folder { reserve, existing });
         std::fs::create_dir(&writer.temp_path).map_err(CheckpointError::io(&writer.temp_path))?;
         Ok(writer)
     }
@@ -240,13 +253,19 @@ impl CheckpointWriter {
         manifest.files = self.files.clone();
         manifest.compression = self.compression;
         let json = manifest.to_json();
-        if let Target::Folder { .. } = self.target {
+        if let Target::Folder { existing, .. } = self.target {
             let path = self.temp_path.join(MANIFEST_NAME);
             std::fs::write(&path, &json).map_err(CheckpointError::io(&path))?;
-            if self.final_path.symlink_metadata().is_ok() {
-                return Err(CheckpointError::Exists { path: self.final_path.clone() });
+            let taken = self.final_path.symlink_metadata().is_ok();
+            match (taken, existing) {
+                (true, Existing::Refuse) => return Err(CheckpointError::Exists { path: self.final_path.clone() }),
+                (true, Existing::Replace) => {
+                    replace_folder(&self.temp_path, &self.final_path).map_err(CheckpointError::io(&self.final_path))?
+                }
+                (false, _) => {
+                    std::fs::rename(&self.temp_path, &self.final_path).map_err(CheckpointError::io(&self.final_path))?
+                }
             }
-            std::fs::rename(&self.temp_path, &self.final_path).map_err(CheckpointError::io(&self.final_path))?;
             self.committed = true;
             return Ok(self.final_path.clone());
         }
@@ -358,7 +377,7 @@ impl CheckpointWriter {
 
     fn release_reserve(&mut self) {
         match &mut self.target {
-            Target::Folder { reserve } => *reserve = None,
+            Target::Folder { reserve, .. } => *reserve = None,
             Target::Archive { sink, .. } => {
                 if let Some(s) = sink.lock().as_mut() {
                     s.release_reserve();
@@ -384,7 +403,7 @@ impl Drop for CheckpointWriter {
             return;
         }
         match &mut self.target {
-            Target::Folder { reserve } => {
+            Target::Folder { reserve, .. } => {
                 *reserve = None;
                 if self.keep {
                     tracing::warn!(path = %self.temp_path.display(), "unfinished checkpoint kept: the dumped process is gone");
@@ -412,6 +431,62 @@ impl Drop for CheckpointWriter {
                 drop(rest);
             }
         }
+    }
+}
+
+/// Put the complete folder checkpoint `new` in place of the checkpoint at `old` (a folder or a file): the two
+/// are exchanged atomically (`renameat2(RENAME_EXCHANGE)`), and the old one, now under the temporary name,
+/// is deleted. Where the filesystem cannot exchange, the old one is first moved aside under a hidden name,
+/// and moved back should the new one fail to take its place.
+fn replace_folder(new: &Path, old: &Path) -> io::Result<()> {
+    match exchange(new, old) {
+        Ok(()) => {
+            remove_quietly(new);
+            Ok(())
+        }
+        // Gone meanwhile: nothing to replace.
+        Err(e) if e.kind() == io::ErrorKind::NotFound && old.symlink_metadata().is_err() => std::fs::rename(new, old),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::EINVAL) | Some(libc::ENOSYS)) => {
+            let name = old.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            let aside = old.with_file_name(format!(".{name}.old-{}", std::process::id()));
+            std::fs::rename(old, &aside)?;
+            if let Err(e) = std::fs::rename(new, old) {
+                // Put the old checkpoint back: a failed commit leaves it as it was.
+                let _ = std::fs::rename(&aside, old);
+                return Err(e);
+            }
+            remove_quietly(&aside);
+            Ok(())
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// Exchange the entries at `a` and `b` atomically.
+fn exchange(a: &Path, b: &Path) -> io::Result<()> {
+    use std::os::unix::ffi::OsStrExt;
+    let c =
+        |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e));
+    let (a, b) = (c(a)?, c(b)?);
+    // SAFETY: two valid NUL-terminated paths, relative to the current folder.
+    let rc = unsafe { libc::renameat2(libc::AT_FDCWD, a.as_ptr(), libc::AT_FDCWD, b.as_ptr(), libc::RENAME_EXCHANGE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Delete a replaced checkpoint (a folder or a file); the new one is in place already, so a failure is only
+/// logged.
+fn remove_quietly(path: &Path) {
+    let res = match path.symlink_metadata() {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(_) => Ok(()),
+    };
+    if let Err(err) = res {
+        tracing::warn!(path = %path.display(), %err, "could not delete the replaced checkpoint");
     }
 }
 

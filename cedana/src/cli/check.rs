@@ -1,12 +1,20 @@
-//! `cedana check`: which CRIU, which version, and whether it works here.
+//! `cedana check`: which CRIU, which version, and whether it works here; `--full` checks everything else
+//! too (see [`super::check_full`]).
 
 use cedana::config::Config;
 use cedana::criu::Criu;
 
 #[derive(clap::Args, Debug)]
-pub struct CheckArgs {}
+pub struct CheckArgs {
+    /// Check everything, as one table: CRIU and its features, runc, containerd, GPUs, checkpoint storage.
+    #[arg(long)]
+    pub full: bool,
+}
 
-pub fn run(config: &Config, _args: CheckArgs) -> anyhow::Result<i32> {
+pub fn run(config: &Config, args: CheckArgs) -> anyhow::Result<i32> {
+    if args.full {
+        return Ok(super::check_full::run(config));
+    }
     let criu = match Criu::locate(config.criu.binary_path.as_deref()) {
         Ok(c) => c,
         Err(e) => {

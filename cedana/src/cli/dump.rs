@@ -3,18 +3,21 @@
 //! `dump process` asks the daemon when one answers on the configured socket (it then dumps, as root, with
 //! its configuration's defaults), and dumps in this process otherwise or with `--no-server`. The probe
 //! costs one `stat` when there is no socket, and never prints anything.
+//!
+//! Every dump prints its result through [`super::dump_report`]: the path is the last field of the last line
+//! (or `--output json`).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cedana::checkpoint::manifest::Manifest;
 use cedana::codec::Compression;
-use cedana::engine::{self, Destination, DumpRequest, Engine, EngineError, TargetSpec};
+use cedana::engine::{Destination, DumpRequest, Engine, EngineError, TargetSpec};
 use cedana::error::ErrorKind;
 use cedana_protos::v1 as pb;
-use indicatif::HumanBytes;
 
-use super::{ms, CriuFlags};
+use super::dump_report::{self, Summary};
+use super::output::{OutputArgs, Report};
+use super::CriuFlags;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum DumpCommand {
@@ -22,6 +25,8 @@ pub enum DumpCommand {
     Process(ProcessArgs),
     /// Checkpoint a runc container (also Docker's) by id.
     Runc(super::runc::DumpArgs),
+    /// Checkpoint a containerd container (run by the runc shim or cedana's) by id.
+    Containerd(super::containerd::DumpArgs),
     /// Checkpoint a managed job (through the daemon).
     Job(JobArgs),
 }
@@ -30,6 +35,9 @@ pub enum DumpCommand {
 pub struct JobArgs {
     /// The job's id.
     pub jid: String,
+    /// A containerd job: also keep the container's writable layer.
+    #[arg(long)]
+    pub rootfs: bool,
     #[command(flatten)]
     pub common: CommonDumpArgs,
 }
@@ -44,17 +52,13 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         compression: a.common.compression.map(|c| c.to_string()).unwrap_or_default(),
         criu: Some(crate::daemon::convert::criu_to_pb(&options, a.common.criu.leave_running)),
         runtime_root: String::new(),
+        overwrite: a.common.overwrite,
+        rootfs: a.rootfs,
     };
     let out = super::jobs::with_daemon(config, async |c| c.dump(req).await.map(|r| r.into_inner()))?;
-    println!(
-        "Dumped job {} (PID {}, {}) in {}, size {}: {}",
-        a.jid,
-        out.pid,
-        out.comm,
-        ms(std::time::Duration::from_micros(out.total_time_us)),
-        super::jobs::human_size(out.size),
-        out.path
-    );
+    let asked = a.common.compression.or_else(|| out.checkpoint.as_ref().and_then(|c| c.compression.parse().ok()));
+    let summary = Summary { job: Some(&a.jid), ..Summary::of_response(&out, asked) };
+    dump_report::print(&summary, Report::new(&a.common.output, config));
     Ok(0)
 }
 
@@ -70,8 +74,13 @@ pub struct CommonDumpArgs {
     /// none | tar | gzip | lz4 | zlib | zstd (default: the configured one, or tar).
     #[arg(long, value_parser = parse_compression)]
     pub compression: Option<Compression>,
+    /// Replace a checkpoint of the same name in the folder (else the dump is refused).
+    #[arg(long)]
+    pub overwrite: bool,
     #[command(flatten)]
     pub criu: CriuFlags,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 #[derive(clap::Args, Debug)]
@@ -96,6 +105,7 @@ impl CommonDumpArgs {
             Some(d) => Destination::parse(d),
             None => Destination::dir(config.checkpoint_dir()),
         };
+        let destination = if self.overwrite { destination.replacing() } else { destination };
         Ok(DumpRequest {
             target,
             destination,
@@ -108,28 +118,34 @@ impl CommonDumpArgs {
 }
 
 pub fn run(engine: &Engine, cmd: DumpCommand) -> anyhow::Result<i32> {
-    let req = match cmd {
+    let mut attachments = Vec::new();
+    let (req, output) = match cmd {
         DumpCommand::Process(a) => {
             if !a.no_server {
                 if let Some(daemon) = Daemon::probe(engine.config()) {
-                    return process_via_daemon(daemon, &a);
+                    return process_via_daemon(daemon, &a, engine.config());
                 }
             }
-            a.common.request(engine, TargetSpec::Process { pid: a.pid })?
+            (a.common.request(engine, TargetSpec::Process { pid: a.pid })?, a.common.output)
         }
-        DumpCommand::Runc(a) => super::runc::dump(engine, &a)?,
+        DumpCommand::Runc(a) => (super::runc::dump(engine, &a)?, a.common.output),
+        DumpCommand::Containerd(a) => {
+            let (req, attached) = super::containerd::dump(engine, &a)?;
+            attachments = attached;
+            (req, a.common.output)
+        }
         DumpCommand::Job(a) => return job(engine.config(), a),
     };
     // A signal cancels the dump at the next safe point; CRIU then resumes the process.
     let ctx = super::op_context(true)?;
-    let out = engine.dump(req, &ctx)?;
-    print_summary(&Summary::of_outcome(&out));
+    let out = engine.dump_attaching(req, &attachments, &ctx)?;
+    dump_report::print(&Summary::of_outcome(&out, &ctx.timings()), Report::new(&output, engine.config()));
     Ok(0)
 }
 
 /// `cedana dump process PID` answered by the daemon: the same request, with paths made absolute (the
 /// daemon does not share our working folder), and the same summary.
-fn process_via_daemon(mut daemon: Daemon, a: &ProcessArgs) -> anyhow::Result<i32> {
+fn process_via_daemon(mut daemon: Daemon, a: &ProcessArgs, config: &cedana::config::Config) -> anyhow::Result<i32> {
     let options = a.common.criu.to_options()?;
     let req = pb::DumpRequest {
         target: Some(pb::dump_request::Target::Pid(a.pid)),
@@ -138,10 +154,12 @@ fn process_via_daemon(mut daemon: Daemon, a: &ProcessArgs) -> anyhow::Result<i32
         compression: a.common.compression.map(|c| c.to_string()).unwrap_or_default(),
         criu: Some(crate::daemon::convert::criu_to_pb(&options, a.common.criu.leave_running)),
         runtime_root: String::new(),
+        overwrite: a.common.overwrite,
+        rootfs: false,
     };
     tracing::info!(pid = a.pid, socket = %daemon.socket.display(), "dumping through the daemon");
     let out = daemon.call(async |c| c.dump(req).await.map(|r| r.into_inner())).map_err(daemon_error)?;
-    print_summary(&Summary::of_response(&out, a.common.compression));
+    dump_report::print(&Summary::of_response(&out, a.common.compression), Report::new(&a.common.output, config));
     Ok(0)
 }
 
@@ -285,99 +303,6 @@ fn advice_like(kind: ErrorKind, message: &str) -> Option<String> {
     };
     let text = super::advice::render(&anyhow::Error::new(like));
     text.rsplit_once("\n  hint: ").map(|(_, hint)| hint.to_string())
-}
-
-/// What a dump's summary shows; a dump through the daemon knows less (no CRIU statistics, no detected
-/// options) unless the manifest can be read cheaply.
-struct Summary<'a> {
-    pid: i32,
-    comm: &'a str,
-    container: Option<&'a str>,
-    path: String,
-    size: u64,
-    compression: Option<Compression>,
-    manifest: Option<std::borrow::Cow<'a, Manifest>>,
-    total: Duration,
-    criu: Duration,
-    package: Duration,
-    detected: &'a [&'static str],
-}
-
-/// Largest archive whose manifest the summary of a dump through the daemon reads back (the manifest is the
-/// archive's last entry: reading it means reading the whole archive).
-const SUMMARY_READ_LIMIT: u64 = 16 << 20;
-
-impl<'a> Summary<'a> {
-    fn of_outcome(out: &'a engine::DumpOutcome) -> Summary<'a> {
-        let m = &out.manifest;
-        Summary {
-            pid: m.process.pid,
-            comm: &m.process.comm,
-            container: m.container.as_ref().map(|c| c.id.as_str()),
-            path: out.path.display().to_string(),
-            size: out.size,
-            compression: Some(m.compression),
-            manifest: Some(std::borrow::Cow::Borrowed(m)),
-            total: out.total_time,
-            criu: out.criu_time,
-            package: out.package_time,
-            detected: &out.detected,
-        }
-    }
-
-    fn of_response(out: &'a pb::DumpResponse, asked: Option<Compression>) -> Summary<'a> {
-        let path = Path::new(&out.path);
-        let compression = asked.or_else(|| Compression::detect_path(path).ok());
-        let cheap = path.is_dir() || out.size <= SUMMARY_READ_LIMIT;
-        let manifest: Option<std::borrow::Cow<'a, Manifest>> = match cheap && path.exists() {
-            true => cedana::checkpoint::read_manifest(path, false).ok().map(std::borrow::Cow::Owned),
-            false => None,
-        };
-        Summary {
-            pid: out.pid,
-            comm: &out.comm,
-            container: None,
-            path: out.path.clone(),
-            size: out.size,
-            compression: manifest.as_ref().map(|m| m.compression).or(compression),
-            manifest,
-            total: Duration::from_micros(out.total_time_us),
-            criu: Duration::from_micros(out.criu_time_us),
-            package: Duration::from_micros(out.package_time_us),
-            detected: &[],
-        }
-    }
-}
-
-fn print_summary(s: &Summary<'_>) {
-    match s.container {
-        Some(id) => println!("Dumped container {id} (PID {}, {}) to {}", s.pid, s.comm, s.path),
-        None => println!("Dumped PID {} ({}) to {}", s.pid, s.comm, s.path),
-    }
-    let m = s.manifest.as_deref();
-    match (s.compression, m) {
-        (Some(c), Some(m)) => println!("  size      {} ({c}, images {})", HumanBytes(s.size), HumanBytes(m.images_size())),
-        (Some(c), None) => println!("  size      {} ({c})", HumanBytes(s.size)),
-        (None, _) => println!("  size      {}", HumanBytes(s.size)),
-    }
-    if let Some(st) = m.and_then(|m| m.stats.as_ref()) {
-        let us = |v: u64| ms(Duration::from_micros(v));
-        println!(
-            "  frozen    {} (freezing {}, memdump {}, memwrite {})",
-            us(st.frozen_time_us),
-            us(st.freezing_time_us),
-            us(st.memdump_time_us),
-            us(st.memwrite_time_us)
-        );
-        println!("  pages     {} written, {} scanned", st.pages_written, st.pages_scanned);
-    }
-    println!("  time      {} (criu {}, packaging {})", ms(s.total), ms(s.criu), ms(s.package));
-    if !s.detected.is_empty() {
-        println!("  detected  {}", s.detected.join(" "));
-    }
-    if let Some(m) = m.filter(|m| m.process.pids.len() > 1) {
-        println!("  tree      {} processes", m.process.pids.len());
-    }
 }
 
 #[cfg(test)]

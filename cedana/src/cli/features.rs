@@ -141,15 +141,17 @@ mod tests {
         let header: Vec<&str> = text.lines().next().unwrap().split_whitespace().collect();
         assert_eq!(header, ["FEATURE", "process", "job", "runc", "containerd"]);
         assert_eq!(cell("dump", "process"), Support::Yes);
-        assert_eq!(cell("dump", "containerd"), Support::No);
+        assert_eq!(cell("dump", "containerd"), Support::Yes);
+        assert_eq!(cell("restore", "containerd"), Support::Yes);
+        assert_eq!(cell("run", "containerd"), Support::No);
         assert_eq!(cell("dump", "job"), Support::Yes);
         assert_eq!(cell("restore", "runc"), Support::Yes);
         assert_eq!(cell("run", "process"), Support::Yes);
         assert_eq!(cell("run", "job"), Support::NotApplicable);
         assert_eq!(cell("manage", "process"), Support::Yes);
         assert_eq!(cell("manage --upcoming", "process"), Support::Yes);
-        assert_eq!(cell("manage --upcoming", "containerd"), Support::No);
+        assert_eq!(cell("manage --upcoming", "containerd"), Support::Yes);
         assert_eq!(cell("GPU", "process"), Support::No);
-        assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["dump", "yes", "yes", "yes", "no"]), "{text}");
+        assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["dump", "yes", "yes", "yes", "yes"]), "{text}");
     }
 }

@@ -138,6 +138,21 @@ pub enum ManageTarget {
         #[arg(long)]
         upcoming: bool,
     },
+    /// Adopt a containerd container with a running task as a managed job (run by the runc shim or ours); with
+    /// --upcoming, wait until its task runs. `dump job` checkpoints it; `restore job` restores it in place,
+    /// on cedana's shim.
+    Containerd {
+        /// Id of the container (as `ctr containers ls` shows it).
+        id: String,
+        #[command(flatten)]
+        containerd: super::containerd::ContainerdArgs,
+        /// Job id (default: a memorable random one).
+        #[arg(long)]
+        jid: Option<String>,
+        /// Wait until the container's task runs (blocks; Ctrl+C stops waiting).
+        #[arg(long)]
+        upcoming: bool,
+    },
 }
 
 #[derive(clap::Subcommand, Debug)]
@@ -195,6 +210,7 @@ pub fn daemon(config: Config, cmd: DaemonCommand) -> anyhow::Result<i32> {
             for c in &health.components {
                 table.add_row([c.name.as_str(), if c.ok { "ok" } else { "FAILED" }, c.detail.as_str()]);
             }
+            super::quiet_on_broken_pipe();
             println!("{table}");
             Ok(if health.components.iter().all(|c| c.ok) { 0 } else { 1 })
         }
@@ -277,6 +293,15 @@ pub fn manage(config: &Config, cmd: ManageCommand) -> anyhow::Result<i32> {
             upcoming: upcoming || waits,
             ..Default::default()
         },
+        ManageTarget::Containerd { id, containerd, jid, upcoming } => pb::ManageRequest {
+            r#type: pb::JobType::Containerd as i32,
+            jid: jid.unwrap_or_default(),
+            container_id: id,
+            runtime_root: absolute_string(Some(&containerd.address))?,
+            namespace: containerd.namespace,
+            upcoming: upcoming || waits,
+            ..Default::default()
+        },
     };
     let job = with_daemon(config, async |c| c.manage(req).await.map(|r| r.into_inner()))?;
     println!("{} {}", job.jid, job.pid);
@@ -311,6 +336,7 @@ pub fn job(config: &Config, cmd: JobCommand) -> anyhow::Result<i32> {
                 let time = chrono::DateTime::from_timestamp(cp.time, 0).map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string());
                 table.add_row([cp.id.clone(), time.unwrap_or_default(), human_size(cp.size), cp.path.clone()]);
             }
+            super::quiet_on_broken_pipe();
             println!("{table}");
         }
     }

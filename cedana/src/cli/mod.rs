@@ -3,14 +3,20 @@
 pub mod advice;
 mod attach;
 mod check;
+mod check_full;
 mod config;
+mod containerd;
 mod dump;
+mod dump_report;
 mod features;
 mod inspect;
 pub mod jobs;
+mod output;
 mod progress;
 mod restore;
+mod restore_report;
 mod runc;
+mod timings;
 
 use cedana::cancel::Cancel;
 use cedana::engine::{Engine, OpContext};
@@ -69,6 +75,9 @@ pub enum Command {
 /// Run the parsed command; returns the process exit code.
 pub fn run(cli: Cli) -> anyhow::Result<i32> {
     let config = cedana::config::Config::load_from(cli.config.as_deref())?;
+    if matches!(cli.command, Command::Check(_) | Command::Checkpoint(_) | Command::Config(_) | Command::Features) {
+        quiet_on_broken_pipe();
+    }
     match cli.command {
         Command::Check(args) => check::run(&config, args),
         Command::Dump(dump::DumpCommand::Job(a)) => dump::job(&config, a),
@@ -109,6 +118,17 @@ fn op_context(cancel_on_signal: bool) -> anyhow::Result<OpContext> {
 }
 
 /// CRIU needs root: say so before anything else fails in a less obvious way.
+/// Let a closed stdout end this command quietly, as it ends `ls` or `cat` (`cedana ... | head`), instead of
+/// a panic in `println!`. Called by commands that hold no sockets or children, and by the others once their
+/// work is done and only their report is left to print (Rust ignores SIGPIPE by default, which the daemon and
+/// the CRIU connection rely on).
+pub(crate) fn quiet_on_broken_pipe() {
+    // SAFETY: restoring the default disposition of SIGPIPE installs no handler.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
 pub(crate) fn require_root(what: &str) -> anyhow::Result<()> {
     if !nix::unistd::geteuid().is_root() {
         anyhow::bail!("cedana {what} needs root (CRIU does): run it with sudo");

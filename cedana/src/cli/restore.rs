@@ -3,20 +3,27 @@
 //! `restore process` asks the daemon when one answers on the configured socket (the restored tree is then
 //! the daemon's child, reaped by it), and restores in this process otherwise. `--no-server` always restores
 //! here, attached to this command unless `--detach`.
+//!
+//! Every restore prints its result through [`super::restore_report`] (text, or `--output json`).
 
 use std::path::PathBuf;
+use std::time::Instant;
 
 use cedana::checkpoint::CheckpointKind;
 use cedana::engine::{self, Engine, ProcessRestoreOptions, RestoreRequest, RestoreStdio, Source};
 
-use super::{ms, CriuFlags};
+use super::output::{OutputArgs, Report};
+use super::restore_report::{self, Restored, Stream};
+use super::CriuFlags;
 
 #[derive(clap::Subcommand, Debug)]
 pub enum RestoreCommand {
     /// Restore a process checkpoint (through the daemon when it runs, unless --no-server).
     Process(ProcessArgs),
     /// Restore a runc checkpoint as a new runc container.
-    Runc(super::runc::RestoreArgs),
+    Runc(RuncArgs),
+    /// Restore a containerd checkpoint as a new containerd container (through the cedana shim).
+    Containerd(super::containerd::RestoreArgs),
     /// Restore a managed job from its latest checkpoint (through the daemon).
     Job(JobArgs),
 }
@@ -30,6 +37,17 @@ pub struct JobArgs {
     pub attach: bool,
     #[command(flatten)]
     pub criu: CriuFlags,
+    #[command(flatten)]
+    pub output: OutputArgs,
+}
+
+/// `cedana restore runc`: runc's flags and the report's format.
+#[derive(clap::Args, Debug)]
+pub struct RuncArgs {
+    #[command(flatten)]
+    pub runc: super::runc::RestoreArgs,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 /// `cedana restore job JID`: the daemon restores the job's latest checkpoint as the same job.
@@ -42,18 +60,33 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         attachable: a.attach,
         ..Default::default()
     };
+    let started = Instant::now();
     let out = super::jobs::with_daemon(config, async |c| c.restore(req).await.map(|r| r.into_inner()))?;
+    let round_trip = started.elapsed();
     if a.attach {
         return super::attach::attach_job(config, &a.jid);
     }
-    println!(
-        "Restored job {} as PID {} (verify {}, criu {})",
-        a.jid,
-        out.pid,
-        ms(std::time::Duration::from_micros(out.verify_time_us)),
-        ms(std::time::Duration::from_micros(out.criu_time_us))
-    );
+    let comm = comm_of(out.pid);
+    let kind = match out.job.as_ref().map(|j| j.r#type()) {
+        Some(pb::JobType::Runc) => CheckpointKind::Runc,
+        Some(pb::JobType::Containerd) => CheckpointKind::Containerd,
+        _ => CheckpointKind::Process,
+    };
+    let restored = Restored {
+        job: Some(&a.jid),
+        kind,
+        ..Restored::of_daemon(out.pid, &comm, out.verify_time_us, out.criu_time_us, round_trip)
+    };
+    restore_report::print(&restored, Report::new(&a.output, config), Stream::Stdout);
     Ok(0)
+}
+
+/// The command name of a restored process, which /proc shows (the daemon's responses carry none).
+fn comm_of(pid: i32) -> String {
+    match std::fs::read_to_string(format!("/proc/{pid}/comm")) {
+        Ok(c) => c.trim_end().to_string(),
+        Err(_) => "exited".to_string(),
+    }
 }
 
 #[derive(clap::Args, Debug)]
@@ -78,19 +111,29 @@ pub struct ProcessArgs {
     /// such a restore always runs here, never in the daemon.
     #[arg(long, value_name = "MAP")]
     pub inherit_fd: Vec<String>,
+    /// Reconnect a file the process held outside its mount namespace at dump time (its stdout on a host
+    /// file, for a process started by `unshare --mount`) to another path: `FD=PATH` by its descriptor in
+    /// the restored root (1 for stdout), or `OLD_PATH=PATH` (repeatable). The others go back to their
+    /// original paths. A new file is extended with zeros to the size the original had (CRIU restores the
+    /// process's own offset). Such a restore always runs here, never in the daemon.
+    #[arg(long, value_name = "FROM=PATH", value_parser = cedana::checkpoint::external::FileRedirect::parse)]
+    pub external_file: Vec<cedana::checkpoint::external::FileRedirect>,
     #[command(flatten)]
     pub criu: CriuFlags,
+    #[command(flatten)]
+    pub output: OutputArgs,
 }
 
 pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
     let a = match cmd {
         RestoreCommand::Process(a) => a,
-        RestoreCommand::Runc(a) => return super::runc::restore(engine, a),
+        RestoreCommand::Runc(a) => return runc(engine, a),
+        RestoreCommand::Containerd(a) => return super::containerd::restore(a),
         RestoreCommand::Job(a) => return job(engine.config(), a),
     };
-    if !a.no_server && a.inherit_fd.is_empty() {
+    if !a.no_server && a.inherit_fd.is_empty() && a.external_file.is_empty() {
         if let Some(daemon) = super::dump::Daemon::probe(engine.config()) {
-            return process_via_daemon(daemon, &a);
+            return process_via_daemon(daemon, &a, engine.config());
         }
     }
     let attached = a.no_server && !a.detach;
@@ -102,20 +145,17 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
         only: Some(CheckpointKind::Process),
         options,
         process: ProcessRestoreOptions { as_child: attached, stdio, pid_file: a.pid_file.clone() },
+        external_files: a.external_file.clone(),
         ..RestoreRequest::new(Source::parse(&a.path))
     };
     // An attached restore is cancelled by a signal until the tree runs; afterwards signals are forwarded.
     let ctx = super::op_context(attached)?;
     let out = engine.restore(req, &ctx)?;
+    let restored = Restored::of_outcome(&out, &a.path, &ctx.timings());
+    // Attached, the restored program has our stdout.
+    let stream = if attached { Stream::Stderr } else { Stream::Stdout };
+    restore_report::print(&restored, Report::new(&a.output, engine.config()), stream);
     if !attached {
-        println!(
-            "Restored PID {} ({}) from {} (verify {}, criu {})",
-            out.pid,
-            out.manifest.process.comm,
-            a.path,
-            ms(out.verify_time),
-            ms(out.criu_time)
-        );
         return Ok(0);
     }
     tracing::info!(pid = out.pid, "restored; waiting for it to exit");
@@ -125,7 +165,7 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
 
 /// `cedana restore process --path P` answered by the daemon: the same request with paths made absolute
 /// (the daemon does not share our working folder), and the same summary line.
-fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs) -> anyhow::Result<i32> {
+fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: &cedana::config::Config) -> anyhow::Result<i32> {
     use cedana_protos::v1 as pb;
     let absolute = |p: &PathBuf| std::path::absolute(p).map(|p| p.display().to_string());
     let options = a.criu.to_options()?;
@@ -137,18 +177,27 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs) -> anyho
         pid_file: a.pid_file.as_ref().map(absolute).transpose()?.unwrap_or_default(),
     };
     tracing::info!(path = %a.path, socket = %daemon.socket.display(), "restoring through the daemon");
+    let started = Instant::now();
     let out = daemon.call(async |c| c.restore(req).await.map(|r| r.into_inner())).map_err(super::dump::daemon_error)?;
+    let round_trip = started.elapsed();
     // The response has no command name: the restored process has the checkpoint's, which /proc shows.
-    let comm = std::fs::read_to_string(format!("/proc/{}/comm", out.pid));
-    println!(
-        "Restored PID {} ({}) from {} (verify {}, criu {})",
-        out.pid,
-        comm.as_deref().map(str::trim_end).unwrap_or("exited"),
-        a.path,
-        ms(std::time::Duration::from_micros(out.verify_time_us)),
-        ms(std::time::Duration::from_micros(out.criu_time_us))
-    );
+    let comm = comm_of(out.pid);
+    let restored =
+        Restored { path: Some(&a.path), ..Restored::of_daemon(out.pid, &comm, out.verify_time_us, out.criu_time_us, round_trip) };
+    restore_report::print(&restored, Report::new(&a.output, config), Stream::Stdout);
     Ok(0)
+}
+
+/// `cedana restore runc`: the report goes to stderr, as the restored container writes to our stdout; an
+/// attached restore reports once the container has exited, and exits with its code.
+fn runc(engine: &Engine, a: RuncArgs) -> anyhow::Result<i32> {
+    let req = super::runc::restore_request(&a.runc)?;
+    let ctx = super::op_context(false)?;
+    let out = engine.restore(req, &ctx)?;
+    let from = out.manifest.container.as_ref().map(|c| c.id.as_str()).unwrap_or("?");
+    let restored = Restored { container: Some((&a.runc.id, from)), ..Restored::of_outcome(&out, &a.runc.path, &ctx.timings()) };
+    restore_report::print(&restored, Report::new(&a.output, engine.config()), Stream::Stderr);
+    Ok(out.exit_code.unwrap_or(0))
 }
 
 /// Pass SIGINT/SIGTERM/SIGHUP received by this command on to the restored process.

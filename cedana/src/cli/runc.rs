@@ -7,7 +7,6 @@ use cedana::engine::{self, ContainerRestore, Engine, RestoreRequest, RuncSpec, S
 use cedana::runc::RestoreFlags;
 
 use super::dump::CommonDumpArgs;
-use super::ms;
 
 /// runc's state folder flag, shared by dump and restore.
 #[derive(clap::Args, Debug)]
@@ -51,6 +50,11 @@ pub struct RestoreArgs {
     /// Pass the pseudoterminal master of a terminal container to this AF_UNIX socket.
     #[arg(long)]
     pub console_socket: Option<PathBuf>,
+    /// Reconnect a file the container had open outside its mounts (e.g. its stdout redirected to a host
+    /// file) to another path: `FD=PATH` (`1=/new/out.log`) or `OLD_PATH=PATH`; by default each goes back to
+    /// the path it had. Repeatable.
+    #[arg(long, value_name = "FROM=PATH", value_parser = cedana::checkpoint::external::FileRedirect::parse)]
+    pub external_file: Vec<cedana::checkpoint::external::FileRedirect>,
     #[command(flatten)]
     pub criu: super::CriuFlags,
 }
@@ -62,8 +66,8 @@ pub fn dump(engine: &Engine, a: &DumpArgs) -> anyhow::Result<engine::DumpRequest
     a.common.request(engine, TargetSpec::Runc(spec))
 }
 
-/// `cedana restore runc`.
-pub fn restore(engine: &Engine, a: RestoreArgs) -> anyhow::Result<i32> {
+/// The request of `cedana restore runc` (`super::restore` runs it and reports).
+pub fn restore_request(a: &RestoreArgs) -> anyhow::Result<RestoreRequest> {
     let flags = RestoreFlags {
         bundle: std::path::absolute(&a.bundle)?,
         work_path: None,
@@ -78,20 +82,8 @@ pub fn restore(engine: &Engine, a: RestoreArgs) -> anyhow::Result<i32> {
         only: Some(CheckpointKind::Runc),
         options: a.criu.to_options()?,
         container: Some(container),
+        external_files: a.external_file.clone(),
         ..RestoreRequest::new(Source::parse(&a.path))
     };
-    let ctx = super::op_context(false)?;
-    let out = engine.restore(req, &ctx)?;
-    if a.detach {
-        // stderr: the restored container writes to our stdout.
-        let from = out.manifest.container.as_ref().map(|c| c.id.as_str()).unwrap_or("?");
-        eprintln!(
-            "Restored container {} (checkpoint of {from}) from {} (verify {}, runc restore {})",
-            a.id,
-            a.path,
-            ms(out.verify_time),
-            ms(out.criu_time)
-        );
-    }
-    Ok(out.exit_code.unwrap_or(0))
+    Ok(req)
 }

@@ -2,6 +2,7 @@
 //! [`super::hook`]). Its action script is the calling executable, so every binary using it must call
 //! [`super::hook::run_if_invoked`] first in `main`.
 
+use std::os::fd::RawFd;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -39,6 +40,23 @@ impl CriuDriver for CliDriver {
     }
 }
 
+/// The descriptors above stdio that `--inherit-fd fd[N]:...` entries name, each checked to be open here.
+fn inherited_fds(entries: &[String]) -> Result<Vec<RawFd>, CriuError> {
+    let parsed = super::swrk::parse_inherit_fds(entries).map_err(|message| CriuError::BadOption { message })?;
+    let mut fds: Vec<RawFd> = parsed.iter().map(|i| i.fd).filter(|fd| *fd > 2).collect();
+    fds.sort_unstable();
+    fds.dedup();
+    for fd in &fds {
+        // SAFETY: F_GETFD only reads the descriptor's flags.
+        if unsafe { libc::fcntl(*fd, libc::F_GETFD) } == -1 {
+            return Err(CriuError::BadOption {
+                message: format!("--inherit-fd fd[{fd}]: descriptor {fd} is not open in this process"),
+            });
+        }
+    }
+    Ok(fds)
+}
+
 fn become_subreaper() -> std::io::Result<()> {
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integer arguments and touches no memory of ours.
     let rc = unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
@@ -63,7 +81,7 @@ impl CliDriver {
             .map(|_| null())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| CriuError::Spawn { binary: self.criu.binary.clone(), source })?;
-        self.run("dump", args, call.work_dir, Some(stdio), on_hook)
+        self.run("dump", args, call.work_dir, Some(stdio), Vec::new(), on_hook)
     }
 
     /// Restore a tree detached; returns the PID of its root.
@@ -78,8 +96,9 @@ impl CliDriver {
             pidfile.display().to_string(),
         ];
         args.extend(call.options.restore_args());
+        let passed = inherited_fds(&call.options.inherit_fd)?;
         let stdio = call.stdio.files().map_err(|source| CriuError::Spawn { binary: self.criu.binary.clone(), source })?;
-        self.run("restore", args, call.work_dir, stdio, on_hook)?;
+        self.run("restore", args, call.work_dir, stdio, passed, on_hook)?;
         let text = std::fs::read_to_string(&pidfile).unwrap_or_default();
         text.trim().parse().map_err(|_| CriuError::Failed {
             action: "restore",
@@ -96,6 +115,7 @@ impl CliDriver {
         mut args: Vec<String>,
         work_dir: &Path,
         stdio: Option<Vec<std::fs::File>>,
+        passed: Vec<RawFd>,
         on_hook: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(), CriuError> {
         let hooks = hook::HookServer::bind(work_dir).map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
@@ -121,6 +141,22 @@ impl CliDriver {
         // Own process group: a Ctrl-C on the terminal must not kill CRIU while it holds the tree frozen;
         // the engine decides at the next hook instead.
         cmd.process_group(0);
+        if !passed.is_empty() {
+            // `--inherit-fd fd[N]:...` names our descriptor N, which CRIU must inherit at the same number;
+            // ours are close-on-exec (other threads may be spawning too), so only the child clears the flag.
+            // SAFETY: the closure runs between fork and exec and only calls fcntl (async-signal-safe) on a
+            // vector allocated before the fork.
+            unsafe {
+                cmd.pre_exec(move || {
+                    for fd in &passed {
+                        if libc::fcntl(*fd, libc::F_SETFD, 0) == -1 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = cmd.spawn().map_err(|source| CriuError::Spawn { binary: self.criu.binary.clone(), source })?;
         let (exited_tx, exited) = std::sync::mpsc::channel();
         // Without a waiter thread nobody would notice CRIU's exit; dropping the hook server then fails any
@@ -153,5 +189,22 @@ impl CliDriver {
             hint: log::hint(&text),
             log,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inherited_descriptors_must_be_open_and_stdio_is_left_alone() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&f);
+        let entries = vec![format!("fd[{fd}]:file[1b:2a]"), "fd[1]:pipe:[9]".to_string(), format!("fd[{fd}]:x")];
+        assert_eq!(inherited_fds(&entries).unwrap(), [fd]);
+        // A number far above what this test process opens.
+        let err = inherited_fds(&["fd[100000]:file[1b:2a]".to_string()]).unwrap_err().to_string();
+        assert!(err.contains("not open"), "{err}");
+        assert!(inherited_fds(&["1:pipe".to_string()]).is_err());
     }
 }

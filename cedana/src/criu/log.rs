@@ -24,6 +24,7 @@ pub fn hint(log: &str) -> Option<String> {
         ("Can't get 1:16 opt", "this CRIU cannot dump sockets on this kernel: install CRIU >= 4.2"),
         ("Locking network failed", "CRIU needs iptables-restore to lock the network: install iptables"),
         ("Can't lookup mount", "a file of the process lives on a mount CRIU cannot see: add --external for it, or redirect the output"),
+        ("Can't restore sub-task in NS", "a process below the tree's root has namespaces of its own (e.g. a child started by `unshare --mount`): CRIU restores namespaces only at the root of a tree, so checkpoint that process's own tree (dump its PID) instead"),
         ("Unable to open link remap", "the process keeps a deleted file open: add --link-remap"),
         ("Can't dump ghost file", "the process keeps a large deleted file open: raise CRIU's --ghost-limit"),
         ("Operation not permitted", "CRIU was denied access: run as root, and note that a process of another user cannot be dumped on machines without CAP_SYS_RESOURCE"),
@@ -47,5 +48,7 @@ mod tests {
         let only_rlimit =
             "(00.1) Error (criu/util.c:1534): rlimit: Can't setup RLIMIT_NOFILE for self: Operation not permitted\n";
         assert_eq!(hint(only_rlimit), None, "the harmless rlimit line must not produce a permission hint");
+        let nested = "(00.05) Error (criu/pstree.c:969): Can't restore sub-task in NS (cflags 20000)\n";
+        assert!(hint(nested).unwrap().contains("dump its PID"));
     }
 }

@@ -2,7 +2,8 @@
 //!
 //! A runc job is dumped through the engine's runc target (the container is checkpointed and then
 //! deleted), and restored from its latest checkpoint under the same container id, from the bundle the
-//! checkpoint's manifest records.
+//! checkpoint's manifest records. A containerd job is dumped the same way where its shim keeps its runc
+//! state (with the container's record attached), and restored in place through containerd and our shim.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -12,14 +13,16 @@ use cedana::cancel::Cancel;
 use cedana::checkpoint::CheckpointKind;
 use cedana::engine::{
     dump::{default_name, free_name},
-    ContainerRestore, Destination, DumpRequest, OpContext, ProcessRestoreOptions, RestoreRequest, RestoreStdio, RuncSpec, Source,
-    TargetSpec,
+    Attachment, ContainerRestore, Destination, DumpRequest, OpContext, ProcessRestoreOptions, RestoreRequest, RestoreStdio,
+    RuncSpec, Source, TargetSpec,
 };
 use cedana::error::ErrorKind;
 use cedana::jobs::model::{CheckpointRecord, Job, JobKind, JobState};
 use cedana::runc::{ContainerRuntime, RestoreFlags, Runc};
 use cedana_protos::v1 as pb;
 use tonic::Status;
+
+use crate::containerd::{prepare_dump, restore as restore_container, Client, RestoreSpec, Stdio, CEDANA_RUNTIME};
 
 use super::convert::{checkpoint_to_pb, criu_from_pb, status};
 use super::service::{lib_err, track, Service};
@@ -35,7 +38,9 @@ impl Service {
         };
         let destination =
             if req.dir.is_empty() { Destination::dir(config.checkpoint_dir()) } else { Destination::parse(&req.dir) };
+        let destination = if req.overwrite { destination.replacing() } else { destination };
         let name = (!req.name.is_empty()).then(|| req.name.clone());
+        let mut attachments = Vec::new();
         let (target, job) = match req.target {
             Some(pb::dump_request::Target::Pid(pid)) => (TargetSpec::Process { pid }, None),
             Some(pb::dump_request::Target::Jid(jid)) => {
@@ -46,7 +51,9 @@ impl Service {
                         format!("job {jid} is {}: only a running job can be dumped", job.state),
                     ));
                 }
-                (job_target(&job)?, Some(job))
+                let (target, attached) = job_target(&job, req.rootfs)?;
+                attachments = attached;
+                (target, Some(job))
             }
             Some(pb::dump_request::Target::RuncId(_)) => {
                 return Err(status(ErrorKind::Unimplemented, "dumping runc containers through the daemon is not built yet"))
@@ -64,7 +71,7 @@ impl Service {
         }
         // CRIU and runc are children of ours that the engine waits for: keep the orphan sweeper off them.
         let scope = self.supervisor.fork_scope();
-        let dumped = self.engine.dump(dreq, &OpContext::new().with_cancel(cancel.clone()));
+        let dumped = self.engine.dump_attaching(dreq, &attachments, &OpContext::new().with_cancel(cancel.clone()));
         drop(scope);
         // The tree CRIU ended may leave zombies of ours (children of its processes): reap them now.
         self.supervisor.sweep();
@@ -128,6 +135,7 @@ impl Service {
         let ctx = OpContext::new().with_cancel(cancel.clone());
         let result = match job {
             Some(job) if job.kind == JobKind::Runc => self.restore_container_job(job, path, options, req.attachable, &ctx),
+            Some(job) if job.kind == JobKind::Containerd => self.restore_containerd_job(job, path),
             job => self.restore_process(&req, job, path, options, &ctx),
         };
         if result.is_err() && cancel.is_cancelled() {
@@ -279,25 +287,78 @@ impl Service {
     }
 }
 
-/// The engine's target for a running job.
-fn job_target(job: &Job) -> Result<TargetSpec, Status> {
+impl Service {
+    /// Restore a containerd job from its latest checkpoint (`path`) in place: its stopped task and container
+    /// are replaced (its snapshot, with what the program wrote, is kept) by one on our shim, which restores
+    /// the checkpoint; then the new init is supervised.
+    fn restore_containerd_job(&self, mut job: Job, path: String) -> Result<pb::RestoreResponse, Status> {
+        let id = job
+            .container_id
+            .clone()
+            .ok_or_else(|| status(ErrorKind::FailedPrecondition, format!("containerd job {} has no container id", job.jid)))?;
+        let client = containerd_client(&job)?;
+        let started = std::time::Instant::now();
+        let spec = RestoreSpec {
+            checkpoint: Path::new(&path),
+            id: &id,
+            image: None,
+            runtime: CEDANA_RUNTIME,
+            replace_stopped: true,
+            stdio: Stdio::default(),
+        };
+        tracing::info!(path = %path, jid = %job.jid, container = %id, "restore requested");
+        let restored = restore_container(&client, spec).map_err(lib_err!())?;
+        let pid = restored.pid as i32;
+        job.pid = pid;
+        job.state = JobState::Running;
+        job.exit_code = None;
+        job.restored_from = Some(path);
+        self.store.update(&job).map_err(lib_err!())?;
+        let supervised = self.supervise(pid, None);
+        self.record_supervision(&job, supervised)?;
+        tracing::info!(jid = %job.jid, pid, container = %id, "containerd job restored");
+        Ok(pb::RestoreResponse {
+            pid,
+            job: Some(self.job_reply(&job)?),
+            verify_time_us: 0,
+            criu_time_us: started.elapsed().as_micros() as u64,
+        })
+    }
+}
+
+/// The engine's target for a running job, and what to attach to its checkpoint (a containerd container's
+/// record, and its writable layer with `rootfs`).
+fn job_target(job: &Job, rootfs: bool) -> Result<(TargetSpec, Vec<Attachment>), Status> {
+    let container_id = || {
+        job.container_id
+            .clone()
+            .ok_or_else(|| status(ErrorKind::FailedPrecondition, format!("job {} has no container id", job.jid)))
+    };
     match job.kind {
-        JobKind::Process => Ok(TargetSpec::Process { pid: job.pid }),
+        JobKind::Process => Ok((TargetSpec::Process { pid: job.pid }, Vec::new())),
         JobKind::Runc => {
-            let id = job
-                .container_id
-                .clone()
-                .ok_or_else(|| status(ErrorKind::FailedPrecondition, format!("runc job {} has no container id", job.jid)))?;
-            Ok(TargetSpec::Runc(RuncSpec {
-                id,
+            let spec = RuncSpec {
+                id: container_id()?,
                 runtime: None,
                 root: job.runtime_root.clone(),
                 work_path: None,
                 extra_flags: Vec::new(),
-            }))
+            };
+            Ok((TargetSpec::Runc(spec), Vec::new()))
         }
-        JobKind::Containerd => Err(status(ErrorKind::Unimplemented, "containerd jobs cannot be dumped yet")),
+        JobKind::Containerd => {
+            let client = containerd_client(job)?;
+            let prepared = prepare_dump(&client, &container_id()?, rootfs).map_err(lib_err!())?;
+            Ok((TargetSpec::Runc(prepared.spec), prepared.attachments))
+        }
     }
+}
+
+/// A client of the containerd a containerd job runs on (its socket and namespace).
+fn containerd_client(job: &Job) -> Result<Client, Status> {
+    let address = job.runtime_root.clone().unwrap_or_else(|| cedana_protos::containerd::DEFAULT_ADDRESS.into());
+    let namespace = job.namespace.clone().unwrap_or_else(|| cedana_protos::containerd::DEFAULT_NAMESPACE.into());
+    Client::connect(&address, &namespace).map_err(lib_err!())
 }
 
 fn checkpoint_kind(kind: JobKind) -> CheckpointKind {

@@ -1,5 +1,5 @@
-//! Adopting workloads already running (`manage`): a process by PID or command name, or a runc container,
-//! either of which may be waited for when upcoming.
+//! Adopting workloads already running (`manage`): a process by PID or command name, a runc container, or a
+//! containerd container, any of which may be waited for when upcoming.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -11,6 +11,9 @@ use cedana::runc::{ContainerState, Runc, RuncError};
 use cedana_protos::v1 as pb;
 use tonic::Status;
 
+use crate::containerd::Client;
+use cedana_protos::containerd::task::Status as TaskStatus;
+
 use super::convert::status;
 use super::service::{err, lib_err, runc_at, Service};
 
@@ -19,7 +22,7 @@ impl Service {
         match req.r#type() {
             pb::JobType::Process | pb::JobType::Unspecified => self.manage_process(req, cancel),
             pb::JobType::Runc => self.manage_runc(req, cancel),
-            pb::JobType::Containerd => Err(status(ErrorKind::Unimplemented, "containerd containers cannot be managed yet")),
+            pb::JobType::Containerd => self.manage_containerd(req, cancel),
         }
     }
 
@@ -142,6 +145,57 @@ impl Service {
         let supervised = self.supervise(pid, None);
         self.record_supervision(&job, supervised)?;
         tracing::info!(jid = %job.jid, pid, container = %id, root = %runc.root().display(), "runc container adopted");
+        self.job_reply(&job)
+    }
+}
+
+impl Service {
+    /// Adopt a containerd container (by its task's init; waiting until the task runs, for an upcoming one).
+    fn manage_containerd(&self, req: pb::ManageRequest, cancel: &Cancel) -> Result<pb::Job, Status> {
+        let id = req.container_id.clone();
+        if id.is_empty() {
+            return Err(status(ErrorKind::InvalidArgument, "no container id given: cedana manage containerd ID"));
+        }
+        let address = match req.runtime_root.as_str() {
+            "" => PathBuf::from(cedana_protos::containerd::DEFAULT_ADDRESS),
+            a => PathBuf::from(a),
+        };
+        let namespace = match req.namespace.as_str() {
+            "" => cedana_protos::containerd::DEFAULT_NAMESPACE.to_string(),
+            n => n.to_string(),
+        };
+        let client = Client::connect(&address, &namespace).map_err(lib_err!())?;
+        let running = |client: &Client| -> Result<Option<u32>, Status> {
+            match client.task(&id) {
+                Ok(Some(t)) if t.status == TaskStatus::Running as i32 && t.pid > 0 => Ok(Some(t.pid)),
+                Ok(_) => Ok(None),
+                Err(e) if e.kind() == ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(status(e.kind(), &e)),
+            }
+        };
+        let pid = if req.upcoming {
+            wait_until(&format!("containerd container {id} (namespace {namespace})"), cancel, || running(&client))?
+        } else {
+            client.container(&id).map_err(lib_err!())?;
+            running(&client)?.ok_or_else(|| {
+                status(ErrorKind::FailedPrecondition, format!("container {id} has no running task: nothing to manage"))
+            })?
+        } as i32;
+        if let Some(j) = self.store.find_by_pid(pid).map_err(lib_err!())? {
+            return Err(status(ErrorKind::AlreadyExists, format!("container {id} (PID {pid}) is job {} already", j.jid)));
+        }
+        let jid = self.new_jid(&req.jid)?;
+        let args = cedana::procfs::describe(pid).map(|i| i.cmdline).unwrap_or_default();
+        let job = Job {
+            container_id: Some(id.clone()),
+            runtime_root: Some(address.clone()),
+            namespace: Some(namespace.clone()),
+            ..Job::new(jid, JobKind::Containerd, pid, args)
+        };
+        self.store.insert(&job).map_err(lib_err!())?;
+        let supervised = self.supervise(pid, None);
+        self.record_supervision(&job, supervised)?;
+        tracing::info!(jid = %job.jid, pid, container = %id, namespace = %namespace, address = %address.display(), "containerd container adopted");
         self.job_reply(&job)
     }
 }

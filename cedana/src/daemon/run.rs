@@ -75,6 +75,7 @@ impl Service {
             container_id: None,
             runtime_root: None,
             restored_from: None,
+            namespace: None,
         };
         self.store.insert(&job).map_err(lib_err!())?;
         tracing::info!(jid = %job.jid, pid = job.pid, "job started");

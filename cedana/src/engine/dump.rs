@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use crate::checkpoint::live::Packing;
 use crate::checkpoint::tail::TailHasher;
-use crate::checkpoint::{CheckpointError, CheckpointKind, CheckpointWriter, Manifest, FORMAT_VERSION, MANIFEST_NAME};
+use crate::checkpoint::{CheckpointError, CheckpointKind, CheckpointWriter, Existing, Manifest, FORMAT_VERSION, MANIFEST_NAME};
 use crate::codec::Compression;
 use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
@@ -25,7 +25,8 @@ use crate::engine::{Engine, EngineError};
 #[derive(Debug)]
 pub struct DumpRequest {
     pub target: TargetSpec,
-    /// Where the checkpoint goes.
+    /// Where the checkpoint goes. A checkpoint of the same name there is refused, unless the destination is
+    /// [`Destination::replacing`] (what a front end's overwrite option maps to).
     pub destination: Destination,
     /// Checkpoint name (without extension); derived from the target and time if absent.
     pub name: Option<String>,
@@ -79,8 +80,18 @@ pub(crate) fn check_name(name: &str) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Run the dump `req` describes.
-pub(crate) fn run(engine: &Engine, req: DumpRequest, ctx: &OpContext) -> Result<DumpOutcome, EngineError> {
+/// A file a front end adds to a checkpoint (e.g. the record of a containerd container): its name in the
+/// checkpoint, and what produces its content, called once CRIU has dumped the workload (so that, without
+/// `leave_running`, it sees the workload's final state).
+pub type Attachment = (String, std::sync::Arc<dyn Fn() -> std::io::Result<Vec<u8>> + Send + Sync>);
+
+/// Run the dump `req` describes, adding `attachments` to the checkpoint.
+pub(crate) fn run(
+    engine: &Engine,
+    req: DumpRequest,
+    attachments: &[Attachment],
+    ctx: &OpContext,
+) -> Result<DumpOutcome, EngineError> {
     let started = Instant::now();
     let mut target = targets::dump_target(&req.target);
     let prepared = target.prepare(engine, &req.options)?;
@@ -99,7 +110,8 @@ pub(crate) fn run(engine: &Engine, req: DumpRequest, ctx: &OpContext) -> Result<
     };
     let hooks = engine.hooks();
     let passed = hooks.before(HookPoint::BeforeDump, &hook_ctx)?;
-    let result = checkpoint(engine, &req, ctx, target.as_mut(), &prepared, writer, &images_dir);
+    let what = Dumped { prepared: &prepared, attachments };
+    let result = checkpoint(engine, &req, ctx, target.as_mut(), what, writer, &images_dir);
     drop(staging);
     hook_ctx.succeeded = Some(result.is_ok());
     hooks.after(HookPoint::AfterDump, &hook_ctx, passed);
@@ -119,10 +131,11 @@ fn open_writer(
     name: &str,
 ) -> Result<(CheckpointWriter, Option<tempfile::TempDir>, PathBuf), EngineError> {
     let (writer, staging_parent) = match &req.destination {
-        Destination::Dir(dir) => {
+        Destination::Dir(dir) | Destination::DirReplacing(dir) => {
             std::fs::create_dir_all(dir).map_err(EngineError::io(format!("creating checkpoint folder {}", dir.display())))?;
             let path = CheckpointWriter::path_for(dir, name, req.compression);
-            (CheckpointWriter::create(path, req.compression)?, dir.clone())
+            let existing = if req.destination.replaces_existing() { Existing::Replace } else { Existing::Refuse };
+            (CheckpointWriter::create_with(path, req.compression, existing)?, dir.clone())
         }
         Destination::Url(url) => return Err(unsupported_url(url)),
         Destination::Sink(slot) => {
@@ -156,16 +169,23 @@ struct Packaged {
     time: Duration,
 }
 
+/// What goes into the checkpoint besides CRIU's images: the prepared target's files and the caller's.
+struct Dumped<'a> {
+    prepared: &'a Prepared,
+    attachments: &'a [Attachment],
+}
+
 /// From CRIU to a committed checkpoint and a finished target; rolls the target back on any failure.
 fn checkpoint(
     engine: &Engine,
     req: &DumpRequest,
     ctx: &OpContext,
     target: &mut dyn DumpTarget,
-    prepared: &Prepared,
+    what: Dumped<'_>,
     mut writer: CheckpointWriter,
     images_dir: &Path,
 ) -> Result<DumpOutcome, EngineError> {
+    let Dumped { prepared, attachments } = what;
     writer.set_cancel(ctx.cancel().clone());
     let temp_work = match &prepared.work_path {
         Some(_) => None,
@@ -238,6 +258,10 @@ fn checkpoint(
         }
         for (name, bytes) in &prepared.extra_files {
             writer.add_bytes(name, bytes).map_err(package_failure)?;
+        }
+        for (name, produce) in attachments {
+            let bytes = produce().map_err(|e| package_failure(CheckpointError::Io { path: PathBuf::from(name), source: e }))?;
+            writer.add_bytes(name, &bytes).map_err(package_failure)?;
         }
         progress.finish();
         let stats = match crate::criu::stats::read_dump_stats(&work) {
@@ -319,7 +343,11 @@ fn new_manifest(
         criu_version: engine.criu_version().to_string(),
         compression,
         process: prepared.process.clone(),
-        container: prepared.container.clone(),
+        // External files as they are now that the workload is frozen (CRIU recorded their sizes then too).
+        container: prepared.container.clone().map(|mut c| {
+            c.external_files.iter_mut().for_each(crate::checkpoint::ExternalFile::refresh_size);
+            c
+        }),
         criu_options: prepared.options.recorded_for_restore(),
         stats,
         checksum: crate::checkpoint::digest::ALGORITHM.to_string(),

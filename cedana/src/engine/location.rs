@@ -11,8 +11,14 @@ const OBJECT_STORES: [&str; 3] = ["s3://", "gs://", "gcs://"];
 
 /// Where a dump writes its checkpoint.
 pub enum Destination {
-    /// A local folder: the checkpoint is `DIR/NAME.<ext>` (or the folder `DIR/NAME` for `none`).
+    /// A local folder: the checkpoint is `DIR/NAME.<ext>` (or the folder `DIR/NAME` for `none`). A
+    /// checkpoint of that name there already makes the dump fail (before anything is frozen).
     Dir(PathBuf),
+    /// A local folder, as [`Destination::Dir`], where a checkpoint of the same name is replaced: atomically,
+    /// once the new checkpoint is complete (an archive by a rename over the old file, a folder by exchanging
+    /// the two). A dump that fails leaves the old checkpoint exactly as it was. Made by
+    /// [`Destination::replacing`]; what an "overwrite" option of a front end maps to.
+    DirReplacing(PathBuf),
     /// An object store (`s3://bucket/prefix`, `gs://...`).
     Url(String),
     /// Any writer, handed over by the caller (archives only; written front to back, never sought).
@@ -23,6 +29,7 @@ impl std::fmt::Debug for Destination {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Destination::Dir(d) => write!(f, "Dir({})", d.display()),
+            Destination::DirReplacing(d) => write!(f, "DirReplacing({})", d.display()),
             Destination::Url(u) => write!(f, "Url({u})"),
             Destination::Sink(_) => f.write_str("Sink"),
         }
@@ -43,6 +50,21 @@ impl Destination {
         Destination::Dir(dir.into())
     }
 
+    /// The same destination, but a checkpoint of the same name found there is replaced instead of refused
+    /// (see [`Destination::DirReplacing`]). Only local folders hold named checkpoints: other destinations are
+    /// returned unchanged.
+    pub fn replacing(self) -> Self {
+        match self {
+            Destination::Dir(d) => Destination::DirReplacing(d),
+            other => other,
+        }
+    }
+
+    /// Whether a checkpoint of the same name is replaced (else refused).
+    pub fn replaces_existing(&self) -> bool {
+        matches!(self, Destination::DirReplacing(_))
+    }
+
     /// A caller's writer.
     pub fn sink(sink: Box<dyn crate::checkpoint::sink::ArchiveSink>) -> Self {
         Destination::Sink(std::sync::Mutex::new(Some(sink)))
@@ -51,7 +73,7 @@ impl Destination {
     /// The local folder, if this is one.
     pub fn local_dir(&self) -> Option<&Path> {
         match self {
-            Destination::Dir(d) => Some(d),
+            Destination::Dir(d) | Destination::DirReplacing(d) => Some(d),
             _ => None,
         }
     }
@@ -112,6 +134,10 @@ mod tests {
     #[test]
     fn urls_and_paths_are_told_apart() {
         assert!(matches!(Destination::parse("s3://b/p"), Destination::Url(_)));
+        assert!(!Destination::parse("s3://b/p").replacing().replaces_existing(), "object stores hold no named files yet");
+        let replacing = Destination::dir("/tmp/x").replacing();
+        assert!(replacing.replaces_existing() && !Destination::dir("/tmp/x").replaces_existing());
+        assert_eq!(replacing.local_dir(), Some(Path::new("/tmp/x")));
         assert_eq!(Destination::parse("/tmp/x").local_dir(), Some(Path::new("/tmp/x")));
         assert_eq!(Source::parse("relative/ckpt.tar"), Source::Path("relative/ckpt.tar".into()));
         let err = Source::parse("gs://b/o").local().unwrap_err();

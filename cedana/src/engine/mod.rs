@@ -28,7 +28,7 @@ use crate::criu::{Criu, CriuDriver};
 use crate::runc::{ContainerRuntime, Runc, RuncError};
 
 pub use context::{OpContext, Timing};
-pub use dump::{DumpOutcome, DumpRequest};
+pub use dump::{Attachment, DumpOutcome, DumpRequest};
 pub use error::EngineError;
 pub use hooks::{Hook, HookContext, HookPoint, Hooks};
 pub use location::{Destination, Source};
@@ -91,7 +91,17 @@ impl Engine {
 
     /// Checkpoint what `req` names.
     pub fn dump(&self, req: DumpRequest, ctx: &OpContext) -> Result<DumpOutcome, EngineError> {
-        dump::run(self, req, ctx)
+        dump::run(self, req, &[], ctx)
+    }
+
+    /// [`Engine::dump`], adding the caller's files to the checkpoint (see [`Attachment`]).
+    pub fn dump_attaching(
+        &self,
+        req: DumpRequest,
+        attachments: &[Attachment],
+        ctx: &OpContext,
+    ) -> Result<DumpOutcome, EngineError> {
+        dump::run(self, req, attachments, ctx)
     }
 
     /// Verify and restore the checkpoint `req` names.

@@ -6,7 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use crate::checkpoint::{CheckpointKind, Manifest, OpenedCheckpoint, PendingVerification};
+use crate::checkpoint::{CheckpointKind, FileRedirect, Manifest, OpenedCheckpoint, PendingVerification};
 use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
 use crate::engine::hooks::{HookContext, HookPoint, Hooks, Passed};
@@ -55,12 +55,25 @@ pub struct RestoreRequest {
     pub process: ProcessRestoreOptions,
     /// For container checkpoints: the new container.
     pub container: Option<ContainerRestore>,
+    /// Where files the workload held outside its mounts at dump time (recorded in the manifest, e.g. a
+    /// container's stdout redirected to a host file) are reconnected, by the descriptor of the restored root
+    /// or by their original path; the others go back to their original paths. A missing file is created, and
+    /// an empty one is extended to the size the original had (the workload writes on at its own offset).
+    /// Empty by default.
+    pub external_files: Vec<FileRedirect>,
 }
 
 impl RestoreRequest {
     /// A restore of the checkpoint at `source` with default settings.
     pub fn new(source: Source) -> Self {
-        Self { source, only: None, options: CriuOptions::default(), process: ProcessRestoreOptions::default(), container: None }
+        Self {
+            source,
+            only: None,
+            options: CriuOptions::default(),
+            process: ProcessRestoreOptions::default(),
+            container: None,
+            external_files: Vec::new(),
+        }
     }
 }
 
@@ -217,6 +230,49 @@ pub fn wait_for_exit(pid: i32) -> Result<i32, EngineError> {
             Err(e) => {
                 return Err(EngineError::Io { what: format!("waiting for restored PID {pid}"), source: std::io::Error::from(e) })
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::checkpoint::{digest, CheckpointKind, CheckpointWriter, Manifest, OpenedCheckpoint, ProcessInfo, FORMAT_VERSION};
+    use crate::codec::Compression;
+
+    /// The format of a checkpoint comes from its content: a zstd archive renamed with a misleading
+    /// extension, or none at all, opens and verifies as zstd (Cedana trusts the extension instead).
+    #[test]
+    fn a_checkpoint_is_opened_by_its_content_whatever_its_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = CheckpointWriter::path_for(dir.path(), "cp", Compression::Zstd);
+        let mut w = CheckpointWriter::create(path, Compression::Zstd).unwrap();
+        w.add_bytes("core-7.img", b"core").unwrap();
+        w.add_bytes("pages-1.img", &[7u8; 100_000]).unwrap();
+        let mut manifest = Manifest {
+            format_version: FORMAT_VERSION,
+            kind: CheckpointKind::Process,
+            created_at: chrono::Utc::now(),
+            hostname: "host".into(),
+            cedana_version: "0".into(),
+            criu_version: "4.2.1".into(),
+            compression: Compression::Zstd,
+            process: ProcessInfo { pid: 7, pids: vec![7], ..Default::default() },
+            container: None,
+            criu_options: Default::default(),
+            stats: None,
+            checksum: digest::ALGORITHM.into(),
+            files: Vec::new(),
+        };
+        let written = w.commit(&mut manifest).unwrap();
+        assert!(written.to_string_lossy().ends_with(".tar.zst"), "{}", written.display());
+        let mut previous = written;
+        for name in ["renamed.tar.jibberish", "renamed", "renamed.tar.gz"] {
+            let renamed = dir.path().join(name);
+            std::fs::rename(&previous, &renamed).unwrap();
+            let opened = OpenedCheckpoint::open(&renamed, &dir.path().join("scratch"), &|_| {}).unwrap();
+            assert_eq!(opened.manifest.compression, Compression::Zstd, "{name}");
+            assert_eq!(std::fs::read(opened.images_dir.join("pages-1.img")).unwrap(), [7u8; 100_000], "{name}");
+            previous = renamed;
         }
     }
 }

@@ -141,10 +141,13 @@ pub struct Job {
     pub created_at: i64,
     /// The container's id, for container jobs.
     pub container_id: Option<String>,
-    /// The container runtime's state folder (runc's `--root`), for container jobs.
+    /// The container runtime's state folder (runc's `--root`) for runc jobs; containerd's socket for
+    /// containerd jobs.
     pub runtime_root: Option<PathBuf>,
     /// The checkpoint (its path) this job was restored from, if it was.
     pub restored_from: Option<String>,
+    /// The containerd namespace, for containerd jobs.
+    pub namespace: Option<String>,
 }
 
 impl Job {
@@ -166,6 +169,7 @@ impl Job {
             container_id: None,
             runtime_root: None,
             restored_from: None,
+            namespace: None,
         }
     }
 }

@@ -84,6 +84,26 @@ pub struct RestoreFlags {
     pub stdio: Option<std::sync::Arc<[std::os::fd::OwnedFd; 3]>>,
 }
 
+/// What runc 1.1 has no flags for, handed to the CRIU it runs: CRIU options (as lines of a CRIU
+/// configuration file, e.g. `external file[1b:2a]`, `inherit-fd fd[100]:file[1b:2a]`) and descriptors CRIU
+/// inherits at fixed numbers (for `inherit-fd`). CRIU reads the file named by `$CRIU_CONFIG_FILE` also when
+/// runc drives it over RPC (`criu swrk`), before runc's own settings; runc keeps descriptors it inherits open
+/// for CRIU.
+#[derive(Debug, Default)]
+pub struct CriuExtras {
+    /// Configuration lines: an option without its leading `--`, and its value.
+    pub options: Vec<String>,
+    /// Descriptors for CRIU: (the number it sees, the file).
+    pub fds: Vec<(i32, std::os::fd::OwnedFd)>,
+}
+
+impl CriuExtras {
+    /// Whether there is nothing to hand over.
+    pub fn is_empty(&self) -> bool {
+        self.options.is_empty() && self.fds.is_empty()
+    }
+}
+
 /// The container runtime the engine drives (runc, or anything that speaks its command line): the seam unit
 /// tests replace with a fake. Implemented by [`Runc`].
 pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
@@ -103,6 +123,29 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
     fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString]) -> Result<(), RuncError>;
     /// `restore --image-path IMAGES ... ID`; runc's exit code.
     fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError>;
+    /// [`ContainerRuntime::checkpoint`] with CRIU options runc has no flags for. A runtime that cannot pass
+    /// them refuses a non-empty `extras`.
+    fn checkpoint_with(
+        &self,
+        id: &str,
+        images: &Path,
+        work: &Path,
+        flags: &[OsString],
+        extras: &CriuExtras,
+    ) -> Result<(), RuncError> {
+        if !extras.is_empty() {
+            return Err(RuncError::Unsupported { option: "CRIU options outside runc's flags".into() });
+        }
+        self.checkpoint(id, images, work, flags)
+    }
+    /// [`ContainerRuntime::restore`] with CRIU options and descriptors runc has no flags for. A runtime that
+    /// cannot pass them refuses a non-empty `extras`.
+    fn restore_with(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError> {
+        if !extras.is_empty() {
+            return Err(RuncError::Unsupported { option: "CRIU options outside runc's flags".into() });
+        }
+        self.restore(id, images, flags)
+    }
 }
 
 impl ContainerRuntime for Runc {
@@ -129,6 +172,19 @@ impl ContainerRuntime for Runc {
     }
     fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError> {
         Runc::restore(self, id, images, flags)
+    }
+    fn checkpoint_with(
+        &self,
+        id: &str,
+        images: &Path,
+        work: &Path,
+        flags: &[OsString],
+        extras: &CriuExtras,
+    ) -> Result<(), RuncError> {
+        Runc::checkpoint_with(self, id, images, work, flags, extras)
+    }
+    fn restore_with(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError> {
+        Runc::restore_with(self, id, images, flags, extras)
     }
 }
 
@@ -228,15 +284,38 @@ impl Runc {
 
     /// `runc checkpoint --image-path IMAGES --work-path WORK FLAGS... ID`.
     pub fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString]) -> Result<(), RuncError> {
+        self.checkpoint_with(id, images, work, flags, &CriuExtras::default())
+    }
+
+    /// [`Runc::checkpoint`], with CRIU options runc has no flags for (descriptors are not passed at dump).
+    pub fn checkpoint_with(
+        &self,
+        id: &str,
+        images: &Path,
+        work: &Path,
+        flags: &[OsString],
+        extras: &CriuExtras,
+    ) -> Result<(), RuncError> {
         let mut cmd = self.command();
         cmd.arg("checkpoint").arg("--image-path").arg(images).arg("--work-path").arg(work).args(flags).arg(id);
+        let _config = criu_config(&mut cmd, &extras.options).map_err(|source| self.spawn_error(source))?;
         self.output("checkpoint", id, &mut cmd).map(drop)
+    }
+
+    fn spawn_error(&self, source: std::io::Error) -> RuncError {
+        RuncError::Spawn { binary: self.binary.clone(), source }
     }
 
     /// `runc restore --image-path IMAGES ... ID`. The caller's stdio is the restored container's (for pipes
     /// that were external at dump) and runc's; with `detach` this returns once the container runs, else
     /// when it exits. Returns runc's exit code when runc itself ran.
     pub fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError> {
+        self.restore_with(id, images, flags, CriuExtras::default())
+    }
+
+    /// [`Runc::restore`], with CRIU options runc has no flags for and descriptors CRIU inherits (runc keeps
+    /// them open for the CRIU it runs; they are closed here once runc is done).
+    pub fn restore_with(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError> {
         // runc's stderr is the container's: read its error back from the log instead (the caller's --log,
         // or a private one).
         let private_log = match self.log_file() {
@@ -276,6 +355,8 @@ impl Runc {
             let dup = |i: usize| fds[i].try_clone().map_err(|source| RuncError::Spawn { binary: self.binary.clone(), source });
             cmd.stdin(dup(0)?).stdout(dup(1)?).stderr(dup(2)?);
         }
+        let _config = criu_config(&mut cmd, &extras.options).map_err(|source| self.spawn_error(source))?;
+        pass_fds(&mut cmd, &extras.fds);
         tracing::debug!(?cmd, "running runc restore");
         let status = cmd.status().map_err(|source| RuncError::Spawn { binary: self.binary.clone(), source })?;
         // Our copies of the container's ends go with `cmd`, once runc has started.
@@ -313,6 +394,62 @@ impl Runc {
             return Err(RuncError::NoSuchContainer { id: id.into(), root: self.root.clone() });
         }
         Err(RuncError::Failed { command: command.into(), id: id.into(), status: describe_status(out.status), message })
+    }
+}
+
+/// Environment variable naming the CRIU configuration file CRIU reads (also in RPC mode).
+const CRIU_CONFIG_ENV: &str = "CRIU_CONFIG_FILE";
+
+/// Point `cmd` (and the CRIU it runs) at a configuration file holding `options`, after the lines of the
+/// file `$CRIU_CONFIG_FILE` names already, if any (CRIU reads only one such file). The file lives as long as
+/// the returned handle; nothing is done for no options.
+fn criu_config(cmd: &mut Command, options: &[String]) -> std::io::Result<Option<tempfile::NamedTempFile>> {
+    if options.is_empty() {
+        return Ok(None);
+    }
+    let mut text = match std::env::var_os(CRIU_CONFIG_ENV) {
+        Some(p) => std::fs::read_to_string(&p).unwrap_or_default(),
+        None => String::new(),
+    };
+    if !text.is_empty() && !text.ends_with('\n') {
+        text.push('\n');
+    }
+    for line in options {
+        text.push_str(line);
+        text.push('\n');
+    }
+    let mut file = tempfile::Builder::new().prefix("cedana-criu-").suffix(".conf").tempfile()?;
+    std::io::Write::write_all(&mut file, text.as_bytes())?;
+    tracing::debug!(path = %file.path().display(), options = ?options, "CRIU options through a configuration file");
+    cmd.env(CRIU_CONFIG_ENV, file.path());
+    Ok(Some(file))
+}
+
+/// Give the child of `cmd` each descriptor at its number (inherited across exec).
+fn pass_fds(cmd: &mut Command, fds: &[(i32, std::os::fd::OwnedFd)]) {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    if fds.is_empty() {
+        return;
+    }
+    let pairs: Vec<(i32, i32)> = fds.iter().map(|(target, fd)| (fd.as_raw_fd(), *target)).collect();
+    // SAFETY: only dup2 and fcntl, which are async-signal-safe, run between fork and exec; the source
+    // descriptors stay open in the parent (borrowed by `fds`) until the child has been spawned.
+    unsafe {
+        cmd.pre_exec(move || {
+            for &(src, target) in &pairs {
+                if src == target {
+                    // Already at its number: only let it survive exec.
+                    let flags = libc::fcntl(src, libc::F_GETFD);
+                    if flags < 0 || libc::fcntl(src, libc::F_SETFD, flags & !libc::FD_CLOEXEC) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                } else if libc::dup2(src, target) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
     }
 }
 

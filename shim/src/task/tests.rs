@@ -8,17 +8,24 @@ use tokio::sync::mpsc;
 
 use super::*;
 use crate::error::Kind;
-use crate::runtime::RuntimeState;
+use crate::runtime::{ExecOpts, RuntimeState};
 
 /// A runtime that records calls; `kill` with SIGKILL/SIGTERM makes the init "exit" through the exit channel,
-/// as the reaper would.
-struct StubRuntime {
-    calls: StdMutex<Vec<String>>,
-    exits: mpsc::UnboundedSender<(i32, i32)>,
+/// as the reaper would, and `signal` does the same for an exec's PID. Exec PIDs are [`EXEC_PID`] + n; an exec
+/// whose id is `bad` fails as runc's would.
+pub(crate) struct StubRuntime {
+    pub(crate) calls: StdMutex<Vec<String>>,
+    pub(crate) exits: mpsc::UnboundedSender<(i32, i32)>,
     fail_start: bool,
+    /// PIDs of the execs started.
+    exec_pids: StdMutex<Vec<i32>>,
 }
 
-const PID: i32 = 4242;
+pub(crate) const PID: i32 = 4242;
+/// The first exec's PID.
+pub(crate) const EXEC_PID: i32 = 7001;
+/// The memory usage the stub's stats report.
+pub(crate) const MEMORY_USAGE: u64 = 123_456;
 
 #[async_trait]
 impl Runtime for StubRuntime {
@@ -36,8 +43,8 @@ impl Runtime for StubRuntime {
     async fn state(&self, _id: &str) -> Result<RuntimeState> {
         Ok(RuntimeState { status: "running".into(), pid: PID })
     }
-    async fn kill(&self, id: &str, signal: u32, _all: bool) -> Result<()> {
-        self.calls.lock().unwrap().push(format!("kill {id} {signal}"));
+    async fn kill(&self, id: &str, signal: u32, all: bool) -> Result<()> {
+        self.calls.lock().unwrap().push(format!("kill {id} {signal}{}", if all { " all" } else { "" }));
         if signal == 9 || signal == 15 {
             let _ = self.exits.send((PID, 128 + signal as i32));
         }
@@ -48,7 +55,37 @@ impl Runtime for StubRuntime {
         Ok(())
     }
     async fn pids(&self, _id: &str) -> Result<Vec<i32>> {
-        Ok(vec![PID, PID + 1])
+        let mut pids = vec![PID, PID + 1];
+        pids.extend(self.exec_pids.lock().unwrap().iter().copied());
+        Ok(pids)
+    }
+    async fn exec(&self, id: &str, opts: &ExecOpts) -> Result<i32> {
+        self.calls.lock().unwrap().push(format!("exec {id} {} {}", opts.exec_id, opts.stdout));
+        if opts.exec_id == "bad" {
+            return Err(Error::unknown("OCI runtime exec failed: exec: \"nope\": not found"));
+        }
+        let mut pids = self.exec_pids.lock().unwrap();
+        let pid = EXEC_PID + pids.len() as i32;
+        pids.push(pid);
+        Ok(pid)
+    }
+    async fn signal(&self, pid: i32, signal: u32) -> Result<()> {
+        self.calls.lock().unwrap().push(format!("signal {pid} {signal}"));
+        if signal == 9 || signal == 15 {
+            let _ = self.exits.send((pid, 128 + signal as i32));
+        }
+        Ok(())
+    }
+    async fn update(&self, id: &str, resources: &[u8]) -> Result<()> {
+        self.calls.lock().unwrap().push(format!("update {id} {}", String::from_utf8_lossy(resources)));
+        Ok(())
+    }
+    async fn stats(&self, id: &str) -> Result<containerd_shim_protos::cgroups::metrics::Metrics> {
+        use containerd_shim_protos::cgroups::metrics::{MemoryEntry, MemoryStat, Metrics};
+        self.calls.lock().unwrap().push(format!("stats {id}"));
+        let usage = MemoryEntry { usage: MEMORY_USAGE, ..Default::default() };
+        let memory = MemoryStat { usage: MessageField::some(usage), ..Default::default() };
+        Ok(Metrics { memory: MessageField::some(memory), ..Default::default() })
     }
     async fn pause(&self, id: &str) -> Result<()> {
         self.calls.lock().unwrap().push(format!("pause {id}"));
@@ -90,32 +127,48 @@ impl RootfsMounter for NoMounts {
     }
 }
 
-struct Fixture {
-    m: Arc<TaskManager<StubRuntime>>,
-    runtime: Arc<StubRuntime>,
-    events: mpsc::UnboundedReceiver<Event>,
-    exit_signal: Arc<ExitSignal>,
+/// Records the tasks it is asked to watch for OOM kills.
+#[derive(Default)]
+pub(crate) struct StubOom {
+    pub(crate) watched: StdMutex<Vec<(String, i32)>>,
 }
 
-fn fixture(fail_start: bool) -> Fixture {
+impl crate::oom::OomWatcher for StubOom {
+    fn watch(&self, id: &str, pid: i32) {
+        self.watched.lock().unwrap().push((id.to_string(), pid));
+    }
+}
+
+pub(crate) struct Fixture {
+    pub(crate) m: Arc<TaskManager<StubRuntime>>,
+    pub(crate) runtime: Arc<StubRuntime>,
+    pub(crate) events: mpsc::UnboundedReceiver<Event>,
+    exit_signal: Arc<ExitSignal>,
+    pub(crate) oom: Arc<StubOom>,
+}
+
+pub(crate) fn fixture(fail_start: bool) -> Fixture {
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
-    let runtime = Arc::new(StubRuntime { calls: Default::default(), exits: exits_tx, fail_start });
+    let runtime = Arc::new(StubRuntime { calls: Default::default(), exits: exits_tx, fail_start, exec_pids: Default::default() });
     let (tx, events) = mpsc::unbounded_channel::<Event>();
     let exit_signal = Arc::new(ExitSignal::default());
-    let m = Arc::new(TaskManager::new(runtime.clone(), Arc::new(tx), Arc::new(NoMounts), exit_signal.clone()));
+    let oom = Arc::new(StubOom::default());
+    let m = Arc::new(
+        TaskManager::new(runtime.clone(), Arc::new(tx), Arc::new(NoMounts), exit_signal.clone()).with_oom_watcher(oom.clone()),
+    );
     m.forward_exits(exits_rx);
-    Fixture { m, runtime, events, exit_signal }
+    Fixture { m, runtime, events, exit_signal, oom }
 }
 
-fn create_req(id: &str) -> CreateTaskRequest {
+pub(crate) fn create_req(id: &str) -> CreateTaskRequest {
     CreateTaskRequest { id: id.into(), bundle: format!("/bundles/{id}"), stdout: "/fifo/out".into(), ..Default::default() }
 }
 
-async fn next_event(events: &mut mpsc::UnboundedReceiver<Event>) -> Event {
+pub(crate) async fn next_event(events: &mut mpsc::UnboundedReceiver<Event>) -> Event {
     tokio::time::timeout(Duration::from_secs(5), events.recv()).await.expect("an event in time").expect("open channel")
 }
 
-fn kind<T: std::fmt::Debug>(r: Result<T>) -> Kind {
+pub(crate) fn kind<T: std::fmt::Debug>(r: Result<T>) -> Kind {
     r.expect_err("an error").kind
 }
 
@@ -179,7 +232,9 @@ async fn lifecycle_create_start_kill_wait_delete() {
     f.m.shutdown(ShutdownRequest::default()).await.unwrap();
     tokio::time::timeout(Duration::from_secs(1), f.exit_signal.wait()).await.expect("shutdown with no task exits");
     let calls = f.runtime.calls.lock().unwrap().clone();
-    assert_eq!(calls, vec!["create c1 /fifo/out", "start c1", "kill c1 9", "delete c1 true"]);
+    // The bundle has no spec, so the init's exit kills what is left of the container (the runc shim's rule).
+    assert_eq!(calls, vec!["create c1 /fifo/out", "start c1", "kill c1 9", "kill c1 9 all", "delete c1 true"]);
+    assert_eq!(*f.oom.watched.lock().unwrap(), vec![("c1".to_string(), PID)], "the started task is watched for OOM");
 }
 
 #[tokio::test]
@@ -271,7 +326,7 @@ fn checkpoint_req(id: &str, path: &str, options: Option<crate::options::Checkpoi
     CheckpointTaskRequest { id: id.into(), path: path.into(), options: options.into(), ..Default::default() }
 }
 
-fn topics(events: &mut mpsc::UnboundedReceiver<Event>) -> Vec<&'static str> {
+pub(crate) fn topics(events: &mut mpsc::UnboundedReceiver<Event>) -> Vec<&'static str> {
     std::iter::from_fn(|| events.try_recv().ok()).map(|e| e.topic()).collect()
 }
 

@@ -2,12 +2,26 @@
 //! CRIU's `post-dump` notification, while the tree is still frozen, and only a complete checkpoint lets CRIU
 //! kill it (a refused `post-dump` makes CRIU resume it). Restore makes sure the tree's PIDs are free, wires
 //! the standard streams that were pipes, and holds CRIU at `pre-restore` until the verification is done.
+//!
+//! A tree with a mount namespace of its own (`unshare --mount PROGRAM > out.log`) has its namespace
+//! dumped by CRIU with it, and its descriptors opened before it left ours (its stdio, typically) lie on
+//! mounts that namespace does not have: CRIU cannot dump them ("Can't lookup mount=N for fd=1"). They are
+//! marked external (see [`crate::checkpoint::external`]) and recorded in [`RECORD_FILE`], with the
+//! namespace's root; a restore hands CRIU those files open (`inherit_fd`), at their paths or where the
+//! request redirects them, and builds the namespace on that root (CRIU's `--root`, without which CRIU 4.2
+//! dies restoring it: "mnt: BUG at criu/mount.c:48").
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use serde::{Deserialize, Serialize};
+
 use super::{CheckpointCall, DumpTarget, Prepared, RestoreTarget, Restored};
-use crate::checkpoint::{CheckpointKind, OpenedCheckpoint};
+use crate::checkpoint::external::{self, ExternalFile};
+use crate::checkpoint::{CheckpointError, CheckpointKind, OpenedCheckpoint};
 use crate::criu::options::CriuOptions;
 use crate::criu::{CriuStdio, DumpCall, RestoreCall};
 use crate::engine::context::OpContext;
@@ -18,14 +32,57 @@ use crate::procfs;
 /// How long to wait for a PID of the checkpoint held by a zombie that its parent has not reaped yet.
 const ZOMBIE_GRACE: Duration = Duration::from_secs(5);
 
+/// Name, inside a process checkpoint, of what its restore needs besides CRIU's images and the manifest
+/// (a [`ProcessRecord`] in JSON). Absent from checkpoints of trees that need nothing of it.
+pub const RECORD_FILE: &str = "process/restore.json";
+
+/// What a restore of a process checkpoint needs to know besides CRIU's options: written into the images
+/// folder at CRIU's `post-dump`, while the tree is frozen (the files' sizes are the ones CRIU recorded).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessRecord {
+    /// Files the tree held outside its mount namespace, marked external at dump.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_files: Vec<ExternalFile>,
+    /// Set when the tree had a mount namespace of its own (CRIU dumped it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mount_namespace: Option<MountNamespace>,
+}
+
+/// A tree's own mount namespace, as a restore must rebuild it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MountNamespace {
+    /// The folder (as this machine's root mount namespace sees it) whose content was the namespace's root
+    /// mount: `/` for a copy of ours (`unshare --mount`), the new root's folder after a `pivot_root` onto a
+    /// bind mount of it. `None` when the root mount is of another file system: the restore must be told.
+    pub root: Option<PathBuf>,
+}
+
 /// Dump target: the tree rooted at `pid`.
 pub(crate) struct ProcessTarget {
     pid: i32,
+    /// What [`RECORD_FILE`] will hold (external files with their sizes refreshed once frozen).
+    record: ProcessRecord,
 }
 
 impl ProcessTarget {
     pub fn new(pid: i32) -> Self {
-        Self { pid }
+        Self { pid, record: ProcessRecord::default() }
+    }
+
+    /// Write [`RECORD_FILE`] into the images folder (when there is anything to record), with the external
+    /// files' sizes as they are now.
+    fn write_record(&mut self, images_dir: &Path) -> Result<(), EngineError> {
+        if self.record == ProcessRecord::default() {
+            return Ok(());
+        }
+        self.record.external_files.iter_mut().for_each(ExternalFile::refresh_size);
+        let path = images_dir.join(RECORD_FILE);
+        let io = |e| EngineError::Checkpoint(CheckpointError::Io { path: path.clone(), source: e });
+        let bytes = serde_json::to_vec_pretty(&self.record).map_err(|e| io(std::io::Error::other(e)))?;
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent).map_err(io)?;
+        }
+        std::fs::write(&path, bytes).map_err(io)
     }
 }
 
@@ -47,6 +104,15 @@ impl DumpTarget for ProcessTarget {
                 return Err(EngineError::NeedsTcpEstablished { pid, conns: conns.join(", ") });
             }
         }
+        let external_files = external::find_with_devices(pid, &info.pids)?;
+        for f in &external_files {
+            tracing::info!(pid, key = %f.key, path = %f.path.display(), fds = ?f.fds, "a file outside the tree's mounts: external");
+        }
+        let mount_namespace = own_mount_namespace(pid)?;
+        if let Some(ns) = &mount_namespace {
+            tracing::info!(pid, root = ?ns.root, "the tree has a mount namespace of its own: CRIU dumps it");
+        }
+        self.record = ProcessRecord { external_files, mount_namespace };
         Ok(Prepared {
             kind: CheckpointKind::Process,
             id: pid.to_string(),
@@ -70,15 +136,45 @@ impl DumpTarget for ProcessTarget {
         call: &CheckpointCall<'_>,
         frozen: &mut dyn FnMut() -> bool,
     ) -> Result<(), EngineError> {
+        // The external files are CRIU options of this dump only: a restore names them with inherit_fd.
+        let mut options = call.options.clone();
+        for f in &self.record.external_files {
+            let resource = f.key.clone();
+            if !options.external.contains(&resource) {
+                options.external.push(resource);
+            }
+        }
         let dump = DumpCall {
             pid: self.pid,
             images_dir: call.images_dir,
             work_dir: call.work_dir,
-            options: call.options,
+            options: &options,
             leave_running: call.leave_running,
         };
-        let mut notify = |action: &str| action != "post-dump" || frozen();
-        engine.criu().dump(&dump, &mut notify).map_err(EngineError::from)
+        let mut recorded: Option<Result<(), EngineError>> = None;
+        let result = {
+            let mut notify = |action: &str| {
+                if action != "post-dump" {
+                    return true;
+                }
+                // The tree is frozen: the files' sizes are final, and the record is packaged with the images.
+                let written = self.write_record(call.images_dir);
+                let ok = written.is_ok();
+                recorded = Some(written);
+                ok && frozen()
+            };
+            engine.criu().dump(&dump, &mut notify).map_err(EngineError::from)
+        };
+        match (result, recorded) {
+            (Err(e), Some(Err(record))) => {
+                tracing::error!(error = %record, "writing the restore record failed");
+                Err(e)
+            }
+            (Err(e), _) => Err(e),
+            (Ok(()), Some(written)) => written,
+            // No post-dump notification came (a driver without them): record it now.
+            (Ok(()), None) => self.write_record(call.images_dir),
+        }
     }
 
     fn finish(&mut self, _leave_running: bool) -> Result<(), EngineError> {
@@ -131,6 +227,24 @@ impl RestoreTarget for ProcessRestore {
         for pipe in &opened.manifest.process.stdio_pipes {
             user.inherit_fd.push(format!("fd[{}]:{}", pipe.fd, pipe.resource));
         }
+        let record = read_record(&opened.images_dir)?;
+        // Held open until CRIU is done: CRIU takes them by their numbers in this process.
+        let reopened = reopen_external_files(&record, req)?;
+        for r in &reopened {
+            tracing::info!(key = %r.file.key, path = %r.path.display(), fds = ?r.file.fds, "reconnecting an external file");
+            user.inherit_fd.push(format!("fd[{}]:{}", r.handle.as_raw_fd(), r.file.key));
+        }
+        if let Some(ns) = &record.mount_namespace {
+            if !gives_root(&user.extra) {
+                let root = ns.root.as_ref().ok_or_else(|| EngineError::Unsupported {
+                    what: "restoring this tree's mount namespace".into(),
+                    detail: "its root mount was not a folder of this machine's root file system, so where to build \
+                             it is unknown: give CRIU's root option (--root DIR, the folder that holds its root)"
+                        .into(),
+                })?;
+                user.extra.extend(["--root".to_string(), root.display().to_string()]);
+            }
+        }
         let options = opened.manifest.criu_options.merged_with(&user);
         let work =
             tempfile::Builder::new().prefix("cedana-restore-").tempdir().map_err(EngineError::io("creating a work folder"))?;
@@ -144,6 +258,7 @@ impl RestoreTarget for ProcessRestore {
         let started = Instant::now();
         let mut notify = |action: &str| action != "pre-restore" || gate.pass();
         let restored = engine.criu().restore(&call, &mut notify);
+        drop(reopened);
         let criu_time = started.elapsed().saturating_sub(gate.waited());
         let pid = match restored {
             Ok(pid) => pid,
@@ -158,6 +273,91 @@ impl RestoreTarget for ProcessRestore {
         }
         Ok(Restored { pid, exit_code: None, criu_time })
     }
+}
+
+/// The checkpoint's [`RECORD_FILE`], or an empty record when it has none (older checkpoints, trees that
+/// needed nothing of it).
+fn read_record(images_dir: &Path) -> Result<ProcessRecord, EngineError> {
+    let path = images_dir.join(RECORD_FILE);
+    match std::fs::read(&path) {
+        Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+            EngineError::Checkpoint(CheckpointError::Corrupt { path, detail: format!("unreadable restore record: {e}") })
+        }),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(ProcessRecord::default()),
+        Err(e) => Err(EngineError::Checkpoint(CheckpointError::Io { path, source: e })),
+    }
+}
+
+/// Open the recorded external files for the restore (see [`external::open_for_restore`]); a redirect that
+/// applies to none of them is refused, naming the files there are.
+fn reopen_external_files(record: &ProcessRecord, req: &RestoreRequest) -> Result<Vec<external::Reopened>, EngineError> {
+    if let Some(r) = external::unmatched(&record.external_files, &req.external_files).first() {
+        let known: Vec<String> =
+            record.external_files.iter().map(|f| format!("{} (descriptors {:?})", f.path.display(), f.fds)).collect();
+        let detail = if known.is_empty() {
+            format!("the checkpoint records no external files, so {r} applies to nothing")
+        } else {
+            format!("{r} applies to none of the checkpoint's external files: {}", known.join(", "))
+        };
+        return Err(CheckpointError::ExternalFile { path: r.to.clone(), detail }.into());
+    }
+    Ok(external::open_for_restore(&record.external_files, &req.external_files)?)
+}
+
+/// Whether CRIU arguments set `--root` already.
+fn gives_root(extra: &[String]) -> bool {
+    extra.iter().any(|a| a == "--root" || a.starts_with("--root="))
+}
+
+/// The tree's mount namespace, when it is not ours: CRIU dumps it, and its restore must be told where to
+/// build it (see [`MountNamespace::root`]).
+fn own_mount_namespace(pid: i32) -> Result<Option<MountNamespace>, EngineError> {
+    let ns = |p: &str| {
+        let path = format!("{p}/ns/mnt");
+        std::fs::metadata(&path).map(|m| m.ino()).map_err(EngineError::io(format!("reading {path}")))
+    };
+    if ns(&format!("/proc/{pid}"))? == ns("/proc/self")? {
+        return Ok(None);
+    }
+    let root_mount = |p: &str| -> Option<(String, String)> {
+        let text = std::fs::read_to_string(format!("{p}/mountinfo")).ok()?;
+        parse_root_mount(&text)
+    };
+    let root = match (root_mount(&format!("/proc/{pid}")), root_mount("/proc/self")) {
+        (Some((dev, root)), Some((our_dev, our_root))) if dev == our_dev && our_root == "/" => Some(PathBuf::from(root)),
+        _ => None,
+    };
+    Ok(Some(MountNamespace { root }))
+}
+
+/// The device (`major:minor`) and root (the folder of its file system it shows) of the mount at `/` in a
+/// mountinfo text: the last one listed, which is on top.
+fn parse_root_mount(mountinfo: &str) -> Option<(String, String)> {
+    mountinfo.lines().rev().find_map(|l| {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f.len() > 4 && f[4] == "/").then(|| (f[2].to_string(), unescape_mountinfo(f[3])))
+    })
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8).wrapping_add(c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Fail if a PID of the checkpoint is taken by a live process; give zombies a moment to be reaped.
@@ -184,5 +384,54 @@ fn wait_until_free(pids: &[i32], ctx: &OpContext) -> Result<(), EngineError> {
                 return Err(EngineError::PidInUse { pid: user.pid, comm: how });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_root_mount_is_the_topmost_at_slash_with_escapes_undone() {
+        let text = "22 1 254:0 / / rw - ext4 /dev/vda rw\n\
+                    30 22 0:5 / /dev rw - devtmpfs devtmpfs rw\n\
+                    41 22 254:0 /srv/new\\040root / rw - ext4 /dev/vda rw\n";
+        assert_eq!(parse_root_mount(text), Some(("254:0".into(), "/srv/new root".into())));
+        assert_eq!(parse_root_mount("30 22 0:5 / /dev rw - devtmpfs devtmpfs rw\n"), None);
+        assert_eq!(unescape_mountinfo("a\\011b\\134c\\9"), "a\tb\\c\\9");
+    }
+
+    #[test]
+    fn a_tree_in_our_mount_namespace_has_none_of_its_own() {
+        assert_eq!(own_mount_namespace(std::process::id() as i32).unwrap(), None);
+    }
+
+    #[test]
+    fn root_given_by_the_user_is_kept() {
+        assert!(gives_root(&["--root".into(), "/x".into()]));
+        assert!(gives_root(&["--root=/x".into()]));
+        assert!(!gives_root(&["--rootless".into()]));
+    }
+
+    #[test]
+    fn records_round_trip_and_a_missing_one_is_empty() {
+        let dir = tempfile::tempdir().unwrap();
+        assert_eq!(read_record(dir.path()).unwrap(), ProcessRecord::default());
+        let mut target = ProcessTarget::new(1);
+        target.write_record(dir.path()).unwrap();
+        assert!(!dir.path().join(RECORD_FILE).exists(), "nothing to record, no file");
+        target.record.mount_namespace = Some(MountNamespace { root: Some("/".into()) });
+        target.write_record(dir.path()).unwrap();
+        assert_eq!(read_record(dir.path()).unwrap(), target.record);
+        std::fs::write(dir.path().join(RECORD_FILE), b"{").unwrap();
+        assert!(read_record(dir.path()).unwrap_err().to_string().contains("restore record"));
+    }
+
+    #[test]
+    fn a_redirect_that_matches_no_external_file_is_refused_by_name() {
+        let mut req = RestoreRequest::new(crate::engine::Source::parse("/x"));
+        req.external_files = vec![external::FileRedirect::parse("7=/tmp/new.log").unwrap()];
+        let err = reopen_external_files(&ProcessRecord::default(), &req).unwrap_err().to_string();
+        assert!(err.contains("7=/tmp/new.log") && err.contains("no external files"), "{err}");
     }
 }

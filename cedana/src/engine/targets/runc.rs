@@ -6,6 +6,11 @@
 //! loses or freezes a container without saying so. A container restored from such a checkpoint comes back
 //! running (measured with runc 1.1.5 on cgroup v1); a detached restore resumes it should it come back paused.
 //!
+//! Files the container's processes hold outside its mounts (its stdout redirected to a host file) are
+//! external to CRIU (see [`crate::checkpoint::external`]): runc 1.1 has no flag for that, so they reach the
+//! CRIU that runc runs through a CRIU configuration file (`external file[..]` at dump, `inherit-fd` at
+//! restore, with the files handed down open).
+//!
 //! Restore: the verified images go to `runc restore` under a new id.
 
 use std::ffi::OsString;
@@ -14,16 +19,21 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{CheckpointCall, DumpTarget, Prepared, RestoreTarget, Restored};
+use crate::checkpoint::external::{self, ExternalFile};
 use crate::checkpoint::{CheckpointKind, ContainerInfo, OpenedCheckpoint};
 use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
 use crate::engine::restore::{Gate, RestoreRequest};
 use crate::engine::{Engine, EngineError};
 use crate::procfs;
-use crate::runc::{ContainerRuntime, RestoreFlags, RuncError};
+use crate::runc::{ContainerRuntime, CriuExtras, RestoreFlags, RuncError};
 
 /// Name of the bundle's config.json inside our checkpoint.
 pub const CONFIG_FILE: &str = "container/config.json";
+
+/// The lowest descriptor number at which runc (and the CRIU it runs) gets the external files of a restore:
+/// far above what runc opens itself (CRIU's own descriptors are 3 and up).
+const EXTERNAL_FD_BASE: i32 = 100;
 
 /// A runc container to checkpoint.
 #[derive(Debug, Clone)]
@@ -70,11 +80,13 @@ pub(crate) struct RuncTarget {
     runtime: Option<Arc<dyn ContainerRuntime>>,
     was_paused: bool,
     we_paused: bool,
+    /// Files outside the container's mounts, marked external for CRIU.
+    external: Vec<ExternalFile>,
 }
 
 impl RuncTarget {
     pub fn new(spec: RuncSpec) -> Self {
-        Self { spec, runtime: None, was_paused: false, we_paused: false }
+        Self { spec, runtime: None, was_paused: false, we_paused: false, external: Vec::new() }
     }
 
     fn rt(&self) -> Result<&Arc<dyn ContainerRuntime>, EngineError> {
@@ -96,6 +108,10 @@ impl DumpTarget for RuncTarget {
         checkpoint_flags(options)?;
         self.was_paused = state.status == "paused";
         let process = procfs::describe(state.pid)?;
+        self.external = external::find(state.pid, &process.pids)?;
+        for f in &self.external {
+            tracing::info!(id, key = %f.key, path = %f.path.display(), fds = ?f.fds, "a file outside the container's mounts: external");
+        }
         let config_path = state.bundle.join("config.json");
         let config_bytes = std::fs::read(&config_path).map_err(EngineError::io(format!("reading {}", config_path.display())))?;
         let config: serde_json::Value = serde_json::from_slice(&config_bytes).map_err(|e| EngineError::Io {
@@ -107,6 +123,7 @@ impl DumpTarget for RuncTarget {
             bundle: Some(state.bundle.clone()),
             root: Some(runtime.root().to_path_buf()),
             config: Some(config),
+            external_files: self.external.clone(),
         };
         self.runtime = Some(runtime);
         Ok(Prepared {
@@ -145,7 +162,9 @@ impl DumpTarget for RuncTarget {
             self.we_paused = true;
         }
         tracing::info!(id, was_paused = self.was_paused, images = %call.images_dir.display(), "checkpointing runc container");
-        runtime.checkpoint(&id, call.images_dir, call.work_dir, &flags)?;
+        let extras =
+            CriuExtras { options: self.external.iter().map(|f| format!("external {}", f.key)).collect(), fds: Vec::new() };
+        runtime.checkpoint_with(&id, call.images_dir, call.work_dir, &flags, &extras)?;
         if frozen() {
             Ok(())
         } else {
@@ -258,7 +277,8 @@ impl RestoreTarget for RuncRestore {
         }
         let started = Instant::now();
         tracing::info!(id = %c.id, images = %opened.images_dir.display(), bundle = %flags.bundle.display(), "restoring runc container");
-        let exit_code = match runtime.restore(&c.id, &opened.images_dir, &flags) {
+        let extras = external_files(opened, req)?;
+        let exit_code = match runtime.restore_with(&c.id, &opened.images_dir, &flags, extras) {
             Ok(code) => code,
             Err(e) => {
                 let kept = temp_work.keep();
@@ -279,6 +299,23 @@ impl RestoreTarget for RuncRestore {
         }
         Ok(Restored { pid, exit_code: Some(exit_code), criu_time })
     }
+}
+
+/// The checkpoint's external files, opened (at their paths, or where the request sends them) and handed to
+/// CRIU under their keys at descriptors [`EXTERNAL_FD_BASE`] and up (above every descriptor opened here, so
+/// that placing one never closes another).
+fn external_files(opened: &OpenedCheckpoint, req: &RestoreRequest) -> Result<CriuExtras, EngineError> {
+    use std::os::fd::AsRawFd;
+    let recorded = opened.manifest.container.as_ref().map(|c| c.external_files.as_slice()).unwrap_or_default();
+    let reopened = external::open_for_restore(recorded, &req.external_files)?;
+    let base = reopened.iter().map(|r| r.handle.as_raw_fd() + 1).fold(EXTERNAL_FD_BASE, i32::max);
+    let mut extras = CriuExtras::default();
+    for (n, r) in (base..).zip(reopened) {
+        tracing::info!(key = %r.file.key, path = %r.path.display(), fds = ?r.file.fds, "reconnecting an external file");
+        extras.options.push(format!("inherit-fd fd[{n}]:{}", r.file.key));
+        extras.fds.push((n, r.handle.into()));
+    }
+    Ok(extras)
 }
 
 /// A bundle without config.json gets the one saved in the checkpoint.

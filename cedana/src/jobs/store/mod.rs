@@ -16,7 +16,7 @@
 //!     jid TEXT PRIMARY KEY NOT NULL, kind TEXT NOT NULL, pid INTEGER NOT NULL, state TEXT NOT NULL,
 //!     exit_code INTEGER, args TEXT NOT NULL /* JSON array of strings */, cwd BLOB, log BLOB,
 //!     attachable INTEGER NOT NULL, gpu INTEGER NOT NULL, created_at INTEGER NOT NULL,
-//!     container_id TEXT, runtime_root BLOB, restored_from TEXT) STRICT;
+//!     container_id TEXT, runtime_root BLOB, restored_from TEXT, namespace TEXT) STRICT;
 //! CREATE INDEX jobs_by_creation ON jobs (created_at, jid);
 //! CREATE INDEX jobs_running_by_pid ON jobs (pid) WHERE state = 'running';
 //! CREATE TABLE checkpoints (
@@ -73,7 +73,9 @@ const MAX_BUSY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const IN_MEMORY: &str = ":memory:";
 
 const JOB_COLUMNS: &str = "jid, kind, pid, state, exit_code, args, cwd, log, attachable, gpu, created_at, \
-                           container_id, runtime_root, restored_from";
+                           container_id, runtime_root, restored_from, namespace";
+/// How many columns [`JOB_COLUMNS`] names (where a joined checkpoint's columns start).
+const JOB_COLUMN_COUNT: usize = 15;
 const CHECKPOINT_COLUMNS: &str = "id, jid, time, size, path, compression";
 
 /// What went wrong with the job store. [`StoreError::kind`] classifies it.
@@ -227,7 +229,7 @@ impl std::fmt::Debug for JobStore {
     }
 }
 
-/// The parameters `?1`..`?14` of a job row, in the order of `JOB_COLUMNS` (shared by insert and update).
+/// The parameters `?1`..`?15` of a job row, in the order of `JOB_COLUMNS` (shared by insert and update).
 macro_rules! job_row {
     ($job:expr, $args:expr) => {
         params![
@@ -245,6 +247,7 @@ macro_rules! job_row {
             $job.container_id,
             path_bytes($job.runtime_root.as_deref()),
             $job.restored_from,
+            $job.namespace,
         ]
     };
 }
@@ -345,7 +348,7 @@ impl JobStore {
         let conn = self.conn();
         let args = args_to_json(&job.args).map_err(|e| self.err(e))?;
         let sql =
-            format!("INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)");
+            format!("INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)");
         let result = conn.prepare_cached(&sql).and_then(|mut st| st.execute(job_row!(job, args)));
         match result {
             Ok(_) => Ok(()),
@@ -363,7 +366,7 @@ impl JobStore {
             .prepare_cached(
                 "UPDATE jobs SET kind = ?2, pid = ?3, state = ?4, exit_code = ?5, args = ?6, cwd = ?7, log = ?8, \
                  attachable = ?9, gpu = ?10, created_at = ?11, container_id = ?12, runtime_root = ?13, \
-                 restored_from = ?14 WHERE jid = ?1",
+                 restored_from = ?14, namespace = ?15 WHERE jid = ?1",
             )
             .and_then(|mut st| st.execute(job_row!(job, args)))
             .map_err(|e| self.err(e))?;
@@ -420,8 +423,8 @@ impl JobStore {
             .and_then(|mut st| {
                 st.query_map([], |row| {
                     let job = job_from_row(row)?;
-                    let checkpoint = match row.get::<_, Option<String>>(14)? {
-                        Some(_) => Some(checkpoint_from_row(row, 14)?),
+                    let checkpoint = match row.get::<_, Option<String>>(JOB_COLUMN_COUNT)? {
+                        Some(_) => Some(checkpoint_from_row(row, JOB_COLUMN_COUNT)?),
                         None => None,
                     };
                     Ok((job, checkpoint))
@@ -609,6 +612,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         container_id: row.get(11)?,
         runtime_root: row.get::<_, Option<Vec<u8>>>(12)?.map(path_from_bytes),
         restored_from: row.get(13)?,
+        namespace: row.get(14)?,
     })
 }
 

@@ -39,6 +39,8 @@ pub const MIGRATIONS: &[&str] = &[
         compression TEXT NOT NULL
     ) STRICT;
     CREATE INDEX checkpoints_by_job ON checkpoints (jid, time);",
+    // 2: the containerd namespace of containerd jobs (whose runtime_root is containerd's socket).
+    "ALTER TABLE jobs ADD COLUMN namespace TEXT;",
 ];
 
 /// The schema version this build writes and understands (the number of [`MIGRATIONS`]).

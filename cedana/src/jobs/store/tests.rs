@@ -20,6 +20,7 @@ fn full_job(jid: &str) -> Job {
         container_id: Some("c0ffee".into()),
         runtime_root: Some("/run/containerd/runc/k8s.io".into()),
         restored_from: Some("/var/lib/cedana/checkpoints/x.tar.zst".into()),
+        namespace: Some("k8s.io".into()),
     }
 }
 
@@ -157,6 +158,33 @@ fn checkpoints_newest_first_and_cascade_on_delete() {
     assert_eq!(store.checkpoints("b").unwrap().len(), 1);
     assert_eq!(store.list_with_latest_checkpoint().unwrap().len(), 1);
     assert!(store.checkpoints("a").is_err());
+}
+
+#[test]
+fn a_file_of_the_first_version_is_migrated_and_keeps_its_jobs() {
+    let dir = temp();
+    let path = dir.path().join("jobs.db");
+    {
+        // What a build of schema version 1 wrote.
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO jobs (jid, kind, pid, state, args, attachable, gpu, created_at) \
+             VALUES ('old_job1', 'process', 42, 'running', '[\"sleep\"]', 0, 0, 7)",
+            [],
+        )
+        .unwrap();
+    }
+    let store = JobStore::open(&path).unwrap();
+    assert_eq!(store.migrations_applied(), SCHEMA_VERSION - 1);
+    assert_eq!(store.schema_version().unwrap(), i64::from(SCHEMA_VERSION));
+    let old = store.get("old_job1").unwrap();
+    assert_eq!((old.pid, old.args.clone(), old.namespace.clone()), (42, vec!["sleep".to_string()], None));
+    let mut moved = old.clone();
+    moved.namespace = Some("default".into());
+    store.update(&moved).unwrap();
+    assert_eq!(store.get("old_job1").unwrap(), moved);
 }
 
 #[test]
@@ -400,4 +428,9 @@ fn listing_a_thousand_jobs_is_fast() {
     );
     let bound = Duration::from_millis(200);
     assert!(list < bound && list_and_latest < bound && with_latest < bound && cold < bound, "too slow");
+}
+
+#[test]
+fn the_column_count_matches_the_column_list() {
+    assert_eq!(JOB_COLUMNS.split(", ").count(), JOB_COLUMN_COUNT);
 }
