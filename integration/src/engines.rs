@@ -293,6 +293,25 @@ impl Containerd {
         c
     }
 
+    /// Stop containerd (SIGTERM by its PID; its shims and their tasks keep running) and start it again with
+    /// the same configuration; waits until it answers.
+    pub fn restart(&mut self) {
+        stop_daemon(&mut self.child);
+        let config_path = self.dir.join("config.toml");
+        let log = std::fs::OpenOptions::new().append(true).open(self.dir.join("containerd.log")).expect("containerd log");
+        self.child = Command::new("containerd")
+            .arg("--config")
+            .arg(&config_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("containerd must be installed (scripts/setup.sh)");
+        crate::wait_for("containerd to answer again", Duration::from_secs(60), || {
+            self.ctr(&["version"]).status.success().then_some(())
+        });
+    }
+
     /// `ctr -a SOCKET -n NAMESPACE ARGS`, not yet run.
     pub fn ctr_cmd(&self, args: &[&str]) -> Command {
         let mut c = Command::new("ctr");

@@ -217,6 +217,9 @@ fn dumps_and_restores_through_the_daemon_report_the_same_way() {
     let jid = "out1";
     let out = d.ok(&["run", "process", "--jid", jid, "--out", log.to_str().unwrap(), "--", counter.to_str().unwrap()]);
     let pid = printed_pid(&out).to_string();
+    // `run` too: the job id and PID first, the tree after, ending in the total.
+    assert_eq!(out.lines().next(), Some(format!("{jid} {pid}").as_str()), "{out}");
+    assert_timings_end_in_total(&out, "total");
     wait_for_count(&log, 3, T);
     let with = |args: &[&str], profiling: Option<&str>| {
         let mut cmd = d.command(args);
@@ -254,6 +257,14 @@ fn dumps_and_restores_through_the_daemon_report_the_same_way() {
     assert!(dumped_path(&out).starts_with(d.checkpoints()), "{out}");
     // The job is halted: nothing of it outlives the test.
     d.wait_status(jid, &["halted"]);
+
+    // `run` with profiling off prints the job id and PID only.
+    let out = with(&["run", "process", "--jid", "quiet", "--", "/bin/sleep", "30"], Some("false"));
+    assert_no_timings(&out);
+    assert_eq!(out.lines().count(), 1, "{out}");
+    let quiet = printed_pid(&out);
+    with(&["job", "kill", "quiet"], None);
+    wait_for(&format!("PID {quiet} to end"), T, || (!alive(quiet)).then_some(()));
 }
 
 #[test]

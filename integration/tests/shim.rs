@@ -169,3 +169,82 @@ fn checkpoint_through_ctr_keeps_the_task_running() {
     wait_for("the task to be STOPPED", T, || (s.d.task_status(id).as_deref() == Some("STOPPED")).then_some(()));
     s.d.ok(&["task", "delete", id]);
 }
+
+/// Run the counter detached through our shim from an imported image; its init's PID.
+fn run_counter_image(s: &Setup, image: &str, id: &str) -> i32 {
+    s.d.import(&s.rootfs, image);
+    let out =
+        s.d.ctr_cmd(&["run", "--runtime", RUNTIME, "--detach", "--null-io", image, id, "/bin/sh", "-c", COUNTER])
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr run");
+    assert!(out.status.success(), "ctr run: {}", String::from_utf8_lossy(&out.stderr));
+    wait_for("the task to be RUNNING", T, || (s.d.task_status(id).as_deref() == Some("RUNNING")).then_some(()));
+    let pid = s.d.task_pid(id);
+    wait_for("the counter to count", T, || (counts(pid).len() >= 3).then_some(()));
+    pid
+}
+
+#[test]
+fn tasks_survive_a_containerd_restart_and_stay_under_control() {
+    let mut s = setup();
+    let id = "shim-restart";
+    let pid = run_counter_image(&s, "docker.io/cedana/busybox-restart:latest", id);
+    let shim = shim_pids(id);
+    s.d.restart();
+    // containerd reconnects to the shim (its address is in the bundle): same task, same PID, same shim.
+    assert_eq!(s.d.task_status(id).as_deref(), Some("RUNNING"));
+    assert_eq!(s.d.task_pid(id), pid);
+    assert_eq!(shim_pids(id), shim, "the same shim serves the task");
+    let n = counts(pid).len();
+    wait_for("the counter to go on", T, || (counts(pid).len() > n + 2).then_some(()));
+    // Calls reach the shim again, and its events reach containerd: pause, resume, checkpoint, kill, delete.
+    s.d.ok(&["task", "pause", id]);
+    assert_eq!(s.d.task_status(id).as_deref(), Some("PAUSED"));
+    s.d.ok(&["task", "resume", id]);
+    assert_eq!(s.d.task_status(id).as_deref(), Some("RUNNING"));
+    s.d.ok(&["task", "checkpoint", id]);
+    assert!(
+        checkpoint_blob_files(&s.d).iter().any(|files| files.iter().any(|f| f.contains("cedana-checkpoint."))),
+        "a checkpoint blob holding our checkpoint"
+    );
+    s.d.ok(&["task", "kill", "-s", "SIGKILL", id]);
+    wait_for("the task to be STOPPED", T, || (s.d.task_status(id).as_deref() == Some("STOPPED")).then_some(()));
+    s.d.ok(&["task", "delete", id]);
+    s.d.ok(&["container", "rm", id]);
+    wait_for("the shim to exit", T, || shim_pids(id).is_empty().then_some(()));
+}
+
+/// Whether anything is mounted at or under `path` (from /proc/self/mountinfo).
+fn mounted_under(path: &std::path::Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let p = path.to_str().unwrap();
+    info.lines().filter_map(|l| l.split_whitespace().nth(4)).any(|m| m == p || m.starts_with(&format!("{p}/")))
+}
+
+#[test]
+fn a_shim_killed_with_sigkill_is_cleaned_up_by_containerd() {
+    let s = setup();
+    let id = "shim-killed";
+    let pid = run_counter_image(&s, "docker.io/cedana/busybox-killed:latest", id);
+    let bundle = s.d.dir.join("state/io.containerd.runtime.v2.task").join(&s.d.namespace).join(id);
+    let runc_state = std::path::Path::new("/run/containerd/runc").join(&s.d.namespace).join(id);
+    assert!(mounted_under(&bundle.join("rootfs")), "the rootfs is mounted in the bundle");
+    assert!(runc_state.is_dir(), "the runtime keeps its state at {}", runc_state.display());
+    let shim = shim_pids(id);
+    assert_eq!(shim.len(), 1);
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    // containerd sees the shim go, runs `shim delete` (which deletes the container in the runtime, killing its
+    // init) and forgets the task.
+    wait_for("containerd to clean the task up", T, || {
+        (!matches!(s.d.task_status(id).as_deref(), Some("RUNNING" | "PAUSED"))).then_some(())
+    });
+    wait_for("the init to be gone", T, || (!cedana_integration::alive(pid)).then_some(()));
+    wait_for("the runtime's state to be gone", T, || (!runc_state.exists()).then_some(()));
+    wait_for("the rootfs to be unmounted", T, || (!mounted_under(&bundle.join("rootfs"))).then_some(()));
+    let _ = s.d.ctr(&["task", "delete", id]);
+    s.d.ok(&["container", "rm", id]);
+    // containerd removes the bundle last, on its own schedule.
+    wait_for("the bundle to be removed", T, || (!bundle.exists()).then_some(()));
+    assert!(shim_pids(id).is_empty());
+}

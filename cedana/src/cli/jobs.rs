@@ -247,7 +247,9 @@ pub fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<i32> {
             (req, a.pid_file, a.attach)
         }
     };
+    let started = std::time::Instant::now();
     let job = with_daemon(config, async |c| c.run(req).await.map(|r| r.into_inner()))?;
+    let took = started.elapsed();
     if let Some(pf) = &pid_file {
         std::fs::write(pf, format!("{}\n", job.pid))?;
     }
@@ -255,6 +257,10 @@ pub fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<i32> {
         return super::attach::attach_job(config, &job.jid);
     }
     println!("{} {}", job.jid, job.pid);
+    // The job id and PID stay the first line (scripts read them there); the timings follow, as Cedana's.
+    if config.profiling_enabled() {
+        print!("{}", super::timings::Timings { phases: Vec::new(), total: took }.render());
+    }
     Ok(0)
 }
 
