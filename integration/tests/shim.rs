@@ -170,6 +170,35 @@ fn checkpoint_through_ctr_keeps_the_task_running() {
     s.d.ok(&["task", "delete", id]);
 }
 
+#[test]
+fn ctr_container_checkpoint_and_restore_round_trip_through_the_shim() {
+    let s = setup();
+    let id = "shim-ctr-cr";
+    let pid = run_counter_image(&s, "docker.io/cedana/busybox-ctr-cr:latest", id);
+    s.d.ok(&["container", "checkpoint", "--task", "--rw", id, "cedana/shim-ctr-cr:1"]);
+    let before = counts(pid);
+    s.d.ok(&["task", "kill", "-s", "SIGKILL", id]);
+    wait_for("the task to be STOPPED", T, || (s.d.task_status(id).as_deref() == Some("STOPPED")).then_some(()));
+    s.d.ok(&["task", "delete", id]);
+
+    // ctr container restore --live --rw: containerd creates the task with the checkpoint (our shim records
+    // the restore at Create and restores at Start) and the rw layer the checkpoint kept; the counter goes on
+    // from the number it had at the checkpoint, in the file as it was then.
+    let restored = "shim-ctr-cr-restored";
+    s.d.ok(&["container", "restore", "--live", "--rw", restored, "cedana/shim-ctr-cr:1"]);
+    assert_eq!(s.d.task_status(restored).as_deref(), Some("RUNNING"));
+    let info = s.d.ok(&["container", "info", restored]);
+    assert!(info.contains(RUNTIME), "restored on our shim: {info}");
+    let pid = s.d.task_pid(restored);
+    wait_for("the restored counter to count", T, || (counts(pid).len() > before.len() + 3).then_some(()));
+    let after = counts(pid);
+    assert_eq!(after[0], 0, "the rw layer came back with the file: {after:?}");
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "no number lost or repeated: {after:?}");
+    s.d.ok(&["task", "kill", "-s", "SIGKILL", restored]);
+    wait_for("the restored task to stop", T, || (s.d.task_status(restored).as_deref() == Some("STOPPED")).then_some(()));
+    s.d.ok(&["task", "delete", restored]);
+}
+
 /// Run the counter detached through our shim from an imported image; its init's PID.
 fn run_counter_image(s: &Setup, image: &str, id: &str) -> i32 {
     s.d.import(&s.rootfs, image);
