@@ -7,12 +7,15 @@
 #      i.e. CRIU's images plus a manifest);
 #   3. `cedana dump containerd --compression zstd` of the runc-shim container against the raw tool plus the
 #      codec alone: `ctr task checkpoint --image-path D` (runc shim, CRIU images in D) + `tar | zstd -1 -T0`;
-#   4. the resident memory of one idle shim of each kind.
+#   4. restore of a small container to its task running: `ctr container restore --live` of a `ctr container
+#      checkpoint --task` through each shim, and `cedana restore containerd` (the io.cedana.restore annotation,
+#      our shim) of a `cedana dump containerd`, beside the cold start of the same image;
+#   5. the resident memory of one idle shim of each kind.
 # Every checkpoint leaves the containers running; outputs are deleted after each round.
 #
 #   scripts/bench-containerd.sh        # as root; builds cedana, cedana-runc and the shim (release) first
 #
-# Environment: ROUNDS=5 (after WARMUP=1), SIZE_MIB=1024, STARTS=10 (cold starts per round and shim),
+# Environment: ROUNDS=5 (after WARMUP=1), SIZE_MIB=1024, STARTS=10 (cold starts and restores per round and shim),
 #   BENCH_DIR=/var/tmp/cedana-bench-containerd.PID (removed unless KEEP=1), NO_BUILD=1.
 set -euo pipefail
 
@@ -77,6 +80,35 @@ cp /bin/busybox "$ROOTFS/bin/busybox"
 for a in $(busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$ROOTFS/bin/$a"; done
 gcc -static -O2 -o "$ROOTFS/bin/memory" "$ROOT/integration/workloads/memory.c"
 
+# The rootfs as an image (an OCI layout tarball for `ctr image import`): `ctr container checkpoint` and
+# `restore` work on containers made from images.
+IMAGE=docker.io/cedana/bench:latest
+python3 - "$ROOTFS" "$BENCH_DIR/image" "$IMAGE" <<'EOF'
+import hashlib, json, os, subprocess, sys
+rootfs, work, name = sys.argv[1:]
+blobs = os.path.join(work, "layout", "blobs", "sha256")
+os.makedirs(blobs)
+def blob(data):
+    digest = hashlib.sha256(data).hexdigest()
+    open(os.path.join(blobs, digest), "wb").write(data)
+    return {"digest": "sha256:" + digest, "size": len(data)}
+layer = subprocess.run(["tar", "-C", rootfs, "-cf", "-", "."], check=True, capture_output=True).stdout
+l = blob(layer)
+config = {"architecture": "amd64", "os": "linux", "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
+          "rootfs": {"type": "layers", "diff_ids": [l["digest"]]}}
+c = blob(json.dumps(config).encode())
+manifest = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": dict(c, mediaType="application/vnd.oci.image.config.v1+json"),
+            "layers": [dict(l, mediaType="application/vnd.oci.image.layer.v1.tar")]}
+m = blob(json.dumps(manifest).encode())
+index = {"schemaVersion": 2, "manifests": [dict(m, mediaType="application/vnd.oci.image.manifest.v1+json",
+         annotations={"io.containerd.image.name": name, "org.opencontainers.image.ref.name": "latest"})]}
+open(os.path.join(work, "layout", "index.json"), "w").write(json.dumps(index))
+open(os.path.join(work, "layout", "oci-layout"), "w").write('{"imageLayoutVersion":"1.0.0"}')
+subprocess.run(["tar", "-C", os.path.join(work, "layout"), "-cf", os.path.join(work, "image.tar"), "."], check=True)
+EOF
+ctr_ image import "$BENCH_DIR/image/image.tar" >/dev/null
+
 now() { date +%s.%N; }
 # record ROUND PART MODE SECONDS
 record() { printf '%s\t%s\t%s\t%s\n' "$@" >>"$RESULTS"; }
@@ -106,8 +138,9 @@ start_memory() { # SHIM ID
 }
 # Each `ctr task checkpoint` (no --image-path) stores a checkpoint image; drop it and its content.
 drop_checkpoint_images() {
-    for ref in $(ctr_ images ls -q | grep -v '^$' || true); do ctr_ images rm "$ref" >/dev/null; done
-    ctr_ content ls -q 2>/dev/null | xargs -r ctr_ content rm >/dev/null 2>&1 || true
+    for ref in $(ctr_ images ls -q | grep -v -e '^$' -e "^$IMAGE\$" -e '^cedana/bench-small-' || true); do
+        ctr_ images rm "$ref" >/dev/null
+    done
 }
 ctr_checkpoint() { # ROUND SHIM
     local t0
@@ -134,6 +167,43 @@ raw_zstd() { # ROUND
     rm -rf "$d"
 }
 
+# --- 4. restores of a small container --------------------------------------------------------------------
+SMALL='i=0; while true; do i=$((i+1)); sleep 0.2; done'
+for kind in runc cedana; do
+    ctr_ run --detach --null-io --runtime "$(shim_of $kind)" "$IMAGE" "small-$kind" /bin/sh -c "$SMALL" </dev/null
+done
+sleep 1
+for kind in runc cedana; do ctr_ container checkpoint --task "small-$kind" "cedana/bench-small-$kind:1" >/dev/null; done
+"$CEDANA" dump containerd small-runc --address "$C/containerd.sock" --namespace "$NS" --leave-running --compression lz4 \
+    --dir "$BENCH_DIR/small" --name small >/dev/null
+remove_container() { # ID
+    ctr_ task kill -s SIGKILL "$1" >/dev/null 2>&1 || true
+    for _ in $(seq 100); do ctr_ task rm -f "$1" >/dev/null 2>&1 && break; sleep 0.05; done
+    ctr_ containers rm "$1" >/dev/null 2>&1 || true
+    ctr_ snapshots rm "$1" >/dev/null 2>&1 || true
+}
+ctr_restore() { # ROUND SHIM N
+    local t0 id="restored-$2-$1-$3"
+    t0=$(now)
+    ctr_ container restore --live "$id" "cedana/bench-small-$2:1" >/dev/null
+    record "$1" restore "ctr-$2" "$(since "$t0")"
+    remove_container "$id"
+}
+cedana_restore() { # ROUND N
+    local t0 id="restored-cedana-$1-$2"
+    t0=$(now)
+    "$CEDANA" restore containerd --path "$BENCH_DIR/small/small.tar.lz4" --id "$id" --address "$C/containerd.sock" \
+        --namespace "$NS" --detach 2>/dev/null
+    record "$1" restore cedana "$(since "$t0")"
+    remove_container "$id"
+}
+image_start() { # ROUND N
+    local t0
+    t0=$(now)
+    ctr_ run --rm --runtime io.containerd.cedana.v2 "$IMAGE" "image-start-$1-$2" /bin/echo ready >/dev/null </dev/null
+    record "$1" restore image-start "$(since "$t0")"
+}
+
 start_memory runc mem-runc
 start_memory cedana mem-cedana
 
@@ -150,6 +220,11 @@ for round in $(seq 0 $((WARMUP + ROUNDS - 1))); do
     if [ $((round % 2)) -eq 0 ]; then order="runc cedana"; else order="cedana runc"; fi
     for n in $(seq "$STARTS"); do for s in $order; do cold_start "$r" "$s" "$n"; done; done
     for s in $order; do ctr_checkpoint "$r" "$s"; done
+    for n in $(seq "$STARTS"); do
+        for s in $order; do ctr_restore "$r" "$s" "$n"; done
+        cedana_restore "$r" "$n"
+        image_start "$r" "$n"
+    done
     if [ $((round % 2)) -eq 0 ]; then cedana_zstd "$r"; raw_zstd "$r"; else raw_zstd "$r"; cedana_zstd "$r"; fi
     echo "round $r done" >&2
 done
@@ -173,6 +248,9 @@ print("| measure | ours | reference | ratio |")
 print("| --- | --- | --- | --- |")
 line("cold start: ctr run --rm to exit (cedana shim vs runc shim)", ("start", "cedana"), ("start", "runc"))
 line("ctr task checkpoint (cedana shim vs runc shim)", ("checkpoint", "ctr-cedana"), ("checkpoint", "ctr-runc"))
+line("ctr container restore --live (cedana shim vs runc shim)", ("restore", "ctr-cedana"), ("restore", "ctr-runc"))
+line("cedana restore containerd --detach vs the runc shim's ctr container restore --live", ("restore", "cedana"), ("restore", "ctr-runc"))
+line("cedana restore containerd --detach vs a cold ctr run --rm of the image (cedana shim)", ("restore", "cedana"), ("restore", "image-start"))
 line("cedana dump containerd --compression zstd vs ctr task checkpoint + tar \\| zstd -1 -T0", ("zstd", "cedana"), ("zstd", "raw"))
 rss = {m: rows[("rss", m)][0] / 2**20 for m in ("cedana", "runc") if rows[("rss", m)]}
 if len(rss) == 2:

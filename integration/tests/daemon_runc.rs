@@ -288,3 +288,47 @@ fn manage_upcoming_process_adopts_the_process_of_that_name() {
     child.wait().unwrap();
     d.wait_status(jid, &["exited"]);
 }
+
+#[test]
+fn dump_runc_goes_through_the_daemon_when_it_runs_and_restores() {
+    let d = Daemon::start();
+    let runc = RuncRoot::new(d.dir(), "runc");
+    let root = runc.root.to_str().unwrap().to_string();
+    let id = unique("via-daemon");
+    let (bundle, out) = runc.run_counter(&d.dir().join("c"), &id, 3, T);
+    runc.track(&id);
+    let dir = d.dir().join("cps");
+    let dumped = d.ok(&["dump", "runc", &id, "--root", &root, "--dir", dir.to_str().unwrap(), "--name", "viad"]);
+    let path = dir.join("viad.tar");
+    assert_eq!(dumped.lines().last(), Some(format!("checkpoint  {}", path.display()).as_str()), "{dumped}");
+    assert!(path.is_file());
+    let log = d.log();
+    assert!(log.contains("dump requested") && log.contains(&id), "the daemon did the dump:\n{log}");
+    assert_eq!(runc.status(&id), None, "the dump ends the container");
+    let before = cedana_integration::lines::numbers(&out.snapshot());
+
+    // The checkpoint restores (here, in this process) and the counter goes on.
+    let copy = unique("via-daemon-restored");
+    runc.track(&copy);
+    let mut restore = cedana_integration::cedana_cmd(&[
+        "restore",
+        "runc",
+        "--path",
+        path.to_str().unwrap(),
+        "--id",
+        &copy,
+        "--bundle",
+        bundle.dir.to_str().unwrap(),
+        "--root",
+        &root,
+        "--detach",
+    ]);
+    let lines = cedana_integration::engines::piped(&mut restore);
+    let status = restore.status().unwrap();
+    assert!(status.success());
+    let next = wait_for("the restored counter to print", T, || {
+        let n = cedana_integration::lines::numbers(&lines.snapshot());
+        (n.len() >= 2).then_some(n)
+    });
+    assert_eq!(next[0], before.last().unwrap() + 1, "the restored counter goes on: {before:?} then {next:?}");
+}

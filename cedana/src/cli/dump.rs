@@ -123,12 +123,22 @@ pub fn run(engine: &Engine, cmd: DumpCommand) -> anyhow::Result<i32> {
         DumpCommand::Process(a) => {
             if !a.no_server {
                 if let Some(daemon) = Daemon::probe(engine.config()) {
-                    return process_via_daemon(daemon, &a, engine.config());
+                    let target = pb::dump_request::Target::Pid(a.pid);
+                    return via_daemon(daemon, target, String::new(), &a.common, engine.config());
                 }
             }
             (a.common.request(engine, TargetSpec::Process { pid: a.pid })?, a.common.output)
         }
-        DumpCommand::Runc(a) => (super::runc::dump(engine, &a)?, a.common.output),
+        DumpCommand::Runc(a) => {
+            if !a.no_server {
+                if let Some(daemon) = Daemon::probe(engine.config()) {
+                    let target = pb::dump_request::Target::RuncId(a.id.clone());
+                    let root = std::path::absolute(&a.root.root)?.display().to_string();
+                    return via_daemon(daemon, target, root, &a.common, engine.config());
+                }
+            }
+            (super::runc::dump(engine, &a)?, a.common.output)
+        }
         DumpCommand::Containerd(a) => {
             let (req, attached) = super::containerd::dump(engine, &a)?;
             attachments = attached;
@@ -143,23 +153,29 @@ pub fn run(engine: &Engine, cmd: DumpCommand) -> anyhow::Result<i32> {
     Ok(0)
 }
 
-/// `cedana dump process PID` answered by the daemon: the same request, with paths made absolute (the
-/// daemon does not share our working folder), and the same summary.
-fn process_via_daemon(mut daemon: Daemon, a: &ProcessArgs, config: &cedana::config::Config) -> anyhow::Result<i32> {
-    let options = a.common.criu.to_options()?;
+/// `cedana dump process PID` or `cedana dump runc ID` answered by the daemon: the same request, with paths made
+/// absolute (the daemon does not share our working folder), and the same summary.
+fn via_daemon(
+    mut daemon: Daemon,
+    target: pb::dump_request::Target,
+    runtime_root: String,
+    common: &CommonDumpArgs,
+    config: &cedana::config::Config,
+) -> anyhow::Result<i32> {
+    let options = common.criu.to_options()?;
     let req = pb::DumpRequest {
-        target: Some(pb::dump_request::Target::Pid(a.pid)),
-        dir: absolute_location(a.common.dir.as_deref())?,
-        name: a.common.name.clone().unwrap_or_default(),
-        compression: a.common.compression.map(|c| c.to_string()).unwrap_or_default(),
-        criu: Some(crate::daemon::convert::criu_to_pb(&options, a.common.criu.leave_running)),
-        runtime_root: String::new(),
-        overwrite: a.common.overwrite,
+        target: Some(target),
+        dir: absolute_location(common.dir.as_deref())?,
+        name: common.name.clone().unwrap_or_default(),
+        compression: common.compression.map(|c| c.to_string()).unwrap_or_default(),
+        criu: Some(crate::daemon::convert::criu_to_pb(&options, common.criu.leave_running)),
+        runtime_root,
+        overwrite: common.overwrite,
         rootfs: false,
     };
-    tracing::info!(pid = a.pid, socket = %daemon.socket.display(), "dumping through the daemon");
+    tracing::info!(target = ?req.target, socket = %daemon.socket.display(), "dumping through the daemon");
     let out = daemon.call(async |c| c.dump(req).await.map(|r| r.into_inner())).map_err(daemon_error)?;
-    dump_report::print(&Summary::of_response(&out, a.common.compression), Report::new(&a.common.output, config));
+    dump_report::print(&Summary::of_response(&out, common.compression), Report::new(&common.output, config));
     Ok(0)
 }
 

@@ -23,6 +23,9 @@ pub struct DumpArgs {
     pub id: String,
     #[command(flatten)]
     pub root: RootArg,
+    /// Dump in this command even when the daemon runs (the result is the same checkpoint).
+    #[arg(long)]
+    pub no_server: bool,
     #[command(flatten)]
     pub common: CommonDumpArgs,
 }

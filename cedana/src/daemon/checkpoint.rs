@@ -55,8 +55,9 @@ impl Service {
                 attachments = attached;
                 (target, Some(job))
             }
-            Some(pb::dump_request::Target::RuncId(_)) => {
-                return Err(status(ErrorKind::Unimplemented, "dumping runc containers through the daemon is not built yet"))
+            Some(pb::dump_request::Target::RuncId(id)) => {
+                let root = (!req.runtime_root.is_empty()).then(|| PathBuf::from(&req.runtime_root));
+                (TargetSpec::Runc(RuncSpec { id, runtime: None, root, work_path: None, extra_flags: Vec::new() }), None)
             }
             None => return Err(status(ErrorKind::InvalidArgument, "nothing to dump: give a PID or a job id")),
         };
