@@ -12,6 +12,8 @@ const CONTAINERD_PROTOS: &[&str] = &[
     "proto/containerd/containers.proto",
     "proto/containerd/tasks.proto",
     "proto/containerd/snapshots.proto",
+    "proto/containerd/images.proto",
+    "proto/containerd/content.proto",
     "proto/containerd/runc_options.proto",
 ];
 

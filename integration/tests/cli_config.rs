@@ -136,7 +136,7 @@ fn features_prints_the_matrix() {
     };
     assert_eq!(cells("dump"), ["yes", "yes", "yes", "yes"]);
     assert_eq!(cells("restore"), ["yes", "yes", "yes", "yes"]);
-    assert_eq!(cells("run"), ["yes", "-", "yes", "no"]);
+    assert_eq!(cells("run"), ["yes", "-", "yes", "yes"]);
     // "manage --upcoming" splits into "manage" "--upcoming" ...: the first "manage" row is plain manage.
     assert_eq!(cells("manage"), ["yes", "-", "yes", "yes"]);
     let upcoming = text.lines().find(|l| l.trim_start().starts_with("manage --upcoming")).unwrap();

@@ -1,5 +1,6 @@
-//! A client of containerd's gRPC API: the Containers, Tasks and Snapshots services, generated from the
-//! subset of containerd's API in `proto/containerd/` (wire-compatible with containerd 1.6, 1.7 and 2.x).
+//! A client of containerd's gRPC API: the Containers, Tasks, Snapshots, Images and Content services,
+//! generated from the subset of containerd's API in `proto/containerd/` (wire-compatible with containerd
+//! 1.6, 1.7 and 2.x).
 //!
 //! containerd scopes every call to a namespace, sent in the `containerd-namespace` metadata header:
 //! [`with_namespace`] wraps a request with it. Connect with [`crate::connect_uds`] to containerd's socket
@@ -39,12 +40,24 @@ mod generated {
                     tonic::include_proto!("containerd.services.snapshots.v1");
                 }
             }
+            pub mod images {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.images.v1");
+                }
+            }
+            pub mod content {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.content.v1");
+                }
+            }
         }
     }
 }
 
 pub use generated::containerd::runc::v1 as runc_options;
 pub use generated::containerd::services::containers::v1 as containers;
+pub use generated::containerd::services::content::v1 as content;
+pub use generated::containerd::services::images::v1 as images;
 pub use generated::containerd::services::snapshots::v1 as snapshots;
 pub use generated::containerd::services::tasks::v1 as tasks;
 pub use generated::containerd::types;

@@ -133,9 +133,11 @@ impl Console {
     /// empty: the output is read and dropped) and `stdin` (a FIFO; empty: none).
     pub fn start(master: OwnedFd, stdin: &str, stdout: &str) -> Result<Console> {
         set_nonblocking(&master)?;
-        let master = Arc::new(
-            AsyncFd::new(master).map_err(|e| Error::internal(format!("watching the terminal's master end: {e}")))?,
-        );
+        // SAFETY: an OwnedFd is a valid open descriptor, owned by the AsyncFd until it is dropped, and always
+        // reports that same descriptor.
+        let master = unsafe { AsyncFd::register(master) }
+            .map_err(|e| Error::internal(format!("watching the terminal's master end: {e}")))?;
+        let master = Arc::new(master);
         let out = open_output(stdout)?;
         let input = if stdin.is_empty() {
             None

@@ -7,8 +7,10 @@
 //! - [`reaper`]: exit collection by PID for a subreaper; [`events`]: task events to containerd;
 //! - [`oom`]: OOM notifications of cgroup v1 memory cgroups, published as TaskOOM;
 //! - [`options`]: runtime options from Create requests; [`error`]: error kinds and their ttrpc codes;
-//! - [`stats`]: the runtime's statistics as containerd's cgroup v1 metrics.
+//! - [`stats`]: the runtime's statistics as containerd's cgroup v1 metrics;
+//! - [`console`]: terminals: the console socket a runtime sends them to, and the copying to the FIFOs.
 
+pub mod console;
 pub mod error;
 pub mod events;
 pub mod oom;

@@ -41,6 +41,9 @@ pub struct CreateOpts {
     pub no_new_keyring: bool,
     /// The runtime's state root named by the runtime options (`Root`), before the namespace is appended.
     pub root: Option<String>,
+    /// The console socket the runtime sends the container's terminal to (`--console-socket`), for a container
+    /// with a terminal; its stdio is then the terminal, and the runtime command gets /dev/null.
+    pub console_socket: Option<PathBuf>,
 }
 
 /// What checkpointing a container needs (runc's checkpoint flags).
@@ -69,6 +72,9 @@ pub struct ExecOpts {
     pub stdin: String,
     pub stdout: String,
     pub stderr: String,
+    /// The console socket the runtime sends the process's terminal to (`--console-socket`), for a process with
+    /// a terminal; its stdio is then the terminal, and the runtime command gets /dev/null.
+    pub console_socket: Option<PathBuf>,
 }
 
 /// A container's status as the runtime reports it.
@@ -267,10 +273,24 @@ fn open_stdio(path: &str, input: bool) -> Result<Stdio> {
         let flags = nix::fcntl::OFlag::from_bits_truncate(flags) & !nix::fcntl::OFlag::O_NONBLOCK;
         nix::fcntl::fcntl(&f, nix::fcntl::FcntlArg::F_SETFL(flags)).map_err(std::io::Error::from)?;
         f
+    } else if std::fs::metadata(path)?.is_file() {
+        // A log file (stdout and stderr may both be it): appended to, so neither overwrites the other.
+        std::fs::OpenOptions::new().append(true).open(path)?
     } else {
         std::fs::OpenOptions::new().read(true).write(true).open(path)?
     };
     Ok(Stdio::from(file))
+}
+
+/// The runtime command's stdio: /dev/null when a console socket gives the process a terminal, else the
+/// process's own stdio paths.
+fn set_stdio(cmd: &mut tokio::process::Command, console: bool, stdin: &str, stdout: &str, stderr: &str) -> Result<()> {
+    if console {
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    } else {
+        cmd.stdin(open_stdio(stdin, true)?).stdout(open_stdio(stdout, false)?).stderr(open_stdio(stderr, false)?);
+    }
+    Ok(())
 }
 
 impl RuncRuntime {
@@ -286,11 +306,13 @@ impl RuncRuntime {
         let _ = std::fs::remove_file(&log);
         let mut cmd = tokio::process::Command::new(&binary);
         cmd.arg("--root").arg(self.root()).arg("--log").arg(&log).args(["--log-format", "json", "exec", "--detach"]);
-        cmd.arg("--process").arg(&process_file).arg("--pid-file").arg(&pid_file).arg(id);
+        cmd.arg("--process").arg(&process_file).arg("--pid-file").arg(&pid_file);
+        if let Some(socket) = &opts.console_socket {
+            cmd.arg("--console-socket").arg(socket);
+        }
+        cmd.arg(id);
         let spawned = (|| -> Result<tokio::process::Child> {
-            cmd.stdin(open_stdio(&opts.stdin, true)?)
-                .stdout(open_stdio(&opts.stdout, false)?)
-                .stderr(open_stdio(&opts.stderr, false)?);
+            set_stdio(&mut cmd, opts.console_socket.is_some(), &opts.stdin, &opts.stdout, &opts.stderr)?;
             self.reaper.spawn(&mut cmd).map_err(|e| Error::internal(format!("running {} exec: {e}", binary.display())))
         })();
         // Our copies of the stdio files go with the command object.
@@ -347,10 +369,11 @@ impl RuncRuntime {
         if opts.no_new_keyring && restore.is_none() {
             cmd.arg("--no-new-keyring");
         }
+        if let Some(socket) = &opts.console_socket {
+            cmd.arg("--console-socket").arg(socket);
+        }
         cmd.arg(&opts.id);
-        cmd.stdin(open_stdio(&opts.stdin, true)?)
-            .stdout(open_stdio(&opts.stdout, false)?)
-            .stderr(open_stdio(&opts.stderr, false)?);
+        set_stdio(&mut cmd, opts.console_socket.is_some(), &opts.stdin, &opts.stdout, &opts.stderr)?;
         let mut child =
             self.reaper.spawn(&mut cmd).map_err(|e| Error::internal(format!("running {} {what}: {e}", binary.display())))?;
         // Our copies of the stdio files go with the command object.

@@ -10,7 +10,9 @@
 //! restored init's. Exec processes ([`exec`]): requests naming an exec id act on that exec. When the init
 //! exits, every process left in the container is killed first unless the container has a PID namespace of its
 //! own (the kernel kills them then), as the runc shim does. Update and Stats go through the runtime
-//! ([`resources`]).
+//! ([`resources`]). A task (or exec) with a terminal gets it from the runtime over a console socket at Create
+//! (or the exec's Start) and keeps its [`Console`] until Delete, which waits briefly for the terminal's output to
+//! be copied ([`OUTPUT_WAIT`]); restoring a task with a terminal is not supported.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +32,7 @@ use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::MessageField;
 use tokio::sync::{watch, Mutex};
 
+use crate::console::{Console, ConsoleSocket};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventSender};
 use crate::oom::OomWatcher;
@@ -38,6 +41,10 @@ use crate::runtime::{CheckpointOpts, CreateOpts, Runtime};
 
 /// How long deleting a created (never started) task waits for its killed init to be reaped.
 const DELETE_CREATED_WAIT: Duration = Duration::from_secs(5);
+/// How long the runtime may take to send a terminal once its command has finished.
+const CONSOLE_RECEIVE_WAIT: Duration = Duration::from_secs(10);
+/// How long Delete waits for a terminal's output to be copied to stdout (the runc shim waits as long).
+pub const OUTPUT_WAIT: Duration = Duration::from_secs(2);
 
 /// An exit: code and time.
 #[derive(Debug, Clone, PartialEq)]
@@ -66,6 +73,8 @@ struct TaskEntry {
     restore: Option<(PathBuf, CreateOpts)>,
     /// Exec processes, by exec id.
     execs: HashMap<String, exec::ExecEntry>,
+    /// The init's terminal, when it has one.
+    console: Option<Console>,
 }
 
 /// The tasks of one shim.
@@ -135,8 +144,8 @@ impl<R: Runtime> TaskManager<R> {
         if tasks.contains_key(&req.id) {
             return Err(Error::new(crate::error::Kind::AlreadyExists, format!("task {} already exists", req.id)));
         }
-        if req.terminal {
-            return Err(Error::unimplemented("terminals are not supported by this shim yet"));
+        if req.terminal && !req.checkpoint.is_empty() {
+            return Err(Error::unimplemented("restoring a task with a terminal is not supported by this shim"));
         }
         let options = RuntimeOptions::decode(req.options.as_ref())?;
         let bundle = PathBuf::from(&req.bundle);
@@ -157,6 +166,7 @@ impl<R: Runtime> TaskManager<R> {
             no_pivot_root: options.no_pivot_root,
             no_new_keyring: options.no_new_keyring,
             root: options.root.clone(),
+            console_socket: None,
         };
         let restore = if req.checkpoint.is_empty() {
             None
@@ -171,11 +181,11 @@ impl<R: Runtime> TaskManager<R> {
             Some((checkpoint, opts.clone()))
         };
         // A restore creates nothing now: the container comes into being at Start.
-        let pid = if restore.is_some() {
-            0
+        let (pid, console) = if restore.is_some() {
+            (0, None)
         } else {
-            match self.runtime.create(&opts).await {
-                Ok(pid) => pid,
+            match self.create_in_runtime(opts, req.terminal).await {
+                Ok(created) => created,
                 Err(e) => {
                     if let Some(target) = &mounted {
                         let _ = self.mounter.unmount(target);
@@ -198,6 +208,7 @@ impl<R: Runtime> TaskManager<R> {
                 exit,
                 restore,
                 execs: HashMap::new(),
+                console,
             },
         );
         self.events.send(Event::Create(TaskCreate {
@@ -216,6 +227,27 @@ impl<R: Runtime> TaskManager<R> {
             ..Default::default()
         }));
         Ok(CreateTaskResponse { pid: pid as u32, ..Default::default() })
+    }
+
+    /// Create the container in the runtime; with a terminal, through a console socket in the bundle, and start
+    /// copying between the terminal and the task's FIFOs. A container whose terminal cannot be had is deleted.
+    async fn create_in_runtime(&self, mut opts: CreateOpts, terminal: bool) -> Result<(i32, Option<Console>)> {
+        if !terminal {
+            return Ok((self.runtime.create(&opts).await?, None));
+        }
+        let socket = ConsoleSocket::bind(&opts.bundle)?;
+        opts.console_socket = Some(socket.path().to_path_buf());
+        let pid = self.runtime.create(&opts).await?;
+        let console = async { Console::start(socket.receive(CONSOLE_RECEIVE_WAIT).await?, &opts.stdin, &opts.stdout) }.await;
+        match console {
+            Ok(console) => Ok((pid, Some(console))),
+            Err(e) => {
+                if let Err(d) = self.runtime.delete(&opts.id, true).await {
+                    log::warn!("deleting {} after its terminal failed: {d}", opts.id);
+                }
+                Err(e)
+            }
+        }
     }
 
     pub async fn start(&self, req: StartRequest) -> Result<StartResponse> {
@@ -257,7 +289,7 @@ impl<R: Runtime> TaskManager<R> {
             stdin: task.stdin.clone(),
             stdout: task.stdout.clone(),
             stderr: task.stderr.clone(),
-            terminal: false,
+            terminal: task.console.is_some(),
             exit_status: exit.as_ref().map(|e| e.code).unwrap_or_default(),
             exited_at: exit.map(|e| e.at).into(),
             exec_id: req.exec_id.clone(),
@@ -323,8 +355,15 @@ impl<R: Runtime> TaskManager<R> {
             // A created task's init was killed by the delete: give the reaper a moment to report it.
             let _ = tokio::time::timeout(DELETE_CREATED_WAIT, rx.wait_for(Option::is_some)).await;
         }
-        let mut tasks = self.tasks.lock().await;
-        let task = tasks.remove(&req.id).ok_or_else(|| not_found(&req.id))?;
+        let mut task = {
+            let mut tasks = self.tasks.lock().await;
+            tasks.remove(&req.id).ok_or_else(|| not_found(&req.id))?
+        };
+        if let Some(mut console) = task.console.take() {
+            if !console.wait_output(OUTPUT_WAIT).await {
+                log::warn!("the terminal of {} still had output after {OUTPUT_WAIT:?}; closing it", req.id);
+            }
+        }
         if let Some(target) = &task.mounted {
             if let Err(e) = self.mounter.unmount(target) {
                 log::warn!("unmounting {}: {e}", target.display());

@@ -143,7 +143,7 @@ mod tests {
         assert_eq!(cell("dump", "process"), Support::Yes);
         assert_eq!(cell("dump", "containerd"), Support::Yes);
         assert_eq!(cell("restore", "containerd"), Support::Yes);
-        assert_eq!(cell("run", "containerd"), Support::No);
+        assert_eq!(cell("run", "containerd"), Support::Yes);
         assert_eq!(cell("dump", "job"), Support::Yes);
         assert_eq!(cell("restore", "runc"), Support::Yes);
         assert_eq!(cell("run", "process"), Support::Yes);

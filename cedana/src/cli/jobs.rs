@@ -28,6 +28,39 @@ pub enum RunCommand {
     /// Create and start a runc container as a managed job: cedana run runc --bundle DIR [--id ID] [--root R].
     /// The daemon runs `runc run --detach`; the job's PID is the container's init.
     Runc(RunRuncArgs),
+    /// Create a containerd container from an image and start it as a managed job (as `ctr run --detach`
+    /// does, on cedana's shim by default): cedana run containerd IMAGE [--id ID] [-- ARGS...]. The image
+    /// must be pulled and unpacked in the namespace; the job's PID is the task's init, its output the log.
+    Containerd(RunContainerdArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct RunContainerdArgs {
+    /// The image, as containerd names it (`ctr images ls`), e.g. docker.io/library/busybox:latest.
+    pub image: String,
+    /// Container id (default: the job id).
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Job id (default: a memorable random one).
+    #[arg(long)]
+    pub jid: Option<String>,
+    #[command(flatten)]
+    pub containerd: super::containerd::ContainerdArgs,
+    /// containerd runtime (shim) of the container; cedana's shim by default, so that it can be restored.
+    #[arg(long, default_value = crate::containerd::CEDANA_RUNTIME)]
+    pub runtime: String,
+    /// Set an environment variable in the container (KEY=VALUE; repeatable), over the image's.
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    pub env: Vec<String>,
+    /// Output file of the container's stdout and stderr (default /var/log/cedana-output-<JID>.log).
+    #[arg(long = "out", value_name = "LOG")]
+    pub out: Option<PathBuf>,
+    /// Write the container's init PID to this file.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// The program and its arguments (default: the image's entrypoint and command).
+    #[arg(last = true)]
+    pub args: Vec<String>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -245,6 +278,25 @@ pub fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<i32> {
                 ..Default::default()
             };
             (req, a.pid_file, a.attach)
+        }
+        RunCommand::Containerd(a) => {
+            if let Some(bad) = a.env.iter().find(|e| e.split_once('=').is_none_or(|(k, _)| k.is_empty())) {
+                anyhow::bail!("--env {bad:?} is not KEY=VALUE");
+            }
+            let req = pb::RunRequest {
+                jid: a.jid.clone().unwrap_or_default(),
+                r#type: pb::JobType::Containerd as i32,
+                args: a.args.clone(),
+                log: absolute_string(a.out.as_deref())?,
+                env: a.env.clone(),
+                image: a.image.clone(),
+                container_id: a.id.clone().unwrap_or_default(),
+                runtime_root: absolute_string(Some(&a.containerd.address))?,
+                namespace: a.containerd.namespace.clone(),
+                runtime: a.runtime.clone(),
+                ..Default::default()
+            };
+            (req, a.pid_file, false)
         }
     };
     let started = std::time::Instant::now();

@@ -1,4 +1,5 @@
-//! [`Client`]: blocking calls to containerd's Containers, Tasks and Snapshots services over its socket,
+//! [`Client`]: blocking calls to containerd's Containers, Tasks, Snapshots, Images and Content services over
+//! its socket,
 //! each scoped to one namespace. Errors say which call failed on which object, in containerd's words.
 
 use std::path::{Path, PathBuf};
@@ -7,12 +8,16 @@ use std::time::Duration;
 use cedana::error::ErrorKind;
 use cedana_protos::containerd::containers::containers_client::ContainersClient;
 use cedana_protos::containerd::containers::{Container, CreateContainerRequest, DeleteContainerRequest, GetContainerRequest};
+use cedana_protos::containerd::content::content_client::ContentClient;
+use cedana_protos::containerd::content::ReadContentRequest;
+use cedana_protos::containerd::images::images_client::ImagesClient;
+use cedana_protos::containerd::images::GetImageRequest;
 use cedana_protos::containerd::snapshots::snapshots_client::SnapshotsClient;
 use cedana_protos::containerd::snapshots::{MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest};
 use cedana_protos::containerd::task::Process;
 use cedana_protos::containerd::tasks::tasks_client::TasksClient;
 use cedana_protos::containerd::tasks::{CreateTaskRequest, DeleteTaskRequest, GetRequest, StartRequest, WaitRequest};
-use cedana_protos::containerd::types::Mount;
+use cedana_protos::containerd::types::{Descriptor, Mount};
 use cedana_protos::containerd::with_namespace;
 use tonic::transport::Channel;
 use tonic::Code;
@@ -112,6 +117,73 @@ impl Client {
             Ok(r) => Ok(r.into_inner().process),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(self.failed("getting the task of", id, s)),
+        }
+    }
+
+    /// The root descriptor of image `name` (an index or a manifest); an error naming `ctr image pull` when
+    /// the namespace has no such image.
+    pub fn image(&self, name: &str) -> Result<Descriptor> {
+        let req = self.request(GetImageRequest { name: name.into() })?;
+        let mut c = ImagesClient::new(self.channel.clone());
+        match self.runtime.block_on(c.get(req)) {
+            Ok(r) => r.into_inner().image.and_then(|i| i.target).ok_or_else(|| {
+                ContainerdError::new(ErrorKind::Internal, format!("containerd returned no target for image {name}"))
+            }),
+            Err(s) if s.code() == Code::NotFound => Err(ContainerdError::new(
+                ErrorKind::NotFound,
+                format!(
+                    "image {name} not found in namespace {ns} of containerd at {}: pull it first (`ctr -n {ns} image pull \
+                     {name}`; `ctr -n {ns} images ls` lists the images there)",
+                    self.address.display(),
+                    ns = self.namespace,
+                ),
+            )),
+            Err(s) => Err(self.failed("getting image", name, s)),
+        }
+    }
+
+    /// The blob `digest` of the content store, whole; refused when it is larger than `limit` bytes.
+    pub fn read_content(&self, digest: &str, limit: usize) -> Result<Vec<u8>> {
+        let req = self.request(ReadContentRequest { digest: digest.into(), offset: 0, size: 0 })?;
+        let mut c = ContentClient::new(self.channel.clone());
+        self.runtime.block_on(async {
+            let mut stream = c.read(req).await.map_err(|s| self.read_failed(digest, s))?.into_inner();
+            let mut data = Vec::new();
+            while let Some(chunk) = stream.message().await.map_err(|s| self.read_failed(digest, s))? {
+                data.extend_from_slice(&chunk.data);
+                if data.len() > limit {
+                    return Err(ContainerdError::new(
+                        ErrorKind::FailedPrecondition,
+                        format!("blob {digest} is larger than {limit} bytes: not an image manifest or configuration"),
+                    ));
+                }
+            }
+            Ok(data)
+        })
+    }
+
+    fn read_failed(&self, digest: &str, s: tonic::Status) -> ContainerdError {
+        if s.code() == Code::NotFound {
+            return ContainerdError::new(
+                ErrorKind::FailedPrecondition,
+                format!(
+                    "blob {digest} is missing from the content store of namespace {ns}: the image is incomplete (pull it \
+                     again: `ctr -n {ns} image pull IMAGE`)",
+                    ns = self.namespace
+                ),
+            );
+        }
+        self.failed("reading blob", digest, s)
+    }
+
+    /// Whether snapshot `key` exists in `snapshotter`.
+    pub fn snapshot_exists(&self, snapshotter: &str, key: &str) -> Result<bool> {
+        let req = self.request(StatSnapshotRequest { snapshotter: snapshotter.into(), key: key.into() })?;
+        let mut c = SnapshotsClient::new(self.channel.clone());
+        match self.runtime.block_on(c.stat(req)) {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(self.failed("reading snapshot", key, s)),
         }
     }
 

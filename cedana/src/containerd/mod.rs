@@ -1,14 +1,19 @@
 //! containerd, as cedana reaches it: a blocking client of containerd's API ([`Client`]), where a
 //! container's runc state lives ([`runc_root`]), the record of a container kept in its checkpoint
 //! ([`Record`]), and the two operations the CLI and the daemon share: preparing the dump of a container
-//! ([`prepare_dump`]) and creating it again from a checkpoint ([`restore`]).
+//! ([`prepare_dump`]) and creating it again from a checkpoint ([`restore`]); and new containers from images
+//! ([`create`]: the image resolved by [`image`], its spec built by [`spec`]).
 
 mod client;
+mod create;
 mod dump;
+pub mod image;
 mod record;
 mod restore;
+pub mod spec;
 
 pub use client::{Client, NewTask};
+pub use create::{create, NewContainer, DEFAULT_SNAPSHOTTER};
 pub use dump::prepare_dump;
 pub use record::{read_entry, Record, RECORD_FILE, ROOTFS_DIFF_FILE};
 pub use restore::{restore, RestoreSpec, Stdio};
@@ -37,10 +42,12 @@ pub struct ContainerdError {
 }
 
 impl ContainerdError {
+    /// An error of `kind`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
         ContainerdError { kind, message: message.into() }
     }
 
+    /// The kind of the failure.
     pub fn kind(&self) -> ErrorKind {
         self.kind
     }

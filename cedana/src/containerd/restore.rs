@@ -145,17 +145,19 @@ fn restore_options(record: &Record, runtime: &str) -> Option<prost_types::Any> {
     Some(prost_types::Any { type_url: RUNC_OPTIONS_TYPE_URL.into(), value: options.encode_to_vec() })
 }
 
-/// What a restore has created in containerd so far, removed again if it fails.
-struct Created<'a> {
-    client: &'a Client,
-    id: &'a str,
-    /// The snapshotter of a snapshot this restore prepared.
-    snapshot: Option<&'a str>,
-    container: bool,
+/// What a restore (or a new container's creation) has created in containerd so far, removed again if it
+/// fails.
+pub(super) struct Created<'a> {
+    pub(super) client: &'a Client,
+    pub(super) id: &'a str,
+    /// The snapshotter of a snapshot this operation prepared.
+    pub(super) snapshot: Option<&'a str>,
+    pub(super) container: bool,
 }
 
 impl Created<'_> {
-    fn undo(self) {
+    /// Removes the task, container and snapshot created (best effort: failures are logged).
+    pub(super) fn undo(self) {
         if self.container {
             let _ = self.client.delete_task(self.id);
             if let Err(e) = self.client.delete_container(self.id) {

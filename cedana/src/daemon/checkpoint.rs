@@ -305,7 +305,12 @@ impl Service {
             image: None,
             runtime: CEDANA_RUNTIME,
             replace_stopped: true,
-            stdio: Stdio::default(),
+            // The output goes on in the job's log (the shim opens it for the restored task).
+            stdio: job
+                .log
+                .as_ref()
+                .map(|log| Stdio { stdout: log.display().to_string(), stderr: log.display().to_string() })
+                .unwrap_or_default(),
         };
         tracing::info!(path = %path, jid = %job.jid, container = %id, "restore requested");
         let restored = restore_container(&client, spec).map_err(lib_err!())?;

@@ -1,4 +1,5 @@
-//! Starting new jobs (`run`): a process spawned by the supervisor, or a runc container.
+//! Starting new jobs (`run`): a process spawned by the supervisor, a runc container, or a containerd
+//! container created from an image.
 //!
 //! # runc containers as jobs
 //! `run` creates and starts a container with `runc run --detach` (the container id is the job id unless
@@ -13,6 +14,12 @@
 //! far ends the supervisor holds (as for attachable process jobs): runc checkpoints pipes as external
 //! and a restore gets new ones, so the log goes on and clients can attach; but such a container depends
 //! on the daemon holding its pipes (a restarted daemon cannot give them back).
+//!
+//! # containerd containers as jobs
+//! `run` creates the container from an image through containerd's API, as `ctr run --detach` does (see
+//! [`crate::containerd::create`]), on our shim by default, and starts its task; the task's init is the job's
+//! PID, watched as an adopted containerd job is. The task's stdout and stderr are the job's log file, which
+//! the shim opens for it, so the output does not depend on the daemon.
 
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
@@ -25,6 +32,10 @@ use cedana::runc::{Runc, RuncError};
 use cedana_protos::v1 as pb;
 use tonic::Status;
 
+use crate::containerd::{
+    create as create_container, Client, NewContainer, Stdio as ContainerdStdio, CEDANA_RUNTIME, DEFAULT_SNAPSHOTTER,
+};
+
 use super::convert::status;
 use super::service::{lib_err, runc_at, track, Service};
 
@@ -33,7 +44,7 @@ impl Service {
         match req.r#type() {
             pb::JobType::Process | pb::JobType::Unspecified => self.run_process(req),
             pb::JobType::Runc => self.run_runc(req),
-            pb::JobType::Containerd => Err(status(ErrorKind::Unimplemented, "containerd jobs cannot be run yet")),
+            pb::JobType::Containerd => self.run_containerd(req),
         }
     }
 
@@ -150,6 +161,65 @@ impl Service {
         drop(scope);
         self.record_supervision(&job, supervised)?;
         tracing::info!(jid = %job.jid, pid = job.pid, container = %id, root = %runc.root().display(), "runc job started");
+        self.job_reply(&job)
+    }
+}
+
+impl Service {
+    /// Create a containerd container from an image and start it as a new job (see the module documentation).
+    fn run_containerd(&self, req: pb::RunRequest) -> Result<pb::Job, Status> {
+        if req.image.is_empty() {
+            return Err(status(ErrorKind::InvalidArgument, "no image given: cedana run containerd IMAGE"));
+        }
+        if req.attachable {
+            return Err(status(
+                ErrorKind::Unimplemented,
+                "containerd jobs cannot be attachable yet: their output goes to the job's log",
+            ));
+        }
+        let jid = self.new_jid(&req.jid)?;
+        if self.store.contains(&jid).map_err(lib_err!())? {
+            return Err(status(ErrorKind::AlreadyExists, format!("job {jid} exists already")));
+        }
+        let id = if req.container_id.is_empty() { jid.clone() } else { req.container_id.clone() };
+        check_container_id(&id)?;
+        let address = match req.runtime_root.as_str() {
+            "" => PathBuf::from(cedana_protos::containerd::DEFAULT_ADDRESS),
+            a => PathBuf::from(a),
+        };
+        let namespace = match req.namespace.as_str() {
+            "" => cedana_protos::containerd::DEFAULT_NAMESPACE.to_string(),
+            n => n.to_string(),
+        };
+        let runtime = if req.runtime.is_empty() { CEDANA_RUNTIME } else { req.runtime.as_str() };
+        let client = Client::connect(&address, &namespace).map_err(lib_err!())?;
+        // The shim opens the log for the task (read-write, without creating it): an empty file to begin with.
+        let log = self.default_log(&jid, &req.log);
+        std::fs::File::create(&log)
+            .map_err(|e| status(ErrorKind::of_io(&e), format!("creating the job's log {}: {e}", log.display())))?;
+        let path = log.to_string_lossy().into_owned();
+        let new = NewContainer {
+            image: &req.image,
+            id: &id,
+            runtime,
+            snapshotter: DEFAULT_SNAPSHOTTER,
+            args: &req.args,
+            env: &req.env,
+            stdio: ContainerdStdio { stdout: path.clone(), stderr: path },
+        };
+        let started = create_container(&client, new).map_err(lib_err!())?;
+        let pid = started.pid as i32;
+        let job = Job {
+            container_id: Some(id.clone()),
+            runtime_root: Some(address.clone()),
+            namespace: Some(namespace.clone()),
+            log: Some(log),
+            ..Job::new(jid, JobKind::Containerd, pid, started.args)
+        };
+        self.store.insert(&job).map_err(lib_err!())?;
+        let supervised = self.supervise(pid, None);
+        self.record_supervision(&job, supervised)?;
+        tracing::info!(jid = %job.jid, pid, container = %id, image = %req.image, namespace = %namespace, address = %address.display(), "containerd job started");
         self.job_reply(&job)
     }
 }

@@ -7,6 +7,8 @@
 //! runtime), as the runc shim does: a created exec is FailedPrecondition, a finished one NotFound.
 //! Exec is refused in a paused or stopped task, and in a task whose restore is still pending, with the code the
 //! runc shim answers (UNKNOWN); an unknown exec id is NotFound, a second exec of the same id AlreadyExists.
+//! An exec with a terminal (the request's `terminal`, or its spec's) gets it over a console socket at Start;
+//! ResizePty resizes it and CloseIO stops copying stdin to it; Delete waits briefly for its output.
 
 use containerd_shim_protos::api::{
     CloseIORequest, DeleteRequest, DeleteResponse, ExecProcessRequest, KillRequest, ResizePtyRequest, StartRequest,
@@ -17,7 +19,8 @@ use containerd_shim_protos::protobuf::well_known_types::timestamp::Timestamp;
 use containerd_shim_protos::protobuf::MessageField;
 use tokio::sync::watch;
 
-use super::{is_init, not_found, status_name, Exit, TaskEntry, TaskManager};
+use super::{is_init, not_found, status_name, Exit, TaskEntry, TaskManager, CONSOLE_RECEIVE_WAIT, OUTPUT_WAIT};
+use crate::console::{Console, ConsoleSocket};
 use crate::error::{Error, Result};
 use crate::events::Event;
 use crate::runtime::{ExecOpts, Runtime};
@@ -37,6 +40,10 @@ pub(super) struct ExecEntry {
     stdout: String,
     stderr: String,
     pub(super) exit: watch::Sender<Option<Exit>>,
+    /// Whether it runs with a terminal.
+    terminal: bool,
+    /// Its terminal, once started.
+    console: Option<Console>,
 }
 
 fn exec_not_found(id: &str, exec_id: &str) -> Error {
@@ -77,9 +84,7 @@ impl<R: Runtime> TaskManager<R> {
         if !process.is_object() {
             return Err(Error::invalid(format!("exec {}: the process spec is not a JSON object", req.exec_id)));
         }
-        if req.terminal || process["terminal"] == serde_json::Value::Bool(true) {
-            return Err(Error::unimplemented("terminals are not supported by this shim yet"));
-        }
+        let terminal = req.terminal || process["terminal"] == serde_json::Value::Bool(true);
         let (exit, _) = watch::channel(None);
         task.execs.insert(
             req.exec_id.clone(),
@@ -91,6 +96,8 @@ impl<R: Runtime> TaskManager<R> {
                 stdout: req.stdout.clone(),
                 stderr: req.stderr.clone(),
                 exit,
+                terminal,
+                console: None,
             },
         );
         self.events.send(Event::ExecAdded(TaskExecAdded {
@@ -120,9 +127,18 @@ impl<R: Runtime> TaskManager<R> {
             stdin: exec.stdin.clone(),
             stdout: exec.stdout.clone(),
             stderr: exec.stderr.clone(),
+            console_socket: None,
         };
-        let pid = match self.runtime.exec(&req.id, &opts).await {
-            Ok(pid) => pid,
+        let started = if exec.terminal {
+            self.exec_with_terminal(&req.id, opts).await
+        } else {
+            self.runtime.exec(&req.id, &opts).await.map(|pid| (pid, None))
+        };
+        let pid = match started {
+            Ok((pid, console)) => {
+                exec.console = console;
+                pid
+            }
             Err(e) => {
                 // It will never run: its waiters return, and it can be deleted.
                 exec.status = Status::STOPPED;
@@ -141,6 +157,23 @@ impl<R: Runtime> TaskManager<R> {
         Ok(StartResponse { pid: pid as u32, ..Default::default() })
     }
 
+    /// Run an exec with a terminal: through a console socket in the bundle, then copying between the terminal and
+    /// the exec's FIFOs. An exec whose terminal cannot be had is killed.
+    async fn exec_with_terminal(&self, id: &str, mut opts: ExecOpts) -> Result<(i32, Option<Console>)> {
+        let socket = ConsoleSocket::bind(&opts.bundle)?;
+        opts.console_socket = Some(socket.path().to_path_buf());
+        let pid = self.runtime.exec(id, &opts).await?;
+        match async { Console::start(socket.receive(CONSOLE_RECEIVE_WAIT).await?, &opts.stdin, &opts.stdout) }.await {
+            Ok(console) => Ok((pid, Some(console))),
+            Err(e) => {
+                if let Err(k) = self.runtime.signal(pid, libc::SIGKILL as u32).await {
+                    log::warn!("killing exec {} of {id} after its terminal failed: {k}", opts.exec_id);
+                }
+                Err(e)
+            }
+        }
+    }
+
     pub(super) async fn state_exec(&self, req: StateRequest) -> Result<StateResponse> {
         let mut tasks = self.tasks.lock().await;
         let task = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
@@ -157,7 +190,7 @@ impl<R: Runtime> TaskManager<R> {
             stdin: exec.stdin.clone(),
             stdout: exec.stdout.clone(),
             stderr: exec.stderr.clone(),
-            terminal: false,
+            terminal: exec.terminal,
             exit_status: exit.as_ref().map(|e| e.code).unwrap_or_default(),
             exited_at: exit.map(|e| e.at).into(),
             exec_id: req.exec_id.clone(),
@@ -195,39 +228,67 @@ impl<R: Runtime> TaskManager<R> {
     }
 
     pub(super) async fn delete_exec(&self, req: DeleteRequest) -> Result<DeleteResponse> {
-        let mut tasks = self.tasks.lock().await;
-        let task = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
-        let exec = task.exec_mut(&req.id, &req.exec_id)?;
-        if exec.status == Status::RUNNING {
-            return Err(Error::precondition(format!("cannot delete a running process ({})", req.exec_id)));
+        let (pid, exit, console) = {
+            let mut tasks = self.tasks.lock().await;
+            let task = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
+            let exec = task.exec_mut(&req.id, &req.exec_id)?;
+            if exec.status == Status::RUNNING {
+                return Err(Error::precondition(format!("cannot delete a running process ({})", req.exec_id)));
+            }
+            let pid = exec.pid as u32;
+            let exit = exec.exit.borrow().clone().unwrap_or_else(|| Exit { code: 0, at: Timestamp::now() });
+            let console = task.execs.remove(&req.exec_id).and_then(|mut e| e.console.take());
+            (pid, exit, console)
+        };
+        // Its output is copied before its FIFO is closed (the client waits for that close).
+        if let Some(mut console) = console {
+            if !console.wait_output(OUTPUT_WAIT).await {
+                log::warn!(
+                    "the terminal of exec {} of {} still had output after {OUTPUT_WAIT:?}; closing it",
+                    req.exec_id,
+                    req.id
+                );
+            }
         }
-        let pid = exec.pid as u32;
-        let exit = exec.exit.borrow().clone().unwrap_or_else(|| Exit { code: 0, at: Timestamp::now() });
-        task.execs.remove(&req.exec_id);
         Ok(DeleteResponse { pid, exit_status: exit.code, exited_at: MessageField::some(exit.at), ..Default::default() })
     }
 
-    /// Close a process's stdin. The shim never holds a writer on a stdin FIFO (the process has the only
-    /// reader, and the client the writer), so there is nothing to close: success for a process that exists.
+    /// Close a process's stdin. With a terminal, the copying of the stdin FIFO to it stops (and the shim lets go
+    /// of the FIFO). Without one the shim never holds a writer on a stdin FIFO (the process has the only reader,
+    /// and the client the writer), so there is nothing to close: success for a process that exists.
     pub async fn close_io(&self, req: CloseIORequest) -> Result<()> {
-        self.check_process(&req.id, &req.exec_id).await
-    }
-
-    /// Resize a process's terminal. Without a terminal there is nothing to resize: success for a process that
-    /// exists, as the runc shim answers.
-    pub async fn resize_pty(&self, req: ResizePtyRequest) -> Result<()> {
-        self.check_process(&req.id, &req.exec_id).await
-    }
-
-    /// NotFound unless the task, and the exec when one is named, exist.
-    async fn check_process(&self, id: &str, exec_id: &str) -> Result<()> {
         let mut tasks = self.tasks.lock().await;
-        let task = tasks.get_mut(id).ok_or_else(|| not_found(id))?;
-        if !is_init(id, exec_id) {
-            task.exec_mut(id, exec_id)?;
+        if let Some(console) = console_of(&mut tasks, &req.id, &req.exec_id)? {
+            if req.stdin {
+                console.close_stdin();
+            }
         }
         Ok(())
     }
+
+    /// Resize a process's terminal (TIOCSWINSZ). Without a terminal there is nothing to resize: success for a
+    /// process that exists, as the runc shim answers.
+    pub async fn resize_pty(&self, req: ResizePtyRequest) -> Result<()> {
+        let mut tasks = self.tasks.lock().await;
+        match console_of(&mut tasks, &req.id, &req.exec_id)? {
+            Some(console) => console.resize(req.width, req.height),
+            None => Ok(()),
+        }
+    }
+}
+
+/// The terminal of the task `id`'s init or of its exec `exec_id`, if it has one; NotFound unless the task, and the
+/// exec when one is named, exist.
+fn console_of<'a>(
+    tasks: &'a mut std::collections::HashMap<String, TaskEntry>,
+    id: &str,
+    exec_id: &str,
+) -> Result<Option<&'a mut Console>> {
+    let task = tasks.get_mut(id).ok_or_else(|| not_found(id))?;
+    if is_init(id, exec_id) {
+        return Ok(task.console.as_mut());
+    }
+    Ok(task.exec_mut(id, exec_id)?.console.as_mut())
 }
 
 #[cfg(test)]

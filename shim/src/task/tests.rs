@@ -12,9 +12,13 @@ use crate::runtime::{ExecOpts, RuntimeState};
 
 /// A runtime that records calls; `kill` with SIGKILL/SIGTERM makes the init "exit" through the exit channel,
 /// as the reaper would, and `signal` does the same for an exec's PID. Exec PIDs are [`EXEC_PID`] + n; an exec
-/// whose id is `bad` fails as runc's would.
+/// whose id is `bad` fails as runc's would. Given a console socket, it sends the master end of a new
+/// pseudo-terminal there, as runc does, and keeps the slave end in `slaves` (a container or exec named
+/// `noconsole` connects and sends nothing).
 pub(crate) struct StubRuntime {
     pub(crate) calls: StdMutex<Vec<String>>,
+    /// The slave ends of the terminals sent, in order.
+    pub(crate) slaves: StdMutex<Vec<std::os::fd::OwnedFd>>,
     pub(crate) exits: mpsc::UnboundedSender<(i32, i32)>,
     fail_start: bool,
     /// PIDs of the execs started.
@@ -30,7 +34,11 @@ pub(crate) const MEMORY_USAGE: u64 = 123_456;
 #[async_trait]
 impl Runtime for StubRuntime {
     async fn create(&self, opts: &CreateOpts) -> Result<i32> {
-        self.calls.lock().unwrap().push(format!("create {} {}", opts.id, opts.stdout));
+        let console = if opts.console_socket.is_some() { " console" } else { "" };
+        self.calls.lock().unwrap().push(format!("create {} {}{console}", opts.id, opts.stdout));
+        if let Some(socket) = &opts.console_socket {
+            self.send_terminal(socket, &opts.id);
+        }
         Ok(PID)
     }
     async fn start(&self, id: &str) -> Result<()> {
@@ -60,9 +68,13 @@ impl Runtime for StubRuntime {
         Ok(pids)
     }
     async fn exec(&self, id: &str, opts: &ExecOpts) -> Result<i32> {
-        self.calls.lock().unwrap().push(format!("exec {id} {} {}", opts.exec_id, opts.stdout));
+        let console = if opts.console_socket.is_some() { " console" } else { "" };
+        self.calls.lock().unwrap().push(format!("exec {id} {} {}{console}", opts.exec_id, opts.stdout));
         if opts.exec_id == "bad" {
             return Err(Error::unknown("OCI runtime exec failed: exec: \"nope\": not found"));
+        }
+        if let Some(socket) = &opts.console_socket {
+            self.send_terminal(socket, &opts.exec_id);
         }
         let mut pids = self.exec_pids.lock().unwrap();
         let pid = EXEC_PID + pids.len() as i32;
@@ -117,6 +129,30 @@ impl Runtime for StubRuntime {
 
 const RESTORED_PID: i32 = 5151;
 
+impl StubRuntime {
+    /// What runc does with `--console-socket`: a new pseudo-terminal, its master end sent with its name.
+    fn send_terminal(&self, socket: &Path, id: &str) {
+        use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+        use std::os::fd::AsRawFd;
+        let stream = std::os::unix::net::UnixStream::connect(socket).expect("connect to the console socket");
+        if id == "noconsole" {
+            return;
+        }
+        let pty = nix::pty::openpty(None, None).expect("openpty");
+        let name = b"/dev/pts/stub";
+        let fds = [pty.master.as_raw_fd()];
+        sendmsg::<()>(
+            stream.as_raw_fd(),
+            &[std::io::IoSlice::new(name)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        )
+        .expect("send the terminal");
+        self.slaves.lock().unwrap().push(pty.slave);
+    }
+}
+
 struct NoMounts;
 impl RootfsMounter for NoMounts {
     fn mount(&self, _mounts: &[Mount], _target: &Path) -> Result<()> {
@@ -149,7 +185,13 @@ pub(crate) struct Fixture {
 
 pub(crate) fn fixture(fail_start: bool) -> Fixture {
     let (exits_tx, exits_rx) = mpsc::unbounded_channel();
-    let runtime = Arc::new(StubRuntime { calls: Default::default(), exits: exits_tx, fail_start, exec_pids: Default::default() });
+    let runtime = Arc::new(StubRuntime {
+        calls: Default::default(),
+        exits: exits_tx,
+        fail_start,
+        exec_pids: Default::default(),
+        slaves: Default::default(),
+    });
     let (tx, events) = mpsc::unbounded_channel::<Event>();
     let exit_signal = Arc::new(ExitSignal::default());
     let oom = Arc::new(StubOom::default());
@@ -275,9 +317,6 @@ async fn unknown_task_and_exec_are_not_found() {
         kind(f.m.kill(KillRequest { id: "c3".into(), exec_id: "e1".into(), signal: 9, ..Default::default() }).await),
         Kind::NotFound
     );
-    // Terminals are not supported yet: Unimplemented, never a wrong code.
-    let tty = CreateTaskRequest { terminal: true, ..create_req("c4") };
-    assert_eq!(kind(f.m.create(tty).await), Kind::Unimplemented);
 }
 
 #[tokio::test]
@@ -427,3 +466,5 @@ async fn restore_is_recorded_at_create_and_done_at_start() {
     f.m.create(CreateTaskRequest { checkpoint: cp, ..create_req("r3") }).await.unwrap();
     f.m.delete(DeleteRequest { id: "r3".into(), ..Default::default() }).await.unwrap();
 }
+
+mod terminal;

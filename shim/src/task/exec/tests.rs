@@ -149,8 +149,6 @@ async fn exec_refusals_match_the_runc_shim() {
         ..exec_req("c3", "e2")
     };
     assert_eq!(kind(f.m.exec(not_json).await), Kind::InvalidArgument);
-    let tty = ExecProcessRequest { terminal: true, ..exec_req("c3", "e3") };
-    assert_eq!(kind(f.m.exec(tty).await), Kind::Unimplemented);
     // Every request naming an unknown exec: NotFound.
     assert_eq!(kind(f.m.start(start("c3", "zz")).await), Kind::NotFound);
     assert_eq!(kind(f.m.state(state("c3", "zz")).await), Kind::NotFound);

@@ -1,0 +1,98 @@
+//! [`create`]: a new container from an image, as `ctr run --detach` makes one: its snapshot prepared on the
+//! image's layers, the container with a spec built from the image's configuration, and its task created
+//! and started. A failure removes what was created.
+
+use cedana::error::ErrorKind;
+use cedana_protos::containerd::containers::container::Runtime;
+use cedana_protos::containerd::containers::Container;
+use cedana_protos::containerd::SPEC_TYPE_URL;
+
+use super::image::resolve;
+use super::restore::Created;
+use super::spec::{build, SpecInput};
+use super::{Client, ContainerdError, NewTask, Stdio};
+
+/// The snapshotter new containers use unless told otherwise (containerd's default).
+pub const DEFAULT_SNAPSHOTTER: &str = "overlayfs";
+
+/// The container to create.
+#[derive(Debug, Clone)]
+pub struct NewContainer<'a> {
+    /// The image, as containerd names it (`ctr images ls`); it must be unpacked in `snapshotter`.
+    pub image: &'a str,
+    /// The container's id.
+    pub id: &'a str,
+    /// The containerd runtime (shim) that runs it.
+    pub runtime: &'a str,
+    pub snapshotter: &'a str,
+    /// The program and its arguments; the image's entrypoint and command when empty.
+    pub args: &'a [String],
+    /// `KEY=VALUE` pairs set over the image's environment.
+    pub env: &'a [String],
+    /// The task's stdout and stderr (paths the shim opens; empty for /dev/null). Its stdin is /dev/null.
+    pub stdio: Stdio,
+}
+
+/// A created and started container.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// Its task's init.
+    pub pid: u32,
+    /// The process's arguments, as the spec gives them.
+    pub args: Vec<String>,
+}
+
+/// Creates the container and starts its task; on failure, removes what it created.
+pub fn create(client: &Client, new: NewContainer<'_>) -> Result<Started, ContainerdError> {
+    let id = new.id;
+    let namespace = client.namespace().to_string();
+    if client.container_exists(id)? {
+        return Err(ContainerdError::new(
+            ErrorKind::AlreadyExists,
+            format!("container {id} already exists in namespace {namespace}: choose another id (--id) or remove it"),
+        ));
+    }
+    let image = resolve(client, new.image)?;
+    if !client.snapshot_exists(new.snapshotter, &image.chain_id)? {
+        return Err(ContainerdError::new(
+            ErrorKind::FailedPrecondition,
+            format!(
+                "image {} is not unpacked for snapshotter {} in namespace {namespace} (no snapshot {}): pull it with \
+                 `ctr -n {namespace} image pull --snapshotter {} {}` (or import it with `ctr image import`)",
+                new.image, new.snapshotter, image.chain_id, new.snapshotter, new.image
+            ),
+        ));
+    }
+    let spec = build(SpecInput { id, namespace: &namespace, image: &image.config, args: new.args, env: new.env })?;
+    let args = spec["process"]["args"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+        .unwrap_or_default();
+    let spec = serde_json::to_vec(&spec)
+        .map_err(|e| ContainerdError::new(ErrorKind::Internal, format!("encoding the spec of container {id}: {e}")))?;
+    let mounts = client.prepare(new.snapshotter, id, &image.chain_id)?;
+    let mut created = Created { client, id, snapshot: Some(new.snapshotter), container: false };
+    let result = (|| {
+        client.create_container(Container {
+            id: id.to_string(),
+            labels: Default::default(),
+            image: new.image.to_string(),
+            runtime: Some(Runtime { name: new.runtime.to_string(), options: None }),
+            spec: Some(prost_types::Any { type_url: SPEC_TYPE_URL.into(), value: spec }),
+            snapshotter: new.snapshotter.to_string(),
+            snapshot_key: id.to_string(),
+        })?;
+        created.container = true;
+        let task =
+            NewTask { rootfs: mounts, stdin: String::new(), stdout: new.stdio.stdout.clone(), stderr: new.stdio.stderr.clone() };
+        client.create_task(id, task)?;
+        client.start_task(id)
+    })();
+    match result {
+        Ok(pid) => Ok(Started { pid, args }),
+        Err(e) => {
+            created.undo();
+            Err(e)
+        }
+    }
+}

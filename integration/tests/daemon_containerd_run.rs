@@ -1,0 +1,114 @@
+//! `cedana run containerd IMAGE`: the daemon creates a container from an image imported into a private
+//! containerd, on our shim, and runs it as a job (its task's init as the job's PID, its output in the job's
+//! log); `dump job` and `restore job` checkpoint it and bring it back in place, still writing to the log;
+//! unknown images and taken ids are refused with errors that say what to do.
+//! Build first, then run as root:
+//! `cargo build --workspace && cargo test -p cedana-integration --test daemon_containerd_run`.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use cedana_integration::daemon::{consecutive, numbers_in, wait_for_count, Daemon};
+use cedana_integration::engines::{put_shim_on_path, Containerd};
+use cedana_integration::images::busybox_rootfs;
+use cedana_integration::{bin, require_root, wait_for};
+
+const CEDANA_SHIM: &str = "io.containerd.cedana.v2";
+const T: Duration = Duration::from_secs(30);
+/// Prints a count to stdout, ten a second.
+const COUNTER: &str = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.1; done";
+
+struct Setup {
+    // Dropped in this order: the daemon, then containerd (which removes the test's containers).
+    daemon: Daemon,
+    containerd: Containerd,
+    image: String,
+    _tmp: tempfile::TempDir,
+}
+
+fn setup(image: &str) -> Setup {
+    require_root();
+    bin("containerd-shim-cedana-v2");
+    bin("cedana-runc");
+    put_shim_on_path();
+    let tmp = tempfile::tempdir().unwrap();
+    let containerd = Containerd::start(&tmp.path().join("containerd"));
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    let image = format!("docker.io/cedana/{image}:latest");
+    containerd.import(&rootfs, &image);
+    Setup { daemon: Daemon::start(), containerd, image, _tmp: tmp }
+}
+
+impl Setup {
+    /// `cedana run containerd IMAGE --address SOCK --namespace NS EXTRA...`, unrun arguments.
+    fn run_args(&self, image: &str, extra: &[&str]) -> Vec<String> {
+        let mut args: Vec<String> = ["run", "containerd", image].iter().map(|s| s.to_string()).collect();
+        args.extend(["--address".into(), self.containerd.socket.display().to_string()]);
+        args.extend(["--namespace".into(), self.containerd.namespace.clone()]);
+        args.extend(extra.iter().map(|s| s.to_string()));
+        args
+    }
+
+    fn run_ok(&self, image: &str, extra: &[&str]) -> String {
+        let args = self.run_args(image, extra);
+        self.daemon.ok(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+
+    fn run_err(&self, image: &str, extra: &[&str]) -> String {
+        let args = self.run_args(image, extra);
+        self.daemon.err(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    }
+}
+
+#[test]
+fn a_container_run_from_an_image_is_a_job_that_is_dumped_and_restored_writing_on_in_its_log() {
+    let s = setup("run-job");
+    let out = s.run_ok(&s.image, &["--id", "c1", "--jid", "j1", "--", "/bin/sh", "-c", COUNTER]);
+    assert_eq!(s.containerd.task_status("c1").as_deref(), Some("RUNNING"), "ctr task ls shows it running");
+    let pid = s.containerd.task_pid("c1");
+    let first = out.lines().next().unwrap_or_default();
+    assert_eq!(first.split_whitespace().collect::<Vec<_>>(), ["j1", pid.to_string().as_str()], "{out}");
+    let info = s.containerd.ok(&["container", "info", "c1"]);
+    assert!(info.contains(CEDANA_SHIM) && info.contains(&s.image), "on our shim, from the image: {info}");
+
+    let row = s.daemon.row("j1");
+    assert_eq!(row[1], "containerd", "{row:?}");
+    assert_eq!(row[2], pid.to_string(), "{row:?}");
+    assert_eq!(row[3], "sleep", "a running job shows its process's state: {row:?}");
+    let log = PathBuf::from(row.last().unwrap());
+    let before = wait_for_count(&log, 10, T);
+    assert_eq!(before[0], 0, "the log holds the counter's output from the start: {before:?}");
+    assert!(consecutive(&before), "{before:?}");
+
+    let out = s.daemon.ok(&["dump", "job", "j1"]);
+    let path = out.lines().last().and_then(|l| l.split_whitespace().last()).unwrap_or_default().to_string();
+    assert!(std::path::Path::new(&path).exists(), "the last field is the checkpoint: {out}");
+    wait_for("the dumped task to stop", T, || (s.containerd.task_status("c1").as_deref() == Some("STOPPED")).then_some(()));
+    s.daemon.wait_status("j1", &["halted"]);
+    let at_dump = numbers_in(&log);
+
+    s.daemon.ok(&["restore", "job", "j1"]);
+    assert_eq!(s.containerd.task_status("c1").as_deref(), Some("RUNNING"), "restored in place, under the same id");
+    let restored = s.containerd.task_pid("c1");
+    let row = s.daemon.row("j1");
+    assert_eq!(row[2], restored.to_string(), "ps shows the restored init: {row:?}");
+    let after = wait_for_count(&log, at_dump.len() + 10, T);
+    assert_eq!(after[0], 0, "{after:?}");
+    assert!(consecutive(&after), "the count goes on in the log without a gap or a repeat: {after:?}");
+}
+
+#[test]
+fn unknown_images_and_taken_ids_are_refused_clearly() {
+    let s = setup("run-errors");
+    let e = s.run_err("docker.io/cedana/not-there:latest", &["--id", "x1", "--", "/bin/true"]);
+    assert!(e.contains("not-there") && e.contains("ctr") && e.contains("image pull"), "{e}");
+    assert!(s.containerd.ok(&["container", "ls", "-q"]).trim().is_empty(), "nothing was created");
+
+    s.run_ok(&s.image, &["--id", "taken", "--jid", "first", "--", "/bin/sleep", "1000"]);
+    let e = s.run_err(&s.image, &["--id", "taken", "--jid", "second", "--", "/bin/sleep", "1000"]);
+    assert!(e.contains("already exists") && e.contains("taken"), "{e}");
+    assert!(e.to_lowercase().contains("alreadyexists") || e.contains("already"), "{e}");
+    let ps = s.daemon.ps();
+    assert!(ps.iter().all(|r| r[0] != "second"), "no job recorded for the refused run: {ps:?}");
+    assert_eq!(s.daemon.row("first")[2], s.containerd.task_pid("taken").to_string(), "the first job is untouched");
+}

@@ -1,0 +1,246 @@
+//! `containerd-shim-cedana-v2` with terminals under a private containerd: `ctr run -t` and `ctr task exec -t`
+//! (run inside a pseudo-terminal the test creates, since ctr needs its own stdin to be one), window sizes, exit
+//! codes compared with the stock runc shim, and the shim's descriptors after a terminal exec.
+//! Build first, then run as root: `cargo build --workspace && cargo test -p cedana-integration --test shim_terminal`.
+
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::path::PathBuf;
+use std::process::{Child, Stdio};
+use std::time::Duration;
+
+use cedana_integration::engines::{put_shim_on_path, wait_child, Containerd};
+use cedana_integration::images::busybox_rootfs;
+use cedana_integration::lines::Lines;
+use cedana_integration::{bin, require_root, wait_for};
+
+const RUNTIME: &str = "io.containerd.cedana.v2";
+const RUNC_SHIM: &str = "io.containerd.runc.v2";
+const SHIM: &str = "containerd-shim-cedana-v2";
+const T: Duration = Duration::from_secs(30);
+
+/// Fields drop in order: containerd (which removes its containers) before the temporary folder.
+struct Setup {
+    d: Containerd,
+    rootfs: PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+fn setup() -> Setup {
+    require_root();
+    bin(SHIM);
+    put_shim_on_path();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = Containerd::start(&tmp.path().join("containerd"));
+    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
+    Setup { d, rootfs, _tmp: tmp }
+}
+
+/// A ctr process whose stdin, stdout and stderr are the slave end of a pseudo-terminal of the test, which is
+/// also its controlling terminal (in a session of its own); its output is read from the master end.
+struct Attached {
+    child: Child,
+    out: Lines,
+    /// The master end, to resize the terminal (the kernel then sends ctr SIGWINCH, and ctr resizes the process's
+    /// terminal through containerd: `ResizePty`; Debian's ctr 1.6 has no `ctr task resize`).
+    master: OwnedFd,
+}
+
+impl Attached {
+    /// Spawn `cmd` on a new pseudo-terminal of `rows` x `cols`.
+    fn spawn(mut cmd: std::process::Command, rows: u16, cols: u16) -> Attached {
+        let (mut master, mut slave) = (-1, -1);
+        let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: openpty writes two descriptors into the integers; the name pointer may be null and the termios
+        // and winsize pointers are valid (or null) for the call.
+        let rc = unsafe { libc::openpty(&mut master, &mut slave, std::ptr::null_mut(), std::ptr::null(), &size) };
+        assert_eq!(rc, 0, "openpty: {}", std::io::Error::last_os_error());
+        // SAFETY: openpty just opened both; nothing else owns them.
+        let (master, slave) = unsafe { (OwnedFd::from_raw_fd(master), OwnedFd::from_raw_fd(slave)) };
+        cmd.stdin(Stdio::from(slave.try_clone().unwrap()))
+            .stdout(Stdio::from(slave.try_clone().unwrap()))
+            .stderr(Stdio::from(slave));
+        // SAFETY: only async-signal-safe calls between fork and exec.
+        unsafe {
+            use std::os::unix::process::CommandExt;
+            cmd.pre_exec(|| {
+                if libc::setsid() < 0 || libc::ioctl(0, libc::TIOCSCTTY, 0) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("spawn ctr");
+        // Our copies of the slave went with the command: the master reads EIO once ctr is gone.
+        drop(cmd);
+        let reader = std::fs::File::from(master.try_clone().unwrap());
+        Attached { child, out: Lines::read(reader), master }
+    }
+
+    /// Set the window size of ctr's terminal (ctr gets SIGWINCH).
+    fn resize(&self, rows: u16, cols: u16) {
+        use std::os::fd::AsRawFd;
+        let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+        // SAFETY: TIOCSWINSZ reads one winsize from the pointer, valid for the call.
+        let rc = unsafe { libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &size) };
+        assert_eq!(rc, 0, "TIOCSWINSZ: {}", std::io::Error::last_os_error());
+    }
+
+    /// Wait for ctr's exit; its exit code and every line it printed (trimmed).
+    fn finish(mut self) -> (Option<i32>, Vec<String>) {
+        let status = wait_child(&mut self.child, T);
+        let lines = self.out.wait_closed(T).into_iter().map(|l| l.trim().to_string()).collect();
+        (status.code(), lines)
+    }
+
+    /// Wait for a line satisfying `f`.
+    fn line(&self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        self.out.wait_line(what, T, |l| f(l.trim())).trim().to_string()
+    }
+}
+
+fn is_pts(l: &str) -> bool {
+    l.starts_with("/dev/pts/")
+}
+
+impl Setup {
+    /// `ctr run -t --rm` of `script` on `runtime` under a `rows` x `cols` terminal.
+    fn run_tty(&self, runtime: &str, id: &str, script: &str, rows: u16, cols: u16) -> Attached {
+        let mut cmd = self.d.ctr_cmd(&["run", "-t", "--rm", "--runtime", runtime, "--rootfs"]);
+        cmd.arg(&self.rootfs).args([id, "/bin/sh", "-c", script]);
+        Attached::spawn(cmd, rows, cols)
+    }
+
+    /// `ctr task exec -t --exec-id EXEC TASK /bin/sh -c SCRIPT` under a `rows` x `cols` terminal.
+    fn exec_tty(&self, task: &str, exec_id: &str, script: &str, rows: u16, cols: u16) -> Attached {
+        let cmd = self.d.ctr_cmd(&["task", "exec", "-t", "--exec-id", exec_id, task, "/bin/sh", "-c", script]);
+        Attached::spawn(cmd, rows, cols)
+    }
+
+    /// `ctr run -d` of `args` on `runtime`, waiting until it runs.
+    fn run_detached(&self, runtime: &str, id: &str, args: &[&str]) {
+        let mut cmd = self.d.ctr_cmd(&["run", "--runtime", runtime, "--detach", "--rootfs"]);
+        cmd.arg(&self.rootfs).arg(id).args(args);
+        let out = cmd.stdin(Stdio::null()).output().expect("ctr run");
+        assert!(out.status.success(), "ctr run --detach {id}: {}", String::from_utf8_lossy(&out.stderr));
+        wait_for("the task to run", T, || (self.d.task_status(id).as_deref() == Some("RUNNING")).then_some(()));
+    }
+}
+
+/// The PID of our shim serving task `id` (its command line has `-id ID`).
+fn shim_pid(id: &str) -> i32 {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(cmdline) = std::fs::read(e.path().join("cmdline")) else { continue };
+        let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+        if args.first().is_some_and(|a| a.ends_with(SHIM)) && args.windows(2).any(|w| w[0] == "-id" && w[1] == id) {
+            found.push(pid);
+        }
+    }
+    assert_eq!(found.len(), 1, "one shim serves {id}: {found:?}");
+    found[0]
+}
+
+/// The descriptors open in `pid`.
+fn fds(pid: i32) -> Vec<String> {
+    let dir = format!("/proc/{pid}/fd");
+    let mut v: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let target = std::fs::read_link(e.path()).map(|t| t.display().to_string()).unwrap_or_default();
+            format!("{} -> {target}", e.file_name().to_string_lossy())
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn run_with_a_terminal_gets_a_pty_its_size_and_the_exit_code_as_with_the_runc_shim() {
+    let s = setup();
+    let mut results = Vec::new();
+    for (runtime, id) in [(RUNC_SHIM, "tty-runc"), (RUNTIME, "tty-cedana")] {
+        // ctr passes its terminal's size on at start; `stty size` prints rows and columns.
+        let (code, lines) = s.run_tty(runtime, id, "tty; sleep 0.5; stty size; exit 4", 33, 111).finish();
+        assert_eq!(code, Some(4), "{runtime}: the container's exit code comes through ctr; output {lines:?}");
+        assert!(lines.iter().any(|l| is_pts(l)), "{runtime}: tty names a pseudo-terminal: {lines:?}");
+        assert!(lines.iter().any(|l| l == "33 111"), "{runtime}: the window size reached the container: {lines:?}");
+        assert_eq!(s.d.task_status(id), None, "{runtime}: --rm deleted the task");
+        results.push((code, lines.iter().filter(|l| !l.is_empty()).count()));
+    }
+    assert_eq!(results[0], results[1], "exit code and lines of output: runc shim vs ours");
+}
+
+#[test]
+fn exec_with_a_terminal_gets_a_pty_its_size_and_the_exit_code_as_with_the_runc_shim() {
+    let s = setup();
+    let mut codes = Vec::new();
+    for (runtime, id) in [(RUNC_SHIM, "exec-tty-runc"), (RUNTIME, "exec-tty-cedana")] {
+        s.run_detached(runtime, id, &["/bin/sleep", "1000"]);
+        let (code, lines) = s.exec_tty(id, "e1", "tty; sleep 0.5; stty size; exit 5", 27, 93).finish();
+        assert_eq!(code, Some(5), "{runtime}: the exec's exit code comes through ctr; output {lines:?}");
+        assert!(lines.iter().any(|l| is_pts(l)), "{runtime}: {lines:?}");
+        assert!(lines.iter().any(|l| l == "27 93"), "{runtime}: the window size reached the exec: {lines:?}");
+        codes.push(code);
+        // ctr deleted the exec: its id can be used again, and the task runs on.
+        let (again, _) = s.exec_tty(id, "e1", "exit 0", 24, 80).finish();
+        assert_eq!(again, Some(0), "{runtime}");
+        assert_eq!(s.d.task_status(id).as_deref(), Some("RUNNING"), "{runtime}");
+    }
+    assert_eq!(codes[0], codes[1]);
+}
+
+#[test]
+fn resize_reaches_the_init_and_an_exec_and_a_terminal_exec_leaves_no_descriptor_behind() {
+    let s = setup();
+    let id = "tty-resize";
+    let init = s.run_tty(RUNTIME, id, "tty; sleep 1000", 24, 80);
+    let pts = init.line("the init's tty", is_pts);
+    wait_for("the task to run", T, || (s.d.task_status(id).as_deref() == Some("RUNNING")).then_some(()));
+    let shim = shim_pid(id);
+
+    // ResizePty of the init: seen on its terminal from another process of the container.
+    init.resize(40, 100);
+    let mut n = 0;
+    wait_for("stty -F TTY size in the container to say 40 100", T, || {
+        n += 1;
+        let out = s.d.ok(&["task", "exec", "--exec-id", &format!("chk{n}"), id, "/bin/stty", "-F", &pts, "size"]);
+        (out.trim() == "40 100").then_some(())
+    });
+
+    // ResizePty of an exec, by its exec id, while it waits.
+    let before = fds(shim);
+    let exec = s.exec_tty(id, "e2", "sleep 2; stty size; exit 6", 24, 80);
+    wait_for("the exec to start", T, || s.d.ok(&["task", "ps", id]).contains("ExecID:e2").then_some(()));
+    let during = fds(shim).len();
+    assert!(during > before.len(), "the exec's terminal and FIFOs are open in the shim while it runs ({during} fds)");
+    // ctr resizes the exec to its own terminal's size right after the start: come after that.
+    std::thread::sleep(Duration::from_millis(500));
+    exec.resize(35, 120);
+    let (code, lines) = exec.finish();
+    assert_eq!(code, Some(6), "{lines:?}");
+    assert!(lines.iter().any(|l| l == "35 120"), "the exec saw the resize: {lines:?}");
+
+    // Its terminal, FIFOs and console socket are all closed again once ctr has deleted it.
+    let settled = std::panic::catch_unwind(|| {
+        wait_for("the shim's descriptor count to be as before the exec", T, || (fds(shim).len() == before.len()).then_some(()))
+    });
+    assert!(settled.is_ok(), "descriptors of the shim before the exec: {before:#?}\nafter: {:#?}", fds(shim));
+    assert!(
+        !cedana_integration::entries(&s.d.dir.join("state/io.containerd.runtime.v2.task").join(&s.d.namespace).join(id))
+            .iter()
+            .any(|n| n.starts_with("console-")),
+        "no console socket left in the bundle"
+    );
+    // A bundle path too long for a socket address puts the socket in the temporary folder instead.
+    let prefix = format!("console-{shim}-");
+    let left: Vec<String> =
+        cedana_integration::entries(&std::env::temp_dir()).into_iter().filter(|n| n.starts_with(&prefix)).collect();
+    assert!(left.is_empty(), "console sockets left in the temporary folder: {left:?}");
+
+    // Killing the init ends the attached ctr with the signal's code.
+    s.d.ok(&["task", "kill", "-s", "SIGKILL", id]);
+    let (code, _) = init.finish();
+    assert_eq!(code, Some(137));
+}
