@@ -14,6 +14,7 @@ const CONTAINERD_PROTOS: &[&str] = &[
     "proto/containerd/snapshots.proto",
     "proto/containerd/images.proto",
     "proto/containerd/content.proto",
+    "proto/containerd/leases.proto",
     "proto/containerd/runc_options.proto",
 ];
 

@@ -193,7 +193,7 @@ cedana_restore() { # ROUND N
     local t0 id="restored-cedana-$1-$2"
     t0=$(now)
     "$CEDANA" restore containerd --path "$BENCH_DIR/small/small.tar.lz4" --id "$id" --address "$C/containerd.sock" \
-        --namespace "$NS" --detach 2>/dev/null
+        --namespace "$NS" --detach 2>>"$BENCH_DIR/cedana-restore.log" || die "cedana restore containerd failed: $(tail -n 3 "$BENCH_DIR/cedana-restore.log")"
     record "$1" restore cedana "$(since "$t0")"
     remove_container "$id"
 }

@@ -211,3 +211,21 @@ fn a_managed_containerd_container_is_dumped_and_restored_in_place_through_the_da
     assert_eq!(all[0], 0, "{all:?}");
     assert!(all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
 }
+
+#[test]
+fn restores_in_a_row_hold_their_snapshots_against_containerd_garbage_collection() {
+    // Each removal below lets containerd collect garbage; a snapshot prepared for a restore must not be taken
+    // before its container references it (the restore holds it with a lease, as containerd's clients do).
+    let s = setup("counter-gc");
+    s.run_counter(RUNC_SHIM, "ctrd-gc");
+    let checkpoint = s.dump("ctrd-gc", &["--leave-running", "--compression", "lz4"]);
+    for i in 0..8 {
+        let id = format!("ctrd-gc-{i}");
+        s.restore(&checkpoint, &id);
+        assert_eq!(s.d.task_status(&id).as_deref(), Some("RUNNING"), "restore {i}");
+        s.d.remove(&id);
+        let _ = s.d.ctr(&["snapshots", "rm", &id]);
+    }
+    let leases = s.d.ok(&["leases", "ls"]);
+    assert!(!leases.lines().any(|l| l.starts_with("cedana-")), "no lease of ours left: {leases}");
+}

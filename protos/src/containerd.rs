@@ -45,6 +45,11 @@ mod generated {
                     tonic::include_proto!("containerd.services.images.v1");
                 }
             }
+            pub mod leases {
+                pub mod v1 {
+                    tonic::include_proto!("containerd.services.leases.v1");
+                }
+            }
             pub mod content {
                 pub mod v1 {
                     tonic::include_proto!("containerd.services.content.v1");
@@ -58,11 +63,15 @@ pub use generated::containerd::runc::v1 as runc_options;
 pub use generated::containerd::services::containers::v1 as containers;
 pub use generated::containerd::services::content::v1 as content;
 pub use generated::containerd::services::images::v1 as images;
+pub use generated::containerd::services::leases::v1 as leases;
 pub use generated::containerd::services::snapshots::v1 as snapshots;
 pub use generated::containerd::services::tasks::v1 as tasks;
 pub use generated::containerd::types;
 /// Task types: `Process` and its `Status`.
 pub use generated::containerd::v1::types as task;
+
+/// The metadata header naming the lease a call's new resources are held by (safe from garbage collection).
+pub const LEASE_HEADER: &str = "containerd-lease";
 
 /// containerd's default socket.
 pub const DEFAULT_ADDRESS: &str = "/run/containerd/containerd.sock";

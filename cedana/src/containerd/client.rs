@@ -12,13 +12,15 @@ use cedana_protos::containerd::content::content_client::ContentClient;
 use cedana_protos::containerd::content::ReadContentRequest;
 use cedana_protos::containerd::images::images_client::ImagesClient;
 use cedana_protos::containerd::images::GetImageRequest;
+use cedana_protos::containerd::leases::leases_client::LeasesClient;
+use cedana_protos::containerd::leases::{AddResourceRequest, CreateRequest, DeleteRequest, Resource};
 use cedana_protos::containerd::snapshots::snapshots_client::SnapshotsClient;
 use cedana_protos::containerd::snapshots::{MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest};
 use cedana_protos::containerd::task::Process;
 use cedana_protos::containerd::tasks::tasks_client::TasksClient;
 use cedana_protos::containerd::tasks::{CreateTaskRequest, DeleteTaskRequest, GetRequest, StartRequest, WaitRequest};
 use cedana_protos::containerd::types::{Descriptor, Mount};
-use cedana_protos::containerd::with_namespace;
+use cedana_protos::containerd::{with_namespace, LEASE_HEADER};
 use tonic::transport::Channel;
 use tonic::Code;
 
@@ -35,7 +37,12 @@ pub struct Client {
     channel: Channel,
     namespace: String,
     address: PathBuf,
+    /// The lease this client's calls hold what they create with (see [`Client::hold`]).
+    lease: std::sync::Mutex<Option<String>>,
 }
+
+/// How long a lease outlives us if we die before deleting it (containerd then lets it expire).
+const LEASE_EXPIRY: chrono::Duration = chrono::Duration::hours(1);
 
 /// The stdio and rootfs of a new task.
 #[derive(Debug, Default)]
@@ -64,7 +71,13 @@ impl Client {
                 ),
             )
         })?;
-        Ok(Client { runtime, channel, namespace: namespace.to_string(), address: address.to_path_buf() })
+        Ok(Client {
+            runtime,
+            channel,
+            namespace: namespace.to_string(),
+            address: address.to_path_buf(),
+            lease: std::sync::Mutex::new(None),
+        })
     }
 
     /// The namespace the calls are in.
@@ -73,7 +86,40 @@ impl Client {
     }
 
     fn request<T>(&self, message: T) -> Result<tonic::Request<T>> {
-        with_namespace(&self.namespace, message).map_err(|s| ContainerdError::new(ErrorKind::InvalidArgument, s.message()))
+        let mut request = with_namespace(&self.namespace, message)
+            .map_err(|s| ContainerdError::new(ErrorKind::InvalidArgument, s.message()))?;
+        if let Some(lease) = self.lease.lock().unwrap_or_else(|e| e.into_inner()).as_deref() {
+            let value = lease.parse().map_err(|_| ContainerdError::new(ErrorKind::Internal, format!("lease id {lease:?}")))?;
+            request.metadata_mut().insert(LEASE_HEADER, value);
+        }
+        Ok(request)
+    }
+
+    /// Runs `steps` under a lease, as containerd's own clients do: a snapshot prepared (or one named by
+    /// `keep`) is safe from containerd's garbage collector until the container that will reference it exists.
+    /// The lease is deleted afterwards (and expires by itself should we die first).
+    pub fn hold<T>(&self, keep: Option<(&str, &str)>, steps: impl FnOnce() -> Result<T>) -> Result<T> {
+        let id = format!("cedana-{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or_default());
+        let expire = (chrono::Utc::now() + LEASE_EXPIRY).to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let labels = [("containerd.io/gc.expire".to_string(), expire)].into_iter().collect();
+        let req = self.request(CreateRequest { id: id.clone(), labels })?;
+        let mut leases = LeasesClient::new(self.channel.clone());
+        self.runtime.block_on(leases.create(req)).map_err(|s| self.failed("creating lease", &id, s))?;
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = Some(id.clone());
+        let result = (|| {
+            if let Some((snapshotter, key)) = keep {
+                let resource = Resource { id: key.to_string(), r#type: format!("snapshots/{snapshotter}") };
+                let req = self.request(AddResourceRequest { id: id.clone(), resource: Some(resource) })?;
+                self.runtime.block_on(leases.add_resource(req)).map_err(|s| self.failed("holding snapshot", key, s))?;
+            }
+            steps()
+        })();
+        *self.lease.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        let req = self.request(DeleteRequest { id: id.clone(), sync: false })?;
+        if let Err(s) = self.runtime.block_on(leases.delete(req)) {
+            tracing::warn!(lease = %id, error = %s.message(), "deleting a lease (it expires by itself)");
+        }
+        result
     }
 
     /// The container `id`; an error naming the namespace when it does not exist.

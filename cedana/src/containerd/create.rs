@@ -5,6 +5,7 @@
 use cedana::error::ErrorKind;
 use cedana_protos::containerd::containers::container::Runtime;
 use cedana_protos::containerd::containers::Container;
+use cedana_protos::containerd::types::Mount;
 use cedana_protos::containerd::SPEC_TYPE_URL;
 
 use super::image::resolve;
@@ -70,7 +71,17 @@ pub fn create(client: &Client, new: NewContainer<'_>) -> Result<Started, Contain
         .unwrap_or_default();
     let spec = serde_json::to_vec(&spec)
         .map_err(|e| ContainerdError::new(ErrorKind::Internal, format!("encoding the spec of container {id}: {e}")))?;
-    let mounts = client.prepare(new.snapshotter, id, &image.chain_id)?;
+    // Under a lease, as containerd's clients do: the snapshot is safe from the garbage collector until the
+    // container that references it exists.
+    client.hold(None, || {
+        let mounts = client.prepare(new.snapshotter, id, &image.chain_id)?;
+        start(client, &new, spec, mounts).map(|pid| Started { pid, args })
+    })
+}
+
+/// Creates the container on its prepared snapshot and starts its task; on failure, removes both.
+fn start(client: &Client, new: &NewContainer<'_>, spec: Vec<u8>, mounts: Vec<Mount>) -> Result<u32, ContainerdError> {
+    let id = new.id;
     let mut created = Created { client, id, snapshot: Some(new.snapshotter), container: false };
     let result = (|| {
         client.create_container(Container {
@@ -88,11 +99,8 @@ pub fn create(client: &Client, new: NewContainer<'_>) -> Result<Started, Contain
         client.create_task(id, task)?;
         client.start_task(id)
     })();
-    match result {
-        Ok(pid) => Ok(Started { pid, args }),
-        Err(e) => {
-            created.undo();
-            Err(e)
-        }
+    if result.is_err() {
+        created.undo();
     }
+    result
 }

@@ -58,8 +58,19 @@ pub fn restore(client: &Client, spec: RestoreSpec<'_>) -> Result<Restored, Conta
         ContainerdError::new(ErrorKind::FailedPrecondition, format!("reading {RECORD_FILE} of {}: {e}", path.display()))
     })?;
     let id = spec.id;
+    let exists = client.container_exists(id)?;
+    // A job restored in place keeps its stopped container's snapshot: held by the lease while the container
+    // is replaced.
+    let keep = (exists && spec.replace_stopped && !record.snapshot_parent.is_empty()).then(|| (record.snapshotter.clone(), id));
+    let keep = keep.as_ref().map(|(s, k)| (s.as_str(), *k));
+    client.hold(keep, || create_again(client, &spec, record, exists))
+}
+
+/// The steps of [`restore`], under its lease.
+fn create_again(client: &Client, spec: &RestoreSpec<'_>, record: Record, exists: bool) -> Result<Restored, ContainerdError> {
+    let (path, id) = (spec.checkpoint, spec.id);
     let mut reused_snapshot = false;
-    if client.container_exists(id)? {
+    if exists {
         let stopped = client.task(id)?.is_none_or(|t| t.status == cedana_protos::containerd::task::Status::Stopped as i32);
         if !(spec.replace_stopped && stopped) {
             return Err(ContainerdError::new(
