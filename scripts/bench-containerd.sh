@@ -153,7 +153,7 @@ cedana_zstd() { # ROUND
     local t0 d=$BENCH_DIR/out-cedana
     t0=$(now)
     "$CEDANA" dump containerd mem-runc --address "$C/containerd.sock" --namespace "$NS" --leave-running \
-        --compression zstd --dir "$d" --name cp >/dev/null
+        --compression zstd --dir "$d" --name cp >"$BENCH_DIR/last-dump.txt"
     record "$1" zstd cedana "$(since "$t0")"
     rm -rf "$d"
 }
@@ -229,6 +229,7 @@ for round in $(seq 0 $((WARMUP + ROUNDS - 1))); do
     echo "round $r done" >&2
 done
 
+sed -n "/timings/,\$p" "$BENCH_DIR/last-dump.txt" >&2
 python3 - "$RESULTS" "$SIZE_MIB" <<'EOF'
 import statistics, sys
 from collections import defaultdict

@@ -244,12 +244,15 @@ fn checkpoint(
     let package_failure = |source| if ctx.is_cancelled() { EngineError::Interrupted } else { EngineError::Package { source } };
     let packaged_at_post_dump = state.done;
     let commit = || {
+        // The live packer finishing what CRIU wrote last (e.g. compressing the tail of the page images) is
+        // packaging time too.
+        let waited = Instant::now();
         let mut writer = packing.into_writer().map_err(package_failure)?;
         if !survives {
             // CRIU has let the tree die: from here on, a failure must not throw its images away.
             writer.keep_if_unfinished();
         }
-        let mut package_time = state.time;
+        let mut package_time = state.time + waited.elapsed();
         if !state.done {
             let t = Instant::now();
             let release = if survives { Release::WorkloadAlive } else { Release::Keep };
