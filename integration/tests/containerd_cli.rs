@@ -130,6 +130,49 @@ fn a_runc_shim_container_is_dumped_and_restored_on_our_shim_and_counts_on() {
 }
 
 #[test]
+fn a_restore_onto_another_image_name_sits_on_its_layers() {
+    let s = setup("counter-image");
+    s.run_counter(RUNC_SHIM, "ctrd-img");
+    let checkpoint = s.dump("ctrd-img", &["--rootfs"]);
+    // The same layers under another name (as on a node that tagged the image differently).
+    let other = "docker.io/cedana/counter-image-retagged:2";
+    s.d.ok(&["image", "tag", &s.image, other]);
+    let out = s.cedana(&[
+        "restore",
+        "containerd",
+        "--path",
+        checkpoint.to_str().unwrap(),
+        "--id",
+        "ctrd-img-2",
+        "--image",
+        other,
+        "--detach",
+    ]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info = s.d.ok(&["container", "info", "ctrd-img-2"]);
+    assert!(info.contains(other), "the new container names the image given: {info}");
+    let restored = s.d.task_pid("ctrd-img-2");
+    wait_for("the restored counter to count", T, || (counts(restored).len() >= 10).then_some(()));
+    let all = counts(restored);
+    assert!(all[0] == 0 && all.windows(2).all(|w| w[1] == w[0] + 1), "{all:?}");
+    // An image that is not there: refused with what to do, nothing created.
+    let out = s.cedana(&[
+        "restore",
+        "containerd",
+        "--path",
+        checkpoint.to_str().unwrap(),
+        "--id",
+        "ctrd-img-3",
+        "--image",
+        "docker.io/cedana/nowhere:1",
+        "--detach",
+    ]);
+    let e = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && e.contains("nowhere") && e.contains("pull"), "{e}");
+    assert!(!s.d.ok(&["containers", "ls", "-q"]).lines().any(|l| l == "ctrd-img-3"));
+}
+
+#[test]
 fn with_rootfs_the_files_written_into_the_container_come_along() {
     let s = setup("counter-cedana-shim");
     s.run_counter(CEDANA_SHIM, "ctrd-rootfs");

@@ -41,7 +41,8 @@ pub struct RestoreArgs {
     /// Id of the restored container (must not exist yet).
     #[arg(long)]
     pub id: String,
-    /// Image reference recorded on the new container (the checkpointed container's by default).
+    /// Image whose layers the new container sits on (it must be unpacked in the namespace); the checkpointed
+    /// container's by default.
     #[arg(long)]
     pub image: Option<String>,
     #[command(flatten)]

@@ -23,7 +23,8 @@ pub struct RestoreSpec<'a> {
     pub checkpoint: &'a Path,
     /// The new container's id.
     pub id: &'a str,
-    /// The image recorded on the new container (the checkpointed container's when `None`).
+    /// The image whose layers the new container's snapshot sits on, and that it records (the checkpointed
+    /// container's recorded parent snapshot and image when `None`).
     pub image: Option<&'a str>,
     /// The runtime of the new container (it must restore from the annotation: ours by default).
     pub runtime: &'a str,
@@ -57,6 +58,16 @@ pub fn restore(client: &Client, spec: RestoreSpec<'_>) -> Result<Restored, Conta
     let record: Record = serde_json::from_slice(&record).map_err(|e| {
         ContainerdError::new(ErrorKind::FailedPrecondition, format!("reading {RECORD_FILE} of {}: {e}", path.display()))
     })?;
+    let mut record = record;
+    if let Some(image) = spec.image {
+        // Another image (e.g. the same one under another name on this node): the new snapshot sits on its
+        // layers; the writable layer and the process are the checkpoint's.
+        record.snapshot_parent = super::image::resolve(client, image)?.chain_id;
+        record.image = image.to_string();
+        if record.snapshotter.is_empty() {
+            record.snapshotter = super::create::DEFAULT_SNAPSHOTTER.to_string();
+        }
+    }
     let id = spec.id;
     let exists = client.container_exists(id)?;
     // A job restored in place keeps its stopped container's snapshot: held by the lease while the container
@@ -103,7 +114,7 @@ fn create_again(client: &Client, spec: &RestoreSpec<'_>, record: Record, exists:
         client.create_container(Container {
             id: id.to_string(),
             labels: record.labels.clone().into_iter().collect(),
-            image: spec.image.map(str::to_string).unwrap_or_else(|| record.image.clone()),
+            image: record.image.clone(),
             runtime: Some(Runtime { name: spec.runtime.to_string(), options: restore_options(&record, spec.runtime) }),
             spec: Some(prost_types::Any { type_url: SPEC_TYPE_URL.into(), value: serde_json::to_vec(&oci).map_err(invalid)? }),
             snapshotter: snapshotter.clone().unwrap_or_default(),
