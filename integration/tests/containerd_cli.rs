@@ -272,3 +272,23 @@ fn restores_in_a_row_hold_their_snapshots_against_containerd_garbage_collection(
     let leases = s.d.ok(&["leases", "ls"]);
     assert!(!leases.lines().any(|l| l.starts_with("cedana-")), "no lease of ours left: {leases}");
 }
+
+#[test]
+fn an_attached_restore_waits_for_the_container_and_exits_with_its_code() {
+    let s = setup("counter-attached");
+    s.run_counter(RUNC_SHIM, "ctrd-att");
+    let checkpoint = s.dump("ctrd-att", &[]);
+    let mut args: Vec<String> = ["restore", "containerd", "--path", checkpoint.to_str().unwrap(), "--id", "ctrd-att-2"]
+        .iter()
+        .map(|a| a.to_string())
+        .collect();
+    args.extend(["--address".into(), s.address(), "--namespace".into(), s.d.namespace.clone()]);
+    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut child = cedana_integration::cedana_cmd(&refs).stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
+    wait_for("the restored task to run", T, || (s.d.task_status("ctrd-att-2").as_deref() == Some("RUNNING")).then_some(()));
+    assert!(child.try_wait().unwrap().is_none(), "the attached restore waits while the container runs");
+    s.d.ok(&["task", "kill", "-s", "SIGKILL", "ctrd-att-2"]);
+    let status = cedana_integration::engines::wait_child(&mut child, T);
+    assert_eq!(status.code(), Some(137), "the container's exit code (SIGKILL)");
+    assert_eq!(s.d.task_status("ctrd-att-2"), None, "its task is deleted, as `ctr run` does");
+}
