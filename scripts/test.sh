@@ -12,6 +12,12 @@ if [[ $(id -u) -ne 0 ]]; then
 fi
 
 bash scripts/setup.sh
+# CRIU restores processes under their original PIDs. With the kernel's small default PID space (32768 on a
+# 2-core machine) the suite's thousands of processes wrap around it, and a new process can take the PID of a
+# dumped one before its restore (seen in daemon_load). The 64-bit maximum keeps new PIDs clear of them.
+if [[ $(cat /proc/sys/kernel/pid_max) -lt 4194304 ]]; then
+  echo 4194304 >/proc/sys/kernel/pid_max
+fi
 export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$HOME/.cargo/bin:$PATH
 
 # Lint gates: formatting and clippy (warnings are errors).
