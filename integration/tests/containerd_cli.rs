@@ -292,3 +292,18 @@ fn an_attached_restore_waits_for_the_container_and_exits_with_its_code() {
     assert_eq!(status.code(), Some(137), "the container's exit code (SIGKILL)");
     assert_eq!(s.d.task_status("ctrd-att-2"), None, "its task is deleted, as `ctr run` does");
 }
+
+#[test]
+fn a_paused_task_is_dumped_and_stays_paused_when_left_running() {
+    let s = setup("counter-paused");
+    let pid = s.run_counter(CEDANA_SHIM, "ctrd-paused");
+    s.d.ok(&["task", "pause", "ctrd-paused"]);
+    let n = counts(pid).len();
+    let checkpoint = s.dump("ctrd-paused", &["--leave-running"]);
+    assert!(checkpoint.exists());
+    assert_eq!(s.d.task_status("ctrd-paused").as_deref(), Some("PAUSED"), "a task paused beforehand stays paused");
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(counts(pid).len(), n, "and frozen: nothing counted");
+    s.d.ok(&["task", "resume", "ctrd-paused"]);
+    wait_for("the counter to go on", T, || (counts(pid).len() > n + 2).then_some(()));
+}
