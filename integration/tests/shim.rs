@@ -277,3 +277,66 @@ fn a_shim_killed_with_sigkill_is_cleaned_up_by_containerd() {
     wait_for("the bundle to be removed", T, || (!bundle.exists()).then_some(()));
     assert!(shim_pids(id).is_empty());
 }
+
+/// The outcome of one ctr command: exit code, and the class of its error (containerd's words after "ctr: ").
+fn outcome(out: &std::process::Output) -> (Option<i32>, String) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let class = ["not found", "already exists", "failed precondition", "unknown", "invalid argument", "not implemented"]
+        .iter()
+        .find(|c| stderr.contains(*c))
+        .map(|c| c.to_string())
+        .unwrap_or_default();
+    (out.status.code(), class)
+}
+
+/// One lifecycle script through `runtime`: the outcomes of its steps, in order.
+fn lifecycle(s: &Setup, runtime: &str, id: &str) -> Vec<(String, (Option<i32>, String))> {
+    let mut steps = Vec::new();
+    let ctr = |args: &[&str]| outcome(&s.d.ctr(args));
+    let mut run = s.d.ctr_cmd(&["run", "--runtime", runtime, "--detach", "--null-io", "--rootfs"]);
+    run.arg(&s.rootfs).args([id, "/bin/sh", "-c", "trap 'exit 7' TERM; while true; do sleep 0.1; done"]);
+    let out = run.stdin(Stdio::null()).output().unwrap();
+    steps.push(("run".into(), outcome(&out)));
+    wait_for("the task to be RUNNING", T, || (s.d.task_status(id).as_deref() == Some("RUNNING")).then_some(()));
+    steps.push(("kill unknown task".into(), ctr(&["task", "kill", "no-such-task"])));
+    steps.push(("delete running task".into(), ctr(&["task", "delete", id])));
+    steps.push(("pause".into(), ctr(&["task", "pause", id])));
+    steps.push(("pause again".into(), ctr(&["task", "pause", id])));
+    steps.push(("resume".into(), ctr(&["task", "resume", id])));
+    steps.push(("resume again".into(), ctr(&["task", "resume", id])));
+    steps.push(("start again".into(), ctr(&["task", "start", id])));
+    // SIGTERM: the trap exits; `ctr task wait` reports how.
+    let mut wait = s.d.ctr_cmd(&["task", "wait", id]).stdin(Stdio::null()).stdout(Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    steps.push(("kill TERM".into(), ctr(&["task", "kill", "-s", "SIGTERM", id])));
+    let status = cedana_integration::engines::wait_child(&mut wait, T);
+    steps.push(("wait".into(), (status.code(), String::new())));
+    wait_for("the task to be STOPPED", T, || (s.d.task_status(id).as_deref() == Some("STOPPED")).then_some(()));
+    steps.push(("kill stopped task".into(), ctr(&["task", "kill", id])));
+    steps.push(("exec in stopped task".into(), ctr(&["task", "exec", "--exec-id", "e1", id, "/bin/true"])));
+    steps.push(("delete".into(), ctr(&["task", "delete", id])));
+    steps.push(("delete again".into(), ctr(&["task", "delete", id])));
+    steps.push(("container rm".into(), ctr(&["container", "rm", id])));
+    steps
+}
+
+#[test]
+fn the_same_ctr_lifecycle_gives_the_same_outcomes_as_the_runc_shim() {
+    let s = setup();
+    let theirs = lifecycle(&s, "io.containerd.runc.v2", "fidelity-runc");
+    let ours = lifecycle(&s, RUNTIME, "fidelity-cedana");
+    // Deliberate: an illegal transition is FAILED_PRECONDITION in our shim's state machine, where the runc shim
+    // lets runc fail and answers UNKNOWN. The exit codes are the same.
+    let deliberate = ["pause again", "resume again"];
+    for ((step, t), (_, o)) in theirs.iter().zip(&ours) {
+        let all = format!("all ours: {ours:?}\nall theirs: {theirs:?}");
+        if deliberate.contains(&step.as_str()) {
+            assert_eq!((o.0, o.1.as_str(), t.0), (t.0, "failed precondition", Some(1)), "step {step:?}\n{all}");
+        } else {
+            assert_eq!(o, t, "step {step:?}: ours {o:?}, the runc shim's {t:?}\n{all}");
+        }
+    }
+    // The script does test something: successes and failures both.
+    assert!(theirs.iter().any(|(_, (c, _))| *c == Some(0)) && theirs.iter().any(|(_, (c, _))| *c != Some(0)), "{theirs:?}");
+    assert_eq!(ours.len(), theirs.len());
+}
