@@ -53,6 +53,7 @@ cleanup() {
         kill "$CONTAINERD_PID" 2>/dev/null || true
         for _ in $(seq 100); do kill -0 "$CONTAINERD_PID" 2>/dev/null || break; sleep 0.2; done
         rmdir "/run/containerd/runc/$NS" 2>/dev/null || true
+        for d in /sys/fs/cgroup/*/"$NS"; do [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null; done || true
     fi
     [ "${KEEP:-0}" = 1 ] || rm -rf "$BENCH_DIR"
 }

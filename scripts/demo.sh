@@ -34,6 +34,7 @@ cleanup() {
     done
     kill -TERM "$CONTAINERD_PID" 2>/dev/null && wait "$CONTAINERD_PID" 2>/dev/null || true
     rmdir /run/containerd/runc/cedana-demo 2>/dev/null || true
+    for d in /sys/fs/cgroup/*/cedana-demo; do [[ -d $d ]] && find "$d" -depth -type d -exec rmdir {} \; 2>/dev/null; done || true
   fi
   [[ -n $WORKLOAD_PID ]] && kill -KILL "$WORKLOAD_PID" 2>/dev/null || true
   [[ -n $JOB_PID ]] && kill -KILL "$JOB_PID" 2>/dev/null || true
