@@ -20,6 +20,7 @@
 set -euo pipefail
 
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+. "$HERE/lib/containerd.sh"
 ROOT=$(cd "$HERE/.." && pwd)
 ROUNDS=${ROUNDS:-5}
 WARMUP=${WARMUP:-1}
@@ -60,25 +61,9 @@ cleanup() {
 trap cleanup EXIT
 
 # --- a private containerd and a busybox rootfs with the static memory workload -----------------------------
-mkdir -p "$C"
-cat >"$C/config.toml" <<EOF
-version = 2
-root = "$C/root"
-state = "$C/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$C/containerd.sock"
-[ttrpc]
-  address = "$C/containerd.sock.ttrpc"
-EOF
-containerd --config "$C/config.toml" >"$C/containerd.log" 2>&1 &
-CONTAINERD_PID=$!
-for _ in $(seq 100); do ctr_ version >/dev/null 2>&1 && break; sleep 0.1; done
-ctr_ version >/dev/null || die "containerd did not start (see $C/containerd.log)"
+start_private_containerd "$C" || die "containerd did not start (see $C/containerd.log)"
 ROOTFS=$BENCH_DIR/rootfs
-mkdir -p "$ROOTFS/bin" "$ROOTFS/"{proc,sys,dev,tmp,etc}
-cp /bin/busybox "$ROOTFS/bin/busybox"
-for a in $(busybox --list); do [ "$a" = busybox ] || ln -sf busybox "$ROOTFS/bin/$a"; done
+busybox_rootfs "$ROOTFS"
 gcc -static -O2 -o "$ROOTFS/bin/memory" "$ROOT/integration/workloads/memory.c"
 
 # The rootfs as an image (an OCI layout tarball for `ctr image import`): `ctr container checkpoint` and

@@ -7,6 +7,7 @@
 # at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/containerd.sh
 
 [[ $(id -u) -eq 0 ]] || { echo "scripts/demo.sh needs root (CRIU does): sudo $0" >&2; exit 1; }
 bash scripts/setup.sh >/dev/null
@@ -115,25 +116,9 @@ fi
 # --- a container through containerd and our shim ---------------------------------------------------------
 say "A private containerd (root, state and socket under $DEMO/containerd)"
 C=$DEMO/containerd
-mkdir -p "$C" "$DEMO/rootfs/bin"
-cat >"$C/config.toml" <<EOF
-version = 2
-root = "$C/root"
-state = "$C/state"
-disabled_plugins = ["io.containerd.grpc.v1.cri"]
-[grpc]
-  address = "$C/containerd.sock"
-[ttrpc]
-  address = "$C/containerd.sock.ttrpc"
-EOF
-containerd --config "$C/config.toml" >"$C/containerd.log" 2>&1 &
-CONTAINERD_PID=$!
+start_private_containerd "$C" || { echo "containerd did not start (see $C/containerd.log)" >&2; exit 1; }
 CTR=(ctr -a "$C/containerd.sock" -n cedana-demo)
-for _ in $(seq 100); do "${CTR[@]}" version >/dev/null 2>&1 && break; sleep 0.1; done
-# A busybox rootfs: /bin/busybox and its applets.
-cp /bin/busybox "$DEMO/rootfs/bin/"
-for a in $(/bin/busybox --list); do [[ $a == busybox ]] || ln -s busybox "$DEMO/rootfs/bin/$a"; done
-mkdir -p "$DEMO/rootfs/"{proc,sys,dev,tmp,etc}
+busybox_rootfs "$DEMO/rootfs"
 
 say "ctr run --runtime io.containerd.cedana.v2 --rootfs ... demo-ctr: a counter writing to /count in its rootfs"
 "${CTR[@]}" run --runtime io.containerd.cedana.v2 --detach --null-io --rootfs "$DEMO/rootfs" demo-ctr \

@@ -385,6 +385,28 @@ impl Containerd {
     }
 }
 
+/// A private containerd that finds our shim (`containerd-shim-cedana-v2`, which must be built) on its PATH, and
+/// a busybox rootfs. Fields drop in order: containerd (which removes its containers) before the folder.
+pub struct ShimHost {
+    pub d: Containerd,
+    pub rootfs: PathBuf,
+    pub tmp: tempfile::TempDir,
+}
+
+impl ShimHost {
+    /// Start it (as root) in a new temporary folder.
+    pub fn start() -> ShimHost {
+        crate::require_root();
+        crate::bin("containerd-shim-cedana-v2");
+        // containerd (started below, inheriting our environment) looks the shim up on its PATH.
+        put_shim_on_path();
+        let tmp = tempfile::tempdir().expect("temporary folder");
+        let d = Containerd::start(&tmp.path().join("containerd"));
+        let rootfs = crate::images::busybox_rootfs(&tmp.path().join("rootfs"));
+        ShimHost { d, rootfs, tmp }
+    }
+}
+
 /// Put the build's target folder first on PATH (once per test process), so that a containerd started
 /// afterwards finds our shim (`containerd-shim-cedana-v2`) there.
 pub fn put_shim_on_path() {

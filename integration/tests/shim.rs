@@ -4,34 +4,18 @@
 //! Build first, then run as root:
 //! `cargo build -p containerd-shim-cedana-v2 -p cedana-runc && cargo test -p cedana-integration --test shim`.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use cedana_integration::engines::{put_shim_on_path, Containerd};
-use cedana_integration::images::busybox_rootfs;
-use cedana_integration::{bin, require_root, target_dir, wait_for};
+use cedana_integration::engines::{Containerd, ShimHost as Setup};
+use cedana_integration::{target_dir, wait_for};
 
 const RUNTIME: &str = "io.containerd.cedana.v2";
 const SHIM: &str = "containerd-shim-cedana-v2";
 const T: Duration = Duration::from_secs(30);
 
-/// Fields drop in order: containerd (which removes its containers) before the temporary folder.
-struct Setup {
-    d: Containerd,
-    rootfs: PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
 fn setup() -> Setup {
-    require_root();
-    bin(SHIM);
-    // containerd (started below, inheriting our environment) looks the shim up on its PATH.
-    put_shim_on_path();
-    let tmp = tempfile::tempdir().unwrap();
-    let d = Containerd::start(&tmp.path().join("containerd"));
-    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
-    Setup { d, rootfs, _tmp: tmp }
+    Setup::start()
 }
 
 /// PIDs of our shim serving task `id` (its command line has `-id ID`).

@@ -6,31 +6,25 @@ use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::time::Duration;
 
-use cedana_integration::engines::{put_shim_on_path, Containerd};
-use cedana_integration::images::busybox_rootfs;
-use cedana_integration::{bin, require_root, wait_for};
+use cedana_integration::engines::{Containerd, ShimHost};
+use cedana_integration::wait_for;
 
 const RUNTIME: &str = "io.containerd.cedana.v2";
 const RUNC_SHIM: &str = "io.containerd.runc.v2";
-const SHIM: &str = "containerd-shim-cedana-v2";
 const T: Duration = Duration::from_secs(30);
 
-/// Fields drop in order: containerd (which removes its containers) before the temporary folder.
-struct Setup {
-    d: Containerd,
-    rootfs: PathBuf,
-    tmp: tempfile::TempDir,
+/// The private containerd of [`ShimHost`], with this file's ctr helpers.
+struct Setup(ShimHost);
+
+impl std::ops::Deref for Setup {
+    type Target = ShimHost;
+    fn deref(&self) -> &ShimHost {
+        &self.0
+    }
 }
 
 fn setup() -> Setup {
-    require_root();
-    bin(SHIM);
-    // containerd (started below, inheriting our environment) looks the shim up on its PATH.
-    put_shim_on_path();
-    let tmp = tempfile::tempdir().unwrap();
-    let d = Containerd::start(&tmp.path().join("containerd"));
-    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
-    Setup { d, rootfs, tmp }
+    Setup(ShimHost::start())
 }
 
 fn text(b: &[u8]) -> String {

@@ -4,35 +4,30 @@
 //! Build first, then run as root: `cargo build --workspace && cargo test -p cedana-integration --test shim_terminal`.
 
 use std::os::fd::{FromRawFd, OwnedFd};
-use std::path::PathBuf;
 use std::process::{Child, Stdio};
 use std::time::Duration;
 
-use cedana_integration::engines::{put_shim_on_path, wait_child, Containerd};
-use cedana_integration::images::busybox_rootfs;
+use cedana_integration::engines::{wait_child, ShimHost};
 use cedana_integration::lines::Lines;
-use cedana_integration::{bin, require_root, wait_for};
+use cedana_integration::wait_for;
 
 const RUNTIME: &str = "io.containerd.cedana.v2";
 const RUNC_SHIM: &str = "io.containerd.runc.v2";
 const SHIM: &str = "containerd-shim-cedana-v2";
 const T: Duration = Duration::from_secs(30);
 
-/// Fields drop in order: containerd (which removes its containers) before the temporary folder.
-struct Setup {
-    d: Containerd,
-    rootfs: PathBuf,
-    _tmp: tempfile::TempDir,
+/// The private containerd of [`ShimHost`], with this file's ctr helpers.
+struct Setup(ShimHost);
+
+impl std::ops::Deref for Setup {
+    type Target = ShimHost;
+    fn deref(&self) -> &ShimHost {
+        &self.0
+    }
 }
 
 fn setup() -> Setup {
-    require_root();
-    bin(SHIM);
-    put_shim_on_path();
-    let tmp = tempfile::tempdir().unwrap();
-    let d = Containerd::start(&tmp.path().join("containerd"));
-    let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
-    Setup { d, rootfs, _tmp: tmp }
+    Setup(ShimHost::start())
 }
 
 /// A ctr process whose stdin, stdout and stderr are the slave end of a pseudo-terminal of the test, which is

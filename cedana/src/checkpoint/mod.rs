@@ -18,7 +18,7 @@ pub mod writer;
 pub use digest::FileDigest;
 pub use external::{ExternalFile, FileRedirect, FileSelector};
 pub use manifest::{CheckpointKind, ContainerInfo, Manifest, ProcessInfo, StdioPipe, FORMAT_VERSION, MANIFEST_NAME};
-pub use reader::{read_manifest, OpenedCheckpoint, PendingVerification};
+pub use reader::{read_entry, read_manifest, OpenedCheckpoint, PendingVerification};
 pub use sink::{ArchiveSink, Existing, LocalFile, Stream, Unfinished};
 pub use writer::CheckpointWriter;
 

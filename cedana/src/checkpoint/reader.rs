@@ -124,6 +124,40 @@ pub fn read_manifest(path: &Path, verify: bool) -> Result<Manifest, CheckpointEr
     Ok(manifest)
 }
 
+/// Read the one file `name` of the checkpoint at `path` (a folder, or an archive of any compression, read
+/// only as far as that file) and check it against the manifest; `None` when the manifest lists no such file.
+pub fn read_entry(path: &Path, name: &str) -> Result<Option<Vec<u8>>, CheckpointError> {
+    let manifest = read_manifest(path, false)?;
+    let Some(expected) = manifest.files.iter().find(|f| f.name == name) else { return Ok(None) };
+    let compression = Compression::detect_path(path)?;
+    let bytes = if compression.is_archive() {
+        let file = File::open(path).map_err(CheckpointError::io(path))?;
+        let mut archive = tar::Archive::new(codec::decoder(compression, file)?);
+        let damaged =
+            |e: io::Error| corrupt(path, format!("cannot read the {compression} archive ({e}); it is truncated or damaged"));
+        let mut found = None;
+        for entry in archive.entries().map_err(damaged)? {
+            let mut entry = entry.map_err(damaged)?;
+            if entry.path().map_err(damaged)?.to_str() == Some(name) {
+                let mut bytes = Vec::new();
+                entry.read_to_end(&mut bytes).map_err(damaged)?;
+                found = Some(bytes);
+                break;
+            }
+        }
+        found.ok_or_else(|| corrupt(path, format!("the manifest lists {name} but the archive does not hold it")))?
+    } else {
+        let file = path.join(name);
+        std::fs::read(&file).map_err(CheckpointError::io(&file))?
+    };
+    let mut hasher = super::digest::Hasher::new();
+    hasher.update(&bytes);
+    if &hasher.finish(name) != expected {
+        return Err(corrupt(path, format!("{name} does not match the manifest")));
+    }
+    Ok(Some(bytes))
+}
+
 fn load_folder_manifest(path: &Path) -> Result<Manifest, CheckpointError> {
     let mpath = path.join(MANIFEST_NAME);
     let bytes = match std::fs::read(&mpath) {

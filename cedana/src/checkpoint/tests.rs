@@ -71,6 +71,22 @@ fn every_format_round_trips_and_verifies() {
     }
 }
 
+#[test]
+fn one_entry_is_read_and_checked_in_every_format() {
+    for c in ALL {
+        let dir = tempfile::tempdir().unwrap();
+        let path = write(dir.path(), c);
+        let original = std::fs::read(dir.path().join("src/pages-1.img")).unwrap();
+        assert_eq!(super::read_entry(&path, "pages-1.img").unwrap(), Some(original), "{c}");
+        assert_eq!(super::read_entry(&path, "no-such-file").unwrap(), None, "{c}");
+    }
+    // A folder checkpoint whose file changed after the dump: refused as corrupt.
+    let dir = tempfile::tempdir().unwrap();
+    let path = write(dir.path(), Compression::None);
+    std::fs::write(path.join("pages-1.img"), b"tampered").unwrap();
+    assert!(matches!(super::read_entry(&path, "pages-1.img"), Err(CheckpointError::Corrupt { .. })));
+}
+
 /// Page images streamed in before their size is known, then the rest as usual: our reader verifies it and
 /// the format's own command-line tools read it as one tar stream.
 #[test]

@@ -15,7 +15,7 @@ pub mod spec;
 pub use client::{Client, NewTask};
 pub use create::{create, NewContainer, DEFAULT_SNAPSHOTTER};
 pub use dump::prepare_dump;
-pub use record::{read_entry, Record, RECORD_FILE, ROOTFS_DIFF_FILE};
+pub use record::{Record, RECORD_FILE, ROOTFS_DIFF_FILE};
 pub use restore::{restore, RestoreSpec, Stdio};
 
 use std::path::{Path, PathBuf};

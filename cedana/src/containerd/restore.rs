@@ -12,7 +12,9 @@ use cedana_protos::containerd::{RUNC_OPTIONS_TYPE_URL, SPEC_TYPE_URL};
 use prost::Message as _;
 
 use super::dump::overlay_option;
-use super::{read_entry, Client, ContainerdError, NewTask, Record, CEDANA_RUNTIME, RECORD_FILE, ROOTFS_DIFF_FILE};
+use cedana::checkpoint::read_entry;
+
+use super::{Client, ContainerdError, NewTask, Record, CEDANA_RUNTIME, RECORD_FILE, ROOTFS_DIFF_FILE};
 
 /// The annotation our shim (through cedana-runc) restores a container from.
 pub const RESTORE_ANNOTATION: &str = "io.cedana.restore";
@@ -82,7 +84,8 @@ fn create_again(client: &Client, spec: &RestoreSpec<'_>, record: Record, exists:
     let (path, id) = (spec.checkpoint, spec.id);
     let mut reused_snapshot = false;
     if exists {
-        let stopped = client.task(id)?.is_none_or(|t| t.status == cedana_protos::containerd::task::Status::Stopped as i32);
+        let task = client.task(id)?;
+        let stopped = task.as_ref().is_none_or(|t| t.status == cedana_protos::containerd::task::Status::Stopped as i32);
         if !(spec.replace_stopped && stopped) {
             return Err(ContainerdError::new(
                 ErrorKind::AlreadyExists,
@@ -90,7 +93,7 @@ fn create_again(client: &Client, spec: &RestoreSpec<'_>, record: Record, exists:
             ));
         }
         // The job's own container, stopped by its dump: its writable layer is kept and reused.
-        if client.task(id)?.is_some() {
+        if task.is_some() {
             client.delete_task(id)?;
         }
         client.delete_container(id)?;

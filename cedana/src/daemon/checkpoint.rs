@@ -326,6 +326,8 @@ impl Service {
         Ok(pb::RestoreResponse {
             pid,
             job: Some(self.job_reply(&job)?),
+            // The shim verifies and restores (through cedana-runc) out of our sight: the whole containerd
+            // restore (task creation, where that happens, and start) stands for the CRIU phase.
             verify_time_us: 0,
             criu_time_us: started.elapsed().as_micros() as u64,
         })

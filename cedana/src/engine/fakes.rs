@@ -19,7 +19,7 @@ use nix::unistd::Pid;
 
 use crate::criu::{Criu, CriuDriver, CriuError, DumpCall, RestoreCall};
 use crate::procfs;
-use crate::runc::{ContainerRuntime, ContainerState, RestoreFlags, RuncError};
+use crate::runc::{ContainerRuntime, ContainerState, CriuExtras, RestoreFlags, RuncError};
 
 /// What the fakes (and the tests' hooks) did, in order.
 pub type Events = Arc<Mutex<Vec<String>>>;
@@ -524,7 +524,10 @@ impl ContainerRuntime for FakeRuntime {
         Ok(())
     }
 
-    fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString]) -> Result<(), RuncError> {
+    fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString], extras: &CriuExtras) -> Result<(), RuncError> {
+        if !extras.is_empty() {
+            return Err(RuncError::Unsupported { option: "CRIU options outside runc's flags".into() });
+        }
         let mut map = self.containers.lock().unwrap();
         let c = map.get_mut(id).ok_or_else(|| self.missing(id))?;
         let status = Self::status_of(c);
@@ -546,7 +549,10 @@ impl ContainerRuntime for FakeRuntime {
         Ok(())
     }
 
-    fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError> {
+    fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError> {
+        if !extras.is_empty() {
+            return Err(RuncError::Unsupported { option: "CRIU options outside runc's flags".into() });
+        }
         let mut map = self.containers.lock().unwrap();
         if map.contains_key(id) {
             return Err(RuncError::Exists { id: id.into(), root: self.root.clone() });

@@ -119,33 +119,12 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
     fn resume(&self, id: &str) -> Result<(), RuncError>;
     /// `delete [--force] ID`.
     fn delete(&self, id: &str, force: bool) -> Result<(), RuncError>;
-    /// `checkpoint --image-path IMAGES --work-path WORK FLAGS... ID`.
-    fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString]) -> Result<(), RuncError>;
-    /// `restore --image-path IMAGES ... ID`; runc's exit code.
-    fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError>;
-    /// [`ContainerRuntime::checkpoint`] with CRIU options runc has no flags for. A runtime that cannot pass
-    /// them refuses a non-empty `extras`.
-    fn checkpoint_with(
-        &self,
-        id: &str,
-        images: &Path,
-        work: &Path,
-        flags: &[OsString],
-        extras: &CriuExtras,
-    ) -> Result<(), RuncError> {
-        if !extras.is_empty() {
-            return Err(RuncError::Unsupported { option: "CRIU options outside runc's flags".into() });
-        }
-        self.checkpoint(id, images, work, flags)
-    }
-    /// [`ContainerRuntime::restore`] with CRIU options and descriptors runc has no flags for. A runtime that
-    /// cannot pass them refuses a non-empty `extras`.
-    fn restore_with(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError> {
-        if !extras.is_empty() {
-            return Err(RuncError::Unsupported { option: "CRIU options outside runc's flags".into() });
-        }
-        self.restore(id, images, flags)
-    }
+    /// `checkpoint --image-path IMAGES --work-path WORK FLAGS... ID`, with CRIU options runc has no flags for
+    /// (`extras`; a runtime that cannot pass them refuses non-empty ones).
+    fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString], extras: &CriuExtras) -> Result<(), RuncError>;
+    /// `restore --image-path IMAGES ... ID`, with CRIU options and descriptors runc has no flags for; runc's
+    /// exit code.
+    fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError>;
 }
 
 impl ContainerRuntime for Runc {
@@ -167,24 +146,11 @@ impl ContainerRuntime for Runc {
     fn delete(&self, id: &str, force: bool) -> Result<(), RuncError> {
         Runc::delete(self, id, force)
     }
-    fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString]) -> Result<(), RuncError> {
-        Runc::checkpoint(self, id, images, work, flags)
+    fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString], extras: &CriuExtras) -> Result<(), RuncError> {
+        Runc::checkpoint(self, id, images, work, flags, extras)
     }
-    fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError> {
-        Runc::restore(self, id, images, flags)
-    }
-    fn checkpoint_with(
-        &self,
-        id: &str,
-        images: &Path,
-        work: &Path,
-        flags: &[OsString],
-        extras: &CriuExtras,
-    ) -> Result<(), RuncError> {
-        Runc::checkpoint_with(self, id, images, work, flags, extras)
-    }
-    fn restore_with(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError> {
-        Runc::restore_with(self, id, images, flags, extras)
+    fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError> {
+        Runc::restore(self, id, images, flags, extras)
     }
 }
 
@@ -282,13 +248,9 @@ impl Runc {
         self.output("delete", id, cmd.arg(id)).map(drop)
     }
 
-    /// `runc checkpoint --image-path IMAGES --work-path WORK FLAGS... ID`.
-    pub fn checkpoint(&self, id: &str, images: &Path, work: &Path, flags: &[OsString]) -> Result<(), RuncError> {
-        self.checkpoint_with(id, images, work, flags, &CriuExtras::default())
-    }
-
-    /// [`Runc::checkpoint`], with CRIU options runc has no flags for (descriptors are not passed at dump).
-    pub fn checkpoint_with(
+    /// `runc checkpoint --image-path IMAGES --work-path WORK FLAGS... ID`, with CRIU options runc has no flags
+    /// for (`extras`, through a CRIU configuration file; descriptors are not passed at dump).
+    pub fn checkpoint(
         &self,
         id: &str,
         images: &Path,
@@ -308,14 +270,9 @@ impl Runc {
 
     /// `runc restore --image-path IMAGES ... ID`. The caller's stdio is the restored container's (for pipes
     /// that were external at dump) and runc's; with `detach` this returns once the container runs, else
-    /// when it exits. Returns runc's exit code when runc itself ran.
-    pub fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags) -> Result<i32, RuncError> {
-        self.restore_with(id, images, flags, CriuExtras::default())
-    }
-
-    /// [`Runc::restore`], with CRIU options runc has no flags for and descriptors CRIU inherits (runc keeps
-    /// them open for the CRIU it runs; they are closed here once runc is done).
-    pub fn restore_with(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError> {
+    /// when it exits. Returns runc's exit code when runc itself ran. `extras`: CRIU options runc has no flags for and descriptors CRIU inherits (runc keeps them open for
+    /// the CRIU it runs; they are closed here once runc is done).
+    pub fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError> {
         // runc's stderr is the container's: read its error back from the log instead (the caller's --log,
         // or a private one).
         let private_log = match self.log_file() {

@@ -164,7 +164,7 @@ impl DumpTarget for RuncTarget {
         tracing::info!(id, was_paused = self.was_paused, images = %call.images_dir.display(), "checkpointing runc container");
         let extras =
             CriuExtras { options: self.external.iter().map(|f| format!("external {}", f.key)).collect(), fds: Vec::new() };
-        runtime.checkpoint_with(&id, call.images_dir, call.work_dir, &flags, &extras)?;
+        runtime.checkpoint(&id, call.images_dir, call.work_dir, &flags, &extras)?;
         if frozen() {
             Ok(())
         } else {
@@ -278,7 +278,7 @@ impl RestoreTarget for RuncRestore {
         let started = Instant::now();
         tracing::info!(id = %c.id, images = %opened.images_dir.display(), bundle = %flags.bundle.display(), "restoring runc container");
         let extras = external_files(opened, req)?;
-        let exit_code = match runtime.restore_with(&c.id, &opened.images_dir, &flags, extras) {
+        let exit_code = match runtime.restore(&c.id, &opened.images_dir, &flags, extras) {
             Ok(code) => code,
             Err(e) => {
                 let kept = temp_work.keep();
