@@ -334,11 +334,22 @@ fn helper_only_stdio() {
     let dir = tempfile::tempdir().unwrap();
     for output in [Output::Log(dir.path().join("l")), Output::Attachable { log: Some(dir.path().join("a")) }] {
         let job = sup.spawn(&SpawnSpec::new(["sleep", "30"], output)).unwrap();
-        let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", job.pid))
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        fds.sort();
+        // Right after exec the dynamic loader briefly holds its cache and libraries open (as fd 3), so
+        // wait for the set to settle: a leaked descriptor never goes away and still fails the test.
+        let open_fds = || {
+            let mut fds: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", job.pid))
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                .collect();
+            fds.sort();
+            fds
+        };
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let mut fds = open_fds();
+        while fds != ["0", "1", "2"] && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+            fds = open_fds();
+        }
         assert_eq!(fds, ["0", "1", "2"]);
         let st = crate::procfs::stat(job.pid).unwrap();
         assert_eq!((st.sid, st.pgid), (job.pid, job.pid), "not in a session of its own");
