@@ -101,7 +101,7 @@ pub enum Packing {
 }
 
 impl Packing {
-    /// Pack page images live where the writer can (an archive of a format with units, to a seekable sink:
+    /// Pack page images live where the writer can (an archive of a format with units, to a sink that can patch headers in:
     /// see [`CheckpointWriter::accepts_unsized`]), else not: they then go in after CRIU is done.
     pub fn start(writer: CheckpointWriter, images_dir: &Path, advance: Option<Advancer>) -> Self {
         if !writer.accepts_unsized() {

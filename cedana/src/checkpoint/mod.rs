@@ -12,6 +12,7 @@ pub mod manifest;
 pub mod reader;
 pub mod release;
 pub mod sink;
+pub mod source;
 pub mod tail;
 pub mod writer;
 
@@ -20,6 +21,7 @@ pub use external::{ExternalFile, FileRedirect, FileSelector};
 pub use manifest::{CheckpointKind, ContainerInfo, Manifest, ProcessInfo, StdioPipe, FORMAT_VERSION, MANIFEST_NAME};
 pub use reader::{read_entry, read_manifest, OpenedCheckpoint, PendingVerification};
 pub use sink::{ArchiveSink, Existing, LocalFile, Stream, Unfinished};
+pub use source::{ArchiveSource, LocalSource};
 pub use writer::CheckpointWriter;
 
 use std::path::PathBuf;

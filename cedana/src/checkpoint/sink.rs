@@ -3,9 +3,9 @@
 //! The archive encoder (a tar stream through a codec, see [`super::writer`]) only writes bytes. An
 //! [`ArchiveSink`] decides where they land and what finishing means: [`LocalFile`] writes a local file under a
 //! hidden name and renames it into place; [`Stream`] writes to any byte stream (a pipe, a socket, memory).
-//! Sinks without a seekable file (streams, and later multipart uploads to object stores) get every archive
-//! entry with its size known: back-patching tar headers is an optimisation of seekable sinks, not an
-//! assumption of the format.
+//! Sinks that cannot overwrite what they wrote (streams) get every archive entry with its size known:
+//! patching tar headers in later is an optimisation of sinks that can (a local file; an upload in parts that
+//! keeps back the part holding the header), not an assumption of the format.
 
 use std::fmt;
 use std::fs::File;
@@ -31,10 +31,23 @@ pub trait ArchiveSink: Write + Send {
         self.location()
     }
 
-    /// The file the bytes go to (from offset 0), when what was written may be overwritten in place: tar headers
-    /// are then back-patched in front of entries written before their size was known. `None` for streams.
-    fn seekable(&self) -> Option<&File> {
-        None
+    /// Whether bytes already written may be overwritten later ([`ArchiveSink::patch`]): tar headers are then
+    /// written in front of entries whose size is not known yet, and patched in once it is. `false` for
+    /// streams.
+    fn patchable(&self) -> bool {
+        false
+    }
+
+    /// The bytes from offset `at` on (written already, or still to come) will be overwritten by
+    /// [`ArchiveSink::patch`] before the archive is finished: a sink that sends its bytes away as they come
+    /// (an upload in parts) keeps back what holds them until then. Only called where
+    /// [`ArchiveSink::patchable`].
+    fn hold(&mut self, _at: u64) {}
+
+    /// Overwrite `bytes.len()` bytes at offset `at`: bytes written already, from a range announced with
+    /// [`ArchiveSink::hold`], which this releases.
+    fn patch(&mut self, _at: u64, _bytes: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(io::ErrorKind::Unsupported, "this sink cannot overwrite what it wrote"))
     }
 
     /// The archive's last bytes (manifest, codec trailer) come next: give back what was held for them
@@ -128,8 +141,13 @@ impl ArchiveSink for LocalFile {
         &self.temp_path
     }
 
-    fn seekable(&self) -> Option<&File> {
-        Some(&self.file)
+    fn patchable(&self) -> bool {
+        true
+    }
+
+    fn patch(&mut self, at: u64, bytes: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.file.write_all_at(bytes, at)
     }
 
     fn release_reserve(&mut self) {

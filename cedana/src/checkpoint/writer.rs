@@ -35,7 +35,7 @@ enum Target {
     /// the checkpoint there, when it is to be replaced).
     Folder { reserve: Option<DiskReserve>, existing: Existing },
     /// An archive, through a sink that the writer alone finishes or aborts.
-    Archive { sink: SharedSink, encoding: Encoding, seekable: bool },
+    Archive { sink: SharedSink, encoding: Encoding, patchable: bool },
 }
 
 const IO_BUFFER: usize = 1 << 20;
@@ -116,10 +116,10 @@ impl CheckpointWriter {
             return Err(CheckpointError::Io { path: final_path, source: io::Error::new(io::ErrorKind::InvalidInput, why) });
         }
         let temp_path = sink.temp_location().to_path_buf();
-        let seekable = sink.seekable().is_some();
+        let patchable = sink.patchable();
         let sink = SharedSink(Arc::new(Mutex::new(Some(sink))));
         let out = BufWriter::with_capacity(4 * IO_BUFFER, SinkWriter { sink: sink.clone(), written: 0 });
-        let target = Target::Archive { sink, encoding: Encoding::Units { out, pad: 0 }, seekable };
+        let target = Target::Archive { sink, encoding: Encoding::Units { out, pad: 0 }, patchable };
         Ok(Self::new(final_path, temp_path, compression, target))
     }
 
@@ -318,9 +318,9 @@ impl CheckpointWriter {
     }
 
     /// Whether entries can still be written before their size is known ([`Self::add_unsized`]): only into an
-    /// archive whose sink is seekable, in a format with units, before any other entry.
+    /// archive whose sink can patch what it wrote, in a format with units, before any other entry.
     pub fn accepts_unsized(&self) -> bool {
-        matches!(self.target, Target::Archive { encoding: Encoding::Units { .. }, seekable: true, .. })
+        matches!(self.target, Target::Archive { encoding: Encoding::Units { .. }, patchable: true, .. })
             && codec::units::supports_late_headers(self.compression)
     }
 
@@ -328,13 +328,12 @@ impl CheckpointWriter {
     /// buffering it: its data is compressed as it comes, and its tar header goes into a slot reserved in
     /// front of it, written in place once the size is known. Only where [`Self::accepts_unsized`].
     pub fn add_unsized(&mut self, name: &str, reader: &mut dyn Read) -> Result<(), CheckpointError> {
-        use std::os::unix::fs::FileExt;
         let temp = self.temp_path.as_path();
         let io_err = |source| CheckpointError::Io { path: temp.to_path_buf(), source };
         if !self.accepts_unsized() {
             let why = match self.target {
-                Target::Archive { seekable: false, .. } => {
-                    "an entry of unknown size needs a seekable sink (a local file): add it once its size is known"
+                Target::Archive { patchable: false, .. } => {
+                    "an entry of unknown size needs a sink that can patch its header in (not a stream): add it once its size is known"
                 }
                 _ => "unsized entries must come first, in a tar, gzip, lz4 or zstd archive",
             };
@@ -354,6 +353,10 @@ impl CheckpointWriter {
         }
         // Where the slot starts: what reached the sink, and what is still buffered in front of it.
         let at = out.get_ref().written + out.buffer().len() as u64;
+        match sink.lock().as_mut() {
+            Some(s) => s.hold(at),
+            None => return Err(io_err(abandoned())),
+        }
         // A placeholder of the slot's size (overwritten below), so the data lands after it.
         out.write_all(&unit(&[0u8; 512], Some(slot))?).map_err(io_err)?;
         let mut enc = codec::encoder(c, out)?;
@@ -366,8 +369,8 @@ impl CheckpointWriter {
         header.set_path(name).map_err(io_err)?;
         header.set_cksum();
         let patch = unit(header.as_bytes(), Some(slot))?;
-        match sink.lock().as_ref().and_then(|s| s.seekable()) {
-            Some(file) => file.write_all_at(&patch, at).map_err(io_err)?,
+        match sink.lock().as_mut() {
+            Some(s) => s.patch(at, &patch).map_err(io_err)?,
             None => return Err(io_err(abandoned())),
         }
         self.files.push(hashing.hasher().finish(name));
