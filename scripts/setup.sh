@@ -10,7 +10,10 @@
 #      ("vdso: Unexpected rt vDSO area bounds") and trixie's 4.1.1 cannot dump sockets; see
 #      FIELD-NOTES "CRIU: use 4.2 or newer". The binary is linked as /usr/local/sbin/criu so that
 #      runc and containerd find it on PATH.
-#   3. A summary, and `criu check`.
+#   3. moto (an S3-compatible server, from PyPI) in a Python venv of its own (default
+#      /opt/cedana/moto, env CEDANA_MOTO_VENV), for the object-storage tests: they run
+#      $CEDANA_MOTO_VENV/bin/moto_server. No S3 server is packaged in Debian bookworm.
+#   4. A summary, and `criu check`.
 #
 # Environment:
 #   CEDANA_CRIU_PREFIX   where CRIU goes (default /opt/cedana/criu)
@@ -18,6 +21,7 @@
 #   CEDANA_DEBIAN_MIRROR Debian archive URL (default: read from the system's apt sources,
 #                        falling back to http://deb.debian.org/debian)
 #   CEDANA_CRIU_FORCE=1  rebuild the CRIU prefix even if a good one is present
+#   CEDANA_MOTO_VENV     where moto's venv goes (default /opt/cedana/moto)
 set -euo pipefail
 
 START_NS=$(date +%s%N)
@@ -26,10 +30,14 @@ PREFIX=${PREFIX%/}
 CRIU_SUITE=${CEDANA_CRIU_SUITE:-forky}
 CRIU_MIN_VERSION=4.2
 CRIU_LINK=/usr/local/sbin/criu
+MOTO_VENV=${CEDANA_MOTO_VENV:-/opt/cedana/moto}
+MOTO_VENV=${MOTO_VENV%/}
+# Pinned, so that every machine tests against the same server.
+MOTO_REQUIREMENT='moto[server]==5.2.1'
 
 APT_PACKAGES=(
   iptables runc containerd docker.io busybox-static patchelf zstd gzip lz4 procps iproute2
-  python3 hyperfine gcc libc6-dev
+  python3 python3-venv hyperfine gcc libc6-dev
 )
 
 log() { printf '[setup] %s\n' "$*" >&2; }
@@ -37,6 +45,7 @@ die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "must run as root"
 [[ $PREFIX == /* ]] || die "CEDANA_CRIU_PREFIX must be an absolute path (got '$PREFIX')"
+[[ $MOTO_VENV == /* ]] || die "CEDANA_MOTO_VENV must be an absolute path (got '$MOTO_VENV')"
 
 # Serialize concurrent runs (e.g. two test jobs calling setup at once).
 LOCK_DIR=/run/lock
@@ -329,12 +338,40 @@ link_criu() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# 3. moto, an S3-compatible server for the object-storage tests
+# ---------------------------------------------------------------------------------------------
+
+# A venv of Debian's python3 (not whatever python3 comes first on PATH), holding MOTO_REQUIREMENT.
+# A venv cannot be moved, so it is built in place; the marker file, written last, says it is
+# complete and which requirement it holds.
+install_moto() {
+  local marker=$MOTO_VENV/.cedana-requirement
+  if [[ -x $MOTO_VENV/bin/moto_server && $(cat "$marker" 2>/dev/null || true) == "$MOTO_REQUIREMENT" ]] \
+    && "$MOTO_VENV/bin/python" -c 'import moto.server' 2>/dev/null; then
+    log "moto: $MOTO_VENV/bin/moto_server ($MOTO_REQUIREMENT) present"
+    return
+  fi
+  log "moto: installing $MOTO_REQUIREMENT into $MOTO_VENV (about a minute)"
+  rm -rf "$MOTO_VENV"
+  mkdir -p "$(dirname "$MOTO_VENV")"
+  CLEANUP+=("[[ -f '$marker' ]] || rm -rf '$MOTO_VENV'")
+  /usr/bin/python3 -m venv "$MOTO_VENV" || die "python3 -m venv failed (package python3-venv)"
+  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check "$MOTO_REQUIREMENT" \
+    || die "pip could not install $MOTO_REQUIREMENT"
+  "$MOTO_VENV/bin/python" -c 'import moto.server' || die "moto does not import after the install"
+  [[ -x $MOTO_VENV/bin/moto_server ]] || die "$MOTO_VENV/bin/moto_server is missing after the install"
+  echo "$MOTO_REQUIREMENT" >"$marker"
+  log "moto: installed $MOTO_VENV/bin/moto_server"
+}
+
+# ---------------------------------------------------------------------------------------------
 install_apt_packages
 install_criu
 link_criu
+install_moto
 
 # ---------------------------------------------------------------------------------------------
-# 3. Summary
+# 4. Summary
 # ---------------------------------------------------------------------------------------------
 CRIU_V=$("$PREFIX/criu" --version) || die "$PREFIX/criu --version failed"
 first_line() { "$@" 2>&1 | head -n1 || true; }
@@ -343,6 +380,7 @@ echo "criu:       $CRIU_LINK -> $PREFIX/criu, $(awk '/^Version:/ {print $2}' <<<
 echo "runc:       $(first_line runc --version)"
 echo "containerd: $(first_line containerd --version)"
 echo "dockerd:    $(first_line dockerd --version)"
+echo "moto:       $MOTO_VENV/bin/moto_server ($(cat "$MOTO_VENV/.cedana-requirement"))"
 echo "criu check:"
 if CHECK_OUT=$("$PREFIX/criu" check 2>&1); then rc=0; else rc=$?; fi
 printf '%s\n' "$CHECK_OUT" | sed 's/^/  /'

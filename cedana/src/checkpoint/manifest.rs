@@ -98,6 +98,19 @@ pub struct Manifest {
     pub checksum: String,
     /// Every file of the checkpoint but the manifest, with size and checksum.
     pub files: Vec<FileDigest>,
+    /// Where in an archive the entries written before their size was known (page images) start: the
+    /// offset of the unit holding their tar header, for readers that seek (see [`super::index`]). Empty
+    /// for folders and streams, and in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placement: Vec<Placed>,
+}
+
+/// An archive entry's position in the archive file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Placed {
+    pub name: String,
+    /// Byte offset of the self-contained unit holding the entry's tar header; its data follows.
+    pub offset: u64,
 }
 
 impl Manifest {

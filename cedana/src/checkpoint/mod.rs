@@ -7,6 +7,7 @@
 pub mod digest;
 pub mod digest_job;
 pub mod external;
+pub mod index;
 pub mod live;
 pub mod manifest;
 pub mod reader;
@@ -18,7 +19,7 @@ pub mod writer;
 
 pub use digest::FileDigest;
 pub use external::{ExternalFile, FileRedirect, FileSelector};
-pub use manifest::{CheckpointKind, ContainerInfo, Manifest, ProcessInfo, StdioPipe, FORMAT_VERSION, MANIFEST_NAME};
+pub use manifest::{CheckpointKind, ContainerInfo, Manifest, Placed, ProcessInfo, StdioPipe, FORMAT_VERSION, MANIFEST_NAME};
 pub use reader::{read_entry, read_manifest, OpenedCheckpoint, PendingVerification};
 pub use sink::{ArchiveSink, Existing, LocalFile, Stream, Unfinished};
 pub use source::{ArchiveSource, LocalSource};
@@ -90,6 +91,8 @@ pub(crate) fn is_page_image(name: &str) -> bool {
 /// Files CRIU may add to an images folder at restore time; they are not part of the checkpoint.
 pub(crate) const RESTORE_BYPRODUCTS: [&str; 2] = ["stats-restore", "restore.log"];
 
+#[cfg(test)]
+mod index_tests;
 #[cfg(test)]
 mod replace_tests;
 #[cfg(test)]

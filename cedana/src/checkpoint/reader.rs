@@ -261,7 +261,7 @@ fn walk_archive(
     Ok((manifest, digests))
 }
 
-fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, CheckpointError> {
+pub(crate) fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, CheckpointError> {
     #[derive(serde::Deserialize)]
     struct Versioned {
         format_version: u32,
@@ -274,7 +274,7 @@ fn parse_manifest(path: &Path, bytes: &[u8]) -> Result<Manifest, CheckpointError
     serde_json::from_slice(bytes).map_err(|e| corrupt(path, format!("the manifest is malformed ({e})")))
 }
 
-fn check_version(path: &Path, manifest: &Manifest) -> Result<(), CheckpointError> {
+pub(crate) fn check_version(path: &Path, manifest: &Manifest) -> Result<(), CheckpointError> {
     if manifest.format_version != FORMAT_VERSION {
         return Err(CheckpointError::Version {
             path: path.to_path_buf(),
@@ -311,7 +311,7 @@ fn compare(path: &Path, manifest: &Manifest, found: &[FileDigest]) -> Result<(),
 }
 
 /// Accept only plain relative paths (no `..`, no absolute paths, no empty names).
-fn safe_relative(path: &Path, name: &str) -> Result<PathBuf, CheckpointError> {
+pub(crate) fn safe_relative(path: &Path, name: &str) -> Result<PathBuf, CheckpointError> {
     let p = Path::new(name);
     let ok = !name.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
     if !ok {
@@ -320,7 +320,7 @@ fn safe_relative(path: &Path, name: &str) -> Result<PathBuf, CheckpointError> {
     Ok(p.to_path_buf())
 }
 
-fn corrupt(path: &Path, detail: String) -> CheckpointError {
+pub(crate) fn corrupt(path: &Path, detail: String) -> CheckpointError {
     CheckpointError::Corrupt { path: path.to_path_buf(), detail }
 }
 

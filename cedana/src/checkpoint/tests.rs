@@ -21,6 +21,7 @@ pub(crate) fn manifest() -> Manifest {
         stats: None,
         checksum: digest::ALGORITHM.into(),
         files: Vec::new(),
+        placement: Vec::new(),
     }
 }
 

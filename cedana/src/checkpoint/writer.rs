@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use super::digest::{self, FileDigest, HashingReader};
-use super::manifest::{Manifest, MANIFEST_NAME};
+use super::index::Trailer;
+use super::manifest::{Manifest, Placed, MANIFEST_NAME};
 use super::release::ReleasingReader;
 use super::sink::{self, ArchiveSink, DiskReserve, Existing, LocalFile, Unfinished};
 use super::CheckpointError;
@@ -55,6 +56,10 @@ pub struct CheckpointWriter {
     compression: Compression,
     target: Target,
     files: Vec<FileDigest>,
+    /// Where the entries written before their size was known start in the archive.
+    placed: Vec<Placed>,
+    /// Where the tar stream after them starts (see [`super::index::Trailer`]), once it has.
+    tail: Option<Trailer>,
     committed: bool,
     keep: bool,
     release_sources: bool,
@@ -130,6 +135,8 @@ impl CheckpointWriter {
             compression,
             target,
             files: Vec::new(),
+            placed: Vec::new(),
+            tail: None,
             committed: false,
             keep: false,
             release_sources: false,
@@ -243,7 +250,11 @@ impl CheckpointWriter {
             return Ok(());
         }
         let res = self.tar()?.append_data(&mut entry_header(size), name, reader);
-        res.map_err(|source| CheckpointError::Io { path: self.temp_path.clone(), source })
+        res.map_err(|source| CheckpointError::Io { path: self.temp_path.clone(), source })?;
+        if let Some(t) = &mut self.tail {
+            t.tail_bytes += size;
+        }
+        Ok(())
     }
 
     /// Write the manifest (with the file list filled in) last, finish the stream and make the checkpoint
@@ -251,6 +262,7 @@ impl CheckpointWriter {
     pub fn commit(mut self, manifest: &mut Manifest) -> Result<PathBuf, CheckpointError> {
         self.release_reserve();
         manifest.files = self.files.clone();
+        manifest.placement = self.placed.clone();
         manifest.compression = self.compression;
         let json = manifest.to_json();
         if let Target::Folder { existing, .. } = self.target {
@@ -278,6 +290,13 @@ impl CheckpointWriter {
             return Err(io_err(unusable()));
         };
         let mut out = builder.into_inner().and_then(|enc| enc.finish()).map_err(io_err)?;
+        // The index's trailer: a unit of its own at the very end, where a reader that seeks finds it.
+        if let Some(mut trailer) = self.tail {
+            trailer.tail_bytes += json.len() as u64;
+            if let Some(unit) = codec::units::stored_unit(self.compression, &trailer.encode(), None) {
+                out.write_all(&unit).map_err(io_err)?;
+            }
+        }
         out.flush().map_err(io_err)?;
         drop(out);
         let Some(unfinished) = sink.take() else { return Err(io_err(abandoned())) };
@@ -303,6 +322,10 @@ impl CheckpointWriter {
         let Target::Archive { encoding, .. } = &mut self.target else { return Err(io_err(not_an_archive())) };
         if matches!(encoding, Encoding::Units { .. }) {
             if let Encoding::Units { out, pad } = std::mem::replace(encoding, Encoding::Broken) {
+                if codec::units::supports_late_headers(self.compression) {
+                    let offset = out.get_ref().written + out.buffer().len() as u64;
+                    self.tail = Some(Trailer { tail_offset: offset, tail_pad: pad as u64, tail_bytes: 0 });
+                }
                 let mut enc = codec::encoder(self.compression, out)?;
                 // The last entry written as units still owes its padding to a whole tar block.
                 enc.write_all(&[0u8; 512][..pad]).map_err(io_err)?;
@@ -374,6 +397,7 @@ impl CheckpointWriter {
             None => return Err(io_err(abandoned())),
         }
         self.files.push(hashing.hasher().finish(name));
+        self.placed.push(Placed { name: name.to_string(), offset: at });
         *encoding = Encoding::Units { out, pad: (512 - (size % 512) as usize) % 512 };
         Ok(())
     }

@@ -355,6 +355,7 @@ fn new_manifest(
         stats,
         checksum: crate::checkpoint::digest::ALGORITHM.to_string(),
         files: Vec::new(),
+        placement: Vec::new(),
     }
 }
 

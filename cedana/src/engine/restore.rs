@@ -262,6 +262,7 @@ mod tests {
             stats: None,
             checksum: digest::ALGORITHM.into(),
             files: Vec::new(),
+            placement: Vec::new(),
         };
         let written = w.commit(&mut manifest).unwrap();
         assert!(written.to_string_lossy().ends_with(".tar.zst"), "{}", written.display());

@@ -1,0 +1,229 @@
+//! Reading an archive out of order, through its index: what a streamed restore needs (CRIU asks for the
+//! images in its own order, not the archive's).
+//!
+//! An archive whose format has units (tar, gzip, lz4, zstd) ends in a [`Trailer`]: a stored unit that
+//! decodes to a few bytes after the tar stream's end-of-archive blocks, which every tar reader ignores. It
+//! says where the tar stream of the small entries and the manifest starts (after the page images, written
+//! first as units of their own); the manifest's `placement` says where each page image starts. So a reader
+//! that seeks reads the small files and the manifest first, verifies them, and then streams each page image
+//! from its own offset, verifying it as it goes.
+
+use std::collections::HashMap;
+use std::io::{self, Read, Write};
+use std::sync::Arc;
+
+use super::digest::Hasher;
+use super::manifest::{Manifest, MANIFEST_NAME};
+use super::reader::{corrupt, parse_manifest, safe_relative};
+use super::source::ArchiveSource;
+use super::CheckpointError;
+use crate::codec::{self, Compression};
+
+/// What a trailer starts with.
+const TRAILER_MAGIC: &[u8; 16] = b"cedana-index-v1\n";
+/// The trailer's bytes: the magic, then three little-endian u64.
+const TRAILER_LEN: usize = 16 + 24;
+/// How far from the end a trailer's payload may start (a stored unit wraps it in at most a few dozen bytes).
+const TRAILER_SEARCH: u64 = 128;
+
+/// The index's entry point, at the end of an archive.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Trailer {
+    /// Byte offset in the archive where the tar stream of the small entries starts (a unit boundary).
+    pub tail_offset: u64,
+    /// Bytes of padding (zeros) that stream starts with: the end of the last page image's tar block.
+    pub tail_pad: u64,
+    /// Bytes of data of the entries in that stream, the manifest included.
+    pub tail_bytes: u64,
+}
+
+impl Trailer {
+    /// The trailer's bytes.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = TRAILER_MAGIC.to_vec();
+        for v in [self.tail_offset, self.tail_pad, self.tail_bytes] {
+            out.extend_from_slice(&v.to_le_bytes());
+        }
+        out
+    }
+
+    /// The trailer of the archive in `source`, if it has one.
+    pub fn find(source: &dyn ArchiveSource) -> io::Result<Option<Self>> {
+        let len = source.len();
+        let from = len.saturating_sub(TRAILER_SEARCH);
+        let mut end = vec![0u8; (len - from) as usize];
+        source.read_exact_at(from, &mut end)?;
+        let Some(at) = end.windows(TRAILER_MAGIC.len()).rposition(|w| w == TRAILER_MAGIC) else { return Ok(None) };
+        let Some(payload) = end.get(at + TRAILER_MAGIC.len()..at + TRAILER_LEN) else { return Ok(None) };
+        let word = |i: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&payload[i * 8..i * 8 + 8]);
+            u64::from_le_bytes(b)
+        };
+        let trailer = Self { tail_offset: word(0), tail_pad: word(1), tail_bytes: word(2) };
+        Ok((trailer.tail_offset < len && trailer.tail_pad < 512).then_some(trailer))
+    }
+}
+
+/// An archive opened through its index: the small files held in memory (verified), the page images read in
+/// place on demand (verified as they are read).
+pub struct IndexedArchive {
+    source: Arc<dyn ArchiveSource>,
+    compression: Compression,
+    manifest: Manifest,
+    small: HashMap<String, Vec<u8>>,
+    placed: HashMap<String, u64>,
+}
+
+impl IndexedArchive {
+    /// Open the archive in `source` through its index, reading and verifying its small files and manifest.
+    /// `None` when it has no index (a checkpoint of an older version, zlib, one written to a stream) or when
+    /// its small files add up to more than `max_tail` bytes: read it front to back instead.
+    pub fn open(source: Arc<dyn ArchiveSource>, max_tail: u64) -> Result<Option<Self>, CheckpointError> {
+        let location = std::path::PathBuf::from(source.location());
+        let io_err = |e| CheckpointError::Io { path: location.clone(), source: e };
+        let mut head = [0u8; 512];
+        let n = head.len().min(source.len() as usize);
+        source.read_exact_at(0, &mut head[..n]).map_err(io_err)?;
+        let Some(compression) = Compression::detect_bytes(&head[..n]) else { return Ok(None) };
+        if !codec::units::supports_late_headers(compression) {
+            return Ok(None);
+        }
+        let Some(trailer) = Trailer::find(&*source).map_err(io_err)? else { return Ok(None) };
+        if trailer.tail_bytes > max_tail {
+            return Ok(None);
+        }
+        let damaged =
+            |e: io::Error| corrupt(&location, format!("cannot read the {compression} archive ({e}); it is truncated or damaged"));
+        let mut stream = codec::decoder(compression, source.read_from(trailer.tail_offset).map_err(io_err)?)?;
+        io::copy(&mut (&mut stream).take(trailer.tail_pad), &mut io::sink()).map_err(damaged)?;
+        let mut tail = tar::Archive::new(stream);
+        let mut small = HashMap::new();
+        let mut digests = HashMap::new();
+        let mut manifest = None;
+        let mut read = 0u64;
+        for entry in tail.entries().map_err(damaged)? {
+            let mut entry = entry.map_err(damaged)?;
+            let name = entry.path().map_err(damaged)?.to_string_lossy().into_owned();
+            safe_relative(&location, &name)?;
+            if entry.header().entry_type() != tar::EntryType::Regular {
+                return Err(corrupt(&location, format!("entry {name} is not a regular file")));
+            }
+            if manifest.is_some() {
+                return Err(corrupt(&location, format!("entry {name} follows the manifest")));
+            }
+            read += entry.size();
+            if read > trailer.tail_bytes {
+                return Err(corrupt(&location, "the small files are larger than the index says".into()));
+            }
+            let mut bytes = Vec::with_capacity(entry.size() as usize);
+            entry.read_to_end(&mut bytes).map_err(damaged)?;
+            if name == MANIFEST_NAME {
+                manifest = Some(parse_manifest(&location, &bytes)?);
+                continue;
+            }
+            let mut h = Hasher::new();
+            h.update(&bytes);
+            digests.insert(name.clone(), h.finish(&name));
+            small.insert(name, bytes);
+        }
+        let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: location.clone() })?;
+        super::reader::check_version(&location, &manifest)?;
+        let placed: HashMap<String, u64> = manifest.placement.iter().map(|p| (p.name.clone(), p.offset)).collect();
+        for f in &manifest.files {
+            match (digests.get(&f.name), placed.get(&f.name)) {
+                (Some(d), _) if d != f => return Err(corrupt(&location, format!("checksum mismatch in {}", f.name))),
+                (Some(_), _) => {}
+                (None, Some(offset)) if *offset < trailer.tail_offset => {}
+                (None, _) => return Err(corrupt(&location, format!("file {} listed in the manifest is missing", f.name))),
+            }
+        }
+        if let Some(extra) = small.keys().find(|n| !manifest.files.iter().any(|f| &f.name == *n)) {
+            return Err(corrupt(&location, format!("unexpected file {extra} not listed in the manifest")));
+        }
+        Ok(Some(Self { source, compression, manifest, small, placed }))
+    }
+
+    /// The manifest (verified against the small files it lists).
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+
+    /// The archive's compression.
+    pub fn compression(&self) -> Compression {
+        self.compression
+    }
+
+    /// Where the archive is.
+    pub fn location(&self) -> &str {
+        self.source.location()
+    }
+
+    /// Whether the checkpoint holds a file of this name.
+    pub fn contains(&self, name: &str) -> bool {
+        self.small.contains_key(name) || self.placed.contains_key(name)
+    }
+
+    /// The names of the files read in place (the page images).
+    pub fn placed_names(&self) -> impl Iterator<Item = &str> {
+        self.placed.keys().map(String::as_str)
+    }
+
+    /// Write file `name` to `out`: a small file from memory (verified when opened), a page image read in
+    /// place and verified as it is read. An error once anything does not match the manifest (after all
+    /// its bytes were read) or the archive cannot be read; [`Delivery::out_error`] when only `out` failed.
+    pub fn copy_to(&self, name: &str, out: &mut dyn Write) -> Result<Delivery, CheckpointError> {
+        let location = std::path::PathBuf::from(self.source.location());
+        if let Some(bytes) = self.small.get(name) {
+            let out_error = out.write_all(bytes).err();
+            return Ok(Delivery { bytes: bytes.len() as u64, out_error });
+        }
+        let Some(offset) = self.placed.get(name) else {
+            return Err(corrupt(&location, format!("{name} is not in the checkpoint")));
+        };
+        let expected = self
+            .manifest
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| corrupt(&location, format!("{name} is placed in the archive but not listed in the manifest")))?;
+        let damaged =
+            |e: io::Error| corrupt(&location, format!("cannot read {name} in the archive ({e}); it is truncated or damaged"));
+        let reader = self.source.read_from(*offset).map_err(|e| CheckpointError::Io { path: location.clone(), source: e })?;
+        let mut stream = codec::decoder(self.compression, reader)?;
+        let mut header = tar::Header::new_old();
+        stream.read_exact(header.as_mut_bytes()).map_err(damaged)?;
+        let found = header.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        if found != name || header.size().ok() != Some(expected.size) {
+            return Err(corrupt(&location, format!("the index points {name} at an entry that is not it ({found:?})")));
+        }
+        let mut hasher = Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut left = expected.size;
+        let mut out_error = None;
+        while left > 0 {
+            let want = buf.len().min(left as usize);
+            let n = stream.read(&mut buf[..want]).map_err(damaged)?;
+            if n == 0 {
+                return Err(damaged(io::ErrorKind::UnexpectedEof.into()));
+            }
+            hasher.update(&buf[..n]);
+            if out_error.is_none() {
+                out_error = out.write_all(&buf[..n]).err();
+            }
+            left -= n as u64;
+        }
+        if &hasher.finish(name) != expected {
+            return Err(corrupt(&location, format!("checksum mismatch in {name}")));
+        }
+        Ok(Delivery { bytes: expected.size, out_error })
+    }
+}
+
+/// A file read out of the archive: every byte was read and matched the manifest.
+#[derive(Debug)]
+pub struct Delivery {
+    pub bytes: u64,
+    /// Why writing to the destination stopped (e.g. the reader closed its end early), if it did.
+    pub out_error: Option<io::Error>,
+}
