@@ -10,6 +10,8 @@
 //! - [`checkpoint`]: our format (manifest, checksums, archive writer over any sink, verified reader);
 //! - [`codec`]: none | tar | gzip | lz4 | zlib | zstd, detected by content;
 //! - [`runc`]: the container runtime client (the real runc);
+//! - [`storage`] (feature `storage`): checkpoint archives in object stores (S3, GCS): an upload sink and a
+//!   ranged-read source;
 //! - [`procfs`]: what /proc says about a tree before we dump it;
 //! - [`config`], [`cancel`], [`progress`], [`error`], [`binary`]: settings, cancellation tokens, progress
 //!   reporting, error kinds, locating external programs.
@@ -29,3 +31,5 @@ pub mod jobs;
 pub mod procfs;
 pub mod progress;
 pub mod runc;
+#[cfg(feature = "storage")]
+pub mod storage;

@@ -7,6 +7,7 @@ pub mod log;
 pub mod options;
 pub mod rpc;
 pub mod stats;
+pub mod streamer;
 pub mod swrk;
 
 use std::path::{Path, PathBuf};

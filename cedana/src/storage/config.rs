@@ -125,7 +125,10 @@ impl StorageConfig {
     pub fn validate(&self) -> Result<(), StorageError> {
         let bad = |detail: String| Err(StorageError::Config { detail });
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size) {
-            return bad(format!("part size {} is outside S3's limits ({MIN_PART_SIZE} to {MAX_PART_SIZE} bytes)", self.part_size));
+            return bad(format!(
+                "part size {} is outside S3's limits ({MIN_PART_SIZE} to {MAX_PART_SIZE} bytes)",
+                self.part_size
+            ));
         }
         if self.max_in_flight == 0 || self.read_ahead == 0 || self.read_piece == 0 {
             return bad("max_in_flight, read_ahead and read_piece must be at least 1".into());
@@ -172,7 +175,8 @@ impl Store {
         if let Some(endpoint) = &config.endpoint {
             add_url_password(&mut secrets, endpoint);
         }
-        let build_err = |e: object_store::Error, secrets: &Secrets| StorageError::Config { detail: secrets.scrub(&e.to_string()) };
+        let build_err =
+            |e: object_store::Error, secrets: &Secrets| StorageError::Config { detail: secrets.scrub(&e.to_string()) };
         match url.scheme {
             Scheme::S3 => {
                 let mut b = AmazonS3Builder::from_env().with_bucket_name(&url.bucket).with_retry(retry);
@@ -353,7 +357,8 @@ mod tests {
 
     #[test]
     fn profiles_are_read_from_ini_sections() {
-        let text = "[default]\naws_access_key_id = A\n[work]\naws_access_key_id=B\nregion = eu-west-1\n[profile work]\nregion=x\n";
+        let text =
+            "[default]\naws_access_key_id = A\n[work]\naws_access_key_id=B\nregion = eu-west-1\n[profile work]\nregion=x\n";
         assert_eq!(profile::section_value(text, "default", "aws_access_key_id").as_deref(), Some("A"));
         assert_eq!(profile::section_value(text, "work", "aws_access_key_id").as_deref(), Some("B"));
         assert_eq!(profile::section_value(text, "profile work", "region").as_deref(), Some("x"));
@@ -367,7 +372,11 @@ mod tests {
             endpoint: Some("http://127.0.0.1:1".into()),
             allow_http: true,
             region: Some("us-east-1".into()),
-            credentials: Some(Credentials { access_key_id: "AKID".into(), secret_access_key: "s3cr3t".into(), session_token: None }),
+            credentials: Some(Credentials {
+                access_key_id: "AKID".into(),
+                secret_access_key: "s3cr3t".into(),
+                session_token: None,
+            }),
             ..Default::default()
         };
         let store = Store::connect(&url, &config).unwrap();

@@ -177,10 +177,8 @@ mod tests {
         let e = StorageError::from_store("s3://b/k", &nf, &secrets);
         assert_eq!(e.kind(), ErrorKind::NotFound);
         assert_eq!(e.to_string(), "s3://b/k not found: check the bucket and key");
-        let denied = object_store::Error::PermissionDenied {
-            path: "k".into(),
-            source: "signature of SECRETKEY123 does not match".into(),
-        };
+        let denied =
+            object_store::Error::PermissionDenied { path: "k".into(), source: "signature of SECRETKEY123 does not match".into() };
         let e = StorageError::from_store("s3://b/k", &denied, &secrets);
         assert_eq!(e.kind(), ErrorKind::FailedPrecondition);
         let msg = e.to_string();

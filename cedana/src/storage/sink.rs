@@ -1,0 +1,348 @@
+//! [`ObjectSink`]: an archive uploaded to an object store as a multipart upload, in fixed-size parts.
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use object_store::multipart::PartId;
+use object_store::{MultipartId, ObjectStoreExt, PutPayload};
+use tokio::task::JoinHandle;
+
+use super::config::Store;
+use super::parts::PartBuffer;
+use super::url::ObjectUrl;
+use super::{runtime, StorageConfig, StorageError};
+use crate::checkpoint::{ArchiveSink, CheckpointError, Existing, Unfinished};
+
+/// An archive uploaded to an object store as it is written: a multipart upload of fixed-size parts (every
+/// part but the last exactly [`StorageConfig::part_size`]), up to [`StorageConfig::max_in_flight`] of them
+/// uploading at once in the background, each with object_store's retries and back-off.
+///
+/// The object appears only when [`ArchiveSink::finish`] completes the upload; until then nothing is visible
+/// at its key. Parts holding a range announced with [`ArchiveSink::hold`] stay in memory until
+/// [`ArchiveSink::patch`] releases them. Memory: about `part_size * (1 + max(max_in_flight, held parts + 1))`
+/// (40 MiB with the defaults). Once an upload fails, every later call returns that error. Aborted, or
+/// dropped unfinished, it aborts the upload: no object, and no parts left stored.
+///
+/// Its calls block the calling thread until the network is done with them: call them from ordinary threads,
+/// not from async tasks (see [`super`]).
+pub struct ObjectSink {
+    url: ObjectUrl,
+    /// `url`, as `location()` returns it.
+    location: PathBuf,
+    store: Store,
+    path: object_store::path::Path,
+    upload: MultipartId,
+    parts: PartBuffer,
+    part_size: usize,
+    max_in_flight: usize,
+    in_flight: Vec<(usize, JoinHandle<Result<PartId, StorageError>>)>,
+    /// Uploaded parts, by index.
+    done: Vec<Option<PartId>>,
+    existing: Existing,
+    /// The first failure: every later call returns it.
+    failed: Option<StorageError>,
+    /// The last part was handed out: no more writes.
+    sealed: bool,
+    /// Completed or aborted: nothing to clean up.
+    settled: bool,
+}
+
+impl ObjectSink {
+    /// Start a multipart upload at `url` (refused up front when an object is there and `existing` says
+    /// refuse).
+    pub(crate) fn start(store: Store, url: &ObjectUrl, config: &StorageConfig, existing: Existing) -> Result<Self, StorageError> {
+        config.validate()?;
+        if url.is_prefix() {
+            let detail = "this names a folder (a prefix), not an object: add the checkpoint's name".to_string();
+            return Err(StorageError::InvalidUrl { url: url.to_string(), detail });
+        }
+        let path = url.path()?;
+        if existing == Existing::Refuse && head_exists(&store, url, &path)? {
+            return Err(StorageError::AlreadyExists { url: url.to_string() });
+        }
+        let (mp, p, u, secrets) = (store.multipart.clone(), path.clone(), url.to_string(), store.secrets.clone());
+        let upload =
+            runtime::run(async move { mp.create_multipart(&p).await.map_err(|e| StorageError::from_store(&u, &e, &secrets)) })?;
+        tracing::debug!(url = %url, part_size = config.part_size, "multipart upload started");
+        Ok(Self {
+            location: PathBuf::from(url.to_string()),
+            url: url.clone(),
+            store,
+            path,
+            upload,
+            parts: PartBuffer::new(config.part_size),
+            part_size: config.part_size,
+            max_in_flight: config.max_in_flight,
+            in_flight: Vec::new(),
+            done: Vec::new(),
+            existing,
+            failed: None,
+            sealed: false,
+            settled: false,
+        })
+    }
+
+    /// The object's URL.
+    pub fn url(&self) -> &ObjectUrl {
+        &self.url
+    }
+
+    /// Bytes written so far.
+    pub fn written(&self) -> u64 {
+        self.parts.written()
+    }
+
+    /// Remember the first failure, and return it.
+    fn fail(&mut self, e: StorageError) -> StorageError {
+        if self.failed.is_none() {
+            tracing::warn!(url = %self.url, error = %e, "upload failed");
+            self.failed = Some(e);
+        }
+        self.failed.clone().unwrap_or_else(|| StorageError::Other { url: self.url.to_string(), detail: "upload failed".into() })
+    }
+
+    fn check(&self) -> Result<(), StorageError> {
+        match &self.failed {
+            Some(e) => Err(e.clone()),
+            None => Ok(()),
+        }
+    }
+
+    /// Collect the uploads that ended, without waiting.
+    fn reap(&mut self) -> Result<(), StorageError> {
+        while let Some(i) = self.in_flight.iter().position(|(_, t)| t.is_finished()) {
+            let (part, task) = self.in_flight.swap_remove(i);
+            self.collect(part, task)?;
+        }
+        Ok(())
+    }
+
+    /// Wait for one part's upload and record it.
+    fn collect(&mut self, part: usize, task: JoinHandle<Result<PartId, StorageError>>) -> Result<(), StorageError> {
+        match runtime::wait(task) {
+            Ok(id) => {
+                if self.done.len() <= part {
+                    self.done.resize(part + 1, None);
+                }
+                self.done[part] = Some(id);
+                Ok(())
+            }
+            Err(e) => Err(self.fail(e)),
+        }
+    }
+
+    /// Upload every part that is free to go, waiting for a slot when `max_in_flight` are uploading (fewer
+    /// while parts are kept back, so that memory stays bounded).
+    fn pump(&mut self) -> Result<(), StorageError> {
+        self.reap()?;
+        while let Some((part, data)) = self.parts.take_ready() {
+            self.send(part, data)?;
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, part: usize, data: Vec<u8>) -> Result<(), StorageError> {
+        let slots = self.max_in_flight.saturating_sub(self.parts.kept()).max(1);
+        while self.in_flight.len() >= slots {
+            let (p, task) = self.in_flight.remove(0);
+            self.collect(p, task)?;
+        }
+        let (mp, path, id, url, secrets) = (
+            self.store.multipart.clone(),
+            self.path.clone(),
+            self.upload.clone(),
+            self.url.to_string(),
+            self.store.secrets.clone(),
+        );
+        let len = data.len();
+        let task = runtime::spawn(async move {
+            let payload = PutPayload::from(Bytes::from(data));
+            mp.put_part(&path, &id, part, payload).await.map_err(|e| StorageError::from_store(&url, &e, &secrets))
+        })?;
+        tracing::trace!(url = %self.url, part, len, "part upload started");
+        self.in_flight.push((part, task));
+        Ok(())
+    }
+
+    fn write_storage(&mut self, mut buf: &[u8]) -> Result<(), StorageError> {
+        self.check()?;
+        if self.sealed {
+            return Err(StorageError::Usage { url: self.url.to_string(), detail: "write after the upload was finished".into() });
+        }
+        while !buf.is_empty() {
+            if self.parts.room(buf.len()) == 0 {
+                let detail = format!(
+                    "the archive outgrew the {} parts an upload may have: raise the part size (now {} bytes)",
+                    super::parts::MAX_PARTS,
+                    self.part_size
+                );
+                return Err(self.fail(StorageError::Usage { url: self.url.to_string(), detail }));
+            }
+            let n = self.parts.write(buf);
+            buf = &buf[n..];
+            self.pump()?;
+        }
+        Ok(())
+    }
+
+    /// Upload what remains, wait for every part, and complete the upload.
+    fn complete(&mut self) -> Result<(), StorageError> {
+        self.check()?;
+        if !self.sealed {
+            if self.parts.open_holds() > 0 {
+                tracing::warn!(url = %self.url, holds = self.parts.open_holds(), "upload finished with ranges held but never patched");
+            }
+            if self.existing == Existing::Refuse && head_exists(&self.store, &self.url, &self.path)? {
+                return Err(StorageError::AlreadyExists { url: self.url.to_string() });
+            }
+            self.sealed = true;
+            for (part, data) in self.parts.finish() {
+                self.send(part, data)?;
+            }
+        }
+        for (part, task) in std::mem::take(&mut self.in_flight) {
+            self.collect(part, task)?;
+        }
+        let total = self.parts.total_parts();
+        let ids: Option<Vec<PartId>> = (0..total).map(|i| self.done.get(i).cloned().flatten()).collect();
+        let Some(ids) = ids else {
+            let detail = "a part is missing from the upload (lost track of it)".to_string();
+            return Err(self.fail(StorageError::Other { url: self.url.to_string(), detail }));
+        };
+        let (mp, path, id, url, secrets) = (
+            self.store.multipart.clone(),
+            self.path.clone(),
+            self.upload.clone(),
+            self.url.to_string(),
+            self.store.secrets.clone(),
+        );
+        // Not sticky: completing can be tried again (every part is uploaded).
+        runtime::run(async move {
+            mp.complete_multipart(&path, &id, ids).await.map_err(|e| StorageError::from_store(&url, &e, &secrets))
+        })?;
+        self.settled = true;
+        tracing::info!(url = %self.url, bytes = self.parts.written(), parts = total, "upload complete");
+        Ok(())
+    }
+
+    /// Stop the part uploads and abort the multipart upload: the store drops the parts it has.
+    fn abort_upload(&mut self) {
+        if self.settled {
+            return;
+        }
+        self.settled = true;
+        for (_, task) in &self.in_flight {
+            task.abort();
+        }
+        for (_, task) in std::mem::take(&mut self.in_flight) {
+            let _ = runtime::wait(task);
+        }
+        let (mp, path, id, url, secrets) = (
+            self.store.multipart.clone(),
+            self.path.clone(),
+            self.upload.clone(),
+            self.url.to_string(),
+            self.store.secrets.clone(),
+        );
+        match runtime::run(async move {
+            mp.abort_multipart(&path, &id).await.map_err(|e| StorageError::from_store(&url, &e, &secrets))
+        }) {
+            Ok(()) => tracing::debug!(url = %self.url, "multipart upload aborted"),
+            Err(error) => tracing::warn!(
+                url = %self.url, %error,
+                "could not abort the multipart upload: its parts stay stored (and billed) until a lifecycle rule removes them"
+            ),
+        }
+    }
+
+    fn checkpoint_error(&self, e: StorageError) -> CheckpointError {
+        match e {
+            StorageError::AlreadyExists { .. } => CheckpointError::Exists { path: self.location.clone() },
+            e => CheckpointError::Io { path: self.location.clone(), source: e.into() },
+        }
+    }
+}
+
+/// Whether an object is at `path` now.
+fn head_exists(store: &Store, url: &ObjectUrl, path: &object_store::path::Path) -> Result<bool, StorageError> {
+    let (objects, p, u, secrets) = (store.objects.clone(), path.clone(), url.to_string(), store.secrets.clone());
+    runtime::run(async move {
+        match objects.head(&p).await {
+            Ok(_) => Ok(true),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(StorageError::from_store(&u, &e, &secrets)),
+        }
+    })
+}
+
+impl Write for ObjectSink {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_storage(buf)?;
+        Ok(buf.len())
+    }
+
+    fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
+        Ok(self.write_storage(buf)?)
+    }
+
+    /// Reports a failed upload; parts go out as they fill, not on flush.
+    fn flush(&mut self) -> io::Result<()> {
+        self.reap()?;
+        Ok(self.check()?)
+    }
+}
+
+impl ArchiveSink for ObjectSink {
+    fn location(&self) -> &Path {
+        &self.location
+    }
+
+    fn patchable(&self) -> bool {
+        true
+    }
+
+    fn hold(&mut self, at: u64) {
+        self.parts.hold(at);
+    }
+
+    fn patch(&mut self, at: u64, bytes: &[u8]) -> io::Result<()> {
+        self.check()?;
+        if let Err(e) = self.parts.patch(at, bytes) {
+            return Err(StorageError::Usage { url: self.url.to_string(), detail: e.to_string() }.into());
+        }
+        Ok(self.pump()?)
+    }
+
+    fn finish(mut self: Box<Self>) -> Result<PathBuf, Unfinished> {
+        match self.complete() {
+            Ok(()) => Ok(self.location.clone()),
+            Err(e) => {
+                let error = self.checkpoint_error(e);
+                Err(Unfinished { sink: self, error })
+            }
+        }
+    }
+
+    fn abort(mut self: Box<Self>, keep: bool) {
+        if keep {
+            tracing::warn!(url = %self.url, "an unfinished upload cannot be kept in an object store: aborting it");
+        }
+        self.abort_upload();
+    }
+}
+
+impl Drop for ObjectSink {
+    fn drop(&mut self) {
+        self.abort_upload();
+    }
+}
+
+impl std::fmt::Debug for ObjectSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ObjectSink")
+            .field("url", &self.url.to_string())
+            .field("written", &self.parts.written())
+            .finish_non_exhaustive()
+    }
+}
