@@ -124,8 +124,14 @@ fn run() -> Result<(), String> {
                         for d in [dir, &work] {
                             std::fs::create_dir_all(d).map_err(|e| format!("{}: {e}", d.display()))?;
                         }
-                        let call =
-                            DumpCall { pid: *pid, images_dir: dir, work_dir: &work, options, leave_running: args.leave_running };
+                        let call = DumpCall {
+                            pid: *pid,
+                            images_dir: dir,
+                            work_dir: &work,
+                            options,
+                            leave_running: args.leave_running,
+                            stream: false,
+                        };
                         let mut notify = answer;
                         driver.dump(&call, &mut notify).map_err(|e| format!("dump of PID {pid}: {e}"))
                     })
@@ -160,7 +166,7 @@ fn run() -> Result<(), String> {
                         ),
                         None => cedana::criu::CriuStdio::Caller,
                     };
-                    let call = RestoreCall { images_dir: dir, work_dir: &work, options, stdio, as_child };
+                    let call = RestoreCall { images_dir: dir, work_dir: &work, options, stdio, as_child, stream: false };
                     let mut notify = answer;
                     driver.restore(&call, &mut notify).map_err(|e| format!("restore of {}: {e}", dir.display()))
                 })

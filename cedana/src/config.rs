@@ -13,6 +13,7 @@
 //! dir = "/var/lib/cedana/checkpoints"   # default parent folder of dumps
 //! compression = "zstd"                  # default --compression
 //! scratch_dir = "/var/tmp"              # where archives are extracted for restore
+//! stream = true                         # images flow between CRIU and the archive, no files on disk
 //! [hooks]
 //! command = "/usr/local/lib/cedana/hook" # run before/after every dump and restore
 //! [profiling]
@@ -103,6 +104,8 @@ pub struct CheckpointConfig {
     pub dir: Option<PathBuf>,
     pub compression: Option<Compression>,
     pub scratch_dir: Option<PathBuf>,
+    /// Stream images between CRIU and the archive, with no image files on disk (where the checkpoint can).
+    pub stream: Option<bool>,
 }
 
 /// Settings of the `[hooks]` table.
@@ -155,6 +158,10 @@ pub struct Config {
 pub const DEFAULT_ADDRESS: &str = "/run/cedana.sock";
 /// The job store when the configuration names none.
 pub const DEFAULT_DB_PATH: &str = "/var/lib/cedana/cedana.db";
+
+/// Whether images stream between CRIU and the archive when neither flag nor config says (see
+/// scripts/bench-stream.sh for why).
+pub const DEFAULT_STREAM: bool = true;
 
 /// Default compression when neither flag nor config names one (Cedana's default).
 pub const DEFAULT_COMPRESSION: Compression = Compression::Tar;
@@ -339,6 +346,7 @@ const KEYS: &[Key] = &[
     key!("criu.driver", ["CEDANA_CRIU_DRIVER"], criu.driver, |c| shown(c.criu_driver())),
     key!("checkpoint.dir", ["CEDANA_CHECKPOINT_DIR"], checkpoint.dir, |c| shown(c.checkpoint_dir().display())),
     key!("checkpoint.compression", ["CEDANA_CHECKPOINT_COMPRESSION"], checkpoint.compression, |c| shown(c.compression())),
+    key!("checkpoint.stream", ["CEDANA_CHECKPOINT_STREAM"], checkpoint.stream, |c| shown(c.stream())),
     key!("checkpoint.scratch_dir", ["CEDANA_CHECKPOINT_SCRATCH_DIR", "CEDANA_SCRATCH_DIR"], checkpoint.scratch_dir, |c| shown(c.scratch_dir().display())),
     key!("hooks.command", ["CEDANA_HOOKS_COMMAND", "CEDANA_HOOK_COMMAND"], hooks.command, |c| c.hooks.command.as_ref().map(|p| p.display().to_string())),
     key!("profiling.enabled", ["CEDANA_PROFILING_ENABLED"], profiling.enabled, |c| shown(c.profiling_enabled())),
@@ -439,6 +447,12 @@ impl Config {
     /// Compression for new checkpoints.
     pub fn compression(&self) -> Compression {
         self.checkpoint.compression.unwrap_or(DEFAULT_COMPRESSION)
+    }
+
+    /// Whether dumps and restores stream images between CRIU and the archive by default (where they can: see
+    /// `engine::dump::DumpRequest::stream`).
+    pub fn stream(&self) -> bool {
+        self.checkpoint.stream.unwrap_or(DEFAULT_STREAM)
     }
 
     /// The daemon's Unix socket.

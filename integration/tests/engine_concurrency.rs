@@ -27,6 +27,7 @@ fn dump_request(pid: i32, destination: Destination, name: &str, compression: Com
         compression,
         leave_running: false,
         options: Default::default(),
+        stream: None,
     }
 }
 

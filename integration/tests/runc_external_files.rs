@@ -161,6 +161,7 @@ fn the_engine_reconnects_the_file_to_another_path_when_asked() {
         compression: Compression::Tar,
         leave_running: false,
         options: Default::default(),
+        stream: None,
     };
     let dumped = engine.dump(req, &OpContext::new()).expect("dump");
     let before = numbers_in(&log);

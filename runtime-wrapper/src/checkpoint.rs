@@ -83,6 +83,8 @@ pub fn run(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Re
         compression,
         leave_running: a.on("leave-running"),
         options,
+        // runc runs CRIU here and writes image files.
+        stream: None,
     };
     let out = engine.dump(req, &OpContext::new());
     if !existed && image_path.is_dir() {

@@ -8,7 +8,9 @@ use std::sync::Arc;
 
 use super::digest::{FileDigest, HashingWriter};
 use super::digest_job::DigestJob;
+use super::index::IndexedArchive;
 use super::manifest::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
+use super::source::LocalSource;
 use super::writer::copy_large;
 use super::{CheckpointError, RESTORE_BYPRODUCTS};
 use crate::codec::pipeline::ReadAhead;
@@ -24,6 +26,10 @@ pub struct OpenedCheckpoint {
     pub manifest: Manifest,
     /// The folder holding the verified images (the checkpoint itself for `none`, else an extraction).
     pub images_dir: PathBuf,
+    /// For a restore that streams the images to CRIU: the archive read through its index (its small files
+    /// verified already, each page image verified as CRIU reads it). `images_dir` then holds only our own
+    /// files (not CRIU's images), for the restore to read.
+    pub streamed: Option<Arc<IndexedArchive>>,
     /// Keeps an extraction alive; deleted on drop.
     _extracted: Option<tempfile::TempDir>,
 }
@@ -43,6 +49,7 @@ impl OpenedCheckpoint {
                 compression,
                 manifest,
                 images_dir: path.to_path_buf(),
+                streamed: None,
                 _extracted: None,
             });
         }
@@ -53,9 +60,56 @@ impl OpenedCheckpoint {
         let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: path.to_path_buf() })?;
         check_version(path, &manifest)?;
         compare(path, &manifest, &digests)?;
-        Ok(Self { path: path.to_path_buf(), compression, manifest, images_dir: dir.path().to_path_buf(), _extracted: Some(dir) })
+        Ok(Self {
+            path: path.to_path_buf(),
+            compression,
+            manifest,
+            images_dir: dir.path().to_path_buf(),
+            streamed: None,
+            _extracted: Some(dir),
+        })
+    }
+
+    /// Open the archive at `path` for a streamed restore, through its index (see [`IndexedArchive`]): its
+    /// small files and manifest are read and verified now, our own files (not CRIU's `*.img`) are put in a
+    /// folder under `scratch`, and the page images stay in the archive until CRIU reads them. `None` when
+    /// the archive has no index (or too large a tail): extract it with [`OpenedCheckpoint::open`].
+    pub fn open_streamed(path: &Path, scratch: &Path) -> Result<Option<Self>, CheckpointError> {
+        let source = LocalSource::open(path).map_err(|e| match e.kind() {
+            io::ErrorKind::NotFound => CheckpointError::NotFound { path: path.to_path_buf() },
+            _ => CheckpointError::Io { path: path.to_path_buf(), source: e },
+        })?;
+        let Some(archive) = IndexedArchive::open(Arc::new(source), MAX_STREAMED_TAIL)? else { return Ok(None) };
+        std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
+        let dir =
+            tempfile::Builder::new().prefix(".cedana-restore-").tempdir_in(scratch).map_err(CheckpointError::io(scratch))?;
+        for f in &archive.manifest().files {
+            if f.name.ends_with(".img") || archive.placed_names().any(|n| n == f.name) {
+                continue;
+            }
+            let dest = dir.path().join(safe_relative(path, &f.name)?);
+            if let Some(parent) = dest.parent() {
+                std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
+            }
+            let mut out = File::create(&dest).map_err(CheckpointError::io(&dest))?;
+            let delivered = archive.copy_to(&f.name, &mut out)?;
+            if let Some(e) = delivered.out_error {
+                return Err(CheckpointError::Io { path: dest, source: e });
+            }
+        }
+        Ok(Some(Self {
+            path: path.to_path_buf(),
+            compression: archive.compression(),
+            manifest: archive.manifest().clone(),
+            images_dir: dir.path().to_path_buf(),
+            streamed: Some(Arc::new(archive)),
+            _extracted: Some(dir),
+        }))
     }
 }
+
+/// Largest total of small files a streamed restore holds in memory (beyond it, the archive is extracted).
+const MAX_STREAMED_TAIL: u64 = 64 << 20;
 
 /// The checksum verification of a folder checkpoint, under way on worker threads.
 pub struct PendingVerification {
@@ -100,6 +154,7 @@ impl OpenedCheckpoint {
             compression: Compression::None,
             manifest,
             images_dir: path.to_path_buf(),
+            streamed: None,
             _extracted: None,
         };
         Ok((opened, pending))

@@ -54,6 +54,7 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         runtime_root: String::new(),
         overwrite: a.common.overwrite,
         rootfs: a.rootfs,
+        stream: a.common.criu.stream(),
     };
     let out = super::jobs::with_daemon(config, async |c| c.dump(req).await.map(|r| r.into_inner()))?;
     let asked = a.common.compression.or_else(|| out.checkpoint.as_ref().and_then(|c| c.compression.parse().ok()));
@@ -113,6 +114,7 @@ impl CommonDumpArgs {
             compression: self.compression.unwrap_or_else(|| config.compression()),
             leave_running: self.criu.leave_running,
             options: self.criu.to_options()?,
+            stream: self.criu.stream(),
         })
     }
 }
@@ -172,6 +174,7 @@ fn via_daemon(
         runtime_root,
         overwrite: common.overwrite,
         rootfs: false,
+        stream: common.criu.stream(),
     };
     tracing::info!(target = ?req.target, socket = %daemon.socket.display(), "dumping through the daemon");
     let out = daemon.call(async |c| c.dump(req).await.map(|r| r.into_inner())).map_err(daemon_error)?;

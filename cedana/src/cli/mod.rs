@@ -185,9 +185,25 @@ pub struct CriuFlags {
     /// Any other CRIU options, passed through (e.g. --criu-opts "--ghost-limit 10M").
     #[arg(long, value_name = "OPTS", allow_hyphen_values = true)]
     pub criu_opts: Option<String>,
+    /// Stream images between CRIU and the archive, with no image files on disk (default: the configured
+    /// checkpoint.stream, on). Process and job checkpoints in tar, gzip, lz4 or zstd stream.
+    #[arg(long, overrides_with = "no_stream")]
+    pub stream: bool,
+    /// Have CRIU write image files (dump) or extract the archive (restore) instead of streaming.
+    #[arg(long, overrides_with = "stream")]
+    pub no_stream: bool,
 }
 
 impl CriuFlags {
+    /// `--stream` / `--no-stream`, or `None` for the configured default.
+    pub fn stream(&self) -> Option<bool> {
+        match (self.stream, self.no_stream) {
+            (true, _) => Some(true),
+            (_, true) => Some(false),
+            _ => None,
+        }
+    }
+
     fn to_options(&self) -> anyhow::Result<cedana::criu::options::CriuOptions> {
         let extra = match &self.criu_opts {
             Some(s) => cedana::criu::options::parse_extra(s).map_err(anyhow::Error::msg)?,

@@ -58,6 +58,7 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         source: Some(pb::restore_request::Source::Jid(a.jid.clone())),
         criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
         attachable: a.attach,
+        stream: a.criu.stream(),
         ..Default::default()
     };
     let started = Instant::now();
@@ -146,6 +147,7 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
         options,
         process: ProcessRestoreOptions { as_child: attached, stdio, pid_file: a.pid_file.clone() },
         external_files: a.external_file.clone(),
+        stream: a.criu.stream(),
         ..RestoreRequest::new(Source::parse(&a.path))
     };
     // An attached restore is cancelled by a signal until the tree runs; afterwards signals are forwarded.
@@ -175,6 +177,7 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: 
         attachable: false,
         log: a.log.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         pid_file: a.pid_file.as_ref().map(absolute).transpose()?.unwrap_or_default(),
+        stream: a.criu.stream(),
     };
     tracing::info!(path = %a.path, socket = %daemon.socket.display(), "restoring through the daemon");
     let started = Instant::now();

@@ -75,6 +75,9 @@ impl CliDriver {
         if call.leave_running {
             args.push("--leave-running".into());
         }
+        if call.stream {
+            args.push("--stream".into());
+        }
         args.extend(call.options.dump_args());
         let null = || std::fs::File::options().read(true).write(true).open("/dev/null");
         let stdio = (0..3)
@@ -95,6 +98,9 @@ impl CliDriver {
             "--pidfile".into(),
             pidfile.display().to_string(),
         ];
+        if call.stream {
+            args.push("--stream".into());
+        }
         args.extend(call.options.restore_args());
         let passed = inherited_fds(&call.options.inherit_fd)?;
         let stdio = call.stdio.files().map_err(|source| CriuError::Spawn { binary: self.criu.binary.clone(), source })?;

@@ -81,6 +81,9 @@ pub struct DumpCall<'a> {
     pub work_dir: &'a Path,
     pub options: &'a CriuOptions,
     pub leave_running: bool,
+    /// Stream the images through the image-streamer socket in `images_dir` (`--stream`; see [`streamer`])
+    /// instead of writing files.
+    pub stream: bool,
 }
 
 /// What to restore. The restore is always detached from CRIU: the driver returns once the tree runs.
@@ -93,6 +96,8 @@ pub struct RestoreCall<'a> {
     /// Make the restored root a child of the calling process, so that it can be waited for by its PID
     /// (`waitpid(pid)`); otherwise it is left to whoever reaps orphans.
     pub as_child: bool,
+    /// Read the images through the image-streamer socket in `images_dir` (`--stream`).
+    pub stream: bool,
 }
 
 /// The standard streams a CRIU child gets.

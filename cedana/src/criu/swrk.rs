@@ -49,6 +49,10 @@ impl CriuDriver for SwrkDriver {
     }
 
     fn dump(&self, call: &DumpCall<'_>, on_notify: &mut dyn FnMut(&str) -> bool) -> Result<(), CriuError> {
+        if call.stream {
+            // CRIU's service cannot stream images (it has no streamer mode): the command line can.
+            return super::cli::CliDriver::new(self.criu.clone()).dump(call, on_notify);
+        }
         let dirs = self.open_dirs(call.images_dir, call.work_dir)?;
         let mut opts = dump_opts(call.options, call.pid, call.leave_running).map_err(|e| self.invalid(e))?;
         self.complete(&mut opts, &dirs, "dump", call.work_dir, &call.options.extra)?;
@@ -59,6 +63,9 @@ impl CriuDriver for SwrkDriver {
     }
 
     fn restore(&self, call: &RestoreCall<'_>, on_notify: &mut dyn FnMut(&str) -> bool) -> Result<i32, CriuError> {
+        if call.stream {
+            return super::cli::CliDriver::new(self.criu.clone()).restore(call, on_notify);
+        }
         // Checked before our own descriptors exist, so a caller's fd N cannot collide with them.
         let opts = restore_opts(call.options, call.as_child).map_err(|e| self.invalid(e))?;
         let passed: Vec<RawFd> = opts.inherit_fd.iter().map(|i| i.fd).filter(|fd| *fd > 2).collect();

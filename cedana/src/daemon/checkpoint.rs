@@ -65,7 +65,7 @@ impl Service {
             job.as_ref().map(|j| free_name(&destination, &default_name(checkpoint_kind(j.kind), &j.jid), compression))
         });
         tracing::info!(target = ?target, job = ?job.as_ref().map(|j| &j.jid), "dump requested");
-        let dreq = DumpRequest { target, destination, name, compression, leave_running, options };
+        let dreq = DumpRequest { target, destination, name, compression, leave_running, options, stream: req.stream };
         // The job is marked before CRIU ends it, so its exit is not taken for a crash.
         if let (Some(job), false) = (&job, leave_running) {
             self.store.set_state(&job.jid, JobState::Halted, None).map_err(lib_err!())?;
@@ -170,6 +170,7 @@ impl Service {
             options,
             // The daemon is the restored tree's parent: it waits for it by PID and records its exit.
             process: ProcessRestoreOptions { as_child: true, stdio, pid_file },
+            stream: req.stream,
             ..RestoreRequest::new(Source::parse(&path))
         };
         tracing::info!(path = %path, job = ?job.as_ref().map(|j| &j.jid), "restore requested");

@@ -18,6 +18,7 @@ use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
 use crate::engine::hooks::{HookContext, HookPoint};
 use crate::engine::location::{unsupported_url, Destination};
+use crate::engine::stream::{self, StreamIntake};
 use crate::engine::targets::{self, CheckpointCall, DumpTarget, Prepared, TargetSpec};
 use crate::engine::{Engine, EngineError};
 
@@ -33,6 +34,11 @@ pub struct DumpRequest {
     pub compression: Compression,
     pub leave_running: bool,
     pub options: CriuOptions,
+    /// Stream the images from CRIU into the archive (`criu dump --stream`), with no image file on disk;
+    /// `None`: the configured default. Only archives in a format with units, written where headers can be
+    /// patched in, of targets whose CRIU we run ourselves (processes), stream: the others are dumped to
+    /// files whatever this says.
+    pub stream: Option<bool>,
 }
 
 /// A finished dump.
@@ -48,6 +54,8 @@ pub struct DumpOutcome {
     pub total_time: Duration,
     /// Options turned on after inspecting the workload.
     pub detected: Vec<&'static str>,
+    /// Whether the images were streamed from CRIU (no image file on disk).
+    pub streamed: bool,
 }
 
 /// Default checkpoint name: `dump-<kind>-<id>-<unix time>`.
@@ -201,11 +209,24 @@ fn checkpoint(
     std::fs::create_dir_all(&work).map_err(EngineError::io(format!("creating {}", work.display())))?;
     let mut tail = follow_in_place(&writer)?;
     let progress = ctx.progress();
-    // Page images go into an archive while CRIU writes them.
-    let mut packing = Packing::start(writer, images_dir, progress.advancer());
+    let streamed =
+        req.stream.unwrap_or(engine.config().stream()) && target.can_stream() && stream::can_stream(req.compression, &writer);
+    // Page images go into the archive while CRIU writes them: straight from CRIU's pipes, or followed in
+    // the images folder.
+    let mut packing = if streamed {
+        Intake::Stream(StreamIntake::start(writer, images_dir, progress.advancer())?, None)
+    } else {
+        Intake::Files(Packing::start(writer, images_dir, progress.advancer()))
+    };
     let survives = target.survives_criu(req.leave_running);
     let mut state = Packaged::default();
-    let call = CheckpointCall { images_dir, work_dir: &work, options: &prepared.options, leave_running: req.leave_running };
+    let call = CheckpointCall {
+        images_dir,
+        work_dir: &work,
+        options: &prepared.options,
+        leave_running: req.leave_running,
+        stream: streamed,
+    };
     if ctx.is_cancelled() {
         // Nothing is frozen yet: stop before CRIU runs.
         return Err(EngineError::Interrupted);
@@ -327,7 +348,42 @@ fn checkpoint(
     ctx.record("package", package_time);
     target.finish(req.leave_running)?;
     let size = disk_size(&path);
-    Ok(DumpOutcome { path, manifest, size, criu_time, package_time, total_time: Duration::ZERO, detected: Vec::new() })
+    Ok(DumpOutcome { path, manifest, size, criu_time, package_time, total_time: Duration::ZERO, detected: Vec::new(), streamed })
+}
+
+/// Where CRIU's images go on their way into the checkpoint.
+enum Intake {
+    /// Files in the images folder (page images packed as they grow).
+    Files(Packing),
+    /// Pipes from CRIU; the writer once collected.
+    Stream(StreamIntake, Option<CheckpointWriter>),
+}
+
+impl Intake {
+    /// The writer, with every image CRIU has written so far in it (or, for files, packed live so far).
+    fn writer(&mut self) -> Result<&mut CheckpointWriter, CheckpointError> {
+        match self {
+            Intake::Files(p) => p.writer(),
+            Intake::Stream(s, slot) => {
+                let w = match slot.take() {
+                    Some(w) => w,
+                    None => s.collect()?,
+                };
+                Ok(slot.insert(w))
+            }
+        }
+    }
+
+    /// After CRIU exited: the writer.
+    fn into_writer(self) -> Result<CheckpointWriter, CheckpointError> {
+        match self {
+            Intake::Files(p) => p.into_writer(),
+            Intake::Stream(s, slot) => {
+                let rest = s.finish()?;
+                slot.or(rest).ok_or(CheckpointError::LivePacking("the streamed checkpoint's writer was lost"))
+            }
+        }
+    }
 }
 
 /// The manifest of a new checkpoint (its file list is filled in by [`CheckpointWriter::commit`]).

@@ -16,6 +16,7 @@ pub mod error;
 pub mod hooks;
 pub mod location;
 pub mod restore;
+pub(crate) mod stream;
 pub mod targets;
 
 use std::path::{Path, PathBuf};

@@ -61,6 +61,10 @@ pub struct RestoreRequest {
     /// an empty one is extended to the size the original had (the workload writes on at its own offset).
     /// Empty by default.
     pub external_files: Vec<FileRedirect>,
+    /// Stream the images from the archive to CRIU (`criu restore --stream`), with no extraction; `None`:
+    /// the configured default. Only process checkpoints in an archive with an index stream; the others are
+    /// extracted whatever this says.
+    pub stream: Option<bool>,
 }
 
 impl RestoreRequest {
@@ -73,6 +77,7 @@ impl RestoreRequest {
             process: ProcessRestoreOptions::default(),
             container: None,
             external_files: Vec::new(),
+            stream: None,
         }
     }
 }
@@ -156,7 +161,19 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     // anything, until every checksum matched); an archive is verified as it is extracted.
     let folder = std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
     let progress = ctx.progress();
-    let (opened, pending) = if folder {
+    let stream =
+        req.stream.unwrap_or(engine.config().stream()) && matches!(req.only, None | Some(CheckpointKind::Process)) && !folder;
+    // A streamed restore reads the archive's small files now and the page images as CRIU asks for them;
+    // a checkpoint of another kind (its runtime runs CRIU) is extracted after all.
+    let streamed = match stream {
+        true => {
+            OpenedCheckpoint::open_streamed(&path, &engine.scratch_dir())?.filter(|o| o.manifest.kind == CheckpointKind::Process)
+        }
+        false => None,
+    };
+    let (opened, pending) = if let Some(opened) = streamed {
+        (opened, None)
+    } else if folder {
         let (opened, pending) = OpenedCheckpoint::open_folder_verifying(&path)?;
         (opened, Some(pending))
     } else {

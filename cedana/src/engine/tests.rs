@@ -113,6 +113,7 @@ impl Harness {
             compression: c,
             leave_running,
             options: CriuOptions::default(),
+            stream: None,
         }
     }
 
@@ -838,6 +839,7 @@ fn two_dumps_at_once_on_one_engine_each_hold_their_own_process() {
         compression: c,
         leave_running: false,
         options: CriuOptions::default(),
+        stream: None,
     };
     let (ra, rb) = std::thread::scope(|s| {
         let ja = s.spawn(|| h.engine.dump(request(&a, "a", Compression::Zstd), &OpContext::new()));

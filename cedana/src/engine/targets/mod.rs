@@ -50,6 +50,8 @@ pub(crate) struct CheckpointCall<'a> {
     pub work_dir: &'a Path,
     pub options: &'a CriuOptions,
     pub leave_running: bool,
+    /// CRIU streams the images to the engine (`--stream`) instead of writing files.
+    pub stream: bool,
 }
 
 /// A dump target.
@@ -60,6 +62,12 @@ pub(crate) trait DumpTarget: Send {
     /// Whether the workload still exists once CRIU is done (until [`DumpTarget::finish`]): then a failure
     /// afterwards can always give it back, and its images need not be kept.
     fn survives_criu(&self, leave_running: bool) -> bool;
+
+    /// Whether CRIU can stream this target's images to the engine (we run CRIU ourselves; a runtime that
+    /// runs it writes files).
+    fn can_stream(&self) -> bool {
+        false
+    }
 
     /// Freeze the workload (if the target does it itself) and have CRIU write its images. Call `frozen()`
     /// once every image is written and the workload is still frozen (or left running); its `false` fails

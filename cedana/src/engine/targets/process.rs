@@ -15,6 +15,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -23,6 +24,7 @@ use super::{CheckpointCall, DumpTarget, Prepared, RestoreTarget, Restored};
 use crate::checkpoint::external::{self, ExternalFile};
 use crate::checkpoint::{CheckpointError, CheckpointKind, OpenedCheckpoint};
 use crate::criu::options::CriuOptions;
+use crate::criu::streamer::serve::Serve;
 use crate::criu::{CriuStdio, DumpCall, RestoreCall};
 use crate::engine::context::OpContext;
 use crate::engine::restore::{Gate, RestoreRequest, RestoreStdio};
@@ -130,6 +132,10 @@ impl DumpTarget for ProcessTarget {
         leave_running
     }
 
+    fn can_stream(&self) -> bool {
+        true
+    }
+
     fn checkpoint(
         &mut self,
         engine: &Engine,
@@ -150,6 +156,7 @@ impl DumpTarget for ProcessTarget {
             work_dir: call.work_dir,
             options: &options,
             leave_running: call.leave_running,
+            stream: call.stream,
         };
         let mut recorded: Option<Result<(), EngineError>> = None;
         let result = {
@@ -248,18 +255,62 @@ impl RestoreTarget for ProcessRestore {
         let options = opened.manifest.criu_options.merged_with(&user);
         let work =
             tempfile::Builder::new().prefix("cedana-restore-").tempdir().map_err(EngineError::io("creating a work folder"))?;
+        // A streamed restore: CRIU reads every image from the archive through our socket, each page image
+        // verified as it goes; `post-restore` (memory restored, nothing resumed) waits for the verdict.
+        let serve = match &opened.streamed {
+            Some(archive) => {
+                let progress = ctx.progress();
+                progress.phase("restoring", Some(opened.manifest.images_size()));
+                let images = crate::engine::stream::ArchiveImages { archive: Arc::clone(archive), advance: progress.advancer() };
+                let serve = Serve::listen(&opened.images_dir, Arc::new(images))
+                    .map_err(|e| EngineError::io("serving the images to CRIU")(std::io::Error::other(e.to_string())))?;
+                Some(serve)
+            }
+            None => None,
+        };
         let call = RestoreCall {
             images_dir: &opened.images_dir,
             work_dir: work.path(),
             options: &options,
             stdio,
             as_child: process.as_child,
+            stream: serve.is_some(),
         };
         let started = Instant::now();
-        let mut notify = |action: &str| action != "pre-restore" || gate.pass();
+        let mut streamed_verdict = None;
+        let mut notify = |action: &str| match action {
+            "pre-restore" => gate.pass(),
+            "post-restore" => match &serve {
+                Some(s) => {
+                    let verdict = s.settle(STREAM_SETTLE);
+                    let ok = verdict.is_ok();
+                    streamed_verdict = Some(verdict);
+                    ok
+                }
+                None => true,
+            },
+            _ => true,
+        };
         let restored = engine.criu().restore(&call, &mut notify);
+        let stream_error = match serve {
+            Some(s) => {
+                ctx.progress().finish();
+                let finished = s.finish();
+                match (streamed_verdict, finished) {
+                    (Some(Err(e)), _) => Some(e),
+                    // An image that could not be served explains why CRIU failed.
+                    (_, Err(e)) if restored.is_err() => Some(e),
+                    _ => None,
+                }
+            }
+            None => None,
+        };
         drop(reopened);
         let criu_time = started.elapsed().saturating_sub(gate.waited());
+        if let Some(e) = stream_error {
+            // CRIU killed the half-restored tree when `post-restore` failed: nothing of it runs.
+            return Err(EngineError::Checkpoint(CheckpointError::Corrupt { path: opened.path.clone(), detail: e.to_string() }));
+        }
         let pid = match restored {
             Ok(pid) => pid,
             Err(e) => {
@@ -274,6 +325,9 @@ impl RestoreTarget for ProcessRestore {
         Ok(Restored { pid, exit_code: None, criu_time })
     }
 }
+
+/// How long `post-restore` waits for the images still being written to CRIU.
+const STREAM_SETTLE: Duration = Duration::from_secs(120);
 
 /// The checkpoint's [`RECORD_FILE`], or an empty record when it has none (older checkpoints, trees that
 /// needed nothing of it).

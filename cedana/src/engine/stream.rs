@@ -1,0 +1,174 @@
+//! Streamed dumps: CRIU writes every image into a pipe of ours (`criu dump --stream`) and nothing touches
+//! the disk but the archive. A page image goes straight through the codec into the archive as it comes (an
+//! entry whose size is not known yet, see [`CheckpointWriter::add_unsized`]); the other images, small, are
+//! held in memory and added when CRIU is done (at `post-dump`, while the tree is still frozen).
+
+use std::io::{self, Read};
+use std::path::Path;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use crate::checkpoint::{CheckpointError, CheckpointWriter};
+use crate::codec::{self, Compression};
+use crate::criu::streamer::capture::{Capture, ImageReceiver};
+use crate::engine::EngineError;
+use crate::progress::Advancer;
+
+/// How long `post-dump` waits for images still in flight (the tails of pipes CRIU has already closed).
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Whether a dump in `compression` can be streamed into this writer: into an archive whose format has units,
+/// through a sink that can patch headers in (a local file; an upload in parts).
+pub(crate) fn can_stream(compression: Compression, writer: &CheckpointWriter) -> bool {
+    codec::units::supports_late_headers(compression) && writer.accepts_unsized()
+}
+
+/// The images of a streamed dump, on their way into the checkpoint.
+pub(crate) struct StreamIntake {
+    capture: Capture,
+    intake: Arc<Intake>,
+}
+
+struct Intake {
+    writer: Mutex<Option<CheckpointWriter>>,
+    /// Images held in memory until the end, in the order they were complete.
+    held: Mutex<Vec<(String, Vec<u8>)>>,
+    advance: Option<Advancer>,
+}
+
+impl StreamIntake {
+    /// Listen for CRIU in `images_dir` (before it starts), writing into `writer`.
+    pub fn start(writer: CheckpointWriter, images_dir: &Path, advance: Option<Advancer>) -> Result<Self, EngineError> {
+        let intake = Arc::new(Intake { writer: Mutex::new(Some(writer)), held: Mutex::new(Vec::new()), advance });
+        let receiver: Arc<dyn ImageReceiver> = intake.clone();
+        let capture = Capture::listen(images_dir, receiver)
+            .map_err(|e| EngineError::io("listening for CRIU's image stream")(io::Error::other(e.to_string())))?;
+        Ok(Self { capture, intake })
+    }
+
+    /// Once every image is through (call while CRIU waits at `post-dump`, or after it exited): the writer,
+    /// with the images held in memory added.
+    pub fn collect(&self) -> Result<CheckpointWriter, CheckpointError> {
+        self.capture.settle(SETTLE_TIMEOUT).map_err(stream_failed)?;
+        self.take_writer()
+    }
+
+    /// After CRIU exited: stop listening, and the writer with everything added (if not collected yet).
+    pub fn finish(self) -> Result<Option<CheckpointWriter>, CheckpointError> {
+        let Self { capture, intake } = self;
+        capture.finish().map_err(stream_failed)?;
+        let writer = intake.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        match writer {
+            Some(w) => {
+                let mut w = w;
+                intake.add_held(&mut w)?;
+                Ok(Some(w))
+            }
+            None => Ok(None),
+        }
+    }
+
+    fn take_writer(&self) -> Result<CheckpointWriter, CheckpointError> {
+        let taken = self.intake.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
+        let mut writer = taken.ok_or(CheckpointError::LivePacking("the streamed checkpoint was already collected"))?;
+        self.intake.add_held(&mut writer)?;
+        Ok(writer)
+    }
+}
+
+impl Intake {
+    fn add_held(&self, writer: &mut CheckpointWriter) -> Result<(), CheckpointError> {
+        let mut held = std::mem::take(&mut *self.held.lock().unwrap_or_else(PoisonError::into_inner));
+        held.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, bytes) in held {
+            writer.add_bytes(&name, &bytes)?;
+        }
+        Ok(())
+    }
+}
+
+/// Page images (and shared memory pages) are the large ones.
+fn is_page_image(name: &str) -> bool {
+    name.starts_with("pages-") && name.ends_with(".img")
+}
+
+impl ImageReceiver for Intake {
+    fn receive(&self, name: &str, data: &mut std::fs::File) -> io::Result<()> {
+        let mut counted = Counted { inner: data, advance: self.advance.as_deref() };
+        if is_page_image(name) {
+            // One page image at a time goes into the archive; another that comes meanwhile (CRIU dumps the
+            // processes of a tree one after another, so rarely) is held like the small ones.
+            if let Ok(mut slot) = self.writer.try_lock() {
+                if let Some(writer) = slot.as_mut().filter(|w| w.accepts_unsized()) {
+                    return writer.add_unsized(name, &mut counted).map_err(|e| io::Error::other(e.to_string()));
+                }
+            }
+        }
+        let mut bytes = Vec::new();
+        counted.read_to_end(&mut bytes)?;
+        self.held.lock().unwrap_or_else(PoisonError::into_inner).push((name.to_string(), bytes));
+        Ok(())
+    }
+}
+
+/// A pipe whose bytes advance the progress bar.
+struct Counted<'a> {
+    inner: &'a mut std::fs::File,
+    advance: Option<&'a (dyn Fn(u64) + Send + Sync)>,
+}
+
+impl Read for Counted<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        if let Some(a) = self.advance {
+            a(n as u64);
+        }
+        Ok(n)
+    }
+}
+
+fn stream_failed(e: crate::criu::streamer::StreamerError) -> CheckpointError {
+    CheckpointError::Io { path: "<CRIU image stream>".into(), source: io::Error::other(e.to_string()) }
+}
+
+/// A streamed restore's images: CRIU's requests answered from the archive through its index, each page
+/// image verified as it is read (a mismatch fails the restore at `post-restore`, before the tree runs).
+pub(crate) struct ArchiveImages {
+    pub archive: Arc<crate::checkpoint::index::IndexedArchive>,
+    pub advance: Option<Advancer>,
+}
+
+impl crate::criu::streamer::serve::ImageProvider for ArchiveImages {
+    fn exists(&self, name: &str) -> bool {
+        self.archive.contains(name)
+    }
+
+    fn provide(&self, name: &str, out: &mut std::fs::File) -> io::Result<()> {
+        let mut counted = CountedOut { inner: out, advance: self.advance.as_deref() };
+        let delivered = self.archive.copy_to(name, &mut counted).map_err(|e| io::Error::other(e.to_string()))?;
+        if let Some(e) = delivered.out_error {
+            // CRIU closed its end early (it failed, or needed less): the image itself was verified whole.
+            tracing::debug!(image = name, error = %e, "CRIU stopped reading an image");
+        }
+        Ok(())
+    }
+}
+
+/// CRIU's pipe, whose bytes advance the progress bar.
+struct CountedOut<'a> {
+    inner: &'a mut std::fs::File,
+    advance: Option<&'a (dyn Fn(u64) + Send + Sync)>,
+}
+
+impl io::Write for CountedOut<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        if let Some(a) = self.advance {
+            a(n as u64);
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
