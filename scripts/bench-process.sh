@@ -6,7 +6,8 @@
 # Environment:
 #   ROUNDS=3            measured rounds (each round runs every mode once)
 #   WARMUP=1            unmeasured warm-up rounds first (their figures are printed apart: fresh guest memory)
-#   MODES="none zstd gzip lz4"
+#   MODES="none zstd gzip lz4"   a mode may end in :files (image files instead of streams: --no-stream) or
+#                       :stream (--stream); plain names use cedana's default (streaming)
 #   SIZE_MIB=1024       workload size (half pseudo-random pages, half repeated text)
 #   GAP=0               seconds to idle before every timed step (an experiment knob: the balloon here reports
 #                       free pages to the host after ~2 s; GAP=3 gave the same figures as GAP=0 when measured).
@@ -206,17 +207,17 @@ codec_d() { # MODE IN_FILE OUT_DIR
 export -f codec_c codec_d
 
 raw_pair() { # ROUND MODE
-    local r=$1 m=$2 img=$WORK/raw-images dir
+    local r=$1 m=$2 c=${2%%:*} img=$WORK/raw-images dir
     mkdir -p "$img"
     timed "$r" "$m" raw.dump "$CRIU" dump -t "$WPID" -D "$img" -o "$LOGS/dump.log" -v"$RAW_CRIU_VERBOSITY"
     python3 "$HERE/bench/summarize.py" --stats "$img/stats-dump" | while read -r k v; do record "$r" "$m" "raw.dump.$k" "$v"; done
     record "$r" "$m" raw.images.size "$(size_of "$img")"
     dir=$img
-    if [ "$m" != none ]; then
-        timed "$r" "$m" codec.c bash -o pipefail -c 'codec_c "$@"' _ "$m" "$img" "$WORK/raw.archive"
+    if [ "$c" != none ]; then
+        timed "$r" "$m" codec.c bash -o pipefail -c 'codec_c "$@"' _ "$c" "$img" "$WORK/raw.archive"
         record "$r" "$m" codec.size "$(stat -c %s "$WORK/raw.archive")"
         timed "$r" "$m" rm.images rm -rf "$img" # for comparison: cedana deletes its staging folder within its dump
-        timed "$r" "$m" codec.d bash -o pipefail -c 'codec_d "$@"' _ "$m" "$WORK/raw.archive" "$WORK/raw-extracted"
+        timed "$r" "$m" codec.d bash -o pipefail -c 'codec_d "$@"' _ "$c" "$WORK/raw.archive" "$WORK/raw-extracted"
         rm -f "$WORK/raw.archive"
         dir=$WORK/raw-extracted
     fi
@@ -227,8 +228,8 @@ raw_pair() { # ROUND MODE
 }
 
 ced_pair() { # ROUND MODE
-    local r=$1 m=$2 name=bench-r$1-$2 path
-    timed "$r" "$m" ced.dump "$CEDANA" dump process "$WPID" --dir "$CED" --name "$name" --compression "$m"
+    local r=$1 m=$2 name=bench-r$1-${2//:/-} path
+    timed "$r" "$m" ced.dump "$CEDANA" dump process "$WPID" --dir "$CED" --name "$name" --compression "${m%%:*}" $(stream_flag "$m")
     python3 "$HERE/bench/summarize.py" --cedana-dump "$WORK/last.out" | while read -r k v; do record "$r" "$m" "ced.dump.$k" "$v"; done
     path=$(sed -n 's/^Dumped PID [0-9]* (.*) to //p' "$WORK/last.out")
     [ -e "$path" ] || die "cedana dump printed no checkpoint path: $(cat "$WORK/last.out")"
@@ -244,8 +245,14 @@ restore_key() {
     if [ "$3" = none ] && ((RESTORE_PAIRS > 0 && $2 > 0)); then echo "$1.restore.afterdump"; else echo "$1.restore"; fi
 }
 
+# stream_flag MODE: `zstd` streams images between CRIU and the archive (the default), `zstd:files` goes through
+# image files (CRIU writes a folder that is packed as it grows; a restore extracts the archive first).
+stream_flag() {
+    case $1 in *:files) echo --no-stream ;; *:stream) echo --stream ;; esac
+}
+
 ced_restore() { # ROUND MODE KEY PATH
-    timed "$1" "$2" "$3" "$CEDANA" restore process --path "$4" </dev/null
+    timed "$1" "$2" "$3" "$CEDANA" restore process --path "$4" $(stream_flag "$2") </dev/null
     python3 "$HERE/bench/summarize.py" --cedana-restore "$WORK/last.out" | while read -r k v; do record "$1" "$2" "$3.$k" "$v"; done
     grep -q "^Restored PID $WPID " "$WORK/last.out" || die "cedana restore: unexpected output: $(cat "$WORK/last.out")"
     check_alive "cedana restore ($2, round $1)"

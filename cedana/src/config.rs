@@ -528,6 +528,7 @@ mod tests {
                 "criu.driver",
                 "checkpoint.dir",
                 "checkpoint.compression",
+                "checkpoint.stream",
                 "checkpoint.scratch_dir",
                 "hooks.command",
                 "profiling.enabled"

@@ -103,6 +103,9 @@ pub struct Manifest {
     /// for folders and streams, and in checkpoints of older versions.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub placement: Vec<Placed>,
+    /// Whether the images were streamed from CRIU into the archive (no image file was written).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub streamed: bool,
 }
 
 /// An archive entry's position in the archive file.

@@ -52,6 +52,8 @@ pub enum CheckpointError {
     Corrupt { path: PathBuf, detail: String },
     #[error("packing page images while CRIU wrote them: {0}")]
     LivePacking(&'static str),
+    #[error("CRIU's image stream: {0}")]
+    Stream(String),
     #[error("external file {path}: {detail}")]
     ExternalFile { path: PathBuf, detail: String },
     #[error("{path} uses checkpoint format {found}, this cedana reads format {expected}: use a matching cedana version")]
@@ -72,7 +74,7 @@ impl CheckpointError {
             | CheckpointError::Corrupt { .. }
             | CheckpointError::Version { .. }
             | CheckpointError::ExternalFile { .. } => K::FailedPrecondition,
-            CheckpointError::LivePacking(_) => K::Internal,
+            CheckpointError::LivePacking(_) | CheckpointError::Stream(_) => K::Internal,
         }
     }
 

@@ -22,6 +22,7 @@ pub(crate) fn manifest() -> Manifest {
         checksum: digest::ALGORITHM.into(),
         files: Vec::new(),
         placement: Vec::new(),
+        streamed: false,
     }
 }
 

@@ -121,7 +121,10 @@ fn text(s: &Summary<'_>, report: Report) -> String {
     };
     let m = s.manifest.as_deref();
     t += &match (s.compression, m) {
-        (Some(c), Some(m)) => format!("  size      {} ({c}, images {})\n", HumanBytes(s.size), HumanBytes(m.images_size())),
+        (Some(c), Some(m)) => {
+            let how = if m.streamed { ", streamed" } else { "" };
+            format!("  size      {} ({c}{how}, images {})\n", HumanBytes(s.size), HumanBytes(m.images_size()))
+        }
         (Some(c), None) => format!("  size      {} ({c})\n", HumanBytes(s.size)),
         (None, _) => format!("  size      {}\n", HumanBytes(s.size)),
     };
@@ -147,6 +150,7 @@ fn to_json(s: &Summary<'_>) -> serde_json::Value {
     json!({
         "path": s.path,
         "kind": m.map(|m| m.kind.to_string()),
+        "streamed": m.map(|m| m.streamed),
         "pid": s.pid,
         "comm": s.comm,
         "container_id": container,

@@ -124,6 +124,14 @@ impl CliDriver {
         passed: Vec<RawFd>,
         on_hook: &mut dyn FnMut(&str) -> bool,
     ) -> Result<(), CriuError> {
+        if !hook::answers_hooks() {
+            return Err(CriuError::BadOption {
+                message: "this program does not answer CRIU's action scripts (its main does not call \
+                          cedana::criu::hook::run_if_invoked), so it cannot drive the criu command line: \
+                          use the swrk driver and no image streaming"
+                    .into(),
+            });
+        }
         let hooks = hook::HookServer::bind(work_dir).map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
         let me = std::env::current_exe().map_err(|source| CriuError::Hook { dir: work_dir.into(), source })?;
         let log = work_dir.join(format!("{action}.log"));

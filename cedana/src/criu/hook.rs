@@ -14,8 +14,19 @@ use std::time::Duration;
 /// Environment variable naming the engine's hook socket.
 pub const HOOK_SOCKET_ENV: &str = "CEDANA_CRIU_HOOK_SOCKET";
 
+/// Set once this executable has shown, by calling [`run_if_invoked`], that it answers CRIU's action scripts.
+static ANSWERS_HOOKS: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Whether this executable answers CRIU's action scripts (its `main` called [`run_if_invoked`]): only then
+/// may it be CRIU's `--action-script`. Any other program (a test binary, a front end of someone else's)
+/// would run its own `main` at every CRIU notification instead of answering it.
+pub fn answers_hooks() -> bool {
+    ANSWERS_HOOKS.load(std::sync::atomic::Ordering::SeqCst)
+}
+
 /// If this process was started by CRIU as an action script, answer it and exit. Call first in `main`.
 pub fn run_if_invoked() {
+    ANSWERS_HOOKS.store(true, std::sync::atomic::Ordering::SeqCst);
     let (Some(action), Some(socket)) = (std::env::var_os("CRTOOLS_SCRIPT_ACTION"), std::env::var_os(HOOK_SOCKET_ENV)) else {
         return;
     };

@@ -137,6 +137,12 @@ pub trait CriuDriver: Send + Sync {
     fn dump(&self, call: &DumpCall<'_>, on_notify: &mut dyn FnMut(&str) -> bool) -> Result<(), CriuError>;
     /// Restore a tree from `call.images_dir`; returns the PID of its root.
     fn restore(&self, call: &RestoreCall<'_>, on_notify: &mut dyn FnMut(&str) -> bool) -> Result<i32, CriuError>;
+    /// Whether this driver can stream images (`DumpCall::stream`, `RestoreCall::stream`) in this program:
+    /// streaming runs the criu command line, whose notifications reach us through the running executable
+    /// as action script (see [`hook::answers_hooks`]).
+    fn can_stream(&self) -> bool {
+        hook::answers_hooks()
+    }
 }
 
 impl Criu {

@@ -209,8 +209,10 @@ fn checkpoint(
     std::fs::create_dir_all(&work).map_err(EngineError::io(format!("creating {}", work.display())))?;
     let mut tail = follow_in_place(&writer)?;
     let progress = ctx.progress();
-    let streamed =
-        req.stream.unwrap_or(engine.config().stream()) && target.can_stream() && stream::can_stream(req.compression, &writer);
+    let streamed = req.stream.unwrap_or(engine.config().stream())
+        && target.can_stream()
+        && engine.criu().can_stream()
+        && stream::can_stream(req.compression, &writer);
     // Page images go into the archive while CRIU writes them: straight from CRIU's pipes, or followed in
     // the images folder.
     let mut packing = if streamed {
@@ -261,6 +263,9 @@ fn checkpoint(
     };
     let criu_time = criu_start.elapsed().saturating_sub(state.time);
     ctx.record("criu", criu_time);
+    // What failed in the stream from CRIU (an image the archive could not take: a full disk, a cancel),
+    // the cause of CRIU's own failure (its pipe closed).
+    let stream_failure = if result.is_err() { packing.failure() } else { None };
     // A packaging failure, unless cancellation is what stopped it.
     let package_failure = |source| if ctx.is_cancelled() { EngineError::Interrupted } else { EngineError::Package { source } };
     let packaged_at_post_dump = state.done;
@@ -296,6 +301,7 @@ fn checkpoint(
             }
         };
         let mut manifest = new_manifest(engine, prepared, req.compression, stats);
+        manifest.streamed = streamed;
         let kept = writer.temp_path().to_path_buf();
         let t = Instant::now();
         let path = writer.commit(&mut manifest).map_err(|source| {
@@ -325,9 +331,9 @@ fn checkpoint(
                 Err(e) => e,
             });
         }
-        let err = if state.cancelled {
+        let err = if state.cancelled || ctx.is_cancelled() {
             EngineError::Interrupted
-        } else if let Some(source) = state.error.take() {
+        } else if let Some(source) = state.error.take().or(stream_failure) {
             EngineError::Package { source }
         } else {
             if let Some(t) = temp_work {
@@ -374,6 +380,14 @@ impl Intake {
         }
     }
 
+    /// Why the stream from CRIU failed, if it did (without waiting).
+    fn failure(&self) -> Option<CheckpointError> {
+        match self {
+            Intake::Files(_) => None,
+            Intake::Stream(s, _) => s.failure(),
+        }
+    }
+
     /// After CRIU exited: the writer.
     fn into_writer(self) -> Result<CheckpointWriter, CheckpointError> {
         match self {
@@ -412,6 +426,7 @@ fn new_manifest(
         checksum: crate::checkpoint::digest::ALGORITHM.to_string(),
         files: Vec::new(),
         placement: Vec::new(),
+        streamed: false,
     }
 }
 

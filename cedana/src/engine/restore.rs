@@ -161,8 +161,10 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     // anything, until every checksum matched); an archive is verified as it is extracted.
     let folder = std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
     let progress = ctx.progress();
-    let stream =
-        req.stream.unwrap_or(engine.config().stream()) && matches!(req.only, None | Some(CheckpointKind::Process)) && !folder;
+    let stream = req.stream.unwrap_or(engine.config().stream())
+        && matches!(req.only, None | Some(CheckpointKind::Process))
+        && engine.criu().can_stream()
+        && !folder;
     // A streamed restore reads the archive's small files now and the page images as CRIU asks for them;
     // a checkpoint of another kind (its runtime runs CRIU) is extracted after all.
     let streamed = match stream {
@@ -280,6 +282,7 @@ mod tests {
             checksum: digest::ALGORITHM.into(),
             files: Vec::new(),
             placement: Vec::new(),
+            streamed: false,
         };
         let written = w.commit(&mut manifest).unwrap();
         assert!(written.to_string_lossy().ends_with(".tar.zst"), "{}", written.display());

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use crate::checkpoint::{CheckpointError, CheckpointWriter};
+use crate::checkpoint::{is_page_image, CheckpointError, CheckpointWriter};
 use crate::codec::{self, Compression};
 use crate::criu::streamer::capture::{Capture, ImageReceiver};
 use crate::engine::EngineError;
@@ -34,12 +34,19 @@ struct Intake {
     /// Images held in memory until the end, in the order they were complete.
     held: Mutex<Vec<(String, Vec<u8>)>>,
     advance: Option<Advancer>,
+    /// The first image the archive could not take, and why (the streamer only sees that it failed).
+    failed: Mutex<Option<CheckpointError>>,
 }
 
 impl StreamIntake {
     /// Listen for CRIU in `images_dir` (before it starts), writing into `writer`.
     pub fn start(writer: CheckpointWriter, images_dir: &Path, advance: Option<Advancer>) -> Result<Self, EngineError> {
-        let intake = Arc::new(Intake { writer: Mutex::new(Some(writer)), held: Mutex::new(Vec::new()), advance });
+        let intake = Arc::new(Intake {
+            writer: Mutex::new(Some(writer)),
+            held: Mutex::new(Vec::new()),
+            advance,
+            failed: Mutex::new(None),
+        });
         let receiver: Arc<dyn ImageReceiver> = intake.clone();
         let capture = Capture::listen(images_dir, receiver)
             .map_err(|e| EngineError::io("listening for CRIU's image stream")(io::Error::other(e.to_string())))?;
@@ -49,14 +56,18 @@ impl StreamIntake {
     /// Once every image is through (call while CRIU waits at `post-dump`, or after it exited): the writer,
     /// with the images held in memory added.
     pub fn collect(&self) -> Result<CheckpointWriter, CheckpointError> {
-        self.capture.settle(SETTLE_TIMEOUT).map_err(stream_failed)?;
+        if let Err(e) = self.capture.settle(SETTLE_TIMEOUT) {
+            return Err(self.intake.take_failure().unwrap_or_else(|| stream_failed(e)));
+        }
         self.take_writer()
     }
 
     /// After CRIU exited: stop listening, and the writer with everything added (if not collected yet).
     pub fn finish(self) -> Result<Option<CheckpointWriter>, CheckpointError> {
         let Self { capture, intake } = self;
-        capture.finish().map_err(stream_failed)?;
+        if let Err(e) = capture.finish() {
+            return Err(intake.take_failure().unwrap_or_else(|| stream_failed(e)));
+        }
         let writer = intake.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
         match writer {
             Some(w) => {
@@ -68,6 +79,12 @@ impl StreamIntake {
         }
     }
 
+    /// Why an image could not be taken, if one could not (without waiting).
+    pub fn failure(&self) -> Option<CheckpointError> {
+        let streamer = self.capture.failure();
+        self.intake.take_failure().or_else(|| streamer.map(stream_failed))
+    }
+
     fn take_writer(&self) -> Result<CheckpointWriter, CheckpointError> {
         let taken = self.intake.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
         let mut writer = taken.ok_or(CheckpointError::LivePacking("the streamed checkpoint was already collected"))?;
@@ -77,6 +94,10 @@ impl StreamIntake {
 }
 
 impl Intake {
+    fn take_failure(&self) -> Option<CheckpointError> {
+        self.failed.lock().unwrap_or_else(PoisonError::into_inner).take()
+    }
+
     fn add_held(&self, writer: &mut CheckpointWriter) -> Result<(), CheckpointError> {
         let mut held = std::mem::take(&mut *self.held.lock().unwrap_or_else(PoisonError::into_inner));
         held.sort_by(|a, b| a.0.cmp(&b.0));
@@ -87,11 +108,6 @@ impl Intake {
     }
 }
 
-/// Page images (and shared memory pages) are the large ones.
-fn is_page_image(name: &str) -> bool {
-    name.starts_with("pages-") && name.ends_with(".img")
-}
-
 impl ImageReceiver for Intake {
     fn receive(&self, name: &str, data: &mut std::fs::File) -> io::Result<()> {
         let mut counted = Counted { inner: data, advance: self.advance.as_deref() };
@@ -100,7 +116,12 @@ impl ImageReceiver for Intake {
             // processes of a tree one after another, so rarely) is held like the small ones.
             if let Ok(mut slot) = self.writer.try_lock() {
                 if let Some(writer) = slot.as_mut().filter(|w| w.accepts_unsized()) {
-                    return writer.add_unsized(name, &mut counted).map_err(|e| io::Error::other(e.to_string()));
+                    return writer.add_unsized(name, &mut counted).map_err(|e| {
+                        let short = io::Error::other(format!("the archive could not take it: {e}"));
+                        let mut failed = self.failed.lock().unwrap_or_else(PoisonError::into_inner);
+                        failed.get_or_insert(e);
+                        short
+                    });
                 }
             }
         }
@@ -128,7 +149,7 @@ impl Read for Counted<'_> {
 }
 
 fn stream_failed(e: crate::criu::streamer::StreamerError) -> CheckpointError {
-    CheckpointError::Io { path: "<CRIU image stream>".into(), source: io::Error::other(e.to_string()) }
+    CheckpointError::Stream(e.to_string())
 }
 
 /// A streamed restore's images: CRIU's requests answered from the archive through its index, each page

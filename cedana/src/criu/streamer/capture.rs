@@ -44,6 +44,11 @@ impl Capture {
         self.server.shared.settle(timeout)
     }
 
+    /// The first error so far (an image a receiver could not take), without waiting.
+    pub fn failure(&self) -> Option<StreamerError> {
+        self.server.shared.take_error()
+    }
+
     /// Once CRIU has exited: stop listening, wait for the image threads, and return the images received
     /// (in the order CRIU sent them) or the first error.
     pub fn finish(self) -> Result<Vec<String>, StreamerError> {
