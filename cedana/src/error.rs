@@ -36,6 +36,10 @@ impl ErrorKind {
             K::StorageFull | K::QuotaExceeded | K::OutOfMemory => ErrorKind::ResourceExhausted,
             K::InvalidInput => ErrorKind::InvalidArgument,
             K::Interrupted => ErrorKind::Cancelled,
+            // A store or peer that does not answer: worth retrying later.
+            K::TimedOut | K::ConnectionRefused | K::ConnectionReset | K::ConnectionAborted | K::NotConnected => {
+                ErrorKind::Unavailable
+            }
             _ => ErrorKind::Internal,
         }
     }

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod engines;
 pub mod images;
 pub mod lines;
+pub mod moto;
 pub mod workload;
 
 use std::path::{Path, PathBuf};

@@ -121,6 +121,11 @@ fn a_corrupt_page_image_is_refused_while_streaming_and_nothing_runs() {
         let err = cedana_err(&["restore", "process", "--path", path.to_str().unwrap()]);
         assert!(err.contains("corrupt") && err.contains("pages-"), "{c}: {err}");
         assert!(!alive(w.pid), "{c}: nothing of the corrupt checkpoint may run");
+        // What CRIU killed is left to us (the subreaper): reap it, so the PID is free again.
+        wait_for("the half-restored PID to be reaped", std::time::Duration::from_secs(10), || {
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(w.pid), Some(nix::sys::wait::WaitPidFlag::WNOHANG));
+            (!std::path::Path::new(&format!("/proc/{}", w.pid)).exists()).then_some(())
+        });
         // The checkpoint as it was restores.
         std::fs::write(&path, &pristine).unwrap();
         restore_and_check(&path, &mut w, &sum, &[]);

@@ -10,7 +10,7 @@ use super::digest::{FileDigest, HashingWriter};
 use super::digest_job::DigestJob;
 use super::index::IndexedArchive;
 use super::manifest::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
-use super::source::LocalSource;
+use super::source::{ArchiveSource, LocalSource};
 use super::writer::copy_large;
 use super::{CheckpointError, RESTORE_BYPRODUCTS};
 use crate::codec::pipeline::ReadAhead;
@@ -79,7 +79,17 @@ impl OpenedCheckpoint {
             io::ErrorKind::NotFound => CheckpointError::NotFound { path: path.to_path_buf() },
             _ => CheckpointError::Io { path: path.to_path_buf(), source: e },
         })?;
-        let Some(archive) = IndexedArchive::open(Arc::new(source), MAX_STREAMED_TAIL)? else { return Ok(None) };
+        Self::open_streamed_from(Arc::new(source), path, scratch)
+    }
+
+    /// As [`OpenedCheckpoint::open_streamed`], for an archive read through any source (an object in a
+    /// store); `path` names it.
+    pub fn open_streamed_from(
+        source: Arc<dyn ArchiveSource>,
+        path: &Path,
+        scratch: &Path,
+    ) -> Result<Option<Self>, CheckpointError> {
+        let Some(archive) = IndexedArchive::open(source, MAX_STREAMED_TAIL)? else { return Ok(None) };
         std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
         let dir =
             tempfile::Builder::new().prefix(".cedana-restore-").tempdir_in(scratch).map_err(CheckpointError::io(scratch))?;

@@ -61,6 +61,13 @@ pub trait ArchiveSink: Write + Send {
 
     /// Give up: delete what was written or, with `keep` and where the sink can, leave it for the user.
     fn abort(self: Box<Self>, keep: bool);
+
+    /// Whether [`ArchiveSink::abort`] with `keep` leaves what was written for the user (a local file). A
+    /// dump into a sink that cannot finishes its checkpoint while the workload is still frozen, so that a
+    /// failure can give the workload back instead of losing its images.
+    fn keeps_unfinished(&self) -> bool {
+        false
+    }
 }
 
 /// A sink that could not be finished, and why: still to be aborted (or kept).
@@ -142,6 +149,10 @@ impl ArchiveSink for LocalFile {
     }
 
     fn patchable(&self) -> bool {
+        true
+    }
+
+    fn keeps_unfinished(&self) -> bool {
         true
     }
 

@@ -166,6 +166,15 @@ impl CheckpointWriter {
         &self.temp_path
     }
 
+    /// Whether what was written can be kept when the checkpoint cannot be finished (see
+    /// [`CheckpointWriter::keep_if_unfinished`]): a folder or a local file can, an upload cannot.
+    pub fn keeps_unfinished(&self) -> bool {
+        match &self.target {
+            Target::Folder { .. } => true,
+            Target::Archive { sink, .. } => sink.lock().as_ref().is_some_and(|s| s.keeps_unfinished()),
+        }
+    }
+
     /// From now on, do not delete what was written if the checkpoint cannot be finished: call it once the
     /// dumped process is gone, so its images are never thrown away.
     pub fn keep_if_unfinished(&mut self) {

@@ -17,7 +17,7 @@ use crate::codec::Compression;
 use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
 use crate::engine::hooks::{HookContext, HookPoint};
-use crate::engine::location::{unsupported_url, Destination};
+use crate::engine::location::Destination;
 use crate::engine::stream::{self, StreamIntake};
 use crate::engine::targets::{self, CheckpointCall, DumpTarget, Prepared, TargetSpec};
 use crate::engine::{Engine, EngineError};
@@ -145,7 +145,14 @@ fn open_writer(
             let existing = if req.destination.replaces_existing() { Existing::Replace } else { Existing::Refuse };
             (CheckpointWriter::create_with(path, req.compression, existing)?, dir.clone())
         }
-        Destination::Url(url) => return Err(unsupported_url(url)),
+        #[cfg(feature = "storage")]
+        Destination::Url(url) => {
+            let scratch = engine.scratch_dir();
+            std::fs::create_dir_all(&scratch).map_err(EngineError::io(format!("creating {}", scratch.display())))?;
+            (crate::engine::remote::writer(engine, url, name, req.compression)?, scratch)
+        }
+        #[cfg(not(feature = "storage"))]
+        Destination::Url(url) => return Err(crate::engine::location::unsupported_url(url)),
         Destination::Sink(slot) => {
             let sink = slot.lock().ok().and_then(|mut s| s.take()).ok_or_else(|| EngineError::Io {
                 what: "writing the checkpoint".into(),
@@ -175,6 +182,9 @@ struct Packaged {
     cancelled: bool,
     error: Option<CheckpointError>,
     time: Duration,
+    /// The checkpoint, finished while the workload was frozen (destinations that cannot keep an unfinished
+    /// checkpoint: see [`CheckpointWriter::keeps_unfinished`]).
+    committed: Option<(PathBuf, Manifest)>,
 }
 
 /// What goes into the checkpoint besides CRIU's images: the prepared target's files and the caller's.
@@ -213,6 +223,7 @@ fn checkpoint(
         && target.can_stream()
         && engine.criu().can_stream()
         && stream::can_stream(req.compression, &writer);
+    let keeps_unfinished = writer.keeps_unfinished();
     // Page images go into the archive while CRIU writes them: straight from CRIU's pipes, or followed in
     // the images folder.
     let mut packing = if streamed {
@@ -221,7 +232,24 @@ fn checkpoint(
         Intake::Files(Packing::start(writer, images_dir, progress.advancer()))
     };
     let survives = target.survives_criu(req.leave_running);
+    // Where an unfinished checkpoint could not be kept (an upload), it is finished at post-dump, while the
+    // workload is frozen: a failure then gives the workload back instead of losing its images.
+    let commit_frozen = !survives && !keeps_unfinished;
     let mut state = Packaged::default();
+    // The files besides CRIU's images, the manifest last, and the checkpoint made visible.
+    let finish = |mut writer: CheckpointWriter, stats| -> Result<(PathBuf, Manifest), CheckpointError> {
+        for (name, bytes) in &prepared.extra_files {
+            writer.add_bytes(name, bytes)?;
+        }
+        for (name, produce) in attachments {
+            let bytes = produce().map_err(|e| CheckpointError::Io { path: PathBuf::from(name), source: e })?;
+            writer.add_bytes(name, &bytes)?;
+        }
+        let mut manifest = new_manifest(engine, prepared, req.compression, stats);
+        manifest.streamed = streamed;
+        let path = writer.commit(&mut manifest)?;
+        Ok((path, manifest))
+    };
     let call = CheckpointCall {
         images_dir,
         work_dir: &work,
@@ -245,7 +273,11 @@ fn checkpoint(
                 return true;
             }
             let t = Instant::now();
-            let res = packing.writer().and_then(|w| package_images(w, images_dir, &mut tail, ctx, Release::WorkloadAlive));
+            let mut res = packing.writer().and_then(|w| package_images(w, images_dir, &mut tail, ctx, Release::WorkloadAlive));
+            if res.is_ok() && commit_frozen {
+                // CRIU's statistics are written after this point: such a manifest has none.
+                res = packing.take_writer().and_then(|w| finish(w, None)).map(|done| state.committed = Some(done));
+            }
             state.time = t.elapsed();
             match res {
                 Ok(()) => {
@@ -269,7 +301,11 @@ fn checkpoint(
     // A packaging failure, unless cancellation is what stopped it.
     let package_failure = |source| if ctx.is_cancelled() { EngineError::Interrupted } else { EngineError::Package { source } };
     let packaged_at_post_dump = state.done;
+    let committed = state.committed.take();
     let commit = || {
+        if let Some((path, manifest)) = committed {
+            return Ok((path, manifest, state.time));
+        }
         // The live packer finishing what CRIU wrote last (e.g. compressing the tail of the page images) is
         // packaging time too.
         let waited = Instant::now();
@@ -285,13 +321,6 @@ fn checkpoint(
             package_images(&mut writer, images_dir, &mut tail, ctx, release).map_err(package_failure)?;
             package_time += t.elapsed();
         }
-        for (name, bytes) in &prepared.extra_files {
-            writer.add_bytes(name, bytes).map_err(package_failure)?;
-        }
-        for (name, produce) in attachments {
-            let bytes = produce().map_err(|e| package_failure(CheckpointError::Io { path: PathBuf::from(name), source: e }))?;
-            writer.add_bytes(name, &bytes).map_err(package_failure)?;
-        }
         progress.finish();
         let stats = match crate::criu::stats::read_dump_stats(&work) {
             Ok(s) => Some(s),
@@ -300,13 +329,11 @@ fn checkpoint(
                 None
             }
         };
-        let mut manifest = new_manifest(engine, prepared, req.compression, stats);
-        manifest.streamed = streamed;
         let kept = writer.temp_path().to_path_buf();
         let t = Instant::now();
-        let path = writer.commit(&mut manifest).map_err(|source| {
+        let (path, manifest) = finish(writer, stats).map_err(|source| {
             if survives {
-                EngineError::Package { source }
+                package_failure(source)
             } else {
                 EngineError::Unfinished { pid: prepared.process.pid, kept, source }
             }
@@ -353,7 +380,11 @@ fn checkpoint(
     };
     ctx.record("package", package_time);
     target.finish(req.leave_running)?;
-    let size = disk_size(&path);
+    let size = match &req.destination {
+        #[cfg(feature = "storage")]
+        Destination::Url(_) => crate::engine::remote::size(engine, &path),
+        _ => disk_size(&path),
+    };
     Ok(DumpOutcome { path, manifest, size, criu_time, package_time, total_time: Duration::ZERO, detected: Vec::new(), streamed })
 }
 
@@ -376,6 +407,17 @@ impl Intake {
                     None => s.collect()?,
                 };
                 Ok(slot.insert(w))
+            }
+        }
+    }
+
+    /// The writer, taken out (every image in it, as [`Intake::writer`]).
+    fn take_writer(&mut self) -> Result<CheckpointWriter, CheckpointError> {
+        self.writer()?;
+        match self {
+            Intake::Files(p) => std::mem::replace(p, Packing::Failed).into_writer(),
+            Intake::Stream(_, slot) => {
+                slot.take().ok_or(CheckpointError::LivePacking("the streamed checkpoint's writer was lost"))
             }
         }
     }

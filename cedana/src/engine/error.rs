@@ -24,6 +24,9 @@ pub enum EngineError {
     Runc(#[from] RuncError),
     #[error(transparent)]
     Hook(#[from] HookError),
+    #[cfg(feature = "storage")]
+    #[error(transparent)]
+    Storage(#[from] crate::storage::StorageError),
     #[error("{cause}\n  and resuming container {id} afterwards failed ({resume}): it is still paused; resume it with `runc --root {root} resume {id}`")]
     LeftPaused { id: String, root: PathBuf, cause: Box<EngineError>, resume: Box<RuncError> },
     #[error("PID {pid} holds established TCP connections ({conns}): checkpointing them needs the tcp-established option (the restore then needs the same addresses), or close them first")]
@@ -97,6 +100,8 @@ impl EngineError {
             EngineError::Interrupted | EngineError::RestoreCancelled => ErrorKind::Cancelled,
             EngineError::Unsupported { .. } => ErrorKind::Unimplemented,
             EngineError::Package { source } => source.kind(),
+            #[cfg(feature = "storage")]
+            EngineError::Storage(e) => e.kind(),
             EngineError::Io { source, .. } => ErrorKind::of_io(source),
         }
     }

@@ -15,6 +15,8 @@ pub mod dump;
 pub mod error;
 pub mod hooks;
 pub mod location;
+#[cfg(feature = "storage")]
+pub(crate) mod remote;
 pub mod restore;
 pub(crate) mod stream;
 pub mod targets;

@@ -148,7 +148,20 @@ impl Gate<'_> {
 /// Run the restore `req` describes.
 pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<RestoreOutcome, EngineError> {
     let started = Instant::now();
-    let path = req.source.local()?.to_path_buf();
+    let may_stream = req.stream.unwrap_or(engine.config().stream())
+        && matches!(req.only, None | Some(CheckpointKind::Process))
+        && engine.criu().can_stream();
+    // A checkpoint in an object store streams from it, or is downloaded first (kept until the restore ends).
+    let (path, from_store, _downloaded): (PathBuf, Option<OpenedCheckpoint>, Option<tempfile::TempDir>) = match &req.source {
+        Source::Path(p) => (p.clone(), None, None),
+        #[cfg(feature = "storage")]
+        Source::Url(u) => match crate::engine::remote::open(engine, u, may_stream)? {
+            crate::engine::remote::Remote::Streamed(opened) => (PathBuf::from(u), Some(*opened), None),
+            crate::engine::remote::Remote::Downloaded(p, guard) => (p, None, Some(guard)),
+        },
+        #[cfg(not(feature = "storage"))]
+        Source::Url(u) => return Err(crate::engine::location::unsupported_url(u)),
+    };
     let mut chosen = match req.only {
         Some(kind) => {
             let t = targets::restore_target(kind)?;
@@ -161,13 +174,11 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     // anything, until every checksum matched); an archive is verified as it is extracted.
     let folder = std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
     let progress = ctx.progress();
-    let stream = req.stream.unwrap_or(engine.config().stream())
-        && matches!(req.only, None | Some(CheckpointKind::Process))
-        && engine.criu().can_stream()
-        && !folder;
+    let stream = may_stream && !folder;
     // A streamed restore reads the archive's small files now and the page images as CRIU asks for them;
     // a checkpoint of another kind (its runtime runs CRIU) is extracted after all.
     let streamed = match stream {
+        _ if from_store.is_some() => from_store,
         true => {
             OpenedCheckpoint::open_streamed(&path, &engine.scratch_dir())?.filter(|o| o.manifest.kind == CheckpointKind::Process)
         }

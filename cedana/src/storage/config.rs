@@ -28,8 +28,11 @@ use super::StorageError;
 pub const MIN_PART_SIZE: usize = 5 << 20;
 /// S3's largest part.
 pub const MAX_PART_SIZE: usize = 5 << 30;
-/// The default part size of uploads, and of read-ahead pieces.
+/// The default part size of uploads, and of ranged reads.
 pub const DEFAULT_PART_SIZE: usize = 8 << 20;
+/// The default size of the GETs a stream is read in: 64 MiB, so that a request streamed to a reader as slow as
+/// 1.1 MiB/s ends within the default request timeout.
+pub const DEFAULT_READ_SEGMENT: u64 = 64 << 20;
 
 /// Static S3 keys, for when the environment should not be used. The secret is never shown (`Debug` hides
 /// it) and is removed from every error message.
@@ -96,10 +99,14 @@ pub struct StorageConfig {
     pub part_size: usize,
     /// Uploads: parts uploading at once (each holds `part_size` bytes of memory).
     pub max_in_flight: usize,
-    /// Streamed reads: the size of one ranged GET.
+    /// Ranged reads: the size of one ranged GET (a larger `read_exact_at` is split into GETs of this size).
     pub read_piece: usize,
-    /// Streamed reads: ranged GETs in flight ahead of the reader.
+    /// Ranged reads: GETs in flight at once for one large `read_exact_at`. Streams (`read_from`) buffer
+    /// `read_ahead * read_piece` bytes ahead of their reader, and no more.
     pub read_ahead: usize,
+    /// Streams: one GET serves at most this many bytes, the next one continuing where it ended (a request
+    /// must finish within [`RetrySettings::request_timeout`], however slowly the stream is read).
+    pub read_segment: u64,
     /// Retries, back-off and timeouts of every request.
     pub retry: RetrySettings,
 }
@@ -115,6 +122,7 @@ impl Default for StorageConfig {
             max_in_flight: 4,
             read_piece: DEFAULT_PART_SIZE,
             read_ahead: 2,
+            read_segment: DEFAULT_READ_SEGMENT,
             retry: RetrySettings::default(),
         }
     }
@@ -130,8 +138,8 @@ impl StorageConfig {
                 self.part_size
             ));
         }
-        if self.max_in_flight == 0 || self.read_ahead == 0 || self.read_piece == 0 {
-            return bad("max_in_flight, read_ahead and read_piece must be at least 1".into());
+        if self.max_in_flight == 0 || self.read_ahead == 0 || self.read_piece == 0 || self.read_segment == 0 {
+            return bad("max_in_flight, read_ahead, read_piece and read_segment must be at least 1".into());
         }
         Ok(())
     }
@@ -381,10 +389,10 @@ mod tests {
         };
         let store = Store::connect(&url, &config).unwrap();
         assert_eq!(store.secrets.scrub("s3cr3t"), "<redacted>");
-        // GCS with an emulator-style key (no OAuth): builds without reading any credentials file or metadata.
+        // GCS with an emulator's base URL: building reads no key and contacts no metadata server (only a
+        // request would).
         let gcs = ObjectUrl::parse("gs://bucket/k").unwrap();
-        let key = r#"{"private_key":"","client_email":"","disable_oauth":true,"gcs_base_url":"http://127.0.0.1:1"}"#;
-        let built = GoogleCloudStorageBuilder::new().with_bucket_name(&gcs.bucket).with_service_account_key(key).build();
-        assert!(built.is_ok(), "{:?}", built.err());
+        let emulator = StorageConfig { endpoint: Some("http://127.0.0.1:1".into()), ..Default::default() };
+        assert!(Store::connect(&gcs, &emulator).is_ok());
     }
 }

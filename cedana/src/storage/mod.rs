@@ -27,7 +27,9 @@ mod url;
 #[cfg(test)]
 mod tests;
 
-pub use config::{Credentials, RetrySettings, StorageConfig, DEFAULT_PART_SIZE, MAX_PART_SIZE, MIN_PART_SIZE};
+pub use config::{
+    Credentials, RetrySettings, StorageConfig, DEFAULT_PART_SIZE, DEFAULT_READ_SEGMENT, MAX_PART_SIZE, MIN_PART_SIZE,
+};
 pub use error::StorageError;
 pub use sink::ObjectSink;
 pub use source::ObjectSource;

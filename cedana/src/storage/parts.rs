@@ -247,7 +247,7 @@ mod tests {
     #[test]
     fn a_hold_beyond_the_written_bytes_keeps_its_parts_until_patched() {
         let mut b = PartBuffer::new(PS);
-        write_all(&mut b, &vec![0u8; 100]);
+        write_all(&mut b, &[0u8; 100]);
         // Straddles the boundary of parts 2 and 3; announced before any of it arrived.
         let at = (3 * PS - 300) as u64;
         b.hold(at);
@@ -267,7 +267,7 @@ mod tests {
     #[test]
     fn patches_in_the_current_part_and_overlapping_holds() {
         let mut b = PartBuffer::new(PS);
-        write_all(&mut b, &vec![0u8; 10]);
+        write_all(&mut b, &[0u8; 10]);
         b.hold(10);
         b.hold((PS - 10) as u64);
         write_all(&mut b, &vec![0u8; PS + 10]);
@@ -279,7 +279,8 @@ mod tests {
         // A patch of the part being filled needs no hold.
         b.patch((PS + 2) as u64, b"zz").unwrap();
         let rest = b.finish();
-        assert_eq!(&rest[0].1[..10], &[7u8; 10]);
+        assert_eq!(rest[0].0, 1);
+        assert_eq!(&rest[0].1[..6], &[7, 7, b'z', b'z', 7, 7]);
     }
 
     #[test]

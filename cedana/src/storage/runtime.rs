@@ -61,7 +61,7 @@ pub(crate) fn wait<T>(task: JoinHandle<Result<T, StorageError>>) -> Result<T, St
     match futures::executor::block_on(task) {
         Ok(res) => res,
         Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-        Err(_) => Err(StorageError::Other { url: String::new(), detail: "a storage request was cancelled".into() }),
+        Err(_) => Err(StorageError::Other { url: "<storage runtime>".into(), detail: "the request was cancelled".into() }),
     }
 }
 

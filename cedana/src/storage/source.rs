@@ -1,12 +1,13 @@
 //! [`ObjectSource`]: an archive in an object store, read by byte range.
 
-use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::ops::Range;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
+use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use object_store::{GetOptions, GetRange, ObjectStoreExt};
+use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use super::config::Store;
@@ -16,8 +17,10 @@ use crate::checkpoint::ArchiveSource;
 
 /// An archive in an object store, read with ranged GETs. Every read asks for the version that was there when
 /// it was opened (its ETag): an object replaced or deleted meanwhile fails the read instead of mixing two
-/// archives. [`ArchiveSource::read_from`] streams with a bounded read-ahead ([`StorageConfig::read_ahead`]
-/// ranged GETs of [`StorageConfig::read_piece`] bytes in flight), never the whole object at once.
+/// archives. [`ArchiveSource::read_exact_at`] splits a large read into GETs of [`StorageConfig::read_piece`]
+/// bytes, [`StorageConfig::read_ahead`] of them at once. [`ArchiveSource::read_from`] streams GET bodies
+/// (one per [`StorageConfig::read_segment`] bytes) with a bounded read-ahead of `read_ahead * read_piece`
+/// bytes: never the whole object in memory. Several streams can be read at once.
 ///
 /// Its calls block the calling thread until the network is done with them: call them from ordinary threads,
 /// not from async tasks (see [`super`]).
@@ -28,6 +31,7 @@ pub struct ObjectSource {
     len: u64,
     piece: usize,
     ahead: usize,
+    segment: u64,
 }
 
 /// What a ranged GET needs, cheap to clone into a task.
@@ -40,6 +44,16 @@ struct Fetch {
 }
 
 impl Fetch {
+    /// The body of `range`, as it arrives.
+    async fn body(&self, range: Range<u64>) -> Result<BoxStream<'static, object_store::Result<Bytes>>, StorageError> {
+        let mut opts = GetOptions::new().with_if_match(self.etag.clone());
+        opts.range = Some(GetRange::Bounded(range));
+        match self.store.objects.get_opts(&self.path, opts).await {
+            Ok(r) => Ok(r.into_stream()),
+            Err(e) => Err(StorageError::from_store(&self.url, &e, &self.store.secrets)),
+        }
+    }
+
     /// The bytes of `range`, exactly.
     async fn range(self, range: Range<u64>) -> Result<Bytes, StorageError> {
         let mut opts = GetOptions::new().with_if_match(self.etag.clone());
@@ -79,6 +93,7 @@ impl ObjectSource {
             len: meta.size,
             piece: config.read_piece,
             ahead: config.read_ahead,
+            segment: config.read_segment,
         })
     }
 
@@ -125,65 +140,93 @@ impl ArchiveSource for ObjectSource {
     }
 
     fn read_from(&self, offset: u64) -> io::Result<Box<dyn Read + Send>> {
-        let next = offset.min(self.len);
-        Ok(Box::new(RangeStream {
-            fetch: self.fetch.clone(),
-            next,
-            end: self.len,
-            piece: self.piece as u64,
-            ahead: self.ahead,
-            pending: VecDeque::new(),
-            current: Bytes::new(),
-        }))
+        let start = offset.min(self.len);
+        let (tx, rx) = mpsc::channel((self.ahead * self.piece / CHUNK).max(1));
+        let task = runtime::spawn(produce(self.fetch.clone(), start, self.len, self.segment, tx))?;
+        Ok(Box::new(BodyStream { rx, current: Bytes::new(), task, done: false }))
     }
 }
 
-/// The bytes from an offset to the end of an object, fetched in ranged GETs ahead of the reader.
-struct RangeStream {
-    fetch: Fetch,
-    /// Where the next GET starts.
-    next: u64,
-    end: u64,
-    piece: u64,
-    ahead: usize,
-    pending: VecDeque<JoinHandle<Result<Bytes, StorageError>>>,
-    current: Bytes,
-}
+/// The granularity of a stream's read-ahead buffer.
+const CHUNK: usize = 1 << 20;
 
-impl RangeStream {
-    /// Keep `ahead` GETs in flight (fewer near the end).
-    fn fill(&mut self) -> Result<(), StorageError> {
-        while self.pending.len() < self.ahead && self.next < self.end {
-            let range = self.next..(self.next + self.piece).min(self.end);
-            self.next = range.end;
-            self.pending.push_back(runtime::spawn(self.fetch.clone().range(range))?);
-        }
-        Ok(())
-    }
-}
-
-impl Read for RangeStream {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        loop {
-            if !self.current.is_empty() || buf.is_empty() {
-                let n = buf.len().min(self.current.len());
-                buf[..n].copy_from_slice(&self.current[..n]);
-                self.current.advance(n);
-                return Ok(n);
+/// Stream `start..end` of the object into `tx` in chunks of [`CHUNK`] bytes: one GET per segment, its body
+/// read as it arrives (object_store resumes a body cut short, checking the ETag). Waits while the channel is
+/// full, which bounds the read-ahead. Ends at the end (the channel closes), at the first error (sent), or
+/// when the reader goes away.
+async fn produce(fetch: Fetch, mut pos: u64, end: u64, segment: u64, tx: mpsc::Sender<Result<Bytes, StorageError>>) {
+    while pos < end {
+        let range = pos..(pos + segment).min(end);
+        let mut body = match fetch.body(range.clone()).await {
+            Ok(body) => body,
+            Err(e) => {
+                let _ = tx.send(Err(e)).await;
+                return;
             }
-            self.fill()?;
-            let Some(task) = self.pending.pop_front() else { return Ok(0) };
-            self.current = runtime::wait(task)?;
-            self.fill()?;
+        };
+        let mut buf = BytesMut::with_capacity(CHUNK);
+        while let Some(item) = body.next().await {
+            let bytes = match item {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    let _ = tx.send(Err(StorageError::from_store(&fetch.url, &e, &fetch.store.secrets))).await;
+                    return;
+                }
+            };
+            pos += bytes.len() as u64;
+            buf.extend_from_slice(&bytes);
+            if buf.len() >= CHUNK {
+                let full = std::mem::replace(&mut buf, BytesMut::with_capacity(CHUNK));
+                if tx.send(Ok(full.freeze())).await.is_err() {
+                    return;
+                }
+            }
+        }
+        if !buf.is_empty() && tx.send(Ok(buf.freeze())).await.is_err() {
+            return;
+        }
+        if pos != range.end {
+            let detail = format!(
+                "the body of bytes {}..{} ended at {pos}: the object is shorter than when it was opened",
+                range.start, range.end
+            );
+            let _ = tx.send(Err(StorageError::Other { url: fetch.url.clone(), detail })).await;
+            return;
         }
     }
 }
 
-impl Drop for RangeStream {
-    fn drop(&mut self) {
-        for task in &self.pending {
-            task.abort();
+/// The bytes from an offset to the end of an object, as [`produce`] delivers them.
+struct BodyStream {
+    rx: mpsc::Receiver<Result<Bytes, StorageError>>,
+    current: Bytes,
+    task: JoinHandle<()>,
+    /// The stream ended or failed: nothing more comes.
+    done: bool,
+}
+
+impl Read for BodyStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.is_empty() && !buf.is_empty() && !self.done {
+            match futures::executor::block_on(self.rx.recv()) {
+                Some(Ok(bytes)) => self.current = bytes,
+                Some(Err(e)) => {
+                    self.done = true;
+                    return Err(e.into());
+                }
+                None => self.done = true,
+            }
         }
+        let n = buf.len().min(self.current.len());
+        buf[..n].copy_from_slice(&self.current[..n]);
+        self.current.advance(n);
+        Ok(n)
+    }
+}
+
+impl Drop for BodyStream {
+    fn drop(&mut self) {
+        self.task.abort();
     }
 }
 

@@ -52,6 +52,9 @@ impl ObjectUrl {
         if bucket.is_empty() {
             return Err(bad("the bucket name is missing (s3://BUCKET/KEY)"));
         }
+        if bucket.len() < 3 || bucket.len() > 222 || (scheme == Scheme::S3 && bucket.len() > 63) {
+            return Err(bad("a bucket name has 3 to 63 characters"));
+        }
         if !bucket.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, '-' | '.' | '_')) {
             return Err(bad("a bucket name has only lower-case letters, digits, '-', '.' and '_'"));
         }
@@ -65,8 +68,8 @@ impl ObjectUrl {
         Ok(Self { scheme, bucket: bucket.to_string(), key: key.to_string(), spelled })
     }
 
-    /// The object `name` under this URL taken as a prefix: `s3://b/ckpts` or `s3://b/ckpts/` joined with
-    /// `x.tar.zst` is `s3://b/ckpts/x.tar.zst`. `name` must be one plain name (no `/`).
+    /// The object `name` under this URL taken as a prefix: `s3://bkt/ckpts` or `s3://bkt/ckpts/` joined with
+    /// `x.tar.zst` is `s3://bkt/ckpts/x.tar.zst`. `name` must be one plain name (no `/`).
     pub fn join(&self, name: &str) -> Result<Self, StorageError> {
         if name.is_empty() || name.contains('/') || name == "." || name == ".." || name.contains(['?', '#']) {
             return Err(StorageError::InvalidUrl {
@@ -148,13 +151,13 @@ mod tests {
         assert_eq!(u.to_string(), "s3://my-bucket/ckpt/a.tar.zst");
         assert_eq!(u.name(), "a.tar.zst");
         assert!(!u.is_prefix());
-        let g = ObjectUrl::parse("gcs://b/x").unwrap();
-        assert_eq!((g.scheme, g.to_string().as_str()), (Scheme::Gcs, "gcs://b/x"), "shown as given");
-        assert_eq!(ObjectUrl::parse("GS://b/x").unwrap().scheme, Scheme::Gcs);
-        let whole = ObjectUrl::parse("s3://b").unwrap();
+        let g = ObjectUrl::parse("gcs://bkt/x").unwrap();
+        assert_eq!((g.scheme, g.to_string().as_str()), (Scheme::Gcs, "gcs://bkt/x"), "shown as given");
+        assert_eq!(ObjectUrl::parse("GS://bkt/x").unwrap().scheme, Scheme::Gcs);
+        let whole = ObjectUrl::parse("s3://bkt").unwrap();
         assert_eq!((whole.key.as_str(), whole.is_prefix()), ("", true));
-        assert!(ObjectUrl::parse("s3://b/dir/").unwrap().is_prefix());
-        assert!(is_object_url("s3://b/x") && is_object_url("GS://b") && !is_object_url("/var/x") && !is_object_url("s3"));
+        assert!(ObjectUrl::parse("s3://bkt/dir/").unwrap().is_prefix());
+        assert!(is_object_url("s3://bkt/x") && is_object_url("GS://b") && !is_object_url("/var/x") && !is_object_url("s3"));
     }
 
     #[test]
@@ -165,9 +168,10 @@ mod tests {
             ("s3:///x", "bucket name is missing"),
             ("s3://", "bucket name is missing"),
             ("s3://Bucket/x", "lower-case"),
-            ("s3://b/a//c", "empty"),
-            ("s3://b/a/../c", "'..'"),
-            ("s3://b/a?x=1", "'?'"),
+            ("s3://ab/x", "3 to 63"),
+            ("s3://bkt/a//c", "empty"),
+            ("s3://bkt/a/../c", "'..'"),
+            ("s3://bkt/a?x=1", "'?'"),
         ] {
             let e = ObjectUrl::parse(url).unwrap_err().to_string();
             assert!(e.contains(why), "{url}: {e}");
@@ -179,20 +183,20 @@ mod tests {
 
     #[test]
     fn names_join_onto_prefixes() {
-        for base in ["s3://b/ckpts", "s3://b/ckpts/"] {
+        for base in ["s3://bkt/ckpts", "s3://bkt/ckpts/"] {
             let u = ObjectUrl::parse(base).unwrap().join("x.tar.zst").unwrap();
-            assert_eq!(u.to_string(), "s3://b/ckpts/x.tar.zst");
+            assert_eq!(u.to_string(), "s3://bkt/ckpts/x.tar.zst");
         }
-        assert_eq!(ObjectUrl::parse("gs://b").unwrap().join("x").unwrap().to_string(), "gs://b/x");
+        assert_eq!(ObjectUrl::parse("gs://bkt").unwrap().join("x").unwrap().to_string(), "gs://bkt/x");
         for bad in ["", "a/b", "..", "."] {
-            assert!(ObjectUrl::parse("s3://b/p").unwrap().join(bad).is_err(), "{bad:?}");
+            assert!(ObjectUrl::parse("s3://bkt/p").unwrap().join(bad).is_err(), "{bad:?}");
         }
     }
 
     #[test]
     fn keys_become_object_store_paths() {
-        let u = ObjectUrl::parse("s3://b/p/q/").unwrap();
+        let u = ObjectUrl::parse("s3://bkt/p/q/").unwrap();
         assert_eq!(u.path().unwrap().as_ref(), "p/q");
-        assert_eq!(ObjectUrl::parse("s3://b").unwrap().path().unwrap().as_ref(), "");
+        assert_eq!(ObjectUrl::parse("s3://bkt").unwrap().path().unwrap().as_ref(), "");
     }
 }

@@ -1,0 +1,68 @@
+//! Checkpoints in object stores (`s3://bucket/prefix`, `gs://bucket/prefix`): a dump uploads its archive
+//! through an [`ObjectSink`](crate::storage::ObjectSink) (the object appears only once complete), a restore
+//! streams an indexed archive to CRIU by ranged reads, or downloads one without an index first.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use crate::checkpoint::{ArchiveSource, CheckpointWriter, Existing, OpenedCheckpoint};
+use crate::codec::Compression;
+use crate::engine::{Engine, EngineError};
+use crate::storage::{self, ObjectUrl, StorageConfig};
+
+/// Settings of the engine's object-store clients (credentials and endpoints from the standard environment).
+fn config(_engine: &Engine) -> StorageConfig {
+    StorageConfig::default()
+}
+
+/// A writer that uploads checkpoint `name` under the prefix `url`.
+pub(crate) fn writer(engine: &Engine, url: &str, name: &str, compression: Compression) -> Result<CheckpointWriter, EngineError> {
+    let Some(ext) = compression.extension() else {
+        return Err(EngineError::Unsupported {
+            what: "a folder checkpoint in an object store".into(),
+            detail: format!("{url} is an object store, which holds archives: use tar, gzip, lz4, zlib or zstd"),
+        });
+    };
+    let object = ObjectUrl::parse(url)?.join(&format!("{name}.{ext}"))?;
+    let sink = storage::open_sink_with(&object, &config(engine), Existing::Refuse)?;
+    Ok(CheckpointWriter::to_sink(Box::new(sink), compression)?)
+}
+
+/// The size of the object at `url`, or 0 when it cannot be asked.
+pub(crate) fn size(engine: &Engine, url: &Path) -> u64 {
+    let Some(u) = url.to_str().and_then(|u| ObjectUrl::parse(u).ok()) else { return 0 };
+    storage::size(&u, &config(engine)).unwrap_or(0)
+}
+
+/// A checkpoint in an object store, opened for a restore: streamed from the store through its index when
+/// `stream` allows and it has one, else downloaded into the scratch folder (the returned path, deleted with
+/// the guard) to be opened as a local file.
+pub(crate) enum Remote {
+    Streamed(Box<OpenedCheckpoint>),
+    Downloaded(PathBuf, tempfile::TempDir),
+}
+
+pub(crate) fn open(engine: &Engine, url: &str, stream: bool) -> Result<Remote, EngineError> {
+    let object = ObjectUrl::parse(url)?;
+    let source = Arc::new(storage::open_source(&object, &config(engine))?);
+    let scratch = engine.scratch_dir();
+    if stream {
+        let shared: Arc<dyn ArchiveSource> = source.clone();
+        // Only process checkpoints stream (a container's runtime runs CRIU on files).
+        if let Some(opened) = OpenedCheckpoint::open_streamed_from(shared, Path::new(url), &scratch)?
+            .filter(|o| o.manifest.kind == crate::checkpoint::CheckpointKind::Process)
+        {
+            return Ok(Remote::Streamed(Box::new(opened)));
+        }
+    }
+    std::fs::create_dir_all(&scratch).map_err(EngineError::io(format!("creating {}", scratch.display())))?;
+    let dir = tempfile::Builder::new()
+        .prefix(".cedana-download-")
+        .tempdir_in(&scratch)
+        .map_err(EngineError::io(format!("creating a folder in {}", scratch.display())))?;
+    let path = dir.path().join(object.name());
+    let mut reader = source.read_from(0).map_err(EngineError::io(format!("downloading {url}")))?;
+    let mut file = std::fs::File::create(&path).map_err(EngineError::io(format!("creating {}", path.display())))?;
+    std::io::copy(&mut reader, &mut file).map_err(EngineError::io(format!("downloading {url}")))?;
+    Ok(Remote::Downloaded(path, dir))
+}
