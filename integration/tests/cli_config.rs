@@ -80,6 +80,7 @@ fn config_show_names_the_source_of_each_key() {
             "criu.driver",
             "checkpoint.dir",
             "checkpoint.compression",
+            "checkpoint.stream",
             "checkpoint.scratch_dir",
             "hooks.command",
             "profiling.enabled"

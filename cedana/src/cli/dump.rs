@@ -104,7 +104,8 @@ impl CommonDumpArgs {
         let config = engine.config();
         let destination = match &self.dir {
             Some(d) => Destination::parse(d),
-            None => Destination::dir(config.checkpoint_dir()),
+            // The configured folder may be an object store too (`s3://bucket/prefix`).
+            None => Destination::parse(&config.checkpoint_dir().to_string_lossy()),
         };
         let destination = if self.overwrite { destination.replacing() } else { destination };
         Ok(DumpRequest {

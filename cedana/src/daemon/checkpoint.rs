@@ -36,8 +36,11 @@ impl Service {
         } else {
             req.compression.parse().map_err(|e: cedana::codec::CodecError| status(e.kind(), &e))?
         };
-        let destination =
-            if req.dir.is_empty() { Destination::dir(config.checkpoint_dir()) } else { Destination::parse(&req.dir) };
+        let destination = if req.dir.is_empty() {
+            Destination::parse(&config.checkpoint_dir().to_string_lossy())
+        } else {
+            Destination::parse(&req.dir)
+        };
         let destination = if req.overwrite { destination.replacing() } else { destination };
         let name = (!req.name.is_empty()).then(|| req.name.clone());
         let mut attachments = Vec::new();

@@ -25,7 +25,8 @@ pub(crate) fn can_stream(compression: Compression, writer: &CheckpointWriter) ->
 
 /// The images of a streamed dump, on their way into the checkpoint.
 pub(crate) struct StreamIntake {
-    capture: Capture,
+    /// Taken by [`StreamIntake::finish`], or at drop.
+    capture: Option<Capture>,
     intake: Arc<Intake>,
 }
 
@@ -36,6 +37,9 @@ struct Intake {
     advance: Option<Advancer>,
     /// The first image the archive could not take, and why (the streamer only sees that it failed).
     failed: Mutex<Option<CheckpointError>>,
+    /// The dump is over: image threads stop reading (a pipe whose writer never closes must not keep the
+    /// checkpoint writer, and its unfinished file, alive).
+    over: std::sync::atomic::AtomicBool,
 }
 
 impl StreamIntake {
@@ -46,26 +50,28 @@ impl StreamIntake {
             held: Mutex::new(Vec::new()),
             advance,
             failed: Mutex::new(None),
+            over: std::sync::atomic::AtomicBool::new(false),
         });
         let receiver: Arc<dyn ImageReceiver> = intake.clone();
         let capture = Capture::listen(images_dir, receiver)
             .map_err(|e| EngineError::io("listening for CRIU's image stream")(io::Error::other(e.to_string())))?;
-        Ok(Self { capture, intake })
+        Ok(Self { capture: Some(capture), intake })
     }
 
     /// Once every image is through (call while CRIU waits at `post-dump`, or after it exited): the writer,
     /// with the images held in memory added.
     pub fn collect(&self) -> Result<CheckpointWriter, CheckpointError> {
-        if let Err(e) = self.capture.settle(SETTLE_TIMEOUT) {
+        let Some(capture) = &self.capture else { return self.take_writer() };
+        if let Err(e) = capture.settle(SETTLE_TIMEOUT) {
             return Err(self.intake.take_failure().unwrap_or_else(|| stream_failed(e)));
         }
         self.take_writer()
     }
 
     /// After CRIU exited: stop listening, and the writer with everything added (if not collected yet).
-    pub fn finish(self) -> Result<Option<CheckpointWriter>, CheckpointError> {
-        let Self { capture, intake } = self;
-        if let Err(e) = capture.finish() {
+    pub fn finish(mut self) -> Result<Option<CheckpointWriter>, CheckpointError> {
+        let intake = Arc::clone(&self.intake);
+        if let Some(Err(e)) = self.capture.take().map(Capture::finish) {
             return Err(intake.take_failure().unwrap_or_else(|| stream_failed(e)));
         }
         let writer = intake.writer.lock().unwrap_or_else(PoisonError::into_inner).take();
@@ -81,7 +87,7 @@ impl StreamIntake {
 
     /// Why an image could not be taken, if one could not (without waiting).
     pub fn failure(&self) -> Option<CheckpointError> {
-        let streamer = self.capture.failure();
+        let streamer = self.capture.as_ref().and_then(Capture::failure);
         self.intake.take_failure().or_else(|| streamer.map(stream_failed))
     }
 
@@ -90,6 +96,18 @@ impl StreamIntake {
         let mut writer = taken.ok_or(CheckpointError::LivePacking("the streamed checkpoint was already collected"))?;
         self.intake.add_held(&mut writer)?;
         Ok(writer)
+    }
+}
+
+impl Drop for StreamIntake {
+    fn drop(&mut self) {
+        // A dump that failed or was abandoned: stop the image threads, wait for them, and drop the writer
+        // here (an unfinished checkpoint is deleted now, not whenever the last thread lets go of it).
+        self.intake.over.store(true, std::sync::atomic::Ordering::SeqCst);
+        if let Some(capture) = self.capture.take() {
+            let _ = capture.finish();
+        }
+        drop(self.intake.writer.lock().unwrap_or_else(PoisonError::into_inner).take());
     }
 }
 
@@ -110,7 +128,7 @@ impl Intake {
 
 impl ImageReceiver for Intake {
     fn receive(&self, name: &str, data: &mut std::fs::File) -> io::Result<()> {
-        let mut counted = Counted { inner: data, advance: self.advance.as_deref() };
+        let mut counted = Counted { inner: data, advance: self.advance.as_deref(), over: &self.over };
         if is_page_image(name) {
             // One page image at a time goes into the archive; another that comes meanwhile (CRIU dumps the
             // processes of a tree one after another, so rarely) is held like the small ones.
@@ -136,10 +154,24 @@ impl ImageReceiver for Intake {
 struct Counted<'a> {
     inner: &'a mut std::fs::File,
     advance: Option<&'a (dyn Fn(u64) + Send + Sync)>,
+    over: &'a std::sync::atomic::AtomicBool,
 }
 
 impl Read for Counted<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        use std::os::fd::AsRawFd;
+        // Wait for data in slices, so that the end of the dump stops a reader whose pipe never closes.
+        loop {
+            if self.over.load(std::sync::atomic::Ordering::SeqCst) {
+                return Err(io::Error::other("the dump ended before CRIU finished this image"));
+            }
+            let mut fds = [libc::pollfd { fd: self.inner.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+            // SAFETY: poll on one descriptor we hold, for at most 200 ms.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, 200) };
+            if rc > 0 || (rc < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted) {
+                break;
+            }
+        }
         let n = self.inner.read(buf)?;
         if let Some(a) = self.advance {
             a(n as u64);
