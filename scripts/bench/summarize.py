@@ -157,7 +157,7 @@ def table(path):
             base_d = summed(mode, ["raw.dump.wall", "codec.c.wall"])
             base_r = summed(mode, ["codec.d.wall", "raw.restore.wall"])
             row("raw `criu dump`", raw_d, mode, "raw.dump")
-            row(f"codec alone: `{CODEC[mode][0]}`", vals(mode, "codec.c.wall"), mode, "codec.c")
+            row(f"codec alone: `{CODEC[mode.split(':')[0]][0]}`", vals(mode, "codec.c.wall"), mode, "codec.c")
             row("**raw dump + codec**", base_d)
         rd = med(ced_d) / med(base_d)
         lim = TARGETS.get(mode, (None, None))
@@ -171,7 +171,7 @@ def table(path):
         row("CRIU memwrite (pages into the images folder): raw", vals(mode, "raw.dump.memwrite"))
         row("CRIU memwrite: cedana", vals(mode, "ced.dump.memwrite"))
         if mode != "none":
-            row(f"codec alone: `{CODEC[mode][1]}`", vals(mode, "codec.d.wall"), mode, "codec.d")
+            row(f"codec alone: `{CODEC[mode.split(':')[0]][1]}`", vals(mode, "codec.d.wall"), mode, "codec.d")
             row("raw `criu restore -d`", raw_r, mode, "raw.restore")
             row("**codec + raw restore**", base_r)
         elif pairs:
