@@ -84,3 +84,29 @@ fn a_store_that_dies_mid_upload_leaves_the_process_running_and_no_object() {
 fn moto_secret() -> &'static str {
     cedana_integration::moto::SECRET_ACCESS_KEY
 }
+
+#[test]
+fn a_managed_job_is_checkpointed_to_s3_by_the_daemon_and_restored_from_it() {
+    require_root();
+    let moto = MotoServer::start();
+    let env: Vec<(&str, String)> = moto.env();
+    let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let d = cedana_integration::daemon::Daemon::start_with_env(&vars);
+    let log = d.dir().join("counter.log");
+    let counter = workload_bin("counter");
+    let out = d.ok(&["run", "process", "--jid", "s3job", "--out", log.to_str().unwrap(), "--", counter.to_str().unwrap()]);
+    let pid = cedana_integration::daemon::printed_pid(&out);
+    cedana_integration::daemon::wait_for_count(&log, 5, std::time::Duration::from_secs(20));
+    let dumped = d.ok(&["dump", "job", "s3job", "--dir", &moto.url("jobs"), "--compression", "zstd"]);
+    assert!(dumped.contains("s3://cedana-test/jobs/dump-process-s3job-"), "{dumped}");
+    let checkpoints = d.ok(&["job", "checkpoints", "s3job"]);
+    assert!(checkpoints.contains("s3://cedana-test/jobs/dump-process-s3job-"), "the remote path: {checkpoints}");
+    assert!(checkpoints.contains("KiB") || checkpoints.contains("MiB"), "the object's size: {checkpoints}");
+    wait_for("the dumped job to be gone", std::time::Duration::from_secs(10), || (!alive(pid)).then_some(()));
+    let before = cedana_integration::daemon::numbers_in(&log).len();
+    let restored = d.ok(&["restore", "job", "s3job"]);
+    assert!(restored.contains(&format!("as PID {pid}")), "{restored}");
+    let after = cedana_integration::daemon::wait_for_count(&log, before + 5, std::time::Duration::from_secs(20));
+    assert!(cedana_integration::daemon::consecutive(&after), "the count goes on where it stopped: {after:?}");
+    d.ok(&["job", "kill", "s3job"]);
+}
