@@ -45,7 +45,8 @@ pub trait ArchiveSink: Write + Send {
     fn hold(&mut self, _at: u64) {}
 
     /// Overwrite `bytes.len()` bytes at offset `at`: bytes written already, from a range announced with
-    /// [`ArchiveSink::hold`], which this releases.
+    /// [`ArchiveSink::hold`], which this releases. A patch is one tar header slot: at most 1024 bytes
+    /// ([`crate::codec::units::header_slot`]).
     fn patch(&mut self, _at: u64, _bytes: &[u8]) -> io::Result<()> {
         Err(io::Error::new(io::ErrorKind::Unsupported, "this sink cannot overwrite what it wrote"))
     }
