@@ -146,3 +146,17 @@ fn archives_without_an_index_or_with_a_large_tail_are_read_front_to_back() {
     drop(fake);
     assert!(Trailer::find(&*src(&dir.path().join("d.tar.zst"))).unwrap().is_none(), "offset past the end");
 }
+
+#[test]
+fn the_manifest_is_read_from_the_end_and_a_full_verification_still_reads_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("ck.tar.zst");
+    write_archive(&path, Compression::Zstd);
+    let offset = read_manifest(&path, false).unwrap().placement[0].offset as usize;
+    // Damage the first page image: reading the manifest does not touch it, verifying does.
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[offset + 4096] ^= 0x10;
+    std::fs::write(&path, &bytes).unwrap();
+    assert_eq!(read_manifest(&path, false).unwrap().files.len(), 5);
+    assert!(read_manifest(&path, true).is_err(), "the full verification reads the page images");
+}

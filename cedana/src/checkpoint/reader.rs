@@ -180,6 +180,13 @@ pub fn read_manifest(path: &Path, verify: bool) -> Result<Manifest, CheckpointEr
     if !compression.is_archive() {
         return if verify { verify_folder(path, &|_| {}) } else { load_folder_manifest(path) };
     }
+    if !verify {
+        // Through the index, only the archive's end is read (the small files and the manifest).
+        let source = LocalSource::open(path).map_err(CheckpointError::io(path))?;
+        if let Some(archive) = IndexedArchive::open(Arc::new(source), MAX_STREAMED_TAIL)? {
+            return Ok(archive.manifest().clone());
+        }
+    }
     let (manifest, digests) = walk_archive(path, compression, None, &|_| {})?;
     let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: path.to_path_buf() })?;
     check_version(path, &manifest)?;
