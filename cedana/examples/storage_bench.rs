@@ -10,8 +10,8 @@ use std::io::Read;
 use std::time::Instant;
 
 use cedana::checkpoint::{ArchiveSink, ArchiveSource, LocalFile, LocalSource};
-use cedana::storage::{self, Credentials, ObjectUrl, StorageConfig};
-use cedana_integration::moto::{MotoServer, ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY};
+use cedana::storage::{self, ObjectUrl, StorageConfig};
+use cedana_integration::moto::MotoServer;
 
 const WRITE: usize = 4 << 20;
 
@@ -107,18 +107,10 @@ fn main() {
     let dir = std::env::var("BENCH_DIR").unwrap_or_else(|_| "/var/tmp".into());
     let moto = MotoServer::start();
     let config = StorageConfig {
-        endpoint: Some(moto.endpoint()),
-        allow_http: true,
-        region: Some(REGION.into()),
-        credentials: Some(Credentials {
-            access_key_id: ACCESS_KEY_ID.into(),
-            secret_access_key: SECRET_ACCESS_KEY.into(),
-            session_token: None,
-        }),
         part_size: env_num("BENCH_PART_MIB", 8) << 20,
         max_in_flight: env_num("BENCH_IN_FLIGHT", 4),
         read_segment: env_num("BENCH_SEGMENT_MIB", 64) as u64 * (1 << 20),
-        ..Default::default()
+        ..MotoServer::storage_config(&moto.endpoint())
     };
     println!(
         "{} MiB, {rounds} rounds, part {} MiB, {} in flight, streams in GETs of {} MiB with {} MiB read ahead; local files in {dir}",

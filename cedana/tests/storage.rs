@@ -9,7 +9,7 @@ use cedana::checkpoint::index::IndexedArchive;
 use cedana::checkpoint::{ArchiveSink, ArchiveSource, CheckpointWriter, Existing, Manifest, FORMAT_VERSION};
 use cedana::codec::Compression;
 use cedana::error::ErrorKind;
-use cedana::storage::{self, Credentials, ObjectUrl, RetrySettings, StorageConfig, StorageError, MIN_PART_SIZE};
+use cedana::storage::{self, ObjectUrl, RetrySettings, StorageConfig, StorageError, MIN_PART_SIZE};
 use cedana_integration::moto::{Fault, FaultProxy, MotoServer, ACCESS_KEY_ID, REGION, SECRET_ACCESS_KEY};
 
 const PS: usize = MIN_PART_SIZE;
@@ -17,14 +17,6 @@ const PS: usize = MIN_PART_SIZE;
 /// Settings to reach `endpoint` with the test keys, with short retries so that failures come quickly.
 fn config(endpoint: &str) -> StorageConfig {
     StorageConfig {
-        endpoint: Some(endpoint.to_string()),
-        allow_http: true,
-        region: Some(REGION.into()),
-        credentials: Some(Credentials {
-            access_key_id: ACCESS_KEY_ID.into(),
-            secret_access_key: SECRET_ACCESS_KEY.into(),
-            session_token: None,
-        }),
         part_size: PS,
         max_in_flight: 4,
         read_piece: 3 << 20,
@@ -38,6 +30,7 @@ fn config(endpoint: &str) -> StorageConfig {
             request_timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(2),
         },
+        ..MotoServer::storage_config(endpoint)
     }
 }
 

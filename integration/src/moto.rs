@@ -124,6 +124,22 @@ impl MotoServer {
         ]
     }
 
+    /// Storage settings that reach a server at `endpoint` (this one, or a proxy in front of it) with the test
+    /// keys; the rest at their defaults.
+    pub fn storage_config(endpoint: &str) -> cedana::storage::StorageConfig {
+        cedana::storage::StorageConfig {
+            endpoint: Some(endpoint.to_string()),
+            allow_http: true,
+            region: Some(REGION.into()),
+            credentials: Some(cedana::storage::Credentials {
+                access_key_id: ACCESS_KEY_ID.into(),
+                secret_access_key: SECRET_ACCESS_KEY.into(),
+                session_token: None,
+            }),
+            ..Default::default()
+        }
+    }
+
     /// Create another bucket.
     pub fn create_bucket(&self, name: &str) {
         let (status, body) = self.http("PUT", &format!("/{name}"), b"");

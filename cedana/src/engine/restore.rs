@@ -177,12 +177,12 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     let stream = may_stream && !folder;
     // A streamed restore reads the archive's small files now and the page images as CRIU asks for them;
     // a checkpoint of another kind (its runtime runs CRIU) is extracted after all.
-    let streamed = match stream {
-        _ if from_store.is_some() => from_store,
-        true => {
+    let streamed = match from_store {
+        Some(opened) => Some(opened),
+        None if stream => {
             OpenedCheckpoint::open_streamed(&path, &engine.scratch_dir())?.filter(|o| o.manifest.kind == CheckpointKind::Process)
         }
-        false => None,
+        None => None,
     };
     let (opened, pending) = if let Some(opened) = streamed {
         (opened, None)

@@ -142,23 +142,22 @@ impl ObjectSink {
         Ok(())
     }
 
+    /// What a task on the storage runtime needs to address this upload.
+    fn upload_ref(&self) -> UploadRef {
+        UploadRef { store: self.store.clone(), path: self.path.clone(), id: self.upload.clone(), url: self.url.to_string() }
+    }
+
     fn send(&mut self, part: usize, data: Vec<u8>) -> Result<(), StorageError> {
         let slots = self.max_in_flight.saturating_sub(self.parts.kept()).max(1);
         while self.in_flight.len() >= slots {
             let (p, task) = self.in_flight.remove(0);
             self.collect(p, task)?;
         }
-        let (mp, path, id, url, secrets) = (
-            self.store.multipart.clone(),
-            self.path.clone(),
-            self.upload.clone(),
-            self.url.to_string(),
-            self.store.secrets.clone(),
-        );
+        let u = self.upload_ref();
         let len = data.len();
         let task = runtime::spawn(async move {
             let payload = PutPayload::from(Bytes::from(data));
-            mp.put_part(&path, &id, part, payload).await.map_err(|e| StorageError::from_store(&url, &e, &secrets))
+            u.store.multipart.put_part(&u.path, &u.id, part, payload).await.map_err(|e| u.error(&e))
         })?;
         tracing::trace!(url = %self.url, part, len, "part upload started");
         self.in_flight.push((part, task));
@@ -210,17 +209,9 @@ impl ObjectSink {
             let detail = "a part is missing from the upload (lost track of it)".to_string();
             return Err(self.fail(StorageError::Other { url: self.url.to_string(), detail }));
         };
-        let (mp, path, id, url, secrets) = (
-            self.store.multipart.clone(),
-            self.path.clone(),
-            self.upload.clone(),
-            self.url.to_string(),
-            self.store.secrets.clone(),
-        );
+        let u = self.upload_ref();
         // Not sticky: completing can be tried again (every part is uploaded).
-        runtime::run(async move {
-            mp.complete_multipart(&path, &id, ids).await.map_err(|e| StorageError::from_store(&url, &e, &secrets))
-        })?;
+        runtime::run(async move { u.store.multipart.complete_multipart(&u.path, &u.id, ids).await.map_err(|e| u.error(&e)) })?;
         self.settled = true;
         tracing::info!(url = %self.url, bytes = self.parts.written(), parts = total, "upload complete");
         Ok(())
@@ -238,16 +229,8 @@ impl ObjectSink {
         for (_, task) in std::mem::take(&mut self.in_flight) {
             let _ = runtime::wait(task);
         }
-        let (mp, path, id, url, secrets) = (
-            self.store.multipart.clone(),
-            self.path.clone(),
-            self.upload.clone(),
-            self.url.to_string(),
-            self.store.secrets.clone(),
-        );
-        match runtime::run(async move {
-            mp.abort_multipart(&path, &id).await.map_err(|e| StorageError::from_store(&url, &e, &secrets))
-        }) {
+        let u = self.upload_ref();
+        match runtime::run(async move { u.store.multipart.abort_multipart(&u.path, &u.id).await.map_err(|e| u.error(&e)) }) {
             Ok(()) => tracing::debug!(url = %self.url, "multipart upload aborted"),
             Err(error) => tracing::warn!(
                 url = %self.url, %error,
@@ -344,5 +327,19 @@ impl std::fmt::Debug for ObjectSink {
             .field("url", &self.url.to_string())
             .field("written", &self.parts.written())
             .finish_non_exhaustive()
+    }
+}
+
+/// This upload, owned, for a task on the storage runtime.
+struct UploadRef {
+    store: Store,
+    path: object_store::path::Path,
+    id: MultipartId,
+    url: String,
+}
+
+impl UploadRef {
+    fn error(&self, e: &object_store::Error) -> StorageError {
+        StorageError::from_store(&self.url, e, &self.store.secrets)
     }
 }

@@ -38,6 +38,20 @@ fn criu() -> std::path::PathBuf {
     crate::criu::Criu::locate(None).expect("CRIU is installed by scripts/setup.sh").binary().to_path_buf()
 }
 
+/// `argv` in a session of its own (CRIU dumps session leaders), with stdio on /dev/null.
+fn spawn_in_session(argv: &[&str]) -> std::process::Child {
+    let mut cmd = Command::new(argv[0]);
+    cmd.args(&argv[1..]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+    // SAFETY: setsid between fork and exec only changes the child's session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    cmd.spawn().unwrap()
+}
+
 fn alive(pid: i32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| !s.contains(") Z")).unwrap_or(false)
 }
@@ -48,16 +62,7 @@ fn a_process_goes_through_criu_and_back_without_image_files() {
     let dir = tempfile::tempdir().unwrap();
     let state = dir.path().join("count");
     let script = format!("i=0; while true; do i=$((i+1)); echo $i > {}; sleep 0.05; done", state.display());
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-    // SAFETY: setsid between fork and exec only changes the child's session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_in_session(&["sh", "-c", &script]);
     let pid = child.id() as i32;
     std::thread::sleep(Duration::from_millis(300));
 
@@ -144,19 +149,7 @@ fn a_receiver_error_fails_the_dump_and_the_process_runs_on() {
         }
     }
     // More memory than a pipe holds, so that CRIU is still writing when the pipe is closed.
-    let mut cmd = Command::new("sh");
-    cmd.args(["-c", "x=$(head -c 3000000 /dev/urandom | od -An -tx1); exec sleep 100"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null());
-    // SAFETY: setsid between fork and exec only changes the child's session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().unwrap();
+    let mut child = spawn_in_session(&["sh", "-c", "x=$(head -c 3000000 /dev/urandom | od -An -tx1); exec sleep 100"]);
     let pid = child.id() as i32;
     // Wait for the memory to be filled (the shell has exec'd sleep).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
