@@ -48,7 +48,9 @@ fn quick_start_run_ps_dump_restore_and_the_output_goes_on() {
     assert!(restored.contains(&format!("as PID {pid}")), "{restored}");
     let after = wait_for_count(&log, before + 10);
     assert!(consecutive(&after), "the output goes on where it stopped: {after:?}");
-    assert_eq!(d.row("counter1")[3], "sleep");
+    // Live again: sleeping between counts, or caught counting.
+    let status = d.row("counter1")[3].clone();
+    assert!(status == "sleep" || status == "running", "the restored job runs: {status}");
     let checkpoints = d.ok(&["job", "checkpoints", "counter1"]);
     assert_eq!(checkpoints.lines().count(), 2, "header + one checkpoint: {checkpoints}");
     assert!(checkpoints.lines().next().unwrap().split_whitespace().eq(["ID", "TIME", "SIZE", "PATH"]));
