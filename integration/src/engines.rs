@@ -262,6 +262,12 @@ pub struct Containerd {
 impl Containerd {
     /// Start containerd with everything under `dir`; waits until it answers.
     pub fn start(dir: &Path) -> Containerd {
+        Self::start_with_env(dir, &[])
+    }
+
+    /// [`Containerd::start`] with more environment variables (its shims and runtimes inherit them, as
+    /// object-store credentials reach cedana-runc).
+    pub fn start_with_env(dir: &Path, env: &[(&str, String)]) -> Containerd {
         std::fs::create_dir_all(dir).expect("containerd folder");
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -283,6 +289,7 @@ impl Containerd {
         let child = Command::new("containerd")
             .arg("--config")
             .arg(&config_path)
+            .envs(env.iter().map(|(k, v)| (*k, v.as_str())))
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("dup log"))
             .stderr(log)

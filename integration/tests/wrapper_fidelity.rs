@@ -320,3 +320,68 @@ fn a_second_checkpoint_into_the_same_image_path_replaces_the_first_as_with_runc(
         .collect();
     assert_eq!(ours, ["cedana-checkpoint.tar.zst"], "one checkpoint, nothing left of the first");
 }
+
+/// What one binary did with the image paths of [`image_path_steps`]: per step its exit code, whether the
+/// container was still running after it, and the error's key words (stderr lower-cased, digits masked).
+type PathSteps = Vec<(String, Option<i32>, Option<String>, bool)>;
+
+/// Checkpoints into an image path that is a file (refused, container running), into a relative path whose
+/// parent does not exist yet (created, as runc's `mkdir -p`), with a relative work path; restores from the
+/// relative path, which is relative to the bundle (the counter continues) and from a missing one (refused).
+fn image_path_steps(binary: PathBuf, tmp: &Path, cid: &str) -> PathSteps {
+    use cedana_integration::engines::RuncRoot;
+    use cedana_integration::lines::numbers;
+    let t = Duration::from_secs(20);
+    let runc = RuncRoot::new(tmp, binary);
+    let (bundle, mut out) = runc.run_counter(tmp, cid, 3, t);
+    let file = tmp.join("a-file");
+    std::fs::write(&file, "not a folder").unwrap();
+    let mut steps = Vec::new();
+    let record = |step: &str, cmd: &mut Command, id: &str| {
+        let o = cmd.current_dir(tmp).stdin(std::process::Stdio::null()).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).to_lowercase();
+        let words = ["not a directory", "no such file"].into_iter().find(|w| err.contains(w)).map(str::to_string);
+        let running = runc.status(id).as_deref() == Some("running");
+        (step.to_string(), o.status.code(), words, running)
+    };
+    steps.push(record(
+        "checkpoint into a file",
+        &mut runc.cmd(&["checkpoint", "--image-path", file.to_str().unwrap(), cid]),
+        cid,
+    ));
+    let relative = ["checkpoint", "--image-path", "new/images", "--work-path", "work", cid];
+    steps.push(record("checkpoint into a new relative path", &mut runc.cmd(&relative), cid));
+    let last = *numbers(&out.wait_closed(t)).last().expect("output before the checkpoint");
+    assert!(tmp.join("new/images").is_dir() && tmp.join("work").is_dir(), "{}", runc.binary.display());
+    let restored = format!("{cid}-r");
+    runc.track(&restored);
+    // Run from the bundle: runc resolves a relative image path partly from the working folder and partly
+    // from the bundle, so a relative path works when the two are one.
+    let mut cmd =
+        runc.cmd(&["restore", "-d", "--image-path", "../new/images", "--bundle", bundle.dir.to_str().unwrap(), &restored]);
+    out = piped(cmd.current_dir(&bundle.dir));
+    let code = cmd.status().unwrap().code();
+    let got = out.wait_numbers(2, t);
+    assert_eq!(got[0], last + 1, "{}: the restore continues from {last}: {got:?}", runc.binary.display());
+    steps.push(("restore from the relative path".into(), code, None, runc.status(&restored).as_deref() == Some("running")));
+    let missing = format!("{cid}-m");
+    runc.track(&missing);
+    let args = ["restore", "-d", "--image-path", "missing", "--bundle", bundle.dir.to_str().unwrap(), &missing];
+    steps.push(record("restore from a missing path", &mut runc.cmd(&args), &missing));
+    steps
+}
+
+#[test]
+fn image_and_work_paths_are_taken_as_runc_takes_them() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let (plain, wrapped) = (tmp.path().join("plain"), tmp.path().join("wrapped"));
+    std::fs::create_dir_all(&plain).unwrap();
+    std::fs::create_dir_all(&wrapped).unwrap();
+    let cid = format!("ced-paths-{}", std::process::id());
+    let expected = image_path_steps(PathBuf::from("runc"), &plain, &cid);
+    let got = image_path_steps(bin("cedana-runc"), &wrapped, &cid);
+    assert_eq!(expected[0], ("checkpoint into a file".into(), Some(1), Some("not a directory".into()), true));
+    assert_eq!(expected[1].1, Some(0), "runc: {expected:?}");
+    assert_eq!(expected, got, "the same exit codes, errors and container states");
+}

@@ -1,5 +1,6 @@
 //! `restore` of our checkpoints, and restore at create: a bundle whose config.json carries the annotation
-//! `io.cedana.restore=<checkpoint>` (or `CEDANA_RESTORE=<checkpoint>` in its process env) is restored by
+//! `io.cedana.restore=<checkpoint>` (or `CEDANA_RESTORE=<checkpoint>` in its process env; a local path or
+//! an object-store URL such as `s3://bucket/prefix/name.tar.zst`) is restored by
 //! `create`/`run` instead of started fresh. `start` of such a container then succeeds without doing anything
 //! (a marker `ROOT/ID/cedana.json` records it), as containerd and dockerd call `create` then `start`.
 
@@ -63,7 +64,7 @@ pub fn restore(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -
         extra: a.tokens_without(&handled),
         stdio: None,
     };
-    run_restore(cfg, inv, id, &checkpoint, flags, log).map(Some)
+    run_restore(cfg, inv, id, Source::Path(checkpoint), flags, log).map(Some)
 }
 
 /// `create` or `run` of a bundle that asks for a restore; `None` when it does not ask for one.
@@ -72,8 +73,13 @@ pub fn create(cfg: &Config, inv: &Invocation, a: &CommandArgs, run: bool, log: &
     let bundle = absolute(&cwd, a.value("bundle"));
     let [id] = a.positionals.as_slice() else { return Ok(None) };
     let Some((how, requested)) = requested_restore(&bundle) else { return Ok(None) };
-    let requested = cwd.join(requested);
-    let checkpoint = find_checkpoint(&requested).ok_or_else(|| WrapperError::NoCheckpoint { how, path: requested.clone() })?;
+    let checkpoint = match Source::parse(&requested) {
+        Source::Path(p) => {
+            let requested = cwd.join(p);
+            Source::Path(find_checkpoint(&requested).ok_or(WrapperError::NoCheckpoint { how, path: requested })?)
+        }
+        url => url,
+    };
     let mut extra: Vec<OsString> = Vec::new();
     for flag in ["no-pivot", "no-subreaper"] {
         if a.on(flag) {
@@ -89,10 +95,10 @@ pub fn create(cfg: &Config, inv: &Invocation, a: &CommandArgs, run: bool, log: &
         extra,
         stdio: None,
     };
-    let code = run_restore(cfg, inv, id, &checkpoint, flags, log)?;
+    let code = run_restore(cfg, inv, id, checkpoint.clone(), flags, log)?;
     if !run {
         let marker = root(inv).join(id).join(MARKER);
-        let record = serde_json::json!({ "restored_from": checkpoint, "started": false });
+        let record = serde_json::json!({ "restored_from": checkpoint.display(), "started": false });
         std::fs::write(&marker, record.to_string()).map_err(WrapperError::io(format!("writing {}", marker.display())))?;
     }
     Ok(Some(code))
@@ -129,7 +135,7 @@ fn run_restore(
     cfg: &Config,
     inv: &Invocation,
     id: &str,
-    checkpoint: &Path,
+    checkpoint: Source,
     flags: RestoreFlags,
     log: &RuncLog,
 ) -> Result<i32, WrapperError> {
@@ -138,7 +144,7 @@ fn run_restore(
     let req = RestoreRequest {
         only: Some(CheckpointKind::Runc),
         container: Some(container),
-        ..RestoreRequest::new(Source::Path(checkpoint.to_path_buf()))
+        ..RestoreRequest::new(checkpoint.clone())
     };
     let out = Engine::new(cfg.clone())?.restore(req, &OpContext::new())?;
     log.info(&format!(

@@ -3,7 +3,7 @@
 
 use std::path::PathBuf;
 
-use cedana::engine::{Attachment, DumpRequest, Engine, TargetSpec};
+use cedana::engine::{Attachment, DumpRequest, Engine, Source, TargetSpec};
 use cedana_protos::containerd::{DEFAULT_ADDRESS, DEFAULT_NAMESPACE};
 
 use super::dump::CommonDumpArgs;
@@ -35,9 +35,9 @@ pub struct DumpArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct RestoreArgs {
-    /// The checkpoint (a `cedana dump containerd` output).
+    /// The checkpoint (a `cedana dump containerd` output): a local path or an object-store URL.
     #[arg(long, short = 'p')]
-    pub path: PathBuf,
+    pub path: String,
     /// Id of the restored container (must not exist yet).
     #[arg(long)]
     pub id: String,
@@ -66,8 +66,11 @@ pub fn dump(engine: &Engine, a: &DumpArgs) -> anyhow::Result<(DumpRequest, Vec<A
 }
 
 /// `cedana restore containerd`.
-pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
-    let path = std::path::absolute(&a.path)?;
+pub fn restore(config: &cedana::config::Config, a: RestoreArgs) -> anyhow::Result<i32> {
+    let path = match Source::parse(&a.path) {
+        Source::Path(p) => Source::Path(std::path::absolute(p)?),
+        url => url,
+    };
     let client = Client::connect(&a.containerd.address, &a.containerd.namespace)?;
     // Attached: the shim opens our own stdout and stderr for the container.
     let me = std::process::id();
@@ -77,6 +80,7 @@ pub fn restore(a: RestoreArgs) -> anyhow::Result<i32> {
     };
     let spec = RestoreSpec {
         checkpoint: &path,
+        config,
         id: &a.id,
         image: a.image.as_deref(),
         runtime: &a.runtime,

@@ -129,7 +129,7 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
     let a = match cmd {
         RestoreCommand::Process(a) => a,
         RestoreCommand::Runc(a) => return runc(engine, a),
-        RestoreCommand::Containerd(a) => return super::containerd::restore(a),
+        RestoreCommand::Containerd(a) => return super::containerd::restore(engine.config(), a),
         RestoreCommand::Job(a) => return job(engine.config(), a),
     };
     if !a.no_server && a.inherit_fd.is_empty() && a.external_file.is_empty() {

@@ -1,8 +1,6 @@
 //! [`restore`]: a containerd container created again from its checkpoint, on our shim, which restores it
 //! from the `io.cedana.restore` annotation when the task is created.
 
-use std::path::Path;
-
 use cedana::error::ErrorKind;
 use cedana_protos::containerd::containers::container::Runtime;
 use cedana_protos::containerd::containers::Container;
@@ -12,7 +10,8 @@ use cedana_protos::containerd::{RUNC_OPTIONS_TYPE_URL, SPEC_TYPE_URL};
 use prost::Message as _;
 
 use super::dump::overlay_option;
-use cedana::checkpoint::read_entry;
+use cedana::config::Config;
+use cedana::engine::Source;
 
 use super::{Client, ContainerdError, NewTask, Record, CEDANA_RUNTIME, RECORD_FILE, ROOTFS_DIFF_FILE};
 
@@ -21,8 +20,10 @@ pub const RESTORE_ANNOTATION: &str = "io.cedana.restore";
 
 /// What to restore, and as what.
 pub struct RestoreSpec<'a> {
-    /// The checkpoint (absolute).
-    pub checkpoint: &'a Path,
+    /// The checkpoint (an absolute path, or an object-store URL).
+    pub checkpoint: &'a Source,
+    /// Settings to read it with (object-store credentials, scratch folder).
+    pub config: &'a Config,
     /// The new container's id.
     pub id: &'a str,
     /// The image whose layers the new container's snapshot sits on, and that it records (the checkpointed
@@ -50,16 +51,15 @@ pub struct Restored {
 
 /// Creates the container again from its checkpoint and starts it; on failure, removes what it created.
 pub fn restore(client: &Client, spec: RestoreSpec<'_>) -> Result<Restored, ContainerdError> {
-    let path = spec.checkpoint;
-    let record = read_entry(path, RECORD_FILE)?.ok_or_else(|| {
+    let path = spec.checkpoint.display();
+    let record = spec.checkpoint.read_entry(spec.config, RECORD_FILE)?.ok_or_else(|| {
         ContainerdError::new(
             ErrorKind::FailedPrecondition,
-            format!("{} is not a checkpoint of a containerd container (no {RECORD_FILE})", path.display()),
+            format!("{path} is not a checkpoint of a containerd container (no {RECORD_FILE})"),
         )
     })?;
-    let record: Record = serde_json::from_slice(&record).map_err(|e| {
-        ContainerdError::new(ErrorKind::FailedPrecondition, format!("reading {RECORD_FILE} of {}: {e}", path.display()))
-    })?;
+    let record: Record = serde_json::from_slice(&record)
+        .map_err(|e| ContainerdError::new(ErrorKind::FailedPrecondition, format!("reading {RECORD_FILE} of {path}: {e}")))?;
     let mut record = record;
     if let Some(image) = spec.image {
         // Another image (e.g. the same one under another name on this node): the new snapshot sits on its
@@ -81,7 +81,7 @@ pub fn restore(client: &Client, spec: RestoreSpec<'_>) -> Result<Restored, Conta
 
 /// The steps of [`restore`], under its lease.
 fn create_again(client: &Client, spec: &RestoreSpec<'_>, record: Record, exists: bool) -> Result<Restored, ContainerdError> {
-    let (path, id) = (spec.checkpoint, spec.id);
+    let id = spec.id;
     let mut reused_snapshot = false;
     if exists {
         let task = client.task(id)?;
@@ -99,9 +99,10 @@ fn create_again(client: &Client, spec: &RestoreSpec<'_>, record: Record, exists:
         client.delete_container(id)?;
         reused_snapshot = !record.snapshot_parent.is_empty();
     }
-    let rootfs_diff = if record.rootfs && !reused_snapshot { read_entry(path, ROOTFS_DIFF_FILE)? } else { None };
+    let rootfs_diff =
+        if record.rootfs && !reused_snapshot { spec.checkpoint.read_entry(spec.config, ROOTFS_DIFF_FILE)? } else { None };
     let mut oci = record.spec.clone();
-    annotate(&mut oci, path)?;
+    annotate(&mut oci, spec.checkpoint)?;
     let snapshotter = (!record.snapshot_parent.is_empty()).then(|| record.snapshotter.clone());
     let mounts = match (&snapshotter, reused_snapshot) {
         (Some(s), true) => client.mounts(s, id)?,
@@ -152,11 +153,11 @@ fn unpack_layer(diff: &[u8], mounts: &[Mount]) -> Result<(), ContainerdError> {
 }
 
 /// Sets the annotation that makes the shim restore the container from `checkpoint`.
-fn annotate(spec: &mut serde_json::Value, checkpoint: &Path) -> Result<(), ContainerdError> {
+fn annotate(spec: &mut serde_json::Value, checkpoint: &Source) -> Result<(), ContainerdError> {
     let bad = || ContainerdError::new(ErrorKind::FailedPrecondition, "the recorded spec is not a JSON object with annotations");
     let annotations = spec.as_object_mut().ok_or_else(bad)?.entry("annotations").or_insert_with(|| serde_json::json!({}));
     let annotations = annotations.as_object_mut().ok_or_else(bad)?;
-    annotations.insert(RESTORE_ANNOTATION.into(), checkpoint.to_string_lossy().into_owned().into());
+    annotations.insert(RESTORE_ANNOTATION.into(), checkpoint.display().into());
     Ok(())
 }
 

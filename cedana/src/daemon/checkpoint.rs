@@ -303,8 +303,10 @@ impl Service {
             .ok_or_else(|| status(ErrorKind::FailedPrecondition, format!("containerd job {} has no container id", job.jid)))?;
         let client = containerd_client(&job)?;
         let started = std::time::Instant::now();
+        let checkpoint = Source::parse(&path);
         let spec = RestoreSpec {
-            checkpoint: Path::new(&path),
+            checkpoint: &checkpoint,
+            config: self.engine.config(),
             id: &id,
             image: None,
             runtime: CEDANA_RUNTIME,

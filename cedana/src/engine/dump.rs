@@ -140,6 +140,11 @@ fn open_writer(
 ) -> Result<(CheckpointWriter, Option<tempfile::TempDir>, PathBuf), EngineError> {
     let (writer, staging_parent) = match &req.destination {
         Destination::Dir(dir) | Destination::DirReplacing(dir) => {
+            if dir.exists() && !dir.is_dir() {
+                // What runc says of an image path that is a file ("mkdir PATH: not a directory").
+                let what = format!("creating checkpoint folder {}", dir.display());
+                return Err(EngineError::Io { what, source: std::io::ErrorKind::NotADirectory.into() });
+            }
             std::fs::create_dir_all(dir).map_err(EngineError::io(format!("creating checkpoint folder {}", dir.display())))?;
             let path = CheckpointWriter::path_for(dir, name, req.compression);
             let existing = if req.destination.replaces_existing() { Existing::Replace } else { Existing::Refuse };

@@ -1,6 +1,6 @@
 //! Where a checkpoint goes and where one comes from, parsed once from what the user gave (`--dir`,
-//! `--path`): a local folder or file today; object-store URLs are recognised and refused until storage
-//! lands; in-process writers (a pipe, an upload) take archives written without seeking.
+//! `--path`): a local folder or file, or an object-store URL (read and written with the `storage` feature,
+//! refused without it); in-process writers (a pipe, an upload) take archives written without seeking.
 
 use std::path::{Path, PathBuf};
 
@@ -102,6 +102,23 @@ impl Source {
         match self {
             Source::Path(p) => Ok(p),
             Source::Url(u) => Err(unsupported_url(u)),
+        }
+    }
+
+    /// Read the one file `name` of this checkpoint, checked against its manifest (`None` when the manifest
+    /// lists no such file): read only as far as that file locally, by ranged reads from an object store
+    /// where the archive has an index (else downloaded into the scratch folder first). `config` supplies
+    /// the object-store settings and the scratch folder.
+    pub fn read_entry(&self, config: &crate::config::Config, name: &str) -> Result<Option<Vec<u8>>, EngineError> {
+        match self {
+            Source::Path(p) => Ok(crate::checkpoint::read_entry(p, name)?),
+            #[cfg(feature = "storage")]
+            Source::Url(u) => crate::engine::remote::read_entry(config, u, name),
+            #[cfg(not(feature = "storage"))]
+            Source::Url(u) => {
+                let _ = config;
+                Err(unsupported_url(u))
+            }
         }
     }
 

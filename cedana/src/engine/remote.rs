@@ -5,13 +5,20 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use crate::checkpoint::index::IndexedArchive;
 use crate::checkpoint::{ArchiveSource, CheckpointWriter, Existing, OpenedCheckpoint};
 use crate::codec::Compression;
+use crate::config::Config;
 use crate::engine::{Engine, EngineError};
 use crate::storage::{self, ObjectUrl, StorageConfig};
 
 /// Settings of the engine's object-store clients (credentials and endpoints from the standard environment).
-fn config(_engine: &Engine) -> StorageConfig {
+fn config(engine: &Engine) -> StorageConfig {
+    storage_config(engine.config())
+}
+
+/// Object-store settings under `config` (today all from the standard environment).
+fn storage_config(_config: &Config) -> StorageConfig {
     StorageConfig::default()
 }
 
@@ -55,14 +62,47 @@ pub(crate) fn open(engine: &Engine, url: &str, stream: bool) -> Result<Remote, E
             return Ok(Remote::Streamed(Box::new(opened)));
         }
     }
-    std::fs::create_dir_all(&scratch).map_err(EngineError::io(format!("creating {}", scratch.display())))?;
+    let (path, dir) = download(&scratch, url, &object, &source)?;
+    Ok(Remote::Downloaded(path, dir))
+}
+
+/// Download the object into a new folder in the scratch folder (deleted with the returned guard).
+fn download(
+    scratch: &Path,
+    url: &str,
+    object: &ObjectUrl,
+    source: &storage::ObjectSource,
+) -> Result<(PathBuf, tempfile::TempDir), EngineError> {
+    std::fs::create_dir_all(scratch).map_err(EngineError::io(format!("creating {}", scratch.display())))?;
     let dir = tempfile::Builder::new()
         .prefix(".cedana-download-")
-        .tempdir_in(&scratch)
+        .tempdir_in(scratch)
         .map_err(EngineError::io(format!("creating a folder in {}", scratch.display())))?;
     let path = dir.path().join(object.name());
     let mut reader = source.read_from(0).map_err(EngineError::io(format!("downloading {url}")))?;
     let mut file = std::fs::File::create(&path).map_err(EngineError::io(format!("creating {}", path.display())))?;
     std::io::copy(&mut reader, &mut file).map_err(EngineError::io(format!("downloading {url}")))?;
-    Ok(Remote::Downloaded(path, dir))
+    Ok((path, dir))
+}
+
+/// The largest small-file section read through the index to get one file out of a remote checkpoint.
+const MAX_ENTRY_TAIL: u64 = 1 << 30;
+
+/// Read the one file `name` of the checkpoint at `url`, checked against its manifest; `None` when the
+/// manifest lists no such file. An indexed archive is read by ranged reads (its small files and the one
+/// file); one without an index is downloaded first.
+pub(crate) fn read_entry(config: &Config, url: &str, name: &str) -> Result<Option<Vec<u8>>, EngineError> {
+    let object = ObjectUrl::parse(url)?;
+    let source = Arc::new(storage::open_source(&object, &storage_config(config))?);
+    let shared: Arc<dyn ArchiveSource> = source.clone();
+    if let Some(archive) = IndexedArchive::open(shared, MAX_ENTRY_TAIL)? {
+        if !archive.contains(name) {
+            return Ok(None);
+        }
+        let mut bytes = Vec::new();
+        archive.copy_to(name, &mut bytes)?;
+        return Ok(Some(bytes));
+    }
+    let (path, _dir) = download(&config.scratch_dir(), url, &object, &source)?;
+    Ok(crate::checkpoint::read_entry(&path, name)?)
 }
