@@ -1,9 +1,11 @@
 //! Configuration: a TOML file, overridden by `CEDANA_*` environment variables.
 //!
 //! ```toml
-//! address = "/run/cedana.sock"          # the daemon's Unix socket
-//! protocol = "unix"
+//! address = "/run/cedana.sock"          # the daemon's Unix socket, or HOST:PORT with protocol = "tcp"
+//! protocol = "unix"                     # or "tcp"
 //! log_level = "warn"
+//! [daemon]
+//! token_file = "/etc/cedana/token"      # the bearer token every TCP call carries (root only, 0600)
 //! [db]
 //! path = "/var/lib/cedana/cedana.db"    # the daemon's job store
 //! [criu]
@@ -41,6 +43,13 @@ pub enum ConfigError {
     Parse { path: PathBuf, message: String },
     #[error("environment variable {var}: {message}")]
     Env { var: &'static str, message: String },
+    #[error("the daemon's protocol {protocol:?} is not supported: set protocol (CEDANA_PROTOCOL) to \"unix\" or \"tcp\"")]
+    Protocol { protocol: String },
+    #[error(
+        "the daemon's address {address:?} is not HOST:PORT ({reason}), which protocol \"tcp\" needs: set address \
+         (CEDANA_ADDRESS or `cedana daemon start --address`) to e.g. {DEFAULT_TCP_ADDRESS}"
+    )]
+    TcpAddress { address: String, reason: &'static str },
 }
 
 /// Settings of the `[criu]` table.
@@ -124,6 +133,15 @@ pub struct ProfilingConfig {
     pub enabled: Option<bool>,
 }
 
+/// Settings of the `[daemon]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// The file holding the bearer token that every call to the daemon over TCP must carry (default
+    /// [`DEFAULT_TOKEN_FILE`]); unused with the Unix socket.
+    pub token_file: Option<PathBuf>,
+}
+
 /// Settings of the `[db]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -136,12 +154,15 @@ pub struct DbConfig {
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The daemon's address: a Unix socket path (default /run/cedana.sock).
+    /// The daemon's address: a Unix socket path (default /run/cedana.sock), or HOST:PORT with protocol `tcp`
+    /// (default 127.0.0.1:8080).
     pub address: Option<String>,
     /// `unix` (the default) or `tcp` (then `address` is HOST:PORT).
     pub protocol: Option<String>,
     /// Log level of the daemon and the CLI (error, warn, info, debug, trace).
     pub log_level: Option<String>,
+    #[serde(default)]
+    pub daemon: DaemonConfig,
     #[serde(default)]
     pub db: DbConfig,
     #[serde(default)]
@@ -156,6 +177,10 @@ pub struct Config {
 
 /// The daemon's socket when the configuration names none.
 pub const DEFAULT_ADDRESS: &str = "/run/cedana.sock";
+/// The daemon's address with protocol `tcp` when the configuration names none (loopback only).
+pub const DEFAULT_TCP_ADDRESS: &str = "127.0.0.1:8080";
+/// The daemon's token file when the configuration names none.
+pub const DEFAULT_TOKEN_FILE: &str = "/etc/cedana/token";
 /// The job store when the configuration names none.
 pub const DEFAULT_DB_PATH: &str = "/var/lib/cedana/cedana.db";
 
@@ -338,10 +363,11 @@ fn shown(v: impl std::fmt::Display) -> Option<String> {
 /// Every key, in the order `cedana config show` prints them. Adding a key: its field above, one line here.
 #[rustfmt::skip]
 const KEYS: &[Key] = &[
-    key!("address", ["CEDANA_ADDRESS"], address, |c| shown(c.address().display())),
+    key!("address", ["CEDANA_ADDRESS"], address, |c| match c.daemon_address() { Ok(a) => shown(a), Err(_) => c.address.clone() }),
     key!("protocol", ["CEDANA_PROTOCOL"], protocol, |c| shown(c.protocol())),
     key!("log_level", ["CEDANA_LOG_LEVEL"], log_level, |c| shown(c.log_level())),
     key!("db.path", ["CEDANA_DB_PATH"], db.path, |c| shown(c.db_path().display())),
+    key!("daemon.token_file", ["CEDANA_DAEMON_TOKEN_FILE"], daemon.token_file, |c| shown(c.token_file().display())),
     key!("criu.binary_path", ["CEDANA_CRIU_BINARY_PATH"], criu.binary_path, |c| c.criu_binary().map(|p| p.display().to_string())),
     key!("criu.driver", ["CEDANA_CRIU_DRIVER"], criu.driver, |c| shown(c.criu_driver())),
     key!("checkpoint.dir", ["CEDANA_CHECKPOINT_DIR"], checkpoint.dir, |c| shown(c.checkpoint_dir().display())),
@@ -455,9 +481,30 @@ impl Config {
         self.checkpoint.stream.unwrap_or(DEFAULT_STREAM)
     }
 
-    /// The daemon's Unix socket.
+    /// The daemon's Unix socket (`address`, else [`DEFAULT_ADDRESS`]); see [`Config::daemon_address`] for the
+    /// address of either protocol.
     pub fn address(&self) -> PathBuf {
         self.address.clone().map(PathBuf::from).unwrap_or_else(|| PathBuf::from(DEFAULT_ADDRESS))
+    }
+
+    /// Where the daemon listens and clients connect: the Unix socket, or with `protocol = "tcp"` the
+    /// HOST:PORT in `address` (else [`DEFAULT_TCP_ADDRESS`]). Fails on another protocol, or on an address
+    /// that is not HOST:PORT when the protocol is `tcp`.
+    pub fn daemon_address(&self) -> Result<DaemonAddress, ConfigError> {
+        match self.protocol() {
+            "unix" => Ok(DaemonAddress::Unix(self.address())),
+            "tcp" => {
+                let address = self.address.clone().unwrap_or_else(|| DEFAULT_TCP_ADDRESS.to_string());
+                check_host_port(&address).map_err(|reason| ConfigError::TcpAddress { address: address.clone(), reason })?;
+                Ok(DaemonAddress::Tcp(address))
+            }
+            other => Err(ConfigError::Protocol { protocol: other.to_string() }),
+        }
+    }
+
+    /// The file holding the daemon's bearer token for TCP (`daemon.token_file`, else [`DEFAULT_TOKEN_FILE`]).
+    pub fn token_file(&self) -> PathBuf {
+        self.daemon.token_file.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_TOKEN_FILE))
     }
 
     /// The daemon's job store.
@@ -480,6 +527,42 @@ impl Config {
     pub fn profiling_enabled(&self) -> bool {
         self.profiling.enabled.unwrap_or(DEFAULT_PROFILING_ENABLED)
     }
+}
+
+/// Where the daemon listens (see [`Config::daemon_address`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DaemonAddress {
+    /// A Unix socket (protocol `unix`).
+    Unix(PathBuf),
+    /// `HOST:PORT` (protocol `tcp`); the host is a name, an IPv4 address or a bracketed IPv6 address.
+    Tcp(String),
+}
+
+impl std::fmt::Display for DaemonAddress {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            DaemonAddress::Unix(p) => write!(f, "{}", p.display()),
+            DaemonAddress::Tcp(a) => f.write_str(a),
+        }
+    }
+}
+
+/// Whether `address` is HOST:PORT; why not otherwise.
+fn check_host_port(address: &str) -> Result<(), &'static str> {
+    let (host, port) = address.rsplit_once(':').ok_or("no :PORT")?;
+    port.parse::<u16>().map_err(|_| "the port is not a number from 0 to 65535")?;
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.strip_suffix(']').ok_or("an IPv6 host needs brackets: [::1]:PORT")?,
+        None if host.contains(':') => return Err("an IPv6 host needs brackets: [::1]:PORT"),
+        None => host,
+    };
+    if host.is_empty() {
+        return Err("no host");
+    }
+    if host.contains(['/', ' ']) {
+        return Err("the host holds '/' or a space (a socket path?)");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -524,6 +607,7 @@ mod tests {
                 "protocol",
                 "log_level",
                 "db.path",
+                "daemon.token_file",
                 "criu.binary_path",
                 "criu.driver",
                 "checkpoint.dir",
@@ -639,5 +723,48 @@ mod tests {
         std::fs::write(&p, "[criu]\ndriver = \"fast\"\n").unwrap();
         let err = Config::load_with_env(Some(&p), &env_of(&[])).unwrap_err().to_string();
         assert!(err.contains(&p.display().to_string()) && err.contains("swrk") && err.contains("cli"), "{err}");
+    }
+
+    #[test]
+    fn the_daemon_address_follows_the_protocol() {
+        let c = Config::default();
+        assert_eq!(c.daemon_address().unwrap(), DaemonAddress::Unix(PathBuf::from(DEFAULT_ADDRESS)));
+        let tcp = |address: Option<&str>| Config {
+            protocol: Some("tcp".into()),
+            address: address.map(str::to_string),
+            ..Default::default()
+        };
+        assert_eq!(tcp(None).daemon_address().unwrap(), DaemonAddress::Tcp(DEFAULT_TCP_ADDRESS.into()));
+        for ok in ["127.0.0.1:8080", "localhost:1", "[::1]:9000", "0.0.0.0:0"] {
+            assert_eq!(tcp(Some(ok)).daemon_address().unwrap(), DaemonAddress::Tcp(ok.into()), "{ok}");
+        }
+        for bad in ["/run/cedana.sock", "127.0.0.1", "127.0.0.1:http", "::1:80", ":80", "127.0.0.1:70000"] {
+            let err = tcp(Some(bad)).daemon_address().unwrap_err().to_string();
+            assert!(err.contains(bad) && err.contains("HOST:PORT") && err.contains(DEFAULT_TCP_ADDRESS), "{err}");
+        }
+        let err = Config { protocol: Some("udp".into()), ..Default::default() }.daemon_address().unwrap_err().to_string();
+        assert!(err.contains("\"udp\"") && err.contains("\"unix\" or \"tcp\""), "{err}");
+    }
+
+    #[test]
+    fn the_token_file_has_a_default_a_file_key_and_an_env_override() {
+        let (c, s) = Config::load_with_env(None, &env_of(&[])).unwrap();
+        assert_eq!(c.token_file(), PathBuf::from(DEFAULT_TOKEN_FILE));
+        assert_eq!(s.get("daemon.token_file"), Source::Default);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("c.toml");
+        std::fs::write(&p, "protocol = \"tcp\"\naddress = \"127.0.0.1:9\"\n[daemon]\ntoken_file = \"/f/token\"\n").unwrap();
+        let (c, s) = Config::load_with_env(Some(&p), &env_of(&[])).unwrap();
+        assert_eq!(c.token_file(), PathBuf::from("/f/token"));
+        assert_eq!(s.get("daemon.token_file"), Source::File { path: p.clone() });
+        let row = c.describe(&s).into_iter().find(|r| r.key == "address").unwrap();
+        assert_eq!(row.value.as_deref(), Some("127.0.0.1:9"));
+        let (c, s) = Config::load_with_env(Some(&p), &env_of(&[("CEDANA_DAEMON_TOKEN_FILE", "/e/token")])).unwrap();
+        assert_eq!(c.token_file(), PathBuf::from("/e/token"));
+        assert_eq!(s.get("daemon.token_file"), Source::Env { var: "CEDANA_DAEMON_TOKEN_FILE" });
+        // With tcp and no address, `config show` gives the TCP default, not the socket's.
+        let c = Config { protocol: Some("tcp".into()), ..Default::default() };
+        let row = c.describe(&Sources::default()).into_iter().find(|r| r.key == "address").unwrap();
+        assert_eq!(row.value.as_deref(), Some(DEFAULT_TCP_ADDRESS));
     }
 }

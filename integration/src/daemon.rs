@@ -1,5 +1,6 @@
 //! A private `cedana daemon` for a test: its own socket, job database and checkpoint folder in a temporary
-//! folder, commands run against it, its `ps` read as rows, and helpers for the jobs' numbered output.
+//! folder, commands run against it, its `ps` read as rows, and helpers for the jobs' numbered output. A daemon
+//! of [`Daemon::start_tcp`] listens on a free port of 127.0.0.1 instead, with a token file in its folder.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -19,6 +20,8 @@ pub struct Daemon {
     child: Option<Child>,
     log_level: &'static str,
     daemon_env: Vec<(String, String)>,
+    /// `127.0.0.1:PORT` when the daemon listens on TCP (protocol `tcp`) instead of its socket.
+    tcp: Option<String>,
 }
 
 impl Daemon {
@@ -32,9 +35,33 @@ impl Daemon {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let daemon_env = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut d = Daemon { dir, child: None, log_level: "info", daemon_env };
+        let mut d = Daemon { dir, child: None, log_level: "info", daemon_env, tcp: None };
         d.spawn();
         d
+    }
+
+    /// Like [`Daemon::start`], listening on TCP at 127.0.0.1 on a free port, with a token that
+    /// `cedana daemon token` writes to [`Daemon::token_file`]; the commands run against it use both.
+    pub fn start_tcp() -> Daemon {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let tcp = Some(format!("127.0.0.1:{}", free_port()));
+        let mut d = Daemon { dir, child: None, log_level: "info", daemon_env: Vec::new(), tcp };
+        let token = d.token_file();
+        let out = Command::new(bin("cedana")).args(["daemon", "token", "--file"]).arg(&token).output().unwrap();
+        assert!(out.status.success(), "cedana daemon token: {}", String::from_utf8_lossy(&out.stderr));
+        d.spawn();
+        d
+    }
+
+    /// `127.0.0.1:PORT` of a daemon of [`Daemon::start_tcp`].
+    pub fn tcp_address(&self) -> Option<&str> {
+        self.tcp.as_deref()
+    }
+
+    /// The token file of a daemon of [`Daemon::start_tcp`].
+    pub fn token_file(&self) -> PathBuf {
+        self.dir().join("token")
     }
 
     /// The `CEDANA_LOG_LEVEL` of the commands run against this daemon (default `info`; the daemon logs at info).
@@ -63,10 +90,17 @@ impl Daemon {
         self.dir().join("checkpoints")
     }
 
-    /// Point `cmd` at this daemon's socket, database and checkpoint folder, at the commands' log level.
+    /// Point `cmd` at this daemon's socket (or TCP address and token file), database and checkpoint folder, at
+    /// the commands' log level.
     pub fn env(&self, cmd: &mut Command) {
-        cmd.env("CEDANA_ADDRESS", self.socket())
-            .env("CEDANA_DB_PATH", self.dir().join("jobs.db"))
+        match &self.tcp {
+            None => cmd.env("CEDANA_ADDRESS", self.socket()),
+            Some(address) => cmd
+                .env("CEDANA_PROTOCOL", "tcp")
+                .env("CEDANA_ADDRESS", address)
+                .env("CEDANA_DAEMON_TOKEN_FILE", self.token_file()),
+        };
+        cmd.env("CEDANA_DB_PATH", self.dir().join("jobs.db"))
             .env("CEDANA_CHECKPOINT_DIR", self.checkpoints())
             .env("CEDANA_LOG_LEVEL", self.log_level);
     }
@@ -146,8 +180,25 @@ impl Daemon {
         cmd.env("CEDANA_LOG_LEVEL", "info");
         cmd.envs(self.daemon_env.iter().map(|(k, v)| (k, v)));
         self.child = Some(cmd.spawn().unwrap());
-        let socket = self.socket();
-        wait_for("the daemon's socket", DAEMON_TIMEOUT, || std::os::unix::net::UnixStream::connect(&socket).ok().map(drop));
+        match &self.tcp {
+            None => {
+                let socket = self.socket();
+                wait_for("the daemon's socket", DAEMON_TIMEOUT, || {
+                    std::os::unix::net::UnixStream::connect(&socket).ok().map(drop)
+                });
+            }
+            Some(address) => {
+                let log = self.dir().join("daemon.log");
+                let child = self.child.as_mut().expect("just spawned");
+                wait_for(&format!("the daemon to listen on {address}"), DAEMON_TIMEOUT, || {
+                    if let Ok(Some(status)) = child.try_wait() {
+                        let log = std::fs::read_to_string(&log).unwrap_or_default();
+                        panic!("the daemon exited ({status}) before listening on {address}; log:\n{log}");
+                    }
+                    std::net::TcpStream::connect(address).ok().map(drop)
+                });
+            }
+        }
     }
 
     /// SIGTERM, and wait for a clean exit.
@@ -183,6 +234,11 @@ impl Drop for Daemon {
             let _ = c.wait();
         }
     }
+}
+
+/// A TCP port of 127.0.0.1 that was free a moment ago (the kernel's pick).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 /// The stderr of `cedana ARGS`, which must have failed.

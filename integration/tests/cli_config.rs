@@ -76,6 +76,7 @@ fn config_show_names_the_source_of_each_key() {
             "protocol",
             "log_level",
             "db.path",
+            "daemon.token_file",
             "criu.binary_path",
             "criu.driver",
             "checkpoint.dir",

@@ -9,6 +9,8 @@
 //!   its tower service [`v1::daemon_server::DaemonServer`].
 //! - [`FILE_DESCRIPTOR_SET`]: the encoded descriptors, for `tonic-reflection`.
 //! - [`connect_uds`] / [`connect_uds_with`]: a client [`Channel`] over the daemon's Unix socket.
+//! - [`tcp_endpoint`] / [`connect_tcp_with`]: a client [`Channel`] to a daemon listening on `HOST:PORT`, and
+//!   [`BearerToken`], the client interceptor that sends the daemon's token (`authorization: Bearer <token>`).
 //!
 //! - [`containerd`]: a client of containerd's own API (containers, tasks, snapshots).
 //!
@@ -19,6 +21,7 @@
 use std::path::{Path, PathBuf};
 
 use hyper_util::rt::TokioIo;
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub mod containerd;
@@ -68,4 +71,78 @@ pub async fn connect_uds_with(endpoint: Endpoint, path: impl AsRef<Path>) -> Res
             }
         }))
         .await
+}
+
+/// The endpoint of a gRPC server on plain TCP at `address` (`HOST:PORT`, an IPv6 host in brackets), as
+/// `http://HOST:PORT`. Fails when that makes no valid URI.
+pub fn tcp_endpoint(address: &str) -> Result<Endpoint, tonic::transport::Error> {
+    Endpoint::from_shared(format!("http://{address}"))
+}
+
+/// Connects to the gRPC server of `endpoint` (see [`tcp_endpoint`]); fails when nothing listens there (the
+/// error's source chain then holds the [`std::io::Error`], `ConnectionRefused` on a local port nobody
+/// listens on).
+pub async fn connect_tcp_with(endpoint: Endpoint) -> Result<Channel, tonic::transport::Error> {
+    endpoint.connect().await
+}
+
+/// The metadata key that carries the daemon's token over TCP.
+pub const AUTHORIZATION: &str = "authorization";
+
+/// A client interceptor that sends `authorization: Bearer <token>` with every request; [`BearerToken::none`]
+/// sends nothing (the Unix socket needs no token). Use it with `DaemonClient::with_interceptor`.
+#[derive(Clone, Default)]
+pub struct BearerToken(Option<MetadataValue<Ascii>>);
+
+impl BearerToken {
+    /// No token: requests go as they are.
+    pub fn none() -> Self {
+        BearerToken(None)
+    }
+
+    /// `Bearer <token>`; fails when the token is not visible ASCII (metadata values cannot hold it).
+    pub fn new(token: &str) -> Result<Self, tonic::metadata::errors::InvalidMetadataValue> {
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}").parse()?;
+        // Kept out of debug output of the request.
+        value.set_sensitive(true);
+        Ok(BearerToken(Some(value)))
+    }
+}
+
+impl std::fmt::Debug for BearerToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() { "BearerToken(<redacted>)" } else { "BearerToken(none)" })
+    }
+}
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert(AUTHORIZATION, value.clone());
+        }
+        Ok(request)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::service::Interceptor;
+
+    #[test]
+    fn the_bearer_token_goes_in_the_authorization_metadata_and_is_redacted() {
+        let mut with = BearerToken::new("abc123").unwrap();
+        let req = with.call(tonic::Request::new(())).unwrap();
+        assert_eq!(req.metadata().get(AUTHORIZATION).unwrap().to_str().unwrap(), "Bearer abc123");
+        assert!(!format!("{with:?}").contains("abc123"));
+        let req = BearerToken::none().call(tonic::Request::new(())).unwrap();
+        assert!(req.metadata().get(AUTHORIZATION).is_none());
+        assert!(BearerToken::new("has\nnewline").is_err());
+    }
+
+    #[test]
+    fn tcp_endpoints_take_host_port() {
+        assert_eq!(tcp_endpoint("127.0.0.1:8080").unwrap().uri().to_string(), "http://127.0.0.1:8080/");
+        assert_eq!(tcp_endpoint("[::1]:9").unwrap().uri().port_u16(), Some(9));
+    }
 }

@@ -21,9 +21,9 @@ const STDIN_CHUNK: usize = 32 * 1024;
 
 /// Attach to job `jid` until it exits (its exit code becomes ours) or the user detaches (Ctrl+C).
 pub fn attach_job(config: &Config, jid: &str) -> anyhow::Result<i32> {
-    let socket = config.address();
+    let target = daemon::Target::of(config)?;
     let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    runtime.block_on(attach(&socket, jid))
+    runtime.block_on(attach(target, jid))
 }
 
 /// Attach to the attachable job whose process is `pid`.
@@ -66,10 +66,10 @@ fn job_of_pid(jobs: &[pb::Job], pid: i32) -> anyhow::Result<String> {
     Ok(job.jid.clone())
 }
 
-async fn attach(socket: &std::path::Path, jid: &str) -> anyhow::Result<i32> {
+async fn attach(target: daemon::Target, jid: &str) -> anyhow::Result<i32> {
     // Installed before anything else, so that a Ctrl+C always detaches rather than killing us halfway.
     let mut interrupt = signal(SignalKind::interrupt()).context("handling Ctrl+C")?;
-    let mut client = daemon::connect(socket).await?;
+    let mut client = daemon::connect(target).await?;
     let (tx, rx) = mpsc::channel(16);
     tx.send(pb::AttachInput { jid: jid.to_string(), ..Default::default() })
         .await

@@ -1,13 +1,14 @@
 //! `cedana dump ...`
 //!
-//! `dump process` asks the daemon when one answers on the configured socket (it then dumps, as root, with
-//! its configuration's defaults), and dumps in this process otherwise or with `--no-server`. The probe
-//! costs one `stat` when there is no socket, and never prints anything.
+//! `dump process` asks the daemon when one answers on the configured socket or TCP address (it then dumps, as
+//! root, with its configuration's defaults), and dumps in this process otherwise or with `--no-server`. The
+//! probe costs one `stat` when there is no socket (one refused connection on a local TCP port nobody listens
+//! on), and never prints anything then.
 //!
 //! Every dump prints its result through [`super::dump_report`]: the path is the last field of the last line
 //! (or `--output json`).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use cedana::codec::Compression;
@@ -199,8 +200,9 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
 /// The daemon of this configuration, connected.
 pub(super) struct Daemon {
     runtime: tokio::runtime::Runtime,
-    client: pb::daemon_client::DaemonClient<tonic::transport::Channel>,
-    pub(super) socket: PathBuf,
+    client: crate::daemon::Client,
+    /// Its socket or TCP address.
+    pub(super) socket: crate::daemon::Target,
 }
 
 /// Why the probe found no daemon to ask.
@@ -209,44 +211,59 @@ enum Absent {
     Refused(tonic::transport::Error),
     /// Something listens but does not answer, or answers that it does not serve.
     NotAnswering(String),
+    /// The daemon answers on TCP, but its token cannot be read here.
+    NoToken(String),
 }
 
 impl Daemon {
-    /// The daemon answering on the configured socket, or `None` when there is none: no socket file (one
-    /// `stat`, nothing printed), nobody listening (refused at once, nothing printed), or no healthy answer
-    /// within [`PROBE_TIMEOUT`] (a warning; the command then works without the daemon).
+    /// The daemon answering on the configured socket or TCP address, or `None` when there is none: no socket
+    /// file (one `stat`, nothing printed), nobody listening (refused at once, nothing printed), or no healthy
+    /// answer within [`PROBE_TIMEOUT`] (a warning; the command then works without the daemon). A daemon on TCP
+    /// whose token this user cannot read is not asked either (a warning).
     pub(super) fn probe(config: &cedana::config::Config) -> Option<Daemon> {
         use std::os::unix::fs::FileTypeExt;
-        let socket = config.address();
-        if !std::fs::metadata(&socket).is_ok_and(|m| m.file_type().is_socket()) {
-            return None;
+        let target = match crate::daemon::Target::of(config) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::warn!(error = %e, "no daemon to ask: working without it");
+                return None;
+            }
+        };
+        if let crate::daemon::Target::Unix(socket) = &target {
+            if !std::fs::metadata(socket).is_ok_and(|m| m.file_type().is_socket()) {
+                return None;
+            }
         }
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().ok()?;
         let answered = runtime.block_on(async {
-            match tokio::time::timeout(PROBE_TIMEOUT, Self::healthy(&socket)).await {
+            match tokio::time::timeout(PROBE_TIMEOUT, Self::healthy(&target)).await {
                 Ok(answer) => answer,
                 Err(_) => Err(Absent::NotAnswering(format!("no answer within {PROBE_TIMEOUT:?}"))),
             }
         });
-        match answered {
-            Ok(channel) => Some(Daemon { runtime, client: pb::daemon_client::DaemonClient::new(channel), socket }),
+        match answered.and_then(|channel| target.client(channel).map_err(|e| Absent::NoToken(format!("{e:#}")))) {
+            Ok(client) => Some(Daemon { runtime, client, socket: target }),
             Err(Absent::Refused(e)) => {
-                tracing::debug!(socket = %socket.display(), error = %e, "no daemon listens: working without it");
+                tracing::debug!(socket = %target, error = %e, "no daemon listens: working without it");
                 None
             }
             Err(Absent::NotAnswering(why)) => {
-                tracing::warn!(socket = %socket.display(), "the daemon does not answer ({why}): working without it");
+                tracing::warn!(socket = %target, "the daemon does not answer ({why}): working without it");
+                None
+            }
+            Err(Absent::NoToken(why)) => {
+                tracing::warn!(socket = %target, "the daemon answers, but {why}; working without it");
                 None
             }
         }
     }
 
-    /// Connect to `socket` and ask the standard health service whether the daemon's API is served.
-    async fn healthy(socket: &Path) -> Result<tonic::transport::Channel, Absent> {
+    /// Connect to `target` and ask the standard health service (open without a token) whether the daemon's
+    /// API is served.
+    async fn healthy(target: &crate::daemon::Target) -> Result<tonic::transport::Channel, Absent> {
         use tonic::server::NamedService;
         use tonic_health::pb::{health_check_response::ServingStatus, health_client::HealthClient, HealthCheckRequest};
-        let endpoint = cedana_protos::uds_endpoint().connect_timeout(PROBE_TIMEOUT);
-        let channel = cedana_protos::connect_uds_with(endpoint, socket).await.map_err(Absent::Refused)?;
+        let channel = target.channel(Some(PROBE_TIMEOUT)).await.map_err(Absent::Refused)?;
         let service = <pb::daemon_server::DaemonServer<crate::daemon::service::Service> as NamedService>::NAME;
         let answer = HealthClient::new(channel.clone())
             .check(HealthCheckRequest { service: service.to_string() })
@@ -261,7 +278,7 @@ impl Daemon {
     /// One call to the daemon.
     pub(super) fn call<T>(
         &mut self,
-        f: impl AsyncFnOnce(&mut pb::daemon_client::DaemonClient<tonic::transport::Channel>) -> Result<T, tonic::Status>,
+        f: impl AsyncFnOnce(&mut crate::daemon::Client) -> Result<T, tonic::Status>,
     ) -> Result<T, tonic::Status> {
         self.runtime.block_on(f(&mut self.client))
     }
@@ -270,6 +287,9 @@ impl Daemon {
 /// A status from the daemon as an error for the user: the daemon's message and the kind, and the advice the
 /// CLI gives for the same error of a local dump or restore, recognised by kind and message.
 pub(super) fn daemon_error(s: tonic::Status) -> anyhow::Error {
+    if s.code() == tonic::Code::Unauthenticated {
+        return anyhow::anyhow!("{} (unauthenticated)", s.message());
+    }
     let kind = crate::daemon::convert::kind_of(s.code());
     let message = s.message();
     match advice_like(kind, message) {
@@ -361,6 +381,20 @@ mod tests {
             cedana::config::Config { address: Some(dir.path().join("dead.sock").display().to_string()), ..Default::default() };
         assert!(Daemon::probe(&config).is_none());
         assert!(t.elapsed() < Duration::from_millis(50), "{:?}", t.elapsed());
+    }
+
+    #[test]
+    fn the_probe_of_a_tcp_port_nobody_listens_on_is_quick_and_quiet() {
+        // A port that was free a moment ago: the connection is refused at once.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let config = cedana::config::Config {
+            protocol: Some("tcp".into()),
+            address: Some(format!("127.0.0.1:{port}")),
+            ..Default::default()
+        };
+        let t = std::time::Instant::now();
+        assert!(Daemon::probe(&config).is_none());
+        assert!(t.elapsed() < Duration::from_millis(100), "{:?}", t.elapsed());
     }
 
     #[test]

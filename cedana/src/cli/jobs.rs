@@ -13,9 +13,20 @@ use crate::daemon;
 pub enum DaemonCommand {
     /// Run the daemon in the foreground (as root; stop it with SIGTERM or Ctrl+C: managed jobs keep running).
     Start {
-        /// Unix socket to listen on (default: `address` from the config, or /run/cedana.sock).
+        /// Unix socket to listen on (default: `address` from the config, or /run/cedana.sock), or HOST:PORT when
+        /// the protocol (config `protocol`, CEDANA_PROTOCOL) is tcp (default 127.0.0.1:8080).
         #[arg(long)]
-        address: Option<PathBuf>,
+        address: Option<String>,
+    },
+    /// Write a new token for the daemon on TCP (32 random bytes, hex) to the token file (config
+    /// daemon.token_file, default /etc/cedana/token), mode 0600; the daemon reads it when it starts.
+    Token {
+        /// Write here instead of the configured token file.
+        #[arg(long, value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// Replace an existing token (restart the daemon, and clients then send the new one).
+        #[arg(long)]
+        force: bool,
     },
     /// Print the daemon's health (CRIU, database, storage, GPU); non-zero exit when something is wrong.
     Check,
@@ -212,21 +223,24 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
 }
 
-/// Run `f` against the daemon of this configuration.
+/// Run `f` against the daemon of this configuration (its Unix socket, or its TCP address with the token).
 pub fn with_daemon<T>(
     config: &Config,
-    f: impl AsyncFnOnce(&mut pb::daemon_client::DaemonClient<tonic::transport::Channel>) -> Result<T, tonic::Status>,
+    f: impl AsyncFnOnce(&mut daemon::Client) -> Result<T, tonic::Status>,
 ) -> anyhow::Result<T> {
-    let socket = config.address();
+    let target = daemon::Target::of(config)?;
     runtime()?.block_on(async {
-        let mut client = daemon::connect(&socket).await?;
+        let mut client = daemon::connect(target).await?;
         f(&mut client).await.map_err(status_error)
     })
 }
 
 /// A status from the daemon as an error for the user.
 fn status_error(s: tonic::Status) -> anyhow::Error {
-    anyhow::anyhow!("{} ({})", s.message(), daemon::convert::kind_of(s.code()))
+    match s.code() {
+        tonic::Code::Unauthenticated => anyhow::anyhow!("{} (unauthenticated)", s.message()),
+        code => anyhow::anyhow!("{} ({})", s.message(), daemon::convert::kind_of(code)),
+    }
 }
 
 pub fn daemon(config: Config, cmd: DaemonCommand) -> anyhow::Result<i32> {
@@ -234,6 +248,12 @@ pub fn daemon(config: Config, cmd: DaemonCommand) -> anyhow::Result<i32> {
         DaemonCommand::Start { address } => {
             super::require_root("daemon start")?;
             daemon::start(config, address)
+        }
+        DaemonCommand::Token { file, force } => {
+            let path = file.unwrap_or_else(|| config.token_file());
+            daemon::auth::generate(&path, force)?;
+            println!("{}", path.display());
+            Ok(0)
         }
         DaemonCommand::Check => {
             let health = with_daemon(&config, async |c| c.check(pb::CheckRequest {}).await.map(|r| r.into_inner()))?;

@@ -1,9 +1,11 @@
-//! The daemon: `cedana daemon start` serves the gRPC API on a Unix socket (0600, root only), with the
-//! standard health and reflection services. It owns the job store and the supervisor of managed jobs, and is
+//! The daemon: `cedana daemon start` serves the gRPC API on a Unix socket (0600, root only), or with
+//! `protocol = "tcp"` on `HOST:PORT`, where every call but the health check needs the bearer token of a
+//! root-only file ([`auth`]); with the standard health and reflection services. It owns the job store and the supervisor of managed jobs, and is
 //! a child subreaper (restored trees are its children). SIGTERM or SIGINT stops it cleanly; managed jobs run
 //! in sessions of their own and keep running; a restarted daemon finds them again in the store.
 
 pub mod attach;
+pub mod auth;
 mod checkpoint;
 pub mod convert;
 mod health;
@@ -16,19 +18,40 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use cedana::config::Config;
+use cedana::config::{Config, DaemonAddress};
 use cedana::engine::Engine;
 use cedana::jobs::model::JobState;
 use cedana::jobs::store::JobStore;
 use cedana::jobs::supervisor::Supervisor;
+use cedana_protos::v1::daemon_client::DaemonClient;
 use cedana_protos::v1::daemon_server::DaemonServer;
+use cedana_protos::BearerToken;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
-/// Run the daemon until SIGTERM/SIGINT.
-pub fn start(config: Config, address: Option<PathBuf>) -> anyhow::Result<i32> {
-    let socket = address.unwrap_or_else(|| config.address());
-    if config.protocol.as_deref().is_some_and(|p| p != "unix") {
-        anyhow::bail!("protocol {:?} is not supported yet: the daemon listens on a Unix socket", config.protocol);
+/// Where the daemon listens, with what it needs there.
+enum Listen {
+    /// The Unix socket (root only through its mode).
+    Unix(PathBuf),
+    /// `HOST:PORT`; every call but the health check must carry the token.
+    Tcp { address: String, access: auth::RequireToken },
+}
+
+/// Run the daemon until SIGTERM/SIGINT. `address` (`--address`) replaces the configured one: a socket path,
+/// or `HOST:PORT` when the protocol is `tcp`.
+pub fn start(mut config: Config, address: Option<String>) -> anyhow::Result<i32> {
+    if let Some(a) = address {
+        config.address = Some(a);
     }
+    // Checked first: a daemon that cannot be reached safely does not start at all.
+    let listen = match config.daemon_address()? {
+        DaemonAddress::Unix(socket) => Listen::Unix(socket),
+        DaemonAddress::Tcp(address) => {
+            let file = config.token_file();
+            let token = auth::Token::load_for_server(&file).context("the daemon listens on TCP only with a token")?;
+            Listen::Tcp { address, access: auth::RequireToken::new(token, file) }
+        }
+    };
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integers and touches no memory of ours.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error()).context("becoming a child subreaper");
@@ -46,7 +69,7 @@ pub fn start(config: Config, address: Option<PathBuf>) -> anyhow::Result<i32> {
     }
     let service = service::Service { engine, store, supervisor, log_dir: PathBuf::from(service::LOG_DIR), serials };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    runtime.block_on(serve(service, &socket))?;
+    runtime.block_on(serve(service, listen))?;
     Ok(0)
 }
 
@@ -67,15 +90,44 @@ fn readopt(store: &JobStore, supervisor: &Supervisor, serials: &service::Serials
     }
 }
 
-async fn serve(service: service::Service, socket: &Path) -> anyhow::Result<()> {
-    let listener = bind(socket).await?;
+/// What the daemon listens on, bound.
+enum Listener {
+    Unix(tokio::net::UnixListener, PathBuf),
+    Tcp(tokio::net::TcpListener),
+}
+
+async fn serve(service: service::Service, listen: Listen) -> anyhow::Result<()> {
+    // On the Unix socket the mode is the access control; on TCP the token is (the health check stays open:
+    // clients probe with it).
+    let (listener, access) = match listen {
+        Listen::Unix(socket) => {
+            let listener = bind(&socket).await?;
+            tracing::info!(socket = %socket.display(), "cedana daemon listening");
+            (Listener::Unix(listener, socket), None)
+        }
+        Listen::Tcp { address, access } => {
+            let listener = tokio::net::TcpListener::bind(&address).await.with_context(|| {
+                format!("listening on {address} (tcp): is the port taken, or the host not an address of this machine?")
+            })?;
+            let local = listener.local_addr()?;
+            if local.ip().is_loopback() {
+                tracing::info!(address = %local, "cedana daemon listening on tcp; calls need the token");
+            } else {
+                tracing::warn!(
+                    address = %local,
+                    "cedana daemon listening on tcp beyond loopback: traffic (the token too) is plaintext, use \
+                     127.0.0.1 or an encrypted tunnel"
+                );
+            }
+            (Listener::Tcp(listener), Some(access))
+        }
+    };
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter.set_serving::<DaemonServer<service::Service>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(cedana_protos::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    tracing::info!(socket = %socket.display(), "cedana daemon listening");
-    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let guard = Guard(access);
     let shutdown = async {
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
         tokio::select! {
@@ -84,14 +136,41 @@ async fn serve(service: service::Service, socket: &Path) -> anyhow::Result<()> {
         }
         tracing::info!("shutting down; managed jobs keep running");
     };
-    tonic::transport::Server::builder()
+    let router = tonic::transport::Server::builder()
         .add_service(health)
-        .add_service(reflection)
-        .add_service(DaemonServer::new(service))
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await?;
-    let _ = std::fs::remove_file(socket);
+        .add_service(InterceptedService::new(reflection, guard.clone()))
+        .add_service(DaemonServer::with_interceptor(service, guard));
+    match listener {
+        Listener::Unix(listener, socket) => {
+            let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+            let _ = std::fs::remove_file(socket);
+        }
+        Listener::Tcp(listener) => {
+            let incoming = tokio_stream::StreamExt::map(tokio_stream::wrappers::TcpListenerStream::new(listener), |conn| {
+                // Small requests and answers: send them at once.
+                if let Ok(stream) = &conn {
+                    let _ = stream.set_nodelay(true);
+                }
+                conn
+            });
+            router.serve_with_incoming_shutdown(incoming, shutdown).await?;
+        }
+    }
     Ok(())
+}
+
+/// The access check of the daemon's services: none on the Unix socket, the token on TCP.
+#[derive(Clone)]
+struct Guard(Option<auth::RequireToken>);
+
+impl tonic::service::Interceptor for Guard {
+    fn call(&mut self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        match &mut self.0 {
+            Some(check) => check.call(request),
+            None => Ok(request),
+        }
+    }
 }
 
 /// Listen on `socket`, root only. A socket left by a daemon that died is replaced; one a live daemon
@@ -111,14 +190,129 @@ async fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     Ok(listener)
 }
 
-/// A client of the daemon at `socket`, or an error saying it is not running and how to start it.
-pub async fn connect(socket: &Path) -> anyhow::Result<cedana_protos::v1::daemon_client::DaemonClient<tonic::transport::Channel>> {
-    let channel = cedana_protos::connect_uds(socket.to_path_buf()).await.map_err(|e| {
+/// A client of the daemon; over TCP every request carries the token.
+pub type Client = DaemonClient<InterceptedService<Channel, BearerToken>>;
+
+/// Where a client finds the daemon.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Target {
+    /// The Unix socket.
+    Unix(PathBuf),
+    /// `HOST:PORT`, with the file holding the token to send.
+    Tcp { address: String, token_file: PathBuf },
+}
+
+impl Target {
+    /// The daemon of `config` (its protocol, address and token file).
+    pub fn of(config: &Config) -> Result<Target, cedana::config::ConfigError> {
+        Ok(match config.daemon_address()? {
+            DaemonAddress::Unix(socket) => Target::Unix(socket),
+            DaemonAddress::Tcp(address) => Target::Tcp { address, token_file: config.token_file() },
+        })
+    }
+
+    /// The address, for messages and logs.
+    pub fn display(&self) -> &Self {
+        self
+    }
+
+    /// A channel to the daemon; `connect_timeout` bounds the connection (not the calls).
+    pub async fn channel(&self, connect_timeout: Option<std::time::Duration>) -> Result<Channel, tonic::transport::Error> {
+        match self {
+            Target::Unix(socket) => {
+                let endpoint = cedana_protos::uds_endpoint();
+                let endpoint = match connect_timeout {
+                    Some(t) => endpoint.connect_timeout(t),
+                    None => endpoint,
+                };
+                cedana_protos::connect_uds_with(endpoint, socket).await
+            }
+            Target::Tcp { address, .. } => {
+                let endpoint = cedana_protos::tcp_endpoint(address)?.tcp_nodelay(true);
+                let endpoint = match connect_timeout {
+                    Some(t) => endpoint.connect_timeout(t),
+                    None => endpoint,
+                };
+                cedana_protos::connect_tcp_with(endpoint).await
+            }
+        }
+    }
+
+    /// What goes with every request: nothing on the Unix socket, the token of the token file on TCP.
+    pub fn bearer(&self) -> anyhow::Result<BearerToken> {
+        match self {
+            Target::Unix(_) => Ok(BearerToken::none()),
+            Target::Tcp { token_file, .. } => {
+                let token = auth::Token::load(token_file)?;
+                // A parsed token is visible ASCII, which a metadata value always holds.
+                BearerToken::new(token.secret()).map_err(|e| anyhow::anyhow!("the token of {}: {e}", token_file.display()))
+            }
+        }
+    }
+
+    /// A client on `channel` that sends what [`Target::bearer`] gives.
+    pub fn client(&self, channel: Channel) -> anyhow::Result<Client> {
+        Ok(DaemonClient::with_interceptor(channel, self.bearer()?))
+    }
+}
+
+impl std::fmt::Display for Target {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Target::Unix(socket) => write!(f, "{}", socket.display()),
+            Target::Tcp { address, .. } => write!(f, "{address} (tcp)"),
+        }
+    }
+}
+
+impl From<&Path> for Target {
+    fn from(socket: &Path) -> Target {
+        Target::Unix(socket.to_path_buf())
+    }
+}
+
+impl From<&PathBuf> for Target {
+    fn from(socket: &PathBuf) -> Target {
+        Target::Unix(socket.clone())
+    }
+}
+
+impl From<&Target> for Target {
+    fn from(target: &Target) -> Target {
+        target.clone()
+    }
+}
+
+/// A client of the daemon at `target` (a [`Target`], or a socket path), or an error saying it is not running
+/// and how to start it.
+pub async fn connect(target: impl Into<Target>) -> anyhow::Result<Client> {
+    let target = target.into();
+    let channel = target.channel(None).await.map_err(|e| {
+        let configured = match &target {
+            Target::Unix(_) => String::new(),
+            Target::Tcp { address, .. } => format!(" (configured with protocol = \"tcp\" and address = \"{address}\")"),
+        };
         anyhow::anyhow!(
-            "the cedana daemon is not running at {} ({e}): start it with `sudo cedana daemon start` \
+            "the cedana daemon is not running at {target} ({}): start it with `sudo cedana daemon start`{configured} \
              (or pass --no-server where a command supports it)",
-            socket.display()
+            error_chain(&e)
         )
     })?;
-    Ok(cedana_protos::v1::daemon_client::DaemonClient::new(channel))
+    target.client(channel)
+}
+
+/// An error and its sources, `: `-separated (tonic's transport error alone says only "transport error").
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        // Layers of the transport repeat one another ("tcp connect error: tcp connect error: ...").
+        let part = s.to_string();
+        if !text.ends_with(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
 }
