@@ -8,6 +8,8 @@ pub mod digest;
 pub mod digest_job;
 pub mod external;
 pub mod index;
+pub mod lazy;
+pub mod lazy_store;
 pub mod live;
 pub mod manifest;
 pub mod reader;
@@ -58,6 +60,8 @@ pub enum CheckpointError {
     ExternalFile { path: PathBuf, detail: String },
     #[error("{path} uses checkpoint format {found}, this cedana reads format {expected}: use a matching cedana version")]
     Version { path: PathBuf, found: u32, expected: u32 },
+    #[error("{path} is compressed ({compression}): a lazy restore reads page images in place, which needs a checkpoint dumped with --compression tar or none; restore it without --lazy")]
+    NotInPlace { path: PathBuf, compression: crate::codec::Compression },
 }
 
 impl CheckpointError {
@@ -75,6 +79,7 @@ impl CheckpointError {
             | CheckpointError::Version { .. }
             | CheckpointError::ExternalFile { .. } => K::FailedPrecondition,
             CheckpointError::LivePacking(_) | CheckpointError::Stream(_) => K::Internal,
+            CheckpointError::NotInPlace { .. } => K::Unimplemented,
         }
     }
 

@@ -30,11 +30,26 @@ pub struct OpenedCheckpoint {
     /// verified already, each page image verified as CRIU reads it). `images_dir` then holds only our own
     /// files (not CRIU's images), for the restore to read.
     pub streamed: Option<Arc<IndexedArchive>>,
+    /// For a lazy restore: the page images, read in place (see [`super::lazy`]); `images_dir` then holds the
+    /// other images and sparse page images with only the pages the restore reads itself.
+    pub lazy: Option<Arc<super::lazy::LazyPages>>,
     /// Keeps an extraction alive; deleted on drop.
     _extracted: Option<tempfile::TempDir>,
 }
 
 impl OpenedCheckpoint {
+    /// A checkpoint whose images are in `images_dir` (kept alive by `extracted`, when given), verified by
+    /// the caller.
+    pub(crate) fn in_folder(
+        path: &Path,
+        compression: Compression,
+        manifest: Manifest,
+        images_dir: PathBuf,
+        extracted: Option<tempfile::TempDir>,
+    ) -> Self {
+        Self { path: path.to_path_buf(), compression, manifest, images_dir, streamed: None, lazy: None, _extracted: extracted }
+    }
+
     /// Open and verify the checkpoint at `path`. Archives are extracted under `scratch`; nothing is
     /// returned unless every file matches the manifest.
     pub fn open(path: &Path, scratch: &Path, progress: &dyn Fn(u64)) -> Result<Self, CheckpointError> {
@@ -50,6 +65,7 @@ impl OpenedCheckpoint {
                 manifest,
                 images_dir: path.to_path_buf(),
                 streamed: None,
+                lazy: None,
                 _extracted: None,
             });
         }
@@ -66,6 +82,7 @@ impl OpenedCheckpoint {
             manifest,
             images_dir: dir.path().to_path_buf(),
             streamed: None,
+            lazy: None,
             _extracted: Some(dir),
         })
     }
@@ -113,6 +130,7 @@ impl OpenedCheckpoint {
             manifest: archive.manifest().clone(),
             images_dir: dir.path().to_path_buf(),
             streamed: Some(Arc::new(archive)),
+            lazy: None,
             _extracted: Some(dir),
         }))
     }
@@ -165,6 +183,7 @@ impl OpenedCheckpoint {
             manifest,
             images_dir: path.to_path_buf(),
             streamed: None,
+            lazy: None,
             _extracted: None,
         };
         Ok((opened, pending))

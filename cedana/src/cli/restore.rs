@@ -35,6 +35,10 @@ pub struct JobArgs {
     /// Attach to the restored job (it is restored attachable).
     #[arg(long)]
     pub attach: bool,
+    /// Restore lazily (process jobs): the program runs at once, its memory filled on demand and then in the
+    /// background; the command returns once the memory is wholly local.
+    #[arg(long)]
+    pub lazy: bool,
     #[command(flatten)]
     pub criu: CriuFlags,
     #[command(flatten)]
@@ -59,6 +63,7 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
         attachable: a.attach,
         stream: a.criu.stream(),
+        lazy: a.lazy,
         ..Default::default()
     };
     let started = Instant::now();
@@ -77,7 +82,8 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         job: Some(&a.jid),
         kind,
         ..Restored::of_daemon(out.pid, &comm, out.verify_time_us, out.criu_time_us, round_trip)
-    };
+    }
+    .with_lazy(out.lazy_time_us, out.lazy_pages);
     restore_report::print(&restored, Report::new(&a.output, config), Stream::Stdout);
     Ok(0)
 }
@@ -119,6 +125,11 @@ pub struct ProcessArgs {
     /// process's own offset). Such a restore always runs here, never in the daemon.
     #[arg(long, value_name = "FROM=PATH", value_parser = cedana::checkpoint::external::FileRedirect::parse)]
     pub external_file: Vec<cedana::checkpoint::external::FileRedirect>,
+    /// Restore lazily: the program runs at once, its memory filled on demand (userfaultfd) and then in the
+    /// background from the checkpoint (served by the daemon, or by this command without one); returns once
+    /// the memory is wholly local. Needs a checkpoint dumped with --compression tar or none.
+    #[arg(long)]
+    pub lazy: bool,
     #[command(flatten)]
     pub criu: CriuFlags,
     #[command(flatten)]
@@ -148,6 +159,7 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
         process: ProcessRestoreOptions { as_child: attached, stdio, pid_file: a.pid_file.clone() },
         external_files: a.external_file.clone(),
         stream: a.criu.stream(),
+        lazy: a.lazy,
         ..RestoreRequest::new(Source::parse(&a.path))
     };
     // An attached restore is cancelled by a signal until the tree runs; afterwards signals are forwarded.
@@ -178,6 +190,7 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: 
         log: a.log.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         pid_file: a.pid_file.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         stream: a.criu.stream(),
+        lazy: a.lazy,
     };
     tracing::info!(path = %a.path, socket = %daemon.socket.display(), "restoring through the daemon");
     let started = Instant::now();
@@ -186,7 +199,8 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: 
     // The response has no command name: the restored process has the checkpoint's, which /proc shows.
     let comm = comm_of(out.pid);
     let restored =
-        Restored { path: Some(&a.path), ..Restored::of_daemon(out.pid, &comm, out.verify_time_us, out.criu_time_us, round_trip) };
+        Restored { path: Some(&a.path), ..Restored::of_daemon(out.pid, &comm, out.verify_time_us, out.criu_time_us, round_trip) }
+            .with_lazy(out.lazy_time_us, out.lazy_pages);
     restore_report::print(&restored, Report::new(&a.output, config), Stream::Stdout);
     Ok(0)
 }

@@ -31,7 +31,18 @@ pub struct Restored<'a> {
     pub exit_code: Option<i32>,
     pub verify: Duration,
     pub criu: Duration,
+    /// For a lazy restore: when the program ran (from the command's start) and when its memory was wholly
+    /// local, and the pages served.
+    pub lazy: Option<Lazy>,
     pub timings: Timings,
+}
+
+/// The two times of a lazy restore.
+#[derive(Debug, Clone, Copy)]
+pub struct Lazy {
+    pub running_after: Duration,
+    pub local_after: Duration,
+    pub pages: u64,
 }
 
 impl<'a> Restored<'a> {
@@ -48,6 +59,10 @@ impl<'a> Restored<'a> {
             exit_code: out.exit_code,
             verify: out.verify_time,
             criu: out.criu_time,
+            lazy: out.lazy.map(|l| {
+                let total = recorded.iter().find(|t| t.phase == "total").map(|t| t.time).unwrap_or_default();
+                Lazy { running_after: total.saturating_sub(l.time), local_after: total, pages: l.pages }
+            }),
             timings: Timings::of_phases(recorded, kind, Operation::Restore, None),
         }
     }
@@ -71,8 +86,30 @@ impl<'a> Restored<'a> {
             exit_code: None,
             verify,
             criu,
+            lazy: None,
             timings: Timings::of_phases(&recorded, CheckpointKind::Process, Operation::Restore, None),
         }
+    }
+}
+
+impl Restored<'_> {
+    /// The same report of a daemon's restore that was lazy: its memory was wholly local `lazy_us` after the
+    /// program started (the end of the call), `pages` pages served.
+    pub fn with_lazy(mut self, lazy_us: u64, pages: u64) -> Self {
+        if lazy_us == 0 && pages == 0 {
+            return self;
+        }
+        let lazy = Duration::from_micros(lazy_us);
+        let total = self.timings.total;
+        self.lazy = Some(Lazy { running_after: total.saturating_sub(lazy), local_after: total, pages });
+        let recorded = [
+            Timing { phase: "verify", time: self.verify },
+            Timing { phase: "criu", time: self.criu },
+            Timing { phase: "lazy pages", time: lazy },
+            Timing { phase: "total", time: total },
+        ];
+        self.timings = Timings::of_phases(&recorded, self.kind, Operation::Restore, None);
+        self
     }
 }
 
@@ -114,7 +151,18 @@ pub fn render(r: &Restored<'_>, report: Report) -> String {
                 (None, Some((id, of))) => format!("Restored container {id} (checkpoint of {of}){from}{times}"),
                 (None, None) => format!("Restored PID {} ({}){from}{times}", r.pid, r.comm),
             };
-            format!("{headline}\n{}", report.timings_text(&r.timings))
+            let lazy = r
+                .lazy
+                .map(|l| {
+                    format!(
+                        "Running after {}, wholly local after {} ({} pages served lazily)\n",
+                        ms(l.running_after),
+                        ms(l.local_after),
+                        l.pages
+                    )
+                })
+                .unwrap_or_default();
+            format!("{headline}\n{lazy}{}", report.timings_text(&r.timings))
         }
     }
 }
@@ -130,6 +178,11 @@ fn to_json(r: &Restored<'_>) -> serde_json::Value {
         "checkpoint_container_id": r.container.map(|(_, of)| of),
         "job_id": r.job,
         "exit_code": r.exit_code,
+        "lazy": r.lazy.map(|l| json!({
+            "running_after_ms": super::timings::millis(l.running_after),
+            "local_after_ms": super::timings::millis(l.local_after),
+            "pages": l.pages,
+        })),
         "timings_ms": output::timings_json(&r.timings),
     })
 }
@@ -170,6 +223,18 @@ mod tests {
             t.starts_with("Restored container copy (checkpoint of orig) from /tmp/c.tar (verify 3.0 ms, runc restore 20.0 ms)\n"),
             "{t}"
         );
+    }
+
+    #[test]
+    fn a_lazy_restore_says_when_the_program_ran_and_when_its_memory_was_local() {
+        let r = restored().with_lazy(15_000, 4096);
+        let text = render(&r, Report { format: Format::Text, profiling: true });
+        assert!(text.contains("\nRunning after 10.0 ms, wholly local after 25.0 ms (4096 pages served lazily)\n"), "{text}");
+        assert!(text.contains("├─ lazy pages "), "{text}");
+        let v: serde_json::Value = serde_json::from_str(&render(&r, Report { format: Format::Json, profiling: true })).unwrap();
+        assert_eq!(v["lazy"], json!({"running_after_ms": 10.0, "local_after_ms": 25.0, "pages": 4096}));
+        assert_eq!(v["timings_ms"]["lazy pages"], 15.0);
+        assert!(restored().with_lazy(0, 0).lazy.is_none(), "not lazy: nothing changes");
     }
 
     #[test]

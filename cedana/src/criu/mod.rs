@@ -5,6 +5,7 @@ pub mod cli;
 pub mod hook;
 pub mod log;
 pub mod options;
+pub mod pageserver;
 pub mod rpc;
 pub mod stats;
 pub mod streamer;

@@ -136,6 +136,10 @@ impl Service {
             }
             None => return Err(status(ErrorKind::InvalidArgument, "nothing to restore: give a path or a job id")),
         };
+        if req.lazy && job.as_ref().is_some_and(|j| j.kind != JobKind::Process) {
+            let msg = "only process checkpoints restore lazily so far: restore this container job without --lazy";
+            return Err(status(ErrorKind::Unimplemented, msg));
+        }
         let ctx = OpContext::new().with_cancel(cancel.clone());
         let result = match job {
             Some(job) if job.kind == JobKind::Runc => self.restore_container_job(job, path, options, req.attachable, &ctx),
@@ -174,6 +178,7 @@ impl Service {
             // The daemon is the restored tree's parent: it waits for it by PID and records its exit.
             process: ProcessRestoreOptions { as_child: true, stdio, pid_file },
             stream: req.stream,
+            lazy: req.lazy,
             ..RestoreRequest::new(Source::parse(&path))
         };
         tracing::info!(path = %path, job = ?job.as_ref().map(|j| &j.jid), "restore requested");
@@ -209,6 +214,8 @@ impl Service {
             job,
             verify_time_us: out.verify_time.as_micros() as u64,
             criu_time_us: out.criu_time.as_micros() as u64,
+            lazy_time_us: out.lazy.map(|l| l.time.as_micros() as u64).unwrap_or(0),
+            lazy_pages: out.lazy.map(|l| l.pages).unwrap_or(0),
         })
     }
 
@@ -288,6 +295,7 @@ impl Service {
             job: Some(self.job_reply(&job)?),
             verify_time_us: out.verify_time.as_micros() as u64,
             criu_time_us: out.criu_time.as_micros() as u64,
+            ..Default::default()
         })
     }
 }
@@ -336,6 +344,7 @@ impl Service {
             // restore (task creation, where that happens, and start) stands for the CRIU phase.
             verify_time_us: 0,
             criu_time_us: started.elapsed().as_micros() as u64,
+            ..Default::default()
         })
     }
 }

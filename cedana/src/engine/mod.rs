@@ -14,6 +14,7 @@ pub mod context;
 pub mod dump;
 pub mod error;
 pub mod hooks;
+pub(crate) mod lazy;
 pub mod location;
 #[cfg(feature = "storage")]
 pub(crate) mod remote;
@@ -34,6 +35,7 @@ pub use context::{OpContext, Timing};
 pub use dump::{Attachment, DumpOutcome, DumpRequest};
 pub use error::EngineError;
 pub use hooks::{Hook, HookContext, HookPoint, Hooks};
+pub use lazy::LazyTransfer;
 pub use location::{Destination, Source};
 pub use restore::{wait_for_exit, ProcessRestoreOptions, RestoreOutcome, RestoreRequest, RestoreStdio};
 pub use targets::runc::{ContainerRestore, RuncSpec};

@@ -66,6 +66,15 @@ pub(crate) fn open(engine: &Engine, url: &str, stream: bool) -> Result<Remote, E
     Ok(Remote::Downloaded(path, dir))
 }
 
+/// A checkpoint in an object store opened for a lazy restore: an uncompressed archive, its small files read
+/// by ranges now, its page images by ranges as the restored program needs them (see
+/// [`crate::checkpoint::lazy`]).
+pub(crate) fn open_lazy(engine: &Engine, url: &str) -> Result<OpenedCheckpoint, EngineError> {
+    let object = ObjectUrl::parse(url)?;
+    let source: Arc<dyn ArchiveSource> = Arc::new(storage::open_source(&object, &config(engine))?);
+    Ok(crate::checkpoint::lazy::open_lazy_source(source, Path::new(url), &engine.scratch_dir())?)
+}
+
 /// Download the object into a new folder in the scratch folder (deleted with the returned guard).
 fn download(
     scratch: &Path,

@@ -65,6 +65,10 @@ pub struct RestoreRequest {
     /// the configured default. Only process checkpoints in an archive with an index stream; the others are
     /// extracted whatever this says.
     pub stream: Option<bool>,
+    /// Restore lazily: the program runs before its memory has arrived, which CRIU's lazy-pages daemon fills
+    /// on demand and then in the background from our page server (see [`super::lazy`]); the restore returns
+    /// once the memory is wholly local. Process checkpoints in a folder or an uncompressed archive.
+    pub lazy: bool,
 }
 
 impl RestoreRequest {
@@ -78,6 +82,7 @@ impl RestoreRequest {
             container: None,
             external_files: Vec::new(),
             stream: None,
+            lazy: false,
         }
     }
 }
@@ -92,8 +97,11 @@ pub struct RestoreOutcome {
     pub exit_code: Option<i32>,
     /// Time spent verifying that the restore waited for (a folder is mostly verified while CRIU starts up).
     pub verify_time: Duration,
-    /// CRIU's (or the runtime's) own time, without its wait for the verification.
+    /// CRIU's (or the runtime's) own time, without its wait for the verification (for a lazy restore: until
+    /// the program ran).
     pub criu_time: Duration,
+    /// For a lazy restore: the transfer of the memory after the program started.
+    pub lazy: Option<super::lazy::LazyTransfer>,
 }
 
 /// Holds a restore until the checkpoint is verified and the `before-restore` hooks agreed. Targets call
@@ -150,10 +158,14 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     let started = Instant::now();
     let may_stream = req.stream.unwrap_or(engine.config().stream())
         && matches!(req.only, None | Some(CheckpointKind::Process))
-        && engine.criu().can_stream();
+        && engine.criu().can_stream()
+        && !req.lazy;
     // A checkpoint in an object store streams from it, or is downloaded first (kept until the restore ends).
     let (path, from_store, _downloaded): (PathBuf, Option<OpenedCheckpoint>, Option<tempfile::TempDir>) = match &req.source {
         Source::Path(p) => (p.clone(), None, None),
+        // A lazy restore reads the object by ranges, as the program needs its pages.
+        #[cfg(feature = "storage")]
+        Source::Url(u) if req.lazy => (PathBuf::from(u), Some(crate::engine::remote::open_lazy(engine, u)?), None),
         #[cfg(feature = "storage")]
         Source::Url(u) => match crate::engine::remote::open(engine, u, may_stream)? {
             crate::engine::remote::Remote::Streamed(opened) => (PathBuf::from(u), Some(*opened), None),
@@ -176,7 +188,8 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     let progress = ctx.progress();
     let stream = may_stream && !folder;
     // A streamed restore reads the archive's small files now and the page images as CRIU asks for them;
-    // a checkpoint of another kind (its runtime runs CRIU) is extracted after all.
+    // a checkpoint of another kind (its runtime runs CRIU) is extracted after all. A checkpoint opened in an
+    // object store (streamed, or for a lazy restore) is used as it is.
     let streamed = match from_store {
         Some(opened) => Some(opened),
         None if stream => {
@@ -184,8 +197,11 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
         }
         None => None,
     };
+    // A lazy restore reads the page images in place (in a local file, or by ranges from an object store).
     let (opened, pending) = if let Some(opened) = streamed {
         (opened, None)
+    } else if req.lazy {
+        (crate::checkpoint::lazy::open_lazy(&path, &engine.scratch_dir())?, None)
     } else if folder {
         let (opened, pending) = OpenedCheckpoint::open_folder_verifying(&path)?;
         (opened, Some(pending))
@@ -198,6 +214,12 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     let kind = opened.manifest.kind;
     if let Some(wanted) = req.only.filter(|w| *w != kind) {
         return Err(EngineError::WrongKind { path, found: kind, wanted });
+    }
+    if req.lazy && kind != CheckpointKind::Process {
+        return Err(EngineError::Unsupported {
+            what: format!("a lazy restore of a {kind} checkpoint"),
+            detail: "only process checkpoints restore lazily so far: restore it without --lazy".into(),
+        });
     }
     let target = match chosen.take() {
         Some(t) => t,
@@ -236,6 +258,9 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     let verify_time = verify_time + waited;
     ctx.record("verify", verify_time);
     ctx.record("criu", restored.criu_time);
+    if let Some(l) = &restored.lazy {
+        ctx.record("lazy pages", l.time);
+    }
     ctx.record("total", started.elapsed());
     Ok(RestoreOutcome {
         pid: restored.pid,
@@ -243,6 +268,7 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
         exit_code: restored.exit_code,
         verify_time,
         criu_time: restored.criu_time,
+        lazy: restored.lazy,
     })
 }
 

@@ -96,6 +96,8 @@ pub struct Restored {
     pub exit_code: Option<i32>,
     /// Time CRIU (or the runtime) took, without its wait for the verification.
     pub criu_time: Duration,
+    /// For a lazy restore: the transfer of the memory after the program started.
+    pub lazy: Option<crate::engine::lazy::LazyTransfer>,
 }
 
 /// A restore target.

@@ -27,6 +27,7 @@ use crate::criu::options::CriuOptions;
 use crate::criu::streamer::serve::Serve;
 use crate::criu::{CriuStdio, DumpCall, RestoreCall};
 use crate::engine::context::OpContext;
+use crate::engine::lazy::LazyDaemon;
 use crate::engine::restore::{Gate, RestoreRequest, RestoreStdio};
 use crate::engine::{Engine, EngineError};
 use crate::procfs;
@@ -252,9 +253,20 @@ impl RestoreTarget for ProcessRestore {
                 user.extra.extend(["--root".to_string(), root.display().to_string()]);
             }
         }
+        if opened.lazy.is_some() {
+            user.extra.push("--lazy-pages".into());
+        }
         let options = opened.manifest.criu_options.merged_with(&user);
         let work =
             tempfile::Builder::new().prefix("cedana-restore-").tempdir().map_err(EngineError::io("creating a work folder"))?;
+        // A lazy restore: CRIU's lazy-pages daemon listens before the restore begins.
+        let lazy = match &opened.lazy {
+            Some(pages) => {
+                let criu = engine.criu().criu().binary();
+                Some(LazyDaemon::start(criu, &opened.images_dir, work.path(), pages, &opened.path)?)
+            }
+            None => None,
+        };
         // A streamed restore: CRIU reads every image from the archive through our socket, each page image
         // verified as it goes; `post-restore` (memory restored, nothing resumed) waits for the verdict.
         let serve = match &opened.streamed {
@@ -314,15 +326,31 @@ impl RestoreTarget for ProcessRestore {
         let pid = match restored {
             Ok(pid) => pid,
             Err(e) => {
+                let cause = lazy.and_then(LazyDaemon::abort);
                 let kept = work.keep();
                 tracing::info!(log = %kept.display(), "criu restore failed; its log was kept");
-                return Err(e.into());
+                return Err(cause.unwrap_or_else(|| e.into()));
             }
         };
         if let Some(pf) = &process.pid_file {
             std::fs::write(pf, format!("{pid}\n")).map_err(EngineError::io(format!("writing {}", pf.display())))?;
         }
-        Ok(Restored { pid, exit_code: None, criu_time })
+        let lazy = match lazy {
+            Some(daemon) => {
+                let running = Instant::now();
+                let transfer = daemon.finish(&opened.manifest.process.pids, running);
+                match transfer {
+                    Ok(t) => Some(t),
+                    Err(e) => {
+                        let kept = work.keep();
+                        tracing::info!(log = %kept.display(), "the lazy restore failed; CRIU's logs were kept");
+                        return Err(e);
+                    }
+                }
+            }
+            None => None,
+        };
+        Ok(Restored { pid, exit_code: None, criu_time, lazy })
     }
 }
 

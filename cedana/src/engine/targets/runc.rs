@@ -297,7 +297,7 @@ impl RestoreTarget for RuncRestore {
                 }
             }
         }
-        Ok(Restored { pid, exit_code: Some(exit_code), criu_time })
+        Ok(Restored { pid, exit_code: Some(exit_code), criu_time, lazy: None })
     }
 }
 

@@ -1,0 +1,279 @@
+//! A checkpoint opened for a lazy restore: everything but the page images is read and verified now and put
+//! in an images folder; each page image stays where it is (a folder's file, or its entry's bytes in place in
+//! an uncompressed archive) for the page server to read on demand. In the images folder, a page image is a
+//! sparse file of its full size holding only the pages CRIU's restore reads itself (the runs not marked
+//! lazy: a few pages of the program's data segments); the lazy ones stay holes, filled by the lazy-pages
+//! daemon from our page server.
+//!
+//! The page images are not verified before the restore (that pass is what a lazy restore avoids): a
+//! [`LazyPage::verify`] pass checks each one against the manifest while the program runs, and the caller
+//! ends the program should one not match.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::digest::Hasher;
+use super::reader::{check_version, corrupt, parse_manifest, safe_relative};
+use super::source::{ArchiveSource, LocalSource};
+use super::{is_page_image, CheckpointError, FileDigest, Manifest, OpenedCheckpoint, MANIFEST_NAME};
+
+/// The largest file other than a page image that a lazy restore reads into memory.
+const MAX_SMALL_FILE: u64 = 1 << 30;
+use crate::codec::Compression;
+use crate::criu::pageserver::pagemap::Pagemap;
+
+/// One page image, read in place.
+#[derive(Clone)]
+pub struct LazyPage {
+    /// `pages-<id>.img`.
+    pub name: String,
+    /// The archive or file holding its bytes, from `base` on.
+    pub source: Arc<dyn ArchiveSource>,
+    /// The same as a local file, when it is one (read with `sendfile`).
+    pub file: Option<Arc<File>>,
+    pub base: u64,
+    /// What the manifest says of it.
+    pub digest: FileDigest,
+}
+
+impl std::fmt::Debug for LazyPage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LazyPage({} at {}+{})", self.name, self.source.location(), self.base)
+    }
+}
+
+impl LazyPage {
+    /// The number in its name (`pages-<id>.img`).
+    pub fn pages_id(&self) -> Option<u32> {
+        self.name.strip_prefix("pages-")?.strip_suffix(".img")?.parse().ok()
+    }
+
+    /// Read it whole and compare it with the manifest.
+    pub fn verify(&self, location: &Path) -> Result<(), CheckpointError> {
+        let mut hasher = Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut at = 0u64;
+        while at < self.digest.size {
+            let n = buf.len().min((self.digest.size - at) as usize);
+            self.source.read_exact_at(self.base + at, &mut buf[..n]).map_err(CheckpointError::io(location))?;
+            hasher.update(&buf[..n]);
+            at += n as u64;
+        }
+        if hasher.finish(&self.name) != self.digest {
+            return Err(corrupt(location, format!("checksum mismatch in {}", self.name)));
+        }
+        Ok(())
+    }
+}
+
+/// The page images of a checkpoint opened for a lazy restore ([`OpenedCheckpoint::lazy`]).
+#[derive(Debug)]
+pub struct LazyPages {
+    /// Its page images, in place.
+    pub pages: Vec<LazyPage>,
+    /// The pagemap of each process, by PID.
+    pub pagemaps: HashMap<u64, Pagemap>,
+}
+
+/// Open the checkpoint at `path` for a lazy restore (extractions go under `scratch`): a folder or an
+/// uncompressed archive; a compressed one is refused (its pages cannot be read in place). The result's
+/// [`OpenedCheckpoint::lazy`] holds the page images.
+pub fn open_lazy(path: &Path, scratch: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
+    if path.symlink_metadata().is_err() {
+        return Err(CheckpointError::NotFound { path: path.to_path_buf() });
+    }
+    match Compression::detect_path(path)? {
+        Compression::None => open_folder(path),
+        Compression::Tar => {
+            let file = Arc::new(File::open(path).map_err(CheckpointError::io(path))?);
+            let source = Arc::new(LocalSource::open(path).map_err(CheckpointError::io(path))?);
+            open_tar(source, Some(file), path, scratch)
+        }
+        compression => Err(CheckpointError::NotInPlace { path: path.to_path_buf(), compression }),
+    }
+}
+
+/// [`open_lazy`] of an archive read by ranges (an object in a store, named `location` in messages).
+pub fn open_lazy_source(
+    source: Arc<dyn ArchiveSource>,
+    location: &Path,
+    scratch: &Path,
+) -> Result<OpenedCheckpoint, CheckpointError> {
+    let mut head = [0u8; 512];
+    let n = head.len().min(source.len() as usize);
+    source.read_exact_at(0, &mut head[..n]).map_err(CheckpointError::io(location))?;
+    match Compression::detect_bytes(&head[..n]) {
+        Some(Compression::Tar) => open_tar(source, None, location, scratch),
+        Some(compression) => Err(CheckpointError::NotInPlace { path: location.to_path_buf(), compression }),
+        None => Err(corrupt(location, "not a checkpoint archive (no tar, gzip, lz4, zlib or zstd signature found)".into())),
+    }
+}
+
+/// A folder: its small files are verified; it is its own images folder.
+fn open_folder(path: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
+    let manifest_path = path.join(MANIFEST_NAME);
+    let bytes = std::fs::read(&manifest_path).map_err(|e| match e.kind() {
+        std::io::ErrorKind::NotFound => CheckpointError::Incomplete { path: path.to_path_buf() },
+        _ => CheckpointError::Io { path: manifest_path.clone(), source: e },
+    })?;
+    let manifest = parse_manifest(path, &bytes)?;
+    check_version(path, &manifest)?;
+    let mut pages = Vec::new();
+    for f in &manifest.files {
+        let file_path = path.join(safe_relative(path, &f.name)?);
+        let missing = |e: std::io::Error| match e.kind() {
+            std::io::ErrorKind::NotFound => corrupt(path, format!("file {} listed in the manifest is missing", f.name)),
+            _ => CheckpointError::Io { path: file_path.clone(), source: e },
+        };
+        if is_page_image(&f.name) {
+            let file = Arc::new(File::open(&file_path).map_err(missing)?);
+            let source = Arc::new(LocalSource::open(&file_path).map_err(missing)?);
+            pages.push(LazyPage { name: f.name.clone(), source, file: Some(file), base: 0, digest: f.clone() });
+        } else {
+            let bytes = std::fs::read(&file_path).map_err(missing)?;
+            check(path, f, &bytes)?;
+        }
+    }
+    let pagemaps = read_pagemaps(path, path, &manifest)?;
+    let mut opened = OpenedCheckpoint::in_folder(path, Compression::None, manifest, path.to_path_buf(), None);
+    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps }));
+    Ok(opened)
+}
+
+/// An uncompressed archive: its small files are extracted and verified, its page images located. Its tar
+/// headers are walked by ranged reads (regular files, and GNU long names), so only the small files and the
+/// headers are read.
+fn open_tar(
+    source: Arc<dyn ArchiveSource>,
+    file: Option<Arc<File>>,
+    path: &Path,
+    scratch: &Path,
+) -> Result<OpenedCheckpoint, CheckpointError> {
+    let damaged = |e: std::io::Error| corrupt(path, format!("cannot read the tar archive ({e}); it is truncated or damaged"));
+    let mut small: HashMap<String, Vec<u8>> = HashMap::new();
+    let mut placed: HashMap<String, (u64, u64)> = HashMap::new();
+    let mut manifest = None;
+    let mut at = 0u64;
+    let mut long_name: Option<String> = None;
+    let read = |offset: u64, len: u64| -> Result<Vec<u8>, CheckpointError> {
+        let mut buf = vec![0u8; usize::try_from(len).map_err(|_| corrupt(path, format!("an entry of {len} bytes")))?];
+        source.read_exact_at(offset, &mut buf).map_err(damaged)?;
+        Ok(buf)
+    };
+    loop {
+        if at + 512 > source.len() {
+            return Err(corrupt(path, "the tar archive ends without its end marker".into()));
+        }
+        let block = read(at, 512)?;
+        if block.iter().all(|b| *b == 0) {
+            break;
+        }
+        let header = tar::Header::from_byte_slice(&block);
+        let size = header.entry_size().map_err(damaged)?;
+        let data = at + 512;
+        at = data + size.div_ceil(512) * 512;
+        let kind = header.entry_type();
+        if kind == tar::EntryType::GNULongName {
+            let bytes = read(data, size)?;
+            long_name = Some(String::from_utf8_lossy(bytes.split(|b| *b == 0).next().unwrap_or_default()).into_owned());
+            continue;
+        }
+        let name = match long_name.take() {
+            Some(n) => n,
+            None => header.path().map_err(damaged)?.to_string_lossy().into_owned(),
+        };
+        safe_relative(path, &name)?;
+        if kind != tar::EntryType::Regular {
+            return Err(corrupt(path, format!("entry {name} is not a regular file")));
+        }
+        if is_page_image(&name) {
+            placed.insert(name, (data, size));
+        } else if name == MANIFEST_NAME {
+            manifest = Some(parse_manifest(path, &read(data, size)?)?);
+        } else {
+            if size > MAX_SMALL_FILE {
+                return Err(corrupt(path, format!("{name} holds {size} bytes, more than a small image can")));
+            }
+            small.insert(name, read(data, size)?);
+        }
+    }
+    let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: path.to_path_buf() })?;
+    check_version(path, &manifest)?;
+    std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
+    let dir = tempfile::Builder::new().prefix(".cedana-lazy-").tempdir_in(scratch).map_err(CheckpointError::io(scratch))?;
+    let mut pages = Vec::new();
+    for f in &manifest.files {
+        if let Some(&(base, size)) = placed.get(&f.name) {
+            if size != f.size {
+                return Err(corrupt(path, format!("{} holds {size} bytes, the manifest says {}", f.name, f.size)));
+            }
+            let (source, file) = (Arc::clone(&source), file.clone());
+            pages.push(LazyPage { name: f.name.clone(), source, file, base, digest: f.clone() });
+            continue;
+        }
+        let bytes =
+            small.remove(&f.name).ok_or_else(|| corrupt(path, format!("file {} listed in the manifest is missing", f.name)))?;
+        check(path, f, &bytes)?;
+        let out = dir.path().join(safe_relative(path, &f.name)?);
+        if let Some(parent) = out.parent() {
+            std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
+        }
+        std::fs::write(&out, bytes).map_err(CheckpointError::io(&out))?;
+    }
+    if let Some(extra) = small.keys().chain(placed.keys()).find(|n| !manifest.files.iter().any(|f| &f.name == *n)) {
+        return Err(corrupt(path, format!("unexpected file {extra} not listed in the manifest")));
+    }
+    let pagemaps = read_pagemaps(path, dir.path(), &manifest)?;
+    for page in &pages {
+        write_sparse(path, dir.path(), page, &pagemaps)?;
+    }
+    let images_dir = dir.path().to_path_buf();
+    let mut opened = OpenedCheckpoint::in_folder(path, Compression::Tar, manifest, images_dir, Some(dir));
+    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps }));
+    Ok(opened)
+}
+
+fn check(path: &Path, expected: &FileDigest, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut h = Hasher::new();
+    h.update(bytes);
+    if &h.finish(&expected.name) != expected {
+        return Err(corrupt(path, format!("checksum mismatch in {}", expected.name)));
+    }
+    Ok(())
+}
+
+/// The pagemaps in `images` (`pagemap-<PID>.img`), by PID.
+fn read_pagemaps(path: &Path, images: &Path, manifest: &Manifest) -> Result<HashMap<u64, Pagemap>, CheckpointError> {
+    let mut maps = HashMap::new();
+    for f in &manifest.files {
+        let Some(pid) = f.name.strip_prefix("pagemap-").and_then(|n| n.strip_suffix(".img")).and_then(|n| n.parse().ok()) else {
+            continue;
+        };
+        let file = images.join(&f.name);
+        let bytes = std::fs::read(&file).map_err(CheckpointError::io(&file))?;
+        let map = Pagemap::decode(&bytes).map_err(|e| corrupt(path, e.to_string()))?;
+        maps.insert(pid, map);
+    }
+    Ok(maps)
+}
+
+/// `page` as a sparse file in `images`: its full size, with the bytes of the runs the restore reads itself.
+fn write_sparse(path: &Path, images: &Path, page: &LazyPage, maps: &HashMap<u64, Pagemap>) -> Result<(), CheckpointError> {
+    use std::os::unix::fs::FileExt;
+    let out_path: PathBuf = images.join(&page.name);
+    let out = File::create(&out_path).map_err(CheckpointError::io(&out_path))?;
+    out.set_len(page.digest.size).map_err(CheckpointError::io(&out_path))?;
+    let id = page.pages_id();
+    let mut buf = Vec::new();
+    for extent in maps.values().filter(|m| Some(m.pages_id) == id).flat_map(|m| m.extents.iter()).filter(|e| !e.lazy) {
+        if extent.offset + extent.len() > page.digest.size {
+            return Err(corrupt(path, format!("a pagemap places pages past the end of {}", page.name)));
+        }
+        buf.resize(extent.len() as usize, 0);
+        page.source.read_exact_at(page.base + extent.offset, &mut buf).map_err(CheckpointError::io(path))?;
+        out.write_all_at(&buf, extent.offset).map_err(CheckpointError::io(&out_path))?;
+    }
+    Ok(())
+}

@@ -1,0 +1,209 @@
+//! Lazy restores (`cedana restore process --lazy`): the program runs before its memory has arrived; CRIU's
+//! lazy-pages daemon fills it on demand and then in the background from our page server, which reads the
+//! page images in place in the checkpoint (a folder or an uncompressed archive). The memory comes back
+//! whole, nothing of the restore is left running, a compressed checkpoint is refused before anything runs,
+//! and a damaged page image ends the restored program. From an object store (moto, started on 127.0.0.1),
+//! the pages are read by ranged reads as the program needs them; a store that dies half-way ends it.
+
+use std::path::Path;
+use std::time::Duration;
+
+use cedana_integration::workload::Workload;
+use cedana_integration::*;
+use nix::sys::signal::Signal;
+
+fn json(out: &str) -> serde_json::Value {
+    serde_json::from_str(out.lines().last().unwrap_or_default()).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
+/// Dump `w` into `dir` as `name`; the checkpoint's path.
+fn dump(w: &Workload, dir: &Path, name: &str, compression: &str) -> String {
+    let pid = w.pid.to_string();
+    let args = ["dump", "process", &pid, "--dir", dir.to_str().unwrap(), "--name", name, "--compression", compression];
+    let out = json(&cedana_ok(&[&args[..], &["--output", "json"]].concat()));
+    out["path"].as_str().unwrap().to_string()
+}
+
+/// Wait until the dumped PID is free, and cut the log back to its line of dump time (CRIU checks the size
+/// of open files).
+fn prepare_restore(w: &Workload, sum: &str) {
+    wait_for("the dumped PID to be free", Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
+    std::fs::OpenOptions::new().write(true).open(&w.log).unwrap().set_len(sum.len() as u64 + 1).unwrap();
+}
+
+/// Children of this process whose command is CRIU (a lazy-pages daemon left behind).
+fn criu_children() -> Vec<i32> {
+    let me = std::process::id().to_string();
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let after = stat.rsplit_once(") ").map(|(_, r)| r.to_string()).unwrap_or_default();
+            stat.contains("(criu)") && after.split_whitespace().nth(1) == Some(me.as_str())
+        })
+        .collect()
+}
+
+fn adopt_orphans() {
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integers.
+    unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+}
+
+fn end(w: &mut Workload) {
+    w.signal(Signal::SIGKILL);
+    w.reap();
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(w.pid), None);
+}
+
+#[test]
+fn a_lazy_restore_brings_the_whole_memory_back_from_a_tar_or_a_folder() {
+    require_root();
+    adopt_orphans();
+    let work = tempfile::tempdir().unwrap();
+    for compression in ["tar", "none"] {
+        let mut w = Workload::start(&workload_bin("memory"), &["64"], work.path());
+        let sum = w.wait_lines(1)[0].clone();
+        let path = dump(&w, work.path(), &format!("lazy-{compression}"), compression);
+        w.reap();
+        prepare_restore(&w, &sum);
+        let out = json(&cedana_ok(&["restore", "process", "--path", &path, "--lazy", "--output", "json"]));
+        assert_eq!(out["pid"], w.pid, "{out}");
+        let timings = &out["timings_ms"];
+        assert!(timings["lazy pages"].as_f64().is_some(), "the transfer is timed as its own phase: {out}");
+        let lazy = &out["lazy"];
+        let (running, local) = (lazy["running_after_ms"].as_f64().unwrap(), lazy["local_after_ms"].as_f64().unwrap());
+        assert!(running > 0.0 && running < local, "running before wholly local: {out}");
+        assert!(lazy["pages"].as_u64().unwrap() >= 64 * 256, "the 64 MiB came through the page server: {out}");
+        assert!(alive(w.pid), "{compression}: restored");
+        assert!(criu_children().is_empty(), "no lazy-pages daemon left: {:?}", criu_children());
+        w.signal(Signal::SIGUSR1);
+        assert_eq!(w.wait_lines(2)[1], sum, "{compression}: every page came back");
+        end(&mut w);
+    }
+}
+
+#[test]
+fn a_compressed_checkpoint_is_refused_and_a_damaged_page_image_ends_the_program() {
+    require_root();
+    adopt_orphans();
+    let work = tempfile::tempdir().unwrap();
+    let mut w = Workload::start(&workload_bin("memory"), &["32"], work.path());
+    let sum = w.wait_lines(1)[0].clone();
+    let zstd = dump(&w, work.path(), "z", "zstd");
+    w.reap();
+    prepare_restore(&w, &sum);
+    let e = cedana_err(&["restore", "process", "--path", &zstd, "--lazy"]);
+    assert!(e.contains("--compression tar or none") && e.contains("without --lazy"), "{e}");
+    assert!(!alive(w.pid), "nothing was restored");
+
+    // A folder checkpoint whose page image was damaged after the dump, in the lazily served part.
+    cedana_ok(&["restore", "process", "--path", &zstd]);
+    let folder = dump(&w, work.path(), "f", "none");
+    // The restored tree was our child (a subreaper's): reap it.
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(w.pid), None);
+    prepare_restore(&w, &sum);
+    let pages = std::fs::read_dir(&folder)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.file_name().unwrap().to_string_lossy().starts_with("pages-"));
+    let pages = pages.expect("a page image");
+    let mut bytes = std::fs::read(&pages).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&pages, bytes).unwrap();
+    let e = cedana_err(&["restore", "process", "--path", &folder, "--lazy"]);
+    assert!(e.contains("corrupt") && e.contains("checksum mismatch"), "{e}");
+    wait_for("the restored program to be ended", Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
+    assert!(criu_children().is_empty(), "no lazy-pages daemon left: {:?}", criu_children());
+    end(&mut w);
+}
+
+#[test]
+fn a_lazy_restore_reads_its_pages_from_s3_and_a_store_that_dies_ends_the_program() {
+    use cedana_integration::moto::MotoServer;
+    require_root();
+    adopt_orphans();
+    let mut moto = MotoServer::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut w = Workload::start(&workload_bin("memory"), &["128"], work.path());
+    let sum = w.wait_lines(1)[0].clone();
+    let pid = w.pid.to_string();
+    let dump = cedana_cmd(&["dump", "process", &pid, "--dir", &moto.url("lazy"), "--name", "m", "--compression", "tar"])
+        .envs(moto.env())
+        .output()
+        .unwrap();
+    success_stdout("cedana dump process --dir s3://", &dump);
+    let url = moto.url("lazy/m.tar");
+    w.reap();
+    prepare_restore(&w, &sum);
+    let restore = |moto: &MotoServer| {
+        cedana_cmd(&["restore", "process", "--path", &url, "--lazy", "--output", "json"])
+            .envs(moto.env())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let out = restore(&moto).wait_with_output().unwrap();
+    let out = json(&success_stdout("cedana restore process --path s3:// --lazy", &out));
+    assert!(out["lazy"]["pages"].as_u64().unwrap() >= 128 * 256, "{out}");
+    w.signal(Signal::SIGUSR1);
+    assert_eq!(w.wait_lines(2)[1], sum, "every page came back from the store");
+    w.signal(Signal::SIGKILL);
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(w.pid), None);
+
+    // The store dies while the pages are still arriving: the restored program is ended, and nothing of the
+    // restore is left.
+    prepare_restore(&w, &sum);
+    let child = restore(&moto);
+    wait_for("the restored program to run", Duration::from_secs(30), || alive(w.pid).then_some(()));
+    moto.kill();
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the restore fails: {stderr}");
+    assert!(stderr.contains("serving pages") || stderr.contains("lazy-pages"), "the error says why: {stderr}");
+    wait_for("the restored program to be ended", Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
+    assert!(criu_children().is_empty(), "no lazy-pages daemon left: {:?}", criu_children());
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(w.pid), None);
+}
+
+#[test]
+fn the_daemon_restores_a_process_job_lazily_and_refuses_a_compressed_checkpoint() {
+    use cedana_integration::daemon::{consecutive, numbers_in, printed_pid, Daemon};
+    require_root();
+    let d = Daemon::start();
+    let log = d.dir().join("counter.log");
+    let counter = workload_bin("counter");
+    let out = d.ok(&["run", "process", "--jid", "lz", "--out", log.to_str().unwrap(), "--", counter.to_str().unwrap()]);
+    let pid = printed_pid(&out);
+    let wait_count =
+        |n: usize| wait_for("the counter to count", Duration::from_secs(20), || (numbers_in(&log).len() >= n).then_some(()));
+    wait_count(3);
+    d.ok(&["dump", "job", "lz", "--compression", "zstd"]);
+    wait_for("the dumped PID to be free", Duration::from_secs(10), || {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    });
+    let e = d.cedana(&["restore", "job", "lz", "--lazy"]);
+    let stderr = String::from_utf8_lossy(&e.stderr);
+    assert!(!e.status.success() && stderr.contains("--compression tar or none"), "{stderr}");
+
+    d.ok(&["restore", "job", "lz"]);
+    wait_count(numbers_in(&log).len() + 2);
+    d.ok(&["dump", "job", "lz", "--compression", "tar"]);
+    wait_for("the dumped PID to be free", Duration::from_secs(10), || {
+        (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
+    });
+    let before = numbers_in(&log).len();
+    let out = json(&d.ok(&["restore", "job", "lz", "--lazy", "--output", "json"]));
+    assert_eq!(out["pid"], pid, "{out}");
+    assert!(out["lazy"]["pages"].as_u64().unwrap() > 0, "the daemon served the pages: {out}");
+    let after = {
+        wait_count(before + 3);
+        numbers_in(&log)
+    };
+    assert!(consecutive(&after), "the counter goes on where it stopped: {after:?}");
+    d.ok(&["job", "kill", "lz"]);
+}

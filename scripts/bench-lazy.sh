@@ -1,0 +1,145 @@
+#!/usr/bin/env bash
+# Benchmark lazy restores (`cedana restore process --lazy`) against raw CRIU and a normal cedana restore, on
+# one checkpoint of a 1 GiB process (half pseudo-random, half repeated text).
+#
+#   scripts/bench-lazy.sh            # as root; builds cedana (release) first
+#
+# Environment: ROUNDS=3, SIZE_MIB=1024, CRIU=<criu binary>, NO_BUILD=1 (skip the release build),
+#   CEDANA=target/release/cedana, BENCH_DIR=/var/tmp/cedana-lazy.PID (removed unless KEEP=1).
+#
+# The workload is dumped once by cedana into a folder (`--compression none`: plain CRIU images beside our
+# manifest, so raw CRIU restores it as it is) and once into an uncompressed archive (`tar`). Every round,
+# in an order that rotates, each of these restores it and the workload is killed again:
+#   raw         criu restore -d -D FOLDER                          (the program runs when it returns)
+#   normal      cedana restore process --path FOLDER --detach     (verified, then restored)
+#   lazy        cedana restore process --path FOLDER --lazy       (running after: from its report;
+#   lazy-tar    cedana restore process --path FILE.tar --lazy       wholly local: when it returns)
+# Reported: medians; time to running of a lazy restore against raw CRIU's restore, and its time to wholly
+# local against a normal cedana restore. Whole-process wall times except "running after", which is the
+# time from the start of cedana's restore pipeline to CRIU returning with the program running (cedana's
+# own start-up, about 2 ms, comes on top). At the end the workload checks its own memory.
+set -euo pipefail
+
+HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+ROOT=$(cd "$HERE/.." && pwd)
+ROUNDS=${ROUNDS:-3}
+SIZE_MIB=${SIZE_MIB:-1024}
+CEDANA=${CEDANA:-$ROOT/target/release/cedana}
+
+die() { echo "bench-lazy: $*" >&2; exit 1; }
+
+if [ -z "${CEDANA_BENCH_REAPER:-}" ]; then
+    [ "$(id -u)" = 0 ] || die "run as root (CRIU needs it)"
+    if [ "${NO_BUILD:-0}" != 1 ]; then
+        (cd "$ROOT" && cargo build --release -p cedana) >&2
+    fi
+    [ -x "$CEDANA" ] || die "no cedana binary at $CEDANA"
+    BENCH_DIR=${BENCH_DIR:-/var/tmp/cedana-lazy.$$}
+    mkdir -p "$BENCH_DIR/bin"
+    cp "$CEDANA" "$BENCH_DIR/bin/cedana"
+    gcc -O2 -Wall -o "$BENCH_DIR/bin/reaper" "$HERE/bench/reaper.c"
+    gcc -O2 -Wall -o "$BENCH_DIR/bin/workload" "$HERE/bench/workload.c"
+    export BENCH_DIR CEDANA_BENCH_REAPER=1
+    exec "$BENCH_DIR/bin/reaper" bash "${BASH_SOURCE[0]}" "$@"
+fi
+
+if [ -z "${CRIU:-}" ]; then
+    CRIU=$(command -v criu || true)
+    [ -n "$CRIU" ] || CRIU=/usr/local/sbin/criu
+fi
+export CEDANA_CRIU_BINARY_PATH=$CRIU CEDANA_LOG_LEVEL=warn
+CEDANA=$BENCH_DIR/bin/cedana
+WORK=$BENCH_DIR
+RES=$WORK/results.tsv
+: >"$RES"
+WPID=
+
+cleanup() {
+    local rc=$?
+    if [ -n "$WPID" ] && [ "$(cat "/proc/$WPID/comm" 2>/dev/null)" = workload ]; then kill -KILL "$WPID" || true; fi
+    if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
+    exit $rc
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM HUP
+
+now() { date +%s.%N; }
+wait_gone() {
+    for ((i = 0; i < 1000; i++)); do [ -e "/proc/$WPID" ] || return 0; sleep 0.01; done
+    die "PID $WPID still exists 10 s after it was killed"
+}
+end_restored() {
+    [ "$(cat "/proc/$WPID/comm" 2>/dev/null)" = workload ] || die "$1: PID $WPID is not a running workload"
+    kill -KILL "$WPID"
+    wait_gone
+}
+# timed MODE CMD...: wall time of CMD into results (its stdout in $WORK/last.out).
+timed() {
+    local mode=$1; shift
+    local t0 t1
+    t0=$(now)
+    "$@" >"$WORK/last.out" 2>"$WORK/last.err" </dev/null || { cat "$WORK/last.out" "$WORK/last.err" >&2; die "$mode failed: $*"; }
+    t1=$(now)
+    python3 -c "import sys; print(f'{sys.argv[1]}\twall\t{float(sys.argv[3]) - float(sys.argv[2]):.4f}')" "$mode" "$t0" "$t1" >>"$RES"
+}
+
+echo "# $(date -u +%FT%TZ)  $(uname -r)  $(nproc) cores  criu $("$CRIU" --version | sed -n 's/^Version: //p')  ${SIZE_MIB} MiB  $ROUNDS rounds" >&2
+setsid "$WORK/bin/workload" "$SIZE_MIB" "$WORK/workload.pid" "$WORK/workload.sum" </dev/null >/dev/null 2>&1 &
+for ((i = 0; i < 600; i++)); do [ -s "$WORK/workload.pid" ] && break; sleep 0.1; done
+WPID=$(cat "$WORK/workload.pid")
+"$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name folder --compression none --leave-running >/dev/null
+"$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name archive --compression tar >/dev/null
+wait_gone
+FOLDER=$WORK/ckpt/folder
+ARCHIVE=$WORK/ckpt/archive.tar
+
+run_mode() {
+    case $1 in
+        raw) timed raw "$CRIU" restore -d -D "$FOLDER" -o "$WORK/raw-restore.log" -v4 ;;
+        normal) timed normal "$CEDANA" restore process --path "$FOLDER" --detach --no-stream ;;
+        lazy | lazy-tar)
+            local p=$FOLDER
+            [ "$1" = lazy-tar ] && p=$ARCHIVE
+            timed "$1" "$CEDANA" restore process --path "$p" --detach --lazy --output json
+            python3 -c "import json,sys; l=json.loads(open(sys.argv[1]).read().splitlines()[-1])['lazy']; print(f\"{sys.argv[2]}\trunning\t{l['running_after_ms']/1000:.4f}\")" "$WORK/last.out" "$1" >>"$RES"
+            ;;
+    esac
+    end_restored "$1"
+}
+
+MODES=(raw normal lazy lazy-tar)
+for ((r = 0; r < ROUNDS; r++)); do
+    for ((k = 0; k < ${#MODES[@]}; k++)); do
+        m=${MODES[$(((k + r) % ${#MODES[@]}))]}
+        run_mode "$m"
+        echo "  r$r $m $(tail -n 1 "$RES" | cut -f2-)" >&2
+    done
+done
+
+# The memory after a lazy restore from the archive: the workload compares its checksum.
+"$CEDANA" restore process --path "$ARCHIVE" --detach --lazy >/dev/null
+rm -f "$WORK/workload.sum"
+kill -USR1 "$WPID"
+for ((i = 0; i < 100; i++)); do [ -s "$WORK/workload.sum" ] && break; sleep 0.1; done
+read -r expected actual <"$WORK/workload.sum"
+[ "$expected" = "$actual" ] || die "the lazily restored workload's memory differs: $expected vs $actual"
+echo "memory after a lazy restore: checksum $actual as at start" >&2
+end_restored check
+
+python3 - "$RES" <<'PY'
+import statistics, sys
+rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines()]
+def med(mode, metric):
+    v = [float(x[2]) for x in rows if x[0] == mode and x[1] == metric]
+    return statistics.median(v), min(v), max(v)
+print(f"{'restore':<28}{'median s':>10}{'min':>8}{'max':>8}")
+for mode, metric, label in [("raw", "wall", "raw criu restore"), ("normal", "wall", "cedana restore"),
+                            ("lazy", "running", "lazy (folder): running"), ("lazy", "wall", "lazy (folder): local"),
+                            ("lazy-tar", "running", "lazy (tar): running"), ("lazy-tar", "wall", "lazy (tar): local")]:
+    m, lo, hi = med(mode, metric)
+    print(f"{label:<28}{m:>10.3f}{lo:>8.3f}{hi:>8.3f}")
+raw, normal = med("raw", "wall")[0], med("normal", "wall")[0]
+for mode in ["lazy", "lazy-tar"]:
+    print(f"{mode}: time to running {med(mode, 'running')[0] / raw:.2f}x raw criu restore; "
+          f"time to wholly local {med(mode, 'wall')[0] / normal:.2f}x a normal cedana restore")
+PY
