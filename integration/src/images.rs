@@ -160,3 +160,43 @@ pub fn oci_image_tar(rootfs: &Path, work: &Path, name: &str) -> PathBuf {
     std::fs::write(layout.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}").expect("oci-layout");
     rootfs_tar(&layout, &work.join("image.tar"))
 }
+
+/// Like [`oci_image_tar`], with `config` as the image configuration's `config` (e.g. a `User` set):
+/// an OCI image-layout tarball of one uncompressed layer holding `rootfs`, linux/amd64, named `name`.
+pub fn oci_image_tar_with_config(rootfs: &Path, work: &Path, name: &str, config: serde_json::Value) -> PathBuf {
+    let layout = work.join("layout");
+    std::fs::create_dir_all(layout.join("blobs/sha256")).expect("layout folder");
+    let (layer, layer_size) = add_blob(&layout, &rootfs_tar(rootfs, &work.join("layer.tar")));
+    let image_config = serde_json::json!({
+        "architecture": "amd64",
+        "os": "linux",
+        "config": config,
+        "rootfs": { "type": "layers", "diff_ids": [layer] },
+    });
+    let write = |file: &str, v: &serde_json::Value| {
+        let p = work.join(file);
+        std::fs::write(&p, v.to_string()).expect("write blob");
+        add_blob(&layout, &p)
+    };
+    let (config, config_size) = write("config.json", &image_config);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_size },
+        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": layer_size }],
+    });
+    let (manifest, manifest_size) = write("manifest.json", &manifest);
+    let tag = name.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": manifest,
+            "size": manifest_size,
+            "annotations": { "io.containerd.image.name": name, "org.opencontainers.image.ref.name": tag },
+        }],
+    });
+    std::fs::write(layout.join("index.json"), index.to_string()).expect("index.json");
+    std::fs::write(layout.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}").expect("oci-layout");
+    rootfs_tar(&layout, &work.join("image.tar"))
+}

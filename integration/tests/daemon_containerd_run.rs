@@ -1,7 +1,8 @@
 //! `cedana run containerd IMAGE`: the daemon creates a container from an image imported into a private
 //! containerd, on our shim, and runs it as a job (its task's init as the job's PID, its output in the job's
 //! log); `dump job` and `restore job` checkpoint it and bring it back in place, still writing to the log;
-//! unknown images and taken ids are refused with errors that say what to do.
+//! unknown images and taken ids are refused with errors that say what to do; an image whose `User` is a name
+//! runs as that user of its /etc/passwd, with its groups of /etc/group, as `ctr run` would run it.
 //! Build first, then run as root:
 //! `cargo build --workspace && cargo test -p cedana-integration --test daemon_containerd_run`.
 
@@ -10,7 +11,7 @@ use std::time::Duration;
 
 use cedana_integration::daemon::{consecutive, numbers_in, wait_for_count, Daemon};
 use cedana_integration::engines::{put_shim_on_path, Containerd};
-use cedana_integration::images::busybox_rootfs;
+use cedana_integration::images::{busybox_rootfs, oci_image_tar_with_config};
 use cedana_integration::{bin, require_root, wait_for};
 
 const CEDANA_SHIM: &str = "io.containerd.cedana.v2";
@@ -23,7 +24,7 @@ struct Setup {
     daemon: Daemon,
     containerd: Containerd,
     image: String,
-    _tmp: tempfile::TempDir,
+    tmp: tempfile::TempDir,
 }
 
 fn setup(image: &str) -> Setup {
@@ -36,10 +37,24 @@ fn setup(image: &str) -> Setup {
     let rootfs = busybox_rootfs(&tmp.path().join("rootfs"));
     let image = format!("docker.io/cedana/{image}:latest");
     containerd.import(&rootfs, &image);
-    Setup { daemon: Daemon::start(), containerd, image, _tmp: tmp }
+    Setup { daemon: Daemon::start(), containerd, image, tmp }
 }
 
 impl Setup {
+    /// Imports a busybox image named `docker.io/cedana/{name}:latest` whose config runs `sleep 1000` as
+    /// `user`, with `passwd` and `group` as its /etc/passwd and /etc/group; its name.
+    fn import_with_user(&self, name: &str, user: &str, passwd: &str, group: &str) -> String {
+        let work = self.tmp.path().join(name);
+        let rootfs = busybox_rootfs(&work.join("rootfs"));
+        std::fs::write(rootfs.join("etc/passwd"), passwd).unwrap();
+        std::fs::write(rootfs.join("etc/group"), group).unwrap();
+        let image = format!("docker.io/cedana/{name}:latest");
+        let config = serde_json::json!({ "Env": ["PATH=/bin"], "Cmd": ["/bin/sleep", "1000"], "User": user });
+        let tar = oci_image_tar_with_config(&rootfs, &work, &image, config);
+        self.containerd.ok(&["image", "import", tar.to_str().unwrap()]);
+        image
+    }
+
     /// `cedana run containerd IMAGE --address SOCK --namespace NS EXTRA...`, unrun arguments.
     fn run_args(&self, image: &str, extra: &[&str]) -> Vec<String> {
         let mut args: Vec<String> = ["run", "containerd", image].iter().map(|s| s.to_string()).collect();
@@ -111,4 +126,47 @@ fn unknown_images_and_taken_ids_are_refused_clearly() {
     let ps = s.daemon.ps();
     assert!(ps.iter().all(|r| r[0] != "second"), "no job recorded for the refused run: {ps:?}");
     assert_eq!(s.daemon.row("first")[2], s.containerd.task_pid("taken").to_string(), "the first job is untouched");
+}
+
+/// The values of line `key` (`Uid`, `Gid`, `Groups`) of /proc/PID/status.
+fn status_ids(pid: i32, key: &str) -> Vec<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find_map(|l| l.strip_prefix(&format!("{key}:"))).unwrap_or_else(|| panic!("{key} in {status}"));
+    line.split_whitespace().map(|n| n.parse().unwrap()).collect()
+}
+
+const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\napp:x:1234:2345:app:/:/bin/sh\n";
+const GROUP: &str = "root:x:0:\napp:x:2345:app\nextra:x:3456:other,app\nwheel:x:10:root\n";
+
+#[test]
+fn an_image_whose_user_is_a_name_runs_as_that_user_with_its_groups() {
+    let s = setup("run-users");
+    let image = s.import_with_user("run-users-app", "app", PASSWD, GROUP);
+    s.run_ok(&image, &["--id", "u1", "--jid", "u1"]);
+    let pid = s.containerd.task_pid("u1");
+    assert_eq!(status_ids(pid, "Uid"), [1234; 4], "real, effective, saved and fs uid are app's");
+    assert_eq!(status_ids(pid, "Gid"), [2345; 4], "app's gid from /etc/passwd");
+    assert_eq!(status_ids(pid, "Groups"), [3456], "the group listing app, not app's own group nor root's");
+    assert!(s.containerd.ok(&["snapshot", "ls"]).contains("u1"), "the container's snapshot is in place");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("cedana-rootfs-"), "the snapshot mounted to read the users is unmounted: {mounts}");
+
+    // USER:GROUP, a name and a group name.
+    let image = s.import_with_user("run-users-pair", "app:extra", PASSWD, GROUP);
+    s.run_ok(&image, &["--id", "u2", "--jid", "u2"]);
+    let pid = s.containerd.task_pid("u2");
+    assert_eq!(status_ids(pid, "Uid"), [1234; 4]);
+    assert_eq!(status_ids(pid, "Gid"), [3456; 4], "the named group's gid from /etc/group");
+}
+
+#[test]
+fn an_image_user_missing_from_its_passwd_is_refused_naming_user_and_image() {
+    let s = setup("run-users-missing");
+    let image = s.import_with_user("run-users-nobody", "nobody", PASSWD, GROUP);
+    let e = s.run_err(&image, &["--id", "n1", "--jid", "n1"]);
+    assert!(e.contains("\"nobody\"") && e.contains(&image) && e.contains("/etc/passwd"), "{e}");
+    assert!(e.contains("numeric"), "says what to do: {e}");
+    assert!(!s.containerd.ok(&["container", "ls", "-q"]).contains("n1"), "no container was left");
+    assert!(!s.containerd.ok(&["snapshot", "ls"]).contains("n1"), "the prepared snapshot was removed");
+    assert!(s.daemon.ps().iter().all(|r| r[0] != "n1"), "no job recorded for the refused run");
 }

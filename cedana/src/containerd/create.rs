@@ -1,6 +1,7 @@
 //! [`create`]: a new container from an image, as `ctr run --detach` makes one: its snapshot prepared on the
-//! image's layers, the container with a spec built from the image's configuration, and its task created
-//! and started. A failure removes what was created.
+//! image's layers, the container with a spec built from the image's configuration (its user looked up in
+//! the snapshot's /etc/passwd and /etc/group), and its task created and started. A failure removes what
+//! was created.
 
 use cedana::error::ErrorKind;
 use cedana_protos::containerd::containers::container::Runtime;
@@ -8,9 +9,10 @@ use cedana_protos::containerd::containers::Container;
 use cedana_protos::containerd::types::Mount;
 use cedana_protos::containerd::SPEC_TYPE_URL;
 
-use super::image::resolve;
+use super::image::{resolve, Image};
 use super::restore::Created;
 use super::spec::{build, SpecInput};
+use super::users::resolve_in_snapshot;
 use super::{Client, ContainerdError, NewTask, Stdio};
 
 /// The snapshotter new containers use unless told otherwise (containerd's default).
@@ -64,26 +66,36 @@ pub fn create(client: &Client, new: NewContainer<'_>) -> Result<Started, Contain
             ),
         ));
     }
-    let spec = build(SpecInput { id, namespace: &namespace, image: &image.config, args: new.args, env: new.env })?;
-    let args = spec["process"]["args"]
-        .as_array()
-        .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
-        .unwrap_or_default();
-    let spec = serde_json::to_vec(&spec)
-        .map_err(|e| ContainerdError::new(ErrorKind::Internal, format!("encoding the spec of container {id}: {e}")))?;
     // Under a lease, as containerd's clients do: the snapshot is safe from the garbage collector until the
     // container that references it exists.
     client.hold(None, || {
         let mounts = client.prepare(new.snapshotter, id, &image.chain_id)?;
-        start(client, &new, spec, mounts).map(|pid| Started { pid, args })
+        start(client, &new, &image, &namespace, mounts)
     })
 }
 
-/// Creates the container on its prepared snapshot and starts its task; on failure, removes both.
-fn start(client: &Client, new: &NewContainer<'_>, spec: Vec<u8>, mounts: Vec<Mount>) -> Result<u32, ContainerdError> {
+/// Builds the spec of the container on its prepared snapshot (whose mounts are `mounts`), creates the
+/// container and starts its task; on failure, removes both.
+fn start(
+    client: &Client,
+    new: &NewContainer<'_>,
+    image: &Image,
+    namespace: &str,
+    mounts: Vec<Mount>,
+) -> Result<Started, ContainerdError> {
     let id = new.id;
     let mut created = Created { client, id, snapshot: Some(new.snapshotter), container: false };
     let result = (|| {
+        // As `ctr run` does, the image's user is looked up in the container's own snapshot, always (an
+        // image without a user still gets root's additional groups).
+        let user = resolve_in_snapshot(image.config.user.as_deref().unwrap_or_default(), new.image, &mounts)?;
+        let spec = build(SpecInput { id, namespace, image: &image.config, args: new.args, env: new.env, user: &user })?;
+        let args = spec["process"]["args"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_string)).collect())
+            .unwrap_or_default();
+        let spec = serde_json::to_vec(&spec)
+            .map_err(|e| ContainerdError::new(ErrorKind::Internal, format!("encoding the spec of container {id}: {e}")))?;
         client.create_container(Container {
             id: id.to_string(),
             labels: Default::default(),
@@ -97,7 +109,7 @@ fn start(client: &Client, new: &NewContainer<'_>, spec: Vec<u8>, mounts: Vec<Mou
         let task =
             NewTask { rootfs: mounts, stdin: String::new(), stdout: new.stdio.stdout.clone(), stderr: new.stdio.stderr.clone() };
         client.create_task(id, task)?;
-        client.start_task(id)
+        client.start_task(id).map(|pid| Started { pid, args })
     })();
     if result.is_err() {
         created.undo();

@@ -11,6 +11,7 @@ pub mod image;
 mod record;
 mod restore;
 pub mod spec;
+pub mod users;
 
 pub use client::{Client, NewTask};
 pub use create::{create, NewContainer, DEFAULT_SNAPSHOTTER};

@@ -5,6 +5,7 @@ use cedana::error::ErrorKind;
 use serde_json::{json, Value};
 
 use super::image::ImageConfig;
+use super::users::ProcessUser;
 use super::ContainerdError;
 
 /// The PATH a container gets when its image sets none.
@@ -55,6 +56,9 @@ pub struct SpecInput<'a> {
     pub args: &'a [String],
     /// `KEY=VALUE` pairs set over the image's environment.
     pub env: &'a [String],
+    /// The process's user and groups, resolved from the image's `User` against its /etc/passwd and
+    /// /etc/group ([`super::users::resolve_in_snapshot`]).
+    pub user: &'a ProcessUser,
 }
 
 /// The runtime spec of the container (the rootfs is `rootfs` in the bundle, as containerd's shims expect).
@@ -78,14 +82,13 @@ pub fn build(input: SpecInput<'_>) -> Result<Value, ContainerdError> {
         set_env(&mut env, var)?;
     }
     let cwd = image.working_dir.as_deref().filter(|d| !d.is_empty()).unwrap_or("/");
-    let (uid, gid) = user(image.user.as_deref().unwrap_or_default())?;
     let caps = DEFAULT_CAPS.to_vec();
     let namespaces: Vec<Value> = ["pid", "ipc", "uts", "mount", "network"].iter().map(|t| json!({ "type": t })).collect();
     Ok(json!({
         "ociVersion": "1.0.2-dev",
         "process": {
             "terminal": false,
-            "user": { "uid": uid, "gid": gid },
+            "user": input.user.to_json(),
             "args": args,
             "env": env,
             "cwd": cwd,
@@ -117,27 +120,6 @@ fn set_env(env: &mut Vec<String>, var: &str) -> Result<(), ContainerdError> {
         None => env.push(var.to_string()),
     }
     Ok(())
-}
-
-/// The uid and gid of the image's `User`: empty is root; `UID` or `UID:GID` are numbers. Names would need
-/// the image's /etc/passwd, which is not read.
-fn user(user: &str) -> Result<(u32, u32), ContainerdError> {
-    if user.is_empty() || user == "root" {
-        return Ok((0, 0));
-    }
-    let (u, g) = match user.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (user, None),
-    };
-    let number = |s: &str| s.parse::<u32>().ok();
-    match (number(u), g.map(number)) {
-        (Some(uid), None) => Ok((uid, 0)),
-        (Some(uid), Some(Some(gid))) => Ok((uid, gid)),
-        _ => Err(ContainerdError::new(
-            ErrorKind::Unimplemented,
-            format!("the image's user {user:?} is a name: only numeric users (UID or UID:GID) are supported"),
-        )),
-    }
 }
 
 fn mount(destination: &str, kind: &str, source: &str, options: &[&str]) -> Value {
@@ -186,7 +168,8 @@ mod tests {
     }
 
     fn spec(image: &ImageConfig, args: &[&str], env: &[&str]) -> Value {
-        build(SpecInput { id: "c1", namespace: "ns", image, args: &strings(args), env: &strings(env) }).unwrap()
+        let user = ProcessUser::default();
+        build(SpecInput { id: "c1", namespace: "ns", image, args: &strings(args), env: &strings(env), user: &user }).unwrap()
     }
 
     fn busybox() -> ImageConfig {
@@ -206,7 +189,9 @@ mod tests {
         assert_eq!(s["process"]["cwd"], "/app");
         let s = spec(&image, &["/bin/sh", "-c", "true"], &[]);
         assert_eq!(s["process"]["args"], json!(["/bin/sh", "-c", "true"]), "ctr run replaces entrypoint and command");
-        let err = build(SpecInput { id: "c", namespace: "n", image: &ImageConfig::default(), args: &[], env: &[] }).unwrap_err();
+        let user = ProcessUser::default();
+        let err = build(SpecInput { id: "c", namespace: "n", image: &ImageConfig::default(), args: &[], env: &[], user: &user })
+            .unwrap_err();
         assert_eq!(err.kind(), ErrorKind::InvalidArgument);
     }
 
@@ -216,7 +201,9 @@ mod tests {
         assert_eq!(s["process"]["env"], json!(["PATH=/bin", "A=2", "B=3"]));
         let s = spec(&ImageConfig { cmd: Some(strings(&["x"])), ..Default::default() }, &[], &[]);
         assert_eq!(s["process"]["env"], json!([DEFAULT_PATH]));
-        let bad = build(SpecInput { id: "c", namespace: "n", image: &busybox(), args: &[], env: &strings(&["NOVALUE"]) });
+        let user = ProcessUser::default();
+        let bad =
+            build(SpecInput { id: "c", namespace: "n", image: &busybox(), args: &[], env: &strings(&["NOVALUE"]), user: &user });
         assert_eq!(bad.unwrap_err().kind(), ErrorKind::InvalidArgument);
     }
 
@@ -244,16 +231,11 @@ mod tests {
     }
 
     #[test]
-    fn numeric_users_are_used_and_names_refused() {
-        let with_user = |u: &str| ImageConfig { user: Some(u.into()), ..busybox() };
-        let s = spec(&with_user(""), &[], &[]);
-        assert_eq!(s["process"]["user"], json!({ "uid": 0, "gid": 0 }));
-        let s = spec(&with_user("1000"), &[], &[]);
-        assert_eq!(s["process"]["user"], json!({ "uid": 1000, "gid": 0 }));
-        let s = spec(&with_user("1000:100"), &[], &[]);
-        assert_eq!(s["process"]["user"], json!({ "uid": 1000, "gid": 100 }));
-        let err = build(SpecInput { id: "c", namespace: "n", image: &with_user("nobody"), args: &[], env: &[] }).unwrap_err();
-        assert_eq!(err.kind(), ErrorKind::Unimplemented);
-        assert!(err.to_string().contains("nobody"), "{err}");
+    fn the_resolved_user_is_the_process_user() {
+        let root = spec(&busybox(), &[], &[]);
+        assert_eq!(root["process"]["user"], json!({ "uid": 0, "gid": 0 }), "no additionalGids when there are none");
+        let user = ProcessUser { uid: 1234, gid: 2345, additional_gids: vec![3456, 10] };
+        let s = build(SpecInput { id: "c", namespace: "n", image: &busybox(), args: &[], env: &[], user: &user }).unwrap();
+        assert_eq!(s["process"]["user"], json!({ "uid": 1234, "gid": 2345, "additionalGids": [3456, 10] }));
     }
 }
