@@ -1,6 +1,8 @@
 //! `containerd-shim-cedana-v2` with terminals under a private containerd: `ctr run -t` and `ctr task exec -t`
 //! (run inside a pseudo-terminal the test creates, since ctr needs its own stdin to be one), window sizes, exit
-//! codes compared with the stock runc shim, and the shim's descriptors after a terminal exec.
+//! codes compared with the stock runc shim, the shim's descriptors after a terminal exec, and what ctr 1.6 makes of
+//! a checkpointed terminal container (it cannot restore one with a terminal: see the last test; the shim's terminal
+//! restore is tested at the TaskManager level, in `shim/src/task/tests/terminal.rs`).
 //! Build first, then run as root: `cargo build --workspace && cargo test -p cedana-integration --test shim_terminal`.
 
 use std::os::fd::{FromRawFd, OwnedFd};
@@ -111,6 +113,13 @@ impl Setup {
         Attached::spawn(cmd, rows, cols)
     }
 
+    /// `ctr run -t` (attached, the container kept) of `script` from `image` on `runtime` under a `rows` x `cols`
+    /// terminal.
+    fn run_tty_image(&self, runtime: &str, image: &str, id: &str, script: &str, rows: u16, cols: u16) -> Attached {
+        let cmd = self.d.ctr_cmd(&["run", "-t", "--runtime", runtime, image, id, "/bin/sh", "-c", script]);
+        Attached::spawn(cmd, rows, cols)
+    }
+
     /// `ctr run -d` of `args` on `runtime`, waiting until it runs.
     fn run_detached(&self, runtime: &str, id: &str, args: &[&str]) {
         let mut cmd = self.d.ctr_cmd(&["run", "--runtime", runtime, "--detach", "--rootfs"]);
@@ -119,6 +128,11 @@ impl Setup {
         assert!(out.status.success(), "ctr run --detach {id}: {}", String::from_utf8_lossy(&out.stderr));
         wait_for("the task to run", T, || (self.d.task_status(id).as_deref() == Some("RUNNING")).then_some(()));
     }
+}
+
+/// The counter's numbers among the lines an attached ctr printed (`n=K`).
+fn printed(lines: &[String]) -> Vec<u64> {
+    lines.iter().filter_map(|l| l.trim().strip_prefix("n=")?.parse().ok()).collect()
 }
 
 /// The PID of our shim serving task `id` (its command line has `-id ID`).
@@ -238,4 +252,64 @@ fn resize_reaches_the_init_and_an_exec_and_a_terminal_exec_leaves_no_descriptor_
     s.d.ok(&["task", "kill", "-s", "SIGKILL", id]);
     let (code, _) = init.finish();
     assert_eq!(code, Some(137));
+}
+
+/// Prints its terminal, then counts on it.
+const TTY_COUNTER: &str = "tty; i=0; while true; do echo n=$i; i=$((i+1)); sleep 0.2; done";
+
+/// Debian's ctr 1.6.20 cannot restore a task with a terminal: `ctr run` has no `--checkpoint`, `ctr task start`
+/// takes no checkpoint, and `ctr container restore --live` creates the task without a terminal (no stdio console:
+/// its Create carries `terminal: false`) even when the checkpointed spec asks for one, so the runtime gets no
+/// console socket and its restore refuses the spec's terminal (runc: "cannot allocate tty if runc will detach
+/// without setting console socket"), as it would under the runc shim, which passes no console socket either.
+/// What this checks of ours: a terminal container checkpoints through ctr, and the failed restore at Start
+/// comes back to ctr with the runtime's reason and leaves the task created with nothing running, so that
+/// `ctr task rm` removes it (`ctr task rm -f` would wait for an exit that never comes, with either shim: containerd's
+/// forced delete kills, gets NotFound, then waits).
+#[test]
+fn ctr_1_6_restores_a_terminal_container_without_a_terminal_and_the_failed_restore_leaves_nothing_running() {
+    let s = setup();
+    let image = "docker.io/cedana/busybox-tty-cr:latest";
+    s.d.import(&s.rootfs, image);
+    let mut outcomes = Vec::new();
+    for runtime in [RUNC_SHIM, RUNTIME] {
+        let name = if runtime == RUNTIME { "cedana" } else { "runc" };
+        let (id, restored, reference) =
+            (format!("tty-cr-{name}"), format!("tty-cr-{name}-restored"), format!("cedana/tty-cr-{name}:1"));
+        let original = s.run_tty_image(runtime, image, &id, TTY_COUNTER, 24, 80);
+        original.line("the init's tty", is_pts);
+        wait_for("the counter to count at the client", T, || (printed(&original.out.snapshot()).len() >= 3).then_some(()));
+        let spec = s.d.ok(&["container", "info", &id]);
+        assert!(spec.contains("\"terminal\": true"), "{runtime}: the container's spec asks for a terminal: {spec}");
+
+        s.d.ok(&["container", "checkpoint", "--task", &id, &reference]);
+        assert_eq!(s.d.task_status(&id).as_deref(), Some("RUNNING"), "{runtime}: the task runs on after the checkpoint");
+        let n = printed(&original.out.snapshot()).len();
+        wait_for("the counter to go on at the client", T, || (printed(&original.out.snapshot()).len() > n + 2).then_some(()));
+        s.d.ok(&["task", "kill", "-s", "SIGKILL", &id]);
+        let (code, lines) = original.finish();
+        assert_eq!(code, Some(137), "{runtime}: the attached ctr ends with the kill: {lines:?}");
+
+        let out = s.d.ctr(&["container", "restore", "--live", &restored, &reference]);
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(
+            stderr.contains("cannot allocate tty if runc will detach without setting console socket"),
+            "{runtime}: the task was created without a terminal, so no console socket reached the runtime: {stderr}"
+        );
+        // The restore at Start failed: the task is still created, with no process.
+        assert_eq!(s.d.task_status(&restored).as_deref(), Some("CREATED"), "{runtime}");
+        assert_eq!(s.d.task_pid(&restored), 0, "{runtime}: nothing runs");
+        let bundle = s.d.dir.join("state/io.containerd.runtime.v2.task").join(&s.d.namespace).join(&restored);
+        let runtime_state = std::path::Path::new("/run/containerd/runc").join(&s.d.namespace).join(&restored);
+        assert!(!runtime_state.exists(), "{runtime}: no container of the failed restore: {}", runtime_state.display());
+        assert!(
+            !cedana_integration::entries(&bundle).iter().any(|n| n.starts_with("console-")),
+            "{runtime}: no console socket in the bundle"
+        );
+        s.d.ok(&["task", "rm", &restored]);
+        assert_eq!(s.d.task_status(&restored), None, "{runtime}");
+        s.d.ok(&["container", "rm", &restored]);
+        outcomes.push(out.status.code());
+    }
+    assert_eq!(outcomes, [Some(1), Some(1)], "ctr container restore fails alike through the runc shim and ours");
 }

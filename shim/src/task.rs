@@ -12,7 +12,12 @@
 //! own (the kernel kills them then), as the runc shim does. Update and Stats go through the runtime
 //! ([`resources`]). A task (or exec) with a terminal gets it from the runtime over a console socket at Create
 //! (or the exec's Start) and keeps its [`Console`] until Delete, which waits briefly for the terminal's output to
-//! be copied ([`OUTPUT_WAIT`]); restoring a task with a terminal is not supported.
+//! be copied ([`OUTPUT_WAIT`]). A task restored with a terminal gets its new terminal at Start, as containerd's
+//! runc shim does it: the runtime's restore is given a console socket, and the restored process comes back on
+//! the pseudo-terminal the runtime sends there (its stdio reconnected to the new slave end), which the shim then
+//! copies to and from the task's FIFOs like a created task's. A failed terminal restore leaves the task created
+//! with its restore still pending, as a failed restore without a terminal does, and nothing running: a restored
+//! container whose terminal never came is deleted in the runtime.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -73,6 +78,8 @@ struct TaskEntry {
     restore: Option<(PathBuf, CreateOpts)>,
     /// Exec processes, by exec id.
     execs: HashMap<String, exec::ExecEntry>,
+    /// Whether the init has a terminal (for a pending restore, it gets its [`Console`] at Start).
+    terminal: bool,
     /// The init's terminal, when it has one.
     console: Option<Console>,
 }
@@ -144,9 +151,6 @@ impl<R: Runtime> TaskManager<R> {
         if tasks.contains_key(&req.id) {
             return Err(Error::new(crate::error::Kind::AlreadyExists, format!("task {} already exists", req.id)));
         }
-        if req.terminal && !req.checkpoint.is_empty() {
-            return Err(Error::unimplemented("restoring a task with a terminal is not supported by this shim"));
-        }
         let options = RuntimeOptions::decode(req.options.as_ref())?;
         let bundle = PathBuf::from(&req.bundle);
         let mounted = if req.rootfs.is_empty() {
@@ -184,7 +188,7 @@ impl<R: Runtime> TaskManager<R> {
         let (pid, console) = if restore.is_some() {
             (0, None)
         } else {
-            match self.create_in_runtime(opts, req.terminal).await {
+            match self.create_in_runtime(opts, req.terminal, None).await {
                 Ok(created) => created,
                 Err(e) => {
                     if let Some(target) = &mounted {
@@ -208,6 +212,7 @@ impl<R: Runtime> TaskManager<R> {
                 exit,
                 restore,
                 execs: HashMap::new(),
+                terminal: req.terminal,
                 console,
             },
         );
@@ -229,24 +234,41 @@ impl<R: Runtime> TaskManager<R> {
         Ok(CreateTaskResponse { pid: pid as u32, ..Default::default() })
     }
 
-    /// Create the container in the runtime; with a terminal, through a console socket in the bundle, and start
-    /// copying between the terminal and the task's FIFOs. A container whose terminal cannot be had is deleted.
-    async fn create_in_runtime(&self, mut opts: CreateOpts, terminal: bool) -> Result<(i32, Option<Console>)> {
+    /// Create the container in the runtime, or restore it from `checkpoint` when one is given; with a terminal,
+    /// through a console socket in the bundle (the runtime sends the new terminal's master end there; a restored
+    /// process comes back on its slave end), and start copying between the terminal and the task's FIFOs. A
+    /// container whose terminal cannot be had is deleted.
+    async fn create_in_runtime(
+        &self,
+        mut opts: CreateOpts,
+        terminal: bool,
+        checkpoint: Option<&Path>,
+    ) -> Result<(i32, Option<Console>)> {
         if !terminal {
-            return Ok((self.runtime.create(&opts).await?, None));
+            return Ok((self.create_or_restore(&opts, checkpoint).await?, None));
         }
         let socket = ConsoleSocket::bind(&opts.bundle)?;
         opts.console_socket = Some(socket.path().to_path_buf());
-        let pid = self.runtime.create(&opts).await?;
+        let pid = self.create_or_restore(&opts, checkpoint).await?;
         let console = async { Console::start(socket.receive(CONSOLE_RECEIVE_WAIT).await?, &opts.stdin, &opts.stdout) }.await;
         match console {
             Ok(console) => Ok((pid, Some(console))),
             Err(e) => {
+                let what = if checkpoint.is_some() { "restored" } else { "created" };
+                log::warn!("the terminal of {} ({what}, PID {pid}) failed: {e}; deleting the container", opts.id);
                 if let Err(d) = self.runtime.delete(&opts.id, true).await {
                     log::warn!("deleting {} after its terminal failed: {d}", opts.id);
                 }
                 Err(e)
             }
+        }
+    }
+
+    /// The runtime's restore from `checkpoint` when one is given, else its create; the init's PID.
+    async fn create_or_restore(&self, opts: &CreateOpts, checkpoint: Option<&Path>) -> Result<i32> {
+        match checkpoint {
+            Some(checkpoint) => self.runtime.restore(opts, checkpoint).await,
+            None => self.runtime.create(opts).await,
         }
     }
 
@@ -261,7 +283,11 @@ impl<R: Runtime> TaskManager<R> {
             return Err(Error::precondition(format!("task {} cannot be started: it is {}", req.id, status_name(task.status))));
         }
         if let Some((checkpoint, opts)) = &task.restore {
-            task.pid = self.runtime.restore(opts, checkpoint).await?;
+            // On failure the restore stays pending (the task created), and nothing of it is left running.
+            let (pid, console) = self.create_in_runtime(opts.clone(), task.terminal, Some(checkpoint)).await?;
+            log::info!("restored {} from {} (PID {pid}, terminal: {})", req.id, checkpoint.display(), console.is_some());
+            task.pid = pid;
+            task.console = console;
             task.restore = None;
         } else {
             self.runtime.start(&req.id).await?;
@@ -289,7 +315,7 @@ impl<R: Runtime> TaskManager<R> {
             stdin: task.stdin.clone(),
             stdout: task.stdout.clone(),
             stderr: task.stderr.clone(),
-            terminal: task.console.is_some(),
+            terminal: task.terminal,
             exit_status: exit.as_ref().map(|e| e.code).unwrap_or_default(),
             exited_at: exit.map(|e| e.at).into(),
             exec_id: req.exec_id.clone(),

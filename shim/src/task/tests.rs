@@ -14,7 +14,7 @@ use crate::runtime::{ExecOpts, RuntimeState};
 /// as the reaper would, and `signal` does the same for an exec's PID. Exec PIDs are [`EXEC_PID`] + n; an exec
 /// whose id is `bad` fails as runc's would. Given a console socket, it sends the master end of a new
 /// pseudo-terminal there, as runc does, and keeps the slave end in `slaves` (a container or exec named
-/// `noconsole` connects and sends nothing).
+/// `noconsole` connects and sends nothing). The restore of a container named `badrestore` fails as runc's would.
 pub(crate) struct StubRuntime {
     pub(crate) calls: StdMutex<Vec<String>>,
     /// The slave ends of the terminals sent, in order.
@@ -122,12 +122,19 @@ impl Runtime for StubRuntime {
         Ok(())
     }
     async fn restore(&self, opts: &CreateOpts, image_path: &Path) -> Result<i32> {
-        self.calls.lock().unwrap().push(format!("restore {} {} {}", opts.id, image_path.display(), opts.stdout));
+        let console = if opts.console_socket.is_some() { " console" } else { "" };
+        self.calls.lock().unwrap().push(format!("restore {} {} {}{console}", opts.id, image_path.display(), opts.stdout));
+        if opts.id == "badrestore" {
+            return Err(Error::internal("cedana-runc restore failed: criu failed: type RESTORE errno 0"));
+        }
+        if let Some(socket) = &opts.console_socket {
+            self.send_terminal(socket, &opts.id);
+        }
         Ok(RESTORED_PID)
     }
 }
 
-const RESTORED_PID: i32 = 5151;
+pub(crate) const RESTORED_PID: i32 = 5151;
 
 impl StubRuntime {
     /// What runc does with `--console-socket`: a new pseudo-terminal, its master end sent with its name.

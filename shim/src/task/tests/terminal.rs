@@ -1,6 +1,7 @@
 //! Terminals through the stub runtime, which sends a real pseudo-terminal over the console socket as runc does:
 //! the output reaches the stdout FIFO, the stdin FIFO reaches the terminal, ResizePty and CloseIO act on it, and
-//! the copying ends (every descriptor closed) when the terminal's process side goes away or the process is deleted.
+//! the copying ends (every descriptor closed) when the terminal's process side goes away or the process is deleted;
+//! a task restored with a terminal gets it at Start, through a console socket given to the runtime's restore.
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -228,11 +229,107 @@ async fn a_runtime_that_sends_no_terminal_fails_the_create_and_the_container_is_
     assert_eq!(kind(f.m.state(StateRequest { id: "noconsole".into(), ..Default::default() }).await), Kind::NotFound);
 }
 
+/// A Create with a checkpoint and a terminal (the restore is recorded; nothing reaches the runtime yet).
+fn tty_restore(id: &str, io: &Io) -> CreateTaskRequest {
+    CreateTaskRequest { checkpoint: io.bundle(), ..tty_create(id, io) }
+}
+
 #[tokio::test]
-async fn restoring_with_a_terminal_is_unimplemented() {
+async fn a_task_restored_with_a_terminal_gets_it_at_start_and_keeps_it_until_delete() {
+    let mut f = fixture(false);
+    let io = io();
+    let mut out = io.out_reader();
+    let created = f.m.create(tty_restore("t3", &io)).await.unwrap();
+    assert_eq!(created.pid, 0, "nothing runs before Start");
+    match next_event(&mut f.events).await {
+        Event::Create(e) => assert!(e.io.terminal && e.checkpoint == io.bundle(), "{e:?}"),
+        other => panic!("expected create, got {other:?}"),
+    }
+    assert!(f.runtime.calls.lock().unwrap().is_empty(), "Create does not touch the runtime");
+    let state = f.m.state(StateRequest { id: "t3".into(), ..Default::default() }).await.unwrap();
+    assert!(state.terminal, "State reports the terminal of a pending restore");
+    // Before Start there is no terminal yet: resizing it is a no-op, as for a process without one.
+    f.m.resize_pty(resize("t3", "", 90, 30)).await.unwrap();
+
+    let started = f.m.start(StartRequest { id: "t3".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(started.pid, RESTORED_PID as u32);
+    assert!(matches!(next_event(&mut f.events).await, Event::Start(e) if e.pid == RESTORED_PID as u32));
+    assert_eq!(
+        *f.runtime.calls.lock().unwrap(),
+        vec![format!("restore t3 {} {} console", io.bundle(), io.stdout.display())],
+        "the runtime's restore is given a console socket"
+    );
+    assert!(io.sockets().is_empty(), "the console socket is removed once the terminal came: {:?}", io.sockets());
+    let state = f.m.state(StateRequest { id: "t3".into(), ..Default::default() }).await.unwrap();
+    assert_eq!((state.status.enum_value(), state.pid, state.terminal), (Ok(Status::RUNNING), RESTORED_PID as u32, true));
+    let slave = f.runtime.slaves.lock().unwrap().pop().expect("the stub sent a terminal");
+
+    // The restored process's output reaches the stdout FIFO, the client's input reaches the process.
+    File::from(slave.try_clone().unwrap()).write_all(b"restored 42\n").unwrap();
+    assert!(read_until(&mut out, "restored 42\r\n").await.contains("restored 42"));
+    let mut input = io.in_writer().expect("the shim reads the stdin FIFO");
+    input.write_all(b"typed after restore\n").unwrap();
+    assert!(read_slave_until(&slave, "typed after restore\n").await.contains("typed after restore"));
+    f.m.resize_pty(resize("t3", "", 120, 45)).await.unwrap();
+    assert_eq!(window_size(&slave), (45, 120), "ResizePty acts on the restored task's terminal");
+
+    // The restored init exits and its terminal closes: the copy ends, and Delete need not wait.
+    drop(slave);
+    wait_eof(&mut out).await;
+    f.runtime.exits.send((RESTORED_PID, 3)).unwrap();
+    let waited = f.m.wait(WaitRequest { id: "t3".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(waited.exit_status, 3);
+    let started = Instant::now();
+    let deleted = f.m.delete(DeleteRequest { id: "t3".into(), ..Default::default() }).await.unwrap();
+    assert_eq!((deleted.pid, deleted.exit_status), (RESTORED_PID as u32, 3));
+    assert!(started.elapsed() < OUTPUT_WAIT, "the output was copied already: Delete need not wait");
+}
+
+#[tokio::test]
+async fn a_failed_terminal_restore_leaves_the_task_created_as_without_a_terminal_and_nothing_behind() {
+    // The runtime's restore fails: the same error and state as the same restore without a terminal.
     let f = fixture(false);
     let io = io();
-    let req = CreateTaskRequest { checkpoint: io.bundle(), ..tty_create("t3", &io) };
-    assert_eq!(kind(f.m.create(req).await), Kind::Unimplemented);
-    assert!(f.runtime.calls.lock().unwrap().is_empty(), "nothing reached the runtime");
+    f.m.create(tty_restore("badrestore", &io)).await.unwrap();
+    let with = f.m.start(StartRequest { id: "badrestore".into(), ..Default::default() }).await.expect_err("restore fails");
+    let g = fixture(false);
+    let plain_io = self::io();
+    let plain = CreateTaskRequest {
+        id: "badrestore".into(),
+        bundle: plain_io.bundle(),
+        checkpoint: plain_io.bundle(),
+        ..Default::default()
+    };
+    g.m.create(plain).await.unwrap();
+    let without = g.m.start(StartRequest { id: "badrestore".into(), ..Default::default() }).await.expect_err("restore fails");
+    assert_eq!((with.kind, with.to_string()), (without.kind, without.to_string()), "the runtime's error, as it is");
+    for m in [&f.m, &g.m] {
+        let state = m.state(StateRequest { id: "badrestore".into(), ..Default::default() }).await.unwrap();
+        assert_eq!((state.status.enum_value(), state.pid), (Ok(Status::CREATED), 0), "still created, nothing running");
+    }
+    assert!(io.sockets().is_empty(), "no console socket left: {:?}", io.sockets());
+    assert!(f.runtime.slaves.lock().unwrap().is_empty(), "no terminal was made");
+    // No terminal: resizing is a no-op; the pending restore is deleted without a runtime container.
+    f.m.resize_pty(resize("badrestore", "", 80, 24)).await.unwrap();
+    f.m.delete(DeleteRequest { id: "badrestore".into(), ..Default::default() }).await.unwrap();
+    assert_eq!(kind(f.m.state(StateRequest { id: "badrestore".into(), ..Default::default() }).await), Kind::NotFound);
+    let calls = f.runtime.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls,
+        vec![format!("restore badrestore {} {} console", io.bundle(), io.stdout.display()), "delete badrestore true".into()]
+    );
+
+    // The runtime restores but sends no terminal: the restored container is deleted, the task stays created.
+    let io = self::io();
+    f.m.create(tty_restore("noconsole", &io)).await.unwrap();
+    let err = f.m.start(StartRequest { id: "noconsole".into(), ..Default::default() }).await.expect_err("no terminal came");
+    assert_eq!(err.kind, Kind::Internal, "{err}");
+    let calls = f.runtime.calls.lock().unwrap().clone();
+    assert_eq!(
+        calls[2..],
+        [format!("restore noconsole {} {} console", io.bundle(), io.stdout.display()), "delete noconsole true".into()]
+    );
+    let state = f.m.state(StateRequest { id: "noconsole".into(), ..Default::default() }).await.unwrap();
+    assert_eq!((state.status.enum_value(), state.pid), (Ok(Status::CREATED), 0), "still created, nothing running");
+    assert!(io.sockets().is_empty(), "{:?}", io.sockets());
 }
