@@ -8,14 +8,15 @@
 #   CEDANA=target/release/cedana, BENCH_DIR=/var/tmp/cedana-lazy.PID (removed unless KEEP=1).
 #
 # The workload is dumped once by cedana into a folder (`--compression none`: plain CRIU images beside our
-# manifest, so raw CRIU restores it as it is) and once into an uncompressed archive (`tar`). Every round,
-# in an order that rotates, each of these restores it and the workload is killed again:
-#   raw         criu restore -d -D FOLDER                          (the program runs when it returns)
-#   normal      cedana restore process --path FOLDER --detach     (verified, then restored)
-#   lazy        cedana restore process --path FOLDER --lazy       (running after: from its report;
-#   lazy-tar    cedana restore process --path FILE.tar --lazy       wholly local: when it returns)
-# Reported: medians; time to running of a lazy restore against raw CRIU's restore, and its time to wholly
-# local against a normal cedana restore. Whole-process wall times except "running after", which is the
+# manifest, so raw CRIU restores it as it is), once into an uncompressed archive (`tar`) and once into a zstd
+# one. Every round, in an order that rotates, each of these restores it and the workload is killed again:
+#   raw             criu restore -d -D FOLDER                          (the program runs when it returns)
+#   normal[-F]      cedana restore process --path CKPT --detach       (verified, then restored)
+#   lazy[-F]        cedana restore process --path CKPT --lazy         (running after: from its report;
+#                                                                        wholly local: when it returns)
+# with CKPT the folder, or the archive of format F (tar, zstd). Reported: medians; time to running of each
+# lazy restore against raw CRIU's restore, and its time to wholly local against a normal cedana restore of
+# the same checkpoint. Whole-process wall times except "running after", which is the
 # time from the start of cedana's restore pipeline to CRIU returning with the program running (cedana's
 # own start-up, about 2 ms, comes on top). At the end the workload checks its own memory.
 set -euo pipefail
@@ -88,18 +89,28 @@ setsid "$WORK/bin/workload" "$SIZE_MIB" "$WORK/workload.pid" "$WORK/workload.sum
 for ((i = 0; i < 600; i++)); do [ -s "$WORK/workload.pid" ] && break; sleep 0.1; done
 WPID=$(cat "$WORK/workload.pid")
 "$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name folder --compression none --leave-running >/dev/null
-"$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name archive --compression tar >/dev/null
+"$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name archive --compression tar --leave-running >/dev/null
+"$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name archive --compression zstd >/dev/null
 wait_gone
 FOLDER=$WORK/ckpt/folder
 ARCHIVE=$WORK/ckpt/archive.tar
+ZSTD=$WORK/ckpt/archive.tar.zst
+
+path_of() {
+    case $1 in
+        *-tar) echo "$ARCHIVE" ;;
+        *-zstd) echo "$ZSTD" ;;
+        *) echo "$FOLDER" ;;
+    esac
+}
 
 run_mode() {
+    local p
+    p=$(path_of "$1")
     case $1 in
         raw) timed raw "$CRIU" restore -d -D "$FOLDER" -o "$WORK/raw-restore.log" -v4 ;;
-        normal) timed normal "$CEDANA" restore process --path "$FOLDER" --detach --no-stream ;;
-        lazy | lazy-tar)
-            local p=$FOLDER
-            [ "$1" = lazy-tar ] && p=$ARCHIVE
+        normal*) timed "$1" "$CEDANA" restore process --path "$p" --detach ;;
+        lazy*)
             timed "$1" "$CEDANA" restore process --path "$p" --detach --lazy --output json
             python3 -c "import json,sys; l=json.loads(open(sys.argv[1]).read().splitlines()[-1])['lazy']; print(f\"{sys.argv[2]}\trunning\t{l['running_after_ms']/1000:.4f}\")" "$WORK/last.out" "$1" >>"$RES"
             ;;
@@ -107,7 +118,7 @@ run_mode() {
     end_restored "$1"
 }
 
-MODES=(raw normal lazy lazy-tar)
+MODES=(raw normal lazy normal-tar lazy-tar normal-zstd lazy-zstd)
 for ((r = 0; r < ROUNDS; r++)); do
     for ((k = 0; k < ${#MODES[@]}; k++)); do
         m=${MODES[$(((k + r) % ${#MODES[@]}))]}
@@ -116,8 +127,8 @@ for ((r = 0; r < ROUNDS; r++)); do
     done
 done
 
-# The memory after a lazy restore from the archive: the workload compares its checksum.
-"$CEDANA" restore process --path "$ARCHIVE" --detach --lazy >/dev/null
+# The memory after a lazy restore from the zstd archive: the workload compares its checksum.
+"$CEDANA" restore process --path "$ZSTD" --detach --lazy >/dev/null
 rm -f "$WORK/workload.sum"
 kill -USR1 "$WPID"
 for ((i = 0; i < 100; i++)); do [ -s "$WORK/workload.sum" ] && break; sleep 0.1; done
@@ -132,14 +143,16 @@ rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines()]
 def med(mode, metric):
     v = [float(x[2]) for x in rows if x[0] == mode and x[1] == metric]
     return statistics.median(v), min(v), max(v)
-print(f"{'restore':<28}{'median s':>10}{'min':>8}{'max':>8}")
-for mode, metric, label in [("raw", "wall", "raw criu restore"), ("normal", "wall", "cedana restore"),
-                            ("lazy", "running", "lazy (folder): running"), ("lazy", "wall", "lazy (folder): local"),
-                            ("lazy-tar", "running", "lazy (tar): running"), ("lazy-tar", "wall", "lazy (tar): local")]:
+print(f"{'restore':<34}{'median s':>10}{'min':>8}{'max':>8}")
+lines = [("raw", "wall", "raw criu restore (folder)")]
+for f, name in [("", "folder"), ("-tar", "tar"), ("-zstd", "zstd")]:
+    lines += [(f"normal{f}", "wall", f"cedana restore ({name})"), (f"lazy{f}", "running", f"lazy ({name}): running"),
+              (f"lazy{f}", "wall", f"lazy ({name}): wholly local")]
+for mode, metric, label in lines:
     m, lo, hi = med(mode, metric)
-    print(f"{label:<28}{m:>10.3f}{lo:>8.3f}{hi:>8.3f}")
-raw, normal = med("raw", "wall")[0], med("normal", "wall")[0]
-for mode in ["lazy", "lazy-tar"]:
-    print(f"{mode}: time to running {med(mode, 'running')[0] / raw:.2f}x raw criu restore; "
-          f"time to wholly local {med(mode, 'wall')[0] / normal:.2f}x a normal cedana restore")
+    print(f"{label:<34}{m:>10.3f}{lo:>8.3f}{hi:>8.3f}")
+raw = med("raw", "wall")[0]
+for f in ["", "-tar", "-zstd"]:
+    print(f"lazy{f or ' (folder)'}: time to running {med('lazy' + f, 'running')[0] / raw:.2f}x raw criu restore; "
+          f"time to wholly local {med('lazy' + f, 'wall')[0] / med('normal' + f, 'wall')[0]:.2f}x a normal cedana restore of it")
 PY

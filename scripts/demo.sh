@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The main job end to end: start a workload, checkpoint it into a compressed file, kill it (the dump does),
-# restore it, and show it continuing where it was; then the same through the daemon, as managed job (the
+# restore it, and show it continuing where it was (and once more, restored lazily); then the same through the daemon, as managed job (the
 # seed's quick start: run, ps, dump job, ps, restore job); then a container run by containerd through our shim
 # (io.containerd.cedana.v2), checkpointed with `cedana dump containerd` and restored as a new container.
 # Needs root. Uses a scratch folder (and a daemon and a containerd on private sockets in it) that it removes
@@ -72,6 +72,23 @@ grep -A 8 -x "$LAST" "$DEMO/counter.log" | tail -n +1
 NEXT=$(grep -A 1 -x "$LAST" "$DEMO/counter.log" | sed -n 2p)
 if [[ "$NEXT" == "count $(( ${LAST#count } + 1 ))" ]]; then
   say "It continued where it was: '$LAST' was followed by '$NEXT'."
+else
+  echo "FAILED: after '$LAST' came '$NEXT'" >&2
+  exit 1
+fi
+
+say "Once more, restored lazily (the program runs before its memory has arrived): an uncompressed checkpoint,"
+echo "    cedana dump process $WORKLOAD_PID --dir $DEMO --name lazy --compression tar"
+echo "    cedana restore process --path $DEMO/lazy.tar --lazy"
+"$CEDANA" dump process "$WORKLOAD_PID" --dir "$DEMO" --name lazy --compression tar >/dev/null
+LAST=$(tail -n 1 "$DEMO/counter.log")
+# CRIU restores the process under its PID: wait until the old one is reaped.
+while [[ -e /proc/$WORKLOAD_PID ]]; do sleep 0.05; done
+"$CEDANA" restore process --path "$DEMO/lazy.tar" --lazy
+sleep 1
+NEXT=$(grep -A 1 -x "$LAST" "$DEMO/counter.log" | sed -n 2p)
+if [[ "$NEXT" == "count $(( ${LAST#count } + 1 ))" ]]; then
+  say "It continued again: '$LAST' was followed by '$NEXT'."
 else
   echo "FAILED: after '$LAST' came '$NEXT'" >&2
   exit 1

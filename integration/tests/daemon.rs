@@ -158,4 +158,6 @@ fn a_job_with_children_is_restored_right_after_its_dump() {
         let after = wait_for_count(&log, before + 5);
         assert!(consecutive(&after), "round {round}: {after:?}");
     }
+    // Jobs outlive their daemon: end this one.
+    d.ok(&["job", "kill", "loop"]);
 }

@@ -1,7 +1,8 @@
 //! Lazy restores (`cedana restore process --lazy`): the program runs before its memory has arrived; CRIU's
 //! lazy-pages daemon fills it on demand and then in the background from our page server, which reads the
-//! page images in place in the checkpoint (a folder or an uncompressed archive). The memory comes back
-//! whole, nothing of the restore is left running, a compressed checkpoint is refused before anything runs,
+//! page images out of the checkpoint (a folder, an uncompressed archive, or a compressed one by its 8 MiB
+//! units). The memory comes back whole, nothing of the restore is left running, a checkpoint compressed in
+//! one stream (zlib) is refused before anything runs,
 //! and a damaged page image ends the restored program. From an object store (moto, started on 127.0.0.1),
 //! the pages are read by ranged reads as the program needs them; a store that dies half-way ends it.
 
@@ -58,11 +59,11 @@ fn end(w: &mut Workload) {
 }
 
 #[test]
-fn a_lazy_restore_brings_the_whole_memory_back_from_a_tar_or_a_folder() {
+fn a_lazy_restore_brings_the_whole_memory_back_from_a_tar_a_folder_or_compressed_units() {
     require_root();
     adopt_orphans();
     let work = tempfile::tempdir().unwrap();
-    for compression in ["tar", "none"] {
+    for compression in ["tar", "none", "lz4", "gzip", "zstd"] {
         let mut w = Workload::start(&workload_bin("memory"), &["64"], work.path());
         let sum = w.wait_lines(1)[0].clone();
         let path = dump(&w, work.path(), &format!("lazy-{compression}"), compression);
@@ -85,21 +86,21 @@ fn a_lazy_restore_brings_the_whole_memory_back_from_a_tar_or_a_folder() {
 }
 
 #[test]
-fn a_compressed_checkpoint_is_refused_and_a_damaged_page_image_ends_the_program() {
+fn a_checkpoint_in_one_stream_is_refused_and_a_damaged_page_image_ends_the_program() {
     require_root();
     adopt_orphans();
     let work = tempfile::tempdir().unwrap();
     let mut w = Workload::start(&workload_bin("memory"), &["32"], work.path());
     let sum = w.wait_lines(1)[0].clone();
-    let zstd = dump(&w, work.path(), "z", "zstd");
+    let zlib = dump(&w, work.path(), "z", "zlib");
     w.reap();
     prepare_restore(&w, &sum);
-    let e = cedana_err(&["restore", "process", "--path", &zstd, "--lazy"]);
-    assert!(e.contains("--compression tar or none") && e.contains("without --lazy"), "{e}");
+    let e = cedana_err(&["restore", "process", "--path", &zlib, "--lazy"]);
+    assert!(e.contains("--compression tar, none, lz4, gzip or zstd") && e.contains("without --lazy"), "{e}");
     assert!(!alive(w.pid), "nothing was restored");
 
     // A folder checkpoint whose page image was damaged after the dump, in the lazily served part.
-    cedana_ok(&["restore", "process", "--path", &zstd]);
+    cedana_ok(&["restore", "process", "--path", &zlib]);
     let folder = dump(&w, work.path(), "f", "none");
     // The restored tree was our child (a subreaper's): reap it.
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(w.pid), None);
@@ -118,6 +119,24 @@ fn a_compressed_checkpoint_is_refused_and_a_damaged_page_image_ends_the_program(
     assert!(e.contains("corrupt") && e.contains("checksum mismatch"), "{e}");
     wait_for("the restored program to be ended", Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
     assert!(criu_children().is_empty(), "no lazy-pages daemon left: {:?}", criu_children());
+
+    // An lz4 archive damaged in its page data: a unit that does not decode, or a chunk that does not match.
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(w.pid), None);
+    prepare_restore(&w, &sum);
+    cedana_ok(&["restore", "process", "--path", &zlib]);
+    let lz4 = dump(&w, work.path(), "l", "lz4");
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(w.pid), None);
+    prepare_restore(&w, &sum);
+    let mut bytes = std::fs::read(&lz4).unwrap();
+    let at = bytes.len() / 3;
+    for b in &mut bytes[at..at + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&lz4, bytes).unwrap();
+    let e = cedana_err(&["restore", "process", "--path", &lz4, "--lazy"]);
+    assert!(e.contains("pages-") || e.contains("corrupt"), "the error names the damage: {e}");
+    wait_for("the restored program to be ended", Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
+    assert!(criu_children().is_empty(), "no lazy-pages daemon left: {:?}", criu_children());
     end(&mut w);
 }
 
@@ -131,12 +150,12 @@ fn a_lazy_restore_reads_its_pages_from_s3_and_a_store_that_dies_ends_the_program
     let mut w = Workload::start(&workload_bin("memory"), &["128"], work.path());
     let sum = w.wait_lines(1)[0].clone();
     let pid = w.pid.to_string();
-    let dump = cedana_cmd(&["dump", "process", &pid, "--dir", &moto.url("lazy"), "--name", "m", "--compression", "tar"])
+    let dump = cedana_cmd(&["dump", "process", &pid, "--dir", &moto.url("lazy"), "--name", "m", "--compression", "lz4"])
         .envs(moto.env())
         .output()
         .unwrap();
     success_stdout("cedana dump process --dir s3://", &dump);
-    let url = moto.url("lazy/m.tar");
+    let url = moto.url("lazy/m.tar.lz4");
     w.reap();
     prepare_restore(&w, &sum);
     let restore = |moto: &MotoServer| {
@@ -171,7 +190,7 @@ fn a_lazy_restore_reads_its_pages_from_s3_and_a_store_that_dies_ends_the_program
 }
 
 #[test]
-fn the_daemon_restores_a_process_job_lazily_and_refuses_a_compressed_checkpoint() {
+fn the_daemon_restores_a_process_job_lazily_and_refuses_a_checkpoint_in_one_stream() {
     use cedana_integration::daemon::{consecutive, numbers_in, printed_pid, Daemon};
     require_root();
     let d = Daemon::start();
@@ -182,17 +201,17 @@ fn the_daemon_restores_a_process_job_lazily_and_refuses_a_compressed_checkpoint(
     let wait_count =
         |n: usize| wait_for("the counter to count", Duration::from_secs(20), || (numbers_in(&log).len() >= n).then_some(()));
     wait_count(3);
-    d.ok(&["dump", "job", "lz", "--compression", "zstd"]);
+    d.ok(&["dump", "job", "lz", "--compression", "zlib"]);
     wait_for("the dumped PID to be free", Duration::from_secs(10), || {
         (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
     });
     let e = d.cedana(&["restore", "job", "lz", "--lazy"]);
     let stderr = String::from_utf8_lossy(&e.stderr);
-    assert!(!e.status.success() && stderr.contains("--compression tar or none"), "{stderr}");
+    assert!(!e.status.success() && stderr.contains("--compression tar, none, lz4, gzip or zstd"), "{stderr}");
 
     d.ok(&["restore", "job", "lz"]);
     wait_count(numbers_in(&log).len() + 2);
-    d.ok(&["dump", "job", "lz", "--compression", "tar"]);
+    d.ok(&["dump", "job", "lz", "--compression", "zstd"]);
     wait_for("the dumped PID to be free", Duration::from_secs(10), || {
         (!std::path::Path::new(&format!("/proc/{pid}")).exists()).then_some(())
     });

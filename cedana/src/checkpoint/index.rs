@@ -187,6 +187,10 @@ impl IndexedArchive {
             .iter()
             .find(|f| f.name == name)
             .ok_or_else(|| corrupt(&location, format!("{name} is placed in the archive but not listed in the manifest")))?;
+        let units = self.manifest.placement.iter().find(|p| p.name == name).map(|p| p.units.as_slice()).unwrap_or_default();
+        if !units.is_empty() {
+            return self.copy_units(name, *offset, units, expected, out);
+        }
         let damaged =
             |e: io::Error| corrupt(&location, format!("cannot read {name} in the archive ({e}); it is truncated or damaged"));
         let reader = self.source.read_from(*offset).map_err(|e| CheckpointError::Io { path: location.clone(), source: e })?;
@@ -217,6 +221,42 @@ impl IndexedArchive {
             return Err(corrupt(&location, format!("checksum mismatch in {name}")));
         }
         Ok(Delivery { bytes: expected.size, out_error })
+    }
+}
+
+impl IndexedArchive {
+    /// [`IndexedArchive::copy_to`] of a page image stored as independent units: its header unit checked,
+    /// then the units decoded on every core and written in order.
+    fn copy_units(
+        &self,
+        name: &str,
+        offset: u64,
+        units: &[u64],
+        expected: &super::FileDigest,
+        out: &mut dyn Write,
+    ) -> Result<Delivery, CheckpointError> {
+        let location = std::path::PathBuf::from(self.source.location());
+        let damaged =
+            |e: io::Error| corrupt(&location, format!("cannot read {name} in the archive ({e}); it is truncated or damaged"));
+        let slot = codec::units::header_slot(self.compression);
+        let mut head = vec![0u8; slot];
+        self.source.read_exact_at(offset, &mut head).map_err(|e| CheckpointError::Io { path: location.clone(), source: e })?;
+        let mut header = tar::Header::new_old();
+        codec::decoder(self.compression, io::Cursor::new(head))?.read_exact(header.as_mut_bytes()).map_err(damaged)?;
+        let found = header.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        if found != name || header.size().ok() != Some(expected.size) {
+            return Err(corrupt(&location, format!("the index points {name} at an entry that is not it ({found:?})")));
+        }
+        let read = super::units_read::Units {
+            source: &*self.source,
+            compression: self.compression,
+            base: offset + slot as u64,
+            sizes: units,
+            expected,
+            location: &location,
+        };
+        let copied = read.copy_to(out, codec::worker_threads() as usize)?;
+        Ok(Delivery { bytes: copied.bytes, out_error: copied.out_error })
     }
 }
 

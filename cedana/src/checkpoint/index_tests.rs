@@ -160,3 +160,66 @@ fn the_manifest_is_read_from_the_end_and_a_full_verification_still_reads_everyth
     assert_eq!(read_manifest(&path, false).unwrap().files.len(), 5);
     assert!(read_manifest(&path, true).is_err(), "the full verification reads the page images");
 }
+
+#[test]
+fn lz4_gzip_and_zstd_page_images_are_runs_of_units_of_one_chunk_each_that_decode_alone() {
+    use std::io::Read;
+    for c in [Compression::Lz4, Compression::Gzip, Compression::Zstd] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp");
+        let (p1, _) = write_archive(&path, c);
+        let archive = open(&path);
+        let placed = archive.manifest().placement.iter().find(|p| p.name == "pages-1.img").unwrap().clone();
+        let chunk = digest::CHUNK;
+        assert_eq!(placed.units.len(), p1.len().div_ceil(chunk), "{c}: one unit per chunk");
+        let bytes = std::fs::read(&path).unwrap();
+        let mut at = placed.offset as usize + crate::codec::units::header_slot(c);
+        for (i, size) in placed.units.iter().enumerate() {
+            let unit = &bytes[at..at + *size as usize];
+            let mut out = Vec::new();
+            crate::codec::decoder(c, std::io::Cursor::new(unit.to_vec())).unwrap().read_to_end(&mut out).unwrap();
+            let end = ((i + 1) * chunk).min(p1.len());
+            assert!(out == p1[i * chunk..end], "{c}: unit {i} is chunk {i}");
+            at += *size as usize;
+        }
+    }
+    // tar writes no units (its bytes are read in place).
+    let dir = tempfile::tempdir().unwrap();
+    write_archive(&dir.path().join("cp"), Compression::Tar);
+    assert!(open(&dir.path().join("cp")).manifest().placement.iter().all(|p| p.units.is_empty()));
+}
+
+/// A writer that takes `left` bytes and then fails (CRIU closing its pipe early).
+struct Closing {
+    left: usize,
+}
+
+impl Write for Closing {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.left == 0 {
+            return Err(std::io::ErrorKind::BrokenPipe.into());
+        }
+        let n = buf.len().min(self.left);
+        self.left -= n;
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[test]
+fn units_are_decoded_in_parallel_in_order_and_a_reader_that_stops_still_gets_a_verdict() {
+    for c in [Compression::Lz4, Compression::Zstd, Compression::Gzip] {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cp");
+        let (p1, _) = write_archive(&path, c);
+        let archive = open(&path);
+        let mut out = Vec::new();
+        assert_eq!(archive.copy_to("pages-1.img", &mut out).unwrap().bytes, p1.len() as u64);
+        assert!(out == p1, "{c}: the units in order");
+        let d = archive.copy_to("pages-1.img", &mut Closing { left: 1 << 20 }).unwrap();
+        assert_eq!(d.bytes, p1.len() as u64, "{c}: every unit read for the verdict");
+        assert_eq!(d.out_error.map(|e| e.kind()), Some(std::io::ErrorKind::BrokenPipe), "{c}");
+    }
+}

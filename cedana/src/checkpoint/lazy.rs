@@ -15,6 +15,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::digest::Hasher;
+use super::index::IndexedArchive;
+use super::lazy_store::ChunkedPages;
 use super::reader::{check_version, corrupt, parse_manifest, safe_relative};
 use super::source::{ArchiveSource, LocalSource};
 use super::{is_page_image, CheckpointError, FileDigest, Manifest, OpenedCheckpoint, MANIFEST_NAME};
@@ -33,9 +35,13 @@ pub struct LazyPage {
     pub source: Arc<dyn ArchiveSource>,
     /// The same as a local file, when it is one (read with `sendfile`).
     pub file: Option<Arc<File>>,
+    /// Where its bytes start (the first unit's start in a compressed archive).
     pub base: u64,
     /// What the manifest says of it.
     pub digest: FileDigest,
+    /// In a compressed archive: its data's units, one checksum chunk each ([`super::Placed::units`]).
+    pub units: Vec<u64>,
+    pub compression: Compression,
 }
 
 impl std::fmt::Debug for LazyPage {
@@ -69,16 +75,25 @@ impl LazyPage {
 }
 
 /// The page images of a checkpoint opened for a lazy restore ([`OpenedCheckpoint::lazy`]).
-#[derive(Debug)]
 pub struct LazyPages {
     /// Its page images, in place.
     pub pages: Vec<LazyPage>,
     /// The pagemap of each process, by PID.
     pub pagemaps: HashMap<u64, Pagemap>,
+    /// Page images read by chunks (from an object store, or compressed), verified as they are read; `None`
+    /// for local uncompressed files (read in place, verified by a pass of their own).
+    pub chunked: Option<Arc<ChunkedPages>>,
 }
 
-/// Open the checkpoint at `path` for a lazy restore (extractions go under `scratch`): a folder or an
-/// uncompressed archive; a compressed one is refused (its pages cannot be read in place). The result's
+impl std::fmt::Debug for LazyPages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "LazyPages({:?}, {} pagemaps, chunked: {})", self.pages, self.pagemaps.len(), self.chunked.is_some())
+    }
+}
+
+/// Open the checkpoint at `path` for a lazy restore (extractions go under `scratch`): a folder, an
+/// uncompressed archive, or a compressed one whose page images are runs of independent units (lz4, gzip,
+/// zstd: [`super::Placed::units`]); others are refused (their pages cannot be read on their own). The result's
 /// [`OpenedCheckpoint::lazy`] holds the page images.
 pub fn open_lazy(path: &Path, scratch: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
     if path.symlink_metadata().is_err() {
@@ -91,7 +106,10 @@ pub fn open_lazy(path: &Path, scratch: &Path) -> Result<OpenedCheckpoint, Checkp
             let source = Arc::new(LocalSource::open(path).map_err(CheckpointError::io(path))?);
             open_tar(source, Some(file), path, scratch)
         }
-        compression => Err(CheckpointError::NotInPlace { path: path.to_path_buf(), compression }),
+        compression => {
+            let source = Arc::new(LocalSource::open(path).map_err(CheckpointError::io(path))?);
+            open_compressed(source, compression, path, scratch)
+        }
     }
 }
 
@@ -106,7 +124,7 @@ pub fn open_lazy_source(
     source.read_exact_at(0, &mut head[..n]).map_err(CheckpointError::io(location))?;
     match Compression::detect_bytes(&head[..n]) {
         Some(Compression::Tar) => open_tar(source, None, location, scratch),
-        Some(compression) => Err(CheckpointError::NotInPlace { path: location.to_path_buf(), compression }),
+        Some(compression) => open_compressed(source, compression, location, scratch),
         None => Err(corrupt(location, "not a checkpoint archive (no tar, gzip, lz4, zlib or zstd signature found)".into())),
     }
 }
@@ -130,7 +148,16 @@ fn open_folder(path: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
         if is_page_image(&f.name) {
             let file = Arc::new(File::open(&file_path).map_err(missing)?);
             let source = Arc::new(LocalSource::open(&file_path).map_err(missing)?);
-            pages.push(LazyPage { name: f.name.clone(), source, file: Some(file), base: 0, digest: f.clone() });
+            let (units, compression) = (Vec::new(), Compression::None);
+            pages.push(LazyPage {
+                name: f.name.clone(),
+                source,
+                file: Some(file),
+                base: 0,
+                digest: f.clone(),
+                units,
+                compression,
+            });
         } else {
             let bytes = std::fs::read(&file_path).map_err(missing)?;
             check(path, f, &bytes)?;
@@ -138,7 +165,7 @@ fn open_folder(path: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
     }
     let pagemaps = read_pagemaps(path, path, &manifest)?;
     let mut opened = OpenedCheckpoint::in_folder(path, Compression::None, manifest, path.to_path_buf(), None);
-    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps }));
+    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps, chunked: None }));
     Ok(opened)
 }
 
@@ -209,8 +236,9 @@ fn open_tar(
             if size != f.size {
                 return Err(corrupt(path, format!("{} holds {size} bytes, the manifest says {}", f.name, f.size)));
             }
-            let (source, file) = (Arc::clone(&source), file.clone());
-            pages.push(LazyPage { name: f.name.clone(), source, file, base, digest: f.clone() });
+            let (source, file, units) = (Arc::clone(&source), file.clone(), Vec::new());
+            let compression = Compression::Tar;
+            pages.push(LazyPage { name: f.name.clone(), source, file, base, digest: f.clone(), units, compression });
             continue;
         }
         let bytes =
@@ -225,13 +253,63 @@ fn open_tar(
     if let Some(extra) = small.keys().chain(placed.keys()).find(|n| !manifest.files.iter().any(|f| &f.name == *n)) {
         return Err(corrupt(path, format!("unexpected file {extra} not listed in the manifest")));
     }
+    finish(path, Compression::Tar, manifest, dir, pages)
+}
+
+/// A compressed archive with an index whose page images are runs of units: its small files are read (and
+/// verified) through the index, its page images located.
+fn open_compressed(
+    source: Arc<dyn ArchiveSource>,
+    compression: Compression,
+    path: &Path,
+    scratch: &Path,
+) -> Result<OpenedCheckpoint, CheckpointError> {
+    let not_in_place = || CheckpointError::NotInPlace { path: path.to_path_buf(), compression };
+    let archive = IndexedArchive::open(Arc::clone(&source), MAX_SMALL_FILE)?.ok_or_else(not_in_place)?;
+    let manifest = archive.manifest().clone();
+    std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
+    let dir = tempfile::Builder::new().prefix(".cedana-lazy-").tempdir_in(scratch).map_err(CheckpointError::io(scratch))?;
+    let slot = crate::codec::units::header_slot(compression) as u64;
+    let mut pages = Vec::new();
+    for f in &manifest.files {
+        if is_page_image(&f.name) {
+            let placed = manifest.placement.iter().find(|p| p.name == f.name).filter(|p| !p.units.is_empty());
+            let placed = placed.ok_or_else(not_in_place)?;
+            let (source, units) = (Arc::clone(&source), placed.units.clone());
+            let base = placed.offset + slot;
+            pages.push(LazyPage { name: f.name.clone(), source, file: None, base, digest: f.clone(), units, compression });
+            continue;
+        }
+        let out = dir.path().join(safe_relative(path, &f.name)?);
+        if let Some(parent) = out.parent() {
+            std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
+        }
+        let mut file = File::create(&out).map_err(CheckpointError::io(&out))?;
+        if let Some(e) = archive.copy_to(&f.name, &mut file)?.out_error {
+            return Err(CheckpointError::Io { path: out, source: e });
+        }
+    }
+    finish(path, compression, manifest, dir, pages)
+}
+
+/// The pagemaps read from the images folder `dir`, each page image there as a sparse file, and the
+/// checkpoint opened.
+fn finish(
+    path: &Path,
+    compression: Compression,
+    manifest: Manifest,
+    dir: tempfile::TempDir,
+    pages: Vec<LazyPage>,
+) -> Result<OpenedCheckpoint, CheckpointError> {
     let pagemaps = read_pagemaps(path, dir.path(), &manifest)?;
+    let local = pages.iter().all(|p| p.file.is_some());
+    let chunked = (!local).then(|| Arc::new(ChunkedPages::new(&pages, path)));
     for page in &pages {
-        write_sparse(path, dir.path(), page, &pagemaps)?;
+        write_sparse(path, dir.path(), page, &pagemaps, chunked.as_deref())?;
     }
     let images_dir = dir.path().to_path_buf();
-    let mut opened = OpenedCheckpoint::in_folder(path, Compression::Tar, manifest, images_dir, Some(dir));
-    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps }));
+    let mut opened = OpenedCheckpoint::in_folder(path, compression, manifest, images_dir, Some(dir));
+    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps, chunked }));
     Ok(opened)
 }
 
@@ -260,7 +338,14 @@ fn read_pagemaps(path: &Path, images: &Path, manifest: &Manifest) -> Result<Hash
 }
 
 /// `page` as a sparse file in `images`: its full size, with the bytes of the runs the restore reads itself.
-fn write_sparse(path: &Path, images: &Path, page: &LazyPage, maps: &HashMap<u64, Pagemap>) -> Result<(), CheckpointError> {
+fn write_sparse(
+    path: &Path,
+    images: &Path,
+    page: &LazyPage,
+    maps: &HashMap<u64, Pagemap>,
+    chunked: Option<&ChunkedPages>,
+) -> Result<(), CheckpointError> {
+    use crate::criu::pageserver::PageStore;
     use std::os::unix::fs::FileExt;
     let out_path: PathBuf = images.join(&page.name);
     let out = File::create(&out_path).map_err(CheckpointError::io(&out_path))?;
@@ -272,7 +357,11 @@ fn write_sparse(path: &Path, images: &Path, page: &LazyPage, maps: &HashMap<u64,
             return Err(corrupt(path, format!("a pagemap places pages past the end of {}", page.name)));
         }
         buf.resize(extent.len() as usize, 0);
-        page.source.read_exact_at(page.base + extent.offset, &mut buf).map_err(CheckpointError::io(path))?;
+        match (chunked, page.pages_id()) {
+            (Some(c), Some(id)) => c.read_at(id, extent.offset, &mut buf),
+            _ => page.source.read_exact_at(page.base + extent.offset, &mut buf),
+        }
+        .map_err(CheckpointError::io(path))?;
         out.write_all_at(&buf, extent.offset).map_err(CheckpointError::io(&out_path))?;
     }
     Ok(())

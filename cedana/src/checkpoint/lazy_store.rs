@@ -1,7 +1,8 @@
-//! Page images served from an archive read by ranges (an object in a store) for a lazy restore: fetched in
-//! the checksum's chunks (8 MiB), the last few kept, each chunk hashed the first time it arrives, so the
-//! page images are verified against the manifest with no second download: [`ChunkedPages::verify`], once
-//! the transfer is over, fetches the chunks never asked for and compares every image's digest.
+//! Page images served for a lazy restore from an archive read by ranges (an object in a store) or
+//! compressed: fetched in the checksum's chunks (8 MiB; in a compressed archive each chunk is one unit of
+//! its own, decoded alone), the last few kept, each chunk hashed the first time it arrives, so the page
+//! images are verified against the manifest with no second read: [`ChunkedPages::verify`], once the
+//! transfer is over, fetches the chunks never asked for and compares every image's digest.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -18,6 +19,8 @@ const CACHED_CHUNKS: usize = 4;
 
 struct Image {
     page: LazyPage,
+    /// In a compressed archive: where each unit starts, from the page image's base.
+    unit_starts: Vec<u64>,
     state: Mutex<State>,
 }
 
@@ -42,7 +45,8 @@ impl ChunkedPages {
             .filter_map(|p| {
                 let chunks = p.digest.size.div_ceil(CHUNK as u64).max(1) as usize;
                 let state = State { hashes: vec![None; chunks], cache: VecDeque::new() };
-                Some((p.pages_id()?, Image { page: p.clone(), state: Mutex::new(state) }))
+                let unit_starts = p.units.iter().scan(0u64, |at, len| Some(std::mem::replace(at, *at + len))).collect();
+                Some((p.pages_id()?, Image { page: p.clone(), unit_starts, state: Mutex::new(state) }))
             })
             .collect();
         Self { images, location: location.to_path_buf() }
@@ -94,8 +98,24 @@ impl ChunkedPages {
     fn fetch(&self, image: &Image, i: usize) -> std::io::Result<Vec<u8>> {
         let start = i as u64 * CHUNK as u64;
         let len = (image.page.digest.size - start).min(CHUNK as u64) as usize;
-        let mut buf = vec![0u8; len];
-        image.page.source.read_exact_at(image.page.base + start, &mut buf)?;
+        if image.page.units.is_empty() {
+            let mut buf = vec![0u8; len];
+            image.page.source.read_exact_at(image.page.base + start, &mut buf)?;
+            return Ok(buf);
+        }
+        let damaged = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", image.page.name));
+        let (Some(&at), Some(&size)) = (image.unit_starts.get(i), image.page.units.get(i)) else {
+            return Err(damaged(format!("the manifest places no unit for chunk {i}")));
+        };
+        let mut packed = vec![0u8; size as usize];
+        image.page.source.read_exact_at(image.page.base + at, &mut packed)?;
+        let mut decoder =
+            crate::codec::decoder(image.page.compression, std::io::Cursor::new(packed)).map_err(std::io::Error::other)?;
+        let mut buf = Vec::with_capacity(len);
+        std::io::Read::read_to_end(&mut decoder, &mut buf).map_err(|e| damaged(format!("unit {i} does not decode ({e})")))?;
+        if buf.len() != len {
+            return Err(damaged(format!("unit {i} holds {} bytes, not {len}", buf.len())));
+        }
         Ok(buf)
     }
 }

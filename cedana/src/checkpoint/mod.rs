@@ -17,6 +17,7 @@ pub mod release;
 pub mod sink;
 pub mod source;
 pub mod tail;
+pub(crate) mod units_read;
 pub mod writer;
 
 pub use digest::FileDigest;
@@ -60,7 +61,7 @@ pub enum CheckpointError {
     ExternalFile { path: PathBuf, detail: String },
     #[error("{path} uses checkpoint format {found}, this cedana reads format {expected}: use a matching cedana version")]
     Version { path: PathBuf, found: u32, expected: u32 },
-    #[error("{path} is compressed ({compression}): a lazy restore reads page images in place, which needs a checkpoint dumped with --compression tar or none; restore it without --lazy")]
+    #[error("{path} is compressed ({compression}) in one piece: a lazy restore reads each page image by chunks, which needs a checkpoint dumped with --compression tar, none, lz4, gzip or zstd (by this cedana); restore it without --lazy")]
     NotInPlace { path: PathBuf, compression: crate::codec::Compression },
 }
 

@@ -391,10 +391,12 @@ impl CheckpointWriter {
         }
         // A placeholder of the slot's size (overwritten below), so the data lands after it.
         out.write_all(&unit(&[0u8; 512], Some(slot))?).map_err(io_err)?;
-        let mut enc = codec::encoder(c, out)?;
+        let mut enc = codec::unit_encoder(c, out)?;
+        let unit_sizes = enc.unit_sizes();
         let mut hashing = HashingReader::new(ProgressReader { inner: reader, progress: &|_| {}, cancel: &self.cancel });
         let size = copy_large(&mut hashing, &mut enc).map_err(io_err)?;
         let mut out = enc.finish().map_err(io_err)?;
+        let units = unit_sizes.and_then(|u| u.lock().ok().map(|u| u.clone())).unwrap_or_default();
         // The placeholder must have reached the file before it is overwritten.
         out.flush().map_err(io_err)?;
         let mut header = entry_header(size);
@@ -406,7 +408,7 @@ impl CheckpointWriter {
             None => return Err(io_err(abandoned())),
         }
         self.files.push(hashing.hasher().finish(name));
-        self.placed.push(Placed { name: name.to_string(), offset: at });
+        self.placed.push(Placed { name: name.to_string(), offset: at, units });
         *encoding = Encoding::Units { out, pad: (512 - (size % 512) as usize) % 512 };
         Ok(())
     }

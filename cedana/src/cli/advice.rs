@@ -13,7 +13,15 @@ pub const CRIU_INSTALL: &str =
 
 /// The error, followed by advice where there is some.
 pub fn render(err: &anyhow::Error) -> String {
-    let text = format!("{err:#}");
+    // The chain as `{:#}` gives it, without a cause the message before it already ends with (errors that
+    // print their source and also return it from `source()`).
+    let mut text = err.to_string();
+    for cause in err.chain().skip(1) {
+        let cause = cause.to_string();
+        if !text.ends_with(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
     match err.downcast_ref::<EngineError>().and_then(advice) {
         Some(a) => format!("{text}\n  hint: {a}"),
         None => text,
@@ -55,6 +63,14 @@ fn checkpoint_advice(e: &CheckpointError) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cause_that_its_error_prints_already_is_not_repeated() {
+        let err = EngineError::Io { what: "reading x".into(), source: std::io::Error::other("gone") };
+        assert_eq!(render(&anyhow::Error::from(err)), "reading x: gone");
+        let outer = anyhow::Error::from(std::io::Error::other("inner")).context("outer");
+        assert_eq!(render(&outer), "outer: inner", "causes not printed yet still are");
+    }
 
     #[test]
     fn advice_names_the_flag() {

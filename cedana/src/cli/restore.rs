@@ -127,7 +127,8 @@ pub struct ProcessArgs {
     pub external_file: Vec<cedana::checkpoint::external::FileRedirect>,
     /// Restore lazily: the program runs at once, its memory filled on demand (userfaultfd) and then in the
     /// background from the checkpoint (served by the daemon, or by this command without one); returns once
-    /// the memory is wholly local. Needs a checkpoint dumped with --compression tar or none.
+    /// the memory is wholly local. Needs page images that can be read in pieces: compression none, tar, lz4,
+    /// gzip or zstd (not zlib).
     #[arg(long)]
     pub lazy: bool,
     #[command(flatten)]

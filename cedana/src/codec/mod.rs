@@ -149,7 +149,21 @@ impl FromStr for Compression {
 pub trait Encoder<W: Write>: Write + Send {
     /// Flush all buffered data and the format's trailer, and return the inner writer.
     fn finish(self: Box<Self>) -> io::Result<W>;
+
+    /// For encoders that write self-contained units of [`UNIT_BLOCK`] input bytes each (the last one
+    /// shorter): the compressed size of every unit written so far, filled in as they are written. `None`
+    /// for the others.
+    fn unit_sizes(&self) -> Option<UnitSizes> {
+        None
+    }
 }
+
+/// The compressed sizes of an encoder's units, in order (see [`Encoder::unit_sizes`]).
+pub type UnitSizes = std::sync::Arc<std::sync::Mutex<Vec<u64>>>;
+
+/// The input bytes of one unit of a block-parallel encoder: the same as the checksum's chunk, so that a unit
+/// decodes to exactly one chunk of the entry and can be verified on its own.
+pub const UNIT_BLOCK: usize = crate::checkpoint::digest::CHUNK;
 
 struct Plain<W>(W);
 
@@ -205,6 +219,20 @@ pub fn encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dy
             enc.multithread(worker_threads()).map_err(setup)?;
             behind(Box::new(enc))
         }
+    }
+}
+
+/// Like [`encoder`], but every format with units writes self-contained units of [`UNIT_BLOCK`] input bytes
+/// each and reports their sizes ([`Encoder::unit_sizes`]): zstd too, as independent frames (one stream of
+/// frames to any zstd decoder). For entries read piece by piece later (page images).
+pub fn unit_encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dyn Encoder<W>>, CodecError> {
+    match c {
+        Compression::Zstd => {
+            let setup = |source| CodecError::Setup { codec: c, source };
+            let threads = worker_threads() as usize;
+            Ok(Box::new(parallel::ParallelBlocks::new(w, "zstd", parallel::zstd_frame, threads).map_err(setup)?))
+        }
+        _ => encoder(c, w),
     }
 }
 

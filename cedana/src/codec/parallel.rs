@@ -1,7 +1,7 @@
 //! Block-parallel compression on every core: the input is cut into blocks, each compressed on a worker into a
 //! self-contained unit, and the units are written in order. For gzip a unit is a member (concatenated members
-//! are one gzip stream, RFC 1952); for lz4 a frame (concatenated frames are one lz4 stream). Any reader of
-//! the format reads the result back (ours: `MultiGzDecoder`, lz4_flex's `FrameDecoder`).
+//! are one gzip stream, RFC 1952); for lz4 and zstd a frame (concatenated frames are one stream). Any reader
+//! of the format reads the result back (ours: `MultiGzDecoder`, lz4_flex's `FrameDecoder`, zstd's decoder).
 
 use std::collections::BTreeMap;
 use std::io::{self, Write};
@@ -9,9 +9,9 @@ use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::Encoder;
+use super::{Encoder, UnitSizes};
 
-const BLOCK: usize = 8 << 20;
+const BLOCK: usize = super::UNIT_BLOCK;
 
 type Job = (u64, Vec<u8>);
 
@@ -26,6 +26,7 @@ pub struct ParallelBlocks<W: Write + Send + 'static> {
     workers: Vec<JoinHandle<()>>,
     writer: Option<JoinHandle<io::Result<W>>>,
     name: &'static str,
+    sizes: UnitSizes,
 }
 
 impl<W: Write + Send + 'static> ParallelBlocks<W> {
@@ -41,8 +42,11 @@ impl<W: Write + Send + 'static> ParallelBlocks<W> {
             workers.push(std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || work(&rx, &tx, compress))?);
         }
         drop(done_tx);
-        let writer = std::thread::Builder::new().name(format!("{name}-out")).spawn(move || write_in_order(out, done_rx))?;
-        Ok(Self { buf: Vec::with_capacity(BLOCK), seq: 0, jobs: Some(jobs), workers, writer: Some(writer), name })
+        let sizes = UnitSizes::default();
+        let recorded = sizes.clone();
+        let writer =
+            std::thread::Builder::new().name(format!("{name}-out")).spawn(move || write_in_order(out, done_rx, &recorded))?;
+        Ok(Self { buf: Vec::with_capacity(BLOCK), seq: 0, jobs: Some(jobs), workers, writer: Some(writer), name, sizes })
     }
 
     fn dispatch(&mut self) -> io::Result<()> {
@@ -89,6 +93,13 @@ pub fn gzip_member(block: &[u8]) -> io::Result<Vec<u8>> {
     enc.finish()
 }
 
+/// A zstd frame at the codec's level, with its content checksum.
+pub fn zstd_frame(block: &[u8]) -> io::Result<Vec<u8>> {
+    let mut c = zstd::bulk::Compressor::new(super::ZSTD_LEVEL)?;
+    c.include_checksum(true)?;
+    c.compress(block)
+}
+
 /// An lz4 frame (4 MiB blocks, content checksum).
 pub fn lz4_frame(block: &[u8]) -> io::Result<Vec<u8>> {
     let info = lz4_flex::frame::FrameInfo::new().block_size(lz4_flex::frame::BlockSize::Max4MB).content_checksum(true);
@@ -97,7 +108,7 @@ pub fn lz4_frame(block: &[u8]) -> io::Result<Vec<u8>> {
     enc.finish().map_err(io::Error::other)
 }
 
-fn write_in_order<W: Write>(mut out: W, done: Receiver<io::Result<Job>>) -> io::Result<W> {
+fn write_in_order<W: Write>(mut out: W, done: Receiver<io::Result<Job>>, sizes: &UnitSizes) -> io::Result<W> {
     let mut pending = BTreeMap::new();
     let mut next = 0u64;
     for result in done {
@@ -105,6 +116,9 @@ fn write_in_order<W: Write>(mut out: W, done: Receiver<io::Result<Job>>) -> io::
         pending.insert(seq, bytes);
         while let Some(bytes) = pending.remove(&next) {
             out.write_all(&bytes)?;
+            if let Ok(mut s) = sizes.lock() {
+                s.push(bytes.len() as u64);
+            }
             next += 1;
         }
     }
@@ -137,6 +151,10 @@ impl<W: Write + Send + 'static> Encoder<W> for ParallelBlocks<W> {
         }
         tracing::trace!(blocks = self.seq, codec = self.name, "parallel encoder finished");
         self.stop()
+    }
+
+    fn unit_sizes(&self) -> Option<UnitSizes> {
+        Some(self.sizes.clone())
     }
 }
 

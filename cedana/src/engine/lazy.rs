@@ -62,18 +62,17 @@ impl LazyDaemon {
     /// Start `criu lazy-pages` on `images` with `work` as its work folder, served from `lazy`; returns once
     /// it listens for the restore.
     pub(crate) fn start(criu: &Path, images: &Path, work: &Path, lazy: &LazyPages, location: &Path) -> Result<Self, EngineError> {
-        let local = lazy.pages.iter().all(|p| p.file.is_some());
-        let (store, verify): (Arc<dyn PageStore>, Option<Arc<ChunkedPages>>) = if local {
-            let mut files = FilePages::new();
-            for page in &lazy.pages {
-                if let (Some(id), Some(file)) = (page.pages_id(), &page.file) {
-                    files.insert(id, Arc::clone(file), page.base);
+        let (store, verify): (Arc<dyn PageStore>, Option<Arc<ChunkedPages>>) = match &lazy.chunked {
+            Some(chunked) => (chunked.clone(), Some(chunked.clone())),
+            None => {
+                let mut files = FilePages::new();
+                for page in &lazy.pages {
+                    if let (Some(id), Some(file)) = (page.pages_id(), &page.file) {
+                        files.insert(id, Arc::clone(file), page.base);
+                    }
                 }
+                (Arc::new(files), None)
             }
-            (Arc::new(files), None)
-        } else {
-            let chunked = Arc::new(ChunkedPages::new(&lazy.pages, location));
-            (chunked.clone(), Some(chunked))
         };
         let server = PageServer::new(lazy.pagemaps.clone(), store);
         let served = server.served();
@@ -146,8 +145,11 @@ impl LazyDaemon {
             Verify::AsServed(chunked) if served.is_ok() => chunked.verify(),
             Verify::AsServed(_) => Ok(()),
         };
+        // The first cause wins: a page image that does not match, then what our page server could not
+        // serve (a store that stopped answering, a unit that does not decode), then the daemon's own end.
         let failure = match (status, served, verified) {
             (_, _, Err(e)) => Some(EngineError::Checkpoint(e)),
+            (_, Err(e @ (PageServerError::Read { .. } | PageServerError::NoSuchPages { .. })), _) => Some(serving_failed(e)),
             (Err(e), _, _) => Some(e),
             (Ok(s), _, _) if !s.success() => Some(daemon_failed(format!("failed ({s})"), &self.log)),
             (_, Err(e), _) => Some(serving_failed(e)),

@@ -148,16 +148,18 @@ fn a_receiver_error_fails_the_dump_and_the_process_runs_on() {
             io::copy(data, &mut io::sink()).map(|_| ())
         }
     }
-    // More memory than a pipe holds, so that CRIU is still writing when the pipe is closed.
-    let mut child = spawn_in_session(&["sh", "-c", "x=$(head -c 3000000 /dev/urandom | od -An -tx1); exec sleep 100"]);
+    // Far more memory than a pipe holds (the shell keeps the string), so that CRIU is still writing pages
+    // when the receiver refuses them, whatever the timing.
+    let dir = tempfile::tempdir().unwrap();
+    let ready = dir.path().join("ready");
+    let script = format!("x=$(head -c 3000000 /dev/urandom | od -An -tx1); : > {}; while :; do sleep 1; done", ready.display());
+    let mut child = spawn_in_session(&["sh", "-c", &script]);
     let pid = child.id() as i32;
-    // Wait for the memory to be filled (the shell has exec'd sleep).
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default().starts_with("sleep") {
+    while !ready.exists() {
         assert!(std::time::Instant::now() < deadline, "the workload never got ready");
         std::thread::sleep(Duration::from_millis(20));
     }
-    let dir = tempfile::tempdir().unwrap();
     let capture = Capture::listen(dir.path(), Arc::new(Refuse)).unwrap();
     let out = Command::new(criu())
         .args(["dump", "--stream", "-t", &pid.to_string(), "-D"])

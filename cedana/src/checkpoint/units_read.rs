@@ -1,0 +1,155 @@
+//! A page image stored as a run of independent units (one checksum chunk of 8 MiB each, see
+//! [`super::Placed::units`]) read back on every core: workers fetch and decode units and hash each chunk
+//! while the caller writes them in order, holding at most a few units at once. The image's digest is the
+//! combination of the chunks' hashes, so it is checked with no pass of its own.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::path::Path;
+use std::sync::{Condvar, Mutex};
+
+use super::digest::{combine, xxh3_128, CHUNK};
+use super::reader::corrupt;
+use super::source::ArchiveSource;
+use super::{CheckpointError, FileDigest};
+use crate::codec::Compression;
+
+/// A decoded unit by its index: its bytes and their hash.
+type Decoded = (usize, Result<(Vec<u8>, u128), CheckpointError>);
+
+/// Units decoded ahead of the one being written, per worker.
+const AHEAD_PER_WORKER: usize = 2;
+
+/// Where the units of one image are.
+pub(crate) struct Units<'a> {
+    pub source: &'a dyn ArchiveSource,
+    pub compression: Compression,
+    /// Where the first unit starts.
+    pub base: u64,
+    /// Each unit's compressed size.
+    pub sizes: &'a [u64],
+    pub expected: &'a FileDigest,
+    pub location: &'a Path,
+}
+
+/// What [`Units::copy_to`] did: the bytes delivered, and why writing to `out` stopped, if it did.
+pub(crate) struct Copied {
+    pub bytes: u64,
+    pub out_error: Option<io::Error>,
+}
+
+struct Window {
+    /// The next unit a worker takes.
+    next: usize,
+    /// Units written so far.
+    written: usize,
+    failed: bool,
+}
+
+impl Units<'_> {
+    /// Decode every unit on `workers` threads and write them to `out` in order; an error once a unit does
+    /// not decode to its chunk or the image does not match the manifest (every unit is read, even after
+    /// `out` failed, for the verdict).
+    pub(crate) fn copy_to(&self, out: &mut dyn Write, workers: usize) -> Result<Copied, CheckpointError> {
+        let total = self.expected.size;
+        let chunks = total.div_ceil(CHUNK as u64).max(1) as usize;
+        if self.sizes.len() != chunks {
+            let detail = format!("{} has {} units for {chunks} chunks", self.expected.name, self.sizes.len());
+            return Err(corrupt(self.location, detail));
+        }
+        let starts: Vec<u64> = self.sizes.iter().scan(self.base, |at, len| Some(std::mem::replace(at, *at + len))).collect();
+        let workers = workers.max(1);
+        let window = Mutex::new(Window { next: 0, written: 0, failed: false });
+        let turn = Condvar::new();
+        let (tx, rx) = std::sync::mpsc::channel::<Decoded>();
+        std::thread::scope(|scope| {
+            for _ in 0..workers {
+                let (tx, window, turn, starts) = (tx.clone(), &window, &turn, &starts);
+                scope.spawn(move || loop {
+                    let i = {
+                        let Ok(mut w) = window.lock() else { return };
+                        while !w.failed && w.next < chunks && w.next >= w.written + workers * AHEAD_PER_WORKER {
+                            w = match turn.wait(w) {
+                                Ok(w) => w,
+                                Err(_) => return,
+                            };
+                        }
+                        if w.failed || w.next >= chunks {
+                            return;
+                        }
+                        w.next += 1;
+                        w.next - 1
+                    };
+                    let unit = self.decode(i, starts[i], total);
+                    if tx.send((i, unit)).is_err() {
+                        return;
+                    }
+                });
+            }
+            drop(tx);
+            let result = self.write_in_order(&rx, chunks, out, &window, &turn);
+            if result.is_err() {
+                if let Ok(mut w) = window.lock() {
+                    w.failed = true;
+                }
+                turn.notify_all();
+            }
+            result
+        })
+    }
+
+    fn write_in_order(
+        &self,
+        rx: &std::sync::mpsc::Receiver<Decoded>,
+        chunks: usize,
+        out: &mut dyn Write,
+        window: &Mutex<Window>,
+        turn: &Condvar,
+    ) -> Result<Copied, CheckpointError> {
+        let mut pending = BTreeMap::new();
+        let mut hashes = Vec::with_capacity(chunks);
+        let mut out_error = None;
+        let mut bytes = 0u64;
+        while hashes.len() < chunks {
+            let Ok((i, unit)) = rx.recv() else {
+                return Err(corrupt(self.location, format!("reading {} stopped early", self.expected.name)));
+            };
+            pending.insert(i, unit?);
+            while let Some((data, hash)) = pending.remove(&hashes.len()) {
+                if out_error.is_none() {
+                    out_error = out.write_all(&data).err();
+                }
+                bytes += data.len() as u64;
+                hashes.push(hash);
+                if let Ok(mut w) = window.lock() {
+                    w.written += 1;
+                }
+                turn.notify_all();
+            }
+        }
+        if combine(self.expected.name.clone(), bytes, &hashes) != *self.expected {
+            return Err(corrupt(self.location, format!("checksum mismatch in {}", self.expected.name)));
+        }
+        Ok(Copied { bytes, out_error })
+    }
+
+    /// Unit `i` (starting at `start`) decoded, checked to be its chunk's length, and that chunk's hash.
+    fn decode(&self, i: usize, start: u64, total: u64) -> Result<(Vec<u8>, u128), CheckpointError> {
+        let name = &self.expected.name;
+        let damaged = |what: String| corrupt(self.location, format!("{name}: unit {i} {what}; it is truncated or damaged"));
+        let mut packed = vec![0u8; self.sizes[i] as usize];
+        self.source
+            .read_exact_at(start, &mut packed)
+            .map_err(|e| CheckpointError::Io { path: self.location.to_path_buf(), source: e })?;
+        let len = (total - i as u64 * CHUNK as u64).min(CHUNK as u64) as usize;
+        let mut data = Vec::with_capacity(len);
+        crate::codec::decoder(self.compression, io::Cursor::new(packed))?
+            .read_to_end(&mut data)
+            .map_err(|e| damaged(format!("does not decode ({e})")))?;
+        if data.len() != len {
+            return Err(damaged(format!("holds {} bytes, not {len}", data.len())));
+        }
+        let hash = xxh3_128(&data);
+        Ok((data, hash))
+    }
+}
