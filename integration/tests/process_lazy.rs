@@ -99,8 +99,11 @@ fn a_checkpoint_in_one_stream_is_refused_and_a_damaged_page_image_ends_the_progr
     assert!(e.contains("--compression tar, none, lz4, gzip or zstd") && e.contains("without --lazy"), "{e}");
     assert!(!alive(w.pid), "nothing was restored");
 
+    // Asked to fall back, the same checkpoint is restored normally.
+    let out = cedana_ok(&["restore", "process", "--path", &zlib, "--lazy-fallback"]);
+    assert!(alive(w.pid) && !out.contains("Running after"), "restored, not lazily: {out}");
+
     // A folder checkpoint whose page image was damaged after the dump, in the lazily served part.
-    cedana_ok(&["restore", "process", "--path", &zlib]);
     let folder = dump(&w, work.path(), "f", "none");
     // The restored tree was our child (a subreaper's): reap it.
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(w.pid), None);
@@ -209,7 +212,8 @@ fn the_daemon_restores_a_process_job_lazily_and_refuses_a_checkpoint_in_one_stre
     let stderr = String::from_utf8_lossy(&e.stderr);
     assert!(!e.status.success() && stderr.contains("--compression tar, none, lz4, gzip or zstd"), "{stderr}");
 
-    d.ok(&["restore", "job", "lz"]);
+    let out = d.ok(&["restore", "job", "lz", "--lazy-fallback"]);
+    assert!(!out.contains("Running after"), "restored normally: {out}");
     wait_count(numbers_in(&log).len() + 2);
     d.ok(&["dump", "job", "lz", "--compression", "zstd"]);
     wait_for("the dumped PID to be free", Duration::from_secs(10), || {
@@ -225,4 +229,59 @@ fn the_daemon_restores_a_process_job_lazily_and_refuses_a_checkpoint_in_one_stre
     };
     assert!(consecutive(&after), "the counter goes on where it stopped: {after:?}");
     d.ok(&["job", "kill", "lz"]);
+}
+
+#[test]
+fn a_runc_container_is_restored_lazily_and_counts_on() {
+    use cedana_integration::engines::{piped, RuncRoot};
+    use cedana_integration::lines::numbers;
+    require_root();
+    let t = Duration::from_secs(20);
+    let tmp = tempfile::tempdir().unwrap();
+    let runc = RuncRoot::new(tmp.path(), "runc");
+    let cid = format!("ced-lazy-{}", std::process::id());
+    let (bundle, mut out) = runc.run_counter(tmp.path(), &cid, 3, t);
+    let dir = tmp.path().join("ckpt");
+    runc.cedana_dump_ok(&cid, &dir, &["--name", "c", "--compression", "zstd"]);
+    let last = *numbers(&out.wait_closed(t)).last().expect("output before the dump");
+    let restored = format!("{cid}-r");
+    runc.track(&restored);
+    let checkpoint = dir.join("c.tar.zst");
+    let mut cmd = std::process::Command::new(bin("cedana"));
+    cmd.args(["restore", "runc", "--detach", "--lazy", "--output", "json", "--id", &restored, "--path"])
+        .arg(&checkpoint)
+        .arg("--root")
+        .arg(&runc.root)
+        .arg("--bundle")
+        .arg(&bundle.dir);
+    out = piped(&mut cmd);
+    let status = cmd.status().unwrap();
+    drop(cmd); // it holds the pipe's write end
+    assert!(status.success(), "cedana restore runc --lazy: {:?}", out.snapshot());
+    let got = out.wait_numbers(3, t);
+    assert_eq!(got[0], last + 1, "continues from {last}: {got:?}");
+    let report = out.snapshot().into_iter().find(|l| l.starts_with('{')).expect("the JSON report");
+    let report: serde_json::Value = serde_json::from_str(&report).unwrap();
+    assert!(report["lazy"]["pages"].as_u64().unwrap() > 0, "pages were served lazily: {report}");
+    assert!(criu_children().is_empty(), "no lazy-pages daemon left: {:?}", criu_children());
+
+    // Again, and cedana-runc restores it lazily at `run` from the annotations.
+    runc.cedana_dump_ok(&restored, &dir, &["--name", "again", "--compression", "lz4"]);
+    let last = *numbers(&out.wait_closed(t)).last().expect("output before the dump");
+    let b = cedana_integration::images::Bundle::counter(&tmp.path().join("bundle-annotated"));
+    b.annotate("io.cedana.restore", dir.join("again.tar.lz4").to_str().unwrap());
+    b.annotate("io.cedana.restore.lazy", "true");
+    let id = format!("{cid}-a");
+    let wrapped = RuncRoot::new(&tmp.path().join("wrapped"), bin("cedana-runc"));
+    wrapped.track(&id);
+    let log = tmp.path().join("cedana-runc.log");
+    let mut cmd = wrapped.cmd(&["--log", log.to_str().unwrap(), "run", "-d", "--bundle", b.dir.to_str().unwrap(), &id]);
+    let lines = piped(&mut cmd);
+    let status = cmd.status().unwrap();
+    drop(cmd);
+    assert!(status.success(), "cedana-runc run: {:?}", lines.snapshot());
+    let got = lines.wait_numbers(3, t);
+    assert_eq!(got[0], last + 1, "restored lazily at run: continues from {last}: {got:?}");
+    let logged = std::fs::read_to_string(&log).unwrap();
+    assert!(logged.contains("then its memory lazily"), "{logged}");
 }

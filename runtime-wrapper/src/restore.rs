@@ -22,6 +22,11 @@ use crate::{runc_for, WrapperError};
 pub const RESTORE_ANNOTATION: &str = "io.cedana.restore";
 /// Process environment variable naming a checkpoint to restore at create (Docker cannot set annotations).
 pub const RESTORE_ENV: &str = "CEDANA_RESTORE";
+/// Annotation asking for that restore to be lazy (`true`): the container runs before its memory has arrived;
+/// a checkpoint that cannot be restored lazily is restored normally.
+pub const LAZY_ANNOTATION: &str = "io.cedana.restore.lazy";
+/// The same as a process environment variable.
+pub const LAZY_ENV: &str = "CEDANA_RESTORE_LAZY";
 /// Marker of a container restored at create, in its runc state folder.
 const MARKER: &str = "cedana.json";
 
@@ -64,7 +69,7 @@ pub fn restore(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -
         extra: a.tokens_without(&handled),
         stdio: None,
     };
-    run_restore(cfg, inv, id, Source::Path(checkpoint), flags, log).map(Some)
+    run_restore(cfg, inv, id, Source::Path(checkpoint), flags, false, log).map(Some)
 }
 
 /// `create` or `run` of a bundle that asks for a restore; `None` when it does not ask for one.
@@ -73,6 +78,7 @@ pub fn create(cfg: &Config, inv: &Invocation, a: &CommandArgs, run: bool, log: &
     let bundle = absolute(&cwd, a.value("bundle"));
     let [id] = a.positionals.as_slice() else { return Ok(None) };
     let Some((how, requested)) = requested_restore(&bundle) else { return Ok(None) };
+    let lazy = lazy_requested(&bundle);
     let checkpoint = match Source::parse(&requested) {
         Source::Path(p) => {
             let requested = cwd.join(p);
@@ -95,7 +101,7 @@ pub fn create(cfg: &Config, inv: &Invocation, a: &CommandArgs, run: bool, log: &
         extra,
         stdio: None,
     };
-    let code = run_restore(cfg, inv, id, checkpoint.clone(), flags, log)?;
+    let code = run_restore(cfg, inv, id, checkpoint.clone(), flags, lazy, log)?;
     if !run {
         let marker = root(inv).join(id).join(MARKER);
         let record = serde_json::json!({ "restored_from": checkpoint.display(), "started": false });
@@ -131,12 +137,29 @@ fn requested_restore(bundle: &Path) -> Option<(&'static str, String)> {
     })
 }
 
+/// Whether a bundle that asks for a restore asks for a lazy one.
+fn lazy_requested(bundle: &Path) -> bool {
+    let Some(config) =
+        std::fs::read(bundle.join("config.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+    else {
+        return false;
+    };
+    let yes = |v: &str| matches!(v, "true" | "1" | "yes");
+    config["annotations"][LAZY_ANNOTATION].as_str().is_some_and(yes)
+        || config["process"]["env"].as_array().is_some_and(|env| {
+            env.iter()
+                .filter_map(|e| e.as_str())
+                .any(|e| e.strip_prefix(LAZY_ENV).and_then(|v| v.strip_prefix('=')).is_some_and(yes))
+        })
+}
+
 fn run_restore(
     cfg: &Config,
     inv: &Invocation,
     id: &str,
     checkpoint: Source,
     flags: RestoreFlags,
+    lazy: bool,
     log: &RuncLog,
 ) -> Result<i32, WrapperError> {
     let runtime = std::sync::Arc::new(runc_for(inv)?);
@@ -144,16 +167,20 @@ fn run_restore(
     let req = RestoreRequest {
         only: Some(CheckpointKind::Runc),
         container: Some(container),
+        lazy,
+        lazy_fallback: lazy,
         ..RestoreRequest::new(checkpoint.clone())
     };
     let out = Engine::new(cfg.clone())?.restore(req, &OpContext::new())?;
+    let lazily = out.lazy.map(|l| format!(", then its memory lazily ({} pages in {} ms)", l.pages, l.time.as_millis()));
     log.info(&format!(
-        "cedana: restored {id} from {} (checkpoint of {}) in {} ms: verify {} ms, runc restore {} ms",
+        "cedana: restored {id} from {} (checkpoint of {}) in {} ms: verify {} ms, runc restore {} ms{}",
         checkpoint.display(),
         out.manifest.container.as_ref().map(|c| c.id.as_str()).unwrap_or("?"),
         (out.verify_time + out.criu_time).as_millis(),
         out.verify_time.as_millis(),
-        out.criu_time.as_millis()
+        out.criu_time.as_millis(),
+        lazily.unwrap_or_default()
     ));
     Ok(out.exit_code.unwrap_or(0))
 }
@@ -172,6 +199,13 @@ mod tests {
         assert_eq!(requested_restore(dir.path()).unwrap().1, "/d/cp");
         write(serde_json::json!({"process": {"env": ["CEDANA_RESTORE_X=1", "CEDANA_RESTORE="]}}));
         assert!(requested_restore(dir.path()).is_none());
+        assert!(!lazy_requested(dir.path()));
+        write(serde_json::json!({"annotations": {"io.cedana.restore": "/cp.tar", "io.cedana.restore.lazy": "true"}}));
+        assert!(lazy_requested(dir.path()));
+        write(serde_json::json!({"process": {"env": ["CEDANA_RESTORE=/cp", "CEDANA_RESTORE_LAZY=1"]}}));
+        assert!(lazy_requested(dir.path()));
+        write(serde_json::json!({"annotations": {"io.cedana.restore.lazy": "no"}}));
+        assert!(!lazy_requested(dir.path()));
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct JobArgs {
     /// background; the command returns once the memory is wholly local.
     #[arg(long)]
     pub lazy: bool,
+    /// Restore lazily where the checkpoint allows it, else normally (implies --lazy).
+    #[arg(long)]
+    pub lazy_fallback: bool,
     #[command(flatten)]
     pub criu: CriuFlags,
     #[command(flatten)]
@@ -63,7 +66,8 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
         attachable: a.attach,
         stream: a.criu.stream(),
-        lazy: a.lazy,
+        lazy: a.lazy || a.lazy_fallback,
+        lazy_fallback: a.lazy_fallback,
         ..Default::default()
     };
     let started = Instant::now();
@@ -131,6 +135,10 @@ pub struct ProcessArgs {
     /// gzip or zstd (not zlib).
     #[arg(long)]
     pub lazy: bool,
+    /// Restore lazily where the checkpoint allows it (not zlib, not a checkpoint of an older version), else
+    /// normally (implies --lazy).
+    #[arg(long)]
+    pub lazy_fallback: bool,
     #[command(flatten)]
     pub criu: CriuFlags,
     #[command(flatten)]
@@ -160,7 +168,8 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
         process: ProcessRestoreOptions { as_child: attached, stdio, pid_file: a.pid_file.clone() },
         external_files: a.external_file.clone(),
         stream: a.criu.stream(),
-        lazy: a.lazy,
+        lazy: a.lazy || a.lazy_fallback,
+        lazy_fallback: a.lazy_fallback,
         ..RestoreRequest::new(Source::parse(&a.path))
     };
     // An attached restore is cancelled by a signal until the tree runs; afterwards signals are forwarded.
@@ -191,7 +200,8 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: 
         log: a.log.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         pid_file: a.pid_file.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         stream: a.criu.stream(),
-        lazy: a.lazy,
+        lazy: a.lazy || a.lazy_fallback,
+        lazy_fallback: a.lazy_fallback,
     };
     tracing::info!(path = %a.path, socket = %daemon.socket.display(), "restoring through the daemon");
     let started = Instant::now();

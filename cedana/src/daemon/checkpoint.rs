@@ -136,7 +136,7 @@ impl Service {
             }
             None => return Err(status(ErrorKind::InvalidArgument, "nothing to restore: give a path or a job id")),
         };
-        if req.lazy && job.as_ref().is_some_and(|j| j.kind != JobKind::Process) {
+        if req.lazy && !req.lazy_fallback && job.as_ref().is_some_and(|j| j.kind != JobKind::Process) {
             let msg = "only process checkpoints restore lazily so far: restore this container job without --lazy";
             return Err(status(ErrorKind::Unimplemented, msg));
         }
@@ -179,6 +179,7 @@ impl Service {
             process: ProcessRestoreOptions { as_child: true, stdio, pid_file },
             stream: req.stream,
             lazy: req.lazy,
+            lazy_fallback: req.lazy_fallback,
             ..RestoreRequest::new(Source::parse(&path))
         };
         tracing::info!(path = %path, job = ?job.as_ref().map(|j| &j.jid), "restore requested");

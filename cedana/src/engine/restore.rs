@@ -67,8 +67,12 @@ pub struct RestoreRequest {
     pub stream: Option<bool>,
     /// Restore lazily: the program runs before its memory has arrived, which CRIU's lazy-pages daemon fills
     /// on demand and then in the background from our page server (see [`super::lazy`]); the restore returns
-    /// once the memory is wholly local. Process checkpoints in a folder or an uncompressed archive.
+    /// once the memory is wholly local. Process and runc checkpoints whose page images can be read in pieces
+    /// (a folder, tar, lz4, gzip or zstd of this version), local or in an object store.
     pub lazy: bool,
+    /// With `lazy`: restore normally when the checkpoint cannot be restored lazily (a zlib archive, one of an
+    /// older version, a container), instead of refusing it.
+    pub lazy_fallback: bool,
 }
 
 impl RestoreRequest {
@@ -83,6 +87,7 @@ impl RestoreRequest {
             external_files: Vec::new(),
             stream: None,
             lazy: false,
+            lazy_fallback: false,
         }
     }
 }
@@ -153,8 +158,29 @@ impl Gate<'_> {
     }
 }
 
-/// Run the restore `req` describes.
+/// Run the restore `req` describes; a lazy one that cannot be lazy is run again normally when the request
+/// allows it (nothing was restored: such checkpoints are refused before CRIU starts).
 pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<RestoreOutcome, EngineError> {
+    let fallback = req.lazy && req.lazy_fallback;
+    match run_once(engine, req.clone(), ctx) {
+        Err(e) if fallback && cannot_be_lazy(&e) => {
+            tracing::warn!(error = %e, "this checkpoint cannot be restored lazily: restoring it normally");
+            run_once(engine, RestoreRequest { lazy: false, ..req }, ctx)
+        }
+        result => result,
+    }
+}
+
+/// Whether `e` refused a lazy restore of a checkpoint that a normal restore takes.
+fn cannot_be_lazy(e: &EngineError) -> bool {
+    matches!(e, EngineError::Checkpoint(crate::checkpoint::CheckpointError::NotInPlace { .. }))
+        || matches!(e, EngineError::Unsupported { what, .. } if what.starts_with(LAZY_OF))
+}
+
+/// How a refused lazy restore of a kind that cannot be lazy begins.
+const LAZY_OF: &str = "a lazy restore of a ";
+
+fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<RestoreOutcome, EngineError> {
     let started = Instant::now();
     let may_stream = req.stream.unwrap_or(engine.config().stream())
         && matches!(req.only, None | Some(CheckpointKind::Process))
@@ -215,10 +241,12 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     if let Some(wanted) = req.only.filter(|w| *w != kind) {
         return Err(EngineError::WrongKind { path, found: kind, wanted });
     }
-    if req.lazy && kind != CheckpointKind::Process {
+    if req.lazy && !matches!(kind, CheckpointKind::Process | CheckpointKind::Runc) {
         return Err(EngineError::Unsupported {
-            what: format!("a lazy restore of a {kind} checkpoint"),
-            detail: "only process checkpoints restore lazily so far: restore it without --lazy".into(),
+            what: format!("{LAZY_OF}{kind} checkpoint"),
+            detail:
+                "only process and runc checkpoints restore lazily so far: restore it without --lazy (or with --lazy-fallback)"
+                    .into(),
         });
     }
     let target = match chosen.take() {

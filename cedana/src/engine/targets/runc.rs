@@ -23,6 +23,7 @@ use crate::checkpoint::external::{self, ExternalFile};
 use crate::checkpoint::{CheckpointKind, ContainerInfo, OpenedCheckpoint};
 use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
+use crate::engine::lazy::LazyDaemon;
 use crate::engine::restore::{Gate, RestoreRequest};
 use crate::engine::{Engine, EngineError};
 use crate::procfs;
@@ -278,12 +279,21 @@ impl RestoreTarget for RuncRestore {
         let started = Instant::now();
         tracing::info!(id = %c.id, images = %opened.images_dir.display(), bundle = %flags.bundle.display(), "restoring runc container");
         let extras = external_files(opened, req)?;
+        // A lazy restore: CRIU's lazy-pages daemon listens in the work folder runc gives the CRIU it runs.
+        let lazy = match (&opened.lazy, &flags.work_path) {
+            (Some(pages), Some(work)) => {
+                flags.extra.push("--lazy-pages".into());
+                Some(LazyDaemon::start(engine.criu().criu().binary(), &opened.images_dir, work, pages, &opened.path)?)
+            }
+            _ => None,
+        };
         let exit_code = match runtime.restore(&c.id, &opened.images_dir, &flags, extras) {
             Ok(code) => code,
             Err(e) => {
+                let cause = lazy.and_then(LazyDaemon::abort);
                 let kept = temp_work.keep();
                 tracing::error!(work = %kept.display(), "runc restore failed; its work folder was kept");
-                return Err(e.into());
+                return Err(cause.unwrap_or_else(|| e.into()));
             }
         };
         let criu_time = started.elapsed();
@@ -297,7 +307,19 @@ impl RestoreTarget for RuncRestore {
                 }
             }
         }
-        Ok(Restored { pid, exit_code: Some(exit_code), criu_time, lazy: None })
+        let lazy = match lazy {
+            // Should the memory not arrive, the container's init goes, and with it its PID namespace.
+            Some(daemon) => match daemon.finish(&[pid].into_iter().filter(|p| *p > 0).collect::<Vec<_>>(), Instant::now()) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    let kept = temp_work.keep();
+                    tracing::error!(work = %kept.display(), "the lazy restore failed; the work folder was kept");
+                    return Err(e);
+                }
+            },
+            None => None,
+        };
+        Ok(Restored { pid, exit_code: Some(exit_code), criu_time, lazy })
     }
 }
 
