@@ -1,8 +1,8 @@
 //! Containers checkpointed into an S3-compatible store (moto, started on 127.0.0.1 by the test) and restored
 //! from it: `cedana dump runc --dir s3://...` and `cedana restore runc --path s3://...`; cedana-runc restoring
 //! at create from `io.cedana.restore=s3://...` and `CEDANA_RESTORE=s3://...`; `cedana dump containerd --dir
-//! s3://...` and `cedana restore containerd --path s3://...` through our shim, whose cedana-runc reads the
-//! object with the credentials containerd passed down.
+//! s3://...` and `cedana restore containerd --path s3://... --lazy` through our shim, whose cedana-runc reads
+//! the object with the credentials containerd passed down, the pages as the container needs them.
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -131,10 +131,12 @@ fn a_containerd_container_goes_to_s3_and_comes_back_on_our_shim() {
     let seen = *counts(pid).last().unwrap_or(&0);
 
     let new_id = "ctrd-s3-restored";
-    let restore = cedana_cmd(&[&["restore", "containerd", "--path", &url, "--id", new_id, "--detach"][..], &ns[..]].concat())
-        .envs(moto.env())
-        .output()
-        .unwrap();
+    // Lazily: the shim's cedana-runc reads the pages from the store as the container needs them.
+    let restore =
+        cedana_cmd(&[&["restore", "containerd", "--path", &url, "--id", new_id, "--detach", "--lazy"][..], &ns[..]].concat())
+            .envs(moto.env())
+            .output()
+            .unwrap();
     success_stdout(
         &format!("cedana restore containerd --path s3:// (log: {})", d.dir.join("containerd.log").display()),
         &restore,
@@ -145,4 +147,7 @@ fn a_containerd_container_goes_to_s3_and_comes_back_on_our_shim() {
     let after = counts(restored);
     assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "with --rootfs the file came along and goes on: {after:?}");
     assert!(after.last().unwrap() > &seen, "{seen} then {after:?}");
+    let log = d.dir.join("state/io.containerd.runtime.v2.task").join(&d.namespace).join(new_id).join("runtime.log");
+    let logged = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(logged.contains("then its memory lazily"), "cedana-runc restored it lazily: {logged}");
 }

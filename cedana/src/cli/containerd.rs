@@ -54,6 +54,10 @@ pub struct RestoreArgs {
     /// code).
     #[arg(long, short = 'd')]
     pub detach: bool,
+    /// Restore lazily: the container runs before its memory has arrived (the shim's cedana-runc serves the
+    /// pages, and restores normally a checkpoint that cannot be lazy).
+    #[arg(long)]
+    pub lazy: bool,
 }
 
 /// `cedana dump containerd`: the runc checkpoint of the container, and the files to attach to it (its record,
@@ -81,6 +85,7 @@ pub fn restore(config: &cedana::config::Config, a: RestoreArgs) -> anyhow::Resul
     let spec = RestoreSpec {
         checkpoint: &path,
         config,
+        lazy: a.lazy,
         id: &a.id,
         image: a.image.as_deref(),
         runtime: &a.runtime,

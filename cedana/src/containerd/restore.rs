@@ -17,6 +17,8 @@ use super::{Client, ContainerdError, NewTask, Record, CEDANA_RUNTIME, RECORD_FIL
 
 /// The annotation our shim (through cedana-runc) restores a container from.
 pub const RESTORE_ANNOTATION: &str = "io.cedana.restore";
+/// The annotation asking cedana-runc for a lazy restore.
+pub const LAZY_ANNOTATION: &str = "io.cedana.restore.lazy";
 
 /// What to restore, and as what.
 pub struct RestoreSpec<'a> {
@@ -24,6 +26,9 @@ pub struct RestoreSpec<'a> {
     pub checkpoint: &'a Source,
     /// Settings to read it with (object-store credentials, scratch folder).
     pub config: &'a Config,
+    /// Restore lazily (the `io.cedana.restore.lazy` annotation: cedana-runc restores the container before its
+    /// memory has arrived, or normally when the checkpoint cannot be lazy).
+    pub lazy: bool,
     /// The new container's id.
     pub id: &'a str,
     /// The image whose layers the new container's snapshot sits on, and that it records (the checkpointed
@@ -102,7 +107,7 @@ fn create_again(client: &Client, spec: &RestoreSpec<'_>, record: Record, exists:
     let rootfs_diff =
         if record.rootfs && !reused_snapshot { spec.checkpoint.read_entry(spec.config, ROOTFS_DIFF_FILE)? } else { None };
     let mut oci = record.spec.clone();
-    annotate(&mut oci, spec.checkpoint)?;
+    annotate(&mut oci, spec.checkpoint, spec.lazy)?;
     let snapshotter = (!record.snapshot_parent.is_empty()).then(|| record.snapshotter.clone());
     let mounts = match (&snapshotter, reused_snapshot) {
         (Some(s), true) => client.mounts(s, id)?,
@@ -152,12 +157,17 @@ fn unpack_layer(diff: &[u8], mounts: &[Mount]) -> Result<(), ContainerdError> {
     })
 }
 
-/// Sets the annotation that makes the shim restore the container from `checkpoint`.
-fn annotate(spec: &mut serde_json::Value, checkpoint: &Source) -> Result<(), ContainerdError> {
+/// Sets the annotations that make the shim restore the container from `checkpoint` (lazily if asked).
+fn annotate(spec: &mut serde_json::Value, checkpoint: &Source, lazy: bool) -> Result<(), ContainerdError> {
     let bad = || ContainerdError::new(ErrorKind::FailedPrecondition, "the recorded spec is not a JSON object with annotations");
     let annotations = spec.as_object_mut().ok_or_else(bad)?.entry("annotations").or_insert_with(|| serde_json::json!({}));
     let annotations = annotations.as_object_mut().ok_or_else(bad)?;
     annotations.insert(RESTORE_ANNOTATION.into(), checkpoint.display().into());
+    if lazy {
+        annotations.insert(LAZY_ANNOTATION.into(), "true".into());
+    } else {
+        annotations.remove(LAZY_ANNOTATION);
+    }
     Ok(())
 }
 

@@ -136,14 +136,10 @@ impl Service {
             }
             None => return Err(status(ErrorKind::InvalidArgument, "nothing to restore: give a path or a job id")),
         };
-        if req.lazy && !req.lazy_fallback && job.as_ref().is_some_and(|j| j.kind != JobKind::Process) {
-            let msg = "only process checkpoints restore lazily so far: restore this container job without --lazy";
-            return Err(status(ErrorKind::Unimplemented, msg));
-        }
         let ctx = OpContext::new().with_cancel(cancel.clone());
         let result = match job {
-            Some(job) if job.kind == JobKind::Runc => self.restore_container_job(job, path, options, req.attachable, &ctx),
-            Some(job) if job.kind == JobKind::Containerd => self.restore_containerd_job(job, path),
+            Some(job) if job.kind == JobKind::Runc => self.restore_container_job(job, path, options, &req, &ctx),
+            Some(job) if job.kind == JobKind::Containerd => self.restore_containerd_job(job, path, req.lazy),
             job => self.restore_process(&req, job, path, options, &ctx),
         };
         if result.is_err() && cancel.is_cancelled() {
@@ -227,9 +223,10 @@ impl Service {
         mut job: Job,
         path: String,
         options: cedana::criu::options::CriuOptions,
-        attach: bool,
+        req: &pb::RestoreRequest,
         ctx: &OpContext,
     ) -> Result<pb::RestoreResponse, Status> {
+        let attach = req.attachable;
         let manifest = cedana::checkpoint::read_manifest(Path::new(&path), false).map_err(lib_err!())?;
         let container = manifest.container.as_ref().filter(|_| manifest.kind == CheckpointKind::Runc).ok_or_else(|| {
             status(
@@ -268,6 +265,8 @@ impl Service {
                 root,
                 flags: RestoreFlags { bundle: bundle.clone(), detach: true, stdio: Some(Arc::new(stdio)), ..Default::default() },
             }),
+            lazy: req.lazy,
+            lazy_fallback: req.lazy_fallback,
             ..RestoreRequest::new(Source::parse(&path))
         };
         tracing::info!(path = %path, jid = %job.jid, container = %id, bundle = %bundle.display(), "restore requested");
@@ -296,7 +295,8 @@ impl Service {
             job: Some(self.job_reply(&job)?),
             verify_time_us: out.verify_time.as_micros() as u64,
             criu_time_us: out.criu_time.as_micros() as u64,
-            ..Default::default()
+            lazy_time_us: out.lazy.map(|l| l.time.as_micros() as u64).unwrap_or(0),
+            lazy_pages: out.lazy.map(|l| l.pages).unwrap_or(0),
         })
     }
 }
@@ -305,7 +305,7 @@ impl Service {
     /// Restore a containerd job from its latest checkpoint (`path`) in place: its stopped task and container
     /// are replaced (its snapshot, with what the program wrote, is kept) by one on our shim, which restores
     /// the checkpoint; then the new init is supervised.
-    fn restore_containerd_job(&self, mut job: Job, path: String) -> Result<pb::RestoreResponse, Status> {
+    fn restore_containerd_job(&self, mut job: Job, path: String, lazy: bool) -> Result<pb::RestoreResponse, Status> {
         let id = job
             .container_id
             .clone()
@@ -316,6 +316,7 @@ impl Service {
         let spec = RestoreSpec {
             checkpoint: &checkpoint,
             config: self.engine.config(),
+            lazy,
             id: &id,
             image: None,
             runtime: CEDANA_RUNTIME,
