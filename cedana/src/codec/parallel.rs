@@ -15,6 +15,49 @@ const BLOCK: usize = super::UNIT_BLOCK;
 
 type Job = (u64, Vec<u8>);
 
+/// Blocks handed to the workers and not yet written, at most, beyond the workers' count: the input and output
+/// buffers of about `threads + WINDOW_EXTRA` blocks is all the encoder holds, however slowly its output drains.
+const WINDOW_EXTRA: u64 = 2;
+
+/// How far the writer thread got: blocks written, and whether it has ended (then nobody waits for it).
+#[derive(Default)]
+struct Written {
+    state: Mutex<(u64, bool)>,
+    moved: std::sync::Condvar,
+}
+
+impl Written {
+    fn advance(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 += 1;
+        }
+        self.moved.notify_all();
+    }
+
+    /// Wait until block `seq` may be handed out: fewer than `window` blocks ahead of the writer.
+    fn wait_for_room(&self, seq: u64, window: u64) {
+        let Ok(mut s) = self.state.lock() else { return };
+        while !s.1 && seq >= s.0 + window {
+            s = match self.moved.wait(s) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        }
+    }
+}
+
+/// Marks the writer ended when its thread returns, however it returns.
+struct Ended(Arc<Written>);
+
+impl Drop for Ended {
+    fn drop(&mut self) {
+        if let Ok(mut s) = self.0.state.lock() {
+            s.1 = true;
+        }
+        self.0.moved.notify_all();
+    }
+}
+
 /// Compresses one block into a self-contained unit of the format.
 pub type CompressBlock = fn(&[u8]) -> io::Result<Vec<u8>>;
 
@@ -27,6 +70,8 @@ pub struct ParallelBlocks<W: Write + Send + 'static> {
     writer: Option<JoinHandle<io::Result<W>>>,
     name: &'static str,
     sizes: UnitSizes,
+    written: Arc<Written>,
+    window: u64,
 }
 
 impl<W: Write + Send + 'static> ParallelBlocks<W> {
@@ -43,13 +88,19 @@ impl<W: Write + Send + 'static> ParallelBlocks<W> {
         }
         drop(done_tx);
         let sizes = UnitSizes::default();
-        let recorded = sizes.clone();
-        let writer =
-            std::thread::Builder::new().name(format!("{name}-out")).spawn(move || write_in_order(out, done_rx, &recorded))?;
-        Ok(Self { buf: Vec::with_capacity(BLOCK), seq: 0, jobs: Some(jobs), workers, writer: Some(writer), name, sizes })
+        let written = Arc::new(Written::default());
+        let (recorded, progress) = (sizes.clone(), Arc::clone(&written));
+        let writer = std::thread::Builder::new().name(format!("{name}-out")).spawn(move || {
+            let _ended = Ended(Arc::clone(&progress));
+            write_in_order(out, done_rx, &recorded, &progress)
+        })?;
+        let window = threads as u64 + WINDOW_EXTRA;
+        let buf = Vec::with_capacity(BLOCK);
+        Ok(Self { buf, seq: 0, jobs: Some(jobs), workers, writer: Some(writer), name, sizes, written, window })
     }
 
     fn dispatch(&mut self) -> io::Result<()> {
+        self.written.wait_for_room(self.seq, self.window);
         let block = std::mem::replace(&mut self.buf, Vec::with_capacity(BLOCK));
         let job = (self.seq, block);
         self.seq += 1;
@@ -108,7 +159,7 @@ pub fn lz4_frame(block: &[u8]) -> io::Result<Vec<u8>> {
     enc.finish().map_err(io::Error::other)
 }
 
-fn write_in_order<W: Write>(mut out: W, done: Receiver<io::Result<Job>>, sizes: &UnitSizes) -> io::Result<W> {
+fn write_in_order<W: Write>(mut out: W, done: Receiver<io::Result<Job>>, sizes: &UnitSizes, written: &Written) -> io::Result<W> {
     let mut pending = BTreeMap::new();
     let mut next = 0u64;
     for result in done {
@@ -119,6 +170,7 @@ fn write_in_order<W: Write>(mut out: W, done: Receiver<io::Result<Job>>, sizes: 
             if let Ok(mut s) = sizes.lock() {
                 s.push(bytes.len() as u64);
             }
+            written.advance();
             next += 1;
         }
     }
