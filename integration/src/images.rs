@@ -124,41 +124,7 @@ fn add_blob(layout: &Path, file: &Path) -> (String, u64) {
 /// An OCI image-layout tarball (for `ctr image import`) of one uncompressed layer holding `rootfs`,
 /// linux/amd64, named `name` (a full reference such as `docker.io/x/y:1`). Built under `work`.
 pub fn oci_image_tar(rootfs: &Path, work: &Path, name: &str) -> PathBuf {
-    let layout = work.join("layout");
-    std::fs::create_dir_all(layout.join("blobs/sha256")).expect("layout folder");
-    let (layer, layer_size) = add_blob(&layout, &rootfs_tar(rootfs, &work.join("layer.tar")));
-    let config = serde_json::json!({
-        "architecture": "amd64",
-        "os": "linux",
-        "config": { "Env": ["PATH=/bin"], "Cmd": ["/bin/sh"] },
-        "rootfs": { "type": "layers", "diff_ids": [layer] },
-    });
-    let write = |file: &str, v: &serde_json::Value| {
-        let p = work.join(file);
-        std::fs::write(&p, v.to_string()).expect("write blob");
-        add_blob(&layout, &p)
-    };
-    let (config, config_size) = write("config.json", &config);
-    let manifest = serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": { "mediaType": "application/vnd.oci.image.config.v1+json", "digest": config, "size": config_size },
-        "layers": [{ "mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": layer, "size": layer_size }],
-    });
-    let (manifest, manifest_size) = write("manifest.json", &manifest);
-    let tag = name.rsplit_once(':').map(|(_, t)| t).unwrap_or("latest");
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": manifest,
-            "size": manifest_size,
-            "annotations": { "io.containerd.image.name": name, "org.opencontainers.image.ref.name": tag },
-        }],
-    });
-    std::fs::write(layout.join("index.json"), index.to_string()).expect("index.json");
-    std::fs::write(layout.join("oci-layout"), "{\"imageLayoutVersion\":\"1.0.0\"}").expect("oci-layout");
-    rootfs_tar(&layout, &work.join("image.tar"))
+    oci_image_tar_with_config(rootfs, work, name, serde_json::json!({ "Env": ["PATH=/bin"], "Cmd": ["/bin/sh"] }))
 }
 
 /// Like [`oci_image_tar`], with `config` as the image configuration's `config` (e.g. a `User` set):

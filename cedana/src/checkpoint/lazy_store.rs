@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 use super::digest::{combine, xxh3_128, CHUNK};
 use super::lazy::LazyPage;
 use super::reader::corrupt;
+use super::units_read::decode_unit;
 use super::CheckpointError;
 use crate::criu::pageserver::PageStore;
 
@@ -103,20 +104,13 @@ impl ChunkedPages {
             image.page.source.read_exact_at(image.page.base + start, &mut buf)?;
             return Ok(buf);
         }
-        let damaged = |what: String| std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}: {what}", image.page.name));
         let (Some(&at), Some(&size)) = (image.unit_starts.get(i), image.page.units.get(i)) else {
-            return Err(damaged(format!("the manifest places no unit for chunk {i}")));
+            let what = format!("{}: the manifest places no unit for chunk {i}", image.page.name);
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
         };
-        let mut packed = vec![0u8; size as usize];
-        image.page.source.read_exact_at(image.page.base + at, &mut packed)?;
-        let mut decoder =
-            crate::codec::decoder(image.page.compression, std::io::Cursor::new(packed)).map_err(std::io::Error::other)?;
-        let mut buf = Vec::with_capacity(len);
-        std::io::Read::read_to_end(&mut decoder, &mut buf).map_err(|e| damaged(format!("unit {i} does not decode ({e})")))?;
-        if buf.len() != len {
-            return Err(damaged(format!("unit {i} holds {} bytes, not {len}", buf.len())));
-        }
-        Ok(buf)
+        let page = &image.page;
+        decode_unit(&*page.source, page.compression, page.base + at, size, len)
+            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: unit {i} {e}", page.name)))
     }
 }
 

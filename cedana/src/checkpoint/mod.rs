@@ -61,7 +61,7 @@ pub enum CheckpointError {
     ExternalFile { path: PathBuf, detail: String },
     #[error("{path} uses checkpoint format {found}, this cedana reads format {expected}: use a matching cedana version")]
     Version { path: PathBuf, found: u32, expected: u32 },
-    #[error("{path} is compressed ({compression}) in one piece: a lazy restore reads each page image by chunks, which needs a checkpoint dumped with --compression tar, none, lz4, gzip or zstd (by this cedana); restore it without --lazy, or with --lazy-fallback")]
+    #[error("{path} is compressed ({compression}) in one piece: a lazy restore reads each page image by chunks, which needs a checkpoint written with compression tar, none, lz4, gzip or zstd by this cedana")]
     NotInPlace { path: PathBuf, compression: crate::codec::Compression },
 }
 

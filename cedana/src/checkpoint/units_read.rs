@@ -135,21 +135,35 @@ impl Units<'_> {
 
     /// Unit `i` (starting at `start`) decoded, checked to be its chunk's length, and that chunk's hash.
     fn decode(&self, i: usize, start: u64, total: u64) -> Result<(Vec<u8>, u128), CheckpointError> {
-        let name = &self.expected.name;
-        let damaged = |what: String| corrupt(self.location, format!("{name}: unit {i} {what}; it is truncated or damaged"));
-        let mut packed = vec![0u8; self.sizes[i] as usize];
-        self.source
-            .read_exact_at(start, &mut packed)
-            .map_err(|e| CheckpointError::Io { path: self.location.to_path_buf(), source: e })?;
         let len = (total - i as u64 * CHUNK as u64).min(CHUNK as u64) as usize;
-        let mut data = Vec::with_capacity(len);
-        crate::codec::decoder(self.compression, io::Cursor::new(packed))?
-            .read_to_end(&mut data)
-            .map_err(|e| damaged(format!("does not decode ({e})")))?;
-        if data.len() != len {
-            return Err(damaged(format!("holds {} bytes, not {len}", data.len())));
-        }
+        let data = decode_unit(self.source, self.compression, start, self.sizes[i], len).map_err(|e| match e.kind() {
+            io::ErrorKind::InvalidData => corrupt(self.location, format!("{}: unit {i} {e}", self.expected.name)),
+            _ => CheckpointError::Io { path: self.location.to_path_buf(), source: e },
+        })?;
         let hash = xxh3_128(&data);
         Ok((data, hash))
     }
+}
+
+/// The `size` bytes of a unit at `start` in `source`, decoded: they must decode to exactly `len` bytes (a
+/// unit that does not is InvalidData, saying how it is damaged).
+pub(crate) fn decode_unit(
+    source: &dyn ArchiveSource,
+    compression: Compression,
+    start: u64,
+    size: u64,
+    len: usize,
+) -> io::Result<Vec<u8>> {
+    let damaged = |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}; it is truncated or damaged"));
+    let mut packed = vec![0u8; size as usize];
+    source.read_exact_at(start, &mut packed)?;
+    let mut data = Vec::with_capacity(len);
+    crate::codec::decoder(compression, io::Cursor::new(packed))
+        .map_err(io::Error::other)?
+        .read_to_end(&mut data)
+        .map_err(|e| damaged(format!("does not decode ({e})")))?;
+    if data.len() != len {
+        return Err(damaged(format!("holds {} bytes, not {len}", data.len())));
+    }
+    Ok(data)
 }

@@ -45,17 +45,22 @@ fn advice(e: &EngineError) -> Option<String> {
         EngineError::Runc(RuncError::NoBundle { .. }) => "pass --bundle with the container's bundle".into(),
         EngineError::Runc(RuncError::NotFound { .. }) => "scripts/setup.sh installs runc".into(),
         EngineError::Runc(RuncError::Unsupported { .. }) => "drop that flag for runc containers".into(),
+        EngineError::NotLazy { .. } => LAZY_ADVICE.into(),
         EngineError::PidInUse { .. } => "the original was perhaps dumped with --leave-running: stop it first".into(),
         EngineError::MissingTarget { .. } => "use `cedana restore runc --id ID --bundle DIR`".into(),
         _ => return None,
     })
 }
 
+/// For a checkpoint that cannot be restored lazily.
+const LAZY_ADVICE: &str = "restore it without --lazy, or with --lazy-fallback (lazily where the checkpoint allows it)";
+
 fn checkpoint_advice(e: &CheckpointError) -> Option<String> {
     Some(match e {
         CheckpointError::NoSpace { .. } => "free space there or choose another --dir".into(),
         CheckpointError::Exists { .. } => "choose another --name or remove it".into(),
         CheckpointError::NotFound { .. } => "check the --path".into(),
+        CheckpointError::NotInPlace { .. } => LAZY_ADVICE.into(),
         _ => return None,
     })
 }

@@ -28,6 +28,27 @@ pub enum RestoreCommand {
     Job(JobArgs),
 }
 
+/// `--lazy` and `--lazy-fallback`, as every restore command takes them.
+#[derive(clap::Args, Debug)]
+pub struct LazyFlags {
+    /// Restore lazily: the program runs at once, its memory filled on demand (userfaultfd) and then in the
+    /// background from the checkpoint (by the daemon, or by this command without one); returns once the
+    /// memory is wholly local. Needs page images that can be read in pieces: compression none, tar, lz4,
+    /// gzip or zstd (not zlib), and a process or runc checkpoint.
+    #[arg(long)]
+    pub lazy: bool,
+    /// Restore lazily where the checkpoint allows it, else normally (implies --lazy).
+    #[arg(long)]
+    pub lazy_fallback: bool,
+}
+
+impl LazyFlags {
+    /// Whether the restore is to be lazy (where it can be, with `--lazy-fallback`).
+    pub fn lazy(&self) -> bool {
+        self.lazy || self.lazy_fallback
+    }
+}
+
 #[derive(clap::Args, Debug)]
 pub struct JobArgs {
     /// The job's id.
@@ -35,13 +56,8 @@ pub struct JobArgs {
     /// Attach to the restored job (it is restored attachable).
     #[arg(long)]
     pub attach: bool,
-    /// Restore lazily (process jobs): the program runs at once, its memory filled on demand and then in the
-    /// background; the command returns once the memory is wholly local.
-    #[arg(long)]
-    pub lazy: bool,
-    /// Restore lazily where the checkpoint allows it, else normally (implies --lazy).
-    #[arg(long)]
-    pub lazy_fallback: bool,
+    #[command(flatten)]
+    pub lazy: LazyFlags,
     #[command(flatten)]
     pub criu: CriuFlags,
     #[command(flatten)]
@@ -66,8 +82,8 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
         attachable: a.attach,
         stream: a.criu.stream(),
-        lazy: a.lazy || a.lazy_fallback,
-        lazy_fallback: a.lazy_fallback,
+        lazy: a.lazy.lazy(),
+        lazy_fallback: a.lazy.lazy_fallback,
         ..Default::default()
     };
     let started = Instant::now();
@@ -129,16 +145,8 @@ pub struct ProcessArgs {
     /// process's own offset). Such a restore always runs here, never in the daemon.
     #[arg(long, value_name = "FROM=PATH", value_parser = cedana::checkpoint::external::FileRedirect::parse)]
     pub external_file: Vec<cedana::checkpoint::external::FileRedirect>,
-    /// Restore lazily: the program runs at once, its memory filled on demand (userfaultfd) and then in the
-    /// background from the checkpoint (served by the daemon, or by this command without one); returns once
-    /// the memory is wholly local. Needs page images that can be read in pieces: compression none, tar, lz4,
-    /// gzip or zstd (not zlib).
-    #[arg(long)]
-    pub lazy: bool,
-    /// Restore lazily where the checkpoint allows it (not zlib, not a checkpoint of an older version), else
-    /// normally (implies --lazy).
-    #[arg(long)]
-    pub lazy_fallback: bool,
+    #[command(flatten)]
+    pub lazy: LazyFlags,
     #[command(flatten)]
     pub criu: CriuFlags,
     #[command(flatten)]
@@ -168,8 +176,8 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
         process: ProcessRestoreOptions { as_child: attached, stdio, pid_file: a.pid_file.clone() },
         external_files: a.external_file.clone(),
         stream: a.criu.stream(),
-        lazy: a.lazy || a.lazy_fallback,
-        lazy_fallback: a.lazy_fallback,
+        lazy: a.lazy.lazy(),
+        lazy_fallback: a.lazy.lazy_fallback,
         ..RestoreRequest::new(Source::parse(&a.path))
     };
     // An attached restore is cancelled by a signal until the tree runs; afterwards signals are forwarded.
@@ -200,8 +208,8 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: 
         log: a.log.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         pid_file: a.pid_file.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         stream: a.criu.stream(),
-        lazy: a.lazy || a.lazy_fallback,
-        lazy_fallback: a.lazy_fallback,
+        lazy: a.lazy.lazy(),
+        lazy_fallback: a.lazy.lazy_fallback,
     };
     tracing::info!(path = %a.path, socket = %daemon.socket.display(), "restoring through the daemon");
     let started = Instant::now();

@@ -31,7 +31,7 @@ pub struct Restored<'a> {
     pub exit_code: Option<i32>,
     pub verify: Duration,
     pub criu: Duration,
-    /// For a lazy restore: when the program ran (from the command's start) and when its memory was wholly
+    /// For a lazy restore: when the program ran (from the start of the restore) and when its memory was wholly
     /// local, and the pages served.
     pub lazy: Option<Lazy>,
     pub timings: Timings,

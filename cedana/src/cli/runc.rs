@@ -58,13 +58,8 @@ pub struct RestoreArgs {
     /// the path it had. Repeatable.
     #[arg(long, value_name = "FROM=PATH", value_parser = cedana::checkpoint::external::FileRedirect::parse)]
     pub external_file: Vec<cedana::checkpoint::external::FileRedirect>,
-    /// Restore lazily: the container runs before its memory has arrived (see `restore process --lazy`);
-    /// returns once its memory is wholly local.
-    #[arg(long)]
-    pub lazy: bool,
-    /// Restore lazily where the checkpoint allows it, else normally (implies --lazy).
-    #[arg(long)]
-    pub lazy_fallback: bool,
+    #[command(flatten)]
+    pub lazy: super::restore::LazyFlags,
     #[command(flatten)]
     pub criu: super::CriuFlags,
 }
@@ -93,8 +88,8 @@ pub fn restore_request(a: &RestoreArgs) -> anyhow::Result<RestoreRequest> {
         options: a.criu.to_options()?,
         container: Some(container),
         external_files: a.external_file.clone(),
-        lazy: a.lazy || a.lazy_fallback,
-        lazy_fallback: a.lazy_fallback,
+        lazy: a.lazy.lazy(),
+        lazy_fallback: a.lazy.lazy_fallback,
         ..RestoreRequest::new(Source::parse(&a.path))
     };
     Ok(req)

@@ -68,6 +68,8 @@ pub enum EngineError {
     MissingTarget { kind: CheckpointKind, what: &'static str },
     #[error("{what} is not supported yet: {detail}")]
     Unsupported { what: String, detail: String },
+    #[error("a {kind} checkpoint cannot be restored lazily (only process and runc checkpoints can, so far)")]
+    NotLazy { kind: CheckpointKind },
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -98,7 +100,7 @@ impl EngineError {
                 ErrorKind::InvalidArgument
             }
             EngineError::Interrupted | EngineError::RestoreCancelled => ErrorKind::Cancelled,
-            EngineError::Unsupported { .. } => ErrorKind::Unimplemented,
+            EngineError::Unsupported { .. } | EngineError::NotLazy { .. } => ErrorKind::Unimplemented,
             EngineError::Package { source } => source.kind(),
             #[cfg(feature = "storage")]
             EngineError::Storage(e) => e.kind(),

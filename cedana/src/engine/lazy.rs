@@ -53,7 +53,6 @@ enum Verify {
 pub struct LazyTransfer {
     /// Pages sent by our page server (on demand and in the background).
     pub pages: u64,
-    pub requests: u64,
     /// From the program's start to its memory being wholly local.
     pub time: Duration,
 }
@@ -134,9 +133,10 @@ impl LazyDaemon {
         Ok(Self { child, server, verify, served, log })
     }
 
-    /// Wait until the restored tree's memory is wholly local and every page image matched; on any failure,
-    /// kill `pids` (the restored tree) and say why.
-    pub(crate) fn finish(mut self, pids: &[i32], running_since: Instant) -> Result<LazyTransfer, EngineError> {
+    /// Once the restored tree runs: wait until its memory is wholly local and every page image matched; on
+    /// any failure, kill `pids` (the restored tree) and say why.
+    pub(crate) fn finish(mut self, pids: &[i32]) -> Result<LazyTransfer, EngineError> {
+        let running_since = Instant::now();
         let status = self.child.wait().map_err(EngineError::io("waiting for CRIU's lazy-pages daemon"));
         let served = self.server.join().unwrap_or(Err(PageServerError::Hangup));
         let verified = match self.verify {
@@ -159,11 +159,7 @@ impl LazyDaemon {
             kill_tree(pids);
             return Err(e);
         }
-        Ok(LazyTransfer {
-            pages: self.served.pages.load(Ordering::Relaxed),
-            requests: self.served.requests.load(Ordering::Relaxed),
-            time: running_since.elapsed(),
-        })
+        Ok(LazyTransfer { pages: self.served.pages.load(Ordering::Relaxed), time: running_since.elapsed() })
     }
 
     /// The restore failed: stop the daemon (and with it the page server). The page server's own failure,

@@ -173,12 +173,8 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
 
 /// Whether `e` refused a lazy restore of a checkpoint that a normal restore takes.
 fn cannot_be_lazy(e: &EngineError) -> bool {
-    matches!(e, EngineError::Checkpoint(crate::checkpoint::CheckpointError::NotInPlace { .. }))
-        || matches!(e, EngineError::Unsupported { what, .. } if what.starts_with(LAZY_OF))
+    matches!(e, EngineError::Checkpoint(crate::checkpoint::CheckpointError::NotInPlace { .. }) | EngineError::NotLazy { .. })
 }
-
-/// How a refused lazy restore of a kind that cannot be lazy begins.
-const LAZY_OF: &str = "a lazy restore of a ";
 
 fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<RestoreOutcome, EngineError> {
     let started = Instant::now();
@@ -242,12 +238,7 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
         return Err(EngineError::WrongKind { path, found: kind, wanted });
     }
     if req.lazy && !matches!(kind, CheckpointKind::Process | CheckpointKind::Runc) {
-        return Err(EngineError::Unsupported {
-            what: format!("{LAZY_OF}{kind} checkpoint"),
-            detail:
-                "only process and runc checkpoints restore lazily so far: restore it without --lazy (or with --lazy-fallback)"
-                    .into(),
-        });
+        return Err(EngineError::NotLazy { kind });
     }
     let target = match chosen.take() {
         Some(t) => t,

@@ -144,7 +144,6 @@ impl PageStore for FilePages {
 /// What a session served.
 #[derive(Debug, Default)]
 pub struct Served {
-    pub requests: AtomicU64,
     pub pages: AtomicU64,
 }
 
@@ -205,7 +204,6 @@ impl PageServer {
             SendError::Read(source) => PageServerError::Read { pages_id: map.pages_id, offset, source },
             SendError::Write(e) => PageServerError::Io(e),
         })?;
-        self.served.requests.fetch_add(1, Ordering::Relaxed);
         self.served.pages.fetch_add(nr_pages, Ordering::Relaxed);
         Ok(())
     }

@@ -124,11 +124,6 @@ impl Pagemap {
         let e = self.extents.get(i).filter(|e| e.vaddr <= vaddr)?;
         Some((e, (e.end() - vaddr) / PAGE_SIZE))
     }
-
-    /// The size of the pages image the extents need.
-    pub fn pages_size(&self) -> u64 {
-        self.extents.iter().map(|e| e.offset + e.len()).max().unwrap_or(0)
-    }
 }
 
 #[cfg(test)]

@@ -335,20 +335,13 @@ impl RestoreTarget for ProcessRestore {
         if let Some(pf) = &process.pid_file {
             std::fs::write(pf, format!("{pid}\n")).map_err(EngineError::io(format!("writing {}", pf.display())))?;
         }
-        let lazy = match lazy {
-            Some(daemon) => {
-                let running = Instant::now();
-                let transfer = daemon.finish(&opened.manifest.process.pids, running);
-                match transfer {
-                    Ok(t) => Some(t),
-                    Err(e) => {
-                        let kept = work.keep();
-                        tracing::info!(log = %kept.display(), "the lazy restore failed; CRIU's logs were kept");
-                        return Err(e);
-                    }
-                }
+        let lazy = match lazy.map(|daemon| daemon.finish(&opened.manifest.process.pids)).transpose() {
+            Ok(lazy) => lazy,
+            Err(e) => {
+                let kept = work.keep();
+                tracing::info!(log = %kept.display(), "the lazy restore failed; CRIU's logs were kept");
+                return Err(e);
             }
-            None => None,
         };
         Ok(Restored { pid, exit_code: None, criu_time, lazy })
     }

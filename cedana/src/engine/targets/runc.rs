@@ -307,17 +307,16 @@ impl RestoreTarget for RuncRestore {
                 }
             }
         }
-        let lazy = match lazy {
-            // Should the memory not arrive, the container's init goes, and with it its PID namespace.
-            Some(daemon) => match daemon.finish(&[pid].into_iter().filter(|p| *p > 0).collect::<Vec<_>>(), Instant::now()) {
-                Ok(t) => Some(t),
-                Err(e) => {
-                    let kept = temp_work.keep();
-                    tracing::error!(work = %kept.display(), "the lazy restore failed; the work folder was kept");
-                    return Err(e);
-                }
-            },
-            None => None,
+        // Should the memory not arrive, the container's init goes, and with it its PID namespace.
+        let init = [pid];
+        let pids = if pid > 0 { &init[..] } else { &[] };
+        let lazy = match lazy.map(|daemon| daemon.finish(pids)).transpose() {
+            Ok(lazy) => lazy,
+            Err(e) => {
+                let kept = temp_work.keep();
+                tracing::error!(work = %kept.display(), "the lazy restore failed; the work folder was kept");
+                return Err(e);
+            }
         };
         Ok(Restored { pid, exit_code: Some(exit_code), criu_time, lazy })
     }
