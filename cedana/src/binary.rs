@@ -12,6 +12,15 @@ pub fn candidates(name: &str, fallbacks: &[&str]) -> Vec<PathBuf> {
     out
 }
 
+/// The program `name`: itself when it is a path (holds a `/`) to an existing file, else the first file of
+/// that name in PATH.
+pub fn find(name: &std::path::Path) -> Option<PathBuf> {
+    if name.components().count() > 1 || name.is_absolute() {
+        return name.is_file().then(|| name.to_path_buf());
+    }
+    candidates(&name.to_string_lossy(), &[]).into_iter().find(|p| p.is_file())
+}
+
 /// `exit code N` or `killed by signal N`, for error messages.
 pub fn describe_status(status: ExitStatus) -> String {
     use std::os::unix::process::ExitStatusExt;
@@ -39,5 +48,13 @@ mod tests {
         let c = candidates("criu", &["/opt/x/criu"]);
         assert_eq!(c.last().map(PathBuf::as_path), Some(std::path::Path::new("/opt/x/criu")));
         assert!(c.iter().all(|p| p.ends_with("criu")));
+    }
+
+    #[test]
+    fn programs_are_found_by_path_or_name() {
+        assert!(find(std::path::Path::new("sh")).is_some_and(|p| p.is_absolute()));
+        assert_eq!(find(std::path::Path::new("/bin/sh")).as_deref(), Some(std::path::Path::new("/bin/sh")));
+        assert!(find(std::path::Path::new("./no-such-program")).is_none());
+        assert!(find(std::path::Path::new("no-such-program-anywhere")).is_none());
     }
 }

@@ -18,6 +18,12 @@
 //! stream = true                         # images flow between CRIU and the archive, no files on disk
 //! [hooks]
 //! command = "/usr/local/lib/cedana/hook" # run before/after every dump and restore
+//! [gpu]
+//! backend = "auto"                      # or "cuda-checkpoint", "driver" (libcuda's API), "off"
+//! cuda_checkpoint = "cuda-checkpoint"   # NVIDIA's utility (a path, or a name in PATH)
+//! libcuda = "libcuda.so.1"              # the CUDA driver library, loaded at run time
+//! nvidia_smi = "nvidia-smi"
+//! lock_timeout_ms = 10000               # bound on locking a CUDA process before a dump
 //! [profiling]
 //! enabled = true                        # print a timings tree after every dump and restore
 //! ```
@@ -125,6 +131,19 @@ pub struct HooksConfig {
     pub command: Option<PathBuf>,
 }
 
+/// Settings of the `[gpu]` table (see [`crate::gpu`]).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GpuConfig {
+    /// `auto` (the default), `cuda-checkpoint`, `driver` or `off`.
+    pub backend: Option<crate::gpu::BackendChoice>,
+    pub cuda_checkpoint: Option<PathBuf>,
+    pub libcuda: Option<PathBuf>,
+    pub nvidia_smi: Option<PathBuf>,
+    /// Bound on locking each CUDA process before a dump, in milliseconds.
+    pub lock_timeout_ms: Option<u64>,
+}
+
 /// Settings of the `[profiling]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -171,6 +190,8 @@ pub struct Config {
     pub checkpoint: CheckpointConfig,
     #[serde(default)]
     pub hooks: HooksConfig,
+    #[serde(default)]
+    pub gpu: GpuConfig,
     #[serde(default)]
     pub profiling: ProfilingConfig,
 }
@@ -322,6 +343,19 @@ impl FromEnv for Compression {
     }
 }
 
+impl FromEnv for u64 {
+    fn from_env(v: std::ffi::OsString) -> Result<Self, String> {
+        let s = String::from_env(v)?;
+        s.trim().parse().map_err(|_| format!("{s:?} is not a whole number"))
+    }
+}
+
+impl FromEnv for crate::gpu::BackendChoice {
+    fn from_env(v: std::ffi::OsString) -> Result<Self, String> {
+        String::from_env(v)?.parse()
+    }
+}
+
 impl FromEnv for CriuDriverKind {
     fn from_env(v: std::ffi::OsString) -> Result<Self, String> {
         String::from_env(v)?.parse()
@@ -375,6 +409,11 @@ const KEYS: &[Key] = &[
     key!("checkpoint.stream", ["CEDANA_CHECKPOINT_STREAM"], checkpoint.stream, |c| shown(c.stream())),
     key!("checkpoint.scratch_dir", ["CEDANA_CHECKPOINT_SCRATCH_DIR", "CEDANA_SCRATCH_DIR"], checkpoint.scratch_dir, |c| shown(c.scratch_dir().display())),
     key!("hooks.command", ["CEDANA_HOOKS_COMMAND", "CEDANA_HOOK_COMMAND"], hooks.command, |c| c.hooks.command.as_ref().map(|p| p.display().to_string())),
+    key!("gpu.backend", ["CEDANA_GPU_BACKEND"], gpu.backend, |c| shown(c.gpu_settings().backend)),
+    key!("gpu.cuda_checkpoint", ["CEDANA_GPU_CUDA_CHECKPOINT"], gpu.cuda_checkpoint, |c| shown(c.gpu_settings().cuda_checkpoint.display())),
+    key!("gpu.libcuda", ["CEDANA_GPU_LIBCUDA"], gpu.libcuda, |c| shown(c.gpu_settings().libcuda.display())),
+    key!("gpu.nvidia_smi", ["CEDANA_GPU_NVIDIA_SMI"], gpu.nvidia_smi, |c| shown(c.gpu_settings().nvidia_smi.display())),
+    key!("gpu.lock_timeout_ms", ["CEDANA_GPU_LOCK_TIMEOUT_MS"], gpu.lock_timeout_ms, |c| shown(c.gpu_settings().lock_timeout.as_millis())),
     key!("profiling.enabled", ["CEDANA_PROFILING_ENABLED"], profiling.enabled, |c| shown(c.profiling_enabled())),
 ];
 
@@ -457,6 +496,19 @@ impl Config {
         match &self.criu.binary_path {
             Some(p) => Some(p.clone()),
             None => crate::criu::Criu::locate(None).ok().map(|criu| criu.binary().to_path_buf()),
+        }
+    }
+
+    /// The GPU settings: the `[gpu]` table over [`crate::gpu::GpuSettings`]' defaults.
+    pub fn gpu_settings(&self) -> crate::gpu::GpuSettings {
+        let d = crate::gpu::GpuSettings::default();
+        let g = &self.gpu;
+        crate::gpu::GpuSettings {
+            backend: g.backend.unwrap_or(d.backend),
+            cuda_checkpoint: g.cuda_checkpoint.clone().unwrap_or(d.cuda_checkpoint),
+            libcuda: g.libcuda.clone().unwrap_or(d.libcuda),
+            nvidia_smi: g.nvidia_smi.clone().unwrap_or(d.nvidia_smi),
+            lock_timeout: g.lock_timeout_ms.map(std::time::Duration::from_millis).unwrap_or(d.lock_timeout),
         }
     }
 
@@ -615,6 +667,11 @@ mod tests {
                 "checkpoint.stream",
                 "checkpoint.scratch_dir",
                 "hooks.command",
+                "gpu.backend",
+                "gpu.cuda_checkpoint",
+                "gpu.libcuda",
+                "gpu.nvidia_smi",
+                "gpu.lock_timeout_ms",
                 "profiling.enabled"
             ]
         );

@@ -12,6 +12,7 @@
 //! - [`runc`]: the container runtime client (the real runc);
 //! - [`storage`] (feature `storage`): checkpoint archives in object stores (S3, GCS): an upload sink and a
 //!   ranged-read source;
+//! - [`gpu`]: GPU-aware checkpoint/restore of CUDA processes (NVIDIA's checkpoint API as an engine hook);
 //! - [`procfs`]: what /proc says about a tree before we dump it;
 //! - [`config`], [`cancel`], [`progress`], [`error`], [`binary`]: settings, cancellation tokens, progress
 //!   reporting, error kinds, locating external programs.
@@ -26,6 +27,7 @@ pub mod config;
 pub mod criu;
 pub mod engine;
 pub mod error;
+pub mod gpu;
 #[cfg(feature = "jobs")]
 pub mod jobs;
 pub mod procfs;

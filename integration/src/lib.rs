@@ -4,6 +4,7 @@
 pub mod console;
 pub mod daemon;
 pub mod engines;
+pub mod gpu;
 pub mod images;
 pub mod lines;
 pub mod moto;

@@ -68,6 +68,8 @@ fn config_show_names_the_source_of_each_key() {
     assert_eq!(row("db.path"), ["/var/lib/cedana/cedana.db", "default"]);
     assert_eq!(row("protocol"), ["unix", "default"]);
     assert_eq!(row("hooks.command"), ["-", "default"]);
+    assert_eq!(row("gpu.backend"), ["auto", "default"]);
+    assert_eq!(row("gpu.lock_timeout_ms"), ["10000", "default"]);
     let keys: Vec<&str> = table.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
         keys,
@@ -84,6 +86,11 @@ fn config_show_names_the_source_of_each_key() {
             "checkpoint.stream",
             "checkpoint.scratch_dir",
             "hooks.command",
+            "gpu.backend",
+            "gpu.cuda_checkpoint",
+            "gpu.libcuda",
+            "gpu.nvidia_smi",
+            "gpu.lock_timeout_ms",
             "profiling.enabled"
         ]
     );
@@ -143,7 +150,7 @@ fn features_prints_the_matrix() {
     assert_eq!(cells("manage"), ["yes", "-", "yes", "yes"]);
     let upcoming = text.lines().find(|l| l.trim_start().starts_with("manage --upcoming")).unwrap();
     assert_eq!(upcoming.split_whitespace().skip(2).collect::<Vec<_>>(), ["yes", "-", "yes", "yes"]);
-    assert_eq!(cells("GPU"), ["no", "no", "no", "no"]);
+    assert_eq!(cells("GPU"), ["yes", "yes", "yes", "yes"]);
     let attach = cells("attach");
     assert_eq!(attach, ["yes", "yes", "yes", "no"], "{text}");
 }

@@ -27,7 +27,9 @@ fn quick_start_run_ps_dump_restore_and_the_output_goes_on() {
     assert!(out.starts_with("counter1 "), "{out}");
     wait_for_count(&log, 5);
     let row = d.row("counter1");
-    assert_eq!(&row[1..4], ["process", &pid.to_string(), "sleep"], "{row:?}");
+    assert_eq!(&row[1..3], ["process", &pid.to_string()], "{row:?}");
+    // Sleeping between counts, or caught counting (on a busy machine).
+    assert!(row[3] == "sleep" || row[3] == "running", "{row:?}");
     assert_eq!(row[4], "no", "GPU column");
     assert_eq!(row.last().unwrap(), log.to_str().unwrap());
 

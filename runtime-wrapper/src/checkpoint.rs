@@ -86,7 +86,7 @@ pub fn run(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Re
         // runc runs CRIU here and writes image files.
         stream: None,
     };
-    let out = engine.dump(req, &OpContext::new());
+    let out = engine.dump(req, &cancelled_by_signals());
     if !existed && image_path.is_dir() {
         // runc creates the image path with mode 0600 (os.MkdirAll(imagePath, 0o600)).
         let _ = std::fs::set_permissions(&image_path, std::fs::Permissions::from_mode(0o600));
@@ -103,6 +103,19 @@ pub fn run(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Re
         out.package_time.as_millis()
     ));
     Ok(0)
+}
+
+/// A context that SIGTERM and SIGINT cancel: a caller that gives up on a checkpoint (the shim when a
+/// checkpoint-on-stop runs out of time) stops it, and the engine rolls it back (the container runs on, nothing
+/// incomplete is left). A signal that cannot be caught leaves the default, which ends this process.
+fn cancelled_by_signals() -> OpContext {
+    let cancel = cedana::cancel::Cancel::new();
+    for sig in [signal_hook::consts::SIGTERM, signal_hook::consts::SIGINT] {
+        if let Err(e) = signal_hook::flag::register(sig, cancel.flag()) {
+            tracing::warn!(signal = sig, error = %e, "cannot catch the signal: it will end the checkpoint abruptly");
+        }
+    }
+    OpContext::new().with_cancel(cancel)
 }
 
 /// Once the new checkpoint at `kept` is committed, remove what an earlier checkpoint left in the image path:

@@ -27,6 +27,10 @@ pub const RESTORE_ENV: &str = "CEDANA_RESTORE";
 pub const LAZY_ANNOTATION: &str = "io.cedana.restore.lazy";
 /// The same as a process environment variable.
 pub const LAZY_ENV: &str = "CEDANA_RESTORE_LAZY";
+/// Annotation asking to restore a checkpoint holding GPU state even where this host's GPUs do not match it.
+pub const SKIP_GPU_CHECK_ANNOTATION: &str = "io.cedana.restore.skip-gpu-check";
+/// The same as a process environment variable.
+pub const SKIP_GPU_CHECK_ENV: &str = "CEDANA_RESTORE_SKIP_GPU_CHECK";
 /// Marker of a container restored at create, in its runc state folder.
 const MARKER: &str = "cedana.json";
 
@@ -69,7 +73,7 @@ pub fn restore(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -
         extra: a.tokens_without(&handled),
         stdio: None,
     };
-    run_restore(cfg, inv, id, Source::Path(checkpoint), flags, false, log).map(Some)
+    run_restore(cfg, inv, id, Source::Path(checkpoint), flags, Asks { lazy: false, skip_gpu_check: false }, log).map(Some)
 }
 
 /// `create` or `run` of a bundle that asks for a restore; `None` when it does not ask for one.
@@ -78,7 +82,10 @@ pub fn create(cfg: &Config, inv: &Invocation, a: &CommandArgs, run: bool, log: &
     let bundle = absolute(&cwd, a.value("bundle"));
     let [id] = a.positionals.as_slice() else { return Ok(None) };
     let Some((how, requested)) = requested_restore(&bundle) else { return Ok(None) };
-    let lazy = lazy_requested(&bundle);
+    let asks = Asks {
+        lazy: requested_option(&bundle, LAZY_ANNOTATION, LAZY_ENV),
+        skip_gpu_check: requested_option(&bundle, SKIP_GPU_CHECK_ANNOTATION, SKIP_GPU_CHECK_ENV),
+    };
     let checkpoint = match Source::parse(&requested) {
         Source::Path(p) => {
             let requested = cwd.join(p);
@@ -101,7 +108,7 @@ pub fn create(cfg: &Config, inv: &Invocation, a: &CommandArgs, run: bool, log: &
         extra,
         stdio: None,
     };
-    let code = run_restore(cfg, inv, id, checkpoint.clone(), flags, lazy, log)?;
+    let code = run_restore(cfg, inv, id, checkpoint.clone(), flags, asks, log)?;
     if !run {
         let marker = root(inv).join(id).join(MARKER);
         let record = serde_json::json!({ "restored_from": checkpoint.display(), "started": false });
@@ -137,19 +144,27 @@ fn requested_restore(bundle: &Path) -> Option<(&'static str, String)> {
     })
 }
 
-/// Whether a bundle that asks for a restore asks for a lazy one.
-fn lazy_requested(bundle: &Path) -> bool {
+/// The options a bundle that asks for a restore gives it.
+#[derive(Debug, Clone, Copy)]
+struct Asks {
+    lazy: bool,
+    skip_gpu_check: bool,
+}
+
+/// Whether a bundle that asks for a restore sets an option of it (`true`, `1` or `yes`) by annotation or by
+/// process environment variable.
+fn requested_option(bundle: &Path, annotation: &str, env_var: &str) -> bool {
     let Some(config) =
         std::fs::read(bundle.join("config.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
     else {
         return false;
     };
     let yes = |v: &str| matches!(v, "true" | "1" | "yes");
-    config["annotations"][LAZY_ANNOTATION].as_str().is_some_and(yes)
+    config["annotations"][annotation].as_str().is_some_and(yes)
         || config["process"]["env"].as_array().is_some_and(|env| {
             env.iter()
                 .filter_map(|e| e.as_str())
-                .any(|e| e.strip_prefix(LAZY_ENV).and_then(|v| v.strip_prefix('=')).is_some_and(yes))
+                .any(|e| e.strip_prefix(env_var).and_then(|v| v.strip_prefix('=')).is_some_and(yes))
         })
 }
 
@@ -159,7 +174,7 @@ fn run_restore(
     id: &str,
     checkpoint: Source,
     flags: RestoreFlags,
-    lazy: bool,
+    asks: Asks,
     log: &RuncLog,
 ) -> Result<i32, WrapperError> {
     let runtime = std::sync::Arc::new(runc_for(inv)?);
@@ -167,8 +182,9 @@ fn run_restore(
     let req = RestoreRequest {
         only: Some(CheckpointKind::Runc),
         container: Some(container),
-        lazy,
-        lazy_fallback: lazy,
+        lazy: asks.lazy,
+        lazy_fallback: asks.lazy,
+        skip_gpu_check: asks.skip_gpu_check,
         ..RestoreRequest::new(checkpoint.clone())
     };
     let out = Engine::new(cfg.clone())?.restore(req, &OpContext::new())?;
@@ -199,13 +215,16 @@ mod tests {
         assert_eq!(requested_restore(dir.path()).unwrap().1, "/d/cp");
         write(serde_json::json!({"process": {"env": ["CEDANA_RESTORE_X=1", "CEDANA_RESTORE="]}}));
         assert!(requested_restore(dir.path()).is_none());
-        assert!(!lazy_requested(dir.path()));
+        assert!(!requested_option(dir.path(), LAZY_ANNOTATION, LAZY_ENV));
         write(serde_json::json!({"annotations": {"io.cedana.restore": "/cp.tar", "io.cedana.restore.lazy": "true"}}));
-        assert!(lazy_requested(dir.path()));
+        assert!(requested_option(dir.path(), LAZY_ANNOTATION, LAZY_ENV));
         write(serde_json::json!({"process": {"env": ["CEDANA_RESTORE=/cp", "CEDANA_RESTORE_LAZY=1"]}}));
-        assert!(lazy_requested(dir.path()));
+        assert!(requested_option(dir.path(), LAZY_ANNOTATION, LAZY_ENV));
         write(serde_json::json!({"annotations": {"io.cedana.restore.lazy": "no"}}));
-        assert!(!lazy_requested(dir.path()));
+        assert!(!requested_option(dir.path(), LAZY_ANNOTATION, LAZY_ENV));
+        write(serde_json::json!({"annotations": {"io.cedana.restore.skip-gpu-check": "true"}}));
+        assert!(requested_option(dir.path(), SKIP_GPU_CHECK_ANNOTATION, SKIP_GPU_CHECK_ENV));
+        assert!(!requested_option(dir.path(), LAZY_ANNOTATION, LAZY_ENV));
     }
 
     #[test]

@@ -14,6 +14,8 @@ pub enum Kind {
     /// A refusal containerd's runc shim reports as a plain error (code UNKNOWN), e.g. exec in a stopped
     /// or paused task, or the runtime failing an exec; kept so clients see the same code from both shims.
     Unknown,
+    /// The work did not finish in the time it had (a checkpoint-on-stop's budget).
+    DeadlineExceeded,
 }
 
 /// An error of the shim: a kind and a readable message.
@@ -75,6 +77,7 @@ impl Kind {
             Kind::Unimplemented => Code::UNIMPLEMENTED,
             Kind::Internal => Code::INTERNAL,
             Kind::Unknown => Code::UNKNOWN,
+            Kind::DeadlineExceeded => Code::DEADLINE_EXCEEDED,
         }
     }
 }

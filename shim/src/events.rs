@@ -5,6 +5,7 @@ use containerd_shim_protos::events::task::{
     TaskCheckpointed, TaskCreate, TaskDelete, TaskExecAdded, TaskExecStarted, TaskExit, TaskOOM, TaskPaused, TaskResumed,
     TaskStart,
 };
+use containerd_shim_protos::protobuf::well_known_types::wrappers::StringValue;
 use containerd_shim_protos::protobuf::MessageDyn;
 use containerd_shim_protos::topics;
 use containerd_shim_protos::ttrpc::context::Context;
@@ -23,6 +24,8 @@ pub enum Event {
     ExecAdded(TaskExecAdded),
     ExecStarted(TaskExecStarted),
     Oom(TaskOOM),
+    /// A checkpoint-on-stop failed (see [`crate::on_stop`]): JSON with `container_id`, `destination`, `error`.
+    StopCheckpointFailed(StringValue),
 }
 
 impl Event {
@@ -39,6 +42,7 @@ impl Event {
             Event::ExecAdded(_) => topics::TASK_EXEC_ADDED_EVENT_TOPIC,
             Event::ExecStarted(_) => topics::TASK_EXEC_STARTED_EVENT_TOPIC,
             Event::Oom(_) => topics::TASK_OOM_EVENT_TOPIC,
+            Event::StopCheckpointFailed(_) => crate::on_stop::FAILED_TOPIC,
         }
     }
 
@@ -54,6 +58,7 @@ impl Event {
             Event::ExecAdded(e) => Box::new(e),
             Event::ExecStarted(e) => Box::new(e),
             Event::Oom(e) => Box::new(e),
+            Event::StopCheckpointFailed(e) => Box::new(e),
         }
     }
 }

@@ -8,11 +8,13 @@
 //! - [`oom`]: OOM notifications of cgroup v1 memory cgroups, published as TaskOOM;
 //! - [`options`]: runtime options from Create requests; [`error`]: error kinds and their ttrpc codes;
 //! - [`stats`]: the runtime's statistics as containerd's cgroup v1 metrics;
-//! - [`console`]: terminals: the console socket a runtime sends them to, and the copying to the FIFOs.
+//! - [`console`]: terminals: the console socket a runtime sends them to, and the copying to the FIFOs;
+//! - [`on_stop`]: checkpoint-on-stop (the `io.cedana.checkpoint-on-stop` annotation).
 
 pub mod console;
 pub mod error;
 pub mod events;
+pub mod on_stop;
 pub mod oom;
 pub mod options;
 pub mod reaper;

@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use serde::Deserialize;
@@ -58,7 +59,13 @@ pub struct CheckpointOpts {
     pub terminal: bool,
     pub file_locks: bool,
     pub empty_namespaces: Vec<String>,
+    /// Give up after this long: the runtime is asked to stop (SIGTERM, then SIGKILL after
+    /// [`DEADLINE_GRACE`]) and the checkpoint fails (checkpoint-on-stop's budget).
+    pub deadline: Option<Duration>,
 }
+
+/// How long a runtime asked to stop at a deadline may take to roll its work back before it is killed.
+pub const DEADLINE_GRACE: Duration = Duration::from_secs(5);
 
 /// What starting an exec process needs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -223,15 +230,47 @@ impl RuncRuntime {
     }
 
     /// Run a command to completion; its stdout on success, else an error carrying its stderr.
-    async fn run(&self, mut cmd: tokio::process::Command, what: &str) -> Result<Vec<u8>> {
+    async fn run(&self, cmd: tokio::process::Command, what: &str) -> Result<Vec<u8>> {
+        self.run_until(cmd, what, None).await
+    }
+
+    /// [`Self::run`], giving up after `deadline`: the command gets SIGTERM (our runtime rolls a checkpoint
+    /// back on it), and SIGKILL when it has not ended [`DEADLINE_GRACE`] later.
+    async fn run_until(&self, mut cmd: tokio::process::Command, what: &str, deadline: Option<Duration>) -> Result<Vec<u8>> {
         let child = self
             .reaper
             .spawn(&mut cmd)
             .map_err(|e| Error::internal(format!("running {} {what}: {e}", self.binary().display())))?;
         let pid = child.id();
-        let out = child.wait_with_output().await;
+        let mut waiting = Box::pin(child.wait_with_output());
+        let mut late = false;
+        let out = match deadline {
+            None => waiting.await,
+            Some(limit) => match tokio::time::timeout(limit, &mut waiting).await {
+                Ok(out) => out,
+                Err(_) => {
+                    late = true;
+                    let signal = |s| pid.map(|p| signal_pid(p as i32, s as u32));
+                    let _ = signal(libc::SIGTERM);
+                    match tokio::time::timeout(DEADLINE_GRACE, &mut waiting).await {
+                        Ok(out) => out,
+                        Err(_) => {
+                            let _ = signal(libc::SIGKILL);
+                            waiting.await
+                        }
+                    }
+                }
+            },
+        };
         self.reaper.release(pid);
         let out = out.map_err(|e| Error::internal(format!("waiting for {what}: {e}")))?;
+        if late {
+            let limit = deadline.unwrap_or_default();
+            return Err(Error::new(
+                Kind::DeadlineExceeded,
+                format!("{what} did not finish within {} ms: stopped", limit.as_millis()),
+            ));
+        }
         if out.status.success() {
             return Ok(out.stdout);
         }
@@ -435,7 +474,7 @@ impl Runtime for RuncRuntime {
             cmd.arg("--empty-ns").arg(ns);
         }
         cmd.arg(id);
-        self.run(cmd, "checkpoint").await.map(drop)
+        self.run_until(cmd, "checkpoint", opts.deadline).await.map(drop)
     }
 
     async fn start(&self, id: &str) -> Result<()> {

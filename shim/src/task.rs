@@ -40,6 +40,7 @@ use tokio::sync::{watch, Mutex};
 use crate::console::{Console, ConsoleSocket};
 use crate::error::{Error, Result};
 use crate::events::{Event, EventSender};
+use crate::on_stop::OnStop;
 use crate::oom::OomWatcher;
 use crate::options::{CheckpointOptions, RuntimeOptions};
 use crate::runtime::{CheckpointOpts, CreateOpts, Runtime};
@@ -82,6 +83,10 @@ struct TaskEntry {
     terminal: bool,
     /// The init's terminal, when it has one.
     console: Option<Console>,
+    /// Checkpoint the container before its first stop (the `io.cedana.checkpoint-on-stop` annotation).
+    on_stop: Option<OnStop>,
+    /// Whether that checkpoint was tried (once per task).
+    on_stop_tried: bool,
 }
 
 /// The tasks of one shim.
@@ -214,6 +219,8 @@ impl<R: Runtime> TaskManager<R> {
                 execs: HashMap::new(),
                 terminal: req.terminal,
                 console,
+                on_stop: OnStop::from_bundle(&bundle, &req.id),
+                on_stop_tried: false,
             },
         );
         self.events.send(Event::Create(TaskCreate {
@@ -344,14 +351,65 @@ impl<R: Runtime> TaskManager<R> {
         if !is_init(&req.id, &req.exec_id) {
             return self.kill_exec(req).await;
         }
-        {
-            let tasks = self.tasks.lock().await;
-            let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
+        let on_stop = {
+            let mut tasks = self.tasks.lock().await;
+            let task = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
             if task.status == Status::STOPPED && !req.all {
                 return Err(Error::not_found(format!("process of task {} already finished", req.id)));
             }
+            let stopping = task.status == Status::RUNNING && crate::on_stop::is_stop_signal(req.signal);
+            match (stopping && !task.on_stop_tried, &task.on_stop) {
+                (true, Some(on_stop)) => {
+                    task.on_stop_tried = true;
+                    Some(on_stop.clone())
+                }
+                _ => None,
+            }
+        };
+        if let Some(on_stop) = on_stop {
+            self.checkpoint_on_stop(&req.id, &on_stop).await;
         }
         self.runtime.kill(&req.id, req.signal, req.all).await
+    }
+
+    /// Checkpoint a stopping task as its `io.cedana.checkpoint-on-stop` annotation asks, within its budget,
+    /// leaving it running for the signal that follows; a failure is logged and published, never returned (the
+    /// stop goes on).
+    async fn checkpoint_on_stop(&self, id: &str, on_stop: &OnStop) {
+        let image_path = on_stop.image_path();
+        let opts = CheckpointOpts {
+            image_path: image_path.clone(),
+            work_path: None,
+            exit: false,
+            open_tcp: false,
+            external_unix_sockets: false,
+            terminal: false,
+            file_locks: false,
+            empty_namespaces: Vec::new(),
+            deadline: Some(on_stop.budget),
+        };
+        let started = std::time::Instant::now();
+        match self.runtime.checkpoint(id, &opts).await {
+            Ok(()) => {
+                log::info!("checkpointed {id} on stop to {} in {} ms", image_path.display(), started.elapsed().as_millis());
+                self.events.send(Event::Checkpointed(TaskCheckpointed {
+                    container_id: id.to_string(),
+                    checkpoint: image_path.display().to_string(),
+                    ..Default::default()
+                }));
+            }
+            Err(e) => {
+                log::error!("checkpoint-on-stop of {id} to {} failed, stopping it anyway: {e}", image_path.display());
+                let detail = serde_json::json!({
+                    "container_id": id,
+                    "destination": image_path.display().to_string(),
+                    "error": e.message,
+                });
+                let mut message = containerd_shim_protos::protobuf::well_known_types::wrappers::StringValue::new();
+                message.value = detail.to_string();
+                self.events.send(Event::StopCheckpointFailed(message));
+            }
+        }
     }
 
     pub async fn delete(&self, req: DeleteRequest) -> Result<DeleteResponse> {
@@ -484,6 +542,7 @@ impl<R: Runtime> TaskManager<R> {
             terminal: options.terminal,
             file_locks: options.file_locks,
             empty_namespaces: options.empty_namespaces,
+            deadline: None,
         };
         // The lock is not held over the checkpoint: its exit (with `exit`) must reach the reaper's handler.
         self.runtime.checkpoint(&req.id, &opts).await?;

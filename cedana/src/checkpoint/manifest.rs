@@ -106,6 +106,10 @@ pub struct Manifest {
     /// Whether the images were streamed from CRIU into the archive (no image file was written).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub streamed: bool,
+    /// The GPU state the checkpoint holds (CUDA processes, their GPUs, driver and CUDA versions), for the
+    /// restoring host's check; absent when no process of the tree used a GPU.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpu: Option<crate::gpu::GpuRecord>,
 }
 
 /// An archive entry's position in the archive file.

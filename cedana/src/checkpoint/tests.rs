@@ -23,6 +23,7 @@ pub(crate) fn manifest() -> Manifest {
         files: Vec::new(),
         placement: Vec::new(),
         streamed: false,
+        gpu: None,
     }
 }
 

@@ -4,6 +4,7 @@
 use cedana::checkpoint::CheckpointError;
 use cedana::criu::CriuError;
 use cedana::engine::EngineError;
+use cedana::gpu::GpuError;
 use cedana::procfs::ProcError;
 use cedana::runc::RuncError;
 
@@ -46,6 +47,7 @@ fn advice(e: &EngineError) -> Option<String> {
         EngineError::Runc(RuncError::NotFound { .. }) => "scripts/setup.sh installs runc".into(),
         EngineError::Runc(RuncError::Unsupported { .. }) => "drop that flag for runc containers".into(),
         EngineError::NotLazy { .. } => LAZY_ADVICE.into(),
+        EngineError::Hook(h) => gpu_advice(h.source.as_deref()?.downcast_ref::<GpuError>()?)?,
         EngineError::PidInUse { .. } => "the original was perhaps dumped with --leave-running: stop it first".into(),
         EngineError::MissingTarget { .. } => "use `cedana restore runc --id ID --bundle DIR`".into(),
         _ => return None,
@@ -54,6 +56,18 @@ fn advice(e: &EngineError) -> Option<String> {
 
 /// For a checkpoint that cannot be restored lazily.
 const LAZY_ADVICE: &str = "restore it without --lazy, or with --lazy-fallback (lazily where the checkpoint allows it)";
+
+fn gpu_advice(e: &GpuError) -> Option<String> {
+    Some(match e {
+        GpuError::HostMismatch { .. } | GpuError::NoGpu { .. } => {
+            "restore on a host with matching GPUs, or pass --skip-gpu-check to try anyway".into()
+        }
+        GpuError::NoBackend { .. } | GpuError::DriverTooOld { .. } => "install NVIDIA driver r570 or newer with its \
+            cuda-checkpoint utility, or point gpu.cuda_checkpoint / gpu.libcuda (CEDANA_GPU_*) at them"
+            .into(),
+        _ => return None,
+    })
+}
 
 fn checkpoint_advice(e: &CheckpointError) -> Option<String> {
     Some(match e {
@@ -84,5 +98,14 @@ mod tests {
         assert!(text.contains("/d is full") && text.contains("choose another --dir"), "{text}");
         let plain = render(&anyhow::anyhow!("boom"));
         assert_eq!(plain, "boom");
+    }
+
+    #[test]
+    fn a_gpu_host_mismatch_names_the_override_once() {
+        let gpu = GpuError::HostMismatch { reason: "the checkpoint used 2 GPU(s) but this host has 1".into() };
+        let hook = cedana::engine::hooks::HookError::caused(cedana::engine::HookPoint::BeforeRestore, gpu);
+        let text = render(&anyhow::Error::new(EngineError::Hook(hook)));
+        assert_eq!(text.matches("this host has 1").count(), 1, "{text}");
+        assert!(text.contains("before-restore hook failed") && text.contains("--skip-gpu-check"), "{text}");
     }
 }

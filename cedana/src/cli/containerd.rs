@@ -58,6 +58,9 @@ pub struct RestoreArgs {
     /// pages, and restores normally a checkpoint that cannot be lazy).
     #[arg(long)]
     pub lazy: bool,
+    /// Restore a checkpoint holding GPU state even on a host whose GPUs do not match it.
+    #[arg(long)]
+    pub skip_gpu_check: bool,
 }
 
 /// `cedana dump containerd`: the runc checkpoint of the container, and the files to attach to it (its record,
@@ -86,6 +89,7 @@ pub fn restore(config: &cedana::config::Config, a: RestoreArgs) -> anyhow::Resul
         checkpoint: &path,
         config,
         lazy: a.lazy,
+        skip_gpu_check: a.skip_gpu_check,
         id: &a.id,
         image: a.image.as_deref(),
         runtime: &a.runtime,

@@ -137,9 +137,27 @@ fn text(s: &Summary<'_>, report: Report) -> String {
     if let Some(m) = m.filter(|m| m.process.pids.len() > 1) {
         t += &format!("  tree      {} processes\n", m.process.pids.len());
     }
+    if let Some(g) = m.and_then(|m| m.gpu.as_ref()) {
+        t += &format!("  gpu       {}\n", gpu_line(g));
+    }
     t += &report.timings_text(&s.timings);
     t += &format!("checkpoint  {}\n", s.path);
     t
+}
+
+/// `2 CUDA processes (cuda-checkpoint), 1 GPU: NVIDIA A100 (40960 MiB), driver 570.86.10, CUDA 12.8`.
+pub fn gpu_line(g: &cedana::gpu::GpuRecord) -> String {
+    let mut line = format!("{} CUDA process(es) ({})", g.pids.len(), g.backend);
+    if let Some(d) = g.devices.first() {
+        line += &format!(", {} GPU(s): {} ({} MiB)", g.devices.len(), d.name, d.memory_mib);
+    }
+    if !g.driver_version.is_empty() {
+        line += &format!(", driver {}", g.driver_version);
+    }
+    if !g.cuda_version.is_empty() {
+        line += &format!(", CUDA {}", g.cuda_version);
+    }
+    line
 }
 
 /// The whole result as one JSON object.
@@ -168,6 +186,7 @@ fn to_json(s: &Summary<'_>) -> serde_json::Value {
         "pids": m.map(|m| m.process.pids.clone()),
         "detected": s.detected,
         "criu_version": m.map(|m| m.criu_version.clone()),
+        "gpu": m.and_then(|m| m.gpu.as_ref()),
         "timings_ms": output::timings_json(&s.timings),
     })
 }

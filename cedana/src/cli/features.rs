@@ -88,8 +88,8 @@ const FEATURES: &[Feature] = &[
     Feature {
         name: "GPU",
         cell: |cli, ty| {
-            let path: &[&str] = if ty == "job" { &["run", "process"] } else { &["run", ty] };
-            Support::of(cli.has_flag(path, "gpu-enabled") || cli.has_flag(&["dump", ty], "gpu"))
+            // GPU state is checkpointed wherever the engine dumps (its GPU hook); restores take --skip-gpu-check.
+            Support::of(cli.has_flag(&["restore", ty], "skip-gpu-check"))
         },
     },
 ];
@@ -151,7 +151,8 @@ mod tests {
         assert_eq!(cell("manage", "process"), Support::Yes);
         assert_eq!(cell("manage --upcoming", "process"), Support::Yes);
         assert_eq!(cell("manage --upcoming", "containerd"), Support::Yes);
-        assert_eq!(cell("GPU", "process"), Support::No);
+        assert_eq!(cell("GPU", "process"), Support::Yes);
+        assert_eq!(cell("GPU", "containerd"), Support::Yes);
         assert!(text.lines().any(|l| l.split_whitespace().collect::<Vec<_>>() == ["dump", "yes", "yes", "yes", "yes"]), "{text}");
     }
 }

@@ -64,6 +64,9 @@ pub fn run(cmd: CheckpointCommand) -> anyhow::Result<i32> {
             s.frozen_time_us, s.freezing_time_us, s.memdump_time_us, s.memwrite_time_us, s.pages_written
         );
     }
+    if let Some(g) = &m.gpu {
+        println!("GPU          {}", super::dump_report::gpu_line(g));
+    }
     println!("Images       {} in {} files ({})", HumanBytes(m.images_size()), m.files.len(), m.checksum);
     if a.verify {
         println!("Verified     every checksum matches");

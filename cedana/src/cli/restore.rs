@@ -28,9 +28,9 @@ pub enum RestoreCommand {
     Job(JobArgs),
 }
 
-/// `--lazy` and `--lazy-fallback`, as every restore command takes them.
+/// `--lazy`, `--lazy-fallback` and `--skip-gpu-check`, as the restore commands take them.
 #[derive(clap::Args, Debug)]
-pub struct LazyFlags {
+pub struct RestoreFlags {
     /// Restore lazily: the program runs at once, its memory filled on demand (userfaultfd) and then in the
     /// background from the checkpoint (by the daemon, or by this command without one); returns once the
     /// memory is wholly local. Needs page images that can be read in pieces: compression none, tar, lz4,
@@ -40,9 +40,13 @@ pub struct LazyFlags {
     /// Restore lazily where the checkpoint allows it, else normally (implies --lazy).
     #[arg(long)]
     pub lazy_fallback: bool,
+    /// Restore a checkpoint holding GPU state even on a host whose GPUs do not match it (fewer, with less
+    /// memory, an older driver); the GPU restore may then fail, and the restored processes are killed.
+    #[arg(long)]
+    pub skip_gpu_check: bool,
 }
 
-impl LazyFlags {
+impl RestoreFlags {
     /// Whether the restore is to be lazy (where it can be, with `--lazy-fallback`).
     pub fn lazy(&self) -> bool {
         self.lazy || self.lazy_fallback
@@ -57,7 +61,7 @@ pub struct JobArgs {
     #[arg(long)]
     pub attach: bool,
     #[command(flatten)]
-    pub lazy: LazyFlags,
+    pub restore: RestoreFlags,
     #[command(flatten)]
     pub criu: CriuFlags,
     #[command(flatten)]
@@ -82,8 +86,9 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
         attachable: a.attach,
         stream: a.criu.stream(),
-        lazy: a.lazy.lazy(),
-        lazy_fallback: a.lazy.lazy_fallback,
+        lazy: a.restore.lazy(),
+        lazy_fallback: a.restore.lazy_fallback,
+        skip_gpu_check: a.restore.skip_gpu_check,
         ..Default::default()
     };
     let started = Instant::now();
@@ -146,7 +151,7 @@ pub struct ProcessArgs {
     #[arg(long, value_name = "FROM=PATH", value_parser = cedana::checkpoint::external::FileRedirect::parse)]
     pub external_file: Vec<cedana::checkpoint::external::FileRedirect>,
     #[command(flatten)]
-    pub lazy: LazyFlags,
+    pub restore: RestoreFlags,
     #[command(flatten)]
     pub criu: CriuFlags,
     #[command(flatten)]
@@ -176,8 +181,9 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
         process: ProcessRestoreOptions { as_child: attached, stdio, pid_file: a.pid_file.clone() },
         external_files: a.external_file.clone(),
         stream: a.criu.stream(),
-        lazy: a.lazy.lazy(),
-        lazy_fallback: a.lazy.lazy_fallback,
+        lazy: a.restore.lazy(),
+        lazy_fallback: a.restore.lazy_fallback,
+        skip_gpu_check: a.restore.skip_gpu_check,
         ..RestoreRequest::new(Source::parse(&a.path))
     };
     // An attached restore is cancelled by a signal until the tree runs; afterwards signals are forwarded.
@@ -208,8 +214,9 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: 
         log: a.log.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         pid_file: a.pid_file.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         stream: a.criu.stream(),
-        lazy: a.lazy.lazy(),
-        lazy_fallback: a.lazy.lazy_fallback,
+        lazy: a.restore.lazy(),
+        lazy_fallback: a.restore.lazy_fallback,
+        skip_gpu_check: a.restore.skip_gpu_check,
     };
     tracing::info!(path = %a.path, socket = %daemon.socket.display(), "restoring through the daemon");
     let started = Instant::now();

@@ -59,7 +59,7 @@ pub struct RestoreArgs {
     #[arg(long, value_name = "FROM=PATH", value_parser = cedana::checkpoint::external::FileRedirect::parse)]
     pub external_file: Vec<cedana::checkpoint::external::FileRedirect>,
     #[command(flatten)]
-    pub lazy: super::restore::LazyFlags,
+    pub restore: super::restore::RestoreFlags,
     #[command(flatten)]
     pub criu: super::CriuFlags,
 }
@@ -88,8 +88,9 @@ pub fn restore_request(a: &RestoreArgs) -> anyhow::Result<RestoreRequest> {
         options: a.criu.to_options()?,
         container: Some(container),
         external_files: a.external_file.clone(),
-        lazy: a.lazy.lazy(),
-        lazy_fallback: a.lazy.lazy_fallback,
+        lazy: a.restore.lazy(),
+        lazy_fallback: a.restore.lazy_fallback,
+        skip_gpu_check: a.restore.skip_gpu_check,
         ..RestoreRequest::new(Source::parse(&a.path))
     };
     Ok(req)

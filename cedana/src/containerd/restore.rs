@@ -19,6 +19,8 @@ use super::{Client, ContainerdError, NewTask, Record, CEDANA_RUNTIME, RECORD_FIL
 pub const RESTORE_ANNOTATION: &str = "io.cedana.restore";
 /// The annotation asking cedana-runc for a lazy restore.
 pub const LAZY_ANNOTATION: &str = "io.cedana.restore.lazy";
+/// The annotation asking cedana-runc to restore GPU state on a host whose GPUs do not match its record.
+pub const SKIP_GPU_CHECK_ANNOTATION: &str = "io.cedana.restore.skip-gpu-check";
 
 /// What to restore, and as what.
 pub struct RestoreSpec<'a> {
@@ -29,6 +31,9 @@ pub struct RestoreSpec<'a> {
     /// Restore lazily (the `io.cedana.restore.lazy` annotation: cedana-runc restores the container before its
     /// memory has arrived, or normally when the checkpoint cannot be lazy).
     pub lazy: bool,
+    /// Restore GPU state even where this host's GPUs do not match the checkpoint's record (the
+    /// `io.cedana.restore.skip-gpu-check` annotation).
+    pub skip_gpu_check: bool,
     /// The new container's id.
     pub id: &'a str,
     /// The image whose layers the new container's snapshot sits on, and that it records (the checkpointed
@@ -107,7 +112,7 @@ fn create_again(client: &Client, spec: &RestoreSpec<'_>, record: Record, exists:
     let rootfs_diff =
         if record.rootfs && !reused_snapshot { spec.checkpoint.read_entry(spec.config, ROOTFS_DIFF_FILE)? } else { None };
     let mut oci = record.spec.clone();
-    annotate(&mut oci, spec.checkpoint, spec.lazy)?;
+    annotate(&mut oci, spec.checkpoint, &[(LAZY_ANNOTATION, spec.lazy), (SKIP_GPU_CHECK_ANNOTATION, spec.skip_gpu_check)])?;
     let snapshotter = (!record.snapshot_parent.is_empty()).then(|| record.snapshotter.clone());
     let mounts = match (&snapshotter, reused_snapshot) {
         (Some(s), true) => client.mounts(s, id)?,
@@ -157,16 +162,18 @@ fn unpack_layer(diff: &[u8], mounts: &[Mount]) -> Result<(), ContainerdError> {
     })
 }
 
-/// Sets the annotations that make the shim restore the container from `checkpoint` (lazily if asked).
-fn annotate(spec: &mut serde_json::Value, checkpoint: &Source, lazy: bool) -> Result<(), ContainerdError> {
+/// Sets the annotations that make the shim restore the container from `checkpoint`, with each option
+/// annotation set to `true` when asked and removed otherwise.
+fn annotate(spec: &mut serde_json::Value, checkpoint: &Source, options: &[(&str, bool)]) -> Result<(), ContainerdError> {
     let bad = || ContainerdError::new(ErrorKind::FailedPrecondition, "the recorded spec is not a JSON object with annotations");
     let annotations = spec.as_object_mut().ok_or_else(bad)?.entry("annotations").or_insert_with(|| serde_json::json!({}));
     let annotations = annotations.as_object_mut().ok_or_else(bad)?;
     annotations.insert(RESTORE_ANNOTATION.into(), checkpoint.display().into());
-    if lazy {
-        annotations.insert(LAZY_ANNOTATION.into(), "true".into());
-    } else {
-        annotations.remove(LAZY_ANNOTATION);
+    for (name, on) in options {
+        match on {
+            true => annotations.insert(name.to_string(), "true".into()),
+            false => annotations.remove(*name),
+        };
     }
     Ok(())
 }

@@ -103,6 +103,13 @@ impl Service {
                     compression: out.manifest.compression.to_string(),
                 };
                 self.store.add_checkpoint(&record).map_err(lib_err!())?;
+                if out.manifest.gpu.is_some() && !job.gpu {
+                    // `cedana ps` shows a GPU job as one also while it is halted.
+                    if let Ok(mut j) = self.store.get(&job.jid) {
+                        j.gpu = true;
+                        self.store.update(&j).map_err(lib_err!())?;
+                    }
+                }
                 tracing::info!(jid = %job.jid, path = %out.path.display(), "job dumped");
                 Some(checkpoint_to_pb(&record))
             }
@@ -139,7 +146,7 @@ impl Service {
         let ctx = OpContext::new().with_cancel(cancel.clone());
         let result = match job {
             Some(job) if job.kind == JobKind::Runc => self.restore_container_job(job, path, options, &req, &ctx),
-            Some(job) if job.kind == JobKind::Containerd => self.restore_containerd_job(job, path, req.lazy),
+            Some(job) if job.kind == JobKind::Containerd => self.restore_containerd_job(job, path, req.lazy, req.skip_gpu_check),
             job => self.restore_process(&req, job, path, options, &ctx),
         };
         if result.is_err() && cancel.is_cancelled() {
@@ -176,6 +183,7 @@ impl Service {
             stream: req.stream,
             lazy: req.lazy,
             lazy_fallback: req.lazy_fallback,
+            skip_gpu_check: req.skip_gpu_check,
             ..RestoreRequest::new(Source::parse(&path))
         };
         tracing::info!(path = %path, job = ?job.as_ref().map(|j| &j.jid), "restore requested");
@@ -267,6 +275,7 @@ impl Service {
             }),
             lazy: req.lazy,
             lazy_fallback: req.lazy_fallback,
+            skip_gpu_check: req.skip_gpu_check,
             ..RestoreRequest::new(Source::parse(&path))
         };
         tracing::info!(path = %path, jid = %job.jid, container = %id, bundle = %bundle.display(), "restore requested");
@@ -305,7 +314,13 @@ impl Service {
     /// Restore a containerd job from its latest checkpoint (`path`) in place: its stopped task and container
     /// are replaced (its snapshot, with what the program wrote, is kept) by one on our shim, which restores
     /// the checkpoint; then the new init is supervised.
-    fn restore_containerd_job(&self, mut job: Job, path: String, lazy: bool) -> Result<pb::RestoreResponse, Status> {
+    fn restore_containerd_job(
+        &self,
+        mut job: Job,
+        path: String,
+        lazy: bool,
+        skip_gpu_check: bool,
+    ) -> Result<pb::RestoreResponse, Status> {
         let id = job
             .container_id
             .clone()
@@ -317,6 +332,7 @@ impl Service {
             checkpoint: &checkpoint,
             config: self.engine.config(),
             lazy,
+            skip_gpu_check,
             id: &id,
             image: None,
             runtime: CEDANA_RUNTIME,

@@ -82,6 +82,11 @@ fn live_status(job: &Job) -> String {
     }
 }
 
+/// Whether a running job's tree uses a GPU now (a CUDA process in it); the `GPU` column of `cedana ps`.
+fn uses_gpu_now(job: &Job) -> bool {
+    job.state == JobState::Running && job.pid > 0 && !cedana::gpu::detect::gpu_processes(job.pid).is_empty()
+}
+
 pub fn job_to_pb(job: &Job, latest: Option<&CheckpointRecord>) -> pb::Job {
     pb::Job {
         jid: job.jid.clone(),
@@ -89,7 +94,7 @@ pub fn job_to_pb(job: &Job, latest: Option<&CheckpointRecord>) -> pb::Job {
         pid: job.pid,
         state: state_to_pb(job.state) as i32,
         status: live_status(job),
-        gpu: job.gpu,
+        gpu: job.gpu || uses_gpu_now(job),
         latest_checkpoint: latest.map(checkpoint_to_pb),
         log: job.log.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         attachable: job.attachable,

@@ -109,20 +109,24 @@ pub(crate) fn run(
     };
     check_name(&name)?;
     let (writer, staging, images_dir) = open_writer(engine, &req, &name)?;
-    let mut hook_ctx = HookContext {
-        kind: prepared.kind,
-        pid: prepared.process.pid,
-        container_id: prepared.container_id.clone(),
-        checkpoint: writer.final_path().to_path_buf(),
-        succeeded: None,
-    };
+    let mut hook_ctx =
+        HookContext::new(prepared.kind, prepared.process.pid, prepared.container_id.clone(), writer.final_path().to_path_buf());
+    hook_ctx.leave_running = req.leave_running;
     let hooks = engine.hooks();
     let passed = hooks.before(HookPoint::BeforeDump, &hook_ctx)?;
-    let what = Dumped { prepared: &prepared, attachments };
+    // The hooks' phases in the order they ran: those before CRIU now, those after it below.
+    let before = hook_ctx.reported();
+    for (phase, time) in &before.phases {
+        ctx.record(phase, *time);
+    }
+    let what = Dumped { prepared: &prepared, attachments, gpu: before.gpu };
     let result = checkpoint(engine, &req, ctx, target.as_mut(), what, writer, &images_dir);
     drop(staging);
     hook_ctx.succeeded = Some(result.is_ok());
     hooks.after(HookPoint::AfterDump, &hook_ctx, passed);
+    for (phase, time) in hook_ctx.reported().phases.into_iter().skip(before.phases.len()) {
+        ctx.record(phase, time);
+    }
     let mut outcome = result?;
     outcome.detected = prepared.detected;
     outcome.total_time = started.elapsed();
@@ -196,6 +200,8 @@ struct Packaged {
 struct Dumped<'a> {
     prepared: &'a Prepared,
     attachments: &'a [Attachment],
+    /// What the GPU hook recorded of the tree's device state.
+    gpu: Option<crate::gpu::GpuRecord>,
 }
 
 /// From CRIU to a committed checkpoint and a finished target; rolls the target back on any failure.
@@ -208,7 +214,7 @@ fn checkpoint(
     mut writer: CheckpointWriter,
     images_dir: &Path,
 ) -> Result<DumpOutcome, EngineError> {
-    let Dumped { prepared, attachments } = what;
+    let Dumped { prepared, attachments, gpu } = what;
     writer.set_cancel(ctx.cancel().clone());
     let temp_work = match &prepared.work_path {
         Some(_) => None,
@@ -250,7 +256,7 @@ fn checkpoint(
             let bytes = produce().map_err(|e| CheckpointError::Io { path: PathBuf::from(name), source: e })?;
             writer.add_bytes(name, &bytes)?;
         }
-        let mut manifest = new_manifest(engine, prepared, req.compression, stats);
+        let mut manifest = new_manifest(engine, prepared, req.compression, stats, gpu.clone());
         manifest.streamed = streamed;
         let path = writer.commit(&mut manifest)?;
         Ok((path, manifest))
@@ -453,6 +459,7 @@ fn new_manifest(
     prepared: &Prepared,
     compression: Compression,
     stats: Option<crate::criu::stats::DumpStats>,
+    gpu: Option<crate::gpu::GpuRecord>,
 ) -> Manifest {
     Manifest {
         format_version: FORMAT_VERSION,
@@ -474,6 +481,7 @@ fn new_manifest(
         files: Vec::new(),
         placement: Vec::new(),
         streamed: false,
+        gpu,
     }
 }
 

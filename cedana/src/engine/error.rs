@@ -91,7 +91,10 @@ impl EngineError {
             EngineError::Criu(e) => e.kind(),
             EngineError::Checkpoint(e) => e.kind(),
             EngineError::Runc(e) => e.kind(),
-            EngineError::Hook(_) => ErrorKind::FailedPrecondition,
+            EngineError::Hook(h) => match h.source.as_deref().and_then(|s| s.downcast_ref::<crate::gpu::GpuError>()) {
+                Some(gpu) => gpu.kind(),
+                None => ErrorKind::FailedPrecondition,
+            },
             EngineError::LeftPaused { .. } | EngineError::Unfinished { .. } | EngineError::CriuFailedAfterDump { .. } => {
                 ErrorKind::Internal
             }

@@ -1,7 +1,8 @@
 //! Hooks around CRIU: work a dump or restore does before and after the kernel-level part. The GPU backend
 //! (a later issue) implements [`Hook`] to lock devices and move their state; users can run their own
 //! command at each point (`hooks.command` in the config, or `CEDANA_HOOK_COMMAND`), as with CRIU's action
-//! scripts. A failing `before-*` hook stops the operation before anything was frozen or restored.
+//! scripts. A failing `before-*` hook stops the operation before anything was frozen or restored; a failing
+//! `restored` hook (the GPU's state put back) fails a restore whose tree then is killed.
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -18,6 +19,10 @@ pub enum HookPoint {
     AfterDump,
     /// After the checkpoint was verified, before CRIU (or runc) restores anything.
     BeforeRestore,
+    /// CRIU (or runc) restored the tree and it runs; the restore is not reported done yet. A refusal
+    /// fails the restore and the restored tree is killed. Only hooks that passed `before-restore` run here;
+    /// user commands do not.
+    Restored,
     /// After the restore, successful or not.
     AfterRestore,
 }
@@ -29,6 +34,7 @@ impl HookPoint {
             HookPoint::BeforeDump => "before-dump",
             HookPoint::AfterDump => "after-dump",
             HookPoint::BeforeRestore => "before-restore",
+            HookPoint::Restored => "restored",
             HookPoint::AfterRestore => "after-restore",
         }
     }
@@ -37,7 +43,7 @@ impl HookPoint {
     pub fn after(self) -> HookPoint {
         match self {
             HookPoint::BeforeDump | HookPoint::AfterDump => HookPoint::AfterDump,
-            HookPoint::BeforeRestore | HookPoint::AfterRestore => HookPoint::AfterRestore,
+            HookPoint::BeforeRestore | HookPoint::Restored | HookPoint::AfterRestore => HookPoint::AfterRestore,
         }
     }
 }
@@ -54,6 +60,50 @@ pub struct HookContext {
     pub checkpoint: PathBuf,
     /// Whether the operation succeeded (`after-*` only).
     pub succeeded: Option<bool>,
+    /// Dump: whether the workload keeps running after it (`--leave-running`).
+    pub leave_running: bool,
+    /// Restore: the checkpoint's record of the GPU state it holds.
+    pub gpu: Option<crate::gpu::GpuRecord>,
+    /// Restore: do not check that this host's GPUs can take the checkpoint.
+    pub skip_gpu_check: bool,
+    /// What hooks hand back to the operation, shared by the clones of this context.
+    pub report: std::sync::Arc<std::sync::Mutex<HookReport>>,
+}
+
+impl HookContext {
+    /// A context for an operation on `kind` rooted at `pid`, with nothing else known yet.
+    pub fn new(kind: CheckpointKind, pid: i32, container_id: Option<String>, checkpoint: PathBuf) -> Self {
+        Self {
+            kind,
+            pid,
+            container_id,
+            checkpoint,
+            succeeded: None,
+            leave_running: false,
+            gpu: None,
+            skip_gpu_check: false,
+            report: Default::default(),
+        }
+    }
+
+    /// Add to what hooks report (see [`HookReport`]).
+    pub fn report(&self, f: impl FnOnce(&mut HookReport)) {
+        // A hook that panicked while holding the lock left a report that is still plain data.
+        f(&mut self.report.lock().unwrap_or_else(|e| e.into_inner()));
+    }
+
+    /// What hooks reported so far.
+    pub fn reported(&self) -> HookReport {
+        self.report.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+}
+
+/// What hooks hand back to the operation: a GPU record for the manifest, and the time of their own phases
+/// for the operation's timings.
+#[derive(Debug, Clone, Default)]
+pub struct HookReport {
+    pub gpu: Option<crate::gpu::GpuRecord>,
+    pub phases: Vec<(&'static str, std::time::Duration)>,
 }
 
 /// A hook that refused to let the operation go on.
@@ -62,6 +112,22 @@ pub struct HookContext {
 pub struct HookError {
     pub point: &'static str,
     pub message: String,
+    /// The error behind the refusal, when the hook has one (a GPU hook's [`crate::gpu::GpuError`]); its text
+    /// is `message`.
+    #[source]
+    pub source: Option<Box<dyn std::error::Error + Send + Sync>>,
+}
+
+impl HookError {
+    /// A refusal at `point` saying `message`.
+    pub fn new(point: HookPoint, message: impl Into<String>) -> Self {
+        Self { point: point.name(), message: message.into(), source: None }
+    }
+
+    /// A refusal at `point` because of `source`.
+    pub fn caused(point: HookPoint, source: impl std::error::Error + Send + Sync + 'static) -> Self {
+        Self { point: point.name(), message: source.to_string(), source: Some(Box::new(source)) }
+    }
 }
 
 /// Work run around CRIU. `before-*` points may refuse; `after-*` points only report (the outcome is
@@ -106,6 +172,12 @@ impl Hooks {
         Ok(Passed(self.list.len()))
     }
 
+    /// Run every hook that passed `before-*` at a point that may refuse after the fact ([`HookPoint::Restored`]):
+    /// the first refusal is returned, and the caller undoes the operation and runs the `after-*` point.
+    pub fn check(&self, point: HookPoint, ctx: &HookContext, passed: Passed) -> Result<(), HookError> {
+        self.list.iter().take(passed.0).try_for_each(|hook| hook.run(point, ctx))
+    }
+
     /// Run an `after-*` point for the hooks that passed its `before-*`, in reverse order. A failure here
     /// cannot change the outcome: it is logged.
     pub fn after(&self, point: HookPoint, ctx: &HookContext, passed: Passed) {
@@ -131,7 +203,10 @@ impl CommandHook {
 
 impl Hook for CommandHook {
     fn run(&self, point: HookPoint, ctx: &HookContext) -> Result<(), HookError> {
-        let fail = |message: String| HookError { point: point.name(), message };
+        if point == HookPoint::Restored {
+            return Ok(());
+        }
+        let fail = |message: String| HookError::new(point, message);
         let mut cmd = Command::new(&self.command);
         cmd.env("CEDANA_HOOK", point.name())
             .env("CEDANA_KIND", ctx.kind.to_string())
@@ -159,7 +234,7 @@ mod tests {
     use super::*;
 
     fn ctx() -> HookContext {
-        HookContext { kind: CheckpointKind::Process, pid: 42, container_id: None, checkpoint: "/tmp/c".into(), succeeded: None }
+        HookContext::new(CheckpointKind::Process, 42, None, "/tmp/c".into())
     }
 
     #[test]
@@ -192,7 +267,7 @@ mod tests {
         fn run(&self, point: HookPoint, ctx: &HookContext) -> Result<(), HookError> {
             self.log.lock().unwrap().push(format!("{} {} {:?}", self.name, point.name(), ctx.succeeded));
             if self.refuse && point == HookPoint::BeforeDump {
-                return Err(HookError { point: point.name(), message: "no".into() });
+                return Err(HookError::new(point, "no"));
             }
             Ok(())
         }

@@ -7,7 +7,7 @@
 //! - [`targets`]: process and runc (what a workload is, how it is frozen, finished or rolled back);
 //! - [`location`]: destinations and sources (a folder, a file, a caller's writer; object stores to come);
 //! - [`context`]: cancellation, progress and timings of one operation;
-//! - [`hooks`]: work run before and after CRIU (a user command; GPU support to come);
+//! - [`hooks`]: work run before and after CRIU (a user command, the GPU's state: see [`crate::gpu`]);
 //! - [`error`]: errors with their kinds.
 
 pub mod context;
@@ -78,6 +78,11 @@ impl Engine {
         let mut hooks = Hooks::default();
         if let Some(cmd) = &config.hooks.command {
             hooks.push(Arc::new(hooks::CommandHook::new(cmd)));
+        }
+        // After the user's command: it runs before the GPU is locked and after it is given back.
+        let gpu = config.gpu_settings();
+        if gpu.backend != crate::gpu::BackendChoice::Off {
+            hooks.push(Arc::new(crate::gpu::GpuHook::new(gpu)));
         }
         let scratch = config.scratch_dir();
         EngineBuilder {

@@ -73,6 +73,9 @@ pub struct RestoreRequest {
     /// With `lazy`: restore normally when the checkpoint cannot be restored lazily (a zlib archive, one of an
     /// older version, a container), instead of refusing it.
     pub lazy_fallback: bool,
+    /// Restore a checkpoint holding GPU state even on a host whose GPUs do not match it (fewer, smaller, an
+    /// older driver): the GPU restore may then fail, and the restored tree is killed.
+    pub skip_gpu_check: bool,
 }
 
 impl RestoreRequest {
@@ -88,6 +91,7 @@ impl RestoreRequest {
             stream: None,
             lazy: false,
             lazy_fallback: false,
+            skip_gpu_check: false,
         }
     }
 }
@@ -253,13 +257,9 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
     }
     let verify_time = started.elapsed();
     let hooks = engine.hooks();
-    let mut hook_ctx = HookContext {
-        kind,
-        pid: 0,
-        container_id: req.container.as_ref().map(|c| c.id.clone()),
-        checkpoint: path.clone(),
-        succeeded: None,
-    };
+    let mut hook_ctx = HookContext::new(kind, 0, req.container.as_ref().map(|c| c.id.clone()), path.clone());
+    hook_ctx.gpu = opened.manifest.gpu.clone();
+    hook_ctx.skip_gpu_check = req.skip_gpu_check;
     let (restored, verdict, passed, waited) = {
         let mut gate = Gate { pending, verdict: Ok(()), passed: None, hooks, hook_ctx: &hook_ctx, ctx, waited: Duration::ZERO };
         let restored = target.restore(engine, ctx, &req, &opened, &mut gate);
@@ -268,11 +268,23 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
         (restored, gate.settle(), passed, waited)
     };
     hook_ctx.pid = restored.as_ref().map(|r| r.pid).unwrap_or(0);
-    hook_ctx.succeeded = Some(verdict.is_ok() && restored.is_ok());
+    let mut restored = verdict.and(restored);
+    // The tree runs: hooks put back what they hold (a GPU's state); a refusal kills it.
+    if let (Ok(r), Some(passed)) = (&restored, passed) {
+        if r.pid > 0 {
+            if let Err(e) = hooks.check(HookPoint::Restored, &hook_ctx, passed) {
+                kill_restored_tree(r.pid);
+                restored = Err(e.into());
+            }
+        }
+    }
+    for (phase, time) in hook_ctx.reported().phases {
+        ctx.record(phase, time);
+    }
+    hook_ctx.succeeded = Some(restored.is_ok());
     if let Some(passed) = passed {
         hooks.after(HookPoint::AfterRestore, &hook_ctx, passed);
     }
-    verdict?;
     let restored = restored?;
     let verify_time = verify_time + waited;
     ctx.record("verify", verify_time);
@@ -289,6 +301,17 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
         criu_time: restored.criu_time,
         lazy: restored.lazy,
     })
+}
+
+/// Kill a restored tree that must not run on (its GPU state could not be put back): every process of it,
+/// root last, with SIGKILL. A container whose init dies stops with it.
+fn kill_restored_tree(root: i32) {
+    use nix::sys::signal::{kill, Signal};
+    let pids = crate::procfs::tree_pids(root);
+    tracing::warn!(root, processes = pids.len(), "killing the restored tree");
+    for pid in pids.iter().rev() {
+        let _ = kill(nix::unistd::Pid::from_raw(*pid), Signal::SIGKILL);
+    }
 }
 
 /// Wait for a restored root that is the caller's child (see [`ProcessRestoreOptions::as_child`]) to exit,
@@ -339,6 +362,7 @@ mod tests {
             files: Vec::new(),
             placement: Vec::new(),
             streamed: false,
+            gpu: None,
         };
         let written = w.commit(&mut manifest).unwrap();
         assert!(written.to_string_lossy().ends_with(".tar.zst"), "{}", written.display());

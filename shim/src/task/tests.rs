@@ -115,6 +115,9 @@ impl Runtime for StubRuntime {
             opts.exit,
             opts.file_locks
         ));
+        if opts.deadline.is_some() && opts.image_path.starts_with("/fail") {
+            return Err(Error::new(Kind::DeadlineExceeded, "checkpoint did not finish within 10 ms: stopped"));
+        }
         if opts.exit {
             // runc's checkpoint without --leave-running ends the container: its init exits.
             let _ = self.exits.send((PID, 137));
@@ -472,6 +475,59 @@ async fn restore_is_recorded_at_create_and_done_at_start() {
     );
     f.m.create(CreateTaskRequest { checkpoint: cp, ..create_req("r3") }).await.unwrap();
     f.m.delete(DeleteRequest { id: "r3".into(), ..Default::default() }).await.unwrap();
+}
+
+/// A started task whose bundle asks for checkpoint-on-stop to `destination`.
+async fn started_with_on_stop(f: &mut Fixture, id: &str, destination: &str) -> tempfile::TempDir {
+    let bundle = tempfile::tempdir().unwrap();
+    let spec = serde_json::json!({ "annotations": { crate::on_stop::ANNOTATION: destination } });
+    std::fs::write(bundle.path().join("config.json"), spec.to_string()).unwrap();
+    let req = CreateTaskRequest { bundle: bundle.path().display().to_string(), ..create_req(id) };
+    f.m.create(req).await.unwrap();
+    f.m.start(StartRequest { id: id.into(), ..Default::default() }).await.unwrap();
+    let _ = (next_event(&mut f.events).await, next_event(&mut f.events).await);
+    bundle
+}
+
+#[tokio::test]
+async fn a_stopping_task_is_checkpointed_first_once_and_left_running_for_the_signal() {
+    let mut f = fixture(false);
+    let _bundle = started_with_on_stop(&mut f, "s1", "/stops").await;
+    f.m.kill(KillRequest { id: "s1".into(), signal: 15, ..Default::default() }).await.unwrap();
+    assert_eq!(
+        f.runtime.calls.lock().unwrap()[2..],
+        ["checkpoint s1 /stops/s1 exit=false locks=false work=".to_string(), "kill s1 15".into()],
+        "the checkpoint leaves the container running and comes before the signal"
+    );
+    match next_event(&mut f.events).await {
+        Event::Checkpointed(e) => assert_eq!((e.container_id.as_str(), e.checkpoint.as_str()), ("s1", "/stops/s1")),
+        other => panic!("expected checkpointed, got {other:?}"),
+    }
+    assert!(matches!(next_event(&mut f.events).await, Event::Exit(_)));
+    // Signals that do not stop, and later stops, do not checkpoint again.
+    let calls = f.runtime.calls.lock().unwrap().len();
+    let _ = f.m.kill(KillRequest { id: "s1".into(), signal: 9, all: true, ..Default::default() }).await;
+    assert!(!f.runtime.calls.lock().unwrap()[calls..].iter().any(|c| c.starts_with("checkpoint")));
+    let _bundle = started_with_on_stop(&mut f, "s2", "/stops").await;
+    f.m.kill(KillRequest { id: "s2".into(), signal: libc::SIGUSR1 as u32, ..Default::default() }).await.unwrap();
+    assert_eq!(f.runtime.calls.lock().unwrap().last().unwrap(), &format!("kill s2 {}", libc::SIGUSR1));
+}
+
+#[tokio::test]
+async fn a_checkpoint_on_stop_that_fails_is_published_and_the_stop_goes_on() {
+    let mut f = fixture(false);
+    let _bundle = started_with_on_stop(&mut f, "s3", "/fail").await;
+    f.m.kill(KillRequest { id: "s3".into(), signal: 15, ..Default::default() }).await.unwrap();
+    match next_event(&mut f.events).await {
+        Event::StopCheckpointFailed(e) => {
+            let v: serde_json::Value = serde_json::from_str(&e.value).unwrap();
+            assert_eq!((v["container_id"].as_str(), v["destination"].as_str()), (Some("s3"), Some("/fail/s3")));
+            assert!(v["error"].as_str().unwrap().contains("did not finish within"), "{v}");
+        }
+        other => panic!("expected the failure event, got {other:?}"),
+    }
+    assert_eq!(f.runtime.calls.lock().unwrap().last().unwrap(), "kill s3 15");
+    assert!(matches!(next_event(&mut f.events).await, Event::Exit(e) if e.exit_status == 143));
 }
 
 mod terminal;
