@@ -17,10 +17,13 @@ const CONTAINERD_PROTOS: &[&str] = &[
     "proto/containerd/leases.proto",
     "proto/containerd/runc_options.proto",
 ];
+/// A wire-compatible subset of the Kubernetes CRI (`runtime.v1`), to drive containerd's CRI plugin in tests
+/// (client code only).
+const CRI_PROTOS: &[&str] = &["proto/k8s/cri/v1/api.proto"];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed={PROTO_ROOT}");
-    for proto in PROTOS.iter().chain(CONTAINERD_PROTOS) {
+    for proto in PROTOS.iter().chain(CONTAINERD_PROTOS).chain(CRI_PROTOS) {
         println!("cargo:rerun-if-changed={proto}");
     }
 
@@ -35,5 +38,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let containerd = protox::compile(CONTAINERD_PROTOS, [PROTO_ROOT])?;
     tonic_prost_build::configure().build_server(false).compile_fds(containerd)?;
+
+    let cri = protox::compile(CRI_PROTOS, [PROTO_ROOT])?;
+    tonic_prost_build::configure().build_server(false).compile_fds(cri)?;
     Ok(())
 }

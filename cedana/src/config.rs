@@ -4,6 +4,7 @@
 //! address = "/run/cedana.sock"          # the daemon's Unix socket, or HOST:PORT with protocol = "tcp"
 //! protocol = "unix"                     # or "tcp"
 //! log_level = "warn"
+//! node_name = "node-a"                  # this node's name in checkpoints' origin (default: the hostname)
 //! [daemon]
 //! token_file = "/etc/cedana/token"      # the bearer token every TCP call carries (root only, 0600)
 //! [db]
@@ -180,6 +181,8 @@ pub struct Config {
     pub protocol: Option<String>,
     /// Log level of the daemon and the CLI (error, warn, info, debug, trace).
     pub log_level: Option<String>,
+    /// This node's name, recorded in the origin of its jobs' checkpoints (default: the hostname).
+    pub node_name: Option<String>,
     #[serde(default)]
     pub daemon: DaemonConfig,
     #[serde(default)]
@@ -400,6 +403,7 @@ const KEYS: &[Key] = &[
     key!("address", ["CEDANA_ADDRESS"], address, |c| match c.daemon_address() { Ok(a) => shown(a), Err(_) => c.address.clone() }),
     key!("protocol", ["CEDANA_PROTOCOL"], protocol, |c| shown(c.protocol())),
     key!("log_level", ["CEDANA_LOG_LEVEL"], log_level, |c| shown(c.log_level())),
+    key!("node_name", ["CEDANA_NODE_NAME"], node_name, |c| shown(c.node_name())),
     key!("db.path", ["CEDANA_DB_PATH"], db.path, |c| shown(c.db_path().display())),
     key!("daemon.token_file", ["CEDANA_DAEMON_TOKEN_FILE"], daemon.token_file, |c| shown(c.token_file().display())),
     key!("criu.binary_path", ["CEDANA_CRIU_BINARY_PATH"], criu.binary_path, |c| c.criu_binary().map(|p| p.display().to_string())),
@@ -510,6 +514,13 @@ impl Config {
             nvidia_smi: g.nvidia_smi.clone().unwrap_or(d.nvidia_smi),
             lock_timeout: g.lock_timeout_ms.map(std::time::Duration::from_millis).unwrap_or(d.lock_timeout),
         }
+    }
+
+    /// This node's name (`node_name`, else the hostname).
+    pub fn node_name(&self) -> String {
+        self.node_name.clone().unwrap_or_else(|| {
+            nix::unistd::gethostname().map(|h| h.to_string_lossy().into_owned()).unwrap_or_else(|_| "localhost".into())
+        })
     }
 
     /// The log level (`log_level`, else [`DEFAULT_LOG_LEVEL`]).
@@ -658,6 +669,7 @@ mod tests {
                 "address",
                 "protocol",
                 "log_level",
+                "node_name",
                 "db.path",
                 "daemon.token_file",
                 "criu.binary_path",

@@ -22,6 +22,8 @@ pub struct Daemon {
     daemon_env: Vec<(String, String)>,
     /// `127.0.0.1:PORT` when the daemon listens on TCP (protocol `tcp`) instead of its socket.
     tcp: Option<String>,
+    /// The network namespace the daemon runs in (a node of [`crate::nodes::Nodes`]), if not ours.
+    netns: Option<String>,
 }
 
 impl Daemon {
@@ -35,7 +37,18 @@ impl Daemon {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let daemon_env = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let mut d = Daemon { dir, child: None, log_level: "info", daemon_env, tcp: None };
+        let mut d = Daemon { dir, child: None, log_level: "info", daemon_env, tcp: None, netns: None };
+        d.spawn();
+        d
+    }
+
+    /// Like [`Daemon::start_with_env`], the daemon running in the network namespace `netns` (so are the jobs it
+    /// starts and the processes it restores); its socket, database and folders are as usual.
+    pub fn start_in_netns(netns: &str, vars: &[(&str, &str)]) -> Daemon {
+        require_root();
+        let dir = tempfile::tempdir().unwrap();
+        let daemon_env = vars.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut d = Daemon { dir, child: None, log_level: "info", daemon_env, tcp: None, netns: Some(netns.to_string()) };
         d.spawn();
         d
     }
@@ -46,7 +59,7 @@ impl Daemon {
         require_root();
         let dir = tempfile::tempdir().unwrap();
         let tcp = Some(format!("127.0.0.1:{}", free_port()));
-        let mut d = Daemon { dir, child: None, log_level: "info", daemon_env: Vec::new(), tcp };
+        let mut d = Daemon { dir, child: None, log_level: "info", daemon_env: Vec::new(), tcp, netns: None };
         let token = d.token_file();
         let out = Command::new(bin("cedana")).args(["daemon", "token", "--file"]).arg(&token).output().unwrap();
         assert!(out.status.success(), "cedana daemon token: {}", String::from_utf8_lossy(&out.stderr));
@@ -174,7 +187,16 @@ impl Daemon {
     /// Start the daemon process (logging into `daemon.log`), and wait until it listens on its socket.
     pub fn spawn(&mut self) {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir().join("daemon.log")).unwrap();
-        let mut cmd = Command::new(bin("cedana"));
+        // nsenter execs the daemon (the child's PID is the daemon's) in the netns only (`ip netns exec` would
+        // also give it a mount namespace of its own, and so every process it restores).
+        let mut cmd = match &self.netns {
+            None => Command::new(bin("cedana")),
+            Some(netns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{netns}")).arg("--").arg(bin("cedana"));
+                c
+            }
+        };
         cmd.args(["daemon", "start"]).stdin(Stdio::null()).stdout(log.try_clone().unwrap()).stderr(log);
         self.env(&mut cmd);
         cmd.env("CEDANA_LOG_LEVEL", "info");

@@ -268,6 +268,12 @@ impl Containerd {
     /// [`Containerd::start`] with more environment variables (its shims and runtimes inherit them, as
     /// object-store credentials reach cedana-runc).
     pub fn start_with_env(dir: &Path, env: &[(&str, String)]) -> Containerd {
+        Self::start_in(dir, env, None)
+    }
+
+    /// [`Containerd::start_with_env`] in the network namespace `netns` (a node of [`crate::nodes::Nodes`]):
+    /// its shims, runtimes and host-network containers run there.
+    pub fn start_in(dir: &Path, env: &[(&str, String)], netns: Option<&str>) -> Containerd {
         std::fs::create_dir_all(dir).expect("containerd folder");
         static STARTED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
         let n = STARTED.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -286,7 +292,16 @@ impl Containerd {
         let config_path = dir.join("config.toml");
         std::fs::write(&config_path, config).expect("containerd config");
         let log = std::fs::File::create(dir.join("containerd.log")).expect("containerd log");
-        let child = Command::new("containerd")
+        // nsenter execs containerd (the child's PID is containerd's), in the netns only.
+        let mut cmd = match netns {
+            None => Command::new("containerd"),
+            Some(ns) => {
+                let mut c = Command::new("nsenter");
+                c.arg(format!("--net=/run/netns/{ns}")).args(["--", "containerd"]);
+                c
+            }
+        };
+        let child = cmd
             .arg("--config")
             .arg(&config_path)
             .envs(env.iter().map(|(k, v)| (*k, v.as_str())))

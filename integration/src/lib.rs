@@ -2,12 +2,14 @@
 //! starting them the way CRIU needs (own session, only stdio open), and reading their output.
 
 pub mod console;
+pub mod cri;
 pub mod daemon;
 pub mod engines;
 pub mod gpu;
 pub mod images;
 pub mod lines;
 pub mod moto;
+pub mod nodes;
 pub mod workload;
 
 use std::path::{Path, PathBuf};

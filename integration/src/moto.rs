@@ -50,6 +50,8 @@ pub fn free_port() -> u16 {
 /// A moto server of this test's own, with one bucket; killed (by its PID) when dropped.
 pub struct MotoServer {
     child: Option<Child>,
+    /// The address it listens on (127.0.0.1, or a test network's own address).
+    host: String,
     port: u16,
     bucket: String,
     log: tempfile::NamedTempFile,
@@ -58,12 +60,18 @@ pub struct MotoServer {
 impl MotoServer {
     /// Start moto on a free port, wait until it answers, and create the bucket `cedana-test`.
     pub fn start() -> MotoServer {
+        Self::start_on("127.0.0.1")
+    }
+
+    /// [`MotoServer::start`], listening on `host` (an address of a private test network, e.g. the bridge of
+    /// [`crate::nodes::Nodes`]) instead of loopback.
+    pub fn start_on(host: &str) -> MotoServer {
         let bin = moto_server_bin();
         let log = tempfile::NamedTempFile::new().expect("moto log file");
         for _ in 0..5 {
             let port = free_port();
             let mut child = Command::new(&bin)
-                .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+                .args(["-H", host, "-p", &port.to_string()])
                 .stdin(Stdio::null())
                 .stdout(log.reopen().expect("moto log"))
                 .stderr(log.reopen().expect("moto log"))
@@ -76,14 +84,14 @@ impl MotoServer {
                 if child.try_wait().ok().flatten().is_some() {
                     break; // the port was taken meanwhile: try another
                 }
-                if raw_http(port, "GET", "/", b"").is_ok() {
+                if raw_http(host, port, "GET", "/", b"").is_ok() {
                     up = true;
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(50));
             }
             if up {
-                let server = MotoServer { child: Some(child), port, bucket: "cedana-test".into(), log };
+                let server = MotoServer { child: Some(child), host: host.to_string(), port, bucket: "cedana-test".into(), log };
                 server.create_bucket(&server.bucket);
                 return server;
             }
@@ -98,9 +106,9 @@ impl MotoServer {
         self.port
     }
 
-    /// The endpoint URL (`http://127.0.0.1:PORT`).
+    /// The endpoint URL (`http://HOST:PORT`).
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        format!("http://{}:{}", self.host, self.port)
     }
 
     /// The bucket created at start.
@@ -162,7 +170,7 @@ impl MotoServer {
 
     /// A plain HTTP/1.0 request to the server (no signature: moto checks none); returns the status and body.
     pub fn http(&self, method: &str, path: &str, body: &[u8]) -> (u16, String) {
-        raw_http(self.port, method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+        raw_http(&self.host, self.port, method, path, body).unwrap_or_else(|e| panic!("{method} {path}: {e}"))
     }
 
     /// The server's PID, while it runs.
@@ -197,10 +205,10 @@ fn xml_value(xml: &str, tag: &str) -> Option<String> {
     Some(xml[start..end].to_string())
 }
 
-fn raw_http(port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port))?;
+fn raw_http(host: &str, port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
+    let mut s = TcpStream::connect((host, port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let head = format!("{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {}\r\n\r\n", body.len());
+    let head = format!("{method} {path} HTTP/1.0\r\nHost: {host}:{port}\r\nContent-Length: {}\r\n\r\n", body.len());
     s.write_all(head.as_bytes())?;
     s.write_all(body)?;
     let mut resp = Vec::new();

@@ -77,6 +77,7 @@ fn config_show_names_the_source_of_each_key() {
             "address",
             "protocol",
             "log_level",
+            "node_name",
             "db.path",
             "daemon.token_file",
             "criu.binary_path",

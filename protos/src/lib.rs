@@ -13,6 +13,8 @@
 //!   [`BearerToken`], the client interceptor that sends the daemon's token (`authorization: Bearer <token>`).
 //!
 //! - [`containerd`]: a client of containerd's own API (containers, tasks, snapshots).
+//! - [`cri`]: a client of the Kubernetes CRI (`runtime.v1`, a wire-compatible subset), as the kubelet speaks it
+//!   to containerd's CRI plugin.
 //!
 //! The server side of the recipe (used by the daemon and by this crate's tests) is tonic's
 //! `Server::builder().add_service(DaemonServer::new(..)).serve_with_incoming(..)` fed by a
@@ -25,6 +27,34 @@ use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 pub mod containerd;
+
+/// A client of the Kubernetes Container Runtime Interface, API `runtime.v1`: the kubelet's side of what
+/// containerd's CRI plugin serves on containerd's socket. Generated from `proto/k8s/cri/v1/api.proto`, a
+/// wire-compatible subset of k8s.io/cri-api (same package, services, methods and field numbers; only the
+/// calls and fields cedana's tests use).
+///
+/// - [`cri::v1`]: the messages (`v1::PodSandboxConfig`, `v1::ContainerConfig`, ...) and enums
+///   (`v1::NamespaceMode`, `v1::ContainerState`, ...).
+/// - [`cri::RuntimeServiceClient`] (pod sandboxes and containers) and [`cri::ImageServiceClient`] (images), to
+///   use on a [`Channel`] from [`connect_uds`] to containerd's socket.
+pub mod cri {
+    // The module tree mirrors the proto package, as the generated code expects.
+    #[allow(missing_docs, clippy::all, rustdoc::all)]
+    mod generated {
+        pub mod runtime {
+            pub mod v1 {
+                tonic::include_proto!("runtime.v1");
+            }
+        }
+    }
+
+    pub use generated::runtime::v1;
+    pub use v1::image_service_client::ImageServiceClient;
+    pub use v1::runtime_service_client::RuntimeServiceClient;
+
+    /// The CRI API version this client speaks (`VersionRequest.version`).
+    pub const API_VERSION: &str = "v1";
+}
 
 /// Version of the daemon API spoken by this build (the proto package is `cedana.daemon.v1`).
 pub const API_VERSION: &str = "v1";

@@ -31,6 +31,10 @@ pub const LAZY_ENV: &str = "CEDANA_RESTORE_LAZY";
 pub const SKIP_GPU_CHECK_ANNOTATION: &str = "io.cedana.restore.skip-gpu-check";
 /// The same as a process environment variable.
 pub const SKIP_GPU_CHECK_ENV: &str = "CEDANA_RESTORE_SKIP_GPU_CHECK";
+/// The CRI's annotation telling a pod's sandbox container (`sandbox`) from its workloads (`container`).
+const CRI_CONTAINER_TYPE: &str = "io.kubernetes.cri.container-type";
+/// The CRI's annotation naming a workload container of a pod.
+const CRI_CONTAINER_NAME: &str = "io.kubernetes.cri.container-name";
 /// Marker of a container restored at create, in its runc state folder.
 const MARKER: &str = "cedana.json";
 
@@ -132,10 +136,22 @@ fn root(inv: &Invocation) -> PathBuf {
     inv.globals.root.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_ROOT))
 }
 
-/// The checkpoint a bundle asks for, and how it asked.
+/// The checkpoint a bundle asks for, and how it asked. A Kubernetes pod's annotations reach every container
+/// of the pod, its sandbox (pause) container too: that one is never restored, and a pod of several containers
+/// names each one's checkpoint with `io.cedana.restore.<container name>`, which wins over the plain annotation.
 fn requested_restore(bundle: &Path) -> Option<(&'static str, String)> {
     let config: serde_json::Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
-    if let Some(p) = config["annotations"][RESTORE_ANNOTATION].as_str().filter(|p| !p.is_empty()) {
+    let annotations = &config["annotations"];
+    if annotations[CRI_CONTAINER_TYPE].as_str() == Some("sandbox") {
+        return None;
+    }
+    if let Some(name) = annotations[CRI_CONTAINER_NAME].as_str() {
+        let key = format!("{RESTORE_ANNOTATION}.{name}");
+        if let Some(p) = annotations[key.as_str()].as_str().filter(|p| !p.is_empty()) {
+            return Some(("the annotation io.cedana.restore.<container name>", p.to_string()));
+        }
+    }
+    if let Some(p) = annotations[RESTORE_ANNOTATION].as_str().filter(|p| !p.is_empty()) {
         return Some(("the annotation io.cedana.restore", p.to_string()));
     }
     config["process"]["env"].as_array()?.iter().filter_map(|e| e.as_str()).find_map(|e| {
@@ -222,6 +238,15 @@ mod tests {
         assert!(requested_option(dir.path(), LAZY_ANNOTATION, LAZY_ENV));
         write(serde_json::json!({"annotations": {"io.cedana.restore.lazy": "no"}}));
         assert!(!requested_option(dir.path(), LAZY_ANNOTATION, LAZY_ENV));
+        // A pod's sandbox is never restored; a container of the pod takes its own annotation over the pod's.
+        write(serde_json::json!({"annotations": {"io.cedana.restore": "/cp", "io.kubernetes.cri.container-type": "sandbox"}}));
+        assert!(requested_restore(dir.path()).is_none());
+        write(serde_json::json!({"annotations": {
+            "io.cedana.restore": "/pod-cp", "io.cedana.restore.app": "/app-cp",
+            "io.kubernetes.cri.container-type": "container", "io.kubernetes.cri.container-name": "app"}}));
+        assert_eq!(requested_restore(dir.path()).unwrap().1, "/app-cp");
+        write(serde_json::json!({"annotations": {"io.cedana.restore": "/pod-cp", "io.kubernetes.cri.container-name": "side"}}));
+        assert_eq!(requested_restore(dir.path()).unwrap().1, "/pod-cp");
         write(serde_json::json!({"annotations": {"io.cedana.restore.skip-gpu-check": "true"}}));
         assert!(requested_option(dir.path(), SKIP_GPU_CHECK_ANNOTATION, SKIP_GPU_CHECK_ENV));
         assert!(!requested_option(dir.path(), LAZY_ANNOTATION, LAZY_ENV));

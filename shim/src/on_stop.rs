@@ -39,6 +39,10 @@ impl OnStop {
     pub fn from_bundle(bundle: &Path, id: &str) -> Option<OnStop> {
         let spec: serde_json::Value = serde_json::from_slice(&std::fs::read(bundle.join("config.json")).ok()?).ok()?;
         let annotations = &spec["annotations"];
+        // A pod's annotations reach its sandbox (pause) container too, which holds nothing worth keeping.
+        if annotations["io.kubernetes.cri.container-type"].as_str() == Some("sandbox") {
+            return None;
+        }
         let destination = annotations[ANNOTATION].as_str().map(str::trim).filter(|d| !d.is_empty())?.to_string();
         let budget = match annotations[BUDGET_ANNOTATION].as_str() {
             None => DEFAULT_BUDGET,
@@ -98,6 +102,8 @@ mod tests {
         assert_eq!((on.budget, on.image_path()), (DEFAULT_BUDGET, PathBuf::from("s3://bucket/stops/default_web-0_app")));
 
         assert!(OnStop::from_bundle(bundle(serde_json::json!({ ANNOTATION: " " })).path(), "c").is_none());
+        let sandbox = bundle(serde_json::json!({ ANNOTATION: "/d", "io.kubernetes.cri.container-type": "sandbox" }));
+        assert!(OnStop::from_bundle(sandbox.path(), "pause").is_none(), "a pod's sandbox is not checkpointed");
         assert!(OnStop::from_bundle(bundle(serde_json::json!({})).path(), "c").is_none());
         let bad = bundle(serde_json::json!({ ANNOTATION: "/d", BUDGET_ANNOTATION: "soon" }));
         assert_eq!(OnStop::from_bundle(bad.path(), "c").unwrap().budget, DEFAULT_BUDGET);

@@ -90,6 +90,7 @@ mod tests {
         let json = serde_json::to_value(JsonView::new(&sources, &settings)).unwrap();
         assert_eq!(json["file"]["chosen_by"], "flag --config");
         assert_eq!(json["settings"][0]["key"], "address");
-        assert_eq!(json["settings"][3]["source"], "file");
+        let db = json["settings"].as_array().unwrap().iter().find(|s| s["key"] == "db.path").unwrap();
+        assert_eq!(db["source"], "file");
     }
 }

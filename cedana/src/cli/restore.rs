@@ -55,8 +55,17 @@ impl RestoreFlags {
 
 #[derive(clap::Args, Debug)]
 pub struct JobArgs {
-    /// The job's id.
-    pub jid: String,
+    /// The job's id (with --path: the id the restored job gets; default: the id of the job the checkpoint was
+    /// made of).
+    #[arg(required_unless_present = "path")]
+    pub jid: Option<String>,
+    /// Restore this checkpoint (a file, a folder or an object's URL) as a new job of this node, e.g. a job's
+    /// checkpoint made on another node: the job gets its command line and origin from the checkpoint.
+    #[arg(long, short = 'p')]
+    pub path: Option<String>,
+    /// With --path: where the restored job's output goes (default: nowhere, unless --attach).
+    #[arg(long = "out", value_name = "FILE")]
+    pub out: Option<PathBuf>,
     /// Attach to the restored job (it is restored attachable).
     #[arg(long)]
     pub attach: bool,
@@ -77,12 +86,26 @@ pub struct RuncArgs {
     pub output: OutputArgs,
 }
 
-/// `cedana restore job JID`: the daemon restores the job's latest checkpoint as the same job.
+/// `cedana restore job JID`: the daemon restores the job's latest checkpoint as the same job; with `--path`,
+/// that checkpoint as a new job (its id JID when given).
 pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
     use cedana_protos::v1 as pb;
     let options = a.criu.to_options()?;
+    let source = match (&a.path, &a.jid) {
+        (Some(path), _) => pb::restore_request::Source::Path(super::dump::absolute_location(Some(path.as_str()))?),
+        (None, Some(jid)) => pb::restore_request::Source::Jid(jid.clone()),
+        // clap requires one of them.
+        (None, None) => anyhow::bail!("give the job's id, or --path with a checkpoint"),
+    };
+    let log = match &a.out {
+        Some(out) => std::path::absolute(out)?.display().to_string(),
+        None => String::new(),
+    };
     let req = pb::RestoreRequest {
-        source: Some(pb::restore_request::Source::Jid(a.jid.clone())),
+        source: Some(source),
+        as_job: a.path.is_some(),
+        new_jid: a.jid.clone().filter(|_| a.path.is_some()).unwrap_or_default(),
+        log,
         criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
         attachable: a.attach,
         stream: a.criu.stream(),
@@ -94,8 +117,9 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
     let started = Instant::now();
     let out = super::jobs::with_daemon(config, async |c| c.restore(req).await.map(|r| r.into_inner()))?;
     let round_trip = started.elapsed();
+    let jid = out.job.as_ref().map(|j| j.jid.clone()).or(a.jid.clone()).unwrap_or_default();
     if a.attach {
-        return super::attach::attach_job(config, &a.jid);
+        return super::attach::attach_job(config, &jid);
     }
     let comm = comm_of(out.pid);
     let kind = match out.job.as_ref().map(|j| j.r#type()) {
@@ -104,7 +128,7 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         _ => CheckpointKind::Process,
     };
     let restored = Restored {
-        job: Some(&a.jid),
+        job: Some(&jid),
         kind,
         ..Restored::of_daemon(out.pid, &comm, out.verify_time_us, out.criu_time_us, round_trip)
     }
@@ -217,6 +241,7 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: 
         lazy: a.restore.lazy(),
         lazy_fallback: a.restore.lazy_fallback,
         skip_gpu_check: a.restore.skip_gpu_check,
+        ..Default::default()
     };
     tracing::info!(path = %a.path, socket = %daemon.socket.display(), "restoring through the daemon");
     let started = Instant::now();

@@ -17,7 +17,7 @@ use cedana::engine::{
     RuncSpec, Source, TargetSpec,
 };
 use cedana::error::ErrorKind;
-use cedana::jobs::model::{CheckpointRecord, Job, JobKind, JobState};
+use cedana::jobs::model::{CheckpointRecord, Job, JobKind, JobState, Origin, ORIGIN_FILE};
 use cedana::runc::{ContainerRuntime, RestoreFlags, Runc};
 use cedana_protos::v1 as pb;
 use tonic::Status;
@@ -68,6 +68,13 @@ impl Service {
             job.as_ref().map(|j| free_name(&destination, &default_name(checkpoint_kind(j.kind), &j.jid), compression))
         });
         tracing::info!(target = ?target, job = ?job.as_ref().map(|j| &j.jid), "dump requested");
+        // A job's checkpoint records where it was made, for a restore on another node.
+        let checkpoint_id = cedana::jobs::names::checkpoint_id();
+        if let Some(job) = &job {
+            let origin = Origin { node: config.node_name(), job: Some(job.jid.clone()), checkpoint: Some(checkpoint_id.clone()) };
+            let bytes = serde_json::to_vec_pretty(&origin).map_err(|e| status(ErrorKind::Internal, e))?;
+            attachments.push((ORIGIN_FILE.to_string(), Arc::new(move || Ok(bytes.clone())) as _));
+        }
         let dreq = DumpRequest { target, destination, name, compression, leave_running, options, stream: req.stream };
         // The job is marked before CRIU ends it, so its exit is not taken for a crash.
         if let (Some(job), false) = (&job, leave_running) {
@@ -95,7 +102,7 @@ impl Service {
         let checkpoint = match &job {
             Some(job) => {
                 let record = CheckpointRecord {
-                    id: cedana::jobs::names::checkpoint_id(),
+                    id: checkpoint_id,
                     jid: job.jid.clone(),
                     time: out.manifest.created_at.timestamp(),
                     size: out.size,
@@ -130,6 +137,10 @@ impl Service {
     pub(super) fn restore(&self, req: pb::RestoreRequest, cancel: &Cancel) -> Result<pb::RestoreResponse, Status> {
         let (options, _) = criu_from_pb(req.criu.as_ref());
         let (path, job) = match req.source {
+            Some(pb::restore_request::Source::Path(ref p)) if req.as_job => {
+                let ctx = OpContext::new().with_cancel(cancel.clone());
+                return self.restore_as_new_job(&req, p.clone(), options, &ctx);
+            }
             Some(pb::restore_request::Source::Path(ref p)) => (p.clone(), None),
             Some(pb::restore_request::Source::Jid(ref jid)) => {
                 let job = self.get_job(jid)?;
@@ -151,6 +162,53 @@ impl Service {
         };
         if result.is_err() && cancel.is_cancelled() {
             tracing::warn!(source = ?req.source, "restore cancelled: its client went away");
+        }
+        result
+    }
+
+    /// Restore the checkpoint at `path` as a new process job of this node: its command line, working folder
+    /// and origin (node, job, checkpoint id, when the checkpoint records them) come from the checkpoint, its
+    /// id from the request, else from the origin, else a new one. A failed restore leaves no job behind.
+    fn restore_as_new_job(
+        &self,
+        req: &pb::RestoreRequest,
+        path: String,
+        options: cedana::criu::options::CriuOptions,
+        ctx: &OpContext,
+    ) -> Result<pb::RestoreResponse, Status> {
+        let source = Source::parse(&path);
+        let read = |name: &str| source.read_entry(self.engine.config(), name).map_err(|e| status(e.kind(), &e));
+        let manifest = source.read_manifest(self.engine.config()).map_err(|e| status(e.kind(), &e))?;
+        if manifest.kind != CheckpointKind::Process {
+            return Err(status(
+                ErrorKind::Unimplemented,
+                format!("{path} holds a {} checkpoint: restore it with `cedana restore {}` (only process checkpoints become new jobs so far)", manifest.kind, manifest.kind),
+            ));
+        }
+        let origin: Option<Origin> = read(ORIGIN_FILE)?.and_then(|b| serde_json::from_slice(&b).ok());
+        let wanted = match req.new_jid.is_empty() {
+            true => origin.as_ref().and_then(|o| o.job.clone()).unwrap_or_default(),
+            false => req.new_jid.clone(),
+        };
+        let jid = self.new_jid(&wanted)?;
+        if self.store.contains(&jid).map_err(lib_err!())? {
+            return Err(status(
+                ErrorKind::AlreadyExists,
+                format!("job {jid} exists on this node: give the restored job another id"),
+            ));
+        }
+        let mut job = Job {
+            cwd: Some(PathBuf::from(&manifest.process.cwd)),
+            log: (!req.log.is_empty()).then(|| PathBuf::from(&req.log)),
+            origin,
+            ..Job::new(jid.clone(), JobKind::Process, 0, manifest.process.cmdline.clone())
+        };
+        job.state = JobState::Halted;
+        self.store.insert(&job).map_err(lib_err!())?;
+        tracing::info!(jid = %jid, path = %path, origin = ?job.origin, "restoring a checkpoint as a new job");
+        let result = self.restore_process(req, Some(job), path, options, ctx);
+        if result.is_err() {
+            let _ = self.store.delete(&jid);
         }
         result
     }

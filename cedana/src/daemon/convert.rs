@@ -104,6 +104,9 @@ pub fn job_to_pb(job: &Job, latest: Option<&CheckpointRecord>) -> pb::Job {
         container_id: job.container_id.clone().unwrap_or_default(),
         runtime_root: job.runtime_root.as_ref().map(|p| p.display().to_string()).unwrap_or_default(),
         restored_from: job.restored_from.clone().unwrap_or_default(),
+        origin_node: job.origin.as_ref().map(|o| o.node.clone()).unwrap_or_default(),
+        origin_job: job.origin.as_ref().and_then(|o| o.job.clone()).unwrap_or_default(),
+        origin_checkpoint: job.origin.as_ref().and_then(|o| o.checkpoint.clone()).unwrap_or_default(),
     }
 }
 

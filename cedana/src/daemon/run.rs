@@ -87,6 +87,7 @@ impl Service {
             runtime_root: None,
             restored_from: None,
             namespace: None,
+            origin: None,
         };
         self.store.insert(&job).map_err(lib_err!())?;
         tracing::info!(jid = %job.jid, pid = job.pid, "job started");

@@ -122,6 +122,20 @@ impl Source {
         }
     }
 
+    /// The checkpoint's manifest (not verified against the rest of the checkpoint).
+    pub fn read_manifest(&self, config: &crate::config::Config) -> Result<crate::checkpoint::Manifest, EngineError> {
+        match self {
+            Source::Path(p) => Ok(crate::checkpoint::read_manifest(p, false)?),
+            #[cfg(feature = "storage")]
+            Source::Url(u) => crate::engine::remote::read_manifest(config, u),
+            #[cfg(not(feature = "storage"))]
+            Source::Url(u) => {
+                let _ = config;
+                Err(unsupported_url(u))
+            }
+        }
+    }
+
     /// How to name it in messages.
     pub fn display(&self) -> String {
         match self {

@@ -97,6 +97,19 @@ fn download(
 /// The largest small-file section read through the index to get one file out of a remote checkpoint.
 const MAX_ENTRY_TAIL: u64 = 1 << 30;
 
+/// The manifest of the checkpoint at `url` (not verified against the rest): through the index of an indexed
+/// archive by ranged reads, else by downloading it first.
+pub(crate) fn read_manifest(config: &Config, url: &str) -> Result<crate::checkpoint::Manifest, EngineError> {
+    let object = ObjectUrl::parse(url)?;
+    let source = Arc::new(storage::open_source(&object, &storage_config(config))?);
+    let shared: Arc<dyn ArchiveSource> = source.clone();
+    if let Some(archive) = IndexedArchive::open(shared, MAX_ENTRY_TAIL)? {
+        return Ok(archive.manifest().clone());
+    }
+    let (path, _dir) = download(&config.scratch_dir(), url, &object, &source)?;
+    Ok(crate::checkpoint::read_manifest(&path, false)?)
+}
+
 /// Read the one file `name` of the checkpoint at `url`, checked against its manifest; `None` when the
 /// manifest lists no such file. An indexed archive is read by ranged reads (its small files and the one
 /// file); one without an index is downloaded first.

@@ -148,7 +148,23 @@ pub struct Job {
     pub restored_from: Option<String>,
     /// The containerd namespace, for containerd jobs.
     pub namespace: Option<String>,
+    /// For a job restored from another node's checkpoint: where that checkpoint was made.
+    pub origin: Option<Origin>,
 }
+
+/// Where a checkpoint was made: the node (its `node_name`), and for a managed job's checkpoint the job's id
+/// and the checkpoint's id in that node's job store. Kept in the checkpoint as [`ORIGIN_FILE`].
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Origin {
+    pub node: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<String>,
+}
+
+/// The file of a job's checkpoint that records its [`Origin`].
+pub const ORIGIN_FILE: &str = "cedana-origin.json";
 
 impl Job {
     /// A running job created now, with nothing else known: no exit code, no working directory or log, not
@@ -170,6 +186,7 @@ impl Job {
             runtime_root: None,
             restored_from: None,
             namespace: None,
+            origin: None,
         }
     }
 }

@@ -73,9 +73,9 @@ const MAX_BUSY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const IN_MEMORY: &str = ":memory:";
 
 const JOB_COLUMNS: &str = "jid, kind, pid, state, exit_code, args, cwd, log, attachable, gpu, created_at, \
-                           container_id, runtime_root, restored_from, namespace";
+                           container_id, runtime_root, restored_from, namespace, origin";
 /// How many columns [`JOB_COLUMNS`] names (where a joined checkpoint's columns start).
-const JOB_COLUMN_COUNT: usize = 15;
+const JOB_COLUMN_COUNT: usize = 16;
 const CHECKPOINT_COLUMNS: &str = "id, jid, time, size, path, compression";
 
 /// What went wrong with the job store. [`StoreError::kind`] classifies it.
@@ -248,6 +248,7 @@ macro_rules! job_row {
             path_bytes($job.runtime_root.as_deref()),
             $job.restored_from,
             $job.namespace,
+            $job.origin.as_ref().and_then(|o| serde_json::to_string(o).ok()),
         ]
     };
 }
@@ -347,8 +348,9 @@ impl JobStore {
     pub fn insert(&self, job: &Job) -> Result<(), StoreError> {
         let conn = self.conn();
         let args = args_to_json(&job.args).map_err(|e| self.err(e))?;
-        let sql =
-            format!("INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)");
+        let sql = format!(
+            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+        );
         let result = conn.prepare_cached(&sql).and_then(|mut st| st.execute(job_row!(job, args)));
         match result {
             Ok(_) => Ok(()),
@@ -366,7 +368,7 @@ impl JobStore {
             .prepare_cached(
                 "UPDATE jobs SET kind = ?2, pid = ?3, state = ?4, exit_code = ?5, args = ?6, cwd = ?7, log = ?8, \
                  attachable = ?9, gpu = ?10, created_at = ?11, container_id = ?12, runtime_root = ?13, \
-                 restored_from = ?14, namespace = ?15 WHERE jid = ?1",
+                 restored_from = ?14, namespace = ?15, origin = ?16 WHERE jid = ?1",
             )
             .and_then(|mut st| st.execute(job_row!(job, args)))
             .map_err(|e| self.err(e))?;
@@ -613,6 +615,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         runtime_root: row.get::<_, Option<Vec<u8>>>(12)?.map(path_from_bytes),
         restored_from: row.get(13)?,
         namespace: row.get(14)?,
+        origin: row.get::<_, Option<String>>(15)?.and_then(|o| serde_json::from_str(&o).ok()),
     })
 }
 

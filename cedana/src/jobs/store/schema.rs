@@ -41,6 +41,8 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX checkpoints_by_job ON checkpoints (jid, time);",
     // 2: the containerd namespace of containerd jobs (whose runtime_root is containerd's socket).
     "ALTER TABLE jobs ADD COLUMN namespace TEXT;",
+    // 3: where a job restored from another node's checkpoint came from (JSON of `model::Origin`).
+    "ALTER TABLE jobs ADD COLUMN origin TEXT;",
 ];
 
 /// The schema version this build writes and understands (the number of [`MIGRATIONS`]).

@@ -21,6 +21,7 @@ fn full_job(jid: &str) -> Job {
         runtime_root: Some("/run/containerd/runc/k8s.io".into()),
         restored_from: Some("/var/lib/cedana/checkpoints/x.tar.zst".into()),
         namespace: Some("k8s.io".into()),
+        origin: Some(crate::jobs::model::Origin { node: "node-a".into(), job: Some("j1".into()), checkpoint: Some("c1".into()) }),
     }
 }
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Migration of a container holding SIZE_MIB of memory between two nodes (network namespaces with their own
+# containerd) through an S3-compatible server (moto), against a cold start of the same container on the
+# target node; and the added time of checkpoint-on-stop to stopping it. See
+# integration/examples/bench_migration.rs for what is timed.
+#
+#   scripts/bench-migration.sh        # as root; SIZE_MIB=1024 ROUNDS=3 by default
+set -euo pipefail
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+[ "$(id -u)" = 0 ] || { echo "bench-migration: run as root" >&2; exit 1; }
+cd "$ROOT"
+# The shim, cedana-runc and cedana the example drives, and the example itself (release builds).
+cargo build --release -p cedana -p cedana-runc -p containerd-shim-cedana-v2 >&2
+cargo build --release -p cedana-integration --example bench_migration >&2
+exec "${CARGO_TARGET_DIR:-$ROOT/target}/release/examples/bench_migration"
