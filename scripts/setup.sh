@@ -10,10 +10,15 @@
 #      ("vdso: Unexpected rt vDSO area bounds") and trixie's 4.1.1 cannot dump sockets; see
 #      FIELD-NOTES "CRIU: use 4.2 or newer". The binary is linked as /usr/local/sbin/criu so that
 #      runc and containerd find it on PATH.
-#   3. moto (an S3-compatible server, from PyPI) in a Python venv of its own (default
+#   3. containerd 2.x (containerd, ctr, containerd-shim-runc-v2) and the runc of the same suite in a
+#      private prefix (default /opt/cedana/containerd2, binaries in bin/, env
+#      CEDANA_CONTAINERD2_PREFIX), from Debian's `forky` through the same private apt configuration
+#      and patched the same way as CRIU, for the CRI tests against containerd 2.x (bookworm has 1.6).
+#      Nothing of it goes on the system's PATH; the system's containerd and runc stay as they are.
+#   4. moto (an S3-compatible server, from PyPI) in a Python venv of its own (default
 #      /opt/cedana/moto, env CEDANA_MOTO_VENV), for the object-storage tests: they run
 #      $CEDANA_MOTO_VENV/bin/moto_server. No S3 server is packaged in Debian bookworm.
-#   4. A summary, and `criu check`.
+#   5. A summary, and `criu check`.
 #
 # Environment:
 #   CEDANA_CRIU_PREFIX   where CRIU goes (default /opt/cedana/criu)
@@ -21,6 +26,9 @@
 #   CEDANA_DEBIAN_MIRROR Debian archive URL (default: read from the system's apt sources,
 #                        falling back to http://deb.debian.org/debian)
 #   CEDANA_CRIU_FORCE=1  rebuild the CRIU prefix even if a good one is present
+#   CEDANA_CONTAINERD2_PREFIX  where containerd 2.x and its runc go (default /opt/cedana/containerd2)
+#   CEDANA_CONTAINERD2_SUITE   Debian suite to take them from (default forky)
+#   CEDANA_CONTAINERD2_FORCE=1 rebuild that prefix even if a good one is present
 #   CEDANA_MOTO_VENV     where moto's venv goes (default /opt/cedana/moto)
 set -euo pipefail
 
@@ -30,6 +38,11 @@ PREFIX=${PREFIX%/}
 CRIU_SUITE=${CEDANA_CRIU_SUITE:-forky}
 CRIU_MIN_VERSION=4.2
 CRIU_LINK=/usr/local/sbin/criu
+CONTAINERD2_PREFIX=${CEDANA_CONTAINERD2_PREFIX:-/opt/cedana/containerd2}
+CONTAINERD2_PREFIX=${CONTAINERD2_PREFIX%/}
+CONTAINERD2_SUITE=${CEDANA_CONTAINERD2_SUITE:-forky}
+CONTAINERD2_MIN_VERSION=2.0
+CONTAINERD2_BINS=(containerd ctr containerd-shim-runc-v2 runc)
 MOTO_VENV=${CEDANA_MOTO_VENV:-/opt/cedana/moto}
 MOTO_VENV=${MOTO_VENV%/}
 # Pinned, so that every machine tests against the same server.
@@ -45,6 +58,7 @@ die() { printf '[setup] ERROR: %s\n' "$*" >&2; exit 1; }
 
 [[ $(id -u) -eq 0 ]] || die "must run as root"
 [[ $PREFIX == /* ]] || die "CEDANA_CRIU_PREFIX must be an absolute path (got '$PREFIX')"
+[[ $CONTAINERD2_PREFIX == /* ]] || die "CEDANA_CONTAINERD2_PREFIX must be an absolute path (got '$CONTAINERD2_PREFIX')"
 [[ $MOTO_VENV == /* ]] || die "CEDANA_MOTO_VENV must be an absolute path (got '$MOTO_VENV')"
 
 # Serialize concurrent runs (e.g. two test jobs calling setup at once).
@@ -180,36 +194,28 @@ check_libs_confined() {
   fi
 }
 
-install_criu() {
-  local v
-  v=$(criu_version "$PREFIX/criu")
-  if [[ ${CEDANA_CRIU_FORCE:-0} != 1 ]] && version_ok "$v" \
-    && check_libs_confined "$PREFIX/lib/$(cat "$PREFIX/.interp" 2>/dev/null || echo none)" \
-      "$PREFIX/criu" "$PREFIX/lib" 2>/dev/null; then
-    log "CRIU: $PREFIX/criu $v present"
-    return
-  fi
-  [[ -n $v ]] && log "CRIU: $PREFIX/criu reports '$v', rebuilding"
-  command -v patchelf >/dev/null || die "patchelf is missing"
-
-  local arch mirror keyring scratch staging new old interp deb n
-  scratch=$(mktemp -d /var/tmp/cedana-criu.XXXXXX)
-  CLEANUP+=("rm -rf '$scratch'")
+# Private apt: packages of another Debian suite, downloaded and unpacked without touching the system's
+# apt or dpkg state. Args: a label for the log, a scratch folder (made by the caller, removed by it), the
+# suite, the packages. The whole dependency closure ends up unpacked in SCRATCH/staging.
+private_apt_fetch() {
+  local label=$1 scratch=$2 suite=$3
+  shift 3
+  local arch mirror keyring deb n
   arch=$(dpkg --print-architecture)
   mirror=$(debian_mirror "$scratch/uris")
   keyring=/usr/share/keyrings/debian-archive-keyring.gpg
   [[ -r $keyring ]] || die "$keyring is missing (package debian-archive-keyring)"
-  log "CRIU: fetching criu from $mirror $CRIU_SUITE ($arch) with a private apt configuration"
+  log "$label: fetching $* from $mirror $suite ($arch) with a private apt configuration"
   chmod 755 "$scratch" # apt downloads as the _apt user, which must reach partial/
   mkdir -p "$scratch"/{apt.conf.d,sources.list.d,preferences.d,lists/partial,cache/archives/partial,staging}
   : >"$scratch/status"
   # The suite is signed by the Debian archive keys (bookworm's debian-archive-keyring has the
   # bookworm and trixie archive keys, which sign forky as of 2025); signatures are checked.
-  printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$mirror" "$CRIU_SUITE" >"$scratch/sources.list"
+  printf 'deb [signed-by=%s] %s %s main\n' "$keyring" "$mirror" "$suite" >"$scratch/sources.list"
   # A configuration of its own: the system's apt.conf.d is not read (its update hooks, AppStream
   # index targets and so on would touch or slow the system). Only the system's download settings
   # (Acquire::*: proxies, timeouts, TLS, Check-Valid-Until, ...) are carried over, minus index
-  # targets and languages. The empty dpkg status makes apt resolve criu's whole dependency
+  # targets and languages. The empty dpkg status makes apt resolve the packages' whole dependency
   # closure and download all of it.
   {
     apt-config dump 2>/dev/null \
@@ -239,8 +245,8 @@ EOF
 
   (
     export APT_CONFIG=$scratch/apt.conf DEBIAN_FRONTEND=noninteractive
-    apt-get update -q && apt-get install -y -q --download-only --no-install-recommends criu
-  ) >"$scratch/apt.log" 2>&1 || { cat "$scratch/apt.log" >&2; die "private apt could not fetch criu"; }
+    apt-get update -q && apt-get install -y -q --download-only --no-install-recommends "$@"
+  ) >"$scratch/apt.log" 2>&1 || { cat "$scratch/apt.log" >&2; die "private apt could not fetch $*"; }
 
   n=0
   for deb in "$scratch"/cache/archives/*.deb; do
@@ -249,70 +255,116 @@ EOF
     n=$((n + 1))
   done
   ((n > 0)) || die "no packages were downloaded"
-  log "CRIU: unpacked $n packages ($(du -sh "$scratch/cache/archives" | cut -f1)): $(
+  log "$label: unpacked $n packages ($(du -sh "$scratch/cache/archives" | cut -f1)): $(
     cd "$scratch/cache/archives" && ls -- *.deb | sed 's/_.*//' | tr '\n' ' '
   )"
+}
 
-  local src_criu
-  src_criu=$scratch/staging/usr/sbin/criu
-  [[ -f $src_criu ]] || die "criu binary not found in the unpacked packages"
-  interp=$(basename "$(patchelf --print-interpreter "$src_criu")")
-
-  new=$PREFIX.new
-  old=$PREFIX.old
-  rm -rf "$new" "$old"
-  mkdir -p "$new/lib"
-  CLEANUP+=("rm -rf '$new'")
-
-  # Shared libraries: the files directly in the library dirs (not plugin subdirs such as gconv/),
-  # flattened into PREFIX/lib. Symlinks are re-created by basename (some are absolute, e.g.
-  # /lib64/ld-linux-x86-64.so.2, and must not resolve to the system's files).
-  local triplet f t changed
+# Copies the shared libraries of the unpacked packages (SCRATCH/staging) into DEST (made by the caller):
+# the files directly in the library dirs (not plugin subdirs such as gconv/), flattened. Symlinks are
+# re-created by basename (some are absolute, e.g. /lib64/ld-linux-x86-64.so.2, and must not resolve to
+# the system's files). Also records the package list in DEST/../PACKAGES.
+stage_libs() {
+  local scratch=$1 dest=$2 triplet d f t changed
   triplet=$(dpkg-architecture -qDEB_HOST_MULTIARCH 2>/dev/null || gcc -print-multiarch)
   local libdirs=()
   for d in lib lib64 usr/lib usr/lib64 "lib/$triplet" "usr/lib/$triplet"; do
     [[ -d $scratch/staging/$d ]] && libdirs+=("$scratch/staging/$d")
   done
   find "${libdirs[@]}" -maxdepth 1 -type f \( -name '*.so' -o -name '*.so.*' \) \
-    -exec cp -p -t "$new/lib" {} +
+    -exec cp -p -t "$dest" {} +
   changed=1
   while ((changed)); do
     changed=0
     while IFS= read -r f; do
-      [[ -e $new/lib/${f##*/} || -L $new/lib/${f##*/} ]] && continue
+      [[ -e $dest/${f##*/} || -L $dest/${f##*/} ]] && continue
       t=$(basename "$(readlink "$f")")
-      if [[ -e $new/lib/$t ]]; then
-        ln -s "$t" "$new/lib/${f##*/}"
+      if [[ -e $dest/$t ]]; then
+        ln -s "$t" "$dest/${f##*/}"
         changed=1
       fi
     done < <(find "${libdirs[@]}" -maxdepth 1 -type l \( -name '*.so' -o -name '*.so.*' \))
   done
+  # Record what went in, for the curious.
+  (cd "$scratch/cache/archives" && ls -- *.deb) >"$(dirname "$dest")/PACKAGES"
+}
+
+# Whether an ELF file asks for a dynamic loader (Go binaries may be static).
+is_dynamic() { patchelf --print-interpreter "$1" >/dev/null 2>&1; }
+
+# Points a dynamic binary at the loader INTERP and the libraries in LIBDIR. --force-rpath: a DT_RUNPATH
+# would not be used for the libraries' own dependencies (criu then misses libunistring.so.5).
+patch_binary() {
+  local bin=$1 libdir=$2 interp=$3
+  patchelf --set-interpreter "$libdir/$interp" --force-rpath --set-rpath "$libdir" "$bin"
+}
+
+# Moves a prefix built and verified at NEW to PREFIX: the dynamic binaries (paths relative to the
+# prefix) are patched for PREFIX's lib/, the folders swapped, and CHECK (a function taking the prefix)
+# run again; on failure the previous prefix comes back. Args: label, new, prefix, interp, check, bins...
+swap_prefix() {
+  local label=$1 new=$2 prefix=$3 interp=$4 check=$5 old=$3.old b
+  shift 5
+  for b in "$@"; do
+    if is_dynamic "$new/$b"; then patch_binary "$new/$b" "$prefix/lib" "$interp"; fi
+  done
+  rm -rf "$old"
+  mkdir -p "$(dirname "$prefix")"
+  if [[ -e $prefix ]]; then mv -T "$prefix" "$old"; fi
+  mv -T "$new" "$prefix"
+  if ! "$check" "$prefix"; then
+    log "$label: the installed copy fails, rolling back"
+    rm -rf "$prefix"
+    [[ -e $old ]] && mv -T "$old" "$prefix"
+    die "$prefix does not work after the swap"
+  fi
+  rm -rf "$old"
+}
+
+# Whether PREFIX/criu is good: its version, and every library from PREFIX/lib.
+criu_prefix_ok() {
+  local p=$1 interp
+  interp=$(cat "$p/.interp" 2>/dev/null || echo none)
+  version_ok "$(criu_version "$p/criu")" && check_libs_confined "$p/lib/$interp" "$p/criu" "$p/lib"
+}
+
+install_criu() {
+  local v
+  v=$(criu_version "$PREFIX/criu")
+  if [[ ${CEDANA_CRIU_FORCE:-0} != 1 ]] && version_ok "$v" && criu_prefix_ok "$PREFIX" 2>/dev/null; then
+    log "CRIU: $PREFIX/criu $v present"
+    return
+  fi
+  [[ -n $v ]] && log "CRIU: $PREFIX/criu reports '$v', rebuilding"
+  command -v patchelf >/dev/null || die "patchelf is missing"
+
+  local scratch new interp src_criu
+  scratch=$(mktemp -d /var/tmp/cedana-criu.XXXXXX)
+  CLEANUP+=("rm -rf '$scratch'")
+  private_apt_fetch CRIU "$scratch" "$CRIU_SUITE" criu
+
+  src_criu=$scratch/staging/usr/sbin/criu
+  [[ -f $src_criu ]] || die "criu binary not found in the unpacked packages"
+  interp=$(basename "$(patchelf --print-interpreter "$src_criu")")
+
+  new=$PREFIX.new
+  rm -rf "$new" "$PREFIX.old"
+  mkdir -p "$new/lib"
+  CLEANUP+=("rm -rf '$new'")
+  stage_libs "$scratch" "$new/lib"
   [[ -f $new/lib/$interp ]] || die "dynamic loader $interp not found in the unpacked packages"
   echo "$interp" >"$new/.interp"
-  # Record what went in, for the curious.
-  (cd "$scratch/cache/archives" && ls -- *.deb) >"$new/PACKAGES"
 
   cp -p "$src_criu" "$new/criu"
   # First patch for PREFIX.new and verify there; then patch for the final PREFIX, swap, verify
-  # again, and roll back if that fails. --force-rpath: a DT_RUNPATH would not be used for the
-  # libraries' own dependencies (criu then misses libunistring.so.5).
-  patchelf --set-interpreter "$new/lib/$interp" --force-rpath --set-rpath "$new/lib" "$new/criu"
+  # again, and roll back if that fails.
+  patch_binary "$new/criu" "$new/lib" "$interp"
   v=$(criu_version "$new/criu")
   version_ok "$v" || die "$new/criu reports version '$v', need >= $CRIU_MIN_VERSION"
   check_libs_confined "$new/lib/$interp" "$new/criu" "$new/lib" || die "$new/criu is not self-contained"
 
-  patchelf --set-interpreter "$PREFIX/lib/$interp" --force-rpath --set-rpath "$PREFIX/lib" "$new/criu"
-  mkdir -p "$(dirname "$PREFIX")"
-  if [[ -e $PREFIX ]]; then mv -T "$PREFIX" "$old"; fi
-  mv -T "$new" "$PREFIX"
+  swap_prefix CRIU "$new" "$PREFIX" "$interp" criu_prefix_ok criu
   v=$(criu_version "$PREFIX/criu")
-  if ! version_ok "$v" || ! check_libs_confined "$PREFIX/lib/$interp" "$PREFIX/criu" "$PREFIX/lib"; then
-    log "CRIU: the installed copy fails, rolling back"
-    rm -rf "$PREFIX"
-    [[ -e $old ]] && mv -T "$old" "$PREFIX"
-    die "$PREFIX/criu does not work after the swap"
-  fi
-  rm -rf "$old"
   log "CRIU: installed $PREFIX/criu $v"
 }
 
@@ -338,7 +390,99 @@ link_criu() {
 }
 
 # ---------------------------------------------------------------------------------------------
-# 3. moto, an S3-compatible server for the object-storage tests
+# 3. containerd 2.x and its runc in a private prefix
+# ---------------------------------------------------------------------------------------------
+
+# The version `containerd --version` reports ("containerd github.com/containerd/containerd/v2 2.1.9+ds1
+# ..."), empty if it does not run.
+containerd_version() {
+  local out
+  out=$("$1" --version 2>/dev/null) || return 0
+  awk '$1 == "containerd" { print $3; exit }' <<<"$out"
+}
+
+# The version `runc --version` reports ("runc version 1.3.6+ds1"), empty if it does not run.
+runc_version() {
+  local out
+  out=$("$1" --version 2>/dev/null) || return 0
+  awk '$1 == "runc" && $2 == "version" { print $3; exit }' <<<"$out"
+}
+
+containerd2_version_ok() {
+  [[ -n $1 ]] && dpkg --compare-versions "$1" ge "$CONTAINERD2_MIN_VERSION" && dpkg --compare-versions "$1" lt 3~
+}
+
+# Whether PREFIX holds a working containerd 2.x and runc: versions, and every library of every dynamic
+# binary from PREFIX/lib.
+containerd2_prefix_ok() {
+  local p=$1 interp b
+  containerd2_version_ok "$(containerd_version "$p/bin/containerd")" || return 1
+  [[ -n $(runc_version "$p/bin/runc") ]] || return 1
+  "$p/bin/ctr" --version >/dev/null 2>&1 || return 1
+  "$p/bin/containerd-shim-runc-v2" -v >/dev/null 2>&1 || return 1
+  interp=$(cat "$p/.interp" 2>/dev/null || echo none)
+  for b in "${CONTAINERD2_BINS[@]}"; do
+    if is_dynamic "$p/bin/$b"; then check_libs_confined "$p/lib/$interp" "$p/bin/$b" "$p/lib" || return 1; fi
+  done
+}
+
+# For the CRI tests against containerd 2.x (CheckpointContainer is implemented there): bookworm has
+# 1.6 only. containerd, ctr, containerd-shim-runc-v2 and the runc of the same suite go to
+# CONTAINERD2_PREFIX/bin; nothing is put on the system's PATH (the tests use the prefix explicitly).
+install_containerd2() {
+  local p=$CONTAINERD2_PREFIX v
+  v=$(containerd_version "$p/bin/containerd")
+  if [[ ${CEDANA_CONTAINERD2_FORCE:-0} != 1 ]] && containerd2_version_ok "$v" \
+    && containerd2_prefix_ok "$p" 2>/dev/null; then
+    log "containerd 2: $p/bin/containerd $v (runc $(runc_version "$p/bin/runc")) present"
+    return
+  fi
+  [[ -n $v ]] && log "containerd 2: $p/bin/containerd reports '$v', rebuilding"
+  command -v patchelf >/dev/null || die "patchelf is missing"
+
+  local scratch new interp="" b src i d
+  scratch=$(mktemp -d /var/tmp/cedana-containerd2.XXXXXX)
+  CLEANUP+=("rm -rf '$scratch'")
+  private_apt_fetch "containerd 2" "$scratch" "$CONTAINERD2_SUITE" containerd runc
+
+  new=$p.new
+  rm -rf "$new" "$p.old"
+  mkdir -p "$new/lib" "$new/bin"
+  CLEANUP+=("rm -rf '$new'")
+  stage_libs "$scratch" "$new/lib"
+  for b in "${CONTAINERD2_BINS[@]}"; do
+    src=""
+    for d in usr/bin usr/sbin bin sbin; do
+      # -L: usr/bin/runc is a link to ../sbin/runc.
+      if [[ -f $scratch/staging/$d/$b && ! -L $scratch/staging/$d/$b ]]; then
+        src=$scratch/staging/$d/$b
+        break
+      fi
+    done
+    [[ -n $src ]] || die "$b not found in the unpacked packages"
+    cp -p "$src" "$new/bin/$b"
+    if is_dynamic "$src"; then
+      i=$(basename "$(patchelf --print-interpreter "$src")")
+      [[ -z $interp || $interp == "$i" ]] || die "$b wants loader $i, another binary $interp"
+      interp=$i
+    fi
+  done
+  if [[ -n $interp ]]; then
+    [[ -f $new/lib/$interp ]] || die "dynamic loader $interp not found in the unpacked packages"
+    echo "$interp" >"$new/.interp"
+  fi
+  # As for CRIU: patch for NEW and verify there, then patch for the final prefix and swap.
+  for b in "${CONTAINERD2_BINS[@]}"; do
+    if is_dynamic "$new/bin/$b"; then patch_binary "$new/bin/$b" "$new/lib" "$interp"; fi
+  done
+  containerd2_prefix_ok "$new" || die "the containerd 2 binaries in $new do not work (see above)"
+  swap_prefix "containerd 2" "$new" "$p" "$interp" containerd2_prefix_ok "${CONTAINERD2_BINS[@]/#/bin/}"
+  log "containerd 2: installed $p/bin/containerd $(containerd_version "$p/bin/containerd")," \
+    "runc $(runc_version "$p/bin/runc") ($(du -sh "$p" | cut -f1))"
+}
+
+# ---------------------------------------------------------------------------------------------
+# 4. moto, an S3-compatible server for the object-storage tests
 # ---------------------------------------------------------------------------------------------
 
 # A venv of Debian's python3 (not whatever python3 comes first on PATH), holding MOTO_REQUIREMENT.
@@ -368,10 +512,11 @@ install_moto() {
 install_apt_packages
 install_criu
 link_criu
+install_containerd2
 install_moto
 
 # ---------------------------------------------------------------------------------------------
-# 4. Summary
+# 5. Summary
 # ---------------------------------------------------------------------------------------------
 CRIU_V=$("$PREFIX/criu" --version) || die "$PREFIX/criu --version failed"
 first_line() { "$@" 2>&1 | head -n1 || true; }
@@ -379,6 +524,7 @@ echo "---- cedana-rs setup summary ----"
 echo "criu:       $CRIU_LINK -> $PREFIX/criu, $(awk '/^Version:/ {print $2}' <<<"$CRIU_V")"
 echo "runc:       $(first_line runc --version)"
 echo "containerd: $(first_line containerd --version)"
+echo "containerd 2: $CONTAINERD2_PREFIX/bin/containerd $(containerd_version "$CONTAINERD2_PREFIX/bin/containerd"), runc $(runc_version "$CONTAINERD2_PREFIX/bin/runc")"
 echo "dockerd:    $(first_line dockerd --version)"
 echo "moto:       $MOTO_VENV/bin/moto_server ($(cat "$MOTO_VENV/.cedana-requirement"))"
 echo "criu check:"

@@ -17,6 +17,8 @@
 //! compression = "zstd"                  # default --compression
 //! scratch_dir = "/var/tmp"              # where archives are extracted for restore
 //! stream = true                         # images flow between CRIU and the archive, no files on disk
+//! [restore]
+//! lazy = true                           # restores are lazy where the checkpoint allows (--no-lazy: not)
 //! [hooks]
 //! command = "/usr/local/lib/cedana/hook" # run before/after every dump and restore
 //! [gpu]
@@ -124,6 +126,14 @@ pub struct CheckpointConfig {
     pub stream: Option<bool>,
 }
 
+/// Settings of the `[restore]` table.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreConfig {
+    /// Restore lazily by default, where the checkpoint allows it (normally otherwise).
+    pub lazy: Option<bool>,
+}
+
 /// Settings of the `[hooks]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -191,6 +201,8 @@ pub struct Config {
     pub criu: CriuConfig,
     #[serde(default)]
     pub checkpoint: CheckpointConfig,
+    #[serde(default)]
+    pub restore: RestoreConfig,
     #[serde(default)]
     pub hooks: HooksConfig,
     #[serde(default)]
@@ -412,6 +424,7 @@ const KEYS: &[Key] = &[
     key!("checkpoint.compression", ["CEDANA_CHECKPOINT_COMPRESSION"], checkpoint.compression, |c| shown(c.compression())),
     key!("checkpoint.stream", ["CEDANA_CHECKPOINT_STREAM"], checkpoint.stream, |c| shown(c.stream())),
     key!("checkpoint.scratch_dir", ["CEDANA_CHECKPOINT_SCRATCH_DIR", "CEDANA_SCRATCH_DIR"], checkpoint.scratch_dir, |c| shown(c.scratch_dir().display())),
+    key!("restore.lazy", ["CEDANA_RESTORE_LAZY"], restore.lazy, |c| shown(c.restore_lazy())),
     key!("hooks.command", ["CEDANA_HOOKS_COMMAND", "CEDANA_HOOK_COMMAND"], hooks.command, |c| c.hooks.command.as_ref().map(|p| p.display().to_string())),
     key!("gpu.backend", ["CEDANA_GPU_BACKEND"], gpu.backend, |c| shown(c.gpu_settings().backend)),
     key!("gpu.cuda_checkpoint", ["CEDANA_GPU_CUDA_CHECKPOINT"], gpu.cuda_checkpoint, |c| shown(c.gpu_settings().cuda_checkpoint.display())),
@@ -501,6 +514,12 @@ impl Config {
             Some(p) => Some(p.clone()),
             None => crate::criu::Criu::locate(None).ok().map(|criu| criu.binary().to_path_buf()),
         }
+    }
+
+    /// Whether restores are lazy by default (`restore.lazy`, else no): lazily where the checkpoint allows it,
+    /// normally where it does not.
+    pub fn restore_lazy(&self) -> bool {
+        self.restore.lazy.unwrap_or(false)
     }
 
     /// The GPU settings: the `[gpu]` table over [`crate::gpu::GpuSettings`]' defaults.
@@ -678,6 +697,7 @@ mod tests {
                 "checkpoint.compression",
                 "checkpoint.stream",
                 "checkpoint.scratch_dir",
+                "restore.lazy",
                 "hooks.command",
                 "gpu.backend",
                 "gpu.cuda_checkpoint",

@@ -3,6 +3,11 @@
 //! pause image as the sandbox image, and a small blocking CRI client ([`Cri`]) that drives it as the kubelet
 //! would (`runtime.v1` over containerd's socket).
 //!
+//! The containerd is the system's (Debian bookworm's 1.6, configuration version 2) or, through
+//! [`Containerd::v2`], the containerd 2.x and runc that scripts/setup.sh installs in a private prefix
+//! (configuration version 3, see [`config_v3`]); that runc comes first on the PATH of containerd, and so of the
+//! shims and cedana-runc under it.
+//!
 //! Everything lives under one folder: containerd's root, state, sockets, configuration and log, the CRI
 //! plugin's empty CNI folders, the pods' log folders. Pods get a private cgroup parent. Dropping a
 //! [`CriContainerd`] stops and removes its pods through the CRI, stops containerd (and any shim of it left)
@@ -93,6 +98,150 @@ state = {state}
     )
 }
 
+/// The configuration in containerd 2.x's own form (version 3) of what [`config`] gives 1.6: everything under
+/// `dir`, the CRI plugin's image service (`io.containerd.cri.v1.images`: overlayfs, `sandbox_image` as the
+/// pinned sandbox image) and runtime service (`io.containerd.cri.v1.runtime`: default runtime `runc`, the
+/// handler `cedana` with the `io.cedana.*` annotations, the private empty CNI folders,
+/// `restrict_oom_score_adj` where needed), the streaming server on 127.0.0.1 (`io.containerd.grpc.v1.cri`),
+/// and NRI off (it would listen on the system-wide /var/run/nri/nri.sock).
+pub fn config_v3(dir: &Path, sandbox_image: &str) -> String {
+    let p = |name: &str| format!("{:?}", dir.join(name));
+    let images = "plugins.\"io.containerd.cri.v1.images\"";
+    let runtime = "plugins.\"io.containerd.cri.v1.runtime\"";
+    format!(
+        r#"version = 3
+root = {root}
+state = {state}
+
+[grpc]
+  address = {socket}
+
+[ttrpc]
+  address = {ttrpc}
+
+[debug]
+  address = ""
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = {opt}
+
+[plugins."io.containerd.nri.v1.nri"]
+  disable = true
+
+[plugins."io.containerd.grpc.v1.cri"]
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+
+[{images}]
+  snapshotter = "overlayfs"
+
+[{images}.pinned_images]
+  sandbox = "{sandbox_image}"
+
+[{runtime}]
+  restrict_oom_score_adj = {restrict_oom}
+
+[{runtime}.containerd]
+  default_runtime_name = "runc"
+
+[{runtime}.containerd.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[{runtime}.containerd.runtimes.{CEDANA_HANDLER}]
+  runtime_type = "{CEDANA_RUNTIME}"
+  pod_annotations = ["io.cedana.*"]
+  container_annotations = ["io.cedana.*"]
+
+[{runtime}.cni]
+  bin_dirs = [{cni_bin}]
+  conf_dir = {cni_conf}
+"#,
+        root = p("root"),
+        state = p("state"),
+        socket = p("containerd.sock"),
+        ttrpc = p("containerd.sock.ttrpc"),
+        opt = p("opt"),
+        cni_bin = p("cni/bin"),
+        cni_conf = p("cni/conf"),
+        restrict_oom = !can_lower_oom_score(),
+    )
+}
+
+/// The folder scripts/setup.sh installs containerd 2.x and its runc into (`bin/`): `$CEDANA_CONTAINERD2_PREFIX`,
+/// else /opt/cedana/containerd2.
+pub fn containerd2_prefix() -> PathBuf {
+    std::env::var_os("CEDANA_CONTAINERD2_PREFIX")
+        .filter(|p| !p.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/opt/cedana/containerd2"))
+}
+
+/// Which containerd a [`CriContainerd`] runs: its `containerd` and `ctr`, the folder put first on its PATH
+/// (where its shims and cedana-runc find the matching `containerd-shim-runc-v2` and `runc`), and its major
+/// version, which picks the configuration's form ([`config`] for 1.x, [`config_v3`] for 2.x).
+#[derive(Clone, Debug)]
+pub struct Containerd {
+    pub containerd: PathBuf,
+    pub ctr: PathBuf,
+    /// Put first on containerd's PATH; `None`: the PATH as it is.
+    pub bin_dir: Option<PathBuf>,
+    /// The major version `containerd --version` reports.
+    pub major: u32,
+}
+
+impl Containerd {
+    /// The system's containerd (`containerd` and `ctr` on PATH: Debian bookworm's 1.6) with the system's runc.
+    pub fn system() -> Containerd {
+        let containerd = PathBuf::from("containerd");
+        let major = containerd_major(&containerd);
+        Containerd { containerd, ctr: PathBuf::from("ctr"), bin_dir: None, major }
+    }
+
+    /// containerd 2.x and its runc from [`containerd2_prefix`]`/bin`, as scripts/setup.sh installs them. Panics
+    /// (with the fix) when they are missing or not 2.x.
+    pub fn v2() -> Containerd {
+        let bin_dir = containerd2_prefix().join("bin");
+        for name in ["containerd", "ctr", "containerd-shim-runc-v2", "runc"] {
+            let p = bin_dir.join(name);
+            assert!(p.is_file(), "{} is missing: run scripts/setup.sh (it installs containerd 2.x there)", p.display());
+        }
+        let containerd = bin_dir.join("containerd");
+        let major = containerd_major(&containerd);
+        assert_eq!(major, 2, "{} is not containerd 2.x: run scripts/setup.sh", containerd.display());
+        Containerd { containerd, ctr: bin_dir.join("ctr"), bin_dir: Some(bin_dir), major }
+    }
+
+    /// The PATH containerd runs with: [`Containerd::bin_dir`] first, then this process's PATH.
+    pub fn path(&self) -> std::ffi::OsString {
+        let old = std::env::var_os("PATH").unwrap_or_default();
+        let dirs = self.bin_dir.iter().cloned().chain(std::env::split_paths(&old));
+        std::env::join_paths(dirs).expect("PATH")
+    }
+
+    /// Its configuration with everything under `dir`, in the form its major version reads.
+    pub fn config(&self, dir: &Path, sandbox_image: &str) -> String {
+        if self.major >= 2 {
+            config_v3(dir, sandbox_image)
+        } else {
+            config(dir, sandbox_image)
+        }
+    }
+}
+
+/// The major version of `containerd --version` ("containerd github.com/containerd/containerd 1.6.20~ds1 ...",
+/// "containerd github.com/containerd/containerd/v2 2.1.9+unknown").
+fn containerd_major(containerd: &Path) -> u32 {
+    let out = Command::new(containerd)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap_or_else(|e| panic!("{} must be installed (scripts/setup.sh): {e}", containerd.display()));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text.split_whitespace().nth(2).unwrap_or_default().trim_start_matches('v');
+    let major: String = version.chars().take_while(char::is_ascii_digit).collect();
+    major.parse().unwrap_or_else(|_| panic!("a version from `{} --version`: {text:?}", containerd.display()))
+}
+
 /// Whether this process may lower its OOM score adjustment (it needs CAP_SYS_RESOURCE, which some sandboxed
 /// hosts withhold even from root). The CRI plugin gives sandboxes -998, which runc then fails to set; without
 /// the capability the configuration asks for `restrict_oom_score_adj` (no score below containerd's own).
@@ -113,6 +262,11 @@ pub struct CriContainerd {
     /// The cgroup parent of the pods [`Cri::run_pod`] runs (cgroupfs syntax, `/cedana-cri-PID-N`).
     pub cgroup_parent: String,
     pub cri: Cri,
+    /// The containerd it runs.
+    pub containerd: Containerd,
+    /// The PATH containerd runs with ([`Containerd::path`]); give it to tools that must find the same runc
+    /// (e.g. `cedana dump containerd`, which runs runc on the shim's state).
+    pub path: std::ffi::OsString,
     child: Child,
     /// Whether the shims' runc root of [`NAMESPACE`] (`/run/containerd/runc/k8s.io`) was made by us.
     made_runc_root: bool,
@@ -124,9 +278,16 @@ pub fn runc_root() -> PathBuf {
 }
 
 impl CriContainerd {
-    /// Start it with everything under `dir` (as root; our shim must be built): containerd finds our shim on
-    /// its PATH. Waits until the CRI answers and both images are in the CRI plugin's image store.
+    /// Start the system's containerd ([`Containerd::system`]) with everything under `dir`; see
+    /// [`CriContainerd::start_with`].
     pub fn start(dir: &Path) -> CriContainerd {
+        CriContainerd::start_with(dir, Containerd::system())
+    }
+
+    /// Start `containerd` with everything under `dir` (as root; our shim must be built): containerd finds our
+    /// shim on its PATH, after the install's own folder. Waits until the CRI answers and both images are in the
+    /// CRI plugin's image store.
+    pub fn start_with(dir: &Path, containerd: Containerd) -> CriContainerd {
         crate::require_root();
         crate::bin(CEDANA_SHIM);
         crate::engines::put_shim_on_path();
@@ -139,9 +300,11 @@ impl CriContainerd {
         let made_runc_root = !runc_root().exists();
 
         let config_path = dir.join("config.toml");
-        std::fs::write(&config_path, config(dir, PAUSE_IMAGE)).expect("containerd config");
+        std::fs::write(&config_path, containerd.config(dir, PAUSE_IMAGE)).expect("containerd config");
         let log = std::fs::File::create(dir.join("containerd.log")).expect("containerd log");
-        let child = Command::new("containerd")
+        let path = containerd.path();
+        let child = Command::new(&containerd.containerd)
+            .env("PATH", &path)
             .arg("--config")
             .arg(&config_path)
             .stdin(Stdio::null())
@@ -165,7 +328,7 @@ impl CriContainerd {
                 Err(_) => std::thread::sleep(Duration::from_millis(100)),
             }
         };
-        let c = CriContainerd { dir: dir.to_path_buf(), socket, cgroup_parent, cri, child, made_runc_root };
+        let c = CriContainerd { dir: dir.to_path_buf(), socket, cgroup_parent, cri, containerd, path, child, made_runc_root };
         c.import_pause_image();
         c.import(&crate::images::busybox_rootfs(&dir.join("busybox-rootfs")), BUSYBOX_IMAGE);
         c
@@ -173,7 +336,8 @@ impl CriContainerd {
 
     /// `ctr -a SOCKET -n k8s.io ARGS`, run to completion.
     pub fn ctr(&self, args: &[&str]) -> Output {
-        Command::new("ctr")
+        Command::new(&self.containerd.ctr)
+            .env("PATH", &self.path)
             .arg("-a")
             .arg(&self.socket)
             .arg("-n")
@@ -389,10 +553,15 @@ impl Cri {
         self.call(|mut c| async move { c.version(req).await })
     }
 
+    /// The log folder of the pod `name` (uid, namespace) that [`Cri::pod_config`] gives it.
+    pub fn pod_log_dir(&self, name: &str, uid: &str, namespace: &str) -> PathBuf {
+        self.log_root.join(format!("{namespace}_{name}_{uid}"))
+    }
+
     /// The configuration of a pod on the node's network (own PID namespace per container, the pod's IPC
     /// namespace), with its log folder under the client's log root and its cgroups under its cgroup parent.
     pub fn pod_config(&self, name: &str, uid: &str, namespace: &str, annotations: &[(&str, &str)]) -> v1::PodSandboxConfig {
-        let log_directory = self.log_root.join(format!("{namespace}_{name}_{uid}"));
+        let log_directory = self.pod_log_dir(name, uid, namespace);
         std::fs::create_dir_all(&log_directory).expect("pod log folder");
         v1::PodSandboxConfig {
             metadata: Some(v1::PodSandboxMetadata {
@@ -408,12 +577,7 @@ impl Cri {
             linux: Some(v1::LinuxPodSandboxConfig {
                 cgroup_parent: self.cgroup_parent.clone(),
                 security_context: Some(v1::LinuxSandboxSecurityContext {
-                    namespace_options: Some(v1::NamespaceOption {
-                        network: v1::NamespaceMode::Node.into(),
-                        pid: v1::NamespaceMode::Container.into(),
-                        ipc: v1::NamespaceMode::Pod.into(),
-                        target_id: String::new(),
-                    }),
+                    namespace_options: Some(namespaces()),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -524,6 +688,17 @@ impl Cri {
     }
 }
 
+/// The namespaces of the test's pods and containers: the node's network (no CNI), a PID namespace per
+/// container, the pod's IPC namespace.
+fn namespaces() -> v1::NamespaceOption {
+    v1::NamespaceOption {
+        network: v1::NamespaceMode::Node.into(),
+        pid: v1::NamespaceMode::Container.into(),
+        ipc: v1::NamespaceMode::Pod.into(),
+        target_id: String::new(),
+    }
+}
+
 /// The configuration of a container named `name` running `command` (its entrypoint) from `image`, with the
 /// host folders `mounts` (host path, container path) mounted read-write, in its own PID namespace, its output
 /// logged to `NAME.log` in the pod's log folder.
@@ -543,12 +718,7 @@ pub fn container_config(name: &str, image: &str, command: &[&str], mounts: &[(&P
         log_path: format!("{name}.log"),
         linux: Some(v1::LinuxContainerConfig {
             security_context: Some(v1::LinuxContainerSecurityContext {
-                namespace_options: Some(v1::NamespaceOption {
-                    network: v1::NamespaceMode::Node.into(),
-                    pid: v1::NamespaceMode::Container.into(),
-                    ipc: v1::NamespaceMode::Pod.into(),
-                    target_id: String::new(),
-                }),
+                namespace_options: Some(namespaces()),
                 ..Default::default()
             }),
         }),
@@ -589,6 +759,23 @@ mod tests {
         assert_eq!(cri["cni"]["conf_dir"].as_str(), Some("/tmp/x y/cni/conf"));
         assert_eq!(parsed["grpc"]["address"].as_str(), Some("/tmp/x y/containerd.sock"));
         assert!(parsed.get("disabled_plugins").is_none());
+    }
+
+    #[test]
+    fn the_v3_config_puts_the_cri_settings_in_containerd_2s_plugins() {
+        let text = config_v3(Path::new("/tmp/x y"), PAUSE_IMAGE);
+        let parsed: toml::Value = toml::from_str(&text).expect("valid TOML");
+        assert_eq!(parsed["version"].as_integer(), Some(3));
+        let plugins = &parsed["plugins"];
+        assert_eq!(plugins["io.containerd.cri.v1.images"]["pinned_images"]["sandbox"].as_str(), Some(PAUSE_IMAGE));
+        let runtime = &plugins["io.containerd.cri.v1.runtime"];
+        let cedana = &runtime["containerd"]["runtimes"]["cedana"];
+        assert_eq!(cedana["runtime_type"].as_str(), Some(CEDANA_RUNTIME));
+        assert_eq!(cedana["pod_annotations"][0].as_str(), Some("io.cedana.*"));
+        assert_eq!(runtime["restrict_oom_score_adj"].as_bool(), Some(!can_lower_oom_score()));
+        assert_eq!(runtime["cni"]["conf_dir"].as_str(), Some("/tmp/x y/cni/conf"));
+        assert_eq!(plugins["io.containerd.nri.v1.nri"]["disable"].as_bool(), Some(true));
+        assert_eq!(parsed["grpc"]["address"].as_str(), Some("/tmp/x y/containerd.sock"));
     }
 
     #[test]

@@ -418,12 +418,18 @@ pub struct ShimHost {
 impl ShimHost {
     /// Start it (as root) in a new temporary folder.
     pub fn start() -> ShimHost {
+        Self::start_with_env(&[])
+    }
+
+    /// [`ShimHost::start`], containerd (and so its shims and runtimes) with more environment variables (an
+    /// object store's credentials and endpoint, say).
+    pub fn start_with_env(env: &[(&str, String)]) -> ShimHost {
         crate::require_root();
         crate::bin("containerd-shim-cedana-v2");
         // containerd (started below, inheriting our environment) looks the shim up on its PATH.
         put_shim_on_path();
         let tmp = tempfile::tempdir().expect("temporary folder");
-        let d = Containerd::start(&tmp.path().join("containerd"));
+        let d = Containerd::start_with_env(&tmp.path().join("containerd"), env);
         let rootfs = crate::images::busybox_rootfs(&tmp.path().join("rootfs"));
         ShimHost { d, rootfs, tmp }
     }

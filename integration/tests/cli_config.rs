@@ -86,6 +86,7 @@ fn config_show_names_the_source_of_each_key() {
             "checkpoint.compression",
             "checkpoint.stream",
             "checkpoint.scratch_dir",
+            "restore.lazy",
             "hooks.command",
             "gpu.backend",
             "gpu.cuda_checkpoint",

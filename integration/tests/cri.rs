@@ -8,6 +8,9 @@
 //! counts on from where the checkpoint left it; the pod's sandbox (pause) container, whose spec gets the
 //! annotation too, starts as usual. The CRI's own CheckpointContainer is called as well: containerd before 2.0
 //! answers UNIMPLEMENTED; 2.x writes the archive.
+//! The scenario runs twice: on the system's containerd (Debian bookworm's 1.6) and on the containerd 2.x and
+//! runc that scripts/setup.sh installs under /opt/cedana/containerd2 (`$CEDANA_CONTAINERD2_PREFIX`); the
+//! latter fails when they are missing.
 //! Build first, then run as root:
 //! `cargo build -p cedana -p cedana-runc -p containerd-shim-cedana-v2 && cargo test -p cedana-integration --test cri`.
 
@@ -15,21 +18,17 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use cedana_integration::cri::{
-    container_config, parent_pid, process_name, verbose_info, CriContainerd, BUSYBOX_IMAGE, CEDANA_HANDLER, CEDANA_RUNTIME,
-    CEDANA_SHIM, NAMESPACE,
+    container_config, parent_pid, process_name, verbose_info, Containerd, CriContainerd, BUSYBOX_IMAGE, CEDANA_HANDLER,
+    CEDANA_RUNTIME, CEDANA_SHIM, NAMESPACE,
 };
 use cedana_integration::images::RESTORE_ANNOTATION;
 use cedana_integration::{bin, require_root, success_stdout, wait_for};
 use cedana_protos::cri::v1::{ContainerState, PodSandboxState};
 
 const T: Duration = Duration::from_secs(30);
-/// Counts into a host folder mounted at /out, so that the numbers outlive the container.
-///
-/// The shell first moves its stdio off the CRI's log FIFOs onto the container's own /dev/null: our shim hands
-/// the container the FIFOs themselves (containerd's runc shim puts pipes in between), and CRIU cannot dump a
-/// descriptor of a FIFO on a host mount the container does not see ("Can't lookup mount=N for fd=1"), which
-/// cedana's external files (regular files and memory devices only) do not cover yet.
-const COUNTER: &str = "exec </dev/null >/dev/null 2>&1; i=0; while true; do echo $i >> /out/count; i=$((i+1)); sleep 0.1; done";
+/// Counts into a host folder mounted at /out, so that the numbers outlive the container, and to its stdout
+/// (the CRI's container log, through the FIFO containerd gives the shim and the pipe the shim puts in between).
+const COUNTER: &str = "i=0; while true; do echo $i >> /out/count; echo \"count $i\"; i=$((i+1)); sleep 0.1; done";
 
 /// The numbers written so far to `out/count`.
 fn counts(out: &Path) -> Vec<u64> {
@@ -79,13 +78,26 @@ fn checkpoint_in(dir: &Path, name: &str) -> PathBuf {
 #[test]
 fn a_pod_container_checkpointed_by_cedana_is_restored_by_annotation_in_a_new_pod() {
     require_root();
+    checkpoint_and_restore_through_the_cri(Containerd::system());
+}
+
+#[test]
+fn on_containerd_2_a_pod_container_checkpointed_by_cedana_is_restored_by_annotation_in_a_new_pod() {
+    require_root();
+    checkpoint_and_restore_through_the_cri(Containerd::v2());
+}
+
+/// The scenario (see the module's doc) on `containerd`.
+fn checkpoint_and_restore_through_the_cri(containerd: Containerd) {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
-    let d = CriContainerd::start(&tmp.path().join("containerd"));
+    let major = containerd.major;
+    let d = CriContainerd::start_with(&tmp.path().join("containerd"), containerd);
     let version = d.cri.version().expect("Version");
     assert_eq!((version.runtime_name.as_str(), version.runtime_api_version.as_str()), ("containerd", "v1"), "{version:?}");
+    assert_eq!(major_version(&version.runtime_version), major, "the CRI runs the containerd we started: {version:?}");
 
     // (a) A pod on handler `cedana` (host network) whose container counts into the host folder.
     let pod = d.cri.run_pod("counter", "uid-counter-1", "default", &[], CEDANA_HANDLER).expect("RunPodSandbox");
@@ -102,9 +114,11 @@ fn a_pod_container_checkpointed_by_cedana_is_restored_by_annotation_in_a_new_pod
     assert!(sandbox_info.contains(CEDANA_RUNTIME), "the sandbox's runtime: {sandbox_info}");
     wait_for("the counter to count", T, || (counts(&out).len() >= 10).then_some(()));
 
-    // (b) Checkpoint it with our tooling (the container stops: no --leave-running).
+    // (b) Checkpoint it with our tooling (the container stops: no --leave-running), with containerd's PATH: it
+    // runs the runc that made the container.
     let checkpoints = tmp.path().join("checkpoints");
     let dump = std::process::Command::new(bin("cedana"))
+        .env("PATH", &d.path)
         .args(["dump", "containerd", &first, "--address"])
         .arg(&d.socket)
         .args(["--namespace", NAMESPACE, "--dir"])
@@ -153,6 +167,14 @@ fn a_pod_container_checkpointed_by_cedana_is_restored_by_annotation_in_a_new_pod
     eprintln!("checkpointed at {last}; the restored container wrote {resumed}..{}", after[after.len() - 1]);
     assert!(resumed > last, "the restored counter goes on from {last} (a fresh start writes 0): it wrote {resumed}");
     assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "no number lost or repeated across the restore: {after:?}");
+    // The restored container's stdout reaches its own CRI log (the restore reconnected it to the new pipe).
+    let log = d.cri.pod_log_dir("counter-restored", "uid-counter-2", "default").join("counter.log");
+    let logged = wait_for("the restored container's output in its CRI log", T, || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        let n: Vec<u64> = text.lines().filter_map(|l| l.split("count ").nth(1)?.trim().parse().ok()).collect();
+        (n.len() >= 3).then_some(n)
+    });
+    assert!(logged[0] > last, "the log goes on from the checkpoint: {logged:?}");
 
     // (d) The CRI's own CheckpointContainer: containerd before 2.0 does not implement it; 2.x writes the
     // checkpoint archive to the location.

@@ -285,3 +285,27 @@ fn a_runc_container_is_restored_lazily_and_counts_on() {
     let logged = std::fs::read_to_string(&log).unwrap();
     assert!(logged.contains("then its memory lazily"), "{logged}");
 }
+
+#[test]
+fn the_configured_default_makes_restores_lazy_where_they_can_be_and_no_lazy_opts_out() {
+    require_root();
+    adopt_orphans();
+    let work = tempfile::tempdir().unwrap();
+    let restore = |path: &str, extra: &[&str]| {
+        let mut cmd = cedana_cmd(&[&["restore", "process", "--path", path, "--output", "json"][..], extra].concat());
+        cmd.env("CEDANA_RESTORE_LAZY", "true");
+        json(&success_stdout("restore with restore.lazy = true", &cmd.output().unwrap()))
+    };
+    for (compression, extra, lazy) in [("zstd", &[][..], true), ("zlib", &[][..], false), ("zstd", &["--no-lazy"][..], false)] {
+        let mut w = Workload::start(&workload_bin("memory"), &["16"], work.path());
+        let sum = w.wait_lines(1)[0].clone();
+        let path = dump(&w, work.path(), &format!("default-{compression}-{}", extra.len()), compression);
+        w.reap();
+        prepare_restore(&w, &sum);
+        let out = restore(&path, extra);
+        // zlib cannot be restored lazily: the default falls back to a normal restore instead of refusing it.
+        assert_eq!(out["lazy"].is_object(), lazy, "{compression} {extra:?}: {out}");
+        assert!(alive(w.pid), "{compression} {extra:?}: restored");
+        end(&mut w);
+    }
+}

@@ -86,6 +86,37 @@ fn a_stopping_container_is_checkpointed_first_and_a_new_one_continues_from_it() 
 }
 
 #[test]
+fn a_stopping_container_is_checkpointed_into_an_object_store() {
+    let moto = cedana_integration::moto::MotoServer::start();
+    let s = ShimHost::start_with_env(&moto.env());
+    s.d.import(&s.rootfs, IMAGE);
+    let out = s.tmp.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let id = "on-stop-s3";
+    run(&s, id, &out, &[format!("io.cedana.checkpoint-on-stop={}", moto.url("stops"))], &["/bin/sh", "-c", COUNTER]);
+    wait_for("the counter to count", T, || (counts(&out).len() >= 5).then_some(()));
+    s.d.ok(&["task", "kill", id]);
+    let key = format!("stops/{id}/cedana-checkpoint.tar.zst");
+    assert!(moto.has_object(&key), "the checkpoint is an object of the store once kill returns");
+    let at_checkpoint = *counts(&out).last().unwrap();
+    stop(&s, id, "SIGKILL");
+    let last = *counts(&out).last().unwrap();
+    remove(&s, id);
+
+    // Restored from the object by annotation, as another node would.
+    let before = counts(&out).len();
+    let restored = "on-stop-s3-restored";
+    let from = format!("io.cedana.restore={}", moto.url(&key));
+    run(&s, restored, &out, &[from], &["/bin/sh", "-c", "sleep 100"]);
+    wait_for("the restored counter to count", T, || (counts(&out).len() > before + 3).then_some(()));
+    let after = counts(&out)[before..].to_vec();
+    assert!(after[0] >= at_checkpoint && after[0] <= last + 1, "continued from the checkpoint: {after:?}");
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
+    stop(&s, restored, "SIGKILL");
+    remove(&s, restored);
+}
+
+#[test]
 fn a_checkpoint_that_exceeds_its_budget_is_given_up_and_the_stop_goes_on() {
     let s = ShimHost::start();
     s.d.import(&s.rootfs, IMAGE);

@@ -54,10 +54,13 @@ pub fn path_flag(a: &CommandArgs, name: &str) -> Option<PathBuf> {
 pub fn run(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Result<i32, WrapperError> {
     let id = a.positionals[0].clone();
     let cwd = std::env::current_dir().map_err(WrapperError::io("reading the current folder"))?;
+    // An object store's URL (s3://BUCKET/PREFIX, gs://...): the checkpoint is the object
+    // PREFIX/cedana-checkpoint.<ext> there (uploaded as it is written; visible only once complete).
+    let url = a.value("image-path").filter(|p| Destination::parse(p).local_dir().is_none()).map(str::to_string);
     // runc's default image path is ./checkpoint (also for an empty --image-path). The engine creates it once
     // the container is found, as runc does (not for a container that does not exist).
     let image_path = cwd.join(path_flag(a, "image-path").unwrap_or_else(|| PathBuf::from("checkpoint")));
-    let existed = image_path.symlink_metadata().is_ok();
+    let existed = url.is_none() && image_path.symlink_metadata().is_ok();
     let options = cedana::criu::options::CriuOptions {
         tcp_established: a.on("tcp-established"),
         ext_unix_sk: a.on("ext-unix-sk"),
@@ -78,7 +81,10 @@ pub fn run(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Re
     let engine = Engine::new(cfg.clone())?;
     let req = DumpRequest {
         target: TargetSpec::Runc(spec),
-        destination: Destination::dir(&image_path).replacing(),
+        destination: match &url {
+            Some(url) => Destination::parse(url),
+            None => Destination::dir(&image_path).replacing(),
+        },
         name: Some(CHECKPOINT_NAME.to_string()),
         compression,
         leave_running: a.on("leave-running"),
@@ -87,12 +93,14 @@ pub fn run(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -> Re
         stream: None,
     };
     let out = engine.dump(req, &cancelled_by_signals());
-    if !existed && image_path.is_dir() {
+    if url.is_none() && !existed && image_path.is_dir() {
         // runc creates the image path with mode 0600 (os.MkdirAll(imagePath, 0o600)).
         let _ = std::fs::set_permissions(&image_path, std::fs::Permissions::from_mode(0o600));
     }
     let out = out?;
-    remove_replaced(&image_path, &out.path, log);
+    if url.is_none() {
+        remove_replaced(&image_path, &out.path, log);
+    }
     log.info(&format!(
         "cedana: checkpointed {id} to {} ({compression}, {} bytes, images {} bytes) in {} ms: runc checkpoint {} ms, packaging {} ms",
         out.path.display(),

@@ -77,7 +77,8 @@ pub fn restore(cfg: &Config, inv: &Invocation, a: &CommandArgs, log: &RuncLog) -
         extra: a.tokens_without(&handled),
         stdio: None,
     };
-    run_restore(cfg, inv, id, Source::Path(checkpoint), flags, Asks { lazy: false, skip_gpu_check: false }, log).map(Some)
+    run_restore(cfg, inv, id, Source::Path(checkpoint), flags, Asks { lazy: cfg.restore_lazy(), skip_gpu_check: false }, log)
+        .map(Some)
 }
 
 /// `create` or `run` of a bundle that asks for a restore; `None` when it does not ask for one.
@@ -87,7 +88,7 @@ pub fn create(cfg: &Config, inv: &Invocation, a: &CommandArgs, run: bool, log: &
     let [id] = a.positionals.as_slice() else { return Ok(None) };
     let Some((how, requested)) = requested_restore(&bundle) else { return Ok(None) };
     let asks = Asks {
-        lazy: requested_option(&bundle, LAZY_ANNOTATION, LAZY_ENV),
+        lazy: requested_option(&bundle, LAZY_ANNOTATION, LAZY_ENV) || cfg.restore_lazy(),
         skip_gpu_check: requested_option(&bundle, SKIP_GPU_CHECK_ANNOTATION, SKIP_GPU_CHECK_ENV),
     };
     let checkpoint = match Source::parse(&requested) {

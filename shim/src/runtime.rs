@@ -297,14 +297,19 @@ fn classify(msg: &str) -> Error {
     Error::new(kind, msg)
 }
 
-/// Open a stdio path for the container: stdin read-only without waiting for a writer, outputs read-write
-/// (a FIFO opened so never blocks and the container still holds the only writer once we let go).
+/// Open a stdio path for the container: a FIFO (containerd's, for `ctr run` and the CRI's logs) through a
+/// pipe the shim copies to or from it, as containerd's runc shim does, so that the container holds pipes,
+/// which CRIU checkpoints and runc reconnects at restore, and not a FIFO outside its mounts, which CRIU cannot
+/// reach; a log file appended to; anything else (/dev/null, a terminal) as it is.
 fn open_stdio(path: &str, input: bool) -> Result<Stdio> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     if path.is_empty() {
         return Ok(Stdio::null());
     }
     let path = path.strip_prefix("file://").unwrap_or(path);
+    if std::fs::metadata(path)?.file_type().is_fifo() {
+        return fifo_through_pipe(path, input);
+    }
     let file = if input {
         let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
         // Back to blocking reads for the container.
@@ -319,6 +324,29 @@ fn open_stdio(path: &str, input: bool) -> Result<Stdio> {
         std::fs::OpenOptions::new().read(true).write(true).open(path)?
     };
     Ok(Stdio::from(file))
+}
+
+/// A pipe for the container's end of a FIFO's stream, and a thread copying between the FIFO and our end until
+/// the stream ends (the container's last writer closed the pipe, or the FIFO's writer closed it, for stdin).
+fn fifo_through_pipe(path: &str, input: bool) -> Result<Stdio> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+    let (ours, theirs) = if input { (write, read) } else { (read, write) };
+    // Read-write: opening never waits for the other side (containerd holds it, or opens it later).
+    let fifo = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(path)?;
+    let name = path.to_string();
+    std::thread::Builder::new()
+        .name("stdio-copy".into())
+        .spawn(move || {
+            let mut ours = std::fs::File::from(ours);
+            let mut fifo = fifo;
+            let copied = if input { std::io::copy(&mut fifo, &mut ours) } else { std::io::copy(&mut ours, &mut fifo) };
+            if let Err(e) = copied {
+                log::debug!("copying {} {name}: {e}", if input { "from" } else { "to" });
+            }
+        })
+        .map_err(|e| Error::internal(format!("starting the copy of {path}: {e}")))?;
+    Ok(Stdio::from(theirs))
 }
 
 /// The runtime command's stdio: /dev/null when a console socket gives the process a terminal, else the
@@ -452,7 +480,10 @@ impl Runtime for RuncRuntime {
     }
 
     async fn checkpoint(&self, id: &str, opts: &CheckpointOpts) -> Result<()> {
-        std::fs::create_dir_all(&opts.image_path)?;
+        // An object store's URL is the runtime's to write to; a local image path is made here, as runc's shim does.
+        if !opts.image_path.to_string_lossy().contains("://") {
+            std::fs::create_dir_all(&opts.image_path)?;
+        }
         let mut cmd = self.command(&["checkpoint"]);
         cmd.arg("--image-path").arg(&opts.image_path);
         if let Some(work) = &opts.work_path {

@@ -88,7 +88,7 @@ pub fn restore(config: &cedana::config::Config, a: RestoreArgs) -> anyhow::Resul
     let spec = RestoreSpec {
         checkpoint: &path,
         config,
-        lazy: a.lazy,
+        lazy: a.lazy || config.restore_lazy(),
         skip_gpu_check: a.skip_gpu_check,
         id: &a.id,
         image: a.image.as_deref(),

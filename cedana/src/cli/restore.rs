@@ -37,9 +37,13 @@ pub struct RestoreFlags {
     /// gzip or zstd (not zlib), and a process or runc checkpoint.
     #[arg(long)]
     pub lazy: bool,
-    /// Restore lazily where the checkpoint allows it, else normally (implies --lazy).
+    /// Restore lazily where the checkpoint allows it, else normally (implies --lazy; what `restore.lazy = true`
+    /// in the configuration makes the default).
     #[arg(long)]
     pub lazy_fallback: bool,
+    /// Restore normally, whatever `restore.lazy` in the configuration says.
+    #[arg(long, conflicts_with_all = ["lazy", "lazy_fallback"])]
+    pub no_lazy: bool,
     /// Restore a checkpoint holding GPU state even on a host whose GPUs do not match it (fewer, with less
     /// memory, an older driver); the GPU restore may then fail, and the restored processes are killed.
     #[arg(long)]
@@ -47,9 +51,16 @@ pub struct RestoreFlags {
 }
 
 impl RestoreFlags {
-    /// Whether the restore is to be lazy (where it can be, with `--lazy-fallback`).
-    pub fn lazy(&self) -> bool {
-        self.lazy || self.lazy_fallback
+    /// Whether the restore is to be lazy, and whether a checkpoint that cannot be is restored normally:
+    /// `--lazy` (strict), `--lazy-fallback`, `--no-lazy`, else the configuration's `restore.lazy` (with
+    /// fallback: the default must not refuse checkpoints a normal restore takes).
+    pub fn lazy_mode(&self, config: &cedana::config::Config) -> (bool, bool) {
+        match (self.no_lazy, self.lazy, self.lazy_fallback) {
+            (true, _, _) => (false, false),
+            (_, true, fallback) => (true, fallback),
+            (_, false, true) => (true, true),
+            _ => (config.restore_lazy(), config.restore_lazy()),
+        }
     }
 }
 
@@ -109,8 +120,8 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
         attachable: a.attach,
         stream: a.criu.stream(),
-        lazy: a.restore.lazy(),
-        lazy_fallback: a.restore.lazy_fallback,
+        lazy: a.restore.lazy_mode(config).0,
+        lazy_fallback: a.restore.lazy_mode(config).1,
         skip_gpu_check: a.restore.skip_gpu_check,
         ..Default::default()
     };
@@ -205,8 +216,8 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
         process: ProcessRestoreOptions { as_child: attached, stdio, pid_file: a.pid_file.clone() },
         external_files: a.external_file.clone(),
         stream: a.criu.stream(),
-        lazy: a.restore.lazy(),
-        lazy_fallback: a.restore.lazy_fallback,
+        lazy: a.restore.lazy_mode(engine.config()).0,
+        lazy_fallback: a.restore.lazy_mode(engine.config()).1,
         skip_gpu_check: a.restore.skip_gpu_check,
         ..RestoreRequest::new(Source::parse(&a.path))
     };
@@ -238,8 +249,8 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: 
         log: a.log.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         pid_file: a.pid_file.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         stream: a.criu.stream(),
-        lazy: a.restore.lazy(),
-        lazy_fallback: a.restore.lazy_fallback,
+        lazy: a.restore.lazy_mode(config).0,
+        lazy_fallback: a.restore.lazy_mode(config).1,
         skip_gpu_check: a.restore.skip_gpu_check,
         ..Default::default()
     };
@@ -259,7 +270,7 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: 
 /// `cedana restore runc`: the report goes to stderr, as the restored container writes to our stdout; an
 /// attached restore reports once the container has exited, and exits with its code.
 fn runc(engine: &Engine, a: RuncArgs) -> anyhow::Result<i32> {
-    let req = super::runc::restore_request(&a.runc)?;
+    let req = super::runc::restore_request(&a.runc, engine.config())?;
     let ctx = super::op_context(false)?;
     let out = engine.restore(req, &ctx)?;
     let from = out.manifest.container.as_ref().map(|c| c.id.as_str()).unwrap_or("?");

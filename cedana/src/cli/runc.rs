@@ -72,7 +72,7 @@ pub fn dump(engine: &Engine, a: &DumpArgs) -> anyhow::Result<engine::DumpRequest
 }
 
 /// The request of `cedana restore runc` (`super::restore` runs it and reports).
-pub fn restore_request(a: &RestoreArgs) -> anyhow::Result<RestoreRequest> {
+pub fn restore_request(a: &RestoreArgs, config: &cedana::config::Config) -> anyhow::Result<RestoreRequest> {
     let flags = RestoreFlags {
         bundle: std::path::absolute(&a.bundle)?,
         work_path: None,
@@ -88,8 +88,8 @@ pub fn restore_request(a: &RestoreArgs) -> anyhow::Result<RestoreRequest> {
         options: a.criu.to_options()?,
         container: Some(container),
         external_files: a.external_file.clone(),
-        lazy: a.restore.lazy(),
-        lazy_fallback: a.restore.lazy_fallback,
+        lazy: a.restore.lazy_mode(config).0,
+        lazy_fallback: a.restore.lazy_mode(config).1,
         skip_gpu_check: a.restore.skip_gpu_check,
         ..RestoreRequest::new(Source::parse(&a.path))
     };
