@@ -68,6 +68,30 @@ fn detached_container_runs_is_killed_and_deleted_through_the_shim() {
 }
 
 #[test]
+fn piped_stdin_reaches_the_container_and_its_end_too() {
+    let s = setup();
+    let id = "shim-stdin";
+    let mut cmd = s.d.ctr_cmd(&["run", "--rm", "--runtime", RUNTIME, "--rootfs"]);
+    cmd.arg(&s.rootfs).args([id, "/bin/sh", "-c", "wc -l; echo done"]);
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("ctr run");
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), b"one\ntwo\nthree\n").unwrap();
+    // A container that never sees the end of its input would hang the test: ctr is killed after T instead.
+    let (done, watch) = std::sync::mpsc::channel::<()>();
+    let ctr = nix::unistd::Pid::from_raw(child.id() as i32);
+    std::thread::spawn(move || {
+        if watch.recv_timeout(T).is_err() {
+            let _ = nix::sys::signal::kill(ctr, nix::sys::signal::Signal::SIGKILL);
+        }
+    });
+    // Our end of its stdin is closed: the container reads to its end, counts, and exits.
+    let out = child.wait_with_output().expect("ctr run");
+    let _ = done.send(());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout} {}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(stdout.split_whitespace().collect::<Vec<_>>(), ["3", "done"], "{stdout:?}");
+}
+
+#[test]
 fn attached_run_gets_the_output_and_the_exit_code() {
     let s = setup();
     let id = "shim-attached";

@@ -297,18 +297,19 @@ fn classify(msg: &str) -> Error {
     Error::new(kind, msg)
 }
 
-/// Open a stdio path for the container: a FIFO (containerd's, for `ctr run` and the CRI's logs) through a
-/// pipe the shim copies to or from it, as containerd's runc shim does, so that the container holds pipes,
+/// Open a stdio path for the container: an output FIFO (containerd's, for `ctr run` and the CRI's logs)
+/// through a pipe the shim copies to it, as containerd's runc shim does, so that the container holds pipes,
 /// which CRIU checkpoints and runc reconnects at restore, and not a FIFO outside its mounts, which CRIU cannot
-/// reach; a log file appended to; anything else (/dev/null, a terminal) as it is.
+/// reach; a stdin FIFO as it is (read-only: the process sees end-of-input when the client closes its side);
+/// a log file appended to; anything else (/dev/null, a terminal) as it is.
 fn open_stdio(path: &str, input: bool) -> Result<Stdio> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
     if path.is_empty() {
         return Ok(Stdio::null());
     }
     let path = path.strip_prefix("file://").unwrap_or(path);
-    if std::fs::metadata(path)?.file_type().is_fifo() {
-        return fifo_through_pipe(path, input);
+    if !input && std::fs::metadata(path)?.file_type().is_fifo() {
+        return fifo_through_pipe(path);
     }
     let file = if input {
         let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
@@ -326,13 +327,12 @@ fn open_stdio(path: &str, input: bool) -> Result<Stdio> {
     Ok(Stdio::from(file))
 }
 
-/// A pipe for the container's end of a FIFO's stream, and a thread copying between the FIFO and our end until
-/// the stream ends (the container's last writer closed the pipe, or the FIFO's writer closed it, for stdin).
-fn fifo_through_pipe(path: &str, input: bool) -> Result<Stdio> {
+/// A pipe whose write end is the container's stdout or stderr, and a thread copying what comes out of it to
+/// the FIFO until the container's last writer closed it.
+fn fifo_through_pipe(path: &str) -> Result<Stdio> {
     use std::os::unix::fs::OpenOptionsExt;
-    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
-    let (ours, theirs) = if input { (write, read) } else { (read, write) };
-    // Read-write: opening never waits for the other side (containerd holds it, or opens it later).
+    let (ours, theirs) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(std::io::Error::from)?;
+    // Read-write: opening never waits for the reader (containerd holds it, or opens it later).
     let fifo = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_CLOEXEC).open(path)?;
     let name = path.to_string();
     std::thread::Builder::new()
@@ -340,9 +340,8 @@ fn fifo_through_pipe(path: &str, input: bool) -> Result<Stdio> {
         .spawn(move || {
             let mut ours = std::fs::File::from(ours);
             let mut fifo = fifo;
-            let copied = if input { std::io::copy(&mut fifo, &mut ours) } else { std::io::copy(&mut ours, &mut fifo) };
-            if let Err(e) = copied {
-                log::debug!("copying {} {name}: {e}", if input { "from" } else { "to" });
+            if let Err(e) = std::io::copy(&mut ours, &mut fifo) {
+                log::debug!("copying to {name}: {e}");
             }
         })
         .map_err(|e| Error::internal(format!("starting the copy of {path}: {e}")))?;
