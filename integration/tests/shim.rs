@@ -207,6 +207,40 @@ fn ctr_container_checkpoint_and_restore_round_trip_through_the_shim() {
     s.d.ok(&["task", "delete", restored]);
 }
 
+#[test]
+fn a_task_with_stdio_fifos_is_checkpointed_and_restored() {
+    let s = setup();
+    let id = "shim-fifos";
+    let image = "docker.io/cedana/busybox-fifos:latest";
+    s.d.import(&s.rootfs, image);
+    // Without --null-io: containerd gives the task stdin, stdout and stderr FIFOs, which reach it through pipes.
+    let out =
+        s.d.ctr_cmd(&["run", "--runtime", RUNTIME, "--detach", image, id, "/bin/sh", "-c", COUNTER])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+    assert!(out.status.success(), "ctr run: {}", String::from_utf8_lossy(&out.stderr));
+    wait_for("the task to be RUNNING", T, || (s.d.task_status(id).as_deref() == Some("RUNNING")).then_some(()));
+    let pid = s.d.task_pid(id);
+    wait_for("the counter to count", T, || (counts(pid).len() >= 3).then_some(()));
+    let fd0 = std::fs::read_link(format!("/proc/{pid}/fd/0")).unwrap();
+    assert!(fd0.to_string_lossy().starts_with("pipe:"), "stdin is a pipe: {fd0:?}");
+    s.d.ok(&["container", "checkpoint", "--task", "--rw", id, "cedana/shim-fifos:1"]);
+    let before = counts(pid);
+    s.d.ok(&["task", "kill", "-s", "SIGKILL", id]);
+    wait_for("the task to be STOPPED", T, || (s.d.task_status(id).as_deref() == Some("STOPPED")).then_some(()));
+    s.d.ok(&["task", "delete", id]);
+    let restored = "shim-fifos-restored";
+    s.d.ok(&["container", "restore", "--live", "--rw", restored, "cedana/shim-fifos:1"]);
+    let pid = s.d.task_pid(restored);
+    wait_for("the restored counter to count", T, || (counts(pid).len() > before.len() + 3).then_some(()));
+    let after = counts(pid);
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "no number lost or repeated: {after:?}");
+    s.d.ok(&["task", "kill", "-s", "SIGKILL", restored]);
+    wait_for("the restored task to stop", T, || (s.d.task_status(restored).as_deref() == Some("STOPPED")).then_some(()));
+    s.d.ok(&["task", "delete", restored]);
+}
+
 /// Run the counter detached through our shim from an imported image; its init's PID.
 fn run_counter_image(s: &Setup, image: &str, id: &str) -> i32 {
     s.d.import(&s.rootfs, image);

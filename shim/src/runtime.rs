@@ -297,10 +297,9 @@ fn classify(msg: &str) -> Error {
     Error::new(kind, msg)
 }
 
-/// Open a stdio path for the container: an output FIFO (containerd's, for `ctr run` and the CRI's logs)
-/// through a pipe the shim copies to it, as containerd's runc shim does, so that the container holds pipes,
-/// which CRIU checkpoints and runc reconnects at restore, and not a FIFO outside its mounts, which CRIU cannot
-/// reach; a stdin FIFO as it is (read-only: the process sees end-of-input when the client closes its side);
+/// Open a stdio path for the container: a FIFO (containerd's, for `ctr run` and the CRI's logs) through a
+/// pipe the shim copies to or from it, as containerd's runc shim does, so that the container holds pipes, which
+/// CRIU checkpoints and runc reconnects at restore, and not a FIFO outside its mounts, which CRIU cannot reach;
 /// a log file appended to; anything else (/dev/null, a terminal) as it is.
 fn open_stdio(path: &str, input: bool) -> Result<Stdio> {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
@@ -308,8 +307,8 @@ fn open_stdio(path: &str, input: bool) -> Result<Stdio> {
         return Ok(Stdio::null());
     }
     let path = path.strip_prefix("file://").unwrap_or(path);
-    if !input && std::fs::metadata(path)?.file_type().is_fifo() {
-        return fifo_through_pipe(path);
+    if std::fs::metadata(path)?.file_type().is_fifo() {
+        return if input { fifo_into_pipe(path) } else { fifo_through_pipe(path) };
     }
     let file = if input {
         let f = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_NONBLOCK).open(path)?;
@@ -346,6 +345,94 @@ fn fifo_through_pipe(path: &str) -> Result<Stdio> {
         })
         .map_err(|e| Error::internal(format!("starting the copy of {path}: {e}")))?;
     Ok(Stdio::from(theirs))
+}
+
+/// The stdin copies in progress, by the FIFO each reads: dropping an entry (the write end of a pipe its thread
+/// polls) ends that copy (CloseIO).
+static STDIN_COPIES: std::sync::Mutex<Vec<(String, std::os::fd::OwnedFd)>> = std::sync::Mutex::new(Vec::new());
+
+/// A pipe whose read end is the container's stdin, and a thread copying what the client writes into the FIFO
+/// to it. The copy ends, and the container reads the end of its input, when the client's writer has come and
+/// gone (the FIFO is read-only: before a writer first opens it, there is no end to read), or at CloseIO
+/// ([`close_stdin`]), whichever is first, once what was written is in.
+fn fifo_into_pipe(path: &str) -> Result<Stdio> {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
+    let (theirs, ours) = nix::unistd::pipe2(cloexec).map_err(std::io::Error::from)?;
+    let (stop, stopper) = nix::unistd::pipe2(cloexec).map_err(std::io::Error::from)?;
+    let mut fifo = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_CLOEXEC | libc::O_NONBLOCK).open(path)?;
+    {
+        let mut copies = STDIN_COPIES.lock().unwrap_or_else(|e| e.into_inner());
+        copies.retain(|(p, _)| p != path);
+        copies.push((path.to_string(), stopper));
+    }
+    let name = path.to_string();
+    std::thread::Builder::new()
+        .name("stdin-copy".into())
+        .spawn(move || {
+            use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+            let mut ours = std::fs::File::from(ours);
+            loop {
+                let mut fds = [PollFd::new(fifo.as_fd(), PollFlags::POLLIN), PollFd::new(stop.as_fd(), PollFlags::POLLIN)];
+                if poll(&mut fds, PollTimeout::NONE).is_err() {
+                    continue;
+                }
+                let ready = fds[0].any().unwrap_or(true);
+                let stopped = fds[1].any().unwrap_or(true);
+                // Readable or hung up: take what is there; the end of the stream ends the copy.
+                if ready && drain(&mut fifo, &mut ours, &name) != Drained::Open {
+                    break;
+                }
+                if stopped {
+                    drain(&mut fifo, &mut ours, &name);
+                    break;
+                }
+            }
+            STDIN_COPIES.lock().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| *p != name);
+        })
+        .map_err(|e| Error::internal(format!("starting the copy of {path}: {e}")))?;
+    Ok(Stdio::from(theirs))
+}
+
+/// How a drain of the stdin FIFO ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Drained {
+    /// Nothing more to read for now.
+    Open,
+    /// The FIFO's writers are gone (after one came).
+    Ended,
+    /// The container's end of the pipe is gone, or the FIFO failed.
+    Broken,
+}
+
+/// Copy what the (non-blocking) FIFO holds into the pipe.
+fn drain(fifo: &mut std::fs::File, pipe: &mut std::fs::File, name: &str) -> Drained {
+    use std::io::{Read, Write};
+    let mut buf = [0u8; 16 * 1024];
+    loop {
+        match fifo.read(&mut buf) {
+            Ok(0) => return Drained::Ended,
+            Ok(n) => {
+                if pipe.write_all(&buf[..n]).is_err() {
+                    return Drained::Broken;
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return Drained::Open,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                log::debug!("reading {name}: {e}");
+                return Drained::Broken;
+            }
+        }
+    }
+}
+
+/// End the copy into a process's stdin from the FIFO `path` (CloseIO): the process reads the end of its input
+/// once what was written is in. Nothing to do for a path no copy reads.
+pub fn close_stdin(path: &str) {
+    let path = path.strip_prefix("file://").unwrap_or(path);
+    STDIN_COPIES.lock().unwrap_or_else(|e| e.into_inner()).retain(|(p, _)| p != path);
 }
 
 /// The runtime command's stdio: /dev/null when a console socket gives the process a terminal, else the

@@ -253,15 +253,24 @@ impl<R: Runtime> TaskManager<R> {
         Ok(DeleteResponse { pid, exit_status: exit.code, exited_at: MessageField::some(exit.at), ..Default::default() })
     }
 
-    /// Close a process's stdin. With a terminal, the copying of the stdin FIFO to it stops (and the shim lets go
-    /// of the FIFO). Without one the shim never holds a writer on a stdin FIFO (the process has the only reader,
-    /// and the client the writer), so there is nothing to close: success for a process that exists.
+    /// Close a process's stdin: the copying of its stdin FIFO to its terminal, or to the pipe that is its stdin,
+    /// stops (once what was written is in) and the process reads the end of its input. Success for a process
+    /// that exists.
     pub async fn close_io(&self, req: CloseIORequest) -> Result<()> {
         let mut tasks = self.tasks.lock().await;
+        let stdin = {
+            let task = tasks.get_mut(&req.id).ok_or_else(|| not_found(&req.id))?;
+            match is_init(&req.id, &req.exec_id) {
+                true => task.stdin.clone(),
+                false => task.exec_mut(&req.id, &req.exec_id)?.stdin.clone(),
+            }
+        };
         if let Some(console) = console_of(&mut tasks, &req.id, &req.exec_id)? {
             if req.stdin {
                 console.close_stdin();
             }
+        } else if req.stdin && !stdin.is_empty() {
+            crate::runtime::close_stdin(&stdin);
         }
         Ok(())
     }
