@@ -209,3 +209,48 @@ fn checkpoint_and_restore_through_the_cri(containerd: Containerd) {
     assert!(mounts.is_empty(), "nothing left mounted under containerd's folder: {mounts:?}");
     eprintln!("CRI test on containerd {} took {:?}", version.runtime_version, started.elapsed());
 }
+
+/// Checkpoint-on-stop the way the kubelet stops a pod's container (StopContainer: SIGTERM, then SIGKILL after
+/// the grace period): the pod's annotation reaches the container's spec, the shim checkpoints it at the first
+/// signal under the pod's stable name (`<namespace>_<pod>_<container>`; the sandbox is not checkpointed), and
+/// the pod's next incarnation, annotated with that name, resumes from it.
+#[test]
+fn a_stopped_pod_container_is_checkpointed_under_its_pod_name_and_the_next_pod_resumes_from_it() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let out = tmp.path().join("out");
+    let stops = tmp.path().join("stops");
+    std::fs::create_dir_all(&out).unwrap();
+    let d = CriContainerd::start_with(&tmp.path().join("containerd"), Containerd::system());
+    let on_stop = ("io.cedana.checkpoint-on-stop", stops.to_str().unwrap());
+    let pod = d.cri.run_pod("web-0", "uid-web-1", "default", &[on_stop], CEDANA_HANDLER).expect("RunPodSandbox");
+    let config = container_config("app", BUSYBOX_IMAGE, &["sh", "-c", COUNTER], &[(&out, "/out")]);
+    let first = d.cri.create_container(&pod, config.clone()).expect("CreateContainer");
+    d.cri.start(&first).expect("StartContainer");
+    wait_for("the counter to count", T, || (counts(&out).len() >= 5).then_some(()));
+    let before_stop = *counts(&out).last().unwrap();
+    // The shell (the container's init) ignores SIGTERM: SIGKILL ends it after the 1 s grace period.
+    d.cri.stop(&first, 1).expect("StopContainer");
+    let named = stops.join("default_web-0_app");
+    assert!(named.join("cedana-checkpoint.tar.zst").is_file(), "checkpointed under the pod's name");
+    let entries: Vec<_> = std::fs::read_dir(&stops).unwrap().flatten().map(|e| e.file_name()).collect();
+    assert_eq!(entries.len(), 1, "only the container, not the sandbox: {entries:?}");
+    let last = *counts(&out).last().unwrap();
+    d.cri.remove(&first).expect("RemoveContainer");
+    d.cri.stop_pod(&pod).expect("StopPodSandbox");
+    d.cri.remove_pod(&pod).expect("RemovePodSandbox");
+
+    let before = counts(&out).len();
+    let restore = (RESTORE_ANNOTATION, named.to_str().unwrap());
+    let pod2 = d.cri.run_pod("web-0", "uid-web-2", "default", &[restore], CEDANA_HANDLER).expect("RunPodSandbox");
+    let second = d.cri.create_container(&pod2, config).expect("CreateContainer");
+    d.cri.start(&second).expect("StartContainer");
+    wait_for("the restored counter to count", T, || (counts(&out).len() > before + 3).then_some(()));
+    let after = counts(&out)[before..].to_vec();
+    assert!(after[0] >= before_stop && after[0] <= last + 1, "resumed from the stop's checkpoint: {after:?}");
+    assert!(after.windows(2).all(|w| w[1] == w[0] + 1), "{after:?}");
+    d.cri.stop(&second, 1).expect("StopContainer");
+    d.cri.remove(&second).expect("RemoveContainer");
+    d.cri.stop_pod(&pod2).expect("StopPodSandbox");
+    d.cri.remove_pod(&pod2).expect("RemovePodSandbox");
+}
