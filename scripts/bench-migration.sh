@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Migration of a container holding SIZE_MIB of memory between two nodes (network namespaces with their own
 # containerd) through an S3-compatible server (moto), against a cold start of the same container on the
-# target node; and the added time of checkpoint-on-stop to stopping it. See
-# integration/examples/bench_migration.rs for what is timed.
+# target node; and the added time of checkpoint-on-stop to stopping it and to deleting its pod through the
+# CRI. See integration/examples/bench_migration.rs for what is timed.
 #
 #   scripts/bench-migration.sh        # as root; SIZE_MIB=1024 ROUNDS=3 by default
 set -euo pipefail

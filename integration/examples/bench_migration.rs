@@ -9,7 +9,9 @@
 //!   --detach` on B until it runs with its memory (and the same with `--lazy`, which returns once the memory
 //!   is wholly local);
 //! - stop: `ctr task kill -s SIGKILL` until STOPPED, of a container with `io.cedana.checkpoint-on-stop` (to a
-//!   local folder) and of one without.
+//!   local folder) and of one without;
+//! - pod deletion through the CRI as the kubelet does it (StopContainer with a grace period, StopPodSandbox,
+//!   RemoveContainer, RemovePodSandbox), of a pod annotated `io.cedana.checkpoint-on-stop` and of one without.
 //!
 //! Environment: SIZE_MIB (default 1024), ROUNDS (default 3). Prints medians and the ratios.
 
@@ -219,4 +221,51 @@ fn main() {
         secs(stop_checkpointed),
         secs(stop_checkpointed.saturating_sub(stop_plain))
     );
+    let (plain, checkpointed) = pod_deletions(&bench, rounds);
+    println!(
+        "  pod deletion through the CRI       {} plain, {} with checkpoint-on-stop (+{})",
+        secs(plain),
+        secs(checkpointed),
+        secs(checkpointed.saturating_sub(plain))
+    );
+}
+
+/// Median times to delete a pod holding the workload through the CRI, without and with checkpoint-on-stop.
+fn pod_deletions(bench: &Bench, rounds: usize) -> (Duration, Duration) {
+    use cedana_integration::cri::{container_config, Containerd as Which, CriContainerd, BUSYBOX_IMAGE, CEDANA_HANDLER};
+    let dir = tempfile::tempdir_in("/var/tmp").expect("a scratch folder");
+    let d = CriContainerd::start_with(&dir.path().join("containerd"), Which::system());
+    // The static workload from the host, mounted into the busybox image's containers.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(bench._tmp.path().join("rootfs/bin/workload"), bin.join("workload")).unwrap();
+    let on_stop = format!("{}/cri-stops", bench.stops.display());
+    let (mut plain, mut checkpointed) = (vec![], vec![]);
+    for r in 0..rounds * 2 {
+        let with = (r % 2 == 1) ^ (r / 2 % 2 == 1);
+        let name = format!("pod-{r}");
+        let annotations: Vec<(&str, &str)> = if with { vec![("io.cedana.checkpoint-on-stop", &on_stop)] } else { vec![] };
+        let pod = d.cri.run_pod(&name, &format!("uid-{r}"), "default", &annotations, CEDANA_HANDLER).expect("RunPodSandbox");
+        let ready = format!("/out/{name}.pid");
+        let size = bench.size.to_string();
+        let config =
+            container_config("app", BUSYBOX_IMAGE, &["/w/workload", &size, &ready], &[(&bench.out, "/out"), (&bin, "/w")]);
+        let c = d.cri.create_container(&pod, config).expect("CreateContainer");
+        d.cri.start(&c).expect("StartContainer");
+        let host_ready = bench.out.join(format!("{name}.pid"));
+        wait_for("the pod's workload to be ready", T, || host_ready.exists().then_some(()));
+        let t = Instant::now();
+        d.cri.stop(&c, 30).expect("StopContainer");
+        d.cri.stop_pod(&pod).expect("StopPodSandbox");
+        d.cri.remove(&c).expect("RemoveContainer");
+        d.cri.remove_pod(&pod).expect("RemovePodSandbox");
+        let took = t.elapsed();
+        if with {
+            assert!(Path::new(&on_stop).join(format!("default_{name}_app/cedana-checkpoint.tar.zst")).is_file());
+            checkpointed.push(took);
+        } else {
+            plain.push(took);
+        }
+    }
+    (median(&mut plain), median(&mut checkpointed))
 }
