@@ -39,6 +39,21 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long containerd may take to answer once started, and to exit once told to.
 const DAEMON_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The start of a containerd configuration of `version` with everything under `dir`: root, state, its gRPC and
+/// ttrpc sockets, no debug socket, and the `opt` plugin's folder.
+fn private_paths(dir: &Path, version: u32) -> String {
+    let p = |name: &str| format!("{:?}", dir.join(name));
+    format!(
+        "version = {version}\nroot = {}\nstate = {}\n\n[grpc]\n  address = {}\n\n[ttrpc]\n  address = {}\n\n\
+         [debug]\n  address = \"\"\n\n[plugins.\"io.containerd.internal.v1.opt\"]\n  path = {}\n",
+        p("root"),
+        p("state"),
+        p("containerd.sock"),
+        p("containerd.sock.ttrpc"),
+        p("opt"),
+    )
+}
+
 /// The configuration (version 2, as containerd 1.6 and 1.7 read it) of a containerd with everything under
 /// `dir`, the CRI plugin on with `sandbox_image`, the overlayfs snapshotter, the default runtime `runc`
 /// (containerd's runc shim) and the handler `cedana` (our shim), which gets the pods' and containers'
@@ -49,22 +64,7 @@ pub fn config(dir: &Path, sandbox_image: &str) -> String {
     let p = |name: &str| format!("{:?}", dir.join(name));
     let cri = "plugins.\"io.containerd.grpc.v1.cri\"";
     format!(
-        r#"version = 2
-root = {root}
-state = {state}
-
-[grpc]
-  address = {socket}
-
-[ttrpc]
-  address = {ttrpc}
-
-[debug]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = {opt}
-
+        r#"{head}
 [{cri}]
   sandbox_image = "{sandbox_image}"
   stream_server_address = "127.0.0.1"
@@ -87,11 +87,7 @@ state = {state}
   bin_dir = {cni_bin}
   conf_dir = {cni_conf}
 "#,
-        root = p("root"),
-        state = p("state"),
-        socket = p("containerd.sock"),
-        ttrpc = p("containerd.sock.ttrpc"),
-        opt = p("opt"),
+        head = private_paths(dir, 2),
         cni_bin = p("cni/bin"),
         cni_conf = p("cni/conf"),
         restrict_oom = !can_lower_oom_score(),
@@ -109,22 +105,7 @@ pub fn config_v3(dir: &Path, sandbox_image: &str) -> String {
     let images = "plugins.\"io.containerd.cri.v1.images\"";
     let runtime = "plugins.\"io.containerd.cri.v1.runtime\"";
     format!(
-        r#"version = 3
-root = {root}
-state = {state}
-
-[grpc]
-  address = {socket}
-
-[ttrpc]
-  address = {ttrpc}
-
-[debug]
-  address = ""
-
-[plugins."io.containerd.internal.v1.opt"]
-  path = {opt}
-
+        r#"{head}
 [plugins."io.containerd.nri.v1.nri"]
   disable = true
 
@@ -156,11 +137,7 @@ state = {state}
   bin_dirs = [{cni_bin}]
   conf_dir = {cni_conf}
 "#,
-        root = p("root"),
-        state = p("state"),
-        socket = p("containerd.sock"),
-        ttrpc = p("containerd.sock.ttrpc"),
-        opt = p("opt"),
+        head = private_paths(dir, 3),
         cni_bin = p("cni/bin"),
         cni_conf = p("cni/conf"),
         restrict_oom = !can_lower_oom_score(),

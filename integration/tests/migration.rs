@@ -134,7 +134,6 @@ fn a_process_and_a_managed_job_move_from_node_a_to_node_b_through_the_object_sto
     assert_eq!(netns_of(pid_b), c.nodes.b.netns_inode(), "restored on node B");
     let after = wait_numbers(&log, 0, before + 5);
     assert!(consecutive(&after), "the count goes on where it was: {after:?}");
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid_b), nix::sys::signal::Signal::SIGKILL);
 
     // A managed job: run and dumped on A, restored on B as a job of B's, which knows where it came from.
     let log = c.a.dir().join("job.log");
@@ -204,7 +203,6 @@ fn an_established_tcp_connection_moves_with_its_address() {
     assert_eq!(netns_of(pid_b), c.nodes.b.netns_inode());
     let after = wait_numbers(&log, 1, before + 10);
     assert!(consecutive(&after), "pongs over the same connection, from node B: {after:?}");
-    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid_b), nix::sys::signal::Signal::SIGKILL);
 }
 
 #[test]

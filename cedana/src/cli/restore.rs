@@ -112,6 +112,7 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         Some(out) => std::path::absolute(out)?.display().to_string(),
         None => String::new(),
     };
+    let (lazy, lazy_fallback) = a.restore.lazy_mode(config);
     let req = pb::RestoreRequest {
         source: Some(source),
         as_job: a.path.is_some(),
@@ -120,8 +121,8 @@ pub fn job(config: &cedana::config::Config, a: JobArgs) -> anyhow::Result<i32> {
         criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
         attachable: a.attach,
         stream: a.criu.stream(),
-        lazy: a.restore.lazy_mode(config).0,
-        lazy_fallback: a.restore.lazy_mode(config).1,
+        lazy,
+        lazy_fallback,
         skip_gpu_check: a.restore.skip_gpu_check,
         ..Default::default()
     };
@@ -210,14 +211,15 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
     options.inherit_fd = a.inherit_fd.clone();
     let stdio =
         if attached { RestoreStdio::Inherit } else { a.log.clone().map(RestoreStdio::File).unwrap_or(RestoreStdio::Null) };
+    let (lazy, lazy_fallback) = a.restore.lazy_mode(engine.config());
     let req = RestoreRequest {
         only: Some(CheckpointKind::Process),
         options,
         process: ProcessRestoreOptions { as_child: attached, stdio, pid_file: a.pid_file.clone() },
         external_files: a.external_file.clone(),
         stream: a.criu.stream(),
-        lazy: a.restore.lazy_mode(engine.config()).0,
-        lazy_fallback: a.restore.lazy_mode(engine.config()).1,
+        lazy,
+        lazy_fallback,
         skip_gpu_check: a.restore.skip_gpu_check,
         ..RestoreRequest::new(Source::parse(&a.path))
     };
@@ -242,6 +244,7 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: 
     use cedana_protos::v1 as pb;
     let absolute = |p: &PathBuf| std::path::absolute(p).map(|p| p.display().to_string());
     let options = a.criu.to_options()?;
+    let (lazy, lazy_fallback) = a.restore.lazy_mode(config);
     let req = pb::RestoreRequest {
         source: Some(pb::restore_request::Source::Path(super::dump::absolute_location(Some(&a.path))?)),
         criu: Some(crate::daemon::convert::criu_to_pb(&options, false)),
@@ -249,8 +252,8 @@ fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: 
         log: a.log.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         pid_file: a.pid_file.as_ref().map(absolute).transpose()?.unwrap_or_default(),
         stream: a.criu.stream(),
-        lazy: a.restore.lazy_mode(config).0,
-        lazy_fallback: a.restore.lazy_mode(config).1,
+        lazy,
+        lazy_fallback,
         skip_gpu_check: a.restore.skip_gpu_check,
         ..Default::default()
     };

@@ -83,13 +83,14 @@ pub fn restore_request(a: &RestoreArgs, config: &cedana::config::Config) -> anyh
         stdio: None,
     };
     let container = ContainerRestore { id: a.id.clone(), runtime: None, root: Some(a.root.root.clone()), flags };
+    let (lazy, lazy_fallback) = a.restore.lazy_mode(config);
     let req = RestoreRequest {
         only: Some(CheckpointKind::Runc),
         options: a.criu.to_options()?,
         container: Some(container),
         external_files: a.external_file.clone(),
-        lazy: a.restore.lazy_mode(config).0,
-        lazy_fallback: a.restore.lazy_mode(config).1,
+        lazy,
+        lazy_fallback,
         skip_gpu_check: a.restore.skip_gpu_check,
         ..RestoreRequest::new(Source::parse(&a.path))
     };
