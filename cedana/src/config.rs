@@ -7,6 +7,7 @@
 //! node_name = "node-a"                  # this node's name in checkpoints' origin (default: the hostname)
 //! [daemon]
 //! token_file = "/etc/cedana/token"      # the bearer token every TCP call carries (root only, 0600)
+//! socket_group = "cedana"               # members may use the Unix socket (0660), each on what they own
 //! [db]
 //! path = "/var/lib/cedana/cedana.db"    # the daemon's job store
 //! [criu]
@@ -170,6 +171,10 @@ pub struct DaemonConfig {
     /// The file holding the bearer token that every call to the daemon over TCP must carry (default
     /// [`DEFAULT_TOKEN_FILE`]); unused with the Unix socket.
     pub token_file: Option<PathBuf>,
+    /// A group (name or number) whose members may use the daemon's Unix socket (then mode 0660): each acts
+    /// only on processes and jobs of their own, and writes checkpoints only where they could write
+    /// themselves. Unset: the socket is root's alone (0600).
+    pub socket_group: Option<String>,
 }
 
 /// Settings of the `[db]` table.
@@ -418,6 +423,7 @@ const KEYS: &[Key] = &[
     key!("node_name", ["CEDANA_NODE_NAME"], node_name, |c| shown(c.node_name())),
     key!("db.path", ["CEDANA_DB_PATH"], db.path, |c| shown(c.db_path().display())),
     key!("daemon.token_file", ["CEDANA_DAEMON_TOKEN_FILE"], daemon.token_file, |c| shown(c.token_file().display())),
+    key!("daemon.socket_group", ["CEDANA_DAEMON_SOCKET_GROUP"], daemon.socket_group, |c| c.daemon.socket_group.clone()),
     key!("criu.binary_path", ["CEDANA_CRIU_BINARY_PATH"], criu.binary_path, |c| c.criu_binary().map(|p| p.display().to_string())),
     key!("criu.driver", ["CEDANA_CRIU_DRIVER"], criu.driver, |c| shown(c.criu_driver())),
     key!("checkpoint.dir", ["CEDANA_CHECKPOINT_DIR"], checkpoint.dir, |c| shown(c.checkpoint_dir().display())),
@@ -691,6 +697,7 @@ mod tests {
                 "node_name",
                 "db.path",
                 "daemon.token_file",
+                "daemon.socket_group",
                 "criu.binary_path",
                 "criu.driver",
                 "checkpoint.dir",

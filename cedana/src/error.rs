@@ -21,6 +21,8 @@ pub enum ErrorKind {
     Cancelled,
     /// Not supported (yet).
     Unimplemented,
+    /// The caller may not do this (another user's process, job or checkpoint; a folder they cannot write).
+    PermissionDenied,
     /// Anything else: a failure inside CRIU, the runtime or the system.
     Internal,
 }
@@ -53,6 +55,7 @@ impl ErrorKind {
             ErrorKind::AlreadyExists => 6,
             ErrorKind::ResourceExhausted => 8,
             ErrorKind::FailedPrecondition => 9,
+            ErrorKind::PermissionDenied => 7,
             ErrorKind::Unimplemented => 12,
             ErrorKind::Internal => 13,
             ErrorKind::Unavailable => 14,
@@ -71,6 +74,7 @@ impl std::fmt::Display for ErrorKind {
             ErrorKind::Unavailable => "unavailable",
             ErrorKind::Cancelled => "cancelled",
             ErrorKind::Unimplemented => "unimplemented",
+            ErrorKind::PermissionDenied => "permission denied",
             ErrorKind::Internal => "internal",
         };
         f.write_str(name)

@@ -80,6 +80,7 @@ fn config_show_names_the_source_of_each_key() {
             "node_name",
             "db.path",
             "daemon.token_file",
+            "daemon.socket_group",
             "criu.binary_path",
             "criu.driver",
             "checkpoint.dir",

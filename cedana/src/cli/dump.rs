@@ -8,7 +8,7 @@
 //! Every dump prints its result through [`super::dump_report`]: the path is the last field of the last line
 //! (or `--output json`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use cedana::codec::Compression;
@@ -157,6 +157,18 @@ pub fn run(engine: &Engine, cmd: DumpCommand) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// `cedana dump process PID` run by a user other than root: through the daemon, which dumps only what that
+/// user owns (see `daemon::access`).
+pub fn process_as_user(config: &cedana::config::Config, a: ProcessArgs) -> anyhow::Result<i32> {
+    match Daemon::probe(config) {
+        Some(daemon) => via_daemon(daemon, pb::dump_request::Target::Pid(a.pid), String::new(), &a.common, config),
+        None => anyhow::bail!(
+            "cedana dump needs root (CRIU does): run it with sudo, or through a daemon whose socket you may use \
+             (daemon.socket_group lets a group's members dump their own processes)"
+        ),
+    }
+}
+
 /// `cedana dump process PID` or `cedana dump runc ID` answered by the daemon: the same request, with paths made
 /// absolute (the daemon does not share our working folder), and the same summary.
 fn via_daemon(
@@ -184,9 +196,13 @@ fn via_daemon(
     Ok(0)
 }
 
-/// A path the user gave, made absolute against our working folder; URLs (`s3://...`) and "none" are kept.
+/// A path the user gave, made absolute against our working folder (and, for users other than root, without
+/// symbolic links where it exists: the daemon follows none for them); URLs (`s3://...`) are kept.
 pub(super) fn absolute_location(given: Option<&str>) -> anyhow::Result<String> {
     Ok(match given {
+        Some(d) if !d.contains("://") && !super::is_root() && Path::new(d).exists() => {
+            std::fs::canonicalize(d)?.display().to_string()
+        }
         Some(d) if !d.contains("://") => std::path::absolute(d)?.display().to_string(),
         Some(d) => d.to_string(),
         None => String::new(),

@@ -82,6 +82,11 @@ pub fn run(cli: Cli) -> anyhow::Result<i32> {
         Command::Check(args) => check::run(&config, args),
         Command::Dump(dump::DumpCommand::Job(a)) => dump::job(&config, a),
         Command::Restore(restore::RestoreCommand::Job(a)) => restore::job(&config, a),
+        // Users other than root dump and restore processes through a daemon whose socket they may use.
+        Command::Dump(dump::DumpCommand::Process(a)) if !is_root() && !a.no_server => dump::process_as_user(&config, a),
+        Command::Restore(restore::RestoreCommand::Process(a)) if !is_root() && !a.no_server => {
+            restore::process_as_user(&config, a)
+        }
         Command::Dump(cmd) => {
             require_root("dump")?;
             let engine = Engine::new(config)?;
@@ -130,10 +135,14 @@ pub(crate) fn quiet_on_broken_pipe() {
 }
 
 pub(crate) fn require_root(what: &str) -> anyhow::Result<()> {
-    if !nix::unistd::geteuid().is_root() {
+    if !is_root() {
         anyhow::bail!("cedana {what} needs root (CRIU does): run it with sudo");
     }
     Ok(())
+}
+
+pub(crate) fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
 }
 
 /// CRIU options, taken by dump and restore alike (as `criu` does: an option that only matters at dump is

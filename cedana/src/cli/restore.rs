@@ -238,6 +238,21 @@ pub fn run(engine: &Engine, cmd: RestoreCommand) -> anyhow::Result<i32> {
     Ok(engine::wait_for_exit(out.pid)?)
 }
 
+/// `cedana restore process --path P` run by a user other than root: through the daemon, which restores for
+/// them only checkpoints it wrote for them (see `daemon::access`).
+pub fn process_as_user(config: &cedana::config::Config, a: ProcessArgs) -> anyhow::Result<i32> {
+    if !a.inherit_fd.is_empty() || !a.external_file.is_empty() {
+        anyhow::bail!("--inherit-fd and --external-file need a restore in this command, which needs root: run it with sudo");
+    }
+    match super::dump::Daemon::probe(config) {
+        Some(daemon) => process_via_daemon(daemon, &a, config),
+        None => anyhow::bail!(
+            "cedana restore needs root (CRIU does): run it with sudo, or through a daemon whose socket you may use \
+             (daemon.socket_group)"
+        ),
+    }
+}
+
 /// `cedana restore process --path P` answered by the daemon: the same request with paths made absolute
 /// (the daemon does not share our working folder), and the same summary line.
 fn process_via_daemon(mut daemon: super::dump::Daemon, a: &ProcessArgs, config: &cedana::config::Config) -> anyhow::Result<i32> {

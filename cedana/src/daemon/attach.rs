@@ -22,6 +22,7 @@ use pb::attach_output::Out;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status};
 
+use super::access::Caller;
 use super::convert::status;
 use super::service::{Reply, Service};
 
@@ -38,6 +39,7 @@ const IDLE_CHECK: Duration = Duration::from_millis(250);
 pub async fn serve(service: Service, request: Request<tonic::Streaming<pb::AttachInput>>) -> Reply<AttachStream> {
     // Listening from the start, so that a stop asked for while this call is set up is not missed.
     let stop = shutdown();
+    let caller = Caller::of(&request);
     let mut input = request.into_inner();
     let first = input
         .message()
@@ -49,7 +51,7 @@ pub async fn serve(service: Service, request: Request<tonic::Streaming<pb::Attac
     let (job, subscription) = {
         let service = service.clone();
         let jid = first.jid.clone();
-        tokio::task::spawn_blocking(move || open(&service, &jid))
+        tokio::task::spawn_blocking(move || open(&service, &caller, &jid))
             .await
             .map_err(|e| status(ErrorKind::Internal, format!("looking up the job: {e}")))??
     };
@@ -115,11 +117,12 @@ impl tokio_stream::Stream for UntilShutdown {
 }
 
 /// The job named `jid` and a subscription to its output, or why it cannot be attached to.
-fn open(service: &Service, jid: &str) -> Result<(Job, Subscription), Status> {
+fn open(service: &Service, caller: &Caller, jid: &str) -> Result<(Job, Subscription), Status> {
     let job = service.store.get(jid).map_err(|e| match e.kind() {
         ErrorKind::NotFound => status(ErrorKind::NotFound, format!("there is no job {jid}: `cedana ps` lists the jobs")),
         kind => status(kind, &e),
     })?;
+    caller.check_job(&job)?;
     if !job.attachable {
         return Err(status(
             ErrorKind::FailedPrecondition,

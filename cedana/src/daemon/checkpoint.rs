@@ -24,11 +24,12 @@ use tonic::Status;
 
 use crate::containerd::{prepare_dump, restore as restore_container, Client, RestoreSpec, Stdio, CEDANA_RUNTIME};
 
+use super::access::{seal, Caller};
 use super::convert::{checkpoint_to_pb, criu_from_pb, status};
 use super::service::{lib_err, track, Service};
 
 impl Service {
-    pub(super) fn dump(&self, req: pb::DumpRequest, cancel: &Cancel) -> Result<pb::DumpResponse, Status> {
+    pub(super) fn dump(&self, caller: &Caller, req: pb::DumpRequest, cancel: &Cancel) -> Result<pb::DumpResponse, Status> {
         let (options, leave_running) = criu_from_pb(req.criu.as_ref());
         let config = self.engine.config();
         let compression = if req.compression.is_empty() {
@@ -36,34 +37,54 @@ impl Service {
         } else {
             req.compression.parse().map_err(|e: cedana::codec::CodecError| status(e.kind(), &e))?
         };
-        let destination = if req.dir.is_empty() {
-            Destination::parse(&config.checkpoint_dir().to_string_lossy())
-        } else {
-            Destination::parse(&req.dir)
-        };
-        let destination = if req.overwrite { destination.replacing() } else { destination };
         let name = (!req.name.is_empty()).then(|| req.name.clone());
         let mut attachments = Vec::new();
         let (target, job) = match req.target {
-            Some(pb::dump_request::Target::Pid(pid)) => (TargetSpec::Process { pid }, None),
+            Some(pb::dump_request::Target::Pid(pid)) => {
+                caller.check_tree(pid)?;
+                (TargetSpec::Process { pid }, None)
+            }
             Some(pb::dump_request::Target::Jid(jid)) => {
-                let job = self.get_job(&jid)?;
+                let job = self.get_job(caller, &jid)?;
                 if job.state != JobState::Running || cedana::procfs::stat(job.pid).is_err() {
                     return Err(status(
                         ErrorKind::FailedPrecondition,
                         format!("job {jid} is {}: only a running job can be dumped", job.state),
                     ));
                 }
+                if job.kind == JobKind::Process {
+                    caller.check_tree(job.pid)?;
+                }
                 let (target, attached) = job_target(&job, req.rootfs)?;
                 attachments = attached;
                 (target, Some(job))
             }
             Some(pb::dump_request::Target::RuncId(id)) => {
+                caller.only_root("dumping a runc container")?;
                 let root = (!req.runtime_root.is_empty()).then(|| PathBuf::from(&req.runtime_root));
                 (TargetSpec::Runc(RuncSpec { id, runtime: None, root, work_path: None, extra_flags: Vec::new() }), None)
             }
             None => return Err(status(ErrorKind::InvalidArgument, "nothing to dump: give a PID or a job id")),
         };
+        let dir = match req.dir.is_empty() {
+            true => config.checkpoint_dir().to_string_lossy().into_owned(),
+            false => req.dir.clone(),
+        };
+        caller.check_local(&dir)?;
+        if req.overwrite && !caller.is_root() {
+            // Replacing works on whatever sits at the name, as root: not in a folder a user controls.
+            return Err(status(
+                ErrorKind::PermissionDenied,
+                "--overwrite is for root only: move or delete the old checkpoint yourself (it is yours to move)",
+            ));
+        }
+        // For a user other than root: the folder they may write into, held open while the dump writes there.
+        let held = caller.writable_dir(Path::new(&dir))?;
+        let destination = match held.is_held() {
+            true => Destination::parse(&held.path().to_string_lossy()),
+            false => Destination::parse(&dir),
+        };
+        let destination = if req.overwrite { destination.replacing() } else { destination };
         let name = name.or_else(|| {
             job.as_ref().map(|j| free_name(&destination, &default_name(checkpoint_kind(j.kind), &j.jid), compression))
         });
@@ -99,6 +120,12 @@ impl Service {
                 return Err(status(e.kind(), &e));
             }
         };
+        // A user's checkpoint: root's alone (it holds process memory), recorded as written for that user.
+        let shown = held.shown(&out.path);
+        if held.is_held() {
+            restrict(&out.path)?;
+            seal(&self.store, caller, &out.path, &shown)?;
+        }
         let checkpoint = match &job {
             Some(job) => {
                 let record = CheckpointRecord {
@@ -106,7 +133,7 @@ impl Service {
                     jid: job.jid.clone(),
                     time: out.manifest.created_at.timestamp(),
                     size: out.size,
-                    path: out.path.clone(),
+                    path: shown.clone(),
                     compression: out.manifest.compression.to_string(),
                 };
                 self.store.add_checkpoint(&record).map_err(lib_err!())?;
@@ -117,13 +144,13 @@ impl Service {
                         self.store.update(&j).map_err(lib_err!())?;
                     }
                 }
-                tracing::info!(jid = %job.jid, path = %out.path.display(), "job dumped");
+                tracing::info!(jid = %job.jid, path = %shown.display(), "job dumped");
                 Some(checkpoint_to_pb(&record))
             }
             None => None,
         };
         Ok(pb::DumpResponse {
-            path: out.path.display().to_string(),
+            path: shown.display().to_string(),
             size: out.size,
             checkpoint,
             pid: out.manifest.process.pid,
@@ -134,23 +161,47 @@ impl Service {
         })
     }
 
-    pub(super) fn restore(&self, req: pb::RestoreRequest, cancel: &Cancel) -> Result<pb::RestoreResponse, Status> {
+    pub(super) fn restore(
+        &self,
+        caller: &Caller,
+        req: pb::RestoreRequest,
+        cancel: &Cancel,
+    ) -> Result<pb::RestoreResponse, Status> {
         let (options, _) = criu_from_pb(req.criu.as_ref());
-        let (path, job) = match req.source {
+        if !caller.is_root() && (!req.log.is_empty() || !req.pid_file.is_empty()) {
+            return Err(status(
+                ErrorKind::PermissionDenied,
+                "--log and --pid-file are for root only (the daemon would write them as root)",
+            ));
+        }
+        // A user other than root restores only checkpoints the daemon wrote for them, read through a held
+        // descriptor (see `access`).
+        let held = |p: &str| -> Result<(String, super::access::HeldPath), Status> {
+            caller.check_local(p)?;
+            let held = caller.sealed_checkpoint(&self.store, Path::new(p))?;
+            let path = if held.is_held() { held.path().display().to_string() } else { p.to_string() };
+            Ok((path, held))
+        };
+        let (path, job, _held) = match req.source {
             Some(pb::restore_request::Source::Path(ref p)) if req.as_job => {
                 let ctx = OpContext::new().with_cancel(cancel.clone());
-                return self.restore_as_new_job(&req, p.clone(), options, &ctx);
+                let (path, _held) = held(p)?;
+                return self.restore_as_new_job(caller, &req, path, options, &ctx);
             }
-            Some(pb::restore_request::Source::Path(ref p)) => (p.clone(), None),
+            Some(pb::restore_request::Source::Path(ref p)) => {
+                let (path, h) = held(p)?;
+                (path, None, h)
+            }
             Some(pb::restore_request::Source::Jid(ref jid)) => {
-                let job = self.get_job(jid)?;
+                let job = self.get_job(caller, jid)?;
                 if job.state == JobState::Running && cedana::procfs::stat(job.pid).is_ok() {
                     return Err(status(ErrorKind::FailedPrecondition, format!("job {jid} is running: dump it first")));
                 }
                 let latest = self.store.latest_checkpoint(jid).map_err(lib_err!())?.ok_or_else(|| {
                     status(ErrorKind::FailedPrecondition, format!("job {jid} has no checkpoint: dump it first"))
                 })?;
-                (latest.path.display().to_string(), Some(job))
+                let (path, h) = held(&latest.path.display().to_string())?;
+                (path, Some(job), h)
             }
             None => return Err(status(ErrorKind::InvalidArgument, "nothing to restore: give a path or a job id")),
         };
@@ -171,6 +222,7 @@ impl Service {
     /// id from the request, else from the origin, else a new one. A failed restore leaves no job behind.
     fn restore_as_new_job(
         &self,
+        caller: &Caller,
         req: &pb::RestoreRequest,
         path: String,
         options: cedana::criu::options::CriuOptions,
@@ -201,6 +253,7 @@ impl Service {
             cwd: Some(PathBuf::from(&manifest.process.cwd)),
             log: (!req.log.is_empty()).then(|| PathBuf::from(&req.log)),
             origin,
+            owner: caller.uid,
             ..Job::new(jid.clone(), JobKind::Process, 0, manifest.process.cmdline.clone())
         };
         job.state = JobState::Halted;
@@ -465,5 +518,27 @@ fn checkpoint_kind(kind: JobKind) -> CheckpointKind {
         JobKind::Process => CheckpointKind::Process,
         JobKind::Runc => CheckpointKind::Runc,
         JobKind::Containerd => CheckpointKind::Containerd,
+    }
+}
+
+/// Makes a checkpoint written for a user other than root root's alone: mode 0600 for its file, or 0700 for
+/// its folder and 0600 for the files in it.
+fn restrict(path: &Path) -> Result<(), Status> {
+    use std::os::unix::fs::PermissionsExt;
+    let set = |p: &Path, mode: u32| {
+        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| status(ErrorKind::Internal, format!("restricting {}: {e}", p.display())))
+    };
+    let meta = std::fs::symlink_metadata(path).map_err(|e| status(ErrorKind::Internal, format!("{}: {e}", path.display())))?;
+    if meta.is_dir() {
+        let entries = std::fs::read_dir(path).map_err(|e| status(ErrorKind::Internal, format!("{}: {e}", path.display())))?;
+        for entry in entries.flatten() {
+            if entry.file_type().is_ok_and(|t| t.is_file()) {
+                set(&entry.path(), 0o600)?;
+            }
+        }
+        set(path, 0o700)
+    } else {
+        set(path, 0o600)
     }
 }

@@ -16,6 +16,7 @@ pub fn status(kind: ErrorKind, message: impl std::fmt::Display) -> tonic::Status
         ErrorKind::Unavailable => tonic::Code::Unavailable,
         ErrorKind::Cancelled => tonic::Code::Cancelled,
         ErrorKind::Unimplemented => tonic::Code::Unimplemented,
+        ErrorKind::PermissionDenied => tonic::Code::PermissionDenied,
         ErrorKind::Internal => tonic::Code::Internal,
     };
     tonic::Status::new(code, message.to_string())
@@ -32,6 +33,7 @@ pub fn kind_of(code: tonic::Code) -> ErrorKind {
         tonic::Code::Unavailable => ErrorKind::Unavailable,
         tonic::Code::Cancelled => ErrorKind::Cancelled,
         tonic::Code::Unimplemented => ErrorKind::Unimplemented,
+        tonic::Code::PermissionDenied => ErrorKind::PermissionDenied,
         _ => ErrorKind::Internal,
     }
 }

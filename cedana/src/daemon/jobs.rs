@@ -8,22 +8,24 @@ use cedana::runc::Runc;
 use cedana_protos::v1 as pb;
 use tonic::Status;
 
+use super::access::Caller;
 use super::convert::{checkpoint_to_pb, job_to_pb, status};
 use super::service::{lib_err, Service};
 
 impl Service {
-    pub(super) fn list(&self, _req: pb::ListRequest) -> Result<pb::JobList, Status> {
-        let jobs = self.store.list().map_err(lib_err!())?;
+    pub(super) fn list(&self, caller: &Caller, _req: pb::ListRequest) -> Result<pb::JobList, Status> {
+        let mut jobs = self.store.list().map_err(lib_err!())?;
+        jobs.retain(|j| caller.sees(j));
         let latest = self.store.latest_checkpoints().map_err(lib_err!())?;
         Ok(pb::JobList { jobs: jobs.iter().map(|j| job_to_pb(j, latest.get(&j.jid))).collect() })
     }
 
-    pub(super) fn inspect(&self, req: pb::JobRef) -> Result<pb::Job, Status> {
-        self.get_job(&req.jid).and_then(|j| self.job_reply(&j))
+    pub(super) fn inspect(&self, caller: &Caller, req: pb::JobRef) -> Result<pb::Job, Status> {
+        self.get_job(caller, &req.jid).and_then(|j| self.job_reply(&j))
     }
 
-    pub(super) fn kill(&self, req: pb::KillRequest) -> Result<pb::Job, Status> {
-        let job = self.get_job(&req.jid)?;
+    pub(super) fn kill(&self, caller: &Caller, req: pb::KillRequest) -> Result<pb::Job, Status> {
+        let job = self.get_job(caller, &req.jid)?;
         if job.state != JobState::Running {
             return Err(status(ErrorKind::FailedPrecondition, format!("job {} is {}, not running", job.jid, job.state)));
         }
@@ -32,8 +34,8 @@ impl Service {
         self.job_reply(&job)
     }
 
-    pub(super) fn delete(&self, req: pb::JobRef) -> Result<pb::Job, Status> {
-        let job = self.get_job(&req.jid)?;
+    pub(super) fn delete(&self, caller: &Caller, req: pb::JobRef) -> Result<pb::Job, Status> {
+        let job = self.get_job(caller, &req.jid)?;
         if job.state == JobState::Running && cedana::procfs::stat(job.pid).is_ok() {
             return Err(status(ErrorKind::FailedPrecondition, format!("job {} is running: kill it first", job.jid)));
         }
@@ -59,8 +61,8 @@ impl Service {
         }
     }
 
-    pub(super) fn checkpoints(&self, req: pb::JobRef) -> Result<pb::CheckpointList, Status> {
-        self.get_job(&req.jid)?;
+    pub(super) fn checkpoints(&self, caller: &Caller, req: pb::JobRef) -> Result<pb::CheckpointList, Status> {
+        self.get_job(caller, &req.jid)?;
         let list = self.store.checkpoints(&req.jid).map_err(lib_err!())?;
         Ok(pb::CheckpointList { checkpoints: list.iter().map(checkpoint_to_pb).collect() })
     }

@@ -14,19 +14,22 @@ use tonic::Status;
 use crate::containerd::Client;
 use cedana_protos::containerd::task::Status as TaskStatus;
 
+use super::access::Caller;
 use super::convert::status;
 use super::service::{err, lib_err, runc_at, Service};
 
 impl Service {
-    pub(super) fn manage(&self, req: pb::ManageRequest, cancel: &Cancel) -> Result<pb::Job, Status> {
+    pub(super) fn manage(&self, caller: &Caller, req: pb::ManageRequest, cancel: &Cancel) -> Result<pb::Job, Status> {
         match req.r#type() {
-            pb::JobType::Process | pb::JobType::Unspecified => self.manage_process(req, cancel),
-            pb::JobType::Runc => self.manage_runc(req, cancel),
-            pb::JobType::Containerd => self.manage_containerd(req, cancel),
+            pb::JobType::Process | pb::JobType::Unspecified => self.manage_process(caller, req, cancel),
+            pb::JobType::Runc => caller.only_root("managing a runc container").and_then(|_| self.manage_runc(req, cancel)),
+            pb::JobType::Containerd => {
+                caller.only_root("managing a containerd container").and_then(|_| self.manage_containerd(req, cancel))
+            }
         }
     }
 
-    fn manage_process(&self, req: pb::ManageRequest, cancel: &Cancel) -> Result<pb::Job, Status> {
+    fn manage_process(&self, caller: &Caller, req: pb::ManageRequest, cancel: &Cancel) -> Result<pb::Job, Status> {
         let pid = match (req.pid, req.name.as_str(), req.upcoming) {
             (pid, "", false) if pid > 0 => pid,
             (pid, _, _) if pid < 0 => return Err(status(ErrorKind::InvalidArgument, format!("invalid PID {pid}"))),
@@ -55,12 +58,14 @@ impl Service {
             (_, _, false) => return Err(status(ErrorKind::InvalidArgument, "give a PID or a command name, not both")),
         };
         cedana::procfs::stat(pid).map_err(lib_err!())?;
+        caller.check_tree(pid)?;
         if let Some(j) = self.store.find_by_pid(pid).map_err(lib_err!())? {
             return Err(status(ErrorKind::AlreadyExists, format!("PID {pid} is job {} already", j.jid)));
         }
         let info = cedana::procfs::describe(pid).map_err(lib_err!())?;
         let jid = self.new_jid(&req.jid)?;
-        let job = Job { cwd: Some(PathBuf::from(info.cwd)), ..Job::new(jid, JobKind::Process, pid, info.cmdline) };
+        let job =
+            Job { cwd: Some(PathBuf::from(info.cwd)), owner: caller.uid, ..Job::new(jid, JobKind::Process, pid, info.cmdline) };
         self.store.insert(&job).map_err(lib_err!())?;
         let supervised = self.supervise(pid, None);
         self.record_supervision(&job, supervised)?;

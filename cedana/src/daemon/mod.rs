@@ -4,6 +4,7 @@
 //! a child subreaper (restored trees are its children). SIGTERM or SIGINT stops it cleanly; managed jobs run
 //! in sessions of their own and keep running; a restarted daemon finds them again in the store.
 
+pub mod access;
 pub mod attach;
 pub mod auth;
 mod checkpoint;
@@ -31,8 +32,8 @@ use tonic::transport::Channel;
 
 /// Where the daemon listens, with what it needs there.
 enum Listen {
-    /// The Unix socket (root only through its mode).
-    Unix(PathBuf),
+    /// The Unix socket: root's alone (0600), or with a group's members too (0660; see [`access`]).
+    Unix(PathBuf, Option<nix::unistd::Gid>),
     /// `HOST:PORT`; every call but the health check must carry the token.
     Tcp { address: String, access: auth::RequireToken },
 }
@@ -45,7 +46,7 @@ pub fn start(mut config: Config, address: Option<String>) -> anyhow::Result<i32>
     }
     // Checked first: a daemon that cannot be reached safely does not start at all.
     let listen = match config.daemon_address()? {
-        DaemonAddress::Unix(socket) => Listen::Unix(socket),
+        DaemonAddress::Unix(socket) => Listen::Unix(socket, socket_group(&config)?),
         DaemonAddress::Tcp(address) => {
             let file = config.token_file();
             let token = auth::Token::load_for_server(&file).context("the daemon listens on TCP only with a token")?;
@@ -100,9 +101,9 @@ async fn serve(service: service::Service, listen: Listen) -> anyhow::Result<()> 
     // On the Unix socket the mode is the access control; on TCP the token is (the health check stays open:
     // clients probe with it).
     let (listener, access) = match listen {
-        Listen::Unix(socket) => {
-            let listener = bind(&socket).await?;
-            tracing::info!(socket = %socket.display(), "cedana daemon listening");
+        Listen::Unix(socket, group) => {
+            let listener = bind(&socket, group).await?;
+            tracing::info!(socket = %socket.display(), group = ?group.map(|g| g.as_raw()), "cedana daemon listening");
             (Listener::Unix(listener, socket), None)
         }
         Listen::Tcp { address, access } => {
@@ -173,9 +174,22 @@ impl tonic::service::Interceptor for Guard {
     }
 }
 
-/// Listen on `socket`, root only. A socket left by a daemon that died is replaced; one a live daemon
-/// answers on is not.
-async fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
+/// The group `daemon.socket_group` names (a name or a number), if any.
+fn socket_group(config: &Config) -> anyhow::Result<Option<nix::unistd::Gid>> {
+    let Some(name) = config.daemon.socket_group.as_deref().filter(|g| !g.is_empty()) else { return Ok(None) };
+    if let Ok(n) = name.parse::<u32>() {
+        return Ok(Some(nix::unistd::Gid::from_raw(n)));
+    }
+    match nix::unistd::Group::from_name(name) {
+        Ok(Some(g)) => Ok(Some(g.gid)),
+        Ok(None) => anyhow::bail!("daemon.socket_group: there is no group {name:?} (create it with groupadd, or unset the key)"),
+        Err(e) => anyhow::bail!("daemon.socket_group: looking up group {name:?}: {e}"),
+    }
+}
+
+/// Listen on `socket`: root only, or with `group` its members too. A socket left by a daemon that died is
+/// replaced; one a live daemon answers on is not.
+async fn bind(socket: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<tokio::net::UnixListener> {
     if socket.exists() {
         if tokio::net::UnixStream::connect(socket).await.is_ok() {
             anyhow::bail!("a daemon already listens on {}", socket.display());
@@ -187,6 +201,11 @@ async fn bind(socket: &Path) -> anyhow::Result<tokio::net::UnixListener> {
     }
     let listener = tokio::net::UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
     std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
+    if let Some(gid) = group {
+        // The group first, then the mode: never open to a group that is not yet the right one.
+        nix::unistd::chown(socket, None, Some(gid)).with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    }
     Ok(listener)
 }
 
@@ -288,6 +307,13 @@ impl From<&Target> for Target {
 pub async fn connect(target: impl Into<Target>) -> anyhow::Result<Client> {
     let target = target.into();
     let channel = target.channel(None).await.map_err(|e| {
+        let chain = error_chain(&e);
+        if matches!(target, Target::Unix(_)) && chain.contains("Permission denied") {
+            return anyhow::anyhow!(
+                "the cedana daemon's socket {target} is not open to this user ({chain}): it is root's alone unless \
+                 daemon.socket_group names a group, whose members may then use it; run with sudo, or join that group"
+            );
+        }
         let configured = match &target {
             Target::Unix(_) => String::new(),
             Target::Tcp { address, .. } => format!(" (configured with protocol = \"tcp\" and address = \"{address}\")"),
@@ -295,7 +321,7 @@ pub async fn connect(target: impl Into<Target>) -> anyhow::Result<Client> {
         anyhow::anyhow!(
             "the cedana daemon is not running at {target} ({}): start it with `sudo cedana daemon start`{configured} \
              (or pass --no-server where a command supports it)",
-            error_chain(&e)
+            chain
         )
     })?;
     target.client(channel)

@@ -27,24 +27,26 @@ use std::process::Stdio;
 
 use cedana::error::ErrorKind;
 use cedana::jobs::model::{Job, JobKind, JobState};
-use cedana::jobs::supervisor::{Output, SpawnSpec};
+use cedana::jobs::supervisor::{Credentials, Output, SpawnSpec};
 use cedana::runc::{Runc, RuncError};
 use cedana_protos::v1 as pb;
+use std::os::unix::fs::OpenOptionsExt;
 use tonic::Status;
 
 use crate::containerd::{
     create as create_container, Client, NewContainer, Stdio as ContainerdStdio, CEDANA_RUNTIME, DEFAULT_SNAPSHOTTER,
 };
 
+use super::access::Caller;
 use super::convert::status;
 use super::service::{lib_err, runc_at, track, Service};
 
 impl Service {
-    pub(super) fn run(&self, req: pb::RunRequest) -> Result<pb::Job, Status> {
+    pub(super) fn run(&self, caller: &Caller, req: pb::RunRequest) -> Result<pb::Job, Status> {
         match req.r#type() {
-            pb::JobType::Process | pb::JobType::Unspecified => self.run_process(req),
-            pb::JobType::Runc => self.run_runc(req),
-            pb::JobType::Containerd => self.run_containerd(req),
+            pb::JobType::Process | pb::JobType::Unspecified => self.run_process(caller, req),
+            pb::JobType::Runc => caller.only_root("running a runc container").and_then(|_| self.run_runc(req)),
+            pb::JobType::Containerd => caller.only_root("running a containerd container").and_then(|_| self.run_containerd(req)),
         }
     }
 
@@ -56,9 +58,18 @@ impl Service {
         }
     }
 
-    fn run_process(&self, req: pb::RunRequest) -> Result<pb::Job, Status> {
+    fn run_process(&self, caller: &Caller, req: pb::RunRequest) -> Result<pb::Job, Status> {
         if req.args.is_empty() {
             return Err(status(ErrorKind::InvalidArgument, "no program given: cedana run process -- PROGRAM ARGS..."));
+        }
+        if !caller.is_root() && !req.log.is_empty() {
+            return Err(status(
+                ErrorKind::PermissionDenied,
+                format!(
+                    "jobs of users other than root log to {}/cedana-output-JID.log (theirs to read): run without --log",
+                    self.log_dir.display()
+                ),
+            ));
         }
         let jid = self.new_jid(&req.jid)?;
         if self.store.contains(&jid).map_err(lib_err!())? {
@@ -68,7 +79,11 @@ impl Service {
         let output = if req.attachable { Output::Attachable { log: Some(log.clone()) } } else { Output::Log(log.clone()) };
         let cwd = (!req.cwd.is_empty()).then(|| PathBuf::from(&req.cwd));
         let env = req.env.iter().filter_map(|e| e.split_once('=')).map(|(k, v)| (k.to_string(), v.to_string())).collect();
-        let spec = SpawnSpec { args: req.args.clone(), cwd: cwd.clone(), env, clear_env: false, output };
+        let user = match caller.is_root() {
+            true => None,
+            false => Some(self.user_log(caller, &log)?),
+        };
+        let spec = SpawnSpec { args: req.args.clone(), cwd: cwd.clone(), env, clear_env: false, output, user };
         let spawned = self.supervisor.spawn(&spec).map_err(lib_err!())?;
         track(&self.serials, spawned.pid, spawned.serial);
         let job = Job {
@@ -88,10 +103,27 @@ impl Service {
             restored_from: None,
             namespace: None,
             origin: None,
+            owner: caller.uid,
         };
         self.store.insert(&job).map_err(lib_err!())?;
         tracing::info!(jid = %job.jid, pid = job.pid, "job started");
         self.job_reply(&job)
+    }
+
+    /// For a job of a user other than root: its log, created in the daemon's log folder and given to the
+    /// user, and the credentials it runs with.
+    fn user_log(&self, caller: &Caller, log: &Path) -> Result<Credentials, Status> {
+        let user = caller.credentials()?;
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .mode(0o600)
+            .open(log)
+            .map_err(|e| status(ErrorKind::of_io(&e), format!("creating the job's log {}: {e}", log.display())))?;
+        std::os::unix::fs::fchown(&file, Some(user.uid), Some(user.gid))
+            .map_err(|e| status(ErrorKind::Internal, format!("giving the job's log {} to its user: {e}", log.display())))?;
+        Ok(user)
     }
 
     /// `runc run --detach` a container as a new job (see the module documentation for its streams).

@@ -27,6 +27,7 @@ use cedana::runc::Runc;
 use cedana_protos::v1 as pb;
 use tonic::{Request, Response, Status};
 
+use super::access::Caller;
 use super::convert::{job_to_pb, status};
 
 /// Where job output goes by default: `LOG_DIR/cedana-output-<JID>.log`.
@@ -78,11 +79,14 @@ impl Service {
         Ok(job_to_pb(job, latest.as_ref()))
     }
 
-    pub(super) fn get_job(&self, jid: &str) -> Result<Job, Status> {
+    /// The job `jid`, if `caller` may act on it.
+    pub(super) fn get_job(&self, caller: &Caller, jid: &str) -> Result<Job, Status> {
         if jid.is_empty() {
             return Err(status(ErrorKind::InvalidArgument, "no job id given"));
         }
-        self.store.get(jid).map_err(lib_err!())
+        let job = self.store.get(jid).map_err(lib_err!())?;
+        caller.check_job(&job)?;
+        Ok(job)
     }
 
     pub(super) fn new_jid(&self, wanted: &str) -> Result<String, Status> {
@@ -133,11 +137,12 @@ impl Service {
     async fn answer<Q: Send + 'static, T: Send + 'static>(
         &self,
         request: Request<Q>,
-        f: fn(&Service, Q) -> Result<T, Status>,
+        f: fn(&Service, &Caller, Q) -> Result<T, Status>,
     ) -> Reply<T> {
         let s = self.clone();
+        let caller = Caller::of(&request);
         let req = request.into_inner();
-        blocking(move || f(&s, req)).await.map(Response::new)
+        blocking(move || f(&s, &caller, req)).await.map(Response::new)
     }
 
     /// Answer a call with `f` on tokio's blocking pool, cancelling its token when the call's future is
@@ -146,13 +151,14 @@ impl Service {
         &self,
         call: &'static str,
         request: Request<Q>,
-        f: fn(&Service, Q, &Cancel) -> Result<T, Status>,
+        f: fn(&Service, &Caller, Q, &Cancel) -> Result<T, Status>,
     ) -> Reply<T> {
         let s = self.clone();
+        let caller = Caller::of(&request);
         let req = request.into_inner();
         let cancel = Cancel::new();
         let mut guard = CancelOnDrop { cancel: cancel.clone(), call, done: false };
-        let result = blocking(move || f(&s, req, &cancel)).await;
+        let result = blocking(move || f(&s, &caller, req, &cancel)).await;
         guard.done = true;
         result.map(Response::new)
     }
@@ -203,7 +209,7 @@ impl pb::daemon_server::Daemon for Service {
     }
 
     async fn check(&self, request: Request<pb::CheckRequest>) -> Reply<pb::CheckResponse> {
-        self.answer(request, |s, _| Ok(s.check())).await
+        self.answer(request, |s, _, _| Ok(s.check())).await
     }
 }
 

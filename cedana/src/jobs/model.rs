@@ -150,6 +150,10 @@ pub struct Job {
     pub namespace: Option<String>,
     /// For a job restored from another node's checkpoint: where that checkpoint was made.
     pub origin: Option<Origin>,
+    /// The user (uid) the job belongs to: root's (0) unless a user of the daemon's socket group started,
+    /// adopted or restored it. Only its owner (or root) may act on it.
+    #[serde(default)]
+    pub owner: u32,
 }
 
 /// Where a checkpoint was made: the node (its `node_name`), and for a managed job's checkpoint the job's id
@@ -187,6 +191,7 @@ impl Job {
             restored_from: None,
             namespace: None,
             origin: None,
+            owner: 0,
         }
     }
 }

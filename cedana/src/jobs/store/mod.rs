@@ -16,13 +16,17 @@
 //!     jid TEXT PRIMARY KEY NOT NULL, kind TEXT NOT NULL, pid INTEGER NOT NULL, state TEXT NOT NULL,
 //!     exit_code INTEGER, args TEXT NOT NULL /* JSON array of strings */, cwd BLOB, log BLOB,
 //!     attachable INTEGER NOT NULL, gpu INTEGER NOT NULL, created_at INTEGER NOT NULL,
-//!     container_id TEXT, runtime_root BLOB, restored_from TEXT, namespace TEXT) STRICT;
+//!     container_id TEXT, runtime_root BLOB, restored_from TEXT, namespace TEXT, origin TEXT,
+//!     owner INTEGER NOT NULL DEFAULT 0) STRICT;
 //! CREATE INDEX jobs_by_creation ON jobs (created_at, jid);
 //! CREATE INDEX jobs_running_by_pid ON jobs (pid) WHERE state = 'running';
 //! CREATE TABLE checkpoints (
 //!     id TEXT PRIMARY KEY NOT NULL, jid TEXT NOT NULL REFERENCES jobs (jid) ON DELETE CASCADE,
 //!     time INTEGER NOT NULL, size INTEGER NOT NULL, path BLOB NOT NULL, compression TEXT NOT NULL) STRICT;
 //! CREATE INDEX checkpoints_by_job ON checkpoints (jid, time);
+//! CREATE TABLE sealed_checkpoints (
+//!     dev INTEGER NOT NULL, ino INTEGER NOT NULL, owner INTEGER NOT NULL, path BLOB NOT NULL,
+//!     created_at INTEGER NOT NULL, PRIMARY KEY (dev, ino)) STRICT;
 //! ```
 //!
 //! Paths are stored as their bytes (BLOB), so that a path that is not UTF-8 round-trips. Kinds and states are
@@ -52,7 +56,7 @@ use rusqlite::ffi::{self, ErrorCode};
 use rusqlite::types::Type;
 use rusqlite::{params, Connection, OpenFlags, OptionalExtension, Row};
 
-use super::model::{CheckpointRecord, Job, JobKind, JobState};
+use super::model::{unix_now, CheckpointRecord, Job, JobKind, JobState};
 use crate::error::ErrorKind;
 use schema::{check_version, migrate};
 
@@ -73,9 +77,9 @@ const MAX_BUSY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 const IN_MEMORY: &str = ":memory:";
 
 const JOB_COLUMNS: &str = "jid, kind, pid, state, exit_code, args, cwd, log, attachable, gpu, created_at, \
-                           container_id, runtime_root, restored_from, namespace, origin";
+                           container_id, runtime_root, restored_from, namespace, origin, owner";
 /// How many columns [`JOB_COLUMNS`] names (where a joined checkpoint's columns start).
-const JOB_COLUMN_COUNT: usize = 16;
+const JOB_COLUMN_COUNT: usize = 17;
 const CHECKPOINT_COLUMNS: &str = "id, jid, time, size, path, compression";
 
 /// What went wrong with the job store. [`StoreError::kind`] classifies it.
@@ -249,6 +253,7 @@ macro_rules! job_row {
             $job.restored_from,
             $job.namespace,
             $job.origin.as_ref().and_then(|o| serde_json::to_string(o).ok()),
+            $job.owner,
         ]
     };
 }
@@ -349,7 +354,7 @@ impl JobStore {
         let conn = self.conn();
         let args = args_to_json(&job.args).map_err(|e| self.err(e))?;
         let sql = format!(
-            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)"
+            "INSERT INTO jobs ({JOB_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)"
         );
         let result = conn.prepare_cached(&sql).and_then(|mut st| st.execute(job_row!(job, args)));
         match result {
@@ -368,7 +373,7 @@ impl JobStore {
             .prepare_cached(
                 "UPDATE jobs SET kind = ?2, pid = ?3, state = ?4, exit_code = ?5, args = ?6, cwd = ?7, log = ?8, \
                  attachable = ?9, gpu = ?10, created_at = ?11, container_id = ?12, runtime_root = ?13, \
-                 restored_from = ?14, namespace = ?15, origin = ?16 WHERE jid = ?1",
+                 restored_from = ?14, namespace = ?15, origin = ?16, owner = ?17 WHERE jid = ?1",
             )
             .and_then(|mut st| st.execute(job_row!(job, args)))
             .map_err(|e| self.err(e))?;
@@ -468,6 +473,28 @@ impl JobStore {
              ORDER BY created_at DESC, jid DESC LIMIT 1"
         );
         self.conn().prepare_cached(&sql).and_then(|mut st| st.query_row([pid], job_from_row).optional()).map_err(|e| self.err(e))
+    }
+
+    /// Records that the daemon wrote the checkpoint whose file (or folder) is inode `ino` of device `dev`,
+    /// at `path`, for user `owner`; replaces an earlier record of the same inode.
+    pub fn seal_checkpoint(&self, dev: u64, ino: u64, owner: u32, path: &Path) -> Result<(), StoreError> {
+        let (dev, ino) = (dev as i64, ino as i64); // SQLite integers are signed; the bits round-trip.
+        self.conn()
+            .prepare_cached(
+                "INSERT OR REPLACE INTO sealed_checkpoints (dev, ino, owner, path, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .and_then(|mut st| st.execute(params![dev, ino, owner, path.as_os_str().as_bytes(), unix_now()]))
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// The owner recorded by [`JobStore::seal_checkpoint`] for inode `ino` of device `dev`, if any.
+    pub fn sealed_checkpoint_owner(&self, dev: u64, ino: u64) -> Result<Option<u32>, StoreError> {
+        let (dev, ino) = (dev as i64, ino as i64);
+        self.conn()
+            .prepare_cached("SELECT owner FROM sealed_checkpoints WHERE dev = ?1 AND ino = ?2")
+            .and_then(|mut st| st.query_row(params![dev, ino], |r| r.get(0)).optional())
+            .map_err(|e| self.err(e))
     }
 
     /// Records a checkpoint of a job. [`StoreError::JobNotFound`] if the job does not exist,
@@ -616,6 +643,7 @@ fn job_from_row(row: &Row<'_>) -> rusqlite::Result<Job> {
         restored_from: row.get(13)?,
         namespace: row.get(14)?,
         origin: row.get::<_, Option<String>>(15)?.and_then(|o| serde_json::from_str(&o).ok()),
+        owner: row.get(16)?,
     })
 }
 

@@ -43,6 +43,17 @@ pub const MIGRATIONS: &[&str] = &[
     "ALTER TABLE jobs ADD COLUMN namespace TEXT;",
     // 3: where a job restored from another node's checkpoint came from (JSON of `model::Origin`).
     "ALTER TABLE jobs ADD COLUMN origin TEXT;",
+    // 4: who owns a job, and the checkpoints the daemon wrote for users other than root: root-owned files
+    // (or folders) that user cannot change, known by device and inode wherever the user moves them.
+    "ALTER TABLE jobs ADD COLUMN owner INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE sealed_checkpoints (
+        dev INTEGER NOT NULL,
+        ino INTEGER NOT NULL,
+        owner INTEGER NOT NULL,
+        path BLOB NOT NULL,
+        created_at INTEGER NOT NULL,
+        PRIMARY KEY (dev, ino)
+    ) STRICT;",
 ];
 
 /// The schema version this build writes and understands (the number of [`MIGRATIONS`]).

@@ -22,6 +22,7 @@ fn full_job(jid: &str) -> Job {
         restored_from: Some("/var/lib/cedana/checkpoints/x.tar.zst".into()),
         namespace: Some("k8s.io".into()),
         origin: Some(crate::jobs::model::Origin { node: "node-a".into(), job: Some("j1".into()), checkpoint: Some("c1".into()) }),
+        owner: 4242,
     }
 }
 
@@ -434,4 +435,20 @@ fn listing_a_thousand_jobs_is_fast() {
 #[test]
 fn the_column_count_matches_the_column_list() {
     assert_eq!(JOB_COLUMNS.split(", ").count(), JOB_COLUMN_COUNT);
+}
+
+#[test]
+fn sealed_checkpoints_are_found_by_inode_and_replaced() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = JobStore::open(dir.path().join("db")).unwrap();
+    assert_eq!(store.sealed_checkpoint_owner(1, 2).unwrap(), None);
+    store.seal_checkpoint(1, 2, 1000, Path::new("/home/u/a.tar")).unwrap();
+    // Inode numbers use all 64 bits.
+    store.seal_checkpoint(u64::MAX, u64::MAX - 1, 1001, Path::new("/home/v/b.tar")).unwrap();
+    assert_eq!(store.sealed_checkpoint_owner(1, 2).unwrap(), Some(1000));
+    assert_eq!(store.sealed_checkpoint_owner(u64::MAX, u64::MAX - 1).unwrap(), Some(1001));
+    assert_eq!(store.sealed_checkpoint_owner(2, 1).unwrap(), None);
+    // An inode reused for another user's checkpoint is theirs now.
+    store.seal_checkpoint(1, 2, 1002, Path::new("/home/w/c.tar")).unwrap();
+    assert_eq!(store.sealed_checkpoint_owner(1, 2).unwrap(), Some(1002));
 }

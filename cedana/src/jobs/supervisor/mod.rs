@@ -69,7 +69,7 @@ use events::{event_loop, open_pidfd, wait_pidfd};
 use spawn::open_log;
 
 pub use events::{ExitInfo, JobEvent};
-pub use spawn::{Output, SpawnSpec, Spawned};
+pub use spawn::{Credentials, Output, SpawnSpec, Spawned};
 pub use sweep::{become_subreaper, Exclusion, ForkScope};
 
 /// Settings of a [`Supervisor`].

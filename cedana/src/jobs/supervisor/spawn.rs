@@ -39,6 +39,16 @@ pub struct SpawnSpec {
     pub clear_env: bool,
     /// Where stdio goes.
     pub output: Output,
+    /// Run as this user instead of the daemon's (root).
+    pub user: Option<Credentials>,
+}
+
+/// A user to run a job as: uid, gid and supplementary groups.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Credentials {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
 }
 
 impl SpawnSpec {
@@ -48,7 +58,14 @@ impl SpawnSpec {
         I: IntoIterator<Item = S>,
         S: Into<String>,
     {
-        SpawnSpec { args: args.into_iter().map(Into::into).collect(), cwd: None, env: Vec::new(), clear_env: false, output }
+        SpawnSpec {
+            args: args.into_iter().map(Into::into).collect(),
+            cwd: None,
+            env: Vec::new(),
+            clear_env: false,
+            output,
+            user: None,
+        }
     }
 }
 
@@ -121,11 +138,22 @@ impl Supervisor {
                 (true, log)
             }
         };
-        // SAFETY: the closure runs between fork and exec and makes only async-signal-safe system calls.
+        let user = spec.user.clone();
+        // SAFETY: the closure runs between fork and exec and makes only async-signal-safe system calls (the
+        // groups were collected before the fork).
         unsafe {
-            cmd.pre_exec(|| {
+            cmd.pre_exec(move || {
                 if libc::setsid() == -1 {
                     return Err(io::Error::last_os_error());
+                }
+                if let Some(u) = &user {
+                    // Groups first, then the gid, then the uid (after which nothing more may be changed).
+                    if libc::setgroups(u.groups.len(), u.groups.as_ptr()) == -1
+                        || libc::setresgid(u.gid, u.gid, u.gid) == -1
+                        || libc::setresuid(u.uid, u.uid, u.uid) == -1
+                    {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
                 cloexec_from_3();
                 Ok(())
