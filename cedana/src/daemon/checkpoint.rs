@@ -305,6 +305,7 @@ impl Service {
         let scope = self.supervisor.fork_scope();
         // The request (and with it our copies of the child's ends of the pipes) is dropped once CRIU is done.
         let out = self.engine.restore(rreq, ctx).map_err(|e| status(e.kind(), &e))?;
+        let registering = self.registering();
         let serial = match handle {
             Some(h) => self.supervisor.attach_restored(h, out.pid, true),
             None => self.supervisor.adopt_child(out.pid),
@@ -321,6 +322,7 @@ impl Service {
                 // Restored with new pipes the supervisor holds: clients can attach from now on.
                 job.attachable |= attachable;
                 self.store.update(&job).map_err(lib_err!())?;
+                drop(registering);
                 Some(self.job_reply(&job)?)
             }
             None => None,

@@ -20,7 +20,7 @@ use super::service::{err, lib_err, runc_at, Service};
 
 impl Service {
     pub(super) fn manage(&self, caller: &Caller, req: pb::ManageRequest, cancel: &Cancel) -> Result<pb::Job, Status> {
-        match req.r#type() {
+        match super::run::job_type(req.r#type)? {
             pb::JobType::Process | pb::JobType::Unspecified => self.manage_process(caller, req, cancel),
             pb::JobType::Runc => caller.only_root("managing a runc container").and_then(|_| self.manage_runc(req, cancel)),
             pb::JobType::Containerd => {

@@ -43,7 +43,7 @@ use super::service::{lib_err, runc_at, track, Service};
 
 impl Service {
     pub(super) fn run(&self, caller: &Caller, req: pb::RunRequest) -> Result<pb::Job, Status> {
-        match req.r#type() {
+        match job_type(req.r#type)? {
             pb::JobType::Process | pb::JobType::Unspecified => self.run_process(caller, req),
             pb::JobType::Runc => caller.only_root("running a runc container").and_then(|_| self.run_runc(req)),
             pb::JobType::Containerd => caller.only_root("running a containerd container").and_then(|_| self.run_containerd(req)),
@@ -84,6 +84,7 @@ impl Service {
             false => Some(self.user_log(caller, &log)?),
         };
         let spec = SpawnSpec { args: req.args.clone(), cwd: cwd.clone(), env, clear_env: false, output, user };
+        let registering = self.registering();
         let spawned = self.supervisor.spawn(&spec).map_err(lib_err!())?;
         track(&self.serials, spawned.pid, spawned.serial);
         let job = Job {
@@ -106,6 +107,7 @@ impl Service {
             owner: caller.uid,
         };
         self.store.insert(&job).map_err(lib_err!())?;
+        drop(registering);
         tracing::info!(jid = %job.jid, pid = job.pid, "job started");
         self.job_reply(&job)
     }
@@ -261,6 +263,12 @@ impl Service {
 const RUNC_RUN_FLAGS: [&str; 2] = ["--no-pivot", "--no-new-keyring"];
 
 /// runc accepts ids of letters, digits and `_ + - .` (and so do we, for job-named containers).
+/// The job type a request names; an unknown number is refused (prost would read it as unspecified).
+pub(super) fn job_type(raw: i32) -> Result<pb::JobType, Status> {
+    pb::JobType::try_from(raw)
+        .map_err(|_| status(ErrorKind::InvalidArgument, format!("unknown job type {raw} (process, runc or containerd)")))
+}
+
 fn check_container_id(id: &str) -> Result<(), Status> {
     let ok = !id.is_empty() && id != "." && id != ".." && id.chars().all(|c| c.is_ascii_alphanumeric() || "_+-.".contains(c));
     if !ok {

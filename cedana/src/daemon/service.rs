@@ -43,6 +43,19 @@ pub struct Service {
     /// The supervisor's serial of each job's current process, by PID: an exit event of an earlier process
     /// under the same PID (the original of a restored job) is not taken for the current one's.
     pub serials: Serials,
+    /// Held from a job's process starting (or being restored) until the store records it running, and by
+    /// [`follow_exits`] for each exit it handles: a process that exits at once is not missed.
+    pub registering: Registering,
+}
+
+/// See [`Service::registering`].
+pub type Registering = std::sync::Arc<std::sync::Mutex<()>>;
+
+impl Service {
+    /// Hold off exit handling while a new or restored job's process is being recorded.
+    pub(super) fn registering(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.registering.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
 }
 
 /// PID -> serial of the process the daemon currently supervises under it.
@@ -237,8 +250,15 @@ pub(super) fn runc_at(root: &str) -> Result<Runc, Status> {
 
 /// Keeps the store in step with what the supervisor sees: a job that exits by itself is `exited` (with its
 /// code); one a dump ended stays `halted`.
-pub fn follow_exits(store: JobStore, serials: Serials, events: std::sync::mpsc::Receiver<cedana::jobs::supervisor::JobEvent>) {
+pub fn follow_exits(
+    store: JobStore,
+    serials: Serials,
+    registering: Registering,
+    events: std::sync::mpsc::Receiver<cedana::jobs::supervisor::JobEvent>,
+) {
     for event in events {
+        // A job whose process is being recorded is in the store, running, once this is ours.
+        let _registered = registering.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let cedana::jobs::supervisor::JobEvent::Exited { pid, status, serial } = event;
         let current = serials.lock().ok().and_then(|mut m| match m.get(&pid) {
             Some(s) if *s == serial => m.remove(&pid),
