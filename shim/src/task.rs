@@ -149,8 +149,10 @@ impl<R: Runtime> TaskManager<R> {
     }
 
     pub async fn create(&self, req: CreateTaskRequest) -> Result<CreateTaskResponse> {
-        if req.id.is_empty() {
-            return Err(Error::invalid("a task id is required"));
+        check_task_id(&req.id)?;
+        check_absolute("bundle", &req.bundle)?;
+        if !req.checkpoint.is_empty() {
+            check_absolute("checkpoint", &req.checkpoint)?;
         }
         let mut tasks = self.tasks.lock().await;
         if tasks.contains_key(&req.id) {
@@ -348,6 +350,9 @@ impl<R: Runtime> TaskManager<R> {
     }
 
     pub async fn kill(&self, req: KillRequest) -> Result<()> {
+        if req.signal > MAX_SIGNAL {
+            return Err(Error::invalid(format!("kill of task {}: no signal {}", req.id, req.signal)));
+        }
         if !is_init(&req.id, &req.exec_id) {
             return self.kill_exec(req).await;
         }
@@ -522,6 +527,9 @@ impl<R: Runtime> TaskManager<R> {
         if image_path.is_empty() {
             return Err(Error::invalid(format!("checkpoint of task {}: no image path given", req.id)));
         }
+        if !image_path.contains("://") {
+            check_absolute("checkpoint image path", &image_path)?;
+        }
         {
             let tasks = self.tasks.lock().await;
             let task = tasks.get(&req.id).ok_or_else(|| not_found(&req.id))?;
@@ -654,3 +662,32 @@ pub mod resources;
 
 #[cfg(test)]
 mod tests;
+
+/// The highest signal number (SIGRTMAX on Linux).
+const MAX_SIGNAL: u32 = 64;
+
+/// The longest task id containerd accepts.
+const MAX_ID_LEN: usize = 76;
+
+/// A task id as containerd's identifiers are: letters and digits, joined by single `.`, `_` or `-`, at most
+/// [`MAX_ID_LEN`] long (it names folders and runc containers).
+fn check_task_id(id: &str) -> Result<()> {
+    let ok = !id.is_empty()
+        && id.len() <= MAX_ID_LEN
+        && id.split(['.', '_', '-']).all(|part| !part.is_empty() && part.bytes().all(|b| b.is_ascii_alphanumeric()));
+    match ok {
+        true => Ok(()),
+        false => Err(Error::invalid(format!(
+            "invalid task id {id:?}: letters and digits joined by '.', '_' or '-', at most {MAX_ID_LEN} long"
+        ))),
+    }
+}
+
+/// `path` (the `what` of a request) must be absolute and free of `..`.
+fn check_absolute(what: &str, path: &str) -> Result<()> {
+    let p = Path::new(path);
+    if path.is_empty() || !p.is_absolute() || p.components().any(|c| c == std::path::Component::ParentDir) {
+        return Err(Error::invalid(format!("the {what} {path:?} is not an absolute path without '..'")));
+    }
+    Ok(())
+}

@@ -278,6 +278,9 @@ impl<R: Runtime> TaskManager<R> {
     /// Resize a process's terminal (TIOCSWINSZ). Without a terminal there is nothing to resize: success for a
     /// process that exists, as the runc shim answers.
     pub async fn resize_pty(&self, req: ResizePtyRequest) -> Result<()> {
+        if req.width > u32::from(u16::MAX) || req.height > u32::from(u16::MAX) {
+            return Err(Error::invalid(format!("no terminal is {}x{}", req.width, req.height)));
+        }
         let mut tasks = self.tasks.lock().await;
         match console_of(&mut tasks, &req.id, &req.exec_id)? {
             Some(console) => console.resize(req.width, req.height),

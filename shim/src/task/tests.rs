@@ -530,4 +530,5 @@ async fn a_checkpoint_on_stop_that_fails_is_published_and_the_stop_goes_on() {
     assert!(matches!(next_event(&mut f.events).await, Event::Exit(e) if e.exit_status == 143));
 }
 
+mod hostile;
 mod terminal;
