@@ -123,7 +123,7 @@ impl LocalFile {
     /// Start an archive at `final_path`, doing `existing` about a checkpoint already there.
     pub fn create_with(final_path: PathBuf, existing: Existing) -> Result<Self, CheckpointError> {
         let (temp_path, reserve) = hidden_place(&final_path, existing)?;
-        let file = File::create(&temp_path).map_err(CheckpointError::io(&temp_path))?;
+        let file = create_private(&temp_path).map_err(CheckpointError::io(&temp_path))?;
         Ok(Self { final_path, temp_path, file, reserve, existing, settled: false })
     }
 }
@@ -278,7 +278,7 @@ impl DiskReserve {
     /// (before anything is dumped) when the disk has not even that much room.
     pub(crate) fn hold(path: &Path) -> Result<Option<Self>, CheckpointError> {
         use std::os::fd::AsRawFd;
-        let file = File::create(path).map_err(CheckpointError::io(path))?;
+        let file = create_private(path).map_err(CheckpointError::io(path))?;
         // SAFETY: posix_fallocate on a descriptor we own, with a valid length.
         let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, COMMIT_RESERVE as libc::off_t) };
         match rc {
@@ -302,6 +302,38 @@ impl DiskReserve {
 impl Drop for DiskReserve {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Create the new file `path`, readable and writable by its owner alone (a checkpoint holds process memory).
+/// Never through a symbolic link or into an existing file: a leftover of an earlier run under the same name
+/// (a file or a link, never followed) is removed first. The folder may be a user's, written by root.
+pub(crate) fn create_private(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let open = || std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path);
+    match open() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            std::fs::remove_file(path)?;
+            open()
+        }
+        other => other,
+    }
+}
+
+/// Create the new folder `path`, its owner's alone, as [`create_private`] creates files: whatever was left
+/// under its name (a link, a file, a folder of an earlier run) is removed first, never followed.
+pub(crate) fn create_private_dir(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    let create = || std::fs::DirBuilder::new().mode(0o700).create(path);
+    match create() {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            match std::fs::symlink_metadata(path)?.is_dir() {
+                true => std::fs::remove_dir_all(path)?,
+                false => std::fs::remove_file(path)?,
+            }
+            create()
+        }
+        other => other,
     }
 }
 

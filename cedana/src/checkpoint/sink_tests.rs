@@ -284,3 +284,32 @@ fn a_cancelled_live_packer_stops() {
     drop(open);
     assert_eq!(left_in(dir.path()), ["images"]);
 }
+
+#[test]
+fn checkpoints_are_their_owners_alone_and_never_written_through_a_planted_link() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let src = dir.path().join("src");
+    images(&src);
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    for c in [Compression::None, Compression::Zstd] {
+        let path = CheckpointWriter::path_for(dir.path(), "ckpt", c);
+        // Links at the names the writer will use, as a user owning the folder could plant them.
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        for hidden in [format!(".{name}.partial-{}", std::process::id()), format!(".{name}.reserve-{}", std::process::id())] {
+            std::os::unix::fs::symlink(&victim, dir.path().join(hidden)).unwrap();
+        }
+        let mut w = CheckpointWriter::create(path.clone(), c).unwrap();
+        w.add_tree(&src, &|_| {}).unwrap();
+        w.commit(&mut manifest()).unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious", "{c}: nothing written through a link");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, if c == Compression::None { 0o700 } else { 0o600 }, "{c}");
+        if c == Compression::None {
+            for entry in std::fs::read_dir(&path).unwrap().flatten().filter(|e| e.file_type().unwrap().is_file()) {
+                assert_eq!(entry.metadata().unwrap().permissions().mode() & 0o777, 0o600, "{:?}", entry.path());
+            }
+        }
+    }
+}

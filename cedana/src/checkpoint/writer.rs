@@ -1,7 +1,6 @@
 //! Writing a checkpoint: images in, manifest last, then the checkpoint is made visible at once (a folder, or an
 //! archive's [`ArchiveSink`]: for a local file, an atomic rename to the final name).
 
-use std::fs::File;
 use std::io::{self, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
@@ -107,7 +106,7 @@ impl CheckpointWriter {
         let (temp_path, reserve) = sink::hidden_place(&final_path, existing)?;
         // From here on, dropping the writer cleans up whatever was created.
         let writer = Self::new(final_path, temp_path, compression, Target::Folder { reserve, existing });
-        std::fs::create_dir(&writer.temp_path).map_err(CheckpointError::io(&writer.temp_path))?;
+        sink::create_private_dir(&writer.temp_path).map_err(CheckpointError::io(&writer.temp_path))?;
         Ok(writer)
     }
 
@@ -254,7 +253,7 @@ impl CheckpointWriter {
             if let Some(parent) = dest.parent() {
                 std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
             }
-            let mut out = File::create(&dest).map_err(CheckpointError::io(&dest))?;
+            let mut out = sink::create_private(&dest).map_err(CheckpointError::io(&dest))?;
             copy_large(reader, &mut out).map_err(CheckpointError::io(&dest))?;
             return Ok(());
         }
@@ -276,7 +275,7 @@ impl CheckpointWriter {
         let json = manifest.to_json();
         if let Target::Folder { existing, .. } = self.target {
             let path = self.temp_path.join(MANIFEST_NAME);
-            std::fs::write(&path, &json).map_err(CheckpointError::io(&path))?;
+            sink::create_private(&path).and_then(|mut f| f.write_all(&json)).map_err(CheckpointError::io(&path))?;
             let taken = self.final_path.symlink_metadata().is_ok();
             match (taken, existing) {
                 (true, Existing::Refuse) => return Err(CheckpointError::Exists { path: self.final_path.clone() }),

@@ -120,10 +120,9 @@ impl Service {
                 return Err(status(e.kind(), &e));
             }
         };
-        // A user's checkpoint: root's alone (it holds process memory), recorded as written for that user.
+        // A user's checkpoint (root's alone, 0600 or 0700 as every checkpoint) is recorded as written for them.
         let shown = held.shown(&out.path);
         if held.is_held() {
-            restrict(&out.path)?;
             seal(&self.store, caller, &out.path, &shown)?;
         }
         let checkpoint = match &job {
@@ -520,27 +519,5 @@ fn checkpoint_kind(kind: JobKind) -> CheckpointKind {
         JobKind::Process => CheckpointKind::Process,
         JobKind::Runc => CheckpointKind::Runc,
         JobKind::Containerd => CheckpointKind::Containerd,
-    }
-}
-
-/// Makes a checkpoint written for a user other than root root's alone: mode 0600 for its file, or 0700 for
-/// its folder and 0600 for the files in it.
-fn restrict(path: &Path) -> Result<(), Status> {
-    use std::os::unix::fs::PermissionsExt;
-    let set = |p: &Path, mode: u32| {
-        std::fs::set_permissions(p, std::fs::Permissions::from_mode(mode))
-            .map_err(|e| status(ErrorKind::Internal, format!("restricting {}: {e}", p.display())))
-    };
-    let meta = std::fs::symlink_metadata(path).map_err(|e| status(ErrorKind::Internal, format!("{}: {e}", path.display())))?;
-    if meta.is_dir() {
-        let entries = std::fs::read_dir(path).map_err(|e| status(ErrorKind::Internal, format!("{}: {e}", path.display())))?;
-        for entry in entries.flatten() {
-            if entry.file_type().is_ok_and(|t| t.is_file()) {
-                set(&entry.path(), 0o600)?;
-            }
-        }
-        set(path, 0o700)
-    } else {
-        set(path, 0o600)
     }
 }
