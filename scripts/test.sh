@@ -23,6 +23,8 @@ export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:$HOME/.
 # Lint gates: formatting and clippy (warnings are errors).
 cargo fmt --all --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# A short fuzzing round over the decoders of untrusted input (docs/fuzzing.md); fails on any crash.
+bash scripts/fuzz.sh "${CEDANA_FUZZ_SECONDS:-10}"
 # The integration tests run the built binaries, so build them first.
 cargo build --workspace --locked
 log=$(mktemp)

@@ -27,6 +27,8 @@ pub mod config;
 pub mod criu;
 pub mod engine;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod gpu;
 #[cfg(feature = "jobs")]
 pub mod jobs;

@@ -23,6 +23,8 @@ use crate::codec::{self, Compression};
 const TRAILER_MAGIC: &[u8; 16] = b"cedana-index-v1\n";
 /// The trailer's bytes: the magic, then three little-endian u64.
 const TRAILER_LEN: usize = 16 + 24;
+/// The most bytes a tar stream's end blocks and the trailer decode to.
+const MAX_AFTER_END: u64 = 64 << 10;
 /// How far from the end a trailer's payload may start (a stored unit wraps it in at most a few dozen bytes).
 const TRAILER_SEARCH: u64 = 128;
 
@@ -61,7 +63,13 @@ impl Trailer {
             u64::from_le_bytes(b)
         };
         let trailer = Self { tail_offset: word(0), tail_pad: word(1), tail_bytes: word(2) };
-        Ok((trailer.tail_offset < len && trailer.tail_pad < 512).then_some(trailer))
+        // The archive ends with the trailer's unit exactly as the writer makes it: one cut short is none.
+        let mut head = [0u8; 512];
+        let n = head.len().min(len as usize);
+        source.read_exact_at(0, &mut head[..n])?;
+        let unit = Compression::detect_bytes(&head[..n]).and_then(|c| codec::units::stored_unit(c, &trailer.encode(), None));
+        let whole = unit.is_some_and(|u| end.ends_with(&u));
+        Ok((whole && trailer.tail_offset < len && trailer.tail_pad < 512).then_some(trailer))
     }
 }
 
@@ -93,42 +101,16 @@ impl IndexedArchive {
         if trailer.tail_bytes > max_tail {
             return Ok(None);
         }
-        let damaged =
-            |e: io::Error| corrupt(&location, format!("cannot read the {compression} archive ({e}); it is truncated or damaged"));
-        let mut stream = codec::decoder(compression, source.read_from(trailer.tail_offset).map_err(io_err)?)?;
-        io::copy(&mut (&mut stream).take(trailer.tail_pad), &mut io::sink()).map_err(damaged)?;
-        let mut tail = tar::Archive::new(stream);
-        let mut small = HashMap::new();
-        let mut digests = HashMap::new();
-        let mut manifest = None;
-        let mut read = 0u64;
-        for entry in tail.entries().map_err(damaged)? {
-            let mut entry = entry.map_err(damaged)?;
-            let name = entry.path().map_err(damaged)?.to_string_lossy().into_owned();
-            safe_relative(&location, &name)?;
-            if entry.header().entry_type() != tar::EntryType::Regular {
-                return Err(corrupt(&location, format!("entry {name} is not a regular file")));
-            }
-            if manifest.is_some() {
-                return Err(corrupt(&location, format!("entry {name} follows the manifest")));
-            }
-            read += entry.size();
-            if read > trailer.tail_bytes {
-                return Err(corrupt(&location, "the small files are larger than the index says".into()));
-            }
-            let mut bytes = Vec::with_capacity(entry.size() as usize);
-            entry.read_to_end(&mut bytes).map_err(damaged)?;
-            if name == MANIFEST_NAME {
-                manifest = Some(parse_manifest(&location, &bytes)?);
-                continue;
-            }
-            let mut h = Hasher::new();
-            h.update(&bytes);
-            digests.insert(name.clone(), h.finish(&name));
-            small.insert(name, bytes);
+        // Two passes: the manifest first (nothing held), then the small files, each held only when it is
+        // the size the manifest lists, so a lying entry costs no memory.
+        let declared = read_tail(&*source, compression, trailer, None)?.manifest;
+        let declared = declared.ok_or_else(|| CheckpointError::Incomplete { path: location.clone() })?;
+        super::reader::check_version(&location, &declared)?;
+        let Tail { manifest: again, small, digests } = read_tail(&*source, compression, trailer, Some(&declared))?;
+        if again.as_ref() != Some(&declared) {
+            return Err(corrupt(&location, "the archive's manifest changed while it was read".into()));
         }
-        let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: location.clone() })?;
-        super::reader::check_version(&location, &manifest)?;
+        let manifest = declared;
         let placed: HashMap<String, u64> = manifest.placement.iter().map(|p| (p.name.clone(), p.offset)).collect();
         for f in &manifest.files {
             match (digests.get(&f.name), placed.get(&f.name)) {
@@ -141,7 +123,62 @@ impl IndexedArchive {
         if let Some(extra) = small.keys().find(|n| !manifest.files.iter().any(|f| &f.name == *n)) {
             return Err(corrupt(&location, format!("unexpected file {extra} not listed in the manifest")));
         }
-        Ok(Some(Self { source, compression, manifest, small, placed }))
+        let archive = Self { source, compression, manifest, small, placed };
+        // Each page image's header is where the manifest places it, before anyone reads its data.
+        for p in &archive.manifest.placement {
+            if archive.small.contains_key(&p.name) {
+                return Err(corrupt(&location, format!("{} is both placed and among the small files", p.name)));
+            }
+            let expected = archive.listed(&p.name)?;
+            let header_len = if p.units.is_empty() { None } else { Some(codec::units::header_slot(compression)) };
+            archive.check_header(&p.name, p.offset, header_len, expected)?;
+        }
+        Ok(Some(archive))
+    }
+
+    fn listed(&self, name: &str) -> Result<&super::FileDigest, CheckpointError> {
+        let location = std::path::PathBuf::from(self.source.location());
+        self.manifest
+            .files
+            .iter()
+            .find(|f| f.name == name)
+            .ok_or_else(|| corrupt(&location, format!("{name} is placed in the archive but not listed in the manifest")))
+    }
+
+    /// The decoded stream from the tar header of `name` at `offset` (a unit of `slot` bytes when given, else
+    /// the start of a stream running on), past that header: it must be a regular file of that name and the
+    /// size the manifest lists.
+    fn check_header(
+        &self,
+        name: &str,
+        offset: u64,
+        slot: Option<usize>,
+        expected: &super::FileDigest,
+    ) -> Result<Box<dyn Read + Send>, CheckpointError> {
+        let location = std::path::PathBuf::from(self.source.location());
+        let io_err = |e| CheckpointError::Io { path: location.clone(), source: e };
+        let damaged =
+            |e: io::Error| corrupt(&location, format!("cannot read {name} in the archive ({e}); it is truncated or damaged"));
+        let reader: Box<dyn Read + Send> = match slot {
+            Some(slot) => {
+                if offset.checked_add(slot as u64).is_none_or(|end| end > self.source.len()) {
+                    return Err(damaged(io::ErrorKind::UnexpectedEof.into()));
+                }
+                let mut head = vec![0u8; slot];
+                self.source.read_exact_at(offset, &mut head).map_err(io_err)?;
+                Box::new(io::Cursor::new(head))
+            }
+            None => self.source.read_from(offset).map_err(io_err)?,
+        };
+        let mut stream = codec::decoder(self.compression, reader)?;
+        let mut header = tar::Header::new_old();
+        stream.read_exact(header.as_mut_bytes()).map_err(damaged)?;
+        let found = header.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
+        let regular = header.entry_type() == tar::EntryType::Regular;
+        if found != name || !regular || header.size().ok() != Some(expected.size) {
+            return Err(corrupt(&location, format!("the index points {name} at an entry that is not it ({found:?})")));
+        }
+        Ok(Box::new(stream))
     }
 
     /// The manifest (verified against the small files it lists).
@@ -181,26 +218,14 @@ impl IndexedArchive {
         let Some(offset) = self.placed.get(name) else {
             return Err(corrupt(&location, format!("{name} is not in the checkpoint")));
         };
-        let expected = self
-            .manifest
-            .files
-            .iter()
-            .find(|f| f.name == name)
-            .ok_or_else(|| corrupt(&location, format!("{name} is placed in the archive but not listed in the manifest")))?;
+        let expected = self.listed(name)?;
         let units = self.manifest.placement.iter().find(|p| p.name == name).map(|p| p.units.as_slice()).unwrap_or_default();
         if !units.is_empty() {
             return self.copy_units(name, *offset, units, expected, out);
         }
         let damaged =
             |e: io::Error| corrupt(&location, format!("cannot read {name} in the archive ({e}); it is truncated or damaged"));
-        let reader = self.source.read_from(*offset).map_err(|e| CheckpointError::Io { path: location.clone(), source: e })?;
-        let mut stream = codec::decoder(self.compression, reader)?;
-        let mut header = tar::Header::new_old();
-        stream.read_exact(header.as_mut_bytes()).map_err(damaged)?;
-        let found = header.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-        if found != name || header.size().ok() != Some(expected.size) {
-            return Err(corrupt(&location, format!("the index points {name} at an entry that is not it ({found:?})")));
-        }
+        let mut stream = self.check_header(name, *offset, None, expected)?;
         let mut hasher = Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
         let mut left = expected.size;
@@ -236,17 +261,8 @@ impl IndexedArchive {
         out: &mut dyn Write,
     ) -> Result<Delivery, CheckpointError> {
         let location = std::path::PathBuf::from(self.source.location());
-        let damaged =
-            |e: io::Error| corrupt(&location, format!("cannot read {name} in the archive ({e}); it is truncated or damaged"));
         let slot = codec::units::header_slot(self.compression);
-        let mut head = vec![0u8; slot];
-        self.source.read_exact_at(offset, &mut head).map_err(|e| CheckpointError::Io { path: location.clone(), source: e })?;
-        let mut header = tar::Header::new_old();
-        codec::decoder(self.compression, io::Cursor::new(head))?.read_exact(header.as_mut_bytes()).map_err(damaged)?;
-        let found = header.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
-        if found != name || header.size().ok() != Some(expected.size) {
-            return Err(corrupt(&location, format!("the index points {name} at an entry that is not it ({found:?})")));
-        }
+        self.check_header(name, offset, Some(slot), expected)?;
         let read = super::units_read::Units {
             source: &*self.source,
             compression: self.compression,
@@ -258,6 +274,107 @@ impl IndexedArchive {
         let copied = read.copy_to(out, codec::worker_threads() as usize)?;
         Ok(Delivery { bytes: copied.bytes, out_error: copied.out_error })
     }
+}
+
+/// What the tar stream after the page images holds: the manifest, and the small files with their digests
+/// when kept.
+struct Tail {
+    manifest: Option<Manifest>,
+    small: HashMap<String, Vec<u8>>,
+    digests: HashMap<String, super::FileDigest>,
+}
+
+/// Read the tar stream of the small files and the manifest that `trailer` points at: regular files only,
+/// each once, under relative names, adding up to no more than the trailer says. With `keep`, the small
+/// files are held in memory and hashed when `declared` (the manifest, read before) lists them with their
+/// size, refused when it does not, else only skipped.
+fn read_tail(
+    source: &dyn ArchiveSource,
+    compression: Compression,
+    trailer: Trailer,
+    declared: Option<&Manifest>,
+) -> Result<Tail, CheckpointError> {
+    let location = std::path::PathBuf::from(source.location());
+    let io_err = |e| CheckpointError::Io { path: location.clone(), source: e };
+    let damaged =
+        |e: io::Error| corrupt(&location, format!("cannot read the {compression} archive ({e}); it is truncated or damaged"));
+    let mut stream = codec::decoder(compression, source.read_from(trailer.tail_offset).map_err(io_err)?)?;
+    io::copy(&mut (&mut stream).take(trailer.tail_pad), &mut io::sink()).map_err(damaged)?;
+    let mut tail = tar::Archive::new(super::tar_guard::TarGuard::new(stream));
+    let mut small = HashMap::new();
+    let mut digests = HashMap::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut manifest = None;
+    let mut read = 0u64;
+    for entry in tail.entries().map_err(damaged)? {
+        let mut entry = entry.map_err(damaged)?;
+        let name = entry.path().map_err(damaged)?.to_string_lossy().into_owned();
+        safe_relative(&location, &name)?;
+        let kind = entry.header().entry_type();
+        if kind != tar::EntryType::Regular {
+            return Err(super::reader::unsupported_entry(&location, &name, kind));
+        }
+        if manifest.is_some() {
+            return Err(corrupt(&location, format!("entry {name} follows the manifest")));
+        }
+        if !seen.insert(name.clone()) {
+            return Err(corrupt(&location, format!("entry {name} appears twice in the archive")));
+        }
+        read = read.saturating_add(entry.size());
+        if read > trailer.tail_bytes {
+            return Err(corrupt(&location, "the small files are larger than the index says".into()));
+        }
+        if name == MANIFEST_NAME {
+            if entry.size() > super::reader::MAX_MANIFEST {
+                return Err(corrupt(&location, "the manifest is implausibly large".into()));
+            }
+            let mut bytes = Vec::with_capacity(entry.size() as usize);
+            entry.read_to_end(&mut bytes).map_err(damaged)?;
+            manifest = Some(parse_manifest(&location, &bytes)?);
+        } else if let Some(declared) = declared {
+            let Some(listed) = declared.files.iter().find(|f| f.name == name) else {
+                return Err(corrupt(&location, format!("unexpected file {name} not listed in the manifest")));
+            };
+            if entry.size() != listed.size {
+                let size = entry.size();
+                return Err(corrupt(&location, format!("file {name} has {size} bytes, the manifest says {}", listed.size)));
+            }
+            let mut bytes = Vec::with_capacity(entry.size() as usize);
+            entry.read_to_end(&mut bytes).map_err(damaged)?;
+            let mut h = Hasher::new();
+            h.update(&bytes);
+            digests.insert(name.clone(), h.finish(&name));
+            small.insert(name, bytes);
+        } else {
+            io::copy(&mut entry, &mut io::sink()).map_err(damaged)?;
+        }
+    }
+    // The end blocks and the trailer's own unit follow: read them too, so a damaged end is noticed.
+    let rest = io::copy(&mut tail.into_inner().into_inner().take(MAX_AFTER_END), &mut io::sink()).map_err(damaged)?;
+    if rest == MAX_AFTER_END {
+        return Err(corrupt(&location, "data follows the end of the archive".into()));
+    }
+    Ok(Tail { manifest, small, digests })
+}
+
+/// The manifest of the archive in `source` as its index gives it, before anything else is read (`None`
+/// when it has no index): read through the tar stream of the small files without holding them, however
+/// large. Checked as a manifest, not yet against the files.
+pub(crate) fn declared_manifest(source: &dyn ArchiveSource) -> Result<Option<Manifest>, CheckpointError> {
+    let location = std::path::PathBuf::from(source.location());
+    let io_err = |e| CheckpointError::Io { path: location.clone(), source: e };
+    let mut head = [0u8; 512];
+    let n = head.len().min(source.len() as usize);
+    source.read_exact_at(0, &mut head[..n]).map_err(io_err)?;
+    let Some(compression) = Compression::detect_bytes(&head[..n]) else { return Ok(None) };
+    if !codec::units::supports_late_headers(compression) {
+        return Ok(None);
+    }
+    let Some(trailer) = Trailer::find(source).map_err(io_err)? else { return Ok(None) };
+    let manifest = read_tail(source, compression, trailer, None)?.manifest;
+    let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: location.clone() })?;
+    super::reader::check_version(&location, &manifest)?;
+    Ok(Some(manifest))
 }
 
 /// A file read out of the archive: every byte was read and matched the manifest.

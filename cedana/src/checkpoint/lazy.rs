@@ -20,11 +20,13 @@ use super::lazy_store::ChunkedPages;
 use super::reader::{check_version, corrupt, parse_manifest, safe_relative};
 use super::source::{ArchiveSource, LocalSource};
 use super::{is_page_image, CheckpointError, FileDigest, Manifest, OpenedCheckpoint, MANIFEST_NAME};
+use crate::codec::Compression;
+use crate::criu::pageserver::pagemap::Pagemap;
 
 /// The largest file other than a page image that a lazy restore reads into memory.
 const MAX_SMALL_FILE: u64 = 1 << 30;
-use crate::codec::Compression;
-use crate::criu::pageserver::pagemap::Pagemap;
+/// Longest GNU long name we read (a path, so a few KiB at most).
+const MAX_LONG_NAME: u64 = 64 << 10;
 
 /// One page image, read in place.
 #[derive(Clone)]
@@ -184,15 +186,17 @@ fn open_tar(
     let mut manifest = None;
     let mut at = 0u64;
     let mut long_name: Option<String> = None;
+    let truncated = || corrupt(path, "the tar archive ends without its end marker".into());
+    // Every read is of a range the file holds, so no size field makes us allocate more than the file.
     let read = |offset: u64, len: u64| -> Result<Vec<u8>, CheckpointError> {
+        if offset.checked_add(len).is_none_or(|end| end > source.len()) {
+            return Err(truncated());
+        }
         let mut buf = vec![0u8; usize::try_from(len).map_err(|_| corrupt(path, format!("an entry of {len} bytes")))?];
         source.read_exact_at(offset, &mut buf).map_err(damaged)?;
         Ok(buf)
     };
     loop {
-        if at + 512 > source.len() {
-            return Err(corrupt(path, "the tar archive ends without its end marker".into()));
-        }
         let block = read(at, 512)?;
         if block.iter().all(|b| *b == 0) {
             break;
@@ -200,9 +204,12 @@ fn open_tar(
         let header = tar::Header::from_byte_slice(&block);
         let size = header.entry_size().map_err(damaged)?;
         let data = at + 512;
-        at = data + size.div_ceil(512) * 512;
+        at = size.div_ceil(512).checked_mul(512).and_then(|padded| data.checked_add(padded)).ok_or_else(truncated)?;
         let kind = header.entry_type();
         if kind == tar::EntryType::GNULongName {
+            if size > MAX_LONG_NAME {
+                return Err(corrupt(path, format!("a long name of {size} bytes")));
+            }
             let bytes = read(data, size)?;
             long_name = Some(String::from_utf8_lossy(bytes.split(|b| *b == 0).next().unwrap_or_default()).into_owned());
             continue;
@@ -213,11 +220,20 @@ fn open_tar(
         };
         safe_relative(path, &name)?;
         if kind != tar::EntryType::Regular {
-            return Err(corrupt(path, format!("entry {name} is not a regular file")));
+            return Err(super::reader::unsupported_entry(path, &name, kind));
+        }
+        if manifest.is_some() {
+            return Err(corrupt(path, format!("entry {name} follows the manifest")));
+        }
+        if placed.contains_key(&name) || small.contains_key(&name) {
+            return Err(corrupt(path, format!("entry {name} appears twice in the archive")));
         }
         if is_page_image(&name) {
             placed.insert(name, (data, size));
         } else if name == MANIFEST_NAME {
+            if size > super::reader::MAX_MANIFEST {
+                return Err(corrupt(path, "the manifest is implausibly large".into()));
+            }
             manifest = Some(parse_manifest(path, &read(data, size)?)?);
         } else {
             if size > MAX_SMALL_FILE {
@@ -228,6 +244,8 @@ fn open_tar(
     }
     let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: path.to_path_buf() })?;
     check_version(path, &manifest)?;
+    let indexed = super::index::Trailer::find(&*source).map_err(CheckpointError::io(path))?.is_some();
+    super::reader::check_index_kept(path, &manifest, indexed)?;
     std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
     let dir = tempfile::Builder::new().prefix(".cedana-lazy-").tempdir_in(scratch).map_err(CheckpointError::io(scratch))?;
     let mut pages = Vec::new();

@@ -46,7 +46,8 @@ impl ChunkedPages {
             .filter_map(|p| {
                 let chunks = p.digest.size.div_ceil(CHUNK as u64).max(1) as usize;
                 let state = State { hashes: vec![None; chunks], cache: VecDeque::new() };
-                let unit_starts = p.units.iter().scan(0u64, |at, len| Some(std::mem::replace(at, *at + len))).collect();
+                let unit_starts =
+                    p.units.iter().scan(0u64, |at, len| Some(std::mem::replace(at, at.saturating_add(*len)))).collect();
                 Some((p.pages_id()?, Image { page: p.clone(), unit_starts, state: Mutex::new(state) }))
             })
             .collect();

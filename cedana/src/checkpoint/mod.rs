@@ -3,6 +3,10 @@
 //! Layout: the image files at the top level (and, for containers, a few files of ours), then `manifest.json`
 //! last. In an archive, page images packed while CRIU wrote them come first (see [`live`]). A checkpoint is written under a temporary name and renamed into place when complete; a restore
 //! verifies every file's checksum against the manifest before anything is restored.
+//!
+//! Readers treat an archive as hostile: only regular files under relative names, each once, held to the
+//! sizes the manifest declares and within the scratch folder's free space, with no size field trusted for an
+//! allocation (see `docs/fuzzing.md`, and `tar_guard.rs` for what the `tar` crate would buffer).
 
 pub mod digest;
 pub mod digest_job;
@@ -17,6 +21,7 @@ pub mod release;
 pub mod sink;
 pub mod source;
 pub mod tail;
+pub(crate) mod tar_guard;
 pub(crate) mod units_read;
 pub mod writer;
 
@@ -45,6 +50,8 @@ pub enum CheckpointError {
     Codec(#[from] CodecError),
     #[error("{dir} is full (not even the {} MiB a checkpoint holds back for its last writes fit)", writer::COMMIT_RESERVE >> 20)]
     NoSpace { dir: PathBuf },
+    #[error("{dir} has {free} bytes free, extracting the checkpoint needs {needed}: free space there or restore with another scratch folder")]
+    ScratchFull { dir: PathBuf, needed: u64, free: u64 },
     #[error("{path} already exists")]
     Exists { path: PathBuf },
     #[error("no checkpoint at {path}: check the path")]
@@ -72,7 +79,7 @@ impl CheckpointError {
         match self {
             CheckpointError::Io { source, .. } => K::of_io(source),
             CheckpointError::Codec(e) => e.kind(),
-            CheckpointError::NoSpace { .. } => K::ResourceExhausted,
+            CheckpointError::NoSpace { .. } | CheckpointError::ScratchFull { .. } => K::ResourceExhausted,
             CheckpointError::Exists { .. } => K::AlreadyExists,
             CheckpointError::NotFound { .. } => K::NotFound,
             CheckpointError::Incomplete { .. }
@@ -100,7 +107,11 @@ pub(crate) fn is_page_image(name: &str) -> bool {
 pub(crate) const RESTORE_BYPRODUCTS: [&str; 2] = ["stats-restore", "restore.log"];
 
 #[cfg(test)]
+mod hostile_tests;
+#[cfg(test)]
 mod index_tests;
+#[cfg(test)]
+mod prop_tests;
 #[cfg(test)]
 mod replace_tests;
 #[cfg(test)]

@@ -8,16 +8,17 @@ use std::sync::Arc;
 
 use super::digest::{FileDigest, HashingWriter};
 use super::digest_job::DigestJob;
-use super::index::IndexedArchive;
+use super::index::{IndexedArchive, Trailer};
 use super::manifest::{Manifest, FORMAT_VERSION, MANIFEST_NAME};
 use super::source::{ArchiveSource, LocalSource};
+use super::tar_guard::TarGuard;
 use super::writer::copy_large;
 use super::{CheckpointError, RESTORE_BYPRODUCTS};
 use crate::codec::pipeline::ReadAhead;
 use crate::codec::{self, Compression};
 
 /// Largest manifest we accept (a corrupt size field must not make us allocate gigabytes).
-const MAX_MANIFEST: u64 = 64 << 20;
+pub(crate) const MAX_MANIFEST: u64 = 64 << 20;
 
 /// A verified checkpoint, ready for CRIU: its images are in `images_dir`.
 pub struct OpenedCheckpoint {
@@ -69,12 +70,26 @@ impl OpenedCheckpoint {
                 _extracted: None,
             });
         }
+        // An archive with an index says what it holds before anything is extracted: each entry is then held
+        // to the size the manifest declares, and the whole must fit the scratch folder.
+        let source: Arc<dyn ArchiveSource> = Arc::new(LocalSource::open(path).map_err(CheckpointError::io(path))?);
+        let indexed = Trailer::find(&*source).map_err(CheckpointError::io(path))?.is_some();
+        let declared = super::index::declared_manifest(&*source)?;
         std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
+        let free = free_bytes(scratch)?;
+        if let Some(needed) = declared.as_ref().map(Manifest::images_size).filter(|n| *n > free) {
+            return Err(CheckpointError::ScratchFull { dir: scratch.to_path_buf(), needed, free });
+        }
         let dir =
             tempfile::Builder::new().prefix(".cedana-restore-").tempdir_in(scratch).map_err(CheckpointError::io(scratch))?;
-        let (manifest, digests) = walk_archive(path, compression, Some(dir.path()), progress)?;
+        let limits = Limits { declared: declared.as_ref(), dest: Some((dir.path(), free)) };
+        let (manifest, digests) = walk_archive(path, compression, limits, progress)?;
         let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: path.to_path_buf() })?;
         check_version(path, &manifest)?;
+        if declared.is_some_and(|d| d != manifest) {
+            return Err(corrupt(path, "the manifest differs from the one the archive's index points at".into()));
+        }
+        check_index_kept(path, &manifest, indexed)?;
         compare(path, &manifest, &digests)?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -206,13 +221,25 @@ pub fn read_manifest(path: &Path, verify: bool) -> Result<Manifest, CheckpointEr
             return Ok(archive.manifest().clone());
         }
     }
-    let (manifest, digests) = walk_archive(path, compression, None, &|_| {})?;
+    let (manifest, digests) = walk_archive(path, compression, Limits { declared: None, dest: None }, &|_| {})?;
     let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: path.to_path_buf() })?;
     check_version(path, &manifest)?;
     if verify {
+        let source = LocalSource::open(path).map_err(CheckpointError::io(path))?;
+        check_index_kept(path, &manifest, Trailer::find(&source).map_err(CheckpointError::io(path))?.is_some())?;
         compare(path, &manifest, &digests)?;
     }
     Ok(manifest)
+}
+
+/// An archive whose manifest places page images for readers that seek was written with an index at its
+/// very end: without it, the archive lost its end (a plain tar cut after its data reads to the end as if
+/// whole otherwise).
+pub(crate) fn check_index_kept(path: &Path, manifest: &Manifest, indexed: bool) -> Result<(), CheckpointError> {
+    if !manifest.placement.is_empty() && !indexed {
+        return Err(corrupt(path, "the index at the archive's end is missing: the archive was cut short".into()));
+    }
+    Ok(())
 }
 
 /// Read the one file `name` of the checkpoint at `path` (a folder, or an archive of any compression, read
@@ -223,13 +250,22 @@ pub fn read_entry(path: &Path, name: &str) -> Result<Option<Vec<u8>>, Checkpoint
     let compression = Compression::detect_path(path)?;
     let bytes = if compression.is_archive() {
         let file = File::open(path).map_err(CheckpointError::io(path))?;
-        let mut archive = tar::Archive::new(codec::decoder(compression, file)?);
+        let mut archive = tar::Archive::new(TarGuard::new(codec::decoder(compression, file)?));
         let damaged =
             |e: io::Error| corrupt(path, format!("cannot read the {compression} archive ({e}); it is truncated or damaged"));
         let mut found = None;
         for entry in archive.entries().map_err(damaged)? {
             let mut entry = entry.map_err(damaged)?;
             if entry.path().map_err(damaged)?.to_str() == Some(name) {
+                // The entry is read into memory: it must be what the manifest says before a byte is.
+                let kind = entry.header().entry_type();
+                if kind != tar::EntryType::Regular {
+                    return Err(unsupported_entry(path, name, kind));
+                }
+                if entry.size() != expected.size {
+                    let size = entry.size();
+                    return Err(corrupt(path, format!("file {name} has {size} bytes, the manifest says {}", expected.size)));
+                }
                 let mut bytes = Vec::new();
                 entry.read_to_end(&mut bytes).map_err(damaged)?;
                 found = Some(bytes);
@@ -291,20 +327,33 @@ fn folder_job(path: &Path, manifest: &Manifest) -> Result<DigestJob, CheckpointE
     })
 }
 
-/// Stream through an archive, optionally extracting into `dest`, hashing every file.
+/// What a walk through an archive may write.
+struct Limits<'a> {
+    /// The manifest, when the archive's index gave it before the walk: every entry must be listed there,
+    /// with the size it declares.
+    declared: Option<&'a Manifest>,
+    /// Where to extract, and how many bytes may be written there (the free space found before).
+    dest: Option<(&'a Path, u64)>,
+}
+
+/// Stream through an archive, optionally extracting, hashing every file. Only regular files are accepted,
+/// each once, under a relative name; an entry is refused before any of its bytes is written when it is
+/// not what the declared manifest lists or would not fit the space left.
 fn walk_archive(
     path: &Path,
     compression: Compression,
-    dest: Option<&Path>,
+    limits: Limits<'_>,
     progress: &dyn Fn(u64),
 ) -> Result<(Option<Manifest>, Vec<FileDigest>), CheckpointError> {
     let file = File::open(path).map_err(CheckpointError::io(path))?;
     let decoder = ReadAhead::new(codec::decoder(compression, file)?).map_err(CheckpointError::io(path))?;
-    let mut archive = tar::Archive::new(decoder);
+    let mut archive = tar::Archive::new(TarGuard::new(decoder));
     let damaged =
         |e: io::Error| corrupt(path, format!("cannot read the {compression} archive ({e}); it is truncated or damaged"));
     let mut manifest = None;
     let mut digests = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    let mut written = 0u64;
     for entry in archive.entries().map_err(damaged)? {
         let mut entry = entry.map_err(damaged)?;
         let name = entry.path().map_err(damaged)?.to_string_lossy().into_owned();
@@ -312,10 +361,22 @@ fn walk_archive(
         match entry.header().entry_type() {
             tar::EntryType::Directory => continue,
             tar::EntryType::Regular | tar::EntryType::Continuous => {}
-            other => return Err(corrupt(path, format!("entry {name} has unsupported type {other:?}"))),
+            other => return Err(unsupported_entry(path, &name, other)),
         }
         if manifest.is_some() {
             return Err(corrupt(path, format!("entry {name} follows the manifest")));
+        }
+        if !seen.insert(rel.clone()) {
+            return Err(corrupt(path, format!("entry {name} appears twice in the archive")));
+        }
+        if let Some(declared) = limits.declared.filter(|_| name != MANIFEST_NAME) {
+            let Some(listed) = declared.files.iter().find(|f| f.name == name) else {
+                return Err(corrupt(path, format!("unexpected file {name} not listed in the manifest")));
+            };
+            if entry.size() != listed.size {
+                let size = entry.size();
+                return Err(corrupt(path, format!("file {name} has {size} bytes, the manifest says {}", listed.size)));
+            }
         }
         if name == MANIFEST_NAME {
             if entry.size() > MAX_MANIFEST {
@@ -326,8 +387,12 @@ fn walk_archive(
             manifest = Some(parse_manifest(path, &bytes)?);
             continue;
         }
-        let digest = match dest {
-            Some(dest) => {
+        let digest = match limits.dest {
+            Some((dest, free)) => {
+                written = written.saturating_add(entry.size());
+                if written > free {
+                    return Err(CheckpointError::ScratchFull { dir: dest.to_path_buf(), needed: written, free });
+                }
                 let out_path = dest.join(&rel);
                 if let Some(parent) = out_path.parent() {
                     std::fs::create_dir_all(parent).map_err(CheckpointError::io(parent))?;
@@ -347,7 +412,7 @@ fn walk_archive(
         digests.push(digest);
     }
     // Drain the rest of the stream so trailing garbage or a bad final checksum is noticed.
-    let mut rest = archive.into_inner();
+    let mut rest = archive.into_inner().into_inner();
     io::copy(&mut rest, &mut io::sink()).map_err(damaged)?;
     Ok((manifest, digests))
 }
@@ -376,6 +441,22 @@ pub(crate) fn check_version(path: &Path, manifest: &Manifest) -> Result<(), Chec
     if manifest.checksum != super::digest::ALGORITHM {
         return Err(corrupt(path, format!("unknown checksum algorithm {:?}", manifest.checksum)));
     }
+    let mut names = std::collections::HashSet::new();
+    for f in &manifest.files {
+        safe_relative(path, &f.name)?;
+        if f.name == MANIFEST_NAME {
+            return Err(corrupt(path, format!("the manifest lists itself ({MANIFEST_NAME}) as a file")));
+        }
+        if !names.insert(f.name.as_str()) {
+            return Err(corrupt(path, format!("the manifest lists {} twice", f.name)));
+        }
+    }
+    let mut placed = std::collections::HashSet::new();
+    for p in &manifest.placement {
+        if !names.contains(p.name.as_str()) || !placed.insert(p.name.as_str()) {
+            return Err(corrupt(path, format!("the manifest places {} that it does not list once", p.name)));
+        }
+    }
     Ok(())
 }
 
@@ -401,14 +482,35 @@ fn compare(path: &Path, manifest: &Manifest, found: &[FileDigest]) -> Result<(),
     Ok(())
 }
 
-/// Accept only plain relative paths (no `..`, no absolute paths, no empty names).
+/// Accept only plain relative paths (no `..`, no absolute paths, no empty names); the path returned has
+/// only its normal components (`./a` is `a`).
 pub(crate) fn safe_relative(path: &Path, name: &str) -> Result<PathBuf, CheckpointError> {
     let p = Path::new(name);
-    let ok = !name.is_empty() && p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
-    if !ok {
+    let ok = p.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    let rel: PathBuf = p.components().filter(|c| matches!(c, Component::Normal(_))).collect();
+    if !ok || rel.as_os_str().is_empty() || name.contains('\0') {
         return Err(corrupt(path, format!("entry {name:?} would escape the checkpoint folder")));
     }
-    Ok(p.to_path_buf())
+    Ok(rel)
+}
+
+/// The refusal of an archive entry that is not a regular file (a link, a device, a FIFO...).
+pub(crate) fn unsupported_entry(path: &Path, name: &str, kind: tar::EntryType) -> CheckpointError {
+    let what = match kind {
+        tar::EntryType::Symlink => "a symbolic link",
+        tar::EntryType::Link => "a hard link",
+        tar::EntryType::Char => "a character device",
+        tar::EntryType::Block => "a block device",
+        tar::EntryType::Fifo => "a FIFO",
+        _ => "of an unsupported type",
+    };
+    corrupt(path, format!("entry {name} is {what}, not a regular file; a checkpoint holds only regular files"))
+}
+
+/// Bytes free for us under `dir`.
+fn free_bytes(dir: &Path) -> Result<u64, CheckpointError> {
+    let st = nix::sys::statvfs::statvfs(dir).map_err(|e| CheckpointError::Io { path: dir.to_path_buf(), source: e.into() })?;
+    Ok(st.blocks_available().saturating_mul(st.fragment_size()))
 }
 
 pub(crate) fn corrupt(path: &Path, detail: String) -> CheckpointError {

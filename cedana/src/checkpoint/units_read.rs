@@ -57,7 +57,8 @@ impl Units<'_> {
             let detail = format!("{} has {} units for {chunks} chunks", self.expected.name, self.sizes.len());
             return Err(corrupt(self.location, detail));
         }
-        let starts: Vec<u64> = self.sizes.iter().scan(self.base, |at, len| Some(std::mem::replace(at, *at + len))).collect();
+        let starts: Vec<u64> =
+            self.sizes.iter().scan(self.base, |at, len| Some(std::mem::replace(at, at.saturating_add(*len)))).collect();
         let workers = workers.max(1);
         let window = Mutex::new(Window { next: 0, written: 0, failed: false });
         let turn = Condvar::new();
@@ -155,15 +156,27 @@ pub(crate) fn decode_unit(
     len: usize,
 ) -> io::Result<Vec<u8>> {
     let damaged = |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}; it is truncated or damaged"));
+    // A manifest may claim any size: nothing larger than a unit can be is read, nor past the archive's end.
+    if size > max_unit(len) || start.checked_add(size).is_none_or(|end| end > source.len()) {
+        return Err(damaged(format!("is placed at {start} with {size} bytes, which the archive cannot hold")));
+    }
     let mut packed = vec![0u8; size as usize];
     source.read_exact_at(start, &mut packed)?;
     let mut data = Vec::with_capacity(len);
+    // One byte more than expected is enough to tell a unit that decodes to more (a bomb) from a good one.
     crate::codec::decoder(compression, io::Cursor::new(packed))
         .map_err(io::Error::other)?
+        .take(len as u64 + 1)
         .read_to_end(&mut data)
         .map_err(|e| damaged(format!("does not decode ({e})")))?;
     if data.len() != len {
         return Err(damaged(format!("holds {} bytes, not {len}", data.len())));
     }
     Ok(data)
+}
+
+/// The most bytes a unit holding `len` bytes compresses to in any of our formats (each stays within a small
+/// fraction over its input when it cannot compress it).
+pub(crate) fn max_unit(len: usize) -> u64 {
+    len as u64 + len as u64 / 64 + (64 << 10)
 }

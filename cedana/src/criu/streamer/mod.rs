@@ -78,8 +78,9 @@ struct Reply {
     exists: bool,
 }
 
-/// Read one request; `None` at the end of the connection.
-fn read_request(conn: &mut UnixStream) -> Result<Option<String>, StreamerError> {
+/// Read one request (a frame naming an image) from CRIU's connection; `None` at its end. Any byte stream
+/// is either a request, the end, or a [`StreamerError::Protocol`].
+pub fn read_request(conn: &mut impl Read) -> Result<Option<String>, StreamerError> {
     let mut len = [0u8; 4];
     match conn.read_exact(&mut len) {
         Ok(()) => {}
