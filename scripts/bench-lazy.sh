@@ -5,7 +5,11 @@
 #   scripts/bench-lazy.sh            # as root; builds cedana (release) first
 #
 # Environment: ROUNDS=3, SIZE_MIB=1024, CRIU=<criu binary>, NO_BUILD=1 (skip the release build),
-#   CEDANA=target/release/cedana, BENCH_DIR=/var/tmp/cedana-lazy.PID (removed unless KEEP=1).
+#   CEDANA=target/release/cedana, BENCH_DIR=/var/tmp/cedana-lazy.PID (removed unless KEEP=1),
+#   S3=1: also from an object store, an s3s-fs server on 127.0.0.1 (scripts/lib/s3s.sh installs it once):
+#   the zstd checkpoint is dumped there too, and restored from it normally (streamed by ranged reads) and lazily
+#   (one ranged read per 8 MiB piece, as the program needs it). moto is no use here: it reads the whole object
+#   for every ranged read.
 #
 # The workload is dumped once by cedana into a folder (`--compression none`: plain CRIU images beside our
 # manifest, so raw CRIU restores it as it is), once into an uncompressed archive (`tar`) and once into a zstd
@@ -35,6 +39,11 @@ if [ -z "${CEDANA_BENCH_REAPER:-}" ]; then
         (cd "$ROOT" && cargo build --release -p cedana) >&2
     fi
     [ -x "$CEDANA" ] || die "no cedana binary at $CEDANA"
+    if [ "${S3:-0}" = 1 ]; then
+        # shellcheck source=lib/s3s.sh
+        source "$HERE/lib/s3s.sh"
+        ensure_s3s_fs || die "cannot install s3s-fs"
+    fi
     BENCH_DIR=${BENCH_DIR:-/var/tmp/cedana-lazy.$$}
     mkdir -p "$BENCH_DIR/bin"
     cp "$CEDANA" "$BENCH_DIR/bin/cedana"
@@ -55,8 +64,10 @@ RES=$WORK/results.tsv
 : >"$RES"
 WPID=
 
+S3S_PID=
 cleanup() {
     local rc=$?
+    if [ -n "$S3S_PID" ]; then kill "$S3S_PID" 2>/dev/null || true; fi
     if [ -n "$WPID" ] && [ "$(cat "/proc/$WPID/comm" 2>/dev/null)" = workload ]; then kill -KILL "$WPID" || true; fi
     if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
     exit $rc
@@ -90,6 +101,12 @@ for ((i = 0; i < 600; i++)); do [ -s "$WORK/workload.pid" ] && break; sleep 0.1;
 WPID=$(cat "$WORK/workload.pid")
 "$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name folder --compression none --leave-running >/dev/null
 "$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name archive --compression tar --leave-running >/dev/null
+if [ "${S3:-0}" = 1 ]; then
+    # shellcheck source=lib/s3s.sh
+    source "$HERE/lib/s3s.sh"
+    start_s3s_fs "$WORK/s3" bench || die "s3s-fs does not answer (see $WORK/s3/s3s.log)"
+    "$CEDANA" dump process "$WPID" --dir s3://bench/ckpt --name archive --compression zstd --leave-running >/dev/null
+fi
 "$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name archive --compression zstd >/dev/null
 wait_gone
 FOLDER=$WORK/ckpt/folder
@@ -100,6 +117,7 @@ path_of() {
     case $1 in
         *-tar) echo "$ARCHIVE" ;;
         *-zstd) echo "$ZSTD" ;;
+        *-s3) echo "s3://bench/ckpt/archive.tar.zst" ;;
         *) echo "$FOLDER" ;;
     esac
 }
@@ -119,6 +137,7 @@ run_mode() {
 }
 
 MODES=(raw normal lazy normal-tar lazy-tar normal-zstd lazy-zstd)
+[ "${S3:-0}" = 1 ] && MODES+=(normal-s3 lazy-s3)
 for ((r = 0; r < ROUNDS; r++)); do
     for ((k = 0; k < ${#MODES[@]}; k++)); do
         m=${MODES[$(((k + r) % ${#MODES[@]}))]}
@@ -137,7 +156,7 @@ read -r expected actual <"$WORK/workload.sum"
 echo "memory after a lazy restore: checksum $actual as at start" >&2
 end_restored check
 
-python3 - "$RES" <<'PY'
+python3 - "$RES" "${S3:-0}" <<'PY'
 import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines()]
 def med(mode, metric):
@@ -145,14 +164,15 @@ def med(mode, metric):
     return statistics.median(v), min(v), max(v)
 print(f"{'restore':<34}{'median s':>10}{'min':>8}{'max':>8}")
 lines = [("raw", "wall", "raw criu restore (folder)")]
-for f, name in [("", "folder"), ("-tar", "tar"), ("-zstd", "zstd")]:
+formats = [("", "folder"), ("-tar", "tar"), ("-zstd", "zstd")] + ([("-s3", "zstd in S3")] if sys.argv[2] == "1" else [])
+for f, name in formats:
     lines += [(f"normal{f}", "wall", f"cedana restore ({name})"), (f"lazy{f}", "running", f"lazy ({name}): running"),
               (f"lazy{f}", "wall", f"lazy ({name}): wholly local")]
 for mode, metric, label in lines:
     m, lo, hi = med(mode, metric)
     print(f"{label:<34}{m:>10.3f}{lo:>8.3f}{hi:>8.3f}")
 raw = med("raw", "wall")[0]
-for f in ["", "-tar", "-zstd"]:
+for f, _ in formats:
     print(f"lazy{f or ' (folder)'}: time to running {med('lazy' + f, 'running')[0] / raw:.2f}x raw criu restore; "
           f"time to wholly local {med('lazy' + f, 'wall')[0] / med('normal' + f, 'wall')[0]:.2f}x a normal cedana restore of it")
 PY

@@ -5,10 +5,18 @@
 # CRI. See integration/examples/bench_migration.rs for what is timed.
 #
 #   scripts/bench-migration.sh        # as root; SIZE_MIB=1024 ROUNDS=3 by default
+#   S3_SERVER=s3s scripts/bench-migration.sh   # through s3s-fs instead of moto (installed once by lib/s3s.sh):
+#                                              # moto reads the whole object for every ranged read
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [ "$(id -u)" = 0 ] || { echo "bench-migration: run as root" >&2; exit 1; }
 cd "$ROOT"
+if [ "${S3_SERVER:-moto}" = s3s ]; then
+    # shellcheck source=lib/s3s.sh
+    source scripts/lib/s3s.sh
+    ensure_s3s_fs
+    export CEDANA_S3S_BIN=$S3S_BIN
+fi
 # The shim, cedana-runc and cedana the example drives, and the example itself (release builds).
 cargo build --release -p cedana -p cedana-runc -p containerd-shim-cedana-v2 >&2
 cargo build --release -p cedana-integration --example bench_migration >&2

@@ -13,7 +13,9 @@
 //! - pod deletion through the CRI as the kubelet does it (StopContainer with a grace period, StopPodSandbox,
 //!   RemoveContainer, RemovePodSandbox), of a pod annotated `io.cedana.checkpoint-on-stop` and of one without.
 //!
-//! Environment: SIZE_MIB (default 1024), ROUNDS (default 3). Prints medians and the ratios.
+//! Environment: SIZE_MIB (default 1024), ROUNDS (default 3), S3_SERVER (moto, the default, or s3s: s3s-fs,
+//! which answers a ranged read with the range alone where moto reads the whole object for each). Prints medians
+//! and the ratios.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -21,6 +23,7 @@ use std::time::{Duration, Instant};
 
 use cedana_integration::engines::{put_shim_on_path, Containerd};
 use cedana_integration::moto::MotoServer;
+use cedana_integration::s3s::S3sServer;
 use cedana_integration::nodes::Nodes;
 use cedana_integration::wait_for;
 
@@ -37,10 +40,46 @@ struct Bench {
     out: PathBuf,
     a: Containerd,
     b: Containerd,
-    moto: MotoServer,
+    moto: Store,
     stops: PathBuf,
     _nodes: Nodes,
     _tmp: tempfile::TempDir,
+}
+
+/// The S3-compatible server between the nodes.
+enum Store {
+    Moto(MotoServer),
+    S3s(S3sServer),
+}
+
+impl Store {
+    fn start_on(host: &str) -> Store {
+        match std::env::var("S3_SERVER").as_deref() {
+            Ok("s3s") => Store::S3s(S3sServer::start_on(host)),
+            _ => Store::Moto(MotoServer::start_on(host)),
+        }
+    }
+
+    fn env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Store::Moto(m) => m.env(),
+            Store::S3s(s) => s.env(),
+        }
+    }
+
+    fn url(&self, key: &str) -> String {
+        match self {
+            Store::Moto(m) => m.url(key),
+            Store::S3s(s) => s.url(key),
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            Store::Moto(_) => "moto",
+            Store::S3s(_) => "s3s-fs",
+        }
+    }
 }
 
 impl Bench {
@@ -143,7 +182,8 @@ fn main() {
     put_shim_on_path();
     let tmp = tempfile::tempdir_in("/var/tmp").expect("a scratch folder");
     let nodes = Nodes::new();
-    let moto = MotoServer::start_on(&nodes.gateway);
+    let moto = Store::start_on(&nodes.gateway);
+    eprintln!("object store: {}", moto.name());
     let env = moto.env();
     let a = Containerd::start_in(&tmp.path().join("ctd-a"), &env, Some(&nodes.a.netns));
     let b = Containerd::start_in(&tmp.path().join("ctd-b"), &env, Some(&nodes.b.netns));

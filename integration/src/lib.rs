@@ -10,6 +10,7 @@ pub mod images;
 pub mod lines;
 pub mod moto;
 pub mod nodes;
+pub mod s3s;
 pub mod workload;
 
 use std::path::{Path, PathBuf};
