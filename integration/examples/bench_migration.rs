@@ -23,8 +23,8 @@ use std::time::{Duration, Instant};
 
 use cedana_integration::engines::{put_shim_on_path, Containerd};
 use cedana_integration::moto::MotoServer;
-use cedana_integration::s3s::S3sServer;
 use cedana_integration::nodes::Nodes;
+use cedana_integration::s3s::S3sServer;
 use cedana_integration::wait_for;
 
 const RUNTIME: &str = "io.containerd.cedana.v2";

@@ -23,9 +23,8 @@ pub struct S3sServer {
 impl S3sServer {
     /// Start s3s-fs on `host` (an address of this machine) and a free port, with the bucket `cedana-test`.
     pub fn start_on(host: &str) -> S3sServer {
-        let bin = std::env::var_os("CEDANA_S3S_BIN")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/opt/cedana/s3s/bin/s3s-fs"));
+        let bin =
+            std::env::var_os("CEDANA_S3S_BIN").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/opt/cedana/s3s/bin/s3s-fs"));
         assert!(bin.is_file(), "s3s-fs is not installed at {}: scripts/lib/s3s.sh installs it", bin.display());
         let data = tempfile::tempdir_in("/var/tmp").expect("a folder for s3s-fs");
         let bucket = "cedana-test".to_string();
