@@ -6,10 +6,12 @@
 #
 # Environment: ROUNDS=3, SIZE_MIB=1024, CRIU=<criu binary>, NO_BUILD=1 (skip the release build),
 #   CEDANA=target/release/cedana, BENCH_DIR=/var/tmp/cedana-lazy.PID (removed unless KEEP=1),
-#   S3=1: also from an object store, an s3s-fs server on 127.0.0.1 (scripts/lib/s3s.sh installs it once):
-#   the zstd checkpoint is dumped there too, and restored from it normally (streamed by ranged reads) and lazily
-#   (one ranged read per 8 MiB piece, as the program needs it). moto is no use here: it reads the whole object
-#   for every ranged read.
+#   S3=1: also from an object store: the zstd checkpoint is dumped into an s3s-fs server on 127.0.0.1 too
+#   (the S3 API: a multipart upload), and restored from it through nginx serving s3s-fs's files (GET and
+#   HEAD, ranges read in place, as S3 serves them; see scripts/lib/s3s.sh, which installs both once): normally
+#   (streamed by ranged reads) and lazily (one ranged read per 8 MiB piece, as the program needs it), against
+#   a whole-object GET of it by curl. moto and s3s-fs themselves read an object from its start for every
+#   ranged read.
 #
 # The workload is dumped once by cedana into a folder (`--compression none`: plain CRIU images beside our
 # manifest, so raw CRIU restores it as it is), once into an uncompressed archive (`tar`) and once into a zstd
@@ -43,6 +45,7 @@ if [ -z "${CEDANA_BENCH_REAPER:-}" ]; then
         # shellcheck source=lib/s3s.sh
         source "$HERE/lib/s3s.sh"
         ensure_s3s_fs || die "cannot install s3s-fs"
+        ensure_nginx || die "cannot unpack nginx"
     fi
     BENCH_DIR=${BENCH_DIR:-/var/tmp/cedana-lazy.$$}
     mkdir -p "$BENCH_DIR/bin"
@@ -68,6 +71,7 @@ S3S_PID=
 cleanup() {
     local rc=$?
     if [ -n "$S3S_PID" ]; then kill "$S3S_PID" 2>/dev/null || true; fi
+    if [ -n "${NGINX_PID:-}" ]; then kill "$NGINX_PID" 2>/dev/null || true; fi
     if [ -n "$WPID" ] && [ "$(cat "/proc/$WPID/comm" 2>/dev/null)" = workload ]; then kill -KILL "$WPID" || true; fi
     if [ "${KEEP:-0}" = 1 ]; then echo "kept $WORK" >&2; else rm -rf "$WORK"; fi
     exit $rc
@@ -106,6 +110,8 @@ if [ "${S3:-0}" = 1 ]; then
     source "$HERE/lib/s3s.sh"
     start_s3s_fs "$WORK/s3" bench || die "s3s-fs does not answer (see $WORK/s3/s3s.log)"
     "$CEDANA" dump process "$WPID" --dir s3://bench/ckpt --name archive --compression zstd --leave-running >/dev/null
+    start_range_reader "$WORK/s3" || die "nginx does not answer (see $WORK/s3/nginx/error.log)"
+    export AWS_ENDPOINT_URL=$RANGE_ENDPOINT
 fi
 "$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name archive --compression zstd >/dev/null
 wait_gone
@@ -127,6 +133,10 @@ run_mode() {
     p=$(path_of "$1")
     case $1 in
         raw) timed raw "$CRIU" restore -d -D "$FOLDER" -o "$WORK/raw-restore.log" -v4 ;;
+        get-s3)
+            timed get-s3 curl -sf -o /dev/null "$RANGE_ENDPOINT/bench/ckpt/archive.tar.zst"
+            return
+            ;;
         normal*) timed "$1" "$CEDANA" restore process --path "$p" --detach ;;
         lazy*)
             timed "$1" "$CEDANA" restore process --path "$p" --detach --lazy --output json
@@ -137,7 +147,7 @@ run_mode() {
 }
 
 MODES=(raw normal lazy normal-tar lazy-tar normal-zstd lazy-zstd)
-[ "${S3:-0}" = 1 ] && MODES+=(normal-s3 lazy-s3)
+[ "${S3:-0}" = 1 ] && MODES+=(get-s3 normal-s3 lazy-s3)
 for ((r = 0; r < ROUNDS; r++)); do
     for ((k = 0; k < ${#MODES[@]}; k++)); do
         m=${MODES[$(((k + r) % ${#MODES[@]}))]}
@@ -172,6 +182,10 @@ for mode, metric, label in lines:
     m, lo, hi = med(mode, metric)
     print(f"{label:<34}{m:>10.3f}{lo:>8.3f}{hi:>8.3f}")
 raw = med("raw", "wall")[0]
+if sys.argv[2] == "1":
+    m, lo, hi = med("get-s3", "wall")
+    print(f"{'GET of the whole object (curl)':<34}{m:>10.3f}{lo:>8.3f}{hi:>8.3f}")
+    print(f"lazy-s3: wholly local {med('lazy-s3', 'wall')[0] / m:.2f}x the GET of the whole object alone")
 for f, _ in formats:
     print(f"lazy{f or ' (folder)'}: time to running {med('lazy' + f, 'running')[0] / raw:.2f}x raw criu restore; "
           f"time to wholly local {med('lazy' + f, 'wall')[0] / med('normal' + f, 'wall')[0]:.2f}x a normal cedana restore of it")

@@ -5,8 +5,9 @@
 # CRI. See integration/examples/bench_migration.rs for what is timed.
 #
 #   scripts/bench-migration.sh        # as root; SIZE_MIB=1024 ROUNDS=3 by default
-#   S3_SERVER=s3s scripts/bench-migration.sh   # through s3s-fs instead of moto (installed once by lib/s3s.sh):
-#                                              # moto reads the whole object for every ranged read
+#   S3_SERVER=s3s scripts/bench-migration.sh   # dumps into s3s-fs, restores read through nginx serving its
+#                                              # files (lib/s3s.sh installs both once): moto and s3s-fs read the
+#                                              # whole object from its start for every ranged read
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 [ "$(id -u)" = 0 ] || { echo "bench-migration: run as root" >&2; exit 1; }
@@ -15,7 +16,8 @@ if [ "${S3_SERVER:-moto}" = s3s ]; then
     # shellcheck source=lib/s3s.sh
     source scripts/lib/s3s.sh
     ensure_s3s_fs
-    export CEDANA_S3S_BIN=$S3S_BIN
+    ensure_nginx
+    export CEDANA_S3S_BIN=$S3S_BIN CEDANA_NGINX=$NGINX_PREFIX/usr/sbin/nginx
 fi
 # The shim, cedana-runc and cedana the example drives, and the example itself (release builds).
 cargo build --release -p cedana -p cedana-runc -p containerd-shim-cedana-v2 >&2

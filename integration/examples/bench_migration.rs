@@ -67,6 +67,14 @@ impl Store {
         }
     }
 
+    /// The environment of whoever reads checkpoints (the restoring CLI, node B's containerd and shims).
+    fn read_env(&self) -> Vec<(&'static str, String)> {
+        match self {
+            Store::Moto(m) => m.env(),
+            Store::S3s(s) => s.read_env(),
+        }
+    }
+
     fn url(&self, key: &str) -> String {
         match self {
             Store::Moto(m) => m.url(key),
@@ -114,7 +122,8 @@ impl Bench {
     fn cedana(&self, args: &[&str]) -> String {
         let mut cmd = Command::new(cedana_integration::bin("cedana"));
         cmd.args(args).env("CEDANA_PROFILING_ENABLED", "false");
-        for (k, v) in self.moto.env() {
+        let env = if args.first() == Some(&"restore") { self.moto.read_env() } else { self.moto.env() };
+        for (k, v) in env {
             cmd.env(k, v);
         }
         cedana_integration::success_stdout(&format!("cedana {args:?}"), &cmd.output().expect("cedana"))
@@ -186,7 +195,7 @@ fn main() {
     eprintln!("object store: {}", moto.name());
     let env = moto.env();
     let a = Containerd::start_in(&tmp.path().join("ctd-a"), &env, Some(&nodes.a.netns));
-    let b = Containerd::start_in(&tmp.path().join("ctd-b"), &env, Some(&nodes.b.netns));
+    let b = Containerd::start_in(&tmp.path().join("ctd-b"), &moto.read_env(), Some(&nodes.b.netns));
     let rootfs = cedana_integration::images::busybox_rootfs(&tmp.path().join("rootfs"));
     let source = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/bench/workload.c");
     let built =

@@ -1,7 +1,9 @@
-//! s3s-fs, an S3-compatible server that keeps objects as files and answers a ranged read with the range alone,
-//! for benchmarks of restores from an object store (moto, the tests' server, reads the whole object for each
-//! ranged read). `scripts/lib/s3s.sh` installs it; found at `$CEDANA_S3S_BIN`, else
-//! `/opt/cedana/s3s/bin/s3s-fs`.
+//! s3s-fs, an S3-compatible server that keeps each object as the file BUCKET/KEY, with nginx serving those
+//! files for reads: for benchmarks of restores from an object store. s3s-fs (as moto, the tests' server)
+//! answers a ranged read by reading the object from its start; nginx reads the range in place and answers
+//! GET and HEAD path-style with the headers an S3 client reads, as S3 does (it checks no signature).
+//! `scripts/lib/s3s.sh` installs both; found at `$CEDANA_S3S_BIN` (else `/opt/cedana/s3s/bin/s3s-fs`) and
+//! `$CEDANA_NGINX` (else `/opt/cedana/nginx/usr/sbin/nginx`).
 
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -14,8 +16,10 @@ use crate::wait_for;
 /// PID) when dropped.
 pub struct S3sServer {
     child: Child,
+    reader: Child,
     host: String,
     port: u16,
+    read_port: u16,
     bucket: String,
     _data: tempfile::TempDir,
 }
@@ -38,9 +42,21 @@ impl S3sServer {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
-        let address = format!("{host}:{port}");
-        wait_for("s3s-fs to answer", Duration::from_secs(30), || std::net::TcpStream::connect(&address).ok().map(drop));
-        S3sServer { child, host: host.to_string(), port, bucket, _data: data }
+        let (reader, read_port) = start_nginx(host, data.path());
+        for (what, p) in [("s3s-fs", port), ("nginx", read_port)] {
+            let address = format!("{host}:{p}");
+            wait_for(&format!("{what} to answer"), Duration::from_secs(30), || {
+                std::net::TcpStream::connect(&address).ok().map(drop)
+            });
+        }
+        S3sServer { child, reader, host: host.to_string(), port, read_port, bucket, _data: data }
+    }
+
+    /// The environment a client needs to read from this server through nginx (ranges in place).
+    pub fn read_env(&self) -> Vec<(&'static str, String)> {
+        let mut env = self.env();
+        env[0].1 = format!("http://{}:{}", self.host, self.read_port);
+        env
     }
 
     /// `s3://BUCKET/KEY` in its bucket.
@@ -62,7 +78,41 @@ impl S3sServer {
 
 impl Drop for S3sServer {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        for child in [&mut self.child, &mut self.reader] {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
+}
+
+/// nginx on `host` and a free port serving `data` (in the foreground, its files under `data/.nginx`).
+fn start_nginx(host: &str, data: &std::path::Path) -> (Child, u16) {
+    let bin =
+        std::env::var_os("CEDANA_NGINX").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/opt/cedana/nginx/usr/sbin/nginx"));
+    assert!(bin.is_file(), "nginx is not unpacked at {}: scripts/lib/s3s.sh does it", bin.display());
+    let dir = data.join(".nginx");
+    std::fs::create_dir_all(dir.join("tmp")).expect("nginx's folder");
+    let port = free_port();
+    let d = dir.display();
+    let conf = format!(
+        "daemon off; worker_processes 2; user root; pid {d}/nginx.pid; error_log {d}/error.log;\n\
+         events {{ worker_connections 256; }}\n\
+         http {{ access_log off; sendfile on; default_type application/octet-stream;\n\
+         client_body_temp_path {d}/tmp/body; proxy_temp_path {d}/tmp/proxy; fastcgi_temp_path {d}/tmp/fastcgi;\n\
+         uwsgi_temp_path {d}/tmp/uwsgi; scgi_temp_path {d}/tmp/scgi;\n\
+         server {{ listen {host}:{port}; root {}; }} }}\n",
+        data.display()
+    );
+    std::fs::write(dir.join("nginx.conf"), conf).expect("nginx.conf");
+    let child = Command::new(&bin)
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap_or_else(|e| panic!("starting {}: {e}", bin.display()));
+    (child, port)
 }
