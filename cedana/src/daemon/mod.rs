@@ -11,6 +11,7 @@ pub mod convert;
 mod health;
 mod jobs;
 mod manage;
+mod recover;
 mod run;
 pub mod service;
 
@@ -63,6 +64,7 @@ pub fn start(mut config: Config, address: Option<String>) -> anyhow::Result<i32>
     let supervisor = Supervisor::new(events_tx)?;
     let serials = service::Serials::default();
     readopt(&store, &supervisor, &serials);
+    recover::halted_but_running(&store, &supervisor, &serials);
     {
         let (store, serials) = (store.clone(), serials.clone());
         std::thread::Builder::new().name("job-exits".into()).spawn(move || service::follow_exits(store, serials, events))?;
