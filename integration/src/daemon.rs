@@ -231,6 +231,13 @@ impl Daemon {
         assert!(status.success(), "the daemon exits cleanly on SIGTERM: {status}; log:\n{}", self.log());
     }
 
+    /// SIGKILL, as a crash would, and reap it: nothing of its own cleanup runs.
+    pub fn kill_hard(&mut self) {
+        let mut child = self.child.take().expect("the daemon runs");
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
     /// [`Daemon::stop`], then [`Daemon::spawn`] on the same state.
     pub fn restart(&mut self) {
         self.stop();

@@ -7,6 +7,7 @@ pub mod daemon;
 pub mod engines;
 pub mod gpu;
 pub mod images;
+pub mod invariants;
 pub mod lines;
 pub mod moto;
 pub mod nodes;

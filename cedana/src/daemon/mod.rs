@@ -12,6 +12,7 @@ pub mod convert;
 mod health;
 mod jobs;
 mod manage;
+mod recover;
 mod run;
 pub mod service;
 
@@ -72,6 +73,7 @@ pub fn start(mut config: Config, address: Option<String>) -> anyhow::Result<i32>
     let serials = service::Serials::default();
     let registering = service::Registering::default();
     readopt(&store, &supervisor, &serials);
+    recover::halted_but_running(&store, &supervisor, &serials);
     {
         let (store, serials, registering) = (store.clone(), serials.clone(), registering.clone());
         std::thread::Builder::new()

@@ -17,6 +17,7 @@ use crate::codec::Compression;
 use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
 use crate::engine::hooks::{HookContext, HookPoint};
+use crate::engine::leftovers;
 use crate::engine::location::Destination;
 use crate::engine::stream::{self, StreamIntake};
 use crate::engine::targets::{self, CheckpointCall, DumpTarget, Prepared, TargetSpec};
@@ -108,6 +109,9 @@ pub(crate) fn run(
         None => free_name(&req.destination, &default_name(prepared.kind, &prepared.id), req.compression),
     };
     check_name(&name)?;
+    if let Some(dir) = req.destination.local_dir() {
+        leftovers::sweep(dir);
+    }
     let (writer, staging, images_dir) = open_writer(engine, &req, &name)?;
     let mut hook_ctx =
         HookContext::new(prepared.kind, prepared.process.pid, prepared.container_id.clone(), writer.final_path().to_path_buf());
@@ -177,7 +181,7 @@ fn open_writer(
         return Ok((writer, None, dir));
     }
     let staging = tempfile::Builder::new()
-        .prefix(".cedana-images-")
+        .prefix(&leftovers::prefix(".cedana-images-"))
         .tempdir_in(&staging_parent)
         .map_err(EngineError::io(format!("creating a staging folder in {}", staging_parent.display())))?;
     let dir = staging.path().to_path_buf();
@@ -218,9 +222,12 @@ fn checkpoint(
     writer.set_cancel(ctx.cancel().clone());
     let temp_work = match &prepared.work_path {
         Some(_) => None,
-        None => {
-            Some(tempfile::Builder::new().prefix("cedana-dump-").tempdir().map_err(EngineError::io("creating a work folder"))?)
-        }
+        None => Some(
+            tempfile::Builder::new()
+                .prefix(&leftovers::prefix("cedana-dump-"))
+                .tempdir()
+                .map_err(EngineError::io("creating a work folder"))?,
+        ),
     };
     let work = match (&prepared.work_path, &temp_work) {
         (Some(p), _) => p.clone(),
@@ -288,6 +295,10 @@ fn checkpoint(
             if res.is_ok() && commit_frozen {
                 // CRIU's statistics are written after this point: such a manifest has none.
                 res = packing.take_writer().and_then(|w| finish(w, None)).map(|done| state.committed = Some(done));
+            } else if res.is_ok() && !survives {
+                // The last moment the workload can be given back: its images must still have a place to be
+                // committed to (a folder removed under the dump would lose them once CRIU ends the tree).
+                res = packing.writer().and_then(|w| still_in_place(w, req.destination.local_dir()));
             }
             state.time = t.elapsed();
             match res {
@@ -346,6 +357,7 @@ fn checkpoint(
             if survives {
                 package_failure(source)
             } else {
+                crate::engine::leftovers::mark_kept(&kept);
                 EngineError::Unfinished { pid: prepared.process.pid, kept, source }
             }
         })?;
@@ -362,6 +374,7 @@ fn checkpoint(
             if let Some(t) = temp_work {
                 // Kept outside the macro: tracing skips its arguments when the level is off.
                 let kept = t.keep();
+                crate::engine::leftovers::mark_kept(&kept);
                 tracing::info!(log = %kept.display(), "CRIU's work folder was kept");
             }
             return Err(match outcome {
@@ -376,6 +389,7 @@ fn checkpoint(
         } else {
             if let Some(t) = temp_work {
                 let kept = t.keep();
+                crate::engine::leftovers::mark_kept(&kept);
                 tracing::info!(log = %kept.display(), "the checkpoint failed in CRIU; its work folder was kept");
             }
             err
@@ -397,6 +411,22 @@ fn checkpoint(
         _ => disk_size(&path),
     };
     Ok(DumpOutcome { path, manifest, size, criu_time, package_time, total_time: Duration::ZERO, detected: Vec::new(), streamed })
+}
+
+/// Whether the hidden checkpoint of `writer` is still where it will be committed, in the local folder `dir`
+/// (nothing to check for other destinations).
+fn still_in_place(writer: &CheckpointWriter, dir: Option<&Path>) -> Result<(), CheckpointError> {
+    if dir.is_none() {
+        return Ok(());
+    }
+    let temp = writer.temp_path();
+    match temp.symlink_metadata() {
+        Ok(_) => Ok(()),
+        Err(source) => {
+            tracing::error!(path = %temp.display(), "the checkpoint's folder was removed during the dump: giving the workload back");
+            Err(CheckpointError::Io { path: temp.to_path_buf(), source })
+        }
+    }
 }
 
 /// Where CRIU's images go on their way into the checkpoint.

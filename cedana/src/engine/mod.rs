@@ -15,6 +15,7 @@ pub mod dump;
 pub mod error;
 pub mod hooks;
 pub(crate) mod lazy;
+pub mod leftovers;
 pub mod location;
 #[cfg(feature = "storage")]
 pub(crate) mod remote;
@@ -66,6 +67,7 @@ impl Engine {
     pub fn new(config: Config) -> Result<Self, EngineError> {
         let criu = Criu::locate(config.criu.binary_path.as_deref())?;
         let version = criu.supported_version()?;
+        leftovers::sweep_config(&config);
         let driver: Arc<dyn CriuDriver> = match config.criu_driver() {
             CriuDriverKind::Cli => Arc::new(CliDriver::new(criu)),
             CriuDriverKind::Swrk => Arc::new(SwrkDriver::new(criu)),

@@ -18,7 +18,7 @@ fn config(engine: &Engine) -> StorageConfig {
 }
 
 /// Object-store settings under `config` (today all from the standard environment).
-fn storage_config(_config: &Config) -> StorageConfig {
+pub(crate) fn storage_config(_config: &Config) -> StorageConfig {
     StorageConfig::default()
 }
 
@@ -49,20 +49,19 @@ pub(crate) enum Remote {
     Downloaded(PathBuf, tempfile::TempDir),
 }
 
-pub(crate) fn open(engine: &Engine, url: &str, stream: bool) -> Result<Remote, EngineError> {
+pub(crate) fn open(engine: &Engine, url: &str, stream: bool, scratch: &Path) -> Result<Remote, EngineError> {
     let object = ObjectUrl::parse(url)?;
     let source = Arc::new(storage::open_source(&object, &config(engine))?);
-    let scratch = engine.scratch_dir();
     if stream {
         let shared: Arc<dyn ArchiveSource> = source.clone();
         // Only process checkpoints stream (a container's runtime runs CRIU on files).
-        if let Some(opened) = OpenedCheckpoint::open_streamed_from(shared, Path::new(url), &scratch)?
+        if let Some(opened) = OpenedCheckpoint::open_streamed_from(shared, Path::new(url), scratch)?
             .filter(|o| o.manifest.kind == crate::checkpoint::CheckpointKind::Process)
         {
             return Ok(Remote::Streamed(Box::new(opened)));
         }
     }
-    let (path, dir) = download(&scratch, url, &object, &source)?;
+    let (path, dir) = download(scratch, url, &object, &source)?;
     Ok(Remote::Downloaded(path, dir))
 }
 
@@ -84,7 +83,7 @@ fn download(
 ) -> Result<(PathBuf, tempfile::TempDir), EngineError> {
     std::fs::create_dir_all(scratch).map_err(EngineError::io(format!("creating {}", scratch.display())))?;
     let dir = tempfile::Builder::new()
-        .prefix(".cedana-download-")
+        .prefix(&crate::engine::leftovers::prefix(".cedana-download-"))
         .tempdir_in(scratch)
         .map_err(EngineError::io(format!("creating a folder in {}", scratch.display())))?;
     let path = dir.path().join(object.name());

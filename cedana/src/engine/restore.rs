@@ -175,6 +175,16 @@ pub(crate) fn run(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Resu
     }
 }
 
+/// A folder of this restore in the scratch folder (`.cedana-scratch-PID-*`), deleted when dropped.
+fn operation_scratch(engine: &Engine) -> Result<tempfile::TempDir, EngineError> {
+    let parent = engine.scratch_dir();
+    std::fs::create_dir_all(&parent).map_err(EngineError::io(format!("creating {}", parent.display())))?;
+    tempfile::Builder::new()
+        .prefix(&crate::engine::leftovers::prefix(".cedana-scratch-"))
+        .tempdir_in(&parent)
+        .map_err(EngineError::io(format!("creating a folder in {}", parent.display())))
+}
+
 /// Whether `e` refused a lazy restore of a checkpoint that a normal restore takes.
 fn cannot_be_lazy(e: &EngineError) -> bool {
     matches!(e, EngineError::Checkpoint(crate::checkpoint::CheckpointError::NotInPlace { .. }) | EngineError::NotLazy { .. })
@@ -182,6 +192,12 @@ fn cannot_be_lazy(e: &EngineError) -> bool {
 
 fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<RestoreOutcome, EngineError> {
     let started = Instant::now();
+    // The reader's folders (an extraction, a streamed restore's small images, a download) go into a folder of
+    // this operation, named after this process, which a later start sweeps should this one be killed (see
+    // `leftovers`); dropped last, once nothing reads from it. A lazy restore's pages may outlive this call:
+    // they stay in the scratch folder itself.
+    let op_scratch = if req.lazy { None } else { Some(operation_scratch(engine)?) };
+    let scratch = op_scratch.as_ref().map(|t| t.path().to_path_buf()).unwrap_or_else(|| engine.scratch_dir());
     let may_stream = req.stream.unwrap_or(engine.config().stream())
         && matches!(req.only, None | Some(CheckpointKind::Process))
         && engine.criu().can_stream()
@@ -193,7 +209,7 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
         #[cfg(feature = "storage")]
         Source::Url(u) if req.lazy => (PathBuf::from(u), Some(crate::engine::remote::open_lazy(engine, u)?), None),
         #[cfg(feature = "storage")]
-        Source::Url(u) => match crate::engine::remote::open(engine, u, may_stream)? {
+        Source::Url(u) => match crate::engine::remote::open(engine, u, may_stream, &scratch)? {
             crate::engine::remote::Remote::Streamed(opened) => (PathBuf::from(u), Some(*opened), None),
             crate::engine::remote::Remote::Downloaded(p, guard) => (p, None, Some(guard)),
         },
@@ -219,7 +235,7 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
     let streamed = match from_store {
         Some(opened) => Some(opened),
         None if stream => {
-            OpenedCheckpoint::open_streamed(&path, &engine.scratch_dir())?.filter(|o| o.manifest.kind == CheckpointKind::Process)
+            OpenedCheckpoint::open_streamed(&path, &scratch)?.filter(|o| o.manifest.kind == CheckpointKind::Process)
         }
         None => None,
     };
@@ -233,7 +249,7 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
         (opened, Some(pending))
     } else {
         progress.phase("verifying", Some(crate::engine::dump::disk_size(&path)));
-        let opened = OpenedCheckpoint::open(&path, &engine.scratch_dir(), &|n| progress.advance(n));
+        let opened = OpenedCheckpoint::open(&path, &scratch, &|n| progress.advance(n));
         progress.finish();
         (opened?, None)
     };

@@ -18,6 +18,7 @@
 
 pub mod config;
 mod error;
+pub mod journal;
 pub mod parts;
 mod runtime;
 mod sink;

@@ -46,6 +46,8 @@ pub struct ObjectSink {
     sealed: bool,
     /// Completed or aborted: nothing to clean up.
     settled: bool,
+    /// The local record of the upload in progress (see [`super::journal`]).
+    record: super::journal::Record,
 }
 
 impl ObjectSink {
@@ -65,6 +67,7 @@ impl ObjectSink {
         let upload =
             runtime::run(async move { mp.create_multipart(&p).await.map_err(|e| StorageError::from_store(&u, &e, &secrets)) })?;
         tracing::debug!(url = %url, part_size = config.part_size, "multipart upload started");
+        let record = super::journal::Record::write(url, &upload);
         Ok(Self {
             location: PathBuf::from(url.to_string()),
             url: url.clone(),
@@ -80,6 +83,7 @@ impl ObjectSink {
             failed: None,
             sealed: false,
             settled: false,
+            record,
         })
     }
 
@@ -213,6 +217,7 @@ impl ObjectSink {
         // Not sticky: completing can be tried again (every part is uploaded).
         runtime::run(async move { u.store.multipart.complete_multipart(&u.path, &u.id, ids).await.map_err(|e| u.error(&e)) })?;
         self.settled = true;
+        self.record.settle();
         tracing::info!(url = %self.url, bytes = self.parts.written(), parts = total, "upload complete");
         Ok(())
     }
@@ -231,7 +236,10 @@ impl ObjectSink {
         }
         let u = self.upload_ref();
         match runtime::run(async move { u.store.multipart.abort_multipart(&u.path, &u.id).await.map_err(|e| u.error(&e)) }) {
-            Ok(()) => tracing::debug!(url = %self.url, "multipart upload aborted"),
+            Ok(()) => {
+                self.record.settle();
+                tracing::debug!(url = %self.url, "multipart upload aborted")
+            }
             Err(error) => tracing::warn!(
                 url = %self.url, %error,
                 "could not abort the multipart upload: its parts stay stored (and billed) until a lifecycle rule removes them"

@@ -259,6 +259,19 @@ impl Server {
         let thread = std::thread::Builder::new()
             .name("criu-streamer".into())
             .spawn(move || {
+                // Polled, not a blocking accept: `stop` must end the wait even when the socket's path is gone
+                // (its folder removed under a dump), where connecting to wake it up cannot work.
+                loop {
+                    let mut fds = [libc::pollfd { fd: listener.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+                    // SAFETY: poll on one valid descriptor we own.
+                    let rc = unsafe { libc::poll(fds.as_mut_ptr(), 1, 100) };
+                    if state.stop.load(Ordering::SeqCst) {
+                        return;
+                    }
+                    if rc > 0 {
+                        break;
+                    }
+                }
                 let Ok((mut conn, _)) = listener.accept() else { return };
                 if state.stop.load(Ordering::SeqCst) {
                     return;
@@ -314,7 +327,8 @@ impl Server {
     fn stop(&mut self) {
         self.shared.stop.store(true, Ordering::SeqCst);
         if let Some(t) = self.thread.take() {
-            // Wake an accept that is still waiting (CRIU never connected).
+            // Wake an accept that is still waiting (CRIU never connected) at once; else it sees `stop` within
+            // its poll's timeout.
             let _ = UnixStream::connect(&self.path);
             let _ = t.join();
         }

@@ -257,8 +257,10 @@ impl RestoreTarget for ProcessRestore {
             user.extra.push("--lazy-pages".into());
         }
         let options = opened.manifest.criu_options.merged_with(&user);
-        let work =
-            tempfile::Builder::new().prefix("cedana-restore-").tempdir().map_err(EngineError::io("creating a work folder"))?;
+        let work = tempfile::Builder::new()
+            .prefix(&crate::engine::leftovers::prefix("cedana-restore-"))
+            .tempdir()
+            .map_err(EngineError::io("creating a work folder"))?;
         // A lazy restore: CRIU's lazy-pages daemon listens before the restore begins.
         let lazy = match &opened.lazy {
             Some(pages) => {
@@ -328,6 +330,7 @@ impl RestoreTarget for ProcessRestore {
             Err(e) => {
                 let cause = lazy.and_then(LazyDaemon::abort);
                 let kept = work.keep();
+                crate::engine::leftovers::mark_kept(&kept);
                 tracing::info!(log = %kept.display(), "criu restore failed; its log was kept");
                 return Err(cause.unwrap_or_else(|| e.into()));
             }
@@ -339,6 +342,7 @@ impl RestoreTarget for ProcessRestore {
             Ok(lazy) => lazy,
             Err(e) => {
                 let kept = work.keep();
+                crate::engine::leftovers::mark_kept(&kept);
                 tracing::info!(log = %kept.display(), "the lazy restore failed; CRIU's logs were kept");
                 return Err(e);
             }

@@ -270,7 +270,7 @@ impl RestoreTarget for RuncRestore {
         recorded.retain(|f| !flags.extra.contains(f));
         flags.extra.extend(recorded);
         let temp_work = tempfile::Builder::new()
-            .prefix("cedana-runc-restore-")
+            .prefix(&crate::engine::leftovers::prefix("cedana-runc-restore-"))
             .tempdir()
             .map_err(EngineError::io("creating a work folder"))?;
         if flags.work_path.is_none() {
@@ -292,6 +292,7 @@ impl RestoreTarget for RuncRestore {
             Err(e) => {
                 let cause = lazy.and_then(LazyDaemon::abort);
                 let kept = temp_work.keep();
+                crate::engine::leftovers::mark_kept(&kept);
                 tracing::error!(work = %kept.display(), "runc restore failed; its work folder was kept");
                 return Err(cause.unwrap_or_else(|| e.into()));
             }
@@ -314,6 +315,7 @@ impl RestoreTarget for RuncRestore {
             Ok(lazy) => lazy,
             Err(e) => {
                 let kept = temp_work.keep();
+                crate::engine::leftovers::mark_kept(&kept);
                 tracing::error!(work = %kept.display(), "the lazy restore failed; the work folder was kept");
                 return Err(e);
             }
