@@ -8,6 +8,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use cedana_integration::daemon::{printed_pid, rows, Daemon};
+use cedana_integration::workload::Workload;
 use cedana_integration::{alive, bin, wait_for, workload_bin};
 
 /// A user and their group, created for this test and removed (with every process of theirs) when dropped.
@@ -207,9 +208,10 @@ fn a_socket_groups_members_act_only_on_what_they_own() {
     assert!(bob.command(Path::new("cp")).arg("/bin/true").arg(&fake).status().unwrap().success());
     let err = bob.err(&d, &["restore", "process", "--path", fake.to_str().unwrap()]);
     assert!(err.contains("not a checkpoint the daemon wrote"), "{err}");
-    let mut root_counter = Command::new(workload_bin("counter")).stdout(Stdio::null()).spawn().unwrap();
-    let out = d.ok(&["dump", "process", &root_counter.id().to_string(), "--dir", bob.home.to_str().unwrap()]);
-    let _ = root_counter.wait();
+    // Started as the other tests start workloads (a session of its own, no descriptor of the test's).
+    let root_counter = Workload::start(&workload_bin("counter"), &[], base.path());
+    let out = d.ok(&["dump", "process", &root_counter.pid.to_string(), "--dir", bob.home.to_str().unwrap()]);
+    drop(root_counter);
     let roots = dumped_path(&out);
     let err = bob.err(&d, &["restore", "process", "--path", roots.to_str().unwrap()]);
     assert!(err.contains("not a checkpoint the daemon wrote"), "{err}");

@@ -95,10 +95,11 @@ fn a_stopping_container_is_checkpointed_into_an_object_store() {
     let id = "on-stop-s3";
     run(&s, id, &out, &[format!("io.cedana.checkpoint-on-stop={}", moto.url("stops"))], &["/bin/sh", "-c", COUNTER]);
     wait_for("the counter to count", T, || (counts(&out).len() >= 5).then_some(()));
+    // The checkpoint is taken during the kill, so after this count (the counter counts on until SIGKILL).
+    let at_checkpoint = *counts(&out).last().unwrap();
     s.d.ok(&["task", "kill", id]);
     let key = format!("stops/{id}/cedana-checkpoint.tar.zst");
     assert!(moto.has_object(&key), "the checkpoint is an object of the store once kill returns");
-    let at_checkpoint = *counts(&out).last().unwrap();
     stop(&s, id, "SIGKILL");
     let last = *counts(&out).last().unwrap();
     remove(&s, id);
