@@ -82,6 +82,13 @@ impl Scene {
         cmd
     }
 
+    /// `cedana dump process PID --no-server --dir DIR --name NAME --compression COMPRESSION` in this scene, not
+    /// yet run.
+    pub fn dump(&self, pid: i32, dir: &str, name: &str, compression: &str) -> Command {
+        let pid = pid.to_string();
+        self.cedana(&["dump", "process", &pid, "--no-server", "--dir", dir, "--name", name, "--compression", compression])
+    }
+
     /// The CRIU processes working for this scene that still exist: those holding a file or folder of it open
     /// (CRIU rewrites its environment and arguments for its process titles, so the marker cannot be read back
     /// from CRIU itself; its work and images folders are always open in it).

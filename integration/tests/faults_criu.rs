@@ -29,22 +29,7 @@ fn criu_faults_at_dump_leave_the_workload_running_and_nothing_behind() {
             let mut w = Workload::start(&workload_bin("memory"), &["32"], &scene.work());
             let sum = w.wait_lines(1)[0].clone();
             let dest = scene.dest();
-            let out = scene
-                .cedana(&[
-                    "dump",
-                    "process",
-                    &w.pid.to_string(),
-                    "--no-server",
-                    "--dir",
-                    dest.to_str().unwrap(),
-                    "--name",
-                    "f",
-                    "--compression",
-                    compression,
-                ])
-                .env("CRIU_FAULT", code)
-                .output()
-                .unwrap();
+            let out = scene.dump(w.pid, dest.to_str().unwrap(), "f", compression).env("CRIU_FAULT", code).output().unwrap();
             let stderr = String::from_utf8_lossy(&out.stderr);
             if out.status.success() {
                 // CRIU ended the tree and the checkpoint is complete: it must restore, memory and all.
@@ -82,21 +67,7 @@ fn criu_faults_at_restore_leave_nothing_running_and_name_criu() {
         let mut w = Workload::start(&workload_bin("memory"), &["32"], &scene.work());
         let sum = w.wait_lines(1)[0].clone();
         let dest = scene.dest();
-        let out = scene
-            .cedana(&[
-                "dump",
-                "process",
-                &w.pid.to_string(),
-                "--no-server",
-                "--dir",
-                dest.to_str().unwrap(),
-                "--name",
-                "f",
-                "--compression",
-                "zstd",
-            ])
-            .output()
-            .unwrap();
+        let out = scene.dump(w.pid, dest.to_str().unwrap(), "f", "zstd").output().unwrap();
         assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
         w.reap();
         let path = dest.join("f.tar.zst");

@@ -25,21 +25,7 @@ fn a_process_survives_100_cycles_with_its_count_intact() {
     for cycle in 0..CYCLES {
         let before = wait_for_count(&w.log, numbers_in(&w.log).len() + STEP, T).len();
         let name = format!("c{cycle}");
-        let out = scene
-            .cedana(&[
-                "dump",
-                "process",
-                &w.pid.to_string(),
-                "--no-server",
-                "--dir",
-                dest.to_str().unwrap(),
-                "--name",
-                &name,
-                "--compression",
-                "lz4",
-            ])
-            .output()
-            .unwrap();
+        let out = scene.dump(w.pid, dest.to_str().unwrap(), &name, "lz4").output().unwrap();
         assert!(out.status.success(), "cycle {cycle}: dump: {}", String::from_utf8_lossy(&out.stderr));
         if cycle == 0 {
             w.reap();

@@ -249,21 +249,7 @@ fn kill_restore(phase: RestorePhase, victim: Victim, flags: &[&str]) {
     let mut w = Workload::start(&workload_bin("memory"), &[MIB], &scene.work());
     let sum = w.wait_lines(1)[0].clone();
     let dest = scene.dest();
-    let out = scene
-        .cedana(&[
-            "dump",
-            "process",
-            &w.pid.to_string(),
-            "--no-server",
-            "--dir",
-            dest.to_str().unwrap(),
-            "--name",
-            "r",
-            "--compression",
-            "lz4",
-        ])
-        .output()
-        .unwrap();
+    let out = scene.dump(w.pid, dest.to_str().unwrap(), "r", "lz4").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     w.reap();
     let path = dest.join("r.tar.lz4");

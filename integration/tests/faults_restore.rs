@@ -16,21 +16,7 @@ fn dumped(scene: &Scene) -> (Workload, String, std::path::PathBuf) {
     let mut w = Workload::start(&workload_bin("memory"), &["32"], &scene.work());
     let sum = w.wait_lines(1)[0].clone();
     let dest = scene.dest();
-    let out = scene
-        .cedana(&[
-            "dump",
-            "process",
-            &w.pid.to_string(),
-            "--no-server",
-            "--dir",
-            dest.to_str().unwrap(),
-            "--name",
-            "r",
-            "--compression",
-            "zstd",
-        ])
-        .output()
-        .unwrap();
+    let out = scene.dump(w.pid, dest.to_str().unwrap(), "r", "zstd").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     w.reap();
     wait_for("the dumped PID to be free", Duration::from_secs(10), || (!alive(w.pid)).then_some(()));

@@ -28,18 +28,7 @@ fn spawn(cmd: &mut Command) -> Child {
 
 /// Start a dump of `w` to moto's `prefix` (gzip: the upload lasts), and wait until parts are uploaded.
 fn dump_to_moto(scene: &Scene, moto: &MotoServer, w: &Workload, prefix: &str) -> Child {
-    let mut cmd = scene.cedana(&[
-        "dump",
-        "process",
-        &w.pid.to_string(),
-        "--no-server",
-        "--dir",
-        &moto.url(prefix),
-        "--name",
-        "s",
-        "--compression",
-        "gzip",
-    ]);
+    let mut cmd = scene.dump(w.pid, &moto.url(prefix), "s", "gzip");
     let child = spawn(cmd.envs(moto.env()));
     wait_for("a part upload", Duration::from_secs(60), || moto.log().contains("partNumber=").then_some(()));
     child
@@ -100,22 +89,7 @@ fn faulty_restore(flags: &[&str], fault: impl FnOnce(&mut MotoServer, Option<&Fa
     let mut moto = MotoServer::start();
     let mut w = Workload::start(&workload_bin("memory"), &["256"], &scene.work());
     w.wait_lines(1);
-    let out = scene
-        .cedana(&[
-            "dump",
-            "process",
-            &w.pid.to_string(),
-            "--no-server",
-            "--dir",
-            &moto.url("r"),
-            "--name",
-            "s",
-            "--compression",
-            "lz4",
-        ])
-        .envs(moto.env())
-        .output()
-        .unwrap();
+    let out = scene.dump(w.pid, &moto.url("r"), "s", "lz4").envs(moto.env()).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     w.reap();
     wait_for("the dumped PID to be free", Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
@@ -206,18 +180,7 @@ fn a_destination_removed_mid_dump_gives_the_workload_back() {
         let dest = scene.dest().join("sub");
         let w = Workload::start(&workload_bin("memory"), &["256"], &scene.work());
         let sum = w.wait_lines(1)[0].clone();
-        let child = spawn(&mut scene.cedana(&[
-            "dump",
-            "process",
-            &w.pid.to_string(),
-            "--no-server",
-            "--dir",
-            dest.to_str().unwrap(),
-            "--name",
-            "gone",
-            "--compression",
-            compression,
-        ]));
+        let child = spawn(&mut scene.dump(w.pid, dest.to_str().unwrap(), "gone", compression));
         // While the images are written (CRIU holds the workload frozen): the hidden checkpoint grows.
         wait_for_fast("the hidden checkpoint to grow", Duration::from_secs(60), || {
             std::fs::read_dir(&dest).ok()?.flatten().find(|e| {

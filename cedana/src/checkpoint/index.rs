@@ -89,15 +89,7 @@ impl IndexedArchive {
     /// its small files add up to more than `max_tail` bytes: read it front to back instead.
     pub fn open(source: Arc<dyn ArchiveSource>, max_tail: u64) -> Result<Option<Self>, CheckpointError> {
         let location = std::path::PathBuf::from(source.location());
-        let io_err = |e| CheckpointError::Io { path: location.clone(), source: e };
-        let mut head = [0u8; 512];
-        let n = head.len().min(source.len() as usize);
-        source.read_exact_at(0, &mut head[..n]).map_err(io_err)?;
-        let Some(compression) = Compression::detect_bytes(&head[..n]) else { return Ok(None) };
-        if !codec::units::supports_late_headers(compression) {
-            return Ok(None);
-        }
-        let Some(trailer) = Trailer::find(&*source).map_err(io_err)? else { return Ok(None) };
+        let Some((compression, trailer)) = find_index(&*source)? else { return Ok(None) };
         if trailer.tail_bytes > max_tail {
             return Ok(None);
         }
@@ -357,12 +349,10 @@ fn read_tail(
     Ok(Tail { manifest, small, digests })
 }
 
-/// The manifest of the archive in `source` as its index gives it, before anything else is read (`None`
-/// when it has no index): read through the tar stream of the small files without holding them, however
-/// large. Checked as a manifest, not yet against the files.
-pub(crate) fn declared_manifest(source: &dyn ArchiveSource) -> Result<Option<Manifest>, CheckpointError> {
-    let location = std::path::PathBuf::from(source.location());
-    let io_err = |e| CheckpointError::Io { path: location.clone(), source: e };
+/// The compression of the archive in `source` and its index's trailer; `None` when it has no index (a format
+/// without late headers, an older version, a stream).
+fn find_index(source: &dyn ArchiveSource) -> Result<Option<(Compression, Trailer)>, CheckpointError> {
+    let io_err = |e| CheckpointError::Io { path: std::path::PathBuf::from(source.location()), source: e };
     let mut head = [0u8; 512];
     let n = head.len().min(source.len() as usize);
     source.read_exact_at(0, &mut head[..n]).map_err(io_err)?;
@@ -370,7 +360,15 @@ pub(crate) fn declared_manifest(source: &dyn ArchiveSource) -> Result<Option<Man
     if !codec::units::supports_late_headers(compression) {
         return Ok(None);
     }
-    let Some(trailer) = Trailer::find(source).map_err(io_err)? else { return Ok(None) };
+    Ok(Trailer::find(source).map_err(io_err)?.map(|t| (compression, t)))
+}
+
+/// The manifest of the archive in `source` as its index gives it, before anything else is read (`None`
+/// when it has no index): read through the tar stream of the small files without holding them, however
+/// large. Checked as a manifest, not yet against the files.
+pub(crate) fn declared_manifest(source: &dyn ArchiveSource) -> Result<Option<Manifest>, CheckpointError> {
+    let location = std::path::PathBuf::from(source.location());
+    let Some((compression, trailer)) = find_index(source)? else { return Ok(None) };
     let manifest = read_tail(source, compression, trailer, None)?.manifest;
     let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: location.clone() })?;
     super::reader::check_version(&location, &manifest)?;
