@@ -54,13 +54,6 @@ pub fn start(mut config: Config, address: Option<String>) -> anyhow::Result<i32>
             Listen::Tcp { address, access: auth::RequireToken::new(token, file) }
         }
     };
-    // Buffers of a megabyte or more (codec units, image pipes) are mapped and unmapped, not kept in malloc's
-    // arenas: glibc's threshold otherwise rises with each large free, and a long-lived daemon that served
-    // many operations at once would keep their high-water mark resident.
-    // SAFETY: mallopt takes plain integers; called before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
-    }
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integers and touches no memory of ours.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error()).context("becoming a child subreaper");

@@ -171,7 +171,12 @@ impl Service {
         let req = request.into_inner();
         let cancel = Cancel::new();
         let mut guard = CancelOnDrop { cancel: cancel.clone(), call, done: false };
-        let result = blocking(move || f(&s, &caller, req, &cancel)).await;
+        let result = blocking(move || {
+            let result = f(&s, &caller, req, &cancel);
+            release_memory();
+            result
+        })
+        .await;
         guard.done = true;
         result.map(Response::new)
     }
@@ -223,6 +228,18 @@ impl pb::daemon_server::Daemon for Service {
 
     async fn check(&self, request: Request<pb::CheckRequest>) -> Reply<pb::CheckResponse> {
         self.answer(request, |s, _, _| Ok(s.check())).await
+    }
+}
+
+/// Give the memory an operation freed back to the system. glibc keeps freed buffers in its arenas (one per
+/// thread that allocated, up to 8 per core) and raises its mapping threshold with each large free, so a
+/// long-lived daemon that ran many dumps at once would keep their high-water mark resident (230 MB after 50
+/// concurrent dumps of small processes, growing over a soak); trimmed after each dump, restore and manage, it
+/// stays flat. Done after the operation, not during it: its buffers are reused while it runs.
+fn release_memory() {
+    // SAFETY: malloc_trim only returns free memory of the allocator's arenas to the system.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
