@@ -78,10 +78,11 @@ impl S3sServer {
 
 impl Drop for S3sServer {
     fn drop(&mut self) {
-        for child in [&mut self.child, &mut self.reader] {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        // nginx's master stops its workers on SIGTERM (SIGKILL would leave them running).
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.reader.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.reader.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 
