@@ -75,22 +75,31 @@ pub fn config(dir: &Path, sandbox_image: &str) -> String {
   snapshotter = "overlayfs"
   default_runtime_name = "runc"
 
-[{cri}.containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-
-[{cri}.containerd.runtimes.{CEDANA_HANDLER}]
-  runtime_type = "{CEDANA_RUNTIME}"
-  pod_annotations = ["io.cedana.*"]
-  container_annotations = ["io.cedana.*"]
+{runtimes}
 
 [{cri}.cni]
   bin_dir = {cni_bin}
   conf_dir = {cni_conf}
 "#,
         head = private_paths(dir, 2),
+        runtimes = runtimes(&format!("{cri}.containerd")),
         cni_bin = p("cni/bin"),
         cni_conf = p("cni/conf"),
         restrict_oom = !can_lower_oom_score(),
+    )
+}
+
+/// The runtime tables under `section` (the same in both configuration forms): runc, and the handler
+/// `cedana` on our shim with the `io.cedana.*` annotations passed through.
+fn runtimes(section: &str) -> String {
+    format!(
+        r#"[{section}.runtimes.runc]
+  runtime_type = "io.containerd.runc.v2"
+
+[{section}.runtimes.{CEDANA_HANDLER}]
+  runtime_type = "{CEDANA_RUNTIME}"
+  pod_annotations = ["io.cedana.*"]
+  container_annotations = ["io.cedana.*"]"#
     )
 }
 
@@ -125,19 +134,14 @@ pub fn config_v3(dir: &Path, sandbox_image: &str) -> String {
 [{runtime}.containerd]
   default_runtime_name = "runc"
 
-[{runtime}.containerd.runtimes.runc]
-  runtime_type = "io.containerd.runc.v2"
-
-[{runtime}.containerd.runtimes.{CEDANA_HANDLER}]
-  runtime_type = "{CEDANA_RUNTIME}"
-  pod_annotations = ["io.cedana.*"]
-  container_annotations = ["io.cedana.*"]
+{runtimes}
 
 [{runtime}.cni]
   bin_dirs = [{cni_bin}]
   conf_dir = {cni_conf}
 "#,
         head = private_paths(dir, 3),
+        runtimes = runtimes(&format!("{runtime}.containerd")),
         cni_bin = p("cni/bin"),
         cni_conf = p("cni/conf"),
         restrict_oom = !can_lower_oom_score(),

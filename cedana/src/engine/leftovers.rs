@@ -68,8 +68,9 @@ fn parse_pid(s: &str) -> Option<i32> {
     s.parse().ok().filter(|p| *p > 0)
 }
 
-/// Whether the process `pid` exists (a zombie counts as gone).
-fn running(pid: i32) -> bool {
+/// Whether the process `pid` exists (a zombie counts as gone): the owner of a leftover named after it may
+/// still be working.
+pub(crate) fn running(pid: i32) -> bool {
     if pid == std::process::id() as i32 {
         return true;
     }

@@ -73,8 +73,7 @@ pub fn abort_orphans(dir: &Path, config: &StorageConfig) -> Vec<String> {
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let Some(pid) = owner(&name) else { continue };
-        let alive = pid == std::process::id() as i32 || crate::procfs::stat(pid).map(|s| !s.is_zombie()).unwrap_or(false);
-        if alive {
+        if crate::engine::leftovers::running(pid) {
             continue;
         }
         let path = entry.path();
