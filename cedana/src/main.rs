@@ -9,6 +9,8 @@ use clap::Parser;
 fn main() {
     // CRIU runs this binary as its action script during dumps and restores.
     cedana::criu::hook::run_if_invoked();
+    // The daemon runs it as the stdio holder of each attachable job.
+    cedana::jobs::holder::run_if_invoked();
     let cli = cli::Cli::parse();
     // The flag, else the configuration (its file or CEDANA_LOG_LEVEL), else warn; RUST_LOG overrides all.
     let level = cli.log_level.clone().unwrap_or_else(|| match cedana::config::Config::load_from(cli.config.as_deref()) {

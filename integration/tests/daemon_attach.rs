@@ -274,3 +274,61 @@ fn quick_start_attached_detach_dump_and_restore_attached_goes_on() {
     d.ok(&["job", "kill", "counter1"]);
     wait_for("the job's exit to be recorded", WAIT, || (d.row("counter1")[3] == "exited").then_some(()));
 }
+
+/// The stdio holders' sockets of a daemon (one per attachable job whose holder runs).
+fn holder_sockets(d: &Daemon) -> Vec<String> {
+    match std::fs::read_dir(d.dir().join("stdio")) {
+        Ok(entries) => entries.map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+#[test]
+fn attachable_jobs_outlive_a_stopped_or_killed_daemon_and_clients_attach_again_after_its_restart() {
+    let mut d = start();
+    let log = d.dir().join("loop.log");
+    let script = "i=0; while true; do echo $i; i=$((i+1)); sleep 0.01; done";
+    let out =
+        d.ok(&["run", "process", "--attachable", "--jid", "loop", "--out", log.to_str().unwrap(), "--", "sh", "-c", script]);
+    let pid = printed_pid(&out);
+    let cat = printed_pid(&d.ok(&["run", "process", "--attachable", "--jid", "cat", "--", "cat"]));
+    wait_for("a stdio holder per attachable job", WAIT, || (holder_sockets(&d).len() == 2).then_some(()));
+
+    for (round, crash) in [(1, false), (2, true)] {
+        let before = numbers_in(&log).len();
+        if crash {
+            d.kill_hard();
+        } else {
+            d.stop();
+        }
+        // Without the daemon the jobs go on: the output keeps flowing into the log (it would have died of
+        // SIGPIPE at its next write with nobody holding its pipes), and cat's stdin stays open.
+        wait_for("the log to grow while the daemon is away", WAIT, || (numbers_in(&log).len() > before + 50).then_some(()));
+        assert!(alive(pid) && alive(cat), "round {round}: the jobs run without their daemon");
+        d.spawn();
+        // After the restart: attach, see live output continuing the count, type into cat.
+        let mut watching = client(&d, &["job", "attach", "loop"]);
+        let seen = watching.stdout.wait_numbers(20, WAIT);
+        assert!(consecutive(&seen), "round {round}: live output in order: {seen:?}");
+        watching.detach("loop");
+        let mut typing = client(&d, &["job", "attach", "cat"]);
+        typing.type_in(&format!("round {round}\n"));
+        typing.stdout.wait_for(1, WAIT);
+        assert_eq!(typing.stdout.snapshot(), [format!("round {round}")], "round {round}: stdin reaches the job again");
+        typing.detach("cat");
+        assert!(d.log().contains("re-adopted a running job"), "{}", d.log());
+    }
+    // Every line once, in order, across the daemon's two absences: the holder wrote while the daemon was away.
+    let logged = numbers_in(&log);
+    assert!(logged.len() > 150 && consecutive(&logged) && logged[0] == 0, "the log has no gap or repeat: {} lines", logged.len());
+
+    // Closing stdin after a restart closes the holder's copy too: cat reads end of file and exits. (Its exit
+    // status went to init with the old daemon's death: the client reports it unknown, 255.)
+    let mut closing = client(&d, &["job", "attach", "cat"]);
+    closing.close_stdin();
+    assert_eq!(closing.wait().code(), Some(255));
+    wait_for("cat to end", WAIT, || (!alive(cat)).then_some(()));
+    d.ok(&["job", "kill", "loop"]);
+    wait_for("the loop to end", WAIT, || (!alive(pid)).then_some(()));
+    wait_for("the holders to exit and remove their sockets", WAIT, || holder_sockets(&d).is_empty().then_some(()));
+}

@@ -128,9 +128,9 @@ fn a_runc_job_runs_is_dumped_and_restored_and_counts_on_without_a_gap() {
 }
 
 #[test]
-fn a_runc_job_with_a_log_keeps_logging_through_a_dump_and_restore() {
+fn a_runc_job_with_a_log_keeps_logging_through_a_dump_and_restore_and_a_daemon_crash() {
     // stdout through pipes the daemon holds (a host file as the container's stdout could not be dumped).
-    let d = Daemon::start();
+    let mut d = Daemon::start();
     let runc = RuncRoot::new(d.dir(), "runc");
     let bundle = Bundle::counter(&d.dir().join("bundle"));
     let (jid, id) = (unique("logging"), unique("logging-ctr"));
@@ -152,6 +152,16 @@ fn a_runc_job_with_a_log_keeps_logging_through_a_dump_and_restore() {
         (v.len() >= before + 5).then_some(v)
     });
     assert!(from_zero_without_gaps(&after), "{after:?}");
+    // The daemon crashes: the container's output goes on into the log through its stdio holder (with no
+    // reader left it would die of SIGPIPE), and the restarted daemon takes its pipes back.
+    d.kill_hard();
+    let down = numbers().len();
+    wait_for("the log to grow while the daemon is away", T, || (numbers().len() >= down + 3).then_some(()));
+    d.spawn();
+    let back = numbers().len();
+    wait_for("the log to grow after the restart", T, || (numbers().len() >= back + 3).then_some(()));
+    assert!(from_zero_without_gaps(&numbers()), "{:?}", numbers());
+    assert!(["running", "sleep"].contains(&d.row(&jid)[3].as_str()), "{:?}", d.row(&jid));
     d.ok(&["job", "kill", &jid]);
     d.wait_status(&jid, &["exited"]);
     d.ok(&["job", "delete", &jid]);

@@ -22,9 +22,10 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use cedana::config::{Config, DaemonAddress};
 use cedana::engine::Engine;
-use cedana::jobs::model::JobState;
+use cedana::jobs::holder::{HolderConfig, HolderError};
+use cedana::jobs::model::{Job, JobState};
 use cedana::jobs::store::JobStore;
-use cedana::jobs::supervisor::Supervisor;
+use cedana::jobs::supervisor::{Supervisor, SupervisorConfig, SupervisorError};
 use cedana_protos::v1::daemon_client::DaemonClient;
 use cedana_protos::v1::daemon_server::DaemonServer;
 use cedana_protos::BearerToken;
@@ -62,7 +63,9 @@ pub fn start(mut config: Config, address: Option<String>) -> anyhow::Result<i32>
     let store = JobStore::open(&db).with_context(|| format!("opening the job store {}", db.display()))?;
     let engine = Engine::new(config)?;
     let (events_tx, events) = std::sync::mpsc::channel();
-    let supervisor = Supervisor::new(events_tx)?;
+    let holder = holder_config(&db)?;
+    let supervisor =
+        Supervisor::with_config(events_tx, SupervisorConfig { holder: Some(holder), ..SupervisorConfig::default() })?;
     let serials = service::Serials::default();
     let registering = service::Registering::default();
     readopt(&store, &supervisor, &serials);
@@ -79,13 +82,25 @@ pub fn start(mut config: Config, address: Option<String>) -> anyhow::Result<i32>
     Ok(0)
 }
 
+/// Where the stdio holders of attachable jobs ([`cedana::jobs::holder`]) are started from and keep their
+/// sockets: `stdio/` next to the job store, root-only; sockets of holders that are gone are removed.
+fn holder_config(db: &Path) -> anyhow::Result<HolderConfig> {
+    let exe = std::env::current_exe().context("finding the cedana binary (for the jobs' stdio holders)")?;
+    let dir = db.parent().unwrap_or(Path::new("/")).join("stdio");
+    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+        .with_context(|| format!("making {} root-only", dir.display()))?;
+    cedana::jobs::holder::sweep(&dir);
+    Ok(HolderConfig { exe, dir })
+}
+
 /// Jobs the store says run: watch those still alive, mark the others lost.
 fn readopt(store: &JobStore, supervisor: &Supervisor, serials: &service::Serials) {
     let Ok(jobs) = store.list() else { return };
     for job in jobs.into_iter().filter(|j| j.state == JobState::Running) {
         let alive = cedana::procfs::stat(job.pid).map(|s| !s.is_zombie()).unwrap_or(false);
         if alive {
-            if let Ok(serial) = supervisor.watch(job.pid) {
+            if let Ok(serial) = supervise_again(supervisor, &job) {
                 service::track(serials, job.pid, serial);
                 tracing::info!(jid = %job.jid, pid = job.pid, "re-adopted a running job");
                 continue;
@@ -94,6 +109,22 @@ fn readopt(store: &JobStore, supervisor: &Supervisor, serials: &service::Serials
         tracing::info!(jid = %job.jid, pid = job.pid, "a job's process is gone: marking it lost");
         let _ = store.set_state(&job.jid, JobState::Lost, None);
     }
+}
+
+/// Follow a job the daemon started before it restarted: an attachable job gets its pipes back from its
+/// stdio holder (so clients can attach again, and its log goes on through the daemon); any other job, or
+/// one whose holder is gone, is watched.
+pub(super) fn supervise_again(supervisor: &Supervisor, job: &Job) -> Result<u64, SupervisorError> {
+    // Jobs on pipes (attachable ones, runc jobs with a log) have a holder; others have none.
+    match supervisor.reattach(job.pid, job.log.as_deref()) {
+        Ok(serial) => return Ok(serial),
+        Err(SupervisorError::Holder(HolderError::NotFound { .. })) if !job.attachable => {}
+        Err(e) => tracing::warn!(
+            jid = %job.jid, pid = job.pid, error = %e,
+            "cannot take the job's pipes back: it is followed, but clients cannot attach to it"
+        ),
+    }
+    supervisor.watch(job.pid)
 }
 
 /// What the daemon listens on, bound.

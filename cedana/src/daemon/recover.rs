@@ -20,7 +20,7 @@ pub(super) fn halted_but_running(store: &JobStore, supervisor: &Supervisor, seri
         if !runs(&job) {
             continue;
         }
-        match supervisor.watch(job.pid) {
+        match super::supervise_again(supervisor, &job) {
             Ok(serial) => {
                 service::track(serials, job.pid, serial);
                 match store.set_state(&job.jid, JobState::Running, None) {

@@ -30,6 +30,7 @@ use std::time::Duration;
 use nix::errno::Errno;
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 
+use super::holder::HolderLink;
 use super::supervisor::ExitInfo;
 
 /// How much recent output (stdout and stderr together) a late subscriber is replayed.
@@ -218,6 +219,8 @@ pub struct OutputHub {
     exited: AtomicBool,
     /// Wakes the pump thread when the exit is reported.
     wake: OwnedFd,
+    /// The link to the job's stdio holder ([`super::holder`]), until the exit is delivered.
+    holder: Mutex<Option<HolderLink>>,
 }
 
 impl std::fmt::Debug for OutputHub {
@@ -242,17 +245,17 @@ pub(crate) fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 impl OutputHub {
-    /// A hub over our ends of a job's pipes (`stdin`: the write end; `stdout`, `stderr`: the read ends),
-    /// with its pump thread started. All three are made non-blocking (only our ends: the job's ends are
-    /// other open file descriptions).
+    /// A hub over our ends of a job's pipes (`stdin`: the write end, `None` when already closed; `stdout`,
+    /// `stderr`: the read ends), with its pump thread started. All three are made non-blocking (only our
+    /// ends: the job's ends are other open file descriptions).
     pub(crate) fn start(
         pid: i32,
-        stdin: OwnedFd,
+        stdin: Option<OwnedFd>,
         stdout: OwnedFd,
         stderr: OwnedFd,
         log: Option<File>,
     ) -> io::Result<Arc<OutputHub>> {
-        for fd in [&stdin, &stdout, &stderr] {
+        for fd in [stdin.as_ref(), Some(&stdout), Some(&stderr)].into_iter().flatten() {
             set_nonblocking(fd.as_fd())?;
         }
         let (wake_r, wake_w) = pipe()?;
@@ -260,11 +263,12 @@ impl OutputHub {
         set_nonblocking(wake_w.as_fd())?;
         let hub = Arc::new(OutputHub {
             state: Mutex::new(HubState::default()),
-            stdin: Mutex::new(Some(Arc::new(stdin))),
+            stdin_closed: AtomicBool::new(stdin.is_none()),
+            stdin: Mutex::new(stdin.map(Arc::new)),
             stdin_writer: Mutex::new(()),
-            stdin_closed: AtomicBool::new(false),
             exited: AtomicBool::new(false),
             wake: wake_w,
+            holder: Mutex::new(None),
         });
         let pump = Pump { hub: Arc::clone(&hub), pid, pipes: [Some(stdout), Some(stderr)], wake: wake_r, log };
         std::thread::Builder::new().name(format!("cedana-job-io-{pid}")).spawn(move || pump.run())?;
@@ -316,11 +320,22 @@ impl OutputHub {
         Ok(())
     }
 
-    /// Close our end of the job's stdin (the job reads end of file once other holders are gone too). A
-    /// write in progress gives up.
+    /// Close our end of the job's stdin, and the stdio holder's (the job reads end of file once other
+    /// holders are gone too). A write in progress gives up.
     pub fn close_stdin(&self) {
         self.stdin_closed.store(true, Ordering::SeqCst);
         lock(&self.stdin).take();
+        if let Some(link) = &*lock(&self.holder) {
+            link.close_stdin();
+        }
+    }
+
+    /// Keep the link to the job's stdio holder (until the exit is delivered).
+    pub(crate) fn set_holder(&self, link: HolderLink) {
+        if self.stdin_closed.load(Ordering::SeqCst) {
+            link.close_stdin();
+        }
+        *lock(&self.holder) = Some(link);
     }
 
     /// Whether the job's exit has been reported to the hub.
@@ -352,6 +367,7 @@ impl OutputHub {
     }
 
     fn deliver_exit(&self, status: Option<ExitInfo>) {
+        lock(&self.holder).take();
         let mut st = lock(&self.state);
         st.exit = Some(status);
         for sub in st.subscribers.drain(..) {

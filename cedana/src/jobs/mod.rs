@@ -28,4 +28,5 @@ pub mod store;
 pub use model::{CheckpointRecord, Job, JobKind, JobState, ParseError};
 pub use store::{JobStore, StoreError, DEFAULT_BUSY_TIMEOUT, SCHEMA_VERSION};
 pub mod attach;
+pub mod holder;
 pub mod supervisor;

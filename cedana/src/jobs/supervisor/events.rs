@@ -81,7 +81,7 @@ pub(super) fn open_pidfd(pid: i32) -> Result<OwnedFd, SupervisorError> {
     })
 }
 
-pub(super) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
+pub(crate) fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a PID and flags and returns a new descriptor (close-on-exec) or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {

@@ -64,7 +64,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::attach::{self, OutputHub, RestoreHandle, RestorePipes, Subscription};
+use super::holder::{self, HolderConfig, HolderError, PipeEnds};
 use crate::error::ErrorKind;
+pub(crate) use events::pidfd_open;
 use events::{event_loop, open_pidfd, wait_pidfd};
 use spawn::open_log;
 
@@ -77,11 +79,13 @@ pub use sweep::{become_subreaper, Exclusion, ForkScope};
 pub struct SupervisorConfig {
     /// How often the orphan sweeper runs; `None`: only on [`Supervisor::sweep`].
     pub sweep_interval: Option<Duration>,
+    /// Start a stdio holder ([`super::holder`]) next to each attachable job, so it outlives the daemon.
+    pub holder: Option<HolderConfig>,
 }
 
 impl Default for SupervisorConfig {
     fn default() -> Self {
-        SupervisorConfig { sweep_interval: Some(Duration::from_millis(250)) }
+        SupervisorConfig { sweep_interval: Some(Duration::from_millis(250)), holder: None }
     }
 }
 
@@ -110,6 +114,8 @@ pub enum SupervisorError {
     Signal { pid: i32, sig: i32, source: io::Error },
     #[error("{what}: {source}")]
     System { what: &'static str, source: io::Error },
+    #[error(transparent)]
+    Holder(#[from] HolderError),
 }
 
 impl SupervisorError {
@@ -134,6 +140,7 @@ impl SupervisorError {
                 Some(libc::ENOSYS) => ErrorKind::Unavailable,
                 _ => ErrorKind::of_io(source),
             },
+            SupervisorError::Holder(e) => e.kind(),
         }
     }
 }
@@ -180,6 +187,7 @@ struct Core {
     wake: OwnedFd,
     stop: AtomicBool,
     sweep_lock: Mutex<()>,
+    holder: Option<HolderConfig>,
 }
 
 #[derive(Default)]
@@ -241,6 +249,7 @@ impl Supervisor {
             wake: wake_w,
             stop: AtomicBool::new(false),
             sweep_lock: Mutex::new(()),
+            holder: config.holder.clone(),
         });
         let thread_core = Arc::clone(&core);
         let interval = config.sweep_interval;
@@ -398,8 +407,55 @@ impl Supervisor {
     /// [`Supervisor::watch`]. Do not also call those for this PID. Returns the serial.
     pub fn attach_restored(&self, handle: RestoreHandle, pid: i32, child: bool) -> Result<u64, SupervisorError> {
         let RestoreHandle { stdin, stdout, stderr, log } = handle;
-        let hub = OutputHub::start(pid, stdin, stdout, stderr, log)
+        let hub = self
+            .start_hub(pid, Some(stdin), stdout, stderr, log)
             .map_err(|source| SupervisorError::System { what: "starting the job's output pump", source })?;
+        self.attach_hub(pid, hub, child)
+    }
+
+    /// Take an attachable job's pipes back from its stdio holder (a job the daemon started before it
+    /// restarted) and supervise it as [`Supervisor::watch`] does, with a new hub appending to `log`.
+    pub fn reattach(&self, pid: i32, log: Option<&Path>) -> Result<u64, SupervisorError> {
+        let config = self.core().holder.as_ref().ok_or(SupervisorError::NotAttachable(pid))?;
+        let back = holder::reclaim(&config.dir, pid)?;
+        let log = log.map(open_log).transpose()?;
+        let hub = OutputHub::start(pid, back.stdin, back.stdout, back.stderr, log)
+            .map_err(|source| SupervisorError::System { what: "starting the job's output pump", source })?;
+        hub.set_holder(back.link);
+        self.attach_hub(pid, hub, false)
+    }
+
+    /// A hub over a job's pipes, with a stdio holder next to the job when configured (a holder that
+    /// cannot start is logged: the job then depends on the daemon, as without one).
+    pub(super) fn start_hub(
+        &self,
+        pid: i32,
+        stdin: Option<OwnedFd>,
+        stdout: OwnedFd,
+        stderr: OwnedFd,
+        log: Option<std::fs::File>,
+    ) -> io::Result<Arc<OutputHub>> {
+        let link = self.core().holder.as_ref().and_then(|config| {
+            let ends = PipeEnds {
+                stdin: stdin.as_ref().map(|f| f.as_fd()),
+                stdout: stdout.as_fd(),
+                stderr: stderr.as_fd(),
+                log: log.as_ref().map(|f| f.as_fd()),
+            };
+            let _scope = self.fork_scope();
+            holder::spawn(config, pid, ends)
+                .inspect_err(|e| tracing::warn!(pid, error = %e, "the job will not outlive the daemon's pipes"))
+                .ok()
+        });
+        let hub = OutputHub::start(pid, stdin, stdout, stderr, log)?;
+        if let Some(link) = link {
+            hub.set_holder(link);
+        }
+        Ok(hub)
+    }
+
+    /// Supervise `pid` with `hub` (see [`Supervisor::attach_restored`]).
+    fn attach_hub(&self, pid: i32, hub: Arc<OutputHub>, child: bool) -> Result<u64, SupervisorError> {
         let previous = lock(&self.core().hubs).insert(pid, Arc::clone(&hub));
         let serial = if child {
             self.adopt(pid, Some(Arc::clone(&hub)))

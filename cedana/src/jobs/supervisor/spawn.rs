@@ -11,7 +11,6 @@ use std::sync::Arc;
 
 use nix::errno::Errno;
 
-use super::attach::OutputHub;
 use super::events::pidfd_open;
 use super::{lock, Supervisor, SupervisorError};
 
@@ -182,7 +181,7 @@ impl Supervisor {
             let (Some(i), Some(o), Some(e)) = (child.stdin.take(), child.stdout.take(), child.stderr.take()) else {
                 return Err(fail("taking the job's pipes", io::Error::other("missing pipe")));
             };
-            match OutputHub::start(pid, i.into(), o.into(), e.into(), log) {
+            match self.start_hub(pid, Some(i.into()), o.into(), e.into(), log) {
                 Ok(hub) => {
                     lock(&self.core().hubs).insert(pid, Arc::clone(&hub));
                     Some(hub)

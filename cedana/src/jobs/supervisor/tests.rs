@@ -31,7 +31,7 @@ fn in_helper(name: &str) -> bool {
 /// A supervisor without the periodic sweep (safe beside the other tests of this binary).
 fn quiet() -> (Supervisor, Receiver<JobEvent>) {
     let (tx, rx) = channel();
-    (Supervisor::with_config(tx, SupervisorConfig { sweep_interval: None }).unwrap(), rx)
+    (Supervisor::with_config(tx, SupervisorConfig { sweep_interval: None, holder: None }).unwrap(), rx)
 }
 
 fn sh(script: &str, output: Output) -> SpawnSpec {
@@ -373,7 +373,8 @@ fn helper_sweeper() {
     }
     become_subreaper().unwrap();
     let (tx, rx) = channel();
-    let sup = Supervisor::with_config(tx, SupervisorConfig { sweep_interval: Some(Duration::from_millis(20)) }).unwrap();
+    let sup =
+        Supervisor::with_config(tx, SupervisorConfig { sweep_interval: Some(Duration::from_millis(20)), holder: None }).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("job.log");
     // A child that this thread waits for itself, made while sweeps run: it exits at once.
@@ -458,7 +459,8 @@ fn helper_fifty_jobs() {
     }
     become_subreaper().unwrap();
     let (tx, rx) = channel();
-    let sup = Supervisor::with_config(tx, SupervisorConfig { sweep_interval: Some(Duration::from_millis(20)) }).unwrap();
+    let sup =
+        Supervisor::with_config(tx, SupervisorConfig { sweep_interval: Some(Duration::from_millis(20)), holder: None }).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let threads: Vec<_> = (0..5)
         .map(|t| {
