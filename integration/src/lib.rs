@@ -1,6 +1,7 @@
 //! Helpers for tests against the real stack: locating the built binaries, compiling the C workloads,
 //! starting them the way CRIU needs (own session, only stdio open), and reading their output.
 
+pub mod attach;
 pub mod console;
 pub mod cri;
 pub mod daemon;

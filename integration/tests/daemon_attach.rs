@@ -5,76 +5,18 @@
 //! repeat. Each test runs its own daemon on a private socket, database and checkpoint folder.
 
 use std::io::Write;
-use std::process::{Child, ExitStatus, Stdio};
-use std::time::Duration;
+use std::process::Stdio;
 
+use cedana_integration::attach::{client, WAIT};
 use cedana_integration::daemon::{consecutive, numbers_in, printed_pid, Daemon};
 use cedana_integration::lines::{numbers, Lines};
 use cedana_integration::{alive, wait_for, workload_bin};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
-const WAIT: Duration = Duration::from_secs(20);
-
 /// A daemon for these tests: its clients log warnings only (an attached client's stderr is the job's).
 fn start() -> Daemon {
     Daemon::start().with_log_level("warn")
-}
-
-/// A client (`cedana ARGS`) of `d` in the background: its stdin a pipe we hold open, its stdout read line by
-/// line, its stderr collected.
-fn client(d: &Daemon, args: &[&str]) -> Client {
-    let mut child = d.command(args).stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
-    let stdout = Lines::read(child.stdout.take().unwrap());
-    let stderr = Lines::read(child.stderr.take().unwrap());
-    Client { child, stdout, stderr }
-}
-
-/// An attach client running in the background.
-struct Client {
-    child: Child,
-    stdout: Lines,
-    stderr: Lines,
-}
-
-impl Client {
-    /// Type `text` into the client's stdin.
-    fn type_in(&mut self, text: &str) {
-        let stdin = self.child.stdin.as_mut().expect("the client's stdin is open");
-        stdin.write_all(text.as_bytes()).unwrap();
-        stdin.flush().unwrap();
-    }
-
-    /// End of file on the client's stdin.
-    fn close_stdin(&mut self) {
-        self.child.stdin.take();
-    }
-
-    /// Ctrl+C, as a terminal would send it.
-    fn interrupt(&self) {
-        kill(Pid::from_raw(self.child.id() as i32), Signal::SIGINT).unwrap();
-    }
-
-    fn wait(&mut self) -> ExitStatus {
-        let child = &mut self.child;
-        wait_for("the attach client to exit", WAIT, || child.try_wait().unwrap())
-    }
-
-    /// Ctrl+C; the client must detach and exit 0 saying so.
-    fn detach(&mut self, jid: &str) {
-        self.interrupt();
-        let status = self.wait();
-        let stderr = self.stderr.wait_closed(WAIT).join("\n");
-        assert!(status.success(), "Ctrl+C detaches with exit code 0: {status}; stderr: {stderr}");
-        assert!(stderr.contains(&format!("detached from {jid} (it keeps running)")), "{stderr}");
-    }
-}
-
-impl Drop for Client {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 #[test]

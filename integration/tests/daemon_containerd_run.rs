@@ -9,6 +9,7 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use cedana_integration::attach::client;
 use cedana_integration::daemon::{consecutive, numbers_in, wait_for_count, Daemon};
 use cedana_integration::engines::{put_shim_on_path, Containerd};
 use cedana_integration::images::{busybox_rootfs, oci_image_tar_with_config};
@@ -169,4 +170,53 @@ fn an_image_user_missing_from_its_passwd_is_refused_naming_user_and_image() {
     assert!(!s.containerd.ok(&["container", "ls", "-q"]).contains("n1"), "no container was left");
     assert!(!s.containerd.ok(&["snapshot", "ls"]).contains("n1"), "the prepared snapshot was removed");
     assert!(s.daemon.ps().iter().all(|r| r[0] != "n1"), "no job recorded for the refused run");
+}
+
+#[test]
+fn an_attachable_container_job_takes_input_and_gives_output_through_a_dump_a_restore_and_a_daemon_crash() {
+    let mut s = setup("attach-job");
+    // Echoes each line it reads, and says when its stdin ends.
+    let script = "while read l; do echo got:$l; done; echo stdin-closed";
+    let log = s.tmp.path().join("a1.log");
+    let out = ["--id", "a1", "--jid", "a1", "--attachable", "--out", log.to_str().unwrap()];
+    s.run_ok(&s.image, &[&out[..], &["--", "/bin/sh", "-c", script]].concat());
+    let row = s.daemon.row("a1");
+    assert_eq!((row[1].as_str(), row.last().unwrap().as_str()), ("containerd", "[Attachable]"), "{row:?}");
+    // Type a line, read the answer; Ctrl+C detaches and the container runs on.
+    let echo = |s: &Setup, line: &str| {
+        let mut c = client(&s.daemon, &["job", "attach", "a1"]);
+        c.type_in(&format!("{line}\n"));
+        let got = wait_for(&format!("the answer to {line}"), T, || {
+            let lines = c.stdout.snapshot();
+            lines.iter().any(|l| l == &format!("got:{line}")).then_some(lines)
+        });
+        c.detach("a1");
+        got
+    };
+    echo(&s, "one");
+    assert_eq!(s.containerd.task_status("a1").as_deref(), Some("RUNNING"), "detaching leaves the container running");
+
+    s.daemon.ok(&["dump", "job", "a1"]);
+    s.daemon.wait_status("a1", &["halted"]);
+    s.daemon.ok(&["restore", "job", "a1"]);
+    assert_eq!(s.containerd.task_status("a1").as_deref(), Some("RUNNING"));
+    assert_eq!(s.daemon.row("a1").last().unwrap(), "[Attachable]", "still attachable after its restore");
+    let after_restore = echo(&s, "two");
+    assert!(!after_restore.contains(&"got:one".to_string()), "a restored job's replay starts afresh: {after_restore:?}");
+
+    // The daemon crashes: the FIFOs stay held (by the stdio holder), and the restarted daemon takes them back.
+    s.daemon.kill_hard();
+    s.daemon.spawn();
+    echo(&s, "three");
+
+    // End of file on a client's stdin reaches the container through the shim.
+    let mut c = client(&s.daemon, &["job", "attach", "a1"]);
+    c.close_stdin();
+    c.wait();
+    wait_for("the container to end", T, || (s.containerd.task_status("a1").as_deref() == Some("STOPPED")).then_some(()));
+    // The log has it all, through the dump, the restore and the daemon's crash.
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(text.contains("got:one\ngot:two\ngot:three\nstdin-closed\n"), "{text}");
+    s.daemon.wait_status("a1", &["exited"]);
+    s.daemon.ok(&["job", "delete", "a1"]);
 }

@@ -83,7 +83,7 @@ pub fn restore(config: &cedana::config::Config, a: RestoreArgs) -> anyhow::Resul
     let me = std::process::id();
     let stdio = match a.detach {
         true => Stdio::default(),
-        false => Stdio { stdout: format!("/proc/{me}/fd/1"), stderr: format!("/proc/{me}/fd/2") },
+        false => Stdio { stdin: String::new(), stdout: format!("/proc/{me}/fd/1"), stderr: format!("/proc/{me}/fd/2") },
     };
     let spec = RestoreSpec {
         checkpoint: &path,

@@ -66,6 +66,13 @@ pub struct RunContainerdArgs {
     /// Output file of the container's stdout and stderr (default /var/log/cedana-output-<JID>.log).
     #[arg(long = "out", value_name = "LOG")]
     pub out: Option<PathBuf>,
+    /// Give the container FIFOs for stdin/stdout/stderr that the daemon holds, so clients can attach (its
+    /// output also goes to the log; a stdio holder keeps them across a restart of the daemon).
+    #[arg(long)]
+    pub attachable: bool,
+    /// Start it attachable and attach to it now (Ctrl+C detaches; the container keeps running).
+    #[arg(long)]
+    pub attach: bool,
     /// Write the container's init PID to this file.
     #[arg(long)]
     pub pid_file: Option<PathBuf>,
@@ -92,8 +99,8 @@ pub struct RunRuncArgs {
     #[arg(long, short = 'd')]
     pub detach: bool,
     /// Give the container pipes for stdin/stdout/stderr that the daemon holds, so clients can attach (its
-    /// output also goes to the log). Without this or --out they are /dev/null and no output is kept; with
-    /// pipes the container needs the daemon that holds them (it cannot hand them over across a restart).
+    /// output also goes to the log). Without this or --out they are /dev/null and no output is kept; a
+    /// stdio holder keeps the pipes across a restart of the daemon.
     #[arg(long)]
     pub attachable: bool,
     /// Start it attachable and attach to it now (Ctrl+C detaches; the container keeps running).
@@ -307,6 +314,7 @@ pub fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<i32> {
                 jid: a.jid.clone().unwrap_or_default(),
                 r#type: pb::JobType::Containerd as i32,
                 args: a.args.clone(),
+                attachable: a.attachable || a.attach,
                 log: absolute_string(a.out.as_deref())?,
                 env: a.env.clone(),
                 image: a.image.clone(),
@@ -316,7 +324,7 @@ pub fn run(config: &Config, cmd: RunCommand) -> anyhow::Result<i32> {
                 runtime: a.runtime.clone(),
                 ..Default::default()
             };
-            (req, a.pid_file, false)
+            (req, a.pid_file, a.attach)
         }
     };
     let started = std::time::Instant::now();

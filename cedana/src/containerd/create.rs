@@ -32,7 +32,7 @@ pub struct NewContainer<'a> {
     pub args: &'a [String],
     /// `KEY=VALUE` pairs set over the image's environment.
     pub env: &'a [String],
-    /// The task's stdout and stderr (paths the shim opens; empty for /dev/null). Its stdin is /dev/null.
+    /// The task's stdin, stdout and stderr (paths the shim opens; empty for /dev/null).
     pub stdio: Stdio,
 }
 
@@ -106,8 +106,12 @@ fn start(
             snapshot_key: id.to_string(),
         })?;
         created.container = true;
-        let task =
-            NewTask { rootfs: mounts, stdin: String::new(), stdout: new.stdio.stdout.clone(), stderr: new.stdio.stderr.clone() };
+        let task = NewTask {
+            rootfs: mounts,
+            stdin: new.stdio.stdin.clone(),
+            stdout: new.stdio.stdout.clone(),
+            stderr: new.stdio.stderr.clone(),
+        };
         client.create_task(id, task)?;
         client.start_task(id).map(|pid| Started { pid, args })
     })();

@@ -49,6 +49,7 @@ pub struct RestoreSpec<'a> {
 /// The new task's standard streams: paths the shim opens (FIFOs or files), empty for /dev/null.
 #[derive(Debug, Default, Clone)]
 pub struct Stdio {
+    pub stdin: String,
     pub stdout: String,
     pub stderr: String,
 }
@@ -137,7 +138,7 @@ fn create_again(client: &Client, spec: &RestoreSpec<'_>, record: Record, exists:
         created.container = true;
         let task = NewTask {
             rootfs: mounts.clone(),
-            stdin: String::new(),
+            stdin: spec.stdio.stdin.clone(),
             stdout: spec.stdio.stdout.clone(),
             stderr: spec.stdio.stderr.clone(),
         };

@@ -207,7 +207,9 @@ impl Service {
         let ctx = OpContext::new().with_cancel(cancel.clone());
         let result = match job {
             Some(job) if job.kind == JobKind::Runc => self.restore_container_job(job, path, options, &req, &ctx),
-            Some(job) if job.kind == JobKind::Containerd => self.restore_containerd_job(job, path, req.lazy, req.skip_gpu_check),
+            Some(job) if job.kind == JobKind::Containerd => {
+                self.restore_containerd_job(job, path, req.lazy, req.skip_gpu_check, req.attachable)
+            }
             job => self.restore_process(&req, job, path, options, &ctx),
         };
         if result.is_err() && cancel.is_cancelled() {
@@ -432,6 +434,7 @@ impl Service {
         path: String,
         lazy: bool,
         skip_gpu_check: bool,
+        attachable: bool,
     ) -> Result<pb::RestoreResponse, Status> {
         let id = job
             .container_id
@@ -440,6 +443,23 @@ impl Service {
         let client = containerd_client(&job)?;
         let started = std::time::Instant::now();
         let checkpoint = Source::parse(&path);
+        // An attachable job gets new FIFOs (clients attach again); otherwise the output goes on in the job's
+        // log (the shim opens it for the restored task).
+        job.attachable |= attachable;
+        let fifos = match job.attachable {
+            true => Some(self.supervisor.prepare_fifos(&self.io_dir(&job.jid), job.log.as_deref()).map_err(lib_err!())?),
+            false => None,
+        };
+        let stdio = match (&fifos, &job.log) {
+            (Some(f), _) => {
+                let [stdin, stdout, stderr] = f.paths();
+                Stdio { stdin, stdout, stderr }
+            }
+            (None, Some(log)) => {
+                Stdio { stdin: String::new(), stdout: log.display().to_string(), stderr: log.display().to_string() }
+            }
+            (None, None) => Stdio::default(),
+        };
         let spec = RestoreSpec {
             checkpoint: &checkpoint,
             config: self.engine.config(),
@@ -449,12 +469,7 @@ impl Service {
             image: None,
             runtime: CEDANA_RUNTIME,
             replace_stopped: true,
-            // The output goes on in the job's log (the shim opens it for the restored task).
-            stdio: job
-                .log
-                .as_ref()
-                .map(|log| Stdio { stdout: log.display().to_string(), stderr: log.display().to_string() })
-                .unwrap_or_default(),
+            stdio,
         };
         tracing::info!(path = %path, jid = %job.jid, container = %id, "restore requested");
         let restored = restore_container(&client, spec).map_err(lib_err!())?;
@@ -464,7 +479,11 @@ impl Service {
         job.exit_code = None;
         job.restored_from = Some(path);
         self.store.update(&job).map_err(lib_err!())?;
-        let supervised = self.supervise(pid, None);
+        let supervised = match fifos {
+            // The task runs: its shim holds the far ends of the FIFOs.
+            Some(fifos) => self.supervisor.attach_restored(fifos.opened(), pid, false),
+            None => self.supervise(pid, None),
+        };
         self.record_supervision(&job, supervised)?;
         tracing::info!(jid = %job.jid, pid, container = %id, "containerd job restored");
         Ok(pb::RestoreResponse {

@@ -46,6 +46,9 @@ impl Service {
         }
         // Its output hub (for attachable jobs) goes with it, so a later process with the same PID gets none.
         self.supervisor.release(job.pid);
+        if job.kind == JobKind::Containerd && job.attachable {
+            let _ = std::fs::remove_dir_all(self.io_dir(&job.jid));
+        }
         Ok(reply)
     }
 

@@ -26,6 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use cedana::error::ErrorKind;
+use cedana::jobs::fifos::ContainerFifos;
 use cedana::jobs::model::{Job, JobKind, JobState};
 use cedana::jobs::supervisor::{Credentials, Output, SpawnSpec};
 use cedana::runc::{Runc, RuncError};
@@ -206,12 +207,6 @@ impl Service {
         if req.image.is_empty() {
             return Err(status(ErrorKind::InvalidArgument, "no image given: cedana run containerd IMAGE"));
         }
-        if req.attachable {
-            return Err(status(
-                ErrorKind::Unimplemented,
-                "containerd jobs cannot be attachable yet: their output goes to the job's log",
-            ));
-        }
         let jid = self.new_jid(&req.jid)?;
         if self.store.contains(&jid).map_err(lib_err!())? {
             return Err(status(ErrorKind::AlreadyExists, format!("job {jid} exists already")));
@@ -228,11 +223,8 @@ impl Service {
         };
         let runtime = if req.runtime.is_empty() { CEDANA_RUNTIME } else { req.runtime.as_str() };
         let client = Client::connect(&address, &namespace).map_err(lib_err!())?;
-        // The shim opens the log for the task (read-write, without creating it): an empty file to begin with.
         let log = self.default_log(&jid, &req.log);
-        std::fs::File::create(&log)
-            .map_err(|e| status(ErrorKind::of_io(&e), format!("creating the job's log {}: {e}", log.display())))?;
-        let path = log.to_string_lossy().into_owned();
+        let (stdio, fifos) = self.container_stdio(&jid, &log, req.attachable)?;
         let new = NewContainer {
             image: &req.image,
             id: &id,
@@ -240,7 +232,7 @@ impl Service {
             snapshotter: DEFAULT_SNAPSHOTTER,
             args: &req.args,
             env: &req.env,
-            stdio: ContainerdStdio { stdout: path.clone(), stderr: path },
+            stdio,
         };
         let started = create_container(&client, new).map_err(lib_err!())?;
         let pid = started.pid as i32;
@@ -249,13 +241,46 @@ impl Service {
             runtime_root: Some(address.clone()),
             namespace: Some(namespace.clone()),
             log: Some(log),
+            attachable: req.attachable,
             ..Job::new(jid, JobKind::Containerd, pid, started.args)
         };
         self.store.insert(&job).map_err(lib_err!())?;
-        let supervised = self.supervise(pid, None);
+        let supervised = match fifos {
+            // The task runs: its shim holds the far ends of the FIFOs.
+            Some(fifos) => self.supervisor.attach_restored(fifos.opened(), pid, false),
+            None => self.supervise(pid, None),
+        };
         self.record_supervision(&job, supervised)?;
         tracing::info!(jid = %job.jid, pid, container = %id, image = %req.image, namespace = %namespace, address = %address.display(), "containerd job started");
         self.job_reply(&job)
+    }
+}
+
+impl Service {
+    /// Where the FIFOs of an attachable container job live: `io/JID/` next to the job store.
+    pub(super) fn io_dir(&self, jid: &str) -> PathBuf {
+        let db = self.engine.config().db_path();
+        db.parent().unwrap_or(Path::new("/")).join("io").join(jid)
+    }
+
+    /// The stdio of a new container job's task: for an attachable job, FIFOs the daemon holds (with the log
+    /// fed from them); otherwise the log itself, which the shim opens (read-write, without creating it: an
+    /// empty file to begin with).
+    pub(super) fn container_stdio(
+        &self,
+        jid: &str,
+        log: &Path,
+        attachable: bool,
+    ) -> Result<(ContainerdStdio, Option<ContainerFifos>), Status> {
+        if attachable {
+            let fifos = self.supervisor.prepare_fifos(&self.io_dir(jid), Some(log)).map_err(lib_err!())?;
+            let [stdin, stdout, stderr] = fifos.paths();
+            return Ok((ContainerdStdio { stdin, stdout, stderr }, Some(fifos)));
+        }
+        std::fs::File::create(log)
+            .map_err(|e| status(ErrorKind::of_io(&e), format!("creating the job's log {}: {e}", log.display())))?;
+        let path = log.to_string_lossy().into_owned();
+        Ok((ContainerdStdio { stdin: String::new(), stdout: path.clone(), stderr: path }, None))
     }
 }
 

@@ -28,5 +28,6 @@ pub mod store;
 pub use model::{CheckpointRecord, Job, JobKind, JobState, ParseError};
 pub use store::{JobStore, StoreError, DEFAULT_BUSY_TIMEOUT, SCHEMA_VERSION};
 pub mod attach;
+pub mod fifos;
 pub mod holder;
 pub mod supervisor;

@@ -64,6 +64,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use super::attach::{self, OutputHub, RestoreHandle, RestorePipes, Subscription};
+use super::fifos::ContainerFifos;
 use super::holder::{self, HolderConfig, HolderError, PipeEnds};
 use crate::error::ErrorKind;
 pub(crate) use events::pidfd_open;
@@ -400,6 +401,13 @@ impl Supervisor {
     pub fn prepare_restore_pipes(&self, log: Option<&Path>) -> Result<RestorePipes, SupervisorError> {
         let log = log.map(open_log).transpose()?;
         RestorePipes::new(log).map_err(|source| SupervisorError::System { what: "creating pipes", source })
+    }
+
+    /// FIFOs for an attachable container's stdio in `dir` (see [`super::fifos`]); once its task runs, hand
+    /// [`ContainerFifos::opened`] to [`Supervisor::attach_restored`]. `log`: where its output is also appended.
+    pub fn prepare_fifos(&self, dir: &Path, log: Option<&Path>) -> Result<ContainerFifos, SupervisorError> {
+        let log = log.map(open_log).transpose()?;
+        ContainerFifos::create(dir, log).map_err(|source| SupervisorError::System { what: "creating FIFOs", source })
     }
 
     /// Connect a restored job's pipes (from [`Supervisor::prepare_restore_pipes`]) to a new hub and
