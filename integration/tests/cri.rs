@@ -10,7 +10,8 @@
 //! answers UNIMPLEMENTED; 2.x writes the archive.
 //! The scenario runs twice: on the system's containerd (Debian bookworm's 1.6) and on the containerd 2.x and
 //! runc that scripts/setup.sh installs under /opt/cedana/containerd2 (`$CEDANA_CONTAINERD2_PREFIX`); the
-//! latter fails when they are missing.
+//! latter fails when they are missing. On 2.x the new pod also asks for a lazy restore
+//! (`io.cedana.restore.lazy=true`): the container runs before its memory has arrived.
 //! Build first, then run as root:
 //! `cargo build -p cedana -p cedana-runc -p containerd-shim-cedana-v2 && cargo test -p cedana-integration --test cri`.
 
@@ -22,6 +23,9 @@ use cedana_integration::cri::{
     CEDANA_RUNTIME, CEDANA_SHIM, NAMESPACE,
 };
 use cedana_integration::images::RESTORE_ANNOTATION;
+
+/// The annotation asking for a lazy restore (cedana-runc's).
+const LAZY_ANNOTATION: &str = "io.cedana.restore.lazy";
 use cedana_integration::{bin, require_root, success_stdout, wait_for};
 use cedana_protos::cri::v1::{ContainerState, PodSandboxState};
 
@@ -78,17 +82,17 @@ fn checkpoint_in(dir: &Path, name: &str) -> PathBuf {
 #[test]
 fn a_pod_container_checkpointed_by_cedana_is_restored_by_annotation_in_a_new_pod() {
     require_root();
-    checkpoint_and_restore_through_the_cri(Containerd::system());
+    checkpoint_and_restore_through_the_cri(Containerd::system(), false);
 }
 
 #[test]
 fn on_containerd_2_a_pod_container_checkpointed_by_cedana_is_restored_by_annotation_in_a_new_pod() {
     require_root();
-    checkpoint_and_restore_through_the_cri(Containerd::v2());
+    checkpoint_and_restore_through_the_cri(Containerd::v2(), true);
 }
 
-/// The scenario (see the module's doc) on `containerd`.
-fn checkpoint_and_restore_through_the_cri(containerd: Containerd) {
+/// The scenario (see the module's doc) on `containerd`; the restore by annotation is lazy when `lazy`.
+fn checkpoint_and_restore_through_the_cri(containerd: Containerd, lazy: bool) {
     let started = Instant::now();
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
@@ -142,8 +146,12 @@ fn checkpoint_and_restore_through_the_cri(containerd: Containerd) {
     // (c) A new pod annotated with the checkpoint (`pod_annotations` of the handler lets it into the specs of
     // the sandbox and of the container, same image, mount and command): the sandbox starts as usual, the
     // container is restored at create and counts on.
-    let restore = (RESTORE_ANNOTATION, checkpoint_path);
-    let pod2 = d.cri.run_pod("counter-restored", "uid-counter-2", "default", &[restore], CEDANA_HANDLER).expect("RunPodSandbox");
+    let mut annotations = vec![(RESTORE_ANNOTATION, checkpoint_path)];
+    if lazy {
+        annotations.push((LAZY_ANNOTATION, "true"));
+    }
+    let pod2 =
+        d.cri.run_pod("counter-restored", "uid-counter-2", "default", &annotations, CEDANA_HANDLER).expect("RunPodSandbox");
     let sandbox_spec = &verbose_info(&d.cri.pod_status(&pod2).expect("PodSandboxStatus").info)["runtimeSpec"];
     assert_eq!(
         sandbox_spec["annotations"][RESTORE_ANNOTATION], checkpoint_path,
@@ -160,6 +168,10 @@ fn checkpoint_and_restore_through_the_cri(containerd: Containerd) {
     d.cri.start(&second).expect("StartContainer of the restored container");
     assert_eq!(d.cri.state(&second).unwrap(), ContainerState::ContainerRunning);
     assert_runs_on_our_shim(&d, &second);
+    // cedana-runc says in its log (the shim gives it `runtime.log` in the bundle) how it restored the container.
+    let runtime_log = d.dir.join("state/io.containerd.runtime.v2.task").join(NAMESPACE).join(&second).join("runtime.log");
+    let said = std::fs::read_to_string(&runtime_log).unwrap_or_default();
+    assert_eq!(said.contains("then its memory lazily"), lazy, "lazy: {lazy}; {}: {said}", runtime_log.display());
     wait_for("the restored counter to count", T, || (counts(&out).len() >= before.len() + 10).then_some(()));
     let after = counts(&out);
     assert_eq!(after[..before.len()], before[..], "the numbers before the checkpoint stay");
