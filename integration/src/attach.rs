@@ -70,3 +70,15 @@ impl Drop for Client {
         let _ = self.child.wait();
     }
 }
+
+/// Kills these processes (by PID, with SIGKILL) when dropped: jobs outlive their daemon, so a test that
+/// fails half-way must not leave them running.
+pub struct KillOnDrop(pub Vec<i32>);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        for &pid in &self.0 {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+    }
+}

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::process::Stdio;
 
-use cedana_integration::attach::{client, WAIT};
+use cedana_integration::attach::{client, KillOnDrop, WAIT};
 use cedana_integration::daemon::{consecutive, numbers_in, printed_pid, Daemon};
 use cedana_integration::lines::{numbers, Lines};
 use cedana_integration::{alive, wait_for, workload_bin};
@@ -234,6 +234,7 @@ fn attachable_jobs_outlive_a_stopped_or_killed_daemon_and_clients_attach_again_a
         d.ok(&["run", "process", "--attachable", "--jid", "loop", "--out", log.to_str().unwrap(), "--", "sh", "-c", script]);
     let pid = printed_pid(&out);
     let cat = printed_pid(&d.ok(&["run", "process", "--attachable", "--jid", "cat", "--", "cat"]));
+    let mut jobs = KillOnDrop(vec![pid, cat]);
     wait_for("a stdio holder per attachable job", WAIT, || (holder_sockets(&d).len() == 2).then_some(()));
 
     for (round, crash) in [(1, false), (2, true)] {
@@ -272,5 +273,6 @@ fn attachable_jobs_outlive_a_stopped_or_killed_daemon_and_clients_attach_again_a
     wait_for("cat to end", WAIT, || (!alive(cat)).then_some(()));
     d.ok(&["job", "kill", "loop"]);
     wait_for("the loop to end", WAIT, || (!alive(pid)).then_some(()));
+    jobs.0.clear(); // both ended: their PIDs are no longer theirs
     wait_for("the holders to exit and remove their sockets", WAIT, || holder_sockets(&d).is_empty().then_some(()));
 }
