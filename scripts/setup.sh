@@ -18,7 +18,11 @@
 #   4. moto (an S3-compatible server, from PyPI) in a Python venv of its own (default
 #      /opt/cedana/moto, env CEDANA_MOTO_VENV), for the object-storage tests: they run
 #      $CEDANA_MOTO_VENV/bin/moto_server. No S3 server is packaged in Debian bookworm.
-#   5. A summary, and `criu check`.
+#   5. Debian's docker-registry (the Distribution registry) unpacked into a private prefix (default
+#      /opt/cedana/registry, env CEDANA_REGISTRY_PREFIX), nothing installed or started system-wide: the
+#      CRI test against containerd 2.x serves its base image from it on 127.0.0.1 (containerd 2.x pulls a
+#      checkpoint's base image by digest when it restores a CRI checkpoint archive).
+#   6. A summary, and `criu check`.
 #
 # Environment:
 #   CEDANA_CRIU_PREFIX   where CRIU goes (default /opt/cedana/criu)
@@ -30,6 +34,7 @@
 #   CEDANA_CONTAINERD2_SUITE   Debian suite to take them from (default forky)
 #   CEDANA_CONTAINERD2_FORCE=1 rebuild that prefix even if a good one is present
 #   CEDANA_MOTO_VENV     where moto's venv goes (default /opt/cedana/moto)
+#   CEDANA_REGISTRY_PREFIX  where docker-registry is unpacked (default /opt/cedana/registry)
 set -euo pipefail
 
 START_NS=$(date +%s%N)
@@ -45,6 +50,8 @@ CONTAINERD2_MIN_VERSION=2.0
 CONTAINERD2_BINS=(containerd ctr containerd-shim-runc-v2 runc)
 MOTO_VENV=${CEDANA_MOTO_VENV:-/opt/cedana/moto}
 MOTO_VENV=${MOTO_VENV%/}
+REGISTRY_PREFIX=${CEDANA_REGISTRY_PREFIX:-/opt/cedana/registry}
+REGISTRY_PREFIX=${REGISTRY_PREFIX%/}
 # Pinned, so that every machine tests against the same server.
 MOTO_REQUIREMENT='moto[server]==5.2.1'
 
@@ -508,15 +515,36 @@ install_moto() {
   log "moto: installed $MOTO_VENV/bin/moto_server"
 }
 
+# docker-registry, unpacked from Debian's package of the system's own apt sources (a static Go binary).
+install_registry() {
+  local bin=$REGISTRY_PREFIX/usr/bin/docker-registry
+  if [[ -x $bin ]]; then
+    log "registry: $bin present"
+    return
+  fi
+  log "registry: unpacking docker-registry into $REGISTRY_PREFIX"
+  local tmp
+  tmp=$(mktemp -d)
+  CLEANUP+=("rm -rf '$tmp'")
+  (cd "$tmp" && apt-get download docker-registry >/dev/null) || die "apt-get download docker-registry failed"
+  mkdir -p "$REGISTRY_PREFIX.new"
+  dpkg -x "$tmp"/docker-registry_*.deb "$REGISTRY_PREFIX.new" || die "unpacking docker-registry failed"
+  rm -rf "$REGISTRY_PREFIX"
+  mv "$REGISTRY_PREFIX.new" "$REGISTRY_PREFIX"
+  [[ -x $bin ]] || die "$bin is missing after unpacking"
+  log "registry: $bin"
+}
+
 # ---------------------------------------------------------------------------------------------
 install_apt_packages
 install_criu
 link_criu
 install_containerd2
 install_moto
+install_registry
 
 # ---------------------------------------------------------------------------------------------
-# 5. Summary
+# 6. Summary
 # ---------------------------------------------------------------------------------------------
 CRIU_V=$("$PREFIX/criu" --version) || die "$PREFIX/criu --version failed"
 first_line() { "$@" 2>&1 | head -n1 || true; }
@@ -527,6 +555,7 @@ echo "containerd: $(first_line containerd --version)"
 echo "containerd 2: $CONTAINERD2_PREFIX/bin/containerd $(containerd_version "$CONTAINERD2_PREFIX/bin/containerd"), runc $(runc_version "$CONTAINERD2_PREFIX/bin/runc")"
 echo "dockerd:    $(first_line dockerd --version)"
 echo "moto:       $MOTO_VENV/bin/moto_server ($(cat "$MOTO_VENV/.cedana-requirement"))"
+echo "registry:   $REGISTRY_PREFIX/usr/bin/docker-registry"
 echo "criu check:"
 if CHECK_OUT=$("$PREFIX/criu" check 2>&1); then rc=0; else rc=$?; fi
 printf '%s\n' "$CHECK_OUT" | sed 's/^/  /'

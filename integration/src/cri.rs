@@ -366,6 +366,18 @@ impl CriContainerd {
 
     fn import_tar(&self, tar: &Path, name: &str) {
         self.ctr_ok(&["image", "import", tar.to_str().expect("utf-8 path")]);
+        // Also by digest (`REPO@sha256:...`), as an image pulled from a registry is: the CRI then reports it as
+        // the container's image reference, which containerd 2.x's checkpoint archives record for the restore.
+        let listed = self.ctr_ok(&["image", "ls"]);
+        let digest = listed
+            .lines()
+            .find_map(|l| {
+                let fields: Vec<&str> = l.split_whitespace().collect();
+                (fields.first() == Some(&name)).then(|| fields.get(2).map(|d| d.to_string())).flatten()
+            })
+            .unwrap_or_else(|| panic!("ctr image ls lists {name} with its digest: {listed}"));
+        let repo = name.rsplit_once(':').map(|(r, _)| r).unwrap_or(name);
+        self.ctr_ok(&["image", "tag", name, &format!("{repo}@{digest}")]);
         crate::wait_for(&format!("the CRI to list image {name}"), DAEMON_TIMEOUT, || {
             let images = self.cri.list_images().ok()?;
             images.iter().any(|i| i.repo_tags.iter().any(|t| t == name)).then_some(())

@@ -12,6 +12,7 @@ pub mod invariants;
 pub mod lines;
 pub mod moto;
 pub mod nodes;
+pub mod registry;
 pub mod s3s;
 pub mod workload;
 

@@ -11,7 +11,9 @@
 //! The scenario runs twice: on the system's containerd (Debian bookworm's 1.6) and on the containerd 2.x and
 //! runc that scripts/setup.sh installs under /opt/cedana/containerd2 (`$CEDANA_CONTAINERD2_PREFIX`); the
 //! latter fails when they are missing. On 2.x the new pod also asks for a lazy restore
-//! (`io.cedana.restore.lazy=true`): the container runs before its memory has arrived.
+//! (`io.cedana.restore.lazy=true`): the container runs before its memory has arrived; and the archive of the
+//! CRI's CheckpointContainer is restored by containerd itself (a pod's CreateContainer naming it as image),
+//! with the base image served by a private registry.
 //! Build first, then run as root:
 //! `cargo build -p cedana -p cedana-runc -p containerd-shim-cedana-v2 && cargo test -p cedana-integration --test cri`.
 
@@ -22,12 +24,13 @@ use cedana_integration::cri::{
     container_config, parent_pid, process_name, verbose_info, Containerd, CriContainerd, BUSYBOX_IMAGE, CEDANA_HANDLER,
     CEDANA_RUNTIME, CEDANA_SHIM, NAMESPACE,
 };
-use cedana_integration::images::RESTORE_ANNOTATION;
+use cedana_integration::images::{busybox_rootfs, RESTORE_ANNOTATION};
+use cedana_integration::registry::Registry;
 
 /// The annotation asking for a lazy restore (cedana-runc's).
 const LAZY_ANNOTATION: &str = "io.cedana.restore.lazy";
 use cedana_integration::{bin, require_root, success_stdout, wait_for};
-use cedana_protos::cri::v1::{ContainerState, PodSandboxState};
+use cedana_protos::cri::v1::{ContainerConfig, ContainerState, PodSandboxState};
 
 const T: Duration = Duration::from_secs(30);
 /// Counts into a host folder mounted at /out, so that the numbers outlive the container, and to its stdout
@@ -103,12 +106,25 @@ fn checkpoint_and_restore_through_the_cri(containerd: Containerd, lazy: bool) {
     assert_eq!((version.runtime_name.as_str(), version.runtime_api_version.as_str()), ("containerd", "v1"), "{version:?}");
     assert_eq!(major_version(&version.runtime_version), major, "the CRI runs the containerd we started: {version:?}");
 
+    // On 2.x the image comes from a registry of ours (its restore of a CRI checkpoint archive pulls the base
+    // image by digest, as a kubelet's node would).
+    let registry = (major >= 2).then(|| Registry::start(&tmp.path().join("registry")));
+    let image = match &registry {
+        Some(r) => {
+            let name = format!("{}/cedana-test/busybox-cri:1", r.host());
+            d.import(&busybox_rootfs(&tmp.path().join("registry-rootfs")), &name);
+            d.ctr_ok(&["image", "push", "--plain-http", &name]);
+            name
+        }
+        None => BUSYBOX_IMAGE.to_string(),
+    };
+
     // (a) A pod on handler `cedana` (host network) whose container counts into the host folder.
     let pod = d.cri.run_pod("counter", "uid-counter-1", "default", &[], CEDANA_HANDLER).expect("RunPodSandbox");
     let pod_status = d.cri.pod_status(&pod).expect("PodSandboxStatus").status.expect("a status");
     assert_eq!(pod_status.runtime_handler, CEDANA_HANDLER);
     assert_eq!(pod_status.state, PodSandboxState::SandboxReady as i32);
-    let config = container_config("counter", BUSYBOX_IMAGE, &["sh", "-c", COUNTER], &[(&out, "/out")]);
+    let config = container_config("counter", &image, &["sh", "-c", COUNTER], &[(&out, "/out")]);
     let first = d.cri.create_container(&pod, config.clone()).expect("CreateContainer");
     d.cri.start(&first).expect("StartContainer");
     assert_eq!(d.cri.state(&first).unwrap(), ContainerState::ContainerRunning);
@@ -158,7 +174,7 @@ fn checkpoint_and_restore_through_the_cri(containerd: Containerd, lazy: bool) {
         "the sandbox's spec: {}",
         sandbox_spec["annotations"]
     );
-    let second = d.cri.create_container(&pod2, config).expect("CreateContainer of the restored container");
+    let second = d.cri.create_container(&pod2, config.clone()).expect("CreateContainer of the restored container");
     let spec = &verbose_info(&d.cri.status(&second).expect("ContainerStatus").info)["runtimeSpec"];
     assert_eq!(
         spec["annotations"][RESTORE_ANNOTATION], checkpoint_path,
@@ -203,14 +219,25 @@ fn checkpoint_and_restore_through_the_cri(containerd: Containerd, lazy: bool) {
         assert!(size > 0, "CheckpointContainer wrote the archive {}", location.display());
     }
     assert_eq!(d.cri.state(&second).unwrap(), ContainerState::ContainerRunning, "the container runs on");
+    let mut restored_from_cri = None;
+    if major >= 2 {
+        restored_from_cri = Some(restore_cri_archive(&d, &second, &location, &config, &out));
+    }
 
     // (e) Clean up through the CRI, as the kubelet deletes pods: stop and remove the containers, then the pods.
-    d.cri.stop(&second, 0).expect("StopContainer");
+    if restored_from_cri.is_none() {
+        d.cri.stop(&second, 0).expect("StopContainer");
+    }
     assert_eq!(d.cri.state(&second).unwrap(), ContainerState::ContainerExited);
     for id in [&first, &second] {
         d.cri.remove(id).expect("RemoveContainer");
     }
-    for pod in [&pod, &pod2] {
+    let (third, pod3) = restored_from_cri.unzip();
+    if let Some(third) = &third {
+        d.cri.stop(third, 0).expect("StopContainer");
+        d.cri.remove(third).expect("RemoveContainer");
+    }
+    for pod in [Some(&pod), Some(&pod2), pod3.as_ref()].into_iter().flatten() {
         d.cri.stop_pod(pod).expect("StopPodSandbox");
         d.cri.remove_pod(pod).expect("RemovePodSandbox");
     }
@@ -225,15 +252,25 @@ fn checkpoint_and_restore_through_the_cri(containerd: Containerd, lazy: bool) {
 /// Checkpoint-on-stop the way the kubelet stops a pod's container (StopContainer: SIGTERM, then SIGKILL after
 /// the grace period): the pod's annotation reaches the container's spec, the shim checkpoints it at the first
 /// signal under the pod's stable name (`<namespace>_<pod>_<container>`; the sandbox is not checkpointed), and
-/// the pod's next incarnation, annotated with that name, resumes from it.
+/// the pod's next incarnation, annotated with that name, resumes from it. On containerd 1.6 and on 2.x.
 #[test]
 fn a_stopped_pod_container_is_checkpointed_under_its_pod_name_and_the_next_pod_resumes_from_it() {
     require_root();
+    checkpoint_on_stop_through_the_cri(Containerd::system());
+}
+
+#[test]
+fn on_containerd_2_a_stopped_pod_container_is_checkpointed_under_its_pod_name_and_the_next_pod_resumes_from_it() {
+    require_root();
+    checkpoint_on_stop_through_the_cri(Containerd::v2());
+}
+
+fn checkpoint_on_stop_through_the_cri(containerd: Containerd) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("out");
     let stops = tmp.path().join("stops");
     std::fs::create_dir_all(&out).unwrap();
-    let d = CriContainerd::start_with(&tmp.path().join("containerd"), Containerd::system());
+    let d = CriContainerd::start_with(&tmp.path().join("containerd"), containerd);
     let on_stop = ("io.cedana.checkpoint-on-stop", stops.to_str().unwrap());
     let pod = d.cri.run_pod("web-0", "uid-web-1", "default", &[on_stop], CEDANA_HANDLER).expect("RunPodSandbox");
     let config = container_config("app", BUSYBOX_IMAGE, &["sh", "-c", COUNTER], &[(&out, "/out")]);
@@ -265,4 +302,42 @@ fn a_stopped_pod_container_is_checkpointed_under_its_pod_name_and_the_next_pod_r
     d.cri.remove(&second).expect("RemoveContainer");
     d.cri.stop_pod(&pod2).expect("StopPodSandbox");
     d.cri.remove_pod(&pod2).expect("RemovePodSandbox");
+}
+
+/// containerd 2.x's own restore of a CRI checkpoint archive (what CheckpointContainer wrote at `archive`): the
+/// checkpointed container is stopped, and a new pod's CreateContainer names the archive as its image, as the
+/// kubelet's restore does; the container, on our shim, counts on from a number the checkpointed one had
+/// reached. Returns the new container and its pod.
+fn restore_cri_archive(
+    d: &CriContainerd,
+    checkpointed: &str,
+    archive: &Path,
+    config: &ContainerConfig,
+    out: &Path,
+) -> (String, String) {
+    d.cri.stop(checkpointed, 0).expect("StopContainer");
+    let reached = counts(out);
+    let pod = d.cri.run_pod("counter-cri", "uid-counter-3", "default", &[], CEDANA_HANDLER).expect("RunPodSandbox");
+    let mut config = config.clone();
+    config.image.as_mut().expect("an image").image = archive.to_string_lossy().into_owned();
+    let id = d.cri.create_container(&pod, config).unwrap_or_else(|e| {
+        panic!(
+            "CreateContainer from the CRI checkpoint archive: {e:?}; images: {}; containerd log: {}",
+            d.ctr_ok(&["image", "ls"]),
+            d.log_path().display()
+        )
+    });
+    d.cri.start(&id).unwrap_or_else(|e| {
+        panic!("StartContainer of the restored container: {e:?}; containerd log: {}", d.log_path().display())
+    });
+    assert_runs_on_our_shim(d, &id);
+    let after = wait_for("the counter restored from the CRI archive to count", T, || {
+        let v = counts(out);
+        (v.len() >= reached.len() + 5).then_some(v)
+    });
+    let resumed = after[reached.len()];
+    assert!(resumed > 0 && reached.contains(&(resumed - 1)), "it counts on from {} (a fresh start writes 0)", resumed - 1);
+    let tail = &after[reached.len()..];
+    assert!(tail.windows(2).all(|w| w[1] == w[0] + 1), "and on without a gap: {tail:?}");
+    (id, pod)
 }
