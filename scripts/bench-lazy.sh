@@ -52,6 +52,7 @@ if [ -z "${CEDANA_BENCH_REAPER:-}" ]; then
     cp "$CEDANA" "$BENCH_DIR/bin/cedana"
     gcc -O2 -Wall -o "$BENCH_DIR/bin/reaper" "$HERE/bench/reaper.c"
     gcc -O2 -Wall -o "$BENCH_DIR/bin/workload" "$HERE/bench/workload.c"
+    gcc -O2 -Wall -o "$BENCH_DIR/bin/progress" "$HERE/bench/progress.c"
     export BENCH_DIR CEDANA_BENCH_REAPER=1
     exec "$BENCH_DIR/bin/reaper" bash "${BASH_SOURCE[0]}" "$@"
 fi
@@ -165,6 +166,65 @@ read -r expected actual <"$WORK/workload.sum"
 [ "$expected" = "$actual" ] || die "the lazily restored workload's memory differs: $expected vs $actual"
 echo "memory after a lazy restore: checksum $actual as at start" >&2
 end_restored check
+
+# The first 100 ms: the workload walking its pages (one read a page, without end, counting them in a shared
+# file), dumped once into zstd, then restored lazily and normally in turn while a sampler reads its count every
+# 2 ms from the start of the restore. Reported: when it first moved, and how many pages it touched in its first
+# 100 ms of running, against the same program with its memory local.
+if [ "${PROGRESS:-1}" = 1 ]; then
+    PROG=$WORK/walk.progress
+    rm -f "$WORK/workload.pid" "$PROG"
+    setsid "$WORK/bin/workload" "$SIZE_MIB" "$WORK/workload.pid" "$WORK/workload.sum" "$PROG" </dev/null >/dev/null 2>&1 &
+    for ((i = 0; i < 600; i++)); do [ -s "$WORK/workload.pid" ] && break; sleep 0.1; done
+    WPID=$(cat "$WORK/workload.pid")
+    sleep 0.3
+    "$WORK/bin/progress" "$PROG" 300 >"$WORK/local.samples"
+    "$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name walker --compression zstd >/dev/null
+    wait_gone
+    cp "$PROG" "$PROG.at-dump"
+    for ((r = 0; r < ROUNDS; r++)); do
+        for kind in lazy normal; do
+            cp "$PROG.at-dump" "$PROG"
+            "$WORK/bin/progress" "$PROG" 3000 >"$WORK/$kind.$r.samples" &
+            SAMPLER=$!
+            flag=()
+            [ "$kind" = lazy ] && flag=(--lazy)
+            "$CEDANA" restore process --path "$WORK/ckpt/walker.tar.zst" --detach "${flag[@]}" >/dev/null </dev/null
+            wait "$SAMPLER"
+            end_restored "walker-$kind"
+        done
+    done
+    python3 - "$WORK" "$ROUNDS" "$SIZE_MIB" <<'PY'
+import statistics, struct, sys
+work, rounds, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+pages = mib * 256
+at_dump = struct.unpack("<Q", open(f"{work}/walk.progress.at-dump", "rb").read(8))[0]
+def samples(path):
+    return [(float(t), int(c)) for t, c in (l.split() for l in open(path))]
+def count_at(s, t):
+    before = [c for ts, c in s if ts <= t]
+    return before[-1] if before else s[0][1]
+local = samples(f"{work}/local.samples")
+local_100 = statistics.median(count_at(local, t + 100) - count_at(local, t) for t in (0, 50, 100, 150, 200))
+print(f"first 100 ms of running (the workload reading its {mib} MiB page by page, zstd checkpoint, {rounds} rounds):")
+print(f"  memory local (before the dump): {local_100:,.0f} page reads in 100 ms")
+for kind in ("lazy", "normal"):
+    moved, did = [], []
+    for r in range(rounds):
+        s = samples(f"{work}/{kind}.{r}.samples")
+        start = next((t for t, c in s if c > at_dump), None)
+        if start is None:
+            continue
+        moved.append(start)
+        did.append(count_at(s, start + 100) - at_dump)
+    if not moved:
+        print(f"  {kind}: never ran within the sampling window")
+        continue
+    d = statistics.median(did)
+    print(f"  {kind:<6}: running {statistics.median(moved) / 1000:.3f} s after the restore began; in its first 100 ms "
+          f"{d:,.0f} page reads ({min(d, pages) * 4 / 1024:.0f} MiB of distinct pages), {d / local_100:.1%} of the local rate")
+PY
+fi
 
 python3 - "$RES" "${S3:-0}" <<'PY'
 import statistics, sys

@@ -155,5 +155,5 @@ fn features_prints_the_matrix() {
     assert_eq!(upcoming.split_whitespace().skip(2).collect::<Vec<_>>(), ["yes", "-", "yes", "yes"]);
     assert_eq!(cells("GPU"), ["yes", "yes", "yes", "yes"]);
     let attach = cells("attach");
-    assert_eq!(attach, ["yes", "yes", "yes", "no"], "{text}");
+    assert_eq!(attach, ["yes", "yes", "yes", "yes"], "{text}");
 }

@@ -1,6 +1,6 @@
 /* Benchmark workload for scripts/bench-process.sh.
  *
- *   workload MIB PIDFILE [SUMFILE]
+ *   workload MIB PIDFILE [SUMFILE [PROGRESSFILE]]
  *
  * Holds MIB MiB of anonymous memory: the first half pseudo-random (incompressible), the second half one
  * paragraph of text repeated (compresses to almost nothing). Every page is written, then the process writes
@@ -8,9 +8,13 @@
  * On SIGUSR1 it recomputes a checksum of the whole buffer and writes "<expected> <actual>" to SUMFILE, so the
  * benchmark can prove that restored copies kept their memory. All fds above 2 are closed first: CRIU dumps
  * every open fd, and the shell that starts us may leak some.
+ * With PROGRESSFILE it does not sleep: it walks its pages one after another without end (one read a page),
+ * counting every page it touched into the first 8 bytes of PROGRESSFILE, which it maps shared (so the count
+ * can be read from outside, and goes on from the dumped value after a restore).
  */
 #define _GNU_SOURCE
 #include <dirent.h>
+#include <fcntl.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -80,9 +84,26 @@ int main(int argc, char **argv) {
     uint64_t expected = checksum(buf, size / 8);
     signal(SIGUSR1, on_usr1);
     signal(SIGTERM, on_term);
+    volatile uint64_t *progress = NULL;
+    if (argc > 4) {
+        int fd = open(argv[4], O_RDWR | O_CREAT, 0600);
+        if (fd < 0 || ftruncate(fd, 4096) != 0) { perror(argv[4]); return 1; }
+        progress = mmap(NULL, 4096, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (progress == MAP_FAILED) { perror("mmap progress"); return 1; }
+        close(fd);
+    }
     char line[64];
     snprintf(line, sizeof line, "%d\n", getpid());
     if (write_atomically(argv[2], line) != 0) { perror(argv[2]); return 1; }
+    if (progress) {
+        size_t pages = size / 4096;
+        uint64_t touched = progress[0], acc = 0;
+        for (;;) {
+            acc += buf[(touched % pages) * 512];
+            progress[0] = ++touched;
+            progress[1] = acc;
+        }
+    }
     for (;;) {
         sleep(1);
         if (want_sum && argc > 3) {

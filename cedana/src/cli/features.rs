@@ -120,7 +120,7 @@ fn table() -> String {
 
 pub fn run() -> anyhow::Result<i32> {
     super::config::print_out(&format!(
-        "{}job: managed jobs through the daemon (process and runc jobs); -: does not apply\n",
+        "{}job: managed jobs through the daemon (process, runc and containerd jobs); -: does not apply\n",
         table()
     ))?;
     Ok(0)

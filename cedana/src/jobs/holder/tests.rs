@@ -175,12 +175,11 @@ fn closing_stdin_through_the_link_gives_the_job_end_of_file() {
 fn output_left_in_the_pipes_when_the_job_exits_goes_to_the_log() {
     let mut s = Scene::new();
     s.link.take();
-    // Hold the holder's attention: write after the job has gone.
+    // Written before the job ends: pumped before the holder sees the exit, or drained after it.
+    s.job_stdout.write_all(b"last words\n").unwrap();
     let _ = s.job.kill();
     let _ = s.job.wait();
-    s.job_stdout.write_all(b"last words\n").unwrap();
     s.holder.take().unwrap().join().unwrap().unwrap();
-    // Either pumped before the exit was seen or drained after it.
     assert_eq!(s.logged(), "last words\n");
 }
 
