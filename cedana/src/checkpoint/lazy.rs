@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::digest::Hasher;
 use super::index::IndexedArchive;
 use super::lazy_store::ChunkedPages;
-use super::reader::{check_version, corrupt, parse_manifest, safe_relative};
+use super::reader::{check_version, corrupt, parse_manifest, safe_relative, unreadable};
 use super::source::{ArchiveSource, LocalSource};
 use super::{is_page_image, CheckpointError, FileDigest, Manifest, OpenedCheckpoint, MANIFEST_NAME};
 use crate::codec::Compression;
@@ -180,7 +180,7 @@ fn open_tar(
     path: &Path,
     scratch: &Path,
 ) -> Result<OpenedCheckpoint, CheckpointError> {
-    let damaged = |e: std::io::Error| corrupt(path, format!("cannot read the tar archive ({e}); it is truncated or damaged"));
+    let damaged = |e: std::io::Error| unreadable(path, e, "the tar archive");
     let mut small: HashMap<String, Vec<u8>> = HashMap::new();
     let mut placed: HashMap<String, (u64, u64)> = HashMap::new();
     let mut manifest = None;
