@@ -5,7 +5,8 @@
 //! left, and a later checkpoint works.
 //! Run as root: `cargo test -p cedana-integration --test faults_containers -- --test-threads=1`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use cedana_integration::engines::{piped, RuncRoot};
@@ -13,6 +14,8 @@ use cedana_integration::images::Bundle;
 use cedana_integration::invariants::*;
 use cedana_integration::lines::{numbers, Lines};
 use cedana_integration::*;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 const T: Duration = Duration::from_secs(20);
 const CYCLES: usize = 100;
@@ -86,4 +89,258 @@ fn a_container_survives_100_cycles_with_its_count_intact() {
     }
     eprintln!("{CYCLES} container cycles in {:?} (dumps {dumps:?}, restores {restores:?})", started.elapsed());
     runc.ok(&["delete", "--force", &cid]);
+}
+
+fn sigkill(pid: i32) {
+    let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+}
+
+/// A hook command that blocks at `point` (writing its PID to `dir/hook.pid` first) and passes elsewhere.
+fn blocking_hook(dir: &Path, point: &str) -> PathBuf {
+    let hook = dir.join("hook.sh");
+    let pid_file = dir.join("hook.pid");
+    let _ = std::fs::remove_file(&pid_file);
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nif [ \"$CEDANA_HOOK\" = {point} ]; then echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 120; fi\nexit 0\n",
+            p = pid_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    hook
+}
+
+/// The PID a blocking hook wrote, once it did.
+fn hook_pid(dir: &Path) -> i32 {
+    let text = wait_for("the hook to block", Duration::from_secs(30), || std::fs::read_to_string(dir.join("hook.pid")).ok());
+    text.trim().parse().unwrap()
+}
+
+/// `cedana-runc --root ROOT ARGS` in `scene` (its TMPDIR and scratch folder), with `env`, spawned.
+fn spawn_wrapper(scene: &Scene, runc: &RuncRoot, args: &[&str], env: &[(&str, &Path)]) -> Child {
+    let mut cmd = std::process::Command::new(bin("cedana-runc"));
+    cmd.arg("--root").arg(&runc.root).args(args);
+    scene.env(&mut cmd);
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("run cedana-runc")
+}
+
+/// A container holding `MIB` MiB with a known checksum (`/bin/memory`), and its first output line.
+const MIB: &str = "256";
+
+fn memory_container(scene: &Scene, runc: &RuncRoot, name: &str) -> (Bundle, String, Lines, String) {
+    let bundle = Bundle::busybox(&scene.root().join(format!("bundle-{name}")), &["/bin/memory", MIB]);
+    cedana_integration::images::add_static_workload(&bundle.rootfs(), "memory");
+    let cid = id(name);
+    let out = runc.run_detached(&bundle.dir, &cid);
+    let sum = out.wait_line("the memory checksum", Duration::from_secs(60), |l| l.starts_with("sum "));
+    (bundle, cid, out, sum)
+}
+
+/// Ask the memory workload of container `cid` for its checksum again: it must be `sum`.
+fn assert_container_memory(runc: &RuncRoot, cid: &str, out: &Lines, sum: &str) {
+    let n = out.snapshot().len();
+    runc.ok(&["kill", cid, "USR1"]);
+    let got = out.wait_for(n + 1, Duration::from_secs(60));
+    assert_eq!(got[n], sum, "the container's memory changed");
+}
+
+/// Wait until the container is running and unpaused (a guard may still be resuming it); panics otherwise.
+fn wait_container_runs(runc: &RuncRoot, cid: &str, what: &str) {
+    let deadline = Instant::now() + SETTLE;
+    while runc.status(cid).as_deref() != Some("running") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_container_runs(runc, cid, what);
+}
+
+/// Where a checkpoint by cedana-runc is killed.
+#[derive(Debug, Clone, Copy)]
+enum Phase {
+    /// At a blocking `before-dump` hook: nothing is paused yet.
+    BeforeFreezing,
+    /// Once CRIU has seized the container's init (the container is paused and frozen).
+    Frozen,
+    /// While the hidden checkpoint grows (CRIU writes the images, they are packed as they come).
+    Writing,
+}
+
+/// `cedana-runc checkpoint` of a 256 MiB container, SIGKILLed at `phase`: the container runs on unpaused
+/// with its memory; no CRIU process is left; the next checkpoint's start sweeps what was left and works.
+fn kill_checkpoint(phase: Phase) {
+    require_root();
+    let scene = Scene::new();
+    let runc = RuncRoot::new(scene.root(), "runc");
+    let (_bundle, cid, out, sum) = memory_container(&scene, &runc, "kill");
+    let init = runc.state(&cid).unwrap()["pid"].as_i64().unwrap() as i32;
+    let images = scene.dest().join("images");
+    let hook = blocking_hook(scene.root(), "before-dump");
+    let env: Vec<(&str, &Path)> = match phase {
+        Phase::BeforeFreezing => vec![("CEDANA_HOOK_COMMAND", hook.as_path())],
+        _ => Vec::new(),
+    };
+    let args = ["checkpoint", "--image-path", images.to_str().unwrap(), &cid];
+    let child = spawn_wrapper(&scene, &runc, &args, &env);
+    let started = Instant::now();
+    let mut blocked = None;
+    match phase {
+        Phase::BeforeFreezing => blocked = Some(hook_pid(scene.root())),
+        Phase::Frozen => {
+            wait_until_seized(init, Duration::from_secs(30));
+        }
+        Phase::Writing => {
+            wait_for_fast("the hidden checkpoint to grow", Duration::from_secs(60), || {
+                std::fs::read_dir(&images).ok()?.flatten().find(|e| {
+                    e.file_name().to_string_lossy().contains(".partial-")
+                        && e.metadata().map(|m| m.len() > 16 << 20).unwrap_or(false)
+                })
+            });
+        }
+    }
+    sigkill(child.id() as i32);
+    eprintln!("{phase:?}: cedana-runc killed after {:?} (container {:?})", started.elapsed(), runc.status(&cid));
+    if let Some(h) = blocked {
+        sigkill(h);
+    }
+    let _ = child.wait_with_output();
+    scene.assert_no_criu();
+    wait_container_runs(&runc, &cid, &format!("{phase:?}"));
+    assert_container_memory(&runc, &cid, &out, &sum);
+    let visible: Vec<String> = entries(&images).into_iter().filter(|n| !n.starts_with('.')).collect();
+    assert!(visible.is_empty(), "{phase:?}: no checkpoint may be visible: {visible:?}");
+    // The next checkpoint into that image path (a retry) sweeps what the killed one left, and works.
+    let args = ["checkpoint", "--leave-running", "--image-path", images.to_str().unwrap(), &cid];
+    let done = spawn_wrapper(&scene, &runc, &args, &[]).wait_with_output().unwrap();
+    assert!(done.status.success(), "{phase:?}: the next checkpoint: {}", String::from_utf8_lossy(&done.stderr));
+    assert!(images.join("cedana-checkpoint.tar.zst").is_file(), "{phase:?}: {:?}", entries(&images));
+    for dir in [&images, &scene.tmp()] {
+        let left = temporaries(dir);
+        assert!(left.is_empty(), "{phase:?}: temporaries left in {}: {left:?}", dir.display());
+    }
+    scene.assert_no_mounts();
+    scene.assert_no_criu();
+    wait_container_runs(&runc, &cid, &format!("{phase:?}, after the next checkpoint"));
+    runc.ok(&["delete", "--force", &cid]);
+}
+
+#[test]
+fn killing_cedana_runc_before_it_pauses_leaves_the_container_running() {
+    kill_checkpoint(Phase::BeforeFreezing);
+}
+
+#[test]
+fn killing_cedana_runc_while_criu_holds_the_container_leaves_it_running() {
+    kill_checkpoint(Phase::Frozen);
+}
+
+#[test]
+fn killing_cedana_runc_while_the_checkpoint_is_written_leaves_the_container_running() {
+    kill_checkpoint(Phase::Writing);
+}
+
+/// Where a restore by cedana-runc is killed.
+#[derive(Debug, Clone, Copy)]
+enum RestorePhase {
+    /// At a blocking `before-restore` hook.
+    BeforeCriu,
+    /// While the CRIU that runc runs restores the container.
+    Restoring,
+}
+
+/// Checkpoint a 256 MiB container with cedana-runc (it ends), restore it with `cedana-runc restore
+/// --detach`, SIGKILL cedana-runc at `phase`: the container is then absent, or running with its memory; no
+/// CRIU process is left; a restore afterwards works and leaves no temporary.
+fn kill_restore(phase: RestorePhase) {
+    require_root();
+    let scene = Scene::new();
+    let runc = RuncRoot::new(scene.root(), "runc");
+    let (bundle, cid, out, sum) = memory_container(&scene, &runc, "rkill");
+    let images = scene.dest().join("images");
+    let args = ["checkpoint", "--image-path", images.to_str().unwrap(), &cid];
+    let done = spawn_wrapper(&scene, &runc, &args, &[]).wait_with_output().unwrap();
+    assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
+    out.wait_closed(T);
+    let restored = id("rkill-restored");
+    runc.track(&restored);
+    let hook = blocking_hook(scene.root(), "before-restore");
+    let env: Vec<(&str, &Path)> = match phase {
+        RestorePhase::BeforeCriu => vec![("CEDANA_HOOK_COMMAND", hook.as_path())],
+        RestorePhase::Restoring => Vec::new(),
+    };
+    let restore_args = |cid: &str| -> Vec<String> {
+        ["restore", "--image-path", images.to_str().unwrap(), "--detach", "--bundle", bundle.dir.to_str().unwrap(), cid]
+            .map(str::to_string)
+            .to_vec()
+    };
+    let args = restore_args(&restored);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    // The restored container's stdio are cedana-runc's: a pipe read here.
+    let mut cmd = std::process::Command::new(bin("cedana-runc"));
+    cmd.arg("--root").arg(&runc.root).args(&args);
+    scene.env(&mut cmd);
+    for (k, v) in &env {
+        cmd.env(k, v);
+    }
+    let restored_out = piped(&mut cmd);
+    let mut child = cmd.spawn().expect("run cedana-runc");
+    let mut blocked = None;
+    match phase {
+        RestorePhase::BeforeCriu => blocked = Some(hook_pid(scene.root())),
+        RestorePhase::Restoring => {
+            wait_for_fast("CRIU to restore", Duration::from_secs(60), || scene.criu_processes().first().copied());
+        }
+    }
+    sigkill(child.id() as i32);
+    if let Some(h) = blocked {
+        sigkill(h);
+    }
+    let _ = child.wait();
+    scene.assert_no_criu();
+    // Either absent, or running with its memory.
+    let deadline = Instant::now() + SETTLE;
+    while !matches!(runc.status(&restored).as_deref(), None | Some("running")) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    match runc.status(&restored).as_deref() {
+        None => eprintln!("{phase:?}: nothing restored"),
+        Some("running") => {
+            eprintln!("{phase:?}: the restore went through");
+            assert_container_runs(&runc, &restored, &format!("{phase:?}"));
+            assert_container_memory(&runc, &restored, &restored_out, &sum);
+            runc.ok(&["delete", "--force", &restored]);
+        }
+        Some(other) => panic!("{phase:?}: the restored container is left {other}"),
+    }
+    // A restore afterwards works, and the start sweeps what the killed one left.
+    let again = id("rkill-again");
+    runc.track(&again);
+    let args = restore_args(&again);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut cmd = std::process::Command::new(bin("cedana-runc"));
+    cmd.arg("--root").arg(&runc.root).args(&args);
+    scene.env(&mut cmd);
+    let again_out = piped(&mut cmd);
+    assert!(cmd.status().unwrap().success(), "{phase:?}: the next restore: {:?}", again_out.snapshot());
+    assert_container_runs(&runc, &again, &format!("{phase:?}, the next restore"));
+    assert_container_memory(&runc, &again, &again_out, &sum);
+    for dir in [&images, &scene.tmp()] {
+        let left = temporaries(dir);
+        assert!(left.is_empty(), "{phase:?}: temporaries left in {}: {left:?}", dir.display());
+    }
+    scene.assert_no_mounts();
+    runc.ok(&["delete", "--force", &again]);
+}
+
+#[test]
+fn killing_cedana_runc_before_criu_restores_restores_nothing() {
+    kill_restore(RestorePhase::BeforeCriu);
+}
+
+#[test]
+fn killing_cedana_runc_mid_restore_leaves_the_container_whole_or_absent() {
+    kill_restore(RestorePhase::Restoring);
 }
