@@ -145,9 +145,11 @@ pub fn sweep(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// [`sweep`] the folders an engine of `config` works in: the temporary folder (CRIU's work folders), the
-/// scratch folder (downloads, extractions) and the default checkpoint folder; and abort the multipart uploads
-/// that killed processes left pending (see [`crate::storage::journal`]).
+/// scratch folder (downloads, extractions) and the default checkpoint folder; abort the multipart uploads
+/// that killed processes left pending (see [`crate::storage::journal`]); and remove the network-lock rules a
+/// killed CRIU left (see [`super::netlock`]).
 pub fn sweep_config(config: &crate::config::Config) -> Vec<PathBuf> {
+    super::netlock::sweep();
     let mut dirs = vec![std::env::temp_dir(), config.scratch_dir(), config.checkpoint_dir()];
     dirs.sort();
     dirs.dedup();
