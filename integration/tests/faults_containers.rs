@@ -344,3 +344,101 @@ fn killing_cedana_runc_before_criu_restores_restores_nothing() {
 fn killing_cedana_runc_mid_restore_leaves_the_container_whole_or_absent() {
     kill_restore(RestorePhase::Restoring);
 }
+
+/// PIDs of our shim serving task `id` (its command line has `-id ID`).
+fn shim_pids(id: &str) -> Vec<i32> {
+    processes()
+        .into_iter()
+        .filter(|pid| {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let args: Vec<String> = cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            let shim = args.first().is_some_and(|a| a.ends_with("containerd-shim-cedana-v2"));
+            shim && args.windows(2).any(|w| w[0] == "-id" && w[1] == id) && alive(*pid)
+        })
+        .collect()
+}
+
+/// Whether anything is mounted at or under `path`.
+fn mounted_under(path: &Path) -> bool {
+    !mounts_under(path).is_empty()
+}
+
+/// CRIU processes anywhere on this machine (the test runs alone: they are its own).
+fn any_criu() -> Vec<i32> {
+    processes().into_iter().filter(|p| is_criu(*p)).collect()
+}
+
+#[test]
+fn killing_the_shim_mid_checkpoint_leaves_nothing_frozen_and_a_later_checkpoint_works() {
+    use cedana_integration::engines::ShimHost;
+    const RUNTIME: &str = "io.containerd.cedana.v2";
+    let s = ShimHost::start();
+    cedana_integration::images::add_static_workload(&s.rootfs, "memory");
+    let image = "docker.io/cedana/busybox-shim-kill:latest";
+    s.d.import(&s.rootfs, image);
+    let run = |id: &str| {
+        let out =
+            s.d.ctr_cmd(&["run", "--runtime", RUNTIME, "--detach", "--null-io", image, id, "/bin/memory", MIB])
+                .stdin(Stdio::null())
+                .output()
+                .expect("ctr run");
+        assert!(out.status.success(), "ctr run {id}: {}", String::from_utf8_lossy(&out.stderr));
+        wait_for("the task to be RUNNING", T, || (s.d.task_status(id).as_deref() == Some("RUNNING")).then_some(()));
+        let pid = s.d.task_pid(id);
+        // The workload has filled its memory once it waits for signals (sleeping).
+        wait_for("the workload to fill its memory", Duration::from_secs(60), || {
+            (status_field(pid, "State").is_some_and(|st| st.starts_with('S'))).then_some(())
+        });
+        pid
+    };
+    let id = "shim-kill";
+    let pid = run(id);
+    let bundle = s.d.dir.join("state/io.containerd.runtime.v2.task").join(&s.d.namespace).join(id);
+    let shim = shim_pids(id);
+    assert_eq!(shim.len(), 1, "one shim serves the task");
+    let images = s.tmp.path().join("cp");
+    let mut checkpoint =
+        s.d.ctr_cmd(&["task", "checkpoint", "--image-path", images.to_str().unwrap(), id])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("ctr task checkpoint");
+    // Mid-checkpoint: the CRIU that cedana-runc's runc runs holds the task's init.
+    wait_until_seized(pid, Duration::from_secs(60));
+    sigkill(shim[0]);
+    let status = cedana_integration::engines::wait_child(&mut checkpoint, Duration::from_secs(60));
+    assert!(!status.success(), "a checkpoint whose shim was killed cannot succeed");
+    // containerd sees the shim go and cleans its task up (`shim delete`: the container is deleted); nothing
+    // may be left frozen, running CRIU, or mounted.
+    let left = wait_for_value_or(SETTLE, || any_criu().is_empty());
+    assert!(left, "CRIU processes left: {:?}", any_criu());
+    wait_for("containerd to clean the task up", SETTLE, || {
+        (!matches!(s.d.task_status(id).as_deref(), Some("RUNNING" | "PAUSED"))).then_some(())
+    });
+    wait_for("the init to be gone", SETTLE, || (!alive(pid)).then_some(()));
+    wait_for("the rootfs to be unmounted", SETTLE, || (!mounted_under(&bundle.join("rootfs"))).then_some(()));
+    let _ = s.d.ctr(&["task", "delete", id]);
+    s.d.ok(&["container", "rm", id]);
+    // A later task from the same image runs, and its checkpoint works (it runs on).
+    let again = "shim-kill-again";
+    let pid = run(again);
+    s.d.ok(&["task", "checkpoint", "--image-path", images.to_str().unwrap(), again]);
+    assert_eq!(s.d.task_status(again).as_deref(), Some("RUNNING"), "the task runs on after the checkpoint");
+    assert!(!frozen_or_traced(pid));
+    s.d.ok(&["task", "kill", "-s", "SIGKILL", again]);
+    wait_for("the task to be STOPPED", T, || (s.d.task_status(again).as_deref() == Some("STOPPED")).then_some(()));
+    s.d.ok(&["task", "delete", again]);
+}
+
+/// Whether `f` became true within `timeout`.
+fn wait_for_value_or(timeout: Duration, f: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
