@@ -3,7 +3,9 @@
 //! rule in INPUT and OUTPUT for packets without its mark 0xc114; nftables: a table `CRIU-PID`) while it holds
 //! the tree, and removes them when it lets the tree go. Killed while frozen, the `cedana` command or CRIU
 //! itself must leave no such rule once the next command has started (CRIU removes its own when the command
-//! dies; a killed CRIU leaves them, and the next start removes them), and the workload runs on, unfrozen.
+//! dies; a killed CRIU leaves them, and the next start removes them), and the workload runs on, unfrozen. (A
+//! CRIU killed while it holds the sockets in repair mode can break the connection: the workload may then end
+//! on its own, which the test reports.)
 //! Run as root: `cargo test -p cedana-integration --test faults_network -- --test-threads=1`.
 
 use std::process::{Child, Stdio};
@@ -56,7 +58,12 @@ fn finished(child: Child) -> String {
 /// rule may be left.
 fn kill_locked_dump(victim: Victim, flags: &[&str]) {
     require_root();
-    assert!(network_lock_rules().is_empty(), "lock rules before the test: {:?}", network_lock_rules());
+    // The rules are the machine's: the tests of this file take turns (libtest runs them on threads).
+    static TURN: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    // Only the rules this test makes count (another run may have left some, which a start may sweep too).
+    let before = network_lock_rules();
+    let new = || -> Vec<String> { network_lock_rules().into_iter().filter(|r| !before.contains(r)).collect() };
     let scene = Scene::new();
     let w = Workload::start(&workload_bin("tcp"), &[MIB], &scene.work());
     wait_for("the first pongs", Duration::from_secs(60), || (pongs(&w).len() >= 3).then_some(()));
@@ -72,13 +79,14 @@ fn kill_locked_dump(victim: Victim, flags: &[&str]) {
     let started = Instant::now();
     wait_until_seized(w.pid, Duration::from_secs(30));
     let rules = wait_for_fast("CRIU to lock the connection", Duration::from_secs(30), || {
-        let r = network_lock_rules();
+        let r = new();
         (!r.is_empty()).then_some(r)
     });
     if flags.contains(&"nftables") {
         assert!(rules.iter().all(|r| r.starts_with("nft: table inet CRIU-")), "{rules:?}");
     }
     eprintln!("{victim:?}: locked after {:?}: {rules:?}", started.elapsed());
+    let mut killed = None;
     match victim {
         Victim::Cli => {
             let _ = kill(Pid::from_raw(child.id() as i32), Signal::SIGKILL);
@@ -86,10 +94,16 @@ fn kill_locked_dump(victim: Victim, flags: &[&str]) {
         Victim::Criu => {
             let criu = wait_for_fast("CRIU", Duration::from_secs(10), || scene.criu_processes().first().copied());
             let _ = kill(Pid::from_raw(criu), Signal::SIGKILL);
+            killed = Some(criu);
         }
     }
     let stderr = finished(child);
     scene.assert_no_criu();
+    if let Some(criu) = killed {
+        // Its descriptors close early in its exit, and the process may still be there (exiting) when the next
+        // command starts: that one must not take it for a CRIU at work.
+        eprintln!("{victim:?}: the killed CRIU {criu} is {:?}", status_field(criu, "State"));
+    }
     if let Victim::Criu = victim {
         // A CRIU killed while it held the sockets in repair mode can break the connection: the workload may
         // then end on its own (an I/O error), which is no lock left behind. It must not be left frozen.
@@ -98,12 +112,12 @@ fn kill_locked_dump(victim: Victim, flags: &[&str]) {
     } else {
         assert_running_unfrozen(w.pid);
     }
-    let left = network_lock_rules();
+    let left = new();
     eprintln!("{victim:?}: lock rules left by the killed dump: {left:?} ({})", stderr.lines().last().unwrap_or_default());
     // The next command's start removes what a killed CRIU left; its dump works and locks and unlocks again.
     let survived = alive(w.pid);
     let out = scene.cedana(&[&dump[..], &["--leave-running"], flags].concat()).output().unwrap();
-    let left = network_lock_rules();
+    let left = new();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(left.is_empty(), "{victim:?}: CRIU's lock rules left after the next start: {left:?}\n{stderr}");
     if survived && alive(w.pid) {

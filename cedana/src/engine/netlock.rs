@@ -10,10 +10,15 @@
 //! - with nftables (`--network-lock nftables`), a table `inet CRIU-ID` holding the connections, ID being
 //!   the start of CRIU's run id (a UUID: `CRIU-eea60c03-c084-47a5-b0`).
 //!
-//! Neither names the CRIU that added it, so [`sweep`] removes them only when no CRIU process runs on this
-//! machine at all (one that runs may be using them); it runs again at every start. A tree locked in a network
-//! namespace of its own (a container's) has its rules in that namespace, which this does not enter.
+//! Neither names the CRIU that added it. [`sweep`] removes an iptables rule when the connection it locks is
+//! held by processes none of which is traced (no CRIU holds them: a CRIU that locks a connection of a dump
+//! has seized its holders first), and, when no process holds the connection, or for an nftables table, only
+//! when no CRIU process runs on this machine at all (a restore locks its connections before it creates their
+//! sockets); it runs again at every start. A tree locked in a network namespace of its own (a container's) has
+//! its rules in that namespace, which this does not enter.
 
+use std::collections::{HashMap, HashSet};
+use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 
@@ -25,6 +30,88 @@ fn is_lock_rule(rule: &str) -> bool {
     (rule.starts_with("-A INPUT ") || rule.starts_with("-A OUTPUT "))
         && rule.contains(&format!("-m mark ! {MARK} "))
         && rule.ends_with(" -j DROP")
+}
+
+/// One end of a TCP connection.
+type End = (IpAddr, u16);
+
+/// The two ends a lock rule names (`-s A/n -d B/n ... --sport P --dport Q`), in a fixed order (a connection
+/// is locked by rules naming it from either side).
+fn rule_connection(rule: &str) -> Option<(End, End)> {
+    let words: Vec<&str> = rule.split_whitespace().collect();
+    let value = |flag: &str| words.windows(2).find(|w| w[0] == flag).map(|w| w[1]);
+    let addr = |flag: &str| value(flag)?.split('/').next()?.parse::<IpAddr>().ok();
+    let port = |flag: &str| value(flag)?.parse::<u16>().ok();
+    Some(ordered((addr("-s")?, port("--sport")?), (addr("-d")?, port("--dport")?)))
+}
+
+fn ordered(a: End, b: End) -> (End, End) {
+    if a <= b {
+        (a, b)
+    } else {
+        (b, a)
+    }
+}
+
+/// An address of /proc/net/tcp or tcp6 (`0100007F:1F90`: 32-bit words in the kernel's byte order).
+fn proc_end(s: &str) -> Option<End> {
+    let (ip, port) = s.split_once(':')?;
+    let port = u16::from_str_radix(port, 16).ok()?;
+    let mut bytes = Vec::with_capacity(16);
+    for i in (0..ip.len()).step_by(8) {
+        bytes.extend(u32::from_str_radix(ip.get(i..i + 8)?, 16).ok()?.swap_bytes().to_be_bytes());
+    }
+    let ip = match bytes.len() {
+        4 => IpAddr::from(<[u8; 4]>::try_from(bytes).ok()?),
+        16 => IpAddr::from(<[u8; 16]>::try_from(bytes).ok()?),
+        _ => return None,
+    };
+    Some((ip, port))
+}
+
+/// The socket inodes of this network namespace's TCP connections, by their two ends.
+fn tcp_sockets() -> HashMap<(End, End), Vec<String>> {
+    let mut found: HashMap<(End, End), Vec<String>> = HashMap::new();
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let text = std::fs::read_to_string(table).unwrap_or_default();
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let (Some(local), Some(remote), Some(inode)) =
+                (cols.get(1).and_then(|c| proc_end(c)), cols.get(2).and_then(|c| proc_end(c)), cols.get(9))
+            else {
+                continue;
+            };
+            if *inode != "0" {
+                found.entry(ordered(local, remote)).or_default().push(inode.to_string());
+            }
+        }
+    }
+    found
+}
+
+/// The processes holding each of the socket `inodes` open.
+fn holders(inodes: &HashSet<String>) -> HashMap<String, Vec<i32>> {
+    let mut found: HashMap<String, Vec<i32>> = HashMap::new();
+    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
+    for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
+        let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
+        for fd in fds.flatten() {
+            let Ok(target) = std::fs::read_link(fd.path()) else { continue };
+            let target = target.to_string_lossy();
+            if let Some(inode) = target.strip_prefix("socket:[").and_then(|t| t.strip_suffix(']')) {
+                if inodes.contains(inode) {
+                    found.entry(inode.to_string()).or_default().push(pid);
+                }
+            }
+        }
+    }
+    found
+}
+
+/// Whether a tracer (CRIU, which seizes the processes whose connections it locks) holds `pid`.
+fn traced(pid: i32) -> bool {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status.lines().find_map(|l| l.strip_prefix("TracerPid:")).is_some_and(|t| t.trim() != "0")
 }
 
 /// The `iptables` arguments that delete `rule` (a line of `iptables -S`).
@@ -51,8 +138,12 @@ fn lock_tables(listing: &str) -> Vec<(&str, &str)> {
         .collect()
 }
 
-/// A CRIU process running on this machine (its executable or command is `criu`; zombies do not count), if
-/// any; `Some(0)` when /proc cannot be read (then nothing is known to be safe).
+/// The kernel's flag of a task that is exiting (killed: it runs no more code of its own).
+const PF_EXITING: u64 = 0x4;
+
+/// A CRIU process running on this machine (its executable or command is `criu`; zombies and processes that
+/// are exiting, such as a CRIU just killed, do not count), if any; `Some(0)` when /proc cannot be read (then
+/// nothing is known to be safe).
 fn running_criu() -> Option<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Some(0) };
     entries.flatten().find_map(|e| {
@@ -60,7 +151,7 @@ fn running_criu() -> Option<i32> {
         let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
         let named = exe.as_deref().and_then(Path::file_name).is_some_and(|n| n == "criu");
         let stat = crate::procfs::stat(pid).ok()?;
-        ((named || stat.comm == "criu") && !stat.is_zombie()).then_some(pid)
+        ((named || stat.comm == "criu") && !stat.is_zombie() && stat.flags & PF_EXITING == 0).then_some(pid)
     })
 }
 
@@ -89,10 +180,34 @@ pub fn sweep() -> Vec<String> {
     if rules.is_empty() && tables.is_empty() {
         return Vec::new();
     }
-    if let Some(pid) = running_criu() {
-        tracing::info!(criu = pid, "CRIU runs: network-lock rules found are left to a later start");
-        return Vec::new();
-    }
+    // A rule whose connection is held only by processes no one traces is stale whatever else runs; the rest
+    // (a connection no one holds, nftables tables) only when no CRIU runs.
+    let sockets = tcp_sockets();
+    let conns: Vec<Option<Vec<String>>> =
+        rules.iter().map(|(_, r)| rule_connection(r).map(|c| sockets.get(&c).cloned().unwrap_or_default())).collect();
+    let wanted: HashSet<String> = conns.iter().flatten().flatten().cloned().collect();
+    let held = if wanted.is_empty() { HashMap::new() } else { holders(&wanted) };
+    let criu = std::cell::OnceCell::new();
+    let no_criu = || {
+        let running = *criu.get_or_init(|| {
+            let running = running_criu();
+            if let Some(pid) = running {
+                tracing::info!(criu = pid, "CRIU runs: network-lock rules it may be using are left to a later start");
+            }
+            running
+        });
+        running.is_none()
+    };
+    let stale = |inodes: &Option<Vec<String>>| {
+        let pids: Vec<i32> = inodes.iter().flatten().filter_map(|i| held.get(i)).flatten().copied().collect();
+        if pids.is_empty() {
+            no_criu()
+        } else {
+            !pids.iter().any(|p| traced(*p))
+        }
+    };
+    let rules: Vec<(&str, String)> = rules.into_iter().zip(&conns).filter(|(_, c)| stale(c)).map(|(r, _)| r).collect();
+    let tables = if tables.is_empty() || no_criu() { tables } else { Vec::new() };
     let mut removed = Vec::new();
     for (tool, rule) in rules {
         let args = [&["-w", "-t", "filter"][..], &delete_args(&rule)].concat();
@@ -135,6 +250,23 @@ mod tests {
         ] {
             assert!(!is_lock_rule(other), "{other}");
         }
+    }
+
+    #[test]
+    fn a_rule_names_its_connection_as_proc_net_tcp_does() {
+        let lock =
+            "-A INPUT -s 127.0.0.1/32 -d 127.0.0.1/32 -p tcp -m mark ! --mark 0xc114 -m tcp --sport 8080 --dport 53902 -j DROP";
+        let reverse =
+            "-A OUTPUT -s 127.0.0.1/32 -d 127.0.0.1/32 -p tcp -m mark ! --mark 0xc114 -m tcp --sport 53902 --dport 8080 -j DROP";
+        let conn = rule_connection(lock).unwrap();
+        assert_eq!(rule_connection(reverse), Some(conn));
+        let local = proc_end("0100007F:1F90").unwrap();
+        assert_eq!(local, ("127.0.0.1".parse().unwrap(), 8080));
+        assert_eq!(ordered(proc_end("0100007F:D28E").unwrap(), local), conn);
+        let v6 = "-A INPUT -s ::1/128 -d ::1/128 -p tcp -m mark ! --mark 0xc114 -m tcp --sport 1 --dport 2 -j DROP";
+        let (a, _) = rule_connection(v6).unwrap();
+        assert_eq!(proc_end("00000000000000000000000001000000:0001"), Some(a));
+        assert_eq!(rule_connection("-A INPUT -p tcp -m mark ! --mark 0xc114 -j DROP"), None);
     }
 
     #[test]
