@@ -175,7 +175,8 @@ fn kill_checkpoint(phase: Phase) {
     require_root();
     let scene = Scene::new();
     let runc = RuncRoot::new(scene.root(), "runc");
-    let (_bundle, cid, out, sum) = memory_container(&scene, &runc, "kill");
+    // Ids differ between the tests, which may run at once (runc names the container's cgroups after it).
+    let (_bundle, cid, out, sum) = memory_container(&scene, &runc, &format!("kill-{phase:?}").to_lowercase());
     let init = runc.state(&cid).unwrap()["pid"].as_i64().unwrap() as i32;
     let images = scene.dest().join("images");
     let hook = blocking_hook(scene.root(), "before-dump");
@@ -258,13 +259,14 @@ fn kill_restore(phase: RestorePhase) {
     require_root();
     let scene = Scene::new();
     let runc = RuncRoot::new(scene.root(), "runc");
-    let (bundle, cid, out, sum) = memory_container(&scene, &runc, "rkill");
+    let name = format!("rkill-{phase:?}").to_lowercase();
+    let (bundle, cid, out, sum) = memory_container(&scene, &runc, &name);
     let images = scene.dest().join("images");
     let args = ["checkpoint", "--image-path", images.to_str().unwrap(), &cid];
     let done = spawn_wrapper(&scene, &runc, &args, &[]).wait_with_output().unwrap();
     assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
     out.wait_closed(T);
-    let restored = id("rkill-restored");
+    let restored = id(&format!("{name}-restored"));
     runc.track(&restored);
     let hook = blocking_hook(scene.root(), "before-restore");
     let env: Vec<(&str, &Path)> = match phase {
@@ -316,7 +318,7 @@ fn kill_restore(phase: RestorePhase) {
         Some(other) => panic!("{phase:?}: the restored container is left {other}"),
     }
     // A restore afterwards works, and the start sweeps what the killed one left.
-    let again = id("rkill-again");
+    let again = id(&format!("{name}-again"));
     runc.track(&again);
     let args = restore_args(&again);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
@@ -363,11 +365,6 @@ fn mounted_under(path: &Path) -> bool {
     !mounts_under(path).is_empty()
 }
 
-/// CRIU processes anywhere on this machine (the test runs alone: they are its own).
-fn any_criu() -> Vec<i32> {
-    processes().into_iter().filter(|p| is_criu(*p)).collect()
-}
-
 #[test]
 fn killing_the_shim_mid_checkpoint_leaves_nothing_frozen_and_a_later_checkpoint_works() {
     use cedana_integration::engines::ShimHost;
@@ -405,14 +402,15 @@ fn killing_the_shim_mid_checkpoint_leaves_nothing_frozen_and_a_later_checkpoint_
             .spawn()
             .expect("ctr task checkpoint");
     // Mid-checkpoint: the CRIU that cedana-runc's runc runs holds the task's init.
-    wait_until_seized(pid, Duration::from_secs(60));
+    let criu = wait_until_seized(pid, Duration::from_secs(60));
+    assert!(is_criu(criu), "the init's tracer is CRIU");
     sigkill(shim[0]);
     let status = cedana_integration::engines::wait_child(&mut checkpoint, Duration::from_secs(60));
     assert!(!status.success(), "a checkpoint whose shim was killed cannot succeed");
     // containerd sees the shim go and cleans its task up (`shim delete`: the container is deleted); nothing
     // may be left frozen, running CRIU, or mounted.
-    let left = wait_for_value_or(SETTLE, || any_criu().is_empty());
-    assert!(left, "CRIU processes left: {:?}", any_criu());
+    let gone = wait_for_value_or(SETTLE, || !alive(criu));
+    assert!(gone, "the CRIU of the checkpoint is left: {:?}", status_field(criu, "State"));
     wait_for("containerd to clean the task up", SETTLE, || {
         (!matches!(s.d.task_status(id).as_deref(), Some("RUNNING" | "PAUSED"))).then_some(())
     });
