@@ -11,10 +11,10 @@
 //!   the start of CRIU's run id (a UUID: `CRIU-eea60c03-c084-47a5-b0`).
 //!
 //! Neither names the CRIU that added it. [`sweep`] removes an iptables rule when the connection it locks is
-//! held by processes none of which is traced (no CRIU holds them: a CRIU that locks a connection of a dump
-//! has seized its holders first), and, when no process holds the connection, or for an nftables table, only
-//! when no CRIU process runs on this machine at all (a restore locks its connections before it creates their
-//! sockets); it runs again at every start. A tree locked in a network namespace of its own (a container's) has
+//! held by processes none of which CRIU has a hand on (none traced: a dump seizes the holders before it locks
+//! their connections; none a child of CRIU: a restore creates them), and, when no process holds the
+//! connection, or for an nftables table, only when no CRIU process runs on this machine at all (a restore
+//! locks its connections before it creates their sockets); it runs again at every start. A tree locked in a network namespace of its own (a container's) has
 //! its rules in that namespace, which this does not enter.
 
 use std::collections::{HashMap, HashSet};
@@ -108,10 +108,21 @@ fn holders(inodes: &HashSet<String>) -> HashMap<String, Vec<i32>> {
     found
 }
 
-/// Whether a tracer (CRIU, which seizes the processes whose connections it locks) holds `pid`.
-fn traced(pid: i32) -> bool {
+/// Whether CRIU may be at work on `pid`: a tracer holds it (a dump seizes the processes whose connections it
+/// locks), or its parent is CRIU (a restore creates them as its children, and seizes them only at its end).
+fn in_criu_hands(pid: i32) -> bool {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("TracerPid:")).is_some_and(|t| t.trim() != "0")
+    let traced = status.lines().find_map(|l| l.strip_prefix("TracerPid:")).is_some_and(|t| t.trim() != "0");
+    traced || crate::procfs::stat(pid).is_ok_and(|s| is_criu(s.ppid))
+}
+
+/// Whether `pid` is a live CRIU process (its executable or command is `criu`; zombies and processes that are
+/// exiting, such as a CRIU just killed, do not count).
+fn is_criu(pid: i32) -> bool {
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+    let named = exe.as_deref().and_then(Path::file_name).is_some_and(|n| n == "criu");
+    let Ok(stat) = crate::procfs::stat(pid) else { return false };
+    (named || stat.comm == "criu") && !stat.is_zombie() && stat.flags & PF_EXITING == 0
 }
 
 /// The `iptables` arguments that delete `rule` (a line of `iptables -S`).
@@ -141,18 +152,11 @@ fn lock_tables(listing: &str) -> Vec<(&str, &str)> {
 /// The kernel's flag of a task that is exiting (killed: it runs no more code of its own).
 const PF_EXITING: u64 = 0x4;
 
-/// A CRIU process running on this machine (its executable or command is `criu`; zombies and processes that
-/// are exiting, such as a CRIU just killed, do not count), if any; `Some(0)` when /proc cannot be read (then
-/// nothing is known to be safe).
+/// A CRIU process running on this machine (see [`is_criu`]), if any; `Some(0)` when /proc cannot be read
+/// (then nothing is known to be safe).
 fn running_criu() -> Option<i32> {
     let Ok(entries) = std::fs::read_dir("/proc") else { return Some(0) };
-    entries.flatten().find_map(|e| {
-        let pid = e.file_name().to_str()?.parse::<i32>().ok()?;
-        let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-        let named = exe.as_deref().and_then(Path::file_name).is_some_and(|n| n == "criu");
-        let stat = crate::procfs::stat(pid).ok()?;
-        ((named || stat.comm == "criu") && !stat.is_zombie() && stat.flags & PF_EXITING == 0).then_some(pid)
-    })
+    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).find(|pid| is_criu(*pid))
 }
 
 /// The standard output of `program ARGS`, or `None` when it cannot run or fails (not installed: nothing of
@@ -167,8 +171,8 @@ fn run(program: &str, args: &[&str]) -> bool {
     status.is_ok_and(|s| s.success())
 }
 
-/// Remove CRIU's network-lock rules and tables, unless a CRIU process runs; returns what was removed (as
-/// `TOOL: RULE`). Errors are logged, never returned: a sweep must not stop the operation that runs it.
+/// Remove the network-lock rules and tables no live CRIU may be using (see the module's doc); returns what
+/// was removed (as `TOOL: RULE` or `nft: table FAMILY NAME`). Errors are logged, never returned: a sweep must not stop the operation that runs it.
 pub fn sweep() -> Vec<String> {
     let mut rules = Vec::new();
     for tool in ["iptables", "ip6tables"] {
@@ -180,8 +184,8 @@ pub fn sweep() -> Vec<String> {
     if rules.is_empty() && tables.is_empty() {
         return Vec::new();
     }
-    // A rule whose connection is held only by processes no one traces is stale whatever else runs; the rest
-    // (a connection no one holds, nftables tables) only when no CRIU runs.
+    // A rule whose connection is held only by processes CRIU has no hand on is stale whatever else runs; the
+    // rest (a connection no one holds, nftables tables) only when no CRIU runs.
     let sockets = tcp_sockets();
     let conns: Vec<Option<Vec<String>>> =
         rules.iter().map(|(_, r)| rule_connection(r).map(|c| sockets.get(&c).cloned().unwrap_or_default())).collect();
@@ -203,7 +207,7 @@ pub fn sweep() -> Vec<String> {
         if pids.is_empty() {
             no_criu()
         } else {
-            !pids.iter().any(|p| traced(*p))
+            !pids.iter().any(|p| in_criu_hands(*p))
         }
     };
     let rules: Vec<(&str, String)> = rules.into_iter().zip(&conns).filter(|(_, c)| stale(c)).map(|(r, _)| r).collect();
