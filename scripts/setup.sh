@@ -56,7 +56,7 @@ REGISTRY_PREFIX=${REGISTRY_PREFIX%/}
 MOTO_REQUIREMENT='moto[server]==5.2.1'
 
 APT_PACKAGES=(
-  iptables runc containerd docker.io busybox-static patchelf zstd gzip lz4 procps iproute2
+  iptables nftables runc containerd docker.io busybox-static patchelf zstd gzip lz4 procps iproute2
   python3 python3-venv hyperfine gcc libc6-dev
 )
 

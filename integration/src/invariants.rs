@@ -261,14 +261,18 @@ pub fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-/// CRIU's network-lock rules: an iptables chain `CRIU` (filter table, IPv4 and IPv6) or an nftables table
-/// whose name starts with `CRIU`.
+/// CRIU's network-lock rules: iptables rules (filter table, IPv4 and IPv6) of its chain `CRIU` (a network
+/// namespace locked whole) or matching its mark 0xc114 (a connection locked on its own, as for a process with
+/// `--tcp-established`), or an nftables table whose name starts with `CRIU`.
 pub fn network_lock_rules() -> Vec<String> {
     let mut found = Vec::new();
     for tool in ["iptables", "ip6tables"] {
         if let Ok(out) = Command::new(tool).args(["-w", "-S"]).output() {
             found.extend(
-                String::from_utf8_lossy(&out.stdout).lines().filter(|l| l.contains(" CRIU")).map(|l| format!("{tool}: {l}")),
+                String::from_utf8_lossy(&out.stdout)
+                    .lines()
+                    .filter(|l| l.contains(" CRIU") || l.contains("0xc114"))
+                    .map(|l| format!("{tool}: {l}")),
             );
         }
     }

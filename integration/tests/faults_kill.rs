@@ -336,3 +336,79 @@ fn killing_criu_mid_restore_leaves_nothing_half_restored() {
     kill_restore(RestorePhase::Restoring, Victim::Criu, &[]);
     kill_restore(RestorePhase::Restoring, Victim::Criu, &["--no-stream"]);
 }
+
+/// Where a lazy restore is killed.
+#[derive(Debug, Clone, Copy)]
+enum LazyPhase {
+    /// Its images folder (`.cedana-lazy-PID-*`) exists: the checkpoint is opened, CRIU not yet done.
+    Opened,
+    /// The restored tree runs while its memory is still arriving.
+    Serving,
+}
+
+/// A lazy restore (`restore process --lazy`) of the memory workload killed at `phase`: the workload is
+/// absent or runs with its memory, and the next start removes the lazy restore's images folder (named after
+/// the killed command) and restores normally.
+fn kill_lazy_restore(phase: LazyPhase) {
+    require_root();
+    let scene = Scene::new();
+    let mut w = Workload::start(&workload_bin("memory"), &[MIB], &scene.work());
+    let sum = w.wait_lines(1)[0].clone();
+    let dest = scene.dest();
+    let out = scene.dump(w.pid, dest.to_str().unwrap(), "lazy", "lz4").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    w.reap();
+    wait_for("the dumped PID to be free", Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
+    let path = dest.join("lazy.tar.lz4");
+    let rewind = || std::fs::OpenOptions::new().write(true).open(&w.log).unwrap().set_len(sum.len() as u64 + 1).unwrap();
+    rewind();
+    let child = scene
+        .cedana(&["restore", "process", "--path", path.to_str().unwrap(), "--lazy"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let cli = child.id() as i32;
+    let folder = format!(".cedana-lazy-{cli}-");
+    match phase {
+        LazyPhase::Opened => wait_for_fast("the lazy restore's folder", Duration::from_secs(60), || {
+            entries(&scene.tmp()).into_iter().find(|n| n.starts_with(&folder))
+        }),
+        LazyPhase::Serving => {
+            wait_for_fast("the restored tree", Duration::from_secs(60), || alive(w.pid).then_some(()));
+            entries(&scene.tmp()).into_iter().find(|n| n.starts_with(&folder)).expect("the folder is named after its owner")
+        }
+    };
+    sigkill(cli);
+    let stderr = finished(child);
+    scene.assert_no_criu();
+    let left: Vec<String> = entries(&scene.tmp()).into_iter().filter(|n| n.starts_with(&folder)).collect();
+    eprintln!("{phase:?}: left by the killed restore: {left:?}");
+    // Either absent, or running with its memory.
+    let settled = wait_for_value_or(Duration::from_secs(60), || !alive(w.pid) || !frozen_or_traced(w.pid));
+    assert!(settled, "the restored tree is left stopped: {:?}", status_field(w.pid, "State"));
+    if alive(w.pid) {
+        eprintln!("{phase:?}: the restored tree runs on ({:?})", status_field(w.pid, "State"));
+        assert_memory_intact(w.pid, &w.log, &sum);
+        sigkill(w.pid);
+        wait_for("the restored workload to go", Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
+    } else {
+        eprintln!("{phase:?}: nothing restored ({})", stderr.lines().last().unwrap_or_default());
+    }
+    // The next start removes the killed command's folder, and its restore works.
+    rewind();
+    let out = scene.cedana(&["restore", "process", "--path", path.to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "the next restore: {}", String::from_utf8_lossy(&out.stderr));
+    let left: Vec<String> = entries(&scene.tmp()).into_iter().filter(|n| n.starts_with(&folder)).collect();
+    assert!(left.is_empty(), "the next start must remove the killed lazy restore's folder: {left:?}");
+    assert_memory_intact(w.pid, &w.log, &sum);
+    scene.assert_no_temporaries();
+    scene.assert_no_mounts();
+    sigkill(w.pid);
+}
+
+#[test]
+fn killing_a_lazy_restore_leaves_its_folder_to_the_next_start() {
+    kill_lazy_restore(LazyPhase::Opened);
+    kill_lazy_restore(LazyPhase::Serving);
+}

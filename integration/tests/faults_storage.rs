@@ -81,9 +81,14 @@ fn a_store_that_stops_answering_then_dies_gives_the_workload_back() {
     assert_memory_intact(w.pid, &w.log, &sum);
 }
 
-/// Dump the memory workload to moto (it exits), then restore it with `flags` through `endpoint`, and let
-/// `fault` strike once `reads` ranged reads or downloads were made: nothing may be left running.
-fn faulty_restore(flags: &[&str], fault: impl FnOnce(&mut MotoServer, Option<&FaultProxy>), proxy: bool) {
+/// Dump the memory workload to moto (it exits), then restore it with `flags` (through a fault proxy when
+/// `proxy`), and let `fault` strike once the restore has read (or downloaded) part of the checkpoint: nothing
+/// may be left running. The restore's stderr, the store's endpoint it used and the checkpoint's URL.
+fn faulty_restore(
+    flags: &[&str],
+    fault: impl FnOnce(&mut MotoServer, Option<&FaultProxy>),
+    proxy: bool,
+) -> (String, String, String) {
     require_root();
     let scene = Scene::new();
     let mut moto = MotoServer::start();
@@ -96,9 +101,8 @@ fn faulty_restore(flags: &[&str], fault: impl FnOnce(&mut MotoServer, Option<&Fa
     let proxy = proxy.then(|| FaultProxy::start(moto.port()));
     let mut cmd = scene.cedana(&[&["restore", "process", "--path", &moto.url("r/s.tar.lz4")][..], flags].concat());
     cmd.envs(moto.env());
-    if let Some(p) = &proxy {
-        cmd.env("AWS_ENDPOINT_URL", p.endpoint());
-    }
+    let endpoint = proxy.as_ref().map(FaultProxy::endpoint).unwrap_or_else(|| moto.endpoint());
+    cmd.env("AWS_ENDPOINT_URL", &endpoint);
     let gets = requests(&moto, "GET /cedana-test/r/s.tar.lz4");
     let child = spawn(&mut cmd);
     if flags.contains(&"--no-stream") {
@@ -120,6 +124,17 @@ fn faulty_restore(flags: &[&str], fault: impl FnOnce(&mut MotoServer, Option<&Fa
     wait_for("nothing restored to be left", SETTLE, || (!alive(w.pid)).then_some(()));
     scene.assert_no_temporaries();
     scene.assert_no_mounts();
+    (stderr.into_owned(), endpoint, moto.url("r/s.tar.lz4"))
+}
+
+/// The error of a restore from a store that stopped answering names the store as unreachable (its URL,
+/// its endpoint and what to do), and does not call the checkpoint corrupt.
+fn assert_unreachable(stderr: &str, endpoint: &str, url: &str) {
+    assert!(stderr.contains("unreachable"), "the error must say the store is unreachable: {stderr}");
+    assert!(stderr.contains(endpoint), "the error must name the endpoint {endpoint}: {stderr}");
+    assert!(stderr.contains(url), "the error must name {url}: {stderr}");
+    assert!(stderr.contains("check that"), "the error must say what to do: {stderr}");
+    assert!(!stderr.to_lowercase().contains("corrupt"), "an unreachable store says nothing of the checkpoint: {stderr}");
 }
 
 /// Bytes in download folders under `dir`.
@@ -139,15 +154,50 @@ fn downloaded(dir: &std::path::Path) -> u64 {
 }
 
 #[test]
-fn a_store_killed_mid_download_leaves_nothing_restored() {
+fn a_store_killed_mid_download_leaves_nothing_restored_and_is_named_unreachable() {
     // Streamed by ranged reads, and downloaded first.
-    faulty_restore(&[], |m, _| m.kill(), false);
-    faulty_restore(&["--no-stream"], |m, _| m.kill(), false);
+    for flags in [&[][..], &["--no-stream"][..]] {
+        let (stderr, endpoint, url) = faulty_restore(flags, |m, _| m.kill(), false);
+        assert_unreachable(&stderr, &endpoint, &url);
+    }
+}
+
+#[test]
+fn a_restore_from_a_store_nobody_listens_on_is_named_unreachable() {
+    require_root();
+    let scene = Scene::new();
+    let mut moto = MotoServer::start();
+    let mut w = Workload::start(&workload_bin("memory"), &["32"], &scene.work());
+    w.wait_lines(1);
+    let out = scene.dump(w.pid, &moto.url("gone"), "s", "lz4").envs(moto.env()).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    w.reap();
+    wait_for("the dumped PID to be free", Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
+    moto.kill();
+    let url = moto.url("gone/s.tar.lz4");
+    for flags in [&[][..], &["--no-stream"][..], &["--lazy"][..]] {
+        let started = Instant::now();
+        let out = scene.cedana(&[&["restore", "process", "--path", &url][..], flags].concat()).envs(moto.env()).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        eprintln!(
+            "{flags:?} after {:?}: {}",
+            started.elapsed(),
+            stderr.lines().rev().find(|l| l.contains("rror")).unwrap_or_default()
+        );
+        assert!(!out.status.success(), "{flags:?}: {stderr}");
+        assert_unreachable(&stderr, &moto.endpoint(), &url);
+        assert!(!alive(w.pid), "{flags:?}: nothing restored");
+    }
+    scene.assert_no_criu();
+    scene.assert_no_temporaries();
 }
 
 #[test]
 fn a_store_answering_errors_mid_download_leaves_nothing_restored() {
-    faulty_restore(&[], |_, p| p.expect("a proxy").set(Fault::FailAll), true);
+    let (stderr, ..) = faulty_restore(&[], |_, p| p.expect("a proxy").set(Fault::FailAll), true);
+    // The store answered: it is unavailable, not unreachable, and the checkpoint is not called corrupt.
+    assert!(stderr.contains("unavailable") && !stderr.contains("unreachable"), "{stderr}");
+    assert!(!stderr.to_lowercase().contains("corrupt"), "{stderr}");
 }
 
 #[test]

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::digest::Hasher;
 use super::manifest::{Manifest, MANIFEST_NAME};
-use super::reader::{corrupt, parse_manifest, safe_relative};
+use super::reader::{corrupt, parse_manifest, safe_relative, unreadable};
 use super::source::ArchiveSource;
 use super::CheckpointError;
 use crate::codec::{self, Compression};
@@ -149,8 +149,7 @@ impl IndexedArchive {
     ) -> Result<Box<dyn Read + Send>, CheckpointError> {
         let location = std::path::PathBuf::from(self.source.location());
         let io_err = |e| CheckpointError::Io { path: location.clone(), source: e };
-        let damaged =
-            |e: io::Error| corrupt(&location, format!("cannot read {name} in the archive ({e}); it is truncated or damaged"));
+        let damaged = |e: io::Error| unreadable(&location, e, &format!("{name} in the archive"));
         let reader: Box<dyn Read + Send> = match slot {
             Some(slot) => {
                 if offset.checked_add(slot as u64).is_none_or(|end| end > self.source.len()) {
@@ -215,8 +214,7 @@ impl IndexedArchive {
         if !units.is_empty() {
             return self.copy_units(name, *offset, units, expected, out);
         }
-        let damaged =
-            |e: io::Error| corrupt(&location, format!("cannot read {name} in the archive ({e}); it is truncated or damaged"));
+        let damaged = |e: io::Error| unreadable(&location, e, &format!("{name} in the archive"));
         let mut stream = self.check_header(name, *offset, None, expected)?;
         let mut hasher = Hasher::new();
         let mut buf = vec![0u8; 1 << 20];
@@ -288,8 +286,7 @@ fn read_tail(
 ) -> Result<Tail, CheckpointError> {
     let location = std::path::PathBuf::from(source.location());
     let io_err = |e| CheckpointError::Io { path: location.clone(), source: e };
-    let damaged =
-        |e: io::Error| corrupt(&location, format!("cannot read the {compression} archive ({e}); it is truncated or damaged"));
+    let damaged = |e: io::Error| unreadable(&location, e, &format!("the {compression} archive"));
     let mut stream = codec::decoder(compression, source.read_from(trailer.tail_offset).map_err(io_err)?)?;
     io::copy(&mut (&mut stream).take(trailer.tail_pad), &mut io::sink()).map_err(damaged)?;
     let mut tail = tar::Archive::new(super::tar_guard::TarGuard::new(stream));

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use super::digest::Hasher;
 use super::index::IndexedArchive;
 use super::lazy_store::ChunkedPages;
-use super::reader::{check_version, corrupt, parse_manifest, safe_relative};
+use super::reader::{check_version, corrupt, parse_manifest, safe_relative, unreadable};
 use super::source::{ArchiveSource, LocalSource};
 use super::{is_page_image, CheckpointError, FileDigest, Manifest, OpenedCheckpoint, MANIFEST_NAME};
 use crate::codec::Compression;
@@ -180,7 +180,7 @@ fn open_tar(
     path: &Path,
     scratch: &Path,
 ) -> Result<OpenedCheckpoint, CheckpointError> {
-    let damaged = |e: std::io::Error| corrupt(path, format!("cannot read the tar archive ({e}); it is truncated or damaged"));
+    let damaged = |e: std::io::Error| unreadable(path, e, "the tar archive");
     let mut small: HashMap<String, Vec<u8>> = HashMap::new();
     let mut placed: HashMap<String, (u64, u64)> = HashMap::new();
     let mut manifest = None;
@@ -246,8 +246,7 @@ fn open_tar(
     check_version(path, &manifest)?;
     let indexed = super::index::Trailer::find(&*source).map_err(CheckpointError::io(path))?.is_some();
     super::reader::check_index_kept(path, &manifest, indexed)?;
-    std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
-    let dir = tempfile::Builder::new().prefix(".cedana-lazy-").tempdir_in(scratch).map_err(CheckpointError::io(scratch))?;
+    let dir = lazy_folder(scratch)?;
     let mut pages = Vec::new();
     for f in &manifest.files {
         if let Some(&(base, size)) = placed.get(&f.name) {
@@ -285,8 +284,7 @@ fn open_compressed(
     let not_in_place = || CheckpointError::NotInPlace { path: path.to_path_buf(), compression };
     let archive = IndexedArchive::open(Arc::clone(&source), MAX_SMALL_FILE)?.ok_or_else(not_in_place)?;
     let manifest = archive.manifest().clone();
-    std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
-    let dir = tempfile::Builder::new().prefix(".cedana-lazy-").tempdir_in(scratch).map_err(CheckpointError::io(scratch))?;
+    let dir = lazy_folder(scratch)?;
     let slot = crate::codec::units::header_slot(compression) as u64;
     let mut pages = Vec::new();
     for f in &manifest.files {
@@ -308,6 +306,17 @@ fn open_compressed(
         }
     }
     finish(path, compression, manifest, dir, pages)
+}
+
+/// The images folder of a lazy restore in `scratch`: `.cedana-lazy-PID-*`, named after this process so that a
+/// later start removes it should this process be killed while it serves the pages (see
+/// [`crate::engine::leftovers`]); removed when the checkpoint is dropped otherwise.
+fn lazy_folder(scratch: &Path) -> Result<tempfile::TempDir, CheckpointError> {
+    std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
+    tempfile::Builder::new()
+        .prefix(&crate::engine::leftovers::prefix(".cedana-lazy-"))
+        .tempdir_in(scratch)
+        .map_err(CheckpointError::io(scratch))
 }
 
 /// The pagemaps read from the images folder `dir`, each page image there as a sparse file, and the

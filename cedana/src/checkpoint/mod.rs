@@ -60,6 +60,14 @@ pub enum CheckpointError {
     Incomplete { path: PathBuf },
     #[error("{path} is corrupt: {detail}; it was not restored")]
     Corrupt { path: PathBuf, detail: String },
+    /// Reading the checkpoint failed for a reason outside it (an object store that could not be reached):
+    /// the message is the source's own, which names the place and what to do.
+    #[error("{source}")]
+    Source {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("packing page images while CRIU wrote them: {0}")]
     LivePacking(&'static str),
     #[error("CRIU's image stream: {0}")]
@@ -77,7 +85,7 @@ impl CheckpointError {
     pub fn kind(&self) -> crate::error::ErrorKind {
         use crate::error::ErrorKind as K;
         match self {
-            CheckpointError::Io { source, .. } => K::of_io(source),
+            CheckpointError::Io { source, .. } | CheckpointError::Source { source, .. } => K::of_io(source),
             CheckpointError::Codec(e) => e.kind(),
             CheckpointError::NoSpace { .. } | CheckpointError::ScratchFull { .. } => K::ResourceExhausted,
             CheckpointError::Exists { .. } => K::AlreadyExists,

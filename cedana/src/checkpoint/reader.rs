@@ -517,6 +517,15 @@ pub(crate) fn corrupt(path: &Path, detail: String) -> CheckpointError {
     CheckpointError::Corrupt { path: path.to_path_buf(), detail }
 }
 
+/// A failed read of the archive at `path`: the source's own failure (an unreachable store, see
+/// [`super::source::is_source_failure`]) as it is, anything else as damage, `what` saying what was read.
+pub(crate) fn unreadable(path: &Path, e: io::Error, what: &str) -> CheckpointError {
+    if super::source::is_source_failure(&e) {
+        return CheckpointError::Source { path: path.to_path_buf(), source: e };
+    }
+    corrupt(path, format!("cannot read {what} ({e}); it is truncated or damaged"))
+}
+
 fn list_names(dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;

@@ -29,6 +29,28 @@ pub trait ArchiveSource: Send + Sync {
     fn read_from(&self, offset: u64) -> io::Result<Box<dyn Read + Send>>;
 }
 
+/// Whether `e`, met reading a source, is the source's own failure (an object store that could not be
+/// reached, or answered only errors) rather than a sign of what the archive holds: such a failure says
+/// nothing of the checkpoint, and is reported as it is, never as damage.
+pub(crate) fn is_source_failure(e: &io::Error) -> bool {
+    #[cfg(feature = "storage")]
+    {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = e.get_ref().map(|i| i as &(dyn std::error::Error + 'static));
+        while let Some(err) = cur {
+            if err.is::<crate::storage::StorageError>() {
+                return true;
+            }
+            cur = match err.downcast_ref::<io::Error>() {
+                Some(io) => io.get_ref().map(|i| i as &(dyn std::error::Error + 'static)),
+                None => err.source(),
+            };
+        }
+    }
+    #[cfg(not(feature = "storage"))]
+    let _ = e;
+    false
+}
+
 /// An archive in a local file.
 pub struct LocalSource {
     file: File,

@@ -138,6 +138,7 @@ impl Units<'_> {
     fn decode(&self, i: usize, start: u64, total: u64) -> Result<(Vec<u8>, u128), CheckpointError> {
         let len = (total - i as u64 * CHUNK as u64).min(CHUNK as u64) as usize;
         let data = decode_unit(self.source, self.compression, start, self.sizes[i], len).map_err(|e| match e.kind() {
+            _ if super::source::is_source_failure(&e) => CheckpointError::Source { path: self.location.to_path_buf(), source: e },
             io::ErrorKind::InvalidData => corrupt(self.location, format!("{}: unit {i} {e}", self.expected.name)),
             _ => CheckpointError::Io { path: self.location.to_path_buf(), source: e },
         })?;

@@ -3,7 +3,8 @@
 //! Dumps and restores work under names that carry the PID of the process doing the work: hidden checkpoints
 //! (`.NAME.partial-PID`), their disk reserves (`.NAME.reserve-PID`), an old checkpoint moved aside while a
 //! new one replaces it (`.NAME.old-PID`), staging, download and restore folders (`.cedana-images-PID-*`,
-//! `.cedana-download-PID-*`, `.cedana-scratch-PID-*`) and CRIU's work folders (`cedana-dump-PID-*`, `cedana-restore-PID-*`,
+//! `.cedana-download-PID-*`, `.cedana-scratch-PID-*`), a lazy restore's images folder (`.cedana-lazy-PID-*`, which
+//! lives as long as its pages are served) and CRIU's work folders (`cedana-dump-PID-*`, `cedana-restore-PID-*`,
 //! `cedana-runc-restore-PID-*`). Each is removed when its operation ends, unless the process was killed
 //! (SIGKILL, a crash, a power cut). [`sweep`] removes those of processes that no longer exist; those of a
 //! live process are left alone (it may still be working), as is anything kept on purpose:
@@ -18,8 +19,15 @@ use std::path::{Path, PathBuf};
 pub const KEPT_SUFFIX: &str = ".kept";
 
 /// Prefixes of per-operation folders, followed by `PID-`.
-const PREFIXES: &[&str] =
-    &[".cedana-images-", ".cedana-download-", ".cedana-scratch-", "cedana-dump-", "cedana-restore-", "cedana-runc-restore-"];
+const PREFIXES: &[&str] = &[
+    ".cedana-images-",
+    ".cedana-download-",
+    ".cedana-scratch-",
+    ".cedana-lazy-",
+    "cedana-dump-",
+    "cedana-restore-",
+    "cedana-runc-restore-",
+];
 
 /// Suffixes of hidden checkpoint names, followed by the PID (the name starts with '.').
 const SUFFIXES: &[&str] = &[".partial-", ".reserve-", ".old-"];
@@ -137,9 +145,11 @@ pub fn sweep(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// [`sweep`] the folders an engine of `config` works in: the temporary folder (CRIU's work folders), the
-/// scratch folder (downloads, extractions) and the default checkpoint folder; and abort the multipart uploads
-/// that killed processes left pending (see [`crate::storage::journal`]).
+/// scratch folder (downloads, extractions) and the default checkpoint folder; abort the multipart uploads
+/// that killed processes left pending (see [`crate::storage::journal`]); and remove the network-lock rules a
+/// killed CRIU left (see [`super::netlock`]).
 pub fn sweep_config(config: &crate::config::Config) -> Vec<PathBuf> {
+    super::netlock::sweep();
     let mut dirs = vec![std::env::temp_dir(), config.scratch_dir(), config.checkpoint_dir()];
     dirs.sort();
     dirs.dedup();
@@ -165,8 +175,18 @@ mod tests {
         assert_eq!(classify(".cedana-images-99-abc123"), t(99));
         assert_eq!(classify("cedana-dump-5-XyZ"), t(5));
         assert_eq!(classify("cedana-runc-restore-6-q"), t(6));
+        assert_eq!(classify(".cedana-lazy-12-AbC9"), t(12));
         assert_eq!(classify(".c.old-8"), Some(Leftover::Aside { pid: 8, original: "c".into() }));
-        for not in ["c.tar", ".c.partial-", ".c.partial-x1", "cedana-dump-abc", ".partial-3", "cedana-dump-5-x.kept", "x.old-3"] {
+        for not in [
+            "c.tar",
+            ".cedana-lazy-AbC9",
+            ".c.partial-",
+            ".c.partial-x1",
+            "cedana-dump-abc",
+            ".partial-3",
+            "cedana-dump-5-x.kept",
+            "x.old-3",
+        ] {
             assert_eq!(classify(not), None, "{not}");
         }
     }

@@ -17,6 +17,7 @@ pub mod hooks;
 pub(crate) mod lazy;
 pub mod leftovers;
 pub mod location;
+pub mod netlock;
 #[cfg(feature = "storage")]
 pub(crate) mod remote;
 pub mod restore;

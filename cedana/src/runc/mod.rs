@@ -125,6 +125,12 @@ pub trait ContainerRuntime: Send + Sync + std::fmt::Debug {
     /// `restore --image-path IMAGES ... ID`, with CRIU options and descriptors runc has no flags for; runc's
     /// exit code.
     fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError>;
+    /// The command line of `resume ID`, for a process other than this one to run (see
+    /// [`crate::engine`]'s pause guard); `None` when the runtime cannot say (nothing then resumes a container
+    /// paused by a dump whose process was killed).
+    fn resume_command(&self, _id: &str) -> Option<Command> {
+        None
+    }
 }
 
 impl ContainerRuntime for Runc {
@@ -151,6 +157,11 @@ impl ContainerRuntime for Runc {
     }
     fn restore(&self, id: &str, images: &Path, flags: &RestoreFlags, extras: CriuExtras) -> Result<i32, RuncError> {
         Runc::restore(self, id, images, flags, extras)
+    }
+    fn resume_command(&self, id: &str) -> Option<Command> {
+        let mut cmd = self.command();
+        cmd.args(["resume", id]);
+        Some(cmd)
     }
 }
 
@@ -249,7 +260,8 @@ impl Runc {
     }
 
     /// `runc checkpoint --image-path IMAGES --work-path WORK FLAGS... ID`, with CRIU options runc has no flags
-    /// for (`extras`, through a CRIU configuration file; descriptors are not passed at dump).
+    /// for (`extras`, through a CRIU configuration file) and descriptors runc and its CRIU inherit (the pause
+    /// guard's lifeline).
     pub fn checkpoint(
         &self,
         id: &str,
@@ -261,6 +273,7 @@ impl Runc {
         let mut cmd = self.command();
         cmd.arg("checkpoint").arg("--image-path").arg(images).arg("--work-path").arg(work).args(flags).arg(id);
         let _config = criu_config(&mut cmd, &extras.options).map_err(|source| self.spawn_error(source))?;
+        pass_fds(&mut cmd, &extras.fds);
         self.output("checkpoint", id, &mut cmd).map(drop)
     }
 

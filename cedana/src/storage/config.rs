@@ -223,6 +223,9 @@ impl Store {
                         b = b.with_region(region);
                     }
                 }
+                let region = b.get_config_value(&AmazonS3ConfigKey::Region).unwrap_or_else(|| "us-east-1".into());
+                let endpoint = b.get_config_value(&AmazonS3ConfigKey::Endpoint);
+                secrets.set_endpoint(endpoint.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com")));
                 let s3 = b.build().map_err(|e| build_err(e, &secrets))?;
                 let s3 = Arc::new(s3);
                 Ok(Self { objects: s3.clone(), multipart: s3, secrets })
@@ -235,6 +238,8 @@ impl Store {
                 if let Some(endpoint) = &config.endpoint {
                     b = b.with_base_url(endpoint);
                 }
+                let endpoint = b.get_config_value(&GoogleConfigKey::BaseUrl);
+                secrets.set_endpoint(endpoint.unwrap_or_else(|| "https://storage.googleapis.com".into()));
                 let gcs = b.build().map_err(|e| build_err(e, &secrets))?;
                 let gcs = Arc::new(gcs);
                 Ok(Self { objects: gcs.clone(), multipart: gcs, secrets })

@@ -25,7 +25,11 @@ pub enum StorageError {
     /// The store refused the credentials, or found none.
     #[error("{url}: access denied ({detail}): check the credentials (AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_PROFILE, or GOOGLE_APPLICATION_CREDENTIALS) and the bucket's permissions")]
     Denied { url: String, detail: String },
-    /// The store did not answer, or answered with a server error, even after the retries.
+    /// The store could not be reached at all, even after the retries: no connection (refused, reset, timed
+    /// out), so nothing is known of the object.
+    #[error("{url}: the object store at {endpoint} is unreachable ({detail}): check that it runs and that this machine reaches it (the endpoint setting, e.g. AWS_ENDPOINT_URL, and the network), then try again")]
+    Unreachable { url: String, endpoint: String, detail: String },
+    /// The store answered with server errors (5xx, slow down), even after the retries.
     #[error("{url}: the object store is unavailable ({detail}): check the endpoint and the network, then try again")]
     Unavailable { url: String, detail: String },
     /// The object was replaced or deleted while it was being read.
@@ -51,7 +55,7 @@ impl StorageError {
             StorageError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             // ErrorKind has no PermissionDenied/Unauthenticated: the request is fine, the credentials are not.
             StorageError::Denied { .. } | StorageError::Changed { .. } => ErrorKind::FailedPrecondition,
-            StorageError::Unavailable { .. } => ErrorKind::Unavailable,
+            StorageError::Unreachable { .. } | StorageError::Unavailable { .. } => ErrorKind::Unavailable,
             StorageError::Unsupported { .. } => ErrorKind::Unimplemented,
             StorageError::Usage { .. } | StorageError::Other { .. } => ErrorKind::Internal,
         }
@@ -66,7 +70,7 @@ impl StorageError {
             StorageError::NotFound { .. } => io::ErrorKind::NotFound,
             StorageError::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
             StorageError::Denied { .. } => io::ErrorKind::PermissionDenied,
-            StorageError::Unavailable { .. } => io::ErrorKind::TimedOut,
+            StorageError::Unreachable { .. } | StorageError::Unavailable { .. } => io::ErrorKind::TimedOut,
             StorageError::Changed { .. } => io::ErrorKind::InvalidData,
             StorageError::Unsupported { .. } => io::ErrorKind::Unsupported,
             StorageError::Other { .. } => io::ErrorKind::Other,
@@ -86,7 +90,8 @@ impl StorageError {
             E::NotSupported { .. } | E::NotImplemented { .. } => StorageError::Unsupported { url, detail },
             E::InvalidPath { .. } => StorageError::InvalidUrl { url, detail },
             E::UnknownConfigurationKey { .. } => StorageError::Config { detail },
-            _ if is_transport(err) || is_server_error(&detail) => StorageError::Unavailable { url, detail },
+            _ if is_transport(err) => StorageError::Unreachable { url, endpoint: secrets.endpoint(), detail },
+            _ if is_server_error(&detail) => StorageError::Unavailable { url, detail },
             _ if detail.to_ascii_lowercase().contains("credential") => StorageError::Denied { url, detail },
             _ => StorageError::Other { url, detail },
         }
@@ -132,11 +137,22 @@ fn is_server_error(detail: &str) -> bool {
 }
 
 /// Strings that must never appear in a message (secret keys, session tokens, key ids, passwords in an
-/// endpoint URL): replaced by `<redacted>`.
+/// endpoint URL): replaced by `<redacted>`; and the store's endpoint, which a message about reaching the
+/// store names (scrubbed like the rest).
 #[derive(Clone, Default)]
-pub(crate) struct Secrets(Vec<String>);
+pub(crate) struct Secrets(Vec<String>, Option<String>);
 
 impl Secrets {
+    /// Name `endpoint` (the store's base URL) in messages about reaching the store.
+    pub(crate) fn set_endpoint(&mut self, endpoint: String) {
+        self.1 = Some(endpoint);
+    }
+
+    /// The store's endpoint as messages show it, without secrets.
+    pub(crate) fn endpoint(&self) -> String {
+        self.scrub(self.1.as_deref().unwrap_or("its endpoint"))
+    }
+
     /// Add `secret`, when it is long enough to be one (short strings would blank out ordinary words).
     pub(crate) fn add(&mut self, secret: &str) {
         if secret.len() >= 4 && !self.0.iter().any(|s| s == secret) {
@@ -188,6 +204,20 @@ mod tests {
             source: "Server returned non-2xx status code: 503 Service Unavailable: slow down".into(),
         };
         assert_eq!(StorageError::from_store("s3://b/k", &busy, &secrets).kind(), ErrorKind::Unavailable);
+        let refused = object_store::Error::Generic {
+            store: "S3",
+            source: Box::new(object_store::client::HttpError::new(
+                object_store::client::HttpErrorKind::Connect,
+                io::Error::from(io::ErrorKind::ConnectionRefused),
+            )),
+        };
+        let mut with_endpoint = secrets.clone();
+        with_endpoint.set_endpoint("http://127.0.0.1:9/".into());
+        let e = StorageError::from_store("s3://b/k", &refused, &with_endpoint);
+        assert_eq!(e.kind(), ErrorKind::Unavailable);
+        let msg = e.to_string();
+        assert!(msg.starts_with("s3://b/k: the object store at http://127.0.0.1:9/ is unreachable ("), "{msg}");
+        assert!(msg.contains("check that it runs"), "{msg}");
         let creds = object_store::Error::Generic { store: "S3", source: "Error getting credentials: timeout".into() };
         assert!(matches!(StorageError::from_store("s3://b/k", &creds, &secrets), StorageError::Denied { .. }));
         let io: io::Error = StorageError::NotFound { url: "s3://b/k".into() }.into();

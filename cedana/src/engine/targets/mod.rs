@@ -5,6 +5,7 @@
 //!
 //! Adding a target is a file here plus a line in [`dump_target`] and [`restore_target`].
 
+mod pause_guard;
 pub mod process;
 pub mod runc;
 

@@ -3,7 +3,9 @@
 //! Dump: the container is paused (unless it already was, or the dump leaves it running anyway), the runtime
 //! writes CRIU's images with `--leave-running`, and the pipeline packages them with the bundle's config.json.
 //! Only once the checkpoint is complete is the container deleted; any failure resumes it, so a dump never
-//! loses or freezes a container without saying so. A container restored from such a checkpoint comes back
+//! loses or freezes a container without saying so. Should the dump's process be killed while the container
+//! is paused, a guard started before the pause resumes it once that runc and its CRIU are done too (see
+//! [`super::pause_guard`]). A container restored from such a checkpoint comes back
 //! running (measured with runc 1.1.5 on cgroup v1); a detached restore resumes it should it come back paused.
 //!
 //! Files the container's processes hold outside its mounts (its stdout redirected to a host file) are
@@ -18,6 +20,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::pause_guard::{PauseGuard, LIFELINE_FD};
 use super::{CheckpointCall, DumpTarget, Prepared, RestoreTarget, Restored};
 use crate::checkpoint::external::{self, ExternalFile};
 use crate::checkpoint::{CheckpointKind, ContainerInfo, OpenedCheckpoint};
@@ -81,13 +84,22 @@ pub(crate) struct RuncTarget {
     runtime: Option<Arc<dyn ContainerRuntime>>,
     was_paused: bool,
     we_paused: bool,
+    /// Resumes the container should this process be killed while it is paused by us.
+    guard: Option<PauseGuard>,
     /// Files outside the container's mounts, marked external for CRIU.
     external: Vec<ExternalFile>,
 }
 
 impl RuncTarget {
     pub fn new(spec: RuncSpec) -> Self {
-        Self { spec, runtime: None, was_paused: false, we_paused: false, external: Vec::new() }
+        Self { spec, runtime: None, was_paused: false, we_paused: false, guard: None, external: Vec::new() }
+    }
+
+    /// The dump no longer pauses the container (it resumed or deleted it): its guard exits without acting.
+    fn disarm_guard(&mut self) {
+        if let Some(guard) = self.guard.take() {
+            guard.disarm();
+        }
     }
 
     fn rt(&self) -> Result<&Arc<dyn ContainerRuntime>, EngineError> {
@@ -159,12 +171,23 @@ impl DumpTarget for RuncTarget {
         // A pause keeps the container from running past the checkpoint when we end it afterwards. A dump
         // that leaves it running lets it go on anyway, so it is not paused (two runtime calls fewer).
         if !self.was_paused && !call.leave_running {
+            match runtime.resume_command(&id).map(|resume| PauseGuard::start(&resume)) {
+                Some(Ok(guard)) => self.guard = Some(guard),
+                Some(Err(e)) => {
+                    return Err(EngineError::Io { what: "starting the guard that resumes a paused container".into(), source: e })
+                }
+                None => tracing::debug!(id, "the runtime gives no resume command: no guard for the pause"),
+            }
             runtime.pause(&id)?;
             self.we_paused = true;
         }
         tracing::info!(id, was_paused = self.was_paused, images = %call.images_dir.display(), "checkpointing runc container");
-        let extras =
-            CriuExtras { options: self.external.iter().map(|f| format!("external {}", f.key)).collect(), fds: Vec::new() };
+        let mut fds = Vec::new();
+        if let Some(guard) = &self.guard {
+            let lifeline = guard.lifeline().map_err(EngineError::io("handing the pause guard's lifeline to runc"))?;
+            fds.push((LIFELINE_FD, lifeline));
+        }
+        let extras = CriuExtras { options: self.external.iter().map(|f| format!("external {}", f.key)).collect(), fds };
         runtime.checkpoint(&id, call.images_dir, call.work_dir, &flags, &extras)?;
         if frozen() {
             Ok(())
@@ -177,7 +200,11 @@ impl DumpTarget for RuncTarget {
     fn finish(&mut self, leave_running: bool) -> Result<(), EngineError> {
         if !leave_running {
             // The checkpoint is complete: end the container as `runc checkpoint` would (it destroys it).
-            self.rt()?.delete(&self.spec.id, true)?;
+            let deleted = self.rt()?.delete(&self.spec.id, true);
+            // Also when the delete failed: the checkpoint is complete, and a container resumed after it would
+            // run on past it; it stays paused, and the error says so.
+            self.disarm_guard();
+            deleted?;
         }
         Ok(())
     }
@@ -188,6 +215,9 @@ impl DumpTarget for RuncTarget {
         match runtime.resume(id) {
             Ok(()) => {
                 self.we_paused = false;
+                if let Some(guard) = self.guard.take() {
+                    guard.disarm();
+                }
                 tracing::warn!(id, "dump failed; the container was resumed");
                 cause
             }
