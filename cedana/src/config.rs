@@ -135,6 +135,15 @@ pub struct RestoreConfig {
     pub lazy: Option<bool>,
 }
 
+/// Settings of the `[storage]` table (object stores).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageSettings {
+    /// An upload fails when none of its parts completes for this many seconds (a dump holds its workload
+    /// frozen while it streams into the store).
+    pub stall_timeout_s: Option<u64>,
+}
+
 /// Settings of the `[hooks]` table.
 #[derive(Debug, Clone, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -209,6 +218,8 @@ pub struct Config {
     #[serde(default)]
     pub restore: RestoreConfig,
     #[serde(default)]
+    pub storage: StorageSettings,
+    #[serde(default)]
     pub hooks: HooksConfig,
     #[serde(default)]
     pub gpu: GpuConfig,
@@ -228,6 +239,8 @@ pub const DEFAULT_DB_PATH: &str = "/var/lib/cedana/cedana.db";
 /// Whether images stream between CRIU and the archive when neither flag nor config says (see
 /// scripts/bench-stream.sh for why).
 pub const DEFAULT_STREAM: bool = true;
+/// An upload fails after this many seconds without a part completing (`storage.stall_timeout_s`).
+pub const DEFAULT_STALL_TIMEOUT_S: u64 = 30;
 
 /// Default compression when neither flag nor config names one (Cedana's default).
 pub const DEFAULT_COMPRESSION: Compression = Compression::Tar;
@@ -431,6 +444,7 @@ const KEYS: &[Key] = &[
     key!("checkpoint.stream", ["CEDANA_CHECKPOINT_STREAM"], checkpoint.stream, |c| shown(c.stream())),
     key!("checkpoint.scratch_dir", ["CEDANA_CHECKPOINT_SCRATCH_DIR", "CEDANA_SCRATCH_DIR"], checkpoint.scratch_dir, |c| shown(c.scratch_dir().display())),
     key!("restore.lazy", ["CEDANA_RESTORE_LAZY"], restore.lazy, |c| shown(c.restore_lazy())),
+    key!("storage.stall_timeout_s", ["CEDANA_STORAGE_STALL_TIMEOUT_S"], storage.stall_timeout_s, |c| shown(c.storage_stall_timeout().as_secs())),
     key!("hooks.command", ["CEDANA_HOOKS_COMMAND", "CEDANA_HOOK_COMMAND"], hooks.command, |c| c.hooks.command.as_ref().map(|p| p.display().to_string())),
     key!("gpu.backend", ["CEDANA_GPU_BACKEND"], gpu.backend, |c| shown(c.gpu_settings().backend)),
     key!("gpu.cuda_checkpoint", ["CEDANA_GPU_CUDA_CHECKPOINT"], gpu.cuda_checkpoint, |c| shown(c.gpu_settings().cuda_checkpoint.display())),
@@ -526,6 +540,11 @@ impl Config {
     /// normally where it does not.
     pub fn restore_lazy(&self) -> bool {
         self.restore.lazy.unwrap_or(false)
+    }
+
+    /// How long an upload may go without a part completing (`storage.stall_timeout_s`, else 30 s).
+    pub fn storage_stall_timeout(&self) -> std::time::Duration {
+        std::time::Duration::from_secs(self.storage.stall_timeout_s.unwrap_or(DEFAULT_STALL_TIMEOUT_S))
     }
 
     /// The GPU settings: the `[gpu]` table over [`crate::gpu::GpuSettings`]' defaults.
@@ -705,6 +724,7 @@ mod tests {
                 "checkpoint.stream",
                 "checkpoint.scratch_dir",
                 "restore.lazy",
+                "storage.stall_timeout_s",
                 "hooks.command",
                 "gpu.backend",
                 "gpu.cuda_checkpoint",

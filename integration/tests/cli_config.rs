@@ -88,6 +88,7 @@ fn config_show_names_the_source_of_each_key() {
             "checkpoint.stream",
             "checkpoint.scratch_dir",
             "restore.lazy",
+            "storage.stall_timeout_s",
             "hooks.command",
             "gpu.backend",
             "gpu.cuda_checkpoint",

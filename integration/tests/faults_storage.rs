@@ -81,6 +81,44 @@ fn a_store_that_stops_answering_then_dies_gives_the_workload_back() {
     assert_memory_intact(w.pid, &w.log, &sum);
 }
 
+/// A store that stops answering for good (SIGSTOPped, so it still accepts connections but never answers):
+/// the dump gives up once no part has completed for the stall limit (`storage.stall_timeout_s`, 3 s here;
+/// without it the retries kept the workload frozen for about 3 minutes), says the store stopped taking the
+/// upload, and gives the workload back, unfrozen and intact. Once the store answers again, the next start
+/// aborts the upload that could not be aborted then: nothing is left in the store.
+#[test]
+fn a_store_that_stops_answering_for_good_gives_the_frozen_workload_back_within_the_stall_limit() {
+    require_root();
+    let scene = Scene::new();
+    let moto = MotoServer::start();
+    let w = Workload::start(&workload_bin("memory"), &["128"], &scene.work());
+    let sum = w.wait_lines(1)[0].clone();
+    let mut cmd = scene.dump(w.pid, &moto.url("frozen"), "s", "gzip");
+    cmd.env("CEDANA_STORAGE_STALL_TIMEOUT_S", "3");
+    let child = spawn(cmd.envs(moto.env()));
+    wait_for("a part upload", Duration::from_secs(60), || moto.log().contains("partNumber=").then_some(()));
+    signal_moto(&moto, Signal::SIGSTOP);
+    let started = Instant::now();
+    let out = child.wait_with_output().unwrap();
+    let took = started.elapsed();
+    signal_moto(&moto, Signal::SIGCONT);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("the dump gave up {took:?} after the store stopped answering");
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("stopped taking the upload") && stderr.contains("3 s"), "{stderr}");
+    assert!(took < Duration::from_secs(40), "the workload was held frozen for {took:?}");
+    scene.assert_dump_rolled_back(w.pid);
+    assert_memory_intact(w.pid, &w.log, &sum);
+    assert!(!moto.has_object("frozen/s.tar.gz"));
+    let pid = w.pid.to_string();
+    let next = ["dump", "process", &pid, "--no-server", "--leave-running", "--compression", "lz4", "--dir"];
+    let out = scene.cedana(&next).arg(moto.url("next")).envs(moto.env()).output().unwrap();
+    assert!(out.status.success(), "the next dump: {}", String::from_utf8_lossy(&out.stderr));
+    assert_store_clean(&moto, "frozen/");
+    scene.assert_no_temporaries();
+    w.signal(Signal::SIGKILL);
+}
+
 /// Dump the memory workload to moto (it exits), then restore it with `flags` (through a fault proxy when
 /// `proxy`), and let `fault` strike once the restore has read (or downloaded) part of the checkpoint: nothing
 /// may be left running. The restore's stderr, the store's endpoint it used and the checkpoint's URL.

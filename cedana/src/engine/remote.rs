@@ -17,9 +17,11 @@ fn config(engine: &Engine) -> StorageConfig {
     storage_config(engine.config())
 }
 
-/// Object-store settings under `config` (today all from the standard environment).
-pub(crate) fn storage_config(_config: &Config) -> StorageConfig {
-    StorageConfig::default()
+/// Object-store settings under `config` (credentials and endpoints from the standard environment).
+pub(crate) fn storage_config(config: &Config) -> StorageConfig {
+    let mut s = StorageConfig::default();
+    s.retry.stall_timeout = config.storage_stall_timeout();
+    s
 }
 
 /// A writer that uploads checkpoint `name` under the prefix `url`.

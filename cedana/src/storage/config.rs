@@ -68,6 +68,10 @@ pub struct RetrySettings {
     pub request_timeout: Duration,
     /// Establishing a connection.
     pub connect_timeout: Duration,
+    /// An upload fails when none of its parts completes for this long, whatever the retries would still
+    /// try: a dump holds its workload frozen while it streams into the store, so a store that stops
+    /// answering must not keep it frozen for the whole retry budget.
+    pub stall_timeout: Duration,
 }
 
 impl Default for RetrySettings {
@@ -79,6 +83,7 @@ impl Default for RetrySettings {
             max_backoff: Duration::from_secs(15),
             request_timeout: Duration::from_secs(60),
             connect_timeout: Duration::from_secs(5),
+            stall_timeout: Duration::from_secs(crate::config::DEFAULT_STALL_TIMEOUT_S),
         }
     }
 }

@@ -29,6 +29,9 @@ pub enum StorageError {
     /// out), so nothing is known of the object.
     #[error("{url}: the object store at {endpoint} is unreachable ({detail}): check that it runs and that this machine reaches it (the endpoint setting, e.g. AWS_ENDPOINT_URL, and the network), then try again")]
     Unreachable { url: String, endpoint: String, detail: String },
+    /// The store stopped taking an upload: no part completed for the stall limit.
+    #[error("{url}: the object store at {endpoint} stopped taking the upload (no part completed in {secs} s): check that it runs and answers, then try again")]
+    Stalled { url: String, endpoint: String, secs: u64 },
     /// The store answered with server errors (5xx, slow down), even after the retries.
     #[error("{url}: the object store is unavailable ({detail}): check the endpoint and the network, then try again")]
     Unavailable { url: String, detail: String },
@@ -55,7 +58,9 @@ impl StorageError {
             StorageError::AlreadyExists { .. } => ErrorKind::AlreadyExists,
             // ErrorKind has no PermissionDenied/Unauthenticated: the request is fine, the credentials are not.
             StorageError::Denied { .. } | StorageError::Changed { .. } => ErrorKind::FailedPrecondition,
-            StorageError::Unreachable { .. } | StorageError::Unavailable { .. } => ErrorKind::Unavailable,
+            StorageError::Unreachable { .. } | StorageError::Unavailable { .. } | StorageError::Stalled { .. } => {
+                ErrorKind::Unavailable
+            }
             StorageError::Unsupported { .. } => ErrorKind::Unimplemented,
             StorageError::Usage { .. } | StorageError::Other { .. } => ErrorKind::Internal,
         }
@@ -70,7 +75,9 @@ impl StorageError {
             StorageError::NotFound { .. } => io::ErrorKind::NotFound,
             StorageError::AlreadyExists { .. } => io::ErrorKind::AlreadyExists,
             StorageError::Denied { .. } => io::ErrorKind::PermissionDenied,
-            StorageError::Unreachable { .. } | StorageError::Unavailable { .. } => io::ErrorKind::TimedOut,
+            StorageError::Unreachable { .. } | StorageError::Unavailable { .. } | StorageError::Stalled { .. } => {
+                io::ErrorKind::TimedOut
+            }
             StorageError::Changed { .. } => io::ErrorKind::InvalidData,
             StorageError::Unsupported { .. } => io::ErrorKind::Unsupported,
             StorageError::Other { .. } => io::ErrorKind::Other,

@@ -2,6 +2,7 @@
 
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use object_store::multipart::PartId;
@@ -12,6 +13,11 @@ use super::config::Store;
 use super::parts::PartBuffer;
 use super::url::ObjectUrl;
 use super::{runtime, StorageConfig, StorageError};
+
+/// How often a writer waiting for a free upload slot looks at the parts in flight.
+const STALL_POLL: Duration = Duration::from_millis(5);
+/// The longest a failed upload waits for the store to abort it (the next start's journal sweep retries).
+const ABORT_LIMIT: Duration = Duration::from_secs(5);
 use crate::checkpoint::{ArchiveSink, CheckpointError, Existing, Unfinished};
 
 /// An archive uploaded to an object store as it is written: a multipart upload of fixed-size parts (every
@@ -36,6 +42,8 @@ pub struct ObjectSink {
     parts: PartBuffer,
     part_size: usize,
     max_in_flight: usize,
+    /// See [`super::RetrySettings::stall_timeout`].
+    stall_timeout: Duration,
     in_flight: Vec<(usize, JoinHandle<Result<PartId, StorageError>>)>,
     /// Uploaded parts, by index.
     done: Vec<Option<PartId>>,
@@ -77,6 +85,7 @@ impl ObjectSink {
             parts: PartBuffer::new(config.part_size),
             part_size: config.part_size,
             max_in_flight: config.max_in_flight,
+            stall_timeout: config.retry.stall_timeout,
             in_flight: Vec::new(),
             done: Vec::new(),
             existing,
@@ -122,6 +131,30 @@ impl ObjectSink {
         Ok(())
     }
 
+    /// Wait until at most `limit` parts are uploading, recording those that end; fail (and stay failed)
+    /// when none ends for the stall limit.
+    fn wait_below(&mut self, limit: usize) -> Result<(), StorageError> {
+        let mut progress = Instant::now();
+        loop {
+            let before = self.in_flight.len();
+            self.reap()?;
+            if self.in_flight.len() <= limit {
+                return Ok(());
+            }
+            if self.in_flight.len() < before {
+                progress = Instant::now();
+            } else if progress.elapsed() >= self.stall_timeout {
+                let e = StorageError::Stalled {
+                    url: self.url.to_string(),
+                    endpoint: self.store.secrets.endpoint(),
+                    secs: self.stall_timeout.as_secs(),
+                };
+                return Err(self.fail(e));
+            }
+            std::thread::sleep(STALL_POLL);
+        }
+    }
+
     /// Wait for one part's upload and record it.
     fn collect(&mut self, part: usize, task: JoinHandle<Result<PartId, StorageError>>) -> Result<(), StorageError> {
         match runtime::wait(task) {
@@ -153,10 +186,7 @@ impl ObjectSink {
 
     fn send(&mut self, part: usize, data: Vec<u8>) -> Result<(), StorageError> {
         let slots = self.max_in_flight.saturating_sub(self.parts.kept()).max(1);
-        while self.in_flight.len() >= slots {
-            let (p, task) = self.in_flight.remove(0);
-            self.collect(p, task)?;
-        }
+        self.wait_below(slots - 1)?;
         let u = self.upload_ref();
         let len = data.len();
         let task = runtime::spawn(async move {
@@ -204,9 +234,7 @@ impl ObjectSink {
                 self.send(part, data)?;
             }
         }
-        for (part, task) in std::mem::take(&mut self.in_flight) {
-            self.collect(part, task)?;
-        }
+        self.wait_below(0)?;
         let total = self.parts.total_parts();
         let ids: Option<Vec<PartId>> = (0..total).map(|i| self.done.get(i).cloned().flatten()).collect();
         let Some(ids) = ids else {
@@ -235,14 +263,23 @@ impl ObjectSink {
             let _ = runtime::wait(task);
         }
         let u = self.upload_ref();
-        match runtime::run(async move { u.store.multipart.abort_multipart(&u.path, &u.id).await.map_err(|e| u.error(&e)) }) {
+        // Briefly: a store that stopped answering must not hold up the failure (and the workload a dump
+        // keeps frozen); the journal's record lets the next start abort it instead.
+        let (limit, endpoint) = (self.stall_timeout.min(ABORT_LIMIT), self.store.secrets.endpoint());
+        let aborted = runtime::run(async move {
+            match tokio::time::timeout(limit, u.store.multipart.abort_multipart(&u.path, &u.id)).await {
+                Ok(done) => done.map_err(|e| u.error(&e)),
+                Err(_) => Err(StorageError::Stalled { url: u.url.clone(), endpoint, secs: limit.as_secs() }),
+            }
+        });
+        match aborted {
             Ok(()) => {
                 self.record.settle();
                 tracing::debug!(url = %self.url, "multipart upload aborted")
             }
             Err(error) => tracing::warn!(
                 url = %self.url, %error,
-                "could not abort the multipart upload: its parts stay stored (and billed) until a lifecycle rule removes them"
+                "could not abort the multipart upload: the next start of cedana aborts it (else its parts stay stored, and billed, until a lifecycle rule removes them)"
             ),
         }
     }

@@ -186,6 +186,34 @@ fn parts_in_flight_are_bounded_and_fewer_while_parts_are_held() {
 }
 
 #[test]
+fn an_upload_whose_parts_stop_completing_fails_after_the_stall_limit_and_a_slow_one_does_not() {
+    let stall = std::time::Duration::from_millis(400);
+    let with_stall = |c: StorageConfig| StorageConfig { retry: RetrySettings { stall_timeout: stall, ..c.retry.clone() }, ..c };
+    // Slow but moving: every part takes 150 ms, well within the limit between completions.
+    let rec = Recorder::default();
+    rec.delay_ms.store(150, Ordering::SeqCst);
+    let mut sink = Box::new(ObjectSink::start(rec.store(), &url("slow"), &with_stall(config()), Existing::Refuse).unwrap());
+    sink.write_all(&pattern(6 * PS)).unwrap();
+    sink.finish().unwrap();
+    assert_eq!(get(&rec, "slow").unwrap().len(), 6 * PS);
+    // Stuck: parts that never end (a store that stopped answering) fail the write soon after the limit, with
+    // an error that says so, and every later call with it; the upload is aborted, no object appears.
+    let rec = Recorder::default();
+    rec.delay_ms.store(600_000, Ordering::SeqCst);
+    let mut sink = Box::new(ObjectSink::start(rec.store(), &url("stuck"), &with_stall(config()), Existing::Refuse).unwrap());
+    let started = std::time::Instant::now();
+    let err = sink.write_all(&pattern(6 * PS)).unwrap_err();
+    let took = started.elapsed();
+    assert!(took >= stall && took < stall * 5, "failed after {took:?}");
+    assert!(err.to_string().contains("stopped taking the upload") && err.to_string().contains("s3://bucket/stuck"), "{err}");
+    assert_eq!(err.kind(), std::io::ErrorKind::TimedOut);
+    assert!(sink.write_all(b"more").is_err(), "the failure sticks");
+    drop(sink);
+    assert!(rec.log().contains(&"abort".to_string()), "{:?}", rec.log());
+    assert_eq!(get(&rec, "stuck"), None);
+}
+
+#[test]
 fn small_and_empty_archives_complete() {
     for len in [0usize, 1, PS] {
         let rec = Recorder::default();
