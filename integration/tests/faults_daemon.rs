@@ -133,3 +133,41 @@ fn a_daemon_killed_mid_restore_leaves_the_job_running_or_halted_never_half() {
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
     let _ = std::fs::remove_dir_all(tmp);
 }
+
+/// The daemon killed while it uploads a job's dump to an object store: the workload runs on unfrozen with its
+/// memory, no object appears, and the restarted daemon aborts the multipart upload the killed one left
+/// pending (its journal), re-adopts the job and records no checkpoint.
+#[test]
+fn a_daemon_killed_while_it_uploads_a_job_to_an_object_store() {
+    require_root();
+    let moto = cedana_integration::moto::MotoServer::start();
+    let tmp = tempfile::tempdir().unwrap().keep();
+    let t = tmp.to_str().unwrap().to_string();
+    let mut env: Vec<(&str, String)> = moto.env();
+    env.extend([("TMPDIR", t.clone()), ("CEDANA_SCRATCH_DIR", t)]);
+    let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let mut d = Daemon::start_with_env(&vars);
+    let (pid, log, sum) = run_memory_job(&d, "up");
+    let _guard = KillOnDrop(pid);
+    let client = d
+        .command(&["dump", "job", "up", "--compression", "gzip", "--dir", &moto.url("daemon")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("a part upload", Duration::from_secs(60), || moto.log().contains("partNumber=").then_some(()));
+    d.kill_hard();
+    let _ = client.wait_with_output();
+    wait_for("no CRIU left", SETTLE, || criu_processes_under(&tmp).is_empty().then_some(()));
+    assert_running_unfrozen(pid);
+    assert_memory_intact(pid, &log, &sum);
+    assert!(!moto.has_object("daemon/up.tar.gz"), "no object may appear");
+    d.spawn();
+    assert_store_clean(&moto, "daemon/");
+    let row = d.row("up");
+    assert!(["sleep", "running"].contains(&row[3].as_str()), "re-adopted: {row:?}\n{}", d.log());
+    let checkpoints = d.ok(&["job", "checkpoints", "up"]);
+    assert_eq!(checkpoints.lines().count(), 1, "no checkpoint recorded (header only): {checkpoints}");
+    assert!(temporaries_of(&d, &tmp).is_empty(), "{:?}", temporaries_of(&d, &tmp));
+    let _ = std::fs::remove_dir_all(tmp);
+}
