@@ -222,6 +222,42 @@ pub fn wait_until_seized(pid: i32, timeout: Duration) -> i32 {
 }
 
 /// Like [`crate::wait_for`], polling every millisecond (for windows of a few hundred milliseconds).
+/// Whether `f` became true within `timeout` (checked every 20 ms).
+pub fn wait_for_value_or(timeout: Duration, f: impl Fn() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if f() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    f()
+}
+
+/// A hook script in `dir` that blocks (`sleep 120`) at hook point `point`, having written its PID to
+/// `dir/hook.pid` (read it with [`hook_pid`]); it lets every other point pass.
+pub fn blocking_hook(dir: &Path, point: &str) -> PathBuf {
+    let hook = dir.join("hook.sh");
+    let pid_file = dir.join("hook.pid");
+    let _ = std::fs::remove_file(&pid_file);
+    std::fs::write(
+        &hook,
+        format!(
+            "#!/bin/sh\nif [ \"$CEDANA_HOOK\" = {point} ]; then echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 120; fi\nexit 0\n",
+            p = pid_file.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    hook
+}
+
+/// The PID a [`blocking_hook`] wrote, once it did.
+pub fn hook_pid(dir: &Path) -> i32 {
+    let text = wait_for("the hook to block", Duration::from_secs(30), || std::fs::read_to_string(dir.join("hook.pid")).ok());
+    text.trim().parse().unwrap()
+}
+
 pub fn wait_for_fast<T>(what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
     let deadline = std::time::Instant::now() + timeout;
     loop {

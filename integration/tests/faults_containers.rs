@@ -5,7 +5,7 @@
 //! left, and a later checkpoint works.
 //! Run as root: `cargo test -p cedana-integration --test faults_containers -- --test-threads=1`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
@@ -93,29 +93,6 @@ fn a_container_survives_100_cycles_with_its_count_intact() {
 
 fn sigkill(pid: i32) {
     let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-}
-
-/// A hook command that blocks at `point` (writing its PID to `dir/hook.pid` first) and passes elsewhere.
-fn blocking_hook(dir: &Path, point: &str) -> PathBuf {
-    let hook = dir.join("hook.sh");
-    let pid_file = dir.join("hook.pid");
-    let _ = std::fs::remove_file(&pid_file);
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nif [ \"$CEDANA_HOOK\" = {point} ]; then echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 120; fi\nexit 0\n",
-            p = pid_file.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    hook
-}
-
-/// The PID a blocking hook wrote, once it did.
-fn hook_pid(dir: &Path) -> i32 {
-    let text = wait_for("the hook to block", Duration::from_secs(30), || std::fs::read_to_string(dir.join("hook.pid")).ok());
-    text.trim().parse().unwrap()
 }
 
 /// `cedana-runc --root ROOT ARGS` in `scene` (its TMPDIR and scratch folder), with `env`, spawned.
@@ -427,16 +404,4 @@ fn killing_the_shim_mid_checkpoint_leaves_nothing_frozen_and_a_later_checkpoint_
     s.d.ok(&["task", "kill", "-s", "SIGKILL", again]);
     wait_for("the task to be STOPPED", T, || (s.d.task_status(again).as_deref() == Some("STOPPED")).then_some(()));
     s.d.ok(&["task", "delete", again]);
-}
-
-/// Whether `f` became true within `timeout`.
-fn wait_for_value_or(timeout: Duration, f: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
 }

@@ -32,28 +32,6 @@ fn finished(child: Child) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
-/// A hook command that blocks at `point` (writing its PID to `dir/hook.pid` first) and passes elsewhere.
-fn blocking_hook(dir: &Path, point: &str) -> std::path::PathBuf {
-    let hook = dir.join("hook.sh");
-    let pid_file = dir.join("hook.pid");
-    std::fs::write(
-        &hook,
-        format!(
-            "#!/bin/sh\nif [ \"$CEDANA_HOOK\" = {point} ]; then echo $$ > {p}.tmp; mv {p}.tmp {p}; exec sleep 120; fi\nexit 0\n",
-            p = pid_file.display()
-        ),
-    )
-    .unwrap();
-    std::fs::set_permissions(&hook, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-    hook
-}
-
-/// The PID a blocking hook wrote, once it did.
-fn hook_pid(dir: &Path) -> i32 {
-    let text = wait_for("the hook to block", Duration::from_secs(30), || std::fs::read_to_string(dir.join("hook.pid")).ok());
-    text.trim().parse().unwrap()
-}
-
 /// A hidden checkpoint (`.NAME.partial-PID`, a file or a folder) in `dir` holding more than `bytes`.
 fn wait_for_hidden_checkpoint(dir: &Path, bytes: u64) {
     wait_for_fast("the hidden checkpoint to grow", Duration::from_secs(60), || {
@@ -302,18 +280,6 @@ fn kill_restore(phase: RestorePhase, victim: Victim, flags: &[&str]) {
     scene.assert_no_temporaries();
     scene.assert_no_mounts();
     sigkill(w.pid);
-}
-
-/// Whether `f` became true within `timeout`.
-fn wait_for_value_or(timeout: Duration, f: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
 }
 
 #[test]

@@ -37,18 +37,6 @@ fn assert_connection_works(w: &Workload, what: &str) {
     wait_for(&format!("{what}: new pongs"), Duration::from_secs(30), || (pongs(w).len() >= n + 5).then_some(()));
 }
 
-/// Whether `f` became true within `timeout`.
-fn wait_for_value_or(timeout: Duration, f: impl Fn() -> bool) -> bool {
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    f()
-}
-
 fn finished(child: Child) -> String {
     String::from_utf8_lossy(&child.wait_with_output().expect("wait for cedana").stderr).into_owned()
 }
