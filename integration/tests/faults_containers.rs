@@ -344,11 +344,32 @@ fn mounted_under(path: &Path) -> bool {
 
 #[test]
 fn killing_the_shim_mid_checkpoint_leaves_nothing_frozen_and_a_later_checkpoint_works() {
+    kill_shim_mid_checkpoint(false);
+}
+
+#[test]
+fn killing_the_shim_before_its_checkpoint_freezes_leaves_nothing_frozen_and_a_later_checkpoint_works() {
+    kill_shim_mid_checkpoint(true);
+}
+
+/// SIGKILL of our shim during `ctr task checkpoint`: while cedana-runc waits at a blocking `before-dump` hook
+/// (`before_freezing`: nothing is frozen yet), else while CRIU holds the task's init.
+fn kill_shim_mid_checkpoint(before_freezing: bool) {
     use cedana_integration::engines::ShimHost;
     const RUNTIME: &str = "io.containerd.cedana.v2";
-    let s = ShimHost::start();
+    // containerd passes its environment to its shims, and they to cedana-runc: the hook reaches the checkpoint.
+    let hooks = tempfile::tempdir().unwrap();
+    let hook = blocking_hook(hooks.path(), "before-dump");
+    let env: Vec<(&str, String)> = match before_freezing {
+        true => vec![("CEDANA_HOOK_COMMAND", hook.display().to_string())],
+        false => Vec::new(),
+    };
+    let s = ShimHost::start_with_env(&env);
     cedana_integration::images::add_static_workload(&s.rootfs, "memory");
-    let image = "docker.io/cedana/busybox-shim-kill:latest";
+    let image = match before_freezing {
+        true => "docker.io/cedana/busybox-shim-kill-early:latest",
+        false => "docker.io/cedana/busybox-shim-kill:latest",
+    };
     s.d.import(&s.rootfs, image);
     let run = |id: &str| {
         let out =
@@ -365,7 +386,7 @@ fn killing_the_shim_mid_checkpoint_leaves_nothing_frozen_and_a_later_checkpoint_
         });
         pid
     };
-    let id = "shim-kill";
+    let id = if before_freezing { "shim-kill-early" } else { "shim-kill" };
     let pid = run(id);
     let bundle = s.d.dir.join("state/io.containerd.runtime.v2.task").join(&s.d.namespace).join(id);
     let shim = shim_pids(id);
@@ -378,16 +399,25 @@ fn killing_the_shim_mid_checkpoint_leaves_nothing_frozen_and_a_later_checkpoint_
             .stderr(Stdio::piped())
             .spawn()
             .expect("ctr task checkpoint");
-    // Mid-checkpoint: the CRIU that cedana-runc's runc runs holds the task's init.
-    let criu = wait_until_seized(pid, Duration::from_secs(60));
-    assert!(is_criu(criu), "the init's tracer is CRIU");
-    sigkill(shim[0]);
+    if before_freezing {
+        // cedana-runc waits at its hook: nothing is frozen yet. The hook ends once the shim is gone.
+        let blocked = hook_pid(hooks.path());
+        assert!(!frozen_or_traced(pid), "nothing is frozen before the hook returns");
+        sigkill(shim[0]);
+        sigkill(blocked);
+    } else {
+        // Mid-checkpoint: the CRIU that cedana-runc's runc runs holds the task's init.
+        let criu = wait_until_seized(pid, Duration::from_secs(60));
+        assert!(is_criu(criu), "the init's tracer is CRIU");
+        sigkill(shim[0]);
+        let gone = wait_for_value_or(SETTLE, || !alive(criu));
+        assert!(gone, "the CRIU of the checkpoint is left: {:?}", status_field(criu, "State"));
+    }
     let status = cedana_integration::engines::wait_child(&mut checkpoint, Duration::from_secs(60));
     assert!(!status.success(), "a checkpoint whose shim was killed cannot succeed");
     // containerd sees the shim go and cleans its task up (`shim delete`: the container is deleted); nothing
     // may be left frozen, running CRIU, or mounted.
-    let gone = wait_for_value_or(SETTLE, || !alive(criu));
-    assert!(gone, "the CRIU of the checkpoint is left: {:?}", status_field(criu, "State"));
+    wait_for("no CRIU of the checkpoint", SETTLE, || criu_processes_under(&bundle).is_empty().then_some(()));
     wait_for("containerd to clean the task up", SETTLE, || {
         (!matches!(s.d.task_status(id).as_deref(), Some("RUNNING" | "PAUSED"))).then_some(())
     });
@@ -395,8 +425,9 @@ fn killing_the_shim_mid_checkpoint_leaves_nothing_frozen_and_a_later_checkpoint_
     wait_for("the rootfs to be unmounted", SETTLE, || (!mounted_under(&bundle.join("rootfs"))).then_some(()));
     let _ = s.d.ctr(&["task", "delete", id]);
     s.d.ok(&["container", "rm", id]);
-    // A later task from the same image runs, and its checkpoint works (it runs on).
-    let again = "shim-kill-again";
+    // A later task from the same image runs, and its checkpoint works (it runs on); the hook lets it pass.
+    std::fs::write(&hook, "#!/bin/sh\nexit 0\n").unwrap();
+    let again = if before_freezing { "shim-kill-early-again" } else { "shim-kill-again" };
     let pid = run(again);
     s.d.ok(&["task", "checkpoint", "--image-path", images.to_str().unwrap(), again]);
     assert_eq!(s.d.task_status(again).as_deref(), Some("RUNNING"), "the task runs on after the checkpoint");
