@@ -76,6 +76,13 @@ fn streamed_and_file_dumps_make_the_same_checkpoint_and_both_restore_either_way(
         let (sm, fm) = (manifest(&sp), manifest(&fp));
         assert_eq!(image_names(&sm), image_names(&fm), "{c}: the same images either way");
         assert!(!sm["placement"].as_array().unwrap().is_empty(), "{c}: page images are placed for streamed restores");
+        // The dump's phases are in the manifest: `write` (CRIU's start until every image was handed to the
+        // archive) at least.
+        for m in [&sm, &fm] {
+            let phases = m["phases"].as_array().unwrap_or_else(|| panic!("{c}: phases in the manifest: {m}"));
+            let write = phases.iter().find(|p| p["phase"] == "write").and_then(|p| p["ms"].as_f64());
+            assert!(write.is_some_and(|ms| ms > 0.0 && ms < 60_000.0), "{c}: the write phase: {phases:?}");
+        }
         // Both are read back either way: streamed, and extracted.
         w.signal(Signal::SIGKILL);
         w.reap();

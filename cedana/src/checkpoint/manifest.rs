@@ -110,6 +110,19 @@ pub struct Manifest {
     /// restoring host's check; absent when no process of the tree used a GPU.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gpu: Option<crate::gpu::GpuRecord>,
+    /// The dump's own phases as far as they were known when the manifest was written (hooks, GPU, and
+    /// `write` = from CRIU's start until every image was written, compressed and handed to the
+    /// destination); CRIU's freeze, frozen and memory-dump times are in `stats`. What an upload does after
+    /// the manifest (its last parts) is not in it. Empty in checkpoints of older versions.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseTime>,
+}
+
+/// One phase of a dump and how long it took.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PhaseTime {
+    pub phase: String,
+    pub ms: f64,
 }
 
 /// An archive entry's position in the archive file.

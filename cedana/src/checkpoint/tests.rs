@@ -24,6 +24,7 @@ pub(crate) fn manifest() -> Manifest {
         placement: Vec::new(),
         streamed: false,
         gpu: None,
+        phases: Vec::new(),
     }
 }
 

@@ -64,6 +64,10 @@ pub fn run(cmd: CheckpointCommand) -> anyhow::Result<i32> {
             s.frozen_time_us, s.freezing_time_us, s.memdump_time_us, s.memwrite_time_us, s.pages_written
         );
     }
+    if !m.phases.is_empty() {
+        let phases: Vec<String> = m.phases.iter().map(|p| format!("{} {:.1} ms", p.phase, p.ms)).collect();
+        println!("Dump phases  {}", phases.join(", "));
+    }
     if let Some(g) = &m.gpu {
         println!("GPU          {}", super::dump_report::gpu_line(g));
     }

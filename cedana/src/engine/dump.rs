@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::live::Packing;
+use crate::checkpoint::manifest::PhaseTime;
 use crate::checkpoint::tail::TailHasher;
 use crate::checkpoint::{CheckpointError, CheckpointKind, CheckpointWriter, Existing, Manifest, FORMAT_VERSION, MANIFEST_NAME};
 use crate::codec::Compression;
@@ -254,6 +255,7 @@ fn checkpoint(
     // workload is frozen: a failure then gives the workload back instead of losing its images.
     let commit_frozen = !survives && !keeps_unfinished;
     let mut state = Packaged::default();
+    let criu_start = Instant::now();
     // The files besides CRIU's images, the manifest last, and the checkpoint made visible.
     let finish = |mut writer: CheckpointWriter, stats| -> Result<(PathBuf, Manifest), CheckpointError> {
         for (name, bytes) in &prepared.extra_files {
@@ -265,6 +267,7 @@ fn checkpoint(
         }
         let mut manifest = new_manifest(engine, prepared, req.compression, stats, gpu.clone());
         manifest.streamed = streamed;
+        manifest.phases = phases_so_far(ctx, criu_start.elapsed());
         let path = writer.commit(&mut manifest)?;
         Ok((path, manifest))
     };
@@ -280,7 +283,6 @@ fn checkpoint(
         return Err(EngineError::Interrupted);
     }
     progress.phase("dumping", None);
-    let criu_start = Instant::now();
     let result = {
         let mut frozen = || -> bool {
             if ctx.is_cancelled() {
@@ -483,6 +485,16 @@ impl Intake {
     }
 }
 
+/// The phases recorded so far, and `write`: from CRIU's start until the images were all written (for the
+/// manifest, written last).
+fn phases_so_far(ctx: &OpContext, write: Duration) -> Vec<PhaseTime> {
+    let ms = |d: Duration| (d.as_secs_f64() * 1e6).round() / 1e3;
+    let mut phases: Vec<PhaseTime> =
+        ctx.timings().into_iter().map(|t| PhaseTime { phase: t.phase.to_string(), ms: ms(t.time) }).collect();
+    phases.push(PhaseTime { phase: "write".into(), ms: ms(write) });
+    phases
+}
+
 /// The manifest of a new checkpoint (its file list is filled in by [`CheckpointWriter::commit`]).
 fn new_manifest(
     engine: &Engine,
@@ -512,6 +524,7 @@ fn new_manifest(
         placement: Vec::new(),
         streamed: false,
         gpu,
+        phases: Vec::new(),
     }
 }
 

@@ -379,6 +379,7 @@ mod tests {
             placement: Vec::new(),
             streamed: false,
             gpu: None,
+            phases: Vec::new(),
         };
         let written = w.commit(&mut manifest).unwrap();
         assert!(written.to_string_lossy().ends_with(".tar.zst"), "{}", written.display());
