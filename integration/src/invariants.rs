@@ -17,8 +17,16 @@ use crate::wait_for;
 
 /// Names of what dumps and restores create while they run and remove when done (or a sweep removes after
 /// a crash): hidden checkpoints, disk reserves, staging and download folders, CRIU's work folders.
-pub const TEMPORARY_MARKS: &[&str] =
-    &[".partial-", ".reserve-", ".cedana-images-", ".cedana-download-", ".cedana-restore-", ".cedana-lazy-", ".aside-"];
+pub const TEMPORARY_MARKS: &[&str] = &[
+    ".partial-",
+    ".reserve-",
+    ".cedana-images-",
+    ".cedana-download-",
+    ".cedana-restore-",
+    ".cedana-lazy-",
+    ".cedana-netlock-",
+    ".aside-",
+];
 
 /// Prefixes of CRIU's work folders in `TMPDIR`.
 pub const WORK_PREFIXES: &[&str] = &["cedana-dump-", "cedana-restore-", "cedana-runc-restore-"];

@@ -283,6 +283,7 @@ fn checkpoint(
         return Err(EngineError::Interrupted);
     }
     progress.phase("dumping", None);
+    let mut lock_watch = super::netlock::Watch::start(prepared.options.tcp_established);
     let result = {
         let mut frozen = || -> bool {
             if ctx.is_cancelled() {
@@ -317,6 +318,8 @@ fn checkpoint(
         };
         target.checkpoint(engine, &call, &mut frozen)
     };
+    lock_watch.finished(result.is_ok());
+    drop(lock_watch);
     let criu_time = criu_start.elapsed().saturating_sub(state.time);
     ctx.record("criu", criu_time);
     // What failed in the stream from CRIU (an image the archive could not take: a full disk, a cancel),

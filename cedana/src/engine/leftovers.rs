@@ -4,7 +4,8 @@
 //! (`.NAME.partial-PID`), their disk reserves (`.NAME.reserve-PID`), an old checkpoint moved aside while a
 //! new one replaces it (`.NAME.old-PID`), staging, download and restore folders (`.cedana-images-PID-*`,
 //! `.cedana-download-PID-*`, `.cedana-scratch-PID-*`), a lazy restore's images folder (`.cedana-lazy-PID-*`, which
-//! lives as long as its pages are served) and CRIU's work folders (`cedana-dump-PID-*`, `cedana-restore-PID-*`,
+//! lives as long as its pages are served), the marker of an operation whose CRIU may lock connections
+//! (`.cedana-netlock-PID-*`, see [`super::netlock`]) and CRIU's work folders (`cedana-dump-PID-*`, `cedana-restore-PID-*`,
 //! `cedana-runc-restore-PID-*`). Each is removed when its operation ends, unless the process was killed
 //! (SIGKILL, a crash, a power cut). [`sweep`] removes those of processes that no longer exist; those of a
 //! live process are left alone (it may still be working), as is anything kept on purpose:
@@ -24,6 +25,7 @@ const PREFIXES: &[&str] = &[
     ".cedana-download-",
     ".cedana-scratch-",
     ".cedana-lazy-",
+    super::netlock::MARKER,
     "cedana-dump-",
     "cedana-restore-",
     "cedana-runc-restore-",
@@ -146,16 +148,21 @@ pub fn sweep(dir: &Path) -> Vec<PathBuf> {
 
 /// [`sweep`] the folders an engine of `config` works in: the temporary folder (CRIU's work folders), the
 /// scratch folder (downloads, extractions) and the default checkpoint folder; abort the multipart uploads
-/// that killed processes left pending (see [`crate::storage::journal`]); and remove the network-lock rules a
-/// killed CRIU left (see [`super::netlock`]).
+/// that killed processes left pending (see [`crate::storage::journal`]); and, when a killed operation's
+/// marker says its CRIU may have locked connections, remove the network-lock rules a killed CRIU left (see
+/// [`super::netlock`]: the firewall is only read then, not at every start).
 pub fn sweep_config(config: &crate::config::Config) -> Vec<PathBuf> {
-    super::netlock::sweep();
     let mut dirs = vec![std::env::temp_dir(), config.scratch_dir(), config.checkpoint_dir()];
     dirs.sort();
     dirs.dedup();
     #[cfg(feature = "storage")]
     crate::storage::journal::abort_orphans(&std::env::temp_dir(), &crate::engine::remote::storage_config(config));
-    dirs.iter().flat_map(|d| sweep(d)).collect()
+    let removed: Vec<PathBuf> = dirs.iter().flat_map(|d| sweep(d)).collect();
+    let marked = |p: &PathBuf| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with(super::netlock::MARKER));
+    if removed.iter().any(marked) {
+        super::netlock::sweep();
+    }
+    removed
 }
 
 /// The prefix of a per-operation folder of this process: `PREFIX` then `PID-` (see [`sweep`]).
@@ -176,6 +183,7 @@ mod tests {
         assert_eq!(classify("cedana-dump-5-XyZ"), t(5));
         assert_eq!(classify("cedana-runc-restore-6-q"), t(6));
         assert_eq!(classify(".cedana-lazy-12-AbC9"), t(12));
+        assert_eq!(classify(".cedana-netlock-12-AbC9"), t(12));
         assert_eq!(classify(".c.old-8"), Some(Leftover::Aside { pid: 8, original: "c".into() }));
         for not in [
             "c.tar",

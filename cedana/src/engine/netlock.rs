@@ -10,7 +10,10 @@
 //! - with nftables (`--network-lock nftables`), a table `inet CRIU-ID` holding the connections, ID being
 //!   the start of CRIU's run id (a UUID: `CRIU-eea60c03-c084-47a5-b0`).
 //!
-//! Neither names the CRIU that added it. [`sweep`] removes an iptables rule when the connection it locks is
+//! Neither names the CRIU that added it, so the firewall is read only when an operation may have left some:
+//! an operation whose CRIU may lock connections holds a [`Watch`] (a marker `.cedana-netlock-PID-*` in the
+//! temporary folder); it sweeps when its CRIU failed, and a killed operation's marker makes the next start
+//! sweep (see [`super::leftovers::sweep_config`]). [`sweep`] removes an iptables rule when the connection it locks is
 //! held by processes none of which CRIU has a hand on (none traced: a dump seizes the holders before it locks
 //! their connections; none a child of CRIU: a restore creates them), and, when no process holds the
 //! connection, or for an nftables table, only when no CRIU process runs on this machine at all (a restore
@@ -21,6 +24,44 @@ use std::collections::{HashMap, HashSet};
 use std::net::IpAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
+
+/// Prefix of the marker a [`Watch`] holds, followed by `PID-` (a leftover when its process was killed).
+pub const MARKER: &str = ".cedana-netlock-";
+
+/// Held around a CRIU run that may lock connections (`--tcp-established`): its marker tells the next start
+/// to sweep should this process be killed; dropped after a failure ([`Watch::finished`] not told of a
+/// success), it sweeps at once (a killed CRIU leaves its rules while this process lives on).
+pub(crate) struct Watch {
+    marker: Option<tempfile::NamedTempFile>,
+    succeeded: bool,
+}
+
+impl Watch {
+    /// A watch over a CRIU run; one that `locks` nothing (no `--tcp-established`) does nothing.
+    pub(crate) fn start(locks: bool) -> Watch {
+        let marker = locks.then(|| tempfile::Builder::new().prefix(&super::leftovers::prefix(MARKER)).tempfile());
+        let marker = marker.and_then(|m| {
+            m.inspect_err(
+                |e| tracing::warn!(error = %e, "cannot mark a run that locks connections; a later start may miss its rules"),
+            )
+            .ok()
+        });
+        Watch { marker, succeeded: false }
+    }
+
+    /// CRIU's run ended well: nothing to sweep.
+    pub(crate) fn finished(&mut self, ok: bool) {
+        self.succeeded = ok;
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        if self.marker.is_some() && !self.succeeded {
+            sweep();
+        }
+    }
+}
 
 /// The mark of CRIU's own packets (`SOCCR_MARK`), which its lock rules let pass.
 const MARK: &str = "--mark 0xc114";

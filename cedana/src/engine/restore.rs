@@ -278,7 +278,11 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
     hook_ctx.skip_gpu_check = req.skip_gpu_check;
     let (restored, verdict, passed, waited) = {
         let mut gate = Gate { pending, verdict: Ok(()), passed: None, hooks, hook_ctx: &hook_ctx, ctx, waited: Duration::ZERO };
+        let locks = opened.manifest.criu_options.tcp_established || req.options.tcp_established;
+        let mut lock_watch = super::netlock::Watch::start(locks);
         let restored = target.restore(engine, ctx, &req, &opened, &mut gate);
+        lock_watch.finished(restored.is_ok());
+        drop(lock_watch);
         let waited = gate.waited;
         let passed = gate.passed;
         (restored, gate.settle(), passed, waited)
