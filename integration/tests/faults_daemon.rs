@@ -8,20 +8,12 @@
 use std::process::Stdio;
 use std::time::Duration;
 
+use cedana_integration::attach::KillOnDrop;
 use cedana_integration::daemon::{printed_pid, Daemon};
 use cedana_integration::invariants::*;
 use cedana_integration::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
-
-/// Kills a job's process (by PID) when a test ends, passed or not.
-struct KillOnDrop(i32);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.0), Signal::SIGKILL);
-    }
-}
 
 /// A daemon with its temporary and scratch folders in its own folder (where the test looks for leftovers).
 fn daemon() -> (Daemon, std::path::PathBuf) {
@@ -52,7 +44,7 @@ fn kill_daemon_mid_dump(compression: &str, when: impl Fn(&Daemon, i32)) {
     require_root();
     let (mut d, tmp) = daemon();
     let (pid, log, sum) = run_memory_job(&d, "big");
-    let _guard = KillOnDrop(pid);
+    let _guard = KillOnDrop(vec![pid]);
     let client = d
         .command(&["dump", "job", "big", "--compression", compression])
         .stdout(Stdio::piped())
@@ -102,7 +94,7 @@ fn a_daemon_killed_mid_restore_leaves_the_job_running_or_halted_never_half() {
     require_root();
     let (mut d, tmp) = daemon();
     let (pid, log, sum) = run_memory_job(&d, "r");
-    let _guard = KillOnDrop(pid);
+    let _guard = KillOnDrop(vec![pid]);
     d.ok(&["dump", "job", "r", "--compression", "lz4"]);
     wait_for("the dumped job to be gone", Duration::from_secs(10), || (!alive(pid)).then_some(()));
     let client = d.command(&["restore", "job", "r"]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -148,7 +140,7 @@ fn a_daemon_killed_while_it_uploads_a_job_to_an_object_store() {
     let vars: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let mut d = Daemon::start_with_env(&vars);
     let (pid, log, sum) = run_memory_job(&d, "up");
-    let _guard = KillOnDrop(pid);
+    let _guard = KillOnDrop(vec![pid]);
     let client = d
         .command(&["dump", "job", "up", "--compression", "gzip", "--dir", &moto.url("daemon")])
         .stdout(Stdio::piped())

@@ -31,6 +31,7 @@ use nix::sys::socket::{
     ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr,
 };
 
+use crate::engine::leftovers::running as alive;
 use crate::error::ErrorKind;
 
 /// The first argument that makes the `cedana` binary a holder ([`run_if_invoked`]).
@@ -147,14 +148,10 @@ pub struct Reclaimed {
     pub link: HolderLink,
 }
 
-/// The holder PID in a socket name `PID.HOLDER.sock` of job `pid`.
-fn holder_of(name: &str, pid: i32) -> Option<i32> {
-    name.strip_prefix(&format!("{pid}."))?.strip_suffix(".sock")?.parse().ok()
-}
-
-fn alive(pid: i32) -> bool {
-    // SAFETY: kill with signal 0 only checks that the process exists.
-    unsafe { libc::kill(pid, 0) == 0 || Errno::last() == Errno::EPERM }
+/// The job's and the holder's PIDs in a socket name `PID.HOLDER.sock`.
+fn socket_pids(name: &str) -> Option<(i32, i32)> {
+    let (job, holder) = name.strip_suffix(".sock")?.split_once('.')?;
+    Some((job.parse().ok()?, holder.parse().ok()?))
 }
 
 /// Take job `pid`'s pipes back from its holder (see the module documentation). Sockets of holders that
@@ -168,7 +165,7 @@ pub fn reclaim(dir: &Path, pid: i32) -> Result<Reclaimed, HolderError> {
     };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let Some(holder) = holder_of(&name, pid) else { continue };
+        let Some(holder) = socket_pids(&name).filter(|(job, _)| *job == pid).map(|(_, h)| h) else { continue };
         let path = entry.path();
         if !alive(holder) {
             let _ = std::fs::remove_file(&path);
@@ -226,8 +223,7 @@ pub fn sweep(dir: &Path) {
     let Ok(entries) = std::fs::read_dir(dir) else { return };
     for entry in entries.flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
-        let holder = name.split('.').nth(1).and_then(|h| h.parse::<i32>().ok());
-        if name.ends_with(".sock") && holder.is_some_and(|h| !alive(h)) {
+        if socket_pids(&name).is_some_and(|(_, holder)| !alive(holder)) {
             let _ = std::fs::remove_file(entry.path());
         }
     }
