@@ -13,12 +13,10 @@ use super::config::Store;
 use super::parts::PartBuffer;
 use super::url::ObjectUrl;
 use super::{runtime, StorageConfig, StorageError};
+use crate::checkpoint::{ArchiveSink, CheckpointError, Existing, Unfinished};
 
-/// How often a writer waiting for a free upload slot looks at the parts in flight.
-const STALL_POLL: Duration = Duration::from_millis(5);
 /// The longest a failed upload waits for the store to abort it (the next start's journal sweep retries).
 const ABORT_LIMIT: Duration = Duration::from_secs(5);
-use crate::checkpoint::{ArchiveSink, CheckpointError, Existing, Unfinished};
 
 /// An archive uploaded to an object store as it is written: a multipart upload of fixed-size parts (every
 /// part but the last exactly [`StorageConfig::part_size`]), up to [`StorageConfig::max_in_flight`] of them
@@ -45,6 +43,9 @@ pub struct ObjectSink {
     /// See [`super::RetrySettings::stall_timeout`].
     stall_timeout: Duration,
     in_flight: Vec<(usize, JoinHandle<Result<PartId, StorageError>>)>,
+    /// Each part's upload says here that it ended (its index), so a writer waiting for a slot wakes at once.
+    ended_tx: std::sync::mpsc::Sender<usize>,
+    ended_rx: std::sync::mpsc::Receiver<usize>,
     /// Uploaded parts, by index.
     done: Vec<Option<PartId>>,
     existing: Existing,
@@ -76,6 +77,7 @@ impl ObjectSink {
             runtime::run(async move { mp.create_multipart(&p).await.map_err(|e| StorageError::from_store(&u, &e, &secrets)) })?;
         tracing::debug!(url = %url, part_size = config.part_size, "multipart upload started");
         let record = super::journal::Record::write(url, &upload);
+        let (ended_tx, ended_rx) = std::sync::mpsc::channel();
         Ok(Self {
             location: PathBuf::from(url.to_string()),
             url: url.clone(),
@@ -87,6 +89,8 @@ impl ObjectSink {
             max_in_flight: config.max_in_flight,
             stall_timeout: config.retry.stall_timeout,
             in_flight: Vec::new(),
+            ended_tx,
+            ended_rx,
             done: Vec::new(),
             existing,
             failed: None,
@@ -134,24 +138,30 @@ impl ObjectSink {
     /// Wait until at most `limit` parts are uploading, recording those that end; fail (and stay failed)
     /// when none ends for the stall limit.
     fn wait_below(&mut self, limit: usize) -> Result<(), StorageError> {
-        let mut progress = Instant::now();
+        let mut deadline = Instant::now() + self.stall_timeout;
         loop {
-            let before = self.in_flight.len();
             self.reap()?;
             if self.in_flight.len() <= limit {
                 return Ok(());
             }
-            if self.in_flight.len() < before {
-                progress = Instant::now();
-            } else if progress.elapsed() >= self.stall_timeout {
-                let e = StorageError::Stalled {
-                    url: self.url.to_string(),
-                    endpoint: self.store.secrets.endpoint(),
-                    secs: self.stall_timeout.as_secs(),
-                };
-                return Err(self.fail(e));
+            match self.ended_rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+                Ok(part) => {
+                    // Its task returns right after saying so (it may have been reaped already).
+                    if let Some(i) = self.in_flight.iter().position(|(p, _)| *p == part) {
+                        let (part, task) = self.in_flight.swap_remove(i);
+                        self.collect(part, task)?;
+                    }
+                    deadline = Instant::now() + self.stall_timeout;
+                }
+                Err(_) => {
+                    let e = StorageError::Stalled {
+                        url: self.url.to_string(),
+                        endpoint: self.store.secrets.endpoint(),
+                        secs: self.stall_timeout.as_secs(),
+                    };
+                    return Err(self.fail(e));
+                }
             }
-            std::thread::sleep(STALL_POLL);
         }
     }
 
@@ -189,9 +199,13 @@ impl ObjectSink {
         self.wait_below(slots - 1)?;
         let u = self.upload_ref();
         let len = data.len();
+        let ended = self.ended_tx.clone();
         let task = runtime::spawn(async move {
             let payload = PutPayload::from(Bytes::from(data));
-            u.store.multipart.put_part(&u.path, &u.id, part, payload).await.map_err(|e| u.error(&e))
+            let put = u.store.multipart.put_part(&u.path, &u.id, part, payload).await.map_err(|e| u.error(&e));
+            // The sink waits for this, or has gone (then nobody listens).
+            let _ = ended.send(part);
+            put
         })?;
         tracing::trace!(url = %self.url, part, len, "part upload started");
         self.in_flight.push((part, task));
