@@ -80,8 +80,7 @@ impl OpenedCheckpoint {
         if let Some(needed) = declared.as_ref().map(Manifest::images_size).filter(|n| *n > free) {
             return Err(CheckpointError::ScratchFull { dir: scratch.to_path_buf(), needed, free });
         }
-        let dir =
-            tempfile::Builder::new().prefix(".cedana-restore-").tempdir_in(scratch).map_err(CheckpointError::io(scratch))?;
+        let dir = restore_folder(scratch)?;
         let limits = Limits { declared: declared.as_ref(), dest: Some((dir.path(), free)) };
         let (manifest, digests) = walk_archive(path, compression, limits, progress)?;
         let manifest = manifest.ok_or_else(|| CheckpointError::Incomplete { path: path.to_path_buf() })?;
@@ -123,8 +122,7 @@ impl OpenedCheckpoint {
     ) -> Result<Option<Self>, CheckpointError> {
         let Some(archive) = IndexedArchive::open(source, MAX_STREAMED_TAIL)? else { return Ok(None) };
         std::fs::create_dir_all(scratch).map_err(CheckpointError::io(scratch))?;
-        let dir =
-            tempfile::Builder::new().prefix(".cedana-restore-").tempdir_in(scratch).map_err(CheckpointError::io(scratch))?;
+        let dir = restore_folder(scratch)?;
         for f in &archive.manifest().files {
             if f.name.ends_with(".img") || archive.placed_names().any(|n| n == f.name) {
                 continue;
@@ -537,4 +535,13 @@ fn list_names(dir: &Path, prefix: &str, out: &mut Vec<String>) -> io::Result<()>
         }
     }
     Ok(())
+}
+
+/// A folder for what a restore takes out of a checkpoint, in `scratch`: `.cedana-restore-PID-*`, named after this
+/// process so that a later start sweeps it should this one be killed (see `engine::leftovers`).
+fn restore_folder(scratch: &Path) -> Result<tempfile::TempDir, CheckpointError> {
+    tempfile::Builder::new()
+        .prefix(&crate::engine::leftovers::prefix(".cedana-restore-"))
+        .tempdir_in(scratch)
+        .map_err(CheckpointError::io(scratch))
 }

@@ -3,7 +3,7 @@
 //! Dumps and restores work under names that carry the PID of the process doing the work: hidden checkpoints
 //! (`.NAME.partial-PID`), their disk reserves (`.NAME.reserve-PID`), an old checkpoint moved aside while a
 //! new one replaces it (`.NAME.old-PID`), staging, download and restore folders (`.cedana-images-PID-*`,
-//! `.cedana-download-PID-*`, `.cedana-scratch-PID-*`), a lazy restore's images folder (`.cedana-lazy-PID-*`, which
+//! `.cedana-download-PID-*`, `.cedana-scratch-PID-*`, `.cedana-restore-PID-*`), a lazy restore's images folder (`.cedana-lazy-PID-*`, which
 //! lives as long as its pages are served), the marker of an operation whose CRIU may lock connections
 //! (`.cedana-netlock-PID-*`, see [`super::netlock`]) and CRIU's work folders (`cedana-dump-PID-*`, `cedana-restore-PID-*`,
 //! `cedana-runc-restore-PID-*`). Each is removed when its operation ends, unless the process was killed
@@ -25,6 +25,7 @@ const PREFIXES: &[&str] = &[
     ".cedana-download-",
     ".cedana-scratch-",
     ".cedana-lazy-",
+    ".cedana-restore-",
     super::netlock::MARKER,
     "cedana-dump-",
     "cedana-restore-",
@@ -183,11 +184,13 @@ mod tests {
         assert_eq!(classify("cedana-dump-5-XyZ"), t(5));
         assert_eq!(classify("cedana-runc-restore-6-q"), t(6));
         assert_eq!(classify(".cedana-lazy-12-AbC9"), t(12));
+        assert_eq!(classify(".cedana-restore-13-AbC9"), t(13));
         assert_eq!(classify(".cedana-netlock-12-AbC9"), t(12));
         assert_eq!(classify(".c.old-8"), Some(Leftover::Aside { pid: 8, original: "c".into() }));
         for not in [
             "c.tar",
             ".cedana-lazy-AbC9",
+            ".cedana-restore-AbC9",
             ".c.partial-",
             ".c.partial-x1",
             "cedana-dump-abc",
