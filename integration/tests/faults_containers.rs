@@ -344,32 +344,43 @@ fn mounted_under(path: &Path) -> bool {
 
 #[test]
 fn killing_the_shim_mid_checkpoint_leaves_nothing_frozen_and_a_later_checkpoint_works() {
-    kill_shim_mid_checkpoint(false);
+    kill_shim_mid_checkpoint(Phase::Frozen);
 }
 
 #[test]
 fn killing_the_shim_before_its_checkpoint_freezes_leaves_nothing_frozen_and_a_later_checkpoint_works() {
-    kill_shim_mid_checkpoint(true);
+    kill_shim_mid_checkpoint(Phase::BeforeFreezing);
 }
 
-/// SIGKILL of our shim during `ctr task checkpoint`: while cedana-runc waits at a blocking `before-dump` hook
-/// (`before_freezing`: nothing is frozen yet), else while CRIU holds the task's init.
-fn kill_shim_mid_checkpoint(before_freezing: bool) {
+#[test]
+fn killing_the_shim_while_its_checkpoint_is_written_leaves_no_checkpoint_that_looks_complete() {
+    kill_shim_mid_checkpoint(Phase::Writing);
+}
+
+/// SIGKILL of our shim during `ctr task checkpoint` at `phase`: while cedana-runc waits at a blocking
+/// `before-dump` hook (nothing is frozen yet), while CRIU holds the task's init, or while the hidden
+/// checkpoint grows in the image path.
+fn kill_shim_mid_checkpoint(phase: Phase) {
     use cedana_integration::engines::ShimHost;
     const RUNTIME: &str = "io.containerd.cedana.v2";
     // containerd passes its environment to its shims, and they to cedana-runc: the hook reaches the checkpoint.
     let hooks = tempfile::tempdir().unwrap();
     let hook = blocking_hook(hooks.path(), "before-dump");
-    let env: Vec<(&str, String)> = match before_freezing {
-        true => vec![("CEDANA_HOOK_COMMAND", hook.display().to_string())],
-        false => Vec::new(),
-    };
+    // containerd makes the folder a checkpoint is written into (`ctd-checkpoint*`) in its TMPDIR: a private one.
+    let ctd_tmp = tempfile::tempdir().unwrap();
+    let mut env: Vec<(&str, String)> = vec![("TMPDIR", ctd_tmp.path().display().to_string())];
+    if matches!(phase, Phase::BeforeFreezing) {
+        env.push(("CEDANA_HOOK_COMMAND", hook.display().to_string()));
+    }
     let s = ShimHost::start_with_env(&env);
     cedana_integration::images::add_static_workload(&s.rootfs, "memory");
-    let image = match before_freezing {
-        true => "docker.io/cedana/busybox-shim-kill-early:latest",
-        false => "docker.io/cedana/busybox-shim-kill:latest",
+    let name = match phase {
+        Phase::BeforeFreezing => "shim-kill-early",
+        Phase::Frozen => "shim-kill",
+        Phase::Writing => "shim-kill-writing",
     };
+    let image = format!("docker.io/cedana/busybox-{name}:latest");
+    let image = image.as_str();
     s.d.import(&s.rootfs, image);
     let run = |id: &str| {
         let out =
@@ -386,35 +397,58 @@ fn kill_shim_mid_checkpoint(before_freezing: bool) {
         });
         pid
     };
-    let id = if before_freezing { "shim-kill-early" } else { "shim-kill" };
+    let id = name;
     let pid = run(id);
     let bundle = s.d.dir.join("state/io.containerd.runtime.v2.task").join(&s.d.namespace).join(id);
     let shim = shim_pids(id);
     assert_eq!(shim.len(), 1, "one shim serves the task");
-    let images = s.tmp.path().join("cp");
+    let checkpoint_images = || s.d.ok(&["image", "ls", "-q"]).lines().filter(|l| l.contains("checkpoint")).count();
+    assert_eq!(checkpoint_images(), 0);
     let mut checkpoint =
-        s.d.ctr_cmd(&["task", "checkpoint", "--image-path", images.to_str().unwrap(), id])
+        s.d.ctr_cmd(&["task", "checkpoint", id])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .expect("ctr task checkpoint");
-    if before_freezing {
-        // cedana-runc waits at its hook: nothing is frozen yet. The hook ends once the shim is gone.
-        let blocked = hook_pid(hooks.path());
-        assert!(!frozen_or_traced(pid), "nothing is frozen before the hook returns");
-        sigkill(shim[0]);
-        sigkill(blocked);
-    } else {
-        // Mid-checkpoint: the CRIU that cedana-runc's runc runs holds the task's init.
-        let criu = wait_until_seized(pid, Duration::from_secs(60));
-        assert!(is_criu(criu), "the init's tracer is CRIU");
-        sigkill(shim[0]);
-        let gone = wait_for_value_or(SETTLE, || !alive(criu));
-        assert!(gone, "the CRIU of the checkpoint is left: {:?}", status_field(criu, "State"));
+    match phase {
+        Phase::BeforeFreezing => {
+            // cedana-runc waits at its hook: nothing is frozen yet. The hook ends once the shim is gone.
+            let blocked = hook_pid(hooks.path());
+            assert!(!frozen_or_traced(pid), "nothing is frozen before the hook returns");
+            sigkill(shim[0]);
+            sigkill(blocked);
+        }
+        Phase::Frozen | Phase::Writing => {
+            // Mid-checkpoint: the CRIU that cedana-runc's runc runs holds the task's init.
+            let criu = wait_until_seized(pid, Duration::from_secs(60));
+            assert!(is_criu(criu), "the init's tracer is CRIU");
+            if matches!(phase, Phase::Writing) {
+                // The hidden checkpoint in containerd's folder grows as CRIU writes the images.
+                wait_for_fast("the hidden checkpoint to grow", Duration::from_secs(60), || {
+                    let folders = std::fs::read_dir(ctd_tmp.path()).ok()?.flatten();
+                    folders.flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten()).find(|e| {
+                        e.file_name().to_string_lossy().contains(".partial-")
+                            && e.metadata().map(|m| m.len() > 16 << 20).unwrap_or(false)
+                    })
+                });
+            }
+            sigkill(shim[0]);
+            let gone = wait_for_value_or(SETTLE, || !alive(criu));
+            assert!(gone, "the CRIU of the checkpoint is left: {:?}", status_field(criu, "State"));
+        }
     }
     let status = cedana_integration::engines::wait_child(&mut checkpoint, Duration::from_secs(60));
     assert!(!status.success(), "a checkpoint whose shim was killed cannot succeed");
+    // No checkpoint image was made, and containerd removes the folder the checkpoint was written into.
+    assert_eq!(checkpoint_images(), 0, "{phase:?}: a failed checkpoint made an image");
+    // (cedana-runc inherits that TMPDIR too: CRIU's work folder of a failed dump is kept there, with its log,
+    // for the user, marked `.kept`; nothing else may be left.)
+    let checkpoint_folders = || entries(ctd_tmp.path()).into_iter().filter(|n| n.starts_with("ctd-checkpoint")).count();
+    let settled = wait_for_value_or(SETTLE, || checkpoint_folders() == 0);
+    assert!(settled, "{phase:?}: containerd's checkpoint folder is left: {:?}", entries(ctd_tmp.path()));
+    let left = temporaries(ctd_tmp.path());
+    assert!(left.is_empty(), "{phase:?}: temporaries left: {left:?}");
     // containerd sees the shim go and cleans its task up (`shim delete`: the container is deleted); nothing
     // may be left frozen, running CRIU, or mounted.
     wait_for("no CRIU of the checkpoint", SETTLE, || criu_processes_under(&bundle).is_empty().then_some(()));
@@ -427,9 +461,11 @@ fn kill_shim_mid_checkpoint(before_freezing: bool) {
     s.d.ok(&["container", "rm", id]);
     // A later task from the same image runs, and its checkpoint works (it runs on); the hook lets it pass.
     std::fs::write(&hook, "#!/bin/sh\nexit 0\n").unwrap();
-    let again = if before_freezing { "shim-kill-early-again" } else { "shim-kill-again" };
+    let again = format!("{name}-again");
+    let again = again.as_str();
     let pid = run(again);
-    s.d.ok(&["task", "checkpoint", "--image-path", images.to_str().unwrap(), again]);
+    s.d.ok(&["task", "checkpoint", again]);
+    assert_eq!(checkpoint_images(), 1, "{phase:?}: the later checkpoint made its image");
     assert_eq!(s.d.task_status(again).as_deref(), Some("RUNNING"), "the task runs on after the checkpoint");
     assert!(!frozen_or_traced(pid));
     s.d.ok(&["task", "kill", "-s", "SIGKILL", again]);
