@@ -54,6 +54,9 @@ pub struct Shared {
     uploads: PathBuf,
     serial: AtomicU64,
     /// Part uploads fail (503) once this many parts are stored.
+    /// Part uploads let through (counted before they are stored, so that parts in flight at once cannot
+    /// pass [`Shared::fail_parts_after`] together).
+    parts_admitted: AtomicUsize,
     fail_parts_after: AtomicUsize,
     parts_stored: AtomicUsize,
     parts_failed: AtomicUsize,
@@ -67,6 +70,7 @@ impl Shared {
             upstream,
             uploads,
             serial: AtomicU64::new(0),
+            parts_admitted: AtomicUsize::new(0),
             fail_parts_after: AtomicUsize::new(usize::MAX),
             parts_stored: AtomicUsize::new(0),
             parts_failed: AtomicUsize::new(0),
@@ -74,7 +78,7 @@ impl Shared {
         }
     }
 
-    /// From now on, answer `503` to part uploads once `n` parts in all are stored.
+    /// From now on, answer `503` to part uploads once `n` in all were let through (at most `n` are stored).
     pub fn fail_parts_after(&self, n: usize) {
         self.fail_parts_after.store(n, Ordering::SeqCst);
     }

@@ -57,7 +57,8 @@ pub(super) async fn put_part(s: &Shared, t: &Target, id: &str, n: &str, req: Req
         .filter(|n| (1..=10_000).contains(n))
         .ok_or_else(|| fail(StatusCode::BAD_REQUEST, "InvalidArgument", format!("part number {n:?} is not 1 to 10000")))?;
     let (dir, _) = upload_dir(s, t, id).await?;
-    if s.parts_stored.load(Ordering::SeqCst) >= s.fail_parts_after.load(Ordering::SeqCst) {
+    let limit = s.fail_parts_after.load(Ordering::SeqCst);
+    if s.parts_admitted.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |a| (a < limit).then_some(a + 1)).is_err() {
         s.parts_failed.fetch_add(1, Ordering::SeqCst);
         return Err(fail(StatusCode::SERVICE_UNAVAILABLE, "ServiceUnavailable", "part upload failed on purpose (test)"));
     }
