@@ -22,7 +22,11 @@
 #      /opt/cedana/registry, env CEDANA_REGISTRY_PREFIX), nothing installed or started system-wide: the
 #      CRI test against containerd 2.x serves its base image from it on 127.0.0.1 (containerd 2.x pulls a
 #      checkpoint's base image by digest when it restores a CRI checkpoint archive).
-#   6. A summary, and `criu check`.
+#   6. gcp-storage-emulator (a Google Cloud Storage emulator, from PyPI) in a Python venv of its own
+#      (default /opt/cedana/gcs-emulator, env CEDANA_GCS_EMULATOR_VENV), for the GCS tests: they run
+#      $CEDANA_GCS_EMULATOR_VENV/bin/gcp-storage-emulator behind a small adapter of the integration crate
+#      (integration/src/gcs.rs says why).
+#   7. A summary, and `criu check`.
 #
 # Environment:
 #   CEDANA_CRIU_PREFIX   where CRIU goes (default /opt/cedana/criu)
@@ -35,6 +39,7 @@
 #   CEDANA_CONTAINERD2_FORCE=1 rebuild that prefix even if a good one is present
 #   CEDANA_MOTO_VENV     where moto's venv goes (default /opt/cedana/moto)
 #   CEDANA_REGISTRY_PREFIX  where docker-registry is unpacked (default /opt/cedana/registry)
+#   CEDANA_GCS_EMULATOR_VENV  where gcp-storage-emulator's venv goes (default /opt/cedana/gcs-emulator)
 set -euo pipefail
 
 START_NS=$(date +%s%N)
@@ -52,8 +57,11 @@ MOTO_VENV=${CEDANA_MOTO_VENV:-/opt/cedana/moto}
 MOTO_VENV=${MOTO_VENV%/}
 REGISTRY_PREFIX=${CEDANA_REGISTRY_PREFIX:-/opt/cedana/registry}
 REGISTRY_PREFIX=${REGISTRY_PREFIX%/}
+GCS_EMULATOR_VENV=${CEDANA_GCS_EMULATOR_VENV:-/opt/cedana/gcs-emulator}
+GCS_EMULATOR_VENV=${GCS_EMULATOR_VENV%/}
 # Pinned, so that every machine tests against the same server.
 MOTO_REQUIREMENT='moto[server]==5.2.1'
+GCS_EMULATOR_REQUIREMENT='gcp-storage-emulator==2026.7.19'
 
 APT_PACKAGES=(
   iptables nftables runc containerd docker.io busybox-static patchelf zstd gzip lz4 procps iproute2
@@ -536,15 +544,42 @@ install_registry() {
 }
 
 # ---------------------------------------------------------------------------------------------
+# 6. gcp-storage-emulator, a GCS emulator for the object-storage tests
+# ---------------------------------------------------------------------------------------------
+
+# As moto: a venv of Debian's python3 built in place, its marker file written last.
+install_gcs_emulator() {
+  local venv=$GCS_EMULATOR_VENV marker=$GCS_EMULATOR_VENV/.cedana-requirement
+  local bin=$venv/bin/gcp-storage-emulator
+  if [[ -x $bin && $(cat "$marker" 2>/dev/null || true) == "$GCS_EMULATOR_REQUIREMENT" ]] \
+    && "$venv/bin/python" -c 'import gcp_storage_emulator.server' 2>/dev/null; then
+    log "gcs emulator: $bin ($GCS_EMULATOR_REQUIREMENT) present"
+    return
+  fi
+  log "gcs emulator: installing $GCS_EMULATOR_REQUIREMENT into $venv"
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  CLEANUP+=("[[ -f '$marker' ]] || rm -rf '$venv'")
+  /usr/bin/python3 -m venv "$venv" || die "python3 -m venv failed (package python3-venv)"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "$GCS_EMULATOR_REQUIREMENT" \
+    || die "pip could not install $GCS_EMULATOR_REQUIREMENT"
+  "$venv/bin/python" -c 'import gcp_storage_emulator.server' || die "gcp-storage-emulator does not import after the install"
+  [[ -x $bin ]] || die "$bin is missing after the install"
+  echo "$GCS_EMULATOR_REQUIREMENT" >"$marker"
+  log "gcs emulator: installed $bin"
+}
+
+# ---------------------------------------------------------------------------------------------
 install_apt_packages
 install_criu
 link_criu
 install_containerd2
 install_moto
 install_registry
+install_gcs_emulator
 
 # ---------------------------------------------------------------------------------------------
-# 6. Summary
+# 7. Summary
 # ---------------------------------------------------------------------------------------------
 CRIU_V=$("$PREFIX/criu" --version) || die "$PREFIX/criu --version failed"
 first_line() { "$@" 2>&1 | head -n1 || true; }
@@ -556,6 +591,7 @@ echo "containerd 2: $CONTAINERD2_PREFIX/bin/containerd $(containerd_version "$CO
 echo "dockerd:    $(first_line dockerd --version)"
 echo "moto:       $MOTO_VENV/bin/moto_server ($(cat "$MOTO_VENV/.cedana-requirement"))"
 echo "registry:   $REGISTRY_PREFIX/usr/bin/docker-registry"
+echo "gcs emulator: $GCS_EMULATOR_VENV/bin/gcp-storage-emulator ($(cat "$GCS_EMULATOR_VENV/.cedana-requirement"))"
 echo "criu check:"
 if CHECK_OUT=$("$PREFIX/criu" check 2>&1); then rc=0; else rc=$?; fi
 printf '%s\n' "$CHECK_OUT" | sed 's/^/  /'

@@ -6,6 +6,7 @@ pub mod console;
 pub mod cri;
 pub mod daemon;
 pub mod engines;
+pub mod gcs;
 pub mod gpu;
 pub mod images;
 pub mod invariants;

@@ -205,7 +205,7 @@ fn xml_value(xml: &str, tag: &str) -> Option<String> {
     Some(xml[start..end].to_string())
 }
 
-fn raw_http(host: &str, port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
+pub(crate) fn raw_http(host: &str, port: u16, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, String)> {
     let mut s = TcpStream::connect((host, port))?;
     s.set_read_timeout(Some(Duration::from_secs(30)))?;
     let head = format!("{method} {path} HTTP/1.0\r\nHost: {host}:{port}\r\nContent-Length: {}\r\n\r\n", body.len());
