@@ -201,6 +201,11 @@ impl IndexedArchive {
     /// place and verified as it is read. An error once anything does not match the manifest (after all
     /// its bytes were read) or the archive cannot be read; [`Delivery::out_error`] when only `out` failed.
     pub fn copy_to(&self, name: &str, out: &mut dyn Write) -> Result<Delivery, CheckpointError> {
+        self.copy_units_to(name, &mut super::units_read::PlainOut(out))
+    }
+
+    /// [`IndexedArchive::copy_to`], handing each decoded unit of a page image to `out` whole.
+    pub fn copy_units_to(&self, name: &str, out: &mut dyn super::UnitOut) -> Result<Delivery, CheckpointError> {
         let location = std::path::PathBuf::from(self.source.location());
         if let Some(bytes) = self.small.get(name) {
             let out_error = out.write_all(bytes).err();
@@ -248,7 +253,7 @@ impl IndexedArchive {
         offset: u64,
         units: &[u64],
         expected: &super::FileDigest,
-        out: &mut dyn Write,
+        out: &mut dyn super::UnitOut,
     ) -> Result<Delivery, CheckpointError> {
         let location = std::path::PathBuf::from(self.source.location());
         let slot = codec::units::header_slot(self.compression);

@@ -22,7 +22,7 @@ pub mod sink;
 pub mod source;
 pub mod tail;
 pub(crate) mod tar_guard;
-pub(crate) mod units_read;
+pub mod units_read;
 pub mod writer;
 
 pub use digest::FileDigest;
@@ -31,6 +31,7 @@ pub use manifest::{CheckpointKind, ContainerInfo, Manifest, Placed, ProcessInfo,
 pub use reader::{read_entry, read_manifest, OpenedCheckpoint, PendingVerification};
 pub use sink::{ArchiveSink, Existing, LocalFile, Stream, Unfinished};
 pub use source::{ArchiveSource, LocalSource};
+pub use units_read::UnitOut;
 pub use writer::CheckpointWriter;
 
 use std::path::PathBuf;

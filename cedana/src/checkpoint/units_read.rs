@@ -32,6 +32,29 @@ pub(crate) struct Units<'a> {
     pub location: &'a Path,
 }
 
+/// Where a page image's decoded units go: any writer (each unit written from its buffer), or one that takes
+/// each unit's buffer whole (CRIU's pipe filled by `vmsplice`, which must hold the buffer until it was read).
+pub trait UnitOut: Write {
+    /// Write a decoded unit, whole.
+    fn write_unit(&mut self, data: Vec<u8>) -> io::Result<()> {
+        self.write_all(&data)
+    }
+}
+
+/// A plain writer as a [`UnitOut`].
+pub(crate) struct PlainOut<'a>(pub &'a mut dyn Write);
+
+impl Write for PlainOut<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+impl UnitOut for PlainOut<'_> {}
+
 /// What [`Units::copy_to`] did: the bytes delivered, and why writing to `out` stopped, if it did.
 pub(crate) struct Copied {
     pub bytes: u64,
@@ -50,7 +73,7 @@ impl Units<'_> {
     /// Decode every unit on `workers` threads and write them to `out` in order; an error once a unit does
     /// not decode to its chunk or the image does not match the manifest (every unit is read, even after
     /// `out` failed, for the verdict).
-    pub(crate) fn copy_to(&self, out: &mut dyn Write, workers: usize) -> Result<Copied, CheckpointError> {
+    pub(crate) fn copy_to(&self, out: &mut dyn UnitOut, workers: usize) -> Result<Copied, CheckpointError> {
         let total = self.expected.size;
         let chunks = total.div_ceil(CHUNK as u64).max(1) as usize;
         if self.sizes.len() != chunks {
@@ -103,7 +126,7 @@ impl Units<'_> {
         &self,
         rx: &std::sync::mpsc::Receiver<Decoded>,
         chunks: usize,
-        out: &mut dyn Write,
+        out: &mut dyn UnitOut,
         window: &Mutex<Window>,
         turn: &Condvar,
     ) -> Result<Copied, CheckpointError> {
@@ -117,10 +140,10 @@ impl Units<'_> {
             };
             pending.insert(i, unit?);
             while let Some((data, hash)) = pending.remove(&hashes.len()) {
-                if out_error.is_none() {
-                    out_error = out.write_all(&data).err();
-                }
                 bytes += data.len() as u64;
+                if out_error.is_none() {
+                    out_error = out.write_unit(data).err();
+                }
                 hashes.push(hash);
                 if let Ok(mut w) = window.lock() {
                     w.written += 1;

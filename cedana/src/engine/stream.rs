@@ -197,8 +197,9 @@ impl crate::criu::streamer::serve::ImageProvider for ArchiveImages {
     }
 
     fn provide(&self, name: &str, out: &mut std::fs::File) -> io::Result<()> {
-        let mut counted = CountedOut { inner: out, advance: self.advance.as_deref() };
-        let delivered = self.archive.copy_to(name, &mut counted).map_err(|e| io::Error::other(e.to_string()))?;
+        let pipe = crate::criu::streamer::splice::SplicePipe::new(out);
+        let mut counted = CountedOut { inner: pipe, advance: self.advance.as_deref() };
+        let delivered = self.archive.copy_units_to(name, &mut counted).map_err(|e| io::Error::other(e.to_string()))?;
         if let Some(e) = delivered.out_error {
             // CRIU closed its end early (it failed, or needed less): the image itself was verified whole.
             tracing::debug!(image = name, error = %e, "CRIU stopped reading an image");
@@ -209,7 +210,7 @@ impl crate::criu::streamer::serve::ImageProvider for ArchiveImages {
 
 /// CRIU's pipe, whose bytes advance the progress bar.
 struct CountedOut<'a> {
-    inner: &'a mut std::fs::File,
+    inner: crate::criu::streamer::splice::SplicePipe<'a>,
     advance: Option<&'a (dyn Fn(u64) + Send + Sync)>,
 }
 
@@ -222,6 +223,17 @@ impl io::Write for CountedOut<'_> {
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl crate::checkpoint::UnitOut for CountedOut<'_> {
+    fn write_unit(&mut self, data: Vec<u8>) -> io::Result<()> {
+        let n = data.len() as u64;
+        self.inner.write_unit(data)?;
+        if let Some(a) = self.advance {
+            a(n);
+        }
         Ok(())
     }
 }

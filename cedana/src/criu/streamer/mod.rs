@@ -13,6 +13,7 @@
 
 pub mod capture;
 pub mod serve;
+pub mod splice;
 
 use std::fs::File;
 use std::io::{self, IoSliceMut, Read, Write};
