@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use cedana_integration::gpu::{app_lines, expected_sum, last_app_line, wait_count, FakeGpu};
+use cedana_integration::gpu::{
+    app_lines, container_lines, expected_sum, last_app_line, wait_container_counts, wait_count, FakeGpu,
+};
 use cedana_integration::{bin, require_root};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -291,23 +293,6 @@ fn gpu_bundle(gpu: &FakeGpu, dir: &Path) -> cedana_integration::images::Bundle {
     bundle
 }
 
-/// gpu-app's lines in a container's output, by PID (in the container's namespace).
-fn container_lines(out: &cedana_integration::lines::Lines) -> Vec<cedana_integration::gpu::AppLine> {
-    out.snapshot().iter().filter_map(|l| cedana_integration::gpu::AppLine::parse(l)).collect()
-}
-
-/// Wait until both CUDA processes of a container printed a count of at least `count`; their last lines.
-fn wait_container_counts(out: &cedana_integration::lines::Lines, count: u64) -> Vec<cedana_integration::gpu::AppLine> {
-    cedana_integration::wait_for("both CUDA processes of the container count", Duration::from_secs(20), || {
-        let lines = container_lines(out);
-        let mut pids: Vec<i32> = lines.iter().map(|l| l.pid).collect();
-        pids.sort();
-        pids.dedup();
-        let last: Vec<_> = pids.iter().filter_map(|p| lines.iter().rev().find(|l| l.pid == *p).cloned()).collect();
-        (last.len() == 2 && last.iter().all(|l| l.count >= count)).then_some(last)
-    })
-}
-
 #[test]
 fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
     require_root();
@@ -329,14 +314,14 @@ fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
     let bundle = gpu_bundle(&gpu, &tmp.join("bundle"));
     runc.track(&cid);
     let lines = wrapper(&["run", "-d", "--bundle", bundle.dir.to_str().unwrap(), &cid], &[]);
-    wait_container_counts(&lines, 2);
+    wait_container_counts(&lines, 2, 2);
     let host_pid = runc.state(&cid).unwrap()["pid"].as_i64().unwrap() as i32;
     assert!(cedana::gpu::detect::is_gpu_process(host_pid), "the container's init is recognised as a CUDA process");
 
     // Checkpoint as containerd's shim asks runc to: the CUDA state of both processes goes into the checkpoint.
     let images = tmp.join("images");
     wrapper(&["checkpoint", "--image-path", images.to_str().unwrap(), &cid], &[]);
-    let last = wait_container_counts(&lines, 2);
+    let last = wait_container_counts(&lines, 2, 2);
     lines.wait_closed(Duration::from_secs(20));
     let last: Vec<_> = last.iter().map(|l| container_lines(&lines).into_iter().rfind(|x| x.pid == l.pid).unwrap()).collect();
     let manifest = cedana::checkpoint::read_manifest(&images.join("cedana-checkpoint.tar.zst"), false).unwrap();
@@ -365,7 +350,7 @@ fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
     let after = wrapper(&["run", "-d", "--bundle", again.to_str().unwrap(), &copy], &[]);
     let host_pid = runc.state(&copy).unwrap()["pid"].as_i64().unwrap() as i32;
     assert_eq!(gpu.state(host_pid).as_deref(), Some("running"));
-    let resumed = wait_container_counts(&after, 0);
+    let resumed = wait_container_counts(&after, 2, 0);
     for l in &resumed {
         let before = last.iter().find(|b| b.pid == l.pid).unwrap();
         let first = container_lines(&after).into_iter().find(|x| x.pid == l.pid).unwrap();
