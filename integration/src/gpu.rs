@@ -276,3 +276,37 @@ pub fn wait_container_counts(out: &crate::lines::Lines, processes: usize, count:
         (last.len() == processes && last.iter().all(|l| l.count >= count)).then_some(last)
     })
 }
+
+/// A busybox bundle running gpu-app (with one CUDA child) the way the NVIDIA toolkit's CDI devices set a
+/// container up: the device node in `linux.devices`, the driver library and tools bind-mounted read-only,
+/// NVIDIA_VISIBLE_DEVICES=`visible` in the environment (and the host's /usr for the app's libc).
+pub fn cdi_bundle(gpu: &FakeGpu, mib: u32, visible: &str, dir: &Path) -> crate::images::Bundle {
+    let bundle = crate::images::Bundle::busybox(dir, &["/opt/gpu/gpu-app", &mib.to_string(), "1"]);
+    let rootfs = bundle.rootfs();
+    for d in ["usr", "opt/gpu", "nvidia/lib", "run/fake-cuda"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::os::unix::fs::symlink("usr/lib", rootfs.join("lib")).unwrap();
+    std::os::unix::fs::symlink("usr/lib64", rootfs.join("lib64")).unwrap();
+    let bind = |src: &Path, dst: &str, mode: &str| serde_json::json!({"destination": dst, "type": "bind", "source": src, "options": ["rbind", mode]});
+    let mounts = [
+        bind(Path::new("/usr"), "/usr", "ro"),
+        bind(&gpu.bin_dir, "/opt/gpu", "ro"),
+        bind(&gpu.lib_dir, "/nvidia/lib", "ro"),
+        bind(&gpu.control_dir, "/run/fake-cuda", "rw"),
+    ];
+    bundle.edit_config(|c| {
+        c["mounts"].as_array_mut().unwrap().extend(mounts);
+        let env = c["process"]["env"].as_array_mut().unwrap();
+        for e in ["LD_LIBRARY_PATH=/nvidia/lib", "FAKE_CUDA_DEVICE=/dev/nvidia0", "FAKE_CUDA_DIR=/run/fake-cuda", format!("NVIDIA_VISIBLE_DEVICES={visible}").as_str()] {
+            env.push(e.into());
+        }
+        c["linux"]["devices"] =
+            serde_json::json!([{"path": "/dev/nvidia0", "type": "c", "major": 1, "minor": 5, "fileMode": 438, "uid": 0, "gid": 0}]);
+        c["linux"]["resources"]["devices"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"allow": true, "type": "c", "major": 1, "minor": 5, "access": "rwm"}));
+    });
+    bundle
+}

@@ -9,7 +9,7 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use cedana_integration::gpu::{
-    app_lines, container_lines, expected_sum, last_app_line, wait_container_counts, wait_count, FakeGpu,
+    app_lines, cdi_bundle, container_lines, expected_sum, last_app_line, wait_container_counts, wait_count, FakeGpu,
 };
 use cedana_integration::{bin, require_root};
 use nix::sys::signal::{kill, Signal};
@@ -216,7 +216,7 @@ fn a_restore_refuses_a_host_whose_gpus_cannot_take_it_and_kills_a_tree_whose_gpu
 
     // Smaller GPUs, fewer GPUs, an older driver: refused before anything is restored, with the override named.
     for (env, says) in [
-        (("FAKE_GPU_MEMORY_MIB", "16384"), "has only 16384 MiB"),
+        (("FAKE_GPU_MEMORY_MIB", "16384"), "only 16384 MiB"),
         (("FAKE_GPU_COUNT", "0"), "no NVIDIA GPU found on this host"),
         (("FAKE_GPU_DRIVER", "565.57.01"), "has the older 565.57.01"),
     ] {
@@ -259,40 +259,6 @@ fn a_process_without_a_gpu_pays_only_the_detection() {
     assert!(v["gpu"].is_null() && v["timings_ms"]["gpu checkpoint"].is_null(), "{v}");
 }
 
-/// A busybox bundle running gpu-app (with one CUDA child) the way the NVIDIA toolkit's CDI devices set a
-/// container up: the device node in `linux.devices`, the driver library and tools bind-mounted read-only,
-/// NVIDIA_VISIBLE_DEVICES in the environment (and the host's /usr for the app's libc).
-fn gpu_bundle(gpu: &FakeGpu, dir: &Path) -> cedana_integration::images::Bundle {
-    let bundle = cedana_integration::images::Bundle::busybox(dir, &["/opt/gpu/gpu-app", &MIB.to_string(), "1"]);
-    let rootfs = bundle.rootfs();
-    for d in ["usr", "opt/gpu", "nvidia/lib", "run/fake-cuda"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::os::unix::fs::symlink("usr/lib", rootfs.join("lib")).unwrap();
-    std::os::unix::fs::symlink("usr/lib64", rootfs.join("lib64")).unwrap();
-    let bind = |src: &Path, dst: &str, mode: &str| serde_json::json!({"destination": dst, "type": "bind", "source": src, "options": ["rbind", mode]});
-    let mounts = [
-        bind(Path::new("/usr"), "/usr", "ro"),
-        bind(&gpu.bin_dir, "/opt/gpu", "ro"),
-        bind(&gpu.lib_dir, "/nvidia/lib", "ro"),
-        bind(&gpu.control_dir, "/run/fake-cuda", "rw"),
-    ];
-    bundle.edit_config(|c| {
-        c["mounts"].as_array_mut().unwrap().extend(mounts);
-        let env = c["process"]["env"].as_array_mut().unwrap();
-        for e in ["LD_LIBRARY_PATH=/nvidia/lib", "FAKE_CUDA_DEVICE=/dev/nvidia0", "FAKE_CUDA_DIR=/run/fake-cuda", "NVIDIA_VISIBLE_DEVICES=0"] {
-            env.push(e.into());
-        }
-        c["linux"]["devices"] =
-            serde_json::json!([{"path": "/dev/nvidia0", "type": "c", "major": 1, "minor": 5, "fileMode": 438, "uid": 0, "gid": 0}]);
-        c["linux"]["resources"]["devices"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({"allow": true, "type": "c", "major": 1, "minor": 5, "access": "rwm"}));
-    });
-    bundle
-}
-
 #[test]
 fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
     require_root();
@@ -311,7 +277,7 @@ fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
         lines
     };
     let cid = format!("ced-gpu-{}", std::process::id());
-    let bundle = gpu_bundle(&gpu, &tmp.join("bundle"));
+    let bundle = cdi_bundle(&gpu, MIB, "0", &tmp.join("bundle"));
     runc.track(&cid);
     let lines = wrapper(&["run", "-d", "--bundle", bundle.dir.to_str().unwrap(), &cid], &[]);
     wait_container_counts(&lines, 2, 2);
@@ -330,7 +296,7 @@ fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
 
     // A GPU restore that fails leaves no half-restored container running.
     let failed = tmp.join("failed");
-    let restored = gpu_bundle(&gpu, &failed);
+    let restored = cdi_bundle(&gpu, MIB, "0", &failed);
     restored.annotate(cedana_integration::images::RESTORE_ANNOTATION, images.to_str().unwrap());
     let bad = format!("{cid}-bad");
     runc.track(&bad);
@@ -343,7 +309,7 @@ fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
 
     // Restore at create from the annotation: both processes count on, with their device memory.
     let again = tmp.join("again");
-    let restored = gpu_bundle(&gpu, &again);
+    let restored = cdi_bundle(&gpu, MIB, "0", &again);
     restored.annotate(cedana_integration::images::RESTORE_ANNOTATION, images.to_str().unwrap());
     let copy = format!("{cid}-restored");
     runc.track(&copy);
