@@ -112,6 +112,20 @@ fn a_container_set_up_by_the_legacy_nvidia_hook_is_checkpointed_and_restored_at_
     assert_eq!(device.host_path, gpu.device, "{device:?}");
     assert_eq!(manifest.gpu.as_ref().map(|g| g.pids.len()), Some(2), "the GPU state is in the checkpoint");
 
+    // A GPU restore that fails leaves no half-restored container running.
+    let failed = tmp.join("failed");
+    let broken = legacy_bundle(&gpu, &failed, &hook_log);
+    broken.annotate(RESTORE_ANNOTATION, images.to_str().unwrap());
+    let bad = format!("{cid}-bad");
+    runc.track(&bad);
+    let mut cmd = runc.cmd(&["run", "-d", "--bundle", failed.to_str().unwrap(), &bad]);
+    cmd.envs(env.iter().map(|(k, v)| (*k, v.as_str())));
+    let out = cmd.env("FAKE_CUDA_FAIL", "restore").stdin(std::process::Stdio::null()).output().unwrap();
+    let e = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && e.contains("CUDA restore of process"), "{e}");
+    assert!(runc.status(&bad).is_none_or(|s| s == "stopped"), "{:?}", runc.status(&bad));
+    let runs_before = hook_runs();
+
     // Restore at create: runc runs the prestart hook again (at CRIU's setup-namespaces); each file is
     // mounted once, both processes count on from where they were, with their device memory.
     let again = tmp.join("again");
@@ -121,7 +135,7 @@ fn a_container_set_up_by_the_legacy_nvidia_hook_is_checkpointed_and_restored_at_
     runc.track(&copy);
     let after = wrapper(&["run", "-d", "--bundle", again.to_str().unwrap(), &copy]);
     let pid = host_pid(&runc, &copy);
-    assert_eq!(hook_runs(), 2, "runc ran the prestart hook again at restore");
+    assert_eq!(hook_runs(), runs_before + 1, "runc ran the prestart hook again at restore");
     // It ran in the namespace CRIU made for the container before CRIU rebuilt its mounts: nothing of it
     // shows on the host.
     let ours = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
