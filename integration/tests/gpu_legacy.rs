@@ -2,7 +2,8 @@
 //! NVIDIA's runtime hook): the hook bind-mounts the driver library, the tools and the device node into the
 //! rootfs itself, so these mounts are not in the OCI spec. cedana-runc declares them external to CRIU at
 //! checkpoint and maps them back to the host's files at restore. Against the fakes of NVIDIA's stack
-//! (integration/fake-gpu, with `nvidia-hook` standing in for the legacy hook) and real runc and CRIU.
+//! (integration/fake-gpu, with `nvidia-hook` standing in for the legacy hook) and real runc and CRIU. Also:
+//! a bind mount a container makes of its own files is not taken for a hook's.
 
 use std::path::Path;
 use std::process::Command;
@@ -220,4 +221,40 @@ fn the_fake_legacy_hook_mounts_the_driver_files_read_only() {
     }
     assert!(std::fs::read_to_string(&hook_log).unwrap().starts_with(&format!("pid {pid} mounts 5")));
     runc.ok(&["kill", &cid, "KILL"]);
+}
+
+/// Not every mount outside the spec is a hook's: a bind mount the container made of its own files (a folder
+/// of its rootfs) stays CRIU's, which binds it from the rootfs again, in the new container's rootfs.
+#[test]
+fn a_bind_mount_the_container_made_of_its_own_files_is_not_external() {
+    require_root();
+    let tmp = tempfile::tempdir().unwrap();
+    let runc = RuncRoot::new(tmp.path(), bin("cedana-runc"));
+    let cid = format!("ced-selfbind-{}", std::process::id());
+    let (bundle, _lines) = runc.run_counter(tmp.path(), &cid, 2, std::time::Duration::from_secs(20));
+    std::fs::create_dir_all(bundle.rootfs().join("mnt/bin")).unwrap();
+    let pid = host_pid(&runc, &cid);
+    let out = Command::new("nsenter")
+        .args(["-t", &pid.to_string(), "-m", "--", "/bin/busybox", "mount", "--bind", "/bin", "/mnt/bin"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(mounts_at(pid, "/mnt/bin"), 1);
+    let images = tmp.path().join("images");
+    runc.ok(&["checkpoint", "--image-path", images.to_str().unwrap(), &cid]);
+    let manifest = cedana::checkpoint::read_manifest(&images.join("cedana-checkpoint.tar.zst"), false).unwrap();
+    assert!(manifest.container.as_ref().unwrap().external_mounts.is_empty(), "{:?}", manifest.container);
+
+    let restored = Bundle::counter(&tmp.path().join("again"));
+    std::fs::create_dir_all(restored.rootfs().join("mnt/bin")).unwrap();
+    restored.annotate(RESTORE_ANNOTATION, images.to_str().unwrap());
+    let copy = format!("{cid}-restored");
+    runc.run_detached(&restored.dir, &copy);
+    let pid = host_pid(&runc, &copy);
+    assert_eq!(mounts_at(pid, "/mnt/bin"), 1, "CRIU bound it again");
+    let info = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let line = info.lines().find(|l| l.split(' ').nth(4) == Some("/mnt/bin")).unwrap();
+    let root = restored.rootfs().join("bin");
+    assert!(line.split(' ').nth(3) == Some(root.to_str().unwrap()), "from the new rootfs: {line}");
+    runc.ok(&["kill", &copy, "KILL"]);
 }

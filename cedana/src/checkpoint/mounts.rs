@@ -9,7 +9,9 @@
 //! Which mounts: those of the container's mount namespace whose file system is also mounted on the host
 //! (same device) and whose mount point is neither `/`, nor a destination of the spec's mounts, masked or
 //! read-only paths or devices (runc's), nor a submount that a spec `rbind` brought along, nor under a cgroup
-//! mount. A mount of a file system of the container's own (tmpfs, proc, mqueue) is CRIU's to dump.
+//! mount, and which do not show files the container has anyway (a bind mount of a folder of its rootfs or of
+//! a spec mount, which CRIU binds from there). A mount of a file system of the container's own (tmpfs,
+//! proc, mqueue) is CRIU's to dump.
 
 use std::collections::HashSet;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -201,6 +203,17 @@ pub(crate) fn select(container: &[MountEntry], host: &[MountEntry], spec: &SpecM
             below(point, dest).is_some_and(|rel| host_points.contains(format!("{}/{rel}", src.trim_end_matches('/')).as_str()))
         });
         if from_rbind {
+            continue;
+        }
+        // A bind mount of files the container has anyway (of its rootfs, or of a mount of its spec): CRIU
+        // binds it from there.
+        let reachable = container.iter().any(|o| {
+            o.mountpoint != m.mountpoint
+                && (o.mountpoint == "/" || spec.handled.contains(o.mountpoint.as_str()))
+                && o.dev == m.dev
+                && at_or_below(&m.root, &o.root).is_some()
+        });
+        if reachable {
             continue;
         }
         let mut candidates: Vec<(usize, PathBuf)> = host

@@ -14,8 +14,9 @@ fn host() -> Vec<MountEntry> {
         line(1, "8:1", "/", "/", "ext4"),
         line(2, "0:5", "/", "/dev", "devtmpfs"),
         line(3, "0:22", "/", "/proc", "proc"),
-        line(4, "0:40", "/", "/usr/local", "ext4"),
+        line(4, "0:40", "/", "/opt/local", "ext4"),
         line(5, "8:1", "/srv/data", "/data", "ext4"),
+        line(6, "0:99", "/", "/var/lib/docker/overlay2/abc/merged", "overlay"),
     ])
 }
 
@@ -24,7 +25,7 @@ fn spec() -> SpecMounts {
         "mounts": [
             {"destination": "/proc", "type": "proc", "source": "proc"},
             {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
-            {"destination": "/usr", "type": "bind", "source": "/usr", "options": ["rbind", "ro"]},
+            {"destination": "/opt", "type": "bind", "source": "/opt", "options": ["rbind", "ro"]},
             {"destination": "/etc/hosts/", "type": "bind", "source": "/var/lib/hosts"},
             {"destination": "/sys/fs/cgroup", "type": "cgroup", "source": "cgroup"},
         ],
@@ -63,11 +64,14 @@ fn bind_mounts_from_the_host_that_the_spec_does_not_have_are_external() {
         line(19, "0:23", "/sys", "/proc/sys", "proc"),
         line(20, "0:5", "/fuse", "/dev/fuse", "devtmpfs"),
         line(21, "0:30", "/", "/sys/fs/cgroup/memory", "cgroup"),
-        // The spec's /usr rbind brought the host's /usr/local along.
-        line(22, "8:1", "/usr", "/usr", "ext4"),
-        line(23, "0:40", "/", "/usr/local", "ext4"),
+        // The spec's /opt rbind brought the host's /opt/local along.
+        line(22, "8:1", "/opt", "/opt", "ext4"),
+        line(23, "0:40", "/", "/opt/local", "ext4"),
         // A host folder bind-mounted below a folder of a host mount: the deepest root names it.
         line(24, "8:1", "/srv/data/x", "/x", "ext4"),
+        // Files the container has anyway: a folder of its rootfs, a file of the spec's /opt, bound elsewhere.
+        line(25, "0:99", "/bin", "/mnt/bin", "overlay"),
+        line(26, "8:1", "/opt/zoneinfo/UTC", "/etc/localtime", "ext4"),
     ]);
     let found = select(&container, &host(), &spec());
     let got: Vec<(&str, Vec<String>)> =
@@ -88,7 +92,7 @@ fn a_container_without_hook_mounts_has_none() {
     let container = entries(&[
         line(10, "0:99", "/", "/", "overlay"),
         line(11, "0:23", "/", "/proc", "proc"),
-        line(22, "8:1", "/usr", "/usr", "ext4"),
+        line(22, "8:1", "/opt", "/opt", "ext4"),
     ]);
     assert!(select(&container, &host(), &spec()).is_empty());
 }
