@@ -46,6 +46,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
@@ -61,6 +62,7 @@ enum {
     CUDA_ERROR_OUT_OF_MEMORY = 2,
     CUDA_ERROR_NOT_INITIALIZED = 3,
     CUDA_ERROR_NO_DEVICE = 100,
+    CUDA_ERROR_INVALID_DEVICE = 101,
     CUDA_ERROR_INVALID_CONTEXT = 201,
     CUDA_ERROR_OPERATING_SYSTEM = 304,
     CUDA_ERROR_INVALID_HANDLE = 400,
@@ -86,7 +88,19 @@ typedef struct {
     unsigned long long reserved[8];
 } CUcheckpointCheckpointArgs;
 typedef struct {
-    unsigned long long reserved[8];
+    char bytes[16];
+} CUuuid;
+typedef struct {
+    CUuuid oldUuid;
+    CUuuid newUuid;
+} CUcheckpointGpuPair;
+/* The layout of CUDA 12.9+: gpuPairs at offset 0, gpuPairsCount at 8, the rest reserved (64 bytes). In CUDA
+ * 12.8 all of it was reserved; the fake follows the caller's FAKE_CUDA_DRIVER_VERSION. */
+typedef struct {
+    CUcheckpointGpuPair *gpuPairs;
+    unsigned int gpuPairsCount;
+    char reserved[52 - sizeof(CUcheckpointGpuPair *)];
+    unsigned long long reserved1;
 } CUcheckpointRestoreArgs;
 typedef struct {
     unsigned long long reserved[8];
@@ -101,6 +115,7 @@ static const struct {
     {CUDA_ERROR_OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY", "out of memory"},
     {CUDA_ERROR_NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED", "initialization error"},
     {CUDA_ERROR_NO_DEVICE, "CUDA_ERROR_NO_DEVICE", "no CUDA-capable device is detected"},
+    {CUDA_ERROR_INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE", "invalid device ordinal"},
     {CUDA_ERROR_INVALID_CONTEXT, "CUDA_ERROR_INVALID_CONTEXT", "invalid device context"},
     {CUDA_ERROR_OPERATING_SYSTEM, "CUDA_ERROR_OPERATING_SYSTEM", "OS call failed or operation not supported on this OS"},
     {CUDA_ERROR_INVALID_HANDLE, "CUDA_ERROR_INVALID_HANDLE", "invalid resource handle"},
@@ -222,10 +237,11 @@ static struct alloc allocs[MAX_ALLOCS];
 static int nallocs;
 static pid_t restore_tid;
 static atomic_int exiting;
+static char gpu_uuid[64];           /* the GPU this process uses (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx) */
 
 /* Control files of this process (precomputed so that fakeExitCleanup is async-signal-safe). */
 static char f_state[PATH_MAX], f_state_tmp[PATH_MAX + 8], f_tid[PATH_MAX], f_tid_tmp[PATH_MAX + 8], f_req[PATH_MAX],
-    f_ack[PATH_MAX], f_ack_tmp[PATH_MAX + 8], f_lock[PATH_MAX];
+    f_ack[PATH_MAX], f_ack_tmp[PATH_MAX + 8], f_lock[PATH_MAX], f_gpu[PATH_MAX], f_gpu_tmp[PATH_MAX + 8];
 
 static void cv_init(void) {
     pthread_condattr_t a;
@@ -243,12 +259,15 @@ static void publish_state(void) {
     write_atomic(f_state, f_state_tmp, buf);
     snprintf(buf, sizeof buf, "%d\n", (int)restore_tid);
     write_atomic(f_tid, f_tid_tmp, buf);
+    char gbuf[80];
+    snprintf(gbuf, sizeof gbuf, "%s\n", gpu_uuid);
+    write_atomic(f_gpu, f_gpu_tmp, gbuf);
 }
 
 EXPORT void fakeExitCleanup(void) {
     atomic_store(&exiting, 1);
     if (!f_state[0]) return;
-    const char *files[] = {f_state, f_state_tmp, f_tid, f_tid_tmp, f_req, f_ack, f_ack_tmp, f_lock};
+    const char *files[] = {f_state, f_state_tmp, f_tid, f_tid_tmp, f_req, f_ack, f_ack_tmp, f_lock, f_gpu, f_gpu_tmp};
     for (size_t i = 0; i < sizeof files / sizeof files[0]; i++) unlink(files[i]);
 }
 
@@ -329,11 +348,12 @@ static int do_checkpoint(int injected) {
 }
 
 /* Reopen the device, map device memory back at the same addresses, copy the host copies in. */
-static int do_restore(int injected) {
+static int do_restore(int injected, const char *onto) {
     if (state != CU_PROCESS_STATE_CHECKPOINTED)
         return fail(CUDA_ERROR_ILLEGAL_STATE, "restore: the process is %s, not checkpointed", STATE_NAMES[state]);
     state = CU_PROCESS_STATE_FAILED; /* until it worked */
     if (injected) return fail(CUDA_ERROR_UNKNOWN, "restore: injected failure (FAKE_CUDA_FAIL)");
+    if (onto[0] && strcmp(onto, "-")) snprintf(gpu_uuid, sizeof gpu_uuid, "%s", onto);
     dev_fd = open(dev_path, O_RDWR | O_CLOEXEC);
     if (dev_fd < 0) return fail(CUDA_ERROR_UNKNOWN, "restore: cannot reopen %s: %s", dev_path, strerror(errno));
     for (int i = 0; i < nallocs; i++) {
@@ -359,11 +379,12 @@ static int do_unlock(int injected) {
 }
 
 /* Take N.req if there is one: read it, close it, then delete it (never an open descriptor at rest). */
-static int take_request(char *id, char *action, unsigned *timeout, int *injected, unsigned *delay) {
+static int take_request(char *id, char *action, unsigned *timeout, int *injected, unsigned *delay, char *onto) {
     char buf[256];
     if (read_small(f_req, buf, sizeof buf) < 0) return 0;
     unlink(f_req);
-    if (sscanf(buf, "%63s %31s %u %d %u", id, action, timeout, injected, delay) != 5) {
+    onto[0] = 0;
+    if (sscanf(buf, "%63s %31s %u %d %u %63s", id, action, timeout, injected, delay, onto) < 5) {
         strcpy(action, "?");
         if (sscanf(buf, "%63s", id) != 1) strcpy(id, "?");
     }
@@ -378,10 +399,10 @@ static void *restore_thread(void *arg) {
     pthread_cond_broadcast(&cv);
     pthread_mutex_unlock(&mu);
     for (unsigned long polls = 0;; polls++) {
-        char id[64], action[32], ack[700];
+        char id[64], action[32], ack[700], onto[64];
         unsigned timeout = 0, delay = 0;
         int injected = 0, code;
-        if (!take_request(id, action, &timeout, &injected, &delay)) {
+        if (!take_request(id, action, &timeout, &injected, &delay, onto)) {
             /* Rewrite the state file if it went missing (e.g. restored by CRIU elsewhere). */
             if (polls % 200 == 0 && access(f_state, F_OK) != 0) {
                 pthread_mutex_lock(&mu);
@@ -397,7 +418,7 @@ static void *restore_thread(void *arg) {
         last_message[0] = 0;
         if (!strcmp(action, "lock")) code = do_lock(timeout, injected);
         else if (!strcmp(action, "checkpoint")) code = do_checkpoint(injected);
-        else if (!strcmp(action, "restore")) code = do_restore(injected);
+        else if (!strcmp(action, "restore")) code = do_restore(injected, onto);
         else if (!strcmp(action, "unlock")) code = do_unlock(injected);
         else if (!strcmp(action, "get-state")) code = CUDA_SUCCESS;
         else code = fail(CUDA_ERROR_INVALID_VALUE, "unknown request '%s'", action);
@@ -407,6 +428,40 @@ static void *restore_thread(void *arg) {
         pthread_mutex_unlock(&mu);
     }
     return NULL;
+}
+
+/* The UUID nvidia-smi gives GPU `index`: the index-th of FAKE_GPU_UUIDS (its last when shorter), else the
+ * generated one. */
+static void uuid_of_index(long index, char *out, size_t size) {
+    const char *list = getenv("FAKE_GPU_UUIDS");
+    if (list && *list) {
+        char buf[1024], *tok, *save = NULL, *last = NULL;
+        snprintf(buf, sizeof buf, "%s", list);
+        for (tok = strtok_r(buf, ",", &save); tok; tok = strtok_r(NULL, ",", &save)) {
+            last = tok;
+            if (index-- == 0) break;
+        }
+        snprintf(out, size, "%s", last ? last : "");
+        return;
+    }
+    snprintf(out, size, "GPU-6661e5e0-0000-4000-8000-%012lx", index);
+}
+
+/* The GPU an app uses: FAKE_CUDA_GPU_UUID, else the first of CUDA_VISIBLE_DEVICES (else
+ * NVIDIA_VISIBLE_DEVICES) by UUID or index, else GPU 0. */
+static void app_gpu_uuid(char *out, size_t size) {
+    const char *fixed = getenv("FAKE_CUDA_GPU_UUID");
+    if (fixed && *fixed) {
+        snprintf(out, size, "%s", fixed);
+        return;
+    }
+    const char *vis = getenv("CUDA_VISIBLE_DEVICES");
+    if (!vis || !*vis) vis = getenv("NVIDIA_VISIBLE_DEVICES");
+    char first[64] = "";
+    if (vis) sscanf(vis, "%63[^,]", first);
+    if (!strncmp(first, "GPU-", 4)) snprintf(out, size, "%s", first);
+    else if (first[0] >= '0' && first[0] <= '9') uuid_of_index(atol(first), out, size);
+    else uuid_of_index(0, out, size);
 }
 
 /* cuInit in an app (FAKE_CUDA_DEVICE set): open the device, set up the control files, start the restore
@@ -435,6 +490,9 @@ static int init_app(const char *device) {
     snprintf(f_ack, sizeof f_ack, "%s/%d.ack", dir, me);
     snprintf(f_ack_tmp, sizeof f_ack_tmp, "%s.tmp", f_ack);
     snprintf(f_lock, sizeof f_lock, "%s/%d.lock", dir, me);
+    snprintf(f_gpu, sizeof f_gpu, "%s/%d.gpu", dir, me);
+    snprintf(f_gpu_tmp, sizeof f_gpu_tmp, "%s.tmp", f_gpu);
+    app_gpu_uuid(gpu_uuid, sizeof gpu_uuid);
     unlink(f_req); /* left by an earlier process with this PID */
     unlink(f_ack);
     snprintf(dev_path, sizeof dev_path, "%s", device);
@@ -692,7 +750,7 @@ static int process_gone(int pid) {
 }
 
 /* Send `action` to the restore thread of `pid` and wait for its answer; *state_out gets the state after. */
-static int request(int pid, const char *action, unsigned timeout_ms, CUprocessState *state_out) {
+static int request(int pid, const char *action, unsigned timeout_ms, CUprocessState *state_out, const char *onto) {
     struct target t;
     int rc = find_target(pid, &t);
     if (rc) return rc;
@@ -722,7 +780,8 @@ static int request(int pid, const char *action, unsigned timeout_ms, CUprocessSt
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
     snprintf(id, sizeof id, "%d-%ld%09ld", (int)getpid(), (long)ts.tv_sec, ts.tv_nsec);
-    snprintf(text, sizeof text, "%s %s %u %d %ld\n", id, action, timeout_ms, injected, delay > 0 ? delay : 0);
+    snprintf(text, sizeof text, "%s %s %u %d %ld %s\n", id, action, timeout_ms, injected, delay > 0 ? delay : 0,
+             onto && *onto ? onto : "-");
     if (write_atomic(f_reqp, f_tmp, text) != 0) {
         rc = fail(CUDA_ERROR_UNKNOWN, "cannot write %s: %s", f_reqp, strerror(errno));
         goto out;
@@ -771,7 +830,7 @@ EXPORT int cuCheckpointProcessGetState(int pid, CUprocessState *state_out) {
         return rc ? rc : fail(CUDA_ERROR_UNKNOWN, "get-state: injected failure (FAKE_CUDA_FAIL)");
     }
     CUprocessState s = CU_PROCESS_STATE_FAILED;
-    int rc = request(pid, "get-state", 0, &s);
+    int rc = request(pid, "get-state", 0, &s, NULL);
     if (rc == CUDA_SUCCESS) *state_out = s;
     return rc;
 }
@@ -828,23 +887,73 @@ static int reserved_nonzero(const unsigned long long *r, int n) {
 EXPORT int cuCheckpointProcessLock(int pid, CUcheckpointLockArgs *args) {
     if (args && args->reserved0) return fail(CUDA_ERROR_INVALID_VALUE, "reserved fields of the args must be zero");
     CHECK_RESERVED(args, reserved1, 7)
-    return request(pid, "lock", args ? args->timeoutMs : 0, NULL);
+    return request(pid, "lock", args ? args->timeoutMs : 0, NULL, NULL);
 }
 
 EXPORT int cuCheckpointProcessCheckpoint(int pid, CUcheckpointCheckpointArgs *args) {
     CHECK_RESERVED(args, reserved, 8)
-    return request(pid, "checkpoint", 0, NULL);
+    return request(pid, "checkpoint", 0, NULL, NULL);
 }
 
+static void uuid_text(const CUuuid *u, char *out, size_t size) {
+    const unsigned char *b = (const unsigned char *)u->bytes;
+    snprintf(out, size, "GPU-%02x%02x%02x%02x-%02x%02x-%02x%02x-%02x%02x-%02x%02x%02x%02x%02x%02x", b[0], b[1], b[2], b[3],
+             b[4], b[5], b[6], b[7], b[8], b[9], b[10], b[11], b[12], b[13], b[14], b[15]);
+}
+
+/* Whether this host (the caller's FAKE_GPU_COUNT GPUs, named as nvidia-smi names them) has GPU `uuid`. */
+static int host_has_gpu(const char *uuid) {
+    long count = env_long("FAKE_GPU_COUNT", 1);
+    char mine[64];
+    for (long i = 0; i < count; i++) {
+        uuid_of_index(i, mine, sizeof mine);
+        if (!strcasecmp(mine, uuid)) return 1;
+    }
+    return 0;
+}
+
+/* Restore onto the GPU the process was checkpointed on, or onto the one its GPU pair names. The pairs must
+ * name every checkpointed GPU, and each new GPU must be on this host (the real driver also wants enough
+ * memory and the same chip, which the fake does not model). A refused remapping leaves the state as it was. */
 EXPORT int cuCheckpointProcessRestore(int pid, CUcheckpointRestoreArgs *args) {
-    CHECK_RESERVED(args, reserved, 8)
+    if (args) {
+        /* CUDA 12.8's restore args are all reserved; 12.9+ has gpuPairs and gpuPairsCount first. */
+        size_t from = env_long("FAKE_CUDA_DRIVER_VERSION", 12080) >= 12090 ? offsetof(CUcheckpointRestoreArgs, reserved) : 0;
+        const char *raw = (const char *)args;
+        for (size_t i = from; i < sizeof *args; i++)
+            if (raw[i]) return fail(CUDA_ERROR_INVALID_VALUE, "reserved fields of the args must be zero");
+        if (args->gpuPairsCount && !args->gpuPairs) return fail(CUDA_ERROR_INVALID_VALUE, "gpuPairs is NULL");
+    }
     /* The real driver needs cuInit in the restoring process (unless persistence mode is on). */
     if (!initialized || owner != getpid())
         return fail(CUDA_ERROR_NOT_INITIALIZED, "restore: cuInit was not called in this process");
-    return request(pid, "restore", 0, NULL);
+    struct target t;
+    int rc = find_target(pid, &t);
+    if (rc) return rc;
+    char path[sizeof t.base + 16], was[80] = "", onto[64] = "";
+    snprintf(path, sizeof path, "%s.gpu", t.base);
+    if (read_small(path, was, sizeof was) > 0) was[strcspn(was, "\n")] = 0;
+    unsigned count = args ? args->gpuPairsCount : 0;
+    if (count > 0) {
+        for (unsigned i = 0; i < count && !onto[0]; i++) {
+            char old[64];
+            uuid_text(&args->gpuPairs[i].oldUuid, old, sizeof old);
+            if (!strcasecmp(old, was)) uuid_text(&args->gpuPairs[i].newUuid, onto, sizeof onto);
+        }
+        if (!onto[0])
+            return fail(CUDA_ERROR_INVALID_VALUE,
+                        "restore: the GPU pairs do not name %s, on which process %d was checkpointed (they must name every checkpointed GPU)",
+                        was, pid);
+        if (!host_has_gpu(onto)) return fail(CUDA_ERROR_INVALID_DEVICE, "restore: this host has no GPU %s", onto);
+    } else if (was[0] && !host_has_gpu(was)) {
+        return fail(CUDA_ERROR_INVALID_DEVICE,
+                    "restore: process %d was checkpointed on GPU %s, which this host does not have (remap it with gpuPairs)",
+                    pid, was);
+    }
+    return request(pid, "restore", 0, NULL, onto);
 }
 
 EXPORT int cuCheckpointProcessUnlock(int pid, CUcheckpointUnlockArgs *args) {
     CHECK_RESERVED(args, reserved, 8)
-    return request(pid, "unlock", 0, NULL);
+    return request(pid, "unlock", 0, NULL, NULL);
 }

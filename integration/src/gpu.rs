@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use crate::workload::session_command;
 
-const SOURCES: [&str; 4] = ["libcuda.c", "cuda-checkpoint.c", "gpu-app.c", "nvidia-smi"];
+const SOURCES: [&str; 5] = ["libcuda.c", "cuda-checkpoint.c", "gpu-app.c", "nvidia-smi", "nvidia-hook.c"];
 const CFLAGS: [&str; 6] = ["-O2", "-Wall", "-Wextra", "-Werror", "-pthread", "-g"];
 
 /// A fake GPU for one test: the built fakes, a device node and a control folder in a temporary folder.
@@ -27,6 +27,8 @@ pub struct FakeGpu {
     pub cuda_checkpoint: PathBuf,
     pub app: PathBuf,
     pub nvidia_smi: PathBuf,
+    /// The fake legacy `nvidia-container-runtime-hook` (an OCI prestart hook; see fake-gpu/README.md).
+    pub hook: PathBuf,
     /// The fake device node `nvidia0` (character device 1:5).
     pub device: PathBuf,
     /// FAKE_CUDA_DIR: where CUDA processes keep their control files.
@@ -51,6 +53,7 @@ impl FakeGpu {
             cuda_checkpoint: bin_dir.join("cuda-checkpoint"),
             app: bin_dir.join("gpu-app"),
             nvidia_smi: bin_dir.join("nvidia-smi"),
+            hook: bin_dir.join("nvidia-hook"),
             lib_dir,
             bin_dir,
             device,
@@ -180,6 +183,7 @@ fn build() -> (PathBuf, PathBuf) {
         bin.join("gpu-app"),
         bin.join("nvidia-smi"),
         lib.join("libcuda.so"),
+        bin.join("nvidia-hook"),
     ];
     let newest_source = SOURCES.iter().filter_map(|s| std::fs::metadata(src.join(s)).ok()?.modified().ok()).max();
     let fresh = outputs
@@ -213,6 +217,7 @@ fn build() -> (PathBuf, PathBuf) {
             "-Wl,-rpath,$ORIGIN/../lib",
         ]);
     }
+    gcc(&["-o", s(&wbin.join("nvidia-hook")), s(&src.join("nvidia-hook.c"))]);
     std::fs::copy(src.join("nvidia-smi"), wbin.join("nvidia-smi")).expect("copy nvidia-smi");
     {
         use std::os::unix::fs::PermissionsExt;
@@ -226,6 +231,7 @@ fn build() -> (PathBuf, PathBuf) {
         (wbin.join("cuda-checkpoint"), &outputs[1]),
         (wbin.join("gpu-app"), &outputs[2]),
         (wbin.join("nvidia-smi"), &outputs[3]),
+        (wbin.join("nvidia-hook"), &outputs[5]),
     ] {
         std::fs::rename(&from, to).unwrap_or_else(|e| panic!("install {}: {e}", to.display()));
     }
@@ -240,4 +246,67 @@ fn s(p: &Path) -> &str {
 fn gcc(args: &[&str]) {
     let out = Command::new("gcc").args(CFLAGS).args(args).output().expect("gcc must be installed (scripts/setup.sh)");
     assert!(out.status.success(), "gcc {args:?} failed:\n{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// The environment that points cedana's GPU configuration at the fakes, with `backend` (`cuda-checkpoint` or
+/// `driver`).
+pub fn cedana_env(gpu: &FakeGpu, backend: &str) -> Vec<(&'static str, String)> {
+    vec![
+        ("CEDANA_GPU_BACKEND", backend.to_string()),
+        ("CEDANA_GPU_CUDA_CHECKPOINT", gpu.cuda_checkpoint.display().to_string()),
+        ("CEDANA_GPU_LIBCUDA", gpu.lib_dir.join("libcuda.so.1").display().to_string()),
+        ("CEDANA_GPU_NVIDIA_SMI", gpu.nvidia_smi.display().to_string()),
+    ]
+}
+
+/// gpu-app's lines in a container's output (PIDs in the container's namespace).
+pub fn container_lines(out: &crate::lines::Lines) -> Vec<AppLine> {
+    out.snapshot().iter().filter_map(|l| AppLine::parse(l)).collect()
+}
+
+/// Wait (20 s at most) until `processes` CUDA processes of a container printed a count of at least `count`;
+/// the last line of each.
+pub fn wait_container_counts(out: &crate::lines::Lines, processes: usize, count: u64) -> Vec<AppLine> {
+    crate::wait_for("the CUDA processes of the container count", Duration::from_secs(20), || {
+        let lines = container_lines(out);
+        let mut pids: Vec<i32> = lines.iter().map(|l| l.pid).collect();
+        pids.sort();
+        pids.dedup();
+        let last: Vec<_> = pids.iter().filter_map(|p| lines.iter().rev().find(|l| l.pid == *p).cloned()).collect();
+        (last.len() == processes && last.iter().all(|l| l.count >= count)).then_some(last)
+    })
+}
+
+/// A busybox bundle running gpu-app (with one CUDA child) the way the NVIDIA toolkit's CDI devices set a
+/// container up: the device node in `linux.devices`, the driver library and tools bind-mounted read-only,
+/// NVIDIA_VISIBLE_DEVICES=`visible` in the environment (and the host's /usr for the app's libc).
+pub fn cdi_bundle(gpu: &FakeGpu, mib: u32, visible: &str, dir: &Path) -> crate::images::Bundle {
+    let bundle = crate::images::Bundle::busybox(dir, &["/opt/gpu/gpu-app", &mib.to_string(), "1"]);
+    let rootfs = bundle.rootfs();
+    for d in ["usr", "opt/gpu", "nvidia/lib", "run/fake-cuda"] {
+        std::fs::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    std::os::unix::fs::symlink("usr/lib", rootfs.join("lib")).unwrap();
+    std::os::unix::fs::symlink("usr/lib64", rootfs.join("lib64")).unwrap();
+    let bind = |src: &Path, dst: &str, mode: &str| serde_json::json!({"destination": dst, "type": "bind", "source": src, "options": ["rbind", mode]});
+    let mounts = [
+        bind(Path::new("/usr"), "/usr", "ro"),
+        bind(&gpu.bin_dir, "/opt/gpu", "ro"),
+        bind(&gpu.lib_dir, "/nvidia/lib", "ro"),
+        bind(&gpu.control_dir, "/run/fake-cuda", "rw"),
+    ];
+    bundle.edit_config(|c| {
+        c["mounts"].as_array_mut().unwrap().extend(mounts);
+        let env = c["process"]["env"].as_array_mut().unwrap();
+        for e in ["LD_LIBRARY_PATH=/nvidia/lib", "FAKE_CUDA_DEVICE=/dev/nvidia0", "FAKE_CUDA_DIR=/run/fake-cuda", format!("NVIDIA_VISIBLE_DEVICES={visible}").as_str()] {
+            env.push(e.into());
+        }
+        c["linux"]["devices"] =
+            serde_json::json!([{"path": "/dev/nvidia0", "type": "c", "major": 1, "minor": 5, "fileMode": 438, "uid": 0, "gid": 0}]);
+        c["linux"]["resources"]["devices"]
+            .as_array_mut()
+            .unwrap()
+            .push(serde_json::json!({"allow": true, "type": "c", "major": 1, "minor": 5, "access": "rwm"}));
+    });
+    bundle
 }

@@ -8,7 +8,9 @@ use std::path::Path;
 use std::process::{Child, Command};
 use std::time::Duration;
 
-use cedana_integration::gpu::{app_lines, expected_sum, last_app_line, wait_count, FakeGpu};
+use cedana_integration::gpu::{
+    app_lines, cdi_bundle, container_lines, expected_sum, last_app_line, wait_container_counts, wait_count, FakeGpu,
+};
 use cedana_integration::{bin, require_root};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -214,7 +216,7 @@ fn a_restore_refuses_a_host_whose_gpus_cannot_take_it_and_kills_a_tree_whose_gpu
 
     // Smaller GPUs, fewer GPUs, an older driver: refused before anything is restored, with the override named.
     for (env, says) in [
-        (("FAKE_GPU_MEMORY_MIB", "16384"), "has only 16384 MiB"),
+        (("FAKE_GPU_MEMORY_MIB", "16384"), "only 16384 MiB"),
         (("FAKE_GPU_COUNT", "0"), "no NVIDIA GPU found on this host"),
         (("FAKE_GPU_DRIVER", "565.57.01"), "has the older 565.57.01"),
     ] {
@@ -257,57 +259,6 @@ fn a_process_without_a_gpu_pays_only_the_detection() {
     assert!(v["gpu"].is_null() && v["timings_ms"]["gpu checkpoint"].is_null(), "{v}");
 }
 
-/// A busybox bundle running gpu-app (with one CUDA child) the way the NVIDIA toolkit's CDI devices set a
-/// container up: the device node in `linux.devices`, the driver library and tools bind-mounted read-only,
-/// NVIDIA_VISIBLE_DEVICES in the environment (and the host's /usr for the app's libc).
-fn gpu_bundle(gpu: &FakeGpu, dir: &Path) -> cedana_integration::images::Bundle {
-    let bundle = cedana_integration::images::Bundle::busybox(dir, &["/opt/gpu/gpu-app", &MIB.to_string(), "1"]);
-    let rootfs = bundle.rootfs();
-    for d in ["usr", "opt/gpu", "nvidia/lib", "run/fake-cuda"] {
-        std::fs::create_dir_all(rootfs.join(d)).unwrap();
-    }
-    std::os::unix::fs::symlink("usr/lib", rootfs.join("lib")).unwrap();
-    std::os::unix::fs::symlink("usr/lib64", rootfs.join("lib64")).unwrap();
-    let bind = |src: &Path, dst: &str, mode: &str| serde_json::json!({"destination": dst, "type": "bind", "source": src, "options": ["rbind", mode]});
-    let mounts = [
-        bind(Path::new("/usr"), "/usr", "ro"),
-        bind(&gpu.bin_dir, "/opt/gpu", "ro"),
-        bind(&gpu.lib_dir, "/nvidia/lib", "ro"),
-        bind(&gpu.control_dir, "/run/fake-cuda", "rw"),
-    ];
-    bundle.edit_config(|c| {
-        c["mounts"].as_array_mut().unwrap().extend(mounts);
-        let env = c["process"]["env"].as_array_mut().unwrap();
-        for e in ["LD_LIBRARY_PATH=/nvidia/lib", "FAKE_CUDA_DEVICE=/dev/nvidia0", "FAKE_CUDA_DIR=/run/fake-cuda", "NVIDIA_VISIBLE_DEVICES=0"] {
-            env.push(e.into());
-        }
-        c["linux"]["devices"] =
-            serde_json::json!([{"path": "/dev/nvidia0", "type": "c", "major": 1, "minor": 5, "fileMode": 438, "uid": 0, "gid": 0}]);
-        c["linux"]["resources"]["devices"]
-            .as_array_mut()
-            .unwrap()
-            .push(serde_json::json!({"allow": true, "type": "c", "major": 1, "minor": 5, "access": "rwm"}));
-    });
-    bundle
-}
-
-/// gpu-app's lines in a container's output, by PID (in the container's namespace).
-fn container_lines(out: &cedana_integration::lines::Lines) -> Vec<cedana_integration::gpu::AppLine> {
-    out.snapshot().iter().filter_map(|l| cedana_integration::gpu::AppLine::parse(l)).collect()
-}
-
-/// Wait until both CUDA processes of a container printed a count of at least `count`; their last lines.
-fn wait_container_counts(out: &cedana_integration::lines::Lines, count: u64) -> Vec<cedana_integration::gpu::AppLine> {
-    cedana_integration::wait_for("both CUDA processes of the container count", Duration::from_secs(20), || {
-        let lines = container_lines(out);
-        let mut pids: Vec<i32> = lines.iter().map(|l| l.pid).collect();
-        pids.sort();
-        pids.dedup();
-        let last: Vec<_> = pids.iter().filter_map(|p| lines.iter().rev().find(|l| l.pid == *p).cloned()).collect();
-        (last.len() == 2 && last.iter().all(|l| l.count >= count)).then_some(last)
-    })
-}
-
 #[test]
 fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
     require_root();
@@ -326,17 +277,17 @@ fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
         lines
     };
     let cid = format!("ced-gpu-{}", std::process::id());
-    let bundle = gpu_bundle(&gpu, &tmp.join("bundle"));
+    let bundle = cdi_bundle(&gpu, MIB, "0", &tmp.join("bundle"));
     runc.track(&cid);
     let lines = wrapper(&["run", "-d", "--bundle", bundle.dir.to_str().unwrap(), &cid], &[]);
-    wait_container_counts(&lines, 2);
+    wait_container_counts(&lines, 2, 2);
     let host_pid = runc.state(&cid).unwrap()["pid"].as_i64().unwrap() as i32;
     assert!(cedana::gpu::detect::is_gpu_process(host_pid), "the container's init is recognised as a CUDA process");
 
     // Checkpoint as containerd's shim asks runc to: the CUDA state of both processes goes into the checkpoint.
     let images = tmp.join("images");
     wrapper(&["checkpoint", "--image-path", images.to_str().unwrap(), &cid], &[]);
-    let last = wait_container_counts(&lines, 2);
+    let last = wait_container_counts(&lines, 2, 2);
     lines.wait_closed(Duration::from_secs(20));
     let last: Vec<_> = last.iter().map(|l| container_lines(&lines).into_iter().rfind(|x| x.pid == l.pid).unwrap()).collect();
     let manifest = cedana::checkpoint::read_manifest(&images.join("cedana-checkpoint.tar.zst"), false).unwrap();
@@ -345,7 +296,7 @@ fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
 
     // A GPU restore that fails leaves no half-restored container running.
     let failed = tmp.join("failed");
-    let restored = gpu_bundle(&gpu, &failed);
+    let restored = cdi_bundle(&gpu, MIB, "0", &failed);
     restored.annotate(cedana_integration::images::RESTORE_ANNOTATION, images.to_str().unwrap());
     let bad = format!("{cid}-bad");
     runc.track(&bad);
@@ -358,14 +309,14 @@ fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
 
     // Restore at create from the annotation: both processes count on, with their device memory.
     let again = tmp.join("again");
-    let restored = gpu_bundle(&gpu, &again);
+    let restored = cdi_bundle(&gpu, MIB, "0", &again);
     restored.annotate(cedana_integration::images::RESTORE_ANNOTATION, images.to_str().unwrap());
     let copy = format!("{cid}-restored");
     runc.track(&copy);
     let after = wrapper(&["run", "-d", "--bundle", again.to_str().unwrap(), &copy], &[]);
     let host_pid = runc.state(&copy).unwrap()["pid"].as_i64().unwrap() as i32;
     assert_eq!(gpu.state(host_pid).as_deref(), Some("running"));
-    let resumed = wait_container_counts(&after, 0);
+    let resumed = wait_container_counts(&after, 2, 0);
     for l in &resumed {
         let before = last.iter().find(|b| b.pid == l.pid).unwrap();
         let first = container_lines(&after).into_iter().find(|x| x.pid == l.pid).unwrap();

@@ -587,3 +587,82 @@ fn nvidia_smi_answers_queries_from_its_environment() {
     let head: String = table.lines().take(4).collect::<Vec<_>>().join("\n");
     assert!(head.contains("Driver Version: 570.86.10") && head.contains("CUDA Version: 12.8"), "{table}");
 }
+
+/// A controller that calls `cuCheckpointProcessRestore(PID, args)` with the GPU pairs `OLD NEW ...` of its
+/// command line (CUDA 12.9's args layout) and prints the CUresult; built with gcc against the fake driver.
+const REMAP_CONTROLLER: &str = r#"
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+typedef struct { unsigned char bytes[16]; } CUuuid;
+typedef struct { CUuuid oldUuid, newUuid; } CUcheckpointGpuPair;
+typedef struct { CUcheckpointGpuPair *gpuPairs; unsigned int gpuPairsCount; char reserved[44]; unsigned long long reserved1; } Args;
+int cuInit(unsigned int);
+int cuCheckpointProcessRestore(int, Args *);
+static void uuid(const char *s, CUuuid *u) {
+    s += 4;
+    for (int i = 0; i < 16; i++, s += 2) {
+        while (*s == '-') s++;
+        sscanf(s, "%2hhx", &u->bytes[i]);
+    }
+}
+int main(int argc, char **argv) {
+    CUcheckpointGpuPair pairs[4];
+    int n = 0;
+    for (int i = 2; i + 1 < argc && n < 4; i += 2, n++) uuid(argv[i], &pairs[n].oldUuid), uuid(argv[i + 1], &pairs[n].newUuid);
+    Args a;
+    memset(&a, 0, sizeof a);
+    a.gpuPairs = n ? pairs : NULL;
+    a.gpuPairsCount = n;
+    cuInit(0);
+    printf("%d\n", cuCheckpointProcessRestore(atoi(argv[1]), &a));
+    return 0;
+}
+"#;
+
+#[test]
+fn restore_args_remap_a_process_onto_the_gpu_its_pair_names() {
+    require_root();
+    let gpu = FakeGpu::new();
+    let (app, log) = start_app(&gpu, 1, 0, &[]);
+    let src = gpu.dir.join("remap.c");
+    let controller = gpu.dir.join("remap");
+    std::fs::write(&src, REMAP_CONTROLLER).unwrap();
+    let lib = gpu.lib_dir.display().to_string();
+    let out = Command::new("gcc")
+        .args(["-Wall", "-Werror", "-o", controller.to_str().unwrap(), src.to_str().unwrap(), &format!("-L{lib}")])
+        .args(["-l:libcuda.so.1", &format!("-Wl,-rpath,{lib}")])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "gcc: {}", text(&out.stderr));
+    let pid = app.pid.to_string();
+    let own = "GPU-6661e5e0-0000-4000-8000-000000000000";
+    let other = "GPU-0e0e0e0e-1111-4222-8333-444444444444";
+    let gpu_file = gpu.control_dir.join(format!("{pid}.gpu"));
+    assert_eq!(std::fs::read_to_string(&gpu_file).unwrap().trim(), own, "GPU 0 unless told otherwise");
+    action(&gpu, app.pid, "lock");
+    action(&gpu, app.pid, "checkpoint");
+    // The restoring host has one GPU, the other one, and a driver with GPU pairs unless said otherwise.
+    let restore = |pairs: &[&str], version: &str| {
+        let out = Command::new(&controller)
+            .arg(&pid)
+            .args(pairs)
+            .env("FAKE_GPU_UUIDS", other)
+            .env("FAKE_CUDA_DRIVER_VERSION", version)
+            .output()
+            .unwrap();
+        text(&out.stdout).trim().parse::<i32>().unwrap_or_else(|_| panic!("{} {}", text(&out.stdout), text(&out.stderr)))
+    };
+    assert_eq!(restore(&[], "12090"), 101, "its GPU is not on this host: CUDA_ERROR_INVALID_DEVICE");
+    assert_eq!(restore(&[other, own], "12090"), 1, "the pairs must name its GPU: CUDA_ERROR_INVALID_VALUE");
+    assert_eq!(restore(&[own, "GPU-77777777-1111-4222-8333-444444444444"], "12090"), 101, "the new GPU must be here");
+    assert_eq!(restore(&[own, other], "12080"), 1, "CUDA 12.8: the pairs are reserved fields");
+    assert_eq!(state(&gpu, app.pid), "checkpointed", "a refused remapping changes nothing");
+    assert_eq!(restore(&[own, other], "12090"), 0);
+    assert_eq!(state(&gpu, app.pid), "locked");
+    assert_eq!(std::fs::read_to_string(&gpu_file).unwrap().trim(), other, "it runs on the new GPU");
+    action(&gpu, app.pid, "unlock");
+    let now = last_app_line(&log, Some(app.pid)).unwrap().count;
+    wait_count(&log, app.pid, now + 2);
+    assert_counts_and_sums(&log, app.pid, 1);
+}

@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use super::digest::FileDigest;
 use super::external::ExternalFile;
+use super::mounts::ExternalMount;
 use crate::codec::Compression;
 use crate::criu::options::CriuOptions;
 use crate::criu::stats::DumpStats;
@@ -74,6 +75,11 @@ pub struct ContainerInfo {
     /// to a file on the host), which a restore reconnects (absent from older checkpoints: none).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub external_files: Vec<ExternalFile>,
+    /// Bind mounts of host files that the container's spec does not have (made by a runtime hook such as
+    /// NVIDIA's legacy one), external to CRIU; a restore binds each host file again (absent from older
+    /// checkpoints: none).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_mounts: Vec<ExternalMount>,
 }
 
 /// Everything we know about a checkpoint.

@@ -16,6 +16,7 @@ pub mod lazy;
 pub mod lazy_store;
 pub mod live;
 pub mod manifest;
+pub mod mounts;
 pub mod reader;
 pub mod release;
 pub mod sink;
@@ -28,6 +29,7 @@ pub mod writer;
 pub use digest::FileDigest;
 pub use external::{ExternalFile, FileRedirect, FileSelector};
 pub use manifest::{CheckpointKind, ContainerInfo, Manifest, Placed, ProcessInfo, StdioPipe, FORMAT_VERSION, MANIFEST_NAME};
+pub use mounts::{ExternalMount, MountedKind};
 pub use reader::{read_entry, read_manifest, OpenedCheckpoint, PendingVerification};
 pub use sink::{ArchiveSink, Existing, LocalFile, Stream, Unfinished};
 pub use source::{ArchiveSource, LocalSource};
@@ -75,6 +77,8 @@ pub enum CheckpointError {
     Stream(String),
     #[error("external file {path}: {detail}")]
     ExternalFile { path: PathBuf, detail: String },
+    #[error("mount {mountpoint} of the container: {detail}")]
+    ExternalMount { mountpoint: String, detail: String },
     #[error("{path} uses checkpoint format {found}, this cedana reads format {expected}: use a matching cedana version")]
     Version { path: PathBuf, found: u32, expected: u32 },
     #[error("{path} is compressed ({compression}) in one piece: a lazy restore reads each page image by chunks, which needs a checkpoint written with compression tar, none, lz4, gzip or zstd by this cedana")]
@@ -94,7 +98,8 @@ impl CheckpointError {
             CheckpointError::Incomplete { .. }
             | CheckpointError::Corrupt { .. }
             | CheckpointError::Version { .. }
-            | CheckpointError::ExternalFile { .. } => K::FailedPrecondition,
+            | CheckpointError::ExternalFile { .. }
+            | CheckpointError::ExternalMount { .. } => K::FailedPrecondition,
             CheckpointError::LivePacking(_) | CheckpointError::Stream(_) => K::Internal,
             CheckpointError::NotInPlace { .. } => K::Unimplemented,
         }

@@ -66,6 +66,10 @@ pub struct HookContext {
     pub gpu: Option<crate::gpu::GpuRecord>,
     /// Restore: do not check that this host's GPUs can take the checkpoint.
     pub skip_gpu_check: bool,
+    /// Restore of a container: the GPUs its spec gives it (`CUDA_VISIBLE_DEVICES`, else
+    /// `NVIDIA_VISIBLE_DEVICES`; `Some(None)` when neither is set). `None` for a process, which keeps the
+    /// checkpoint's variable.
+    pub gpu_visible: Option<Option<crate::gpu::Visible>>,
     /// What hooks hand back to the operation, shared by the clones of this context.
     pub report: std::sync::Arc<std::sync::Mutex<HookReport>>,
 }
@@ -82,6 +86,7 @@ impl HookContext {
             leave_running: false,
             gpu: None,
             skip_gpu_check: false,
+            gpu_visible: None,
             report: Default::default(),
         }
     }
@@ -103,6 +108,8 @@ impl HookContext {
 #[derive(Debug, Clone, Default)]
 pub struct HookReport {
     pub gpu: Option<crate::gpu::GpuRecord>,
+    /// Restore: the checkpoint's GPUs paired with those that take them over (empty: the same GPUs).
+    pub gpu_pairs: Vec<crate::gpu::GpuPair>,
     pub phases: Vec<(&'static str, std::time::Duration)>,
 }
 

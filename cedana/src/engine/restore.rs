@@ -276,6 +276,7 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
     let mut hook_ctx = HookContext::new(kind, 0, req.container.as_ref().map(|c| c.id.clone()), path.clone());
     hook_ctx.gpu = opened.manifest.gpu.clone();
     hook_ctx.skip_gpu_check = req.skip_gpu_check;
+    hook_ctx.gpu_visible = req.container.as_ref().map(|c| container_gpus(&c.flags.bundle, &opened));
     let (restored, verdict, passed, waited) = {
         let mut gate = Gate { pending, verdict: Ok(()), passed: None, hooks, hook_ctx: &hook_ctx, ctx, waited: Duration::ZERO };
         let locks = opened.manifest.criu_options.tcp_established || req.options.tcp_established;
@@ -350,6 +351,15 @@ pub fn wait_for_exit(pid: i32) -> Result<i32, EngineError> {
             }
         }
     }
+}
+
+/// The GPUs a restored container's spec gives it: `CUDA_VISIBLE_DEVICES`, else `NVIDIA_VISIBLE_DEVICES` of the
+/// bundle's config.json (the checkpoint's, which a bundle without one gets).
+fn container_gpus(bundle: &std::path::Path, opened: &crate::checkpoint::OpenedCheckpoint) -> Option<crate::gpu::Visible> {
+    let own = std::fs::read(bundle.join("config.json")).ok().and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
+    let config = own.or_else(|| opened.manifest.container.as_ref()?.config.clone())?;
+    let env = config["process"]["env"].as_array()?;
+    crate::gpu::Visible::from_env(env.iter().filter_map(|e| e.as_str()))
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use super::placement::GpuPair;
 use super::GpuError;
 
 /// The CUDA checkpoint state of a process (NVIDIA's `CUprocessState`).
@@ -73,4 +74,28 @@ pub trait GpuBackend: Send + Sync {
     fn state(&self, pid: i32) -> Result<CudaState, GpuError>;
     /// Run `action` on `pid`; `timeout` bounds a lock (the process stays running when it passes).
     fn act(&self, pid: i32, action: Action, timeout: Option<Duration>) -> Result<(), GpuError>;
+
+    /// Whether this backend can restore onto other GPUs than the checkpointed ones; the error says why not.
+    fn can_remap(&self, pairs: &[GpuPair]) -> Result<(), GpuError> {
+        Err(GpuError::NoRemap {
+            backend: self.name(),
+            pairs: describe_pairs(pairs),
+            detail: "it has no way to pass GPU pairs".into(),
+        })
+    }
+
+    /// Restore `pid`'s device memory onto the GPUs `pairs` name (each checkpointed GPU to its new one), or
+    /// onto its own GPUs when `pairs` is empty.
+    fn restore_onto(&self, pid: i32, pairs: &[GpuPair]) -> Result<(), GpuError> {
+        if pairs.is_empty() {
+            return self.act(pid, Action::Restore, None);
+        }
+        self.can_remap(pairs)?;
+        Err(GpuError::Action { pid, action: "restore", message: "this backend cannot restore onto other GPUs".into() })
+    }
+}
+
+/// `old -> new, ...` for messages.
+pub fn describe_pairs(pairs: &[GpuPair]) -> String {
+    pairs.iter().map(|p| format!("{} -> {}", p.old, p.new)).collect::<Vec<_>>().join(", ")
 }

@@ -7,6 +7,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use super::backend::{Action, CudaState, GpuBackend};
+use super::placement::GpuPair;
 use super::GpuError;
 
 /// CUDA 12.8, the first with the checkpoint functions (display driver r570).
@@ -20,7 +21,30 @@ struct LockArgs {
     reserved1: [u64; 7],
 }
 
-/// `CUcheckpointCheckpointArgs`, `CUcheckpointRestoreArgs`, `CUcheckpointUnlockArgs`: reserved, zeroed.
+/// `CUcheckpointGpuPair`: a checkpointed GPU and the GPU to restore onto, as `CUuuid`s.
+#[repr(C)]
+struct GpuPairArg {
+    old_uuid: [u8; 16],
+    new_uuid: [u8; 16],
+}
+
+/// `CUcheckpointRestoreArgs` of cuda.h since GPU remapping: `gpuPairs`, `gpuPairsCount`, then reserved
+/// (zeroed). CUDA 12.8's version is all reserved: there, pairs are refused as non-zero reserved fields.
+#[repr(C)]
+struct RestoreArgs {
+    gpu_pairs: *mut GpuPairArg,
+    gpu_pairs_count: c_uint,
+    reserved: [u8; 52 - std::mem::size_of::<*mut GpuPairArg>()],
+    reserved1: u64,
+}
+
+// The driver reads 64 bytes of arguments.
+const _: () = assert!(std::mem::size_of::<RestoreArgs>() == 64 && std::mem::size_of::<GpuPairArg>() == 32);
+
+/// `CUDA_ERROR_INVALID_VALUE`.
+const CUDA_ERROR_INVALID_VALUE: c_int = 1;
+
+/// `CUcheckpointCheckpointArgs`, `CUcheckpointUnlockArgs`: reserved, zeroed.
 #[repr(C)]
 struct ReservedArgs {
     reserved: [u64; 8],
@@ -30,6 +54,7 @@ type GetVersion = unsafe extern "C" fn(*mut c_int) -> c_int;
 type GetState = unsafe extern "C" fn(c_int, *mut c_int) -> c_int;
 type Lock = unsafe extern "C" fn(c_int, *mut LockArgs) -> c_int;
 type Other = unsafe extern "C" fn(c_int, *mut ReservedArgs) -> c_int;
+type Restore = unsafe extern "C" fn(c_int, *mut RestoreArgs) -> c_int;
 type ErrorName = unsafe extern "C" fn(c_int, *mut *const c_char) -> c_int;
 type Init = unsafe extern "C" fn(c_uint) -> c_int;
 
@@ -44,7 +69,7 @@ pub struct DriverApi {
     get_state: GetState,
     lock: Lock,
     checkpoint: Other,
-    restore: Other,
+    restore: Restore,
     unlock: Other,
     error_name: Option<ErrorName>,
     init: Init,
@@ -89,7 +114,7 @@ impl DriverApi {
                 get_state: std::mem::transmute::<*const (), GetState>(sym("cuCheckpointProcessGetState")?),
                 lock: std::mem::transmute::<*const (), Lock>(sym("cuCheckpointProcessLock")?),
                 checkpoint: std::mem::transmute::<*const (), Other>(sym("cuCheckpointProcessCheckpoint")?),
-                restore: std::mem::transmute::<*const (), Other>(sym("cuCheckpointProcessRestore")?),
+                restore: std::mem::transmute::<*const (), Restore>(sym("cuCheckpointProcessRestore")?),
                 unlock: std::mem::transmute::<*const (), Other>(sym("cuCheckpointProcessUnlock")?),
                 error_name: sym("cuGetErrorName").ok().map(|p| std::mem::transmute::<*const (), ErrorName>(p)),
                 init: std::mem::transmute::<*const (), Init>(sym("cuInit")?),
@@ -124,6 +149,57 @@ impl GpuBackend for DriverApi {
         "driver"
     }
 
+    fn can_remap(&self, pairs: &[super::GpuPair]) -> Result<(), GpuError> {
+        match pairs.iter().find(|p| GpuPair::uuid_bytes(&p.old).is_none() || GpuPair::uuid_bytes(&p.new).is_none()) {
+            Some(bad) => Err(GpuError::NoRemap {
+                backend: self.name(),
+                pairs: super::backend::describe_pairs(pairs),
+                detail: format!(
+                    "{} -> {} is not a pair of GPU UUIDs (GPU-xxxxxxxx-xxxx-xxxx-xxxx-xxxxxxxxxxxx)",
+                    bad.old, bad.new
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    fn restore_onto(&self, pid: i32, pairs: &[super::GpuPair]) -> Result<(), GpuError> {
+        self.can_remap(pairs)?;
+        let mut args_pairs: Vec<GpuPairArg> = pairs
+            .iter()
+            .filter_map(|p| Some(GpuPairArg { old_uuid: GpuPair::uuid_bytes(&p.old)?, new_uuid: GpuPair::uuid_bytes(&p.new)? }))
+            .collect();
+        let mut args = RestoreArgs {
+            gpu_pairs: if args_pairs.is_empty() { std::ptr::null_mut() } else { args_pairs.as_mut_ptr() },
+            gpu_pairs_count: args_pairs.len() as c_uint,
+            reserved: [0; 52 - std::mem::size_of::<*mut GpuPairArg>()],
+            reserved1: 0,
+        };
+        // SAFETY: cuInit takes flags 0; the restore reads the args struct and `gpuPairsCount` pairs from
+        // `args_pairs`, which outlives the call.
+        let rc = unsafe {
+            let init = *self.initialised.get_or_init(|| (self.init)(0));
+            if init != 0 {
+                tracing::warn!(error = %self.describe(init), "cuInit failed: the restore works only with persistence mode on");
+            }
+            (self.restore)(pid, &mut args)
+        };
+        match rc {
+            0 => Ok(()),
+            CUDA_ERROR_NOT_FOUND => Err(GpuError::NotCuda { pid, detail: self.describe(rc) }),
+            CUDA_ERROR_INVALID_VALUE if !pairs.is_empty() => Err(GpuError::Action {
+                pid,
+                action: "restore",
+                message: format!(
+                    "{} with GPU pairs {}: a driver whose restore arguments have no gpuPairs (CUDA 12.8's) refuses them",
+                    self.describe(rc),
+                    super::backend::describe_pairs(pairs)
+                ),
+            }),
+            _ => Err(GpuError::Action { pid, action: "restore", message: self.describe(rc) }),
+        }
+    }
+
     fn state(&self, pid: i32) -> Result<CudaState, GpuError> {
         let mut state: c_int = -1;
         // SAFETY: the function writes one CUprocessState (an int-sized enum).
@@ -151,13 +227,7 @@ impl GpuBackend for DriverApi {
                     (self.lock)(pid, &mut args)
                 }
                 Action::Checkpoint => (self.checkpoint)(pid, &mut reserved),
-                Action::Restore => {
-                    let init = *self.initialised.get_or_init(|| (self.init)(0));
-                    if init != 0 {
-                        tracing::warn!(error = %self.describe(init), "cuInit failed: the restore works only with persistence mode on");
-                    }
-                    (self.restore)(pid, &mut reserved)
-                }
+                Action::Restore => return self.restore_onto(pid, &[]),
                 Action::Unlock => (self.unlock)(pid, &mut reserved),
             }
         };

@@ -2,17 +2,20 @@
 //! happens for a tree without any: the cost of a non-GPU dump is the detection) and, for each in parallel,
 //! locks it (bounded by the lock timeout) and checkpoints its device memory into host memory; any failure
 //! puts back every process it had moved and refuses the dump. At `after-dump`, when the workload lives on
-//! (`--leave-running`, or a failed dump), each is restored and unlocked. At `before-restore` the host's GPUs
-//! are checked against the checkpoint's record; at `restored` (CRIU's tree runs, its CUDA processes still
-//! checkpointed) each is restored and unlocked, and a failure there fails the restore (the engine then
-//! kills the tree).
+//! (`--leave-running`, or a failed dump), each is restored and unlocked. At `before-restore` the GPUs the
+//! restored workload is given (a container's by its spec's `CUDA_VISIBLE_DEVICES`/`NVIDIA_VISIBLE_DEVICES`, a
+//! process's by the checkpoint's) are checked against the checkpoint's record, and paired with the recorded
+//! ones when their UUIDs differ (see [`super::placement`]); at `restored` (CRIU's tree runs, its CUDA
+//! processes still checkpointed) each is restored (onto the paired GPUs) and unlocked, and a failure there
+//! fails the restore (the engine then kills the tree).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use super::backend::{Action, CudaState, GpuBackend};
+use super::backend::{describe_pairs, Action, CudaState, GpuBackend};
 use super::inventory::{GpuRecord, Inventory};
+use super::placement::{place, GpuPair, Visible};
 use super::{detect, GpuError, GpuSettings};
 use crate::engine::hooks::{Hook, HookContext, HookError, HookPoint};
 
@@ -124,7 +127,21 @@ impl GpuHook {
         let refuse = |e| HookError::caused(HookPoint::BeforeRestore, e);
         let backend = self.backend().map_err(refuse)?;
         if !ctx.skip_gpu_check {
-            Inventory::query(&self.settings.nvidia_smi).and_then(|host| host.check(record)).map_err(refuse)?;
+            let host = Inventory::query(&self.settings.nvidia_smi).map_err(refuse)?;
+            // A container is given GPUs by its own spec; a process keeps the checkpoint's variable.
+            let (visible, what) = match &ctx.gpu_visible {
+                Some(v) => (v.clone(), "container"),
+                None => {
+                    let var = "CUDA_VISIBLE_DEVICES/NVIDIA_VISIBLE_DEVICES";
+                    (record.visible_devices.clone().map(|value| Visible { var, value }), "process")
+                }
+            };
+            let placement = place(&host, record, visible.as_ref(), what).map_err(refuse)?;
+            if !placement.pairs.is_empty() {
+                backend.can_remap(&placement.pairs).map_err(refuse)?;
+                tracing::info!(pairs = %describe_pairs(&placement.pairs), "the checkpoint's GPUs are restored onto others");
+            }
+            ctx.report(|r| r.gpu_pairs = placement.pairs);
         }
         tracing::info!(backend = backend.name(), pids = ?record.pids, "restoring a checkpoint with GPU state");
         Ok(())
@@ -143,7 +160,8 @@ impl GpuHook {
         let t = Instant::now();
         // The restored CUDA processes still map libcuda; their PIDs may differ from the dump's (containers).
         let pids = (self.detector)(ctx.pid);
-        let results = for_each(&pids, |pid| resume(backend.as_ref(), *pid));
+        let pairs = ctx.reported().gpu_pairs;
+        let results = for_each(&pids, |pid| resume(backend.as_ref(), *pid, &pairs));
         ctx.report(|r| r.phases.push(("gpu restore", t.elapsed())));
         match results.into_iter().find_map(Result::err) {
             Some(e) => Err(refuse(e)),
@@ -227,11 +245,11 @@ fn give_back(backend: &dyn GpuBackend, m: &Moved) -> Result<(), GpuError> {
     Ok(())
 }
 
-/// Bring a restored process's CUDA state back to running.
-fn resume(backend: &dyn GpuBackend, pid: i32) -> Result<(), GpuError> {
+/// Bring a restored process's CUDA state back to running, on the GPUs `pairs` name (its own when empty).
+fn resume(backend: &dyn GpuBackend, pid: i32, pairs: &[GpuPair]) -> Result<(), GpuError> {
     match backend.state(pid) {
         Ok(CudaState::Checkpointed) => {
-            backend.act(pid, Action::Restore, None)?;
+            backend.restore_onto(pid, pairs)?;
             backend.act(pid, Action::Unlock, None)
         }
         Ok(CudaState::Locked) => backend.act(pid, Action::Unlock, None),

@@ -13,6 +13,9 @@ struct Machine {
     calls: Mutex<Vec<String>>,
     /// `(pid, action)` that fails.
     fail: Mutex<Option<(i32, Action)>>,
+    /// Whether it takes GPU pairs (the driver API); those it was given, by PID.
+    remaps: bool,
+    pairs: Mutex<HashMap<i32, Vec<GpuPair>>>,
 }
 
 impl Machine {
@@ -37,6 +40,19 @@ impl GpuBackend for Machine {
     }
     fn state(&self, pid: i32) -> Result<CudaState, GpuError> {
         self.states.lock().unwrap().get(&pid).copied().ok_or(GpuError::NotCuda { pid, detail: "none".into() })
+    }
+    fn can_remap(&self, pairs: &[GpuPair]) -> Result<(), GpuError> {
+        match self.remaps {
+            true => Ok(()),
+            false => Err(GpuError::NoRemap { backend: "machine", pairs: describe_pairs(pairs), detail: "no".into() }),
+        }
+    }
+    fn restore_onto(&self, pid: i32, pairs: &[GpuPair]) -> Result<(), GpuError> {
+        if !pairs.is_empty() {
+            self.can_remap(pairs)?;
+            self.pairs.lock().unwrap().insert(pid, pairs.to_vec());
+        }
+        self.act(pid, Action::Restore, None)
     }
     fn act(&self, pid: i32, action: Action, timeout: Option<Duration>) -> Result<(), GpuError> {
         self.calls.lock().unwrap().push(format!("{pid} {}{}", action.name(), if timeout.is_some() { " t" } else { "" }));
@@ -178,4 +194,48 @@ fn the_host_check_refuses_a_host_without_gpus_unless_skipped() {
     h.run(HookPoint::BeforeRestore, &HookContext { skip_gpu_check: true, ..c }).unwrap();
     // A checkpoint without GPU state is never checked.
     h.run(HookPoint::BeforeRestore, &ctx()).unwrap();
+}
+
+#[test]
+fn gpus_with_other_uuids_are_paired_for_a_backend_that_remaps_and_refused_by_one_that_cannot() {
+    let dir = tempfile::tempdir().unwrap();
+    let smi = dir.path().join("nvidia-smi");
+    // This host's one GPU has another UUID than the checkpoint's.
+    let csv = "0, A, 2048, 570.1, GPU-bbbbbbbb-0000-4000-8000-000000000000";
+    std::fs::write(
+        &smi,
+        format!("#!/bin/sh\ncase \"$1\" in --query-gpu=*) echo '{csv}' ;; *) echo 'CUDA Version: 12.8' ;; esac\n"),
+    )
+    .unwrap();
+    std::fs::set_permissions(&smi, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    let old = "GPU-aaaaaaaa-0000-4000-8000-000000000000";
+    let record = GpuRecord {
+        pids: vec![10],
+        backend: "machine".into(),
+        devices: vec![crate::gpu::GpuDevice { index: 0, name: "A".into(), memory_mib: 1024, uuid: old.into() }],
+        driver_version: "570.1".into(),
+        cuda_version: "12.8".into(),
+        visible_devices: Some("0".into()),
+    };
+    let visible = Some(crate::gpu::Visible { var: "NVIDIA_VISIBLE_DEVICES", value: "0".into() });
+    let c = HookContext { gpu: Some(record), gpu_visible: Some(visible), ..ctx() };
+    for remaps in [false, true] {
+        let m = Arc::new(Machine { remaps, ..Default::default() });
+        m.states.lock().unwrap().insert(10, CudaState::Checkpointed);
+        let settings = GpuSettings { nvidia_smi: smi.clone(), ..Default::default() };
+        let h = GpuHook::with_backend(settings, m.clone(), |_| vec![10]);
+        let c = HookContext { report: Default::default(), ..c.clone() };
+        let checked = h.run(HookPoint::BeforeRestore, &c);
+        if !remaps {
+            let err = checked.unwrap_err().to_string();
+            assert!(err.contains("remapped") && err.contains(old) && err.contains("GPU-bbbbbbbb"), "{err}");
+            assert!(m.calls().is_empty(), "nothing was restored");
+            continue;
+        }
+        checked.unwrap();
+        h.run(HookPoint::Restored, &c).unwrap();
+        let given = m.pairs.lock().unwrap()[&10].clone();
+        assert_eq!(given, [GpuPair { old: old.into(), new: "GPU-bbbbbbbb-0000-4000-8000-000000000000".into() }]);
+        assert_eq!(m.state_of(10), CudaState::Running);
+    }
 }

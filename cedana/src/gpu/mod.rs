@@ -6,6 +6,7 @@
 //!
 //! - [`detect`]: which processes use a GPU (libcuda mapped, an NVIDIA device open);
 //! - [`inventory`]: the host's GPUs (`nvidia-smi`), the checkpoint's record of them, the host check;
+//! - [`placement`]: the GPUs a restored workload is given, checked against the record and paired with it;
 //! - [`backend`]: the seam, with [`utility`] (`cuda-checkpoint`) and [`driver`] (libcuda's
 //!   `cuCheckpointProcess*`, loaded at run time);
 //! - [`hook`]: all of it as one of the engine's hooks.
@@ -15,6 +16,7 @@ pub mod detect;
 pub mod driver;
 pub mod hook;
 pub mod inventory;
+pub mod placement;
 pub mod utility;
 
 use std::path::PathBuf;
@@ -25,6 +27,7 @@ use serde::Deserialize;
 pub use backend::{Action, CudaState, GpuBackend};
 pub use hook::GpuHook;
 pub use inventory::{GpuDevice, GpuRecord, Inventory};
+pub use placement::{GpuPair, Placement, Visible};
 
 use crate::error::ErrorKind;
 
@@ -43,6 +46,8 @@ pub enum GpuError {
     NoGpu { reason: String },
     #[error("this host cannot take the checkpoint's GPU state: {reason}")]
     HostMismatch { reason: String },
+    #[error("the checkpoint's GPUs must be remapped onto others ({pairs}), which the {backend} backend cannot do: {detail}")]
+    NoRemap { backend: &'static str, pairs: String, detail: String },
 }
 
 impl GpuError {
@@ -50,9 +55,10 @@ impl GpuError {
     pub fn kind(&self) -> ErrorKind {
         match self {
             GpuError::NoBackend { .. } | GpuError::NoGpu { .. } => ErrorKind::Unavailable,
-            GpuError::DriverTooOld { .. } | GpuError::HostMismatch { .. } | GpuError::NotCuda { .. } => {
-                ErrorKind::FailedPrecondition
-            }
+            GpuError::DriverTooOld { .. }
+            | GpuError::HostMismatch { .. }
+            | GpuError::NotCuda { .. }
+            | GpuError::NoRemap { .. } => ErrorKind::FailedPrecondition,
             GpuError::Action { .. } => ErrorKind::Internal,
         }
     }

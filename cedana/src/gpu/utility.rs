@@ -62,6 +62,17 @@ impl GpuBackend for CudaCheckpoint {
         })
     }
 
+    fn can_remap(&self, pairs: &[super::GpuPair]) -> Result<(), GpuError> {
+        Err(GpuError::NoRemap {
+            backend: self.name(),
+            pairs: super::backend::describe_pairs(pairs),
+            detail: "NVIDIA's cuda-checkpoint utility has no option for it (its r570 help lists only --get-state, \
+                     --action, --toggle, --get-restore-tid, --pid and --timeout); the driver backend (gpu.backend = \
+                     \"driver\") passes GPU pairs to cuCheckpointProcessRestore"
+                .into(),
+        })
+    }
+
     fn act(&self, pid: i32, action: Action, timeout: Option<Duration>) -> Result<(), GpuError> {
         let mut args = vec!["--action".to_string(), action.name().into(), "--pid".into(), pid.to_string()];
         if let Some(t) = timeout.filter(|_| action == Action::Lock) {

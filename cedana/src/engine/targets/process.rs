@@ -22,6 +22,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{CheckpointCall, DumpTarget, Prepared, RestoreTarget, Restored};
 use crate::checkpoint::external::{self, ExternalFile};
+use crate::checkpoint::mounts::unescape_mountinfo;
 use crate::checkpoint::{CheckpointError, CheckpointKind, OpenedCheckpoint};
 use crate::criu::options::CriuOptions;
 use crate::criu::streamer::serve::Serve;
@@ -416,27 +417,6 @@ fn parse_root_mount(mountinfo: &str) -> Option<(String, String)> {
         let f: Vec<&str> = l.split_whitespace().collect();
         (f.len() > 4 && f[4] == "/").then(|| (f[2].to_string(), unescape_mountinfo(f[3])))
     })
-}
-
-/// Undo mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8).wrapping_add(c - b'0')));
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Fail if a PID of the checkpoint is taken by a live process; give zombies a moment to be reaped.

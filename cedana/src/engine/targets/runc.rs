@@ -13,6 +13,13 @@
 //! CRIU that runc runs through a CRIU configuration file (`external file[..]` at dump, `inherit-fd` at
 //! restore, with the files handed down open).
 //!
+//! Bind mounts of host files that are not in the container's spec (made by a runtime hook such as NVIDIA's
+//! legacy `nvidia-container-runtime-hook`) are external to CRIU too (see [`crate::checkpoint::mounts`]):
+//! `external mnt[..]` lines at dump, and at restore the same lines binding each host file again. runc runs
+//! the spec's prestart and createRuntime hooks again at restore, at CRIU's `setup-namespaces` notification,
+//! before CRIU rebuilds the container's mounts: what such a hook mounts then is not what the restored
+//! container sees (CRIU's mounts are).
+//!
 //! Restore: the verified images go to `runc restore` under a new id.
 
 use std::ffi::OsString;
@@ -23,6 +30,7 @@ use std::time::Instant;
 use super::pause_guard::{PauseGuard, LIFELINE_FD};
 use super::{CheckpointCall, DumpTarget, Prepared, RestoreTarget, Restored};
 use crate::checkpoint::external::{self, ExternalFile};
+use crate::checkpoint::mounts::{self, ExternalMount};
 use crate::checkpoint::{CheckpointKind, ContainerInfo, OpenedCheckpoint};
 use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
@@ -88,11 +96,13 @@ pub(crate) struct RuncTarget {
     guard: Option<PauseGuard>,
     /// Files outside the container's mounts, marked external for CRIU.
     external: Vec<ExternalFile>,
+    /// Bind mounts of host files the spec does not have (a runtime hook's), marked external for CRIU.
+    mounts: Vec<ExternalMount>,
 }
 
 impl RuncTarget {
     pub fn new(spec: RuncSpec) -> Self {
-        Self { spec, runtime: None, was_paused: false, we_paused: false, guard: None, external: Vec::new() }
+        Self { spec, runtime: None, was_paused: false, we_paused: false, guard: None, external: Vec::new(), mounts: Vec::new() }
     }
 
     /// The dump no longer pauses the container (it resumed or deleted it): its guard exits without acting.
@@ -131,12 +141,17 @@ impl DumpTarget for RuncTarget {
             what: format!("parsing {}", config_path.display()),
             source: std::io::Error::other(e),
         })?;
+        self.mounts = mounts::find(state.pid, &config)?;
+        for m in &self.mounts {
+            tracing::info!(id, mountpoint = %m.mountpoint, host = %m.host_path.display(), "a bind mount not in the spec: external");
+        }
         let container = ContainerInfo {
             id: id.to_string(),
             bundle: Some(state.bundle.clone()),
             root: Some(runtime.root().to_path_buf()),
             config: Some(config),
             external_files: self.external.clone(),
+            external_mounts: self.mounts.clone(),
         };
         self.runtime = Some(runtime);
         Ok(Prepared {
@@ -187,7 +202,9 @@ impl DumpTarget for RuncTarget {
             let lifeline = guard.lifeline().map_err(EngineError::io("handing the pause guard's lifeline to runc"))?;
             fds.push((LIFELINE_FD, lifeline));
         }
-        let extras = CriuExtras { options: self.external.iter().map(|f| format!("external {}", f.key)).collect(), fds };
+        let mut options: Vec<String> = self.external.iter().map(|f| format!("external {}", f.key)).collect();
+        options.extend(mounts::dump_options(&self.mounts));
+        let extras = CriuExtras { options, fds };
         runtime.checkpoint(&id, call.images_dir, call.work_dir, &flags, &extras)?;
         if frozen() {
             Ok(())
@@ -290,6 +307,9 @@ impl RestoreTarget for RuncRestore {
     ) -> Result<Restored, EngineError> {
         let c = container_of(req)?;
         let runtime = runtime_for(engine, &c.runtime, &c.root)?;
+        // Refused before anything runs when this host lacks a file a hook had mounted into the container.
+        let recorded = opened.manifest.container.as_ref().map(|c| c.external_mounts.as_slice()).unwrap_or_default();
+        let mount_options = mounts::restore_options(recorded)?;
         // runc runs CRIU itself and answers no hooks of ours: the gate is passed before it starts.
         if !gate.pass() {
             return Err(EngineError::RestoreCancelled);
@@ -308,7 +328,8 @@ impl RestoreTarget for RuncRestore {
         }
         let started = Instant::now();
         tracing::info!(id = %c.id, images = %opened.images_dir.display(), bundle = %flags.bundle.display(), "restoring runc container");
-        let extras = external_files(opened, req)?;
+        let mut extras = external_files(opened, req)?;
+        extras.options.extend(mount_options);
         // A lazy restore: CRIU's lazy-pages daemon listens in the work folder runc gives the CRIU it runs.
         let lazy = match (&opened.lazy, &flags.work_path) {
             (Some(pages), Some(work)) => {
