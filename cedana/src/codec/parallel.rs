@@ -153,7 +153,9 @@ pub fn zstd_frame(block: &[u8]) -> io::Result<Vec<u8>> {
 
 /// An lz4 frame (4 MiB blocks, content checksum).
 pub fn lz4_frame(block: &[u8]) -> io::Result<Vec<u8>> {
-    let info = lz4_flex::frame::FrameInfo::new().block_size(lz4_flex::frame::BlockSize::Max4MB).content_checksum(true);
+    // No content checksum: every byte is covered by the manifest's checksums already, and lz4's own (XXH32
+    // over the content) cost a pass at each end. Standard tools read frames without one as well.
+    let info = lz4_flex::frame::FrameInfo::new().block_size(lz4_flex::frame::BlockSize::Max4MB).content_checksum(false);
     let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::with_capacity(block.len() / 2));
     enc.write_all(block)?;
     enc.finish().map_err(io::Error::other)
