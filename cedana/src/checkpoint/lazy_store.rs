@@ -3,10 +3,15 @@
 //! its own, decoded alone), the last few kept, each chunk hashed the first time it arrives, so the page
 //! images are verified against the manifest with no second read: [`ChunkedPages::verify`], once the
 //! transfer is over, fetches the chunks never asked for and compares every image's digest.
+//!
+//! Reading ahead: once an image is read chunk after chunk (the lazy-pages daemon's background transfer goes
+//! front to back, and so do programs walking their memory), the next [`READ_AHEAD`] chunks are fetched and
+//! decoded on threads of their own while the current one is served, so the serving thread seldom waits for
+//! a decode or a ranged read. Chunks asked for out of order fetch nothing ahead.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::digest::{combine, xxh3_128, CHUNK};
 use super::lazy::LazyPage;
@@ -15,14 +20,20 @@ use super::units_read::decode_unit;
 use super::CheckpointError;
 use crate::criu::pageserver::PageStore;
 
-/// Chunks kept per image (the daemon's background transfer reads front to back; faults jump about).
-const CACHED_CHUNKS: usize = 4;
+/// Chunks fetched ahead of one read in sequence.
+pub const READ_AHEAD: usize = 2;
+
+/// Chunks kept per image (the daemon's background transfer reads front to back; faults jump about), besides
+/// those fetched ahead.
+const CACHED_CHUNKS: usize = 4 + READ_AHEAD;
 
 struct Image {
     page: LazyPage,
     /// In a compressed archive: where each unit starts, from the page image's base.
     unit_starts: Vec<u64>,
     state: Mutex<State>,
+    /// Signalled when a chunk fetched ahead arrives (or failed).
+    arrived: Condvar,
 }
 
 #[derive(Default)]
@@ -30,11 +41,35 @@ struct State {
     /// The hash of each chunk fetched so far.
     hashes: Vec<Option<u128>>,
     cache: VecDeque<(usize, Arc<Vec<u8>>)>,
+    /// Chunks being fetched ahead, on threads of their own.
+    ahead: HashSet<usize>,
+    /// The chunk the last read asked for.
+    last_read: Option<usize>,
+}
+
+impl State {
+    fn cached(&self, i: usize) -> Option<Arc<Vec<u8>>> {
+        self.cache.iter().find(|(n, _)| *n == i).map(|(_, c)| Arc::clone(c))
+    }
+
+    /// Keep chunk `i` (and its hash, the first time), dropping the oldest beyond the cache's size.
+    fn keep(&mut self, i: usize, bytes: &Arc<Vec<u8>>) {
+        if self.hashes[i].is_none() {
+            self.hashes[i] = Some(xxh3_128(bytes));
+        }
+        if self.cached(i).is_some() {
+            return;
+        }
+        if self.cache.len() == CACHED_CHUNKS {
+            self.cache.pop_front();
+        }
+        self.cache.push_back((i, Arc::clone(bytes)));
+    }
 }
 
 /// Page images read by ranges, verified as they go.
 pub struct ChunkedPages {
-    images: HashMap<u32, Image>,
+    images: HashMap<u32, Arc<Image>>,
     location: PathBuf,
 }
 
@@ -45,10 +80,11 @@ impl ChunkedPages {
             .iter()
             .filter_map(|p| {
                 let chunks = p.digest.size.div_ceil(CHUNK as u64).max(1) as usize;
-                let state = State { hashes: vec![None; chunks], cache: VecDeque::new() };
+                let state = State { hashes: vec![None; chunks], ..State::default() };
                 let unit_starts =
                     p.units.iter().scan(0u64, |at, len| Some(std::mem::replace(at, at.saturating_add(*len)))).collect();
-                Some((p.pages_id()?, Image { page: p.clone(), unit_starts, state: Mutex::new(state) }))
+                let image = Image { page: p.clone(), unit_starts, state: Mutex::new(state), arrived: Condvar::new() };
+                Some((p.pages_id()?, Arc::new(image)))
             })
             .collect();
         Self { images, location: location.to_path_buf() }
@@ -66,7 +102,7 @@ impl ChunkedPages {
                 let known = image.state.lock().ok().and_then(|s| s.hashes[i]);
                 let hash = match known {
                     Some(h) => h,
-                    None => xxh3_128(&self.fetch(image, i).map_err(CheckpointError::io(&self.location))?),
+                    None => xxh3_128(&image.fetch(i).map_err(CheckpointError::io(&self.location))?),
                 };
                 hashes.push(hash);
             }
@@ -77,27 +113,64 @@ impl ChunkedPages {
         }
         Ok(())
     }
+}
 
-    /// Chunk `i` of `image`, from the cache or fetched (and hashed, the first time).
-    fn chunk(&self, image: &Image, i: usize) -> std::io::Result<Arc<Vec<u8>>> {
-        if let Ok(state) = image.state.lock() {
-            if let Some((_, c)) = state.cache.iter().find(|(n, _)| *n == i) {
-                return Ok(Arc::clone(c));
+fn poisoned<T>(_: T) -> std::io::Error {
+    std::io::Error::other("a page server thread panicked")
+}
+
+impl Image {
+    /// Chunk `i`, from the cache, from a fetch ahead under way, or fetched now (and hashed, the first time);
+    /// a read in sequence starts fetching the next chunks.
+    fn chunk(self: &Arc<Self>, i: usize) -> std::io::Result<Arc<Vec<u8>>> {
+        let mut state = self.state.lock().map_err(poisoned)?;
+        if state.last_read != Some(i) {
+            let in_sequence = state.last_read.is_some_and(|last| last + 1 == i);
+            state.last_read = Some(i);
+            if in_sequence {
+                self.read_ahead(&mut state, i);
             }
         }
-        let bytes = Arc::new(self.fetch(image, i)?);
-        let mut state = image.state.lock().map_err(|_| std::io::Error::other("a page server thread panicked"))?;
-        if state.hashes[i].is_none() {
-            state.hashes[i] = Some(xxh3_128(&bytes));
+        while state.ahead.contains(&i) {
+            state = self.arrived.wait(state).map_err(poisoned)?;
         }
-        if state.cache.len() == CACHED_CHUNKS {
-            state.cache.pop_front();
+        if let Some(c) = state.cached(i) {
+            return Ok(c);
         }
-        state.cache.push_back((i, Arc::clone(&bytes)));
+        drop(state);
+        let bytes = Arc::new(self.fetch(i)?);
+        self.state.lock().map_err(poisoned)?.keep(i, &bytes);
         Ok(bytes)
     }
 
-    fn fetch(&self, image: &Image, i: usize) -> std::io::Result<Vec<u8>> {
+    /// Start fetching the [`READ_AHEAD`] chunks after `i` that are neither cached nor under way. A chunk
+    /// that fails to arrive is only dropped: whoever asks for it fetches it again and sees the error.
+    fn read_ahead(self: &Arc<Self>, state: &mut State, i: usize) {
+        let chunks = state.hashes.len();
+        for j in (i + 1..=i + READ_AHEAD).filter(|j| *j < chunks) {
+            if state.ahead.contains(&j) || state.cached(j).is_some() {
+                continue;
+            }
+            let image = Arc::clone(self);
+            let spawned = std::thread::Builder::new().name("cedana-read-ahead".into()).spawn(move || {
+                let fetched = image.fetch(j).map(Arc::new);
+                if let Ok(mut state) = image.state.lock() {
+                    state.ahead.remove(&j);
+                    match fetched {
+                        Ok(bytes) => state.keep(j, &bytes),
+                        Err(e) => tracing::debug!(image = %image.page.name, chunk = j, error = %e, "reading ahead failed"),
+                    }
+                }
+                image.arrived.notify_all();
+            });
+            if spawned.is_ok() {
+                state.ahead.insert(j);
+            }
+        }
+    }
+
+    fn fetch(&self, i: usize) -> std::io::Result<Vec<u8>> {
+        let image = self;
         let start = i as u64 * CHUNK as u64;
         let len = (image.page.digest.size - start).min(CHUNK as u64) as usize;
         if image.page.units.is_empty() {
@@ -128,7 +201,7 @@ impl PageStore for ChunkedPages {
         let mut at = offset;
         while at < end {
             let i = (at / CHUNK as u64) as usize;
-            let chunk = self.chunk(image, i)?;
+            let chunk = image.chunk(i)?;
             let from = (at - i as u64 * CHUNK as u64) as usize;
             let n = (chunk.len() - from).min((end - at) as usize);
             let dst = (at - offset) as usize;
@@ -136,5 +209,108 @@ impl PageStore for ChunkedPages {
             at += n as u64;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::checkpoint::ArchiveSource;
+    use crate::codec::Compression;
+    use std::io::Read;
+    use std::time::{Duration, Instant};
+
+    /// Bytes in memory that record which offsets were read, and may hold each read back for a while.
+    struct Recorded {
+        bytes: Vec<u8>,
+        reads: Mutex<Vec<u64>>,
+        delay: Duration,
+    }
+
+    impl ArchiveSource for Recorded {
+        fn location(&self) -> &str {
+            "memory"
+        }
+        fn len(&self) -> u64 {
+            self.bytes.len() as u64
+        }
+        fn read_exact_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+            std::thread::sleep(self.delay);
+            self.reads.lock().unwrap().push(offset);
+            buf.copy_from_slice(&self.bytes[offset as usize..offset as usize + buf.len()]);
+            Ok(())
+        }
+        fn read_from(&self, offset: u64) -> std::io::Result<Box<dyn Read + Send>> {
+            Ok(Box::new(std::io::Cursor::new(self.bytes[offset as usize..].to_vec())))
+        }
+    }
+
+    fn store(chunks: usize, delay: Duration) -> (ChunkedPages, Arc<Recorded>) {
+        let bytes: Vec<u8> = (0..chunks * CHUNK).map(|i| (i / 4096) as u8 ^ (i as u8)).collect();
+        let hashes: Vec<u128> = bytes.chunks(CHUNK).map(xxh3_128).collect();
+        let digest = combine("pages-1.img".into(), bytes.len() as u64, &hashes);
+        let source = Arc::new(Recorded { bytes, reads: Mutex::new(Vec::new()), delay });
+        let page = LazyPage {
+            name: "pages-1.img".into(),
+            source: source.clone(),
+            file: None,
+            base: 0,
+            digest,
+            units: Vec::new(),
+            compression: Compression::None,
+        };
+        (ChunkedPages::new(&[page], Path::new("memory")), source)
+    }
+
+    fn read(s: &ChunkedPages, chunk: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; 4096];
+        s.read_at(1, (chunk * CHUNK + 8192) as u64, &mut buf).unwrap();
+        buf
+    }
+
+    fn chunks_read(source: &Recorded) -> Vec<usize> {
+        let mut v: Vec<usize> = source.reads.lock().unwrap().iter().map(|o| *o as usize / CHUNK).collect();
+        v.sort_unstable();
+        v
+    }
+
+    #[test]
+    fn reads_in_sequence_fetch_the_next_chunks_ahead_and_out_of_order_reads_do_not() {
+        let (s, source) = store(8, Duration::ZERO);
+        read(&s, 5);
+        read(&s, 2);
+        assert_eq!(chunks_read(&source), [2, 5], "reads out of order fetch only what they ask for");
+        let settled = |want: &[usize]| {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while chunks_read(&source) != want && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            chunks_read(&source)
+        };
+        read(&s, 3);
+        // Chunk 3 follows 2: chunks 4 and 5 come ahead (5 was cached already, so only 4 is read).
+        assert_eq!(settled(&[2, 3, 4, 5]), [2, 3, 4, 5]);
+        let image = s.images.get(&1).unwrap();
+        assert!(image.state.lock().unwrap().ahead.is_empty());
+        // A chunk fetched ahead is served from memory, with the right bytes; reading it in sequence fetches
+        // 6 ahead (5 is cached), and 4 is not read again.
+        assert_eq!(read(&s, 4), source.bytes[4 * CHUNK + 8192..4 * CHUNK + 8192 + 4096]);
+        assert_eq!(settled(&[2, 3, 4, 5, 6]), [2, 3, 4, 5, 6]);
+        s.verify().unwrap();
+    }
+
+    #[test]
+    fn a_read_of_a_chunk_under_way_waits_for_it_instead_of_fetching_it_twice() {
+        let (s, source) = store(4, Duration::from_millis(300));
+        read(&s, 0);
+        read(&s, 1); // in sequence: 2 and 3 start coming, each taking 300 ms
+        let started = Instant::now();
+        assert_eq!(read(&s, 2), source.bytes[2 * CHUNK + 8192..2 * CHUNK + 8192 + 4096]);
+        assert!(started.elapsed() < Duration::from_millis(290), "chunk 2 was under way: {:?}", started.elapsed());
+        std::thread::sleep(Duration::from_millis(400));
+        let reads = chunks_read(&source);
+        assert_eq!(reads, [0, 1, 2, 3], "every chunk read once");
+        s.verify().unwrap();
     }
 }
