@@ -13,6 +13,7 @@ use cedana_integration::engines::{piped, RuncRoot};
 use cedana_integration::images::Bundle;
 use cedana_integration::invariants::*;
 use cedana_integration::lines::{numbers, Lines};
+use cedana_integration::moto::MotoServer;
 use cedana_integration::*;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -218,6 +219,45 @@ fn killing_cedana_runc_while_criu_holds_the_container_leaves_it_running() {
 #[test]
 fn killing_cedana_runc_while_the_checkpoint_is_written_leaves_the_container_running() {
     kill_checkpoint(Phase::Writing);
+}
+
+/// `cedana-runc checkpoint --image-path s3://...` of a 256 MiB container, SIGKILLed while its parts are
+/// uploaded to moto: the container runs on unpaused with its memory, no object appears, and the next
+/// checkpoint's start aborts the upload the killed one left pending.
+#[test]
+fn killing_cedana_runc_while_it_uploads_leaves_the_container_running_and_no_object() {
+    require_root();
+    let scene = Scene::new();
+    let runc = RuncRoot::new(scene.root(), "runc");
+    let moto = MotoServer::start();
+    let (_bundle, cid, out, sum) = memory_container(&scene, &runc, "kill-upload");
+    let spawn = |prefix: &str| {
+        let mut cmd = std::process::Command::new(bin("cedana-runc"));
+        cmd.arg("--root").arg(&runc.root).args(["checkpoint", "--leave-running", "--image-path", &moto.url(prefix), &cid]);
+        scene.env(&mut cmd);
+        cmd.envs(moto.env()).env("CEDANA_CHECKPOINT_COMPRESSION", "lz4");
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("run cedana-runc")
+    };
+    let child = spawn("kill");
+    wait_for("a part upload", Duration::from_secs(60), || moto.log().contains("partNumber=").then_some(()));
+    sigkill(child.id() as i32);
+    let _ = child.wait_with_output();
+    scene.assert_no_criu();
+    wait_container_runs(&runc, &cid, "after a kill mid-upload");
+    assert_container_memory(&runc, &cid, &out, &sum);
+    assert!(!moto.has_object("kill/cedana-checkpoint.tar.lz4"), "no object may appear");
+    assert_eq!(moto.pending_uploads().len(), 1, "the killed upload is left pending: {:?}", moto.pending_uploads());
+    // The next checkpoint (to another prefix) aborts it at its start, and completes its own.
+    let done = spawn("next").wait_with_output().unwrap();
+    assert!(done.status.success(), "the next checkpoint: {}", String::from_utf8_lossy(&done.stderr));
+    assert!(moto.has_object("next/cedana-checkpoint.tar.lz4"));
+    assert!(moto.pending_uploads().is_empty(), "pending: {:?}", moto.pending_uploads());
+    assert!(!moto.has_object("kill/cedana-checkpoint.tar.lz4"));
+    let left = temporaries(&scene.tmp());
+    assert!(left.is_empty(), "temporaries left: {left:?}");
+    scene.assert_no_mounts();
+    wait_container_runs(&runc, &cid, "after the next checkpoint");
+    runc.ok(&["delete", "--force", &cid]);
 }
 
 /// Where a restore by cedana-runc is killed.
@@ -442,13 +482,9 @@ fn kill_shim_mid_checkpoint(phase: Phase) {
     assert!(!status.success(), "a checkpoint whose shim was killed cannot succeed");
     // No checkpoint image was made, and containerd removes the folder the checkpoint was written into.
     assert_eq!(checkpoint_images(), 0, "{phase:?}: a failed checkpoint made an image");
-    // (cedana-runc inherits that TMPDIR too: CRIU's work folder of a failed dump is kept there, with its log,
-    // for the user, marked `.kept`; nothing else may be left.)
     let checkpoint_folders = || entries(ctd_tmp.path()).into_iter().filter(|n| n.starts_with("ctd-checkpoint")).count();
     let settled = wait_for_value_or(SETTLE, || checkpoint_folders() == 0);
     assert!(settled, "{phase:?}: containerd's checkpoint folder is left: {:?}", entries(ctd_tmp.path()));
-    let left = temporaries(ctd_tmp.path());
-    assert!(left.is_empty(), "{phase:?}: temporaries left: {left:?}");
     // containerd sees the shim go and cleans its task up (`shim delete`: the container is deleted); nothing
     // may be left frozen, running CRIU, or mounted.
     wait_for("no CRIU of the checkpoint", SETTLE, || criu_processes_under(&bundle).is_empty().then_some(()));
@@ -466,6 +502,11 @@ fn kill_shim_mid_checkpoint(phase: Phase) {
     let pid = run(again);
     s.d.ok(&["task", "checkpoint", again]);
     assert_eq!(checkpoint_images(), 1, "{phase:?}: the later checkpoint made its image");
+    // cedana-runc inherits containerd's TMPDIR: CRIU's work folder of the killed dump is either kept there
+    // with its log for the user (marked `.kept`), or swept by the later checkpoint's start once the killed
+    // cedana-runc is gone; nothing else may be left.
+    let left = temporaries(ctd_tmp.path());
+    assert!(left.is_empty(), "{phase:?}: temporaries left: {left:?}");
     assert_eq!(s.d.task_status(again).as_deref(), Some("RUNNING"), "the task runs on after the checkpoint");
     assert!(!frozen_or_traced(pid));
     s.d.ok(&["task", "kill", "-s", "SIGKILL", again]);
