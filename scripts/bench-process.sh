@@ -9,6 +9,7 @@
 #   MODES="none zstd gzip lz4"   a mode may end in :files (image files instead of streams: --no-stream) or
 #                       :stream (--stream); plain names use cedana's default (streaming)
 #   SIZE_MIB=1024       workload size (half pseudo-random pages, half repeated text)
+#   PROCS=1             spread SIZE_MIB over a tree of this many processes (the workload forks them)
 #   GAP=0               seconds to idle before every timed step (an experiment knob: the balloon here reports
 #                       free pages to the host after ~2 s; GAP=3 gave the same figures as GAP=0 when measured).
 #                       The "fresh memory" effect of this VM (guest memory never touched since boot costs a
@@ -105,7 +106,7 @@ MONPID=
 cleanup() {
     local rc=$?
     if [ -n "$WPID" ] && [ -e "/proc/$WPID" ] && [ "$(cat "/proc/$WPID/comm" 2>/dev/null)" = workload ]; then
-        kill -KILL "$WPID" 2>/dev/null || true
+        kill -KILL -- -"$WPID" 2>/dev/null || true # its process group: the whole tree
         for ((i = 0; i < 200; i++)); do [ -e "/proc/$WPID" ] || break; sleep 0.01; done # reaped by our reaper
     fi
     if [ -n "$MONPID" ]; then kill "$MONPID" 2>/dev/null || true; fi
@@ -159,11 +160,11 @@ timed() {
     printf '  r%s %-5s %-12s %7.3f s%s\n' "$round" "$mode" "$key" "$wall" "$note" >&2
 }
 
-# Wait until the dumped workload's PID is gone (not even a zombie), as CRIU restores it under that PID.
+# Wait until the dumped workload's PIDs are gone (not even zombies), as CRIU restores it under them.
 wait_gone() {
     local i
     for ((i = 0; i < 1000; i++)); do
-        [ -e "/proc/$WPID" ] || return 0
+        if [ ! -e "/proc/$WPID" ] && [ -z "$(pgrep -g "$WPID")" ]; then return 0; fi
         sleep 0.01
     done
     die "PID $WPID still exists 10 s after the dump ($(grep -E '^(State|PPid)' "/proc/$WPID/status" 2>/dev/null | tr '\n' ' '))"
@@ -265,7 +266,7 @@ restore_pairs() {
     for ((k = 1; k <= RESTORE_PAIRS; k++)); do
         key=$((r * 100 + k))
         for side in $( (((r + k) % 2)) && echo "raw ced" || echo "ced raw"); do
-            kill -KILL "$WPID"
+            kill -KILL -- -"$WPID" # its process group: the whole tree
             wait_gone
             if [ "$side" = raw ]; then
                 timed "$key" none raw.restore "$CRIU" restore -d -D "$path" -o "$LOGS/restore.log" -v"$RAW_CRIU_VERBOSITY" </dev/null
@@ -291,7 +292,7 @@ dirty=$(cd "$ROOT" && git status --porcelain --untracked-files=no -- cedana 2>/d
     echo "# load at start: $(cat /proc/loadavg)"
 } | tee "$WORK/header.txt" >&2
 
-setsid "$WORK/bin/workload" "$SIZE_MIB" "$WORK/workload.pid" "$WORK/workload.sum" </dev/null >/dev/null 2>&1 &
+WORKLOAD_PROCS=${PROCS:-1} setsid "$WORK/bin/workload" "$SIZE_MIB" "$WORK/workload.pid" "$WORK/workload.sum" </dev/null >/dev/null 2>&1 &
 disown
 for ((i = 0; i < 6000; i++)); do [ -s "$WORK/workload.pid" ] && break; sleep 0.01; done
 WPID=$(cat "$WORK/workload.pid" 2>/dev/null) || die "the workload did not start"

@@ -8,6 +8,9 @@
  * On SIGUSR1 it recomputes a checksum of the whole buffer and writes "<expected> <actual>" to SUMFILE, so the
  * benchmark can prove that restored copies kept their memory. All fds above 2 are closed first: CRIU dumps
  * every open fd, and the shell that starts us may leak some.
+ * With WORKLOAD_PROCS=N in the environment (N > 1) the MIB are spread over a tree of N processes: the first
+ * forks N-1 children, each holding MIB/N of its own (seeded by its index) and sleeping, and writes PIDFILE
+ * once all of them have filled their memory; SUMFILE then covers the first process's memory only.
  * With PROGRESSFILE it does not sleep: it walks its pages one after another without end (one read a page),
  * counting every page it touched into the first 8 bytes of PROGRESSFILE, which it maps shared (so the count
  * can be read from outside, and goes on from the dumped value after a restore).
@@ -65,10 +68,24 @@ int main(int argc, char **argv) {
         return 2;
     }
     close_extra_fds();
-    size_t size = (size_t)atol(argv[1]) << 20, half = size / 2;
+    size_t size = (size_t)atol(argv[1]) << 20;
+    const char *procs_env = getenv("WORKLOAD_PROCS");
+    int procs = procs_env ? atoi(procs_env) : 1, index = 0, ready[2] = {-1, -1};
+    if (procs > 1) {
+        size /= (size_t)procs;
+        if (pipe(ready) != 0) { perror("pipe"); return 1; }
+        for (int i = 1; i < procs; i++) {
+            pid_t pid = fork();
+            if (pid < 0) { perror("fork"); return 1; }
+            if (pid == 0) { index = i; break; }
+        }
+    }
+    size = size / 4096 * 4096;
+    size_t half = size / 2;
     uint64_t *buf = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (buf == MAP_FAILED) { perror("mmap"); return 1; }
-    uint64_t s = 0x2545F4914F6CDD1Dull; /* fixed seed: every run holds the same bytes */
+    /* fixed seed: every run holds the same bytes (each process of a tree its own) */
+    uint64_t s = 0x2545F4914F6CDD1Dull ^ ((uint64_t)index * 0x9E3779B97F4A7C15ull);
     for (size_t i = 0; i < half / 8; i++) {
         s ^= s >> 12; s ^= s << 25; s ^= s >> 27;
         buf[i] = s * 0x2545F4914F6CDD1Dull;
@@ -84,6 +101,19 @@ int main(int argc, char **argv) {
     uint64_t expected = checksum(buf, size / 8);
     signal(SIGUSR1, on_usr1);
     signal(SIGTERM, on_term);
+    if (procs > 1) {
+        char c = 1;
+        if (index > 0) { /* a child: say it is ready, then hold its memory */
+            if (write(ready[1], &c, 1) != 1) return 1;
+            close(ready[0]);
+            close(ready[1]);
+            for (;;) pause();
+        }
+        close(ready[1]);
+        for (int i = 1; i < procs; i++)
+            if (read(ready[0], &c, 1) != 1) { fprintf(stderr, "a child of the tree died\n"); return 1; }
+        close(ready[0]);
+    }
     volatile uint64_t *progress = NULL;
     if (argc > 4) {
         int fd = open(argv[4], O_RDWR | O_CREAT, 0600);
