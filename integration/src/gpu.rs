@@ -277,6 +277,17 @@ pub fn wait_container_counts(out: &crate::lines::Lines, processes: usize, count:
     })
 }
 
+/// Wait until the `processes` CUDA processes of a restored container (output `after`) count on, and check
+/// that each went on from its last count before the checkpoint (`last`) with its device memory intact.
+pub fn assert_container_counts_continue(after: &crate::lines::Lines, last: &[AppLine], processes: usize, mib: u32) {
+    for l in &wait_container_counts(after, processes, 0) {
+        let before = last.iter().find(|b| b.pid == l.pid).expect("the process counted before the checkpoint");
+        let first = container_lines(after).into_iter().find(|x| x.pid == l.pid).expect("its first line");
+        assert_eq!(first.count, before.count + 1, "process {} continues where it was", l.pid);
+        assert_eq!(first.sum, expected_sum(mib, first.count), "device memory of {}", l.pid);
+    }
+}
+
 /// A busybox bundle running gpu-app (with one CUDA child) the way the NVIDIA toolkit's CDI devices set a
 /// container up: the device node in `linux.devices`, the driver library and tools bind-mounted read-only,
 /// NVIDIA_VISIBLE_DEVICES=`visible` in the environment (and the host's /usr for the app's libc).

@@ -9,7 +9,8 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use cedana_integration::gpu::{
-    app_lines, cdi_bundle, container_lines, expected_sum, last_app_line, wait_container_counts, wait_count, FakeGpu,
+    app_lines, assert_container_counts_continue, cdi_bundle, container_lines, expected_sum, last_app_line, wait_container_counts,
+    wait_count, FakeGpu,
 };
 use cedana_integration::{bin, require_root};
 use nix::sys::signal::{kill, Signal};
@@ -316,13 +317,7 @@ fn a_gpu_container_is_checkpointed_by_cedana_runc_and_restored_at_create() {
     let after = wrapper(&["run", "-d", "--bundle", again.to_str().unwrap(), &copy], &[]);
     let host_pid = runc.state(&copy).unwrap()["pid"].as_i64().unwrap() as i32;
     assert_eq!(gpu.state(host_pid).as_deref(), Some("running"));
-    let resumed = wait_container_counts(&after, 2, 0);
-    for l in &resumed {
-        let before = last.iter().find(|b| b.pid == l.pid).unwrap();
-        let first = container_lines(&after).into_iter().find(|x| x.pid == l.pid).unwrap();
-        assert_eq!(first.count, before.count + 1, "process {} continues where it was", l.pid);
-        assert_eq!(first.sum, expected_sum(MIB, first.count), "device memory of {}", l.pid);
-    }
+    assert_container_counts_continue(&after, &last, 2, MIB);
     runc.ok(&["kill", &copy, "KILL"]);
 }
 

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 
 use cedana_integration::engines::{piped, RuncRoot};
-use cedana_integration::gpu::{cedana_env, container_lines, expected_sum, wait_container_counts, FakeGpu};
+use cedana_integration::gpu::{assert_container_counts_continue, cedana_env, container_lines, wait_container_counts, FakeGpu};
 use cedana_integration::images::{Bundle, RESTORE_ANNOTATION};
 use cedana_integration::{bin, require_root};
 
@@ -146,13 +146,7 @@ fn a_container_set_up_by_the_legacy_nvidia_hook_is_checkpointed_and_restored_at_
     for m in HOOK_MOUNTS {
         assert_eq!(mounts_at(pid, m), 1, "{m} is mounted once in the restored container");
     }
-    let resumed = wait_container_counts(&after, 2, 0);
-    for l in &resumed {
-        let before = last.iter().find(|b| b.pid == l.pid).unwrap();
-        let first = container_lines(&after).into_iter().find(|x| x.pid == l.pid).unwrap();
-        assert_eq!(first.count, before.count + 1, "process {} continues where it was", l.pid);
-        assert_eq!(first.sum, expected_sum(MIB, first.count), "device memory of {}", l.pid);
-    }
+    assert_container_counts_continue(&after, &last, 2, MIB);
     runc.ok(&["kill", &copy, "KILL"]);
 }
 
