@@ -500,27 +500,32 @@ install_containerd2() {
 # 4. moto, an S3-compatible server for the object-storage tests
 # ---------------------------------------------------------------------------------------------
 
-# A venv of Debian's python3 (not whatever python3 comes first on PATH), holding MOTO_REQUIREMENT.
-# A venv cannot be moved, so it is built in place; the marker file, written last, says it is
-# complete and which requirement it holds.
-install_moto() {
-  local marker=$MOTO_VENV/.cedana-requirement
-  if [[ -x $MOTO_VENV/bin/moto_server && $(cat "$marker" 2>/dev/null || true) == "$MOTO_REQUIREMENT" ]] \
-    && "$MOTO_VENV/bin/python" -c 'import moto.server' 2>/dev/null; then
-    log "moto: $MOTO_VENV/bin/moto_server ($MOTO_REQUIREMENT) present"
+# A venv of Debian's python3 (not whatever python3 comes first on PATH) at VENV, holding REQUIREMENT,
+# whose MODULE imports and whose program BIN (under VENV/bin) exists. A venv cannot be moved, so it is
+# built in place; the marker file, written last, says it is complete and which requirement it holds.
+install_python_tool() { # LABEL VENV REQUIREMENT MODULE BIN [HOW LONG]
+  local label=$1 venv=$2 requirement=$3 module=$4 bin=$2/bin/$5 how_long=${6:-}
+  local marker=$venv/.cedana-requirement
+  if [[ -x $bin && $(cat "$marker" 2>/dev/null || true) == "$requirement" ]] \
+    && "$venv/bin/python" -c "import $module" 2>/dev/null; then
+    log "$label: $bin ($requirement) present"
     return
   fi
-  log "moto: installing $MOTO_REQUIREMENT into $MOTO_VENV (about a minute)"
-  rm -rf "$MOTO_VENV"
-  mkdir -p "$(dirname "$MOTO_VENV")"
-  CLEANUP+=("[[ -f '$marker' ]] || rm -rf '$MOTO_VENV'")
-  /usr/bin/python3 -m venv "$MOTO_VENV" || die "python3 -m venv failed (package python3-venv)"
-  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check "$MOTO_REQUIREMENT" \
-    || die "pip could not install $MOTO_REQUIREMENT"
-  "$MOTO_VENV/bin/python" -c 'import moto.server' || die "moto does not import after the install"
-  [[ -x $MOTO_VENV/bin/moto_server ]] || die "$MOTO_VENV/bin/moto_server is missing after the install"
-  echo "$MOTO_REQUIREMENT" >"$marker"
-  log "moto: installed $MOTO_VENV/bin/moto_server"
+  log "$label: installing $requirement into $venv${how_long:+ ($how_long)}"
+  rm -rf "$venv"
+  mkdir -p "$(dirname "$venv")"
+  CLEANUP+=("[[ -f '$marker' ]] || rm -rf '$venv'")
+  /usr/bin/python3 -m venv "$venv" || die "python3 -m venv failed (package python3-venv)"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "$requirement" \
+    || die "pip could not install $requirement"
+  "$venv/bin/python" -c "import $module" || die "$label does not import after the install"
+  [[ -x $bin ]] || die "$bin is missing after the install"
+  echo "$requirement" >"$marker"
+  log "$label: installed $bin"
+}
+
+install_moto() {
+  install_python_tool moto "$MOTO_VENV" "$MOTO_REQUIREMENT" moto.server moto_server "about a minute"
 }
 
 # docker-registry, unpacked from Debian's package of the system's own apt sources (a static Go binary).
@@ -549,24 +554,8 @@ install_registry() {
 
 # As moto: a venv of Debian's python3 built in place, its marker file written last.
 install_gcs_emulator() {
-  local venv=$GCS_EMULATOR_VENV marker=$GCS_EMULATOR_VENV/.cedana-requirement
-  local bin=$venv/bin/gcp-storage-emulator
-  if [[ -x $bin && $(cat "$marker" 2>/dev/null || true) == "$GCS_EMULATOR_REQUIREMENT" ]] \
-    && "$venv/bin/python" -c 'import gcp_storage_emulator.server' 2>/dev/null; then
-    log "gcs emulator: $bin ($GCS_EMULATOR_REQUIREMENT) present"
-    return
-  fi
-  log "gcs emulator: installing $GCS_EMULATOR_REQUIREMENT into $venv"
-  rm -rf "$venv"
-  mkdir -p "$(dirname "$venv")"
-  CLEANUP+=("[[ -f '$marker' ]] || rm -rf '$venv'")
-  /usr/bin/python3 -m venv "$venv" || die "python3 -m venv failed (package python3-venv)"
-  "$venv/bin/pip" install --quiet --disable-pip-version-check "$GCS_EMULATOR_REQUIREMENT" \
-    || die "pip could not install $GCS_EMULATOR_REQUIREMENT"
-  "$venv/bin/python" -c 'import gcp_storage_emulator.server' || die "gcp-storage-emulator does not import after the install"
-  [[ -x $bin ]] || die "$bin is missing after the install"
-  echo "$GCS_EMULATOR_REQUIREMENT" >"$marker"
-  log "gcs emulator: installed $bin"
+  install_python_tool "gcs emulator" "$GCS_EMULATOR_VENV" "$GCS_EMULATOR_REQUIREMENT" gcp_storage_emulator.server \
+    gcp-storage-emulator
 }
 
 # ---------------------------------------------------------------------------------------------
