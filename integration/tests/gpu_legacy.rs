@@ -7,6 +7,7 @@
 
 use std::path::Path;
 use std::process::Command;
+use std::time::Duration;
 
 use cedana_integration::engines::{piped, RuncRoot};
 use cedana_integration::gpu::{assert_container_counts_continue, cedana_env, container_lines, wait_container_counts, FakeGpu};
@@ -251,4 +252,120 @@ fn a_bind_mount_the_container_made_of_its_own_files_is_not_external() {
     let root = restored.rootfs().join("bin");
     assert!(line.split(' ').nth(3) == Some(root.to_str().unwrap()), "from the new rootfs: {line}");
     runc.ok(&["kill", &copy, "KILL"]);
+}
+
+/// A stand-in for `nvidia-container-runtime` in its legacy mode, as cedana-runc's real runc
+/// (`CEDANA_RUNC_BINARY`): on `create` it adds the NVIDIA prestart hook (here the fake) to the bundle's spec,
+/// then runs runc with the same arguments; every other command goes to runc untouched, as with the real one.
+fn legacy_runtime(gpu: &FakeGpu, hook_log: &Path) -> std::path::PathBuf {
+    let path = gpu.dir.join("nvidia-container-runtime");
+    let hook = serde_json::json!({
+        "path": gpu.hook,
+        "args": ["nvidia-container-runtime-hook", "prestart"],
+        "env": [format!("FAKE_NVIDIA_DEVICE={}", gpu.device.display()), format!("FAKE_NVIDIA_HOOK_LOG={}", hook_log.display())],
+    });
+    let script = format!(
+        r#"#!/usr/bin/python3
+import json, os, sys
+args = sys.argv[1:]
+if "create" in args:
+    bundle = os.getcwd()
+    for i, a in enumerate(args):
+        if a in ("--bundle", "-b") and i + 1 < len(args):
+            bundle = args[i + 1]
+        elif a.startswith("--bundle="):
+            bundle = a.split("=", 1)[1]
+    config = os.path.join(bundle, "config.json")
+    with open(config) as f:
+        spec = json.load(f)
+    spec.setdefault("hooks", {{}}).setdefault("prestart", []).append(json.loads({hook:?}))
+    with open(config, "w") as f:
+        json.dump(spec, f)
+os.execvp("runc", ["runc"] + args)
+"#,
+        hook = hook.to_string()
+    );
+    std::fs::write(&path, script).unwrap();
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+    path
+}
+
+/// Through containerd and our shim, with the hook added by an NVIDIA-style runtime under cedana-runc (no
+/// device or driver file in what `ctr run` asks for): `ctr container checkpoint --task --rw`, then
+/// `ctr container restore --live`; the task's CUDA processes count on with their device memory.
+#[test]
+fn a_task_given_its_gpu_by_the_legacy_hook_is_checkpointed_and_restored_through_ctr_and_our_shim() {
+    require_root();
+    use cedana_integration::engines::{put_shim_on_path, Containerd};
+    use cedana_integration::gpu::{app_lines, expected_sum, last_app_line, wait_count};
+    let gpu = FakeGpu::new();
+    put_shim_on_path();
+    let hook_log = gpu.dir.join("hook.log");
+    let runtime = legacy_runtime(&gpu, &hook_log);
+    let mut env = cedana_env(&gpu, "cuda-checkpoint");
+    env.push(("CEDANA_RUNC_BINARY", runtime.display().to_string()));
+    let d = Containerd::start_with_env(&gpu.dir.join("containerd"), &env);
+    let rootfs = cedana_integration::images::busybox_rootfs(&gpu.dir.join("rootfs"));
+    for dir in ["usr", "run/fake-cuda"] {
+        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
+    }
+    std::os::unix::fs::symlink("usr/lib", rootfs.join("lib")).unwrap();
+    std::os::unix::fs::symlink("usr/lib64", rootfs.join("lib64")).unwrap();
+    let image = "docker.io/cedana/fake-gpu-legacy:latest";
+    d.import(&rootfs, image);
+
+    let id = "gpu-legacy-task";
+    let mount = |src: &Path, dst: &str, mode: &str| format!("type=bind,src={},dst={dst},options=rbind:{mode}", src.display());
+    let (usr, ctl) = (mount(Path::new("/usr"), "/usr", "ro"), mount(&gpu.control_dir, "/run/fake-cuda", "rw"));
+    let app = format!("exec /opt/gpu/gpu-app {MIB} 1 >> /run/fake-cuda/app.log 2>&1");
+    #[rustfmt::skip]
+    let run = [
+        "run", "--runtime", "io.containerd.cedana.v2", "--detach", "--null-io",
+        "--mount", &usr, "--mount", &ctl,
+        "--env", "NVIDIA_VISIBLE_DEVICES=0", "--env", "LD_LIBRARY_PATH=/nvidia/lib",
+        "--env", "FAKE_CUDA_DEVICE=/dev/nvidia0", "--env", "FAKE_CUDA_DIR=/run/fake-cuda",
+        image, id, "/bin/sh", "-c", &app,
+    ];
+    d.ok(&run);
+    let log = gpu.control_dir.join("app.log");
+    let pids = cedana_integration::wait_for("both CUDA processes count", Duration::from_secs(30), || {
+        let pids: std::collections::BTreeSet<i32> = app_lines(&log, None).iter().map(|l| l.pid).collect();
+        (pids.len() == 2).then_some(pids)
+    });
+    let host_pid = d.task_pid(id);
+    for m in HOOK_MOUNTS {
+        assert_eq!(mounts_at(host_pid, m), 1, "the hook mounted {m} in the task");
+    }
+    for p in &pids {
+        wait_count(&log, *p, 3);
+    }
+
+    d.ok(&["container", "checkpoint", "--task", "--rw", id, "cedana/fake-gpu-legacy-cp:1"]);
+    assert_eq!(d.task_status(id).as_deref(), Some("RUNNING"));
+    assert_eq!(gpu.state(host_pid).as_deref(), Some("running"), "the task got its GPU back");
+    let stopped_at: Vec<(i32, u64)> = pids.iter().map(|p| (*p, last_app_line(&log, Some(*p)).unwrap().count)).collect();
+    d.ok(&["task", "kill", "-s", "SIGKILL", id]);
+    cedana_integration::wait_for("the task to stop", Duration::from_secs(30), || {
+        (d.task_status(id).as_deref() == Some("STOPPED")).then_some(())
+    });
+    d.ok(&["task", "delete", id]);
+    d.ok(&["container", "rm", id]);
+
+    let restored = "gpu-legacy-task-restored";
+    d.ok(&["container", "restore", "--live", "--rw", restored, "cedana/fake-gpu-legacy-cp:1"]);
+    assert_eq!(d.task_status(restored).as_deref(), Some("RUNNING"));
+    let restored_pid = d.task_pid(restored);
+    assert_eq!(gpu.state(restored_pid).as_deref(), Some("running"));
+    for m in HOOK_MOUNTS {
+        assert_eq!(mounts_at(restored_pid, m), 1, "{m} is mounted once in the restored task");
+    }
+    for (pid, at) in &stopped_at {
+        let line = wait_count(&log, *pid, at + 3);
+        assert_eq!(line.sum, expected_sum(MIB, line.count), "device memory of {pid}");
+    }
+    d.ok(&["task", "kill", "-s", "SIGKILL", restored]);
+    cedana_integration::wait_for("the restored task to stop", Duration::from_secs(30), || {
+        (d.task_status(restored).as_deref() == Some("STOPPED")).then_some(())
+    });
+    d.ok(&["task", "delete", restored]);
 }
