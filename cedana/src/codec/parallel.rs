@@ -156,7 +156,11 @@ pub fn lz4_frame(block: &[u8]) -> io::Result<Vec<u8>> {
     // No content checksum: every byte is covered by the manifest's checksums already, and lz4's own (XXH32
     // over the content) cost a pass at each end. Standard tools read frames without one as well.
     let info = lz4_flex::frame::FrameInfo::new().block_size(lz4_flex::frame::BlockSize::Max4MB).content_checksum(false);
-    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::with_capacity(block.len() / 2));
+    // Room for the worst case (incompressible data grows by under 1/255, plus headers): the buffer is never
+    // regrown, so every block's allocations have the same sizes, which the allocator reuses instead of
+    // leaving fragments in the worker threads' arenas (a 4 GiB dump's peak memory grew with the size).
+    let bound = block.len() + block.len() / 255 + 1024;
+    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::with_capacity(bound));
     enc.write_all(block)?;
     enc.finish().map_err(io::Error::other)
 }
