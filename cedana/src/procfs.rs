@@ -266,9 +266,73 @@ fn decode_addr(s: &str) -> String {
     format!("[{ip}]:{port}")
 }
 
+/// One line of a mountinfo file (the fields we use).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MountEntry {
+    /// The mount's id (as `mnt_id` in /proc/PID/fdinfo names it).
+    pub id: u64,
+    /// `major:minor` of the file system.
+    pub dev: String,
+    /// The folder of the file system the mount shows.
+    pub root: String,
+    pub mountpoint: String,
+    pub fstype: String,
+}
+
+/// Parse a mountinfo text.
+pub fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
+    text.lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            let sep = f.iter().position(|x| *x == "-")?;
+            let id = f[0].parse().ok()?;
+            (f.len() > sep + 1 && sep >= 6).then(|| MountEntry {
+                id,
+                dev: f[2].to_string(),
+                root: unescape_mountinfo(f[3]),
+                mountpoint: unescape_mountinfo(f[4]),
+                fstype: f[sep + 1].to_string(),
+            })
+        })
+        .collect()
+}
+
+/// Undo mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
+pub fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8).wrapping_add(c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn mountinfo_lines_are_parsed_with_their_escapes() {
+        let m = parse_mountinfo(
+            "36 35 98:0 /mnt1 /mnt\\0402 rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
+             37 35 0:5 / /dev rw - devtmpfs udev rw\nbroken line",
+        );
+        assert_eq!(m.len(), 2);
+        assert_eq!((m[0].id, m[0].dev.as_str(), m[0].root.as_str(), m[0].mountpoint.as_str()), (36, "98:0", "/mnt1", "/mnt 2"));
+        assert_eq!(m[0].fstype, "ext3", "the type comes after the optional fields");
+        assert_eq!(unescape_mountinfo("a\\011b\\134c\\9"), "a\tb\\c\\9");
+    }
 
     #[test]
     fn stat_parses_odd_comm_names() {

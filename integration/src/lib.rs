@@ -8,6 +8,7 @@ pub mod daemon;
 pub mod engines;
 pub mod gcs;
 pub mod gpu;
+pub mod gpu_shim;
 pub mod images;
 pub mod invariants;
 pub mod lines;

@@ -367,85 +367,31 @@ fn a_managed_gpu_job_shows_in_ps_and_is_dumped_and_restored_by_the_daemon() {
 #[test]
 fn a_gpu_task_is_checkpointed_and_restored_through_ctr_and_our_shim() {
     require_root();
-    use cedana_integration::engines::{put_shim_on_path, Containerd};
+    use cedana_integration::gpu_shim::{bind, round_trip, ShimGpuTask};
     let gpu = FakeGpu::new();
-    put_shim_on_path();
-    let env = [
+    let env = vec![
         ("CEDANA_GPU_BACKEND", "cuda-checkpoint".to_string()),
         ("CEDANA_GPU_CUDA_CHECKPOINT", gpu.cuda_checkpoint.display().to_string()),
         ("CEDANA_GPU_NVIDIA_SMI", gpu.nvidia_smi.display().to_string()),
     ];
-    let d = Containerd::start_with_env(&gpu.dir.join("containerd"), &env);
-    let rootfs = cedana_integration::images::busybox_rootfs(&gpu.dir.join("rootfs"));
-    for dir in ["usr", "opt/gpu", "nvidia/lib", "run/fake-cuda"] {
-        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
-    }
-    std::os::unix::fs::symlink("usr/lib", rootfs.join("lib")).unwrap();
-    std::os::unix::fs::symlink("usr/lib64", rootfs.join("lib64")).unwrap();
-    let image = "docker.io/cedana/fake-gpu:latest";
-    d.import(&rootfs, image);
-
-    let id = "gpu-task";
-    let mount = |src: &Path, dst: &str, mode: &str| format!("type=bind,src={},dst={dst},options=rbind:{mode}", src.display());
-    let (usr, bin, lib, ctl) = (
-        mount(Path::new("/usr"), "/usr", "ro"),
-        mount(&gpu.bin_dir, "/opt/gpu", "ro"),
-        mount(&gpu.lib_dir, "/nvidia/lib", "ro"),
-        mount(&gpu.control_dir, "/run/fake-cuda", "rw"),
-    );
-    let device_env = format!("FAKE_CUDA_DEVICE={}", gpu.device.display());
-    let app = format!("exec /opt/gpu/gpu-app {MIB} 1 >> /run/fake-cuda/app.log 2>&1");
     #[rustfmt::skip]
-    let run = [
-        "run", "--runtime", "io.containerd.cedana.v2", "--detach", "--null-io",
-        "--mount", &usr, "--mount", &bin, "--mount", &lib, "--mount", &ctl,
-        "--device", gpu.device.to_str().unwrap(),
-        "--env", "LD_LIBRARY_PATH=/nvidia/lib", "--env", &device_env, "--env", "FAKE_CUDA_DIR=/run/fake-cuda",
-        image, id, "/bin/sh", "-c", &app,
+    let run_flags = vec![
+        "--mount".into(), bind(Path::new("/usr"), "/usr", "ro"),
+        "--mount".into(), bind(&gpu.bin_dir, "/opt/gpu", "ro"),
+        "--mount".into(), bind(&gpu.lib_dir, "/nvidia/lib", "ro"),
+        "--mount".into(), bind(&gpu.control_dir, "/run/fake-cuda", "rw"),
+        "--device".into(), gpu.device.display().to_string(),
+        "--env".into(), "LD_LIBRARY_PATH=/nvidia/lib".into(),
+        "--env".into(), format!("FAKE_CUDA_DEVICE={}", gpu.device.display()),
+        "--env".into(), "FAKE_CUDA_DIR=/run/fake-cuda".into(),
     ];
-    d.ok(&run);
-    let log = gpu.control_dir.join("app.log");
-    let pids = cedana_integration::wait_for("both CUDA processes count", Duration::from_secs(30), || {
-        let pids: std::collections::BTreeSet<i32> = app_lines(&log, None).iter().map(|l| l.pid).collect();
-        (pids.len() == 2).then_some(pids)
-    });
-    let host_pid = d.task_pid(id);
-    assert!(cedana::gpu::detect::is_gpu_process(host_pid));
-    // Counts a fresh start would not have: a restore that started over shows.
-    let before: Vec<(i32, u64)> = pids.iter().map(|p| (*p, wait_count(&log, *p, 5).count)).collect();
-
-    // ctr container checkpoint --task: the shim checkpoints through cedana-runc, GPU state included; the task runs on.
-    d.ok(&["container", "checkpoint", "--task", "--rw", id, "cedana/fake-gpu-cp:1"]);
-    assert_eq!(d.task_status(id).as_deref(), Some("RUNNING"));
-    assert_eq!(gpu.state(host_pid).as_deref(), Some("running"), "the task got its GPU back");
-    let stopped_at: Vec<(i32, u64)> = pids.iter().map(|p| (*p, last_app_line(&log, Some(*p)).unwrap().count)).collect();
-    d.ok(&["task", "kill", "-s", "SIGKILL", id]);
-    cedana_integration::wait_for("the task to stop", Duration::from_secs(30), || {
-        (d.task_status(id).as_deref() == Some("STOPPED")).then_some(())
-    });
-    d.ok(&["task", "delete", id]);
-    let lines_before = app_lines(&log, None).len();
-
-    // ctr container restore --live: the shim restores through cedana-runc, which puts the GPU state back.
-    let restored = "gpu-task-restored";
-    d.ok(&["container", "restore", "--live", "--rw", restored, "cedana/fake-gpu-cp:1"]);
-    assert_eq!(d.task_status(restored).as_deref(), Some("RUNNING"));
-    assert_eq!(gpu.state(d.task_pid(restored)).as_deref(), Some("running"));
-    for (pid, at) in &stopped_at {
-        let line = wait_count(&log, *pid, at + 3);
-        assert_eq!(line.sum, expected_sum(MIB, line.count), "device memory of {pid}");
-    }
-    let after: Vec<_> = app_lines(&log, None).into_iter().skip(lines_before).collect();
-    for ((pid, low), (_, high)) in before.iter().zip(&stopped_at) {
-        let first = after.iter().find(|l| l.pid == *pid).unwrap();
-        assert!(
-            first.count > *low && first.count <= high + 1,
-            "{pid} continues from its checkpoint (taken between counts {low} and {high}): {first:?}"
-        );
-    }
-    d.ok(&["task", "kill", "-s", "SIGKILL", restored]);
-    cedana_integration::wait_for("the restored task to stop", Duration::from_secs(30), || {
-        (d.task_status(restored).as_deref() == Some("STOPPED")).then_some(())
-    });
-    d.ok(&["task", "delete", restored]);
+    let task = ShimGpuTask {
+        env,
+        rootfs_dirs: &["usr", "opt/gpu", "nvidia/lib", "run/fake-cuda"],
+        image: "docker.io/cedana/fake-gpu:latest",
+        id: "gpu-task",
+        run_flags,
+        mib: MIB,
+    };
+    round_trip(&gpu, task, |pid| assert!(cedana::gpu::detect::is_gpu_process(pid), "{pid} uses the GPU"));
 }

@@ -7,7 +7,6 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::Duration;
 
 use cedana_integration::engines::{piped, RuncRoot};
 use cedana_integration::gpu::{assert_container_counts_continue, cedana_env, container_lines, wait_container_counts, FakeGpu};
@@ -296,76 +295,30 @@ os.execvp("runc", ["runc"] + args)
 #[test]
 fn a_task_given_its_gpu_by_the_legacy_hook_is_checkpointed_and_restored_through_ctr_and_our_shim() {
     require_root();
-    use cedana_integration::engines::{put_shim_on_path, Containerd};
-    use cedana_integration::gpu::{app_lines, expected_sum, last_app_line, wait_count};
+    use cedana_integration::gpu_shim::{bind, round_trip, ShimGpuTask};
     let gpu = FakeGpu::new();
-    put_shim_on_path();
-    let hook_log = gpu.dir.join("hook.log");
-    let runtime = legacy_runtime(&gpu, &hook_log);
+    let runtime = legacy_runtime(&gpu, &gpu.dir.join("hook.log"));
     let mut env = cedana_env(&gpu, "cuda-checkpoint");
     env.push(("CEDANA_RUNC_BINARY", runtime.display().to_string()));
-    let d = Containerd::start_with_env(&gpu.dir.join("containerd"), &env);
-    let rootfs = cedana_integration::images::busybox_rootfs(&gpu.dir.join("rootfs"));
-    for dir in ["usr", "run/fake-cuda"] {
-        std::fs::create_dir_all(rootfs.join(dir)).unwrap();
-    }
-    std::os::unix::fs::symlink("usr/lib", rootfs.join("lib")).unwrap();
-    std::os::unix::fs::symlink("usr/lib64", rootfs.join("lib64")).unwrap();
-    let image = "docker.io/cedana/fake-gpu-legacy:latest";
-    d.import(&rootfs, image);
-
-    let id = "gpu-legacy-task";
-    let mount = |src: &Path, dst: &str, mode: &str| format!("type=bind,src={},dst={dst},options=rbind:{mode}", src.display());
-    let (usr, ctl) = (mount(Path::new("/usr"), "/usr", "ro"), mount(&gpu.control_dir, "/run/fake-cuda", "rw"));
-    let app = format!("exec /opt/gpu/gpu-app {MIB} 1 >> /run/fake-cuda/app.log 2>&1");
     #[rustfmt::skip]
-    let run = [
-        "run", "--runtime", "io.containerd.cedana.v2", "--detach", "--null-io",
-        "--mount", &usr, "--mount", &ctl,
-        "--env", "NVIDIA_VISIBLE_DEVICES=0", "--env", "LD_LIBRARY_PATH=/nvidia/lib",
-        "--env", "FAKE_CUDA_DEVICE=/dev/nvidia0", "--env", "FAKE_CUDA_DIR=/run/fake-cuda",
-        image, id, "/bin/sh", "-c", &app,
+    let run_flags = vec![
+        "--mount".into(), bind(Path::new("/usr"), "/usr", "ro"),
+        "--mount".into(), bind(&gpu.control_dir, "/run/fake-cuda", "rw"),
+        "--env".into(), "NVIDIA_VISIBLE_DEVICES=0".into(), "--env".into(), "LD_LIBRARY_PATH=/nvidia/lib".into(),
+        "--env".into(), "FAKE_CUDA_DEVICE=/dev/nvidia0".into(), "--env".into(), "FAKE_CUDA_DIR=/run/fake-cuda".into(),
     ];
-    d.ok(&run);
-    let log = gpu.control_dir.join("app.log");
-    let pids = cedana_integration::wait_for("both CUDA processes count", Duration::from_secs(30), || {
-        let pids: std::collections::BTreeSet<i32> = app_lines(&log, None).iter().map(|l| l.pid).collect();
-        (pids.len() == 2).then_some(pids)
+    let task = ShimGpuTask {
+        env,
+        rootfs_dirs: &["usr", "run/fake-cuda"],
+        image: "docker.io/cedana/fake-gpu-legacy:latest",
+        id: "gpu-legacy-task",
+        run_flags,
+        mib: MIB,
+    };
+    // The hook mounted each file in the task, and each once in the restored one (CRIU's mount).
+    round_trip(&gpu, task, |pid| {
+        for m in HOOK_MOUNTS {
+            assert_eq!(mounts_at(pid, m), 1, "{m} is mounted once in the task of {pid}");
+        }
     });
-    let host_pid = d.task_pid(id);
-    for m in HOOK_MOUNTS {
-        assert_eq!(mounts_at(host_pid, m), 1, "the hook mounted {m} in the task");
-    }
-    for p in &pids {
-        wait_count(&log, *p, 3);
-    }
-
-    d.ok(&["container", "checkpoint", "--task", "--rw", id, "cedana/fake-gpu-legacy-cp:1"]);
-    assert_eq!(d.task_status(id).as_deref(), Some("RUNNING"));
-    assert_eq!(gpu.state(host_pid).as_deref(), Some("running"), "the task got its GPU back");
-    let stopped_at: Vec<(i32, u64)> = pids.iter().map(|p| (*p, last_app_line(&log, Some(*p)).unwrap().count)).collect();
-    d.ok(&["task", "kill", "-s", "SIGKILL", id]);
-    cedana_integration::wait_for("the task to stop", Duration::from_secs(30), || {
-        (d.task_status(id).as_deref() == Some("STOPPED")).then_some(())
-    });
-    d.ok(&["task", "delete", id]);
-    d.ok(&["container", "rm", id]);
-
-    let restored = "gpu-legacy-task-restored";
-    d.ok(&["container", "restore", "--live", "--rw", restored, "cedana/fake-gpu-legacy-cp:1"]);
-    assert_eq!(d.task_status(restored).as_deref(), Some("RUNNING"));
-    let restored_pid = d.task_pid(restored);
-    assert_eq!(gpu.state(restored_pid).as_deref(), Some("running"));
-    for m in HOOK_MOUNTS {
-        assert_eq!(mounts_at(restored_pid, m), 1, "{m} is mounted once in the restored task");
-    }
-    for (pid, at) in &stopped_at {
-        let line = wait_count(&log, *pid, at + 3);
-        assert_eq!(line.sum, expected_sum(MIB, line.count), "device memory of {pid}");
-    }
-    d.ok(&["task", "kill", "-s", "SIGKILL", restored]);
-    cedana_integration::wait_for("the restored task to stop", Duration::from_secs(30), || {
-        (d.task_status(restored).as_deref() == Some("STOPPED")).then_some(())
-    });
-    d.ok(&["task", "delete", restored]);
 }

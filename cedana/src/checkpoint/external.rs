@@ -136,7 +136,7 @@ impl Kinds {
 fn find_matching(root: i32, pids: &[i32], kinds: Kinds) -> Result<Vec<ExternalFile>, CheckpointError> {
     let mountinfo = format!("/proc/{root}/mountinfo");
     let text = std::fs::read_to_string(&mountinfo).map_err(CheckpointError::io(&mountinfo))?;
-    let mounts: BTreeSet<u64> = text.lines().filter_map(|l| l.split_whitespace().next()?.parse().ok()).collect();
+    let mounts: BTreeSet<u64> = crate::procfs::parse_mountinfo(&text).iter().map(|m| m.id).collect();
     let mut found: BTreeMap<String, ExternalFile> = BTreeMap::new();
     for &pid in pids {
         let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };

@@ -23,7 +23,7 @@ pub mod sink;
 pub mod source;
 pub mod tail;
 pub(crate) mod tar_guard;
-pub mod units_read;
+pub(crate) mod units_read;
 pub mod writer;
 
 pub use digest::FileDigest;

@@ -20,6 +20,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::CheckpointError;
+use crate::procfs::{parse_mountinfo, MountEntry};
 
 /// Prefix of the keys under which our external mounts are saved in CRIU's images (runc's are plain paths).
 const KEY_PREFIX: &str = "cedana:";
@@ -69,54 +70,6 @@ impl MountedKind {
             MountedKind::Other => "a special file",
         }
     }
-}
-
-/// One line of a mountinfo file (the fields we use).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) struct MountEntry {
-    /// `major:minor` of the file system.
-    pub dev: String,
-    /// The folder of the file system the mount shows.
-    pub root: String,
-    pub mountpoint: String,
-    pub fstype: String,
-}
-
-/// Parse a mountinfo text.
-pub(crate) fn parse_mountinfo(text: &str) -> Vec<MountEntry> {
-    text.lines()
-        .filter_map(|l| {
-            let f: Vec<&str> = l.split(' ').collect();
-            let sep = f.iter().position(|x| *x == "-")?;
-            (f.len() > sep + 1 && sep >= 6).then(|| MountEntry {
-                dev: f[2].to_string(),
-                root: unescape_mountinfo(f[3]),
-                mountpoint: unescape_mountinfo(f[4]),
-                fstype: f[sep + 1].to_string(),
-            })
-        })
-        .collect()
-}
-
-/// Undo mountinfo's octal escapes (`\040` for a space, `\011`, `\012`, `\134`).
-pub(crate) fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                out.push(d.iter().fold(0u8, |n, c| n.wrapping_mul(8).wrapping_add(c - b'0')));
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// What the OCI spec says about mounts that runc (and CRIU through runc) handles itself.

@@ -34,18 +34,6 @@ fn spec() -> SpecMounts {
 }
 
 #[test]
-fn mountinfo_lines_are_parsed_with_their_escapes() {
-    let m = parse_mountinfo(
-        "36 35 98:0 /mnt1 /mnt\\0402 rw,noatime master:1 - ext3 /dev/root rw,errors=continue\n\
-         37 35 0:5 / /dev rw - devtmpfs udev rw\nbroken line",
-    );
-    assert_eq!(m.len(), 2);
-    assert_eq!((m[0].dev.as_str(), m[0].root.as_str(), m[0].mountpoint.as_str()), ("98:0", "/mnt1", "/mnt 2"));
-    assert_eq!(m[0].fstype, "ext3", "the type comes after the optional fields");
-    assert_eq!(unescape_mountinfo("a\\011b\\134c\\9"), "a\tb\\c\\9");
-}
-
-#[test]
 fn bind_mounts_from_the_host_that_the_spec_does_not_have_are_external() {
     let container = entries(&[
         line(10, "0:99", "/", "/", "overlay"),

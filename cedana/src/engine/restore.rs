@@ -276,7 +276,9 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
     let mut hook_ctx = HookContext::new(kind, 0, req.container.as_ref().map(|c| c.id.clone()), path.clone());
     hook_ctx.gpu = opened.manifest.gpu.clone();
     hook_ctx.skip_gpu_check = req.skip_gpu_check;
-    hook_ctx.gpu_visible = req.container.as_ref().map(|c| container_gpus(&c.flags.bundle, &opened));
+    // Only a checkpoint with GPU state needs to know the GPUs a container is given.
+    let gpu_container = req.container.as_ref().filter(|_| opened.manifest.gpu.is_some());
+    hook_ctx.gpu_visible = gpu_container.map(|c| container_gpus(&c.flags.bundle, &opened));
     let (restored, verdict, passed, waited) = {
         let mut gate = Gate { pending, verdict: Ok(()), passed: None, hooks, hook_ctx: &hook_ctx, ctx, waited: Duration::ZERO };
         let locks = opened.manifest.criu_options.tcp_established || req.options.tcp_established;

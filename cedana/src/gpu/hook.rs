@@ -289,13 +289,7 @@ fn split(results: Vec<Result<Option<Moved>, GpuError>>) -> (Vec<Moved>, Vec<GpuE
 /// `CUDA_VISIBLE_DEVICES` (else `NVIDIA_VISIBLE_DEVICES`) in the environment `pid` started with.
 fn visible_devices(pid: i32) -> Option<String> {
     let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
-    let get = |key: &str| {
-        env.split(|b| *b == 0).find_map(|kv| {
-            let kv = std::str::from_utf8(kv).ok()?;
-            kv.strip_prefix(key)?.strip_prefix('=').map(str::to_string)
-        })
-    };
-    get("CUDA_VISIBLE_DEVICES").or_else(|| get("NVIDIA_VISIBLE_DEVICES"))
+    Visible::from_env(env.split(|b| *b == 0).filter_map(|kv| std::str::from_utf8(kv).ok())).map(|v| v.value)
 }
 
 #[cfg(test)]

@@ -5,7 +5,7 @@
 //! and unlocked before the restore is reported done; if that fails the restored tree is killed.
 //!
 //! - [`detect`]: which processes use a GPU (libcuda mapped, an NVIDIA device open);
-//! - [`inventory`]: the host's GPUs (`nvidia-smi`), the checkpoint's record of them, the host check;
+//! - [`inventory`]: the host's GPUs (`nvidia-smi`), the checkpoint's record of them, the driver check;
 //! - [`placement`]: the GPUs a restored workload is given, checked against the record and paired with it;
 //! - [`backend`]: the seam, with [`utility`] (`cuda-checkpoint`) and [`driver`] (libcuda's
 //!   `cuCheckpointProcess*`, loaded at run time);

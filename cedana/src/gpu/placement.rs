@@ -6,7 +6,7 @@
 //! GPU that takes it over, and the pairs go to NVIDIA's restore (`CUcheckpointRestoreArgs.gpuPairs`, which
 //! must then name every checkpointed GPU).
 
-use super::inventory::{version_key, GpuDevice, GpuRecord, Inventory};
+use super::inventory::{GpuDevice, GpuRecord, Inventory};
 use super::GpuError;
 
 /// The variable that selects a workload's GPUs, and its value.
@@ -72,17 +72,8 @@ pub struct Placement {
 /// describes, and pair the checkpoint's GPUs with those given. `what` names the workload in messages.
 pub fn place(host: &Inventory, record: &GpuRecord, visible: Option<&Visible>, what: &str) -> Result<Placement, GpuError> {
     let short = |reason: String| Err(GpuError::HostMismatch { reason });
-    if version_key(&host.driver_version) < version_key(&record.driver_version) {
-        return short(format!(
-            "the checkpoint was made with NVIDIA driver {} but this host has the older {}",
-            record.driver_version, host.driver_version
-        ));
-    }
-    if record.devices.is_empty() {
-        // The dump could not list its GPUs: only the host as a whole can be checked.
-        host.check(record)?;
-        return Ok(Placement { given: host.devices.clone(), pairs: Vec::new() });
-    }
+    host.check_driver(record)?;
+    // (A dump that could not list its GPUs recorded none: then only the driver is checked.)
     let given = host.visible(visible.map(|v| v.value.as_str()));
     let recorded = match &record.visible_devices {
         Some(v) => format!("{} (selected by {v})", list(&record.devices)),

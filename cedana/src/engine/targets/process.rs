@@ -22,7 +22,6 @@ use serde::{Deserialize, Serialize};
 
 use super::{CheckpointCall, DumpTarget, Prepared, RestoreTarget, Restored};
 use crate::checkpoint::external::{self, ExternalFile};
-use crate::checkpoint::mounts::unescape_mountinfo;
 use crate::checkpoint::{CheckpointError, CheckpointKind, OpenedCheckpoint};
 use crate::criu::options::CriuOptions;
 use crate::criu::streamer::serve::Serve;
@@ -32,6 +31,7 @@ use crate::engine::lazy::LazyDaemon;
 use crate::engine::restore::{Gate, RestoreRequest, RestoreStdio};
 use crate::engine::{Engine, EngineError};
 use crate::procfs;
+use crate::procfs::parse_mountinfo;
 
 /// How long to wait for a PID of the checkpoint held by a zombie that its parent has not reaped yet.
 const ZOMBIE_GRACE: Duration = Duration::from_secs(5);
@@ -413,10 +413,7 @@ fn own_mount_namespace(pid: i32) -> Result<Option<MountNamespace>, EngineError> 
 /// The device (`major:minor`) and root (the folder of its file system it shows) of the mount at `/` in a
 /// mountinfo text: the last one listed, which is on top.
 fn parse_root_mount(mountinfo: &str) -> Option<(String, String)> {
-    mountinfo.lines().rev().find_map(|l| {
-        let f: Vec<&str> = l.split_whitespace().collect();
-        (f.len() > 4 && f[4] == "/").then(|| (f[2].to_string(), unescape_mountinfo(f[3])))
-    })
+    parse_mountinfo(mountinfo).into_iter().rev().find(|m| m.mountpoint == "/").map(|m| (m.dev, m.root))
 }
 
 /// Fail if a PID of the checkpoint is taken by a live process; give zombies a moment to be reaped.
@@ -457,7 +454,6 @@ mod tests {
                     41 22 254:0 /srv/new\\040root / rw - ext4 /dev/vda rw\n";
         assert_eq!(parse_root_mount(text), Some(("254:0".into(), "/srv/new root".into())));
         assert_eq!(parse_root_mount("30 22 0:5 / /dev rw - devtmpfs devtmpfs rw\n"), None);
-        assert_eq!(unescape_mountinfo("a\\011b\\134c\\9"), "a\tb\\c\\9");
     }
 
     #[test]
