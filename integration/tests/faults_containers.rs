@@ -97,7 +97,7 @@ fn sigkill(pid: i32) {
 }
 
 /// `cedana-runc --root ROOT ARGS` in `scene` (its TMPDIR and scratch folder), with `env`, spawned.
-fn spawn_wrapper(scene: &Scene, runc: &RuncRoot, args: &[&str], env: &[(&str, &Path)]) -> Child {
+fn spawn_wrapper<V: AsRef<std::ffi::OsStr>>(scene: &Scene, runc: &RuncRoot, args: &[&str], env: &[(&str, V)]) -> Child {
     let mut cmd = std::process::Command::new(bin("cedana-runc"));
     cmd.arg("--root").arg(&runc.root).args(args);
     scene.env(&mut cmd);
@@ -193,7 +193,7 @@ fn kill_checkpoint(phase: Phase) {
     assert!(visible.is_empty(), "{phase:?}: no checkpoint may be visible: {visible:?}");
     // The next checkpoint into that image path (a retry) sweeps what the killed one left, and works.
     let args = ["checkpoint", "--leave-running", "--image-path", images.to_str().unwrap(), &cid];
-    let done = spawn_wrapper(&scene, &runc, &args, &[]).wait_with_output().unwrap();
+    let done = spawn_wrapper::<&str>(&scene, &runc, &args, &[]).wait_with_output().unwrap();
     assert!(done.status.success(), "{phase:?}: the next checkpoint: {}", String::from_utf8_lossy(&done.stderr));
     assert!(images.join("cedana-checkpoint.tar.zst").is_file(), "{phase:?}: {:?}", entries(&images));
     for dir in [&images, &scene.tmp()] {
@@ -231,12 +231,11 @@ fn killing_cedana_runc_while_it_uploads_leaves_the_container_running_and_no_obje
     let runc = RuncRoot::new(scene.root(), "runc");
     let moto = MotoServer::start();
     let (_bundle, cid, out, sum) = memory_container(&scene, &runc, "kill-upload");
+    let mut env = moto.env();
+    env.push(("CEDANA_CHECKPOINT_COMPRESSION", "lz4".into()));
     let spawn = |prefix: &str| {
-        let mut cmd = std::process::Command::new(bin("cedana-runc"));
-        cmd.arg("--root").arg(&runc.root).args(["checkpoint", "--leave-running", "--image-path", &moto.url(prefix), &cid]);
-        scene.env(&mut cmd);
-        cmd.envs(moto.env()).env("CEDANA_CHECKPOINT_COMPRESSION", "lz4");
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("run cedana-runc")
+        let args = ["checkpoint", "--leave-running", "--image-path", &moto.url(prefix), &cid];
+        spawn_wrapper(&scene, &runc, &args, &env)
     };
     let child = spawn("kill");
     wait_for("a part upload", Duration::from_secs(60), || moto.log().contains("partNumber=").then_some(()));
@@ -280,7 +279,7 @@ fn kill_restore(phase: RestorePhase) {
     let (bundle, cid, out, sum) = memory_container(&scene, &runc, &name);
     let images = scene.dest().join("images");
     let args = ["checkpoint", "--image-path", images.to_str().unwrap(), &cid];
-    let done = spawn_wrapper(&scene, &runc, &args, &[]).wait_with_output().unwrap();
+    let done = spawn_wrapper::<&str>(&scene, &runc, &args, &[]).wait_with_output().unwrap();
     assert!(done.status.success(), "{}", String::from_utf8_lossy(&done.stderr));
     out.wait_closed(T);
     let restored = id(&format!("{name}-restored"));
