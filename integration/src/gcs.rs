@@ -18,7 +18,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::moto::{free_port, raw_http};
+use crate::moto::{free_port, raw_http, venv_program};
 
 /// The bucket every server starts with.
 pub const BUCKET: &str = "cedana-test";
@@ -30,17 +30,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The gcp-storage-emulator executable, or a panic that says how to install it.
 pub fn emulator_bin() -> PathBuf {
-    let candidates: Vec<PathBuf> = [
-        std::env::var_os("CEDANA_GCS_EMULATOR").map(PathBuf::from),
-        std::env::var_os("CEDANA_GCS_EMULATOR_VENV").map(|v| PathBuf::from(v).join("bin/gcp-storage-emulator")),
-        Some(PathBuf::from("/opt/cedana/gcs-emulator/bin/gcp-storage-emulator")),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    candidates.iter().find(|p| p.is_file()).cloned().unwrap_or_else(|| {
-        panic!("gcp-storage-emulator is not installed (looked at {candidates:?}): run `sudo bash scripts/setup.sh`")
-    })
+    venv_program("gcp-storage-emulator", "CEDANA_GCS_EMULATOR", "CEDANA_GCS_EMULATOR_VENV", "/opt/cedana/gcs-emulator")
 }
 
 /// The emulator and its adapter, of this test's own; the emulator is killed (by its PID) and the adapter
@@ -162,8 +152,8 @@ impl GcsServer {
         std::fs::read_to_string(self.log.path()).unwrap_or_default()
     }
 
-    /// Kill the emulator (SIGKILL to its PID), as a crash would; the adapter then answers 503.
-    pub fn kill_emulator(&mut self) {
+    /// Kill the emulator (SIGKILL to its PID).
+    fn kill_emulator(&mut self) {
         if let Some(mut child) = self.emulator.take() {
             let _ = child.kill();
             let _ = child.wait();

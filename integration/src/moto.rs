@@ -27,10 +27,16 @@ const START_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The moto_server executable, or a panic that says how to install it.
 pub fn moto_server_bin() -> PathBuf {
+    venv_program("moto_server", "CEDANA_MOTO_SERVER", "CEDANA_MOTO_VENV", "/opt/cedana/moto")
+}
+
+/// A program that `scripts/setup.sh` installs into a Python venv of its own: `$BIN_VAR`, else
+/// `$VENV_VAR/bin/PROGRAM`, else `DEFAULT_VENV/bin/PROGRAM`; or a panic that says how to install it.
+pub(crate) fn venv_program(program: &str, bin_var: &str, venv_var: &str, default_venv: &str) -> PathBuf {
     let candidates: Vec<PathBuf> = [
-        std::env::var_os("CEDANA_MOTO_SERVER").map(PathBuf::from),
-        std::env::var_os("CEDANA_MOTO_VENV").map(|v| PathBuf::from(v).join("bin/moto_server")),
-        Some(PathBuf::from("/opt/cedana/moto/bin/moto_server")),
+        std::env::var_os(bin_var).map(PathBuf::from),
+        std::env::var_os(venv_var).map(|v| PathBuf::from(v).join("bin").join(program)),
+        Some(PathBuf::from(default_venv).join("bin").join(program)),
     ]
     .into_iter()
     .flatten()
@@ -39,7 +45,7 @@ pub fn moto_server_bin() -> PathBuf {
         .iter()
         .find(|p| p.is_file())
         .cloned()
-        .unwrap_or_else(|| panic!("moto_server is not installed (looked at {candidates:?}): run `sudo bash scripts/setup.sh`"))
+        .unwrap_or_else(|| panic!("{program} is not installed (looked at {candidates:?}): run `sudo bash scripts/setup.sh`"))
 }
 
 /// A free TCP port on 127.0.0.1 (free when this returns; a server started right after gets it).
