@@ -259,6 +259,16 @@ pub fn cedana_env(gpu: &FakeGpu, backend: &str) -> Vec<(&'static str, String)> {
     ]
 }
 
+/// `cedana ARGS` (log level info) with the fakes' GPU configuration for `backend` (see [`cedana_env`]) and
+/// `env`, run to its end.
+pub fn cedana_gpu(gpu: &FakeGpu, backend: &str, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut cmd = Command::new(crate::bin("cedana"));
+    cmd.args(args).env("CEDANA_LOG_LEVEL", "info");
+    cmd.envs(cedana_env(gpu, backend));
+    cmd.envs(env.iter().copied());
+    cmd.output().expect("run cedana")
+}
+
 /// gpu-app's lines in a container's output (PIDs in the container's namespace).
 pub fn container_lines(out: &crate::lines::Lines) -> Vec<AppLine> {
     out.snapshot().iter().filter_map(|l| AppLine::parse(l)).collect()

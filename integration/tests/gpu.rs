@@ -9,8 +9,8 @@ use std::process::{Child, Command};
 use std::time::Duration;
 
 use cedana_integration::gpu::{
-    app_lines, assert_container_counts_continue, cdi_bundle, container_lines, expected_sum, last_app_line, wait_container_counts,
-    wait_count, FakeGpu,
+    app_lines, assert_container_counts_continue, cdi_bundle, cedana_env, cedana_gpu, container_lines, expected_sum,
+    last_app_line, wait_container_counts, wait_count, FakeGpu,
 };
 use cedana_integration::{bin, require_root};
 use nix::sys::signal::{kill, Signal};
@@ -26,24 +26,23 @@ enum Backend {
     Driver,
 }
 
+impl Backend {
+    /// Its name in the configuration (`gpu.backend`).
+    fn name(self) -> &'static str {
+        match self {
+            Backend::Utility => "cuda-checkpoint",
+            Backend::Driver => "driver",
+        }
+    }
+}
+
 /// `cedana ARGS` with the GPU configuration pointing at the fakes.
 fn cedana(gpu: &FakeGpu, backend: Backend, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = Command::new(bin("cedana"));
-    cmd.args(args).env("CEDANA_LOG_LEVEL", "info");
-    gpu_env(gpu, backend, &mut cmd);
-    cmd.envs(env.iter().copied());
-    cmd.output().expect("run cedana")
+    cedana_gpu(gpu, backend.name(), args, env)
 }
 
 fn gpu_env(gpu: &FakeGpu, backend: Backend, cmd: &mut Command) {
-    let name = match backend {
-        Backend::Utility => "cuda-checkpoint",
-        Backend::Driver => "driver",
-    };
-    cmd.env("CEDANA_GPU_BACKEND", name)
-        .env("CEDANA_GPU_CUDA_CHECKPOINT", &gpu.cuda_checkpoint)
-        .env("CEDANA_GPU_LIBCUDA", gpu.lib_dir.join("libcuda.so.1"))
-        .env("CEDANA_GPU_NVIDIA_SMI", &gpu.nvidia_smi);
+    cmd.envs(cedana_env(gpu, backend.name()));
 }
 
 fn ok(what: &str, out: &std::process::Output) -> String {

@@ -5,12 +5,12 @@
 //! the cuda-checkpoint utility cannot do.
 
 use std::path::Path;
-use std::process::{Child, Command};
+use std::process::Child;
 use std::time::Duration;
 
 use cedana_integration::engines::{piped, RuncRoot};
 use cedana_integration::gpu::{
-    app_lines, cdi_bundle, cedana_env, container_lines, expected_sum, wait_container_counts, wait_count, FakeGpu,
+    app_lines, cdi_bundle, cedana_env, cedana_gpu, container_lines, expected_sum, wait_container_counts, wait_count, FakeGpu,
 };
 use cedana_integration::images::RESTORE_ANNOTATION;
 use cedana_integration::{bin, require_root};
@@ -91,22 +91,13 @@ fn a_container_is_restored_only_onto_gpus_as_large_as_those_it_was_checkpointed_
     runc.ok(&["kill", &copy, "KILL"]);
 }
 
-/// `cedana ARGS` with the fakes' GPU configuration for `backend`, and `env`.
-fn cedana(gpu: &FakeGpu, backend: &str, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
-    let mut cmd = Command::new(bin("cedana"));
-    cmd.args(args).env("CEDANA_LOG_LEVEL", "info");
-    cmd.envs(cedana_env(gpu, backend).iter().map(|(k, v)| (*k, v.as_str())));
-    cmd.envs(env.iter().copied());
-    cmd.output().expect("run cedana")
-}
-
 /// A fake CUDA process (no children) dumped into `gpu.dir/cp.tar`; its PID and last count.
 fn dumped_app(gpu: &FakeGpu, log: &Path) -> (i32, u64) {
     let mut child: Child = gpu.app_command(MIB, 0, log).spawn().unwrap();
     let pid = child.id() as i32;
     wait_count(log, pid, 2);
     let dir = gpu.dir.to_str().unwrap();
-    let out = cedana(gpu, "driver", &["dump", "process", &pid.to_string(), "--no-server", "--dir", dir, "--name", "cp"], &[]);
+    let out = cedana_gpu(gpu, "driver", &["dump", "process", &pid.to_string(), "--no-server", "--dir", dir, "--name", "cp"], &[]);
     assert!(out.status.success(), "dump: {}", String::from_utf8_lossy(&out.stderr));
     let _ = child.wait();
     let count = app_lines(log, Some(pid)).last().unwrap().count;
@@ -127,7 +118,7 @@ fn a_process_restored_on_a_host_with_other_gpus_is_remapped_onto_them_by_the_dri
     let path = format!("{}/cp.tar", gpu.dir.display());
     let restore = |backend: &str, extra: &[&str], env: &[(&str, &str)]| {
         let args = [&["restore", "process", "--path", &path, "--no-server", "--detach"][..], extra].concat();
-        cedana(&gpu, backend, &args, env)
+        cedana_gpu(&gpu, backend, &args, env)
     };
     let newer = ("FAKE_CUDA_DRIVER_VERSION", "12090");
     let failed = |what: &str, out: &std::process::Output| {
@@ -172,7 +163,7 @@ fn a_process_restored_on_its_own_gpus_gets_no_pairs() {
     let before = "GPU-6661e5e0-0000-4000-8000-000000000000";
     let path = format!("{}/cp.tar", gpu.dir.display());
     // CUDA 12.8's driver refuses any pair: a restore on the same GPU passes none.
-    let out = cedana(&gpu, "driver", &["restore", "process", "--path", &path, "--no-server", "--detach"], &[]);
+    let out = cedana_gpu(&gpu, "driver", &["restore", "process", "--path", &path, "--no-server", "--detach"], &[]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert_eq!(gpu_of(&gpu, pid), before);
     wait_count(&log, pid, count + 2);
