@@ -6,7 +6,8 @@
 # Environment:
 #   ROUNDS=3            measured rounds (each round runs every mode once)
 #   WARMUP=1            unmeasured warm-up rounds first (their figures are printed apart: fresh guest memory)
-#   MODES="none zstd gzip lz4"   a mode may end in :files (image files instead of streams: --no-stream) or
+#   MODES="none zstd gzip lz4"   (or zlib: its codec alone is Python's zlib module, scripts/bench/zlib_pipe.py)
+#                       a mode may end in :files (image files instead of streams: --no-stream) or
 #                       :stream (--stream); plain names use cedana's default (streaming)
 #   SIZE_MIB=1024       workload size (half pseudo-random pages, half repeated text)
 #   PROCS=1             spread SIZE_MIB over a tree of this many processes (the workload forks them)
@@ -133,15 +134,15 @@ DISTURBED=0
 timed() {
     local round=$1 mode=$2 key=$3; shift 3
     if [ "$GAP" != 0 ]; then sleep "$GAP"; fi
-    local t0 t1 usr sys wall
+    local t0 t1 usr sys rss wall
     t0=$(now)
-    if ! /usr/bin/time -f '%U %S' -o "$WORK/time.out" "$@" >"$WORK/last.out" 2>"$WORK/last.err"; then
+    if ! /usr/bin/time -f '%U %S %M' -o "$WORK/time.out" "$@" >"$WORK/last.out" 2>"$WORK/last.err"; then
         echo "bench-process: FAILED in round $round, mode $mode, step $key: $*" >&2
         cat "$WORK/last.out" "$WORK/last.err" >&2
         exit 1
     fi
     t1=$(now)
-    read -r usr sys < <(tail -n 1 "$WORK/time.out")
+    read -r usr sys rss < <(tail -n 1 "$WORK/time.out")
     wall=$(fsub "$t1" "$t0")
     sleep 0.25 # let the monitor write the sample that covers the end of the step
     local foreign comp who
@@ -151,6 +152,7 @@ timed() {
     record "$round" "$mode" "$key.wall" "$wall"
     record "$round" "$mode" "$key.cpu" "$(python3 -c "print(round($usr + $sys, 2))")"
     record "$round" "$mode" "$key.foreign" "$foreign"
+    record "$round" "$mode" "$key.rss" "$rss" # KiB: the peak of the command or of any child it waited for
     record "$round" "$mode" "$key.compilers" "$comp"
     local note=""
     if python3 -c "import sys; sys.exit(0 if $foreign > 0.15 + 0.02 * $wall else 1)"; then
@@ -195,6 +197,7 @@ codec_c() { # MODE SRC_DIR OUT_FILE
         zstd) tar -cf - -C "$2" . | zstd -q -1 -T0 >"$3" ;;
         gzip) tar -cf - -C "$2" . | gzip -1 >"$3" ;;
         lz4) tar -cf - -C "$2" . | lz4 -q -1 -B7 >"$3" ;;
+        zlib) tar -cf - -C "$2" . | python3 "$HERE/bench/zlib_pipe.py" -1 >"$3" ;;
     esac
 }
 codec_d() { # MODE IN_FILE OUT_DIR
@@ -203,8 +206,10 @@ codec_d() { # MODE IN_FILE OUT_DIR
         zstd) zstd -q -d -T0 <"$2" | tar -xf - -C "$3" ;;
         gzip) gzip -d <"$2" | tar -xf - -C "$3" ;;
         lz4) lz4 -q -d <"$2" | tar -xf - -C "$3" ;;
+        zlib) python3 "$HERE/bench/zlib_pipe.py" -d <"$2" | tar -xf - -C "$3" ;;
     esac
 }
+export HERE
 export -f codec_c codec_d
 
 raw_pair() { # ROUND MODE

@@ -134,6 +134,34 @@ pub fn entries(dir: &Path) -> Vec<String> {
     v
 }
 
+/// Rewrite the zlib checkpoint at `path` as cedana wrote zlib checkpoints before they had units: one zlib
+/// stream of a tar whose manifest places no page image, with no index at its end (an archive that can only
+/// be read front to back).
+pub fn zlib_in_one_stream(path: &Path) {
+    use cedana::codec::{decoder, encoder, Compression};
+    use std::io::Read;
+    let packed = std::fs::read(path).unwrap();
+    let mut archive = tar::Archive::new(decoder(Compression::Zlib, &packed[..]).unwrap());
+    let mut out = tar::Builder::new(encoder(Compression::Zlib, Vec::new()).unwrap());
+    for entry in archive.entries().unwrap() {
+        let mut entry = entry.unwrap();
+        let name = entry.path().unwrap().to_string_lossy().into_owned();
+        let mut data = Vec::new();
+        entry.read_to_end(&mut data).unwrap();
+        if name == "manifest.json" {
+            let mut manifest: serde_json::Value = serde_json::from_slice(&data).unwrap();
+            manifest.as_object_mut().unwrap().remove("placement");
+            data = serde_json::to_vec(&manifest).unwrap();
+        }
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o600);
+        header.set_cksum();
+        out.append_data(&mut header, &name, &data[..]).unwrap();
+    }
+    std::fs::write(path, out.into_inner().unwrap().finish().unwrap()).unwrap();
+}
+
 /// Wait until a dump writes its checkpoint under the hidden temporary name in `dir` and it holds more than
 /// `bytes` (the archive is being written, CRIU holding the workload frozen).
 pub fn wait_for_partial_checkpoint(dir: &Path, bytes: u64) {

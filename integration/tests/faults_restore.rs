@@ -5,11 +5,17 @@
 //! GPU restore: gpu_fakes.rs.)
 
 use std::process::{Command, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use cedana_integration::invariants::*;
 use cedana_integration::workload::Workload;
 use cedana_integration::*;
+
+/// Held by each test for its whole run. Taking a PID moves the kernel's next-PID cursor back, so the
+/// processes started after it walk through the PIDs just above: a dumped PID of the other test waiting
+/// for its restore would be taken.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
 /// Dump the memory workload of `scene` (it exits); its workload, checksum and checkpoint.
 fn dumped(scene: &Scene) -> (Workload, String, std::path::PathBuf) {
@@ -40,6 +46,7 @@ fn take_pid(pid: i32) -> Option<std::process::Child> {
 #[test]
 fn a_taken_pid_fails_the_restore_naming_the_holder_and_nothing_runs() {
     require_root();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let scene = Scene::new();
     let (w, sum, path) = dumped(&scene);
     let mut holder = take_pid(w.pid).expect("a process under the dumped PID");
@@ -67,6 +74,7 @@ fn a_taken_pid_fails_the_restore_naming_the_holder_and_nothing_runs() {
 #[test]
 fn a_missing_file_fails_the_restore_naming_it_and_nothing_runs() {
     require_root();
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let scene = Scene::new();
     let (w, sum, path) = dumped(&scene);
     // The program's output file (its stdout and stderr) is gone.

@@ -67,8 +67,8 @@ impl Trailer {
         let mut head = [0u8; 512];
         let n = head.len().min(len as usize);
         source.read_exact_at(0, &mut head[..n])?;
-        let unit = Compression::detect_bytes(&head[..n]).and_then(|c| codec::units::stored_unit(c, &trailer.encode(), None));
-        let whole = unit.is_some_and(|u| end.ends_with(&u));
+        let whole =
+            Compression::detect_bytes(&head[..n]).is_some_and(|c| codec::units::ends_with_closing(c, &end, &trailer.encode()));
         Ok((whole && trailer.tail_offset < len && trailer.tail_pad < 512).then_some(trailer))
     }
 }
@@ -161,7 +161,7 @@ impl IndexedArchive {
             }
             None => self.source.read_from(offset).map_err(io_err)?,
         };
-        let mut stream = codec::decoder(self.compression, reader)?;
+        let mut stream = codec::unit_decoder(self.compression, reader)?;
         let mut header = tar::Header::new_old();
         stream.read_exact(header.as_mut_bytes()).map_err(damaged)?;
         let found = header.path().map(|p| p.to_string_lossy().into_owned()).unwrap_or_default();
@@ -218,6 +218,14 @@ impl IndexedArchive {
         let units = self.manifest.placement.iter().find(|p| p.name == name).map(|p| p.units.as_slice()).unwrap_or_default();
         if !units.is_empty() {
             return self.copy_units(name, *offset, units, expected, out);
+        }
+        if self.compression == Compression::Tar {
+            // A tar holds the image as it is, right after its header: read in the checksum's chunks, each
+            // as a unit of its own (on every core, and into CRIU's pipe by reference).
+            let chunk = super::digest::CHUNK as u64;
+            let pieces: Vec<u64> =
+                (0..expected.size.div_ceil(chunk).max(1)).map(|i| (expected.size - i * chunk).min(chunk)).collect();
+            return self.copy_units(name, *offset, &pieces, expected, out);
         }
         let damaged = |e: io::Error| unreadable(&location, e, &format!("{name} in the archive"));
         let mut stream = self.check_header(name, *offset, None, expected)?;
@@ -292,7 +300,7 @@ fn read_tail(
     let location = std::path::PathBuf::from(source.location());
     let io_err = |e| CheckpointError::Io { path: location.clone(), source: e };
     let damaged = |e: io::Error| unreadable(&location, e, &format!("the {compression} archive"));
-    let mut stream = codec::decoder(compression, source.read_from(trailer.tail_offset).map_err(io_err)?)?;
+    let mut stream = codec::unit_decoder(compression, source.read_from(trailer.tail_offset).map_err(io_err)?)?;
     io::copy(&mut (&mut stream).take(trailer.tail_pad), &mut io::sink()).map_err(damaged)?;
     let mut tail = tar::Archive::new(super::tar_guard::TarGuard::new(stream));
     let mut small = HashMap::new();

@@ -1,9 +1,9 @@
 //! A checkpoint opened for a lazy restore: everything but the page images is read and verified now and put
 //! in an images folder; each page image stays where it is (a folder's file, or its entry's bytes in place in
-//! an uncompressed archive) for the page server to read on demand. In the images folder, a page image is a
-//! sparse file of its full size holding only the pages CRIU's restore reads itself (the runs not marked
+//! an uncompressed archive) for the lazy-pages handler to read on demand. In the images folder, a page image
+//! is a sparse file of its full size holding only the pages CRIU's restore reads itself (the runs not marked
 //! lazy: a few pages of the program's data segments); the lazy ones stay holes, filled by the lazy-pages
-//! daemon from our page server.
+//! handler ([`crate::criu::uffd`]).
 //!
 //! The page images are not verified before the restore (that pass is what a lazy restore avoids): a
 //! [`LazyPage::verify`] pass checks each one against the manifest while the program runs, and the caller
@@ -21,7 +21,7 @@ use super::reader::{check_version, corrupt, parse_manifest, safe_relative, unrea
 use super::source::{ArchiveSource, LocalSource};
 use super::{is_page_image, CheckpointError, FileDigest, Manifest, OpenedCheckpoint, MANIFEST_NAME};
 use crate::codec::Compression;
-use crate::criu::pageserver::pagemap::Pagemap;
+use crate::criu::pages::pagemap::Pagemap;
 
 /// The largest file other than a page image that a lazy restore reads into memory.
 const MAX_SMALL_FILE: u64 = 1 << 30;
@@ -95,7 +95,7 @@ impl std::fmt::Debug for LazyPages {
 
 /// Open the checkpoint at `path` for a lazy restore (extractions go under `scratch`): a folder, an
 /// uncompressed archive, or a compressed one whose page images are runs of independent units (lz4, gzip,
-/// zstd: [`super::Placed::units`]); others are refused (their pages cannot be read on their own). The result's
+/// zlib, zstd: [`super::Placed::units`]); others are refused (their pages cannot be read on their own). The result's
 /// [`OpenedCheckpoint::lazy`] holds the page images.
 pub fn open_lazy(path: &Path, scratch: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
     if path.symlink_metadata().is_err() {
@@ -372,7 +372,7 @@ fn write_sparse(
     maps: &HashMap<u64, Pagemap>,
     chunked: Option<&ChunkedPages>,
 ) -> Result<(), CheckpointError> {
-    use crate::criu::pageserver::PageStore;
+    use crate::criu::pages::PageStore;
     use std::os::unix::fs::FileExt;
     let out_path: PathBuf = images.join(&page.name);
     let out = File::create(&out_path).map_err(CheckpointError::io(&out_path))?;

@@ -4,33 +4,45 @@
 //! images are verified against the manifest with no second read: [`ChunkedPages::verify`], once the
 //! transfer is over, fetches the chunks never asked for and compares every image's digest.
 //!
-//! Reading ahead: once an image is read chunk after chunk (the lazy-pages daemon's background transfer goes
+//! Reading ahead: once an image is read chunk after chunk (the lazy-pages handler's background transfer goes
 //! front to back, and so do programs walking their memory), the next [`READ_AHEAD`] chunks are fetched and
 //! decoded on threads of their own while the current one is served, so the serving thread seldom waits for
 //! a decode or a ranged read. Chunks asked for out of order fetch nothing ahead.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 
 use super::digest::{combine, xxh3_128, CHUNK};
 use super::lazy::LazyPage;
 use super::reader::corrupt;
-use super::units_read::decode_unit;
+use super::units_read::decode_unit_into;
 use super::CheckpointError;
-use crate::criu::pageserver::PageStore;
+use crate::codec::pool::{BufPool, Pooled};
+use crate::criu::pages::PageStore;
+
+/// A chunk's bytes, shared by the readers serving from it; its buffer goes back to the pool after the last.
+type Chunk = Arc<Pooled>;
 
 /// Chunks fetched ahead of one read in sequence.
 pub const READ_AHEAD: usize = 2;
 
-/// Chunks kept per image (the daemon's background transfer reads front to back; faults jump about), besides
+/// Chunks kept per image (the background transfer reads in sequence; faults jump about), besides
 /// those fetched ahead.
 const CACHED_CHUNKS: usize = 4 + READ_AHEAD;
 
 struct Image {
     page: LazyPage,
+    /// Buffers for chunks (decoded, or read as they are) and for the units read before decoding: reused, so
+    /// that a chunk costs no fresh memory to fault in and zero.
+    chunks: Arc<BufPool>,
+    packed: Arc<BufPool>,
     /// In a compressed archive: where each unit starts, from the page image's base.
     unit_starts: Vec<u64>,
+    /// How many chunks `state` keeps (those fetched ahead included), and how many are fetched ahead.
+    keep: AtomicUsize,
+    ahead: AtomicUsize,
     state: Mutex<State>,
     /// Signalled when a chunk fetched ahead arrives (or failed).
     arrived: Condvar,
@@ -40,7 +52,7 @@ struct Image {
 struct State {
     /// The hash of each chunk fetched so far.
     hashes: Vec<Option<u128>>,
-    cache: VecDeque<(usize, Arc<Vec<u8>>)>,
+    cache: VecDeque<(usize, Chunk)>,
     /// Chunks being fetched ahead, on threads of their own.
     ahead: HashSet<usize>,
     /// The chunk the last read asked for.
@@ -48,19 +60,20 @@ struct State {
 }
 
 impl State {
-    fn cached(&self, i: usize) -> Option<Arc<Vec<u8>>> {
+    fn cached(&self, i: usize) -> Option<Chunk> {
         self.cache.iter().find(|(n, _)| *n == i).map(|(_, c)| Arc::clone(c))
     }
 
-    /// Keep chunk `i` (and its hash, the first time), dropping the oldest beyond the cache's size.
-    fn keep(&mut self, i: usize, bytes: &Arc<Vec<u8>>) {
+    /// Keep chunk `i` (and its hash, hashed by the fetching thread, the first time), dropping the oldest
+    /// beyond the cache's size.
+    fn keep(&mut self, i: usize, (bytes, hash): &(Chunk, u128), limit: usize) {
         if self.hashes[i].is_none() {
-            self.hashes[i] = Some(xxh3_128(bytes));
+            self.hashes[i] = Some(*hash);
         }
         if self.cached(i).is_some() {
             return;
         }
-        if self.cache.len() == CACHED_CHUNKS {
+        while self.cache.len() >= limit.max(1) {
             self.cache.pop_front();
         }
         self.cache.push_back((i, Arc::clone(bytes)));
@@ -83,18 +96,34 @@ impl ChunkedPages {
                 let state = State { hashes: vec![None; chunks], ..State::default() };
                 let unit_starts =
                     p.units.iter().scan(0u64, |at, len| Some(std::mem::replace(at, at.saturating_add(*len)))).collect();
-                let image = Image { page: p.clone(), unit_starts, state: Mutex::new(state), arrived: Condvar::new() };
+                // Those cached and fetched ahead, those being served, and one being fetched on demand.
+                let chunks = BufPool::new(CACHED_CHUNKS + READ_AHEAD + 2);
+                let packed = BufPool::new(READ_AHEAD + 1);
+                let (state, arrived) = (Mutex::new(state), Condvar::new());
+                let (keep, ahead) = (AtomicUsize::new(CACHED_CHUNKS), AtomicUsize::new(READ_AHEAD));
+                let image = Image { page: p.clone(), chunks, packed, unit_starts, keep, ahead, state, arrived };
                 Some((p.pages_id()?, Arc::new(image)))
             })
             .collect();
         Self { images, location: location.to_path_buf() }
     }
 
+    /// Keep only the last chunk read and the one fetched ahead of it: for a reader that goes through the
+    /// images in sequence (one thread decoding ahead while it copies keeps two cores busy), holding less
+    /// memory.
+    pub fn read_in_sequence(&self) {
+        for image in self.images.values() {
+            image.keep.store(2, Ordering::Relaxed);
+            image.ahead.store(1, Ordering::Relaxed);
+        }
+    }
+
     /// Fetch every chunk not fetched yet and compare each image with the manifest.
     pub fn verify(&self) -> Result<(), CheckpointError> {
         for image in self.images.values() {
             let chunks = {
-                let state = image.state.lock().map_err(|_| corrupt(&self.location, "a page server thread panicked".into()))?;
+                let state =
+                    image.state.lock().map_err(|_| corrupt(&self.location, "a lazy-pages reader thread panicked".into()))?;
                 state.hashes.len()
             };
             let mut hashes = Vec::with_capacity(chunks);
@@ -102,7 +131,18 @@ impl ChunkedPages {
                 let known = image.state.lock().ok().and_then(|s| s.hashes[i]);
                 let hash = match known {
                     Some(h) => h,
-                    None => xxh3_128(&image.fetch(i).map_err(CheckpointError::io(&self.location))?),
+                    None => {
+                        image
+                            .fetch(i)
+                            .map_err(|e| match e.kind() {
+                                // A unit that does not decode, or a chunk that is not there: damaged.
+                                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
+                                    corrupt(&self.location, e.to_string())
+                                }
+                                _ => CheckpointError::io(&self.location)(e),
+                            })?
+                            .1
+                    }
                 };
                 hashes.push(hash);
             }
@@ -116,13 +156,13 @@ impl ChunkedPages {
 }
 
 fn poisoned<T>(_: T) -> std::io::Error {
-    std::io::Error::other("a page server thread panicked")
+    std::io::Error::other("a lazy-pages reader thread panicked")
 }
 
 impl Image {
     /// Chunk `i`, from the cache, from a fetch ahead under way, or fetched now (and hashed, the first time);
     /// a read in sequence starts fetching the next chunks.
-    fn chunk(self: &Arc<Self>, i: usize) -> std::io::Result<Arc<Vec<u8>>> {
+    fn chunk(self: &Arc<Self>, i: usize) -> std::io::Result<Chunk> {
         let mut state = self.state.lock().map_err(poisoned)?;
         if state.last_read != Some(i) {
             let in_sequence = state.last_read.is_some_and(|last| last + 1 == i);
@@ -138,26 +178,27 @@ impl Image {
             return Ok(c);
         }
         drop(state);
-        let bytes = Arc::new(self.fetch(i)?);
-        self.state.lock().map_err(poisoned)?.keep(i, &bytes);
-        Ok(bytes)
+        let fetched = self.fetch(i)?;
+        let limit = self.keep.load(Ordering::Relaxed);
+        self.state.lock().map_err(poisoned)?.keep(i, &fetched, limit);
+        Ok(fetched.0)
     }
 
     /// Start fetching the [`READ_AHEAD`] chunks after `i` that are neither cached nor under way. A chunk
     /// that fails to arrive is only dropped: whoever asks for it fetches it again and sees the error.
     fn read_ahead(self: &Arc<Self>, state: &mut State, i: usize) {
         let chunks = state.hashes.len();
-        for j in (i + 1..=i + READ_AHEAD).filter(|j| *j < chunks) {
+        for j in (i + 1..=i + self.ahead.load(Ordering::Relaxed)).filter(|j| *j < chunks) {
             if state.ahead.contains(&j) || state.cached(j).is_some() {
                 continue;
             }
             let image = Arc::clone(self);
             let spawned = std::thread::Builder::new().name("cedana-read-ahead".into()).spawn(move || {
-                let fetched = image.fetch(j).map(Arc::new);
+                let fetched = image.fetch(j);
                 if let Ok(mut state) = image.state.lock() {
                     state.ahead.remove(&j);
                     match fetched {
-                        Ok(bytes) => state.keep(j, &bytes),
+                        Ok(bytes) => state.keep(j, &bytes, image.keep.load(Ordering::Relaxed)),
                         Err(e) => tracing::debug!(image = %image.page.name, chunk = j, error = %e, "reading ahead failed"),
                     }
                 }
@@ -169,44 +210,77 @@ impl Image {
         }
     }
 
-    fn fetch(&self, i: usize) -> std::io::Result<Vec<u8>> {
-        let image = self;
+    /// Chunk `i` read (and decoded), with its hash.
+    fn fetch(&self, i: usize) -> std::io::Result<(Chunk, u128)> {
+        let page = &self.page;
         let start = i as u64 * CHUNK as u64;
-        let len = (image.page.digest.size - start).min(CHUNK as u64) as usize;
-        if image.page.units.is_empty() {
-            let mut buf = vec![0u8; len];
-            image.page.source.read_exact_at(image.page.base + start, &mut buf)?;
-            return Ok(buf);
+        let len = (page.digest.size - start).min(CHUNK as u64) as usize;
+        let mut buf = self.chunks.lend(self.chunks.take_len(len));
+        if page.units.is_empty() {
+            page.source.read_exact_at(page.base + start, &mut buf)?;
+        } else {
+            let (Some(&at), Some(&size)) = (self.unit_starts.get(i), page.units.get(i)) else {
+                let what = format!("{}: the manifest places no unit for chunk {i}", page.name);
+                return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
+            };
+            let mut packed = self.packed.lend(self.packed.take());
+            decode_unit_into(&*page.source, page.compression, page.base + at, size, &mut buf, &mut packed)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("{}: unit {i} {e}", page.name)))?;
         }
-        let (Some(&at), Some(&size)) = (image.unit_starts.get(i), image.page.units.get(i)) else {
-            let what = format!("{}: the manifest places no unit for chunk {i}", image.page.name);
-            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
-        };
-        let page = &image.page;
-        decode_unit(&*page.source, page.compression, page.base + at, size, len)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: unit {i} {e}", page.name)))
+        let hash = xxh3_128(&buf);
+        Ok((Arc::new(buf), hash))
     }
 }
 
-impl PageStore for ChunkedPages {
-    fn read_at(&self, pages_id: u32, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+impl ChunkedPages {
+    /// The chunks that hold `len` bytes of `pages-<pages_id>.img` from `offset` on, each with the range of
+    /// it that does.
+    fn pieces(&self, pages_id: u32, offset: u64, len: usize) -> std::io::Result<Vec<(Chunk, std::ops::Range<usize>)>> {
         let image = self
             .images
             .get(&pages_id)
             .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::NotFound, format!("no pages-{pages_id}.img")))?;
-        let end = offset + buf.len() as u64;
+        let end = offset + len as u64;
         if end > image.page.digest.size {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
+        let mut pieces = Vec::with_capacity(2);
         let mut at = offset;
         while at < end {
             let i = (at / CHUNK as u64) as usize;
             let chunk = image.chunk(i)?;
             let from = (at - i as u64 * CHUNK as u64) as usize;
             let n = (chunk.len() - from).min((end - at) as usize);
-            let dst = (at - offset) as usize;
-            buf[dst..dst + n].copy_from_slice(&chunk[from..from + n]);
+            pieces.push((chunk, from..from + n));
             at += n as u64;
+        }
+        Ok(pieces)
+    }
+}
+
+impl PageStore for ChunkedPages {
+    fn read_at(&self, pages_id: u32, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let mut dst = 0;
+        for (chunk, range) in self.pieces(pages_id, offset, buf.len())? {
+            buf[dst..dst + range.len()].copy_from_slice(&chunk[range.clone()]);
+            dst += range.len();
+        }
+        Ok(())
+    }
+
+    /// Straight from the decoded chunks (every chunk fetched before the first piece is handed on).
+    fn each_piece(
+        &self,
+        pages_id: u32,
+        offset: u64,
+        len: usize,
+        _buf: &mut Vec<u8>,
+        each: &mut dyn FnMut(&[u8]) -> bool,
+    ) -> std::io::Result<()> {
+        for (chunk, range) in self.pieces(pages_id, offset, len)? {
+            if !each(&chunk[range]) {
+                break;
+            }
         }
         Ok(())
     }
@@ -280,9 +354,12 @@ mod tests {
         read(&s, 5);
         read(&s, 2);
         assert_eq!(chunks_read(&source), [2, 5], "reads out of order fetch only what they ask for");
+        let image = s.images.get(&1).unwrap();
+        // Once the reads wanted were made and every fetch ahead has ended (a loaded machine may take a while),
+        // and a little more for any read that should not happen: the chunks read.
         let settled = |want: &[usize]| {
             let deadline = Instant::now() + Duration::from_secs(10);
-            while chunks_read(&source) != want && Instant::now() < deadline {
+            while (chunks_read(&source) != want || !image.state.lock().unwrap().ahead.is_empty()) && Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(5));
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -291,8 +368,7 @@ mod tests {
         read(&s, 3);
         // Chunk 3 follows 2: chunks 4 and 5 come ahead (5 was cached already, so only 4 is read).
         assert_eq!(settled(&[2, 3, 4, 5]), [2, 3, 4, 5]);
-        let image = s.images.get(&1).unwrap();
-        assert!(image.state.lock().unwrap().ahead.is_empty());
+        assert!(image.state.lock().unwrap().ahead.is_empty(), "the fetches ahead have ended");
         // A chunk fetched ahead is served from memory, with the right bytes; reading it in sequence fetches
         // 6 ahead (5 is cached), and 4 is not read again.
         assert_eq!(read(&s, 4), source.bytes[4 * CHUNK + 8192..4 * CHUNK + 8192 + 4096]);

@@ -94,7 +94,7 @@ impl Drop for LivePacker {
 
 /// A writer, possibly still inside a [`LivePacker`].
 pub enum Packing {
-    Ready(CheckpointWriter),
+    Ready(Box<CheckpointWriter>),
     Live(LivePacker),
     /// The live packer failed; its error was returned once.
     Failed,
@@ -105,14 +105,14 @@ impl Packing {
     /// see [`CheckpointWriter::accepts_unsized`]), else not: they then go in after CRIU is done.
     pub fn start(writer: CheckpointWriter, images_dir: &Path, advance: Option<Advancer>) -> Self {
         if !writer.accepts_unsized() {
-            return Packing::Ready(writer);
+            return Packing::Ready(Box::new(writer));
         }
         match LivePacker::start(writer, images_dir, advance) {
             Ok(p) => Packing::Live(p),
             Err(failed) => {
                 let (writer, e) = *failed;
                 tracing::warn!(%e, "page images will be packed after CRIU is done");
-                Packing::Ready(writer)
+                Packing::Ready(Box::new(writer))
             }
         }
     }
@@ -121,7 +121,7 @@ impl Packing {
     pub fn writer(&mut self) -> Result<&mut CheckpointWriter, CheckpointError> {
         if let Packing::Live(_) = self {
             let Packing::Live(packer) = std::mem::replace(self, Packing::Failed) else { unreachable!("matched above") };
-            *self = Packing::Ready(packer.finish()?);
+            *self = Packing::Ready(Box::new(packer.finish()?));
         }
         match self {
             Packing::Ready(w) => Ok(w),
@@ -133,7 +133,7 @@ impl Packing {
     pub fn into_writer(mut self) -> Result<CheckpointWriter, CheckpointError> {
         self.writer()?;
         match self {
-            Packing::Ready(w) => Ok(w),
+            Packing::Ready(w) => Ok(*w),
             _ => unreachable!("writer() leaves a ready writer or fails"),
         }
     }

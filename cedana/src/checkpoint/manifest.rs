@@ -138,7 +138,7 @@ pub struct Placed {
     /// Byte offset of the self-contained unit holding the entry's tar header; its data follows.
     pub offset: u64,
     /// When the data is a run of self-contained units of one checksum chunk each (8 MiB of the entry, the
-    /// last one shorter; lz4, gzip and zstd): their compressed sizes, in order. The first starts right after the
+    /// last one shorter; lz4, gzip, zlib and zstd): their compressed sizes, in order. The first starts right after the
     /// header's unit, so any chunk of the entry can be read and verified on its own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub units: Vec<u64>,

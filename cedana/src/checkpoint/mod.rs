@@ -81,7 +81,7 @@ pub enum CheckpointError {
     ExternalMount { mountpoint: String, detail: String },
     #[error("{path} uses checkpoint format {found}, this cedana reads format {expected}: use a matching cedana version")]
     Version { path: PathBuf, found: u32, expected: u32 },
-    #[error("{path} is compressed ({compression}) in one piece: a lazy restore reads each page image by chunks, which needs a checkpoint written with compression tar, none, lz4, gzip or zstd by this cedana")]
+    #[error("{path} is compressed ({compression}) in one piece: a lazy restore reads each page image by chunks, which needs a checkpoint written by this cedana version (any compression: none, tar, gzip, lz4, zlib or zstd)")]
     NotInPlace { path: PathBuf, compression: crate::codec::Compression },
 }
 

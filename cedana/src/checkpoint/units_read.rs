@@ -3,19 +3,21 @@
 //! while the caller writes them in order, holding at most a few units at once. The image's digest is the
 //! combination of the chunks' hashes, so it is checked with no pass of its own.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::io::{self, Read, Write};
 use std::path::Path;
-use std::sync::{Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
 
 use super::digest::{combine, xxh3_128, CHUNK};
 use super::reader::corrupt;
 use super::source::ArchiveSource;
 use super::{CheckpointError, FileDigest};
+use crate::codec::pool::{BufPool, Pooled};
 use crate::codec::Compression;
 
 /// A decoded unit by its index: its bytes and their hash.
-type Decoded = (usize, Result<(Vec<u8>, u128), CheckpointError>);
+type Decoded = (usize, Result<(Pooled, u128), CheckpointError>);
 
 /// Units decoded ahead of the one being written, per worker.
 const AHEAD_PER_WORKER: usize = 2;
@@ -34,9 +36,10 @@ pub(crate) struct Units<'a> {
 
 /// Where a page image's decoded units go: any writer (each unit written from its buffer), or one that takes
 /// each unit's buffer whole (CRIU's pipe filled by `vmsplice`, which must hold the buffer until it was read).
+/// A unit's buffer goes back to its pool for the next unit when dropped.
 pub trait UnitOut: Write {
     /// Write a decoded unit, whole.
-    fn write_unit(&mut self, data: Vec<u8>) -> io::Result<()> {
+    fn write_unit(&mut self, data: Pooled) -> io::Result<()> {
         self.write_all(&data)
     }
 }
@@ -83,30 +86,36 @@ impl Units<'_> {
         let starts: Vec<u64> =
             self.sizes.iter().scan(self.base, |at, len| Some(std::mem::replace(at, at.saturating_add(*len)))).collect();
         let workers = workers.max(1);
+        // Decoded units go round: those decoded ahead, the one being written, and those the output still
+        // holds (CRIU's pipe refers to up to two).
+        let pool = BufPool::new(workers * AHEAD_PER_WORKER + 4);
         let window = Mutex::new(Window { next: 0, written: 0, failed: false });
         let turn = Condvar::new();
         let (tx, rx) = std::sync::mpsc::channel::<Decoded>();
         std::thread::scope(|scope| {
             for _ in 0..workers {
-                let (tx, window, turn, starts) = (tx.clone(), &window, &turn, &starts);
-                scope.spawn(move || loop {
-                    let i = {
-                        let Ok(mut w) = window.lock() else { return };
-                        while !w.failed && w.next < chunks && w.next >= w.written + workers * AHEAD_PER_WORKER {
-                            w = match turn.wait(w) {
-                                Ok(w) => w,
-                                Err(_) => return,
-                            };
-                        }
-                        if w.failed || w.next >= chunks {
+                let (tx, window, turn, starts, pool) = (tx.clone(), &window, &turn, &starts, &pool);
+                scope.spawn(move || {
+                    let mut packed = Vec::new();
+                    loop {
+                        let i = {
+                            let Ok(mut w) = window.lock() else { return };
+                            while !w.failed && w.next < chunks && w.next >= w.written + workers * AHEAD_PER_WORKER {
+                                w = match turn.wait(w) {
+                                    Ok(w) => w,
+                                    Err(_) => return,
+                                };
+                            }
+                            if w.failed || w.next >= chunks {
+                                return;
+                            }
+                            w.next += 1;
+                            w.next - 1
+                        };
+                        let unit = self.decode(i, starts[i], total, pool, &mut packed);
+                        if tx.send((i, unit)).is_err() {
                             return;
                         }
-                        w.next += 1;
-                        w.next - 1
-                    };
-                    let unit = self.decode(i, starts[i], total);
-                    if tx.send((i, unit)).is_err() {
-                        return;
                     }
                 });
             }
@@ -157,10 +166,19 @@ impl Units<'_> {
         Ok(Copied { bytes, out_error })
     }
 
-    /// Unit `i` (starting at `start`) decoded, checked to be its chunk's length, and that chunk's hash.
-    fn decode(&self, i: usize, start: u64, total: u64) -> Result<(Vec<u8>, u128), CheckpointError> {
+    /// Unit `i` (starting at `start`) decoded into a buffer of `pool`, checked to be its chunk's length, and
+    /// that chunk's hash. `packed` is the worker's buffer for the compressed bytes.
+    fn decode(
+        &self,
+        i: usize,
+        start: u64,
+        total: u64,
+        pool: &Arc<BufPool>,
+        packed: &mut Vec<u8>,
+    ) -> Result<(Pooled, u128), CheckpointError> {
         let len = (total - i as u64 * CHUNK as u64).min(CHUNK as u64) as usize;
-        let data = decode_unit(self.source, self.compression, start, self.sizes[i], len).map_err(|e| match e.kind() {
+        let mut data = pool.lend(pool.take_len(len));
+        decode_unit_into(self.source, self.compression, start, self.sizes[i], &mut data, packed).map_err(|e| match e.kind() {
             _ if super::source::is_source_failure(&e) => CheckpointError::Source { path: self.location.to_path_buf(), source: e },
             io::ErrorKind::InvalidData => corrupt(self.location, format!("{}: unit {i} {e}", self.expected.name)),
             _ => CheckpointError::Io { path: self.location.to_path_buf(), source: e },
@@ -172,6 +190,7 @@ impl Units<'_> {
 
 /// The `size` bytes of a unit at `start` in `source`, decoded: they must decode to exactly `len` bytes (a
 /// unit that does not is InvalidData, saying how it is damaged).
+#[cfg(test)]
 pub(crate) fn decode_unit(
     source: &dyn ArchiveSource,
     compression: Compression,
@@ -179,28 +198,85 @@ pub(crate) fn decode_unit(
     size: u64,
     len: usize,
 ) -> io::Result<Vec<u8>> {
+    let mut data = vec![0u8; len];
+    decode_unit_into(source, compression, start, size, &mut data, &mut Vec::new())?;
+    Ok(data)
+}
+
+thread_local! {
+    /// A decoding thread's zstd context, kept from unit to unit.
+    static ZSTD: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+/// Like [`decode_unit`], into `out` (which the unit must fill exactly), with `packed` as the buffer for the
+/// compressed bytes (kept long between calls: nothing is zeroed again). zstd and lz4 units are decoded
+/// straight into `out`, never past its end; other formats through their stream decoder.
+pub(crate) fn decode_unit_into(
+    source: &dyn ArchiveSource,
+    compression: Compression,
+    start: u64,
+    size: u64,
+    out: &mut [u8],
+    packed: &mut Vec<u8>,
+) -> io::Result<()> {
+    let len = out.len();
     let damaged = |what: String| io::Error::new(io::ErrorKind::InvalidData, format!("{what}; it is truncated or damaged"));
     // A manifest may claim any size: nothing larger than a unit can be is read, nor past the archive's end.
     if size > max_unit(len) || start.checked_add(size).is_none_or(|end| end > source.len()) {
         return Err(damaged(format!("is placed at {start} with {size} bytes, which the archive cannot hold")));
     }
-    let mut packed = vec![0u8; size as usize];
-    source.read_exact_at(start, &mut packed)?;
-    let mut data = Vec::with_capacity(len);
-    // One byte more than expected is enough to tell a unit that decodes to more (a bomb) from a good one.
-    crate::codec::decoder(compression, io::Cursor::new(packed))
-        .map_err(io::Error::other)?
-        .take(len as u64 + 1)
-        .read_to_end(&mut data)
-        .map_err(|e| damaged(format!("does not decode ({e})")))?;
-    if data.len() != len {
-        return Err(damaged(format!("holds {} bytes, not {len}", data.len())));
+    let size = size as usize;
+    if matches!(compression, Compression::Tar | Compression::None) {
+        // Stored as it is.
+        if size != len {
+            return Err(damaged(format!("holds {size} bytes, not {len}")));
+        }
+        return source.read_exact_at(start, out);
     }
-    Ok(data)
+    if packed.len() < size {
+        packed.resize(size, 0);
+    }
+    let packed = &mut packed[..size];
+    source.read_exact_at(start, packed)?;
+    let undecodable = |e: io::Error| damaged(format!("does not decode to its {len} bytes ({e})"));
+    let direct = match compression {
+        Compression::Zstd => Some(zstd_into(packed, out)),
+        Compression::Lz4 => crate::codec::lz4_units::decode_into(packed, out),
+        Compression::Zlib => Some(crate::codec::zlib_units::decode_into(packed, out)),
+        Compression::Gzip => Some(crate::codec::zlib_units::gzip_member_into(packed, out)),
+        _ => None,
+    };
+    if let Some(result) = direct {
+        return result.map_err(undecodable);
+    }
+    let mut dec = crate::codec::decoder(compression, &packed[..]).map_err(io::Error::other)?;
+    dec.read_exact(out).map_err(undecodable)?;
+    // One byte more than expected is enough to tell a unit that decodes to more (a bomb) from a good one.
+    match dec.read(&mut [0u8]) {
+        Ok(0) => Ok(()),
+        Ok(_) => Err(damaged(format!("decodes to more than its {len} bytes"))),
+        Err(e) => Err(damaged(format!("does not decode ({e})"))),
+    }
 }
 
-/// The most bytes a unit holding `len` bytes compresses to in any of our formats (each stays within a small
-/// fraction over its input when it cannot compress it).
+/// zstd frames decoded into exactly `out`.
+fn zstd_into(packed: &[u8], out: &mut [u8]) -> io::Result<()> {
+    let n = ZSTD.with_borrow_mut(|ctx| {
+        let d = match ctx {
+            Some(d) => d,
+            None => ctx.insert(zstd::bulk::Decompressor::new()?),
+        };
+        d.decompress_to_buffer(packed, out)
+    })?;
+    if n != out.len() {
+        return Err(io::Error::other(format!("it holds {n}")));
+    }
+    Ok(())
+}
+
+/// The most bytes a unit holding `len` bytes may take in any of our formats: ours stay within a small
+/// fraction over their input when they cannot compress it, but gzip members of earlier versions were deflated
+/// whole at the fastest level, which codes random bytes as fixed-code literals (up to 9 bits for 8).
 pub(crate) fn max_unit(len: usize) -> u64 {
-    len as u64 + len as u64 / 64 + (64 << 10)
+    len as u64 + len as u64 / 8 + (64 << 10)
 }

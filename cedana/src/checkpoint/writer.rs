@@ -12,7 +12,8 @@ use super::release::ReleasingReader;
 use super::sink::{self, ArchiveSink, DiskReserve, Existing, LocalFile, Unfinished};
 use super::CheckpointError;
 use crate::cancel::Cancel;
-use crate::codec::{self, Compression, Encoder};
+use crate::codec::zlib_units::{self, Adler};
+use crate::codec::{self, Compression, Encoder, UnitChecks};
 
 type TarStream = tar::Builder<Box<dyn Encoder<BufWriter<SinkWriter>>>>;
 
@@ -59,6 +60,8 @@ pub struct CheckpointWriter {
     placed: Vec<Placed>,
     /// Where the tar stream after them starts (see [`super::index::Trailer`]), once it has.
     tail: Option<Trailer>,
+    /// For zlib, whose stream carries one checksum over all its content (see [`codec::zlib_units`]).
+    zlib: Option<Box<ZlibSum>>,
     committed: bool,
     keep: bool,
     release_sources: bool,
@@ -122,9 +125,16 @@ impl CheckpointWriter {
         let temp_path = sink.temp_location().to_path_buf();
         let patchable = sink.patchable();
         let sink = SharedSink(Arc::new(Mutex::new(Some(sink))));
-        let out = BufWriter::with_capacity(4 * IO_BUFFER, SinkWriter { sink: sink.clone(), written: 0 });
+        let mut out = BufWriter::with_capacity(4 * IO_BUFFER, SinkWriter { sink: sink.clone(), written: 0 });
+        let zlib = (compression == Compression::Zlib).then(Box::default);
+        if zlib.is_some() {
+            // zlib's header opens the one deflate stream of the whole archive (in the buffer: nothing fails).
+            out.write_all(&zlib_units::HEADER).map_err(CheckpointError::io(&temp_path))?;
+        }
         let target = Target::Archive { sink, encoding: Encoding::Units { out, pad: 0 }, patchable };
-        Ok(Self::new(final_path, temp_path, compression, target))
+        let mut writer = Self::new(final_path, temp_path, compression, target);
+        writer.zlib = zlib;
+        Ok(writer)
     }
 
     fn new(final_path: PathBuf, temp_path: PathBuf, compression: Compression, target: Target) -> Self {
@@ -136,6 +146,7 @@ impl CheckpointWriter {
             files: Vec::new(),
             placed: Vec::new(),
             tail: None,
+            zlib: None,
             committed: false,
             keep: false,
             release_sources: false,
@@ -298,10 +309,18 @@ impl CheckpointWriter {
             return Err(io_err(unusable()));
         };
         let mut out = builder.into_inner().and_then(|enc| enc.finish()).map_err(io_err)?;
-        // The index's trailer: a unit of its own at the very end, where a reader that seeks finds it.
+        if let Some(ZlibSum { adler, tail_checks: Some(checks) }) = self.zlib.as_deref_mut() {
+            adler.append_units(checks);
+        }
+        // The index's trailer: a unit of its own at the very end, where a reader that seeks finds it (for
+        // zlib, the stream's final block, followed by its checksum).
         if let Some(mut trailer) = self.tail {
             trailer.tail_bytes += json.len() as u64;
-            if let Some(unit) = codec::units::stored_unit(self.compression, &trailer.encode(), None) {
+            let content = trailer.encode();
+            if let Some(z) = &mut self.zlib {
+                z.adler.update(&content);
+            }
+            if let Some(unit) = codec::units::closing_unit(self.compression, &content, self.zlib.as_ref().map(|z| z.adler)) {
                 out.write_all(&unit).map_err(io_err)?;
             }
         }
@@ -334,7 +353,10 @@ impl CheckpointWriter {
                     let offset = out.get_ref().written + out.buffer().len() as u64;
                     self.tail = Some(Trailer { tail_offset: offset, tail_pad: pad as u64, tail_bytes: 0 });
                 }
-                let mut enc = codec::encoder(self.compression, out)?;
+                let mut enc = codec::tail_encoder(self.compression, out)?;
+                if let Some(z) = &mut self.zlib {
+                    z.tail_checks = enc.unit_checks();
+                }
                 // The last entry written as units still owes its padding to a whole tar block.
                 enc.write_all(&[0u8; 512][..pad]).map_err(io_err)?;
                 let mut builder = tar::Builder::new(enc);
@@ -366,7 +388,7 @@ impl CheckpointWriter {
                 Target::Archive { patchable: false, .. } => {
                     "an entry of unknown size needs a sink that can patch its header in (not a stream): add it once its size is known"
                 }
-                _ => "unsized entries must come first, in a tar, gzip, lz4 or zstd archive",
+                _ => "unsized entries must come first, in an archive (a folder has no entries of unknown size)",
             };
             return Err(io_err(io::Error::other(why)));
         }
@@ -381,6 +403,9 @@ impl CheckpointWriter {
         };
         if pad > 0 {
             out.write_all(&unit(&[0u8; 512][..pad], None)?).map_err(io_err)?;
+            if let Some(z) = &mut self.zlib {
+                z.adler.update(&[0u8; 512][..pad]);
+            }
         }
         // Where the slot starts: what reached the sink, and what is still buffered in front of it.
         let at = out.get_ref().written + out.buffer().len() as u64;
@@ -391,10 +416,24 @@ impl CheckpointWriter {
         // A placeholder of the slot's size (overwritten below), so the data lands after it.
         out.write_all(&unit(&[0u8; 512], Some(slot))?).map_err(io_err)?;
         let mut enc = codec::unit_encoder(c, out)?;
-        let unit_sizes = enc.unit_sizes();
-        let mut hashing = HashingReader::new(ProgressReader { inner: reader, progress: &|_| {}, cancel: &self.cancel });
-        let size = copy_large(&mut hashing, &mut enc).map_err(io_err)?;
+        let (unit_sizes, unit_hashes, unit_checks) = (enc.unit_sizes(), enc.unit_hashes(), enc.unit_checks());
+        let mut reader = ProgressReader { inner: reader, progress: &|_| {}, cancel: &self.cancel };
+        // The encoder's workers hash the units (one checksum chunk each) where it can; else the reader does.
+        let (size, read_digest) = if unit_hashes.is_some() {
+            (enc.copy_from(&mut reader).map_err(io_err)?, None)
+        } else {
+            let mut hashing = HashingReader::new(&mut reader);
+            let size = enc.copy_from(&mut hashing).map_err(io_err)?;
+            (size, Some(hashing.hasher().finish(name)))
+        };
         let mut out = enc.finish().map_err(io_err)?;
+        let digest = match (read_digest, unit_hashes) {
+            (Some(digest), _) => digest,
+            (None, hashes) => {
+                let hashes = hashes.and_then(|h| h.lock().ok().map(|h| h.clone())).unwrap_or_default();
+                super::digest::combine(name.to_string(), size, &hashes)
+            }
+        };
         let units = unit_sizes.and_then(|u| u.lock().ok().map(|u| u.clone())).unwrap_or_default();
         // The placeholder must have reached the file before it is overwritten.
         out.flush().map_err(io_err)?;
@@ -402,11 +441,17 @@ impl CheckpointWriter {
         header.set_path(name).map_err(io_err)?;
         header.set_cksum();
         let patch = unit(header.as_bytes(), Some(slot))?;
+        if let Some(z) = &mut self.zlib {
+            // In the stream's order: the header in its slot, then the data's units.
+            z.adler.update(header.as_bytes());
+            let checks = unit_checks.ok_or_else(|| io_err(io::Error::other("the zlib encoder kept no checksums")))?;
+            z.adler.append_units(&checks);
+        }
         match sink.lock().as_mut() {
             Some(s) => s.patch(at, &patch).map_err(io_err)?,
             None => return Err(io_err(abandoned())),
         }
-        self.files.push(hashing.hasher().finish(name));
+        self.files.push(digest);
         self.placed.push(Placed { name: name.to_string(), offset: at, units });
         *encoding = Encoding::Units { out, pad: (512 - (size % 512) as usize) % 512 };
         Ok(())
@@ -539,6 +584,14 @@ fn drain(encoding: Encoding) {
     }
 }
 
+/// The checksum of a zlib archive's one stream: the adler32 of what was written so far outside the tar
+/// stream's encoder, and that encoder's per-unit checks, added at the end.
+#[derive(Default)]
+struct ZlibSum {
+    adler: Adler,
+    tail_checks: Option<UnitChecks>,
+}
+
 /// The writer's hold on its archive sink, shared with the [`SinkWriter`] the encoder writes to (from
 /// whichever thread): the writer alone takes the sink out, to finish or abort it, and an encoder left behind
 /// by an error then fails at its next write.
@@ -620,18 +673,7 @@ impl<R: Read> Read for ProgressReader<'_, R> {
 
 /// Copy with a large buffer (std's 8 KiB buffer costs a lot of syscalls on gigabytes of pages).
 pub(crate) fn copy_large(reader: &mut dyn Read, writer: &mut dyn Write) -> io::Result<u64> {
-    let mut buf = vec![0u8; IO_BUFFER];
-    let mut total = 0;
-    loop {
-        let n = match reader.read(&mut buf) {
-            Ok(0) => return Ok(total),
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => return Err(e),
-        };
-        writer.write_all(&buf[..n])?;
-        total += n as u64;
-    }
+    codec::copy_in_pieces(reader, &mut |piece| writer.write_all(piece))
 }
 
 /// Regular files under `dir`, relative, `/`-separated, sorted.

@@ -195,7 +195,8 @@ pub struct CriuFlags {
     #[arg(long, value_name = "OPTS", allow_hyphen_values = true)]
     pub criu_opts: Option<String>,
     /// Stream images between CRIU and the archive, with no image files on disk (default: the configured
-    /// checkpoint.stream, on). Process and job checkpoints in tar, gzip, lz4 or zstd stream.
+    /// checkpoint.stream, on). Process and job checkpoints stream in every archive format (tar, gzip, lz4,
+    /// zlib, zstd).
     #[arg(long, overrides_with = "no_stream")]
     pub stream: bool,
     /// Have CRIU write image files (dump) or extract the archive (restore) instead of streaming.

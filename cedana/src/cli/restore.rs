@@ -33,8 +33,8 @@ pub enum RestoreCommand {
 pub struct RestoreFlags {
     /// Restore lazily: the program runs at once, its memory filled on demand (userfaultfd) and then in the
     /// background from the checkpoint (by the daemon, or by this command without one); returns once the
-    /// memory is wholly local. Needs page images that can be read in pieces: compression none, tar, lz4,
-    /// gzip or zstd (not zlib), and a process or runc checkpoint.
+    /// memory is wholly local. Needs page images that can be read in pieces (a checkpoint of this version,
+    /// in any compression) and a process or runc checkpoint.
     #[arg(long)]
     pub lazy: bool,
     /// Restore lazily where the checkpoint allows it, else normally (implies --lazy; what `restore.lazy = true`

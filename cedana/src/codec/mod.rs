@@ -3,9 +3,12 @@
 //! Every compressed format wraps a tar stream. The format of an existing checkpoint is always detected from
 //! its content (magic bytes), never from its file name.
 
+pub(crate) mod lz4_units;
 pub mod parallel;
 pub mod pipeline;
+pub mod pool;
 pub mod units;
+pub mod zlib_units;
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -156,10 +159,53 @@ pub trait Encoder<W: Write>: Write + Send {
     fn unit_sizes(&self) -> Option<UnitSizes> {
         None
     }
+
+    /// For the encoders of [`unit_encoder`]: the XXH3-128 of every unit's input, filled in as they are
+    /// written (hashed by the workers beside the compression, as the checksum's chunks: see
+    /// [`crate::checkpoint::digest`]). `None` for the others.
+    fn unit_hashes(&self) -> Option<UnitHashes> {
+        None
+    }
+
+    /// For the encoders of formats that keep a check over their whole content (zlib's adler32), written
+    /// as units: each unit's check and input length, filled in as they are written, for the archive that
+    /// closes the stream to combine. `None` for the others.
+    fn unit_checks(&self) -> Option<UnitChecks> {
+        None
+    }
+
+    /// Read `r` to its end and encode all of it; the bytes read. Encoders that can read straight into their
+    /// own buffers do.
+    fn copy_from(&mut self, r: &mut dyn Read) -> io::Result<u64> {
+        copy_in_pieces(r, &mut |piece| self.write_all(piece))
+    }
+}
+
+/// Read `r` to its end through a 1 MiB buffer (std's 8 KiB one costs a lot of syscalls on gigabytes of
+/// pages), handing each piece read to `take`; the bytes read.
+pub(crate) fn copy_in_pieces(r: &mut dyn Read, take: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<u64> {
+    let mut buf = vec![0u8; 1 << 20];
+    let mut total = 0;
+    loop {
+        let n = match r.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        take(&buf[..n])?;
+        total += n as u64;
+    }
 }
 
 /// The compressed sizes of an encoder's units, in order (see [`Encoder::unit_sizes`]).
 pub type UnitSizes = std::sync::Arc<std::sync::Mutex<Vec<u64>>>;
+
+/// The XXH3-128 hashes of the input of an encoder's units, in order (see [`Encoder::unit_hashes`]).
+pub type UnitHashes = std::sync::Arc<std::sync::Mutex<Vec<u128>>>;
+
+/// The format's check and the input length of an encoder's units, in order (see [`Encoder::unit_checks`]).
+pub type UnitChecks = std::sync::Arc<std::sync::Mutex<Vec<(u32, u64)>>>;
 
 /// The input bytes of one unit of a block-parallel encoder: the same as the checksum's chunk, so that a unit
 /// decodes to exactly one chunk of the entry and can be verified on its own.
@@ -208,10 +254,8 @@ pub fn encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dy
     };
     match c {
         Compression::None | Compression::Tar => behind(Box::new(Plain(w))),
-        Compression::Gzip => {
-            Ok(Box::new(parallel::ParallelBlocks::new(w, "gzip", parallel::gzip_member, threads).map_err(setup)?))
-        }
-        Compression::Lz4 => Ok(Box::new(parallel::ParallelBlocks::new(w, "lz4", parallel::lz4_frame, threads).map_err(setup)?)),
+        Compression::Gzip => Ok(Box::new(parallel::ParallelBlocks::new(w, parallel::GZIP, threads, false).map_err(setup)?)),
+        Compression::Lz4 => Ok(Box::new(parallel::ParallelBlocks::new(w, parallel::LZ4, threads, false).map_err(setup)?)),
         Compression::Zlib => behind(Box::new(flate2::write::ZlibEncoder::new(w, flate2::Compression::new(DEFLATE_LEVEL)))),
         Compression::Zstd => {
             let mut enc = zstd::stream::write::Encoder::new(w, ZSTD_LEVEL).map_err(setup)?;
@@ -223,21 +267,45 @@ pub fn encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dy
 }
 
 /// Like [`encoder`], but every format with units writes self-contained units of [`UNIT_BLOCK`] input bytes
-/// each and reports their sizes ([`Encoder::unit_sizes`]): zstd too, as independent frames (one stream of
-/// frames to any zstd decoder). For entries read piece by piece later (page images).
+/// each and reports their sizes ([`Encoder::unit_sizes`]) and their input's hashes ([`Encoder::unit_hashes`]):
+/// zstd too, as independent frames (one stream of frames to any zstd decoder), and zlib as raw deflate
+/// units with their adler32 ([`Encoder::unit_checks`]), inside a zlib stream the archive opens and closes
+/// (see [`zlib_units`]). For entries read piece by piece later (page images).
 pub fn unit_encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dyn Encoder<W>>, CodecError> {
+    let setup = |source| CodecError::Setup { codec: c, source };
+    let threads = worker_threads() as usize;
+    let format = match c {
+        Compression::Zstd => parallel::ZSTD,
+        Compression::Lz4 => parallel::LZ4,
+        Compression::Gzip => parallel::GZIP,
+        Compression::Zlib => parallel::ZLIB,
+        _ => return encoder(c, w),
+    };
+    Ok(Box::new(parallel::ParallelBlocks::new(w, format, threads, true).map_err(setup)?))
+}
+
+/// The encoder of the tar stream that follows an archive's units: [`encoder`]'s, but for zlib (which has no
+/// frames to start anew) raw deflate units that go on with the archive's stream, their adler32 in
+/// [`Encoder::unit_checks`], for the archive to close it (see [`zlib_units`]).
+pub fn tail_encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dyn Encoder<W>>, CodecError> {
+    if c != Compression::Zlib {
+        return encoder(c, w);
+    }
+    let setup = |source| CodecError::Setup { codec: c, source };
+    Ok(Box::new(parallel::ParallelBlocks::new(w, parallel::ZLIB, worker_threads() as usize, false).map_err(setup)?))
+}
+
+/// A decoder of `c` for a stream that starts at a unit of an archive rather than at its start: [`decoder`]'s,
+/// but raw deflate for zlib (whose header is at the archive's start only).
+pub fn unit_decoder<'a, R: Read + Send + 'a>(c: Compression, r: R) -> Result<Box<dyn Read + Send + 'a>, CodecError> {
     match c {
-        Compression::Zstd => {
-            let setup = |source| CodecError::Setup { codec: c, source };
-            let threads = worker_threads() as usize;
-            Ok(Box::new(parallel::ParallelBlocks::new(w, "zstd", parallel::zstd_frame, threads).map_err(setup)?))
-        }
-        _ => encoder(c, w),
+        Compression::Zlib => Ok(Box::new(flate2::read::DeflateDecoder::new(io::BufReader::with_capacity(1 << 20, r)))),
+        _ => decoder(c, r),
     }
 }
 
 /// Wrap `r` in the decoder of `c`. Concatenated frames/members are read through.
-pub fn decoder<R: Read + Send + 'static>(c: Compression, r: R) -> Result<Box<dyn Read + Send>, CodecError> {
+pub fn decoder<'a, R: Read + Send + 'a>(c: Compression, r: R) -> Result<Box<dyn Read + Send + 'a>, CodecError> {
     let setup = |source| CodecError::Setup { codec: c, source };
     Ok(match c {
         Compression::None | Compression::Tar => Box::new(r),

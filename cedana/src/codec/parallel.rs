@@ -2,22 +2,32 @@
 //! self-contained unit, and the units are written in order. For gzip a unit is a member (concatenated members
 //! are one gzip stream, RFC 1952); for lz4 and zstd a frame (concatenated frames are one stream). Any reader
 //! of the format reads the result back (ours: `MultiGzDecoder`, lz4_flex's `FrameDecoder`, zstd's decoder).
+//! For zlib a unit is a piece of raw deflate ending byte-aligned (see [`super::zlib_units`]): the archive
+//! around the units supplies the stream's header and closing, with the adler32 each unit's check adds up to.
+//! Input blocks and output units live in buffers that go round (see [`super::pool`]), and each worker keeps
+//! its codec's context from block to block.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::sync::mpsc::{channel, sync_channel, Receiver, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
-use super::{Encoder, UnitSizes};
+use super::pool::BufPool;
+use super::{Encoder, UnitChecks, UnitHashes, UnitSizes};
 
 const BLOCK: usize = super::UNIT_BLOCK;
 
-type Job = (u64, Vec<u8>);
+/// A block (or unit) by its sequence number: its buffer and how many bytes of it count.
+type Job = (u64, Vec<u8>, usize);
+/// A unit made, the hash of its block's content (when asked for) and the format's check over it, with the
+/// block's length (for formats with one).
+type Done = (Job, Option<u128>, Option<(u32, u64)>);
 
 /// Blocks handed to the workers and not yet written, at most, beyond the workers' count: the input and output
 /// buffers of about `threads + WINDOW_EXTRA` blocks is all the encoder holds, however slowly its output drains.
-const WINDOW_EXTRA: u64 = 2;
+const WINDOW_EXTRA: u64 = 1;
 
 /// How far the writer thread got: blocks written, and whether it has ended (then nobody waits for it).
 #[derive(Default)]
@@ -58,51 +68,103 @@ impl Drop for Ended {
     }
 }
 
-/// Compresses one block into a self-contained unit of the format.
-pub type CompressBlock = fn(&[u8]) -> io::Result<Vec<u8>>;
+/// Compresses one block into a self-contained unit of the format at the start of `out` (a reused buffer:
+/// whatever it held is overwritten, and it may stay longer than the unit); the unit's length.
+pub type CompressBlock = fn(&[u8], &mut Vec<u8>) -> io::Result<usize>;
+
+/// A format of units the parallel encoder writes.
+#[derive(Clone, Copy)]
+pub struct Format {
+    /// Names the threads and errors.
+    pub name: &'static str,
+    pub compress: CompressBlock,
+    /// The check the format keeps over its content (zlib's adler32), computed per block by the workers
+    /// (see [`Encoder::unit_checks`]).
+    pub check: Option<fn(&[u8]) -> u32>,
+}
+
+/// gzip members.
+pub const GZIP: Format = Format { name: "gzip", compress: gzip_member, check: None };
+/// lz4 frames.
+pub const LZ4: Format = Format { name: "lz4", compress: lz4_frame, check: None };
+/// zstd frames.
+pub const ZSTD: Format = Format { name: "zstd", compress: zstd_frame, check: None };
+/// Raw deflate units of one zlib stream.
+pub const ZLIB: Format =
+    Format { name: "zlib", compress: super::zlib_units::compress_unit, check: Some(super::zlib_units::adler32) };
 
 /// An encoder that compresses blocks in parallel.
 pub struct ParallelBlocks<W: Write + Send + 'static> {
+    /// The block being filled (always [`BLOCK`] bytes long; `filled` of them hold input).
     buf: Vec<u8>,
+    filled: usize,
+    blocks: Arc<BufPool>,
     seq: u64,
     jobs: Option<SyncSender<Job>>,
     workers: Vec<JoinHandle<()>>,
     writer: Option<JoinHandle<io::Result<W>>>,
     name: &'static str,
     sizes: UnitSizes,
+    hashes: Option<UnitHashes>,
+    checks: Option<UnitChecks>,
     written: Arc<Written>,
     window: u64,
 }
 
 impl<W: Write + Send + 'static> ParallelBlocks<W> {
-    /// Compress into `out` with `compress` on `threads` workers; `name` names the threads and errors.
-    pub fn new(out: W, name: &'static str, compress: CompressBlock, threads: usize) -> io::Result<Self> {
+    /// Compress into `out` in `format` on `threads` workers. With `hash`, the workers also hash each block
+    /// (XXH3-128, see [`Encoder::unit_hashes`]).
+    pub fn new(out: W, format: Format, threads: usize, hash: bool) -> io::Result<Self> {
+        let name = format.name;
         let threads = threads.max(1);
         let (jobs, job_rx) = sync_channel::<Job>(threads * 2);
         let job_rx = Arc::new(Mutex::new(job_rx));
-        let (done_tx, done_rx) = channel::<io::Result<Job>>();
+        let (done_tx, done_rx) = channel::<io::Result<Done>>();
+        let window = threads as u64 + WINDOW_EXTRA;
+        // Every buffer in flight can come back to its pool.
+        let (blocks, units) = (BufPool::new(2 * window as usize), BufPool::new(2 * window as usize));
         let mut workers = Vec::with_capacity(threads);
         for i in 0..threads {
             let (rx, tx) = (Arc::clone(&job_rx), done_tx.clone());
-            workers.push(std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || work(&rx, &tx, compress))?);
+            let pools = (Arc::clone(&blocks), Arc::clone(&units));
+            workers.push(
+                std::thread::Builder::new().name(format!("{name}-{i}")).spawn(move || work(&rx, &tx, format, hash, &pools))?,
+            );
         }
         drop(done_tx);
         let sizes = UnitSizes::default();
         let written = Arc::new(Written::default());
-        let (recorded, progress) = (sizes.clone(), Arc::clone(&written));
+        let hashes = hash.then(UnitHashes::default);
+        let checks = format.check.map(|_| UnitChecks::default());
+        let record =
+            Record { sizes: sizes.clone(), hashes: hashes.clone(), checks: checks.clone(), written: Arc::clone(&written) };
         let writer = std::thread::Builder::new().name(format!("{name}-out")).spawn(move || {
-            let _ended = Ended(Arc::clone(&progress));
-            write_in_order(out, done_rx, &recorded, &progress)
+            let _ended = Ended(Arc::clone(&record.written));
+            write_in_order(out, done_rx, &record, &units)
         })?;
-        let window = threads as u64 + WINDOW_EXTRA;
-        let buf = Vec::with_capacity(BLOCK);
-        Ok(Self { buf, seq: 0, jobs: Some(jobs), workers, writer: Some(writer), name, sizes, written, window })
+        let buf = blocks.take_len(BLOCK);
+        let jobs = Some(jobs);
+        Ok(Self {
+            buf,
+            filled: 0,
+            blocks,
+            seq: 0,
+            jobs,
+            workers,
+            writer: Some(writer),
+            name,
+            sizes,
+            hashes,
+            checks,
+            written,
+            window,
+        })
     }
 
     fn dispatch(&mut self) -> io::Result<()> {
         self.written.wait_for_room(self.seq, self.window);
-        let block = std::mem::replace(&mut self.buf, Vec::with_capacity(BLOCK));
-        let job = (self.seq, block);
+        let block = std::mem::replace(&mut self.buf, self.blocks.take_len(BLOCK));
+        let job = (self.seq, block, std::mem::take(&mut self.filled));
         self.seq += 1;
         match self.jobs.as_ref().map(|j| j.send(job)) {
             Some(Ok(())) => Ok(()),
@@ -123,60 +185,119 @@ impl<W: Write + Send + 'static> ParallelBlocks<W> {
     }
 }
 
-fn work(jobs: &Mutex<Receiver<Job>>, done: &std::sync::mpsc::Sender<io::Result<Job>>, compress: CompressBlock) {
+fn work(
+    jobs: &Mutex<Receiver<Job>>,
+    done: &std::sync::mpsc::Sender<io::Result<Done>>,
+    format: Format,
+    hash: bool,
+    (blocks, units): &(Arc<BufPool>, Arc<BufPool>),
+) {
     loop {
         let next = match jobs.lock() {
             Ok(rx) => rx.recv(),
             Err(_) => return,
         };
-        let Ok((seq, block)) = next else { return };
-        if done.send(compress(&block).map(|out| (seq, out))).is_err() {
+        let Ok((seq, block, filled)) = next else { return };
+        let mut unit = units.take();
+        let content = &block[..filled];
+        let hash = hash.then(|| crate::checkpoint::digest::xxh3_128(content));
+        let check = format.check.map(|f| (f(content), filled as u64));
+        let result = (format.compress)(content, &mut unit).map(|used| ((seq, unit, used), hash, check));
+        blocks.give(block);
+        if done.send(result).is_err() {
             return;
         }
     }
 }
 
-/// A gzip member at the codec's deflate level.
-pub fn gzip_member(block: &[u8]) -> io::Result<Vec<u8>> {
-    let level = flate2::Compression::new(super::DEFLATE_LEVEL);
-    let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(block.len() / 2), level);
-    enc.write_all(block)?;
-    enc.finish()
+/// A gzip member at the codec's deflate level: its header, the block as raw deflate in pieces (see
+/// [`super::zlib_units::deflate_pieces`]: incompressible pieces stored at once), an empty final block, and
+/// the CRC-32 and length of the block.
+pub fn gzip_member(block: &[u8], out: &mut Vec<u8>) -> io::Result<usize> {
+    // Magic, deflate, no flags, no time, "fastest" (XFL 4), unknown OS.
+    const HEADER: [u8; 10] = [0x1F, 0x8B, 0x08, 0x00, 0, 0, 0, 0, 0x04, 0xFF];
+    if out.len() < HEADER.len() {
+        out.resize(HEADER.len(), 0);
+    }
+    out[..HEADER.len()].copy_from_slice(&HEADER);
+    let end = super::zlib_units::deflate_pieces(block, out, HEADER.len())?;
+    let mut crc = flate2::Crc::new();
+    crc.update(block);
+    // The buffer goes round: written in place, never shortened (see `super::pool`).
+    if out.len() < end + 13 {
+        out.resize(end + 13, 0);
+    }
+    // An empty final block closes the deflate stream.
+    super::zlib_units::put_stored(&[], true, &mut out[end..end + 5]);
+    out[end + 5..end + 9].copy_from_slice(&crc.sum().to_le_bytes());
+    out[end + 9..end + 13].copy_from_slice(&(block.len() as u32).to_le_bytes());
+    Ok(end + 13)
+}
+
+thread_local! {
+    /// A worker's zstd context, kept from block to block (a new one costs megabytes of fresh memory).
+    static ZSTD_CONTEXT: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    /// A worker's lz4 match table.
+    static LZ4_TABLE: RefCell<Option<lz4_flex::block::CompressTable>> = const { RefCell::new(None) };
 }
 
 /// A zstd frame at the codec's level, with its content checksum.
-pub fn zstd_frame(block: &[u8]) -> io::Result<Vec<u8>> {
-    let mut c = zstd::bulk::Compressor::new(super::ZSTD_LEVEL)?;
-    c.include_checksum(true)?;
-    c.compress(block)
+pub fn zstd_frame(block: &[u8], out: &mut Vec<u8>) -> io::Result<usize> {
+    ZSTD_CONTEXT.with_borrow_mut(|ctx| {
+        let c = match ctx {
+            Some(c) => c,
+            None => {
+                let mut c = zstd::bulk::Compressor::new(super::ZSTD_LEVEL)?;
+                c.include_checksum(true)?;
+                ctx.insert(c)
+            }
+        };
+        // zstd writes into the spare room from the start: nothing is zeroed first.
+        out.clear();
+        out.reserve(zstd::zstd_safe::compress_bound(block.len()));
+        c.compress_to_buffer(block, out)
+    })
 }
 
-/// An lz4 frame (4 MiB blocks, content checksum).
-pub fn lz4_frame(block: &[u8]) -> io::Result<Vec<u8>> {
-    // No content checksum: every byte is covered by the manifest's checksums already, and lz4's own (XXH32
-    // over the content) cost a pass at each end. Standard tools read frames without one as well.
-    let info = lz4_flex::frame::FrameInfo::new().block_size(lz4_flex::frame::BlockSize::Max4MB).content_checksum(false);
-    // Room for the worst case (incompressible data grows by under 1/255, plus headers): the buffer is never
-    // regrown, so every block's allocations have the same sizes, which the allocator reuses instead of
-    // leaving fragments in the worker threads' arenas (a 4 GiB dump's peak memory grew with the size).
-    let bound = block.len() + block.len() / 255 + 1024;
-    let mut enc = lz4_flex::frame::FrameEncoder::with_frame_info(info, Vec::with_capacity(bound));
-    enc.write_all(block)?;
-    enc.finish().map_err(io::Error::other)
+/// An lz4 frame of 4 MiB independent blocks, without a content checksum (every byte is covered by the
+/// manifest's checksums already; standard tools read frames without one as well).
+pub fn lz4_frame(block: &[u8], out: &mut Vec<u8>) -> io::Result<usize> {
+    LZ4_TABLE.with_borrow_mut(|table| {
+        super::lz4_units::encode(block, out, table.get_or_insert_with(lz4_flex::block::CompressTable::large))
+    })
 }
 
-fn write_in_order<W: Write>(mut out: W, done: Receiver<io::Result<Job>>, sizes: &UnitSizes, written: &Written) -> io::Result<W> {
+/// What the writer thread records of every unit written.
+struct Record {
+    sizes: UnitSizes,
+    hashes: Option<UnitHashes>,
+    checks: Option<UnitChecks>,
+    written: Arc<Written>,
+}
+
+fn write_in_order<W: Write>(mut out: W, done: Receiver<io::Result<Done>>, record: &Record, units: &BufPool) -> io::Result<W> {
     let mut pending = BTreeMap::new();
     let mut next = 0u64;
     for result in done {
-        let (seq, bytes) = result?;
-        pending.insert(seq, bytes);
-        while let Some(bytes) = pending.remove(&next) {
-            out.write_all(&bytes)?;
-            if let Ok(mut s) = sizes.lock() {
-                s.push(bytes.len() as u64);
+        let ((seq, bytes, used), hash, check) = result?;
+        pending.insert(seq, (bytes, used, hash, check));
+        while let Some((bytes, used, hash, check)) = pending.remove(&next) {
+            out.write_all(&bytes[..used])?;
+            units.give(bytes);
+            if let Ok(mut s) = record.sizes.lock() {
+                s.push(used as u64);
             }
-            written.advance();
+            if let (Some(hashes), Some(hash)) = (&record.hashes, hash) {
+                if let Ok(mut h) = hashes.lock() {
+                    h.push(hash);
+                }
+            }
+            if let (Some(checks), Some(check)) = (&record.checks, check) {
+                if let Ok(mut c) = checks.lock() {
+                    c.push(check);
+                }
+            }
+            record.written.advance();
             next += 1;
         }
     }
@@ -189,9 +310,10 @@ fn write_in_order<W: Write>(mut out: W, done: Receiver<io::Result<Job>>, sizes: 
 
 impl<W: Write + Send + 'static> Write for ParallelBlocks<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let n = data.len().min(BLOCK - self.buf.len());
-        self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() == BLOCK {
+        let n = data.len().min(BLOCK - self.filled);
+        self.buf[self.filled..self.filled + n].copy_from_slice(&data[..n]);
+        self.filled += n;
+        if self.filled == BLOCK {
             self.dispatch()?;
         }
         Ok(n)
@@ -204,7 +326,7 @@ impl<W: Write + Send + 'static> Write for ParallelBlocks<W> {
 impl<W: Write + Send + 'static> Encoder<W> for ParallelBlocks<W> {
     fn finish(mut self: Box<Self>) -> io::Result<W> {
         // An empty stream still gets one (empty) unit, so it is valid in its format.
-        if !self.buf.is_empty() || self.seq == 0 {
+        if self.filled > 0 || self.seq == 0 {
             self.dispatch()?;
         }
         tracing::trace!(blocks = self.seq, codec = self.name, "parallel encoder finished");
@@ -214,6 +336,32 @@ impl<W: Write + Send + 'static> Encoder<W> for ParallelBlocks<W> {
     fn unit_sizes(&self) -> Option<UnitSizes> {
         Some(self.sizes.clone())
     }
+
+    fn unit_hashes(&self) -> Option<UnitHashes> {
+        self.hashes.clone()
+    }
+
+    fn unit_checks(&self) -> Option<UnitChecks> {
+        self.checks.clone()
+    }
+
+    /// Reads straight into the block being filled (no copy through a buffer of the caller's).
+    fn copy_from(&mut self, r: &mut dyn Read) -> io::Result<u64> {
+        let mut total = 0;
+        loop {
+            let n = match r.read(&mut self.buf[self.filled..]) {
+                Ok(0) => return Ok(total),
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            };
+            self.filled += n;
+            total += n as u64;
+            if self.filled == BLOCK {
+                self.dispatch()?;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -222,8 +370,8 @@ mod tests {
 
     use super::*;
 
-    fn compress(data: &[u8], name: &'static str, f: CompressBlock) -> Vec<u8> {
-        let mut enc = Box::new(ParallelBlocks::new(Vec::new(), name, f, 3).unwrap());
+    fn compress(data: &[u8], format: Format) -> Vec<u8> {
+        let mut enc = Box::new(ParallelBlocks::new(Vec::new(), format, 3, false).unwrap());
         for piece in data.chunks(1 << 20) {
             enc.write_all(piece).unwrap();
         }
@@ -231,25 +379,67 @@ mod tests {
     }
 
     #[test]
+    fn copy_from_a_reader_makes_the_same_units_as_writes() {
+        let data: Vec<u8> = (0..(3 * BLOCK + 4321)).map(|i| ((i / 7) % 253) as u8).collect();
+        for format in [LZ4, ZSTD, GZIP, ZLIB] {
+            let name = format.name;
+            let mut enc = Box::new(ParallelBlocks::new(Vec::new(), format, 2, true).unwrap());
+            let sizes = enc.unit_sizes().unwrap();
+            let hashes = enc.unit_hashes().unwrap();
+            let checks = enc.unit_checks();
+            // A reader handing out odd-sized pieces, as a pipe does.
+            let mut reader = io::Read::chain(&data[..5000], &data[5000..]);
+            assert_eq!(enc.copy_from(&mut reader).unwrap(), data.len() as u64);
+            let out = Encoder::finish(enc).unwrap();
+            assert!(out == compress(&data, format), "{name}");
+            assert_eq!(sizes.lock().unwrap().len(), 4, "{name}: one unit per block");
+            // The blocks' hashes make the digest a hasher makes of the whole.
+            let mut hasher = crate::checkpoint::digest::Hasher::new();
+            hasher.update(&data);
+            let combined = crate::checkpoint::digest::combine("x".into(), data.len() as u64, &hashes.lock().unwrap());
+            assert_eq!(combined, hasher.finish("x"), "{name}");
+            // zlib's units carry the adler32 of their blocks, which add up to that of the whole.
+            assert_eq!(checks.is_some(), name == "zlib");
+            if let Some(checks) = checks {
+                let mut adler = super::super::zlib_units::Adler::default();
+                adler.append_units(&checks);
+                assert_eq!(adler.value(), super::super::zlib_units::adler32(&data));
+            }
+        }
+    }
+
+    #[test]
     fn units_decode_as_one_stream_in_order() {
         let data: Vec<u8> = (0..(2 * BLOCK + 777)).map(|i| ((i / 3) % 251) as u8).collect();
         let mut back = Vec::new();
-        flate2::read::MultiGzDecoder::new(&compress(&data, "gzip", gzip_member)[..]).read_to_end(&mut back).unwrap();
+        flate2::read::MultiGzDecoder::new(&compress(&data, GZIP)[..]).read_to_end(&mut back).unwrap();
         assert!(back == data, "gzip members read back as {} bytes of {}", back.len(), data.len());
         let mut back = Vec::new();
-        let lz4 = compress(&data, "lz4", lz4_frame);
+        let lz4 = compress(&data, LZ4);
         super::super::decoder(super::super::Compression::Lz4, io::Cursor::new(lz4)).unwrap().read_to_end(&mut back).unwrap();
         assert!(back == data, "lz4 frames read back as {} bytes of {}", back.len(), data.len());
+        // zlib's units, between the stream's header and a closing with the adler32 of the whole.
+        use super::super::zlib_units as z;
+        let mut stream = z::HEADER.to_vec();
+        stream.extend(compress(&data, ZLIB));
+        stream.extend(z::closing(&[], {
+            let mut a = z::Adler::default();
+            a.update(&data);
+            a
+        }));
+        let mut back = Vec::new();
+        flate2::read::ZlibDecoder::new(&stream[..]).read_to_end(&mut back).unwrap();
+        assert!(back == data, "zlib units read back as {} bytes of {}", back.len(), data.len());
     }
 
     #[test]
     fn empty_input_is_valid_in_both_formats() {
-        let out = compress(&[], "gzip", gzip_member);
+        let out = compress(&[], GZIP);
         assert_eq!(&out[..2], &[0x1F, 0x8B]);
         let mut back = Vec::new();
         flate2::read::MultiGzDecoder::new(&out[..]).read_to_end(&mut back).unwrap();
         assert!(back.is_empty());
-        let out = compress(&[], "lz4", lz4_frame);
+        let out = compress(&[], LZ4);
         assert_eq!(&out[..4], &[0x04, 0x22, 0x4D, 0x18]);
         lz4_flex::frame::FrameDecoder::new(&out[..]).read_to_end(&mut back).unwrap();
         assert!(back.is_empty());

@@ -5,9 +5,13 @@
 //! is written (a page image CRIU is still writing) go in without buffering: reserve a fixed-size slot for its
 //! tar header, compress the data as units of its own after the slot, and once the size is known, fill the
 //! slot with a unit holding the header uncompressed, padded to exactly the slot's size with content-free
-//! bytes (a zstd skippable frame, empty lz4 frames, a gzip header's extra field). Any decoder of the format
-//! (ours, `zstd -d`, `gzip -d`, `lz4 -d`) reads the result as one tar stream.
+//! bytes (a zstd skippable frame, empty lz4 frames, a gzip header's extra field, empty deflate blocks). Any
+//! decoder of the format (ours, `zstd -d`, `gzip -d`, `lz4 -d`, zlib's) reads the result as one tar stream.
+//!
+//! zlib has no frames: its units are pieces of one deflate stream (see [`super::zlib_units`]), which the
+//! archive opens with zlib's header and ends with a closing unit ([`closing_unit`]) carrying the adler32.
 
+use super::zlib_units::{self, Adler};
 use super::Compression;
 
 /// Size of the slot reserved for one tar header.
@@ -20,7 +24,7 @@ pub fn header_slot(c: Compression) -> usize {
 
 /// Whether `c` can hold an entry written before its size is known.
 pub fn supports_late_headers(c: Compression) -> bool {
-    matches!(c, Compression::Tar | Compression::Gzip | Compression::Lz4 | Compression::Zstd)
+    c.is_archive()
 }
 
 /// A unit of format `c` holding `content` uncompressed, padded to exactly `size` bytes when given.
@@ -31,7 +35,14 @@ pub fn stored_unit(c: Compression, content: &[u8], size: Option<usize>) -> Optio
         Compression::Zstd => zstd_raw_frame(content),
         Compression::Lz4 => lz4_uncompressed_frame(content),
         Compression::Gzip => return gzip_stored_member(content, size),
-        Compression::None | Compression::Zlib => return None,
+        Compression::Zlib => {
+            let mut out = zlib_units::stored_blocks(content, false);
+            if let Some(size) = size {
+                out.extend(zlib_units::padding(size.checked_sub(out.len())?)?);
+            }
+            return Some(out);
+        }
+        Compression::None => return None,
     };
     let Some(size) = size else { return Some(unit) };
     let mut padding = size.checked_sub(unit.len())?;
@@ -61,6 +72,26 @@ pub fn stored_unit(c: Compression, content: &[u8], size: Option<usize>) -> Optio
     Some(out)
 }
 
+/// The unit that ends an archive of format `c`, holding `content` (its index's trailer): a unit as
+/// [`stored_unit`] makes, but for zlib the stream's final block and its adler32, `check` (which counts
+/// `content` already). `None` when `c` has no units.
+pub fn closing_unit(c: Compression, content: &[u8], check: Option<Adler>) -> Option<Vec<u8>> {
+    match (c, check) {
+        (Compression::Zlib, Some(check)) => Some(zlib_units::closing(content, check)),
+        (Compression::Zlib, None) => None,
+        _ => stored_unit(c, content, None),
+    }
+}
+
+/// Whether `end`, the last bytes of an archive of format `c`, is the closing unit of `content` (whatever
+/// the checksum it carries).
+pub fn ends_with_closing(c: Compression, end: &[u8], content: &[u8]) -> bool {
+    match c {
+        Compression::Zlib => zlib_units::ends_with_closing(end, content),
+        _ => stored_unit(c, content, None).is_some_and(|u| end.ends_with(&u)),
+    }
+}
+
 /// A zstd frame with one raw (uncompressed) block; a 1 KiB window is enough for a header.
 fn zstd_raw_frame(content: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(content.len() + 16);
@@ -81,11 +112,11 @@ fn zstd_raw_frame(content: &[u8]) -> Vec<u8> {
     out
 }
 
-const LZ4_MAGIC: u32 = 0x184D_2204;
+pub(crate) const LZ4_MAGIC: u32 = 0x184D_2204;
 
 /// FLG (version 01, independent blocks, optionally a content size of 0) and BD (4 MiB blocks, as our
 /// encoder's frames: lz4_flex's decoder expects one block size throughout), with their checksum.
-fn lz4_descriptor(content_size: bool) -> Vec<u8> {
+pub(crate) fn lz4_descriptor(content_size: bool) -> Vec<u8> {
     let flg = 0x60 | if content_size { 0x08 } else { 0x00 };
     let mut d = vec![flg, 0x70];
     if content_size {
@@ -174,7 +205,7 @@ mod tests {
                 assert_eq!(decode(c, unit), header, "{c} padded to {size}");
             }
         }
-        assert!(stored_unit(Compression::Zlib, &header, None).is_none());
+        assert!(stored_unit(Compression::None, &header, None).is_none());
         assert!(stored_unit(Compression::Zstd, &header, Some(100)).is_none(), "does not fit");
     }
 
@@ -195,5 +226,37 @@ mod tests {
             want.extend(b"tail");
             assert!(decode(c, out) == want, "{c}");
         }
+    }
+
+    #[test]
+    fn zlib_slots_units_and_the_tail_read_as_one_zlib_stream() {
+        let header = [7u8; 512];
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+        let mut adler = Adler::default();
+        let mut out = zlib_units::HEADER.to_vec();
+        // Every padding length a slot may need, each decoding to its header alone.
+        for size in 537..=1100 {
+            let unit = stored_unit(Compression::Zlib, &header, Some(size)).unwrap();
+            assert_eq!(unit.len(), size);
+            out.extend(unit);
+            adler.update(&header);
+        }
+        assert!(stored_unit(Compression::Zlib, &header, Some(520)).is_none(), "does not fit");
+        let mut enc = super::super::tail_encoder(Compression::Zlib, Vec::new()).unwrap();
+        let checks = enc.unit_checks().unwrap();
+        enc.write_all(&data).unwrap();
+        out.extend(enc.finish().unwrap());
+        adler.append_units(&checks);
+        adler.update(b"tail");
+        let closing = closing_unit(Compression::Zlib, b"tail", Some(adler)).unwrap();
+        out.extend(&closing);
+        assert!(ends_with_closing(Compression::Zlib, &out, b"tail"));
+        assert!(!ends_with_closing(Compression::Zlib, &out, b"tall"));
+        assert!(closing_unit(Compression::Zlib, b"tail", None).is_none(), "zlib's closing needs the checksum");
+        assert_eq!(Compression::detect_bytes(&out), Some(Compression::Zlib));
+        let mut want = header.repeat(1100 - 537 + 1);
+        want.extend(&data);
+        want.extend(b"tail");
+        assert!(decode(Compression::Zlib, out) == want);
     }
 }

@@ -5,11 +5,12 @@ pub mod cli;
 pub mod hook;
 pub mod log;
 pub mod options;
-pub mod pageserver;
+pub mod pages;
 pub mod rpc;
 pub mod stats;
 pub mod streamer;
 pub mod swrk;
+pub mod uffd;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

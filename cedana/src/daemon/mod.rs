@@ -55,6 +55,7 @@ pub fn start(mut config: Config, address: Option<String>) -> anyhow::Result<i32>
             Listen::Tcp { address, access: auth::RequireToken::new(token, file) }
         }
     };
+    cedana::codec::pool::map_large_allocations();
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes plain integers and touches no memory of ours.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
         return Err(std::io::Error::last_os_error()).context("becoming a child subreaper");
@@ -235,12 +236,29 @@ async fn bind(socket: &Path, group: Option<nix::unistd::Gid>) -> anyhow::Result<
     if let Some(parent) = socket.parent() {
         std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
     }
-    let listener = tokio::net::UnixListener::bind(socket).with_context(|| format!("listening on {}", socket.display()))?;
-    std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o600))?;
-    if let Some(gid) = group {
-        // The group first, then the mode: never open to a group that is not yet the right one.
-        nix::unistd::chown(socket, None, Some(gid)).with_context(|| format!("giving {} to group {gid}", socket.display()))?;
-        std::fs::set_permissions(socket, std::fs::Permissions::from_mode(0o660))?;
+    // Bound under a private name, given its group and mode, then renamed into place: the socket never
+    // appears at its path with another mode, so a client that finds it finds it as it stays.
+    let staged = socket.with_file_name(format!(
+        ".{}.{}",
+        socket.file_name().map(|n| n.to_string_lossy()).unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_file(&staged);
+    let listener = tokio::net::UnixListener::bind(&staged).with_context(|| format!("listening on {}", staged.display()))?;
+    let placed = (|| -> anyhow::Result<()> {
+        std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o600))?;
+        if let Some(gid) = group {
+            // The group first, then the mode: never open to a group that is not yet the right one.
+            nix::unistd::chown(&staged, None, Some(gid))
+                .with_context(|| format!("giving {} to group {gid}", socket.display()))?;
+            std::fs::set_permissions(&staged, std::fs::Permissions::from_mode(0o660))?;
+        }
+        std::fs::rename(&staged, socket).with_context(|| format!("placing the socket at {}", socket.display()))?;
+        Ok(())
+    })();
+    if let Err(e) = placed {
+        let _ = std::fs::remove_file(&staged);
+        return Err(e);
     }
     Ok(listener)
 }

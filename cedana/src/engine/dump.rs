@@ -439,7 +439,7 @@ enum Intake {
     /// Files in the images folder (page images packed as they grow).
     Files(Packing),
     /// Pipes from CRIU; the writer once collected.
-    Stream(StreamIntake, Option<CheckpointWriter>),
+    Stream(StreamIntake, Option<Box<CheckpointWriter>>),
 }
 
 impl Intake {
@@ -450,9 +450,9 @@ impl Intake {
             Intake::Stream(s, slot) => {
                 let w = match slot.take() {
                     Some(w) => w,
-                    None => s.collect()?,
+                    None => Box::new(s.collect()?),
                 };
-                Ok(slot.insert(w))
+                Ok(&mut **slot.insert(w))
             }
         }
     }
@@ -463,7 +463,7 @@ impl Intake {
         match self {
             Intake::Files(p) => std::mem::replace(p, Packing::Failed).into_writer(),
             Intake::Stream(_, slot) => {
-                slot.take().ok_or(CheckpointError::LivePacking("the streamed checkpoint's writer was lost"))
+                slot.take().map(|w| *w).ok_or(CheckpointError::LivePacking("the streamed checkpoint's writer was lost"))
             }
         }
     }
@@ -482,7 +482,7 @@ impl Intake {
             Intake::Files(p) => p.into_writer(),
             Intake::Stream(s, slot) => {
                 let rest = s.finish()?;
-                slot.or(rest).ok_or(CheckpointError::LivePacking("the streamed checkpoint's writer was lost"))
+                slot.map(|w| *w).or(rest).ok_or(CheckpointError::LivePacking("the streamed checkpoint's writer was lost"))
             }
         }
     }

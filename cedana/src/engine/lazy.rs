@@ -1,17 +1,11 @@
-//! The lazy part of a lazy restore: CRIU's `lazy-pages` daemon (our child, started before `criu restore
-//! --lazy-pages`, which connects to it through `lazy-pages.socket` in the shared work folder) fills the
-//! restored tree's memory on demand through userfaultfd, asking our page server (on the other end of a
-//! socket pair, `--page-server --ps-socket`) for the pages; once the program runs, the daemon pushes the
-//! rest in the background until the memory is wholly local, then ends the session and exits. Meanwhile
-//! every page image is checked against the manifest; should one not match, or the transfer fail, the
-//! restored tree is killed (a tree whose lazy memory can no longer arrive must not run on).
+//! The lazy part of a lazy restore: our lazy-pages handler ([`crate::criu::uffd`]) listens on
+//! `lazy-pages.socket` in the work folder before `criu restore --lazy-pages` begins, takes each restored
+//! process's userfaultfd from it and fills the tree's memory on demand, then, once the program runs, the rest
+//! in the background until the memory is wholly local. Meanwhile every page image is checked against the
+//! manifest; should one not match, or a page not arrive, the restored tree is killed (a tree whose lazy
+//! memory can no longer arrive must not run on).
 
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::atomic::Ordering;
+use std::path::Path;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -19,48 +13,56 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::lazy::LazyPages;
 use crate::checkpoint::lazy_store::ChunkedPages;
 use crate::checkpoint::CheckpointError;
-use crate::criu::pageserver::{FilePages, PageServer, PageServerError, PageStore, Served};
+use crate::criu::pages::{FilePages, PageStore};
+use crate::criu::uffd::{LazyError, LazyHandler, Pages};
 use crate::engine::EngineError;
 
-/// The descriptor number the daemon gets its end of the socket pair at.
-const PS_SOCKET_FD: i32 = 3;
-/// How long the daemon may take to listen.
-const START_TIMEOUT: Duration = Duration::from_secs(10);
 /// CRIU's socket for the restore, in the work folder.
 const LAZY_SOCKET: &str = "lazy-pages.socket";
-/// The daemon's log, in the work folder.
-pub(crate) const LAZY_LOG: &str = "lazy-pages.log";
 
-/// A running lazy-pages daemon with our page server and the check of the page images.
-pub(crate) struct LazyDaemon {
-    child: Child,
-    server: JoinHandle<Result<(), PageServerError>>,
+/// A running lazy-pages handler and the check of the page images.
+pub(crate) struct LazyRestore {
+    handler: LazyHandler,
     verify: Verify,
-    served: Arc<Served>,
-    log: PathBuf,
+    /// Why [`LazyRestore::fill_before_resume`] refused the memory.
+    refused: Option<EngineError>,
+    /// Filled before the tree resumes: the page images are local, and checked for the cause of any failure.
+    before_resume: bool,
 }
 
 /// How the page images are checked against the manifest.
 enum Verify {
     /// Local files: read once more by a thread of their own while the program runs (from the page cache).
     Reread(JoinHandle<Result<(), CheckpointError>>),
-    /// Read by ranges: hashed as the page server fetches them; the rest fetched once the transfer is over.
+    /// Read by ranges: hashed as the handler fetches them; the rest fetched once the transfer is over.
     AsServed(Arc<ChunkedPages>),
+    /// Verified already (before the tree resumed).
+    Done,
 }
 
 /// What the background transfer did.
 #[derive(Debug, Clone, Copy)]
 pub struct LazyTransfer {
-    /// Pages sent by our page server (on demand and in the background).
+    /// Pages filled in (on demand and in the background).
     pub pages: u64,
+    /// Page faults the program waited on.
+    pub faults: u64,
     /// From the program's start to its memory being wholly local.
     pub time: Duration,
 }
 
-impl LazyDaemon {
-    /// Start `criu lazy-pages` on `images` with `work` as its work folder, served from `lazy`; returns once
-    /// it listens for the restore.
-    pub(crate) fn start(criu: &Path, images: &Path, work: &Path, lazy: &LazyPages, location: &Path) -> Result<Self, EngineError> {
+impl LazyRestore {
+    /// Listen for the restore in `work`, serving the pages of `lazy` (the other images in `images`).
+    /// With `before_resume`, every page is filled at `post-restore` ([`LazyRestore::fill_before_resume`]);
+    /// `advance` is told the bytes filled in.
+    pub(crate) fn start(
+        images: &Path,
+        work: &Path,
+        lazy: &LazyPages,
+        location: &Path,
+        before_resume: bool,
+        advance: Option<crate::progress::Advancer>,
+    ) -> Result<Self, EngineError> {
         let (store, verify): (Arc<dyn PageStore>, Option<Arc<ChunkedPages>>) = match &lazy.chunked {
             Some(chunked) => (chunked.clone(), Some(chunked.clone())),
             None => {
@@ -73,52 +75,8 @@ impl LazyDaemon {
                 (Arc::new(files), None)
             }
         };
-        let server = PageServer::new(lazy.pagemaps.clone(), store);
-        let served = server.served();
-        let (ours, theirs) = UnixStream::pair().map_err(EngineError::io("creating the page server's socket"))?;
-        let theirs = OwnedFd::from(theirs);
-        let raw = theirs.as_raw_fd();
-        let log = work.join(LAZY_LOG);
-        let mut cmd = Command::new(criu);
-        cmd.arg("lazy-pages")
-            .arg("-D")
-            .arg(images)
-            .arg("-W")
-            .arg(work)
-            .args(["--page-server", "--ps-socket", &PS_SOCKET_FD.to_string(), "-v2", "-o"])
-            .arg(&log)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null());
-        // SAFETY: the closure runs in the forked child before exec and only calls dup2 (async-signal-safe);
-        // dup2 leaves the copy without close-on-exec, so CRIU finds it at PS_SOCKET_FD.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::dup2(raw, PS_SOCKET_FD) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
-        let mut child = cmd.spawn().map_err(EngineError::io(format!("running {} lazy-pages", criu.display())))?;
-        drop(theirs);
-        let socket = work.join(LAZY_SOCKET);
-        let deadline = Instant::now() + START_TIMEOUT;
-        while !socket.exists() {
-            if let Ok(Some(status)) = child.try_wait() {
-                return Err(daemon_failed(format!("exited ({status}) before it listened"), &log));
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                let _ = child.wait();
-                return Err(daemon_failed(format!("did not listen within {START_TIMEOUT:?}"), &log));
-            }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        let server = std::thread::Builder::new()
-            .name("page-server".into())
-            .spawn(move || server.serve(ours))
-            .map_err(EngineError::io("starting the page server"))?;
+        let pages = Pages { maps: lazy.pagemaps.clone(), store, images: images.to_path_buf(), advance };
+        let handler = LazyHandler::listen(&work.join(LAZY_SOCKET), pages).map_err(serving_failed)?;
         let verify = match verify {
             Some(chunked) => Verify::AsServed(chunked),
             None => {
@@ -130,49 +88,78 @@ impl LazyDaemon {
                 Verify::Reread(thread)
             }
         };
-        Ok(Self { child, server, verify, served, log })
+        Ok(Self { handler, verify, refused: None, before_resume })
+    }
+
+    /// At `post-restore` (nothing resumed): fill every page and verify every page image; `false` (CRIU then
+    /// kills the tree) when a page could not be read or an image does not match ([`LazyRestore::abort`]
+    /// says which).
+    pub(crate) fn fill_before_resume(&mut self) -> bool {
+        let filled = self.handler.fill_all();
+        // A page image that does not match explains a page that could not be read (a unit that does not
+        // decode), and must stop the tree anyway.
+        if let Err(e) = verify_now(&mut self.verify) {
+            self.refused = Some(e);
+            return false;
+        }
+        match filled {
+            Ok(()) => true,
+            // The handler's own error (a page it could not read) comes from `abort`.
+            Err(LazyError::Stopped) => false,
+            Err(e) => {
+                self.refused = Some(serving_failed(e));
+                false
+            }
+        }
     }
 
     /// Once the restored tree runs: wait until its memory is wholly local and every page image matched; on
     /// any failure, kill `pids` (the restored tree) and say why.
-    pub(crate) fn finish(mut self, pids: &[i32]) -> Result<LazyTransfer, EngineError> {
+    pub(crate) fn finish(self, pids: &[i32]) -> Result<LazyTransfer, EngineError> {
         let running_since = Instant::now();
-        let status = self.child.wait().map_err(EngineError::io("waiting for CRIU's lazy-pages daemon"));
-        let served = self.server.join().unwrap_or(Err(PageServerError::Hangup));
+        let (served, held) = self.handler.wait();
         let verified = match self.verify {
             Verify::Reread(t) => t.join().unwrap_or(Err(CheckpointError::LivePacking("the page check panicked"))),
-            // Only once the transfer is over: it reads what the daemon never asked for.
+            // Only once the transfer is over: it reads what the handler never asked for.
             Verify::AsServed(chunked) if served.is_ok() => chunked.verify(),
-            Verify::AsServed(_) => Ok(()),
+            Verify::AsServed(_) | Verify::Done => Ok(()),
         };
-        // The first cause wins: a page image that does not match, then what our page server could not
-        // serve (a store that stopped answering, a unit that does not decode), then the daemon's own end.
-        let failure = match (status, served, verified) {
-            (_, _, Err(e)) => Some(EngineError::Checkpoint(e)),
-            (_, Err(e @ (PageServerError::Read { .. } | PageServerError::NoSuchPages { .. })), _) => Some(serving_failed(e)),
-            (Err(e), _, _) => Some(e),
-            (Ok(s), _, _) if !s.success() => Some(daemon_failed(format!("failed ({s})"), &self.log)),
-            (_, Err(e), _) => Some(serving_failed(e)),
-            _ => None,
+        // The first cause wins: a page image that does not match, then what could not be served (a store
+        // that stopped answering, a unit that does not decode).
+        let failure = match (served, verified) {
+            (_, Err(e)) => Err(EngineError::Checkpoint(e)),
+            (Err(e), _) => Err(serving_failed(e)),
+            (Ok(t), Ok(())) => Ok(t),
         };
-        if let Some(e) = failure {
-            kill_tree(pids);
-            return Err(e);
+        match failure {
+            Ok(t) => Ok(LazyTransfer { pages: t.pages, faults: t.faults, time: running_since.elapsed() }),
+            Err(e) => {
+                // Killed while its userfaultfds are still held: no thread of it runs on a zero page.
+                kill_tree(pids);
+                drop(held);
+                Err(e)
+            }
         }
-        Ok(LazyTransfer { pages: self.served.pages.load(Ordering::Relaxed), time: running_since.elapsed() })
     }
 
-    /// The restore failed: stop the daemon (and with it the page server). The page server's own failure,
-    /// if it had one (a store that stopped answering): that is why CRIU failed.
+    /// The restore failed: stop the handler. Its own failure, if it had one (a store that stopped
+    /// answering): that is why CRIU failed.
     pub(crate) fn abort(mut self) -> Option<EngineError> {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let served = self.server.join();
-        if let Verify::Reread(t) = self.verify {
+        let failed = self.handler.stop();
+        if self.refused.is_some() {
+            return self.refused;
+        }
+        // Filled before resuming, the pages are local: a damaged page image that CRIU read itself (the
+        // pages it restores on its own) is why it failed.
+        if self.before_resume {
+            if let Err(e) = verify_now(&mut self.verify) {
+                return Some(e);
+            }
+        } else if let Verify::Reread(t) = self.verify {
             let _ = t.join();
         }
-        match served {
-            Ok(Err(e @ (PageServerError::Read { .. } | PageServerError::NoSuchPages { .. } | PageServerError::BadImage(_)))) => {
+        match failed {
+            Some(e @ (LazyError::Read { .. } | LazyError::NoSuchPages { .. } | LazyError::BadImage(_))) => {
                 Some(serving_failed(e))
             }
             _ => None,
@@ -180,17 +167,18 @@ impl LazyDaemon {
     }
 }
 
-fn serving_failed(e: PageServerError) -> EngineError {
-    EngineError::Io { what: "serving pages to CRIU's lazy-pages daemon".into(), source: std::io::Error::other(e) }
+/// Check every page image against the manifest now (once).
+fn verify_now(verify: &mut Verify) -> Result<(), EngineError> {
+    match std::mem::replace(verify, Verify::Done) {
+        Verify::Reread(t) => t.join().unwrap_or(Err(CheckpointError::LivePacking("the page check panicked"))),
+        Verify::AsServed(chunked) => chunked.verify(),
+        Verify::Done => Ok(()),
+    }
+    .map_err(EngineError::Checkpoint)
 }
 
-fn daemon_failed(what: String, log: &Path) -> EngineError {
-    let text = std::fs::read_to_string(log).unwrap_or_default();
-    let tail = crate::criu::log::error_lines(&text).join("\n  ");
-    EngineError::Io {
-        what: "CRIU's lazy-pages daemon".into(),
-        source: std::io::Error::other(format!("{what}\n  {tail}\n  full log: {}", log.display())),
-    }
+fn serving_failed(e: LazyError) -> EngineError {
+    EngineError::Io { what: "serving the lazy pages of the restored tree".into(), source: std::io::Error::other(e) }
 }
 
 /// SIGKILL every process of a restored tree.

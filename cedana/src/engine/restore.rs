@@ -65,14 +65,20 @@ pub struct RestoreRequest {
     /// the configured default. Only process checkpoints in an archive with an index stream; the others are
     /// extracted whatever this says.
     pub stream: Option<bool>,
-    /// Restore lazily: the program runs before its memory has arrived, which CRIU's lazy-pages daemon fills
-    /// on demand and then in the background from our page server (see [`super::lazy`]); the restore returns
+    /// Restore lazily: the program runs before its memory has arrived, which our lazy-pages handler fills
+    /// on demand and then in the background (see [`super::lazy`]); the restore returns
     /// once the memory is wholly local. Process and runc checkpoints whose page images can be read in pieces
-    /// (a folder, tar, lz4, gzip or zstd of this version), local or in an object store.
+    /// (a folder, or an archive of this version in any compression), local or in an object store.
     pub lazy: bool,
-    /// With `lazy`: restore normally when the checkpoint cannot be restored lazily (a zlib archive, one of an
-    /// older version, a container), instead of refusing it.
+    /// With `lazy`: restore normally when the checkpoint cannot be restored lazily (an archive of an older
+    /// version, a container), instead of refusing it.
     pub lazy_fallback: bool,
+    /// A normal restore whose memory comes through our lazy-pages handler: CRIU restores the tree with its
+    /// memory left behind userfaultfd, and at `post-restore` (nothing resumed) the handler fills all of it and
+    /// the page images are verified, before the tree resumes (a mismatch: CRIU kills the tree). Set by the
+    /// engine where it is the faster way (a local archive of a process, when streaming is the default and
+    /// `stream` was not asked for); callers leave it `false`.
+    pub through_uffd: bool,
     /// Restore a checkpoint holding GPU state even on a host whose GPUs do not match it (fewer, smaller, an
     /// older driver): the GPU restore may then fail, and the restored tree is killed.
     pub skip_gpu_check: bool,
@@ -91,6 +97,7 @@ impl RestoreRequest {
             stream: None,
             lazy: false,
             lazy_fallback: false,
+            through_uffd: false,
             skip_gpu_check: false,
         }
     }
@@ -228,7 +235,32 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
     // anything, until every checksum matched); an archive is verified as it is extracted.
     let folder = std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
     let progress = ctx.progress();
-    let stream = may_stream && !folder;
+    // A local archive of a process restores fastest with its memory through userfaultfd (see
+    // `RestoreRequest::through_uffd`): where streaming is the default, unless `--stream` asked for CRIU's.
+    let uffd_opened = if from_store.is_none()
+        && !folder
+        && may_stream
+        && req.stream.is_none()
+        && matches!(req.only, None | Some(CheckpointKind::Process))
+        && crate::criu::uffd::kernel::noncooperative()
+    {
+        match crate::checkpoint::lazy::open_lazy(&path, &scratch) {
+            Ok(opened) if opened.manifest.kind == CheckpointKind::Process => {
+                // Filled front to back: a few chunks at a time are enough.
+                if let Some(chunked) = opened.lazy.as_ref().and_then(|l| l.chunked.as_ref()) {
+                    chunked.read_in_sequence();
+                }
+                Some(opened)
+            }
+            // Another kind, or an archive of an older version (its pages not in place): opened below.
+            Ok(_) | Err(crate::checkpoint::CheckpointError::NotInPlace { .. }) => None,
+            Err(e) => return Err(e.into()),
+        }
+    } else {
+        None
+    };
+    let req = RestoreRequest { through_uffd: uffd_opened.is_some(), ..req };
+    let stream = may_stream && !folder && uffd_opened.is_none();
     // A streamed restore reads the archive's small files now and the page images as CRIU asks for them;
     // a checkpoint of another kind (its runtime runs CRIU) is extracted after all. A checkpoint opened in an
     // object store (streamed, or for a lazy restore) is used as it is.
@@ -240,7 +272,7 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
         None => None,
     };
     // A lazy restore reads the page images in place (in a local file, or by ranges from an object store).
-    let (opened, pending) = if let Some(opened) = streamed {
+    let (opened, pending) = if let Some(opened) = uffd_opened.or(streamed) {
         (opened, None)
     } else if req.lazy {
         (crate::checkpoint::lazy::open_lazy(&path, &engine.scratch_dir())?, None)

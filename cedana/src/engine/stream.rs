@@ -228,7 +228,7 @@ impl io::Write for CountedOut<'_> {
 }
 
 impl crate::checkpoint::UnitOut for CountedOut<'_> {
-    fn write_unit(&mut self, data: Vec<u8>) -> io::Result<()> {
+    fn write_unit(&mut self, data: crate::codec::pool::Pooled) -> io::Result<()> {
         let n = data.len() as u64;
         self.inner.write_unit(data)?;
         if let Some(a) = self.advance {

@@ -469,8 +469,8 @@ impl Progress for CancelOnPackaging {
 
 #[test]
 fn a_dump_cancelled_during_packaging_resumes_the_process_and_leaves_nothing() {
-    // Archives, so packaging reads files: zstd packs the page image while CRIU runs and the small images at
-    // post-dump; zlib (no live packing) everything at post-dump.
+    // Archives, so packaging reads files: the page image is packed while CRIU runs and the small images at
+    // post-dump (zstd in frames, zlib in raw deflate units of one stream).
     for c in [Compression::Zstd, Compression::Zlib] {
         let h = Harness::new();
         let w = Workload::spawn();

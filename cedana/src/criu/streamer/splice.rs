@@ -14,6 +14,7 @@ use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::UnitOut;
+use crate::codec::pool::Pooled;
 
 /// Longest a dropped pipe waits for CRIU to read what it still holds of our buffers.
 pub const DRAIN_LIMIT: Duration = Duration::from_secs(60);
@@ -24,7 +25,7 @@ pub struct SplicePipe<'a> {
     /// Bytes put into the pipe so far.
     sent: u64,
     /// Buffers the pipe may still refer to, with the stream offset where each ends.
-    held: VecDeque<(u64, Vec<u8>)>,
+    held: VecDeque<(u64, Pooled)>,
     /// `vmsplice` works here (false after it was refused: units are then written).
     splice: bool,
 }
@@ -97,7 +98,7 @@ impl Write for SplicePipe<'_> {
 }
 
 impl UnitOut for SplicePipe<'_> {
-    fn write_unit(&mut self, data: Vec<u8>) -> io::Result<()> {
+    fn write_unit(&mut self, data: Pooled) -> io::Result<()> {
         if self.splice {
             let before = self.sent;
             let spliced = self.vmsplice_all(&data);
@@ -168,7 +169,7 @@ mod tests {
             for i in 0..6u8 {
                 let unit: Vec<u8> = (0..3 << 20).map(|j: u32| (j as u8).wrapping_mul(7).wrapping_add(i)).collect();
                 expected.extend_from_slice(&unit);
-                out.write_unit(unit).unwrap();
+                out.write_unit(Pooled::unpooled(unit)).unwrap();
                 // Never more held than what the pipe (1 MiB at most here) and the last unit can refer to.
                 assert!(out.held.len() <= 2, "{} buffers held", out.held.len());
             }
@@ -190,7 +191,7 @@ mod tests {
         let started = Instant::now();
         {
             let mut out = SplicePipe::new(&w);
-            let err = out.write_unit(vec![1u8; 1 << 20]).unwrap_err();
+            let err = out.write_unit(Pooled::unpooled(vec![1u8; 1 << 20])).unwrap_err();
             assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
         }
         assert!(started.elapsed() < Duration::from_secs(5));
@@ -201,7 +202,7 @@ mod tests {
         let (mut r, w) = pipe();
         let unit = vec![9u8; 32 << 10];
         let mut out = SplicePipe::new(&w);
-        out.write_unit(unit).unwrap();
+        out.write_unit(Pooled::unpooled(unit)).unwrap();
         assert_eq!(out.held.len(), 1, "unread: held");
         let reader = std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));

@@ -119,17 +119,14 @@ fn a_process_goes_through_criu_and_back_without_image_files() {
     assert!(served.iter().any(|n| n.starts_with("pages-")), "{served:?}");
     let restored: i32 = std::fs::read_to_string(&pidfile).unwrap().trim().parse().unwrap();
     assert_eq!(restored, pid);
-    std::thread::sleep(Duration::from_millis(400));
-    // The shell truncates the file before each write: read until a number is there.
-    let now = (0..100)
-        .find_map(|_| {
-            let n = std::fs::read_to_string(&state).ok()?.trim().parse::<u64>().ok();
-            if n.is_none() {
-                std::thread::sleep(Duration::from_millis(5));
-            }
-            n
-        })
-        .unwrap_or(0);
+    // The counter goes on (a loaded machine may take a while to schedule it). The shell truncates the file
+    // before each write: an empty read is no number.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut now = 0;
+    while now <= count_at_dump && std::time::Instant::now() < deadline && alive(pid) {
+        std::thread::sleep(Duration::from_millis(20));
+        now = std::fs::read_to_string(&state).ok().and_then(|s| s.trim().parse::<u64>().ok()).unwrap_or(now);
+    }
     let still = alive(pid);
     // SAFETY: kill the restored counter by the PID CRIU reported.
     unsafe { libc::kill(pid, libc::SIGKILL) };

@@ -27,7 +27,7 @@ use crate::criu::options::CriuOptions;
 use crate::criu::streamer::serve::Serve;
 use crate::criu::{CriuStdio, DumpCall, RestoreCall};
 use crate::engine::context::OpContext;
-use crate::engine::lazy::LazyDaemon;
+use crate::engine::lazy::LazyRestore;
 use crate::engine::restore::{Gate, RestoreRequest, RestoreStdio};
 use crate::engine::{Engine, EngineError};
 use crate::procfs;
@@ -262,11 +262,18 @@ impl RestoreTarget for ProcessRestore {
             .prefix(&crate::engine::leftovers::prefix("cedana-restore-"))
             .tempdir()
             .map_err(EngineError::io("creating a work folder"))?;
-        // A lazy restore: CRIU's lazy-pages daemon listens before the restore begins.
-        let lazy = match &opened.lazy {
+        // A lazy restore: our lazy-pages handler listens before the restore begins.
+        let mut lazy = match &opened.lazy {
             Some(pages) => {
-                let criu = engine.criu().criu().binary();
-                Some(LazyDaemon::start(criu, &opened.images_dir, work.path(), pages, &opened.path)?)
+                // Filled before the tree resumes: a phase of the restore, with its bar on a terminal.
+                let advance = if req.through_uffd {
+                    let lazy_bytes = pages.pagemaps.values().flat_map(|m| &m.extents).filter(|e| e.lazy).map(|e| e.len()).sum();
+                    ctx.progress().phase("restoring", Some(lazy_bytes));
+                    ctx.progress().advancer()
+                } else {
+                    None
+                };
+                Some(LazyRestore::start(&opened.images_dir, work.path(), pages, &opened.path, req.through_uffd, advance)?)
             }
             None => None,
         };
@@ -295,18 +302,23 @@ impl RestoreTarget for ProcessRestore {
         let mut streamed_verdict = None;
         let mut notify = |action: &str| match action {
             "pre-restore" => gate.pass(),
-            "post-restore" => match &serve {
-                Some(s) => {
+            "post-restore" => match (&serve, lazy.as_mut()) {
+                (Some(s), _) => {
                     let verdict = s.settle(STREAM_SETTLE);
                     let ok = verdict.is_ok();
                     streamed_verdict = Some(verdict);
                     ok
                 }
-                None => true,
+                // Memory through userfaultfd: all of it in place and verified before anything resumes.
+                (None, Some(l)) if req.through_uffd => l.fill_before_resume(),
+                _ => true,
             },
             _ => true,
         };
         let restored = engine.criu().restore(&call, &mut notify);
+        if req.through_uffd {
+            ctx.progress().finish();
+        }
         let stream_error = match serve {
             Some(s) => {
                 ctx.progress().finish();
@@ -329,7 +341,7 @@ impl RestoreTarget for ProcessRestore {
         let pid = match restored {
             Ok(pid) => pid,
             Err(e) => {
-                let cause = lazy.and_then(LazyDaemon::abort);
+                let cause = lazy.and_then(LazyRestore::abort);
                 let kept = work.keep();
                 crate::engine::leftovers::mark_kept(&kept);
                 tracing::info!(log = %kept.display(), "criu restore failed; its log was kept");
@@ -340,6 +352,8 @@ impl RestoreTarget for ProcessRestore {
             std::fs::write(pf, format!("{pid}\n")).map_err(EngineError::io(format!("writing {}", pf.display())))?;
         }
         let lazy = match lazy.map(|daemon| daemon.finish(&opened.manifest.process.pids)).transpose() {
+            // Filled before the tree resumed: a normal restore.
+            Ok(_) if req.through_uffd => None,
             Ok(lazy) => lazy,
             Err(e) => {
                 let kept = work.keep();

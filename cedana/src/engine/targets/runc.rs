@@ -34,7 +34,7 @@ use crate::checkpoint::mounts::{self, ExternalMount};
 use crate::checkpoint::{CheckpointKind, ContainerInfo, OpenedCheckpoint};
 use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
-use crate::engine::lazy::LazyDaemon;
+use crate::engine::lazy::LazyRestore;
 use crate::engine::restore::{Gate, RestoreRequest};
 use crate::engine::{Engine, EngineError};
 use crate::procfs;
@@ -330,18 +330,18 @@ impl RestoreTarget for RuncRestore {
         tracing::info!(id = %c.id, images = %opened.images_dir.display(), bundle = %flags.bundle.display(), "restoring runc container");
         let mut extras = external_files(opened, req)?;
         extras.options.extend(mount_options);
-        // A lazy restore: CRIU's lazy-pages daemon listens in the work folder runc gives the CRIU it runs.
+        // A lazy restore: our lazy-pages handler listens in the work folder runc gives the CRIU it runs.
         let lazy = match (&opened.lazy, &flags.work_path) {
             (Some(pages), Some(work)) => {
                 flags.extra.push("--lazy-pages".into());
-                Some(LazyDaemon::start(engine.criu().criu().binary(), &opened.images_dir, work, pages, &opened.path)?)
+                Some(LazyRestore::start(&opened.images_dir, work, pages, &opened.path, false, None)?)
             }
             _ => None,
         };
         let exit_code = match runtime.restore(&c.id, &opened.images_dir, &flags, extras) {
             Ok(code) => code,
             Err(e) => {
-                let cause = lazy.and_then(LazyDaemon::abort);
+                let cause = lazy.and_then(LazyRestore::abort);
                 let kept = temp_work.keep();
                 crate::engine::leftovers::mark_kept(&kept);
                 tracing::error!(work = %kept.display(), "runc restore failed; its work folder was kept");

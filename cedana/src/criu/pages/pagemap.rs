@@ -5,14 +5,17 @@
 
 use prost::Message;
 
-use super::PageServerError;
+/// A pagemap image that cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[error("pagemap image: {0}")]
+pub struct PagemapError(String);
 
 const IMG_COMMON_MAGIC: u32 = 0x5456_4319;
 const PAGEMAP_MAGIC: u32 = 0x5608_4025;
 
 /// Pages whose data is in the parent checkpoint (incremental dumps).
 pub const PE_PARENT: u32 = 1 << 0;
-/// Pages a lazy restore leaves for the lazy-pages daemon to fill.
+/// Pages a lazy restore leaves for the lazy-pages handler to fill.
 pub const PE_LAZY: u32 = 1 << 1;
 /// Pages whose bytes are in the pages image.
 pub const PE_PRESENT: u32 = 1 << 2;
@@ -47,7 +50,7 @@ pub struct Extent {
     pub nr_pages: u64,
     /// Where its bytes start in the pages image.
     pub offset: u64,
-    /// Left to the lazy-pages daemon by a lazy restore (`PE_LAZY`); the restore itself reads the others.
+    /// Left to the lazy-pages handler by a lazy restore (`PE_LAZY`); the restore itself reads the others.
     pub lazy: bool,
 }
 
@@ -78,9 +81,9 @@ pub struct Pagemap {
 
 impl Pagemap {
     /// Decode a pagemap image.
-    pub fn decode(bytes: &[u8]) -> Result<Pagemap, PageServerError> {
-        let bad = |what: String| PageServerError::BadImage(format!("pagemap image: {what}"));
-        let word = |at: usize| -> Result<u32, PageServerError> {
+    pub fn decode(bytes: &[u8]) -> Result<Pagemap, PagemapError> {
+        let bad = PagemapError;
+        let word = |at: usize| -> Result<u32, PagemapError> {
             bytes
                 .get(at..at + 4)
                 .map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
@@ -90,7 +93,7 @@ impl Pagemap {
             return Err(bad("bad magic (not a CRIU pagemap image)".into()));
         }
         let mut at = 8;
-        let mut next = || -> Result<Option<&[u8]>, PageServerError> {
+        let mut next = || -> Result<Option<&[u8]>, PagemapError> {
             if at == bytes.len() {
                 return Ok(None);
             }
