@@ -153,7 +153,8 @@ fn a_checkpoint_in_one_stream_is_refused_and_a_damaged_page_image_ends_the_progr
     bytes[at] ^= 0xff;
     std::fs::write(&pages, bytes).unwrap();
     let e = cedana_err(&["restore", "process", "--path", &folder, "--lazy"]);
-    assert!(e.contains("corrupt") && e.contains("checksum mismatch"), "{e}");
+    // Refused by the check of its 8 MiB chunk, before any page of it was served.
+    assert!(e.contains("corrupt") && e.contains("checksum mismatch") && e.contains("(chunk "), "{e}");
     wait_for("the restored program to be ended", Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
     assert!(criu_children().is_empty(), "no CRIU left: {:?}", criu_children());
 

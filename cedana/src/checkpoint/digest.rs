@@ -28,6 +28,28 @@ pub struct FileDigest {
     pub size: u64,
     /// Lower-case hex of the XXH3-128 digest.
     pub xxh3: String,
+    /// For a file of more than one chunk: the lower-case hex XXH3-128 of each chunk, in order, so that a
+    /// reader can check a chunk on its own before using it (a lazy restore serving pages). Absent from
+    /// checkpoints of earlier versions, which are checked whole.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chunks: Vec<String>,
+}
+
+impl FileDigest {
+    /// Whether `other` says the same of the same file (the chunks' list aside: one side may lack it).
+    pub fn same(&self, other: &FileDigest) -> bool {
+        self.name == other.name && self.size == other.size && self.xxh3 == other.xxh3
+    }
+
+    /// Whether chunk `i`, hashed `hash`, is what this digest says; `None` when it cannot tell (a digest of
+    /// an earlier version, with no chunks listed, of a file of more than one chunk).
+    pub fn chunk_matches(&self, i: usize, hash: u128) -> Option<bool> {
+        if self.size <= CHUNK as u64 {
+            return Some(i == 0 && combine(self.name.clone(), self.size, &[hash]).xxh3 == self.xxh3);
+        }
+        let listed = self.chunks.get(i)?;
+        Some(u128::from_str_radix(listed, 16).is_ok_and(|h| h == hash))
+    }
 }
 
 /// Streaming hasher that also counts bytes.
@@ -74,7 +96,8 @@ pub(crate) fn combine(name: String, len: u64, chunks: &[u128]) -> FileDigest {
         all.write(&c.to_le_bytes());
     }
     all.write(&len.to_le_bytes());
-    FileDigest { name, size: len, xxh3: format!("{:032x}", all.finish_128()) }
+    let listed = if chunks.len() > 1 { chunks.iter().map(|c| format!("{c:032x}")).collect() } else { Vec::new() };
+    FileDigest { name, size: len, xxh3: format!("{:032x}", all.finish_128()), chunks: listed }
 }
 
 /// A reader that hashes everything read through it.
@@ -203,6 +226,38 @@ mod tests {
             small.finish("x").xxh3
         }];
         assert_eq!(got, EXPECTED);
+    }
+
+    #[test]
+    fn each_chunk_can_be_checked_alone_and_digests_of_earlier_versions_still_compare() {
+        let data: Vec<u8> = (0..(2 * CHUNK + 100) as u32).map(|i| (i % 241) as u8).collect();
+        let mut h = Hasher::new();
+        h.update(&data);
+        let d = h.finish("pages-1.img");
+        assert_eq!(d.chunks.len(), 3);
+        for (i, chunk) in data.chunks(CHUNK).enumerate() {
+            assert_eq!(d.chunk_matches(i, xxh3_128(chunk)), Some(true), "chunk {i}");
+        }
+        let mut damaged = data[CHUNK..2 * CHUNK].to_vec();
+        damaged[77] ^= 1;
+        assert_eq!(d.chunk_matches(1, xxh3_128(&damaged)), Some(false));
+        assert_eq!(d.chunk_matches(3, 0), None, "no such chunk");
+
+        // A digest of an earlier version lists no chunks: the same file still, checked whole only.
+        let earlier: FileDigest =
+            serde_json::from_str(&format!(r#"{{"name":"pages-1.img","size":{},"xxh3":"{}"}}"#, d.size, d.xxh3)).unwrap();
+        assert!(earlier.same(&d) && d.same(&earlier));
+        assert_eq!(earlier.chunk_matches(0, xxh3_128(&data[..CHUNK])), None);
+        let json = serde_json::to_string(&earlier).unwrap();
+        assert!(!json.contains("chunks"), "nothing new written for it: {json}");
+
+        // A file of one chunk is checked by its digest alone.
+        let mut small = Hasher::new();
+        small.update(b"cedana");
+        let s = small.finish("x");
+        assert!(s.chunks.is_empty());
+        assert_eq!(s.chunk_matches(0, xxh3_128(b"cedana")), Some(true));
+        assert_eq!(s.chunk_matches(0, xxh3_128(b"cedanA")), Some(false));
     }
 
     /// Computed by the xxhash-rust implementation cedana used before (same algorithm, XXH3-128).

@@ -245,7 +245,7 @@ impl IndexedArchive {
             }
             left -= n as u64;
         }
-        if &hasher.finish(name) != expected {
+        if !hasher.finish(name).same(expected) {
             return Err(corrupt(&location, format!("checksum mismatch in {name}")));
         }
         Ok(Delivery { bytes: expected.size, out_error })

@@ -35,8 +35,6 @@ pub struct LazyPage {
     pub name: String,
     /// The archive or file holding its bytes, from `base` on.
     pub source: Arc<dyn ArchiveSource>,
-    /// The same as a local file, when it is one (read with `sendfile`).
-    pub file: Option<Arc<File>>,
     /// Where its bytes start (the first unit's start in a compressed archive).
     pub base: u64,
     /// What the manifest says of it.
@@ -57,23 +55,6 @@ impl LazyPage {
     pub fn pages_id(&self) -> Option<u32> {
         self.name.strip_prefix("pages-")?.strip_suffix(".img")?.parse().ok()
     }
-
-    /// Read it whole and compare it with the manifest.
-    pub fn verify(&self, location: &Path) -> Result<(), CheckpointError> {
-        let mut hasher = Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut at = 0u64;
-        while at < self.digest.size {
-            let n = buf.len().min((self.digest.size - at) as usize);
-            self.source.read_exact_at(self.base + at, &mut buf[..n]).map_err(CheckpointError::io(location))?;
-            hasher.update(&buf[..n]);
-            at += n as u64;
-        }
-        if hasher.finish(&self.name) != self.digest {
-            return Err(corrupt(location, format!("checksum mismatch in {}", self.name)));
-        }
-        Ok(())
-    }
 }
 
 /// The page images of a checkpoint opened for a lazy restore ([`OpenedCheckpoint::lazy`]).
@@ -82,14 +63,14 @@ pub struct LazyPages {
     pub pages: Vec<LazyPage>,
     /// The pagemap of each process, by PID.
     pub pagemaps: HashMap<u64, Pagemap>,
-    /// Page images read by chunks (from an object store, or compressed), verified as they are read; `None`
-    /// for local uncompressed files (read in place, verified by a pass of their own).
-    pub chunked: Option<Arc<ChunkedPages>>,
+    /// The page images read by chunks (in place, from an object store, or decoded), each chunk checked
+    /// before any of it is served.
+    pub chunked: Arc<ChunkedPages>,
 }
 
 impl std::fmt::Debug for LazyPages {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "LazyPages({:?}, {} pagemaps, chunked: {})", self.pages, self.pagemaps.len(), self.chunked.is_some())
+        write!(f, "LazyPages({:?}, {} pagemaps)", self.pages, self.pagemaps.len())
     }
 }
 
@@ -104,9 +85,8 @@ pub fn open_lazy(path: &Path, scratch: &Path) -> Result<OpenedCheckpoint, Checkp
     match Compression::detect_path(path)? {
         Compression::None => open_folder(path),
         Compression::Tar => {
-            let file = Arc::new(File::open(path).map_err(CheckpointError::io(path))?);
             let source = Arc::new(LocalSource::open(path).map_err(CheckpointError::io(path))?);
-            open_tar(source, Some(file), path, scratch)
+            open_tar(source, path, scratch)
         }
         compression => {
             let source = Arc::new(LocalSource::open(path).map_err(CheckpointError::io(path))?);
@@ -125,7 +105,7 @@ pub fn open_lazy_source(
     let n = head.len().min(source.len() as usize);
     source.read_exact_at(0, &mut head[..n]).map_err(CheckpointError::io(location))?;
     match Compression::detect_bytes(&head[..n]) {
-        Some(Compression::Tar) => open_tar(source, None, location, scratch),
+        Some(Compression::Tar) => open_tar(source, location, scratch),
         Some(compression) => open_compressed(source, compression, location, scratch),
         None => Err(corrupt(location, "not a checkpoint archive (no tar, gzip, lz4, zlib or zstd signature found)".into())),
     }
@@ -148,18 +128,9 @@ fn open_folder(path: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
             _ => CheckpointError::Io { path: file_path.clone(), source: e },
         };
         if is_page_image(&f.name) {
-            let file = Arc::new(File::open(&file_path).map_err(missing)?);
             let source = Arc::new(LocalSource::open(&file_path).map_err(missing)?);
             let (units, compression) = (Vec::new(), Compression::None);
-            pages.push(LazyPage {
-                name: f.name.clone(),
-                source,
-                file: Some(file),
-                base: 0,
-                digest: f.clone(),
-                units,
-                compression,
-            });
+            pages.push(LazyPage { name: f.name.clone(), source, base: 0, digest: f.clone(), units, compression });
         } else {
             let bytes = std::fs::read(&file_path).map_err(missing)?;
             check(path, f, &bytes)?;
@@ -167,19 +138,15 @@ fn open_folder(path: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
     }
     let pagemaps = read_pagemaps(path, path, &manifest)?;
     let mut opened = OpenedCheckpoint::in_folder(path, Compression::None, manifest, path.to_path_buf(), None);
-    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps, chunked: None }));
+    let chunked = Arc::new(ChunkedPages::new(&pages, path));
+    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps, chunked }));
     Ok(opened)
 }
 
 /// An uncompressed archive: its small files are extracted and verified, its page images located. Its tar
 /// headers are walked by ranged reads (regular files, and GNU long names), so only the small files and the
 /// headers are read.
-fn open_tar(
-    source: Arc<dyn ArchiveSource>,
-    file: Option<Arc<File>>,
-    path: &Path,
-    scratch: &Path,
-) -> Result<OpenedCheckpoint, CheckpointError> {
+fn open_tar(source: Arc<dyn ArchiveSource>, path: &Path, scratch: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
     let damaged = |e: std::io::Error| unreadable(path, e, "the tar archive");
     let mut small: HashMap<String, Vec<u8>> = HashMap::new();
     let mut placed: HashMap<String, (u64, u64)> = HashMap::new();
@@ -253,9 +220,9 @@ fn open_tar(
             if size != f.size {
                 return Err(corrupt(path, format!("{} holds {size} bytes, the manifest says {}", f.name, f.size)));
             }
-            let (source, file, units) = (Arc::clone(&source), file.clone(), Vec::new());
+            let (source, units) = (Arc::clone(&source), Vec::new());
             let compression = Compression::Tar;
-            pages.push(LazyPage { name: f.name.clone(), source, file, base, digest: f.clone(), units, compression });
+            pages.push(LazyPage { name: f.name.clone(), source, base, digest: f.clone(), units, compression });
             continue;
         }
         let bytes =
@@ -293,7 +260,7 @@ fn open_compressed(
             let placed = placed.ok_or_else(not_in_place)?;
             let (source, units) = (Arc::clone(&source), placed.units.clone());
             let base = placed.offset + slot;
-            pages.push(LazyPage { name: f.name.clone(), source, file: None, base, digest: f.clone(), units, compression });
+            pages.push(LazyPage { name: f.name.clone(), source, base, digest: f.clone(), units, compression });
             continue;
         }
         let out = dir.path().join(safe_relative(path, &f.name)?);
@@ -329,10 +296,9 @@ fn finish(
     pages: Vec<LazyPage>,
 ) -> Result<OpenedCheckpoint, CheckpointError> {
     let pagemaps = read_pagemaps(path, dir.path(), &manifest)?;
-    let local = pages.iter().all(|p| p.file.is_some());
-    let chunked = (!local).then(|| Arc::new(ChunkedPages::new(&pages, path)));
+    let chunked = Arc::new(ChunkedPages::new(&pages, path));
     for page in &pages {
-        write_sparse(path, dir.path(), page, &pagemaps, chunked.as_deref())?;
+        write_sparse(path, dir.path(), page, &pagemaps, &chunked)?;
     }
     let images_dir = dir.path().to_path_buf();
     let mut opened = OpenedCheckpoint::in_folder(path, compression, manifest, images_dir, Some(dir));
@@ -343,7 +309,7 @@ fn finish(
 fn check(path: &Path, expected: &FileDigest, bytes: &[u8]) -> Result<(), CheckpointError> {
     let mut h = Hasher::new();
     h.update(bytes);
-    if &h.finish(&expected.name) != expected {
+    if !h.finish(&expected.name).same(expected) {
         return Err(corrupt(path, format!("checksum mismatch in {}", expected.name)));
     }
     Ok(())
@@ -370,7 +336,7 @@ fn write_sparse(
     images: &Path,
     page: &LazyPage,
     maps: &HashMap<u64, Pagemap>,
-    chunked: Option<&ChunkedPages>,
+    chunked: &ChunkedPages,
 ) -> Result<(), CheckpointError> {
     use crate::criu::pages::PageStore;
     use std::os::unix::fs::FileExt;
@@ -384,11 +350,10 @@ fn write_sparse(
             return Err(corrupt(path, format!("a pagemap places pages past the end of {}", page.name)));
         }
         buf.resize(extent.len() as usize, 0);
-        match (chunked, page.pages_id()) {
-            (Some(c), Some(id)) => c.read_at(id, extent.offset, &mut buf),
-            _ => page.source.read_exact_at(page.base + extent.offset, &mut buf),
+        match page.pages_id() {
+            Some(id) => chunked.read_at(id, extent.offset, &mut buf).map_err(|e| super::lazy_store::read_failed(path, e))?,
+            None => page.source.read_exact_at(page.base + extent.offset, &mut buf).map_err(CheckpointError::io(path))?,
         }
-        .map_err(CheckpointError::io(path))?;
         out.write_all_at(&buf, extent.offset).map_err(CheckpointError::io(&out_path))?;
     }
     Ok(())

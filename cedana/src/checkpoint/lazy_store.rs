@@ -1,8 +1,10 @@
 //! Page images served for a lazy restore from an archive read by ranges (an object in a store) or
 //! compressed: fetched in the checksum's chunks (8 MiB; in a compressed archive each chunk is one unit of
-//! its own, decoded alone), the last few kept, each chunk hashed the first time it arrives, so the page
-//! images are verified against the manifest with no second read: [`ChunkedPages::verify`], once the
-//! transfer is over, fetches the chunks never asked for and compares every image's digest.
+//! its own, decoded alone), the last few kept, each chunk hashed as it arrives and checked against the
+//! manifest's hash of that chunk before any byte of it is served (manifests of earlier versions list no
+//! chunk hashes: their images are checked whole only), so the page images are verified with no second
+//! read: [`ChunkedPages::verify`], once the transfer is over, fetches the chunks never asked for and
+//! compares every image's digest.
 //!
 //! Reading ahead: once an image is read chunk after chunk (the lazy-pages handler's background transfer goes
 //! front to back, and so do programs walking their memory), the next [`READ_AHEAD`] chunks are fetched and
@@ -131,27 +133,25 @@ impl ChunkedPages {
                 let known = image.state.lock().ok().and_then(|s| s.hashes[i]);
                 let hash = match known {
                     Some(h) => h,
-                    None => {
-                        image
-                            .fetch(i)
-                            .map_err(|e| match e.kind() {
-                                // A unit that does not decode, or a chunk that is not there: damaged.
-                                std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => {
-                                    corrupt(&self.location, e.to_string())
-                                }
-                                _ => CheckpointError::io(&self.location)(e),
-                            })?
-                            .1
-                    }
+                    None => image.fetch(i).map_err(|e| read_failed(&self.location, e))?.1,
                 };
                 hashes.push(hash);
             }
             let digest = combine(image.page.name.clone(), image.page.digest.size, &hashes);
-            if digest != image.page.digest {
+            if !digest.same(&image.page.digest) {
                 return Err(corrupt(&self.location, format!("checksum mismatch in {}", image.page.name)));
             }
         }
         Ok(())
+    }
+}
+
+/// A failed read of the page images of the checkpoint at `location`: a chunk that does not match its hash,
+/// a unit that does not decode or a chunk that is not there is damage; anything else, the source's failure.
+pub(crate) fn read_failed(location: &Path, e: std::io::Error) -> CheckpointError {
+    match e.kind() {
+        std::io::ErrorKind::InvalidData | std::io::ErrorKind::UnexpectedEof => corrupt(location, e.to_string()),
+        _ => CheckpointError::io(location)(e),
     }
 }
 
@@ -228,6 +228,11 @@ impl Image {
                 .map_err(|e| std::io::Error::new(e.kind(), format!("{}: unit {i} {e}", page.name)))?;
         }
         let hash = xxh3_128(&buf);
+        // Checked before any of it is served, where the manifest lists the chunks (or the image is one chunk).
+        if page.digest.chunk_matches(i, hash) == Some(false) {
+            let what = format!("checksum mismatch in {} (chunk {i}, bytes {start}..{})", page.name, start + len as u64);
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidData, what));
+        }
         Ok((Arc::new(buf), hash))
     }
 }
@@ -320,14 +325,25 @@ mod tests {
     }
 
     fn store(chunks: usize, delay: Duration) -> (ChunkedPages, Arc<Recorded>) {
-        let bytes: Vec<u8> = (0..chunks * CHUNK).map(|i| (i / 4096) as u8 ^ (i as u8)).collect();
+        store_damaged(chunks, delay, None, true)
+    }
+
+    /// A store whose byte `damaged` (if any) was flipped after the dump; `listed`: its manifest lists the
+    /// chunks' hashes (else: of an earlier version).
+    fn store_damaged(chunks: usize, delay: Duration, damaged: Option<usize>, listed: bool) -> (ChunkedPages, Arc<Recorded>) {
+        let mut bytes: Vec<u8> = (0..chunks * CHUNK).map(|i| (i / 4096) as u8 ^ (i as u8)).collect();
         let hashes: Vec<u128> = bytes.chunks(CHUNK).map(xxh3_128).collect();
-        let digest = combine("pages-1.img".into(), bytes.len() as u64, &hashes);
+        let mut digest = combine("pages-1.img".into(), bytes.len() as u64, &hashes);
+        if !listed {
+            digest.chunks.clear();
+        }
+        if let Some(at) = damaged {
+            bytes[at] ^= 0x40;
+        }
         let source = Arc::new(Recorded { bytes, reads: Mutex::new(Vec::new()), delay });
         let page = LazyPage {
             name: "pages-1.img".into(),
             source: source.clone(),
-            file: None,
             base: 0,
             digest,
             units: Vec::new(),
@@ -374,6 +390,31 @@ mod tests {
         assert_eq!(read(&s, 4), source.bytes[4 * CHUNK + 8192..4 * CHUNK + 8192 + 4096]);
         assert_eq!(settled(&[2, 3, 4, 5, 6]), [2, 3, 4, 5, 6]);
         s.verify().unwrap();
+    }
+
+    #[test]
+    fn a_damaged_chunk_is_refused_before_any_of_it_is_served() {
+        let (s, _) = store_damaged(4, Duration::ZERO, Some(2 * CHUNK + 100_000), true);
+        assert_eq!(read(&s, 1).len(), 4096, "a sound chunk is served");
+        let mut buf = vec![0u8; 4096];
+        // The page read lies in chunk 2, away from the damaged byte: refused all the same.
+        let e = s.read_at(1, (2 * CHUNK + 8192) as u64, &mut buf).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::InvalidData);
+        assert!(e.to_string().contains("checksum mismatch in pages-1.img (chunk 2"), "{e}");
+        assert!(buf.iter().all(|&b| b == 0), "nothing of it was handed out");
+        let mut seen = 0;
+        let e = s.each_piece(1, (2 * CHUNK) as u64, 4096, &mut Vec::new(), &mut |_| {
+            seen += 1;
+            true
+        });
+        assert!(e.is_err() && seen == 0, "no piece of it is lent");
+        assert!(s.verify().is_err());
+
+        // A manifest of an earlier version lists no chunk hashes: the damage is found by the whole check.
+        let (s, _) = store_damaged(4, Duration::ZERO, Some(2 * CHUNK + 100_000), false);
+        read(&s, 2);
+        let e = s.verify().unwrap_err().to_string();
+        assert!(e.contains("checksum mismatch in pages-1.img"), "{e}");
     }
 
     #[test]

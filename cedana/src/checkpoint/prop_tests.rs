@@ -104,7 +104,7 @@ proptest! {
         m.hostname = host;
         m.process.pid = pid;
         for (name, size) in names.iter().zip(&sizes) {
-            m.files.push(FileDigest { name: name.clone(), size: *size, xxh3: format!("{size:032x}") });
+            m.files.push(FileDigest { name: name.clone(), size: *size, xxh3: format!("{size:032x}"), chunks: Vec::new() });
         }
         let parsed = reader::parse_manifest(Path::new("m"), &m.to_json()).unwrap();
         prop_assert_eq!(parsed, m);

@@ -277,7 +277,7 @@ pub fn read_entry(path: &Path, name: &str) -> Result<Option<Vec<u8>>, Checkpoint
     };
     let mut hasher = super::digest::Hasher::new();
     hasher.update(&bytes);
-    if &hasher.finish(name) != expected {
+    if !hasher.finish(name).same(expected) {
         return Err(corrupt(path, format!("{name} does not match the manifest")));
     }
     Ok(Some(bytes))

@@ -160,7 +160,7 @@ impl Units<'_> {
                 turn.notify_all();
             }
         }
-        if combine(self.expected.name.clone(), bytes, &hashes) != *self.expected {
+        if !combine(self.expected.name.clone(), bytes, &hashes).same(self.expected) {
             return Err(corrupt(self.location, format!("checksum mismatch in {}", self.expected.name)));
         }
         Ok(Copied { bytes, out_error })

@@ -5,15 +5,12 @@
 //! manifest; should one not match, or a page not arrive, the restored tree is killed (a tree whose lazy
 //! memory can no longer arrive must not run on).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::checkpoint::lazy::LazyPages;
-use crate::checkpoint::lazy_store::ChunkedPages;
-use crate::checkpoint::CheckpointError;
-use crate::criu::pages::{FilePages, PageStore};
+use crate::checkpoint::lazy_store::{read_failed, ChunkedPages};
 use crate::criu::uffd::{LazyError, LazyHandler, Pages};
 use crate::engine::EngineError;
 
@@ -28,13 +25,14 @@ pub(crate) struct LazyRestore {
     refused: Option<EngineError>,
     /// Filled before the tree resumes: the page images are local, and checked for the cause of any failure.
     before_resume: bool,
+    /// The checkpoint, for errors.
+    location: PathBuf,
 }
 
 /// How the page images are checked against the manifest.
 enum Verify {
-    /// Local files: read once more by a thread of their own while the program runs (from the page cache).
-    Reread(JoinHandle<Result<(), CheckpointError>>),
-    /// Read by ranges: hashed as the handler fetches them; the rest fetched once the transfer is over.
+    /// Each chunk checked as the handler fetches it, before it is served; the chunks never asked for are
+    /// fetched once the transfer is over, and each image's digest compared.
     AsServed(Arc<ChunkedPages>),
     /// Verified already (before the tree resumed).
     Done,
@@ -63,32 +61,11 @@ impl LazyRestore {
         before_resume: bool,
         advance: Option<crate::progress::Advancer>,
     ) -> Result<Self, EngineError> {
-        let (store, verify): (Arc<dyn PageStore>, Option<Arc<ChunkedPages>>) = match &lazy.chunked {
-            Some(chunked) => (chunked.clone(), Some(chunked.clone())),
-            None => {
-                let mut files = FilePages::new();
-                for page in &lazy.pages {
-                    if let (Some(id), Some(file)) = (page.pages_id(), &page.file) {
-                        files.insert(id, Arc::clone(file), page.base);
-                    }
-                }
-                (Arc::new(files), None)
-            }
-        };
+        let store = Arc::clone(&lazy.chunked);
         let pages = Pages { maps: lazy.pagemaps.clone(), store, images: images.to_path_buf(), advance };
-        let handler = LazyHandler::listen(&work.join(LAZY_SOCKET), pages).map_err(serving_failed)?;
-        let verify = match verify {
-            Some(chunked) => Verify::AsServed(chunked),
-            None => {
-                let (pages, location) = (lazy.pages.clone(), location.to_path_buf());
-                let thread = std::thread::Builder::new()
-                    .name("lazy-verify".into())
-                    .spawn(move || pages.iter().try_for_each(|p| p.verify(&location)))
-                    .map_err(EngineError::io("starting the page images' check"))?;
-                Verify::Reread(thread)
-            }
-        };
-        Ok(Self { handler, verify, refused: None, before_resume })
+        let handler = LazyHandler::listen(&work.join(LAZY_SOCKET), pages).map_err(|e| serving_failed(location, e))?;
+        let verify = Verify::AsServed(Arc::clone(&lazy.chunked));
+        Ok(Self { handler, verify, refused: None, before_resume, location: location.to_path_buf() })
     }
 
     /// At `post-restore` (nothing resumed): fill every page and verify every page image; `false` (CRIU then
@@ -107,7 +84,7 @@ impl LazyRestore {
             // The handler's own error (a page it could not read) comes from `abort`.
             Err(LazyError::Stopped) => false,
             Err(e) => {
-                self.refused = Some(serving_failed(e));
+                self.refused = Some(serving_failed(&self.location, e));
                 false
             }
         }
@@ -119,7 +96,6 @@ impl LazyRestore {
         let running_since = Instant::now();
         let (served, held) = self.handler.wait();
         let verified = match self.verify {
-            Verify::Reread(t) => t.join().unwrap_or(Err(CheckpointError::LivePacking("the page check panicked"))),
             // Only once the transfer is over: it reads what the handler never asked for.
             Verify::AsServed(chunked) if served.is_ok() => chunked.verify(),
             Verify::AsServed(_) | Verify::Done => Ok(()),
@@ -128,7 +104,7 @@ impl LazyRestore {
         // that stopped answering, a unit that does not decode).
         let failure = match (served, verified) {
             (_, Err(e)) => Err(EngineError::Checkpoint(e)),
-            (Err(e), _) => Err(serving_failed(e)),
+            (Err(e), _) => Err(serving_failed(&self.location, e)),
             (Ok(t), Ok(())) => Ok(t),
         };
         match failure {
@@ -155,12 +131,10 @@ impl LazyRestore {
             if let Err(e) = verify_now(&mut self.verify) {
                 return Some(e);
             }
-        } else if let Verify::Reread(t) = self.verify {
-            let _ = t.join();
         }
         match failed {
             Some(e @ (LazyError::Read { .. } | LazyError::NoSuchPages { .. } | LazyError::BadImage(_))) => {
-                Some(serving_failed(e))
+                Some(serving_failed(&self.location, e))
             }
             _ => None,
         }
@@ -170,15 +144,22 @@ impl LazyRestore {
 /// Check every page image against the manifest now (once).
 fn verify_now(verify: &mut Verify) -> Result<(), EngineError> {
     match std::mem::replace(verify, Verify::Done) {
-        Verify::Reread(t) => t.join().unwrap_or(Err(CheckpointError::LivePacking("the page check panicked"))),
         Verify::AsServed(chunked) => chunked.verify(),
         Verify::Done => Ok(()),
     }
     .map_err(EngineError::Checkpoint)
 }
 
-fn serving_failed(e: LazyError) -> EngineError {
-    EngineError::Io { what: "serving the lazy pages of the restored tree".into(), source: std::io::Error::other(e) }
+/// Why pages could not be served: a damaged checkpoint (a chunk that does not match its hash, a unit
+/// that does not decode) as such, anything else as the failure to serve them.
+fn serving_failed(location: &Path, e: LazyError) -> EngineError {
+    use std::io::ErrorKind::{InvalidData, UnexpectedEof};
+    match e {
+        LazyError::Read { source, .. } if matches!(source.kind(), InvalidData | UnexpectedEof) => {
+            EngineError::Checkpoint(read_failed(location, source))
+        }
+        e => EngineError::Io { what: "serving the lazy pages of the restored tree".into(), source: std::io::Error::other(e) },
+    }
 }
 
 /// SIGKILL every process of a restored tree.

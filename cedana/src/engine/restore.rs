@@ -247,8 +247,8 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
         match crate::checkpoint::lazy::open_lazy(&path, &scratch) {
             Ok(opened) if opened.manifest.kind == CheckpointKind::Process => {
                 // Filled front to back: a few chunks at a time are enough.
-                if let Some(chunked) = opened.lazy.as_ref().and_then(|l| l.chunked.as_ref()) {
-                    chunked.read_in_sequence();
+                if let Some(lazy) = opened.lazy.as_ref() {
+                    lazy.chunked.read_in_sequence();
                 }
                 Some(opened)
             }

@@ -176,6 +176,12 @@ impl Proc {
         Self { pid, uffd, missing, cursor, gone: false, changing: None }
     }
 
+    /// Stop serving this process: it exited (the kernel says so).
+    fn set_gone(&mut self, why: &'static str) {
+        tracing::debug!(pid = self.pid, why, missing_pages = self.missing.pages(), "a restored process is gone");
+        self.gone = true;
+    }
+
     /// Whether the background transfer may fill this process now.
     fn wants_pages(&self) -> bool {
         !self.gone && !self.missing.is_empty() && self.changing.is_none_or(|t| t.elapsed() >= UNMAPPED_GRACE)
@@ -311,7 +317,7 @@ impl Session {
                     self.handle(i, event)?;
                 }
                 if !any && revents & (libc::POLLERR | libc::POLLHUP | libc::POLLNVAL) != 0 {
-                    self.procs[i].gone = true;
+                    self.procs[i].set_gone("its userfaultfd hung up");
                 }
             }
             for (i, addr) in std::mem::take(&mut self.pending) {
@@ -393,7 +399,7 @@ impl Session {
                 if !kernel::unregister(p.uffd.as_fd(), start, end - start)
                     .map_err(|source| LazyError::Fill { pid: p.pid, source })?
                 {
-                    p.gone = true;
+                    p.set_gone("unregistering found no process");
                 }
                 p.missing.take(start, end);
                 Ok(())
@@ -424,7 +430,7 @@ impl Session {
                     Ok(())
                 }
                 Filled::Gone => {
-                    self.procs[i].gone = true;
+                    self.procs[i].set_gone("a zero page found no process");
                     Ok(())
                 }
                 _ => Ok(()),
@@ -468,6 +474,8 @@ impl Session {
         // `at`: the bytes from the run's start dealt with; `copied`: those of them copied; `most`: the
         // longest copy to try (halved when a copy spans mappings the program split since the dump).
         let (mut at, mut copied, mut most, mut gone, mut unmapped, mut failed) = (0u64, 0u64, u64::MAX, false, false, None);
+        // Pages passed over (there already, or unmapped for good).
+        let mut skipped = 0u64;
         let mut each = |piece: &[u8]| -> bool {
             let (base, end) = (at, piece.len() as u64);
             let mut k = 0u64;
@@ -490,6 +498,7 @@ impl Session {
                     // A page there already: nothing to fill at it.
                     Ok(Filled::Exists(n)) => {
                         copied += n;
+                        skipped += 1;
                         k = (k + n + PAGE_SIZE).min(end);
                         continue;
                     }
@@ -503,6 +512,7 @@ impl Session {
                     // The page is in no registered mapping: unmapped for good, or moved (wait for the event).
                     Ok(Filled::NoMapping(n)) if for_good => {
                         copied += n;
+                        skipped += 1;
                         k = (k + n + PAGE_SIZE).min(end);
                         continue;
                     }
@@ -528,8 +538,11 @@ impl Session {
             return Err(LazyError::Fill { pid: p.pid, source });
         }
         if gone {
-            p.gone = true;
+            p.set_gone("a copy found no process");
             return Ok(0);
+        }
+        if skipped > 0 {
+            tracing::debug!(pid = p.pid, start = run.start, skipped, "pages there already or unmapped were not filled");
         }
         if unmapped {
             p.changing.get_or_insert_with(Instant::now);
