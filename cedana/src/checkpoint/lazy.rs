@@ -5,9 +5,10 @@
 //! lazy: a few pages of the program's data segments); the lazy ones stay holes, filled by the lazy-pages
 //! handler ([`crate::criu::uffd`]).
 //!
-//! The page images are not verified before the restore (that pass is what a lazy restore avoids): a
-//! [`LazyPage::verify`] pass checks each one against the manifest while the program runs, and the caller
-//! ends the program should one not match.
+//! The page images are not verified before the restore (that pass is what a lazy restore avoids): they are
+//! read in 8 MiB chunks ([`ChunkedPages`]), each checked against the manifest's hash of it before any page
+//! of it is served, and each whole image compared once the memory is local; the caller ends the program
+//! should one not match.
 
 use std::collections::HashMap;
 use std::fs::File;
