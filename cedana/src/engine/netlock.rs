@@ -58,9 +58,45 @@ impl Watch {
 impl Drop for Watch {
     fn drop(&mut self) {
         if self.marker.is_some() && !self.succeeded {
+            // CRIU adds each socket's lock with an `iptables-restore` of its own: one it started just before it
+            // was killed outlives it and may add its rule after a sweep run at once.
+            wait_for_lock_helpers(HELPER_WAIT);
             sweep();
         }
     }
+}
+
+/// The longest a failed run's sweep waits for lock helpers still at work (each takes a few ms).
+const HELPER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Wait until no `iptables-restore` or `ip6tables-restore` runs on this machine (the helpers CRIU runs to
+/// add its iptables lock rules), or `limit` passed.
+fn wait_for_lock_helpers(limit: std::time::Duration) {
+    let deadline = std::time::Instant::now() + limit;
+    while lock_helper_running() {
+        if std::time::Instant::now() >= deadline {
+            tracing::info!("an iptables-restore still runs: network-lock rules it adds are left to a later start");
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
+/// Whether a live process runs `iptables-restore` or `ip6tables-restore` (by its first argument: its
+/// `comm` is cut to 15 bytes).
+fn lock_helper_running() -> bool {
+    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
+    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).any(|pid| {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
+        let name = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
+        is_lock_helper(name) && crate::procfs::stat(pid).is_ok_and(|s| !s.is_zombie())
+    })
+}
+
+/// Whether an executable named `name` is one of the helpers CRIU adds its iptables lock rules with.
+fn is_lock_helper(name: &[u8]) -> bool {
+    name == b"iptables-restore" || name == b"ip6tables-restore"
 }
 
 /// The mark of CRIU's own packets (`SOCCR_MARK`), which its lock rules let pass.
@@ -277,6 +313,20 @@ pub fn sweep() -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn criu_lock_helpers_are_known_by_their_executable() {
+        assert!(is_lock_helper(b"iptables-restore") && is_lock_helper(b"ip6tables-restore"));
+        assert!(!is_lock_helper(b"iptables") && !is_lock_helper(b"iptables-restore-translate"));
+        // A helper running now is waited for; none running: no wait.
+        let mut helper = Command::new("bash").args(["-c", "exec -a iptables-restore sleep 0.3"]).spawn().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        assert!(lock_helper_running(), "a process whose argv[0] is iptables-restore");
+        let started = std::time::Instant::now();
+        wait_for_lock_helpers(std::time::Duration::from_secs(5));
+        helper.wait().unwrap();
+        assert!(started.elapsed() < std::time::Duration::from_secs(2), "waited until it ended: {:?}", started.elapsed());
+    }
 
     #[test]
     fn only_criu_lock_rules_are_recognised_and_deleted_as_listed() {
