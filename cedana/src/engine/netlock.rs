@@ -58,15 +58,12 @@ impl Watch {
 impl Drop for Watch {
     fn drop(&mut self) {
         if self.marker.is_some() && !self.succeeded {
-            // CRIU adds each socket's lock with an `iptables-restore` of its own: one it started just before it
-            // was killed outlives it and may add its rule after a sweep run at once.
-            wait_for_lock_helpers(HELPER_WAIT);
             sweep();
         }
     }
 }
 
-/// The longest a failed run's sweep waits for lock helpers still at work (each takes a few ms).
+/// The longest a sweep waits for lock helpers still at work (each takes a few ms).
 const HELPER_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// Wait until no `iptables-restore` or `ip6tables-restore` runs on this machine (the helpers CRIU runs to
@@ -85,8 +82,7 @@ fn wait_for_lock_helpers(limit: std::time::Duration) {
 /// Whether a live process runs `iptables-restore` or `ip6tables-restore` (by its first argument: its
 /// `comm` is cut to 15 bytes).
 fn lock_helper_running() -> bool {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return false };
-    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).any(|pid| {
+    proc_pids().unwrap_or_default().into_iter().any(|pid| {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
         let name = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
@@ -169,8 +165,7 @@ fn tcp_sockets() -> HashMap<(End, End), Vec<String>> {
 /// The processes holding each of the socket `inodes` open.
 fn holders(inodes: &HashSet<String>) -> HashMap<String, Vec<i32>> {
     let mut found: HashMap<String, Vec<i32>> = HashMap::new();
-    let Ok(entries) = std::fs::read_dir("/proc") else { return found };
-    for pid in entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()) {
+    for pid in proc_pids().unwrap_or_default() {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
         for fd in fds.flatten() {
             let Ok(target) = std::fs::read_link(fd.path()) else { continue };
@@ -232,8 +227,14 @@ const PF_EXITING: u64 = 0x4;
 /// A CRIU process running on this machine (see [`is_criu`]), if any; `Some(0)` when /proc cannot be read
 /// (then nothing is known to be safe).
 fn running_criu() -> Option<i32> {
-    let Ok(entries) = std::fs::read_dir("/proc") else { return Some(0) };
-    entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).find(|pid| is_criu(*pid))
+    let Some(pids) = proc_pids() else { return Some(0) };
+    pids.into_iter().find(|pid| is_criu(*pid))
+}
+
+/// The PIDs in /proc (`None` when it cannot be read).
+fn proc_pids() -> Option<Vec<i32>> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    Some(entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).collect())
 }
 
 /// The standard output of `program ARGS`, or `None` when it cannot run or fails (not installed: nothing of
@@ -251,6 +252,9 @@ fn run(program: &str, args: &[&str]) -> bool {
 /// Remove the network-lock rules and tables no live CRIU may be using (see the module's doc); returns what
 /// was removed (as `TOOL: RULE` or `nft: table FAMILY NAME`). Errors are logged, never returned: a sweep must not stop the operation that runs it.
 pub fn sweep() -> Vec<String> {
+    // CRIU adds each socket's lock with an `iptables-restore` of its own: one it started just before it was
+    // killed outlives it and may add its rule after a listing taken now.
+    wait_for_lock_helpers(HELPER_WAIT);
     let mut rules = Vec::new();
     for tool in ["iptables", "ip6tables"] {
         let Some(listing) = output(tool, &["-w", "-t", "filter", "-S"]) else { continue };
