@@ -9,6 +9,10 @@
 #   KDAT_CACHE=1: run in a mount namespace of its own with a tmpfs on /run, so that CRIU keeps its cache of
 #   the kernel's features as it does on hosts whose /run is a tmpfs (this VM's /run is not: every CRIU run
 #   probes the kernel again, about 30 ms, raw CRIU's and cedana's alike),
+#   BASE=<another cedana binary>: also its lazy restores of the zstd and tar archives (modes lazy-zstd-base,
+#   lazy-tar-base), in the same rounds: two builds side by side,
+#   PROGRESS=0: skip the first-100-ms part; PROGRESS_ONLY=1: only that part; WALKS="sequential random": its
+#   walks (see below),
 #   S3=1: also from an object store: the zstd checkpoint is dumped into an s3s-fs server on 127.0.0.1 too
 #   (the S3 API: a multipart upload), and restored from it through nginx serving s3s-fs's files (GET and
 #   HEAD, ranges read in place, as S3 serves them; see scripts/lib/s3s.sh, which installs both once): normally
@@ -53,6 +57,7 @@ if [ -z "${CEDANA_BENCH_REAPER:-}" ]; then
     BENCH_DIR=${BENCH_DIR:-/var/tmp/cedana-lazy.$$}
     mkdir -p "$BENCH_DIR/bin"
     cp "$CEDANA" "$BENCH_DIR/bin/cedana"
+    if [ -n "${BASE:-}" ]; then cp "$BASE" "$BENCH_DIR/bin/cedana-base"; fi
     gcc -O2 -Wall -o "$BENCH_DIR/bin/reaper" "$HERE/bench/reaper.c"
     gcc -O2 -Wall -o "$BENCH_DIR/bin/workload" "$HERE/bench/workload.c"
     gcc -O2 -Wall -o "$BENCH_DIR/bin/progress" "$HERE/bench/progress.c"
@@ -72,6 +77,8 @@ if [ -z "${CRIU:-}" ]; then
     [ -n "$CRIU" ] || CRIU=/usr/local/sbin/criu
 fi
 export CEDANA_CRIU_BINARY_PATH=$CRIU CEDANA_LOG_LEVEL=warn
+# A scratch folder of the bench's own: lazy restores keep the page order they record there.
+export CEDANA_CHECKPOINT_SCRATCH_DIR=$BENCH_DIR/scratch
 CEDANA=$BENCH_DIR/bin/cedana
 WORK=$BENCH_DIR
 RES=$WORK/results.tsv
@@ -132,8 +139,8 @@ ZSTD=$WORK/ckpt/archive.tar.zst
 
 path_of() {
     case $1 in
-        *-tar) echo "$ARCHIVE" ;;
-        *-zstd) echo "$ZSTD" ;;
+        *-tar | *-tar-base) echo "$ARCHIVE" ;;
+        *-zstd | *-zstd-base) echo "$ZSTD" ;;
         *-s3) echo "s3://bench/ckpt/archive.tar.zst" ;;
         *) echo "$FOLDER" ;;
     esac
@@ -150,7 +157,9 @@ run_mode() {
             ;;
         normal*) timed "$1" "$CEDANA" restore process --path "$p" --detach ;;
         lazy*)
-            timed "$1" "$CEDANA" restore process --path "$p" --detach --lazy --output json
+            local bin=$CEDANA
+            [[ $1 == *-base ]] && bin=$WORK/bin/cedana-base
+            timed "$1" "$bin" restore process --path "$p" --detach --lazy --output json
             python3 -c "import json,sys; l=json.loads(open(sys.argv[1]).read().splitlines()[-1])['lazy']; print(f\"{sys.argv[2]}\trunning\t{l['running_after_ms']/1000:.4f}\")" "$WORK/last.out" "$1" >>"$RES"
             ;;
     esac
@@ -158,8 +167,10 @@ run_mode() {
 }
 
 MODES=(raw normal lazy normal-tar lazy-tar normal-zstd lazy-zstd)
+[ "${PROGRESS_ONLY:-0}" = 1 ] && MODES=()
 [ "${S3:-0}" = 1 ] && MODES+=(get-s3 normal-s3 lazy-s3)
-for ((r = 0; r < ROUNDS; r++)); do
+[ -n "${BASE:-}" ] && MODES+=(lazy-tar-base lazy-zstd-base)
+for ((r = 0; r < ROUNDS && ${#MODES[@]} > 0; r++)); do
     for ((k = 0; k < ${#MODES[@]}; k++)); do
         m=${MODES[$(((k + r) % ${#MODES[@]}))]}
         run_mode "$m"
@@ -178,65 +189,78 @@ echo "memory after a lazy restore: checksum $actual as at start" >&2
 end_restored check
 
 # The first 100 ms: the workload walking its pages (one read a page, without end, counting them in a shared
-# file), dumped once into zstd, then restored lazily and normally in turn while a sampler reads its count every
-# 2 ms from the start of the restore. Reported: when it first moved, and how many pages it touched in its first
-# 100 ms of running, against the same program with its memory local.
+# file), in sequence and (WORKLOAD_WALK=random) scattered over its memory, dumped once into zstd, then restored
+# in turn while a sampler reads its count every 2 ms from the start of the restore: lazily with no recorded
+# page order (the order file removed first: this restore records it), lazily again with the order the previous
+# one recorded (its blocks brought first), and normally. Reported: when it first moved, and how many pages it
+# touched in its first 100 ms of running, against the same program with its memory local.
 if [ "${PROGRESS:-1}" = 1 ]; then
     PROG=$WORK/walk.progress
-    rm -f "$WORK/workload.pid" "$PROG"
-    setsid "$WORK/bin/workload" "$SIZE_MIB" "$WORK/workload.pid" "$WORK/workload.sum" "$PROG" </dev/null >/dev/null 2>&1 &
-    for ((i = 0; i < 600; i++)); do [ -s "$WORK/workload.pid" ] && break; sleep 0.1; done
-    WPID=$(cat "$WORK/workload.pid")
-    sleep 0.3
-    "$WORK/bin/progress" "$PROG" 300 >"$WORK/local.samples"
-    "$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name walker --compression zstd >/dev/null
-    wait_gone
-    cp "$PROG" "$PROG.at-dump"
-    for ((r = 0; r < ROUNDS; r++)); do
-        for kind in lazy normal; do
-            cp "$PROG.at-dump" "$PROG"
-            "$WORK/bin/progress" "$PROG" 3000 >"$WORK/$kind.$r.samples" &
-            SAMPLER=$!
-            flag=()
-            [ "$kind" = lazy ] && flag=(--lazy)
-            "$CEDANA" restore process --path "$WORK/ckpt/walker.tar.zst" --detach "${flag[@]}" >/dev/null </dev/null
-            wait "$SAMPLER"
-            end_restored "walker-$kind"
+    ORDERS=$CEDANA_CHECKPOINT_SCRATCH_DIR/.cedana-page-order
+    for walk in ${WALKS:-sequential random}; do
+        rm -f "$WORK/workload.pid" "$PROG" "$WORK/ckpt/walker.tar.zst"
+        WORKLOAD_WALK=$walk setsid "$WORK/bin/workload" "$SIZE_MIB" "$WORK/workload.pid" "$WORK/workload.sum" "$PROG" </dev/null >/dev/null 2>&1 &
+        for ((i = 0; i < 600; i++)); do [ -s "$WORK/workload.pid" ] && break; sleep 0.1; done
+        WPID=$(cat "$WORK/workload.pid")
+        sleep 0.3
+        "$WORK/bin/progress" "$PROG" 300 >"$WORK/$walk.local.samples"
+        "$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name walker --compression zstd >/dev/null
+        wait_gone
+        cp "$PROG" "$PROG.at-dump"
+        cp "$PROG" "$WORK/$walk.at-dump"
+        for ((r = 0; r < ROUNDS; r++)); do
+            for kind in lazy lazy-ordered normal; do
+                cp "$PROG.at-dump" "$PROG"
+                [ "$kind" = lazy ] && rm -rf "$ORDERS"
+                "$WORK/bin/progress" "$PROG" 3000 >"$WORK/$walk.$kind.$r.samples" &
+                SAMPLER=$!
+                flag=()
+                [ "$kind" != normal ] && flag=(--lazy)
+                "$CEDANA" restore process --path "$WORK/ckpt/walker.tar.zst" --detach "${flag[@]}" --output json \
+                    >"$WORK/$walk.$kind.$r.json" </dev/null
+                wait "$SAMPLER"
+                end_restored "walker-$kind"
+            done
         done
     done
-    python3 - "$WORK" "$ROUNDS" "$SIZE_MIB" <<'PY'
-import statistics, struct, sys
-work, rounds, mib = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    python3 - "$WORK" "$ROUNDS" "$SIZE_MIB" "${WALKS:-sequential random}" <<'PY'
+import json, statistics, struct, sys
+work, rounds, mib, walks = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4].split()
 pages = mib * 256
-at_dump = struct.unpack("<Q", open(f"{work}/walk.progress.at-dump", "rb").read(8))[0]
 def samples(path):
     return [(float(t), int(c)) for t, c in (l.split() for l in open(path))]
 def count_at(s, t):
     before = [c for ts, c in s if ts <= t]
     return before[-1] if before else s[0][1]
-local = samples(f"{work}/local.samples")
-local_100 = statistics.median(count_at(local, t + 100) - count_at(local, t) for t in (0, 50, 100, 150, 200))
-print(f"first 100 ms of running (the workload reading its {mib} MiB page by page, zstd checkpoint, {rounds} rounds):")
-print(f"  memory local (before the dump): {local_100:,.0f} page reads in 100 ms")
-for kind in ("lazy", "normal"):
-    moved, did = [], []
-    for r in range(rounds):
-        s = samples(f"{work}/{kind}.{r}.samples")
-        start = next((t for t, c in s if c > at_dump), None)
-        if start is None:
+for walk in walks:
+    at_dump = struct.unpack("<Q", open(f"{work}/{walk}.at-dump", "rb").read(8))[0]
+    local = samples(f"{work}/{walk}.local.samples")
+    local_100 = statistics.median(count_at(local, t + 100) - count_at(local, t) for t in (0, 50, 100, 150, 200))
+    print(f"first 100 ms of running (the workload reading its {mib} MiB page by page, {walk} walk, zstd checkpoint, {rounds} rounds):")
+    print(f"  memory local (before the dump): {local_100:,.0f} page reads in 100 ms")
+    for kind in ("lazy", "lazy-ordered", "normal"):
+        moved, did, ordered = [], [], []
+        for r in range(rounds):
+            s = samples(f"{work}/{walk}.{kind}.{r}.samples")
+            start = next((t for t, c in s if c > at_dump), None)
+            if start is None:
+                continue
+            moved.append(start)
+            did.append(count_at(s, start + 100) - at_dump)
+            lazy = json.loads(open(f"{work}/{walk}.{kind}.{r}.json").read().splitlines()[-1]).get("lazy") or {}
+            ordered.append(lazy.get("ordered_pages", 0))
+        if not moved:
+            print(f"  {kind}: never ran within the sampling window")
             continue
-        moved.append(start)
-        did.append(count_at(s, start + 100) - at_dump)
-    if not moved:
-        print(f"  {kind}: never ran within the sampling window")
-        continue
-    d = statistics.median(did)
-    print(f"  {kind:<6}: running {statistics.median(moved) / 1000:.3f} s after the restore began; in its first 100 ms "
-          f"{d:,.0f} page reads ({min(d, pages) * 4 / 1024:.0f} MiB of distinct pages), {d / local_100:.1%} of the local rate")
+        d = statistics.median(did)
+        extra = f"; {statistics.median(ordered):,.0f} pages brought in the recorded order" if kind == "lazy-ordered" else ""
+        print(f"  {kind:<12}: running {statistics.median(moved) / 1000:.3f} s after the restore began; in its first 100 ms "
+              f"{d:,.0f} page reads, {d / local_100:.1%} of the local rate (rounds: {', '.join(f'{x:,}' for x in did)}){extra}")
 PY
 fi
 
-python3 - "$RES" "${S3:-0}" <<'PY'
+[ "${PROGRESS_ONLY:-0}" = 1 ] && exit 0
+python3 - "$RES" "${S3:-0}" "${BASE:+1}" <<'PY'
 import statistics, sys
 rows = [l.split("\t") for l in open(sys.argv[1]).read().splitlines()]
 def med(mode, metric):
@@ -256,6 +280,11 @@ if sys.argv[2] == "1":
     m, lo, hi = med("get-s3", "wall")
     print(f"{'GET of the whole object (curl)':<34}{m:>10.3f}{lo:>8.3f}{hi:>8.3f}")
     print(f"lazy-s3: wholly local {med('lazy-s3', 'wall')[0] / m:.2f}x the GET of the whole object alone")
+if sys.argv[3] == "1":
+    for f, name in [("-tar", "tar"), ("-zstd", "zstd")]:
+        m, lo, hi = med(f"lazy{f}-base", "running")
+        print(f"{'BASE lazy (' + name + '): running':<34}{m:>10.3f}{lo:>8.3f}{hi:>8.3f}")
+        print(f"lazy{f}: time to running {med('lazy' + f, 'running')[0] / m:.2f}x BASE's; BASE's {m / raw:.2f}x raw criu restore")
 for f, _ in formats:
     print(f"lazy{f or ' (folder)'}: time to running {med('lazy' + f, 'running')[0] / raw:.2f}x raw criu restore; "
           f"time to wholly local {med('lazy' + f, 'wall')[0] / med('normal' + f, 'wall')[0]:.2f}x a normal cedana restore of it")

@@ -4,7 +4,8 @@
 //! program's forks, mremaps and madvises meanwhile. The memory comes back whole, nothing of the restore is left running, a checkpoint compressed in
 //! one stream (zlib as written before it had units) is refused before anything runs,
 //! and a damaged page image ends the restored program. From an object store (moto, started on 127.0.0.1),
-//! the pages are read by ranged reads as the program needs them; a store that dies half-way ends it.
+//! the pages are read by ranged reads as the program needs them; a store that dies half-way ends it. A lazy
+//! restore records where the program touched its memory, and the next one brings those pages first.
 
 use std::path::Path;
 use std::time::Duration;
@@ -356,4 +357,76 @@ fn the_configured_default_makes_restores_lazy_where_they_can_be_and_no_lazy_opts
         assert!(alive(w.pid), "{compression} {extra:?}: restored");
         end(&mut w);
     }
+}
+
+/// `cedana restore process --path PATH --lazy --output json` with its scratch folder at `scratch`; its report.
+fn restore_lazily(path: &str, scratch: &Path, then: impl FnOnce()) -> serde_json::Value {
+    let restore = cedana_cmd(&["restore", "process", "--path", path, "--lazy", "--output", "json"])
+        .env("CEDANA_CHECKPOINT_SCRATCH_DIR", scratch)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    then();
+    json(&success_stdout("cedana restore process --lazy", &restore.wait_with_output().unwrap()))
+}
+
+/// The page orders kept in `scratch`: each file's lines.
+fn kept_orders(scratch: &Path) -> Vec<Vec<String>> {
+    let Ok(dir) = std::fs::read_dir(scratch.join(".cedana-page-order")) else { return Vec::new() };
+    dir.flatten().map(|e| std::fs::read_to_string(e.path()).unwrap().lines().map(str::to_string).collect()).collect()
+}
+
+#[test]
+fn a_lazy_restore_records_where_the_program_touched_its_memory_and_the_next_brings_that_first() {
+    require_root();
+    adopt_orphans();
+    let work = tempfile::tempdir().unwrap();
+    let scratch = work.path().join("scratch");
+    let mut w = Workload::start(&workload_bin("memory"), &["256"], work.path());
+    let sum = w.wait_lines(1)[0].clone();
+    let path = dump(&w, work.path(), "ordered", "zstd");
+    w.reap();
+    prepare_restore(&w, &sum);
+
+    // First restore: the program reads all its memory (its checksum) while the memory still arrives; the
+    // blocks it faulted on are kept, in order, for the next restores of this checkpoint.
+    let first = restore_lazily(&path, &scratch, || {
+        wait_for("the restored program to run", Duration::from_secs(30), || alive(w.pid).then_some(()));
+        w.signal(Signal::SIGUSR1);
+    });
+    assert_eq!(first["lazy"]["ordered_pages"], 0, "no order was recorded yet: {first}");
+    assert_eq!(w.wait_lines(2)[1], sum);
+    let orders = kept_orders(&scratch);
+    assert_eq!(orders.len(), 1, "one order kept: {orders:?}");
+    let pid = w.pid.to_string();
+    assert!(orders[0].len() > 1, "the blocks the checksum faulted on: {:?}", orders[0]);
+    assert!(orders[0].iter().all(|l| l.split_once(' ').is_some_and(|(p, a)| p == pid && a.starts_with("0x"))), "{orders:?}");
+    end(&mut w);
+    prepare_restore(&w, &sum);
+
+    // Second restore: the program sleeps; the background brings the recorded blocks first, and the order
+    // kept stays the first one's.
+    let second = restore_lazily(&path, &scratch, || ());
+    let ordered = second["lazy"]["ordered_pages"].as_u64().unwrap();
+    assert!(ordered > 0, "pages came in the recorded order: {second}");
+    assert!(ordered <= second["lazy"]["pages"].as_u64().unwrap(), "{second}");
+    assert_eq!(kept_orders(&scratch), orders, "the order is kept as recorded");
+    w.signal(Signal::SIGUSR1);
+    assert_eq!(w.wait_lines(2)[1], sum, "every page came back");
+    end(&mut w);
+    prepare_restore(&w, &sum);
+
+    // A damaged order is only a hint: the restore goes on without it, and records a new one.
+    let file = std::fs::read_dir(scratch.join(".cedana-page-order")).unwrap().flatten().next().unwrap().path();
+    std::fs::write(&file, "not an order\n").unwrap();
+    let third = restore_lazily(&path, &scratch, || {
+        wait_for("the restored program to run", Duration::from_secs(30), || alive(w.pid).then_some(()));
+        w.signal(Signal::SIGUSR1);
+    });
+    assert_eq!(third["lazy"]["ordered_pages"], 0, "{third}");
+    assert_eq!(w.wait_lines(2)[1], sum);
+    let again = kept_orders(&scratch);
+    assert!(again.len() == 1 && again[0].iter().all(|l| l.starts_with(&pid)), "recorded anew: {again:?}");
+    end(&mut w);
 }

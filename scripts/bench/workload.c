@@ -14,6 +14,8 @@
  * With PROGRESSFILE it does not sleep: it walks its pages one after another without end (one read a page),
  * counting every page it touched into the first 8 bytes of PROGRESSFILE, which it maps shared (so the count
  * can be read from outside, and goes on from the dumped value after a restore).
+ * With WORKLOAD_WALK=random as well, the page read after N pages is a hash of N instead of page N: scattered
+ * over the whole buffer, and the same sequence again after every restore of one checkpoint.
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -128,8 +130,17 @@ int main(int argc, char **argv) {
     if (progress) {
         size_t pages = size / 4096;
         uint64_t touched = progress[0], acc = 0;
+        const char *walk = getenv("WORKLOAD_WALK");
+        int scattered = walk && strcmp(walk, "random") == 0;
         for (;;) {
-            acc += buf[(touched % pages) * 512];
+            uint64_t page = touched;
+            if (scattered) { /* splitmix64 of the count */
+                page += 0x9E3779B97F4A7C15ull;
+                page = (page ^ (page >> 30)) * 0xBF58476D1CE4E5B9ull;
+                page = (page ^ (page >> 27)) * 0x94D049BB133111EBull;
+                page ^= page >> 31;
+            }
+            acc += buf[(page % pages) * 512];
             progress[0] = ++touched;
             progress[1] = acc;
         }

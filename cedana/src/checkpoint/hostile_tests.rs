@@ -157,7 +157,9 @@ fn read_with(reader: &str, path: &Path, scratch: &Path) -> Result<(), Checkpoint
         "streamed" => {
             OpenedCheckpoint::open_streamed(path, scratch)?.map(drop).ok_or(CheckpointError::Incomplete { path: path.into() })
         }
-        _ => lazy::open_lazy(path, scratch).map(drop),
+        // With the sparse page images it writes on a thread of its own (what CRIU reads itself).
+        _ => lazy::open_lazy(path, scratch)
+            .and_then(|o| o.lazy.as_ref().and_then(|l| l.take_pending()).map_or(Ok(()), |p| p.wait())),
     }
 }
 

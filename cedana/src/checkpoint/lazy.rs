@@ -2,8 +2,9 @@
 //! in an images folder; each page image stays where it is (a folder's file, or its entry's bytes in place in
 //! an uncompressed archive) for the lazy-pages handler to read on demand. In the images folder, a page image
 //! is a sparse file of its full size holding only the pages CRIU's restore reads itself (the runs not marked
-//! lazy: a few pages of the program's data segments); the lazy ones stay holes, filled by the lazy-pages
-//! handler ([`crate::criu::uffd`]).
+//! lazy: a few pages of the program's data segments), written on a thread of its own while CRIU starts up
+//! (CRIU is held at its `pre-restore` step until they are: [`LazyPages::take_pending`]); the lazy ones stay
+//! holes, filled by the lazy-pages handler ([`crate::criu::uffd`]).
 //!
 //! The page images are not verified before the restore (that pass is what a lazy restore avoids): they are
 //! read in 8 MiB chunks ([`ChunkedPages`]), each checked against the manifest's hash of it before any page
@@ -13,19 +14,21 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use super::digest::Hasher;
 use super::index::IndexedArchive;
 use super::lazy_store::ChunkedPages;
 use super::reader::{check_version, corrupt, parse_manifest, safe_relative, unreadable};
 use super::source::{ArchiveSource, LocalSource};
-use super::{is_page_image, CheckpointError, FileDigest, Manifest, OpenedCheckpoint, MANIFEST_NAME};
+use super::{is_page_image, CheckpointError, FileDigest, Manifest, OpenedCheckpoint, PendingVerification, MANIFEST_NAME};
 use crate::codec::Compression;
 use crate::criu::pages::pagemap::Pagemap;
 
 /// The largest file other than a page image that a lazy restore reads into memory.
 const MAX_SMALL_FILE: u64 = 1 << 30;
+/// The folder of the scratch folder holding recorded page orders.
+pub const ORDER_FOLDER: &str = ".cedana-page-order";
 /// Longest GNU long name we read (a path, so a few KiB at most).
 const MAX_LONG_NAME: u64 = 64 << 10;
 
@@ -67,6 +70,21 @@ pub struct LazyPages {
     /// The page images read by chunks (in place, from an object store, or decoded), each chunk checked
     /// before any of it is served.
     pub chunked: Arc<ChunkedPages>,
+    /// The sparse page images being written ([`finish`]): CRIU must not restore memory before they are.
+    pending: Mutex<Option<PendingVerification>>,
+    /// Where the order in which a lazy restore of this checkpoint saw the program touch its memory is kept
+    /// ([`crate::criu::uffd::order`]): in the scratch folder, named after the manifest's hash.
+    pub order_file: PathBuf,
+}
+
+impl LazyPages {
+    /// The writing of the sparse page images, under way: the caller holds CRIU at its `pre-restore` step
+    /// until it is done ([`PendingVerification::wait`]). `None` once taken, or for a folder (its page
+    /// images are CRIU's own).
+    pub fn take_pending(&self) -> Option<PendingVerification> {
+        // A poisoned lock: a thread panicked while taking it, with nothing half-changed inside.
+        self.pending.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
 }
 
 impl std::fmt::Debug for LazyPages {
@@ -84,7 +102,7 @@ pub fn open_lazy(path: &Path, scratch: &Path) -> Result<OpenedCheckpoint, Checkp
         return Err(CheckpointError::NotFound { path: path.to_path_buf() });
     }
     match Compression::detect_path(path)? {
-        Compression::None => open_folder(path),
+        Compression::None => open_folder(path, scratch),
         Compression::Tar => {
             let source = Arc::new(LocalSource::open(path).map_err(CheckpointError::io(path))?);
             open_tar(source, path, scratch)
@@ -113,7 +131,7 @@ pub fn open_lazy_source(
 }
 
 /// A folder: its small files are verified; it is its own images folder.
-fn open_folder(path: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
+fn open_folder(path: &Path, scratch: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
     let manifest_path = path.join(MANIFEST_NAME);
     let bytes = std::fs::read(&manifest_path).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => CheckpointError::Incomplete { path: path.to_path_buf() },
@@ -140,7 +158,8 @@ fn open_folder(path: &Path) -> Result<OpenedCheckpoint, CheckpointError> {
     let pagemaps = read_pagemaps(path, path, &manifest)?;
     let mut opened = OpenedCheckpoint::in_folder(path, Compression::None, manifest, path.to_path_buf(), None);
     let chunked = Arc::new(ChunkedPages::new(&pages, path));
-    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps, chunked }));
+    let order_file = order_file(scratch, &serde_json::to_vec(&opened.manifest).unwrap_or_default());
+    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps, chunked, pending: Mutex::new(None), order_file }));
     Ok(opened)
 }
 
@@ -238,7 +257,7 @@ fn open_tar(source: Arc<dyn ArchiveSource>, path: &Path, scratch: &Path) -> Resu
     if let Some(extra) = small.keys().chain(placed.keys()).find(|n| !manifest.files.iter().any(|f| &f.name == *n)) {
         return Err(corrupt(path, format!("unexpected file {extra} not listed in the manifest")));
     }
-    finish(path, Compression::Tar, manifest, dir, pages)
+    finish(path, Compression::Tar, manifest, dir, pages, scratch)
 }
 
 /// A compressed archive with an index whose page images are runs of units: its small files are read (and
@@ -273,7 +292,7 @@ fn open_compressed(
             return Err(CheckpointError::Io { path: out, source: e });
         }
     }
-    finish(path, compression, manifest, dir, pages)
+    finish(path, compression, manifest, dir, pages, scratch)
 }
 
 /// The images folder of a lazy restore in `scratch`: `.cedana-lazy-PID-*`, named after this process so that a
@@ -287,24 +306,37 @@ fn lazy_folder(scratch: &Path) -> Result<tempfile::TempDir, CheckpointError> {
         .map_err(CheckpointError::io(scratch))
 }
 
-/// The pagemaps read from the images folder `dir`, each page image there as a sparse file, and the
-/// checkpoint opened.
+/// The pagemaps read from the images folder `dir`, and the checkpoint opened. Each page image is written
+/// there as a sparse file on a thread of its own ([`LazyPages::take_pending`]), while CRIU starts up: CRIU
+/// reads page images only once it restores memory, after its `pre-restore` step.
 fn finish(
     path: &Path,
     compression: Compression,
     manifest: Manifest,
     dir: tempfile::TempDir,
     pages: Vec<LazyPage>,
+    scratch: &Path,
 ) -> Result<OpenedCheckpoint, CheckpointError> {
+    let order_file = order_file(scratch, &serde_json::to_vec(&manifest).unwrap_or_default());
     let pagemaps = read_pagemaps(path, dir.path(), &manifest)?;
     let chunked = Arc::new(ChunkedPages::new(&pages, path));
-    for page in &pages {
-        write_sparse(path, dir.path(), page, &pagemaps, &chunked)?;
-    }
+    let sparse = pages.iter().map(|page| restored_runs(path, page, &pagemaps)).collect::<Result<Vec<_>, _>>()?;
+    let pending = {
+        let (location, images, chunked) = (path.to_path_buf(), dir.path().to_path_buf(), Arc::clone(&chunked));
+        PendingVerification::spawn(path, "sparse-pages", move || {
+            sparse.iter().try_for_each(|(page, runs)| write_sparse(&location, &images, page, runs, &chunked))
+        })?
+    };
     let images_dir = dir.path().to_path_buf();
     let mut opened = OpenedCheckpoint::in_folder(path, compression, manifest, images_dir, Some(dir));
-    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps, chunked }));
+    let pending = Mutex::new(Some(pending));
+    opened.lazy = Some(Arc::new(LazyPages { pages, pagemaps, chunked, pending, order_file }));
     Ok(opened)
+}
+
+/// Where the page order of the checkpoint whose manifest is `manifest` is kept, in `scratch`.
+fn order_file(scratch: &Path, manifest: &[u8]) -> PathBuf {
+    scratch.join(ORDER_FOLDER).join(format!("{:032x}.order", super::digest::xxh3_128(manifest)))
 }
 
 fn check(path: &Path, expected: &FileDigest, bytes: &[u8]) -> Result<(), CheckpointError> {
@@ -331,12 +363,29 @@ fn read_pagemaps(path: &Path, images: &Path, manifest: &Manifest) -> Result<Hash
     Ok(maps)
 }
 
-/// `page` as a sparse file in `images`: its full size, with the bytes of the runs the restore reads itself.
+/// The runs of `page` (offset, length) that CRIU's restore reads itself (those not marked lazy).
+fn restored_runs(
+    path: &Path,
+    page: &LazyPage,
+    maps: &HashMap<u64, Pagemap>,
+) -> Result<(LazyPage, Vec<(u64, u64)>), CheckpointError> {
+    let id = page.pages_id();
+    let mut runs = Vec::new();
+    for extent in maps.values().filter(|m| Some(m.pages_id) == id).flat_map(|m| m.extents.iter()).filter(|e| !e.lazy) {
+        if extent.offset.checked_add(extent.len()).is_none_or(|end| end > page.digest.size) {
+            return Err(corrupt(path, format!("a pagemap places pages past the end of {}", page.name)));
+        }
+        runs.push((extent.offset, extent.len()));
+    }
+    Ok((page.clone(), runs))
+}
+
+/// `page` as a sparse file in `images`: its full size, with the bytes of `runs`.
 fn write_sparse(
     path: &Path,
     images: &Path,
     page: &LazyPage,
-    maps: &HashMap<u64, Pagemap>,
+    runs: &[(u64, u64)],
     chunked: &ChunkedPages,
 ) -> Result<(), CheckpointError> {
     use crate::criu::pages::PageStore;
@@ -344,18 +393,14 @@ fn write_sparse(
     let out_path: PathBuf = images.join(&page.name);
     let out = File::create(&out_path).map_err(CheckpointError::io(&out_path))?;
     out.set_len(page.digest.size).map_err(CheckpointError::io(&out_path))?;
-    let id = page.pages_id();
     let mut buf = Vec::new();
-    for extent in maps.values().filter(|m| Some(m.pages_id) == id).flat_map(|m| m.extents.iter()).filter(|e| !e.lazy) {
-        if extent.offset + extent.len() > page.digest.size {
-            return Err(corrupt(path, format!("a pagemap places pages past the end of {}", page.name)));
-        }
-        buf.resize(extent.len() as usize, 0);
+    for &(offset, len) in runs {
+        buf.resize(len as usize, 0);
         match page.pages_id() {
-            Some(id) => chunked.read_at(id, extent.offset, &mut buf).map_err(|e| super::lazy_store::read_failed(path, e))?,
-            None => page.source.read_exact_at(page.base + extent.offset, &mut buf).map_err(CheckpointError::io(path))?,
+            Some(id) => chunked.read_at(id, offset, &mut buf).map_err(|e| super::lazy_store::read_failed(path, e))?,
+            None => page.source.read_exact_at(page.base + offset, &mut buf).map_err(CheckpointError::io(path))?,
         }
-        out.write_all_at(&buf, extent.offset).map_err(CheckpointError::io(&out_path))?;
+        out.write_all_at(&buf, offset).map_err(CheckpointError::io(&out_path))?;
     }
     Ok(())
 }

@@ -189,24 +189,29 @@ impl Image {
     fn read_ahead(self: &Arc<Self>, state: &mut State, i: usize) {
         let chunks = state.hashes.len();
         for j in (i + 1..=i + self.ahead.load(Ordering::Relaxed)).filter(|j| *j < chunks) {
-            if state.ahead.contains(&j) || state.cached(j).is_some() {
-                continue;
-            }
-            let image = Arc::clone(self);
-            let spawned = std::thread::Builder::new().name("cedana-read-ahead".into()).spawn(move || {
-                let fetched = image.fetch(j);
-                if let Ok(mut state) = image.state.lock() {
-                    state.ahead.remove(&j);
-                    match fetched {
-                        Ok(bytes) => state.keep(j, &bytes, image.keep.load(Ordering::Relaxed)),
-                        Err(e) => tracing::debug!(image = %image.page.name, chunk = j, error = %e, "reading ahead failed"),
-                    }
+            self.fetch_ahead(state, j);
+        }
+    }
+
+    /// Start fetching chunk `j` on a thread of its own, unless it is cached or under way already.
+    fn fetch_ahead(self: &Arc<Self>, state: &mut State, j: usize) {
+        if j >= state.hashes.len() || state.ahead.contains(&j) || state.cached(j).is_some() {
+            return;
+        }
+        let image = Arc::clone(self);
+        let spawned = std::thread::Builder::new().name("cedana-read-ahead".into()).spawn(move || {
+            let fetched = image.fetch(j);
+            if let Ok(mut state) = image.state.lock() {
+                state.ahead.remove(&j);
+                match fetched {
+                    Ok(bytes) => state.keep(j, &bytes, image.keep.load(Ordering::Relaxed)),
+                    Err(e) => tracing::debug!(image = %image.page.name, chunk = j, error = %e, "reading ahead failed"),
                 }
-                image.arrived.notify_all();
-            });
-            if spawned.is_ok() {
-                state.ahead.insert(j);
             }
+            image.arrived.notify_all();
+        });
+        if spawned.is_ok() {
+            state.ahead.insert(j);
         }
     }
 
@@ -271,6 +276,14 @@ impl PageStore for ChunkedPages {
             dst += range.len();
         }
         Ok(())
+    }
+
+    /// The chunk holding `offset`, fetched ahead (unless cached or under way).
+    fn prefetch(&self, pages_id: u32, offset: u64) {
+        let Some(image) = self.images.get(&pages_id) else { return };
+        if let Ok(mut state) = image.state.lock() {
+            image.fetch_ahead(&mut state, (offset / CHUNK as u64) as usize);
+        }
     }
 
     /// Straight from the decoded chunks (every chunk fetched before the first piece is handed on).
@@ -415,6 +428,21 @@ mod tests {
         read(&s, 2);
         let e = s.verify().unwrap_err().to_string();
         assert!(e.contains("checksum mismatch in pages-1.img"), "{e}");
+    }
+
+    #[test]
+    fn a_prefetched_chunk_comes_on_a_thread_of_its_own_and_is_served_from_memory() {
+        let (s, source) = store(4, Duration::from_millis(300));
+        let started = Instant::now();
+        s.prefetch(1, (3 * CHUNK + 5) as u64);
+        s.prefetch(1, (3 * CHUNK + 9) as u64); // under way already: not fetched twice
+        s.prefetch(9, 0); // no such image: nothing
+        assert!(started.elapsed() < Duration::from_millis(200), "the hint does not wait: {:?}", started.elapsed());
+        std::thread::sleep(Duration::from_millis(400));
+        let started = Instant::now();
+        assert_eq!(read(&s, 3), source.bytes[3 * CHUNK + 8192..3 * CHUNK + 8192 + 4096]);
+        assert!(started.elapsed() < Duration::from_millis(200), "served from memory: {:?}", started.elapsed());
+        assert_eq!(chunks_read(&source), [3], "read once");
     }
 
     #[test]

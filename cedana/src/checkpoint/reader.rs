@@ -152,22 +152,41 @@ impl OpenedCheckpoint {
 /// Largest total of small files a streamed restore holds in memory (beyond it, the archive is extracted).
 const MAX_STREAMED_TAIL: u64 = 64 << 20;
 
-/// The checksum verification of a folder checkpoint, under way on worker threads.
-pub struct PendingVerification {
-    job: Arc<DigestJob>,
-    workers: Vec<std::thread::JoinHandle<()>>,
-    manifest: Manifest,
-    path: PathBuf,
+/// Work on a checkpoint that CRIU must not restore from before it is done, under way on threads of its own
+/// while CRIU starts up: the checksum verification of a folder checkpoint, or the writing of a lazy
+/// restore's sparse page images ([`super::lazy`]).
+pub struct PendingVerification(Pending);
+
+enum Pending {
+    Folder { job: Arc<DigestJob>, workers: Vec<std::thread::JoinHandle<()>>, manifest: Box<Manifest>, path: PathBuf },
+    Task { worker: std::thread::JoinHandle<Result<(), CheckpointError>>, path: PathBuf },
 }
 
 impl PendingVerification {
-    /// Help hash what is left, then give the verdict: every file matches the manifest.
+    /// `work` (on a thread of its own) as pending work on the checkpoint at `path`.
+    pub(crate) fn spawn(
+        path: &Path,
+        name: &str,
+        work: impl FnOnce() -> Result<(), CheckpointError> + Send + 'static,
+    ) -> Result<Self, CheckpointError> {
+        let worker = std::thread::Builder::new().name(name.into()).spawn(work).map_err(CheckpointError::io(path))?;
+        Ok(Self(Pending::Task { worker, path: path.to_path_buf() }))
+    }
+
+    /// Help with what is left, then give the verdict: for a folder, every file matches the manifest.
     pub fn wait(self) -> Result<(), CheckpointError> {
-        self.job.work();
-        for worker in self.workers {
-            worker.join().map_err(|_| corrupt(&self.path, "a verification thread panicked".into()))?;
+        match self.0 {
+            Pending::Folder { job, workers, manifest, path } => {
+                job.work();
+                for worker in workers {
+                    worker.join().map_err(|_| corrupt(&path, "a verification thread panicked".into()))?;
+                }
+                compare(&path, &manifest, &job.digests())
+            }
+            Pending::Task { worker, path } => {
+                worker.join().map_err(|_| corrupt(&path, "a thread reading the checkpoint panicked".into()))?
+            }
         }
-        compare(&self.path, &self.manifest, &self.job.digests())
     }
 }
 
@@ -189,7 +208,8 @@ impl OpenedCheckpoint {
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(CheckpointError::io(path))?;
-        let pending = PendingVerification { job, workers, manifest: manifest.clone(), path: path.to_path_buf() };
+        let pending =
+            PendingVerification(Pending::Folder { job, workers, manifest: Box::new(manifest.clone()), path: path.to_path_buf() });
         let opened = Self {
             path: path.to_path_buf(),
             compression: Compression::None,

@@ -43,6 +43,9 @@ pub struct Lazy {
     pub running_after: Duration,
     pub local_after: Duration,
     pub pages: u64,
+    /// Of them, those brought first in the order an earlier restore saw the program touch them (not
+    /// known of a daemon's restore).
+    pub ordered: Option<u64>,
 }
 
 impl<'a> Restored<'a> {
@@ -61,7 +64,8 @@ impl<'a> Restored<'a> {
             criu: out.criu_time,
             lazy: out.lazy.map(|l| {
                 let total = recorded.iter().find(|t| t.phase == "total").map(|t| t.time).unwrap_or_default();
-                Lazy { running_after: total.saturating_sub(l.time), local_after: total, pages: l.pages }
+                let (local_after, ordered) = (total, Some(l.ordered));
+                Lazy { running_after: total.saturating_sub(l.time), local_after, pages: l.pages, ordered }
             }),
             timings: Timings::of_phases(recorded, kind, Operation::Restore, None),
         }
@@ -101,7 +105,7 @@ impl Restored<'_> {
         }
         let lazy = Duration::from_micros(lazy_us);
         let total = self.timings.total;
-        self.lazy = Some(Lazy { running_after: total.saturating_sub(lazy), local_after: total, pages });
+        self.lazy = Some(Lazy { running_after: total.saturating_sub(lazy), local_after: total, pages, ordered: None });
         let recorded = [
             Timing { phase: "verify", time: self.verify },
             Timing { phase: "criu", time: self.criu },
@@ -154,8 +158,12 @@ pub fn render(r: &Restored<'_>, report: Report) -> String {
             let lazy = r
                 .lazy
                 .map(|l| {
+                    let ordered = match l.ordered {
+                        Some(n) if n > 0 => format!(", {n} of them in a recorded order"),
+                        _ => String::new(),
+                    };
                     format!(
-                        "Running after {}, wholly local after {} ({} pages served lazily)\n",
+                        "Running after {}, wholly local after {} ({} pages served lazily{ordered})\n",
                         ms(l.running_after),
                         ms(l.local_after),
                         l.pages
@@ -178,11 +186,17 @@ fn to_json(r: &Restored<'_>) -> serde_json::Value {
         "checkpoint_container_id": r.container.map(|(_, of)| of),
         "job_id": r.job,
         "exit_code": r.exit_code,
-        "lazy": r.lazy.map(|l| json!({
-            "running_after_ms": super::timings::millis(l.running_after),
-            "local_after_ms": super::timings::millis(l.local_after),
-            "pages": l.pages,
-        })),
+        "lazy": r.lazy.map(|l| {
+            let mut v = json!({
+                "running_after_ms": super::timings::millis(l.running_after),
+                "local_after_ms": super::timings::millis(l.local_after),
+                "pages": l.pages,
+            });
+            if let Some(n) = l.ordered {
+                v["ordered_pages"] = json!(n);
+            }
+            v
+        }),
         "timings_ms": output::timings_json(&r.timings),
     })
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use crate::checkpoint::lazy::LazyPages;
 use crate::checkpoint::lazy_store::{read_failed, ChunkedPages};
+use crate::criu::uffd::order::PageOrder;
 use crate::criu::uffd::{LazyError, LazyHandler, Pages};
 use crate::engine::EngineError;
 
@@ -27,6 +28,8 @@ pub(crate) struct LazyRestore {
     before_resume: bool,
     /// The checkpoint, for errors.
     location: PathBuf,
+    /// Where the order the program touched its memory in is to be kept, when none is yet.
+    record_order: Option<PathBuf>,
 }
 
 /// How the page images are checked against the manifest.
@@ -45,6 +48,9 @@ pub struct LazyTransfer {
     pub pages: u64,
     /// Page faults the program waited on.
     pub faults: u64,
+    /// Pages brought first, in the order an earlier lazy restore of the checkpoint saw the program touch
+    /// them.
+    pub ordered: u64,
     /// From the program's start to its memory being wholly local.
     pub time: Duration,
 }
@@ -62,10 +68,18 @@ impl LazyRestore {
         advance: Option<crate::progress::Advancer>,
     ) -> Result<Self, EngineError> {
         let store = Arc::clone(&lazy.chunked);
-        let pages = Pages { maps: lazy.pagemaps.clone(), store, images: images.to_path_buf(), advance };
+        // The program only runs before its memory is local in a lazy restore: only then does the order it
+        // touches its memory in matter (and show).
+        let order = if before_resume { Some(PageOrder::default()) } else { PageOrder::load(&lazy.order_file) };
+        let record_order = order.is_none().then(|| lazy.order_file.clone());
+        if let Some(o) = order.as_ref().filter(|o| !o.is_empty()) {
+            tracing::debug!(blocks = o.blocks.len(), file = %lazy.order_file.display(), "bringing the pages in a recorded order first");
+        }
+        let (maps, images, order) = (lazy.pagemaps.clone(), images.to_path_buf(), order.unwrap_or_default());
+        let pages = Pages { maps, store, images, advance, order };
         let handler = LazyHandler::listen(&work.join(LAZY_SOCKET), pages).map_err(|e| serving_failed(location, e))?;
         let verify = Verify::AsServed(Arc::clone(&lazy.chunked));
-        Ok(Self { handler, verify, refused: None, before_resume, location: location.to_path_buf() })
+        Ok(Self { handler, verify, refused: None, before_resume, location: location.to_path_buf(), record_order })
     }
 
     /// At `post-restore` (nothing resumed): fill every page and verify every page image; `false` (CRIU then
@@ -108,7 +122,19 @@ impl LazyRestore {
             (Ok(t), Ok(())) => Ok(t),
         };
         match failure {
-            Ok(t) => Ok(LazyTransfer { pages: t.pages, faults: t.faults, time: running_since.elapsed() }),
+            Ok(t) => {
+                if let Some(file) = self.record_order.filter(|_| !t.touched.is_empty()) {
+                    // A hint for the next restores: a failure to keep it costs them speed only.
+                    match t.touched.save(&file) {
+                        Ok(()) => {
+                            tracing::debug!(blocks = t.touched.blocks.len(), file = %file.display(), "recorded the page order")
+                        }
+                        Err(e) => tracing::warn!(error = %e, file = %file.display(), "could not keep the page order"),
+                    }
+                }
+                let time = running_since.elapsed();
+                Ok(LazyTransfer { pages: t.pages, faults: t.faults, ordered: t.ordered, time })
+            }
             Err(e) => {
                 // Killed while its userfaultfds are still held: no thread of it runs on a zero page.
                 kill_tree(pids);

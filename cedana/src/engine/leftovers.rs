@@ -197,6 +197,8 @@ mod tests {
             ".partial-3",
             "cedana-dump-5-x.kept",
             "x.old-3",
+            // Kept on purpose: the page orders lazy restores record.
+            crate::checkpoint::lazy::ORDER_FOLDER,
         ] {
             assert_eq!(classify(not), None, "{not}");
         }

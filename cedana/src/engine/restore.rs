@@ -285,6 +285,9 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
         progress.finish();
         (opened?, None)
     };
+    // A lazy (or userfaultfd) restore's sparse page images are still being written: CRIU waits for them at
+    // its pre-restore step, as for a folder's verification.
+    let pending = pending.or_else(|| opened.lazy.as_ref().and_then(|l| l.take_pending()));
     let kind = opened.manifest.kind;
     if let Some(wanted) = req.only.filter(|w| *w != kind) {
         return Err(EngineError::WrongKind { path, found: kind, wanted });

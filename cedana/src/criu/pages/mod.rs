@@ -27,4 +27,8 @@ pub trait PageStore: Send + Sync {
         each(buf);
         Ok(())
     }
+
+    /// A hint: the bytes of `pages-<pages_id>.img` at `offset` will be asked for soon (a store that reads
+    /// and decodes in chunks may start on that one now, on a thread of its own). By default nothing.
+    fn prefetch(&self, _pages_id: u32, _offset: u64) {}
 }

@@ -2,15 +2,17 @@
 //! the restore's work folder, takes each restored process's userfaultfd from `criu restore --lazy-pages`
 //! ([`restorer`]), and fills the process's lazy memory straight from our checkpoint ([`PageStore`]):
 //! first the pages the program faults on (each fault brings the block around it), then, once the restore
-//! has finished, the rest in the background, going on from where the program last faulted (what it touches
-//! next is most likely near what it touched last) in growing chunks, until the memory is wholly local; then
-//! it lets go of the userfaultfds, and nothing of the restore remains.
+//! has finished, the rest in the background: first the blocks an earlier restore of the checkpoint saw the
+//! program touch, in that order ([`order`]: recorded by each lazy restore), then on from where the program
+//! last faulted (what it touches next is most likely near what it touched last) in growing chunks, until
+//! the memory is wholly local; then it lets go of the userfaultfds, and nothing of the restore remains.
 //!
 //! A page that cannot be read (a store that stopped answering, a unit that does not decode) ends the
 //! handler with an error while it still holds the userfaultfds: the caller kills the restored tree before
 //! letting them go, so no thread of it ever sees the zero page the kernel would map instead.
 
 pub mod kernel;
+pub mod order;
 pub mod ranges;
 pub mod restorer;
 #[cfg(test)]
@@ -25,6 +27,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kernel::{Event, Filled};
+use order::PageOrder;
 use prost::Message as _;
 use ranges::{Missing, Run};
 
@@ -80,15 +83,21 @@ pub struct Pages {
     pub images: PathBuf,
     /// Told the bytes copied in, as they are (a progress bar).
     pub advance: Option<crate::progress::Advancer>,
+    /// The blocks to bring first in the background, in order (recorded by an earlier restore).
+    pub order: PageOrder,
 }
 
 /// What the handler filled.
-#[derive(Debug, Default, Clone, Copy)]
+#[derive(Debug, Default, Clone)]
 pub struct Transferred {
     /// Pages copied into the processes (on demand and in the background).
     pub pages: u64,
     /// Page faults the program waited on.
     pub faults: u64,
+    /// Pages brought in the background by the given order ([`Pages::order`]).
+    pub ordered: u64,
+    /// The blocks the program faulted on, in order (each block's first fault).
+    pub touched: PageOrder,
 }
 
 /// A handler running on a thread of its own.
@@ -195,6 +204,13 @@ impl Proc {
 
 /// The bytes fetched at a fault: the aligned block around it.
 const FAULT_BLOCK: u64 = 64 << 10;
+/// The most a block of a recorded order brings with it: the rest of its checksum chunk, which the page
+/// store has read and decoded for it anyway.
+const ORDER_CHUNK: u64 = crate::checkpoint::digest::CHUNK as u64;
+/// Chunks of a recorded order fetched ahead of the one being copied, and how far ahead in the order the
+/// handler looks for them.
+const ORDER_AHEAD: usize = crate::checkpoint::lazy_store::READ_AHEAD;
+const ORDER_LOOKAHEAD: usize = 64;
 /// The background transfer's chunk right after a fault, and the most it grows to.
 const FIRST_CHUNK: u64 = 256 << 10;
 const MAX_CHUNK: u64 = 4 << 20;
@@ -220,11 +236,18 @@ struct Session {
     next: usize,
     buf: Vec<u8>,
     done: Transferred,
+    /// What is left of [`Pages::order`].
+    order: PageOrder,
+    /// The process that faulted since the last chunk of the background transfer.
+    after_fault: Option<usize>,
 }
 
 impl Session {
-    fn new(pages: Pages, stopped: OwnedFd, fill_asked: OwnedFd, answer: std::sync::mpsc::Sender<()>) -> Self {
+    fn new(mut pages: Pages, stopped: OwnedFd, fill_asked: OwnedFd, answer: std::sync::mpsc::Sender<()>) -> Self {
+        let order = std::mem::take(&mut pages.order);
         Self {
+            order,
+            after_fault: None,
             pages,
             stopped,
             fill_asked,
@@ -257,7 +280,7 @@ impl Session {
                     let _ = answer.send(());
                 }
                 if self.finished {
-                    return Ok(self.done);
+                    return Ok(std::mem::take(&mut self.done));
                 }
             }
             let transferring = self.finished || self.fill_now;
@@ -437,6 +460,8 @@ impl Session {
             };
         };
         let block = addr & !(FAULT_BLOCK - 1);
+        self.done.touched.push(p.pid, block);
+        self.after_fault = Some(i);
         let (from, to) = (run.start.max(block), run.end.min(block + FAULT_BLOCK));
         let filled = self.fill(i, Run { start: from, end: to, image: run.image + (from - run.start) })?;
         self.procs[i].cursor = to;
@@ -446,13 +471,40 @@ impl Session {
         Ok(())
     }
 
-    /// One chunk of the background transfer, from the next process in turn that misses pages.
+    /// One chunk of the background transfer: the next block of the given order still missing, on to the end of
+    /// its checksum chunk (the unit the store reads and decodes at once) as far as the background's growing
+    /// chunk goes, with the next chunks of the order fetched meanwhile; else from the next process in turn
+    /// that misses pages.
     fn background(&mut self) -> Result<(), LazyError> {
+        // Right after a fault, on from it first: a program that faulted where the order had not been yet
+        // most likely goes on from there (a walk through its memory), whatever the order says next.
+        if let Some(i) =
+            self.after_fault.take().filter(|&i| !self.order.is_empty() && self.procs.get(i).is_some_and(Proc::wants_pages))
+        {
+            return self.on_from_cursor(i);
+        }
+        while let Some((pid, block)) = self.order.blocks.pop_front() {
+            let Some((i, run)) = self.ordered_run(pid, block) else { continue };
+            let (pages_id, offset) = self.locate(pid, run.image, PAGE_SIZE)?;
+            let to_chunk_end = ORDER_CHUNK - offset % ORDER_CHUNK;
+            let run = run.slice(run.start, run.end.min(run.start + to_chunk_end.min(self.chunk)));
+            self.prefetch_order(pages_id, offset / ORDER_CHUNK);
+            let filled = self.fill(i, run)?;
+            self.procs[i].cursor = run.start + filled.max(PAGE_SIZE);
+            self.chunk = (self.chunk * 2).min(MAX_CHUNK);
+            self.done.ordered += filled / PAGE_SIZE;
+            return Ok(());
+        }
         let n = self.procs.len();
         let Some(i) = (0..n).map(|k| (self.next + k) % n).find(|&i| self.procs[i].wants_pages()) else {
             return Ok(());
         };
         self.next = (i + 1) % n;
+        self.on_from_cursor(i)
+    }
+
+    /// One chunk of the background transfer into process `i`, on from its cursor.
+    fn on_from_cursor(&mut self, i: usize) -> Result<(), LazyError> {
         let p = &self.procs[i];
         let Some(run) = p.missing.next_after(p.cursor, self.chunk) else {
             return Ok(());
@@ -461,6 +513,35 @@ impl Session {
         self.procs[i].cursor = run.start + filled.max(PAGE_SIZE);
         self.chunk = (self.chunk * 2).min(MAX_CHUNK);
         Ok(())
+    }
+
+    /// The process that block `block` of a recorded order is for (the first of its PID at the dump: a forked
+    /// child keeps its parent's), and the missing pages from the block's first missing one to the end of
+    /// their run; `None` when none of the block is missing.
+    fn ordered_run(&self, pid: i32, block: u64) -> Option<(usize, Run)> {
+        let i = self.procs.iter().position(|p| p.pid == pid && p.wants_pages())?;
+        let missing = &self.procs[i].missing;
+        let end = block.saturating_add(FAULT_BLOCK);
+        let first = missing.next_after(block, FAULT_BLOCK).filter(|r| r.start < end && r.end > block)?;
+        let whole = missing.find(first.start)?;
+        Some((i, whole.slice(first.start, whole.end)))
+    }
+
+    /// Have the store fetch the next [`ORDER_AHEAD`] chunks the order needs besides chunk `chunk` of
+    /// `pages-<pages_id>.img`, while this one is copied.
+    fn prefetch_order(&self, pages_id: u32, chunk: u64) {
+        let mut asked: Vec<(u32, u64)> = vec![(pages_id, chunk)];
+        for &(pid, block) in self.order.blocks.iter().take(ORDER_LOOKAHEAD) {
+            if asked.len() > ORDER_AHEAD {
+                break;
+            }
+            let Some((_, run)) = self.ordered_run(pid, block) else { continue };
+            let Ok((id, offset)) = self.locate(pid, run.image, PAGE_SIZE) else { continue };
+            if !asked.contains(&(id, offset / ORDER_CHUNK)) {
+                asked.push((id, offset / ORDER_CHUNK));
+                self.pages.store.prefetch(id, offset);
+            }
+        }
     }
 
     /// Copy `run` into process `i` from the checkpoint; how many bytes from its start are in place (the

@@ -16,7 +16,7 @@ pub struct Run {
 
 impl Run {
     /// The same run cut to `[from, to)` (inside it).
-    fn slice(&self, from: u64, to: u64) -> Run {
+    pub fn slice(&self, from: u64, to: u64) -> Run {
         Run { start: from, end: to, image: self.image + (from - self.start) }
     }
 }
