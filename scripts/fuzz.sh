@@ -52,8 +52,9 @@ for t in "${targets[@]}"; do
     status=0
     "$bin_dir/$t" "corpus/$t" "seeds/$t" -max_total_time="$secs" -timeout=10 -rss_limit_mb="${FUZZ_RSS_MB:-2048}" \
         -print_final_stats=1 -artifact_prefix="artifacts/$t/" >"$log" 2>&1 || status=$?
+    # (A target that crashed at its first input printed no coverage: still reported below, not an abort.)
     runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$log" | tail -1)
-    cov=$(grep -o 'cov: [0-9]*' "$log" | tail -1 | cut -d' ' -f2)
+    cov=$( (grep -o 'cov: [0-9]*' "$log" || true) | tail -1 | cut -d' ' -f2)
     crashes=$(find "artifacts/$t" -type f \( -name 'crash-*' -o -name 'timeout-*' -o -name 'oom-*' -o -name 'leak-*' \) | wc -l)
     echo "$t: ${secs}s, runs ${runs:-?}, coverage ${cov:-?}, corpus $(find "corpus/$t" -type f | wc -l), crashes $crashes, exit $status"
     if [ "$status" -ne 0 ] || [ "$crashes" -ne 0 ]; then

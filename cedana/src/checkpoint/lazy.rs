@@ -71,6 +71,7 @@ pub struct LazyPages {
     /// before any of it is served.
     pub chunked: Arc<ChunkedPages>,
     /// The sparse page images being written ([`finish`]): CRIU must not restore memory before they are.
+    /// Dropped before the images folder (declared before it in [`OpenedCheckpoint`]), and joined then.
     pending: Mutex<Option<PendingVerification>>,
     /// Where the order in which a lazy restore of this checkpoint saw the program touch its memory is kept
     /// ([`crate::criu::uffd::order`]): in the scratch folder, named after the manifest's hash.

@@ -34,7 +34,8 @@ pub struct OpenedCheckpoint {
     /// For a lazy restore: the page images, read in place (see [`super::lazy`]); `images_dir` then holds the
     /// other images and sparse page images with only the pages the restore reads itself.
     pub lazy: Option<Arc<super::lazy::LazyPages>>,
-    /// Keeps an extraction alive; deleted on drop.
+    /// Keeps an extraction alive; deleted on drop (after `lazy`, whose sparse page images may still be
+    /// being written into it: fields drop in order).
     _extracted: Option<tempfile::TempDir>,
 }
 
@@ -159,7 +160,19 @@ pub struct PendingVerification(Pending);
 
 enum Pending {
     Folder { job: Arc<DigestJob>, workers: Vec<std::thread::JoinHandle<()>>, manifest: Box<Manifest>, path: PathBuf },
-    Task { worker: std::thread::JoinHandle<Result<(), CheckpointError>>, path: PathBuf },
+    Task { worker: JoinOnDrop, path: PathBuf },
+}
+
+/// A thread working on a checkpoint's folder: joined when dropped unwaited, so that the folder (removed
+/// once the checkpoint is closed) is not written to after it is gone.
+struct JoinOnDrop(Option<std::thread::JoinHandle<Result<(), CheckpointError>>>);
+
+impl Drop for JoinOnDrop {
+    fn drop(&mut self) {
+        if let Some(worker) = self.0.take() {
+            let _ = worker.join();
+        }
+    }
 }
 
 impl PendingVerification {
@@ -170,7 +183,7 @@ impl PendingVerification {
         work: impl FnOnce() -> Result<(), CheckpointError> + Send + 'static,
     ) -> Result<Self, CheckpointError> {
         let worker = std::thread::Builder::new().name(name.into()).spawn(work).map_err(CheckpointError::io(path))?;
-        Ok(Self(Pending::Task { worker, path: path.to_path_buf() }))
+        Ok(Self(Pending::Task { worker: JoinOnDrop(Some(worker)), path: path.to_path_buf() }))
     }
 
     /// Help with what is left, then give the verdict: for a folder, every file matches the manifest.
@@ -183,9 +196,11 @@ impl PendingVerification {
                 }
                 compare(&path, &manifest, &job.digests())
             }
-            Pending::Task { worker, path } => {
-                worker.join().map_err(|_| corrupt(&path, "a thread reading the checkpoint panicked".into()))?
-            }
+            Pending::Task { mut worker, path } => match worker.0.take().map(|w| w.join()) {
+                Some(Ok(result)) => result,
+                Some(Err(_)) => Err(corrupt(&path, "a thread reading the checkpoint panicked".into())),
+                None => Ok(()),
+            },
         }
     }
 }
