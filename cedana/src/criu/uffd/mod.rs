@@ -96,7 +96,7 @@ pub struct Transferred {
     pub faults: u64,
     /// Pages brought in the background by the given order ([`Pages::order`]).
     pub ordered: u64,
-    /// The blocks the program faulted on, in order (each block's first fault).
+    /// The blocks the program faulted on, in order (a block again only when its fault had to be retried).
     pub touched: PageOrder,
 }
 
