@@ -144,3 +144,36 @@ fn a_corrupt_page_image_is_refused_while_streaming_and_nothing_runs() {
         restore_and_check(&path, &mut w, &sum, &[]);
     }
 }
+
+#[test]
+fn folders_deeper_than_a_socket_address_holds_still_stream_to_and_from_criu() {
+    require_root();
+    adopt_orphans();
+    let dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    // CRIU's image-streamer socket lies in the restore's folder in the scratch folder: here its path is
+    // longer than the 107 bytes a socket address holds.
+    let scratch = dir.path().join("s".repeat(70)).join("t".repeat(10));
+    let mut w = Workload::start(&workload_bin("memory"), &["8"], work.path());
+    let sum = w.wait_lines(1)[0].clone();
+    // The dump's images folder (in the destination folder) is as deep: CRIU's capture socket lies there.
+    let deep_dest = dir.path().join("d".repeat(90));
+    std::fs::create_dir_all(&deep_dest).unwrap();
+    let out = dump(&w, &deep_dest, "deep", "zstd", &[]);
+    assert_eq!(out["streamed"], true, "{out}");
+    w.reap();
+    let path = out["path"].as_str().unwrap().to_string();
+    wait_for("the dumped PID to be free", std::time::Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
+    std::fs::OpenOptions::new().write(true).open(&w.log).unwrap().set_len(sum.len() as u64 + 1).unwrap();
+    let restored = cedana_cmd(&["restore", "process", "--path", &path, "--stream"])
+        .env("CEDANA_CHECKPOINT_SCRATCH_DIR", &scratch)
+        .output()
+        .unwrap();
+    success_stdout("cedana restore process --stream with a deep scratch folder", &restored);
+    assert!(alive(w.pid), "restored");
+    w.signal(Signal::SIGUSR1);
+    assert_eq!(w.wait_lines(2)[1], sum, "the restored process has its memory");
+    w.signal(Signal::SIGKILL);
+    w.reap();
+    let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(w.pid), None);
+}

@@ -70,8 +70,8 @@ impl CliDriver {
     /// Dump a process tree. `on_hook(action)` answers CRIU's action scripts; returning `false` at
     /// `post-dump` makes CRIU resume the tree and fail the dump.
     fn dump_tree(&self, call: &DumpCall<'_>, on_hook: &mut dyn FnMut(&str) -> bool) -> Result<(), CriuError> {
-        let mut args: Vec<String> =
-            vec!["dump".into(), "-t".into(), call.pid.to_string(), "-D".into(), call.images_dir.display().to_string()];
+        let (images, _held) = self.images_arg(call.images_dir, call.stream)?;
+        let mut args: Vec<String> = vec!["dump".into(), "-t".into(), call.pid.to_string(), "-D".into(), images];
         if call.leave_running {
             args.push("--leave-running".into());
         }
@@ -90,14 +90,9 @@ impl CliDriver {
     /// Restore a tree detached; returns the PID of its root.
     fn restore_tree(&self, call: &RestoreCall<'_>, on_hook: &mut dyn FnMut(&str) -> bool) -> Result<i32, CriuError> {
         let pidfile = call.work_dir.join("restore.pid");
-        let mut args: Vec<String> = vec![
-            "restore".into(),
-            "-D".into(),
-            call.images_dir.display().to_string(),
-            "-d".into(),
-            "--pidfile".into(),
-            pidfile.display().to_string(),
-        ];
+        let (images, _held) = self.images_arg(call.images_dir, call.stream)?;
+        let mut args: Vec<String> =
+            vec!["restore".into(), "-D".into(), images, "-d".into(), "--pidfile".into(), pidfile.display().to_string()];
         if call.stream {
             args.push("--stream".into());
         }
@@ -113,6 +108,18 @@ impl CliDriver {
             hint: None,
             log: call.work_dir.join("restore.log"),
         })
+    }
+
+    /// The images folder as CRIU is given it: with `--stream` CRIU connects to its image streamer's socket
+    /// in it, whose path must fit a socket address, so a deeper folder goes by this process's descriptor of
+    /// it (kept open by the file returned, while CRIU runs).
+    fn images_arg(&self, dir: &Path, stream: bool) -> Result<(String, Option<std::fs::File>), CriuError> {
+        if !stream {
+            return Ok((dir.display().to_string(), None));
+        }
+        let (path, held) = super::socket::short_dir(dir, super::streamer::LONGEST_SOCKET)
+            .map_err(|source| CriuError::Spawn { binary: self.criu.binary.clone(), source })?;
+        Ok((path.display().to_string(), held))
     }
 
     fn run(

@@ -7,6 +7,7 @@ pub mod log;
 pub mod options;
 pub mod pages;
 pub mod rpc;
+pub mod socket;
 pub mod stats;
 pub mod streamer;
 pub mod swrk;

@@ -28,6 +28,8 @@ use std::time::{Duration, Instant};
 pub const CAPTURE_SOCKET: &str = "streamer-capture.sock";
 /// Socket CRIU connects to at restore.
 pub const SERVE_SOCKET: &str = "streamer-serve.sock";
+/// The longer of the two names (for the length of a socket path in an images folder).
+pub const LONGEST_SOCKET: &str = CAPTURE_SOCKET;
 
 /// Largest request we accept (a file name).
 const MAX_FRAME: u32 = 64 << 10;
@@ -254,7 +256,7 @@ impl Server {
     ) -> Result<Self, StreamerError> {
         let path = dir.join(socket);
         let sock_err = |source| StreamerError::Socket { path: path.clone(), source };
-        let listener = std::os::unix::net::UnixListener::bind(&path).map_err(sock_err)?;
+        let listener = crate::criu::socket::bind_in(dir, socket).map_err(sock_err)?;
         let shared = Arc::new(Shared { conn: std::sync::atomic::AtomicI32::new(-1), ..Shared::default() });
         let state = Arc::clone(&shared);
         let thread = std::thread::Builder::new()

@@ -119,7 +119,10 @@ impl LazyHandler {
     /// Listen on `socket` (CRIU's restore connects to it) and serve `pages` on a thread of our own.
     pub fn listen(socket: &Path, pages: Pages) -> Result<Self, LazyError> {
         let _ = std::fs::remove_file(socket);
-        let listener = UnixListener::bind(socket)?;
+        let listener = match (socket.parent(), socket.file_name().and_then(|n| n.to_str())) {
+            (Some(dir), Some(name)) => crate::criu::socket::bind_in(dir, name)?,
+            _ => UnixListener::bind(socket)?,
+        };
         let (stopped, stop) = pipe()?;
         let (fill_asked, fill) = pipe()?;
         let (answer, filled) = std::sync::mpsc::channel();
