@@ -206,11 +206,10 @@ if [ "${PROGRESS:-1}" = 1 ]; then
         "$WORK/bin/progress" "$PROG" 300 >"$WORK/$walk.local.samples"
         "$CEDANA" dump process "$WPID" --dir "$WORK/ckpt" --name walker --compression zstd >/dev/null
         wait_gone
-        cp "$PROG" "$PROG.at-dump"
         cp "$PROG" "$WORK/$walk.at-dump"
         for ((r = 0; r < ROUNDS; r++)); do
             for kind in lazy lazy-ordered normal; do
-                cp "$PROG.at-dump" "$PROG"
+                cp "$WORK/$walk.at-dump" "$PROG"
                 [ "$kind" = lazy ] && rm -rf "$ORDERS"
                 "$WORK/bin/progress" "$PROG" 3000 >"$WORK/$walk.$kind.$r.samples" &
                 SAMPLER=$!

@@ -106,14 +106,18 @@ pub struct PidUser {
     pub zombie: bool,
 }
 
+/// The PIDs in /proc (`None` when it cannot be read).
+pub fn pids() -> Option<Vec<i32>> {
+    let entries = std::fs::read_dir("/proc").ok()?;
+    Some(entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).collect())
+}
+
 /// Processes that keep any of `pids` taken, live ones first. A PID cannot be reused while it names a
 /// process, or the process group or session of any process (zombies included).
 pub fn pid_users(pids: &[i32]) -> Vec<PidUser> {
     let mut users = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return users };
     let mut buf = String::with_capacity(STAT_BUF);
-    for entry in dir.flatten() {
-        let Some(holder) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+    for holder in self::pids().unwrap_or_default() {
         let Ok(st) = stat_into(holder, &mut buf) else { continue };
         for &pid in pids {
             if st.pid == pid || st.pgid == pid || st.sid == pid {

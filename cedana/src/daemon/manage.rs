@@ -77,12 +77,10 @@ impl Service {
     /// thread or the daemon itself.
     fn find_named(&self, name: &str) -> Result<Option<i32>, Status> {
         let me = std::process::id() as i32;
-        let mut pids: Vec<i32> = std::fs::read_dir("/proc")
-            .map_err(err(ErrorKind::Internal))?
-            .flatten()
-            .filter_map(|e| e.file_name().to_str()?.parse().ok())
-            .filter(|pid| *pid != me)
-            .collect();
+        let mut pids = cedana::procfs::pids()
+            .ok_or_else(|| std::io::Error::other("/proc cannot be read"))
+            .map_err(err(ErrorKind::Internal))?;
+        pids.retain(|pid| *pid != me);
         pids.sort_unstable();
         for pid in pids {
             let Ok(comm) = std::fs::read_to_string(format!("/proc/{pid}/comm")) else { continue };

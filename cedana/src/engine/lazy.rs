@@ -70,12 +70,17 @@ impl LazyRestore {
         let store = Arc::clone(&lazy.chunked);
         // The program only runs before its memory is local in a lazy restore: only then does the order it
         // touches its memory in matter (and show).
-        let order = if before_resume { Some(PageOrder::default()) } else { PageOrder::load(&lazy.order_file) };
-        let record_order = order.is_none().then(|| lazy.order_file.clone());
-        if let Some(o) = order.as_ref().filter(|o| !o.is_empty()) {
-            tracing::debug!(blocks = o.blocks.len(), file = %lazy.order_file.display(), "bringing the pages in a recorded order first");
+        let (order, record_order) = match before_resume {
+            true => (PageOrder::default(), None),
+            false => match PageOrder::load(&lazy.order_file) {
+                Some(order) => (order, None),
+                None => (PageOrder::default(), Some(lazy.order_file.clone())),
+            },
+        };
+        if !order.is_empty() {
+            tracing::debug!(blocks = order.blocks.len(), file = %lazy.order_file.display(), "bringing the pages in a recorded order first");
         }
-        let (maps, images, order) = (lazy.pagemaps.clone(), images.to_path_buf(), order.unwrap_or_default());
+        let (maps, images) = (lazy.pagemaps.clone(), images.to_path_buf());
         let pages = Pages { maps, store, images, advance, order };
         let handler = LazyHandler::listen(&work.join(LAZY_SOCKET), pages).map_err(|e| serving_failed(location, e))?;
         let verify = Verify::AsServed(Arc::clone(&lazy.chunked));

@@ -82,7 +82,7 @@ fn wait_for_lock_helpers(limit: std::time::Duration) {
 /// Whether a live process runs `iptables-restore` or `ip6tables-restore` (by its first argument: its
 /// `comm` is cut to 15 bytes).
 fn lock_helper_running() -> bool {
-    proc_pids().unwrap_or_default().into_iter().any(|pid| {
+    crate::procfs::pids().unwrap_or_default().into_iter().any(|pid| {
         let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
         let argv0 = cmdline.split(|b| *b == 0).next().unwrap_or_default();
         let name = argv0.rsplit(|b| *b == b'/').next().unwrap_or_default();
@@ -165,7 +165,7 @@ fn tcp_sockets() -> HashMap<(End, End), Vec<String>> {
 /// The processes holding each of the socket `inodes` open.
 fn holders(inodes: &HashSet<String>) -> HashMap<String, Vec<i32>> {
     let mut found: HashMap<String, Vec<i32>> = HashMap::new();
-    for pid in proc_pids().unwrap_or_default() {
+    for pid in crate::procfs::pids().unwrap_or_default() {
         let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else { continue };
         for fd in fds.flatten() {
             let Ok(target) = std::fs::read_link(fd.path()) else { continue };
@@ -227,14 +227,8 @@ const PF_EXITING: u64 = 0x4;
 /// A CRIU process running on this machine (see [`is_criu`]), if any; `Some(0)` when /proc cannot be read
 /// (then nothing is known to be safe).
 fn running_criu() -> Option<i32> {
-    let Some(pids) = proc_pids() else { return Some(0) };
+    let Some(pids) = crate::procfs::pids() else { return Some(0) };
     pids.into_iter().find(|pid| is_criu(*pid))
-}
-
-/// The PIDs in /proc (`None` when it cannot be read).
-fn proc_pids() -> Option<Vec<i32>> {
-    let entries = std::fs::read_dir("/proc").ok()?;
-    Some(entries.flatten().filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok()).collect())
 }
 
 /// The standard output of `program ARGS`, or `None` when it cannot run or fails (not installed: nothing of

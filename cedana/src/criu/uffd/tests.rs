@@ -84,6 +84,13 @@ fn ordered_session(base: u64, pages: u64, offset: u64, order: PageOrder) -> (Ses
     (Session::new(pages, stopped, fill_asked, std::sync::mpsc::channel().0), [stop, fill])
 }
 
+/// Serve process 7 through `uffd`, with its `len` bytes at `base` all missing.
+fn serve_whole(s: &mut Session, uffd: OwnedFd, base: u64, len: u64) {
+    let mut missing = Missing::default();
+    missing.add(base, base + len);
+    s.procs.push(Proc::new(7, uffd, missing, base));
+}
+
 #[test]
 fn pages_a_fill_finds_moved_away_stay_missing_and_arrive_where_the_memory_went() {
     let (uffd, from) = registered();
@@ -146,9 +153,7 @@ fn a_copy_across_mappings_split_since_the_dump_is_made_page_by_page() {
     // SAFETY: changes the protection of the test's own mapping.
     assert_eq!(unsafe { libc::mprotect((base + len / 2) as *mut libc::c_void, (len / 2) as usize, libc::PROT_READ) }, 0);
     let (mut s, _pipes) = session(base);
-    let mut missing = Missing::default();
-    missing.add(base, base + len);
-    s.procs.push(Proc::new(7, uffd, missing, base));
+    serve_whole(&mut s, uffd, base, len);
     assert_eq!(s.fill(0, Run { start: base, end: base + len, image: base }).unwrap(), len);
     assert!(s.procs[0].missing.is_empty() && s.procs[0].changing.is_none());
     // SAFETY: every page is in place; read only.
@@ -173,9 +178,7 @@ fn the_background_brings_the_recorded_blocks_first_on_to_their_chunks_end() {
         order.push(pid, addr);
     }
     let (mut s, _pipes) = ordered_session(base, pages, offset, order);
-    let mut missing = Missing::default();
-    missing.add(base, base + len);
-    s.procs.push(Proc::new(7, uffd, missing, base));
+    serve_whole(&mut s, uffd, base, len);
     let block_pages = FAULT_BLOCK / PAGE_SIZE;
     let missing_at = |s: &Session, b: u64| s.procs[0].missing.find(block(b)).is_some();
 
@@ -204,9 +207,7 @@ fn a_fault_is_recorded_once_by_its_block_and_the_rest_comes_as_without_an_order(
     let (uffd, base) = registered_pages(pages);
     let len = pages * PAGE_SIZE;
     let (mut s, _pipes) = ordered_session(base, pages, 0, PageOrder::default());
-    let mut missing = Missing::default();
-    missing.add(base, base + len);
-    s.procs.push(Proc::new(7, uffd, missing, base));
+    serve_whole(&mut s, uffd, base, len);
     let at = base + 2 * FAULT_BLOCK + 5 * PAGE_SIZE + 7;
     s.fault(0, at).unwrap();
     assert!(s.procs[0].missing.find(at).is_none());
@@ -230,9 +231,7 @@ fn right_after_a_fault_the_background_goes_on_from_it_before_the_order() {
     let mut order = PageOrder::default();
     order.push(7, base + 3 * FAULT_BLOCK);
     let (mut s, _pipes) = ordered_session(base, pages, 0, order);
-    let mut missing = Missing::default();
-    missing.add(base, base + len);
-    s.procs.push(Proc::new(7, uffd, missing, base));
+    serve_whole(&mut s, uffd, base, len);
     s.fault(0, base).unwrap();
     s.background().unwrap();
     assert!(s.procs[0].missing.is_empty(), "blocks 1 to 3 came on from the fault");

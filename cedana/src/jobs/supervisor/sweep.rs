@@ -104,10 +104,9 @@ fn any_zombie_child() -> bool {
 pub(super) fn zombie_children(me: i32) -> Vec<(i32, u64)> {
     use std::io::Read;
     let mut out = Vec::new();
-    let Ok(dir) = std::fs::read_dir("/proc") else { return out };
+    let Some(pids) = crate::procfs::pids() else { return out };
     let mut buf = String::with_capacity(1024);
-    for entry in dir.flatten() {
-        let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else { continue };
+    for pid in pids {
         buf.clear();
         let read = File::open(format!("/proc/{pid}/stat")).and_then(|mut f| f.read_to_string(&mut buf));
         if read.is_err() {
