@@ -17,7 +17,7 @@ use crate::checkpoint::{CheckpointError, CheckpointKind, CheckpointWriter, Exist
 use crate::codec::Compression;
 use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
-use crate::engine::hooks::{HookContext, HookPoint};
+use crate::engine::hooks::{Before, HookContext, HookPoint, Passed};
 use crate::engine::leftovers;
 use crate::engine::location::Destination;
 use crate::engine::stream::{self, StreamIntake};
@@ -118,18 +118,16 @@ pub(crate) fn run(
         HookContext::new(prepared.kind, prepared.process.pid, prepared.container_id.clone(), writer.final_path().to_path_buf());
     hook_ctx.leave_running = req.leave_running;
     let hooks = engine.hooks();
-    let passed = hooks.before(HookPoint::BeforeDump, &hook_ctx)?;
-    // The hooks' phases in the order they ran: those before CRIU now, those after it below.
-    let before = hook_ctx.reported();
-    for (phase, time) in &before.phases {
-        ctx.record(phase, *time);
-    }
-    let what = Dumped { prepared: &prepared, attachments, gpu: before.gpu };
-    let result = checkpoint(engine, &req, ctx, target.as_mut(), what, writer, &images_dir);
+    // Hooks that can (the GPU's lock and checkpoint) run while CRIU starts up; the others, and the wait for
+    // those, come at the last moment before the workload is frozen.
+    let before = hooks.begin(HookPoint::BeforeDump, &hook_ctx).run_inline()?;
+    let what = Dumped { prepared: &prepared, attachments, hooks: &hook_ctx };
+    let (result, passed) = checkpoint(engine, &req, ctx, target.as_mut(), what, before, writer, &images_dir);
     drop(staging);
     hook_ctx.succeeded = Some(result.is_ok());
-    hooks.after(HookPoint::AfterDump, &hook_ctx, passed);
-    for (phase, time) in hook_ctx.reported().phases.into_iter().skip(before.phases.len()) {
+    let recorded = hook_ctx.reported().phases.len();
+    hooks.after(HookPoint::AfterDump, &hook_ctx, &passed);
+    for (phase, time) in hook_ctx.reported().phases.into_iter().skip(recorded) {
         ctx.record(phase, time);
     }
     let mut outcome = result?;
@@ -205,21 +203,67 @@ struct Packaged {
 struct Dumped<'a> {
     prepared: &'a Prepared,
     attachments: &'a [Attachment],
-    /// What the GPU hook recorded of the tree's device state.
-    gpu: Option<crate::gpu::GpuRecord>,
+    /// Where the `before-dump` hooks report (the GPU hook's record of the tree's device state, their phases).
+    hooks: &'a HookContext,
 }
 
-/// From CRIU to a committed checkpoint and a finished target; rolls the target back on any failure.
+/// From CRIU to a committed checkpoint and a finished target; rolls the target back on any failure. The
+/// `before-dump` hooks under way (`before`) are passed at the last moment before anything is frozen; the
+/// hooks that passed are returned with the outcome (they are owed the `after-dump` point).
+#[allow(clippy::too_many_arguments)] // the pipeline's parts, each used once
 fn checkpoint(
     engine: &Engine,
     req: &DumpRequest,
     ctx: &OpContext,
     target: &mut dyn DumpTarget,
     what: Dumped<'_>,
+    mut before: Before,
+    writer: CheckpointWriter,
+    images_dir: &Path,
+) -> (Result<DumpOutcome, EngineError>, Passed) {
+    let mut hook_phases = 0;
+    let result = {
+        let mut ready = || {
+            let ok = !ctx.is_cancelled() && before.pass();
+            // The hooks' phases so far (the GPU's checkpoint) belong in the manifest's timings.
+            for (phase, time) in what.hooks.reported().phases.into_iter().skip(hook_phases) {
+                ctx.record(phase, time);
+                hook_phases += 1;
+            }
+            ok
+        };
+        checkpoint_with(engine, req, ctx, target, &what, &mut ready, writer, images_dir)
+    };
+    match before.finish() {
+        Ok(passed) => (result, passed),
+        // The refusal is why the dump stopped (CRIU only says its pre-dump step failed); nothing was frozen.
+        Err(refusal) => match result {
+            Err(EngineError::Interrupted) if ctx.is_cancelled() => (Err(EngineError::Interrupted), Passed::default()),
+            // The target was rolled back already (nothing was frozen): the refusal replaces CRIU's account.
+            Err(_) => (Err(refusal.into()), Passed::default()),
+            // Not reached: targets stop when `ready` says no. Should one go on, its checkpoint stands.
+            Ok(outcome) => {
+                tracing::error!(error = %refusal, "the dump went on past a hook's refusal");
+                (Ok(outcome), Passed::default())
+            }
+        },
+    }
+}
+
+/// [`checkpoint`] once the hooks are in hand: `ready` is called at the last moment before anything is
+/// frozen, and its `false` stops the dump there.
+#[allow(clippy::too_many_arguments)] // the pipeline's parts, each used once
+fn checkpoint_with(
+    engine: &Engine,
+    req: &DumpRequest,
+    ctx: &OpContext,
+    target: &mut dyn DumpTarget,
+    what: &Dumped<'_>,
+    ready: &mut dyn FnMut() -> bool,
     mut writer: CheckpointWriter,
     images_dir: &Path,
 ) -> Result<DumpOutcome, EngineError> {
-    let Dumped { prepared, attachments, gpu } = what;
+    let Dumped { prepared, attachments, hooks } = *what;
     writer.set_cancel(ctx.cancel().clone());
     let temp_work = match &prepared.work_path {
         Some(_) => None,
@@ -265,7 +309,7 @@ fn checkpoint(
             let bytes = produce().map_err(|e| CheckpointError::Io { path: PathBuf::from(name), source: e })?;
             writer.add_bytes(name, &bytes)?;
         }
-        let mut manifest = new_manifest(engine, prepared, req.compression, stats, gpu.clone());
+        let mut manifest = new_manifest(engine, prepared, req.compression, stats, hooks.reported().gpu);
         manifest.streamed = streamed;
         manifest.phases = phases_so_far(ctx, criu_start.elapsed());
         let path = writer.commit(&mut manifest)?;
@@ -284,7 +328,12 @@ fn checkpoint(
     }
     progress.phase("dumping", None);
     let mut lock_watch = super::netlock::Watch::start(prepared.options.tcp_established);
+    let mut refused = false;
     let result = {
+        let mut ready = || {
+            refused = !ready();
+            !refused
+        };
         let mut frozen = || -> bool {
             if ctx.is_cancelled() {
                 state.cancelled = true;
@@ -316,7 +365,7 @@ fn checkpoint(
                 }
             }
         };
-        target.checkpoint(engine, &call, &mut frozen)
+        target.checkpoint(engine, &call, &mut ready, &mut frozen)
     };
     lock_watch.finished(result.is_ok());
     drop(lock_watch);
@@ -387,7 +436,8 @@ fn checkpoint(
                 Err(e) => e,
             });
         }
-        let err = if state.cancelled || ctx.is_cancelled() {
+        let err = if state.cancelled || ctx.is_cancelled() || refused {
+            // A refusal before the freeze is the caller's to report: CRIU's account would only echo it.
             EngineError::Interrupted
         } else if let Some(source) = state.error.take().or(stream_failure) {
             EngineError::Package { source }

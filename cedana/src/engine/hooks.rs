@@ -2,7 +2,9 @@
 //! (a later issue) implements [`Hook`] to lock devices and move their state; users can run their own
 //! command at each point (`hooks.command` in the config, or `CEDANA_HOOK_COMMAND`), as with CRIU's action
 //! scripts. A failing `before-*` hook stops the operation before anything was frozen or restored; a failing
-//! `restored` hook (the GPU's state put back) fails a restore whose tree then is killed.
+//! `restored` hook (the GPU's state put back) fails a restore whose tree then is killed. Work that needs
+//! nothing of CRIU's ([`Hook::beside_criu`]: the GPU's lock and checkpoint) runs on a thread of its own while
+//! CRIU starts up, and CRIU waits for it at its `pre-dump` / `pre-restore` step ([`Before`]).
 
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
@@ -141,19 +143,29 @@ impl HookError {
 /// already decided).
 pub trait Hook: Send + Sync {
     fn run(&self, point: HookPoint, ctx: &HookContext) -> Result<(), HookError>;
+
+    /// Whether this hook's work at the `before-*` `point` may run on a thread of its own while CRIU starts
+    /// up: it needs nothing CRIU does, and CRIU needs its outcome only before it freezes (dump) or restores
+    /// (restore) anything. The GPU's lock and checkpoint are such work; a user's command is not (it runs
+    /// where CRIU's action scripts would).
+    fn beside_criu(&self, _point: HookPoint) -> bool {
+        false
+    }
 }
 
-/// The hooks of an engine, run in order at each `before-*` point. A hook whose `before-*` ran is always
-/// told the outcome at the matching `after-*` point (in reverse order), also when a later hook refused:
+/// The hooks of an engine, run in order at each `before-*` point (those that run beside CRIU first, on a
+/// thread of their own: see [`Hooks::begin`]). A hook whose `before-*` ran is always told the outcome at
+/// the matching `after-*` point (in the reverse of the order they passed), also when a later hook refused:
 /// what it locked or changed can be undone.
 #[derive(Clone, Default)]
 pub struct Hooks {
     list: Vec<std::sync::Arc<dyn Hook>>,
 }
 
-/// How many hooks passed a `before-*` point (they are owed the matching `after-*`).
-#[derive(Debug, Clone, Copy, Default)]
-pub struct Passed(usize);
+/// The hooks that passed a `before-*` point, in the order they passed (they are owed the matching
+/// `after-*`).
+#[derive(Debug, Clone, Default)]
+pub struct Passed(Vec<usize>);
 
 impl Hooks {
     /// Add a hook at the end of the list.
@@ -166,31 +178,174 @@ impl Hooks {
         !self.list.is_empty()
     }
 
-    /// Run every hook at a `before-*` point. On a refusal, the hooks that had passed are told the
-    /// operation failed (at `after`, reverse order) before the error is returned.
+    /// Run every hook at a `before-*` point, here and now. On a refusal, the hooks that had passed are told
+    /// the operation failed (at `after`, reverse order) before the error is returned.
     pub fn before(&self, point: HookPoint, ctx: &HookContext) -> Result<Passed, HookError> {
-        for (i, hook) in self.list.iter().enumerate() {
-            if let Err(e) = hook.run(point, ctx) {
-                let failed = HookContext { succeeded: Some(false), ..ctx.clone() };
-                self.after(point.after(), &failed, Passed(i));
-                return Err(e);
-            }
-        }
-        Ok(Passed(self.list.len()))
+        let mut started = self.begin(point, ctx);
+        started.pass();
+        started.finish()
+    }
+
+    /// Start a `before-*` point: the hooks that run beside CRIU ([`Hook::beside_criu`]) start at once on a
+    /// thread of their own; the others run at [`Before::run_inline`] (a dump: before CRIU starts) or at
+    /// [`Before::pass`], which the operation calls at the last moment before anything is frozen or restored.
+    pub fn begin(&self, point: HookPoint, ctx: &HookContext) -> Before {
+        let beside: Vec<usize> = (0..self.list.len()).filter(|i| self.list[*i].beside_criu(point)).collect();
+        let thread = (!beside.is_empty()).then(|| {
+            let (list, ctx, order) = (self.list.clone(), ctx.clone(), beside.clone());
+            std::thread::spawn(move || run_in_order(&list, &order, point, &ctx))
+        });
+        Before { hooks: self.clone(), point, ctx: ctx.clone(), beside: thread, inline: None, outcome: None }
     }
 
     /// Run every hook that passed `before-*` at a point that may refuse after the fact ([`HookPoint::Restored`]):
     /// the first refusal is returned, and the caller undoes the operation and runs the `after-*` point.
-    pub fn check(&self, point: HookPoint, ctx: &HookContext, passed: Passed) -> Result<(), HookError> {
-        self.list.iter().take(passed.0).try_for_each(|hook| hook.run(point, ctx))
+    pub fn check(&self, point: HookPoint, ctx: &HookContext, passed: &Passed) -> Result<(), HookError> {
+        passed.0.iter().try_for_each(|i| self.list[*i].run(point, ctx))
     }
 
     /// Run an `after-*` point for the hooks that passed its `before-*`, in reverse order. A failure here
     /// cannot change the outcome: it is logged.
-    pub fn after(&self, point: HookPoint, ctx: &HookContext, passed: Passed) {
-        for hook in self.list.iter().take(passed.0).rev() {
-            if let Err(e) = hook.run(point, ctx) {
+    pub fn after(&self, point: HookPoint, ctx: &HookContext, passed: &Passed) {
+        for i in passed.0.iter().rev() {
+            if let Err(e) = self.list[*i].run(point, ctx) {
                 tracing::warn!(error = %e, hook = point.name(), "hook failed after the operation");
+            }
+        }
+    }
+}
+
+/// Hooks (by their place in the list) that ran in order, and the refusal that stopped them.
+type Ran = (Vec<usize>, Result<(), HookError>);
+
+/// Run the hooks `order` names at `point`, in that order, until one refuses.
+fn run_in_order(list: &[std::sync::Arc<dyn Hook>], order: &[usize], point: HookPoint, ctx: &HookContext) -> Ran {
+    let mut passed = Vec::new();
+    for i in order {
+        if let Err(e) = list[*i].run(point, ctx) {
+            return (passed, Err(e));
+        }
+        passed.push(*i);
+    }
+    (passed, Ok(()))
+}
+
+/// A `before-*` point under way (see [`Hooks::begin`]).
+pub struct Before {
+    hooks: Hooks,
+    point: HookPoint,
+    ctx: HookContext,
+    /// The hooks running beside CRIU, until joined.
+    beside: Option<std::thread::JoinHandle<Ran>>,
+    /// The other hooks, once run: those that passed, and the refusal.
+    inline: Option<Ran>,
+    /// Set once the point is decided: the hooks that passed, or the refusal (those that had passed already
+    /// told the operation failed).
+    outcome: Option<Result<Passed, HookError>>,
+}
+
+impl Before {
+    /// Run the hooks that do not run beside CRIU, in order, now. On a refusal every hook that had passed
+    /// (those beside CRIU waited for) is told the operation failed, and the refusal is returned.
+    /// [`Before::pass`] runs them if this was not called.
+    pub fn run_inline(mut self) -> Result<Before, HookError> {
+        self.inline_now();
+        match self.outcome.take() {
+            Some(Err(e)) => Err(e),
+            outcome => {
+                self.outcome = outcome;
+                Ok(self)
+            }
+        }
+    }
+
+    fn inline_now(&mut self) {
+        if self.outcome.is_none() && self.inline.is_none() {
+            let inline: Vec<usize> =
+                (0..self.hooks.list.len()).filter(|i| !self.hooks.list[*i].beside_criu(self.point)).collect();
+            let ran = run_in_order(&self.hooks.list, &inline, self.point, &self.ctx);
+            let refused = ran.1.is_err();
+            self.inline = Some(ran);
+            if refused {
+                self.decide();
+            }
+        }
+    }
+
+    /// Run the other hooks if [`Before::run_inline`] did not, and wait for those running beside CRIU; `true`
+    /// lets the operation go on. On a refusal every hook that had passed is told the operation failed. Later
+    /// calls give the same answer.
+    pub fn pass(&mut self) -> bool {
+        self.inline_now();
+        if self.outcome.is_none() {
+            self.decide();
+        }
+        matches!(self.outcome, Some(Ok(_)))
+    }
+
+    /// Join the hooks running beside CRIU and settle the point: every hook that passed, in the order they
+    /// did, or the first refusal (the others that passed told the operation failed).
+    fn decide(&mut self) {
+        let (mut passed, mut verdict) = self.inline.take().unwrap_or((Vec::new(), Ok(())));
+        let (beside, beside_verdict) = self.join_beside();
+        passed.extend(beside);
+        if verdict.is_ok() {
+            verdict = beside_verdict;
+        }
+        let passed = Passed(passed);
+        self.outcome = Some(match verdict {
+            Ok(()) => Ok(passed),
+            Err(e) => {
+                self.unwind(&passed);
+                Err(e)
+            }
+        });
+    }
+
+    /// End the point: the hooks that passed (owed the `after-*` point), or the refusal that stopped the
+    /// operation. When [`Before::pass`] was never called (the operation stopped before its last moment), the
+    /// hooks running beside CRIU are waited for: a refusal among them is logged and unwound, as the
+    /// operation failed anyway.
+    pub fn finish(mut self) -> Result<Passed, HookError> {
+        if let Some(outcome) = self.outcome.take() {
+            return outcome;
+        }
+        let (mut passed, _) = self.inline.take().unwrap_or((Vec::new(), Ok(())));
+        let (beside, verdict) = self.join_beside();
+        if let Err(e) = verdict {
+            tracing::warn!(error = %e, hook = self.point.name(), "a hook refused after the operation had stopped");
+            // Unwound here with the others: the operation failed.
+            passed.extend(beside);
+            self.unwind(&Passed(passed));
+            return Ok(Passed::default());
+        }
+        passed.extend(beside);
+        Ok(Passed(passed))
+    }
+
+    fn join_beside(&mut self) -> Ran {
+        match self.beside.take().map(|t| t.join()) {
+            None => (Vec::new(), Ok(())),
+            Some(Ok(done)) => done,
+            // A hook that panicked is a bug; the operation is refused rather than lost with it.
+            Some(Err(_)) => (Vec::new(), Err(HookError::new(self.point, "a hook panicked"))),
+        }
+    }
+
+    fn unwind(&self, passed: &Passed) {
+        let failed = HookContext { succeeded: Some(false), ..self.ctx.clone() };
+        self.hooks.after(self.point.after(), &failed, passed);
+    }
+}
+
+impl Drop for Before {
+    fn drop(&mut self) {
+        // Never leave a hook's thread behind the operation: what it locked must be unwound.
+        if self.outcome.is_none() {
+            let (mut passed, _) = self.inline.take().unwrap_or((Vec::new(), Ok(())));
+            passed.extend(self.join_beside().0);
+            if !passed.is_empty() {
+                self.unwind(&Passed(passed));
             }
         }
     }
@@ -280,6 +435,52 @@ mod tests {
         }
     }
 
+    /// A [`Recorder`] that runs beside CRIU.
+    struct Beside(Recorder);
+
+    impl Hook for Beside {
+        fn run(&self, point: HookPoint, ctx: &HookContext) -> Result<(), HookError> {
+            self.0.run(point, ctx)
+        }
+
+        fn beside_criu(&self, point: HookPoint) -> bool {
+            point == HookPoint::BeforeDump
+        }
+    }
+
+    #[test]
+    fn hooks_beside_criu_run_at_once_and_are_unwound_when_the_operation_stops_early() {
+        let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let recorder = |name, refuse| Recorder { name, refuse, log: log.clone() };
+        let mut hooks = Hooks::default();
+        hooks.push(std::sync::Arc::new(recorder("user", false)));
+        hooks.push(std::sync::Arc::new(Beside(recorder("gpu", false))));
+        // Stopped before its last moment (CRIU failed to start): the hook beside it is waited for and told.
+        let before = hooks.begin(HookPoint::BeforeDump, &ctx()).run_inline().unwrap();
+        let passed = before.finish().unwrap();
+        hooks.after(HookPoint::AfterDump, &HookContext { succeeded: Some(false), ..ctx() }, &passed);
+        let mut seen = log.lock().unwrap().clone();
+        seen[..2].sort(); // the two ran at once
+        assert_eq!(
+            seen,
+            ["gpu before-dump None", "user before-dump None", "gpu after-dump Some(false)", "user after-dump Some(false)"]
+        );
+        // Dropped unfinished: still unwound.
+        log.lock().unwrap().clear();
+        drop(hooks.begin(HookPoint::BeforeDump, &ctx()));
+        assert_eq!(*log.lock().unwrap(), ["gpu before-dump None", "gpu after-dump Some(false)"]);
+        // A refusal beside CRIU at the last moment: the inline hook that passed is unwound, and the refusal
+        // comes out.
+        log.lock().unwrap().clear();
+        hooks.list[1] = std::sync::Arc::new(Beside(recorder("gpu", true)));
+        let mut before = hooks.begin(HookPoint::BeforeDump, &ctx()).run_inline().unwrap();
+        assert!(!before.pass());
+        assert!(before.finish().unwrap_err().to_string().contains("before-dump hook failed: no"));
+        let mut seen = log.lock().unwrap().clone();
+        seen[..2].sort();
+        assert_eq!(seen, ["gpu before-dump None", "user before-dump None", "user after-dump Some(false)"]);
+    }
+
     #[test]
     fn a_refusal_unwinds_the_hooks_that_passed() {
         let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -296,7 +497,7 @@ mod tests {
         log.lock().unwrap().clear();
         hooks.list.remove(1);
         let passed = hooks.before(HookPoint::BeforeRestore, &ctx()).unwrap();
-        hooks.after(HookPoint::AfterRestore, &HookContext { succeeded: Some(true), ..ctx() }, passed);
+        hooks.after(HookPoint::AfterRestore, &HookContext { succeeded: Some(true), ..ctx() }, &passed);
         assert_eq!(
             *log.lock().unwrap(),
             [

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use crate::checkpoint::{CheckpointKind, FileRedirect, Manifest, OpenedCheckpoint, PendingVerification};
 use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
-use crate::engine::hooks::{HookContext, HookPoint, Hooks, Passed};
+use crate::engine::hooks::{Before, HookContext, HookPoint, Passed};
 use crate::engine::location::Source;
 use crate::engine::targets::{self, runc::ContainerRestore};
 use crate::engine::{Engine, EngineError};
@@ -121,19 +121,19 @@ pub struct RestoreOutcome {
 }
 
 /// Holds a restore until the checkpoint is verified and the `before-restore` hooks agreed. Targets call
-/// [`Gate::pass`] at the last moment before anything is restored (CRIU's `pre-restore`).
+/// [`Gate::pass`] at the last moment before anything is restored (CRIU's `pre-restore`). Hooks that can (the
+/// GPU's check of this host) run while CRIU starts up.
 pub struct Gate<'a> {
     pending: Option<PendingVerification>,
     verdict: Result<(), EngineError>,
-    passed: Option<Passed>,
-    hooks: &'a Hooks,
-    hook_ctx: &'a HookContext,
+    /// The `before-restore` hooks, begun when the gate was made.
+    before: Before,
     ctx: &'a OpContext,
     waited: Duration,
 }
 
 impl Gate<'_> {
-    /// Wait for the verification, then run the `before-restore` hooks; `true` lets the restore go on.
+    /// Wait for the verification, then for the `before-restore` hooks; `true` lets the restore go on.
     /// Later calls give the same answer.
     pub fn pass(&mut self) -> bool {
         if let Some(p) = self.pending.take() {
@@ -141,14 +141,12 @@ impl Gate<'_> {
             self.verdict = p.wait().map_err(EngineError::from);
             self.waited = t.elapsed();
         }
-        if self.verdict.is_ok() && self.passed.is_none() {
+        if self.verdict.is_ok() {
             if self.ctx.is_cancelled() {
                 self.verdict = Err(EngineError::RestoreCancelled);
-            } else {
-                match self.hooks.before(HookPoint::BeforeRestore, self.hook_ctx) {
-                    Ok(p) => self.passed = Some(p),
-                    Err(e) => self.verdict = Err(e.into()),
-                }
+            } else if !self.before.pass() {
+                // A placeholder: the refusal itself comes out of `settle`.
+                self.verdict = Err(EngineError::RestoreCancelled);
             }
         }
         self.verdict.is_ok()
@@ -159,13 +157,17 @@ impl Gate<'_> {
         self.waited
     }
 
-    /// The verdict, once the target is done: a failed verification is the cause to report even when the
-    /// target stopped before it asked.
-    fn settle(&mut self) -> Result<(), EngineError> {
+    /// The verdict, once the target is done, and the hooks owed `after-restore`: a failed verification is
+    /// the cause to report even when the target stopped before it asked, then a hook's refusal.
+    fn settle(mut self) -> (Result<(), EngineError>, Passed) {
         if let Some(p) = self.pending.take() {
             self.verdict = p.wait().map_err(EngineError::from);
         }
-        std::mem::replace(&mut self.verdict, Ok(()))
+        match self.before.finish() {
+            Ok(passed) => (self.verdict, passed),
+            // Only a checkpoint that verified reaches the hooks: the refusal is the cause.
+            Err(refusal) => (Err(refusal.into()), Passed::default()),
+        }
     }
 }
 
@@ -315,22 +317,23 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
     let gpu_container = req.container.as_ref().filter(|_| opened.manifest.gpu.is_some());
     hook_ctx.gpu_visible = gpu_container.map(|c| container_gpus(&c.flags.bundle, &opened));
     let (restored, verdict, passed, waited) = {
-        let mut gate = Gate { pending, verdict: Ok(()), passed: None, hooks, hook_ctx: &hook_ctx, ctx, waited: Duration::ZERO };
+        let before = hooks.begin(HookPoint::BeforeRestore, &hook_ctx);
+        let mut gate = Gate { pending, verdict: Ok(()), before, ctx, waited: Duration::ZERO };
         let locks = opened.manifest.criu_options.tcp_established || req.options.tcp_established;
         let mut lock_watch = super::netlock::Watch::start(locks);
         let restored = target.restore(engine, ctx, &req, &opened, &mut gate);
         lock_watch.finished(restored.is_ok());
         drop(lock_watch);
         let waited = gate.waited;
-        let passed = gate.passed;
-        (restored, gate.settle(), passed, waited)
+        let (verdict, passed) = gate.settle();
+        (restored, verdict, passed, waited)
     };
     hook_ctx.pid = restored.as_ref().map(|r| r.pid).unwrap_or(0);
     let mut restored = verdict.and(restored);
     // The tree runs: hooks put back what they hold (a GPU's state); a refusal kills it.
-    if let (Ok(r), Some(passed)) = (&restored, passed) {
+    if let Ok(r) = &restored {
         if r.pid > 0 {
-            if let Err(e) = hooks.check(HookPoint::Restored, &hook_ctx, passed) {
+            if let Err(e) = hooks.check(HookPoint::Restored, &hook_ctx, &passed) {
                 kill_restored_tree(r.pid);
                 restored = Err(e.into());
             }
@@ -340,9 +343,7 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
         ctx.record(phase, time);
     }
     hook_ctx.succeeded = Some(restored.is_ok());
-    if let Some(passed) = passed {
-        hooks.after(HookPoint::AfterRestore, &hook_ctx, passed);
-    }
+    hooks.after(HookPoint::AfterRestore, &hook_ctx, &passed);
     let restored = restored?;
     let verify_time = verify_time + waited;
     ctx.record("verify", verify_time);

@@ -860,3 +860,139 @@ fn two_dumps_at_once_on_one_engine_each_hold_their_own_process() {
     }
     assert_eq!(h.left(), ["a.tar.zst", "b.tar.zst"]);
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Hooks that run beside CRIU's start-up (the GPU's)
+
+/// A hook that runs beside CRIU at `before-dump` and `before-restore`: it waits (up to 5 s) until the fake
+/// CRIU has started, records whether it saw it, takes a while more, and refuses at `refuse`.
+struct BesideCriu {
+    /// The harness's event log and CRIU, handed over once it is built.
+    harness: std::sync::OnceLock<(Events, Arc<FakeCriu>)>,
+    refuse: Option<HookPoint>,
+}
+
+impl BesideCriu {
+    fn events(&self) -> &Events {
+        &self.harness.get().expect("the test hands the hook its harness").0
+    }
+
+    fn criu_started(&self, point: HookPoint) -> bool {
+        let criu = &self.harness.get().expect("the test hands the hook its harness").1;
+        let started = std::time::Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            let seen = match point {
+                HookPoint::BeforeDump => !criu.work_dirs().is_empty(),
+                _ => snapshot(self.events()).iter().any(|e| e == "criu restore"),
+            };
+            if seen {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        false
+    }
+}
+
+impl Hook for BesideCriu {
+    fn beside_criu(&self, point: HookPoint) -> bool {
+        matches!(point, HookPoint::BeforeDump | HookPoint::BeforeRestore)
+    }
+
+    fn run(&self, point: HookPoint, ctx: &HookContext) -> Result<(), hooks::HookError> {
+        if !self.beside_criu(point) {
+            record(self.events(), format!("beside {} {:?}", point.name(), ctx.succeeded));
+            return Ok(());
+        }
+        let saw = self.criu_started(point);
+        std::thread::sleep(Duration::from_millis(30));
+        record(self.events(), format!("beside {} saw CRIU started: {saw}", point.name()));
+        if self.refuse == Some(point) {
+            return Err(hooks::HookError::new(point, "refused beside CRIU by the test"));
+        }
+        Ok(())
+    }
+}
+
+fn beside_harness(refuse: Option<HookPoint>) -> Harness {
+    let beside = Arc::new(BesideCriu { harness: Default::default(), refuse });
+    let h = Harness::build(|c, _| c, None, Some(beside.clone()));
+    // One event log for both: the order across the hook and CRIU is what is tested.
+    let _ = beside.harness.set((h.events.clone(), h.criu.clone()));
+    h
+}
+
+#[test]
+fn a_hook_that_runs_beside_criu_overlaps_its_start_and_criu_waits_for_it_before_freezing() {
+    let h = beside_harness(None);
+    let mut w = Workload::spawn();
+    let pid = w.pid;
+    h.dump_process(&w, Compression::Zstd, &OpContext::new()).unwrap();
+    assert!(killed(&mut w));
+    assert_eq!(
+        h.events(),
+        [
+            "hook before-dump None".to_string(),
+            "beside before-dump saw CRIU started: true".into(),
+            format!("criu pre-dump {pid}"),
+            format!("criu froze {pid}"),
+            format!("criu images {pid}"),
+            format!("criu post-dump {pid} -> true"),
+            format!("criu killed {pid}"),
+            // The reverse of the order they passed: the hook beside CRIU passed last.
+            "beside after-dump Some(true)".into(),
+            "hook after-dump Some(true)".into(),
+        ],
+        "the user's kind of hook runs before CRIU; the one beside it while CRIU starts, and CRIU waits for it"
+    );
+}
+
+#[test]
+fn a_refusal_beside_criu_stops_the_dump_before_the_freeze_and_unwinds_the_hooks() {
+    let h = beside_harness(Some(HookPoint::BeforeDump));
+    let w = Workload::spawn();
+    let pid = w.pid;
+    let err = h.dump_process(&w, Compression::Zstd, &OpContext::new()).unwrap_err();
+    assert!(matches!(err, EngineError::Hook(_)), "{err:?}");
+    assert!(err.to_string().contains("refused beside CRIU by the test"), "the refusal, not CRIU's echo of it: {err}");
+    assert_eq!(
+        h.events(),
+        [
+            "hook before-dump None".to_string(),
+            "beside before-dump saw CRIU started: true".into(),
+            "hook after-dump Some(false)".into(),
+            format!("criu pre-dump {pid} -> false"),
+        ]
+    );
+    assert_running(&w, "after a refusal at pre-dump");
+    assert_eq!(h.left(), Vec::<String>::new());
+    assert!(h.criu.work_dirs().iter().all(|d| !d.exists()), "a refusal is not CRIU's failure: no work folder kept");
+}
+
+#[test]
+fn a_restore_runs_hooks_beside_criu_while_it_starts_and_a_refusal_restores_nothing() {
+    for refuse in [false, true] {
+        let h = beside_harness(refuse.then_some(HookPoint::BeforeRestore));
+        let (path, _) = process_checkpoint(&h, Compression::Zstd);
+        let out = h.engine.restore(RestoreRequest::new(Source::Path(path)), &OpContext::new());
+        let events = h.events();
+        // The user's kind of hook runs at pre-restore, once the checkpoint is verified; the one beside CRIU
+        // started with it, and CRIU waits at pre-restore for both.
+        let beside = "beside before-restore saw CRIU started: true";
+        assert_eq!(events[..3], ["criu restore", "hook before-restore None", beside], "{events:?}");
+        if refuse {
+            let err = out.unwrap_err();
+            assert!(matches!(err, EngineError::Hook(_)), "{err:?}");
+            assert!(err.to_string().contains("refused beside CRIU by the test"), "{err}");
+            assert_eq!(events[3..5], ["hook after-restore Some(false)", "criu pre-restore -> false"], "{events:?}");
+            assert!(!events.iter().any(|e| e.starts_with("criu restored")), "{events:?}");
+            h.remove_kept_work_dirs();
+        } else {
+            let out = out.unwrap();
+            assert!(is_running(out.pid));
+            assert_eq!(events[3], "criu pre-restore -> true", "{events:?}");
+            let after: Vec<&String> = events.iter().filter(|e| e.contains("after-restore")).collect();
+            assert_eq!(after, ["beside after-restore Some(true)", "hook after-restore Some(true)"], "{events:?}");
+        }
+    }
+}

@@ -1,4 +1,5 @@
-//! The GPU as one of the engine's hooks. At `before-dump` it finds the tree's CUDA processes (nothing else
+//! The GPU as one of the engine's hooks. At `before-dump`, while CRIU starts up (CRIU waits for it at its
+//! `pre-dump` step, before it freezes anything), it finds the tree's CUDA processes (nothing else
 //! happens for a tree without any: the cost of a non-GPU dump is the detection) and, for each in parallel,
 //! locks it (bounded by the lock timeout) and checkpoints its device memory into host memory; any failure
 //! puts back every process it had moved and refuses the dump. At `after-dump`, when the workload lives on
@@ -90,7 +91,13 @@ impl GpuHook {
             .backend()
             .map_err(|e| refuse(format!("the tree uses a GPU (CUDA processes {pids:?}) but cannot be checkpointed"), e))?;
         let timeout = self.settings.lock_timeout;
-        let results = for_each(&pids, |pid| suspend(backend.as_ref(), *pid, timeout));
+        // The host's GPUs (nvidia-smi, a few hundred ms on a real host) are asked about beside the actions.
+        let (results, record) = std::thread::scope(|s| {
+            let record = s.spawn(|| self.record(ctx.pid, &pids, backend.name()));
+            let results = for_each(&pids, |pid| suspend(backend.as_ref(), *pid, timeout));
+            // A panic in the query is a bug; propagate it as the scope would.
+            (results, record.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+        });
         let (moved, failures) = split(results);
         if let Some(first) = failures.into_iter().next() {
             for_each(&moved, |m| give_back(backend.as_ref(), m));
@@ -98,7 +105,6 @@ impl GpuHook {
         }
         let suspended: Vec<i32> = moved.iter().filter(|m| m.checkpointed).map(|m| m.pid).collect();
         tracing::info!(pids = ?suspended, backend = backend.name(), time = ?t.elapsed(), "CUDA state checkpointed");
-        let record = self.record(ctx.pid, &pids, backend.name());
         self.moved().insert(ctx.pid, moved);
         ctx.report(|r| {
             r.gpu = Some(record);
@@ -190,6 +196,12 @@ impl GpuHook {
 }
 
 impl Hook for GpuHook {
+    /// The lock and checkpoint (dump) and the host's check (restore) need nothing of CRIU's: they run while
+    /// CRIU starts up, and CRIU waits for them only before it freezes or restores anything.
+    fn beside_criu(&self, point: HookPoint) -> bool {
+        matches!(point, HookPoint::BeforeDump | HookPoint::BeforeRestore)
+    }
+
     fn run(&self, point: HookPoint, ctx: &HookContext) -> Result<(), HookError> {
         match point {
             HookPoint::BeforeDump => self.before_dump(ctx),

@@ -70,13 +70,16 @@ pub(crate) trait DumpTarget: Send {
         false
     }
 
-    /// Freeze the workload (if the target does it itself) and have CRIU write its images. Call `frozen()`
-    /// once every image is written and the workload is still frozen (or left running); its `false` fails
-    /// the dump, and the workload must then be running as before.
+    /// Freeze the workload (if the target does it itself) and have CRIU write its images. Call `ready()` at
+    /// the last moment before anything is frozen (CRIU's `pre-dump`; the `before-dump` hooks finish there,
+    /// some of them having run beside CRIU's start-up): its `false` stops the dump with nothing changed. Call
+    /// `frozen()` once every image is written and the workload is still frozen (or left running); its
+    /// `false` fails the dump, and the workload must then be running as before.
     fn checkpoint(
         &mut self,
         engine: &Engine,
         call: &CheckpointCall<'_>,
+        ready: &mut dyn FnMut() -> bool,
         frozen: &mut dyn FnMut() -> bool,
     ) -> Result<(), EngineError>;
 

@@ -142,6 +142,7 @@ impl DumpTarget for ProcessTarget {
         &mut self,
         engine: &Engine,
         call: &CheckpointCall<'_>,
+        ready: &mut dyn FnMut() -> bool,
         frozen: &mut dyn FnMut() -> bool,
     ) -> Result<(), EngineError> {
         // The external files are CRIU options of this dump only: a restore names them with inherit_fd.
@@ -162,9 +163,19 @@ impl DumpTarget for ProcessTarget {
         };
         let mut recorded: Option<Result<(), EngineError>> = None;
         let result = {
+            let mut asked_ready = false;
             let mut notify = |action: &str| {
+                if action == "pre-dump" {
+                    // CRIU has started up and freezes the tree next.
+                    asked_ready = true;
+                    return ready();
+                }
                 if action != "post-dump" {
                     return true;
+                }
+                if !asked_ready && !ready() {
+                    // A CRIU that skipped pre-dump: too late to keep the tree unfrozen, not to refuse the dump.
+                    return false;
                 }
                 // The tree is frozen: the files' sizes are final, and the record is packaged with the images.
                 let written = self.write_record(call.images_dir);

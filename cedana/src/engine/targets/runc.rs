@@ -176,9 +176,15 @@ impl DumpTarget for RuncTarget {
         &mut self,
         _engine: &Engine,
         call: &CheckpointCall<'_>,
+        ready: &mut dyn FnMut() -> bool,
         frozen: &mut dyn FnMut() -> bool,
     ) -> Result<(), EngineError> {
         let runtime = Arc::clone(self.rt()?);
+        // The runtime runs CRIU itself: the last moment before anything is frozen is before the pause.
+        if !ready() {
+            // The pipeline knows why it refused; this only stops the dump.
+            return Err(EngineError::Interrupted);
+        }
         let id = self.spec.id.clone();
         let mut flags = vec![OsString::from("--leave-running")];
         flags.extend(checkpoint_flags(call.options)?);
