@@ -8,7 +8,10 @@
 #   WARMUP=1            unmeasured warm-up rounds first (their figures are printed apart: fresh guest memory)
 #   MODES="none zstd gzip lz4"   (or zlib: its codec alone is Python's zlib module, scripts/bench/zlib_pipe.py)
 #                       a mode may end in :files (image files instead of streams: --no-stream) or
-#                       :stream (--stream); plain names use cedana's default (streaming)
+#                       :stream (--stream); plain names use cedana's default (streaming); :s3 dumps into an
+#                       s3s-fs server on 127.0.0.1 (a multipart upload) and restores from it through nginx
+#                       serving its files (ranged reads in place, as S3 answers them; scripts/lib/s3s.sh installs
+#                       both once), to be compared with the same mode to a local file in the same rounds
 #   SIZE_MIB=1024       workload size (half pseudo-random pages, half repeated text)
 #   PROCS=1             spread SIZE_MIB over a tree of this many processes (the workload forks them)
 #   GAP=0               seconds to idle before every timed step (an experiment knob: the balloon here reports
@@ -103,6 +106,8 @@ mkdir -p "$LOGS" "$CED"
 : >"$WORK/disturbed.tsv"
 WPID=
 MONPID=
+S3S_PID=
+NGINX_PID=
 
 cleanup() {
     local rc=$?
@@ -111,6 +116,8 @@ cleanup() {
         for ((i = 0; i < 200; i++)); do [ -e "/proc/$WPID" ] || break; sleep 0.01; done # reaped by our reaper
     fi
     if [ -n "$MONPID" ]; then kill "$MONPID" 2>/dev/null || true; fi
+    if [ -n "$S3S_PID" ]; then kill "$S3S_PID" 2>/dev/null || true; fi
+    if [ -n "$NGINX_PID" ]; then kill "$NGINX_PID" 2>/dev/null || true; fi
     if [ -n "${RESULTS_OUT:-}" ] && [ -s "$RES" ]; then cp "$RES" "$RESULTS_OUT"; fi
     if [ "${KEEP:-0}" = 1 ]; then
         echo "kept $WORK" >&2
@@ -234,15 +241,19 @@ raw_pair() { # ROUND MODE
 }
 
 ced_pair() { # ROUND MODE
-    local r=$1 m=$2 name=bench-r$1-${2//:/-} path
-    timed "$r" "$m" ced.dump "$CEDANA" dump process "$WPID" --dir "$CED" --name "$name" --compression "${m%%:*}" $(stream_flag "$m")
+    local r=$1 m=$2 name=bench-r$1-${2//:/-} path dir=$CED file envs=()
+    [[ $m == *:s3 ]] && dir=s3://bench/ckpt envs=(env AWS_ENDPOINT_URL="$DUMP_ENDPOINT")
+    timed "$r" "$m" ced.dump "${envs[@]}" "$CEDANA" dump process "$WPID" --dir "$dir" \
+        --name "$name" --compression "${m%%:*}" $(stream_flag "$m")
     python3 "$HERE/bench/summarize.py" --cedana-dump "$WORK/last.out" | while read -r k v; do record "$r" "$m" "ced.dump.$k" "$v"; done
     path=$(sed -n 's/^Dumped PID [0-9]* (.*) to //p' "$WORK/last.out")
-    [ -e "$path" ] || die "cedana dump printed no checkpoint path: $(cat "$WORK/last.out")"
-    record "$r" "$m" ced.size "$(size_of "$path")"
+    file=$path
+    [[ $m == *:s3 ]] && file=$WORK/s3/data/${path#s3://}
+    [ -e "$file" ] || die "cedana dump printed no checkpoint path: $(cat "$WORK/last.out")"
+    record "$r" "$m" ced.size "$(size_of "$file")"
     wait_gone
     ced_restore "$r" "$m" "$(restore_key ced "$r" "$m")" "$path"
-    if [ "$(restore_key ced "$r" "$m")" = ced.restore ]; then rm -rf "$path"; else KEPT=$path; fi
+    if [ "$(restore_key ced "$r" "$m")" = ced.restore ]; then rm -rf "$file"; else KEPT=$path; fi
 }
 
 # restore_key SIDE ROUND MODE: the metric of a restore right after its own dump (`none` with restore pairs:
@@ -258,7 +269,9 @@ stream_flag() {
 }
 
 ced_restore() { # ROUND MODE KEY PATH
-    timed "$1" "$2" "$3" "$CEDANA" restore process --path "$4" $(stream_flag "$2") </dev/null
+    local envs=()
+    [[ $2 == *:s3 ]] && envs=(env AWS_ENDPOINT_URL="$RANGE_ENDPOINT")
+    timed "$1" "$2" "$3" "${envs[@]}" "$CEDANA" restore process --path "$4" $(stream_flag "$2") </dev/null
     python3 "$HERE/bench/summarize.py" --cedana-restore "$WORK/last.out" | while read -r k v; do record "$1" "$2" "$3.$k" "$v"; done
     grep -q "^Restored PID $WPID " "$WORK/last.out" || die "cedana restore: unexpected output: $(cat "$WORK/last.out")"
     check_alive "cedana restore ($2, round $1)"
@@ -285,6 +298,16 @@ restore_pairs() {
 }
 
 # --- the run -----------------------------------------------------------------------------------------------
+if [[ " $MODES " == *":s3 "* ]]; then
+    # shellcheck source=lib/s3s.sh
+    source "$HERE/lib/s3s.sh"
+    ensure_s3s_fs || die "cannot install s3s-fs"
+    ensure_nginx || die "cannot install nginx"
+    start_s3s_fs "$WORK/s3" bench || die "s3s-fs does not answer (see $WORK/s3/s3s.log)"
+    DUMP_ENDPOINT=$AWS_ENDPOINT_URL
+    start_range_reader "$WORK/s3" || die "nginx does not answer (see $WORK/s3/nginx/error.log)"
+fi
+
 python3 "$HERE/bench/monitor.py" "$PPID" "$MON" 0.2 &
 MONPID=$!
 

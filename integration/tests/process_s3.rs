@@ -22,7 +22,7 @@ fn json(out: &str) -> serde_json::Value {
 }
 
 #[test]
-fn a_process_checkpoint_goes_to_s3_and_restores_from_it_streamed_or_downloaded() {
+fn a_process_checkpoint_goes_to_s3_and_restores_from_it_through_userfaultfd_streamed_or_downloaded() {
     require_root();
     let moto = MotoServer::start();
     let work = tempfile::tempdir().unwrap();
@@ -42,10 +42,14 @@ fn a_process_checkpoint_goes_to_s3_and_restores_from_it_streamed_or_downloaded()
     assert!(moto.pending_uploads().is_empty(), "{:?}", moto.pending_uploads());
     w.reap();
 
-    for flags in [&[][..], &["--no-stream"][..]] {
+    // By default the memory comes by ranged reads through userfaultfd; `--stream` streams the images to
+    // CRIU; `--no-stream` downloads the archive first.
+    for (flags, through_uffd) in [(&[][..], true), (&["--stream"][..], false), (&["--no-stream"][..], false)] {
         wait_for("the dumped PID to be free", std::time::Duration::from_secs(10), || (!alive(w.pid)).then_some(()));
         std::fs::OpenOptions::new().write(true).open(&w.log).unwrap().set_len(sum.len() as u64 + 1).unwrap();
-        ok(&moto, &[&["restore", "process", "--path", &url][..], flags].concat());
+        let out = json(&ok(&moto, &[&["restore", "process", "--path", &url, "--output", "json"][..], flags].concat()));
+        let timings = out["timings_ms"].as_object().unwrap_or_else(|| panic!("{out}"));
+        assert_eq!(timings.contains_key("memory through userfaultfd"), through_uffd, "{flags:?}: {out}");
         assert!(alive(w.pid), "restored {flags:?}");
         w.signal(Signal::SIGUSR1);
         assert_eq!(w.wait_lines(2)[1], sum, "{flags:?}: the restored process has its memory");

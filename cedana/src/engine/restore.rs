@@ -194,6 +194,22 @@ fn operation_scratch(engine: &Engine) -> Result<tempfile::TempDir, EngineError> 
         .map_err(EngineError::io(format!("creating a folder in {}", parent.display())))
 }
 
+/// An archive opened for a restore through userfaultfd, when it is a process checkpoint whose pages are in
+/// place (`None`: another kind, or an archive of an older version, to be opened the usual way).
+fn through_uffd(opened: Result<OpenedCheckpoint, EngineError>) -> Result<Option<OpenedCheckpoint>, EngineError> {
+    match opened {
+        Ok(opened) if opened.manifest.kind == CheckpointKind::Process => {
+            // Filled front to back: a few chunks at a time are enough.
+            if let Some(lazy) = opened.lazy.as_ref() {
+                lazy.chunked.read_in_sequence();
+            }
+            Ok(Some(opened))
+        }
+        Ok(_) | Err(EngineError::Checkpoint(crate::checkpoint::CheckpointError::NotInPlace { .. })) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
 /// Whether `e` refused a lazy restore of a checkpoint that a normal restore takes.
 fn cannot_be_lazy(e: &EngineError) -> bool {
     matches!(e, EngineError::Checkpoint(crate::checkpoint::CheckpointError::NotInPlace { .. }) | EngineError::NotLazy { .. })
@@ -211,9 +227,22 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
         && matches!(req.only, None | Some(CheckpointKind::Process))
         && engine.criu().can_stream()
         && !req.lazy;
-    // A checkpoint in an object store streams from it, or is downloaded first (kept until the restore ends).
+    // An archive of a process restores fastest with its memory through userfaultfd (see
+    // `RestoreRequest::through_uffd`): where streaming is the default, unless `--stream` asked for CRIU's.
+    let uffd_wanted = may_stream
+        && req.stream.is_none()
+        && matches!(req.only, None | Some(CheckpointKind::Process))
+        && crate::criu::uffd::kernel::noncooperative();
+    let mut uffd_opened = None;
+    // A checkpoint in an object store is read by ranges through userfaultfd, streams from it, or is downloaded
+    // first (kept until the restore ends).
+    #[cfg(feature = "storage")]
+    if let (Source::Url(u), false, true) = (&req.source, req.lazy, uffd_wanted) {
+        uffd_opened = through_uffd(crate::engine::remote::open_lazy(engine, u))?;
+    }
     let (path, from_store, _downloaded): (PathBuf, Option<OpenedCheckpoint>, Option<tempfile::TempDir>) = match &req.source {
         Source::Path(p) => (p.clone(), None, None),
+        Source::Url(u) if uffd_opened.is_some() => (PathBuf::from(u), None, None),
         // A lazy restore reads the object by ranges, as the program needs its pages.
         #[cfg(feature = "storage")]
         Source::Url(u) if req.lazy => (PathBuf::from(u), Some(crate::engine::remote::open_lazy(engine, u)?), None),
@@ -237,30 +266,9 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
     // anything, until every checksum matched); an archive is verified as it is extracted.
     let folder = std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
     let progress = ctx.progress();
-    // A local archive of a process restores fastest with its memory through userfaultfd (see
-    // `RestoreRequest::through_uffd`): where streaming is the default, unless `--stream` asked for CRIU's.
-    let uffd_opened = if from_store.is_none()
-        && !folder
-        && may_stream
-        && req.stream.is_none()
-        && matches!(req.only, None | Some(CheckpointKind::Process))
-        && crate::criu::uffd::kernel::noncooperative()
-    {
-        match crate::checkpoint::lazy::open_lazy(&path, &scratch) {
-            Ok(opened) if opened.manifest.kind == CheckpointKind::Process => {
-                // Filled front to back: a few chunks at a time are enough.
-                if let Some(lazy) = opened.lazy.as_ref() {
-                    lazy.chunked.read_in_sequence();
-                }
-                Some(opened)
-            }
-            // Another kind, or an archive of an older version (its pages not in place): opened below.
-            Ok(_) | Err(crate::checkpoint::CheckpointError::NotInPlace { .. }) => None,
-            Err(e) => return Err(e.into()),
-        }
-    } else {
-        None
-    };
+    if uffd_opened.is_none() && from_store.is_none() && !folder && uffd_wanted {
+        uffd_opened = through_uffd(crate::checkpoint::lazy::open_lazy(&path, &scratch).map_err(EngineError::from))?;
+    }
     let req = RestoreRequest { through_uffd: uffd_opened.is_some(), ..req };
     let stream = may_stream && !folder && uffd_opened.is_none();
     // A streamed restore reads the archive's small files now and the page images as CRIU asks for them;
