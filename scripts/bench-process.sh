@@ -11,7 +11,10 @@
 #                       :stream (--stream); plain names use cedana's default (streaming); :s3 dumps into an
 #                       s3s-fs server on 127.0.0.1 (a multipart upload) and restores from it through nginx
 #                       serving its files (ranged reads in place, as S3 answers them; scripts/lib/s3s.sh installs
-#                       both once), to be compared with the same mode to a local file in the same rounds
+#                       both once); its raw side adds the raw tool's transfer of the codec's archive (boto3's
+#                       managed upload into s3s-fs and download through nginx, scripts/bench/s3_transfer.py, as
+#                       `aws s3 cp` does it), and the summary compares it with the same mode to a local file
+#                       (run both in one go: MODES="zstd zstd:s3")
 #   SIZE_MIB=1024       workload size (half pseudo-random pages, half repeated text)
 #   PROCS=1             spread SIZE_MIB over a tree of this many processes (the workload forks them)
 #   GAP=0               seconds to idle before every timed step (an experiment knob: the balloon here reports
@@ -230,6 +233,14 @@ raw_pair() { # ROUND MODE
         timed "$r" "$m" codec.c bash -o pipefail -c 'codec_c "$@"' _ "$c" "$img" "$WORK/raw.archive"
         record "$r" "$m" codec.size "$(stat -c %s "$WORK/raw.archive")"
         timed "$r" "$m" rm.images rm -rf "$img" # for comparison: cedana deletes its staging folder within its dump
+        if [[ $m == *:s3 ]]; then
+            timed "$r" "$m" raw.upload env AWS_ENDPOINT_URL="$DUMP_ENDPOINT" "$MOTO_PYTHON" "$HERE/bench/s3_transfer.py" \
+                up "$WORK/raw.archive" bench "raw/r$r"
+            rm -f "$WORK/raw.archive"
+            timed "$r" "$m" raw.download env AWS_ENDPOINT_URL="$RANGE_ENDPOINT" "$MOTO_PYTHON" "$HERE/bench/s3_transfer.py" \
+                down bench "raw/r$r" "$WORK/raw.archive"
+            rm -f "$WORK/s3/data/bench/raw/r$r"
+        fi
         timed "$r" "$m" codec.d bash -o pipefail -c 'codec_d "$@"' _ "$c" "$WORK/raw.archive" "$WORK/raw-extracted"
         rm -f "$WORK/raw.archive"
         dir=$WORK/raw-extracted
@@ -306,6 +317,8 @@ if [[ " $MODES " == *":s3 "* ]]; then
     start_s3s_fs "$WORK/s3" bench || die "s3s-fs does not answer (see $WORK/s3/s3s.log)"
     DUMP_ENDPOINT=$AWS_ENDPOINT_URL
     start_range_reader "$WORK/s3" || die "nginx does not answer (see $WORK/s3/nginx/error.log)"
+    MOTO_PYTHON=${CEDANA_MOTO_VENV:-/opt/cedana/moto}/bin/python # boto3 comes with moto (scripts/setup.sh)
+    "$MOTO_PYTHON" -c 'import boto3' || die "no boto3 in $MOTO_PYTHON (run scripts/setup.sh)"
 fi
 
 python3 "$HERE/bench/monitor.py" "$PPID" "$MON" 0.2 &

@@ -161,11 +161,15 @@ def table(path):
             base_d, base_r = raw_d, raw_r
             row("raw `criu dump`", raw_d, mode, "raw.dump")
         else:
-            base_d = summed(mode, ["raw.dump.wall", "codec.c.wall"])
-            base_r = summed(mode, ["codec.d.wall", "raw.restore.wall"])
+            s3 = bool(vals(mode, "raw.upload.wall"))  # an object store's mode: the raw tool's transfer too
+            base_d = summed(mode, ["raw.dump.wall", "codec.c.wall"] + (["raw.upload.wall"] if s3 else []))
+            base_r = summed(mode, (["raw.download.wall"] if s3 else []) + ["codec.d.wall", "raw.restore.wall"])
             row("raw `criu dump`", raw_d, mode, "raw.dump")
             row(f"codec alone: `{CODEC[mode.split(':')[0]][0]}`", vals(mode, "codec.c.wall"), mode, "codec.c")
-            row("**raw dump + codec**", base_d)
+            if s3:
+                row("upload of its archive alone (boto3, 8 MiB parts, 4 at once)", vals(mode, "raw.upload.wall"), mode,
+                    "raw.upload")
+            row("**raw dump + codec" + (" + upload**" if s3 else "**"), base_d)
         rd = med(ced_d) / med(base_d)
         lim = TARGETS.get(mode, (None, None))
         row("**`cedana dump`**", ced_d, mode, "ced.dump", f"**{rd:.2f}**", verdict(rd, lim[0]) if lim[0] else "")
@@ -178,9 +182,12 @@ def table(path):
         row("CRIU memwrite (pages into the images folder): raw", vals(mode, "raw.dump.memwrite"))
         row("CRIU memwrite: cedana", vals(mode, "ced.dump.memwrite"))
         if mode != "none":
+            if s3:
+                row("download of the archive alone (boto3, ranged GETs, 4 at once)", vals(mode, "raw.download.wall"),
+                    mode, "raw.download")
             row(f"codec alone: `{CODEC[mode.split(':')[0]][1]}`", vals(mode, "codec.d.wall"), mode, "codec.d")
             row("raw `criu restore -d`", raw_r, mode, "raw.restore")
-            row("**codec + raw restore**", base_r)
+            row("**" + ("download + " if s3 else "") + "codec + raw restore**", base_r)
         elif pairs:
             row(f"raw `criu restore -d` of cedana's checkpoint ({len(raw_r)} restore pairs, by turns)", raw_r, mode,
                 "raw.restore")
@@ -240,6 +247,17 @@ def table(path):
         t_d = verdict(rd, lim[0]) if lim[0] else "(none)"
         t_r = verdict(rr, lim[1]) if lim[1] else "(none)"
         print(f"| {mode} (cedana / {base}) | {rd:.2f} ({pd:.2f}) | {t_d} | {rr:.2f} ({pr:.2f}) | {t_r} | {sz:.3f} |")
+
+    stores = [(m, m[:-len(":s3")]) for m in modes if m.endswith(":s3") and m[:-len(":s3")] in modes]
+    if stores:
+        print("\nTo and from the object store against the same to and from a local file (ratios of cedana's"
+              " medians in the same rounds; the issue's targets: dump 1.3x, restore 1.5x).\n")
+        print("| mode | dump: store / local file | target | restore: store / local file | target |")
+        print("| --- | ---: | --- | ---: | --- |")
+        for s3m, local in stores:
+            rd = med(vals(s3m, "ced.dump.wall")) / med(vals(local, "ced.dump.wall"))
+            rr = med(vals(s3m, "ced.restore.wall")) / med(vals(local, "ced.restore.wall"))
+            print(f"| {s3m} / {local} | {rd:.2f} | {verdict(rd, 1.3)} | {rr:.2f} | {verdict(rr, 1.5)} |")
 
     if against_raw:
         print("\nAgainst raw CRIU alone (dump: zstd against the slower of raw `criu dump` and the codec alone, lz4"

@@ -54,30 +54,37 @@ impl Fetch {
         }
     }
 
-    /// The bytes of `range`, exactly.
-    async fn range(self, range: Range<u64>) -> Result<Bytes, StorageError> {
-        let mut opts = GetOptions::new().with_if_match(self.etag.clone());
-        let want = range.end - range.start;
-        opts.range = Some(GetRange::Bounded(range.clone()));
-        let store = &self.store;
-        let res = store.objects.get_opts(&self.path, opts).await;
-        let got = match res {
-            Ok(r) => r.bytes().await,
-            Err(e) => Err(e),
-        };
-        let bytes = got.map_err(|e| StorageError::from_store(&self.url, &e, &store.secrets))?;
-        if bytes.len() as u64 != want {
-            let detail = format!(
-                "asked for bytes {}..{}, got {}: the object is shorter than when it was opened",
-                range.start,
-                range.end,
-                bytes.len()
-            );
-            return Err(StorageError::Other { url: self.url.clone(), detail });
+    /// Send the body of `range` into `tx` as it arrives, each piece with its offset from `base`; exactly the
+    /// range's bytes, or an error (a body longer or shorter than asked for: the object changed).
+    async fn send_range(self, range: Range<u64>, base: u64, tx: mpsc::Sender<Piece>) -> Result<(), StorageError> {
+        let mut body = self.body(range.clone()).await?;
+        let mut pos = range.start;
+        while let Some(item) = body.next().await {
+            let bytes = item.map_err(|e| StorageError::from_store(&self.url, &e, &self.store.secrets))?;
+            if pos + bytes.len() as u64 > range.end {
+                return Err(self.changed(&range, "went on past its end"));
+            }
+            let at = (pos - base) as usize;
+            pos += bytes.len() as u64;
+            if tx.send((at, bytes)).await.is_err() {
+                return Ok(()); // the reader gave up
+            }
         }
-        Ok(bytes)
+        if pos != range.end {
+            return Err(self.changed(&range, &format!("ended at {pos}")));
+        }
+        Ok(())
+    }
+
+    fn changed(&self, range: &Range<u64>, what: &str) -> StorageError {
+        let detail =
+            format!("the body of bytes {}..{} {what}: the object is not what it was when it was opened", range.start, range.end);
+        StorageError::Other { url: self.url.clone(), detail }
     }
 }
+
+/// Bytes of a ranged read, with their place in the caller's buffer.
+type Piece = (usize, Bytes);
 
 impl ObjectSource {
     /// Open the object at `url`: one HEAD for its size and version.
@@ -124,18 +131,27 @@ impl ArchiveSource for ObjectSource {
             return Ok(());
         }
         let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.len).ok_or_else(|| self.eof(offset, buf.len()))?;
-        // Large reads in pieces, several at once.
+        // Large reads in pieces, several at once; the bodies are copied into `buf` as they arrive (no copy
+        // of a whole piece in between, no piece-sized allocation on the runtime's threads).
         let ranges: Vec<Range<u64>> =
             (offset..end).step_by(self.piece).map(|start| start..(start + self.piece as u64).min(end)).collect();
         let (fetch, ahead) = (self.fetch.clone(), self.ahead);
-        let pieces = runtime::run(async move {
-            futures::stream::iter(ranges).map(|r| fetch.clone().range(r)).buffered(ahead).try_collect::<Vec<Bytes>>().await
+        let (tx, mut rx) = mpsc::channel::<Piece>(64);
+        let task = runtime::spawn(async move {
+            futures::stream::iter(ranges)
+                .map(|r| fetch.clone().send_range(r, offset, tx.clone()))
+                .buffer_unordered(ahead)
+                .try_collect::<Vec<()>>()
+                .await
+                .map(|_| ())
         })?;
-        let mut at = 0;
-        for p in pieces {
-            buf[at..at + p.len()].copy_from_slice(&p);
-            at += p.len();
+        // Not tokio's blocking receive: it refuses to run on a thread that is inside a runtime.
+        while let Some((at, bytes)) = futures::executor::block_on(rx.recv()) {
+            // In bounds: each body was checked against its range, and the ranges cover `buf`.
+            buf[at..at + bytes.len()].copy_from_slice(&bytes);
         }
+        // The channel closed: every body ended, or one failed (its error is the task's).
+        runtime::wait(task)?;
         Ok(())
     }
 
