@@ -173,8 +173,9 @@ MODES=(raw normal lazy normal-tar lazy-tar normal-zstd lazy-zstd)
 for ((r = 0; r < ROUNDS && ${#MODES[@]} > 0; r++)); do
     for ((k = 0; k < ${#MODES[@]}; k++)); do
         m=${MODES[$(((k + r) % ${#MODES[@]}))]}
+        before=$(wc -l <"$RES")
         run_mode "$m"
-        echo "  r$r $m $(tail -n 1 "$RES" | cut -f2-)" >&2
+        tail -n +"$((before + 1))" "$RES" | cut -f2- | sed "s/^/  r$r $m /" >&2
     done
 done
 
