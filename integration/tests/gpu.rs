@@ -153,6 +153,52 @@ fn leave_running_gives_every_process_its_gpu_back() {
     let _ = child.wait();
 }
 
+/// The children of every thread of `pid` named `comm`.
+fn children_named(pid: u32, comm: &str) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse::<i32>().ok()).collect::<Vec<_>>())
+        .filter(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == comm))
+        .collect()
+}
+
+#[test]
+fn the_gpu_step_runs_while_criu_starts_up() {
+    require_root();
+    let gpu = FakeGpu::new();
+    let log = gpu.dir.join("app.log");
+    let (mut child, pids) = start_app(&gpu, 0, &log, &[]);
+    let dir = gpu.dir.to_str().unwrap();
+    // Moving device memory out takes a second here: CRIU must be under way long before it ends.
+    let mut cmd = Command::new(bin("cedana"));
+    cmd.args(["dump", "process", &pids[0].to_string(), "--no-server", "--dir", dir, "--leave-running", "--output", "json"])
+        .env("CEDANA_LOG_LEVEL", "info")
+        .env("FAKE_CUDA_DELAY_MS", "checkpoint:1000")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+    gpu_env(&gpu, Backend::Utility, &mut cmd);
+    let mut dump = cmd.spawn().expect("start cedana dump");
+    // Both at once: CRIU (started by the dump) while the GPU checkpoint (the utility's run) is under way.
+    let mut overlapped = false;
+    while dump.try_wait().expect("wait for cedana dump").is_none() {
+        let (criu, utility) = (children_named(dump.id(), "criu"), children_named(dump.id(), "cuda-checkpoint"));
+        overlapped |= !criu.is_empty() && !utility.is_empty();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let out = dump.wait_with_output().expect("cedana dump");
+    let v: serde_json::Value = serde_json::from_str(&ok("dump of a CUDA process", &out)).unwrap();
+    let checkpoint_ms = v["timings_ms"]["gpu checkpoint"].as_f64().unwrap_or_else(|| panic!("{v}"));
+    assert!(checkpoint_ms >= 1000.0, "the fake's delay is in the GPU step: {v}");
+    assert!(overlapped, "CRIU ran while the {checkpoint_ms} ms GPU step did: {v}");
+    assert_eq!(gpu.state(pids[0]).as_deref(), Some("running"), "left running on its GPU");
+    let now = last_app_line(&log, Some(pids[0])).unwrap().count;
+    assert_counting_on(&log, &pids, now);
+    kill_all(&pids);
+    let _ = child.wait();
+}
+
 #[test]
 fn a_failed_lock_checkpoint_or_criu_dump_leaves_the_tree_running_on_its_gpu() {
     require_root();
