@@ -192,8 +192,18 @@ impl Hooks {
     pub fn begin(&self, point: HookPoint, ctx: &HookContext) -> Before {
         let beside: Vec<usize> = (0..self.list.len()).filter(|i| self.list[*i].beside_criu(point)).collect();
         let thread = (!beside.is_empty()).then(|| {
-            let (list, ctx, order) = (self.list.clone(), ctx.clone(), beside.clone());
-            std::thread::spawn(move || run_in_order(&list, &order, point, &ctx))
+            let (list, own_ctx, order) = (self.list.clone(), ctx.clone(), beside.clone());
+            let spawned = std::thread::Builder::new()
+                .name("cedana-hooks".into())
+                .spawn(move || run_in_order(&list, &order, point, &own_ctx));
+            match spawned {
+                Ok(thread) => Beside::Running(thread),
+                // No thread to be had: they run here and now, before CRIU starts.
+                Err(e) => {
+                    tracing::warn!(error = %e, hook = point.name(), "no thread for the hooks beside CRIU: running them first");
+                    Beside::Done(run_in_order(&self.list, &beside, point, ctx))
+                }
+            }
         });
         Before { hooks: self.clone(), point, ctx: ctx.clone(), beside: thread, inline: None, outcome: None }
     }
@@ -230,13 +240,20 @@ fn run_in_order(list: &[std::sync::Arc<dyn Hook>], order: &[usize], point: HookP
     (passed, Ok(()))
 }
 
+/// The hooks of a `before-*` point that run beside CRIU: on their thread, or already run (no thread could
+/// be started).
+enum Beside {
+    Running(std::thread::JoinHandle<Ran>),
+    Done(Ran),
+}
+
 /// A `before-*` point under way (see [`Hooks::begin`]).
 pub struct Before {
     hooks: Hooks,
     point: HookPoint,
     ctx: HookContext,
     /// The hooks running beside CRIU, until joined.
-    beside: Option<std::thread::JoinHandle<Ran>>,
+    beside: Option<Beside>,
     /// The other hooks, once run: those that passed, and the refusal.
     inline: Option<Ran>,
     /// Set once the point is decided: the hooks that passed, or the refusal (those that had passed already
@@ -324,11 +341,14 @@ impl Before {
     }
 
     fn join_beside(&mut self) -> Ran {
-        match self.beside.take().map(|t| t.join()) {
+        match self.beside.take() {
             None => (Vec::new(), Ok(())),
-            Some(Ok(done)) => done,
-            // A hook that panicked is a bug; the operation is refused rather than lost with it.
-            Some(Err(_)) => (Vec::new(), Err(HookError::new(self.point, "a hook panicked"))),
+            Some(Beside::Done(ran)) => ran,
+            Some(Beside::Running(thread)) => match thread.join() {
+                Ok(ran) => ran,
+                // A hook that panicked is a bug; the operation is refused rather than lost with it.
+                Err(_) => (Vec::new(), Err(HookError::new(self.point, "a hook panicked"))),
+            },
         }
     }
 
