@@ -153,15 +153,10 @@ fn leave_running_gives_every_process_its_gpu_back() {
     let _ = child.wait();
 }
 
-/// The children of every thread of `pid` named `comm`.
-fn children_named(pid: u32, comm: &str) -> Vec<i32> {
-    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
-    tasks
-        .flatten()
-        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
-        .flat_map(|c| c.split_whitespace().filter_map(|p| p.parse::<i32>().ok()).collect::<Vec<_>>())
-        .filter(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == comm))
-        .collect()
+/// The processes under `pid` named `comm`.
+fn descendants_named(pid: u32, comm: &str) -> Vec<i32> {
+    let under = cedana::procfs::tree_pids(pid as i32).into_iter().skip(1);
+    under.filter(|c| std::fs::read_to_string(format!("/proc/{c}/comm")).is_ok_and(|n| n.trim() == comm)).collect()
 }
 
 #[test]
@@ -183,7 +178,7 @@ fn the_gpu_step_runs_while_criu_starts_up() {
     // Both at once: CRIU (started by the dump) while the GPU checkpoint (the utility's run) is under way.
     let mut overlapped = false;
     while dump.try_wait().expect("wait for cedana dump").is_none() {
-        let (criu, utility) = (children_named(dump.id(), "criu"), children_named(dump.id(), "cuda-checkpoint"));
+        let (criu, utility) = (descendants_named(dump.id(), "criu"), descendants_named(dump.id(), "cuda-checkpoint"));
         overlapped |= !criu.is_empty() && !utility.is_empty();
         std::thread::sleep(Duration::from_millis(5));
     }

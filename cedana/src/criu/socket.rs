@@ -9,16 +9,13 @@ use std::path::Path;
 const MAX_SOCKET_PATH: usize = 107;
 
 /// Listen on a socket named `name` in `dir`. A path longer than a socket address holds is reached through
-/// a descriptor of `dir` (`/proc/self/fd/N/NAME`), so a deep scratch folder works as well as a short one:
+/// a descriptor of `dir` (`/proc/PID/fd/N/NAME`, see [`short_dir`]), so a deep scratch folder works as well as a short one:
 /// CRIU connects by short paths of its own (its images folder as `/proc/PID/fd/N`, its work folder as its
 /// current one).
 pub fn bind_in(dir: &Path, name: &str) -> std::io::Result<UnixListener> {
-    let path = dir.join(name);
-    if fits(dir, name) {
-        return UnixListener::bind(&path);
-    }
-    let folder = std::fs::File::open(dir)?;
-    UnixListener::bind(format!("/proc/self/fd/{}/{name}", folder.as_raw_fd()))
+    // The folder's descriptor, if one is needed, only has to last until the socket is bound.
+    let (dir, _held) = short_dir(dir, name)?;
+    UnixListener::bind(dir.join(name))
 }
 
 /// Whether the path of socket `name` in `dir` fits a socket address.

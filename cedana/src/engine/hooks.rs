@@ -303,12 +303,7 @@ impl Before {
     /// Join the hooks running beside CRIU and settle the point: every hook that passed, in the order they
     /// did, or the first refusal (the others that passed told the operation failed).
     fn decide(&mut self) {
-        let (mut passed, mut verdict) = self.inline.take().unwrap_or((Vec::new(), Ok(())));
-        let (beside, beside_verdict) = self.join_beside();
-        passed.extend(beside);
-        if verdict.is_ok() {
-            verdict = beside_verdict;
-        }
+        let (passed, verdict) = self.gather();
         let passed = Passed(passed);
         self.outcome = Some(match verdict {
             Ok(()) => Ok(passed),
@@ -327,17 +322,26 @@ impl Before {
         if let Some(outcome) = self.outcome.take() {
             return outcome;
         }
-        let (mut passed, _) = self.inline.take().unwrap_or((Vec::new(), Ok(())));
-        let (beside, verdict) = self.join_beside();
+        // A refusal among the inline hooks would have decided the point already: one here is a hook's beside CRIU.
+        let (passed, verdict) = self.gather();
         if let Err(e) = verdict {
             tracing::warn!(error = %e, hook = self.point.name(), "a hook refused after the operation had stopped");
             // Unwound here with the others: the operation failed.
-            passed.extend(beside);
             self.unwind(&Passed(passed));
             return Ok(Passed::default());
         }
-        passed.extend(beside);
         Ok(Passed(passed))
+    }
+
+    /// Every hook run so far (the inline ones, then those beside CRIU, joined), and the first refusal.
+    fn gather(&mut self) -> Ran {
+        let (mut passed, mut verdict) = self.inline.take().unwrap_or((Vec::new(), Ok(())));
+        let (beside, beside_verdict) = self.join_beside();
+        passed.extend(beside);
+        if verdict.is_ok() {
+            verdict = beside_verdict;
+        }
+        (passed, verdict)
     }
 
     fn join_beside(&mut self) -> Ran {
@@ -362,8 +366,7 @@ impl Drop for Before {
     fn drop(&mut self) {
         // Never leave a hook's thread behind the operation: what it locked must be unwound.
         if self.outcome.is_none() {
-            let (mut passed, _) = self.inline.take().unwrap_or((Vec::new(), Ok(())));
-            passed.extend(self.join_beside().0);
+            let (passed, _) = self.gather();
             if !passed.is_empty() {
                 self.unwind(&Passed(passed));
             }

@@ -82,7 +82,7 @@ impl LazyRestore {
         }
         let (maps, images) = (lazy.pagemaps.clone(), images.to_path_buf());
         let pages = Pages { maps, store, images, advance, order };
-        let handler = LazyHandler::listen(&work.join(LAZY_SOCKET), pages).map_err(|e| serving_failed(location, e))?;
+        let handler = LazyHandler::listen(work, LAZY_SOCKET, pages).map_err(|e| serving_failed(location, e))?;
         let verify = Verify::AsServed(Arc::clone(&lazy.chunked));
         Ok(Self { handler, verify, refused: None, before_resume, location: location.to_path_buf(), record_order })
     }

@@ -237,8 +237,11 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
     // A checkpoint in an object store is read by ranges through userfaultfd, streams from it, or is downloaded
     // first (kept until the restore ends).
     #[cfg(feature = "storage")]
-    if let (Source::Url(u), false, true) = (&req.source, req.lazy, uffd_wanted) {
-        uffd_opened = through_uffd(crate::engine::remote::open_lazy(engine, u))?;
+    if let Source::Url(u) = &req.source {
+        // (Never for a lazy restore: `may_stream` excludes it.)
+        if uffd_wanted {
+            uffd_opened = through_uffd(crate::engine::remote::open_lazy(engine, u))?;
+        }
     }
     let (path, from_store, _downloaded): (PathBuf, Option<OpenedCheckpoint>, Option<tempfile::TempDir>) = match &req.source {
         Source::Path(p) => (p.clone(), None, None),

@@ -116,13 +116,11 @@ struct Ended {
 }
 
 impl LazyHandler {
-    /// Listen on `socket` (CRIU's restore connects to it) and serve `pages` on a thread of our own.
-    pub fn listen(socket: &Path, pages: Pages) -> Result<Self, LazyError> {
-        let _ = std::fs::remove_file(socket);
-        let listener = match (socket.parent(), socket.file_name().and_then(|n| n.to_str())) {
-            (Some(dir), Some(name)) => crate::criu::socket::bind_in(dir, name)?,
-            _ => UnixListener::bind(socket)?,
-        };
+    /// Listen on socket `name` in `dir` (CRIU's restore connects to it) and serve `pages` on a thread of our
+    /// own.
+    pub fn listen(dir: &Path, name: &str, pages: Pages) -> Result<Self, LazyError> {
+        let _ = std::fs::remove_file(dir.join(name));
+        let listener = crate::criu::socket::bind_in(dir, name)?;
         let (stopped, stop) = pipe()?;
         let (fill_asked, fill) = pipe()?;
         let (answer, filled) = std::sync::mpsc::channel();
