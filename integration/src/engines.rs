@@ -207,6 +207,18 @@ impl Dockerd {
         crate::success_stdout(&what, &self.docker(args)).trim().to_string()
     }
 
+    /// `ctr ARGS` against this daemon's own containerd, in Docker's namespace (`moby`).
+    pub fn ctr(&self, args: &[&str]) -> Output {
+        Command::new("ctr")
+            .arg("-a")
+            .arg(self.exec_root.join("containerd/containerd.sock"))
+            .args(["-n", "moby"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("ctr must be installed (scripts/setup.sh)")
+    }
+
     /// runc's state folder for this daemon's containers (every runtime of Docker 20.10 uses it).
     pub fn runc_root(&self) -> PathBuf {
         self.exec_root.join("runtime-runc").join("moby")

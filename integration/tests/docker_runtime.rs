@@ -36,21 +36,33 @@ fn checkpoint_dir(d: &Dockerd, id: &str, name: &str) -> PathBuf {
     d.data_root.join("containers").join(id).join("checkpoints").join(name)
 }
 
-/// `docker start --checkpoint CP NAME`. Docker 20.10 uploads the checkpoint folder to containerd's content
-/// store, where the blob of `docker checkpoint create` may still lie until containerd's garbage collector
-/// runs: the start then fails with "commit failed: content sha256:...: already exists" (moby/moby#42900, with
-/// runc as well). Retry on exactly that error, for a few seconds.
+/// `docker start --checkpoint CP NAME`. Docker uploads the checkpoint folder to its containerd's content store,
+/// where the identical blob of `docker checkpoint create` may still lie until containerd's garbage collector
+/// runs (its interval grows with the time a collection takes, so seconds on a slow machine): the start then
+/// fails with "commit failed: content sha256:...: already exists" (moby/moby#42900, with runc as well). On
+/// exactly that error, remove that stale blob from Docker's containerd and start again.
 fn start_from_checkpoint(d: &Dockerd, name: &str, checkpoint: &str) {
-    for _ in 0..50 {
+    let mut err = String::new();
+    for _ in 0..10 {
         let out = d.docker(&["start", "--checkpoint", checkpoint, name]);
-        let err = String::from_utf8_lossy(&out.stderr);
         if out.status.success() {
             return;
         }
+        err = String::from_utf8_lossy(&out.stderr).into_owned();
         assert!(err.contains("failed to upload checkpoint to containerd") && err.contains("already exists"), "{err}");
-        std::thread::sleep(Duration::from_millis(200));
+        if let Some(digest) = stale_digest(&err) {
+            let rm = d.ctr(&["content", "rm", &digest]);
+            eprintln!("moby/moby#42900: removed the stale {digest}: {}", String::from_utf8_lossy(&rm.stderr).trim());
+        }
+        std::thread::sleep(Duration::from_millis(300));
     }
-    panic!("docker start --checkpoint {checkpoint} {name} kept failing on moby/moby#42900");
+    panic!("docker start --checkpoint {checkpoint} {name} kept failing on moby/moby#42900: {err}");
+}
+
+/// The digest in "... content sha256:HEX: already exists".
+fn stale_digest(err: &str) -> Option<String> {
+    let hex = err.split("content sha256:").nth(1)?.split(':').next()?;
+    Some(format!("sha256:{hex}"))
 }
 
 #[test]
