@@ -142,6 +142,10 @@ pub struct StorageSettings {
     /// An upload fails when none of its parts completes for this many seconds (a dump holds its workload
     /// frozen while it streams into the store).
     pub stall_timeout_s: Option<u64>,
+    /// Uploads: the size of every part but the last, in MiB (5 to 5120; S3's limits).
+    pub part_size_mib: Option<u64>,
+    /// Uploads: parts uploading at once (each holds one part of memory).
+    pub max_in_flight: Option<u64>,
 }
 
 /// Settings of the `[hooks]` table.
@@ -445,6 +449,8 @@ const KEYS: &[Key] = &[
     key!("checkpoint.scratch_dir", ["CEDANA_CHECKPOINT_SCRATCH_DIR", "CEDANA_SCRATCH_DIR"], checkpoint.scratch_dir, |c| shown(c.scratch_dir().display())),
     key!("restore.lazy", ["CEDANA_RESTORE_LAZY"], restore.lazy, |c| shown(c.restore_lazy())),
     key!("storage.stall_timeout_s", ["CEDANA_STORAGE_STALL_TIMEOUT_S"], storage.stall_timeout_s, |c| shown(c.storage_stall_timeout().as_secs())),
+    key!("storage.part_size_mib", ["CEDANA_STORAGE_PART_SIZE_MIB"], storage.part_size_mib, |c| shown(c.storage_part_size() >> 20)),
+    key!("storage.max_in_flight", ["CEDANA_STORAGE_MAX_IN_FLIGHT"], storage.max_in_flight, |c| shown(c.storage_max_in_flight())),
     key!("hooks.command", ["CEDANA_HOOKS_COMMAND", "CEDANA_HOOK_COMMAND"], hooks.command, |c| c.hooks.command.as_ref().map(|p| p.display().to_string())),
     key!("gpu.backend", ["CEDANA_GPU_BACKEND"], gpu.backend, |c| shown(c.gpu_settings().backend)),
     key!("gpu.cuda_checkpoint", ["CEDANA_GPU_CUDA_CHECKPOINT"], gpu.cuda_checkpoint, |c| shown(c.gpu_settings().cuda_checkpoint.display())),
@@ -545,6 +551,18 @@ impl Config {
     /// How long an upload may go without a part completing (`storage.stall_timeout_s`, else 30 s).
     pub fn storage_stall_timeout(&self) -> std::time::Duration {
         std::time::Duration::from_secs(self.storage.stall_timeout_s.unwrap_or(DEFAULT_STALL_TIMEOUT_S))
+    }
+
+    /// The size of an upload's parts in bytes (`storage.part_size_mib`, else 8 MiB); the store's limits are
+    /// checked when an upload starts.
+    pub fn storage_part_size(&self) -> usize {
+        let mib = self.storage.part_size_mib.map_or(crate::storage::DEFAULT_PART_SIZE >> 20, |m| m.min(1 << 20) as usize);
+        mib << 20
+    }
+
+    /// Parts uploading at once (`storage.max_in_flight`, else 4).
+    pub fn storage_max_in_flight(&self) -> usize {
+        self.storage.max_in_flight.map_or(crate::storage::DEFAULT_MAX_IN_FLIGHT, |n| n.min(1024) as usize)
     }
 
     /// The GPU settings: the `[gpu]` table over [`crate::gpu::GpuSettings`]' defaults.
@@ -725,6 +743,8 @@ mod tests {
                 "checkpoint.scratch_dir",
                 "restore.lazy",
                 "storage.stall_timeout_s",
+                "storage.part_size_mib",
+                "storage.max_in_flight",
                 "hooks.command",
                 "gpu.backend",
                 "gpu.cuda_checkpoint",

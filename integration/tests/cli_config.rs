@@ -70,6 +70,8 @@ fn config_show_names_the_source_of_each_key() {
     assert_eq!(row("hooks.command"), ["-", "default"]);
     assert_eq!(row("gpu.backend"), ["auto", "default"]);
     assert_eq!(row("gpu.lock_timeout_ms"), ["10000", "default"]);
+    assert_eq!(row("storage.part_size_mib"), ["5", "default"]);
+    assert_eq!(row("storage.max_in_flight"), ["4", "default"]);
     let keys: Vec<&str> = table.iter().map(|(k, _)| k.as_str()).collect();
     assert_eq!(
         keys,
@@ -89,6 +91,8 @@ fn config_show_names_the_source_of_each_key() {
             "checkpoint.scratch_dir",
             "restore.lazy",
             "storage.stall_timeout_s",
+            "storage.part_size_mib",
+            "storage.max_in_flight",
             "hooks.command",
             "gpu.backend",
             "gpu.cuda_checkpoint",

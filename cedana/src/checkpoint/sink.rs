@@ -38,6 +38,12 @@ pub trait ArchiveSink: Write + Send {
         false
     }
 
+    /// Whether this sink takes bytes more slowly than a codec makes them (an upload): the encoder then runs
+    /// fewer blocks ahead of it, which would only wait, holding memory.
+    fn drains_slowly(&self) -> bool {
+        false
+    }
+
     /// The bytes from offset `at` on (written already, or still to come) will be overwritten by
     /// [`ArchiveSink::patch`] before the archive is finished: a sink that sends its bytes away as they come
     /// (an upload in parts) keeps back what holds them until then. Only called where

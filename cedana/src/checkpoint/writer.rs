@@ -409,13 +409,20 @@ impl CheckpointWriter {
         }
         // Where the slot starts: what reached the sink, and what is still buffered in front of it.
         let at = out.get_ref().written + out.buffer().len() as u64;
-        match sink.lock().as_mut() {
-            Some(s) => s.hold(at),
+        let window = match sink.lock().as_mut() {
+            Some(s) => {
+                s.hold(at);
+                if s.drains_slowly() {
+                    codec::Window::Lean
+                } else {
+                    codec::Window::Full
+                }
+            }
             None => return Err(io_err(abandoned())),
-        }
+        };
         // A placeholder of the slot's size (overwritten below), so the data lands after it.
         out.write_all(&unit(&[0u8; 512], Some(slot))?).map_err(io_err)?;
-        let mut enc = codec::unit_encoder(c, out)?;
+        let mut enc = codec::unit_encoder(c, out, window)?;
         let (unit_sizes, unit_hashes, unit_checks) = (enc.unit_sizes(), enc.unit_hashes(), enc.unit_checks());
         let mut reader = ProgressReader { inner: reader, progress: &|_| {}, cancel: &self.cancel };
         // The encoder's workers hash the units (one checksum chunk each) where it can; else the reader does.

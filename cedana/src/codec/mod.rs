@@ -15,6 +15,8 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 use std::str::FromStr;
 
+pub use parallel::Window;
+
 /// Errors of the codec layer.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
@@ -254,8 +256,12 @@ pub fn encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dy
     };
     match c {
         Compression::None | Compression::Tar => behind(Box::new(Plain(w))),
-        Compression::Gzip => Ok(Box::new(parallel::ParallelBlocks::new(w, parallel::GZIP, threads, false).map_err(setup)?)),
-        Compression::Lz4 => Ok(Box::new(parallel::ParallelBlocks::new(w, parallel::LZ4, threads, false).map_err(setup)?)),
+        Compression::Gzip => {
+            Ok(Box::new(parallel::ParallelBlocks::new(w, parallel::GZIP, threads, Window::Full, false).map_err(setup)?))
+        }
+        Compression::Lz4 => {
+            Ok(Box::new(parallel::ParallelBlocks::new(w, parallel::LZ4, threads, Window::Full, false).map_err(setup)?))
+        }
         Compression::Zlib => behind(Box::new(flate2::write::ZlibEncoder::new(w, flate2::Compression::new(DEFLATE_LEVEL)))),
         Compression::Zstd => {
             let mut enc = zstd::stream::write::Encoder::new(w, ZSTD_LEVEL).map_err(setup)?;
@@ -270,8 +276,9 @@ pub fn encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dy
 /// each and reports their sizes ([`Encoder::unit_sizes`]) and their input's hashes ([`Encoder::unit_hashes`]):
 /// zstd too, as independent frames (one stream of frames to any zstd decoder), and zlib as raw deflate
 /// units with their adler32 ([`Encoder::unit_checks`]), inside a zlib stream the archive opens and closes
-/// (see [`zlib_units`]). For entries read piece by piece later (page images).
-pub fn unit_encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<Box<dyn Encoder<W>>, CodecError> {
+/// (see [`zlib_units`]). For entries read piece by piece later (page images). `window`: how far the codec
+/// may run ahead of `w` (lean for outputs slower than the codec).
+pub fn unit_encoder<W: Write + Send + 'static>(c: Compression, w: W, window: Window) -> Result<Box<dyn Encoder<W>>, CodecError> {
     let setup = |source| CodecError::Setup { codec: c, source };
     let threads = worker_threads() as usize;
     let format = match c {
@@ -281,7 +288,7 @@ pub fn unit_encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<B
         Compression::Zlib => parallel::ZLIB,
         _ => return encoder(c, w),
     };
-    Ok(Box::new(parallel::ParallelBlocks::new(w, format, threads, true).map_err(setup)?))
+    Ok(Box::new(parallel::ParallelBlocks::new(w, format, threads, window, true).map_err(setup)?))
 }
 
 /// The encoder of the tar stream that follows an archive's units: [`encoder`]'s, but for zlib (which has no
@@ -292,7 +299,7 @@ pub fn tail_encoder<W: Write + Send + 'static>(c: Compression, w: W) -> Result<B
         return encoder(c, w);
     }
     let setup = |source| CodecError::Setup { codec: c, source };
-    Ok(Box::new(parallel::ParallelBlocks::new(w, parallel::ZLIB, worker_threads() as usize, false).map_err(setup)?))
+    Ok(Box::new(parallel::ParallelBlocks::new(w, parallel::ZLIB, worker_threads() as usize, Window::Full, false).map_err(setup)?))
 }
 
 /// A decoder of `c` for a stream that starts at a unit of an archive rather than at its start: [`decoder`]'s,

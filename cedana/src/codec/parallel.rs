@@ -25,9 +25,26 @@ type Job = (u64, Vec<u8>, usize);
 /// block's length (for formats with one).
 type Done = (Job, Option<u128>, Option<(u32, u64)>);
 
-/// Blocks handed to the workers and not yet written, at most, beyond the workers' count: the input and output
-/// buffers of about `threads + WINDOW_EXTRA` blocks is all the encoder holds, however slowly its output drains.
-const WINDOW_EXTRA: u64 = 1;
+/// How many blocks the encoder hands out ahead of its output: the input and output buffers of about that many
+/// blocks (plus the one being filled) is all it holds, however slowly its output drains.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Window {
+    /// One per worker and one spare, so that no worker waits while a finished unit is written (an output
+    /// as fast as the codec: a local file).
+    Full,
+    /// One per worker: for an output slower than the codec (an upload), where a spare block would only wait,
+    /// holding 16 MiB.
+    Lean,
+}
+
+impl Window {
+    fn blocks(self, threads: usize) -> u64 {
+        match self {
+            Window::Full => threads as u64 + 1,
+            Window::Lean => threads as u64,
+        }
+    }
+}
 
 /// How far the writer thread got: blocks written, and whether it has ended (then nobody waits for it).
 #[derive(Default)]
@@ -112,15 +129,15 @@ pub struct ParallelBlocks<W: Write + Send + 'static> {
 }
 
 impl<W: Write + Send + 'static> ParallelBlocks<W> {
-    /// Compress into `out` in `format` on `threads` workers. With `hash`, the workers also hash each block
-    /// (XXH3-128, see [`Encoder::unit_hashes`]).
-    pub fn new(out: W, format: Format, threads: usize, hash: bool) -> io::Result<Self> {
+    /// Compress into `out` in `format` on `threads` workers, `window` blocks ahead of the output. With `hash`,
+    /// the workers also hash each block (XXH3-128, see [`Encoder::unit_hashes`]).
+    pub fn new(out: W, format: Format, threads: usize, window: Window, hash: bool) -> io::Result<Self> {
         let name = format.name;
         let threads = threads.max(1);
         let (jobs, job_rx) = sync_channel::<Job>(threads * 2);
         let job_rx = Arc::new(Mutex::new(job_rx));
         let (done_tx, done_rx) = channel::<io::Result<Done>>();
-        let window = threads as u64 + WINDOW_EXTRA;
+        let window = window.blocks(threads);
         // Every buffer in flight can come back to its pool.
         let (blocks, units) = (BufPool::new(2 * window as usize), BufPool::new(2 * window as usize));
         let mut workers = Vec::with_capacity(threads);
@@ -371,11 +388,68 @@ mod tests {
     use super::*;
 
     fn compress(data: &[u8], format: Format) -> Vec<u8> {
-        let mut enc = Box::new(ParallelBlocks::new(Vec::new(), format, 3, false).unwrap());
+        let mut enc = Box::new(ParallelBlocks::new(Vec::new(), format, 3, Window::Full, false).unwrap());
         for piece in data.chunks(1 << 20) {
             enc.write_all(piece).unwrap();
         }
         Encoder::finish(enc).unwrap()
+    }
+
+    /// An output that takes nothing until the gate opens.
+    struct Gated(Arc<(Mutex<bool>, std::sync::Condvar)>);
+
+    impl Write for Gated {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            let (open, cv) = &*self.0;
+            let mut o = open.lock().unwrap();
+            while !*o {
+                o = cv.wait(o).unwrap();
+            }
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Zeros, `left` of them, counting what was read.
+    struct Counted(Arc<std::sync::atomic::AtomicU64>, u64);
+
+    impl Read for Counted {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.1 as usize);
+            buf[..n].fill(0);
+            self.1 -= n as u64;
+            self.0.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+            Ok(n)
+        }
+    }
+
+    /// How many bytes the encoder reads ahead of an output that takes nothing.
+    fn read_ahead_of_a_stuck_output(window: Window) -> u64 {
+        let gate = Arc::new((Mutex::new(false), std::sync::Condvar::new()));
+        let read = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut enc = Box::new(ParallelBlocks::new(Gated(Arc::clone(&gate)), ZSTD, 2, window, false).unwrap());
+        let mut input = Counted(Arc::clone(&read), 12 * BLOCK as u64);
+        let copy = std::thread::spawn(move || enc.copy_from(&mut input).map(|n| (n, enc)));
+        let mut last = u64::MAX;
+        while read.load(std::sync::atomic::Ordering::SeqCst) != last {
+            last = read.load(std::sync::atomic::Ordering::SeqCst);
+            std::thread::sleep(std::time::Duration::from_millis(300));
+        }
+        *gate.0.lock().unwrap() = true;
+        gate.1.notify_all();
+        let (n, enc) = copy.join().unwrap().unwrap();
+        assert_eq!(n, 12 * BLOCK as u64);
+        Encoder::finish(enc).unwrap();
+        last
+    }
+
+    #[test]
+    fn a_lean_window_reads_one_block_less_ahead_of_a_slow_output() {
+        let (full, lean) = (read_ahead_of_a_stuck_output(Window::Full), read_ahead_of_a_stuck_output(Window::Lean));
+        assert_eq!(full - lean, BLOCK as u64, "full {full}, lean {lean}");
+        assert!(lean <= 4 * BLOCK as u64, "two workers' blocks, the one written and the one filling at most: {lean}");
     }
 
     #[test]
@@ -383,7 +457,7 @@ mod tests {
         let data: Vec<u8> = (0..(3 * BLOCK + 4321)).map(|i| ((i / 7) % 253) as u8).collect();
         for format in [LZ4, ZSTD, GZIP, ZLIB] {
             let name = format.name;
-            let mut enc = Box::new(ParallelBlocks::new(Vec::new(), format, 2, true).unwrap());
+            let mut enc = Box::new(ParallelBlocks::new(Vec::new(), format, 2, Window::Full, true).unwrap());
             let sizes = enc.unit_sizes().unwrap();
             let hashes = enc.unit_hashes().unwrap();
             let checks = enc.unit_checks();

@@ -21,6 +21,8 @@ fn config(engine: &Engine) -> StorageConfig {
 pub(crate) fn storage_config(config: &Config) -> StorageConfig {
     let mut s = StorageConfig::default();
     s.retry.stall_timeout = config.storage_stall_timeout();
+    s.part_size = config.storage_part_size();
+    s.max_in_flight = config.storage_max_in_flight();
     s
 }
 

@@ -28,8 +28,13 @@ use super::StorageError;
 pub const MIN_PART_SIZE: usize = 5 << 20;
 /// S3's largest part.
 pub const MAX_PART_SIZE: usize = 5 << 30;
-/// The default part size of uploads, and of ranged reads.
-pub const DEFAULT_PART_SIZE: usize = 8 << 20;
+/// The default size of an upload's first parts: S3's smallest (memory; later parts grow, see
+/// [`super::parts::PartLayout`]).
+pub const DEFAULT_PART_SIZE: usize = MIN_PART_SIZE;
+/// The default size of one ranged read (a checkpoint's unit of 8 MiB).
+pub const DEFAULT_READ_PIECE: usize = 8 << 20;
+/// Parts uploading at once unless configured.
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
 /// The default size of the GETs a stream is read in: 64 MiB, so that a request streamed to a reader as slow as
 /// 1.1 MiB/s ends within the default request timeout.
 pub const DEFAULT_READ_SEGMENT: u64 = 64 << 20;
@@ -124,8 +129,8 @@ impl Default for StorageConfig {
             region: None,
             credentials: None,
             part_size: DEFAULT_PART_SIZE,
-            max_in_flight: 4,
-            read_piece: DEFAULT_PART_SIZE,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            read_piece: DEFAULT_READ_PIECE,
             read_ahead: 2,
             read_segment: DEFAULT_READ_SEGMENT,
             retry: RetrySettings::default(),
@@ -139,12 +144,14 @@ impl StorageConfig {
         let bad = |detail: String| Err(StorageError::Config { detail });
         if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&self.part_size) {
             return bad(format!(
-                "part size {} is outside S3's limits ({MIN_PART_SIZE} to {MAX_PART_SIZE} bytes)",
-                self.part_size
+                "part size {} is outside S3's limits ({} to {} MiB): set storage.part_size_mib within them",
+                self.part_size,
+                MIN_PART_SIZE >> 20,
+                MAX_PART_SIZE >> 20
             ));
         }
         if self.max_in_flight == 0 || self.read_ahead == 0 || self.read_piece == 0 || self.read_segment == 0 {
-            return bad("max_in_flight, read_ahead, read_piece and read_segment must be at least 1".into());
+            return bad("storage.max_in_flight (and read_ahead, read_piece, read_segment) must be at least 1".into());
         }
         Ok(())
     }
@@ -354,7 +361,21 @@ mod tests {
         assert!(StorageConfig::default().validate().is_ok());
         let small = StorageConfig { part_size: MIN_PART_SIZE - 1, ..Default::default() };
         assert_eq!(small.validate().unwrap_err().kind(), crate::error::ErrorKind::InvalidArgument);
+        assert!(small.validate().unwrap_err().to_string().contains("set storage.part_size_mib"));
         assert!(StorageConfig { max_in_flight: 0, ..Default::default() }.validate().is_err());
+    }
+
+    #[test]
+    fn the_config_file_sets_the_upload_window() {
+        let mut c = crate::config::Config::default();
+        let s = crate::engine::remote::storage_config(&c);
+        assert_eq!((s.part_size, s.max_in_flight), (5 << 20, 4));
+        c.storage.part_size_mib = Some(16);
+        c.storage.max_in_flight = Some(2);
+        let s = crate::engine::remote::storage_config(&c);
+        assert_eq!((s.part_size, s.max_in_flight), (16 << 20, 2));
+        c.storage.part_size_mib = Some(1);
+        assert!(crate::engine::remote::storage_config(&c).validate().unwrap_err().to_string().contains("storage.part_size_mib"));
     }
 
     #[test]

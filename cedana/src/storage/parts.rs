@@ -1,7 +1,9 @@
 //! Cutting an archive's bytes into the fixed-size parts of a multipart upload, and keeping back the parts
 //! that hold a range still to be patched. Pure bookkeeping: no I/O (the sink uploads what this hands out).
 //!
-//! Part `i` holds bytes `i * part_size .. (i + 1) * part_size`; every part but the last is full. A hold at
+//! Parts grow with the upload (see [`PartLayout`]): the first thousand are `part_size` bytes, the next thousand
+//! twice that, and so on, so that a small part size bounds memory without bounding the archive (S3 allows
+//! 10,000 parts). Every part but the last is full. A hold at
 //! offset `at` keeps back the parts holding `at .. at + MAX_PATCH` (one, or two when the range straddles
 //! a boundary) until [`PartBuffer::patch`] at `at` releases it. `at` may lie beyond the bytes written so far:
 //! the parts are kept back when they fill.
@@ -38,13 +40,75 @@ impl std::fmt::Display for PatchError {
     }
 }
 
+/// Parts of one size before the size doubles.
+pub const PARTS_PER_SIZE: usize = 1000;
+
+/// Where each part of an upload starts and how long it is: parts `0..1000` of the base size, `1000..2000` of
+/// twice that, doubling every thousand parts while the size stays within S3's largest part.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PartLayout {
+    base: u64,
+}
+
+impl PartLayout {
+    pub(crate) fn new(base: usize) -> Self {
+        Self { base: base.max(1) as u64 }
+    }
+
+    /// The size of the parts of tier `tier` (parts `tier * 1000 ..`).
+    fn tier_size(&self, tier: usize) -> u64 {
+        let mut size = self.base;
+        for _ in 0..tier {
+            if size * 2 > super::MAX_PART_SIZE as u64 {
+                break;
+            }
+            size *= 2;
+        }
+        size
+    }
+
+    /// The size of part `part`.
+    pub(crate) fn size(&self, part: usize) -> usize {
+        // At most MAX_PART_SIZE (5 GiB) once past the base, which is checked against it: fits in usize.
+        self.tier_size(part / PARTS_PER_SIZE) as usize
+    }
+
+    /// The offset of the first byte of part `part`.
+    pub(crate) fn start(&self, part: usize) -> u64 {
+        let full_tiers = part / PARTS_PER_SIZE;
+        let whole: u64 = (0..full_tiers).map(|t| PARTS_PER_SIZE as u64 * self.tier_size(t)).sum();
+        whole + (part % PARTS_PER_SIZE) as u64 * self.tier_size(full_tiers)
+    }
+
+    /// The index of the part holding byte `offset`.
+    pub(crate) fn part_of(&self, offset: u64) -> usize {
+        let mut tier_start = 0u64;
+        let mut tier = 0;
+        loop {
+            let size = self.tier_size(tier);
+            let tier_len = PARTS_PER_SIZE as u64 * size;
+            if offset < tier_start + tier_len {
+                // Below PARTS_PER_SIZE: fits in usize.
+                return tier * PARTS_PER_SIZE + ((offset - tier_start) / size) as usize;
+            }
+            tier_start += tier_len;
+            tier += 1;
+        }
+    }
+
+    /// The most bytes an upload of [`MAX_PARTS`] parts holds.
+    pub(crate) fn capacity(&self) -> u64 {
+        self.start(MAX_PARTS as usize)
+    }
+}
+
 /// The bytes of an upload not handed out yet: the part being filled, full parts kept back by holds, and full
 /// parts ready to upload.
 pub(crate) struct PartBuffer {
-    part_size: usize,
+    layout: PartLayout,
     /// Bytes written in all.
     written: u64,
-    /// The part being filled: index `written / part_size` (its bytes up to `written`).
+    /// The part being filled: the one holding offset `written` (its bytes up to `written`).
     current: Vec<u8>,
     /// Full parts kept back by a hold.
     kept: BTreeMap<usize, Vec<u8>>,
@@ -55,9 +119,16 @@ pub(crate) struct PartBuffer {
 }
 
 impl PartBuffer {
-    /// An empty upload in parts of `part_size` bytes.
+    /// An empty upload in parts of `part_size` bytes (growing as [`PartLayout`] says).
     pub(crate) fn new(part_size: usize) -> Self {
-        Self { part_size, written: 0, current: Vec::new(), kept: BTreeMap::new(), ready: VecDeque::new(), holds: BTreeSet::new() }
+        Self {
+            layout: PartLayout::new(part_size),
+            written: 0,
+            current: Vec::new(),
+            kept: BTreeMap::new(),
+            ready: VecDeque::new(),
+            holds: BTreeSet::new(),
+        }
     }
 
     /// Bytes written in all.
@@ -77,8 +148,7 @@ impl PartBuffer {
 
     /// The index of the part holding byte `offset`.
     pub(crate) fn part_of(&self, offset: u64) -> usize {
-        // A part index fits in usize: MAX_PARTS is checked before bytes are taken.
-        (offset / self.part_size as u64) as usize
+        self.layout.part_of(offset)
     }
 
     /// The parts a hold at `at` keeps back.
@@ -88,26 +158,26 @@ impl PartBuffer {
 
     fn is_held(&self, part: usize) -> bool {
         // Holds start at most MAX_PATCH before the part's end: only those near it can cover it.
-        let start = (part as u64 * self.part_size as u64).saturating_sub(MAX_PATCH as u64);
+        let start = self.layout.start(part).saturating_sub(MAX_PATCH as u64);
         self.holds.range(start..).take_while(|&&at| self.part_of(at) <= part).any(|&at| self.held_by(at).contains(&part))
     }
 
     /// How many of `len` more bytes fit before the upload would exceed [`MAX_PARTS`].
     pub(crate) fn room(&self, len: usize) -> usize {
-        let max = MAX_PARTS * self.part_size as u64;
-        max.saturating_sub(self.written).min(len as u64) as usize
+        self.layout.capacity().saturating_sub(self.written).min(len as u64) as usize
     }
 
     /// Append bytes, up to the end of the current part; returns how many were taken. A part that fills
     /// becomes ready (or kept, when held).
     pub(crate) fn write(&mut self, buf: &[u8]) -> usize {
-        let n = buf.len().min(self.part_size - self.current.len());
+        let size = self.layout.size(self.part_of(self.written));
+        let n = buf.len().min(size - self.current.len());
         if self.current.capacity() == 0 {
-            self.current.reserve_exact(self.part_size);
+            self.current.reserve_exact(size);
         }
         self.current.extend_from_slice(&buf[..n]);
         self.written += n as u64;
-        if self.current.len() == self.part_size {
+        if self.current.len() == size {
             let part = self.part_of(self.written - 1);
             let data = std::mem::take(&mut self.current);
             if self.is_held(part) {
@@ -147,13 +217,13 @@ impl PartBuffer {
             if part != current_part && !self.kept.contains_key(&part) && !self.ready.iter().any(|(p, _)| *p == part) {
                 return Err(PatchError::Uploaded(part));
             }
-            pos = (part as u64 + 1) * self.part_size as u64;
+            pos = self.layout.start(part + 1);
         }
         let mut pos = at;
         while pos < end {
             let part = self.part_of(pos);
-            let start = part as u64 * self.part_size as u64;
-            let take = ((start + self.part_size as u64).min(end) - pos) as usize;
+            let start = self.layout.start(part);
+            let take = (self.layout.start(part + 1).min(end) - pos) as usize;
             let src = &bytes[(pos - at) as usize..][..take];
             let within = (pos - start) as usize;
             let data = if part == current_part {
@@ -202,7 +272,15 @@ impl PartBuffer {
 
     /// The number of parts of the whole upload once finished (0 for an empty one).
     pub(crate) fn total_parts(&self) -> usize {
-        self.written.div_ceil(self.part_size as u64) as usize
+        match self.written {
+            0 => 0,
+            n => self.part_of(n - 1) + 1,
+        }
+    }
+
+    /// The size of the parts now being filled.
+    pub(crate) fn part_size_now(&self) -> usize {
+        self.layout.size(self.part_of(self.written))
     }
 }
 
@@ -324,7 +402,39 @@ mod tests {
         let b = PartBuffer::new(PS);
         assert_eq!(b.room(10), 10);
         let mut full = PartBuffer::new(PS);
-        full.written = MAX_PARTS * PS as u64 - 3;
+        full.written = PartLayout::new(PS).capacity() - 3;
         assert_eq!(full.room(10), 3);
+    }
+
+    #[test]
+    fn parts_double_every_thousand_and_tile_the_upload() {
+        let l = PartLayout::new(5 << 20);
+        assert_eq!(
+            (l.size(0), l.size(999), l.size(1000), l.size(2999), l.size(3000)),
+            (5 << 20, 5 << 20, 10 << 20, 20 << 20, 40 << 20)
+        );
+        for part in [0, 1, 998, 999, 1000, 1001, 4321, 9999] {
+            assert_eq!(l.start(part + 1), l.start(part) + l.size(part) as u64, "part {part} ends where the next starts");
+            assert_eq!(l.part_of(l.start(part)), part);
+            assert_eq!(l.part_of(l.start(part + 1) - 1), part);
+        }
+        // 10,000 parts hold almost S3's largest object (5 TiB), not 10,000 of the first size (49 GiB); no
+        // part is larger than S3 allows.
+        assert!(l.capacity() > 4 << 40, "{}", l.capacity());
+        assert!((0..MAX_PARTS as usize).step_by(500).all(|p| l.size(p) <= crate::storage::MAX_PART_SIZE));
+        let big = PartLayout::new(crate::storage::MAX_PART_SIZE);
+        assert_eq!(big.size(5000), crate::storage::MAX_PART_SIZE, "never beyond the largest part");
+    }
+
+    #[test]
+    fn an_upload_past_the_first_thousand_parts_is_cut_in_larger_parts() {
+        let mut b = PartBuffer::new(16);
+        write_all(&mut b, &vec![3u8; 1000 * 16 + 32 + 5]);
+        let parts: Vec<_> = std::iter::from_fn(|| b.take_ready()).collect();
+        assert_eq!(parts.len(), 1001);
+        assert_eq!((parts[999].1.len(), parts[1000].1.len()), (16, 32));
+        assert_eq!(b.part_size_now(), 32);
+        assert_eq!(b.finish().iter().map(|(p, d)| (*p, d.len())).collect::<Vec<_>>(), [(1001, 5)]);
+        assert_eq!(b.total_parts(), 1002);
     }
 }

@@ -18,14 +18,15 @@ use crate::checkpoint::{ArchiveSink, CheckpointError, Existing, Unfinished};
 /// The longest a failed upload waits for the store to abort it (the next start's journal sweep retries).
 const ABORT_LIMIT: Duration = Duration::from_secs(5);
 
-/// An archive uploaded to an object store as it is written: a multipart upload of fixed-size parts (every
-/// part but the last exactly [`StorageConfig::part_size`]), up to [`StorageConfig::max_in_flight`] of them
-/// uploading at once in the background, each with object_store's retries and back-off.
+/// An archive uploaded to an object store as it is written: a multipart upload in parts of
+/// [`StorageConfig::part_size`] (every part but the last full; the size doubles every thousand parts, see
+/// [`super::parts::PartLayout`]), up to [`StorageConfig::max_in_flight`] of them uploading at once in the
+/// background, each with object_store's retries and back-off.
 ///
 /// The object appears only when [`ArchiveSink::finish`] completes the upload; until then nothing is visible
 /// at its key. Parts holding a range announced with [`ArchiveSink::hold`] stay in memory until
 /// [`ArchiveSink::patch`] releases them. Memory: about `part_size * (1 + max(max_in_flight, held parts + 1))`
-/// (40 MiB with the defaults). Once an upload fails, every later call returns that error. Aborted, or
+/// (25 MiB with the defaults, for archives up to 4.9 GiB; twice that up to 14.6 GiB, and so on). Once an upload fails, every later call returns that error. Aborted, or
 /// dropped unfinished, it aborts the upload: no object, and no parts left stored.
 ///
 /// Its calls block the calling thread until the network is done with them: call them from ordinary threads,
@@ -38,7 +39,6 @@ pub struct ObjectSink {
     path: object_store::path::Path,
     upload: MultipartId,
     parts: PartBuffer,
-    part_size: usize,
     max_in_flight: usize,
     /// See [`super::RetrySettings::stall_timeout`].
     stall_timeout: Duration,
@@ -85,7 +85,6 @@ impl ObjectSink {
             path,
             upload,
             parts: PartBuffer::new(config.part_size),
-            part_size: config.part_size,
             max_in_flight: config.max_in_flight,
             stall_timeout: config.retry.stall_timeout,
             in_flight: Vec::new(),
@@ -220,9 +219,10 @@ impl ObjectSink {
         while !buf.is_empty() {
             if self.parts.room(buf.len()) == 0 {
                 let detail = format!(
-                    "the archive outgrew the {} parts an upload may have: raise the part size (now {} bytes)",
+                    "the archive outgrew the {} parts an upload may have ({} bytes written, in parts of {} bytes now): raise storage.part_size_mib",
                     super::parts::MAX_PARTS,
-                    self.part_size
+                    self.parts.written(),
+                    self.parts.part_size_now()
                 );
                 return Err(self.fail(StorageError::Usage { url: self.url.to_string(), detail }));
             }
@@ -341,6 +341,10 @@ impl ArchiveSink for ObjectSink {
     }
 
     fn patchable(&self) -> bool {
+        true
+    }
+
+    fn drains_slowly(&self) -> bool {
         true
     }
 
