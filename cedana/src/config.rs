@@ -245,6 +245,10 @@ pub const DEFAULT_DB_PATH: &str = "/var/lib/cedana/cedana.db";
 pub const DEFAULT_STREAM: bool = true;
 /// An upload fails after this many seconds without a part completing (`storage.stall_timeout_s`).
 pub const DEFAULT_STALL_TIMEOUT_S: u64 = 30;
+/// The size of an upload's first parts, in MiB (`storage.part_size_mib`): S3's smallest.
+pub const DEFAULT_PART_SIZE_MIB: usize = 5;
+/// Parts uploading at once (`storage.max_in_flight`).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
 
 /// Default compression when neither flag nor config names one (Cedana's default).
 pub const DEFAULT_COMPRESSION: Compression = Compression::Tar;
@@ -556,13 +560,13 @@ impl Config {
     /// The size of an upload's parts in bytes (`storage.part_size_mib`, else 8 MiB); the store's limits are
     /// checked when an upload starts.
     pub fn storage_part_size(&self) -> usize {
-        let mib = self.storage.part_size_mib.map_or(crate::storage::DEFAULT_PART_SIZE >> 20, |m| m.min(1 << 20) as usize);
+        let mib = self.storage.part_size_mib.map_or(DEFAULT_PART_SIZE_MIB, |m| m.min(1 << 20) as usize);
         mib << 20
     }
 
     /// Parts uploading at once (`storage.max_in_flight`, else 4).
     pub fn storage_max_in_flight(&self) -> usize {
-        self.storage.max_in_flight.map_or(crate::storage::DEFAULT_MAX_IN_FLIGHT, |n| n.min(1024) as usize)
+        self.storage.max_in_flight.map_or(DEFAULT_MAX_IN_FLIGHT, |n| n.min(1024) as usize)
     }
 
     /// The GPU settings: the `[gpu]` table over [`crate::gpu::GpuSettings`]' defaults.

@@ -30,11 +30,11 @@ pub const MIN_PART_SIZE: usize = 5 << 20;
 pub const MAX_PART_SIZE: usize = 5 << 30;
 /// The default size of an upload's first parts: S3's smallest (memory; later parts grow, see
 /// [`super::parts::PartLayout`]).
-pub const DEFAULT_PART_SIZE: usize = MIN_PART_SIZE;
+pub const DEFAULT_PART_SIZE: usize = crate::config::DEFAULT_PART_SIZE_MIB << 20;
 /// The default size of one ranged read (a checkpoint's unit of 8 MiB).
 pub const DEFAULT_READ_PIECE: usize = 8 << 20;
 /// Parts uploading at once unless configured.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = 4;
+pub const DEFAULT_MAX_IN_FLIGHT: usize = crate::config::DEFAULT_MAX_IN_FLIGHT;
 /// The default size of the GETs a stream is read in: 64 MiB, so that a request streamed to a reader as slow as
 /// 1.1 MiB/s ends within the default request timeout.
 pub const DEFAULT_READ_SEGMENT: u64 = 64 << 20;
