@@ -112,7 +112,8 @@ impl ChunkedPages {
 
     /// Keep only the last chunk read and the one fetched ahead of it: for a reader that goes through the
     /// images in sequence (one thread decoding ahead while it copies keeps two cores busy), holding less
-    /// memory.
+    /// memory. (Keeping one would drop the chunk being read once the next arrives, and its next read would
+    /// fetch it again.)
     pub fn read_in_sequence(&self) {
         for image in self.images.values() {
             image.keep.store(2, Ordering::Relaxed);
@@ -402,6 +403,28 @@ mod tests {
         // 6 ahead (5 is cached), and 4 is not read again.
         assert_eq!(read(&s, 4), source.bytes[4 * CHUNK + 8192..4 * CHUNK + 8192 + 4096]);
         assert_eq!(settled(&[2, 3, 4, 5, 6]), [2, 3, 4, 5, 6]);
+        s.verify().unwrap();
+    }
+
+    #[test]
+    fn a_reader_in_sequence_fetches_every_chunk_once() {
+        let (s, source) = store(4, Duration::from_millis(5));
+        s.read_in_sequence();
+        // Front to back in small reads, as the filler goes (a range of pages at a time), slowly enough that
+        // the chunk fetched ahead arrives while the current one is still being read.
+        let mut got = vec![0u8; 4 * CHUNK];
+        for (i, piece) in got.chunks_mut(CHUNK / 8).enumerate() {
+            s.read_at(1, (i * CHUNK / 8) as u64, piece).unwrap();
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        assert!(got == source.bytes, "the bytes read in sequence are the image's");
+        let image = s.images.get(&1).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !image.state.lock().unwrap().ahead.is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(chunks_read(&source), [0, 1, 2, 3], "every chunk fetched once");
+        assert!(image.state.lock().unwrap().cache.len() <= 2, "two chunks kept");
         s.verify().unwrap();
     }
 

@@ -86,6 +86,10 @@ impl Fetch {
 /// Bytes of a ranged read, with their place in the caller's buffer.
 type Piece = (usize, Bytes);
 
+/// Body pieces of a ranged read waiting to be copied, at most (each holds on to the HTTP client's buffer it
+/// came in; the copy is quick, so a few are slack enough).
+const PIECES_WAITING: usize = 16;
+
 impl ObjectSource {
     /// Open the object at `url`: one HEAD for its size and version.
     pub(crate) fn open(store: Store, url: &ObjectUrl, config: &StorageConfig) -> Result<Self, StorageError> {
@@ -136,7 +140,7 @@ impl ArchiveSource for ObjectSource {
         let ranges: Vec<Range<u64>> =
             (offset..end).step_by(self.piece).map(|start| start..(start + self.piece as u64).min(end)).collect();
         let (fetch, ahead) = (self.fetch.clone(), self.ahead);
-        let (tx, mut rx) = mpsc::channel::<Piece>(64);
+        let (tx, mut rx) = mpsc::channel::<Piece>(PIECES_WAITING);
         let task = runtime::spawn(async move {
             futures::stream::iter(ranges)
                 .map(|r| fetch.clone().send_range(r, offset, tx.clone()))
