@@ -67,7 +67,8 @@ impl State {
     }
 
     /// Keep chunk `i` (and its hash, hashed by the fetching thread, the first time), dropping the oldest
-    /// beyond the cache's size.
+    /// beyond the cache's size, but not the chunk last read while another is there to drop (a chunk fetched
+    /// ahead may land before the one being read was kept, or while it is still being read).
     fn keep(&mut self, i: usize, (bytes, hash): &(Chunk, u128), limit: usize) {
         if self.hashes[i].is_none() {
             self.hashes[i] = Some(*hash);
@@ -76,7 +77,8 @@ impl State {
             return;
         }
         while self.cache.len() >= limit.max(1) {
-            self.cache.pop_front();
+            let oldest_other = self.cache.iter().position(|(n, _)| Some(*n) != self.last_read).unwrap_or(0);
+            self.cache.remove(oldest_other);
         }
         self.cache.push_back((i, Arc::clone(bytes)));
     }
