@@ -557,14 +557,14 @@ impl Config {
         std::time::Duration::from_secs(self.storage.stall_timeout_s.unwrap_or(DEFAULT_STALL_TIMEOUT_S))
     }
 
-    /// The size of an upload's parts in bytes (`storage.part_size_mib`, else 8 MiB); the store's limits are
-    /// checked when an upload starts.
+    /// The size of an upload's first parts in bytes (`storage.part_size_mib`, else [`DEFAULT_PART_SIZE_MIB`]);
+    /// the store's limits are checked when an upload starts (the cap here only keeps the product in range).
     pub fn storage_part_size(&self) -> usize {
         let mib = self.storage.part_size_mib.map_or(DEFAULT_PART_SIZE_MIB, |m| m.min(1 << 20) as usize);
         mib << 20
     }
 
-    /// Parts uploading at once (`storage.max_in_flight`, else 4).
+    /// Parts uploading at once (`storage.max_in_flight`, else [`DEFAULT_MAX_IN_FLIGHT`]).
     pub fn storage_max_in_flight(&self) -> usize {
         self.storage.max_in_flight.map_or(DEFAULT_MAX_IN_FLIGHT, |n| n.min(1024) as usize)
     }

@@ -423,7 +423,7 @@ mod tests {
         }
     }
 
-    /// Zeros, `left` of them, counting what was read.
+    /// Zeros, as many as its second field says, adding what was read to its first.
     struct Counted(Arc<std::sync::atomic::AtomicU64>, u64);
 
     impl Read for Counted {

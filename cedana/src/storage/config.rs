@@ -33,8 +33,6 @@ pub const MAX_PART_SIZE: usize = 5 << 30;
 pub const DEFAULT_PART_SIZE: usize = crate::config::DEFAULT_PART_SIZE_MIB << 20;
 /// The default size of one ranged read (a checkpoint's unit of 8 MiB).
 pub const DEFAULT_READ_PIECE: usize = 8 << 20;
-/// Parts uploading at once unless configured.
-pub const DEFAULT_MAX_IN_FLIGHT: usize = crate::config::DEFAULT_MAX_IN_FLIGHT;
 /// The default size of the GETs a stream is read in: 64 MiB, so that a request streamed to a reader as slow as
 /// 1.1 MiB/s ends within the default request timeout.
 pub const DEFAULT_READ_SEGMENT: u64 = 64 << 20;
@@ -129,7 +127,7 @@ impl Default for StorageConfig {
             region: None,
             credentials: None,
             part_size: DEFAULT_PART_SIZE,
-            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+            max_in_flight: crate::config::DEFAULT_MAX_IN_FLIGHT,
             read_piece: DEFAULT_READ_PIECE,
             read_ahead: 2,
             read_segment: DEFAULT_READ_SEGMENT,

@@ -29,8 +29,7 @@ mod url;
 mod tests;
 
 pub use config::{
-    Credentials, RetrySettings, StorageConfig, DEFAULT_MAX_IN_FLIGHT, DEFAULT_PART_SIZE, DEFAULT_READ_SEGMENT, MAX_PART_SIZE,
-    MIN_PART_SIZE,
+    Credentials, RetrySettings, StorageConfig, DEFAULT_PART_SIZE, DEFAULT_READ_SEGMENT, MAX_PART_SIZE, MIN_PART_SIZE,
 };
 pub use error::StorageError;
 pub use sink::ObjectSink;

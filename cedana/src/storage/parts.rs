@@ -41,7 +41,7 @@ impl std::fmt::Display for PatchError {
 }
 
 /// Parts of one size before the size doubles.
-pub const PARTS_PER_SIZE: usize = 1000;
+const PARTS_PER_SIZE: usize = 1000;
 
 /// Where each part of an upload starts and how long it is: parts `0..1000` of the base size, `1000..2000` of
 /// twice that, doubling every thousand parts while the size stays within S3's largest part.

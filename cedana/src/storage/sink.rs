@@ -26,8 +26,9 @@ const ABORT_LIMIT: Duration = Duration::from_secs(5);
 /// The object appears only when [`ArchiveSink::finish`] completes the upload; until then nothing is visible
 /// at its key. Parts holding a range announced with [`ArchiveSink::hold`] stay in memory until
 /// [`ArchiveSink::patch`] releases them. Memory: about `part_size * (1 + max(max_in_flight, held parts + 1))`
-/// (25 MiB with the defaults, for archives up to 4.9 GiB; twice that up to 14.6 GiB, and so on). Once an upload fails, every later call returns that error. Aborted, or
-/// dropped unfinished, it aborts the upload: no object, and no parts left stored.
+/// (25 MiB with the defaults, for archives up to 4.9 GiB; twice that up to 14.6 GiB, and so on). Once an
+/// upload fails, every later call returns that error. Aborted, or dropped unfinished, it aborts the upload: no
+/// object, and no parts left stored.
 ///
 /// Its calls block the calling thread until the network is done with them: call them from ordinary threads,
 /// not from async tasks (see [`super`]).
