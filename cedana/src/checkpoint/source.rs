@@ -27,6 +27,14 @@ pub trait ArchiveSource: Send + Sync {
 
     /// The bytes from `offset` to the end, as a stream (read ahead in large pieces where that pays).
     fn read_from(&self, offset: u64) -> io::Result<Box<dyn Read + Send>>;
+
+    /// Hand the `len` bytes at `offset` to `each`, in order, in the pieces they arrive in: for a source whose
+    /// bytes come over time (a network), so that the caller works on the first while the rest are under way
+    /// and holds no buffer of its own for them. The first error (of the source or of `each`) ends it. `None`
+    /// where the source does not read this way (a local file: [`Self::read_exact_at`] is as quick).
+    fn read_in_pieces(&self, _offset: u64, _len: u64, _each: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> Option<io::Result<()>> {
+        None
+    }
 }
 
 /// Whether `e`, met reading a source, is the source's own failure (an object store that could not be

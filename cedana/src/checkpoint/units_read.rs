@@ -233,6 +233,11 @@ pub(crate) fn decode_unit_into(
         }
         return source.read_exact_at(start, out);
     }
+    if compression == Compression::Zstd {
+        if let Some(result) = zstd_pieces_into(source, start, size as u64, out) {
+            return result;
+        }
+    }
     if packed.len() < size {
         packed.resize(size, 0);
     }
@@ -259,6 +264,63 @@ pub(crate) fn decode_unit_into(
     }
 }
 
+thread_local! {
+    /// A decoding thread's zstd stream context for sources read in pieces (writing straight into the
+    /// caller's buffer: no window of its own), kept from unit to unit.
+    static ZSTD_STREAM: RefCell<Option<zstd::zstd_safe::DCtx<'static>>> = const { RefCell::new(None) };
+}
+
+/// The zstd frames of the `size` bytes at `start` decoded into exactly `out` as the source hands them over
+/// ([`ArchiveSource::read_in_pieces`]): no buffer for the compressed unit, and decoding goes on while the rest
+/// of it is under way. `None` when the source does not read in pieces.
+fn zstd_pieces_into(source: &dyn ArchiveSource, start: u64, size: u64, out: &mut [u8]) -> Option<io::Result<()>> {
+    use zstd::zstd_safe::{get_error_name, DCtx, DParameter, InBuffer, OutBuffer, ResetDirective};
+    let len = out.len();
+    // As the whole-unit path says it (the source's own failures pass as they are).
+    let undecodable = |what: &str| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("does not decode to its {len} bytes ({what}); it is truncated or damaged"),
+        )
+    };
+    let failed = |code: usize| undecodable(get_error_name(code));
+    ZSTD_STREAM.with_borrow_mut(|ctx| {
+        let dctx = match ctx {
+            Some(d) => d,
+            None => {
+                let mut d = DCtx::try_create()?;
+                // The whole unit's room is given at every call, so the context writes into it directly.
+                d.set_parameter(DParameter::StableOutBuffer(true)).ok()?;
+                ctx.insert(d)
+            }
+        };
+        if let Err(code) = dctx.reset(ResetDirective::SessionOnly) {
+            return Some(Err(failed(code)));
+        }
+        let (mut filled, mut frame_open) = (0usize, false);
+        let read = source.read_in_pieces(start, size, &mut |piece| {
+            let mut input = InBuffer::around(piece);
+            while input.pos() < piece.len() {
+                let before = (input.pos(), filled);
+                let mut output = OutBuffer::around_pos(&mut *out, filled);
+                let hint = dctx.decompress_stream(&mut output, &mut input).map_err(failed)?;
+                filled = output.pos();
+                frame_open = hint != 0;
+                if (input.pos(), filled) == before {
+                    // Nothing taken and nothing given: the room is full and the frame wants more.
+                    return Err(undecodable("it decodes to more"));
+                }
+            }
+            Ok(())
+        })?;
+        Some(read.and_then(|()| match (frame_open, filled == len) {
+            (true, _) => Err(undecodable("its last frame is cut short")),
+            (false, false) => Err(undecodable(&format!("it holds {filled}"))),
+            (false, true) => Ok(()),
+        }))
+    })
+}
+
 /// zstd frames decoded into exactly `out`.
 fn zstd_into(packed: &[u8], out: &mut [u8]) -> io::Result<()> {
     let n = ZSTD.with_borrow_mut(|ctx| {
@@ -280,3 +342,7 @@ fn zstd_into(packed: &[u8], out: &mut [u8]) -> io::Result<()> {
 pub(crate) fn max_unit(len: usize) -> u64 {
     len as u64 + len as u64 / 8 + (64 << 10)
 }
+
+#[cfg(test)]
+#[path = "units_read_tests.rs"]
+mod tests;

@@ -6,6 +6,7 @@
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use crate::checkpoint::lazy_store;
 use crate::checkpoint::{CheckpointKind, FileRedirect, Manifest, OpenedCheckpoint, PendingVerification};
 use crate::criu::options::CriuOptions;
 use crate::engine::context::OpContext;
@@ -195,13 +196,14 @@ fn operation_scratch(engine: &Engine) -> Result<tempfile::TempDir, EngineError> 
 }
 
 /// An archive opened for a restore through userfaultfd, when it is a process checkpoint whose pages are in
-/// place (`None`: another kind, or an archive of an older version, to be opened the usual way).
-fn through_uffd(opened: Result<OpenedCheckpoint, EngineError>) -> Result<Option<OpenedCheckpoint>, EngineError> {
+/// place (`None`: another kind, or an archive of an older version, to be opened the usual way); its chunks
+/// are fetched `ahead` at a time ahead of the one being copied.
+fn through_uffd(opened: Result<OpenedCheckpoint, EngineError>, ahead: usize) -> Result<Option<OpenedCheckpoint>, EngineError> {
     match opened {
         Ok(opened) if opened.manifest.kind == CheckpointKind::Process => {
             // Filled front to back: a few chunks at a time are enough.
             if let Some(lazy) = opened.lazy.as_ref() {
-                lazy.chunked.read_in_sequence();
+                lazy.chunked.read_in_sequence(ahead);
             }
             Ok(Some(opened))
         }
@@ -240,7 +242,7 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
     if let Source::Url(u) = &req.source {
         // (Never for a lazy restore: `may_stream` excludes it.)
         if uffd_wanted {
-            uffd_opened = through_uffd(crate::engine::remote::open_lazy(engine, u))?;
+            uffd_opened = through_uffd(crate::engine::remote::open_lazy(engine, u), lazy_store::AHEAD_FROM_STORE)?;
         }
     }
     let (path, from_store, _downloaded): (PathBuf, Option<OpenedCheckpoint>, Option<tempfile::TempDir>) = match &req.source {
@@ -270,7 +272,10 @@ fn run_once(engine: &Engine, req: RestoreRequest, ctx: &OpContext) -> Result<Res
     let folder = std::fs::metadata(&path).map(|m| m.is_dir()).unwrap_or(false);
     let progress = ctx.progress();
     if uffd_opened.is_none() && from_store.is_none() && !folder && uffd_wanted {
-        uffd_opened = through_uffd(crate::checkpoint::lazy::open_lazy(&path, &scratch).map_err(EngineError::from))?;
+        uffd_opened = through_uffd(
+            crate::checkpoint::lazy::open_lazy(&path, &scratch).map_err(EngineError::from),
+            lazy_store::AHEAD_FROM_FILE,
+        )?;
     }
     let req = RestoreRequest { through_uffd: uffd_opened.is_some(), ..req };
     let stream = may_stream && !folder && uffd_opened.is_none();

@@ -88,7 +88,7 @@ type Piece = (usize, Bytes);
 
 /// Body pieces of a ranged read waiting to be copied, at most (each holds on to the HTTP client's buffer it
 /// came in; the copy is quick, so a few are slack enough).
-const PIECES_WAITING: usize = 16;
+const PIECES_WAITING: usize = 2;
 
 impl ObjectSource {
     /// Open the object at `url`: one HEAD for its size and version.
@@ -118,6 +118,49 @@ impl ObjectSource {
             io::ErrorKind::UnexpectedEof,
             format!("{}: bytes {offset}..{} asked for, the object has {}", self.location, offset + len as u64, self.len),
         )
+    }
+}
+
+impl ObjectSource {
+    /// [`ArchiveSource::read_in_pieces`]: GETs of [`StorageConfig::read_piece`] bytes one after another, each
+    /// body's pieces handed on as they arrive (at most [`PIECES_WAITING`] of them waiting).
+    fn pieces_to(&self, offset: u64, len: u64, each: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len).ok_or_else(|| self.eof(offset, len as usize))?;
+        if len == 0 {
+            return Ok(());
+        }
+        let ranges: Vec<Range<u64>> =
+            (offset..end).step_by(self.piece).map(|start| start..(start + self.piece as u64).min(end)).collect();
+        let fetch = self.fetch.clone();
+        let (tx, mut rx) = mpsc::channel::<Piece>(PIECES_WAITING);
+        let task = runtime::spawn(async move {
+            for range in ranges {
+                if tx.is_closed() {
+                    break; // the reader stopped
+                }
+                fetch.clone().send_range(range, offset, tx.clone()).await?;
+            }
+            Ok::<(), StorageError>(())
+        })?;
+        let mut handed = 0usize;
+        let mut failed = None;
+        // Not tokio's blocking receive: it refuses to run on a thread that is inside a runtime.
+        while let Some((at, bytes)) = futures::executor::block_on(rx.recv()) {
+            // The ranges go in order and each body's pieces come in order: a gap is a bug, not the network.
+            debug_assert_eq!(at, handed, "pieces of a range arrive in order");
+            handed += bytes.len();
+            if let Err(e) = each(&bytes) {
+                failed = Some(e);
+                break;
+            }
+        }
+        drop(rx); // a task still sending stops at its next piece
+        let fetched = runtime::wait(task);
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        fetched?;
+        Ok(())
     }
 }
 
@@ -157,6 +200,10 @@ impl ArchiveSource for ObjectSource {
         // The channel closed: every body ended, or one failed (its error is the task's).
         runtime::wait(task)?;
         Ok(())
+    }
+
+    fn read_in_pieces(&self, offset: u64, len: u64, each: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> Option<io::Result<()>> {
+        Some(self.pieces_to(offset, len, each))
     }
 
     fn read_from(&self, offset: u64) -> io::Result<Box<dyn Read + Send>> {

@@ -335,3 +335,41 @@ fn listing_sizes_and_deleting() {
     let e = ObjectSource::open(rec.store(), &url("ck/a"), &config()).unwrap_err();
     assert_eq!(e.to_string(), "s3://bucket/ck/a not found: check the bucket and key");
 }
+
+#[test]
+fn a_range_read_in_pieces_arrives_whole_in_order_and_stops_at_the_readers_error() {
+    let rec = Recorder::default();
+    let data = pattern(3 * (1 << 20) + 777);
+    let (store, payload) = (rec.inner.clone(), PutPayload::from(data.clone()));
+    runtime::run(async move {
+        store.put(&Path::from("c/p"), payload).await.unwrap();
+        Ok(())
+    })
+    .unwrap();
+    let src = ObjectSource::open(rec.store(), &url("c/p"), &config()).unwrap();
+    // Within one GET, across GETs of `read_piece` bytes, to the last byte.
+    for (off, len) in [(0usize, 10usize), (5, (1 << 20) * 2 + 3), (data.len() - 9, 9), (17, 0)] {
+        let mut got = Vec::new();
+        let mut calls = 0;
+        let done = src.read_in_pieces(off as u64, len as u64, &mut |piece| {
+            calls += 1;
+            got.extend_from_slice(piece);
+            Ok(())
+        });
+        done.expect("an object source reads in pieces").unwrap();
+        assert_eq!(got, &data[off..off + len], "{len} at {off}");
+        assert!(len == 0 || calls >= len.div_ceil(1 << 20), "one piece at least per GET: {calls}");
+    }
+    let past = src.read_in_pieces(data.len() as u64 - 3, 4, &mut |_| Ok(())).unwrap().unwrap_err();
+    assert_eq!(past.kind(), std::io::ErrorKind::UnexpectedEof);
+    // The reader's own error ends the read and comes back as it was.
+    let mut calls = 0;
+    let err = src
+        .read_in_pieces(0, data.len() as u64, &mut |_| {
+            calls += 1;
+            Err(std::io::Error::new(std::io::ErrorKind::InvalidData, "not what was expected"))
+        })
+        .unwrap()
+        .unwrap_err();
+    assert_eq!((err.kind(), err.to_string().as_str(), calls), (std::io::ErrorKind::InvalidData, "not what was expected", 1));
+}
