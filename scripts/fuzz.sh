@@ -17,7 +17,7 @@ set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 secs=${1:-20}
-targets=(${FUZZ_TARGETS:-archive_open archive_indexed manifest criu_stats streamer_request runc_args})
+targets=(${FUZZ_TARGETS:-archive_open archive_indexed manifest criu_stats streamer_request runc_args zstd_unit})
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$root/target}
 cd "$root/fuzz"
 

@@ -272,9 +272,11 @@ thread_local! {
 
 /// The zstd frames of the `size` bytes at `start` decoded into exactly `out` as the source hands them over
 /// ([`ArchiveSource::read_in_pieces`]): no buffer for the compressed unit, and decoding goes on while the rest
-/// of it is under way. `None` when the source does not read in pieces.
+/// of it is under way. `None` when the source does not read in pieces, or a frame declares a window no stream
+/// context takes (the caller then reads the unit whole).
 fn zstd_pieces_into(source: &dyn ArchiveSource, start: u64, size: u64, out: &mut [u8]) -> Option<io::Result<()>> {
-    use zstd::zstd_safe::{get_error_name, DCtx, DParameter, InBuffer, OutBuffer, ResetDirective};
+    use zstd::zstd_safe::zstd_sys::ZSTD_ErrorCode;
+    use zstd::zstd_safe::{get_error_name, is_error_kind, DCtx, DParameter, InBuffer, OutBuffer, ResetDirective};
     let len = out.len();
     // As the whole-unit path says it (the source's own failures pass as they are).
     let undecodable = |what: &str| {
@@ -289,21 +291,27 @@ fn zstd_pieces_into(source: &dyn ArchiveSource, start: u64, size: u64, out: &mut
             Some(d) => d,
             None => {
                 let mut d = DCtx::try_create()?;
-                // The whole unit's room is given at every call, so the context writes into it directly.
+                // The whole unit's room is given at every call, so the context writes into it directly and
+                // allocates no window, whatever size a frame declares: accept every size, as the whole-unit
+                // decoder does (it too writes into the unit's buffer only).
                 d.set_parameter(DParameter::StableOutBuffer(true)).ok()?;
+                d.set_parameter(DParameter::WindowLogMax(31)).ok()?;
                 ctx.insert(d)
             }
         };
         if let Err(code) = dctx.reset(ResetDirective::SessionOnly) {
             return Some(Err(failed(code)));
         }
-        let (mut filled, mut frame_open) = (0usize, false);
+        let (mut filled, mut frame_open, mut too_wide) = (0usize, false, false);
         let read = source.read_in_pieces(start, size, &mut |piece| {
             let mut input = InBuffer::around(piece);
             while input.pos() < piece.len() {
                 let before = (input.pos(), filled);
                 let mut output = OutBuffer::around_pos(&mut *out, filled);
-                let hint = dctx.decompress_stream(&mut output, &mut input).map_err(failed)?;
+                let hint = dctx.decompress_stream(&mut output, &mut input).map_err(|code| {
+                    too_wide = is_error_kind(code, ZSTD_ErrorCode::ZSTD_error_frameParameter_windowTooLarge);
+                    failed(code)
+                })?;
                 filled = output.pos();
                 frame_open = hint != 0;
                 if (input.pos(), filled) == before {
@@ -313,6 +321,11 @@ fn zstd_pieces_into(source: &dyn ArchiveSource, start: u64, size: u64, out: &mut
             }
             Ok(())
         })?;
+        if too_wide {
+            // A frame declaring a window over 2 GiB, which a stream context refuses even when it writes into
+            // the caller's buffer: such a unit (none of ours) is read whole instead, for the same verdict.
+            return None;
+        }
         Some(read.and_then(|()| match (frame_open, filled == len) {
             (true, _) => Err(undecodable("its last frame is cut short")),
             (false, false) => Err(undecodable(&format!("it holds {filled}"))),
