@@ -119,18 +119,21 @@ impl ObjectSource {
             format!("{}: bytes {offset}..{} asked for, the object has {}", self.location, offset + len as u64, self.len),
         )
     }
-}
 
-impl ObjectSource {
+    /// `len` bytes from `offset` as the ranges of one GET each ([`StorageConfig::read_piece`] bytes, the last
+    /// shorter); an error if the object ends before.
+    fn ranges(&self, offset: u64, len: u64) -> io::Result<Vec<Range<u64>>> {
+        let end = offset.checked_add(len).filter(|&e| e <= self.len).ok_or_else(|| self.eof(offset, len as usize))?;
+        Ok((offset..end).step_by(self.piece).map(|start| start..(start + self.piece as u64).min(end)).collect())
+    }
+
     /// [`ArchiveSource::read_in_pieces`]: GETs of [`StorageConfig::read_piece`] bytes one after another, each
     /// body's pieces handed on as they arrive (at most [`PIECES_WAITING`] of them waiting).
     fn pieces_to(&self, offset: u64, len: u64, each: &mut dyn FnMut(&[u8]) -> io::Result<()>) -> io::Result<()> {
-        let end = offset.checked_add(len).filter(|&e| e <= self.len).ok_or_else(|| self.eof(offset, len as usize))?;
-        if len == 0 {
+        let ranges = self.ranges(offset, len)?;
+        if ranges.is_empty() {
             return Ok(());
         }
-        let ranges: Vec<Range<u64>> =
-            (offset..end).step_by(self.piece).map(|start| start..(start + self.piece as u64).min(end)).collect();
         let fetch = self.fetch.clone();
         let (tx, mut rx) = mpsc::channel::<Piece>(PIECES_WAITING);
         let task = runtime::spawn(async move {
@@ -177,11 +180,9 @@ impl ArchiveSource for ObjectSource {
         if buf.is_empty() {
             return Ok(());
         }
-        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= self.len).ok_or_else(|| self.eof(offset, buf.len()))?;
         // Large reads in pieces, several at once; the bodies are copied into `buf` as they arrive (no copy
         // of a whole piece in between, no piece-sized allocation on the runtime's threads).
-        let ranges: Vec<Range<u64>> =
-            (offset..end).step_by(self.piece).map(|start| start..(start + self.piece as u64).min(end)).collect();
+        let ranges = self.ranges(offset, buf.len() as u64)?;
         let (fetch, ahead) = (self.fetch.clone(), self.ahead);
         let (tx, mut rx) = mpsc::channel::<Piece>(PIECES_WAITING);
         let task = runtime::spawn(async move {
