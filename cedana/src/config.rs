@@ -18,6 +18,7 @@
 //! compression = "zstd"                  # default --compression
 //! scratch_dir = "/var/tmp"              # where archives are extracted for restore
 //! stream = true                         # images flow between CRIU and the archive, no files on disk
+//! direct_writes = false                 # true: local archives go past the page cache (O_DIRECT), synced
 //! [restore]
 //! lazy = true                           # restores are lazy where the checkpoint allows (--no-lazy: not)
 //! [hooks]
@@ -125,6 +126,9 @@ pub struct CheckpointConfig {
     pub scratch_dir: Option<PathBuf>,
     /// Stream images between CRIU and the archive, with no image files on disk (where the checkpoint can).
     pub stream: Option<bool>,
+    /// Write local archives past the page cache (`O_DIRECT`, where the filesystem takes it) and sync them
+    /// before the dump returns (see `checkpoint::direct`); off by default.
+    pub direct_writes: Option<bool>,
 }
 
 /// Settings of the `[restore]` table.
@@ -450,6 +454,7 @@ const KEYS: &[Key] = &[
     key!("checkpoint.dir", ["CEDANA_CHECKPOINT_DIR"], checkpoint.dir, |c| shown(c.checkpoint_dir().display())),
     key!("checkpoint.compression", ["CEDANA_CHECKPOINT_COMPRESSION"], checkpoint.compression, |c| shown(c.compression())),
     key!("checkpoint.stream", ["CEDANA_CHECKPOINT_STREAM"], checkpoint.stream, |c| shown(c.stream())),
+    key!("checkpoint.direct_writes", ["CEDANA_CHECKPOINT_DIRECT_WRITES"], checkpoint.direct_writes, |c| shown(c.direct_writes())),
     key!("checkpoint.scratch_dir", ["CEDANA_CHECKPOINT_SCRATCH_DIR", "CEDANA_SCRATCH_DIR"], checkpoint.scratch_dir, |c| shown(c.scratch_dir().display())),
     key!("restore.lazy", ["CEDANA_RESTORE_LAZY"], restore.lazy, |c| shown(c.restore_lazy())),
     key!("storage.stall_timeout_s", ["CEDANA_STORAGE_STALL_TIMEOUT_S"], storage.stall_timeout_s, |c| shown(c.storage_stall_timeout().as_secs())),
@@ -610,6 +615,11 @@ impl Config {
         self.checkpoint.stream.unwrap_or(DEFAULT_STREAM)
     }
 
+    /// Whether local archives are written past the page cache (see [`crate::checkpoint::LocalFile`]).
+    pub fn direct_writes(&self) -> bool {
+        self.checkpoint.direct_writes.unwrap_or(false)
+    }
+
     /// The daemon's Unix socket (`address`, else [`DEFAULT_ADDRESS`]); see [`Config::daemon_address`] for the
     /// address of either protocol.
     pub fn address(&self) -> PathBuf {
@@ -744,6 +754,7 @@ mod tests {
                 "checkpoint.dir",
                 "checkpoint.compression",
                 "checkpoint.stream",
+                "checkpoint.direct_writes",
                 "checkpoint.scratch_dir",
                 "restore.lazy",
                 "storage.stall_timeout_s",

@@ -88,6 +88,7 @@ fn config_show_names_the_source_of_each_key() {
             "checkpoint.dir",
             "checkpoint.compression",
             "checkpoint.stream",
+            "checkpoint.direct_writes",
             "checkpoint.scratch_dir",
             "restore.lazy",
             "storage.stall_timeout_s",

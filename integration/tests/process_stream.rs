@@ -177,3 +177,45 @@ fn folders_deeper_than_a_socket_address_holds_still_stream_to_and_from_criu() {
     w.reap();
     let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(w.pid), None);
 }
+
+/// With `checkpoint.direct_writes`, a streamed dump writes its archive past the page cache: the archive is
+/// (almost) not cached after the dump, it is the same checkpoint, and it restores with all its memory.
+#[test]
+fn a_dump_written_past_the_page_cache_restores() {
+    require_root();
+    adopt_orphans();
+    let dir = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    for c in ["zstd", "lz4"] {
+        let mut w = Workload::start(&workload_bin("memory"), &["48"], work.path());
+        let sum = w.wait_lines(1)[0].clone();
+        let pid = w.pid.to_string();
+        let args =
+            ["dump", "process", &pid, "--dir", dir.path().to_str().unwrap(), "--name", c, "--compression", c, "--output", "json"];
+        let out =
+            success_stdout("direct dump", &cedana_cmd(&args).env("CEDANA_CHECKPOINT_DIRECT_WRITES", "true").output().unwrap());
+        let report = json(&out);
+        let path = PathBuf::from(report["path"].as_str().unwrap());
+        w.reap();
+        let (cached, pages) = page_cache_residency(&path);
+        assert!(cached * 10 < pages, "{c}: {cached} of {pages} pages of the archive in the page cache");
+        assert_eq!(manifest(&path)["compression"], c);
+        restore_and_check(&path, &mut w, &sum, &[]);
+    }
+}
+
+/// How many of the file's pages the page cache holds, of how many (`mincore` of a mapping never touched).
+fn page_cache_residency(path: &Path) -> (usize, usize) {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).unwrap();
+    let len = f.metadata().unwrap().len() as usize;
+    let mut vec = vec![0u8; len.div_ceil(4096)];
+    // SAFETY: a read-only shared mapping of a file we opened, only asked about, unmapped before returning.
+    unsafe {
+        let map = libc::mmap(std::ptr::null_mut(), len, libc::PROT_READ, libc::MAP_SHARED, f.as_raw_fd(), 0);
+        assert_ne!(map, libc::MAP_FAILED);
+        assert_eq!(libc::mincore(map, len, vec.as_mut_ptr()), 0);
+        libc::munmap(map, len);
+    }
+    (vec.iter().filter(|b| *b & 1 == 1).count(), vec.len())
+}

@@ -10,6 +10,7 @@
 
 pub mod digest;
 pub mod digest_job;
+pub(crate) mod direct;
 pub mod external;
 pub mod index;
 pub mod lazy;

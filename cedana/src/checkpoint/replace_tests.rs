@@ -17,7 +17,7 @@ fn images(dir: &Path, content: &[u8]) {
 fn write(dir: &Path, name: &str, c: Compression, existing: Existing, content: &str) -> Result<PathBuf, CheckpointError> {
     let src = dir.join(format!("src-{content}"));
     images(&src, content.as_bytes());
-    let mut w = CheckpointWriter::create_with(CheckpointWriter::path_for(dir, name, c), c, existing)?;
+    let mut w = CheckpointWriter::create_with(CheckpointWriter::path_for(dir, name, c), c, existing, true)?;
     w.add_tree(&src, &|_| {})?;
     std::fs::remove_dir_all(&src).unwrap();
     let mut m = manifest();

@@ -12,6 +12,7 @@ use std::fs::File;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
+use super::direct::DirectWriter;
 use super::writer::COMMIT_RESERVE;
 use super::CheckpointError;
 
@@ -35,6 +36,12 @@ pub trait ArchiveSink: Write + Send {
     /// written in front of entries whose size is not known yet, and patched in once it is. `false` for
     /// streams.
     fn patchable(&self) -> bool {
+        false
+    }
+
+    /// Whether this sink gathers small writes into large ones itself ([`LocalFile`]): the writer then keeps
+    /// only a small buffer in front of it.
+    fn stages_writes(&self) -> bool {
         false
     }
 
@@ -101,13 +108,13 @@ pub enum Existing {
 }
 
 /// An archive in a local file: written under a hidden name (`.NAME.partial-PID`) beside the final one, with
-/// [`COMMIT_RESERVE`] bytes of disk held back for the last writes, and renamed into place when finished.
-/// Dropped unfinished (or aborted without `keep`), it deletes what was written. Unbuffered: the checkpoint
-/// writer buffers in front of it.
+/// [`COMMIT_RESERVE`] bytes of disk held back for the last writes, and renamed into place when finished;
+/// optionally past the page cache ([`DirectWriter`]), and then on disk before the rename.
+/// Dropped unfinished (or aborted without `keep`), it deletes what was written.
 pub struct LocalFile {
     final_path: PathBuf,
     temp_path: PathBuf,
-    file: File,
+    file: DirectWriter,
     reserve: Option<DiskReserve>,
     existing: Existing,
     /// Finished, or aborted with `keep`: nothing to delete.
@@ -117,32 +124,36 @@ pub struct LocalFile {
 impl LocalFile {
     /// Start an archive that will appear at `final_path` once finished; refused if something is there.
     pub fn create(final_path: PathBuf) -> Result<Self, CheckpointError> {
-        Self::create_with(final_path, Existing::Refuse)
+        Self::create_with(final_path, Existing::Refuse, false)
     }
 
     /// Start an archive that will appear at `final_path` once finished, replacing a file there by an atomic
     /// rename at [`ArchiveSink::finish`] (the old file stays intact until then).
     pub fn replacing(final_path: PathBuf) -> Result<Self, CheckpointError> {
-        Self::create_with(final_path, Existing::Replace)
+        Self::create_with(final_path, Existing::Replace, false)
     }
 
-    /// Start an archive at `final_path`, doing `existing` about a checkpoint already there.
-    pub fn create_with(final_path: PathBuf, existing: Existing) -> Result<Self, CheckpointError> {
+    /// Start an archive at `final_path`, doing `existing` about a checkpoint already there, past the page
+    /// cache if `direct` (and the filesystem takes it).
+    pub fn create_with(final_path: PathBuf, existing: Existing, direct: bool) -> Result<Self, CheckpointError> {
         let (temp_path, reserve) = hidden_place(&final_path, existing)?;
         let file = create_private(&temp_path).map_err(CheckpointError::io(&temp_path))?;
+        let file = DirectWriter::new(file, direct);
         Ok(Self { final_path, temp_path, file, reserve, existing, settled: false })
     }
 }
 
 impl Write for LocalFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.file.write(buf)
+        self.file.write_all(buf)?;
+        Ok(buf.len())
     }
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
         self.file.write_all(buf)
     }
+    /// Staged bytes stay staged (patches reach them there); [`ArchiveSink::finish`] writes them out.
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        Ok(())
     }
 }
 
@@ -159,13 +170,16 @@ impl ArchiveSink for LocalFile {
         true
     }
 
+    fn stages_writes(&self) -> bool {
+        self.file.is_direct()
+    }
+
     fn keeps_unfinished(&self) -> bool {
         true
     }
 
     fn patch(&mut self, at: u64, bytes: &[u8]) -> io::Result<()> {
-        use std::os::unix::fs::FileExt;
-        self.file.write_all_at(bytes, at)
+        self.file.patch(at, bytes)
     }
 
     fn release_reserve(&mut self) {
@@ -174,6 +188,14 @@ impl ArchiveSink for LocalFile {
 
     fn finish(mut self: Box<Self>) -> Result<PathBuf, Unfinished> {
         self.reserve = None;
+        // Every byte in the file (and, written directly, on disk) before the name says it is complete.
+        let durable = match self.file.complete() {
+            Ok(durable) => durable,
+            Err(source) => {
+                let error = CheckpointError::Io { path: self.temp_path.clone(), source };
+                return Err(Unfinished { sink: self, error });
+            }
+        };
         // A rename would replace what appeared there meanwhile: never overwrite a checkpoint unless asked to.
         if self.existing == Existing::Refuse && self.final_path.symlink_metadata().is_ok() {
             let error = CheckpointError::Exists { path: self.final_path.clone() };
@@ -185,11 +207,17 @@ impl ArchiveSink for LocalFile {
             return Err(Unfinished { sink: self, error });
         }
         self.settled = true;
+        if durable {
+            sync_parent(&self.final_path);
+        }
         Ok(self.final_path.clone())
     }
 
     fn abort(mut self: Box<Self>, keep: bool) {
         if keep {
+            if let Err(err) = self.file.drain() {
+                tracing::warn!(path = %self.temp_path.display(), %err, "the kept checkpoint misses its last bytes");
+            }
             tracing::warn!(path = %self.temp_path.display(), "unfinished checkpoint kept: the dumped process is gone");
             self.settled = true;
         }
@@ -206,6 +234,15 @@ impl Drop for LocalFile {
                 tracing::warn!(path = %self.temp_path.display(), %err, "could not remove an unfinished checkpoint");
             }
         }
+    }
+}
+
+/// Make a rename into `path`'s folder durable (`fsync` of the folder); a failure is logged, the checkpoint
+/// being complete under its name either way.
+fn sync_parent(path: &Path) {
+    let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    if let Err(err) = File::open(parent).and_then(|d| d.sync_all()) {
+        tracing::warn!(dir = %parent.display(), %err, "could not sync the checkpoint's folder");
     }
 }
 

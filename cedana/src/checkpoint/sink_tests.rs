@@ -101,6 +101,37 @@ fn archives_streamed_through_a_pipe_read_back_in_every_format() {
 }
 
 #[test]
+fn archives_written_past_the_page_cache_read_back_and_stay_out_of_it() {
+    for c in ARCHIVES {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        images(&src);
+        let path = CheckpointWriter::path_for(dir.path(), "ckpt", c);
+        let sink = LocalFile::create_with(path.clone(), Existing::Refuse, true).unwrap();
+        assert!(sink.stages_writes(), "{c}: ext4 and tmpfs take direct writes");
+        let mut w = CheckpointWriter::to_sink(Box::new(sink), c).unwrap();
+        // An entry of unknown size first: its header is patched in once written.
+        if w.accepts_unsized() {
+            w.add_unsized("pages-1.img", &mut File::open(src.join("pages-1.img")).unwrap()).unwrap();
+        }
+        w.add_tree(&src, &|_| {}).unwrap();
+        assert_eq!(w.commit(&mut manifest()).unwrap(), path);
+        let pages = std::fs::metadata(&path).unwrap().len().div_ceil(4096) as usize;
+        let cached = super::direct::cached_pages(&path);
+        assert!(cached * 10 < pages, "{c}: {cached} of {pages} pages in the page cache");
+        let m = read_manifest(&path, true).unwrap();
+        assert_eq!(m.files.len(), 4, "{c}");
+        let opened = OpenedCheckpoint::open(&path, &dir.path().join("scratch"), &|_| {}).unwrap();
+        for name in ["core-42.img", "empty.img", "pages-1.img", "sub/inventory.img"] {
+            assert!(
+                std::fs::read(opened.images_dir.join(name)).unwrap() == std::fs::read(src.join(name)).unwrap(),
+                "{c}: {name}"
+            );
+        }
+    }
+}
+
+#[test]
 fn a_stream_is_handed_back_when_finished() {
     let dir = tempfile::tempdir().unwrap();
     images(&dir.path().join("src"));
@@ -164,24 +195,29 @@ fn a_dropped_writer_over_a_local_file_leaves_nothing() {
 
 #[test]
 fn a_kept_unfinished_archive_holds_everything_written() {
-    let dir = tempfile::tempdir().unwrap();
-    let src = dir.path().join("src");
-    images(&src);
-    let path = CheckpointWriter::path_for(dir.path(), "ckpt", Compression::Lz4);
-    let mut w = CheckpointWriter::create(path.clone(), Compression::Lz4).unwrap();
-    w.add_tree(&src, &|_| {}).unwrap();
-    w.keep_if_unfinished();
-    let temp = w.temp_path().to_path_buf();
-    drop(w);
-    assert!(!path.exists());
-    // Every entry is there, whole; only the manifest is missing.
-    let err = read_manifest(&temp, false).expect_err("no manifest");
-    assert!(matches!(err, CheckpointError::Incomplete { .. }), "{err}");
-    let listing =
-        std::process::Command::new("sh").arg("-c").arg(format!("lz4 -dc < '{}' | tar -tf -", temp.display())).output().unwrap();
-    assert!(listing.status.success(), "{}", String::from_utf8_lossy(&listing.stderr));
-    assert_eq!(String::from_utf8_lossy(&listing.stdout).lines().count(), 4);
-    assert!(!left_in(dir.path()).iter().any(|n| n.contains(".reserve-")));
+    for direct in [false, true] {
+        let dir = tempfile::tempdir().unwrap();
+        let src = dir.path().join("src");
+        images(&src);
+        let path = CheckpointWriter::path_for(dir.path(), "ckpt", Compression::Lz4);
+        let mut w = CheckpointWriter::create_with(path.clone(), Compression::Lz4, Existing::Refuse, direct).unwrap();
+        w.add_tree(&src, &|_| {}).unwrap();
+        w.keep_if_unfinished();
+        let temp = w.temp_path().to_path_buf();
+        drop(w);
+        assert!(!path.exists());
+        // Every entry is there, whole (the staged bytes of a direct writer too); only the manifest is missing.
+        let err = read_manifest(&temp, false).expect_err("no manifest");
+        assert!(matches!(err, CheckpointError::Incomplete { .. }), "{err}");
+        let listing = std::process::Command::new("sh")
+            .arg("-c")
+            .arg(format!("lz4 -dc < '{}' | tar -tf -", temp.display()))
+            .output()
+            .unwrap();
+        assert!(listing.status.success(), "direct {direct}: {}", String::from_utf8_lossy(&listing.stderr));
+        assert_eq!(String::from_utf8_lossy(&listing.stdout).lines().count(), 4);
+        assert!(!left_in(dir.path()).iter().any(|n| n.contains(".reserve-")));
+    }
 }
 
 #[test]

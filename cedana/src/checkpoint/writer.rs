@@ -91,20 +91,26 @@ impl CheckpointWriter {
     /// Start writing a checkpoint that will appear at `final_path` once committed: an archive in a
     /// [`LocalFile`], or for `none` a folder. Refused if something is at `final_path` already.
     pub fn create(final_path: PathBuf, compression: Compression) -> Result<Self, CheckpointError> {
-        Self::create_with(final_path, compression, Existing::Refuse)
+        Self::create_with(final_path, compression, Existing::Refuse, false)
     }
 
     /// Like [`CheckpointWriter::create`], but a checkpoint already at `final_path` is replaced by the commit,
     /// atomically: an archive by a rename over it, a folder by exchanging the two (then the old one is
     /// deleted). Until the commit, and after any failure, the old checkpoint stays exactly as it was.
     pub fn replacing(final_path: PathBuf, compression: Compression) -> Result<Self, CheckpointError> {
-        Self::create_with(final_path, compression, Existing::Replace)
+        Self::create_with(final_path, compression, Existing::Replace, false)
     }
 
-    /// Start writing a checkpoint at `final_path`, doing `existing` about one already there.
-    pub fn create_with(final_path: PathBuf, compression: Compression, existing: Existing) -> Result<Self, CheckpointError> {
+    /// Start writing a checkpoint at `final_path`, doing `existing` about one already there; an archive past
+    /// the page cache if `direct` ([`LocalFile`]).
+    pub fn create_with(
+        final_path: PathBuf,
+        compression: Compression,
+        existing: Existing,
+        direct: bool,
+    ) -> Result<Self, CheckpointError> {
         if compression.is_archive() {
-            return Self::to_sink(Box::new(LocalFile::create_with(final_path, existing)?), compression);
+            return Self::to_sink(Box::new(LocalFile::create_with(final_path, existing, direct)?), compression);
         }
         let (temp_path, reserve) = sink::hidden_place(&final_path, existing)?;
         // From here on, dropping the writer cleans up whatever was created.
@@ -124,8 +130,10 @@ impl CheckpointWriter {
         }
         let temp_path = sink.temp_location().to_path_buf();
         let patchable = sink.patchable();
+        // A sink that stages its writes itself needs no large buffer in front (only one for small writes).
+        let capacity = if sink.stages_writes() { IO_BUFFER / 16 } else { 4 * IO_BUFFER };
         let sink = SharedSink(Arc::new(Mutex::new(Some(sink))));
-        let mut out = BufWriter::with_capacity(4 * IO_BUFFER, SinkWriter { sink: sink.clone(), written: 0 });
+        let mut out = BufWriter::with_capacity(capacity, SinkWriter { sink: sink.clone(), written: 0 });
         let zlib = (compression == Compression::Zlib).then(Box::default);
         if zlib.is_some() {
             // zlib's header opens the one deflate stream of the whole archive (in the buffer: nothing fails).

@@ -155,7 +155,8 @@ fn open_writer(
             std::fs::create_dir_all(dir).map_err(EngineError::io(format!("creating checkpoint folder {}", dir.display())))?;
             let path = CheckpointWriter::path_for(dir, name, req.compression);
             let existing = if req.destination.replaces_existing() { Existing::Replace } else { Existing::Refuse };
-            (CheckpointWriter::create_with(path, req.compression, existing)?, dir.clone())
+            let direct = engine.config().direct_writes();
+            (CheckpointWriter::create_with(path, req.compression, existing, direct)?, dir.clone())
         }
         #[cfg(feature = "storage")]
         Destination::Url(url) => {
