@@ -90,6 +90,11 @@ fn a_container_run_from_an_image_is_a_job_that_is_dumped_and_restored_writing_on
     let row = s.daemon.row("j1");
     assert_eq!(row[1], "containerd", "{row:?}");
     assert_eq!(row[2], pid.to_string(), "{row:?}");
+    // The counter sleeps between lines, but a listing may catch it running (R) on a loaded machine.
+    let row = wait_for("the job's process to show as sleeping", T, || {
+        let row = s.daemon.row("j1");
+        (row[3] == "sleep").then_some(row)
+    });
     assert_eq!(row[3], "sleep", "a running job shows its process's state: {row:?}");
     let log = PathBuf::from(row.last().unwrap());
     let before = wait_for_count(&log, 10, T);
