@@ -247,6 +247,10 @@ pub const DEFAULT_DB_PATH: &str = "/var/lib/cedana/cedana.db";
 /// Whether images stream between CRIU and the archive when neither flag nor config says (see
 /// scripts/bench-stream.sh for why).
 pub const DEFAULT_STREAM: bool = true;
+
+/// Whether local archives are written past the page cache when the config does not say: no, as CRIU writes
+/// (see `checkpoint::direct` for why).
+pub const DEFAULT_DIRECT_WRITES: bool = false;
 /// An upload fails after this many seconds without a part completing (`storage.stall_timeout_s`).
 pub const DEFAULT_STALL_TIMEOUT_S: u64 = 30;
 /// The size of an upload's first parts, in MiB (`storage.part_size_mib`): S3's smallest.
@@ -617,7 +621,7 @@ impl Config {
 
     /// Whether local archives are written past the page cache (see [`crate::checkpoint::LocalFile`]).
     pub fn direct_writes(&self) -> bool {
-        self.checkpoint.direct_writes.unwrap_or(false)
+        self.checkpoint.direct_writes.unwrap_or(DEFAULT_DIRECT_WRITES)
     }
 
     /// The daemon's Unix socket (`address`, else [`DEFAULT_ADDRESS`]); see [`Config::daemon_address`] for the

@@ -20,7 +20,7 @@ use std::os::unix::fs::FileExt;
 const ALIGN: usize = 4096;
 
 /// Bytes staged before a direct write (a multiple of [`ALIGN`]).
-pub(crate) const STAGE: usize = 1 << 20;
+const STAGE: usize = 1 << 20;
 
 /// A file written sequentially, staged and written with `O_DIRECT` where the filesystem allows it.
 pub(crate) struct DirectWriter {
@@ -32,7 +32,8 @@ pub(crate) struct DirectWriter {
     stage: Vec<u8>,
     start: usize,
     filled: usize,
-    /// Bytes in the file before the staged ones (a multiple of [`ALIGN`] while writes go direct).
+    /// Bytes in the file before the staged ones (a multiple of [`ALIGN`] while writes go direct). Once
+    /// writes go buffered nothing is staged: every byte is in the file.
     base: u64,
 }
 
@@ -67,12 +68,13 @@ impl DirectWriter {
 
     /// Append `buf`.
     pub(crate) fn write_all(&mut self, mut buf: &[u8]) -> io::Result<()> {
-        if self.direct.is_none() {
-            self.file.write_all_at(buf, self.base)?;
-            self.base += buf.len() as u64;
-            return Ok(());
-        }
         while !buf.is_empty() {
+            // Buffered (from the start, or since a direct write was refused): nothing is staged.
+            if self.direct.is_none() {
+                self.file.write_all_at(buf, self.base)?;
+                self.base += buf.len() as u64;
+                return Ok(());
+            }
             let n = buf.len().min(STAGE - self.filled);
             let at = self.start + self.filled;
             self.stage[at..at + n].copy_from_slice(&buf[..n]);
@@ -135,26 +137,29 @@ impl DirectWriter {
         Ok(())
     }
 
-    /// Write the first `n` staged bytes (a multiple of [`ALIGN`]) and keep the rest staged.
+    /// Write the first `n` staged bytes (a multiple of [`ALIGN`]) directly and keep the rest staged; if the
+    /// direct write is refused, write every staged byte buffered, and go buffered from here on.
     fn write_stage(&mut self, n: usize) -> io::Result<()> {
-        let chunk = &self.stage[self.start..self.start + n];
-        let direct = match &self.direct {
-            Some(d) => d.write_all_at(chunk, self.base),
-            None => Err(io::Error::from_raw_os_error(libc::EINVAL)),
+        let staged = &self.stage[self.start..self.start + self.filled];
+        let Some(direct) = &self.direct else {
+            return Err(io::Error::other("direct writes were already given up with bytes staged"));
         };
-        match direct {
-            Ok(()) => {}
-            // The filesystem (or this device's alignment) refuses direct writes: from here on, buffered.
+        match direct.write_all_at(&staged[..n], self.base) {
+            Ok(()) => {
+                self.base += n as u64;
+                self.stage.copy_within(self.start + n..self.start + self.filled, self.start);
+                self.filled -= n;
+            }
+            // The filesystem (or this device's alignment) refuses direct writes.
             Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
                 tracing::debug!(error = %e, "direct writes refused: writing the checkpoint through the page cache");
+                self.file.write_all_at(staged, self.base)?;
+                self.base += self.filled as u64;
+                self.filled = 0;
                 self.direct = None;
-                self.file.write_all_at(chunk, self.base)?;
             }
             Err(e) => return Err(e),
         }
-        self.base += n as u64;
-        self.stage.copy_within(self.start + n..self.start + self.filled, self.start);
-        self.filled -= n;
         Ok(())
     }
 }
@@ -235,20 +240,22 @@ mod tests {
     }
 
     /// A refused direct write (here: a misaligned buffer, as a filesystem without direct I/O refuses it) is
-    /// written through the page cache, and so is everything after it.
+    /// written through the page cache, and so is everything after it: the rest of the same write and the
+    /// writes that follow, in order.
     #[test]
     fn a_refused_direct_write_falls_back_to_the_page_cache() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("f");
         let mut w = DirectWriter::misaligned(File::create(&path).unwrap());
-        let a = pattern(2 * STAGE + 100, 3);
+        let (a, b) = (pattern(2 * STAGE + 100, 3), pattern(ALIGN + 7, 5));
         w.write_all(&a).unwrap();
         assert!(!w.is_direct());
+        w.write_all(&b).unwrap();
         w.patch(10, b"patched").unwrap();
-        w.complete().unwrap();
-        let mut want = a;
+        assert!(!w.complete().unwrap(), "buffered: not synced");
+        let mut want = [a, b].concat();
         want[10..17].copy_from_slice(b"patched");
-        assert_eq!(std::fs::read(&path).unwrap(), want);
+        assert!(std::fs::read(&path).unwrap() == want, "every byte in order");
     }
 
     /// Written directly, a file of many MiB leaves only its last partial block and its patched pages in the
